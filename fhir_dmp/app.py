@@ -1,0 +1,159 @@
+"""The application factory: ``create_app(config)`` is the only way to build the server.
+
+It wires the services once (database, storage, decision policy, audit log,
+notification outbox, encrypted blob store, token verifier) and mounts the
+FHIR blueprint at ``/fhir``. Request flow (DESIGN.md): authenticate ->
+handler -> guarded repository -> audit flushed before the response (fail
+closed) -> JSON/XML or OperationOutcome (``errors.py`` mapping, here).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import uuid
+
+from flask import Flask, g, request
+
+from . import formats
+from .config import Config
+from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
+from .repository import Backend, GuardedRepository, RequestInfo
+from .security.auth import TokenVerifier
+from .security.consent import AccessPolicy
+from .security.habilitations import Habilitations
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration")
+
+
+def build_backend(config: Config, client=None, db=None) -> Backend:
+    """Services shared by all requests of one process."""
+    from .blobs import BlobStore
+    from .notifications import Outbox
+    from .security.audit import AuditLog
+    from .security.crypto import DocumentCrypto, key_provider
+
+    if db is None:
+        from .database import open_database
+        client, db = open_database(config)
+    storage = Storage(client, db)
+    storage.ensure_indexes()
+    habilitations = Habilitations.load(config.habilitations_file)
+    policy = AccessPolicy(storage, habilitations, config)
+    crypto = DocumentCrypto(db, key_provider(config))
+    return Backend(config, storage, policy, AuditLog(db), outbox=Outbox(db, config),
+                   blobs=BlobStore(db, crypto), crypto=crypto)
+
+
+def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
+    """Build the WSGI app. ``client``/``db`` let tests share one database server."""
+    config = config or Config.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    backend = build_backend(config, client, db)
+    app.extensions["fhir_dmp"] = backend
+    verifier = TokenVerifier(config)
+    app.extensions["fhir_dmp.verifier"] = verifier
+    if config.notifications_worker:
+        _start_worker(app, backend)
+
+    from .resources import register
+    register(app)
+
+    @app.before_request
+    def authenticate():
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        g.repo = None
+        if request.path in PUBLIC_PATHS or not request.path.startswith("/fhir"):
+            return None
+        try:
+            principal = verifier.authenticate(request.headers.get("Authorization"), request.headers)
+        except FhirError as exc:
+            if exc.status == 401:
+                _audit_refused(backend, exc)
+            raise
+        g.repo = GuardedRepository(backend, principal, RequestInfo(
+            client_ip=request.remote_addr, request_id=g.request_id, query=request.query_string.decode(
+                "latin-1")[:2000]))
+        return None
+
+    @app.after_request
+    def flush_audit(response):
+        repo = getattr(g, "repo", None)
+        if repo is None:
+            return response
+        try:
+            repo.flush_audit()
+        except Exception:   # noqa: BLE001 — fail closed: no data leaves without its trace
+            log.exception("audit write failed; response withheld (request %s)", g.get("request_id"))
+            return error_response(ServiceUnavailable("the access journal cannot be written; try again"))
+        response.headers.setdefault("X-Request-Id", g.request_id)
+        return response
+
+    @app.errorhandler(FhirError)
+    def on_fhir_error(exc: FhirError):
+        return error_response(exc)
+
+    @app.errorhandler(404)
+    def on_404(_exc):
+        return error_response(NotFound(f"no such endpoint: {request.path}"))
+
+    @app.errorhandler(405)
+    def on_405(_exc):
+        return error_response(MethodNotAllowed(f"{request.method} is not supported on {request.path}"))
+
+    @app.errorhandler(413)
+    def on_413(_exc):
+        return error_response(PayloadTooLarge(f"request body larger than {config.max_body_bytes} bytes"))
+
+    @app.errorhandler(Exception)
+    def on_unexpected(exc):
+        from werkzeug.exceptions import HTTPException
+        if isinstance(exc, HTTPException):
+            return error_response(FhirError(exc.description or exc.name, status=exc.code or 400))
+        log.exception("unexpected error (request %s)", g.get("request_id"))
+        repo = getattr(g, "repo", None)
+        if repo is not None and not repo.records:
+            repo.record(request.method.lower(), outcome="8", patient_id=None, resource=request.path,
+                        http_status=500)
+        return error_response(FhirError("internal error; the request was not completed "
+                                        f"(request id {g.get('request_id')})", status=500, code="exception"))
+
+    return app
+
+
+def error_response(exc: FhirError):
+    """The one mapping of errors to an OperationOutcome response."""
+    from .resources.http import respond
+    response = respond(exc.outcome(), exc.status)
+    for name, value in exc.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def _audit_refused(backend: Backend, exc: FhirError) -> None:
+    """Refused tokens are journaled too (no patient; never the token)."""
+    from .security.audit import AccessRecord, build_event
+    try:
+        rec = AccessRecord(interaction="login", action="E", outcome="4", principal=None, patient_id=None,
+                           resource=request.path, query=None,
+                           decision={"result": "deny", "rule": "authentication", "reason": exc.diagnostics[:200],
+                                     "consents": []},
+                           http_status=401, client_ip=request.remote_addr, request_id=g.get("request_id"))
+        backend.audit_log.append([build_event(rec, source_observer=backend.config.fhir_base)])
+    except Exception:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
+        log.exception("could not journal a refused token")
+
+
+def _start_worker(app: Flask, backend: Backend) -> None:
+    from .notifications import Worker
+    from .resources.communications import notification_result
+
+    worker = Worker(backend.storage.db, backend.config,
+                    on_result=lambda message, status, reason: notification_result(backend, message, status,
+                                                                                   reason))
+    worker.start()
+    app.extensions["fhir_dmp.worker"] = worker
+    atexit.register(worker.stop)

@@ -1,0 +1,254 @@
+"""Encrypted, chunked, streamed content storage in MongoDB (DESIGN.md "Storage": attachments).
+
+Content (Binary data, DocumentReference attachments) never reaches the
+database in clear: it is cut into ``chunk_size`` pieces and each piece is one
+AES-256-GCM message from :class:`fhir_dmp.security.crypto.ChunkEncryptor`,
+whose AAD binds patient id, resource (Binary) id, version, blob id, chunk index
+and a last-chunk flag — chunks cannot be reordered, swapped between blobs or
+versions, dropped from the end, or moved to another patient.
+
+Layout — two collections of our own rather than a GridFS bucket:
+
+* ``content_chunks`` ``{_id: "<blob_id>:<n>", p: patient, r: binary id, v: version, b: blob_id, n: index, d: ciphertext}``
+* ``content_blobs``  ``{_id: blob_id, p, r, v, size, n: chunk count, cs: chunk size, created}``
+
+Why not GridFS: GridFS cuts *one* byte stream at fixed offsets, whereas each
+of our chunks is an independent AEAD message (own nonce and tag, a little
+larger than its plaintext) that must stay whole; its ``files`` document has no
+patient id, while DESIGN.md wants every index and the shard key to start
+with the patient (``(p, b, n)`` and ``(p, r, v)`` here), so a patient's content
+lives on one shard and is removed with one ``delete_many``. pymongo's GridFS
+buys nothing else we use (no MD5, no filenames).
+
+Visibility and atomicity: chunks are written first, the ``content_blobs``
+document last; readers look the blob up by that document, so a half-written
+blob is never read. Over ``max_bytes`` or on any error, the chunks written so
+far are deleted before the exception propagates. Small content can be written
+inside the caller's transaction (pass ``session``). Large content should be
+written *before* the metadata transaction (no session) and removed with
+:meth:`BlobStore.delete` if that transaction fails.
+
+Memory stays bounded (a few chunks) whatever the size, on write and read.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import BinaryIO, Iterable, Iterator
+
+from pymongo import ASCENDING
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from fhir_dmp.errors import Conflict, PayloadTooLarge
+from fhir_dmp.security.crypto import ContentUnavailable, DocumentCrypto
+
+BLOBS = "content_blobs"
+CHUNKS = "content_chunks"
+MAX_CHUNK_SIZE = 8 << 20  # well under the 16 MiB BSON document limit
+
+
+class BlobNotFound(ContentUnavailable):
+    """No (complete) content is stored for this patient / binary id / version."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What :meth:`BlobStore.put` stored: ``sha1_b64`` is FHIR ``Attachment.hash`` (base64 SHA-1)."""
+
+    blob_id: str
+    size: int
+    sha1_b64: str
+    sha256_hex: str
+
+
+def _rechunk(pieces: Iterable, size: int) -> Iterator[bytes]:
+    """Re-cut any sequence of bytes-like pieces into ``size`` chunks (last one shorter, never empty).
+
+    Yields fresh ``bytes`` so callers that reuse their buffer are safe.
+    """
+    buf = bytearray()
+    for piece in pieces:
+        if not piece:
+            continue
+        mv = memoryview(piece).cast("B")
+        if buf:
+            take = min(size - len(buf), len(mv))
+            buf += mv[:take]
+            mv = mv[take:]
+            if len(buf) < size:
+                continue
+            yield bytes(buf)
+            buf = bytearray()
+        while len(mv) >= size:
+            yield bytes(mv[:size])
+            mv = mv[size:]
+        if len(mv):
+            buf += mv
+    if buf:
+        yield bytes(buf)
+
+
+def _pieces(source, size: int) -> Iterator[bytes]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        mv = memoryview(source).cast("B")
+        return (mv[i:i + size] for i in range(0, len(mv), size))
+    if hasattr(source, "read"):
+        return _rechunk(iter(lambda: source.read(size), b""), size)
+    return _rechunk(source, size)
+
+
+def _with_last(chunks: Iterator) -> Iterator[tuple[int, object, bool]]:
+    """(index, chunk, is_last); an empty source is one empty last chunk (still authenticated)."""
+    prev = next(chunks, None)
+    if prev is None:
+        yield 0, b"", True
+        return
+    index = 0
+    for cur in chunks:
+        yield index, prev, False
+        prev = cur
+        index += 1
+    yield index, prev, True
+
+
+class BlobStore:
+    """Encrypted chunked content of one database (see module docstring)."""
+
+    def __init__(self, db, crypto: DocumentCrypto, *, chunk_size: int = 1 << 20):
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
+        self.db = db
+        self.crypto = crypto
+        self.chunk_size = chunk_size
+        self.blobs = db[BLOBS]
+        self.chunks = db[CHUNKS]
+        self.ensure_indexes()
+
+    def ensure_indexes(self) -> None:
+        """Patient-first indexes (also usable as shard keys): one blob per (p, r, v)."""
+        self.blobs.create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)], unique=True)
+        self.chunks.create_index([("p", ASCENDING), ("b", ASCENDING), ("n", ASCENDING)], unique=True)
+        self.chunks.create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)])
+
+    # ------------------------------------------------------------- write
+    def put(self, patient_id: str, binary_id: str, version: int,
+            source: bytes | BinaryIO | Iterable[bytes], *, max_bytes: int, session=None) -> BlobInfo:
+        """Encrypt and store ``source`` as the content of (patient, binary, version).
+
+        Computes size, SHA-1 (base64) and SHA-256 (hex) of the plaintext while
+        streaming. More than ``max_bytes`` -> :class:`PayloadTooLarge` (413) and
+        nothing stays stored. Content already stored for this version ->
+        :class:`Conflict` (versions are immutable; :meth:`delete` it first).
+        """
+        pid, rid, ver = str(patient_id), str(binary_id), int(version)
+        if isinstance(source, (bytes, bytearray, memoryview)) and memoryview(source).nbytes > max_bytes:
+            raise self._too_large(max_bytes)
+        if self.exists(pid, rid, ver, session=session):  # cheap early refusal; the unique index decides
+            raise Conflict(f"content of Binary/{rid} version {ver} is already stored")
+        blob_id = uuid.uuid4().hex
+        enc = self.crypto.encryptor(pid, rid, ver, stream_id=blob_id)
+        sha1, sha256 = hashlib.sha1(), hashlib.sha256()
+        size = count = 0
+        try:
+            for index, chunk, last in _with_last(_pieces(source, self.chunk_size)):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise self._too_large(max_bytes)
+                sha1.update(chunk)
+                sha256.update(chunk)
+                self.chunks.insert_one({"_id": f"{blob_id}:{index}", "p": pid, "r": rid, "v": ver,
+                                        "b": blob_id, "n": index,
+                                        "d": enc.encrypt_chunk(index, chunk, last=last)},
+                                       session=session)
+                count += 1
+            try:
+                self.blobs.insert_one({"_id": blob_id, "p": pid, "r": rid, "v": ver, "size": size,
+                                       "n": count, "cs": self.chunk_size,
+                                       "created": datetime.now(timezone.utc)}, session=session)
+            except DuplicateKeyError:
+                raise Conflict(f"content of Binary/{rid} version {ver} is already stored") from None
+        except BaseException:
+            self._discard(pid, blob_id, session)
+            raise
+        return BlobInfo(blob_id, size, base64.b64encode(sha1.digest()).decode("ascii"), sha256.hexdigest())
+
+    @staticmethod
+    def _too_large(max_bytes: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"attachment content exceeds the limit of {max_bytes} bytes",
+                               expression="Binary.data")
+
+    def _discard(self, pid: str, blob_id: str, session) -> None:
+        """Best-effort removal of a failed put's chunks (inside the session if one was given)."""
+        try:
+            self.chunks.delete_many({"p": pid, "b": blob_id}, session=session)
+        except PyMongoError:
+            if session is not None:  # aborted transaction: its writes vanished with it
+                return
+            raise
+
+    # ------------------------------------------------------------- read
+    def _meta(self, pid: str, rid: str, ver: int, session=None) -> dict:
+        meta = self.blobs.find_one({"p": pid, "r": rid, "v": ver}, session=session)
+        if meta is None:
+            raise BlobNotFound("no content stored for this binary version")
+        return meta
+
+    def size(self, patient_id, binary_id, version, *, session=None) -> int:
+        """Plaintext size in bytes (for Content-Length before streaming); BlobNotFound if absent."""
+        return int(self._meta(str(patient_id), str(binary_id), int(version), session)["size"])
+
+    def exists(self, patient_id, binary_id, version, *, session=None) -> bool:
+        return self.blobs.count_documents({"p": str(patient_id), "r": str(binary_id), "v": int(version)},
+                                          limit=1, session=session) > 0
+
+    def open(self, patient_id, binary_id, version, *, session=None) -> Iterator[bytes]:
+        """Decrypting iterator over the plaintext, a chunk at a time (bounded memory).
+
+        The lookup and key retrieval happen now, so a missing blob
+        (:class:`BlobNotFound`) or a shredded key (:class:`ContentUnavailable`)
+        raise before any byte is produced. Corruption found later (missing,
+        reordered or tampered chunk) raises :class:`ContentUnavailable` from
+        the iterator.
+        """
+        pid, rid, ver = str(patient_id), str(binary_id), int(version)
+        meta = self._meta(pid, rid, ver, session)
+        dec = self.crypto.decryptor(pid, rid, ver, stream_id=meta["_id"])
+        return self._iter(pid, meta, dec, session)
+
+    def _iter(self, pid, meta, dec, session) -> Iterator[bytes]:
+        total, expected = int(meta["n"]), 0
+        size = 0
+        cursor = (self.chunks.find({"p": pid, "b": meta["_id"]}, {"n": 1, "d": 1}, session=session)
+                  .sort("n", ASCENDING).batch_size(4))
+        try:
+            for doc in cursor:
+                if doc.get("n") != expected or expected >= total:
+                    raise ContentUnavailable("stored content is inconsistent (chunk sequence)")
+                plain = dec.decrypt_chunk(expected, doc["d"], last=expected == total - 1)
+                size += len(plain)
+                expected += 1
+                yield plain
+        finally:
+            cursor.close()
+        if expected != total or size != meta["size"]:
+            raise ContentUnavailable("stored content is incomplete")
+
+    def read(self, patient_id, binary_id, version, *, session=None) -> bytes:
+        """The whole plaintext (for small content; prefer :meth:`open` to stream)."""
+        return b"".join(self.open(patient_id, binary_id, version, session=session))
+
+    # ------------------------------------------------------------- delete
+    def delete(self, patient_id, binary_id, version, *, session=None) -> None:
+        """Remove the content of one version, committed or orphaned (GC after a failed transaction)."""
+        q = {"p": str(patient_id), "r": str(binary_id), "v": int(version)}
+        self.blobs.delete_many(q, session=session)
+        self.chunks.delete_many(q, session=session)
+
+    def delete_patient(self, patient_id, *, session=None) -> None:
+        """Remove all content of a patient (with ``DocumentCrypto.shred``: destroying a DMP)."""
+        q = {"p": str(patient_id)}
+        self.blobs.delete_many(q, session=session)
+        self.chunks.delete_many(q, session=session)

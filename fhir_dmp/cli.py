@@ -1,0 +1,256 @@
+"""The ``fhir-dmp`` command line (CONTRACT.md "Install and run").
+
+Subcommands: ``serve``, ``dev-token``, ``load``, ``audit verify``,
+``keys rotate``. Configuration comes only from ``Config.from_env()``; the
+options ``--host/--port/--workers`` override it. Expected failures (bad
+configuration, port taken, database that will not start, missing file) end
+with one line ``fhir-dmp: error: ...`` on stderr and a non-zero status,
+never a traceback. The modules behind ``dev-token``, ``load``, ``audit`` and
+``keys`` are imported lazily, inside their subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+PROG = "fhir-dmp"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="FHIR R4 server for the French shared medical record (DMP).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def listen_options(p, what):
+        p.add_argument("--host", default=None, help=f"{what} (default 127.0.0.1)")
+        p.add_argument("--port", type=_port, default=None, help=f"{what} port (default 8080)")
+
+    p = sub.add_parser("serve", help="serve the FHIR API at http://HOST:PORT/fhir")
+    listen_options(p, "address to listen on")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="worker processes (default min(4, 2 x CPU cores))")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("dev-token", help="mint an access token for the dev-mode server",
+                       description="Print an access token signed with the dev key. KIND: patient, "
+                                   "legal_representative, ps, regulation_centre, admin. The token's "
+                                   "audience is the server's base URL: pass the --host/--port given "
+                                   "to serve (or set FHIR_DMP_BASE_URL).")
+    p.add_argument("kind", metavar="KIND")
+    p.add_argument("--patient", help="Patient id (patient, legal_representative)")
+    p.add_argument("--ps", dest="id_nat_ps", metavar="IDNATPS", help="idNatPs of the PS (8 + RPPS)")
+    p.add_argument("--profession", metavar="CODE", help="TRE_G15 profession code (10 = médecin, ...)")
+    p.add_argument("--purpose", choices=("TREAT", "BTG", "ETREAT"), help="purpose of use")
+    p.add_argument("--reason", dest="btg_reason", metavar="TEXT", help="break-glass reason")
+    p.add_argument("--scope", metavar="S", help="SMART scopes (space separated)")
+    p.add_argument("--lifetime", type=_positive, default=3600, metavar="SEC",
+                   help="validity in seconds (default 3600)")
+    listen_options(p, "address the server listens on")
+    p.set_defaults(func=cmd_dev_token)
+
+    p = sub.add_parser("load", help="import FHIR Bundles (JSON) or NDJSON files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("audit", help="journal operations")
+    asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    v = asub.add_parser("verify", help="check the AuditEvent hash chains")
+    v.add_argument("--patient", metavar="ID", help="only this patient's chain")
+    v.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("keys", help="key management")
+    ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    r = ksub.add_parser("rotate", help="new key-encryption key; rewrap every data key")
+    r.set_defaults(func=cmd_keys_rotate)
+    return parser
+
+
+# -- configuration -------------------------------------------------------
+def _config(args=None):
+    """``Config.from_env()`` with the command line's overrides."""
+    from .config import Config
+
+    overrides = {}
+    for name in ("host", "port", "workers"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Config.from_env(**overrides)
+
+
+def _lazy(module: str, name: str, what: str):
+    """``from fhir_dmp.<module> import <name>``, or a clear CliError if absent."""
+    import importlib
+
+    full = f"{__package__}.{module}"
+    try:
+        mod = importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        if e.name and full.startswith(e.name):
+            raise CliError(f"{what} is not available in this installation ({full} is missing)") from None
+        raise
+    try:
+        return getattr(mod, name)
+    except AttributeError:
+        raise CliError(f"{what} is not available in this installation ({full}.{name} is missing)") from None
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+# -- subcommands -----------------------------------------------------------
+def cmd_serve(args, *, app_factory: Callable | None = None) -> int:
+    from .server import serve
+
+    config = _config(args)
+    return serve(config, workers=args.workers, app_factory=app_factory)
+
+
+def cmd_dev_token(args, **_) -> int:
+    config = _config(args)
+    if not config.dev_mode:
+        raise CliError("dev-token works only in dev mode; FHIR_DMP_ISSUER is set, "
+                       "get tokens from that issuer")
+    mint_token = _lazy("security.devkeys", "mint_token", "dev-token")
+    try:
+        token = mint_token(config, args.kind, patient=args.patient, id_nat_ps=args.id_nat_ps,
+                           profession=args.profession, purpose=args.purpose,
+                           btg_reason=args.btg_reason, scope=args.scope, lifetime=args.lifetime)
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    print(token)
+    return 0
+
+
+def cmd_load(args, **_) -> int:
+    from .database import connected
+
+    paths = [Path(f) for f in args.files]
+    for p in paths:
+        if not p.is_file():
+            raise CliError(f"no such file: {p}")
+    config = _config(args)
+    load_files = _lazy("loader", "load_files", "load")
+    from tqdm import tqdm
+
+    class Progress(tqdm):
+        """A tqdm bar that is also a callable: ``progress(n)`` == ``progress.update(n)``."""
+
+        def __call__(self, n=1):
+            self.update(n)
+
+    with connected(config, log=_say) as (config, _client, _db):
+        with Progress(desc="loading", unit=" resources", file=sys.stderr,
+                      disable=None) as progress:  # disable=None: no bar when not a tty
+            count = load_files(config, paths, progress)
+    _say(f"loaded {count} resources from {len(paths)} file(s)")
+    return 0
+
+
+def cmd_audit_verify(args, **_) -> int:
+    from .database import connected
+
+    config = _config(args)
+    verify_chains = _lazy("security.audit", "verify_chains", "audit verify")
+    with connected(config, log=_say) as (_config_used, _client, db):
+        problems = verify_chains(db, patient_id=args.patient)
+    if not problems:
+        print("audit chains intact")
+        return 0
+    print(f"audit chain broken: {problems[0]}")
+    if len(problems) > 1:
+        print(f"({len(problems) - 1} more problem(s))")
+    return 1
+
+
+def cmd_keys_rotate(args, **_) -> int:
+    from .database import connected
+
+    config = _config(args)
+    rotate_kek = _lazy("security.crypto", "rotate_kek", "keys rotate")
+    with connected(config, log=_say) as (config_used, _client, db):
+        count = rotate_kek(config_used, db)
+    print(f"new key-encryption key in place; {count} data key(s) rewrapped")
+    return 0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .database import DatabaseError
+    from .embedded_db import EmbeddedDbError
+    from .errors import FhirError
+    from .server import ServeError
+
+    return (CliError, ConfigError, DatabaseError, EmbeddedDbError, ServeError, FhirError,
+            FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def _message(exc: BaseException) -> str:
+    from .errors import FhirError
+
+    if isinstance(exc, FhirError):
+        text = "; ".join(i.diagnostics for i in exc.issues) or exc.__class__.__name__
+    elif isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.strerror}: {exc.filename}"
+    else:
+        text = str(exc) or exc.__class__.__name__
+    return " ".join(text.split())  # one line
+
+
+def main(argv: Sequence[str] | None = None, *, app_factory: Callable | None = None) -> int:
+    """Run the command line; return the exit status.
+
+    ``app_factory`` replaces ``fhir_dmp.app.create_app`` for ``serve`` (to
+    embed the server or test it with another WSGI app).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args, app_factory=app_factory)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except _expected_errors() as exc:
+        code = getattr(exc, "code", EXIT_ERROR)
+        print(f"{PROG}: error: {_message(exc)}", file=sys.stderr, flush=True)
+        return code if isinstance(code, int) and code > 0 else EXIT_ERROR
+    except SystemExit as exc:
+        # gunicorn halts with sys.exit(status); also unwinds in forked workers
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Configuration: the only module that reads the environment.
+
+``Config.from_env()`` reads the ``FHIR_DMP_*`` variables of CONTRACT.md
+("Configuration") once; everything else receives the resulting object.
+Tests build a ``Config`` directly with keyword arguments.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable (one-line message, no secret in it)."""
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to know, read in one place.
+
+    ``mongodb_uri`` None means: start the embedded SecantusDB in ``data_dir``.
+    ``issuer`` None means dev mode (a local signing key in ``data_dir``).
+    """
+
+    mongodb_uri: str | None = None
+    db_name: str = "fhir_dmp"
+    data_dir: Path = Path(".fhir-dmp")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+    base_url: str | None = None
+    issuer: str | None = None
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    audience: str | None = None
+    kek_file: Path | None = None
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str = "Mon espace sante <ne-pas-repondre@dmp.localhost>"
+    sms_webhook_url: str | None = None
+    break_glass_ttl: int = 14400
+    max_attachment_bytes: int = 20 * 1024 * 1024
+    habilitations_file: Path = PACKAGE_DATA / "habilitations.csv"
+    max_page_size: int = 1000
+    default_page_size: int = 50
+    notifications_worker: bool = True
+    # the largest JSON/XML request body; Binary uploads are bounded by max_attachment_bytes
+    max_body_bytes: int = field(default=0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if not self.max_body_bytes:
+            # base64 grows content by 4/3; leave room for the metadata around it
+            object.__setattr__(self, "max_body_bytes", self.max_attachment_bytes * 4 // 3 + 1024 * 1024)
+
+    @property
+    def dev_mode(self) -> bool:
+        return self.issuer is None
+
+    @property
+    def fhir_base(self) -> str:
+        """Public base URL of the FHIR endpoint, without trailing slash."""
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        return f"http://{self.host}:{self.port}/fhir"
+
+    @property
+    def expected_audience(self) -> str:
+        return self.audience or self.fhir_base
+
+    @property
+    def expected_issuer(self) -> str:
+        """The ``iss`` accepted: the configured issuer, or the dev issuer."""
+        return self.issuer or "urn:fhir-dmp:dev"
+
+    @property
+    def kek_path(self) -> Path:
+        return Path(self.kek_file) if self.kek_file else self.data_dir / "kek.key"
+
+    @property
+    def dev_key_path(self) -> Path:
+        return self.data_dir / "dev-signing-key.json"
+
+    def with_(self, **changes) -> "Config":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: dict | None = None, **overrides) -> "Config":
+        """Read ``FHIR_DMP_*`` from ``env`` (default ``os.environ``)."""
+        env = dict(os.environ if env is None else env)
+        values = dict(
+            mongodb_uri=env.get("FHIR_DMP_MONGODB_URI") or None,
+            db_name=env.get("FHIR_DMP_DB") or "fhir_dmp",
+            data_dir=Path(env.get("FHIR_DMP_DATA_DIR") or ".fhir-dmp"),
+            base_url=env.get("FHIR_DMP_BASE_URL") or None,
+            issuer=env.get("FHIR_DMP_ISSUER") or None,
+            jwks_url=env.get("FHIR_DMP_JWKS_URL") or None,
+            jwks_file=Path(env["FHIR_DMP_JWKS_FILE"]) if env.get("FHIR_DMP_JWKS_FILE") else None,
+            audience=env.get("FHIR_DMP_AUDIENCE") or None,
+            kek_file=Path(env["FHIR_DMP_KEK_FILE"]) if env.get("FHIR_DMP_KEK_FILE") else None,
+            smtp_host=env.get("FHIR_DMP_SMTP_HOST") or None,
+            smtp_port=_int(env, "FHIR_DMP_SMTP_PORT", 25),
+            sms_webhook_url=env.get("FHIR_DMP_SMS_WEBHOOK_URL") or None,
+            break_glass_ttl=_int(env, "FHIR_DMP_BREAK_GLASS_TTL", 14400),
+            max_attachment_bytes=_int(env, "FHIR_DMP_MAX_ATTACHMENT_BYTES", 20 * 1024 * 1024),
+        )
+        if env.get("FHIR_DMP_SMTP_FROM"):
+            values["smtp_from"] = env["FHIR_DMP_SMTP_FROM"]
+        if env.get("FHIR_DMP_HABILITATIONS_FILE"):
+            values["habilitations_file"] = Path(env["FHIR_DMP_HABILITATIONS_FILE"])
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,179 @@
+"""What happens to a document on its way into the record (DESIGN.md "Documents", rules 10-11).
+
+Called only by the guarded repository, after the access decision permitted
+the write:
+
+* :func:`prepare_document` — the depositing PS is the author whatever the
+  client sent; deposits need a qualified INS; ``relatesTo replaces`` targets
+  a document of the same author and patient; CDA/PDF content is inspected.
+* :func:`store_inline_attachments` / :func:`store_binary_content` — content
+  is encrypted into the blob store before the metadata is written; the
+  DocumentReference keeps ``attachment.url``, ``size`` and ``hash``.
+* :func:`after_document_write` — links Binaries to their document and marks
+  replaced documents ``superseded``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+
+from ..errors import BadRequest, PayloadTooLarge, Unprocessable
+from ..profiles import dmp
+from .cda import check_cda_matches, inspect_cda
+from .pdf import inspect_pdf
+
+CDA_TYPES = {"text/xml", "application/xml", "application/hl7-v3+xml", "application/cda+xml"}
+PDF_TYPES = {"application/pdf"}
+
+
+def _decode(data: str, where: str, max_bytes: int) -> bytes:
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise PayloadTooLarge(f"attachment larger than {max_bytes} bytes", expression=where)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise Unprocessable("attachment data is not valid base64", expression=where) from None
+
+
+def inspect_content(content: bytes, content_type: str | None, where: str, *, max_bytes: int,
+                    ins: tuple[str, str] | None = None, type_codes: set[str] | None = None) -> None:
+    """Refuse hostile or mismatched documents (422) before anything is stored."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype in PDF_TYPES:
+        inspect_pdf(content, max_bytes=max_bytes)
+    elif ctype in CDA_TYPES:
+        info = inspect_cda(content)
+        if ins is not None and type_codes is not None:
+            check_cda_matches(info, ins, type_codes)
+
+
+def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
+    resource = copy.deepcopy(resource)
+    p = repo.p
+    st = repo.access.state(pid)
+    if old is None:
+        if not dmp.is_ins_qualified(st.patient):
+            raise Unprocessable("documents are deposited only on a DMP whose INS is qualified (VALI or QUAL)",
+                                expression="DocumentReference.subject")
+        if p.id_nat_ps:
+            resource["author"] = [p.reference()]
+    else:
+        # the author of record never changes (the patient only masks; the author edits)
+        resource["author"] = copy.deepcopy(old.get("author") or [])
+    for i, rel in enumerate(resource.get("relatesTo") or []):
+        if rel.get("code") != "replaces":
+            continue
+        target_id = _ref_id((rel.get("target") or {}).get("reference"), "DocumentReference")
+        target = repo.storage.read("DocumentReference", target_id) if target_id else None
+        if target is None or target.deleted or target.pid != pid:
+            raise Unprocessable("relatesTo.target must be a document of the same record",
+                                expression=f"DocumentReference.relatesTo[{i}].target")
+        if p.id_nat_ps not in dmp.author_ids(target.resource):
+            raise Unprocessable("only the author replaces a document",
+                                expression=f"DocumentReference.relatesTo[{i}].target")
+    ins = dmp.patient_ins(st.patient) if st.patient else None
+    codes = dmp.doc_type_codes(resource)
+    max_bytes = repo.b.config.max_attachment_bytes
+    for i, content in enumerate(resource.get("content") or []):
+        att = content.get("attachment") or {}
+        where = f"DocumentReference.content[{i}].attachment"
+        if att.get("data"):
+            inspect_content(_decode(att["data"], where + ".data", max_bytes), att.get("contentType"),
+                            where, max_bytes=max_bytes, ins=ins, type_codes=codes)
+        elif att.get("url"):
+            bid = _ref_id(att["url"], "Binary")
+            if bid is None:
+                continue
+            binary = repo.storage.read("Binary", bid)
+            if binary is None or binary.deleted or binary.pid != pid:
+                raise Unprocessable("attachment.url must point to a Binary of the same record",
+                                    expression=where + ".url")
+            if old is None or att.get("url") not in _urls(old):
+                blob = repo.b.blobs.read(binary.pid, binary.id, binary.vid)
+                inspect_content(blob, binary.resource.get("contentType"), where, max_bytes=max_bytes,
+                                ins=ins, type_codes=codes)
+                meta = repo.storage.db["Binary"].find_one({"_id": bid}, {"blob": 1}) or {}
+                info = meta.get("blob") or {}
+                if info:
+                    att["size"], att["hash"] = info.get("size"), info.get("sha1")
+    return resource
+
+
+def _urls(doc: dict) -> set[str]:
+    return {(c.get("attachment") or {}).get("url") for c in doc.get("content") or []} - {None}
+
+
+def _ref_id(reference: str | None, rtype: str) -> str | None:
+    if not reference or "/" not in reference:
+        return None
+    parts = reference.rstrip("/").split("/")
+    return parts[-1] if parts[-2] == rtype else None
+
+
+def store_inline_attachments(repo, rid: str, resource: dict, pid: str, session) -> dict:
+    """Each inline ``attachment.data`` becomes an encrypted Binary; the metadata keeps url/size/hash."""
+    contents = resource.get("content") or []
+    if not any((c.get("attachment") or {}).get("data") for c in contents):
+        return resource
+    resource = copy.deepcopy(resource)
+    for content in resource["content"]:
+        att = content.get("attachment") or {}
+        if not att.get("data"):
+            continue
+        data = base64.b64decode(att.pop("data"))
+        binary = {"resourceType": "Binary", "contentType": att.get("contentType") or "application/octet-stream",
+                  "securityContext": {"reference": f"DocumentReference/{rid}"}}
+        bid = repo.storage.create("Binary", binary, pid=pid, rid=_ref_id(att.get("url"), "Binary"),
+                                  session=session).id
+        info = repo.b.blobs.put(pid, bid, 1, data, max_bytes=repo.b.config.max_attachment_bytes,
+                                session=session)
+        remember_blob(repo, bid, info, session)
+        att["url"] = f"Binary/{bid}"
+        att["size"] = info.size
+        att["hash"] = info.sha1_b64
+    return resource
+
+
+def store_binary_content(repo, rid: str, vid: int, resource: dict, pid: str, session,
+                         stream=None) -> dict:
+    """Encrypt a Binary's content (inline ``data`` or a raw upload stream) into the blob store."""
+    resource = dict(resource)
+    max_bytes = repo.b.config.max_attachment_bytes
+    source = stream
+    if resource.get("data") is not None:
+        source = _decode(resource.pop("data"), "Binary.data", max_bytes)
+        inspect_content(source, resource.get("contentType"), "Binary.data", max_bytes=max_bytes)
+    elif source is None:
+        source = b""
+    info = repo.b.blobs.put(pid, rid, vid, source, max_bytes=max_bytes, session=session)
+    repo._pending_blob = (rid, info)
+    return resource
+
+
+def remember_blob(repo, bid: str, info, session) -> None:
+    repo.storage.db["Binary"].update_one(
+        {"_id": bid}, {"$set": {"blob": {"size": info.size, "sha1": info.sha1_b64}}}, session=session)
+
+
+def after_document_write(repo, stored, old: dict | None, session) -> None:
+    doc = stored.resource or {}
+    for url in _urls(doc):
+        bid = _ref_id(url, "Binary")
+        if bid:
+            repo.storage.db["Binary"].update_one(
+                {"_id": bid, "pid": stored.pid},
+                {"$set": {"res.securityContext": {"reference": f"DocumentReference/{stored.id}"}}},
+                session=session)
+    if old is not None:
+        return
+    for rel in doc.get("relatesTo") or []:
+        if rel.get("code") != "replaces":
+            continue
+        target_id = _ref_id((rel.get("target") or {}).get("reference"), "DocumentReference")
+        target = repo.storage.read("DocumentReference", target_id, session=session)
+        if target and not target.deleted and target.resource.get("status") != "superseded":
+            replaced = dict(target.resource)
+            replaced["status"] = "superseded"
+            repo.storage.update("DocumentReference", target.id, replaced, pid=target.pid,
+                                expected_vid=target.vid, session=session)

@@ -1,0 +1,512 @@
+"""Patient notifications: a transactional outbox in MongoDB and its worker.
+
+CONTRACT.md "The DMP in FHIR terms" (Notifications) and DESIGN.md rules 6-8:
+the patient is told of a first access by a PS, of every break-glass access
+and of every centre 15 access, by email (SMTP) and SMS (HTTP webhook), and
+each message is also a Communication (``subject`` = the Patient) the patient
+can read. No medical content ever goes into a notification.
+
+Flow::
+
+    guard -> Outbox.enqueue(notice, patient, session)   -> outbox docs + Communication resources
+             (the lead stores the Communications, same transaction when it has one)
+    Worker (thread) -> claim -> send -> mark sent/retry/failed -> on_result(msg, status, reason)
+             (the lead's on_result updates the Communication: completed / not-done)
+
+Outbox document (collection ``notification_outbox``)::
+
+    {_id, communication_id, patient_id, kind, channel: "email"|"sms", to, subject, body,
+     status: "pending"|"sending"|"sent"|"failed", attempts, next_attempt_at,
+     claimed_by, lease_until, sent_at, last_error, created_at}
+
+Delivery is at-least-once (the transactional-outbox pattern):
+
+- a message is claimed atomically (``find_one_and_update``: pending and due,
+  or sending with an expired lease -> sending, ``claimed_by``, ``lease_until``);
+  a worker that dies mid-send leaves a lease that expires, and another worker
+  takes the message over: nothing is lost;
+- idempotency marker: ``sent_at`` is set in the same update as ``status: sent``
+  (filtered on ``status != sent``, so only one worker completes a message and
+  calls ``on_result``), and right before the transport call the worker
+  re-reads the message and skips it if it is already ``sent``;
+- residual window (documented, not closable without the transport's help):
+  a worker that delivered the message but died (or stalled past its lease)
+  before writing ``sent`` lets another worker send it again. The lease
+  (60 s) is kept well above the transport timeouts (10 s) so a live worker
+  never loses its lease while sending; the email ``Message-ID`` and the SMS
+  ``Idempotency-Key`` header are the message id, so a relay or a gateway
+  that deduplicates can drop the second copy.
+
+Retries: exponential back-off (``base_delay * 2**(attempts-1)``, capped,
+with jitter) on any transport failure (SMTP connection/4xx, HTTP non-2xx,
+timeouts); after ``max_attempts`` the message is ``failed`` and
+``on_result(msg, "not-done", reason)`` is called. An SMTP 5xx answer is
+permanent and fails at once. A channel that is not configured (no SMTP host,
+no SMS webhook) is never claimed: its messages stay ``pending`` (queued, not
+sent) until a worker with that channel configured runs.
+
+Logs carry message ids and channels only: never bodies, addresses or numbers.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import smtplib
+import socket
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Callable
+
+import requests
+from pymongo import ReturnDocument, WriteConcern
+from pymongo.errors import PyMongoError
+
+log = logging.getLogger(__name__)
+
+OUTBOX = "notification_outbox"
+NOTIFICATION_ID_SYSTEM = "urn:fhir-dmp:notification"
+NOTIFICATION_KIND_SYSTEM = "urn:fhir-dmp:notification-kind"
+CHANNEL_SYSTEM = "urn:fhir-dmp:notification-channel"
+CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/communication-category"
+MODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
+NO_CONTACT_REASON = "Aucun moyen de contact (email/SMS) dans le dossier"
+
+KINDS = ("first_access", "break_glass", "centre_15")
+PROFESSION_LABELS = {
+    "10": "Médecin", "21": "Pharmacien", "40": "Chirurgien-dentiste", "50": "Sage-femme",
+    "60": "Infirmier", "70": "Masseur-kinésithérapeute",
+}
+MODE_LABELS = {"normal": "normal", "bris_de_glace": "bris de glace (urgence)",
+               "centre_15": "centre 15 (régulation médicale)"}
+
+try:  # system tz database (tzdata package not required where /usr/share/zoneinfo exists)
+    from zoneinfo import ZoneInfo
+    PARIS = ZoneInfo("Europe/Paris")
+except Exception:  # pragma: no cover - platform without a tz database
+    PARIS = None
+
+
+@dataclass
+class Notice:
+    """What happened, no medical content.
+
+    ``kind``: first_access | break_glass | centre_15; ``mode``: TRE_R248
+    normal | bris_de_glace | centre_15; ``reason``: the break-glass reason
+    (shown to the patient).
+    """
+
+    kind: str
+    patient_id: str
+    actor_name: str | None
+    actor_profession: str | None
+    actor_id: str | None
+    mode: str
+    when: datetime
+    reason: str | None = None
+
+
+# --- the text -------------------------------------------------------------------
+
+def _actor(notice: Notice) -> str:
+    who = notice.actor_name or "Un professionnel de santé"
+    code = (notice.actor_profession or "").split("^", 1)[0]
+    label = PROFESSION_LABELS.get(code)
+    return f"{who} ({label})" if label else who
+
+
+def _local(when: datetime) -> tuple[str, str]:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    if PARIS is None:  # pragma: no cover
+        when = when.astimezone(timezone.utc)
+        return when.strftime("%d/%m/%Y"), when.strftime("%Hh%M (UTC)")
+    when = when.astimezone(PARIS)
+    return when.strftime("%d/%m/%Y"), when.strftime("%Hh%M")
+
+
+def render_text(notice: Notice) -> tuple[str, str]:
+    """(subject, body) in French: who (name, TRE_G15 profession label), when
+    (Europe/Paris local time), which access mode; the break-glass reason when
+    given. Never medical content (no document, no diagnosis)."""
+    actor = _actor(notice)
+    day, hour = _local(notice.when)
+    mode = MODE_LABELS.get(notice.mode, notice.mode)
+    if notice.kind == "break_glass":
+        subject = "Accès en urgence (bris de glace) à votre dossier médical"
+        what = (f"{actor} a accédé à votre dossier médical partagé (DMP) en urgence, "
+                f"en mode « bris de glace », le {day} à {hour}.")
+    elif notice.kind == "centre_15":
+        subject = "Accès du centre de régulation (SAMU-Centre 15) à votre dossier médical"
+        what = (f"{actor}, du centre de régulation médicale (SAMU-Centre 15), a accédé "
+                f"à votre dossier médical partagé (DMP) le {day} à {hour}.")
+    else:
+        subject = "Premier accès d'un professionnel de santé à votre dossier médical"
+        what = (f"{actor} a accédé pour la première fois à votre dossier médical "
+                f"partagé (DMP) le {day} à {hour}.")
+    lines = ["Bonjour,", "", what]
+    if notice.actor_id:
+        lines.append(f"Identifiant national du professionnel : {notice.actor_id}.")
+    lines.append(f"Mode d'accès : {mode}.")
+    if notice.reason and notice.kind == "break_glass":
+        lines.append(f"Motif indiqué : {notice.reason}")
+    lines += [
+        "",
+        "Vous pouvez consulter l'historique des accès à votre dossier et gérer les "
+        "autorisations des professionnels dans Mon espace santé.",
+        "",
+        "Ce message est envoyé automatiquement, merci de ne pas y répondre.",
+    ]
+    return subject, "\n".join(lines)
+
+
+# --- contacts -------------------------------------------------------------------
+
+def _usable(cp: dict) -> bool:
+    if not cp.get("value") or cp.get("use") == "old":
+        return False
+    end = (cp.get("period") or {}).get("end")
+    if end:
+        try:
+            end_dt = datetime.fromisoformat(end.replace("Z", "+00:00"))
+            if end_dt.tzinfo is None:
+                end_dt = end_dt.replace(tzinfo=timezone.utc)
+            if end_dt < datetime.now(timezone.utc):
+                return False
+        except ValueError:
+            pass
+    return True
+
+
+def contacts(patient: dict) -> dict[str, str]:
+    """{"email": address, "sms": number} from Patient.telecom (best rank first).
+
+    email: ``system`` email; sms: ``system`` sms, or ``system`` phone with
+    ``use`` mobile. Old or ended contact points are skipped.
+    """
+    found: dict[str, tuple[int, str]] = {}
+    for cp in patient.get("telecom") or ():
+        if not isinstance(cp, dict) or not _usable(cp):
+            continue
+        system = cp.get("system")
+        if system == "email":
+            channel = "email"
+        elif system == "sms" or (system == "phone" and cp.get("use") == "mobile"):
+            channel = "sms"
+        else:
+            continue
+        rank = cp.get("rank") if isinstance(cp.get("rank"), int) else 10 ** 6
+        if channel not in found or rank < found[channel][0]:
+            found[channel] = (rank, str(cp["value"]).strip())
+    return {ch: v for ch, (_, v) in sorted(found.items())}
+
+
+def _medium(channel: str) -> dict:
+    if channel == "email":
+        coding = [{"system": MODE_SYSTEM, "code": "EMAILWRIT", "display": "email"}]
+    else:
+        coding = [{"system": MODE_SYSTEM, "code": "ELECTRONIC", "display": "electronic data"}]
+    coding.append({"system": CHANNEL_SYSTEM, "code": channel})
+    return {"coding": coding, "text": "Email" if channel == "email" else "SMS"}
+
+
+def _communication(notice: Notice, subject: str, body: str, *, status: str,
+                   channel: str | None, message_id: str | None) -> dict:
+    ref = {"reference": f"Patient/{notice.patient_id}"}
+    comm: dict = {
+        "resourceType": "Communication",
+        "id": uuid.uuid4().hex,
+        "status": status,
+        "category": [{"coding": [{"system": CATEGORY_SYSTEM, "code": "notification",
+                                  "display": "Notification"}]}],
+        "subject": ref,
+        "topic": {"coding": [{"system": NOTIFICATION_KIND_SYSTEM, "code": notice.kind}],
+                  "text": subject},
+        "recipient": [ref],
+        "sender": {"display": "Mon espace santé"},
+        "payload": [{"contentString": body}],
+    }
+    if message_id:
+        comm["identifier"] = [{"system": NOTIFICATION_ID_SYSTEM, "value": message_id}]
+    if channel:
+        comm["medium"] = [_medium(channel)]
+    if status == "not-done":
+        comm["statusReason"] = {"text": NO_CONTACT_REASON}
+    return comm
+
+
+# --- outbox -------------------------------------------------------------------
+
+def _outbox(db):
+    return db.get_collection(OUTBOX, write_concern=WriteConcern(w="majority", j=True))
+
+
+def ensure_indexes(db) -> None:
+    coll = db[OUTBOX]
+    coll.create_index([("status", 1), ("next_attempt_at", 1)], name="due")
+    coll.create_index([("status", 1), ("lease_until", 1)], name="lease")
+    coll.create_index([("communication_id", 1)], name="communication")
+
+
+class Outbox:
+    """Queue notifications for a patient, in the caller's transaction if any."""
+
+    def __init__(self, db, config):
+        self.db = db
+        self.config = config
+        self.coll = _outbox(db)
+        self._indexed = False
+
+    def enqueue(self, notice: Notice, patient: dict, *, session=None) -> list[dict]:
+        """One outbox message per channel the Patient has (email, sms).
+
+        Returns the Communication resources to store (``id`` set, status
+        ``in-progress``, subject/recipient the Patient, category
+        notification, topic the kind, payload the French text, medium the
+        channel, identifier ``urn:fhir-dmp:notification|<message id>``).
+        Each outbox doc carries ``communication_id`` = that Communication id.
+        Without contact: one Communication ``not-done`` with statusReason
+        "Aucun moyen de contact (email/SMS) dans le dossier", nothing queued.
+        The outbox docs are inserted with ``session`` when given.
+        """
+        if notice.kind not in KINDS:
+            raise ValueError(f"unknown notification kind {notice.kind!r}")
+        subject, body = render_text(notice)
+        found = contacts(patient)
+        if not found:
+            log.info("notification %s for a patient without contact: not-done", notice.kind)
+            return [_communication(notice, subject, body, status="not-done", channel=None,
+                                   message_id=None)]
+        if not self._indexed:
+            ensure_indexes(self.db)
+            self._indexed = True
+        now = datetime.now(timezone.utc)
+        comms, docs = [], []
+        for channel, address in found.items():
+            message_id = uuid.uuid4().hex
+            comm = _communication(notice, subject, body, status="in-progress", channel=channel,
+                                  message_id=message_id)
+            comms.append(comm)
+            docs.append({
+                "_id": message_id, "communication_id": comm["id"], "patient_id": notice.patient_id,
+                "kind": notice.kind, "channel": channel, "to": address,
+                "subject": subject, "body": body,
+                "status": "pending", "attempts": 0, "next_attempt_at": now,
+                "claimed_by": None, "lease_until": None, "sent_at": None, "last_error": None,
+                "created_at": now,
+            })
+        self.coll.insert_many(docs, session=session)
+        log.info("notification %s queued: %s", notice.kind,
+                 ", ".join(f"{d['_id']}/{d['channel']}" for d in docs))
+        return comms
+
+
+# --- transports -----------------------------------------------------------------
+
+class PermanentFailure(Exception):
+    """The transport refused the message for good: no retry."""
+
+
+def send_email(config, message: dict, *, timeout: float = 10) -> None:
+    """Deliver one email through ``config.smtp_host``: EHLO, STARTTLS when
+    offered (certificate verified), UTF-8 body. SMTP 5xx -> PermanentFailure."""
+    msg = EmailMessage()
+    msg["Subject"] = message["subject"]
+    msg["From"] = config.smtp_from
+    msg["To"] = message["to"]
+    msg["Date"] = formatdate(usegmt=True)
+    msg["Message-ID"] = f"<{message['_id']}@fhir-dmp>"
+    msg.set_content(message["body"], charset="utf-8")
+    try:
+        with smtplib.SMTP(config.smtp_host, config.smtp_port, timeout=timeout) as smtp:
+            smtp.ehlo()
+            if smtp.has_extn("starttls"):
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            smtp.send_message(msg)
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = [c for c, _ in exc.recipients.values()]
+        if codes and all(c >= 500 for c in codes):
+            raise PermanentFailure(f"SMTP {codes[0]}") from None
+        raise RuntimeError(f"SMTP {codes[0] if codes else '?'}") from None
+    except smtplib.SMTPResponseException as exc:
+        if exc.smtp_code >= 500:
+            raise PermanentFailure(f"SMTP {exc.smtp_code}") from None
+        raise RuntimeError(f"SMTP {exc.smtp_code}") from None
+
+
+def send_sms(config, message: dict, *, timeout: float = 10) -> None:
+    """POST ``{"to", "text"}`` to ``config.sms_webhook_url``; non-2xx -> retry."""
+    resp = requests.post(config.sms_webhook_url, json={"to": message["to"], "text": message["body"]},
+                         headers={"Idempotency-Key": message["_id"]}, timeout=timeout)
+    if not 200 <= resp.status_code < 300:
+        raise RuntimeError(f"HTTP {resp.status_code}")
+
+
+def _reason(channel: str, exc: BaseException) -> str:
+    """A failure reason without personal data (no address, no body)."""
+    if isinstance(exc, (PermanentFailure, RuntimeError)) and str(exc).startswith(("SMTP", "HTTP")):
+        return f"{channel}: {exc}"
+    return f"{channel}: {type(exc).__name__}"
+
+
+# --- worker -------------------------------------------------------------------
+
+class Worker:
+    """Claims due messages and sends them; ``start()`` runs it in a thread.
+
+    ``on_result(message, "completed" | "not-done", reason)`` is called once
+    per message, by the worker that completed or gave it up.
+    """
+
+    def __init__(self, db, config, *, on_result: Callable[[dict, str, str | None], None] | None = None,
+                 worker_id: str | None = None, lease_seconds: float = 60, max_attempts: int = 6,
+                 base_delay: float = 5, max_delay: float = 3600, poll_interval: float = 1,
+                 send_timeout: float = 10):
+        self.db = db
+        self.config = config
+        self.on_result = on_result
+        self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.lease = timedelta(seconds=lease_seconds)
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.poll_interval = poll_interval
+        self.send_timeout = send_timeout
+        self.coll = _outbox(db)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._indexed = False
+
+    @property
+    def channels(self) -> list[str]:
+        """Channels this worker can send: the configured ones."""
+        out = []
+        if getattr(self.config, "smtp_host", None):
+            out.append("email")
+        if getattr(self.config, "sms_webhook_url", None):
+            out.append("sms")
+        return out
+
+    def claim(self) -> dict | None:
+        """Atomically take one due message (or one whose lease expired)."""
+        channels = self.channels
+        if not channels:
+            return None
+        now = datetime.now(timezone.utc)
+        return self.coll.find_one_and_update(
+            {"channel": {"$in": channels},
+             "$or": [{"status": "pending", "next_attempt_at": {"$lte": now}},
+                     {"status": "sending", "lease_until": {"$lte": now}}]},
+            {"$set": {"status": "sending", "claimed_by": self.worker_id,
+                      "lease_until": now + self.lease},
+             "$inc": {"attempts": 1}},
+            sort=[("next_attempt_at", 1)],
+            return_document=ReturnDocument.AFTER,
+        )
+
+    def run_once(self, limit: int = 10) -> int:
+        """Claim and handle up to ``limit`` due messages; the number handled."""
+        if not self._indexed:
+            ensure_indexes(self.db)
+            self._indexed = True
+        handled = 0
+        while handled < limit:
+            msg = self.claim()
+            if msg is None:
+                break
+            self._handle(msg)
+            handled += 1
+        return handled
+
+    def _handle(self, msg: dict) -> None:
+        mid, channel = msg["_id"], msg["channel"]
+        current = self.coll.find_one({"_id": mid}, {"status": 1, "sent_at": 1})
+        if current is None or current.get("status") == "sent" or current.get("sent_at"):
+            log.info("notification %s/%s already sent, skipped", mid, channel)
+            return
+        try:
+            if channel == "email":
+                send_email(self.config, msg, timeout=self.send_timeout)
+            elif channel == "sms":
+                send_sms(self.config, msg, timeout=self.send_timeout)
+            else:
+                raise PermanentFailure(f"unknown channel {channel}")
+        except Exception as exc:  # transport failure: retry or give up
+            self._failed(msg, exc)
+            return
+        now = datetime.now(timezone.utc)
+        done = self.coll.find_one_and_update(
+            {"_id": mid, "status": {"$ne": "sent"}},
+            {"$set": {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None}},
+            return_document=ReturnDocument.AFTER)
+        if done is None:
+            log.warning("notification %s/%s was completed by another worker (duplicate send)",
+                        mid, channel)
+            return
+        log.info("notification %s/%s sent (attempt %s)", mid, channel, msg.get("attempts"))
+        self._report(done, "completed", None)
+
+    def _failed(self, msg: dict, exc: BaseException) -> None:
+        mid, channel = msg["_id"], msg["channel"]
+        reason = _reason(channel, exc)
+        attempts = int(msg.get("attempts") or 1)
+        mine = {"_id": mid, "claimed_by": self.worker_id, "status": "sending"}
+        if isinstance(exc, PermanentFailure) or attempts >= self.max_attempts:
+            gone = self.coll.find_one_and_update(
+                mine, {"$set": {"status": "failed", "lease_until": None, "last_error": reason}},
+                return_document=ReturnDocument.AFTER)
+            log.warning("notification %s/%s failed for good after %d attempt(s): %s",
+                        mid, channel, attempts, reason)
+            if gone is not None:
+                self._report(gone, "not-done", reason)
+            return
+        delay = min(self.base_delay * 2 ** (attempts - 1), self.max_delay)
+        delay *= 0.8 + 0.4 * random.random()
+        self.coll.update_one(mine, {"$set": {
+            "status": "pending", "claimed_by": None, "lease_until": None, "last_error": reason,
+            "next_attempt_at": datetime.now(timezone.utc) + timedelta(seconds=delay)}})
+        log.info("notification %s/%s attempt %d failed (%s), retry in %.1fs",
+                 mid, channel, attempts, reason, delay)
+
+    def _report(self, msg: dict, status: str, reason: str | None) -> None:
+        if self.on_result is None:
+            return
+        try:
+            self.on_result(msg, status, reason)
+        except Exception:
+            log.exception("notification %s: on_result failed", msg.get("_id"))
+
+    # -- thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+            except PyMongoError as exc:
+                log.warning("notification worker: database error %s", type(exc).__name__)
+                handled = 0
+            except Exception:
+                log.exception("notification worker error")
+                handled = 0
+            if not handled:
+                self._stop.wait(self.poll_interval)
+
+    def start(self) -> None:
+        """Run in a daemon thread, polling about every ``poll_interval`` s."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"notify-{self.worker_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5) -> None:
+        """Ask the thread to stop and wait up to ``timeout`` seconds."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

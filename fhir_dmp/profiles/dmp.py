@@ -1,0 +1,327 @@
+"""DMP profiles of Patient and DocumentReference: rules and read helpers.
+
+Rules (CONTRACT.md "The DMP in FHIR terms", DESIGN.md "French codes"):
+
+Patient (``dmp-patient``)
+  * every identifier of an INS system (NIR, NIA, test NIR, demo NIR) holds a
+    valid INS (15 characters, key rule of :mod:`fhir_dmp.profiles.ins`);
+  * at most one INS per Patient;
+  * the FR Core identity reliability extension, when present, is well formed
+    with an ``identityStatus`` of PROV, RECUP, VALI or QUAL
+    (https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability);
+  * ``generalPractitioner`` (médecin traitant) is a Reference carrying the
+    idNatPs identifier ``urn:oid:1.2.250.1.71.4.2.1|<idNatPs>``.
+
+DocumentReference (``dmp-documentreference``)
+  * ``subject`` is ``Patient/<id>``;
+  * ``type`` has a LOINC coding;
+  * each ``content.attachment.contentType`` is PDF, XML or CDA
+    (``application/pdf``, ``text/xml``, ``application/hl7-v3+xml``),
+    ``content.format`` (a Coding) has a code;
+  * ``securityLabel`` codings are DMP labels (TRE_A07, system
+    ``urn:oid:1.2.250.1.213.1.1.4.13``: MASQUE_PS, INVISIBLE_PATIENT,
+    INVISIBLE_REPRESENTANTS_LEGAUX) or v3 Confidentiality N, R, V.
+
+The checks are written for any JSON (they never assume the structure is
+valid; the structural walk reports that) and return
+:class:`~fhir_dmp.errors.Issue` lists. Diagnostics never repeat values.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+from fhir_dmp.errors import Issue
+
+from .ins import INS_SYSTEMS, NIA, NIR, NIR_DEMO, NIR_TEST, ins_problem, is_valid_ins
+
+__all__ = [
+    "LABEL_SYSTEM", "MASQUE_PS", "INVISIBLE_PATIENT", "INVISIBLE_REPRESENTANTS_LEGAUX",
+    "DMP_LABELS", "IDNATPS_SYSTEM", "LOINC", "CONFIDENTIALITY_SYSTEM",
+    "IDENTITY_RELIABILITY_URL", "IDENTITY_STATUS_SYSTEM", "IDENTITY_STATUSES",
+    "DOCUMENT_CONTENT_TYPES", "PROFILE_PATIENT", "PROFILE_DOCUMENTREFERENCE",
+    "patient_ins", "identity_status", "is_ins_qualified", "general_practitioner_ids",
+    "labels", "set_labels", "doc_type_codes", "author_ids",
+    "check_patient", "check_documentreference",
+]
+
+PROFILE_BASE = "https://fhir-dmp.example.org/fhir/StructureDefinition/"
+PROFILE_PATIENT = PROFILE_BASE + "dmp-patient"
+PROFILE_DOCUMENTREFERENCE = PROFILE_BASE + "dmp-documentreference"
+
+# TRE_A07 confidentiality codes of the DMP.
+LABEL_SYSTEM = "urn:oid:1.2.250.1.213.1.1.4.13"
+MASQUE_PS = "MASQUE_PS"
+INVISIBLE_PATIENT = "INVISIBLE_PATIENT"
+INVISIBLE_REPRESENTANTS_LEGAUX = "INVISIBLE_REPRESENTANTS_LEGAUX"
+DMP_LABELS = frozenset({MASQUE_PS, INVISIBLE_PATIENT, INVISIBLE_REPRESENTANTS_LEGAUX})
+LABEL_DISPLAY = {
+    MASQUE_PS: "Masqué aux professionnels de santé",
+    INVISIBLE_PATIENT: "Non visible par le patient",
+    INVISIBLE_REPRESENTANTS_LEGAUX: "Non visible par les représentants légaux du patient",
+}
+CONFIDENTIALITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+CONFIDENTIALITY_CODES = frozenset({"N", "R", "V"})
+
+IDNATPS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.1"
+LOINC = "http://loinc.org"
+
+IDENTITY_RELIABILITY_URL = \
+    "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability"
+IDENTITY_STATUS_SYSTEM = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-identity-status"
+IDENTITY_STATUSES = frozenset({"PROV", "RECUP", "VALI", "QUAL"})
+QUALIFIED_STATUSES = frozenset({"VALI", "QUAL"})
+
+DOCUMENT_CONTENT_TYPES = frozenset({"application/pdf", "text/xml", "application/hl7-v3+xml"})
+
+# Preference when reading the INS of a Patient (one is allowed, but be deterministic).
+_INS_ORDER = (NIR, NIR_TEST, NIR_DEMO, NIA)
+_PATIENT_REF = re.compile(r"Patient/[A-Za-z0-9\-\.]{1,64}")
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+# --- Patient helpers ----------------------------------------------------------------------
+
+
+def patient_ins(patient: dict) -> tuple[str, str] | None:
+    """The Patient's INS as (system, value), or None when it has none.
+
+    Only identifiers of an INS system (NIR, test NIR, demo NIR, NIA, preferred
+    in that order) with a string value count; the value is not key-checked
+    here (:func:`validate` refuses invalid ones on write).
+    """
+    found: dict[str, str] = {}
+    for ident in _list(_dict(patient).get("identifier")):
+        ident = _dict(ident)
+        system, value = ident.get("system"), ident.get("value")
+        if system in INS_SYSTEMS and isinstance(value, str) and value and system not in found:
+            found[system] = value
+    for system in _INS_ORDER:
+        if system in found:
+            return system, found[system]
+    return None
+
+
+def _reliability_extensions(patient: dict) -> list[tuple[int, dict]]:
+    return [(i, ext) for i, ext in enumerate(_list(_dict(patient).get("extension")))
+            if isinstance(ext, dict) and ext.get("url") == IDENTITY_RELIABILITY_URL]
+
+
+def identity_status(patient: dict) -> str | None:
+    """The FR Core identity status (PROV, RECUP, VALI, QUAL), or None if absent/unknown."""
+    for _, ext in _reliability_extensions(patient):
+        for sub in _list(ext.get("extension")):
+            sub = _dict(sub)
+            if sub.get("url") != "identityStatus":
+                continue
+            coding = _dict(sub.get("valueCoding"))
+            code = coding.get("code")
+            if coding.get("system") == IDENTITY_STATUS_SYSTEM and code in IDENTITY_STATUSES:
+                return code
+    return None
+
+
+def is_ins_qualified(patient: dict) -> bool:
+    """True iff the Patient has a valid INS and its identity status is VALI or QUAL."""
+    ins = patient_ins(patient)
+    return (ins is not None and is_valid_ins(ins[1])
+            and identity_status(patient) in QUALIFIED_STATUSES)
+
+
+def general_practitioner_ids(patient: dict) -> set[str]:
+    """idNatPs of the médecin traitant (``generalPractitioner[].identifier``)."""
+    out = set()
+    for ref in _list(_dict(patient).get("generalPractitioner")):
+        ident = _dict(_dict(ref).get("identifier"))
+        if ident.get("system") == IDNATPS_SYSTEM and isinstance(ident.get("value"), str):
+            out.add(ident["value"])
+    return out
+
+
+# --- DocumentReference helpers -----------------------------------------------------------
+
+
+def labels(docref: dict) -> set[str]:
+    """DMP label codes (TRE_A07) present in ``securityLabel``."""
+    out = set()
+    for concept in _list(_dict(docref).get("securityLabel")):
+        for coding in _list(_dict(concept).get("coding")):
+            coding = _dict(coding)
+            if coding.get("system") == LABEL_SYSTEM and coding.get("code") in DMP_LABELS:
+                out.add(coding["code"])
+    return out
+
+
+def set_labels(docref: dict, codes: set[str]) -> dict:
+    """Return a copy of ``docref`` whose DMP labels are exactly ``codes``.
+
+    Codings of other systems (v3 Confidentiality, ...) are kept in place;
+    concepts left without coding are dropped; each DMP label is one concept.
+    ValueError if a code is not a DMP label. The input is not modified.
+    """
+    codes = set(codes)
+    unknown = codes - DMP_LABELS
+    if unknown:
+        raise ValueError(f"not DMP labels: {', '.join(sorted(unknown))}")
+    out = copy.deepcopy(docref)
+    kept = []
+    for concept in _list(out.get("securityLabel")):
+        if not isinstance(concept, dict):
+            continue
+        coding = [c for c in _list(concept.get("coding"))
+                  if not (isinstance(c, dict) and c.get("system") == LABEL_SYSTEM)]
+        if coding:
+            concept["coding"] = coding
+            kept.append(concept)
+        elif "coding" not in concept and concept.get("text"):
+            kept.append(concept)
+    for code in sorted(codes):
+        kept.append({"coding": [{"system": LABEL_SYSTEM, "code": code,
+                                 "display": LABEL_DISPLAY[code]}]})
+    if kept:
+        out["securityLabel"] = kept
+    else:
+        out.pop("securityLabel", None)
+    return out
+
+
+def doc_type_codes(docref: dict) -> set[str]:
+    """LOINC codes of ``DocumentReference.type``."""
+    return {c["code"] for c in _list(_dict(_dict(docref).get("type")).get("coding"))
+            if isinstance(c, dict) and c.get("system") == LOINC and isinstance(c.get("code"), str)}
+
+
+def author_ids(docref: dict) -> set[str]:
+    """idNatPs found in ``author[].identifier``."""
+    out = set()
+    for ref in _list(_dict(docref).get("author")):
+        ident = _dict(_dict(ref).get("identifier"))
+        if ident.get("system") == IDNATPS_SYSTEM and isinstance(ident.get("value"), str):
+            out.add(ident["value"])
+    return out
+
+
+# --- rules -------------------------------------------------------------------------------
+
+
+def _issue(expression: str, diagnostics: str, code: str = "business-rule") -> Issue:
+    return Issue(diagnostics, code, expression=[expression])
+
+
+def check_patient(patient: dict) -> list[Issue]:
+    """Issues of the ``dmp-patient`` profile (empty when it conforms)."""
+    issues: list[Issue] = []
+    seen_ins: set[tuple[str, str]] = set()
+    for i, ident in enumerate(_list(patient.get("identifier"))):
+        if not isinstance(ident, dict) or ident.get("system") not in INS_SYSTEMS:
+            continue
+        path = f"Patient.identifier[{i}].value"
+        value = ident.get("value")
+        if value is None:
+            issues.append(_issue(path, "an INS identifier needs a value", "required"))
+            continue
+        problem = ins_problem(value)
+        if problem:
+            issues.append(_issue(path, f"invalid INS: {problem}", "value"))
+            continue
+        seen_ins.add((ident["system"], value))
+        if len(seen_ins) > 1:
+            issues.append(_issue(f"Patient.identifier[{i}]",
+                                 "a Patient carries at most one INS (NIR or NIA)"))
+    issues.extend(_check_reliability(patient))
+    for i, ref in enumerate(_list(patient.get("generalPractitioner"))):
+        ident = _dict(_dict(ref).get("identifier"))
+        if ident.get("system") != IDNATPS_SYSTEM or not isinstance(ident.get("value"), str):
+            issues.append(_issue(
+                f"Patient.generalPractitioner[{i}].identifier",
+                f"the médecin traitant is identified by its idNatPs: identifier.system "
+                f"{IDNATPS_SYSTEM} and identifier.value", "required"))
+    return issues
+
+
+def _check_reliability(patient: dict) -> list[Issue]:
+    found = _reliability_extensions(patient)
+    issues: list[Issue] = []
+    if len(found) > 1:
+        issues.append(_issue(f"Patient.extension[{found[1][0]}]",
+                             "at most one identity reliability extension"))
+    for i, ext in found[:1]:
+        path = f"Patient.extension[{i}]"
+        subs = [(j, _dict(s)) for j, s in enumerate(_list(ext.get("extension")))
+                if _dict(s).get("url") == "identityStatus"]
+        if len(subs) != 1:
+            issues.append(_issue(f"{path}.extension",
+                                 "the identity reliability extension needs exactly one "
+                                 "'identityStatus' sub-extension", "required"))
+            continue
+        j, sub = subs[0]
+        coding = sub.get("valueCoding")
+        cpath = f"{path}.extension[{j}].valueCoding"
+        if not isinstance(coding, dict):
+            issues.append(_issue(cpath, "identityStatus needs a valueCoding", "required"))
+        elif coding.get("system") != IDENTITY_STATUS_SYSTEM:
+            issues.append(_issue(f"{cpath}.system",
+                                 f"identityStatus system must be {IDENTITY_STATUS_SYSTEM}",
+                                 "code-invalid"))
+        elif coding.get("code") not in IDENTITY_STATUSES:
+            issues.append(_issue(f"{cpath}.code", "identityStatus code must be one of "
+                                 "PROV, RECUP, VALI, QUAL", "code-invalid"))
+    return issues
+
+
+def check_documentreference(docref: dict) -> list[Issue]:
+    """Issues of the ``dmp-documentreference`` profile (empty when it conforms)."""
+    issues: list[Issue] = []
+    subject = docref.get("subject")
+    if subject is None:
+        issues.append(_issue("DocumentReference.subject",
+                             "subject is required: the Patient (DMP) the document belongs to",
+                             "required"))
+    elif not (isinstance(subject, dict) and isinstance(subject.get("reference"), str)
+              and _PATIENT_REF.fullmatch(subject["reference"])):
+        issues.append(_issue("DocumentReference.subject.reference",
+                             "subject must be a reference Patient/<id>"))
+    if not doc_type_codes(docref):
+        issues.append(_issue("DocumentReference.type",
+                             f"type needs a LOINC coding (system {LOINC}) with a code",
+                             "required"))
+    for i, content in enumerate(_list(docref.get("content"))):
+        path = f"DocumentReference.content[{i}]"
+        attachment = _dict(_dict(content).get("attachment"))
+        ctype = attachment.get("contentType")
+        if not isinstance(ctype, str):
+            issues.append(_issue(f"{path}.attachment.contentType",
+                                 "attachment.contentType is required", "required"))
+        elif ctype.split(";")[0].strip().lower() not in DOCUMENT_CONTENT_TYPES:
+            issues.append(_issue(f"{path}.attachment.contentType",
+                                 "contentType must be one of "
+                                 + ", ".join(sorted(DOCUMENT_CONTENT_TYPES)), "code-invalid"))
+        fmt = _dict(content).get("format")
+        if fmt is not None and not (isinstance(fmt, dict) and isinstance(fmt.get("code"), str)):
+            issues.append(_issue(f"{path}.format", "format must be a Coding with a code"))
+    for i, concept in enumerate(_list(docref.get("securityLabel"))):
+        for j, coding in enumerate(_list(_dict(concept).get("coding"))):
+            coding = _dict(coding)
+            path = f"DocumentReference.securityLabel[{i}].coding[{j}]"
+            system, code = coding.get("system"), coding.get("code")
+            if system == LABEL_SYSTEM:
+                if code not in DMP_LABELS:
+                    issues.append(_issue(f"{path}.code", "DMP label must be one of "
+                                         + ", ".join(sorted(DMP_LABELS)), "code-invalid"))
+            elif system == CONFIDENTIALITY_SYSTEM:
+                if code not in CONFIDENTIALITY_CODES:
+                    issues.append(_issue(f"{path}.code",
+                                         "v3 Confidentiality code must be N, R or V",
+                                         "code-invalid"))
+            else:
+                issues.append(_issue(f"{path}.system",
+                                     f"securityLabel system must be {LABEL_SYSTEM} (DMP labels) "
+                                     f"or {CONFIDENTIALITY_SYSTEM}", "code-invalid"))
+    return issues

@@ -1,0 +1,163 @@
+"""HTTP helpers shared by the handlers: negotiation, bodies, Prefer, headers, Bundles.
+
+Thin on purpose: no policy and no storage here.
+Spec: https://hl7.org/fhir/R4/http.html
+"""
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from flask import Response, current_app, g, request
+
+from .. import formats
+from ..errors import BadRequest, information_outcome
+from ..storage import Stored, instant
+
+MIME = {formats.JSON: "application/fhir+json; charset=utf-8; fhirVersion=4.0",
+        formats.XML: "application/fhir+xml; charset=utf-8; fhirVersion=4.0"}
+
+
+def backend():
+    return current_app.extensions["fhir_dmp"]
+
+
+def out_format() -> str:
+    """JSON or XML for the response (406 when nothing acceptable); cached per request."""
+    fmt = getattr(g, "_fmt", None)
+    if fmt is None:
+        try:
+            fmt = formats.negotiate(request.headers.get("Accept"), request.args.get("_format"))
+        except Exception:
+            g._fmt = formats.JSON      # the 406 itself is written in JSON
+            raise
+        g._fmt = fmt
+    return fmt
+
+
+def respond(resource: dict | None, status: int = 200, headers: dict | None = None) -> Response:
+    try:
+        fmt = out_format()
+    except Exception:   # noqa: BLE001 — an error body must always go out
+        fmt = formats.JSON
+    pretty = request.args.get("_pretty") == "true"
+    body = b"" if resource is None else formats.render(resource, fmt, pretty=pretty)
+    response = Response(body, status=status, content_type=MIME[fmt] if resource is not None else None)
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def read_body(expected_type: str | None = None) -> dict:
+    """Parse and check the request body as a FHIR resource."""
+    cfg = backend().config
+    body = request.get_data(cache=False)
+    resource = formats.parse_body(request.headers.get("Content-Type"), body, max_bytes=cfg.max_body_bytes)
+    if expected_type and resource.get("resourceType") != expected_type:
+        raise BadRequest(f"resourceType {resource.get('resourceType')!r} does not match the URL ({expected_type})",
+                         expression="resourceType")
+    return resource
+
+
+def prefer(name: str) -> str | None:
+    """Value of one Prefer token (return=..., handling=...)."""
+    for part in request.headers.get("Prefer", "").split(","):
+        for item in part.split(";"):
+            key, _, value = item.strip().partition("=")
+            if key.strip() == name:
+                return value.strip().strip('"')
+    return None
+
+
+def lenient() -> bool:
+    return prefer("handling") == "lenient"
+
+
+def version_headers(stored: Stored, *, location: bool = False) -> dict:
+    base = backend().config.fhir_base
+    headers = {"ETag": f'W/"{stored.vid}"', "Last-Modified": _http_date(stored.lu)}
+    if location:
+        headers["Location"] = f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.vid}"
+    return headers
+
+
+def _http_date(t) -> str:
+    from email.utils import format_datetime
+    from datetime import timezone
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return format_datetime(t.astimezone(timezone.utc), usegmt=True)
+
+
+def write_response(stored: Stored, status: int, *, location: bool = False) -> Response:
+    """Answer a write honouring Prefer: return=minimal|representation|OperationOutcome."""
+    headers = version_headers(stored, location=location)
+    mode = prefer("return") or "representation"
+    if mode == "minimal":
+        return respond(None, status, headers)
+    if mode == "OperationOutcome":
+        return respond(information_outcome(f"{stored.resource_type}/{stored.id} version {stored.vid} stored"),
+                       status, headers)
+    return respond(stored.resource, status, headers)
+
+
+def full_url(stored: Stored) -> str:
+    return f"{backend().config.fhir_base}/{stored.resource_type}/{stored.id}"
+
+
+def link(rtype_path: str, params: list[tuple[str, str]]) -> str:
+    base = backend().config.fhir_base
+    query = urlencode(params, safe="|:,/")
+    return f"{base}/{rtype_path}" + (f"?{query}" if query else "")
+
+
+def summarize(resource: dict, summary: str | None, elements: list[str] | None) -> dict:
+    """Apply _summary / _elements (https://hl7.org/fhir/R4/search.html#summary)."""
+    if not resource or (not elements and summary in (None, "false")):
+        return resource
+    keep = {"resourceType", "id", "meta"}
+    if elements:
+        keep |= set(elements)
+    elif summary == "true":
+        keep |= summary_elements(resource["resourceType"])
+    elif summary == "text":
+        keep |= {"text"}
+    elif summary == "data":
+        keep |= set(resource) - {"text"}
+    out = {k: v for k, v in resource.items() if k in keep}
+    meta = dict(out.get("meta") or {})
+    meta["tag"] = list(meta.get("tag") or []) + [{
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}]
+    out["meta"] = meta
+    return out
+
+
+_SUMMARY_CACHE: dict[str, set] = {}
+
+
+def summary_elements(rtype: str) -> set[str]:
+    """Elements flagged isSummary in the R4 definitions (from the fhir.resources R4B models)."""
+    if rtype not in _SUMMARY_CACHE:
+        from fhir.resources.R4B import get_fhir_model_class
+        model = get_fhir_model_class(rtype)
+        names = set()
+        for name, f in model.model_fields.items():
+            extra = f.json_schema_extra or {}
+            if isinstance(extra, dict) and extra.get("summary_element_property"):
+                names.add(f.alias or name)
+        _SUMMARY_CACHE[rtype] = names
+    return _SUMMARY_CACHE[rtype]
+
+
+def bundle(bundle_type: str, entries: list[dict], *, total: int | None = None,
+           links: list[tuple[str, str]] | None = None) -> dict:
+    out = {"resourceType": "Bundle", "type": bundle_type}
+    from ..storage import new_id, now
+    out["id"] = new_id()
+    out["meta"] = {"lastUpdated": instant(now())}
+    if total is not None:
+        out["total"] = total
+    if links:
+        out["link"] = [{"relation": rel, "url": url} for rel, url in links]
+    if entries:
+        out["entry"] = entries
+    return out

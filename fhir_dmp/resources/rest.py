@@ -1,0 +1,341 @@
+"""FHIR REST interactions for the hosted types (https://hl7.org/fhir/R4/http.html).
+
+Each handler parses, validates, calls the request's guarded repository
+(``g.repo``) and serializes. No policy, no storage access here.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+
+from flask import Blueprint, Response, g, request, stream_with_context
+
+from .. import formats
+from ..errors import BadRequest, MethodNotAllowed, NotFound, PreconditionFailed, UnsupportedMediaType
+from ..profiles import validate
+from .http import (backend, bundle, full_url, lenient, link, out_format, read_body, respond, summarize,
+                   version_headers, write_response)
+
+bp = Blueprint("fhir", __name__, url_prefix="/fhir")
+
+HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+READ_ONLY = ("AuditEvent", "Communication")   # written by the server only (append-only journal)
+PATCHABLE = ("DocumentReference", "Patient", "Consent")
+CONTROL = {"_format", "_pretty", "_cursor"}
+
+
+def hosted(rtype: str) -> str:
+    if rtype not in HOSTED:
+        raise NotFound(f"resource type {rtype!r} is not supported by this server", code="not-supported")
+    return rtype
+
+
+def writable(rtype: str) -> str:
+    hosted(rtype)
+    if rtype in READ_ONLY:
+        raise MethodNotAllowed(f"{rtype} is read-only: the server writes it", code="not-supported")
+    return rtype
+
+
+def query_args() -> list[tuple[str, str]]:
+    """Query (GET) or form (POST _search) parameters, in order, repeats kept."""
+    args = list(request.args.items(multi=True))
+    if request.method == "POST":
+        ctype = (request.content_type or "").split(";")[0].strip()
+        if ctype != "application/x-www-form-urlencoded" and request.get_data(cache=True):
+            raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded parameters")
+        args += list(request.form.items(multi=True))
+    return args
+
+
+def checked(rtype: str, resource: dict) -> dict:
+    return validate(resource, resource_type=rtype)
+
+
+# -------------------------------------------------------------------- instance
+@bp.get("/<rtype>/<rid>")
+def read(rtype, rid):
+    hosted(rtype)
+    stored = g.repo.read(rtype, rid)
+    if rtype == "Binary" and _wants_raw(stored.resource):
+        return _raw_binary(stored)
+    if rtype == "Binary":
+        stored.resource = _binary_with_data(stored)
+    return respond(summarize(stored.resource, request.args.get("_summary"), _elements()), 200,
+                   version_headers(stored))
+
+
+@bp.get("/<rtype>/<rid>/_history/<vid>")
+def vread(rtype, rid, vid):
+    hosted(rtype)
+    stored = g.repo.vread(rtype, rid, vid)
+    if rtype == "Binary" and _wants_raw(stored.resource):
+        return _raw_binary(stored)
+    if rtype == "Binary":
+        stored.resource = _binary_with_data(stored)
+    return respond(stored.resource, 200, version_headers(stored))
+
+
+@bp.put("/<rtype>/<rid>")
+def update(rtype, rid):
+    writable(rtype)
+    if rtype == "Binary" and not _is_fhir_body():
+        resource = {"resourceType": "Binary", "id": rid, "contentType": request.content_type,
+                    **_security_context()}
+        stored, created = g.repo.update(rtype, rid, resource, if_match=request.headers.get("If-Match"),
+                                        content=_raw_stream())
+    else:
+        resource = read_body(rtype)
+        if resource.get("id") != rid:
+            raise BadRequest(f"the body's id {resource.get('id')!r} does not match the URL id {rid!r}",
+                             expression=f"{rtype}.id")
+        resource = checked(rtype, resource)
+        stored, created = g.repo.update(rtype, rid, resource, if_match=request.headers.get("If-Match"))
+    return write_response(stored, 201 if created else 200, location=created)
+
+
+@bp.patch("/<rtype>/<rid>")
+def patch(rtype, rid):
+    writable(rtype)
+    if rtype not in PATCHABLE:
+        raise MethodNotAllowed(f"PATCH is not supported on {rtype}")
+    ctype = (request.content_type or "").split(";")[0].strip()
+    if ctype != "application/json-patch+json":
+        raise UnsupportedMediaType("PATCH takes application/json-patch+json (RFC 6902)")
+    try:
+        ops = json.loads(request.get_data(cache=False) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the JSON Patch document is not valid JSON") from None
+    if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
+        raise BadRequest("a JSON Patch document is an array of operations")
+    stored = g.repo.patch(rtype, rid, ops, if_match=request.headers.get("If-Match"),
+                          validate=lambda r: checked(rtype, r))
+    return write_response(stored, 200)
+
+
+@bp.delete("/<rtype>/<rid>")
+def delete(rtype, rid):
+    writable(rtype)
+    g.repo.delete(rtype, rid)
+    return respond(None, 204)
+
+
+@bp.get("/<rtype>/<rid>/_history")
+def instance_history(rtype, rid):
+    hosted(rtype)
+    return _history(rtype, rid)
+
+
+# ------------------------------------------------------------------------ type
+@bp.get("/<rtype>/_history")
+def type_history(rtype):
+    hosted(rtype)
+    return _history(rtype, None)
+
+
+@bp.route("/<rtype>", methods=["GET"])
+@bp.route("/<rtype>/_search", methods=["POST"])
+def search_type(rtype):
+    hosted(rtype)
+    return _search(rtype, query_args())
+
+
+@bp.post("/<rtype>")
+def create(rtype):
+    writable(rtype)
+    if rtype == "Binary" and not _is_fhir_body():
+        resource = {"resourceType": "Binary", "contentType": request.content_type or "application/octet-stream",
+                    **_security_context()}
+        stored = g.repo.create(rtype, resource, content=_raw_stream())
+        return write_response(stored, 201, location=True)
+    resource = checked(rtype, read_body(rtype))
+    condition = request.headers.get("If-None-Exist")
+    if condition:
+        matches = g.repo.find_matches(rtype, _criteria(condition))
+        if len(matches) > 1:
+            raise PreconditionFailed("If-None-Exist matches several resources")
+        if matches:
+            return write_response(matches[0], 200)
+    resource.pop("id", None)
+    stored = g.repo.create(rtype, resource)
+    return write_response(stored, 201, location=True)
+
+
+@bp.put("/<rtype>")
+def conditional_update(rtype):
+    writable(rtype)
+    criteria = [(k, v) for k, v in request.args.items(multi=True) if k not in CONTROL]
+    if not criteria:
+        raise BadRequest("conditional update needs search criteria")
+    resource = checked(rtype, read_body(rtype))
+    matches = g.repo.find_matches(rtype, criteria)
+    if len(matches) > 1:
+        raise PreconditionFailed("the criteria match several resources")
+    if not matches:
+        resource.pop("id", None)
+        return write_response(g.repo.create(rtype, resource), 201, location=True)
+    target = matches[0]
+    if resource.get("id") not in (None, target.id):
+        raise BadRequest("the body's id does not match the resource found", expression=f"{rtype}.id")
+    resource["id"] = target.id
+    stored, _ = g.repo.update(rtype, target.id, resource, if_match=request.headers.get("If-Match"))
+    return write_response(stored, 200)
+
+
+@bp.delete("/<rtype>")
+def conditional_delete(rtype):
+    writable(rtype)
+    criteria = [(k, v) for k, v in request.args.items(multi=True) if k not in CONTROL]
+    if not criteria:
+        raise BadRequest("conditional delete needs search criteria")
+    matches = g.repo.find_matches(rtype, criteria)
+    if len(matches) > 1:
+        raise PreconditionFailed("the criteria match several resources")
+    for m in matches:
+        g.repo.delete(rtype, m.id)
+    return respond(None, 204)
+
+
+# ------------------------------------------------------------------- internals
+def _criteria(query: str) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+    query = query.split("?", 1)[-1]
+    try:
+        return parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise BadRequest("If-None-Exist is not a valid query string") from None
+
+
+def _elements() -> list[str] | None:
+    raw = request.args.get("_elements")
+    return [e.strip() for e in raw.split(",") if e.strip()] if raw else None
+
+
+def _search(rtype: str, args: list[tuple[str, str]]):
+    page = g.repo.search(rtype, args, lenient=lenient(), query_string=request.query_string.decode("latin-1"))
+    req = page.request
+    params = req.self_params()
+    links = [("self", link(rtype, params))]
+    if page.next_cursor:
+        links.append(("next", link(rtype, params + [("_cursor", page.next_cursor)])))
+    entries = []
+    for stored in page.matches:
+        entries.append({"fullUrl": full_url(stored),
+                        "resource": summarize(stored.resource, req.summary, req.elements),
+                        "search": {"mode": "match"}})
+    for stored in page.included:
+        entries.append({"fullUrl": full_url(stored), "resource": stored.resource, "search": {"mode": "include"}})
+    result = bundle("searchset", entries, total=page.total, links=links)
+    if req.ignored:
+        from ..errors import Issue, operation_outcome
+        outcome = operation_outcome([Issue(f"parameter {name!r} is not supported and was ignored",
+                                           "not-supported", "warning") for name in req.ignored])
+        result.setdefault("entry", []).append({"resource": outcome, "search": {"mode": "outcome"}})
+    return respond(result)
+
+
+def _history(rtype: str, rid: str | None):
+    cfg = backend().config
+    count = _int_param("_count", cfg.default_page_size, cfg.max_page_size)
+    since = _date_param("_since")
+    cursor = _history_cursor(request.args.get("_cursor"))
+    page, nxt, total = g.repo.history(rtype, rid, since=since, count=count, cursor=cursor)
+    params = [(k, v) for k, v in request.args.items(multi=True) if k != "_cursor"]
+    path = f"{rtype}/{rid}/_history" if rid else f"{rtype}/_history"
+    links = [("self", link(path, params))]
+    if nxt:
+        token = base64.urlsafe_b64encode(json.dumps([nxt[0].isoformat(), nxt[1]]).encode()).decode()
+        links.append(("next", link(path, params + [("_cursor", token)])))
+    entries = []
+    for v in page:
+        entry = {"fullUrl": full_url(v)}
+        if v.deleted:
+            entry["request"] = {"method": "DELETE", "url": f"{v.resource_type}/{v.id}"}
+            entry["response"] = {"status": "410 Gone"}
+        else:
+            if v.resource_type == "Binary":
+                v.resource = _binary_with_data(v)
+            entry["resource"] = v.resource
+            entry["request"] = {"method": "POST" if v.vid == 1 else "PUT",
+                                "url": v.resource_type if v.vid == 1 else f"{v.resource_type}/{v.id}"}
+            entry["response"] = {"status": "201 Created" if v.vid == 1 else "200 OK",
+                                 "etag": f'W/"{v.vid}"'}
+        entries.append(entry)
+    return respond(bundle("history", entries, total=total, links=links))
+
+
+def _int_param(name: str, default: int, maximum: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise BadRequest(f"{name} must be a non-negative integer", expression=name)
+    return min(int(raw), maximum)
+
+
+def _date_param(name: str) -> datetime | None:
+    raw = request.args.get(name)
+    if not raw:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name} must be an instant", expression=name) from None
+    if value.tzinfo is None:
+        raise BadRequest(f"{name} needs a time zone", expression=name)
+    return value
+
+
+def _history_cursor(raw: str | None):
+    if not raw:
+        return None
+    try:
+        lu, key = json.loads(base64.urlsafe_b64decode(raw.encode()))
+        return datetime.fromisoformat(lu), str(key)
+    except (ValueError, TypeError):
+        raise BadRequest("invalid _cursor", expression="_cursor") from None
+
+
+# ---------------------------------------------------------------------- Binary
+def _is_fhir_body() -> bool:
+    """A Binary body is a FHIR resource only in a FHIR (or plain JSON) format; anything else is content."""
+    ctype = (request.content_type or "").split(";")[0].strip().lower()
+    return ctype.startswith("application/fhir+") or ctype == "application/json"
+
+
+def _security_context() -> dict:
+    ctx = request.headers.get("X-Security-Context")
+    return {"securityContext": {"reference": ctx}} if ctx else {}
+
+
+def _raw_stream():
+    cfg = backend().config
+    if request.content_length and request.content_length > cfg.max_attachment_bytes:
+        from ..errors import PayloadTooLarge
+        raise PayloadTooLarge(f"content larger than {cfg.max_attachment_bytes} bytes")
+    return request.stream
+
+
+def _wants_raw(binary: dict) -> bool:
+    """Binary read: the raw bytes unless the client asks for a FHIR format (R4 Binary, 'Serving')."""
+    if request.args.get("_format"):
+        return False
+    accept = request.headers.get("Accept", "")
+    if "fhir" in accept or accept.strip() in ("application/json", "application/xml"):
+        return False
+    return True
+
+
+def _raw_binary(stored) -> Response:
+    content = g.repo.binary_content(stored)
+    headers = version_headers(stored)
+    headers["X-Content-Type-Options"] = "nosniff"
+    return Response(stream_with_context(content), status=200,
+                    content_type=stored.resource.get("contentType") or "application/octet-stream",
+                    headers=headers)
+
+
+def _binary_with_data(stored) -> dict:
+    data = b"".join(g.repo.binary_content(stored))
+    return {**stored.resource, "data": base64.b64encode(data).decode("ascii")}

@@ -1,0 +1,325 @@
+"""Resource -> search index (``s``) and sort keys (``o``) of the stored document.
+
+Shape of ``s`` (only non-empty entries are stored, so ``:missing`` is
+``$exists``); ``_id`` is not indexed here, queries use the document ``_id``:
+
+* token      ``s[p] = [{"s": system?, "c": code?}, ...]`` and
+             ``s[p + ":text"] = [normalised display/text, ...]``
+  (Identifier -> system/value, Coding -> system/code, CodeableConcept -> each
+  coding, code/string -> code, boolean -> "true"/"false")
+* string     ``s[p] = [{"n": normalised, "v": as written}, ...]`` (HumanName
+  and Address give one entry per part, https://hl7.org/fhir/R4/search.html#string)
+* date       ``s[p] = [{"lo": datetime, "hi": datetime}, ...]`` half-open UTC
+  range from the value's precision; Period start/end (open end = DATE_MAX)
+* reference  ``s[p] = [{"r": "Type/id" | absolute url | urn, "t": Type, "i": id,
+  "is": identifier.system, "iv": identifier.value}, ...]``
+
+Shape of ``o``: for every parameter but ``_id``, ``o[p]`` is the ascending key
+(the minimum value) and ``o[p + "~d"]`` the descending key (the maximum);
+a missing element gets a sentinel of the same BSON type that sorts last in
+that direction (``values.STR_HIGH``/``DATE_MAX`` ascending,
+``STR_LOW``/``DATE_MIN`` descending). Date keys use the range low bound
+ascending and the high bound descending; HumanName sorts on "family given".
+"""
+from __future__ import annotations
+
+from .registry import PATIENT_COMPARTMENT, SUPPORTED, Path, SearchParam
+from .values import (DATE_MAX, DATE_MIN, ID_RE, STR_HIGH, STR_LOW, TYPE_RE, date_range,
+                     normalize)
+
+DESC = "~d"
+TEXT = ":text"
+
+
+def sort_key_name(param: str, direction: int) -> str:
+    """Field of ``o`` holding the sort key of ``param`` for ``direction``."""
+    return param if direction > 0 else param + DESC
+
+
+# --------------------------------------------------------------------------- walking
+
+def _walk(resource: dict, path: Path) -> list:
+    nodes = [resource]
+    for step in path.steps:
+        nxt = []
+        for node in nodes:
+            if isinstance(node, dict):
+                v = node.get(step)
+                if v is None:
+                    continue
+                if isinstance(v, list):
+                    nxt.extend(x for x in v if x is not None)
+                else:
+                    nxt.append(v)
+        nodes = nxt
+        if not nodes:
+            break
+    if path.resolve_is:
+        nodes = [n for n in nodes if isinstance(n, dict) and reference_type(n) == path.resolve_is]
+    return nodes
+
+
+def values_of(param: SearchParam, resource: dict, resource_type: str) -> list:
+    """The raw FHIR values selected by the parameter's expression."""
+    if param.evaluator is not None:  # pragma: no cover - fallback, see registry
+        return list(param.evaluator(resource))
+    if len(param.paths) == 1:
+        return _walk(resource, param.paths[0])
+    out = []
+    for path in param.paths:
+        out.extend(_walk(resource, path))
+    return out
+
+
+# --------------------------------------------------------------------------- references
+
+def parse_reference(ref: str, base_url: str | None = None) -> dict | None:
+    """Index form of a literal reference string: ``{"r", "t", "i"}``.
+
+    ``Type/id[/_history/v]`` -> relative; an absolute URL under ``base_url``
+    -> relative; another absolute URL ending in ``Type/id`` keeps the URL in
+    ``r`` with ``t``/``i`` set; ``urn:`` -> ``r`` only; ``#local`` -> None.
+    """
+    if not isinstance(ref, str) or not ref or ref.startswith("#"):
+        return None
+    if base_url and ref.startswith(base_url.rstrip("/") + "/"):
+        ref = ref[len(base_url.rstrip("/")) + 1:]
+    if ref.startswith("urn:"):
+        return {"r": ref}
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and TYPE_RE.match(parts[-2]) and ID_RE.match(parts[-1]):
+        rtype, rid = parts[-2], parts[-1]
+        if len(parts) == 2:
+            return {"r": f"{rtype}/{rid}", "t": rtype, "i": rid}
+        if "://" in ref:
+            return {"r": "/".join(parts), "t": rtype, "i": rid}
+    return {"r": ref}
+
+
+def reference_type(reference: dict) -> str | None:
+    """Target type of a Reference without resolving it (literal, then ``type``)."""
+    lit = reference.get("reference")
+    if isinstance(lit, str):
+        parsed = parse_reference(lit)
+        if parsed and parsed.get("t"):
+            return parsed["t"]
+    t = reference.get("type")
+    return t if isinstance(t, str) else None
+
+
+def _reference_entries(values: list, base_url: str | None) -> list[dict]:
+    out = []
+    for ref in values:
+        if not isinstance(ref, dict):
+            continue
+        entry = parse_reference(ref.get("reference"), base_url) or {}
+        if "t" not in entry and isinstance(ref.get("type"), str):
+            entry["t"] = ref["type"]
+        ident = ref.get("identifier")
+        if isinstance(ident, dict):
+            if isinstance(ident.get("system"), str):
+                entry["is"] = ident["system"]
+            if isinstance(ident.get("value"), str):
+                entry["iv"] = ident["value"]
+        if entry.get("r") or entry.get("iv") or entry.get("is"):
+            out.append(entry)
+    return out
+
+
+def _ref_sort(e: dict) -> str:
+    return e.get("r") or f"{e.get('is', '')}|{e.get('iv', '')}"
+
+
+# --------------------------------------------------------------------------- tokens
+
+def _token_entries(values: list) -> tuple[list[dict], list[str]]:
+    entries, texts = [], []
+
+    def coding(c: dict):
+        e = {}
+        if isinstance(c.get("system"), str):
+            e["s"] = c["system"]
+        if isinstance(c.get("code"), str):
+            e["c"] = c["code"]
+        if e:
+            entries.append(e)
+        if isinstance(c.get("display"), str):
+            texts.append(c["display"])
+
+    for v in values:
+        if isinstance(v, bool):
+            entries.append({"c": "true" if v else "false"})
+        elif isinstance(v, (str, int, float)):
+            entries.append({"c": str(v)})
+        elif isinstance(v, dict):
+            if "coding" in v or ("text" in v and "value" not in v and "code" not in v):
+                for c in v.get("coding") or ():
+                    if isinstance(c, dict):
+                        coding(c)
+                if isinstance(v.get("text"), str):
+                    texts.append(v["text"])
+            elif "code" in v:
+                coding(v)
+            elif "value" in v or "system" in v:  # Identifier (or ContactPoint)
+                e = {}
+                if isinstance(v.get("system"), str):
+                    e["s"] = v["system"]
+                if isinstance(v.get("value"), str):
+                    e["c"] = v["value"]
+                if e:
+                    entries.append(e)
+                typ = v.get("type")
+                if isinstance(typ, dict) and isinstance(typ.get("text"), str):
+                    texts.append(typ["text"])
+    return _dedupe(entries), _dedupe([normalize(t) for t in texts if t.strip()])
+
+
+# --------------------------------------------------------------------------- strings
+
+_NAME_PARTS = ("family", "given", "prefix", "suffix", "text")
+_ADDRESS_PARTS = ("line", "city", "district", "state", "postalCode", "country", "text")
+
+
+def _string_parts(v) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, dict):
+        out = []
+        keys = _NAME_PARTS if ("family" in v or "given" in v or "prefix" in v) else (
+            _ADDRESS_PARTS if ("line" in v or "city" in v or "postalCode" in v) else ("text",))
+        for k in keys:
+            x = v.get(k)
+            if isinstance(x, str):
+                out.append(x)
+            elif isinstance(x, list):
+                out.extend(s for s in x if isinstance(s, str))
+        return out
+    return []
+
+
+def _string_sort_values(values: list) -> list[str]:
+    out = []
+    for v in values:
+        if isinstance(v, dict) and ("family" in v or "given" in v):
+            parts = [v.get("family")] + list(v.get("given") or [])
+            s = normalize(" ".join(p for p in parts if isinstance(p, str)))
+        else:
+            s = " ".join(normalize(p) for p in _string_parts(v))
+        if s:
+            out.append(s)
+    return out
+
+
+# --------------------------------------------------------------------------- dates
+
+def _date_entries(values: list) -> list[dict]:
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            rng = date_range(v)
+            if rng:
+                out.append({"lo": rng[0], "hi": rng[1]})
+        elif isinstance(v, dict) and ("start" in v or "end" in v):  # Period
+            start = date_range(v["start"]) if v.get("start") else None
+            end = date_range(v["end"]) if v.get("end") else None
+            if (v.get("start") and not start) or (v.get("end") and not end):
+                continue
+            out.append({"lo": start[0] if start else DATE_MIN, "hi": end[1] if end else DATE_MAX})
+    return out
+
+
+# --------------------------------------------------------------------------- public
+
+def _dedupe(items: list) -> list:
+    seen, out = set(), []
+    for x in items:
+        key = tuple(sorted(x.items())) if isinstance(x, dict) else x
+        if key not in seen:
+            seen.add(key)
+            out.append(x)
+    return out
+
+
+def extract(resource_type: str, resource: dict, *, base_url: str | None = None) -> tuple[dict, dict]:
+    """(index, sort_keys) to store as ``s`` and ``o`` in the stored document.
+
+    Never raises on odd content: values that cannot be indexed are skipped
+    (validation is the profiles' job). ``base_url``, when given, turns absolute
+    references under it into relative ones. ``_lastUpdated`` is read from
+    ``meta.lastUpdated``, so storage sets it before calling this.
+    """
+    params = SUPPORTED.get(resource_type)
+    if params is None:
+        raise KeyError(f"unsupported resource type {resource_type}")
+    s: dict = {}
+    o: dict = {}
+    for name, param in params.items():
+        if name == "_id":
+            continue
+        values = values_of(param, resource, resource_type)
+        ptype = param.type
+        if ptype == "token":
+            entries, texts = _token_entries(values)
+            if entries:
+                s[name] = entries
+            if texts:
+                s[name + TEXT] = texts
+            keys = [e.get("c") or e.get("s") for e in entries]
+            lo, hi = STR_HIGH, STR_LOW
+        elif ptype == "string":
+            entries = _dedupe([{"n": normalize(p), "v": p}
+                               for v in values for p in _string_parts(v) if p.strip()])
+            if entries:
+                s[name] = entries
+            keys = _string_sort_values(values)
+            lo, hi = STR_HIGH, STR_LOW
+        elif ptype == "date":
+            entries = _date_entries(values)
+            if entries:
+                s[name] = entries
+            o[name] = min((e["lo"] for e in entries), default=DATE_MAX)
+            o[name + DESC] = max((e["hi"] for e in entries), default=DATE_MIN)
+            continue
+        elif ptype == "reference":
+            entries = _dedupe(_reference_entries(values, base_url))
+            if entries:
+                s[name] = entries
+            keys = [_ref_sort(e) for e in entries]
+            lo, hi = STR_HIGH, STR_LOW
+        else:  # pragma: no cover - registry only ships the four types above
+            continue
+        keys = [k for k in keys if k]
+        o[name] = min(keys) if keys else lo
+        o[name + DESC] = max(keys) if keys else hi
+    return s, o
+
+
+def patient_id_of(resource_type: str, resource: dict, *, base_url: str | None = None) -> str | None:
+    """Owning patient id (https://hl7.org/fhir/R4/compartmentdefinition-patient.html).
+
+    Patient -> its id; DocumentReference/Communication -> ``subject`` when it is
+    a Patient; Consent -> ``patient``; AuditEvent -> the first Patient in
+    ``entity.what`` then ``agent.who``; Binary and others -> None (storage sets
+    it). Only relative references (or absolute ones under ``base_url``) count:
+    a Patient on another server is not ours.
+    """
+    if resource_type == "Patient":
+        rid = resource.get("id")
+        return rid if isinstance(rid, str) else None
+    if resource_type not in PATIENT_COMPARTMENT:
+        return None
+    if resource_type in ("DocumentReference", "Communication"):
+        candidates = [resource.get("subject")]
+    elif resource_type == "Consent":
+        candidates = [resource.get("patient")]
+    else:  # AuditEvent
+        candidates = [e.get("what") for e in resource.get("entity") or () if isinstance(e, dict)]
+        candidates += [a.get("who") for a in resource.get("agent") or () if isinstance(a, dict)]
+    for ref in candidates:
+        if isinstance(ref, dict):
+            parsed = parse_reference(ref.get("reference"), base_url)
+            if parsed and parsed.get("t") == "Patient" and parsed["r"] == f"Patient/{parsed['i']}":
+                return parsed["i"]
+    return None

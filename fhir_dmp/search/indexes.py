@@ -1,0 +1,57 @@
+"""Index key lists that storage creates for each collection.
+
+Every index of a patient-compartment type starts with ``pid`` (shard key
+prefix, https://hl7.org/fhir/R4/compartmentdefinition-patient.html), then:
+
+* paging/sort indexes ``(o.<key>, _id)`` for ``_lastUpdated`` and the date
+  parameters, in both directions' keys (a B-tree serves its reverse order
+  too, so ``o.date~d: -1, _id: 1`` serves ``-date`` and its reverse);
+* one index per selective token/reference parameter on the value
+  (``s.<p>.c`` / ``s.<p>.r``). Skipped: ``patient``/``subject`` (the same as
+  ``pid`` inside a compartment) and small code sets (status, gender, ...),
+  for which the ``pid`` prefix already narrows enough; fewer indexes keep
+  writes cheap.
+
+Exception, documented: a Patient's ``pid`` is its own ``_id``, so a ``pid``
+prefix would make its indexes useless; Patient searches run across patients
+(the INS lookup ``Patient?identifier=system|NIR`` comes before any pid is
+known, CONTRACT.md "The DMP in FHIR terms"), so Patient indexes have no
+prefix. DocumentReference identifiers also get a global index
+(masterIdentifier uniqueness across the store).
+
+References given by identifier only (the médecin traitant, Consent actors,
+AuditEvent agents: idNatPs) are indexed on ``s.<p>.iv``.
+"""
+from __future__ import annotations
+
+from .extract import sort_key_name
+from .registry import SUPPORTED
+
+_UNSELECTIVE = frozenset({"patient", "subject", "status", "gender", "active", "action", "outcome",
+                          "contenttype", "format", "security-label", "purpose", "scope"})
+_BY_IDENTIFIER = frozenset({"general-practitioner", "actor", "agent"})
+_GLOBAL = {
+    "DocumentReference": [[("s.identifier.c", 1), ("s.identifier.s", 1)]],
+}
+
+
+def index_specs(resource_type: str) -> list[list[tuple[str, int]]]:
+    """Index key lists for ``resource_type`` (see module docstring)."""
+    params = SUPPORTED[resource_type]
+    prefix = [] if resource_type == "Patient" else [("pid", 1)]
+    specs: list[list[tuple[str, int]]] = []
+    for name, param in params.items():
+        if param.type == "date":
+            specs.append(prefix + [("o." + sort_key_name(name, -1), -1), ("_id", 1)])
+            specs.append(prefix + [("o." + sort_key_name(name, 1), 1), ("_id", 1)])
+    for name, param in params.items():
+        if name == "_id" or name in _UNSELECTIVE:
+            continue
+        if param.type == "token":
+            specs.append(prefix + [(f"s.{name}.c", 1), (f"s.{name}.s", 1)])
+        elif param.type == "reference":
+            specs.append(prefix + [(f"s.{name}.r", 1)])
+            if name in _BY_IDENTIFIER:
+                specs.append(prefix + [(f"s.{name}.iv", 1)])
+    specs += _GLOBAL.get(resource_type, [])
+    return specs

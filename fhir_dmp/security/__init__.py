@@ -1,0 +1,1 @@
+"""Security: authentication, the consent decision, break-glass, audit, crypto."""

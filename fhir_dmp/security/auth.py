@@ -1,0 +1,528 @@
+"""Authentication: bearer token -> verified claims -> :class:`Principal`.
+
+Contract (CONTRACT.md "Access tokens"):
+
+* JWT signed with RS256 or ES256 only (``alg: none``, HMAC and anything else
+  refused: RFC 8725 §3.1 and §3.2), key chosen by ``kid`` in the issuer's
+  JWKS; ``iss`` = ``config.expected_issuer``; ``aud`` contains
+  ``config.expected_audience``; ``exp`` required; ``exp``/``nbf``/``iat``
+  checked with 60 s leeway (RFC 7519 §4.1).
+* Failures raise :class:`Unauthorized` carrying ``WWW-Authenticate`` as in
+  RFC 6750 §3: ``Bearer`` alone with no token, ``error="invalid_request"``
+  for a malformed Authorization header, ``error="invalid_token"`` otherwise;
+  a PS or regulation-centre token without ``acr`` eidas1 gets
+  ``error="insufficient_user_authentication"`` with ``acr_values="eidas1"``
+  (RFC 9470 §3). When the issuer's keys cannot be obtained at all,
+  :class:`ServiceUnavailable` (503): the server cannot judge the token.
+* Keys: dev mode -> the dev public key only; else ``jwks_file`` (re-read when
+  it changes), ``jwks_url`` or the ``jwks_uri`` of the issuer's OpenID
+  discovery document (fetched, cached, re-fetched on an unknown ``kid`` at
+  most once every ``refetch_interval`` seconds, and after ``max_age``).
+* The token itself never appears in an error or a log line.
+
+All of it is thread-safe: one ``TokenVerifier`` serves all request threads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import requests
+from joserfc import jws, jwt
+from joserfc.errors import (BadSignatureError, ClaimError, ExpiredTokenError, JoseError,
+                            MissingClaimError)
+from joserfc.jwk import Key, KeySet
+from werkzeug.http import parse_list_header, parse_options_header
+
+from ..errors import ServiceUnavailable, Unauthorized
+from . import devkeys
+from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, PURPOSE_SYSTEM,
+                        REGULATION_CENTRE, TREAT, UNKNOWN, Principal)
+from .scopes import Scopes
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("RS256", "ES256")
+_KTY = {"RS256": "RSA", "ES256": "EC"}
+LEEWAY = 60
+MAX_TOKEN_CHARS = 16 * 1024
+REQUIRED_ACR = "eidas1"
+# https://hl7.org/fhir/R4/security-labels.html / http.html: the Category header
+SECURITY_SCHEME = "http://hl7.org/fhir/tag/security"
+BTG_TERM = f"{PURPOSE_SYSTEM}#BTG"
+_ACTREASON_SYSTEMS = (PURPOSE_SYSTEM, "urn:oid:2.16.840.1.113883.5.8")
+_PURPOSES = (TREAT, BTG, ETREAT)
+_FHIR_USER_PATIENT = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})$")
+_SAFE_ALG = re.compile(r"^[A-Za-z0-9+-]{1,16}$")
+_MAX_REASON = 1000
+
+
+class KeysUnavailable(Exception):
+    """No usable key set could be obtained from the configured source."""
+
+
+# --------------------------------------------------------------------------- errors
+
+def _quoted(text: str) -> str:
+    """error_description as RFC 6750 §3 allows it (%x20-21 / %x23-5B / %x5D-7E)."""
+    return "".join(c if (" " <= c <= "~" and c not in '"\\') else "'" if c == '"' else " "
+                   for c in text)
+
+
+def invalid_token(description: str) -> Unauthorized:
+    return Unauthorized(f"Invalid access token: {description}", headers={
+        "WWW-Authenticate": f'Bearer error="invalid_token", error_description="{_quoted(description)}"'})
+
+
+def _invalid_request(description: str) -> Unauthorized:
+    return Unauthorized(f"Invalid authorization request: {description}", headers={
+        "WWW-Authenticate": f'Bearer error="invalid_request", error_description="{_quoted(description)}"'})
+
+
+def _step_up(description: str) -> Unauthorized:
+    return Unauthorized(description, headers={
+        "WWW-Authenticate": (f'Bearer error="insufficient_user_authentication", '
+                             f'error_description="{_quoted(description)}", '
+                             f'acr_values="{REQUIRED_ACR}"')})
+
+
+# --------------------------------------------------------------------------- key sources
+
+def _pick(keys: KeySet | None, kid: str | None, alg: str) -> Key | None:
+    """The signing key for ``kid`` usable with ``alg`` (kty, ``use``, ``alg``
+    of the JWK must agree). A token without ``kid`` is accepted only when the
+    set holds a single key."""
+    if not keys:
+        return None
+    if kid is None:
+        candidates = list(keys)
+        if len(candidates) != 1:
+            return None
+    else:
+        candidates = [k for k in keys if k.kid == kid]
+    for k in candidates:
+        if (k.key_type == _KTY[alg] and k.get("use") in (None, "sig")
+                and k.get("alg") in (None, alg)):
+            return k
+    return None
+
+
+def _import_jwks(data) -> KeySet:
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("not a JWK Set (no 'keys' array)")
+    try:  # keys of an unknown kty are skipped (RFC 7517 §5); a broken key breaks the set
+        return KeySet.import_key_set({"keys": [k for k in data["keys"] if isinstance(k, dict)]})
+    except JoseError:
+        raise
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError("malformed JWK") from exc
+
+
+class StaticKeys:
+    """A fixed key set (dev mode)."""
+
+    def __init__(self, keys: KeySet):
+        self._keys = keys
+
+    def lookup(self, kid: str | None, alg: str) -> Key | None:
+        return _pick(self._keys, kid, alg)
+
+
+class FileKeys:
+    """A JWKS file, re-read whenever its (mtime, size, inode) changes.
+
+    A file that cannot be read or parsed keeps the previous key set (and is
+    tried again on the next lookup)."""
+
+    def __init__(self, path: Path):
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp = None
+        self._keys: KeySet | None = None
+
+    def lookup(self, kid: str | None, alg: str) -> Key | None:
+        return _pick(self._current(), kid, alg)
+
+    def _current(self) -> KeySet:
+        try:
+            st = os.stat(self._path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == self._stamp:
+            return self._keys
+        with self._lock:
+            if stamp is not None and stamp != self._stamp:
+                try:
+                    keys = _import_jwks(json.loads(self._path.read_text(encoding="utf-8")))
+                except (OSError, ValueError, JoseError) as exc:
+                    log.warning("cannot load JWKS file %s: %s", self._path, type(exc).__name__)
+                else:
+                    self._keys, self._stamp = keys, stamp
+            if self._keys is None:
+                raise KeysUnavailable(f"JWKS file {self._path} is missing or unreadable")
+            return self._keys
+
+
+class UrlKeys:
+    """A JWKS fetched over HTTP(S) and cached.
+
+    ``resolve_url`` gives the JWKS URL (may itself fetch a discovery
+    document). The set is fetched on first use and after ``max_age``
+    seconds; a ``kid`` not in the cached set triggers a new fetch, at most
+    once every ``refetch_interval`` seconds (attempts, failed or not, count).
+    A failed fetch keeps the previous set.
+    """
+
+    def __init__(self, resolve_url: Callable[[requests.Session], str], *,
+                 refetch_interval: float = 5.0, max_age: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic, timeout: float = 5.0):
+        self._resolve_url = resolve_url
+        self._interval = refetch_interval
+        self._max_age = max_age
+        self._clock = clock
+        self._timeout = timeout
+        self._session = requests.Session()
+        self._lock = threading.Lock()
+        self._keys: KeySet | None = None
+        self._attempt_at: float | None = None
+        self._loaded_at: float | None = None
+        self.fetches = 0  # number of JWKS fetch attempts (observability)
+
+    def lookup(self, kid: str | None, alg: str) -> Key | None:
+        keys = self._keys
+        now = self._clock()
+        if keys is None or now - self._loaded_at >= self._max_age:
+            keys = self._refresh()
+        key = _pick(keys, kid, alg)
+        if key is None:
+            keys = self._refresh()
+            key = _pick(keys, kid, alg)
+        return key
+
+    def _refresh(self) -> KeySet:
+        with self._lock:
+            now = self._clock()
+            if self._attempt_at is None or now - self._attempt_at >= self._interval:
+                self._attempt_at = now
+                self.fetches += 1
+                try:
+                    url = self._resolve_url(self._session)
+                    resp = self._session.get(url, timeout=self._timeout,
+                                             headers={"Accept": "application/json"})
+                    resp.raise_for_status()
+                    keys = _import_jwks(resp.json())
+                    self._loaded_at = now   # before _keys: lock-free readers rely on it
+                    self._keys = keys
+                except (requests.RequestException, ValueError, JoseError) as exc:
+                    log.warning("cannot fetch the issuer JWKS: %s", type(exc).__name__)
+            if self._keys is None:
+                raise KeysUnavailable("the issuer's JWKS cannot be fetched")
+            return self._keys
+
+
+def _discovery_resolver(issuer: str, timeout: float = 5.0) -> Callable[[requests.Session], str]:
+    """``jwks_uri`` from ``{issuer}/.well-known/openid-configuration``
+    (OpenID Connect Discovery 1.0 §4), cached once found."""
+    found: list[str] = []
+
+    def resolve(session: requests.Session) -> str:
+        if found:
+            return found[0]
+        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        resp = session.get(url, timeout=timeout, headers={"Accept": "application/json"})
+        resp.raise_for_status()
+        doc = resp.json()
+        if not isinstance(doc, dict) or not isinstance(doc.get("jwks_uri"), str):
+            raise ValueError("discovery document has no jwks_uri")
+        # §4.3: the issuer in the document must be the one asked for
+        if str(doc.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
+            raise ValueError("discovery document issuer mismatch")
+        found.append(doc["jwks_uri"])
+        return doc["jwks_uri"]
+
+    return resolve
+
+
+# --------------------------------------------------------------------------- verifier
+
+class TokenVerifier:
+    """Verifies access tokens and builds Principals (see module docstring).
+
+    ``refetch_interval``, ``max_age`` and ``clock`` tune the JWKS URL cache.
+    """
+
+    def __init__(self, config, *, refetch_interval: float = 5.0, max_age: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.issuer = config.expected_issuer
+        self.audience = config.expected_audience
+        if config.dev_mode:
+            self.keys = StaticKeys(KeySet([devkeys.dev_public_key(config)]))
+        elif config.jwks_file:
+            self.keys = FileKeys(config.jwks_file)
+        else:
+            resolver = ((lambda _session: config.jwks_url) if config.jwks_url
+                        else _discovery_resolver(config.issuer))
+            self.keys = UrlKeys(resolver, refetch_interval=refetch_interval,
+                                max_age=max_age, clock=clock)
+
+    # -- token -> claims
+    def verify(self, token: str) -> dict:
+        """Verify signature and registered claims; return the claims.
+
+        Raises Unauthorized (invalid_token) or ServiceUnavailable (no keys)."""
+        if not isinstance(token, str) or not token.strip():
+            raise invalid_token("empty token")
+        token = token.strip()
+        if len(token) > MAX_TOKEN_CHARS:
+            raise invalid_token("token too large")
+        try:
+            header = jws.extract_compact(token.encode("utf-8")).headers()
+        except (JoseError, ValueError, TypeError, KeyError, UnicodeError):
+            raise invalid_token("malformed token (not a JWS compact serialization)") from None
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            shown = alg if isinstance(alg, str) and _SAFE_ALG.match(alg) else "?"
+            raise invalid_token(f"signing algorithm {shown} not accepted (RS256, ES256 only)")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise invalid_token("kid must be a string")
+        try:
+            key = self.keys.lookup(kid, alg)
+        except KeysUnavailable as exc:
+            log.error("token verification impossible: %s", exc)
+            raise ServiceUnavailable("The identity provider's keys are unavailable; try again later") from None
+        if key is None:
+            raise invalid_token("no key of the issuer matches the token's kid" if kid
+                                else "token has no kid and the issuer has several keys")
+        try:
+            claims = jwt.decode(token, key, algorithms=[alg]).claims
+        except BadSignatureError:
+            raise invalid_token("signature verification failed") from None
+        except (JoseError, ValueError, TypeError):
+            raise invalid_token("malformed token") from None
+        registry = jwt.JWTClaimsRegistry(
+            leeway=LEEWAY,
+            iss={"essential": True, "value": self.issuer},
+            aud={"essential": True, "value": self.audience},
+            exp={"essential": True},
+        )
+        try:
+            registry.validate(claims)
+        except ExpiredTokenError:
+            raise invalid_token("token expired") from None
+        except MissingClaimError as exc:
+            raise invalid_token(f"missing claim {exc.claim}") from None
+        except ClaimError as exc:
+            what = {"iss": "issuer not trusted", "aud": "audience is not this server",
+                    "nbf": "token not yet valid", "iat": "token issued in the future"}
+            raise invalid_token(what.get(exc.claim, f"invalid claim {exc.claim}")) from None
+        return claims
+
+    # -- Authorization header -> Principal
+    def authenticate(self, authorization: str | None, headers: Mapping[str, str] | None = None) -> Principal:
+        """Parse ``Authorization: Bearer <token>`` (RFC 6750 §2.1), verify the
+        token and build the Principal, honouring the request's break-glass
+        ``Category`` and ``X-Break-Glass-Reason`` headers."""
+        if authorization is None or not authorization.strip():
+            raise Unauthorized("Authentication required: no access token",
+                               headers={"WWW-Authenticate": "Bearer"})
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer":
+            raise _invalid_request("the Authorization scheme must be Bearer")
+        if not token or any(c.isspace() for c in token):
+            raise _invalid_request("malformed Bearer credentials")
+        claims = self.verify(token)
+        return principal_from_claims(claims, headers or {})
+
+
+# --------------------------------------------------------------------------- claims -> Principal
+
+def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None) -> Principal:
+    """Build the Principal of verified ``claims`` (CONTRACT.md "Access tokens").
+
+    Kind: ``dmp_role`` admin / regulation_centre / legal_representative
+    (another value -> UNKNOWN); else ``fhirUser`` ``Patient/{id}`` -> PATIENT;
+    else ``SubjectNameID`` -> PS; else UNKNOWN. Raises Unauthorized for
+    inconsistent claims and the RFC 9470 step-up for PS / regulation centre
+    without ``acr`` eidas1.
+    """
+    headers = headers or {}
+    role = claims.get("dmp_role")
+    patient_id = _patient_of(claims.get("fhirUser"))
+    id_nat_ps = _str(claims.get("SubjectNameID"))
+    professions = _professions(claims.get("SubjectRole"))
+
+    if role is not None:
+        if role == ADMIN:
+            kind = ADMIN
+        elif role == REGULATION_CENTRE:
+            kind = REGULATION_CENTRE
+            if not id_nat_ps:
+                raise invalid_token("a regulation_centre token needs SubjectNameID")
+        elif role == LEGAL_REPRESENTATIVE:
+            kind = LEGAL_REPRESENTATIVE
+            if not patient_id:
+                raise invalid_token("a legal_representative token needs fhirUser Patient/{id}")
+        else:
+            kind = UNKNOWN
+    elif patient_id:
+        kind = PATIENT
+    elif id_nat_ps:
+        kind = PS
+    else:
+        kind = UNKNOWN
+
+    raw_scope = claims.get("scope") if claims.get("scope") is not None else claims.get("scp")
+    if raw_scope is not None and not isinstance(raw_scope, (str, list)):
+        raise invalid_token("scope must be a string (or a list of strings)")
+    scopes = Scopes.parse(raw_scope)
+
+    acr = _str(claims.get("acr"))
+    if kind in (PS, REGULATION_CENTRE) and acr != REQUIRED_ACR:
+        raise _step_up("two-factor authentication (acr eidas1) is required for health professionals")
+
+    purpose = _purpose_from_claims(claims)
+    claim_reason = _reason(claims.get("btg_reason"))
+    header_reason = _reason(_header_text(headers, "X-Break-Glass-Reason"))
+    if _category_requests_btg(headers):
+        purpose = BTG
+
+    name = _str(claims.get("name"))
+    if not name:
+        name = " ".join(p for p in (_str(claims.get("given_name")), _str(claims.get("family_name"))) if p) or None
+
+    professional = kind in (PS, REGULATION_CENTRE)
+    owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
+    subject = _str(claims.get("sub")) or (id_nat_ps if professional else None) \
+        or (f"Patient/{patient_id}" if owner else None) or "unknown"
+    return Principal(
+        kind=kind,
+        subject=subject,
+        scopes=scopes,
+        patient_id=patient_id if owner else None,
+        id_nat_ps=id_nat_ps if professional else None,
+        professions=professions if professional else (),
+        acr=acr,
+        organization=_str(claims.get("organization")),
+        purpose=purpose,
+        btg_reason=header_reason or claim_reason,
+        client_id=_str(claims.get("client_id")) or _str(claims.get("azp")),
+        name=name,
+        claims=dict(claims),
+    )
+
+
+def _str(value) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _patient_of(fhir_user) -> str | None:
+    """``Patient/{id}`` (relative or absolute URL) -> id."""
+    value = _str(fhir_user)
+    if not value:
+        return None
+    m = _FHIR_USER_PATIENT.search(value)
+    return m.group(1) if m else None
+
+
+def _professions(value) -> tuple[str, ...]:
+    """SubjectRole: a list (or one string) of TRE_G15 codes, maybe ``code^oid``."""
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    codes = []
+    for item in items:
+        code = _str(item.split("^", 1)[0]) if isinstance(item, str) else None
+        if code and code not in codes:
+            codes.append(code)
+    return tuple(codes)
+
+
+def _purpose_code(value) -> str | None:
+    """A purpose of use given as a code, a Coding, a CodeableConcept or a list."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        code = value.strip()
+        for sep in ("#", "|"):
+            if sep in code:
+                system, code = code.rsplit(sep, 1)
+                if system not in _ACTREASON_SYSTEMS:
+                    raise invalid_token("purpose_of_use must be from v3-ActReason")
+    elif isinstance(value, dict):
+        if "coding" in value:
+            return _purpose_code(value.get("coding"))
+        system, code = value.get("system"), value.get("code")
+        if system is not None and system not in _ACTREASON_SYSTEMS:
+            raise invalid_token("purpose_of_use must be from v3-ActReason")
+        if not isinstance(code, str):
+            raise invalid_token("purpose_of_use has no code")
+    elif isinstance(value, list):
+        codes = {c for c in map(_purpose_code, value) if c}
+        if len(codes) > 1:
+            raise invalid_token("conflicting purpose_of_use values")
+        return codes.pop() if codes else None
+    else:
+        raise invalid_token("purpose_of_use has an unexpected type")
+    if code not in _PURPOSES:
+        raise invalid_token("purpose_of_use must be TREAT, BTG or ETREAT")
+    return code
+
+
+def _purpose_from_claims(claims: dict) -> str:
+    direct = _purpose_code(claims.get("purpose_of_use"))
+    ext = claims.get("extensions")
+    iua = ext.get("ihe_iua") if isinstance(ext, dict) else None
+    via_iua = _purpose_code(iua.get("purpose_of_use")) if isinstance(iua, dict) else None
+    if direct and via_iua and direct != via_iua:
+        raise invalid_token("purpose_of_use and extensions.ihe_iua.purpose_of_use disagree")
+    return direct or via_iua or TREAT
+
+
+def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    getlist = getattr(headers, "getlist", None)
+    if callable(getlist):
+        return [v for v in getlist(name) if v]
+    lname = name.lower()
+    return [v for k, v in headers.items() if isinstance(k, str) and k.lower() == lname and v]
+
+
+def _header_text(headers: Mapping[str, str], name: str) -> str | None:
+    values = _header_values(headers, name)
+    if not values:
+        return None
+    text = values[0]
+    try:  # WSGI hands header bytes over as latin-1; clients send UTF-8
+        text = text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        pass
+    return text
+
+
+def _reason(value) -> str | None:
+    text = _str(value)
+    if not text:
+        return None
+    text = "".join(c if c.isprintable() else " " for c in text).strip()
+    return text[:_MAX_REASON] or None
+
+
+def _category_requests_btg(headers: Mapping[str, str]) -> bool:
+    """True when a ``Category`` header carries the v3-ActReason BTG term in
+    the FHIR security scheme (https://hl7.org/fhir/R4/security-labels.html
+    "break the glass": ``Category: term; scheme="..."; label="..."``)."""
+    for raw in _header_values(headers, "Category"):
+        for item in parse_list_header(raw):
+            term, params = parse_options_header(item)
+            if term == BTG_TERM and params.get("scheme") == SECURITY_SCHEME:
+                return True
+    return False

@@ -1,0 +1,253 @@
+"""Versioned resource storage on MongoDB (pymongo only).
+
+Knows nothing of HTTP, tokens or consent: the guarded repository
+(``repository.py``) is its only caller for resource data.
+
+Layout (one collection per type, history in ``<Type>_history``)::
+
+    {"_id": id, "pid": owning patient id, "vid": int, "lu": datetime,
+     "del": bool, "res": resource JSON, "s": search index, "o": sort keys}
+
+``pid`` starts every index so a patient's record can live on one shard.
+Optimistic concurrency is enforced by the database: an update matches
+``{"_id": id, "vid": expected}`` and the history insert has a unique
+``_id`` ``"id/vid"``, so of two racing writers with the same ``If-Match``
+exactly one wins. Multi-document writes run in a transaction.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pymongo
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+
+from . import search
+
+log = logging.getLogger(__name__)
+
+RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+
+
+class VersionConflict(Exception):
+    """The stored version is not the one the writer expected."""
+
+    def __init__(self, current_vid: int | None):
+        super().__init__(f"current version is {current_vid}")
+        self.current_vid = current_vid
+
+
+@dataclass
+class Stored:
+    """One stored version of a resource."""
+
+    resource_type: str
+    id: str
+    vid: int
+    lu: datetime
+    pid: str | None
+    deleted: bool
+    resource: dict | None
+
+    @classmethod
+    def from_doc(cls, resource_type: str, doc: dict) -> "Stored":
+        return cls(resource_type, doc.get("rid", doc["_id"]), doc["vid"], doc["lu"], doc.get("pid"),
+                   bool(doc.get("del")), doc.get("res"))
+
+    @property
+    def ref(self) -> str:
+        return f"{self.resource_type}/{self.id}"
+
+
+def now() -> datetime:
+    """UTC now at millisecond precision (what MongoDB keeps)."""
+    t = datetime.now(timezone.utc)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+def instant(t: datetime) -> str:
+    """FHIR instant for a stored datetime."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Storage:
+    """CRUD, history and search on the versioned collections."""
+
+    def __init__(self, client: pymongo.MongoClient, db):
+        self.client = client
+        self.db = db
+
+    # -- setup -------------------------------------------------------------
+    def ensure_indexes(self) -> None:
+        for rtype in RESOURCE_TYPES:
+            coll = self.db[rtype]
+            wanted = [[("pid", 1), ("lu", -1)], *[list(k) for k in search.index_specs(rtype)]]
+            wanted += EXTRA_INDEXES.get(rtype, [])
+            for keys in wanted:
+                _index(coll, keys)
+            hist = self.db[f"{rtype}_history"]
+            for keys in ([("rid", 1), ("vid", -1)], [("lu", -1), ("_id", 1)], [("pid", 1), ("lu", -1)]):
+                _index(hist, keys)
+        _index(self.db["btg_grants"], [("pid", 1), ("ps", 1), ("expires", -1)])
+        _index(self.db["btg_grants"], [("reviewed", 1), ("created", -1)])
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A session with a transaction; commits on success, aborts on error."""
+        with self.client.start_session() as session:
+            with session.start_transaction():
+                yield session
+
+    # -- reads -------------------------------------------------------------
+    def read(self, rtype: str, rid: str, *, session=None) -> Stored | None:
+        doc = self.db[rtype].find_one({"_id": rid}, session=session)
+        return Stored.from_doc(rtype, doc) if doc else None
+
+    def read_many(self, rtype: str, ids: list[str]) -> list[Stored]:
+        if not ids:
+            return []
+        docs = self.db[rtype].find({"_id": {"$in": list(ids)}, "del": False})
+        return [Stored.from_doc(rtype, d) for d in docs]
+
+    def vread(self, rtype: str, rid: str, vid: int) -> Stored | None:
+        doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"})
+        return Stored.from_doc(rtype, doc) if doc else None
+
+    def history(self, rtype: str, rid: str | None, *, pid_filter: dict | None = None,
+                since: datetime | None = None, before: datetime | None = None,
+                after_key: tuple | None = None, limit: int = 50) -> list[Stored]:
+        """Versions newest first; keyset paging on (lu desc, _id asc)."""
+        flt: dict = {}
+        if rid is not None:
+            flt["rid"] = rid
+        if pid_filter:
+            flt.update(pid_filter)
+        if since or before:
+            flt["lu"] = {}
+            if since:
+                flt["lu"]["$gte"] = since
+            if before:
+                flt["lu"]["$lt"] = before
+        if after_key:
+            lu, key = after_key
+            flt = {"$and": [flt, {"$or": [{"lu": {"$lt": lu}}, {"lu": lu, "_id": {"$gt": key}}]}]}
+        docs = self.db[f"{rtype}_history"].find(flt).sort([("lu", -1), ("_id", 1)]).limit(limit)
+        return [Stored.from_doc(rtype, d) for d in docs]
+
+    def count_history(self, rtype: str, rid: str | None, pid_filter: dict | None = None) -> int:
+        flt: dict = {} if rid is None else {"rid": rid}
+        if pid_filter:
+            flt.update(pid_filter)
+        return self.db[f"{rtype}_history"].count_documents(flt)
+
+    def find(self, rtype: str, flt: dict, sort: list, limit: int) -> list[Stored]:
+        cursor = self.db[rtype].find({"$and": [flt, {"del": False}]})
+        if sort:
+            cursor = cursor.sort(sort)
+        if limit:
+            cursor = cursor.limit(limit)
+        return [Stored.from_doc(rtype, d) for d in cursor]
+
+    def count(self, rtype: str, flt: dict) -> int:
+        return self.db[rtype].count_documents({"$and": [flt, {"del": False}]})
+
+    def ids_with_raw(self, rtype: str, flt: dict, projection: dict) -> list[dict]:
+        """Raw projected documents (for the decision's context loading)."""
+        return list(self.db[rtype].find(flt, projection))
+
+    # -- writes ------------------------------------------------------------
+    def _docs(self, rtype: str, rid: str, vid: int, pid: str | None, resource: dict | None,
+              deleted: bool, lu: datetime) -> tuple[dict, dict]:
+        if resource is not None:
+            index, order = search.extract(rtype, resource)
+        else:
+            index, order = {}, {}
+        current = {"_id": rid, "pid": pid, "vid": vid, "lu": lu, "del": deleted,
+                   "res": resource, "s": index, "o": order}
+        hist = {"_id": f"{rid}/{vid}", "rid": rid, "pid": pid, "vid": vid, "lu": lu,
+                "del": deleted, "res": resource}
+        return current, hist
+
+    @staticmethod
+    def stamp(resource: dict, rid: str, vid: int, lu: datetime) -> dict:
+        resource = dict(resource)
+        resource["id"] = rid
+        meta = dict(resource.get("meta") or {})
+        meta["versionId"] = str(vid)
+        meta["lastUpdated"] = instant(lu)
+        resource["meta"] = meta
+        return resource
+
+    def create(self, rtype: str, resource: dict, *, pid: str | None, rid: str | None = None,
+               session) -> Stored:
+        """Insert version 1. Raises VersionConflict if the id exists."""
+        rid = rid or new_id()
+        lu = now()
+        resource = self.stamp(resource, rid, 1, lu)
+        if rtype == "Patient":
+            pid = rid
+        current, hist = self._docs(rtype, rid, 1, pid, resource, False, lu)
+        try:
+            self.db[rtype].insert_one(current, session=session)
+            self.db[f"{rtype}_history"].insert_one(hist, session=session)
+        except DuplicateKeyError:
+            raise VersionConflict(None) from None
+        return Stored(rtype, rid, 1, lu, pid, False, resource)
+
+    def update(self, rtype: str, rid: str, resource: dict | None, *, pid: str | None,
+               expected_vid: int, session, deleted: bool = False) -> Stored:
+        """Write version expected_vid+1 (or a delete marker when ``deleted``)."""
+        vid = expected_vid + 1
+        lu = now()
+        if resource is not None:
+            resource = self.stamp(resource, rid, vid, lu)
+        current, hist = self._docs(rtype, rid, vid, pid, resource, deleted, lu)
+        if deleted:
+            # keep the last content searchable by nobody; the history keeps the versions
+            current["res"], current["s"], current["o"] = None, {}, {}
+        res = self.db[rtype].find_one_and_update(
+            {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
+            session=session, return_document=ReturnDocument.AFTER, projection={"_id": 1})
+        if res is None:
+            cur = self.db[rtype].find_one({"_id": rid}, {"vid": 1}, session=session)
+            raise VersionConflict(cur["vid"] if cur else None)
+        try:
+            self.db[f"{rtype}_history"].insert_one(hist, session=session)
+        except DuplicateKeyError:
+            raise VersionConflict(vid) from None
+        return Stored(rtype, rid, vid, lu, pid, deleted, resource)
+
+
+# fields the access decision queries directly (CONTRACT.md: actor identifier, médecin traitant)
+EXTRA_INDEXES = {
+    "Consent": [[("res.provision.actor.reference.identifier.value", 1), ("res.status", 1)],
+                [("pid", 1), ("res.status", 1)]],
+    "Patient": [[("res.generalPractitioner.identifier.value", 1)]],
+}
+
+
+def _index(coll, keys) -> None:
+    """Create an index unless the same keys already exist (under another module's name)."""
+    try:
+        coll.create_index(keys)
+    except OperationFailure as exc:
+        if exc.code not in (85, 86):   # IndexOptionsConflict / IndexKeySpecsConflict: already there
+            raise
+
+
+def is_write_conflict(exc: PyMongoError) -> bool:
+    """A transaction lost a race (TransientTransactionError / WriteConflict)."""
+    if isinstance(exc, OperationFailure):
+        labels = getattr(exc, "_error_labels", None) or set()
+        return exc.code == 112 or "TransientTransactionError" in labels
+    return False

@@ -1,0 +1,98 @@
+"""Builders of valid DMP resources for tests (INS with a correct key, DMP labels, Consents)."""
+from __future__ import annotations
+
+import base64
+import itertools
+
+NIR = "urn:oid:1.2.250.1.213.1.4.8"
+IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
+LABELS = "urn:oid:1.2.250.1.213.1.1.4.13"
+LOINC = "http://loinc.org"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+RELIABILITY = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability"
+STATUS_CS = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-identity-status"
+
+PS_DR = "810000000001"        # médecin
+PS_OTHER = "810000000002"     # another médecin
+PS_PHARMA = "810000000003"    # pharmacien
+PS_KINE = "810000000004"      # masseur-kinésithérapeute
+PS_SAMU = "810000000015"      # médecin régulateur
+
+CONSULTATION, DISCHARGE, LAB, IMAGING, PRESCRIPTION = "11488-4", "11490-0", "11502-2", "18748-4", "57833-6"
+
+_serial = itertools.count(1)
+
+
+def nir(body13: str | None = None) -> str:
+    """A valid NIR: body + key = 97 - (body mod 97) (Corsica 2A -> 19, 2B -> 18)."""
+    if body13 is None:
+        body13 = f"1850375{next(_serial):06d}"
+    number = int(body13.replace("2A", "19").replace("2B", "18"))
+    return f"{body13}{97 - number % 97:02d}"
+
+
+def patient(ins: str | None = None, *, status: str = "VALI", gp: str | None = None, email: str | None = None,
+            phone: str | None = None, active: bool = True, family: str = "Martin", given: str = "Claire") -> dict:
+    res = {"resourceType": "Patient", "active": active,
+           "name": [{"family": family, "given": [given]}], "gender": "female", "birthDate": "1985-03-12"}
+    if ins is not False:
+        res["identifier"] = [{"system": NIR, "value": ins or nir()}]
+    if status:
+        res["extension"] = [{"url": RELIABILITY, "extension": [{
+            "url": "identityStatus", "valueCoding": {"system": STATUS_CS, "code": status}}]}]
+    if gp:
+        res["generalPractitioner"] = [{"identifier": {"system": IDNATPS, "value": gp}}]
+    telecom = []
+    if email:
+        telecom.append({"system": "email", "value": email})
+    if phone:
+        telecom.append({"system": "phone", "value": phone, "use": "mobile"})
+    if telecom:
+        res["telecom"] = telecom
+    return res
+
+
+def pdf_bytes(text: str = "Compte rendu") -> bytes:
+    from io import BytesIO
+    from pypdf import PdfWriter
+    w = PdfWriter()
+    w.add_blank_page(width=200, height=200)
+    w.add_metadata({"/Title": text})
+    out = BytesIO()
+    w.write(out)
+    return out.getvalue()
+
+
+def docref(pid: str, type_code: str = CONSULTATION, *, labels=(), content: bytes | None = None,
+           content_type: str = "application/pdf", author: str | None = None) -> dict:
+    res = {"resourceType": "DocumentReference", "status": "current",
+           "type": {"coding": [{"system": LOINC, "code": type_code}]},
+           "subject": {"reference": f"Patient/{pid}"}, "date": "2026-11-20T10:00:00+01:00",
+           "content": [{"attachment": {"contentType": content_type,
+                                       "data": base64.b64encode(content if content is not None
+                                                                else pdf_bytes()).decode()}}]}
+    if labels:
+        res["securityLabel"] = [{"coding": [{"system": LABELS, "code": code}]} for code in labels]
+    if author:
+        res["author"] = [{"identifier": {"system": IDNATPS, "value": author}}]
+    return res
+
+
+def consent(pid: str, ptype: str = "permit", *, actor: str | None = None, purpose: str = "TREAT",
+            verified: bool | None = None, status: str = "active") -> dict:
+    prov = {"type": ptype, "purpose": [{"system": ACT_REASON, "code": purpose}]}
+    if actor:
+        prov["actor"] = [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                               "code": "PRCP"}]},
+                          "reference": {"identifier": {"system": IDNATPS, "value": actor}}}]
+    res = {"resourceType": "Consent", "status": status,
+           "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                 "code": "patient-privacy"}]},
+           "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+           "patient": {"reference": f"Patient/{pid}"},
+           "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                      "code": "OPTIN" if ptype == "permit" else "OPTOUT"}]},
+           "provision": prov}
+    if verified is not None:
+        res["verification"] = [{"verified": verified}]
+    return res

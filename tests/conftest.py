@@ -1,0 +1,63 @@
+"""Shared fixtures: one real SecantusDB per session, a database per test, a real IdP.
+
+Nothing is mocked: the server under test talks MongoDB wire protocol to the
+embedded SecantusDB child process and checks RS256/ES256 tokens against the
+JWKS file written by ``tests/idp.py``.
+"""
+from __future__ import annotations
+
+import uuid
+
+import pymongo
+import pytest
+
+from fhir_dmp.config import Config
+from fhir_dmp.embedded_db import EmbeddedMongo
+from tests.api import Api
+from tests.idp import TestIdP
+
+BASE = "https://dmp.test/fhir"
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory):
+    server = EmbeddedMongo(tmp_path_factory.mktemp("secantus"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_client(mongo_server):
+    client = pymongo.MongoClient(mongo_server.uri, tz_aware=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def db(mongo_client):
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield mongo_client[name]
+    mongo_client.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def idp(tmp_path_factory):
+    return TestIdP(tmp_path_factory.mktemp("idp"), audience=BASE)
+
+
+@pytest.fixture
+def config(tmp_path, mongo_server, db, idp):
+    return Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=tmp_path, base_url=BASE,
+                  notifications_worker=False, **idp.config_kwargs())
+
+
+@pytest.fixture
+def app(config, mongo_client, db):
+    from fhir_dmp.app import create_app
+    return create_app(config, client=mongo_client, db=db)
+
+
+@pytest.fixture
+def api(app, idp):
+    return Api(app, idp)

@@ -1,0 +1,351 @@
+"""The audit journal: BALP event shapes, durable append, hash chain, verifier.
+
+Runs against a real SecantusDB started for this module (no mocks).
+"""
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from datetime import datetime, timezone
+
+import pymongo
+import pytest
+from fhir.resources.R4B.auditevent import AuditEvent
+from pymongo import monitoring
+
+from fhir_dmp.security.audit import (COLLECTION, HEADS, AccessRecord, AuditLog, build_event,
+                                     chain_hash, mark_retention, verify_chains)
+from fhir_dmp.security.principal import (BTG, ETREAT, PATIENT, PS, REGULATION_CENTRE, Principal)
+from fhir_dmp.security.scopes import Scopes
+
+
+# --- a real database for this module ------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if shutil.which("secantusd-py") is None:
+        pytest.skip("secantusd-py not installed")
+    port = _free_port()
+    path = tmp_path_factory.mktemp("secantus")
+    logf = open(path.parent / f"secantus-{port}.log", "wb")
+    proc = subprocess.Popen(["secantusd-py", "--host", "127.0.0.1", "--port", str(port),
+                             "--storage-path", str(path), "--sync-on-commit"],
+                            stdout=logf, stderr=subprocess.STDOUT)
+    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=300)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.admin.command("ping")
+            break
+        except pymongo.errors.PyMongoError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("SecantusDB did not start")
+            time.sleep(0.1)
+    yield uri, client
+    client.close()
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    logf.close()
+
+
+@pytest.fixture
+def db(server, request):
+    _, client = server
+    name = "audit_" + request.node.name.replace("[", "_").replace("]", "")[:40]
+    client.drop_database(name)
+    return client[name]
+
+
+# --- principals -------------------------------------------------------------------
+
+def ps(purpose="TREAT", reason=None, kind=PS, profession="10"):
+    return Principal(kind=kind, subject="ps-sub", scopes=Scopes.parse("user/*.cruds"),
+                     id_nat_ps="810001234567", professions=(profession,), acr="eidas1",
+                     purpose=purpose, btg_reason=reason, client_id="lgc-app", name="Dr Marie Curie")
+
+
+def patient(pid="p1"):
+    return Principal(kind=PATIENT, subject="pat-sub", scopes=Scopes.parse("patient/*.rs"),
+                     patient_id=pid, client_id="mes-app")
+
+
+def record(**kw):
+    base = dict(interaction="read", action="R", outcome="0", principal=ps(), patient_id="p1",
+                resource="DocumentReference/d1/_history/1", query=None,
+                decision={"result": "permit", "rule": "consent", "reason": "autorisé par le patient",
+                          "consents": [["Consent/c1", "2"]]},
+                http_status=200, client_ip="10.0.0.7", request_id="req-1")
+    base.update(kw)
+    return AccessRecord(**base)
+
+
+def ev(**kw):
+    return build_event(record(**kw), source_observer="fhir-dmp test")
+
+
+# --- shapes -------------------------------------------------------------------------
+
+def _validate(event: dict) -> AuditEvent:
+    return AuditEvent.model_validate(event) if hasattr(AuditEvent, "model_validate") \
+        else AuditEvent.parse_obj(event)
+
+
+def test_ps_read_shape():
+    e = ev()
+    _validate(e)
+    assert e["type"]["code"] == "rest" and e["subtype"][0]["code"] == "read"
+    user, app = e["agent"]
+    assert user["who"]["identifier"] == {"system": "urn:oid:1.2.250.1.71.4.2.1", "value": "810001234567"}
+    assert user["requestor"] is True and app["requestor"] is False
+    assert {"system": "https://mos.esante.gouv.fr/NOS/TRE_G15-ProfessionSante", "code": "10",
+            "display": "Médecin"} in [c for r in user["role"] for c in r["coding"]]
+    assert user["purposeOfUse"][0]["coding"][0]["code"] == "TREAT"
+    assert user["policy"] == ["https://mos.esante.gouv.fr/NOS/TRE_R248#normal"]
+    assert user["network"] == {"address": "10.0.0.7", "type": "2"}
+    assert app["who"]["identifier"]["value"] == "lgc-app"
+    roles = {(x["role"]["code"] if "role" in x else x["type"]["code"]): x for x in e["entity"]}
+    assert roles["1"]["what"]["reference"] == "Patient/p1"
+    assert roles["4"]["what"]["reference"] == "DocumentReference/d1/_history/1"
+    details = {(d["type"], d["valueString"]) for d in roles["decision"]["detail"]}
+    assert ("result", "permit") in details and ("consent", "Consent/c1/_history/2") in details
+    assert e["outcomeDesc"] == "autorisé par le patient"
+
+
+def test_patient_search_shape():
+    e = ev(interaction="search-type", action="E", principal=patient(), resource=None,
+           query="patient=Patient/p1&_count=10", decision={"result": "permit", "rule": "self"})
+    _validate(e)
+    user = e["agent"][0]
+    assert user["who"] == {"reference": "Patient/p1"}
+    assert "purposeOfUse" not in user
+    q = [x for x in e["entity"] if x.get("role", {}).get("code") == "24"][0]
+    assert base64.b64decode(q["query"]).decode() == "patient=Patient/p1&_count=10"
+
+
+def test_break_glass_shape():
+    e = ev(principal=ps(purpose=BTG, reason="patient inconscient aux urgences"))
+    _validate(e)
+    user = e["agent"][0]
+    assert user["purposeOfUse"][0]["coding"][0] == {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "BTG",
+        "display": "break the glass"}
+    assert user["policy"] == ["https://mos.esante.gouv.fr/NOS/TRE_R248#bris_de_glace"]
+    decision = [x for x in e["entity"] if x.get("type", {}).get("code") == "decision"][0]
+    assert {"type": "btg_reason", "valueString": "patient inconscient aux urgences"} in decision["detail"]
+
+
+def test_centre_15_and_denied_and_error_shapes():
+    e = ev(principal=ps(purpose=ETREAT, kind=REGULATION_CENTRE), outcome="4", http_status=404,
+           decision={"result": "deny", "rule": "opt-out", "reason": "le patient a refusé le centre 15"})
+    _validate(e)
+    assert e["agent"][0]["policy"] == ["https://mos.esante.gouv.fr/NOS/TRE_R248#centre_15"]
+    assert e["agent"][0]["purposeOfUse"][0]["coding"][0]["code"] == "ETREAT"
+    assert e["outcome"] == "4"
+    anon = ev(principal=None, outcome="8", http_status=500, decision=None, patient_id=None,
+              resource=None, interaction="capabilities", action="R")
+    _validate(anon)
+    assert anon["agent"] == [{"type": anon["agent"][0]["type"], "requestor": True,
+                              "who": {"display": "anonymous"},
+                              "network": {"address": "10.0.0.7", "type": "2"}}]
+
+
+def test_bad_codes_refused():
+    with pytest.raises(ValueError):
+        ev(interaction="peek")
+    with pytest.raises(ValueError):
+        ev(outcome="1")
+
+
+# --- append and verify ------------------------------------------------------------------
+
+def test_append_and_verify_intact(db):
+    log = AuditLog(db)
+    log.append([ev(), ev(patient_id="p2"), ev(principal=None, patient_id=None, resource=None,
+                                              interaction="capabilities", decision=None)])
+    log.append([ev(), ev(outcome="4", decision={"result": "deny", "rule": "x", "reason": "refusé"})])
+    assert verify_chains(db) == []
+    assert verify_chains(db, "p1") == []
+    docs = list(db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1))
+    assert [d["chain"]["seq"] for d in docs] == [1, 2, 3]
+    assert docs[0]["chain"]["prev"] == "0" * 64
+    assert docs[1]["chain"]["prev"] == docs[0]["chain"]["hash"]
+    for d in docs:
+        assert d["vid"] == 1 and d["del"] is False and d["pid"] == "p1" and d["_id"] == d["res"]["id"]
+        assert d["res"]["meta"]["versionId"] == "1" and isinstance(d["s"], dict)
+        assert chain_hash(d["chain"]["prev"], d["res"]) == d["chain"]["hash"]
+        _validate(d["res"])
+    system = db[COLLECTION].find_one({"chain.pid": "_system"})
+    assert system["pid"] is None and system["chain"]["seq"] == 1
+    assert db[HEADS].find_one({"_id": "p1"})["seq"] == 3
+
+
+def test_tampered_event_is_named(db):
+    log = AuditLog(db)
+    for _ in range(4):
+        log.append([ev()])
+    target = db[COLLECTION].find_one({"chain.pid": "p1", "chain.seq": 3})
+    db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {"res.outcome": "4"}})
+    problems = verify_chains(db)
+    assert problems[0] == f"patient p1: event seq 3 (AuditEvent/{target['_id']}) hash mismatch"
+    assert verify_chains(db, "p2") == []
+
+
+def test_rehashed_event_breaks_next_link(db):
+    log = AuditLog(db)
+    for _ in range(3):
+        log.append([ev()])
+    target = db[COLLECTION].find_one({"chain.pid": "p1", "chain.seq": 2})
+    res = dict(target["res"], outcome="8")
+    db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {
+        "res": res, "chain.hash": chain_hash(target["chain"]["prev"], res)}})
+    problems = verify_chains(db)
+    assert problems and "event seq 3" in problems[0] and "prev does not match seq 2" in problems[0]
+
+
+def test_deleted_event_is_missing(db):
+    log = AuditLog(db)
+    for _ in range(5):
+        log.append([ev()])
+    db[COLLECTION].delete_one({"chain.pid": "p1", "chain.seq": 2})
+    assert verify_chains(db)[0] == "patient p1: missing seq 2"
+
+
+def test_truncated_tail_is_detected(db):
+    log = AuditLog(db)
+    for _ in range(3):
+        log.append([ev()])
+    db[COLLECTION].delete_one({"chain.pid": "p1", "chain.seq": 3})
+    problems = verify_chains(db)
+    assert problems and problems[0].startswith("patient p1: head points past last event")
+
+
+def test_concurrent_appends_do_not_fork(db):
+    """Threads with their own AuditLog (as separate gunicorn workers) and one shared."""
+    shared = AuditLog(db)
+    logs = [AuditLog(db) for _ in range(4)] + [shared] * 4
+    errors = []
+    barrier = threading.Barrier(len(logs))
+
+    def work(log):
+        try:
+            barrier.wait()
+            for i in range(10):
+                log.append([ev(request_id=f"r{i}")] if i % 3 else [ev(), ev(patient_id="p2")])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(log,)) for log in logs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    seqs = [d["chain"]["seq"] for d in db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1)]
+    assert seqs == list(range(1, len(logs) * 10 + 1))
+    assert db[COLLECTION].count_documents({"chain.pid": "p2"}) == len(logs) * 4
+    assert verify_chains(db) == []
+
+
+def test_append_in_caller_transaction(server, db):
+    _, client = server
+    log = AuditLog(db)
+    log.append([ev()])
+    with client.start_session() as s:
+        s.with_transaction(lambda sess: log.append([ev(), ev()], session=sess))
+    log.append([ev()])
+    assert db[COLLECTION].count_documents({"chain.pid": "p1"}) == 4
+    assert verify_chains(db) == []
+
+
+def test_concurrent_transactions_do_not_fork(server, db):
+    """Appends inside callers' transactions: conflicts surface as transient errors
+    and ``with_transaction`` retries them."""
+    _, client = server
+    errors = []
+
+    def work():
+        log = AuditLog(db)
+        try:
+            for _ in range(5):
+                with client.start_session() as s:
+                    s.with_transaction(lambda sess: log.append([ev()], session=sess))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert db[COLLECTION].count_documents({"chain.pid": "p1"}) == 20
+    assert verify_chains(db) == []
+
+
+def test_warm_append_is_one_round_trip(server, db):
+    uri, _ = server
+
+    class Count(monitoring.CommandListener):
+        def __init__(self):
+            self.names = []
+
+        def started(self, event):
+            self.names.append(event.command_name)
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    counter = Count()
+    client = pymongo.MongoClient(uri, event_listeners=[counter])
+    try:
+        log = AuditLog(client[db.name])
+        log.append([ev()])  # cold: indexes, head read
+        counter.names.clear()
+        log.append([ev(), ev(request_id="r2")])
+        writes = [n for n in counter.names if n not in ("hello", "isMaster", "ismaster")]
+        assert writes == ["bulkWrite"]
+    finally:
+        client.close()
+    assert verify_chains(db) == []
+
+
+def test_unwritable_journal_raises(server):
+    from fhir_dmp.security.audit import AuditUnavailable
+    port = _free_port()  # nothing listens there
+    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+                                 serverSelectionTimeoutMS=200)
+    try:
+        with pytest.raises(AuditUnavailable) as info:
+            AuditLog(client["x"]).append([ev()])
+        assert info.value.status == 503
+    finally:
+        client.close()
+
+
+def test_mark_retention(db):
+    log = AuditLog(db)
+    log.append([ev(), ev(patient_id="p2")])
+    closed = datetime(2024, 2, 29, 12, 0, tzinfo=timezone.utc)
+    assert mark_retention(db, "p1", closed) == 1
+    doc = db[COLLECTION].find_one({"chain.pid": "p1"})
+    assert doc["retain_until"].replace(tzinfo=timezone.utc) == datetime(2034, 2, 28, 12, 0, tzinfo=timezone.utc)
+    assert "retain_until" not in db[COLLECTION].find_one({"chain.pid": "p2"})
+    assert verify_chains(db) == []
