@@ -18,7 +18,6 @@ Without ``--mongodb-uri`` a throw-away SecantusDB is started on a free port.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import subprocess

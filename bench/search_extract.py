@@ -13,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from fhir_dmp.search import SUPPORTED, extract
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "r4"
+from fhir_dmp.search import SUPPORTED, extract  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures" / "r4"
 
 
 def load() -> list[dict]:

@@ -19,6 +19,7 @@ from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
 from .repository import Backend, GuardedRepository, RequestInfo
 from .security.auth import TokenVerifier
+from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy
 from .security.habilitations import Habilitations
 from .storage import Storage
@@ -96,6 +97,11 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     def on_fhir_error(exc: FhirError):
         return error_response(exc)
 
+    @app.errorhandler(ContentUnavailable)
+    def on_content_unavailable(_exc):
+        # a shredded or missing data key: the content is gone for good (crypto-shredding)
+        return error_response(NotFound("the content of this resource is not available"))
+
     @app.errorhandler(404)
     def on_404(_exc):
         return error_response(NotFound(f"no such endpoint: {request.path}"))
@@ -116,7 +122,9 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         log.exception("unexpected error (request %s)", g.get("request_id"))
         repo = getattr(g, "repo", None)
         if repo is not None and not repo.records:
-            repo.record(request.method.lower(), outcome="8", patient_id=None, resource=request.path,
+            interaction = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
+                           "DELETE": "delete"}.get(request.method, "read")
+            repo.record(interaction, outcome="8", patient_id=None, resource=request.path,
                         http_status=500)
         return error_response(FhirError("internal error; the request was not completed "
                                         f"(request id {g.get('request_id')})", status=500, code="exception"))
@@ -127,7 +135,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
 def error_response(exc: FhirError):
     """The one mapping of errors to an OperationOutcome response."""
     from .resources.http import respond
-    response = respond(exc.outcome(), exc.status)
+    response = respond(exc.outcome(), exc.status, is_error=True)
     for name, value in exc.headers.items():
         response.headers[name] = value
     return response

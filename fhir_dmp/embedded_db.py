@@ -290,8 +290,11 @@ class EmbeddedMongo:
                     self._proc = None
                     self._remove_pid_file(proc.pid)
                     tail = self._log_tail()
-                    if "Address already in use" in tail and not self._requested_port:
-                        raise _PortRace()
+                    if "Address already in use" in tail:
+                        if not self._requested_port:
+                            raise _PortRace()
+                        raise EmbeddedDbError(
+                            f"embedded database port {self.port} is already in use")
                     raise EmbeddedDbError(
                         f"embedded database exited with code {code} during start: {tail}")
                 try:

@@ -123,6 +123,7 @@ class GuardedRepository:
         self.info = info or RequestInfo()
         self.records: list = []
         self._grants_done: set[str] = set()
+        self.session = None      # the open write transaction, if any (reads inside it see its writes)
 
     # ------------------------------------------------------------------ audit
     def record(self, interaction: str, *, outcome: str, patient_id: str | None,
@@ -441,7 +442,12 @@ class GuardedRepository:
         for attempt in range(WRITE_RETRIES):
             try:
                 with self.storage.transaction() as session:
-                    return fn(session)
+                    self.session = self.access.session = session
+                    try:
+                        return fn(session)
+                    finally:
+                        self.session = self.access.session = None
+                        self.access.states.clear()
             except PyMongoError as exc:
                 if is_write_conflict(exc) and attempt < WRITE_RETRIES - 1:
                     time.sleep(0.01 * (attempt + 1))

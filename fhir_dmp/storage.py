@@ -22,7 +22,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import decimal
+
 import pymongo
+from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
+from bson.decimal128 import Decimal128
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
@@ -80,12 +84,29 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+class DecimalCodec(TypeCodec):
+    """FHIR decimals keep their precision: Decimal <-> BSON Decimal128 (https://hl7.org/fhir/R4/json.html)."""
+
+    python_type = decimal.Decimal
+    bson_type = Decimal128
+
+    def transform_python(self, value):
+        return Decimal128(value)
+
+    def transform_bson(self, value):
+        return value.to_decimal()
+
+
+CODECS = CodecOptions(tz_aware=True, type_registry=TypeRegistry([DecimalCodec()]))
+
+
 class Storage:
     """CRUD, history and search on the versioned collections."""
 
     def __init__(self, client: pymongo.MongoClient, db):
         self.client = client
-        self.db = db
+        self.db = client.get_database(db.name, codec_options=CODECS, write_concern=db.write_concern,
+                                      read_concern=db.read_concern, read_preference=db.read_preference)
 
     # -- setup -------------------------------------------------------------
     def ensure_indexes(self) -> None:

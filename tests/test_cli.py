@@ -243,3 +243,17 @@ def test_check_port_free_and_default_workers():
             check_port_free("127.0.0.1", s.getsockname()[1])
     check_port_free("127.0.0.1", free_port())
     assert 1 <= default_workers() <= 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.security.audit") is None
+                    or importlib.util.find_spec("fhir_dmp.security.crypto") is None,
+                    reason="audit / crypto modules not written yet")
+def test_audit_verify_and_keys_rotate_on_a_fresh_record(tmp_path):
+    data = tmp_path / "data"
+    proc = _cli("audit", "verify", data_dir=data)
+    assert proc.returncode == 0, proc.stderr
+    assert "intact" in proc.stdout
+    proc = _cli("keys", "rotate", data_dir=data)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 data key(s) rewrapped" in proc.stdout
+    assert not (data / "db.pid").exists()  # the embedded database was stopped

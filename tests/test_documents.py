@@ -266,3 +266,31 @@ def test_inspect_document_dispatch():
     assert inspect_document("text/plain", b"x", max_bytes=MAX) is None
     with pytest.raises(PayloadTooLarge):
         inspect_document("application/hl7-v3+xml", cda("valid_minimal.xml"), max_bytes=10)
+
+
+def _classic_pdf(objs: list[tuple[int, bytes]]) -> bytes:
+    """A PDF 1.4 with a correct classic xref table around the given objects (object 1 = catalog)."""
+    out, offs = bytearray(b"%PDF-1.4\n"), {}
+    for num, body in objs:
+        offs[num] = len(out)
+        out += b"%d 0 obj\n" % num + body + b"\nendobj\n"
+    xref, size = len(out), max(offs) + 1
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % size
+    for i in range(1, size):
+        out += b"%010d 00000 n \n" % offs.get(i, 0)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (size, xref)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("name", ["nesting", "page_tree_cycle", "decompression_bomb"])
+def test_pdf_hostile_structures_refused(name):
+    data = {
+        "nesting": lambda: _classic_pdf([(1, b"<< /Type /Catalog /Pages 2 0 R /X " + b"[" * 100_000 + b"]" * 100_000
+                                             + b" >>"), (2, b"<< /Type /Pages /Kids [] /Count 0 >>")]),
+        "page_tree_cycle": lambda: _classic_pdf([(1, b"<< /Type /Catalog /Pages 2 0 R >>"),
+                                                 (2, b"<< /Type /Pages /Kids [2 0 R 3 0 R] /Count 1 >>"),
+                                                 (3, b"<< /Type /Page /Parent 2 0 R >>")]),
+        # 64 MB of zeros in a ~64 KB compressed object stream (inspector caps inflation at 32 MB)
+        "decompression_bomb": lambda: _pdf_with_object_stream(b"<< /A (" + b"0" * 64_000_000 + b") >>"),
+    }[name]()
+    _refused(data, "malformed")

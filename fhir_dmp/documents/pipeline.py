@@ -41,9 +41,9 @@ def inspect_content(content: bytes, content_type: str | None, where: str, *, max
     """Refuse hostile or mismatched documents (422) before anything is stored."""
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype in PDF_TYPES:
-        inspect_pdf(content, max_bytes=max_bytes)
+        inspect_pdf(content, max_bytes=max_bytes, expression=where)
     elif ctype in CDA_TYPES:
-        info = inspect_cda(content)
+        info = inspect_cda(content, expression=where)
         if ins is not None and type_codes is not None:
             check_cda_matches(info, ins, type_codes)
 
@@ -65,7 +65,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
         if rel.get("code") != "replaces":
             continue
         target_id = _ref_id((rel.get("target") or {}).get("reference"), "DocumentReference")
-        target = repo.storage.read("DocumentReference", target_id) if target_id else None
+        target = repo.storage.read("DocumentReference", target_id, session=repo.session) if target_id else None
         if target is None or target.deleted or target.pid != pid:
             raise Unprocessable("relatesTo.target must be a document of the same record",
                                 expression=f"DocumentReference.relatesTo[{i}].target")
@@ -85,7 +85,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
             bid = _ref_id(att["url"], "Binary")
             if bid is None:
                 continue
-            binary = repo.storage.read("Binary", bid)
+            binary = repo.storage.read("Binary", bid, session=repo.session)
             if binary is None or binary.deleted or binary.pid != pid:
                 raise Unprocessable("attachment.url must point to a Binary of the same record",
                                     expression=where + ".url")

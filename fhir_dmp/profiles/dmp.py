@@ -87,6 +87,11 @@ def _dict(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _str(value) -> str | None:
+    """The value if it is a string, else None (safe for set membership)."""
+    return value if isinstance(value, str) else None
+
+
 # --- Patient helpers ----------------------------------------------------------------------
 
 
@@ -100,7 +105,7 @@ def patient_ins(patient: dict) -> tuple[str, str] | None:
     found: dict[str, str] = {}
     for ident in _list(_dict(patient).get("identifier")):
         ident = _dict(ident)
-        system, value = ident.get("system"), ident.get("value")
+        system, value = _str(ident.get("system")), ident.get("value")
         if system in INS_SYSTEMS and isinstance(value, str) and value and system not in found:
             found[system] = value
     for system in _INS_ORDER:
@@ -122,7 +127,7 @@ def identity_status(patient: dict) -> str | None:
             if sub.get("url") != "identityStatus":
                 continue
             coding = _dict(sub.get("valueCoding"))
-            code = coding.get("code")
+            code = _str(coding.get("code"))
             if coding.get("system") == IDENTITY_STATUS_SYSTEM and code in IDENTITY_STATUSES:
                 return code
     return None
@@ -154,7 +159,7 @@ def labels(docref: dict) -> set[str]:
     for concept in _list(_dict(docref).get("securityLabel")):
         for coding in _list(_dict(concept).get("coding")):
             coding = _dict(coding)
-            if coding.get("system") == LABEL_SYSTEM and coding.get("code") in DMP_LABELS:
+            if coding.get("system") == LABEL_SYSTEM and _str(coding.get("code")) in DMP_LABELS:
                 out.add(coding["code"])
     return out
 
@@ -220,7 +225,7 @@ def check_patient(patient: dict) -> list[Issue]:
     issues: list[Issue] = []
     seen_ins: set[tuple[str, str]] = set()
     for i, ident in enumerate(_list(patient.get("identifier"))):
-        if not isinstance(ident, dict) or ident.get("system") not in INS_SYSTEMS:
+        if not isinstance(ident, dict) or _str(ident.get("system")) not in INS_SYSTEMS:
             continue
         path = f"Patient.identifier[{i}].value"
         value = ident.get("value")
@@ -270,7 +275,7 @@ def _check_reliability(patient: dict) -> list[Issue]:
             issues.append(_issue(f"{cpath}.system",
                                  f"identityStatus system must be {IDENTITY_STATUS_SYSTEM}",
                                  "code-invalid"))
-        elif coding.get("code") not in IDENTITY_STATUSES:
+        elif _str(coding.get("code")) not in IDENTITY_STATUSES:
             issues.append(_issue(f"{cpath}.code", "identityStatus code must be one of "
                                  "PROV, RECUP, VALI, QUAL", "code-invalid"))
     return issues
@@ -310,7 +315,7 @@ def check_documentreference(docref: dict) -> list[Issue]:
         for j, coding in enumerate(_list(_dict(concept).get("coding"))):
             coding = _dict(coding)
             path = f"DocumentReference.securityLabel[{i}].coding[{j}]"
-            system, code = coding.get("system"), coding.get("code")
+            system, code = coding.get("system"), _str(coding.get("code"))
             if system == LABEL_SYSTEM:
                 if code not in DMP_LABELS:
                     issues.append(_issue(f"{path}.code", "DMP label must be one of "

@@ -50,7 +50,8 @@ from . import dmp
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+SUPPORTED_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary",
+                   "Communication")
 
 #: Canonical URLs of our profiles (StructureDefinitions in ``ig/``).
 PROFILES: dict[str, str] = {
@@ -100,6 +101,9 @@ _MIME = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
     r"(\s*;\s*[A-Za-z0-9!#$&^_.+-]+=(\"[^\"]*\"|[^;\s]+))*")
 _CURRENCY = re.compile(r"[A-Z]{3}")
+# Relative literal reference Type/id(/_history/vid) (https://hl7.org/fhir/R4/references.html).
+_RELATIVE_REF = re.compile(
+    r"([A-Z][A-Za-z]+)/[A-Za-z0-9\-\.]{1,64}(/_history/[A-Za-z0-9\-\.]{1,64})?")
 
 # --- REQUIRED bindings (R4 4.0.1) of the six types and the data types they use -------------
 # Keyed by model class name and JSON element name. Hand-listed from the R4 spec pages
@@ -173,6 +177,15 @@ _XHTML_ELEMENTS = frozenset(
     "thead tr tfoot tbody th td code samp img map area".split())
 _XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                               huge_tree=False)
+
+
+# Deepest element nesting accepted (R4 resources need far less); deeper input is refused
+# before any recursive parsing so a crafted body cannot exhaust the stack.
+MAX_DEPTH = 64
+
+
+class _TooDeep(Exception):
+    pass
 
 
 # --- model metadata ---------------------------------------------------------------------
@@ -272,6 +285,7 @@ class _Walker:
         self._ref_types: tuple[str, ...] = ()   # allowed targets of the Reference being walked
         self._refs: set[str] = set()
         self._local_refs: list[tuple[str, str]] = []
+        self._depth = 0
 
     def add(self, expression: str, diagnostics: str, code: str = "value") -> None:
         self.issues.append(Issue(diagnostics, code, expression=[expression]))
@@ -311,6 +325,16 @@ class _Walker:
 
     # complex elements -----------------------------------------------------------------
     def element(self, obj, cls: type, path: str, root: bool = False) -> None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                self.add(path, f"elements nested deeper than {MAX_DEPTH} levels", "too-costly")
+                raise _TooDeep
+            self._element(obj, cls, path, root)
+        finally:
+            self._depth -= 1
+
+    def _element(self, obj, cls: type, path: str, root: bool) -> None:
         if not isinstance(obj, dict):
             self.add(path, f"expected a JSON object ({_schema(cls).name})", "structure")
             return
@@ -325,6 +349,9 @@ class _Walker:
         fields = schema.fields
         for key, value in obj.items():
             if key == "resourceType" and root:
+                continue
+            if not isinstance(key, str):    # not from JSON; refuse rather than crash
+                self.add(path, f"element names must be strings in {schema.name}", "structure")
                 continue
             if key.startswith("_"):
                 f = fields.get(key[1:])
@@ -353,7 +380,8 @@ class _Walker:
                 self.add(f"{path}.{prefix}[x]", f"{schema.name}.{prefix}[x] is required",
                          "required")
         if schema.name == "Extension":     # ext-1
-            if obj.get("extension") and any(k.startswith("value") for k in obj):
+            has_value = any(isinstance(k, str) and k.startswith("value") for k in obj)
+            if obj.get("extension") and has_value:
                 self.add(path, "an extension has either extensions or a value[x], not both "
                          "(ext-1)", "invariant")
         elif schema.name == "Reference":   # ref-1 (checked once the whole resource is read)
@@ -366,8 +394,7 @@ class _Walker:
         if ref.startswith("#"):
             self._local_refs.append((ref, path))
             return
-        m = re.fullmatch(r"([A-Z][A-Za-z]+)/[A-Za-z0-9\-\.]{1,64}(/_history/[A-Za-z0-9\-\.]{1,64})?",
-                         ref)
+        m = _RELATIVE_REF.fullmatch(ref)
         if m and types and "Resource" not in types and m.group(1) not in types:
             self.add(path, f"a reference here must point at one of {', '.join(types)}",
                      "value")
@@ -650,7 +677,10 @@ def validate(resource: dict, *, resource_type: str | None = None) -> dict:
     cls = get_fhir_model_class(rtype)
 
     walker = _Walker()
-    walker.run(resource, cls, rtype)
+    try:
+        walker.run(resource, cls, rtype)
+    except _TooDeep:
+        raise Unprocessable(issues=walker.issues[-1:]) from None
     issues = list(walker.issues)
     for issue in _pydantic_issues(resource, cls, rtype):
         if not any(_covers(issue.expression[0], seen.expression[0]) for seen in issues):

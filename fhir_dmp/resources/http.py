@@ -34,10 +34,14 @@ def out_format() -> str:
     return fmt
 
 
-def respond(resource: dict | None, status: int = 200, headers: dict | None = None) -> Response:
+def respond(resource: dict | None, status: int = 200, headers: dict | None = None, *,
+            is_error: bool = False) -> Response:
+    """Serialize in the negotiated format; an error body falls back to JSON when nothing fits."""
     try:
         fmt = out_format()
-    except Exception:   # noqa: BLE001 — an error body must always go out
+    except Exception:   # noqa: BLE001 — 406 for data; an error body must always go out
+        if not is_error:
+            raise
         fmt = formats.JSON
     pretty = request.args.get("_pretty") == "true"
     body = b"" if resource is None else formats.render(resource, fmt, pretty=pretty)

@@ -110,10 +110,14 @@ def keyset_filter(req: SearchRequest) -> dict:
         pname = fld[2:].removesuffix("~d")
         if isinstance(v, datetime) != (params[pname].type == "date"):
             raise _bad()
-    full = values + [last_id] if keys[-1][0] == "_id" else values
+    full = values + [last_id]  # mongo_sort() always ends with _id
     ors = []
     for i, (fld, direction) in enumerate(keys):
         cond = {keys[j][0]: full[j] for j in range(i)}
         cond[fld] = {"$gt" if direction > 0 else "$lt": full[i]}
         ors.append(cond)
-    return ors[0] if len(ors) == 1 else {"$or": ors}
+    if len(ors) == 1:
+        return ors[0]
+    # redundant bound on the first key: gives a real MongoDB planner tight index bounds
+    first, direction = keys[0]
+    return {"$and": [{first: {"$gte" if direction > 0 else "$lte": full[0]}}, {"$or": ors}]}

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from ..errors import BadRequest
-from .extract import TEXT, sort_key_name
+from .extract import TEXT, parse_reference, sort_key_name
 from .registry import SUPPORTED, SearchParam
 from .values import (ID_RE, TYPE_RE, UTC, date_range, normalize, shift, split_unescaped,
                      unescape)
-from .extract import parse_reference
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _MOD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -40,7 +39,7 @@ MODIFIERS = {
     "reference": ("identifier", "missing"),  # plus a target type
 }
 BOOLEAN_TOKENS = {("Patient", "active")}
-MAX_VALUES = 100  # OR-ed values in one parameter
+MAX_VALUES = 1000  # OR-ed values in one parameter (revinclude passes a page of ids)
 
 
 def _bad(msg: str, name: str) -> BadRequest:

@@ -144,7 +144,8 @@ class PatientState:
     """What the decision needs to know about one DMP, loaded once per request."""
 
     pid: str
-    patient: dict | None                      # None: no such DMP (or destroyed)
+    patient: dict | None                      # None: no such DMP (or destroyed, or deleted)
+    known: bool = False                       # stored and not destroyed (deleted still counts)
     consents: list = field(default_factory=list)   # [(id, vid, resource)] active Consents
     grant: dict | None = None                 # valid break-glass grant of the calling PS
 
@@ -192,6 +193,7 @@ class RequestAccess:
         self.p = principal
         self.states: dict[str, PatientState] = {}
         self._ps_sets: dict | None = None
+        self.session = None       # set by the repository inside a write transaction
 
     # -- context loading ---------------------------------------------------
     @property
@@ -210,10 +212,11 @@ class RequestAccess:
             return
         db = self.policy.storage.db
         patients = {d["_id"]: d for d in db["Patient"].find({"_id": {"$in": todo}},
-                                                          {"res": 1, "del": 1, "destroyed": 1})}
+                                                          {"res": 1, "del": 1, "destroyed": 1},
+                                                          session=self.session)}
         consents: dict[str, list] = {}
         for d in db["Consent"].find({"pid": {"$in": todo}, "del": False, "res.status": "active"},
-                                    {"res": 1, "vid": 1, "pid": 1}):
+                                    {"res": 1, "vid": 1, "pid": 1}, session=self.session):
             consents.setdefault(d["pid"], []).append((d["_id"], d["vid"], d["res"]))
         grants = {}
         if self.p.is_professional and self.p.id_nat_ps and self.p.purpose == BTG:
@@ -223,7 +226,8 @@ class RequestAccess:
         for pid in todo:
             doc = patients.get(pid)
             res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
-            self.states[pid] = PatientState(pid, res, consents.get(pid, []), grants.get(pid))
+            known = bool(doc) and not doc.get("destroyed")
+            self.states[pid] = PatientState(pid, res, known, consents.get(pid, []), grants.get(pid))
 
     def state(self, pid: str) -> PatientState:
         self.load([pid])
@@ -269,6 +273,8 @@ class RequestAccess:
         if role:
             return role
         p = self.p
+        if p.kind == ADMIN and st.known:
+            return permit("admin", "administrator (no document content)")
         if not st.exists:
             return deny("dmp-state", "no such DMP")
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
@@ -530,6 +536,8 @@ class RequestAccess:
 
     def _write_document(self, interaction, rtype, new, old, st, access) -> Decision:
         p = self.p
+        if p.kind == ADMIN and st.known:
+            return permit("admin", "administrator (no document content)")
         if not st.exists:
             return deny("dmp-state", "no such DMP")
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
