@@ -9,14 +9,19 @@ Contract
   echoes body content.
 - :func:`render` writes a FHIR JSON dict as JSON or XML bytes (UTF-8).
 - :func:`to_xml` / :func:`from_xml` convert between the two representations;
-  ``from_xml(to_xml(r)) == r`` for every valid resource, of any R4 type.
+  ``from_xml(to_xml(r)) == r`` for every valid resource, of any R4 type, and
+  ``to_xml(from_xml(x)) == x`` for XML this module wrote. ``to_xml`` raises
+  :class:`Unprocessable` (422, with the element's path) on input that is not
+  a FHIR structure, ``from_xml`` raises :class:`BadRequest`.
+- :func:`loads_json` / :func:`dumps_json`: the strict JSON reader and the
+  Decimal-exact writer underneath (also for JSON Patch bodies).
 
 Decisions
 ---------
 - Decimals: JSON is parsed with ``parse_float=decimal.Decimal`` so that the
   precision of a FHIR ``decimal`` survives (``1.50`` stays ``1.50``,
   https://hl7.org/fhir/R4/json.html#primitive). Numbers without a fraction
-  or exponent stay ``int``. Dicts handed out by this module may therefore hold
+  or exponent stay ``int``, from JSON and from XML alike. Dicts handed out by this module may therefore hold
   ``decimal.Decimal``; :func:`render` writes them back digit for digit
   (storage needs a Decimal <-> Decimal128 codec).
 - Type information (cardinality, primitive types, element order, choice
@@ -65,10 +70,14 @@ _XML_NS = "http://www.w3.org/XML/1998/namespace"
 
 # https://hl7.org/fhir/R4/http.html#mime-type : both the FHIR and the generic
 # media types are accepted, as are the `_format` short forms.
-_JSON_TYPES = ("application/fhir+json", "application/json", "text/json")
+_JSON_TYPES = ("application/fhir+json", "application/json")
 _XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml")
 _FORMAT_ALIASES = {"json": JSON, "xml": XML,
                    **{t: JSON for t in _JSON_TYPES}, **{t: XML for t in _XML_TYPES}}
+# Offered in this order: on equal quality and specificity the first wins, so
+# the FHIR types before the generic ones, JSON before XML.
+_OFFERED = ("application/fhir+json", "application/fhir+xml", "application/json",
+            "application/xml", "text/xml")
 # https://hl7.org/fhir/R4/http.html#version-parameter
 _FHIR_VERSIONS = ("4.0", "4.0.1")
 
@@ -96,7 +105,8 @@ def negotiate(accept: str | None, format_param: str | None) -> str:
     an unsupported ``_format`` -> :class:`NotAcceptable`. ``Accept`` is read with
     q-values and wildcards (``*/*``, ``application/*``); ranges with a
     ``fhirVersion`` other than 4.0 do not match. Nothing acceptable -> 406.
-    No ``Accept`` (or one that cannot be parsed at all) -> JSON. Ties go to JSON.
+    No ``Accept`` (or one that cannot be parsed at all) -> JSON. On equal
+    quality and specificity: FHIR types before generic ones, JSON before XML.
     """
     if format_param is not None and format_param.strip():
         # In a query string '+' decodes to ' ': "application/fhir json".
@@ -117,8 +127,7 @@ def negotiate(accept: str | None, format_param: str | None) -> str:
         if version is not None and version not in _FHIR_VERSIONS:
             continue
         ranges.append((mime.lower(), quality))
-    best = MIMEAccept(ranges).best_match(_JSON_TYPES[:1] + _XML_TYPES[:1] + _JSON_TYPES[1:]
-                                          + _XML_TYPES[1:])
+    best = MIMEAccept(ranges).best_match(_OFFERED)
     if best is None:
         raise NotAcceptable("None of the media types in Accept can be produced: use "
                             "application/fhir+json or application/fhir+xml (FHIR 4.0)")

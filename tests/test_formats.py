@@ -207,6 +207,7 @@ def test_constructed_round_trips(name):
     back = from_xml(xml)
     assert back == res
     assert to_xml(back) == xml
+    assert from_xml(to_xml(res, pretty=True)) == res
     assert parse_body(JSON, render(res, JSON), max_bytes=MAX) == res
     assert res == snapshot  # inputs untouched
 
@@ -325,6 +326,11 @@ def test_to_xml_refuses_invalid_structure(res, where):
     ("application/*;q=0.1, application/fhir+xml", None, XML),
     ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", None, XML),
     ("application/xml, application/json", None, JSON),  # tie -> JSON
+    ("text/*, application/fhir+json;q=0.1", None, XML),
+    ("application/fhir+json;q=0, */*", None, XML),  # most specific range decides
+    ("application/fhir+xml;q=0, application/*", None, JSON),
+    ("APPLICATION/FHIR+XML", None, XML),
+    (None, "XML", XML),
     ("application/fhir+xml;fhirVersion=3.0, application/fhir+json;q=0.2", None, JSON),
     ("application/fhir+xml;q=abc", None, JSON),  # unparseable Accept is ignored
     # _format wins over Accept
@@ -346,13 +352,14 @@ def test_negotiate(accept, fmt, expected):
     ("text/html", None),
     ("image/png, text/plain;q=0.5", None),
     ("application/fhir+json;q=0, application/fhir+xml;q=0, application/json;q=0, "
-     "application/xml;q=0, text/xml;q=0, text/json;q=0", None),
+     "application/xml;q=0, text/xml;q=0, */*", None),  # q=0 beats the wildcard
     ("*/*;q=0", None),
     ("application/fhir+json;fhirVersion=3.0", None),
     (None, "html"),
     (None, "text/html"),
     ("application/fhir+json", "application/fhir+json;fhirVersion=5.0"),
     (None, "turtle"),
+    (None, "text/json"),
 ])
 def test_negotiate_406(accept, fmt):
     with pytest.raises(NotAcceptable) as e:

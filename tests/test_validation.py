@@ -85,13 +85,9 @@ def patient(**extra):
 
 # --- official R4 examples ---------------------------------------------------------------
 
-# Official examples our DMP profile refuses, and why: the médecin traitant
-# (generalPractitioner) must be identified by its idNatPs
-# (urn:oid:1.2.250.1.71.4.2.1|<idNatPs>, CONTRACT.md), these only give a literal reference.
-DMP_REFUSED = {
-    "Patient-glossy.json": ["Patient.generalPractitioner[0].identifier"],
-    "Patient-infant-mom.json": ["Patient.generalPractitioner[0].identifier"],
-}
+# Official examples our DMP profile refuses, and why (none: a generalPractitioner given as a plain
+# reference is kept as given; only an idNatPs identifier makes a médecin traitant).
+DMP_REFUSED: dict = {}
 EXAMPLES = sorted(
     os.path.basename(f) for f in glob.glob(os.path.join(FIXTURES or "/nonexistent", "*.json"))
     if os.path.basename(f).split("-")[0] in SUPPORTED_TYPES)
@@ -654,14 +650,15 @@ def test_patient_helpers():
     assert not is_ins_qualified(bad_key)
 
 
-def test_general_practitioner_needs_idnatps():
+def test_general_practitioner_idnatps_is_the_medecin_traitant():
     validate(dmp_patient(generalPractitioner=[
         {"reference": "Practitioner/1", "identifier": {"system": IDNATPS_SYSTEM, "value": "810001234567"}}]))
-    assert paths_of(dmp_patient(generalPractitioner=[{"reference": "Practitioner/1"}])) == \
-        ["Patient.generalPractitioner[0].identifier"]
-    assert paths_of(dmp_patient(generalPractitioner=[
-        {"identifier": {"system": "urn:oid:1.2.3", "value": "1"}}])) == \
-        ["Patient.generalPractitioner[0].identifier"]
+    plain = dmp_patient(generalPractitioner=[{"reference": "Practitioner/1"}])
+    validate(plain)
+    assert general_practitioner_ids(plain) == set()
+    validate(dmp_patient(generalPractitioner=[{"identifier": {"system": "urn:oid:1.2.3", "value": "1"}}]))
+    assert paths_of(dmp_patient(generalPractitioner=[{"identifier": {"system": IDNATPS_SYSTEM, "value": " "}}])) == \
+        ["Patient.generalPractitioner[0].identifier.value"]
 
 
 # --- DocumentReference profile --------------------------------------------------------------

@@ -241,13 +241,16 @@ def check_patient(patient: dict) -> list[Issue]:
             issues.append(_issue(f"Patient.identifier[{i}]",
                                  "a Patient carries at most one INS (NIR or NIA)"))
     issues.extend(_check_reliability(patient))
+    # A generalPractitioner given as a plain reference (Practitioner/..., Organization/...) is kept as
+    # given (CONTRACT.md: no referential integrity on types we do not host); only one carrying an
+    # idNatPs identifier counts as médecin traitant, and that identifier must then be well formed.
     for i, ref in enumerate(_list(patient.get("generalPractitioner"))):
         ident = _dict(_dict(ref).get("identifier"))
-        if ident.get("system") != IDNATPS_SYSTEM or not isinstance(ident.get("value"), str):
+        if ident.get("system") == IDNATPS_SYSTEM and not (isinstance(ident.get("value"), str)
+                                                         and ident["value"].strip()):
             issues.append(_issue(
-                f"Patient.generalPractitioner[{i}].identifier",
-                f"the médecin traitant is identified by its idNatPs: identifier.system "
-                f"{IDNATPS_SYSTEM} and identifier.value", "required"))
+                f"Patient.generalPractitioner[{i}].identifier.value",
+                "the médecin traitant's idNatPs value is missing", "required"))
     return issues
 
 

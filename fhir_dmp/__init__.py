@@ -1,0 +1,13 @@
+"""fhir_dmp: a FHIR R4 server for the French shared medical record (DMP).
+
+``create_app(config)`` (``fhir_dmp.app``) is the one application factory.
+"""
+from __future__ import annotations
+
+__all__ = ["create_app"]
+
+
+def create_app(*args, **kwargs):
+    """Build the WSGI application; see :func:`fhir_dmp.app.create_app`."""
+    from .app import create_app as factory
+    return factory(*args, **kwargs)
