@@ -35,12 +35,6 @@ log = logging.getLogger(__name__)
 
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
-REFERENCE_INCLUDES = {
-    ("DocumentReference", "subject"): ("subject",), ("DocumentReference", "patient"): ("subject",),
-    ("Consent", "patient"): ("patient",), ("Communication", "subject"): ("subject",),
-    ("Communication", "patient"): ("subject",), ("DocumentReference", "author"): ("author",),
-    ("Patient", "general-practitioner"): ("generalPractitioner",),
-}
 HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication"}
 WRITE_RETRIES = 5
 
@@ -144,10 +138,6 @@ class GuardedRepository:
         events = [build_event(r, source_observer=self.b.config.fhir_base) for r in self.records]
         self.records = []
         self.b.audit_log.append(events)
-
-    def audited(self, interaction: str, rtype: str):
-        """Context manager recording an error outcome when the operation raises."""
-        return _Audited(self, interaction, rtype)
 
     # ------------------------------------------------------------ decisions
     def _see(self, rtype: str, stored: Stored, *, extra: dict | None = None) -> Decision:
@@ -280,10 +270,7 @@ class GuardedRepository:
                         decision=current._decision, http_status=200)
             return self._page(page, count, total)
         pids = self.access.reachable_pids(set())
-        if rtype == "DocumentReference" or rtype == "Binary":
-            pid_filter = None if pids is None else {"pid": {"$in": sorted(pids)}}
-        else:
-            pid_filter = None if pids is None else {"pid": {"$in": sorted(pids)}}
+        pid_filter = None if pids is None else {"pid": {"$in": sorted(pids)}}
         if pids is not None and not pids:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
             return [], None, 0
@@ -359,9 +346,7 @@ class GuardedRepository:
                         .sort(req.mongo_sort()).limit(req.count + 1))
             if len(docs) > req.count:
                 docs = docs[:req.count]
-                last = docs[-1]
-                page.next_cursor = search.encode_cursor(
-                    [_path(last, key) for key, _ in req.mongo_sort() if key != "_id"], last["_id"])
+                page.next_cursor = search.cursor_after(req, docs[-1])
             extra = {"ins_lookup": True} if is_ins_lookup(rtype, args) else None
             for doc in docs:
                 stored = Stored.from_doc(rtype, doc)
@@ -372,7 +357,7 @@ class GuardedRepository:
                     continue
                 stored.resource = self.access.view(stored.resource, decision)
                 page.matches.append(stored)
-            page.included = self._includes(req, page.matches)
+            page.included = self._includes(req, docs, page.matches)
         touched = sorted({s.pid for s in page.matches + page.included if s.pid})
         for pid in touched or [None]:
             self.record("search", outcome="0", patient_id=pid, resource=rtype, query=query_string,
@@ -380,55 +365,40 @@ class GuardedRepository:
                         http_status=200)
         return page
 
-    def _includes(self, req, matches: list[Stored]) -> list[Stored]:
+    def _includes(self, req, docs: list[dict], matches: list[Stored]) -> list[Stored]:
+        """_include / _revinclude, each included resource through the same decision."""
         out, seen = [], {(s.resource_type, s.id) for s in matches}
-        for inc in getattr(req, "include", []) or []:
-            elements = REFERENCE_INCLUDES.get((inc.source_type, inc.param))
-            if not elements:
-                continue
-            targets: dict[str, set] = {}
-            for s in matches:
-                if s.resource_type != inc.source_type:
-                    continue
-                for element in elements:
-                    value = (s.resource or {}).get(element)
-                    for ref in value if isinstance(value, list) else [value]:
-                        r = (ref or {}).get("reference") if isinstance(ref, dict) else None
-                        if not r or "/" not in r:
-                            continue
-                        t, i = r.rstrip("/").split("/")[-2:]
-                        if t in HOSTED and (inc.target_type in (None, t)):
-                            targets.setdefault(t, set()).add(i)
+        visible_docs = [d for d in docs if (req.resource_type, d["_id"]) in seen]
+
+        def admit(rtype: str, stored: Stored) -> None:
+            if (rtype, stored.id) in seen:
+                return
+            decision = self._decide_read(rtype, stored)
+            if decision.permit:
+                stored.resource = self.access.view(stored.resource, decision)
+                out.append(stored)
+                seen.add((rtype, stored.id))
+
+        for inc in req.include or []:
+            targets: dict[str, list] = {}
+            for doc in visible_docs:
+                for t, i in search.include_targets(inc, doc):
+                    if t in HOSTED:
+                        targets.setdefault(t, []).append(i)
             for t, ids in targets.items():
-                for stored in self.storage.read_many(t, sorted(ids)):
-                    if (t, stored.id) in seen:
-                        continue
-                    decision = self._decide_read(t, stored)
-                    if decision.permit:
-                        stored.resource = self.access.view(stored.resource, decision)
-                        out.append(stored)
-                        seen.add((t, stored.id))
-        for inc in getattr(req, "revinclude", []) or []:
-            refs = [f"{s.resource_type}/{s.id}" for s in matches]
-            if not refs or inc.source_type not in HOSTED:
+                for stored in self.storage.read_many(t, sorted(set(ids))):
+                    admit(t, stored)
+        for inc in req.revinclude or []:
+            if inc.source_type not in HOSTED or not matches:
                 continue
-            rev_args = [(inc.param, ",".join(refs))]
-            try:
-                rev_req = search.parse_search(inc.source_type, rev_args, max_count=self.b.config.max_page_size)
-            except FhirError:
-                continue
-            guard = self.access.search_filter(inc.source_type, {ref_id(r, "Patient") for r in refs} - {None})
+            guard = self.access.search_filter(
+                inc.source_type, {s.id for s in matches} if req.resource_type == "Patient" else set())
             if guard is None:
                 continue
-            flt = {"$and": [rev_req.mongo_filter(), guard]} if guard else rev_req.mongo_filter()
-            for stored in self.storage.find(inc.source_type, flt, [("_id", 1)], self.b.config.max_page_size):
-                if (inc.source_type, stored.id) in seen:
-                    continue
-                decision = self._decide_read(inc.source_type, stored)
-                if decision.permit:
-                    stored.resource = self.access.view(stored.resource, decision)
-                    out.append(stored)
-                    seen.add((inc.source_type, stored.id))
+            flt = search.revinclude_filter(inc, req.resource_type, [s.id for s in matches])
+            for stored in self.storage.find(inc.source_type, {"$and": [flt, guard]} if guard else flt,
+                                            [("_id", 1)], self.b.config.max_page_size):
+                admit(inc.source_type, stored)
         return out
 
     # ----------------------------------------------------------------- Binary
@@ -666,31 +636,3 @@ def _expected_version(if_match: str | None, current: Stored) -> int:
     if int(tag) != current.vid:
         raise PreconditionFailed(f"If-Match W/\"{tag}\" does not match the current version {current.vid}")
     return int(tag)
-
-
-def _path(doc: dict, dotted: str):
-    cur = doc
-    for part in dotted.split("."):
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(part)
-    return cur
-
-
-class _Audited:
-    """Records an error outcome for an operation that raised before recording anything."""
-
-    def __init__(self, repo: GuardedRepository, interaction: str, rtype: str):
-        self.repo, self.interaction, self.rtype = repo, interaction, rtype
-        self.n = len(repo.records)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is not None and len(self.repo.records) == self.n:
-            status = getattr(exc, "status", 500)
-            self.repo.record(self.interaction, outcome="4" if status < 500 else "8", patient_id=None,
-                             resource=self.rtype, http_status=status,
-                             decision=Decision(False, "error", str(exc)[:200]) if status != 500 else None)
-        return False
