@@ -14,7 +14,6 @@ import uuid
 
 from flask import Flask, g, request
 
-from . import formats
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
 from .repository import Backend, GuardedRepository, RequestInfo

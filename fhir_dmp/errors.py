@@ -10,7 +10,7 @@ https://hl7.org/fhir/R4/http.html#Status-Codes
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 

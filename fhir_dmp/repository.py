@@ -13,11 +13,10 @@ nothing of storage.
 """
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import jsonpatch
 from pymongo.errors import PyMongoError
@@ -25,10 +24,9 @@ from pymongo.errors import PyMongoError
 from . import search
 from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
                      Unprocessable, not_found)
-from .profiles import dmp
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
-from .security.principal import BTG, Principal
+from .security.principal import Principal
 from .storage import Stored, VersionConflict, is_write_conflict, new_id, now
 
 log = logging.getLogger(__name__)

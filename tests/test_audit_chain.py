@@ -5,11 +5,7 @@ Runs against a real SecantusDB started for this module (no mocks).
 from __future__ import annotations
 
 import base64
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from datetime import datetime, timezone
 
 import pymongo
@@ -17,6 +13,7 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from pymongo import monitoring
 
+from fhir_dmp.embedded_db import free_port as _free_port
 from fhir_dmp.security.audit import (COLLECTION, HEADS, AccessRecord, AuditLog, build_event,
                                      chain_hash, mark_retention, verify_chains)
 from fhir_dmp.security.principal import (BTG, ETREAT, PATIENT, PS, REGULATION_CENTRE, Principal)
@@ -25,50 +22,10 @@ from fhir_dmp.security.scopes import Scopes
 
 # --- a real database for this module ------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if shutil.which("secantusd-py") is None:
-        pytest.skip("secantusd-py not installed")
-    port = _free_port()
-    path = tmp_path_factory.mktemp("secantus")
-    logf = open(path.parent / f"secantus-{port}.log", "wb")
-    proc = subprocess.Popen(["secantusd-py", "--host", "127.0.0.1", "--port", str(port),
-                             "--storage-path", str(path), "--sync-on-commit"],
-                            stdout=logf, stderr=subprocess.STDOUT)
-    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=300)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.admin.command("ping")
-            break
-        except pymongo.errors.PyMongoError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("SecantusDB did not start")
-            time.sleep(0.1)
-    yield uri, client
-    client.close()
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    logf.close()
-
-
 @pytest.fixture
-def db(server, request):
-    _, client = server
-    name = "audit_" + request.node.name.replace("[", "_").replace("]", "")[:40]
-    client.drop_database(name)
-    return client[name]
+def server(mongo_server, mongo_client):
+    """The session's SecantusDB (tests/conftest.py); ``db`` is conftest's database per test."""
+    return mongo_server.uri, mongo_client
 
 
 # --- principals -------------------------------------------------------------------

@@ -9,14 +9,10 @@ import hashlib
 import io
 import json
 import os
-import socket
 import stat
-import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pymongo
 import pytest
 from bson.raw_bson import RawBSONDocument
 
@@ -31,50 +27,10 @@ MIB = 1 << 20
 
 # ----------------------------------------------------------------------------- database
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mongo(tmp_path_factory):
-    port = _free_port()
-    storage = tmp_path_factory.mktemp("secantus")
-    log = open(storage / "server.log", "wb")
-    proc = subprocess.Popen(["secantusd-py", "--host", "127.0.0.1", "--port", str(port),
-                             "--storage-path", str(storage / "data"), "--sync-on-commit"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
-                                 serverSelectionTimeoutMS=500)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.admin.command("ping")
-            break
-        except pymongo.errors.PyMongoError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("SecantusDB did not start: " + (storage / "server.log").read_text()[-2000:])
-            time.sleep(0.1)
-    yield client
-    client.close()
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-_db_counter = iter(range(10_000))
-
-
 @pytest.fixture
-def db(mongo):
-    name = f"t_crypto_{os.getpid()}_{next(_db_counter)}"
-    yield mongo[name]
-    mongo.drop_database(name)
+def mongo(mongo_client):
+    """The session's SecantusDB client (tests/conftest.py)."""
+    return mongo_client
 
 
 @pytest.fixture

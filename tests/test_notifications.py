@@ -9,67 +9,25 @@ import email
 import email.policy
 import json
 import logging
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pymongo
 import pytest
 from aiosmtpd.controller import Controller
 from fhir.resources.R4B.communication import Communication
 
 from fhir_dmp.config import Config
+from fhir_dmp.embedded_db import free_port as _free_port
 from fhir_dmp.notifications import (NO_CONTACT_REASON, OUTBOX, Notice, Outbox, Worker, contacts,
                                     render_text)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    if shutil.which("secantusd-py") is None:
-        pytest.skip("secantusd-py not installed")
-    port = _free_port()
-    path = tmp_path_factory.mktemp("secantus")
-    logf = open(path.parent / f"secantus-{port}.log", "wb")
-    proc = subprocess.Popen(["secantusd-py", "--host", "127.0.0.1", "--port", str(port),
-                             "--storage-path", str(path), "--sync-on-commit"],
-                            stdout=logf, stderr=subprocess.STDOUT)
-    c = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
-                            serverSelectionTimeoutMS=300, tz_aware=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            c.admin.command("ping")
-            break
-        except pymongo.errors.PyMongoError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("SecantusDB did not start")
-            time.sleep(0.1)
-    yield c
-    c.close()
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    logf.close()
-
-
 @pytest.fixture
-def db(client, request):
-    name = "notif_" + request.node.name[:40]
-    client.drop_database(name)
-    return client[name]
+def client(mongo_client):
+    """The session's SecantusDB client (tests/conftest.py); ``db`` is conftest's database per test."""
+    return mongo_client
 
 
 # --- real transports ------------------------------------------------------------------

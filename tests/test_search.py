@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pymongo
 import pytest
 
 from fhir_dmp.errors import BadRequest
@@ -162,31 +157,14 @@ def stored(rtype: str, resource: dict) -> dict:
 
 # =========================================================================== database
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def db():
-    port, tmp = _free_port(), tempfile.mkdtemp(prefix="fhir-dmp-search-")
-    proc = subprocess.Popen(["secantusd-py", "--host", "127.0.0.1", "--port", str(port),
-                             "--storage-path", tmp, "--sync-on-commit"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
-                                 serverSelectionTimeoutMS=500)
+def db(mongo_client):
+    """A database of the session's SecantusDB (tests/conftest.py), seeded once for this module."""
+    client = mongo_client
+    name = f"search_test_{os.getpid()}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.admin.command("ping")
-                break
-            except pymongo.errors.PyMongoError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("SecantusDB did not start")
-                time.sleep(0.1)
-        database = client["search_test"]
+        client.drop_database(name)
+        database = client[name]
         data = {"Patient": _fixtures("Patient") + PATIENTS,
                 "DocumentReference": _fixtures("DocumentReference") + DOCS,
                 "Consent": _fixtures("Consent") + CONSENTS,
@@ -199,13 +177,7 @@ def db():
             col.insert_many([stored(rtype, r) for r in resources])
         yield database
     finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        client.drop_database(name)
 
 
 def find_ids(db, rtype: str, params: list[tuple[str, str]], **kw) -> list[str]:

@@ -11,10 +11,9 @@ from datetime import datetime
 
 from flask import Blueprint, Response, g, request, stream_with_context
 
-from .. import formats
 from ..errors import BadRequest, MethodNotAllowed, NotFound, PreconditionFailed, UnsupportedMediaType
 from ..profiles import validate
-from .http import (backend, bundle, full_url, lenient, link, out_format, read_body, respond, summarize,
+from .http import (backend, bundle, full_url, lenient, link, read_body, respond, summarize,
                    version_headers, write_response)
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")

@@ -469,7 +469,6 @@ class RequestAccess:
     # -- writes (DESIGN.md rules 10-11, CONTRACT.md) -----------------------------
     def can_write(self, interaction: str, resource_type: str, new: dict | None, old: dict | None,
                   pid: str | None) -> Decision:
-        p = self.p
         role = self.role_decision()
         if role:
             return role
@@ -517,7 +516,7 @@ class RequestAccess:
         if p.kind == ADMIN:
             return permit("admin", "administrator manages consents")
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
-            return access if access.permit else access
+            return access
         if p.kind == PS:
             if interaction != "create":
                 return deny("ps-consent", "a professional only attests a first access")
