@@ -26,7 +26,7 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
                      Unprocessable, not_found)
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
-from .security.principal import Principal
+from .security.principal import ADMIN, Principal
 from .storage import Stored, VersionConflict, is_write_conflict, new_id, now
 
 log = logging.getLogger(__name__)
@@ -548,6 +548,46 @@ class GuardedRepository:
         self.record("delete", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
                     decision=decision, http_status=204)
         return stored
+
+    # ------------------------------------------------------------ lifecycle
+    def destroy_dmp(self, pid: str) -> None:
+        """Destroy a DMP (DESIGN.md rule 3): the record becomes as if it never existed.
+
+        Administrator only. The patient's data key is deleted first (crypto-shredding: every
+        document becomes unrecoverable even from backups), then the encrypted chunks, the
+        documents, Consents, Communications and their history; the Patient stays as a bare
+        tombstone marked ``destroyed``. The journal is kept 10 years (``retain_until``).
+        """
+        from .security.audit import mark_retention
+        self.access.start("Patient", "delete")
+        current = self.storage.read("Patient", pid)
+        st = self.access.state(pid)
+        if current is None or not st.known:
+            self.record("delete", outcome="4", patient_id=None, resource=f"Patient/{pid}", http_status=404)
+            raise not_found("Patient", pid)
+        if self.p.kind != ADMIN:
+            decision = Decision(False, "destroy-dmp", "only an administrator destroys a DMP")
+            if not self.access.dmp_access(st).permit:
+                self.record("delete", outcome="4", patient_id=pid, resource=f"Patient/{pid}",
+                            decision=decision, http_status=404)
+                raise not_found("Patient", pid)
+            raise self._deny_write("delete", "Patient", pid, pid, decision)
+        at = now()
+        self.b.crypto.shred(pid)
+        self.b.blobs.delete_patient(pid)
+        db = self.storage.db
+        for rtype in ("DocumentReference", "Binary", "Consent", "Communication"):
+            db[rtype].delete_many({"pid": pid})
+            db[f"{rtype}_history"].delete_many({"pid": pid})
+        db["Patient_history"].delete_many({"rid": pid})
+        db["btg_grants"].delete_many({"pid": pid})
+        db["Patient"].update_one({"_id": pid}, {"$set": {"destroyed": True, "destroyed_at": at, "del": True,
+                                                        "res": None, "s": {}, "o": {}}})
+        mark_retention(db, pid, at)
+        self.access.states.pop(pid, None)
+        self.record("delete", outcome="0", patient_id=pid, resource=f"Patient/{pid}",
+                    decision=Decision(True, "destroy-dmp", "DMP destroyed by an administrator"),
+                    http_status=204)
 
     # -------------------------------------------------------- conditional ops
     def find_matches(self, rtype: str, criteria: list[tuple[str, str]], limit: int = 2) -> list[Stored]:

@@ -292,3 +292,23 @@ def test_conditional_create_does_not_reveal(api, world):
                       headers={"If-None-Exist": f"patient={pid}&actor:identifier={b.IDNATPS}|{b.PS_KINE}"})
     assert r.status_code == 201
     assert r.json["provision"]["actor"][0]["reference"]["identifier"]["value"] == b.PS_OTHER
+
+
+def test_destroyed_dmp_is_as_if_it_never_existed(api, world, app):
+    pid, doc = world["pid"], world["docs"]["consult"]
+    assert api.as_patient(pid).post(f"Patient/{pid}/$destroy").status_code == 403
+    assert api.as_ps(b.PS_OTHER).post(f"Patient/{pid}/$destroy").status_code == 404
+    admin = api.as_admin()
+    db = app.extensions["fhir_dmp"].storage.db
+    before = db["AuditEvent"].count_documents({"pid": pid})
+    assert admin.post(f"Patient/{pid}/$destroy").status_code == 204
+    kept = db["AuditEvent"].count_documents({"pid": pid, "retain_until": {"$exists": True}})
+    assert before > 0 and kept >= before                              # the journal stays 10 years
+    for caller in (api.as_patient(pid), api.as_ps(b.PS_DR), api.as_ps(PS_GP), admin):
+        assert caller.get(f"Patient/{pid}").status_code == 404
+        assert caller.get(f"DocumentReference/{doc['id']}").status_code == 404
+        assert caller.get(doc["content"][0]["attachment"]["url"], headers={"Accept": "application/pdf"}).status_code == 404
+        assert caller.search(f"DocumentReference?patient={pid}")["total"] == 0
+    assert db["datakeys"].count_documents({"_id": pid}) == 0          # crypto-shredded
+    assert db["DocumentReference"].count_documents({"pid": pid}) == 0
+    assert admin.post(f"Patient/{pid}/$destroy").status_code == 404

@@ -120,6 +120,13 @@ def delete(rtype, rid):
     return respond(None, 204)
 
 
+@bp.post("/Patient/<rid>/$destroy")
+def destroy(rid):
+    """Destroy a DMP (administrator): crypto-shredding, then the record is gone; the journal stays."""
+    g.repo.destroy_dmp(rid)
+    return respond(None, 204)
+
+
 @bp.get("/<rtype>/<rid>/_history")
 def instance_history(rtype, rid):
     hosted(rtype)
