@@ -171,9 +171,12 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
     from .database import open_database
     from .embedded_db import EmbeddedMongo
 
+    from .security.habilitations import Habilitations
+
     out = out or sys.stderr
     workers = workers or default_workers()
     check_port_free(config.host, config.port)
+    Habilitations.load(config.habilitations_file)   # policy data validated before anything starts
 
     master_pid = os.getpid()
     embedded: EmbeddedMongo | None = None

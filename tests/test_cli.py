@@ -195,6 +195,16 @@ def test_bad_config_value(tmp_path):
     assert "FHIR_DMP_BREAK_GLASS_TTL" in _one_error_line(proc)
 
 
+def test_bad_habilitation_matrix_refused_before_start(tmp_path):
+    bad = tmp_path / "matrix.csv"
+    bad.write_text("profession_code,type_code,read\n10,11488-4,maybe\n")
+    proc = _cli("serve", "--port", str(free_port()), data_dir=tmp_path / "data",
+                FHIR_DMP_HABILITATIONS_FILE=str(bad))
+    assert proc.returncode != 0
+    assert _one_error_line(proc) == f"fhir-dmp: error: habilitation matrix {bad}: read must be yes or no on row 2"
+    assert not (tmp_path / "data" / "db").exists()
+
+
 def test_serve_unreachable_mongodb_uri(tmp_path):
     uri = f"mongodb://u:pw-secret@127.0.0.1:{free_port()}/?directConnection=true&serverSelectionTimeoutMS=500"
     proc = _cli("serve", "--port", str(free_port()), data_dir=tmp_path / "data",

@@ -11,10 +11,12 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ConfigError
+
 REQUIRED_COLUMNS = ("profession_code", "type_code", "read")
 
 
-class HabilitationError(ValueError):
+class HabilitationError(ConfigError):
     """The matrix file is unusable (one-line message naming the line)."""
 
 
