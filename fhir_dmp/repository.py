@@ -190,6 +190,9 @@ class GuardedRepository:
         """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen."""
         stored = self.storage.read(rtype, rid)
         if stored is None:
+            # the same context queries as a denial, so a missing resource and a denied one also
+            # take a similar time (DESIGN.md "No leaks")
+            self.access.load([f"\x00missing/{rid}"])
             self.record(interaction, outcome="4", patient_id=None, resource=f"{rtype}/{rid}",
                         http_status=404)
             raise not_found(rtype, rid)
