@@ -38,12 +38,19 @@ def build_backend(config: Config, client=None, db=None) -> Backend:
     if db is None:
         from .database import open_database
         client, db = open_database(config)
+    from .notifications import ensure_indexes as ensure_outbox_indexes
+
     storage = Storage(client, db)
-    storage.ensure_indexes()
     habilitations = Habilitations.load(config.habilitations_file)
     policy = AccessPolicy(storage, habilitations, config)
     crypto = DocumentCrypto(db, key_provider(config))
-    return Backend(config, storage, policy, AuditLog(db), outbox=Outbox(db, config),
+    audit_log = AuditLog(db)
+    # Every index exists before the first request: SecantusDB leaves out of an index the documents
+    # that a transaction already open when the index was built goes on to insert.
+    storage.ensure_indexes()
+    audit_log.ensure_indexes()
+    ensure_outbox_indexes(db)
+    return Backend(config, storage, policy, audit_log, outbox=Outbox(db, config),
                    blobs=BlobStore(db, crypto), crypto=crypto)
 
 

@@ -114,6 +114,7 @@ class GuardedRepository:
         self.access: RequestAccess = backend.policy.for_request(principal)
         self.info = info or RequestInfo()
         self.records: list = []
+        self.effects: list = []          # callables(session) written with the journal at flush
         self._grants_done: set[str] = set()
         self.session = None      # the open write transaction, if any (reads inside it see its writes)
 
@@ -128,14 +129,28 @@ class GuardedRepository:
             decision=decision.as_record() if decision else None, http_status=http_status,
             client_ip=self.info.client_ip, request_id=self.info.request_id))
 
-    def flush_audit(self) -> None:
-        """Write the request's AuditEvents (one round trip). Raises if it cannot (fail closed)."""
-        if not self.records:
-            return
+    def _events(self, records: list) -> list[dict]:
         from .security.audit import build_event
-        events = [build_event(r, source_observer=self.b.config.fhir_base) for r in self.records]
-        self.records = []
-        self.b.audit_log.append(events)
+        return [build_event(r, source_observer=self.b.config.fhir_base) for r in records]
+
+    def flush_audit(self) -> None:
+        """Write the request's AuditEvents (one round trip). Raises if it cannot (fail closed).
+
+        Side effects of reads (break-glass grants, centre 15 notices) are written in the same
+        transaction as their events: if the journal cannot be written, nothing of them remains.
+        """
+        if not self.records and not self.effects:
+            return
+        records, self.records = self.records, []
+        effects, self.effects = self.effects, []
+        if not effects:
+            self.b.audit_log.append(self._events(records))
+            return
+        with self.storage.transaction() as session:
+            for effect in effects:
+                effect(session)
+            more, self.records = self.records, []
+            self.b.audit_log.append(self._events(records + more), session=session)
 
     # ------------------------------------------------------------ decisions
     def _see(self, rtype: str, stored: Stored, *, extra: dict | None = None) -> Decision:
@@ -153,16 +168,19 @@ class GuardedRepository:
             self._create_grant(pid)
         elif decision.obligations.get("notify") == "centre_15":
             self._grants_done.add(pid)
-            self.notify("centre_15", pid)
+            self.effects.append(lambda session: self.notify("centre_15", pid, session=session))
 
     def _create_grant(self, pid: str) -> None:
-        """Record a time-boxed break-glass grant, queue it for review and tell the patient."""
+        """A time-boxed break-glass grant, queued for review; the patient is told (at flush)."""
         expires = now() + timedelta(seconds=self.b.config.break_glass_ttl)
         grant = {"_id": new_id(), "pid": pid, "ps": self.p.id_nat_ps, "profession": self.p.profession,
                  "reason": self.p.btg_reason, "created": now(), "expires": expires, "reviewed": False}
-        self.storage.db["btg_grants"].insert_one(grant)
         self.access.states[pid].grant = grant
-        self.notify("break_glass", pid)
+
+        def effect(session):
+            self.storage.db["btg_grants"].insert_one(grant, session=session)
+            self.notify("break_glass", pid, session=session)
+        self.effects.append(effect)
 
     def notify(self, kind: str, pid: str, *, session=None) -> None:
         """Queue a notice to the patient and store the matching Communication(s)."""
@@ -404,25 +422,53 @@ class GuardedRepository:
 
     # ----------------------------------------------------------------- Binary
     def binary_content(self, stored: Stored):
-        """Decrypting iterator over a visible Binary's content (decision already taken by read)."""
-        return self.b.blobs.open(stored.pid, stored.id, stored.vid)
+        """Decrypting iterator over a visible Binary's content (decision already taken by read).
+
+        Content that cannot be opened (shredded data key, missing chunks) turns the journaled
+        read into the 404 the caller gets.
+        """
+        from .security.crypto import ContentUnavailable
+        try:
+            return self.b.blobs.open(stored.pid, stored.id, stored.vid)
+        except ContentUnavailable:
+            for rec in reversed(self.records):
+                if rec.resource and rec.resource.startswith(f"Binary/{stored.id}") and rec.outcome == "0":
+                    rec.outcome, rec.http_status = "4", 404
+                    rec.decision = {**(rec.decision or {}), "reason": "content no longer available"}
+                    break
+            raise
 
     # ----------------------------------------------------------------- writes
-    def _writing(self, fn):
-        """Run ``fn(session)`` in a transaction, retrying lost races (not If-Match conflicts)."""
+    def _writing(self, fn, *, interaction: str = "transaction", rtype: str | None = None):
+        """Run ``fn(session)`` in a transaction, retrying lost races (not If-Match conflicts).
+
+        The AuditEvents recorded by ``fn`` are appended inside the same transaction: a write is
+        never committed without its journal entry (fail closed), and a rolled-back attempt leaves
+        no entry. A failure is journaled afterwards, at the end of the request.
+        """
+        mark = len(self.records)
         for attempt in range(WRITE_RETRIES):
             try:
                 with self.storage.transaction() as session:
                     self.session = self.access.session = session
                     try:
-                        return fn(session)
+                        result = fn(session)
+                        if len(self.records) > mark:
+                            self.b.audit_log.append(self._events(self.records[mark:]), session=session)
+                        return result
                     finally:
+                        del self.records[mark:]
                         self.session = self.access.session = None
                         self.access.states.clear()
             except PyMongoError as exc:
                 if is_write_conflict(exc) and attempt < WRITE_RETRIES - 1:
                     time.sleep(0.01 * (attempt + 1))
                     continue
+                raise
+            except FhirError as exc:
+                self.record(interaction, outcome="4" if exc.status < 500 else "8", patient_id=None,
+                            resource=rtype, http_status=exc.status,
+                            decision=Decision(False, "error", exc.diagnostics[:200]))
                 raise
 
     def _deny_write(self, interaction: str, rtype: str, rid: str | None, pid: str | None,
@@ -455,12 +501,11 @@ class GuardedRepository:
             resource_ = self._store_content(rtype, rid_, 1, resource, pid, s, content)
             stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s)
             self._after_write("create", rtype, stored, None, decision, s)
+            self.record("create", outcome="0", patient_id=stored.pid,
+                        resource=f"{rtype}/{stored.id}/_history/1", decision=decision, http_status=201)
             return stored
 
-        stored = write(session) if session is not None else self._writing(write)
-        self.record("create", outcome="0", patient_id=stored.pid,
-                    resource=f"{rtype}/{stored.id}/_history/1", decision=decision, http_status=201)
-        return stored
+        return write(session) if session is not None else self._writing(write, interaction="create", rtype=rtype)
 
     def update(self, rtype: str, rid: str, resource: dict, *, if_match: str | None = None,
                session=None, interaction: str = "update", content=None) -> tuple[Stored, bool]:
@@ -501,12 +546,13 @@ class GuardedRepository:
                 raise PreconditionFailed(f"version conflict: {rtype}/{rid} is at version {exc.current_vid}") \
                     if if_match else Conflict(f"concurrent update of {rtype}/{rid}; retry") from None
             self._after_write(interaction, rtype, stored, old, decision, s)
+            self.record(interaction, outcome="0", patient_id=pid, resource=f"{rtype}/{rid}/_history/{stored.vid}",
+                        decision=decision, http_status=200)
             return stored
 
-        stored = write(session) if session is not None else self._writing(write)
-        self.record(interaction, outcome="0", patient_id=pid, resource=f"{rtype}/{rid}/_history/{stored.vid}",
-                    decision=decision, http_status=200)
-        return stored, False
+        if session is not None:
+            return write(session), False
+        return self._writing(write, interaction=interaction, rtype=rtype), False
 
     def patch(self, rtype: str, rid: str, operations: list, *, if_match: str | None = None,
               validate=None, session=None) -> Stored:
@@ -542,15 +588,15 @@ class GuardedRepository:
 
         def write(s):
             try:
-                return self.storage.update(rtype, rid, None, pid=current.pid, expected_vid=current.vid,
-                                           session=s, deleted=True)
+                stored = self.storage.update(rtype, rid, None, pid=current.pid, expected_vid=current.vid,
+                                             session=s, deleted=True)
             except VersionConflict:
                 raise Conflict(f"concurrent change of {rtype}/{rid}; retry") from None
+            self.record("delete", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
+                        decision=decision, http_status=204)
+            return stored
 
-        stored = write(session) if session is not None else self._writing(write)
-        self.record("delete", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
-                    decision=decision, http_status=204)
-        return stored
+        return write(session) if session is not None else self._writing(write, interaction="delete", rtype=rtype)
 
     # ------------------------------------------------------------ lifecycle
     def destroy_dmp(self, pid: str) -> None:

@@ -207,7 +207,7 @@ def test_supported_parameters_and_types():
                     "scope": "token"},
         "AuditEvent": {"patient": "reference", "entity": "reference", "agent": "reference",
                        "date": "date", "type": "token", "subtype": "token", "action": "token",
-                       "outcome": "token"},
+                       "outcome": "token", "purpose": "token"},
         "Communication": {"subject": "reference", "patient": "reference", "status": "token",
                           "sent": "date", "category": "token"},
         "Binary": {},

@@ -5,7 +5,10 @@ the write:
 
 * :func:`prepare_document` — the depositing PS is the author whatever the
   client sent; deposits need a qualified INS; ``relatesTo replaces`` targets
-  a document of the same author and patient; CDA/PDF content is inspected.
+  a document of the same author and patient; CDA/PDF content is inspected
+  (under the attachment's contentType, which must be its Binary's); an
+  ``attachment.url`` names a Binary of the same record not attached to
+  another document; ``size``/``hash`` always come from the stored content.
 * :func:`store_inline_attachments` / :func:`store_binary_content` — content
   is encrypted into the blob store before the metadata is written; the
   DocumentReference keeps ``attachment.url``, ``size`` and ``hash``.
@@ -17,29 +20,46 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import re
 
-from ..errors import BadRequest, PayloadTooLarge, Unprocessable
+from ..errors import Conflict, PayloadTooLarge, Unprocessable
 from ..profiles import dmp
+from ..storage import VersionConflict
 from .cda import check_cda_matches, inspect_cda
 from .pdf import inspect_pdf
 
 CDA_TYPES = {"text/xml", "application/xml", "application/hl7-v3+xml", "application/cda+xml"}
 PDF_TYPES = {"application/pdf"}
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")   # FHIR id
+_WHITESPACE = re.compile(rb"[ \t\r\n]+")
 
 
 def _decode(data: str, where: str, max_bytes: int) -> bytes:
-    if len(data) > max_bytes * 4 // 3 + 4:
+    """Strict base64 (RFC 4648 alphabet and padding); line breaks allowed, as XML writers wrap it."""
+    if not isinstance(data, str):
+        raise Unprocessable("attachment data must be a base64 string", expression=where)
+    raw = data.encode("ascii", "replace")
+    if b"\n" in raw or b" " in raw or b"\r" in raw or b"\t" in raw:
+        raw = _WHITESPACE.sub(b"", raw)
+    if len(raw) > max_bytes * 4 // 3 + 4:
         raise PayloadTooLarge(f"attachment larger than {max_bytes} bytes", expression=where)
     try:
-        return base64.b64decode(data, validate=True)
+        decoded = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise Unprocessable("attachment data is not valid base64", expression=where) from None
+    if len(decoded) > max_bytes:
+        raise PayloadTooLarge(f"attachment larger than {max_bytes} bytes", expression=where)
+    return decoded
+
+
+def _base_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
 
 
 def inspect_content(content: bytes, content_type: str | None, where: str, *, max_bytes: int,
                     ins: tuple[str, str] | None = None, type_codes: set[str] | None = None) -> None:
     """Refuse hostile or mismatched documents (422) before anything is stored."""
-    ctype = (content_type or "").split(";")[0].strip().lower()
+    ctype = _base_type(content_type)
     if ctype in PDF_TYPES:
         inspect_pdf(content, max_bytes=max_bytes, expression=where)
     elif ctype in CDA_TYPES:
@@ -81,6 +101,11 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
         if att.get("data"):
             inspect_content(_decode(att["data"], where + ".data", max_bytes), att.get("contentType"),
                             where, max_bytes=max_bytes, ins=ins, type_codes=codes)
+            # the content gets a new Binary; a url may only name the id it is to take (ITI-65)
+            bid = _ref_id(att.get("url"), "Binary")
+            if bid and repo.storage.read("Binary", bid, session=repo.session) is not None:
+                raise Unprocessable("attachment.url names an existing Binary: send data or url, not both",
+                                    expression=where + ".url")
         elif att.get("url"):
             bid = _ref_id(att["url"], "Binary")
             if bid is None:
@@ -89,14 +114,28 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
             if binary is None or binary.deleted or binary.pid != pid:
                 raise Unprocessable("attachment.url must point to a Binary of the same record",
                                     expression=where + ".url")
+            owner = _ref_id(((binary.resource or {}).get("securityContext") or {}).get("reference"),
+                            "DocumentReference")
+            if owner is not None and (old is None or owner != old.get("id")):
+                # re-attaching would put another document's content under this document's labels
+                raise Unprocessable("attachment.url points to the content of another document",
+                                    expression=where + ".url")
+            if _base_type(binary.resource.get("contentType")) != _base_type(att.get("contentType")):
+                # else a PDF uploaded as application/octet-stream would escape inspection
+                raise Unprocessable("attachment.contentType differs from the contentType of its Binary",
+                                    expression=where + ".contentType")
             if old is None or att.get("url") not in _urls(old):
                 blob = repo.b.blobs.read(binary.pid, binary.id, binary.vid)
-                inspect_content(blob, binary.resource.get("contentType"), where, max_bytes=max_bytes,
+                inspect_content(blob, att.get("contentType"), where, max_bytes=max_bytes,
                                 ins=ins, type_codes=codes)
-                meta = repo.storage.db["Binary"].find_one({"_id": bid}, {"blob": 1}) or {}
-                info = meta.get("blob") or {}
-                if info:
-                    att["size"], att["hash"] = info.get("size"), info.get("sha1")
+            # size and hash always come from what is stored, never from the client
+            meta = repo.storage.db["Binary"].find_one({"_id": bid}, {"blob": 1}, session=repo.session) or {}
+            info = meta.get("blob") or {}
+            if info:
+                att["size"], att["hash"] = info.get("size"), info.get("sha1")
+            else:
+                att.pop("size", None)
+                att.pop("hash", None)
     return resource
 
 
@@ -121,11 +160,17 @@ def store_inline_attachments(repo, rid: str, resource: dict, pid: str, session) 
         att = content.get("attachment") or {}
         if not att.get("data"):
             continue
-        data = base64.b64decode(att.pop("data"))
+        data = _decode(att.pop("data"), "DocumentReference.content.attachment.data",
+                       repo.b.config.max_attachment_bytes)
         binary = {"resourceType": "Binary", "contentType": att.get("contentType") or "application/octet-stream",
                   "securityContext": {"reference": f"DocumentReference/{rid}"}}
-        bid = repo.storage.create("Binary", binary, pid=pid, rid=_ref_id(att.get("url"), "Binary"),
-                                  session=session).id
+        wanted = _ref_id(att.get("url"), "Binary")
+        try:
+            bid = repo.storage.create("Binary", binary, pid=pid,
+                                      rid=wanted if wanted and _ID.fullmatch(wanted) else None,
+                                      session=session).id
+        except VersionConflict:
+            raise Conflict("attachment.url names an existing Binary: send data or url, not both") from None
         info = repo.b.blobs.put(pid, bid, 1, data, max_bytes=repo.b.config.max_attachment_bytes,
                                 session=session)
         remember_blob(repo, bid, info, session)
@@ -146,6 +191,13 @@ def store_binary_content(repo, rid: str, vid: int, resource: dict, pid: str, ses
         inspect_content(source, resource.get("contentType"), "Binary.data", max_bytes=max_bytes)
     elif source is None:
         source = b""
+    else:
+        # a request body can be read once: a transaction retried after a write conflict
+        # must not store what is left of it (empty or truncated content)
+        used = repo.__dict__.setdefault("_consumed_streams", set())
+        if id(source) in used:
+            raise Conflict("concurrent write while storing the upload; send it again")
+        used.add(id(source))
     info = repo.b.blobs.put(pid, rid, vid, source, max_bytes=max_bytes, session=session)
     repo._pending_blob = (rid, info)
     return resource

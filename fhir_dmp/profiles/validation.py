@@ -504,7 +504,8 @@ class _Walker:
         if value == "":
             self.add(path, "empty strings are not allowed (R4 JSON)")
             return
-        if len(value) > _MAX_STRING:
+        if len(value) > _MAX_STRING and prim != "base64Binary":
+            # attachments are bounded by max_body_bytes and FHIR_DMP_MAX_ATTACHMENT_BYTES instead
             self.add(path, "string longer than 1 MiB characters", "too-long")
             return
         if prim == "xhtml":

@@ -17,11 +17,17 @@ from __future__ import annotations
 import copy
 from urllib.parse import parse_qsl, urlsplit
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 
-from ..errors import BadRequest, FhirError, MethodNotAllowed, NotFound, PreconditionFailed
+from ..errors import (
+    BadRequest,
+    FhirError,
+    MethodNotAllowed,
+    NotFound,
+    PreconditionFailed,
+)
 from ..storage import new_id
-from .http import backend, full_url, read_body, respond, version_headers
+from .http import full_url, read_body, respond, version_headers
 from .rest import HOSTED, READ_ONLY, checked
 
 bp = Blueprint("fhir_bundles", __name__, url_prefix="/fhir")
@@ -61,14 +67,13 @@ def _transaction(entries: list[dict]):
         if full in ids:
             e["resource"]["_assigned"] = ids[full]
     entries, folded = _fold_binaries(entries)
-    order = sorted(range(len(entries)), key=lambda i: ORDER[entries[i]["request"]["method"]])
+    order = sorted((i for i in range(len(entries)) if entries[i] is not None),
+                   key=lambda i: ORDER[entries[i]["request"]["method"]])
     responses: dict[int, dict] = {}
     repo = g.repo
 
     def run(session):
         for i in order:
-            if entries[i] is None:
-                continue
             try:
                 responses[i] = _entry(entries[i], session, i)
             except FhirError as exc:
@@ -130,6 +135,8 @@ def _fold_binaries(entries: list[dict]) -> tuple[list, dict]:
                 binaries[key] = i
     folded = {}
     for e in entries:
+        if e is None:   # a Binary already folded into an earlier document
+            continue
         res = e.get("resource") or {}
         if e["request"]["method"] != "POST" or res.get("resourceType") != "DocumentReference":
             continue

@@ -31,7 +31,8 @@ WANTED: dict[str, tuple[str, ...]] = {
     "DocumentReference": ("patient", "subject", "identifier", "type", "category", "date", "status",
                           "author", "security-label", "relatesto", "format", "contenttype"),
     "Consent": ("patient", "status", "category", "actor", "purpose", "action", "date", "scope"),
-    "AuditEvent": ("patient", "entity", "agent", "date", "type", "subtype", "action", "outcome"),
+    "AuditEvent": ("patient", "entity", "agent", "date", "type", "subtype", "action", "outcome",
+                   "purpose"),   # purpose: this server's SearchParameter (break-glass review)
     "Communication": ("subject", "patient", "status", "sent", "category"),
     "Binary": (),
 }

@@ -663,7 +663,8 @@ def mark_retention(db, patient_id: str, closed_at: datetime) -> int:
     """Keep this patient's journal 10 years after the DMP closed (DESIGN.md "Audit").
 
     Sets ``retain_until = closed_at + 10 years`` beside ``res`` (not hashed)
-    on every event of the patient's chain; returns the number updated. A
+    on every event of the patient's chain or of its compartment (``pid``, e.g. the patient's own
+    searches that touched no record); returns the number updated. A
     purge job may delete events only once ``retain_until`` has passed.
     """
     try:
@@ -671,5 +672,6 @@ def mark_retention(db, patient_id: str, closed_at: datetime) -> int:
     except ValueError:  # 29 February -> 28 February
         until = closed_at.replace(year=closed_at.year + RETENTION_YEARS, day=28)
     result = db.get_collection(COLLECTION, write_concern=WriteConcern(w="majority", j=True)) \
-        .update_many({"chain.pid": patient_id}, {"$set": {"retain_until": until}})
+        .update_many({"$or": [{"chain.pid": patient_id}, {"pid": patient_id}]},
+                     {"$set": {"retain_until": until}})
     return result.modified_count

@@ -274,6 +274,7 @@ class RequestAccess:
             return role
         p = self.p
         if p.kind == ADMIN and st.known:
+            # a deleted (not destroyed) DMP stays manageable: 410 on read, history kept
             return permit("admin", "administrator (no document content)")
         if not st.exists:
             return deny("dmp-state", "no such DMP")
@@ -282,8 +283,6 @@ class RequestAccess:
                 return permit("patient-self" if p.kind == PATIENT else "legal-representative",
                               "own record")
             return deny("patient-other", "not the caller's record")
-        if p.kind == ADMIN:
-            return permit("admin", "administrator (no document content)")
         # professionals
         if not st.open:
             return deny("dmp-closed", "the DMP is closed")
@@ -493,7 +492,7 @@ class RequestAccess:
         if interaction == "create":
             if p.kind == PS and p.purpose == TREAT:
                 return permit("ps-creates-dmp", "a professional opens the DMP (patient agreed)",
-                              obligations={"authorize_creator": True})
+                              obligations={"authorize_creator": True, "notify": "first_access"})
             return deny("create-dmp", "only a professional or an administrator opens a DMP")
         if interaction == "delete":
             return deny("delete-dmp", "only an administrator deletes a DMP")
@@ -535,10 +534,10 @@ class RequestAccess:
 
     def _write_document(self, interaction, rtype, new, old, st, access) -> Decision:
         p = self.p
-        if p.kind == ADMIN and st.known:
-            return permit("admin", "administrator (no document content)")
         if not st.exists:
             return deny("dmp-state", "no such DMP")
+        if p.kind == ADMIN:
+            return deny("admin-no-content", "an administrator never writes document content")
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             if interaction in ("update", "patch") and rtype == "DocumentReference" and p.kind == PATIENT \
                     and access.permit and old is not None:
