@@ -56,11 +56,10 @@ def bench_decisions(env, pid: str, docs: list[dict], seconds: float) -> dict:
 
 
 def raw_search(storage, req) -> tuple[int, list]:
-    """The search straight on storage: count + first page, same filter, sort and limit."""
-    flt = {"$and": [req.mongo_filter(), {"del": False}]}
-    coll = storage.db["DocumentReference"]
-    total = coll.count_documents(flt)
-    docs = list(coll.find(flt).sort(req.mongo_sort()).limit(req.count + 1))
+    """The search straight on storage, no guard: first page, then the count when the page is
+    full (what the repository does), same filter, sort and limit."""
+    docs = storage.find_docs("DocumentReference", req.mongo_filter(), req.mongo_sort(), req.count + 1)
+    total = len(docs) if len(docs) <= req.count else storage.count("DocumentReference", req.mongo_filter())
     return total, docs[:req.count]
 
 

@@ -19,7 +19,7 @@ from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, Serv
 from .repository import Backend, GuardedRepository, RequestInfo
 from .security.auth import TokenVerifier
 from .security.crypto import ContentUnavailable
-from .security.consent import AccessPolicy
+from .security.consent import AccessPolicy, access_facets
 from .security.habilitations import Habilitations
 from .storage import Storage
 
@@ -40,7 +40,7 @@ def build_backend(config: Config, client=None, db=None) -> Backend:
         client, db = open_database(config)
     from .notifications import ensure_indexes as ensure_outbox_indexes
 
-    storage = Storage(client, db)
+    storage = Storage(client, db, annotate=access_facets)
     habilitations = Habilitations.load(config.habilitations_file)
     policy = AccessPolicy(storage, habilitations, config)
     crypto = DocumentCrypto(db, key_provider(config))

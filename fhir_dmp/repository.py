@@ -27,7 +27,7 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, Principal
-from .storage import Stored, VersionConflict, is_write_conflict, new_id, now
+from .storage import Stored, VersionConflict, is_write_conflict, merge_filters, new_id, now
 
 log = logging.getLogger(__name__)
 
@@ -354,15 +354,17 @@ class GuardedRepository:
                         decision=Decision(False, "search-scope", "nothing visible to this caller"),
                         http_status=200)
             return page
-        base = {"$and": [req.mongo_filter(), guard]} if guard else req.mongo_filter()
+        base = merge_filters(guard, req.mongo_filter())     # the guard first: pid fails fast
+        if req.summary == "count" or req.count == 0:
+            docs = []
+        else:
+            flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
+            docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1)
         if req.total != "none" or req.summary == "count":
-            page.total = self.storage.count(rtype, base)
-        if req.summary != "count" and req.count > 0:
-            flt = base
-            if req.cursor:
-                flt = {"$and": [base, search.keyset_filter(req)]}
-            docs = list(self.storage.db[rtype].find({"$and": [flt, {"del": False}]})
-                        .sort(req.mongo_sort()).limit(req.count + 1))
+            # a first page that holds everything is its own total: no second pass over the data
+            short = not req.cursor and len(docs) <= req.count and req.summary != "count" and req.count
+            page.total = len(docs) if short else self.storage.count(rtype, base)
+        if docs:
             if len(docs) > req.count:
                 docs = docs[:req.count]
                 page.next_cursor = search.cursor_after(req, docs[-1])
@@ -415,7 +417,7 @@ class GuardedRepository:
             if guard is None:
                 continue
             flt = search.revinclude_filter(inc, req.resource_type, [s.id for s in matches])
-            for stored in self.storage.find(inc.source_type, {"$and": [flt, guard]} if guard else flt,
+            for stored in self.storage.find(inc.source_type, merge_filters(guard, flt),
                                             [("_id", 1)], self.b.config.max_page_size):
                 admit(inc.source_type, stored)
         return out

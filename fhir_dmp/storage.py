@@ -67,6 +67,30 @@ class Stored:
         return f"{self.resource_type}/{self.id}"
 
 
+def merge_filters(*filters: dict) -> dict:
+    """AND of MongoDB filters, flat where their keys do not collide.
+
+    A flat filter (``{"pid": x, "del": False, ...}``) lets every MongoDB-wire server pick an
+    index (SecantusDB looks at none when the top level holds an operator such as ``$and``);
+    colliding keys and nested operators fall back to ``$and``.
+    """
+    out: dict = {}
+    rest: list[dict] = []
+    for flt in filters:
+        if not flt:
+            continue
+        for key, value in flt.items():
+            if key == "$and":
+                rest.extend(value)
+            elif key in out:
+                rest.append({key: value})
+            else:
+                out[key] = value
+    if rest:
+        return {**out, "$and": rest} if "$and" not in out else {"$and": [out, *rest]}
+    return out
+
+
 def now() -> datetime:
     """UTC now at millisecond precision (what MongoDB keeps)."""
     t = datetime.now(timezone.utc)
@@ -103,8 +127,11 @@ CODECS = CodecOptions(tz_aware=True, type_registry=TypeRegistry([DecimalCodec()]
 class Storage:
     """CRUD, history and search on the versioned collections."""
 
-    def __init__(self, client: pymongo.MongoClient, db):
+    def __init__(self, client: pymongo.MongoClient, db, *, annotate=None):
+        """``annotate(rtype, resource) -> dict`` adds flat fields stored as ``a`` (the access
+        decision's facets); storage does not interpret them."""
         self.client = client
+        self.annotate = annotate
         self.db = client.get_database(db.name, codec_options=CODECS, write_concern=db.write_concern,
                                       read_concern=db.read_concern, read_preference=db.read_preference)
 
@@ -172,15 +199,19 @@ class Storage:
         return self.db[f"{rtype}_history"].count_documents(flt)
 
     def find(self, rtype: str, flt: dict, sort: list, limit: int) -> list[Stored]:
-        cursor = self.db[rtype].find({"$and": [flt, {"del": False}]})
+        return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit)]
+
+    def find_docs(self, rtype: str, flt: dict, sort: list, limit: int) -> list[dict]:
+        """Raw current documents (not deleted) matching ``flt``."""
+        cursor = self.db[rtype].find(merge_filters(flt, {"del": False}))
         if sort:
             cursor = cursor.sort(sort)
         if limit:
             cursor = cursor.limit(limit)
-        return [Stored.from_doc(rtype, d) for d in cursor]
+        return list(cursor)
 
     def count(self, rtype: str, flt: dict) -> int:
-        return self.db[rtype].count_documents({"$and": [flt, {"del": False}]})
+        return self.db[rtype].count_documents(merge_filters(flt, {"del": False}))
 
     def ids_with_raw(self, rtype: str, flt: dict, projection: dict) -> list[dict]:
         """Raw projected documents (for the decision's context loading)."""
@@ -191,10 +222,11 @@ class Storage:
               deleted: bool, lu: datetime) -> tuple[dict, dict]:
         if resource is not None:
             index, order = search.extract(rtype, resource)
+            facets = self.annotate(rtype, resource) if self.annotate else {}
         else:
-            index, order = {}, {}
+            index, order, facets = {}, {}, {}
         current = {"_id": rid, "pid": pid, "vid": vid, "lu": lu, "del": deleted,
-                   "res": resource, "s": index, "o": order}
+                   "res": resource, "s": index, "o": order, "a": facets}
         hist = {"_id": f"{rid}/{vid}", "rid": rid, "pid": pid, "vid": vid, "lu": lu,
                 "del": deleted, "res": resource}
         return current, hist
@@ -235,7 +267,7 @@ class Storage:
         current, hist = self._docs(rtype, rid, vid, pid, resource, deleted, lu)
         if deleted:
             # keep the last content searchable by nobody; the history keeps the versions
-            current["res"], current["s"], current["o"] = None, {}, {}
+            current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
         res = self.db[rtype].find_one_and_update(
             {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
             session=session, return_document=ReturnDocument.AFTER, projection={"_id": 1})
@@ -254,6 +286,8 @@ EXTRA_INDEXES = {
     "Consent": [[("res.provision.actor.reference.identifier.value", 1), ("res.status", 1)],
                 [("pid", 1), ("res.status", 1)]],
     "Patient": [[("res.generalPractitioner.identifier.value", 1)]],
+    # the search guard (security/consent.py access_facets): a DMP's documents a reader may see
+    "DocumentReference": [[("pid", 1), ("a.keys", 1)]],
 }
 
 

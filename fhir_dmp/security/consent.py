@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from .. import search
 from ..errors import Forbidden
 from ..profiles import dmp
-from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PS,
+from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS,
                         REGULATION_CENTRE, TREAT, Principal)
 
 INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "search": "s", "create": "c",
@@ -55,25 +54,27 @@ def deny(rule, reason, **kw) -> Decision:
     return Decision(False, rule, reason, **kw)
 
 
-# -- decision fragments as search criteria (reuses the search engine's index shape) ------------------
-def _doc_filter(params: list[tuple[str, str]]) -> dict:
-    return search.parse_search("DocumentReference", params).mongo_filter()
+# -- access facets: what the decision reads of a document, stored flat beside it ----------------------
+def access_facets(resource_type: str, resource: dict) -> dict:
+    """Flat fields the search guard filters on (stored as ``a`` by storage).
+
+    ``keys`` folds rule 9 into one array of strings, so the guard is a single ``$in`` (cheap for
+    any MongoDB to evaluate, and indexable) instead of ``$or``s over codings:
+    ``t:<LOINC>`` for an unmasked document of that type, ``m:<LOINC>`` for a masked one
+    (MASQUE_PS), ``au:<idNatPs>`` for each author. ``labels`` holds the DMP label codes.
+    """
+    if resource_type != "DocumentReference":
+        return {}
+    labels = dmp.labels(resource)
+    prefix = "m:" if dmp.MASQUE_PS in labels else "t:"
+    keys = [prefix + code for code in sorted(dmp.doc_type_codes(resource))]
+    keys += ["au:" + ps for ps in sorted(dmp.author_ids(resource))]
+    return {"keys": keys, "labels": sorted(labels)}
 
 
-def label_exclusion(codes) -> dict:
-    """Documents carrying none of the DMP labels ``codes``."""
-    return _doc_filter([("security-label:not", f"{dmp.LABEL_SYSTEM}|{c}") for c in codes])
-
-
-def type_in(codes) -> dict:
-    """Documents whose LOINC type is one of ``codes`` (nothing when empty)."""
-    if not codes:
-        return {"_id": {"$in": []}}
-    return _doc_filter([("type", ",".join(f"http://loinc.org|{c}" for c in codes))])
-
-
-def author_is(id_nat_ps: str) -> dict:
-    return _doc_filter([("author:identifier", f"{IDNATPS_SYSTEM}|{id_nat_ps}")])
+def _pid_filter(pids) -> dict:
+    pids = sorted(pids)
+    return {"pid": pids[0]} if len(pids) == 1 else {"pid": {"$in": pids}}
 
 
 def _now() -> datetime:
@@ -411,8 +412,9 @@ class RequestAccess:
             return {p.patient_id} if st.exists else set()
         if p.kind == ADMIN:
             return None
-        if p.purpose in (BTG, ETREAT):
-            # emergency modes reach the DMPs the request names, one by one
+        if named_pids or p.purpose in (BTG, ETREAT):
+            # the DMPs the request names, one by one (emergency modes reach no others): only their
+            # context is loaded, not that of every DMP the professional is authorized on
             self.load(named_pids)
             return {pid for pid in named_pids if self.dmp_access(self.states[pid]).permit}
         return set(self.ps_sets()["normal"])
@@ -425,7 +427,7 @@ class RequestAccess:
         if resource_type == "Patient":
             if pids is None:
                 return {}
-            flt = {"_id": {"$in": sorted(pids)}}
+            flt = {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
             if ins_lookup and p.kind in (PS, REGULATION_CENTRE) and self.role_decision() is None:
                 # exact INS: the criteria themselves select the DMP; can_see redacts it
                 return {}
@@ -433,26 +435,29 @@ class RequestAccess:
         if resource_type == "DocumentReference":
             if p.kind == ADMIN or pids is not None and not pids:
                 return None
-            flt: dict = {"pid": {"$in": sorted(pids)}}
+            flt: dict = _pid_filter(pids)
             if p.kind == PATIENT:
-                return {**flt, **label_exclusion([dmp.INVISIBLE_PATIENT])}
+                return {**flt, "a.labels": {"$ne": dmp.INVISIBLE_PATIENT}}
             if p.kind == LEGAL_REPRESENTATIVE:
-                return {**flt, **label_exclusion([dmp.INVISIBLE_PATIENT,
-                                                          dmp.INVISIBLE_REPRESENTANTS_LEGAUX])}
+                return {**flt, "a.labels": {"$nin": [dmp.INVISIBLE_PATIENT, dmp.INVISIBLE_REPRESENTANTS_LEGAUX]}}
+            # rule 9: habilitation x type, MASQUE_PS only for the author and (normal mode) the
+            # médecin traitant; the author always sees what they wrote (see access_facets)
             allowed = sorted(self.policy.habilitations.allowed_types(self.profession))
-            me = p.id_nat_ps
-            gp_pids = sorted(self.ps_sets()["gp"]) if p.purpose == TREAT else []
-            return {"$and": [flt, {"$or": [
-                {"$and": [type_in(allowed),
-                          {"$or": [label_exclusion([dmp.MASQUE_PS]),
-                                   {"pid": {"$in": gp_pids}}]}]},
-                author_is(me)]}]}
+            keys = [f"t:{c}" for c in allowed] + [f"au:{p.id_nat_ps}"]
+            masked = [f"m:{c}" for c in allowed]
+            gp_pids = {pid for pid in pids if p.purpose == TREAT and p.id_nat_ps in self.states[pid].gp_ids}
+            if gp_pids == pids:
+                return {**flt, "a.keys": {"$in": keys + masked}}
+            if gp_pids:
+                return {**flt, "$or": [{"a.keys": {"$in": keys}},
+                                       {**_pid_filter(gp_pids), "a.keys": {"$in": masked}}]}
+            return {**flt, "a.keys": {"$in": keys}}
         if resource_type == "Consent":
             if pids is None:
                 return {}
             if not pids:
                 return None
-            flt = {"pid": {"$in": sorted(pids)}}
+            flt = _pid_filter(pids)
             if p.kind in (PS, REGULATION_CENTRE):
                 flt.update({"res.provision.type": "permit",
                             "res.provision.actor.reference.identifier.value": {"$in": list(self.my_ids)}})
@@ -462,7 +467,7 @@ class RequestAccess:
                 return None
             if pids is None:
                 return {}
-            return {"pid": {"$in": sorted(pids)}} if pids else None
+            return _pid_filter(pids) if pids else None
         return None
 
     # -- writes (DESIGN.md rules 10-11, CONTRACT.md) -----------------------------
