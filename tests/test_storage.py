@@ -1,0 +1,48 @@
+"""Storage: versions, decimals, flat filters and the access facets stored beside each document."""
+from decimal import Decimal
+
+import pytest
+
+from fhir_dmp.security.consent import access_facets
+from fhir_dmp.storage import Storage, VersionConflict, merge_filters
+from tests import builders as b
+
+
+def test_merge_filters_stays_flat_unless_keys_collide():
+    assert merge_filters({"pid": "1"}, {"del": False}, {}) == {"pid": "1", "del": False}
+    assert merge_filters({"pid": "1"}, {"pid": "2"}) == {"pid": "1", "$and": [{"pid": "2"}]}
+    assert merge_filters({"$and": [{"a": 1}]}, {"b": 2}) == {"b": 2, "$and": [{"a": 1}]}
+    assert merge_filters({"$or": [{"a": 1}]}, {"$or": [{"b": 1}]}) == \
+        {"$or": [{"a": 1}], "$and": [{"$or": [{"b": 1}]}]}
+
+
+def test_access_facets_fold_rule_9():
+    doc = b.docref("p", b.LAB, labels=("MASQUE_PS",), author=b.PS_DR)
+    assert access_facets("DocumentReference", doc) == {
+        "keys": [f"m:{b.LAB}", f"au:{b.PS_DR}"], "labels": ["MASQUE_PS"]}
+    assert access_facets("DocumentReference", b.docref("p", b.LAB))["keys"] == [f"t:{b.LAB}"]
+    assert access_facets("Patient", b.patient()) == {}
+
+
+def test_versions_conflicts_and_decimals(mongo_client, db):
+    storage = Storage(mongo_client, db, annotate=access_facets)
+    storage.ensure_indexes()
+    obs = dict(b.patient(), multipleBirthInteger=2)
+    with storage.transaction() as s:
+        v1 = storage.create("Patient", obs, pid=None, session=s)
+    assert v1.vid == 1 and v1.pid == v1.id
+    with storage.transaction() as s:
+        v2 = storage.update("Patient", v1.id, dict(v1.resource, gender="male"), pid=v1.pid, expected_vid=1, session=s)
+    assert v2.vid == 2 and storage.vread("Patient", v1.id, 1).resource["gender"] == "female"
+    with pytest.raises(VersionConflict):
+        with storage.transaction() as s:
+            storage.update("Patient", v1.id, v1.resource, pid=v1.pid, expected_vid=1, session=s)
+    assert storage.read("Patient", v1.id).vid == 2                 # the loser wrote nothing
+    doc = dict(b.docref(v1.id), content=[{"attachment": {"contentType": "application/pdf", "size": 3}}])
+    doc["extension"] = [{"url": "urn:x", "valueDecimal": Decimal("72.50")}]
+    with storage.transaction() as s:
+        d = storage.create("DocumentReference", doc, pid=v1.id, session=s)
+    back = storage.read("DocumentReference", d.id).resource
+    assert back["extension"][0]["valueDecimal"] == Decimal("72.50")
+    assert str(back["extension"][0]["valueDecimal"]) == "72.50"     # precision kept
+    assert db["DocumentReference"].find_one({"_id": d.id})["a"]["keys"] == [f"t:{b.CONSULTATION}"]
