@@ -5,14 +5,10 @@ SMS to an http.server, both on 127.0.0.1 (no mocks).
 """
 from __future__ import annotations
 
-import email
-import email.policy
-import json
 import logging
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -20,6 +16,7 @@ from fhir.resources.R4B.communication import Communication
 
 from fhir_dmp.config import Config
 from fhir_dmp.embedded_db import free_port as _free_port
+from tests.transports import Sink, SmsServer, sms, smtp  # noqa: F401 (fixtures)
 from fhir_dmp.notifications import (NO_CONTACT_REASON, OUTBOX, Notice, Outbox, Worker, contacts,
                                     render_text)
 
@@ -30,67 +27,7 @@ def client(mongo_client):
     return mongo_client
 
 
-# --- real transports ------------------------------------------------------------------
-
-class Sink:
-    """aiosmtpd handler that keeps what it receives."""
-
-    def __init__(self):
-        self.messages: list[email.message.EmailMessage] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server, session, envelope):
-        msg = email.message_from_bytes(envelope.original_content or envelope.content,
-                                       policy=email.policy.default)
-        with self.lock:
-            self.messages.append(msg)
-        return "250 Message accepted for delivery"
-
-
-@pytest.fixture
-def smtp():
-    sink = Sink()
-    port = _free_port()
-    ctl = Controller(sink, hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield sink, port
-    ctl.stop()
-
-
-class SmsServer:
-    def __init__(self, statuses=()):
-        self.received: list[tuple[dict, dict]] = []
-        self.statuses = list(statuses)  # status codes to answer first, then 200
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = outer.statuses.pop(0) if outer.statuses else 200
-                if status == 200:
-                    outer.received.append((json.loads(body), dict(self.headers)))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/sms"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def sms():
-    server = SmsServer()
-    yield server
-    server.close()
+# --- real transports: tests/transports.py ---------------------------------------------
 
 
 # --- data ---------------------------------------------------------------------------------

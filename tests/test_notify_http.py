@@ -17,13 +17,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from fhir_dmp.notifications import NO_CONTACT_REASON, OUTBOX, Worker
 from fhir_dmp.resources.communications import notification_result
 from tests import builders as b
 from tests.api import Api
-from tests.test_notifications import Sink, SmsServer, _free_port
+from tests.transports import Sink, SmsServer, sms, smtp  # noqa: F401 (fixtures)
 
 BTG_HEADERS = {"Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
                            'scheme="http://hl7.org/fhir/tag/security"; label="break the glass"',
@@ -33,23 +32,6 @@ DOC_TITLE = "Compte rendu cardiologie confidentiel"
 
 
 # --------------------------------------------------------------------------- real transports + app
-
-@pytest.fixture
-def smtp():
-    sink = Sink()
-    port = _free_port()
-    ctl = Controller(sink, hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield sink, port
-    ctl.stop()
-
-
-@pytest.fixture
-def sms():
-    server = SmsServer()
-    yield server
-    server.close()
-
 
 @pytest.fixture
 def notify_config(config, smtp, sms):

@@ -171,13 +171,8 @@ def create(rtype):
 @bp.put("/<rtype>")
 def conditional_update(rtype):
     writable(rtype)
-    criteria = [(k, v) for k, v in request.args.items(multi=True) if k not in CONTROL]
-    if not criteria:
-        raise BadRequest("conditional update needs search criteria")
     resource = checked(rtype, read_body(rtype))
-    matches = g.repo.find_matches(rtype, criteria)
-    if len(matches) > 1:
-        raise PreconditionFailed("the criteria match several resources")
+    matches = _conditional_matches(rtype, "update")
     if not matches:
         resource.pop("id", None)
         return write_response(g.repo.create(rtype, resource), 201, location=True)
@@ -192,18 +187,23 @@ def conditional_update(rtype):
 @bp.delete("/<rtype>")
 def conditional_delete(rtype):
     writable(rtype)
-    criteria = [(k, v) for k, v in request.args.items(multi=True) if k not in CONTROL]
-    if not criteria:
-        raise BadRequest("conditional delete needs search criteria")
-    matches = g.repo.find_matches(rtype, criteria)
-    if len(matches) > 1:
-        raise PreconditionFailed("the criteria match several resources")
-    for m in matches:
+    for m in _conditional_matches(rtype, "delete"):
         g.repo.delete(rtype, m.id)
     return respond(None, 204)
 
 
 # ------------------------------------------------------------------- internals
+def _conditional_matches(rtype: str, what: str) -> list:
+    """At most one visible match of the URL's criteria (https://hl7.org/fhir/R4/http.html#cond-update)."""
+    criteria = [(k, v) for k, v in request.args.items(multi=True) if k not in CONTROL]
+    if not criteria:
+        raise BadRequest(f"conditional {what} needs search criteria")
+    matches = g.repo.find_matches(rtype, criteria)
+    if len(matches) > 1:
+        raise PreconditionFailed("the criteria match several resources")
+    return matches
+
+
 def _criteria(query: str) -> list[tuple[str, str]]:
     from urllib.parse import parse_qsl
     query = query.split("?", 1)[-1]
