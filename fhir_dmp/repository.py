@@ -552,9 +552,14 @@ class GuardedRepository:
                         decision=decision, http_status=200)
             return stored
 
-        if session is not None:
-            return write(session), False
-        return self._writing(write, interaction=interaction, rtype=rtype), False
+        stored = write(session) if session is not None else \
+            self._writing(write, interaction=interaction, rtype=rtype)
+        if rtype == "Patient" and (old or {}).get("active", True) is not False \
+                and resource.get("active") is False:
+            # the DMP closes: its journal is kept 10 years from now (DESIGN.md "Audit")
+            from .security.audit import mark_retention
+            mark_retention(self.storage.db, pid, stored.lu)
+        return stored, False
 
     def patch(self, rtype: str, rid: str, operations: list, *, if_match: str | None = None,
               validate=None, session=None) -> Stored:

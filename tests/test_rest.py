@@ -244,3 +244,28 @@ def test_scope_enforced(api, idp):
     assert caller.get("Patient").status_code == 200
     r = caller.post("Patient", b.patient())
     assert r.status_code == 403
+
+
+def test_post_search_and_sort(api):
+    admin = api.as_admin()
+    for family, birth in (("Durand", "1990-01-01"), ("Bernard", "1970-05-05"), ("Petit", "1980-03-03")):
+        admin.create(b.patient(family=family) | {"birthDate": birth})
+    r = admin.post("Patient/_search", raw="family=Durand,Petit&_sort=-birthdate",
+                   content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 200, r.json
+    assert [e["resource"]["name"][0]["family"] for e in r.json["entry"]] == ["Durand", "Petit"]
+    asc = admin.search("Patient?_sort=birthdate,family&_count=2")
+    assert [e["resource"]["birthDate"] for e in asc["entry"]] == ["1970-05-05", "1980-03-03"]
+    assert any(link["relation"] == "next" for link in asc["link"])
+    r = admin.post("Patient/_search", raw=b'{"family": "x"}', content_type="application/json")
+    assert r.status_code == 415
+
+
+def test_closing_a_dmp_keeps_its_journal_ten_years(api, app):
+    admin = api.as_admin()
+    pat = admin.create(b.patient())
+    admin.get(f"Patient/{pat['id']}")
+    assert admin.put(f"Patient/{pat['id']}", dict(pat, active=False)).status_code == 200
+    events = app.extensions["fhir_dmp"].storage.db["AuditEvent"]
+    kept = events.find_one({"pid": pat["id"], "retain_until": {"$exists": True}})
+    assert kept and kept["retain_until"].year >= 2036
