@@ -13,6 +13,7 @@ import logging
 import uuid
 
 from flask import Flask, g, request
+from pymongo.errors import PyMongoError
 
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
@@ -107,6 +108,14 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     def on_content_unavailable(_exc):
         # a shredded or missing data key: the content is gone for good (crypto-shredding)
         return error_response(NotFound("the content of this resource is not available"))
+
+    @app.errorhandler(PyMongoError)
+    def on_database_error(exc):
+        # the database is unreachable or refused the operation: nothing was half-written
+        # (writes are transactions); the client may retry
+        log.error("database error (request %s): %s", g.get("request_id"), type(exc).__name__)
+        return error_response(ServiceUnavailable("the database is not available; retry later",
+                                                 headers={"Retry-After": "2"}))
 
     @app.errorhandler(404)
     def on_404(_exc):

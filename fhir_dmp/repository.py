@@ -14,6 +14,7 @@ nothing of storage.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
 HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication"}
-WRITE_RETRIES = 5
+WRITE_RETRIES = 8
 
 
 @dataclass
@@ -146,11 +147,19 @@ class GuardedRepository:
         if not effects:
             self.b.audit_log.append(self._events(records))
             return
-        with self.storage.transaction() as session:
-            for effect in effects:
-                effect(session)
-            more, self.records = self.records, []
-            self.b.audit_log.append(self._events(records + more), session=session)
+        for attempt in range(WRITE_RETRIES):
+            try:
+                with self.storage.transaction() as session:
+                    for effect in effects:
+                        effect(session)
+                    more, self.records = self.records, []
+                    self.b.audit_log.append(self._events(records + more), session=session)
+                return
+            except PyMongoError as exc:
+                self.records = []
+                if not is_write_conflict(exc) or attempt == WRITE_RETRIES - 1:
+                    raise
+                time.sleep(random.uniform(0.005, 0.02) * 2 ** attempt)
 
     # ------------------------------------------------------------ decisions
     def _see(self, rtype: str, stored: Stored, *, extra: dict | None = None) -> Decision:
@@ -463,10 +472,14 @@ class GuardedRepository:
                         self.session = self.access.session = None
                         self.access.states.clear()
             except PyMongoError as exc:
-                if is_write_conflict(exc) and attempt < WRITE_RETRIES - 1:
-                    time.sleep(0.01 * (attempt + 1))
+                if not is_write_conflict(exc):
+                    raise
+                if attempt < WRITE_RETRIES - 1:
+                    time.sleep(random.uniform(0.005, 0.02) * 2 ** attempt)   # jittered back-off
                     continue
-                raise
+                self.record(interaction, outcome="4", patient_id=None, resource=rtype, http_status=409)
+                raise Conflict("the record is being changed by another request; retry",
+                               code="transient", headers={"Retry-After": "1"}) from None
             except FhirError as exc:
                 self.record(interaction, outcome="4" if exc.status < 500 else "8", patient_id=None,
                             resource=rtype, http_status=exc.status,
