@@ -18,6 +18,9 @@ from tests.idp import TestIdP
 
 BASE = "https://dmp.test/fhir"
 
+# the SMTP sink and SMS webhook fixtures (smtp, sms) for notification tests
+pytest_plugins = ["tests.transports"]
+
 
 @pytest.fixture(scope="session")
 def mongo_server(tmp_path_factory):

@@ -11,12 +11,13 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+
+from tests.transports import Sink, SmsServer
 from aiosmtpd.controller import Controller
 from fhir.resources.R4B.communication import Communication
 
 from fhir_dmp.config import Config
 from fhir_dmp.embedded_db import free_port as _free_port
-from tests.transports import Sink, SmsServer, sms, smtp  # noqa: F401 (fixtures)
 from fhir_dmp.notifications import (NO_CONTACT_REASON, OUTBOX, Notice, Outbox, Worker, contacts,
                                     render_text)
 

@@ -22,7 +22,6 @@ from fhir_dmp.notifications import NO_CONTACT_REASON, OUTBOX, Worker
 from fhir_dmp.resources.communications import notification_result
 from tests import builders as b
 from tests.api import Api
-from tests.transports import Sink, SmsServer, sms, smtp  # noqa: F401 (fixtures)
 
 BTG_HEADERS = {"Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
                            'scheme="http://hl7.org/fhir/tag/security"; label="break the glass"',
