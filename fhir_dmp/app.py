@@ -83,8 +83,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
                 _audit_refused(backend, exc)
             raise
         g.repo = GuardedRepository(backend, principal, RequestInfo(
-            client_ip=request.remote_addr, request_id=g.request_id, query=request.query_string.decode(
-                "latin-1")[:2000]))
+            client_ip=request.remote_addr, request_id=g.request_id))
         return None
 
     @app.after_request

@@ -55,7 +55,6 @@ class RequestInfo:
 
     client_ip: str | None = None
     request_id: str | None = None
-    query: str | None = None
 
 
 def ref_id(reference: str | None, rtype: str) -> str | None:
