@@ -11,7 +11,7 @@ from flask import Response, current_app, g, request
 
 from .. import formats
 from ..errors import BadRequest, information_outcome
-from ..storage import Stored, instant
+from ..storage import Stored, instant, new_id, now
 
 MIME = {formats.JSON: "application/fhir+json; charset=utf-8; fhirVersion=4.0",
         formats.XML: "application/fhir+xml; charset=utf-8; fhirVersion=4.0"}
@@ -154,10 +154,8 @@ def summary_elements(rtype: str) -> set[str]:
 
 def bundle(bundle_type: str, entries: list[dict], *, total: int | None = None,
            links: list[tuple[str, str]] | None = None) -> dict:
-    out = {"resourceType": "Bundle", "type": bundle_type}
-    from ..storage import new_id, now
-    out["id"] = new_id()
-    out["meta"] = {"lastUpdated": instant(now())}
+    out = {"resourceType": "Bundle", "type": bundle_type, "id": new_id(),
+           "meta": {"lastUpdated": instant(now())}}
     if total is not None:
         out["total"] = total
     if links:
