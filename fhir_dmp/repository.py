@@ -57,18 +57,6 @@ class RequestInfo:
     request_id: str | None = None
 
 
-def ref_id(reference: str | None, rtype: str) -> str | None:
-    """The id of a relative or absolute ``Type/id`` reference to ``rtype``, else None."""
-    if not reference:
-        return None
-    parts = reference.rstrip("/").split("/")
-    if len(parts) >= 2 and parts[-2] == rtype:
-        return parts[-1]
-    if len(parts) >= 4 and parts[-4] == rtype and parts[-2] == "_history":
-        return parts[-3]
-    return None
-
-
 def named_patient_ids(rtype: str, args: list[tuple[str, str]]) -> set[str]:
     """Patient ids that a search names explicitly (patient, subject, Patient _id)."""
     names = {"patient", "subject", "patient:Patient", "subject:Patient"}
@@ -76,7 +64,7 @@ def named_patient_ids(rtype: str, args: list[tuple[str, str]]) -> set[str]:
     for key, value in args:
         if key in names or (rtype == "Patient" and key == "_id"):
             for v in value.split(","):
-                out.add(ref_id(v, "Patient") or v.strip())
+                out.add(search.reference_id(v, "Patient") or v.strip())
     return {p for p in out if p and "/" not in p}
 
 
@@ -222,11 +210,7 @@ class GuardedRepository:
             self.record(interaction, outcome="4", patient_id=None, resource=f"{rtype}/{rid}",
                         http_status=404)
             raise not_found(rtype, rid)
-        target = stored
-        if stored.deleted:
-            prev = self.storage.vread(rtype, rid, stored.vid - 1) if stored.vid > 1 else None
-            target = prev or stored
-        decision = self._decide_read(rtype, target)
+        decision = self._decide_current(rtype, stored)
         if not decision.permit:
             self.record(interaction, outcome="4", patient_id=stored.pid, resource=f"{rtype}/{rid}",
                         decision=decision, http_status=404)
@@ -238,6 +222,14 @@ class GuardedRepository:
         stored._decision = decision
         return stored
 
+    def _decide_current(self, rtype: str, current: Stored) -> Decision:
+        """The read decision on a resource's current state; a deleted one is judged on its last
+        version with content (so a 410 is only told to those who could see it)."""
+        target = current
+        if current.deleted and current.vid > 1:
+            target = self.storage.vread(rtype, current.id, current.vid - 1) or current
+        return self._decide_read(rtype, target)
+
     def _decide_read(self, rtype: str, stored: Stored) -> Decision:
         if rtype == "Binary":
             return self._binary_decision(stored)
@@ -245,7 +237,7 @@ class GuardedRepository:
 
     def _binary_decision(self, stored: Stored) -> Decision:
         """A Binary is read under the decision of the DocumentReference it belongs to."""
-        doc_id = ref_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
+        doc_id = search.reference_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
                         "DocumentReference")
         if doc_id:
             doc = self.storage.read("DocumentReference", doc_id)
@@ -312,7 +304,7 @@ class GuardedRepository:
             for v in batch:
                 if v.id not in verdict:
                     cur = self.storage.read(rtype, v.id)
-                    verdict[v.id] = bool(cur) and self._history_visible(rtype, cur)
+                    verdict[v.id] = bool(cur) and self._decide_current(rtype, cur).permit
                 if verdict[v.id]:
                     out.append(v)
             after = (batch[-1].lu, f"{batch[-1].id}/{batch[-1].vid}")
@@ -323,12 +315,6 @@ class GuardedRepository:
         if not out:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
         return self._page(out, count, None)
-
-    def _history_visible(self, rtype: str, current: Stored) -> bool:
-        target = current
-        if current.deleted and current.vid > 1:
-            target = self.storage.vread(rtype, current.id, current.vid - 1) or current
-        return self._decide_read(rtype, target).permit
 
     def _visible_for_history(self, rtype: str, rid: str) -> Stored:
         try:
@@ -666,10 +652,10 @@ class GuardedRepository:
     # ------------------------------------------------------- write internals
     def _binary_pid(self, resource: dict) -> str | None:
         ctx = ((resource.get("securityContext") or {}).get("reference"))
-        pid = ref_id(ctx, "Patient")
+        pid = search.reference_id(ctx, "Patient")
         if pid:
             return pid
-        doc_id = ref_id(ctx, "DocumentReference")
+        doc_id = search.reference_id(ctx, "DocumentReference")
         if doc_id:
             doc = self.storage.read("DocumentReference", doc_id)
             return doc.pid if doc else None

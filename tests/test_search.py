@@ -810,3 +810,13 @@ def test_cursor_roundtrip_and_strict_decoding():
               encode_cursor([when, when], "a")):
         with pytest.raises(BadRequest):
             keyset_filter(parse_search("DocumentReference", [("_sort", "-date"), ("_cursor", b)]))
+
+
+def test_reference_id():
+    from fhir_dmp.search import reference_id
+    assert reference_id("Patient/abc", "Patient") == "abc"
+    assert reference_id("https://dmp.test/fhir/Binary/b1/_history/2", "Binary") == "b1"
+    assert reference_id("Practitioner/abc", "Patient") is None
+    assert reference_id("abc", "Patient") is None
+    assert reference_id("urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a", "Patient") is None
+    assert reference_id(None, "Patient") is None

@@ -24,6 +24,7 @@ import re
 
 from ..errors import Conflict, PayloadTooLarge, Unprocessable
 from ..profiles import dmp
+from ..search import reference_id
 from ..storage import VersionConflict
 from .cda import check_cda_matches, inspect_cda
 from .pdf import inspect_pdf
@@ -84,7 +85,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
     for i, rel in enumerate(resource.get("relatesTo") or []):
         if rel.get("code") != "replaces":
             continue
-        target_id = _ref_id((rel.get("target") or {}).get("reference"), "DocumentReference")
+        target_id = reference_id((rel.get("target") or {}).get("reference"), "DocumentReference")
         target = repo.storage.read("DocumentReference", target_id, session=repo.session) if target_id else None
         if target is None or target.deleted or target.pid != pid:
             raise Unprocessable("relatesTo.target must be a document of the same record",
@@ -102,19 +103,19 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
             inspect_content(_decode(att["data"], where + ".data", max_bytes), att.get("contentType"),
                             where, max_bytes=max_bytes, ins=ins, type_codes=codes)
             # the content gets a new Binary; a url may only name the id it is to take (ITI-65)
-            bid = _ref_id(att.get("url"), "Binary")
+            bid = reference_id(att.get("url"), "Binary")
             if bid and repo.storage.read("Binary", bid, session=repo.session) is not None:
                 raise Unprocessable("attachment.url names an existing Binary: send data or url, not both",
                                     expression=where + ".url")
         elif att.get("url"):
-            bid = _ref_id(att["url"], "Binary")
+            bid = reference_id(att["url"], "Binary")
             if bid is None:
                 continue
             binary = repo.storage.read("Binary", bid, session=repo.session)
             if binary is None or binary.deleted or binary.pid != pid:
                 raise Unprocessable("attachment.url must point to a Binary of the same record",
                                     expression=where + ".url")
-            owner = _ref_id(((binary.resource or {}).get("securityContext") or {}).get("reference"),
+            owner = reference_id(((binary.resource or {}).get("securityContext") or {}).get("reference"),
                             "DocumentReference")
             if owner is not None and (old is None or owner != old.get("id")):
                 # re-attaching would put another document's content under this document's labels
@@ -143,13 +144,6 @@ def _urls(doc: dict) -> set[str]:
     return {(c.get("attachment") or {}).get("url") for c in doc.get("content") or []} - {None}
 
 
-def _ref_id(reference: str | None, rtype: str) -> str | None:
-    if not reference or "/" not in reference:
-        return None
-    parts = reference.rstrip("/").split("/")
-    return parts[-1] if parts[-2] == rtype else None
-
-
 def store_inline_attachments(repo, rid: str, resource: dict, pid: str, session) -> dict:
     """Each inline ``attachment.data`` becomes an encrypted Binary; the metadata keeps url/size/hash."""
     contents = resource.get("content") or []
@@ -164,7 +158,7 @@ def store_inline_attachments(repo, rid: str, resource: dict, pid: str, session) 
                        repo.b.config.max_attachment_bytes)
         binary = {"resourceType": "Binary", "contentType": att.get("contentType") or "application/octet-stream",
                   "securityContext": {"reference": f"DocumentReference/{rid}"}}
-        wanted = _ref_id(att.get("url"), "Binary")
+        wanted = reference_id(att.get("url"), "Binary")
         try:
             bid = repo.storage.create("Binary", binary, pid=pid,
                                       rid=wanted if wanted and _ID.fullmatch(wanted) else None,
@@ -211,7 +205,7 @@ def remember_blob(repo, bid: str, info, session) -> None:
 def after_document_write(repo, stored, old: dict | None, session) -> None:
     doc = stored.resource or {}
     for url in _urls(doc):
-        bid = _ref_id(url, "Binary")
+        bid = reference_id(url, "Binary")
         if bid:
             repo.storage.db["Binary"].update_one(
                 {"_id": bid, "pid": stored.pid},
@@ -222,7 +216,7 @@ def after_document_write(repo, stored, old: dict | None, session) -> None:
     for rel in doc.get("relatesTo") or []:
         if rel.get("code") != "replaces":
             continue
-        target_id = _ref_id((rel.get("target") or {}).get("reference"), "DocumentReference")
+        target_id = reference_id((rel.get("target") or {}).get("reference"), "DocumentReference")
         target = repo.storage.read("DocumentReference", target_id, session=session)
         if target and not target.deleted and target.resource.get("status") != "superseded":
             replaced = dict(target.resource)

@@ -6,7 +6,7 @@ are parsed by :func:`parse_search` into a :class:`SearchRequest` whose
 ``mongo_filter()``/``mongo_sort()`` run against those fields, paged with
 :func:`keyset_filter` and cursors (:func:`cursor_after`).
 """
-from .extract import extract, parse_reference, patient_id_of, sort_key_name
+from .extract import extract, parse_reference, patient_id_of, reference_id, sort_key_name
 from .includes import include_targets, revinclude_filter
 from .indexes import index_specs
 from .paging import cursor_after, decode_cursor, encode_cursor, keyset_filter, sort_values
@@ -15,7 +15,7 @@ from .registry import PATIENT_COMPARTMENT, SUPPORTED, SearchParam
 
 __all__ = [
     "SUPPORTED", "SearchParam", "PATIENT_COMPARTMENT", "extract", "patient_id_of", "parse_reference",
-    "sort_key_name", "parse_search", "SearchRequest", "Criterion", "Include", "index_specs",
+    "sort_key_name", "reference_id", "parse_search", "SearchRequest", "Criterion", "Include", "index_specs",
     "encode_cursor", "decode_cursor", "keyset_filter", "sort_values", "cursor_after",
     "include_targets", "revinclude_filter",
 ]

@@ -98,6 +98,12 @@ def parse_reference(ref: str, base_url: str | None = None) -> dict | None:
     return {"r": ref}
 
 
+def reference_id(reference: str | None, rtype: str) -> str | None:
+    """The id of a literal reference to ``rtype`` (``Type/id``, versioned or absolute), else None."""
+    parsed = parse_reference(reference) if reference else None
+    return parsed["i"] if parsed and parsed.get("t") == rtype else None
+
+
 def reference_type(reference: dict) -> str | None:
     """Target type of a Reference without resolving it (literal, then ``type``)."""
     lit = reference.get("reference")

@@ -193,7 +193,7 @@ class RequestAccess:
         self.policy = policy
         self.p = principal
         self.states: dict[str, PatientState] = {}
-        self._ps_sets: dict | None = None
+        self._normal_pids: set[str] | None = None
         self.session = None       # set by the repository inside a write transaction
 
     # -- context loading ---------------------------------------------------
@@ -376,10 +376,10 @@ class RequestAccess:
         return resource
 
     # -- searches: the decision as a storage query ----------------------------
-    def ps_sets(self) -> dict:
+    def normal_pids(self) -> set[str]:
         """pids a professional reaches in normal mode (permit or médecin traitant, not blocked, open)."""
-        if self._ps_sets is not None:
-            return self._ps_sets
+        if self._normal_pids is not None:
+            return self._normal_pids
         db = self.policy.storage.db
         ids = list(self.my_ids)
         permitted, blocked = set(), set()
@@ -398,9 +398,8 @@ class RequestAccess:
             {"del": False, "res.generalPractitioner.identifier.value": self.p.id_nat_ps}, {"_id": 1})}
         candidates = (permitted - blocked) | gp
         self.load(candidates)
-        normal = {pid for pid in candidates if self.states[pid].open}
-        self._ps_sets = {"normal": normal, "gp": {pid for pid in gp if pid in normal}}
-        return self._ps_sets
+        self._normal_pids = {pid for pid in candidates if self.states[pid].open}
+        return self._normal_pids
 
     def reachable_pids(self, named_pids: set[str]) -> set[str] | None:
         """pids whose records the caller may enter in this request; None = no restriction (admin)."""
@@ -417,7 +416,7 @@ class RequestAccess:
             # context is loaded, not that of every DMP the professional is authorized on
             self.load(named_pids)
             return {pid for pid in named_pids if self.dmp_access(self.states[pid]).permit}
-        return set(self.ps_sets()["normal"])
+        return set(self.normal_pids())
 
     def search_filter(self, resource_type: str, named_pids: set[str], *,
                       ins_lookup: bool = False) -> dict | None:
