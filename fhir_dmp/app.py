@@ -18,6 +18,7 @@ from pymongo.errors import PyMongoError
 from .compression import compress_response, decode_request_body
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
+from .resources.conformance import is_public as conformance_is_public
 from .repository import Backend, GuardedRepository, RequestInfo
 from .security.auth import TokenVerifier
 from .security.crypto import ContentUnavailable
@@ -27,7 +28,7 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration")
+PUBLIC_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration", "/fhir/.well-known/jwks.json")
 BASE_PATHS = ("/fhir", "/fhir/")     # GET there is a hint for browsers (fhir_dmp/home.py), no data
 # CORS for browser SMART apps (https://fetch.spec.whatwg.org/#http-cors-protocol): bearer tokens,
 # no cookies; the FHIR request headers a client sends and the response headers it must read.
@@ -88,7 +89,8 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         g.repo = None
         if request.path in PUBLIC_PATHS or not request.path.startswith("/fhir") \
                 or request.method == "OPTIONS" \
-                or (request.method in ("GET", "HEAD") and request.path in BASE_PATHS):
+                or (request.method in ("GET", "HEAD") and request.path in BASE_PATHS) \
+                or conformance_is_public(request.method, request.path):
             return None     # public: CORS preflights carry no token
             return None
         try:
@@ -176,7 +178,8 @@ def _cors(app: Flask, config: Config) -> None:
     from flask_cors import CORS
     CORS(app, resources={r"/fhir/*": {}, r"/fhir": {}}, origins=list(config.cors_origins),
          allow_headers=CORS_ALLOW_HEADERS, expose_headers=CORS_EXPOSE_HEADERS,
-         supports_credentials=False, max_age=600, vary_header=True)
+         send_wildcard="*" in config.cors_origins, supports_credentials=False, max_age=600,
+         vary_header=True)
 
 
 def error_response(exc: FhirError):

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 from flask import Response, current_app, g, request
 
 from .. import formats
-from ..errors import BadRequest, information_outcome
+from ..errors import BadRequest, Issue, information_outcome, operation_outcome
 from ..storage import Stored, instant, new_id, now
 
 MIME = {formats.JSON: "application/fhir+json; charset=utf-8; fhirVersion=4.0",
@@ -97,6 +97,14 @@ def lenient() -> bool:
     """Unknown search parameters are ignored unless ``Prefer: handling=strict``
     (https://hl7.org/fhir/R4/search.html#errors)."""
     return prefer("handling") != "strict"
+
+
+def ignored_entry(names: list[str]) -> dict:
+    """The searchset entry (search mode ``outcome``) that reports ignored search parameters
+    (https://hl7.org/fhir/R4/search.html#errors)."""
+    return {"resource": operation_outcome([Issue(f"parameter {name[:60]!r} is not supported and was ignored",
+                                                 "not-supported", "warning") for name in names]),
+            "search": {"mode": "outcome"}}
 
 
 def version_headers(stored: Stored, *, location: bool = False) -> dict:

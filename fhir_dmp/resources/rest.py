@@ -13,8 +13,8 @@ from flask import Blueprint, Response, g, request, stream_with_context
 
 from ..errors import BadRequest, MethodNotAllowed, NotFound, PreconditionFailed, UnsupportedMediaType
 from ..profiles import validate
-from .http import (backend, bundle, empty_response, full_url, lenient, link, not_modified, read_body,
-                   respond, summarize, version_headers, write_response)
+from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
+                   read_body, respond, summarize, version_headers, write_response)
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
@@ -247,10 +247,7 @@ def _search(rtype: str, args: list[tuple[str, str]]):
         entries.append({"fullUrl": full_url(stored), "resource": stored.resource, "search": {"mode": "include"}})
     result = bundle("searchset", entries, total=page.total, links=links)
     if req.ignored:
-        from ..errors import Issue, operation_outcome
-        outcome = operation_outcome([Issue(f"parameter {name!r} is not supported and was ignored",
-                                           "not-supported", "warning") for name in req.ignored])
-        result.setdefault("entry", []).append({"resource": outcome, "search": {"mode": "outcome"}})
+        result.setdefault("entry", []).append(ignored_entry(req.ignored))
     return respond(result)
 
 
