@@ -136,6 +136,36 @@ def test_every_declared_search_parameter_is_understood(api, record):
         assert r.status_code == 200, (p["name"], r.get_data(as_text=True)[:300])
 
 
+def test_declared_conditional_writes_work(api):
+    """conditionalCreate / conditionalUpdate / conditionalDelete, once per type that declares them."""
+    admin, ps = api.as_admin(), api.as_ps()
+    pat = ps.create(b.patient())
+    samples = {"Patient": (admin, b.patient()), "Consent": (admin, b.consent(pat["id"], actor=b.PS_OTHER)),
+               "DocumentReference": (ps, b.docref(pat["id"]))}
+    for res in STATEMENT["rest"][0]["resource"]:
+        rtype = res["type"]
+        if rtype not in samples:
+            assert not res["conditionalCreate"] and not res["conditionalUpdate"], rtype
+            assert res["conditionalDelete"] == "not-supported", rtype
+            continue
+        caller, body = samples[rtype]
+        first = caller.create(body)
+        if res["conditionalCreate"]:
+            again = caller.post(rtype, body, headers={"If-None-Exist": f"_id={first['id']}"})
+            assert again.status_code == 200 and again.json["id"] == first["id"], (rtype, again.json)
+        if res["conditionalUpdate"]:
+            current = caller.get(f"{rtype}/{first['id']}").json
+            r = caller.put(f"{rtype}?_id={first['id']}", current)
+            assert r.status_code == 200 and r.json["id"] == first["id"], (rtype, r.json)
+        if res["conditionalDelete"] == "single":
+            r = caller.delete(f"{rtype}?_id={first['id']}")
+            assert r.status_code == 204, (rtype, r.json)
+            assert caller.get(f"{rtype}/{first['id']}").status_code == 410, rtype
+    assert admin.post("Binary", raw=b"x", content_type="text/plain",
+                      headers={"If-None-Exist": "_id=x"}).status_code == 400
+    assert admin.delete("Binary?_id=x").status_code == 400
+
+
 def test_conditional_read_is_declared():
     for res in STATEMENT["rest"][0]["resource"]:
         assert res["conditionalRead"] == "full-support"
