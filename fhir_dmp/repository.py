@@ -28,7 +28,8 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, Principal
-from .storage import Stored, VersionConflict, is_write_conflict, merge_filters, new_id, now
+from .storage import (DuplicateValue, Stored, VersionConflict, is_write_conflict, merge_filters, new_id,
+                      now)
 
 log = logging.getLogger(__name__)
 
@@ -499,7 +500,10 @@ class GuardedRepository:
         def write(s):
             rid_ = rid or new_id()
             resource_ = self._store_content(rtype, rid_, 1, resource, pid, s, content)
-            stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s)
+            try:
+                stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s)
+            except DuplicateValue:
+                raise duplicate_dmp(resource) from None
             self._after_write("create", rtype, stored, None, decision, s)
             self.record("create", outcome="0", patient_id=stored.pid,
                         resource=f"{rtype}/{stored.id}/_history/1", decision=decision, http_status=201)
@@ -545,6 +549,8 @@ class GuardedRepository:
             except VersionConflict as exc:
                 raise PreconditionFailed(f"version conflict: {rtype}/{rid} is at version {exc.current_vid}") \
                     if if_match else Conflict(f"concurrent update of {rtype}/{rid}; retry") from None
+            except DuplicateValue:
+                raise duplicate_dmp(resource) from None
             self._after_write(interaction, rtype, stored, old, decision, s)
             self.record(interaction, outcome="0", patient_id=pid, resource=f"{rtype}/{rid}/_history/{stored.vid}",
                         decision=decision, http_status=200)
@@ -714,6 +720,17 @@ class GuardedRepository:
         stored = self.storage.create("Consent", consent, pid=patient.id, session=session)
         self.record("create", outcome="0", patient_id=patient.id, resource=f"Consent/{stored.id}/_history/1",
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)
+
+
+def duplicate_dmp(patient: dict) -> Conflict:
+    """One DMP per INS (CONTRACT.md "The DMP in FHIR terms"): 409 ``duplicate``, naming the way to
+    the existing DMP (the exact-INS lookup, then the first-access attestation), never its id."""
+    ins = next((f"{i['system']}|{i['value']}" for i in patient.get("identifier") or []
+                if isinstance(i, dict) and i.get("system") in INS_SYSTEMS), "<INS>")
+    return Conflict(f"a DMP already exists for this INS (open or closed): find it with GET "
+                    f"Patient?identifier={ins}, then attest the patient's agreement with a Consent "
+                    f"(provision.type permit, your idNatPs as actor, verification.verified true)",
+                    code="duplicate", expression="Patient.identifier")
 
 
 def _expected_version(if_match: str | None, current: Stored) -> int:

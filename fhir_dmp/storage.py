@@ -37,6 +37,22 @@ log = logging.getLogger(__name__)
 RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
 
 
+class DuplicateValue(Exception):
+    """A unique index other than the id refused the write (e.g. one DMP per INS)."""
+
+    def __init__(self, key_pattern: dict):
+        super().__init__(f"duplicate value for {sorted(key_pattern)}")
+        self.key_pattern = key_pattern
+
+
+def _duplicate(exc: DuplicateKeyError) -> Exception:
+    """VersionConflict for an id collision, DuplicateValue for another unique index."""
+    pattern = (exc.details or {}).get("keyPattern") or {}
+    if pattern and set(pattern) != {"_id"}:
+        return DuplicateValue(pattern)
+    return VersionConflict(None)
+
+
 class VersionConflict(Exception):
     """The stored version is not the one the writer expected."""
 
@@ -143,6 +159,8 @@ class Storage:
             wanted += EXTRA_INDEXES.get(rtype, [])
             for keys in wanted:
                 _index(coll, keys)
+            for key in UNIQUE_INDEXES.get(rtype, []):
+                _index(coll, [key], unique=True, partialFilterExpression={key[0]: {"$exists": True}})
             hist = self.db[f"{rtype}_history"]
             for keys in ([("rid", 1), ("vid", -1)], [("lu", -1), ("_id", 1)], [("pid", 1), ("lu", -1)]):
                 _index(hist, keys)
@@ -253,8 +271,8 @@ class Storage:
         try:
             self.db[rtype].insert_one(current, session=session)
             self.db[f"{rtype}_history"].insert_one(hist, session=session)
-        except DuplicateKeyError:
-            raise VersionConflict(None) from None
+        except DuplicateKeyError as exc:
+            raise _duplicate(exc) from None
         return Stored(rtype, rid, 1, lu, pid, False, resource)
 
     def update(self, rtype: str, rid: str, resource: dict | None, *, pid: str | None,
@@ -268,9 +286,12 @@ class Storage:
         if deleted:
             # keep the last content searchable by nobody; the history keeps the versions
             current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
-        res = self.db[rtype].find_one_and_update(
-            {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
-            session=session, return_document=ReturnDocument.AFTER, projection={"_id": 1})
+        try:
+            res = self.db[rtype].find_one_and_update(
+                {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
+                session=session, return_document=ReturnDocument.AFTER, projection={"_id": 1})
+        except DuplicateKeyError as exc:
+            raise _duplicate(exc) from None
         if res is None:
             cur = self.db[rtype].find_one({"_id": rid}, {"vid": 1}, session=session)
             raise VersionConflict(cur["vid"] if cur else None)
@@ -283,18 +304,22 @@ class Storage:
 
 # fields the access decision queries directly (CONTRACT.md: actor identifier, médecin traitant)
 EXTRA_INDEXES = {
-    "Consent": [[("res.provision.actor.reference.identifier.value", 1), ("res.status", 1)],
+    "Consent": [[("a.actors", 1), ("res.status", 1)],
                 [("pid", 1), ("res.status", 1)]],
     "Patient": [[("res.generalPractitioner.identifier.value", 1)]],
     # the search guard (security/consent.py access_facets): a DMP's documents a reader may see
-    "DocumentReference": [[("pid", 1), ("a.keys", 1)]],
+    "DocumentReference": [[("pid", 1), ("a.types", 1)]],
 }
 
 
-def _index(coll, keys) -> None:
+# unique facets (security/consent.py access_facets): one DMP per INS, enforced by the database
+UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
+
+
+def _index(coll, keys, **options) -> None:
     """Create an index unless the same keys already exist (under another module's name)."""
     try:
-        coll.create_index(keys)
+        coll.create_index(keys, **options)
     except OperationFailure as exc:
         if exc.code not in (85, 86):   # IndexOptionsConflict / IndexKeySpecsConflict: already there
             raise

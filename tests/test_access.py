@@ -29,10 +29,13 @@ ALL = set(DOCS)
 def world(api):
     """One DMP opened by PS_DR (author of every document), a médecin traitant, choices of the patient."""
     dr = api.as_ps(b.PS_DR)
-    pat = dr.create(b.patient(gp=PS_GP, email="claire@example.org"))
+    pat = dr.create(b.patient(email="claire@example.org"))
     pid = pat["id"]
-    docs = {name: dr.create(b.docref(pid, t, labels=labels)) for name, (t, labels) in DOCS.items()}
+    # the patient names the médecin traitant (CONTRACT.md: a PS never sets it)
     me = api.as_patient(pid)
+    assert me.put(f"Patient/{pid}", dict(pat, generalPractitioner=[
+        {"identifier": {"system": b.IDNATPS, "value": PS_GP}}])).status_code == 200
+    docs = {name: dr.create(b.docref(pid, t, labels=labels)) for name, (t, labels) in DOCS.items()}
     me.create(b.consent(pid, "permit", actor=b.PS_PHARMA))
     me.create(b.consent(pid, "permit", actor=b.PS_KINE))
     me.create(b.consent(pid, "deny", actor=b.PS_KINE))
