@@ -69,17 +69,6 @@ def named_patient_ids(rtype: str, args: list[tuple[str, str]]) -> set[str]:
     return {p for p in out if p and "/" not in p}
 
 
-def is_ins_lookup(rtype: str, args: list[tuple[str, str]]) -> bool:
-    """``Patient?identifier=<INS system>|<value>`` and nothing else (CONTRACT.md)."""
-    if rtype != "Patient":
-        return False
-    criteria = [(k, v) for k, v in args if not k.startswith("_") or k in ("_id", "_lastUpdated")]
-    if len(criteria) != 1 or criteria[0][0] != "identifier":
-        return False
-    system, _, value = criteria[0][1].partition("|")
-    return system in INS_SYSTEMS and bool(value) and "," not in value
-
-
 class Backend:
     """Application-wide services the repository uses (built once by create_app)."""
 
@@ -175,7 +164,7 @@ class GuardedRepository:
         self.access.states[pid].grant = grant
 
         def effect(session):
-            self.storage.db["btg_grants"].insert_one(grant, session=session)
+            self.storage.add_grant(grant, session=session)
             self.notify("break_glass", pid, session=session)
         self.effects.append(effect)
 
@@ -281,7 +270,7 @@ class GuardedRepository:
     def history(self, rtype: str, rid: str | None, *, since: datetime | None, count: int,
                 cursor: tuple | None) -> tuple[list[Stored], tuple | None, int | None]:
         """Versions newest first; (page, next cursor, total or None)."""
-        self.access.start(rtype, "history")
+        self.access.start(rtype, "history" if rid is not None else "history-type")
         if rid is not None:
             current = self._visible_for_history(rtype, rid)
             page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1)
@@ -341,8 +330,8 @@ class GuardedRepository:
         req = search.parse_search(rtype, args, lenient=lenient, max_count=cfg.max_page_size,
                                   default_count=cfg.default_page_size)
         page = SearchPage(req)
-        guard = self.access.search_filter(rtype, named_patient_ids(rtype, args),
-                                          ins_lookup=is_ins_lookup(rtype, args))
+        ins_lookup = self.access.ins_lookup(rtype, args)
+        guard = self.access.search_filter(rtype, named_patient_ids(rtype, args), ins_lookup=ins_lookup)
         if guard is None:
             page.total = 0 if req.total != "none" or req.summary == "count" else None
             self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
@@ -363,7 +352,7 @@ class GuardedRepository:
             if len(docs) > req.count:
                 docs = docs[:req.count]
                 page.next_cursor = search.cursor_after(req, docs[-1])
-            extra = {"ins_lookup": True} if is_ins_lookup(rtype, args) else None
+            extra = {"ins_lookup": True} if ins_lookup else None
             for doc in docs:
                 stored = Stored.from_doc(rtype, doc)
                 decision = self._see(rtype, stored, extra=extra)

@@ -235,6 +235,34 @@ class Storage:
         """Raw projected documents (for the decision's context loading)."""
         return list(self.db[rtype].find(flt, projection))
 
+    # -- what the access decision reads (security/consent.py) ----------------
+    def patient_docs(self, pids: list[str], *, session=None) -> dict[str, dict]:
+        """Raw Patient documents (deleted and destroyed included) by id."""
+        return {d["_id"]: d for d in self.db["Patient"].find(
+            {"_id": {"$in": list(pids)}}, {"res": 1, "del": 1, "destroyed": 1}, session=session)}
+
+    def active_consents(self, pids: list[str], *, session=None) -> list[dict]:
+        """Current active Consents of these DMPs (``_id``, ``vid``, ``pid``, ``res``)."""
+        return list(self.db["Consent"].find({"pid": {"$in": list(pids)}, "del": False, "res.status": "active"},
+                                            {"res": 1, "vid": 1, "pid": 1}, session=session))
+
+    def consents_naming(self, actor_keys: list[str]) -> list[dict]:
+        """Current active Consents whose actors include one of these ``system|value`` keys."""
+        return list(self.db["Consent"].find({"del": False, "res.status": "active", "a.actors": {"$in": actor_keys}},
+                                            {"pid": 1, "res": 1}))
+
+    def patients_with_gp(self, id_nat_ps: str) -> set[str]:
+        """DMPs (not deleted) naming this idNatPs médecin traitant."""
+        return {d["_id"] for d in self.db["Patient"].find({"del": False, "a.gp": id_nat_ps}, {"_id": 1})}
+
+    def live_grants(self, pids: list[str], id_nat_ps: str, at: datetime) -> dict[str, dict]:
+        """Break-glass grants of one PS still valid at ``at``, by DMP."""
+        return {g["pid"]: g for g in self.db["btg_grants"].find(
+            {"pid": {"$in": list(pids)}, "ps": id_nat_ps, "expires": {"$gt": at}})}
+
+    def add_grant(self, grant: dict, *, session=None) -> None:
+        self.db["btg_grants"].insert_one(grant, session=session)
+
     # -- writes ------------------------------------------------------------
     def _docs(self, rtype: str, rid: str, vid: int, pid: str | None, resource: dict | None,
               deleted: bool, lu: datetime) -> tuple[dict, dict]:
@@ -306,7 +334,7 @@ class Storage:
 EXTRA_INDEXES = {
     "Consent": [[("a.actors", 1), ("res.status", 1)],
                 [("pid", 1), ("res.status", 1)]],
-    "Patient": [[("res.generalPractitioner.identifier.value", 1)]],
+    "Patient": [[("a.gp", 1)]],
     # the search guard (security/consent.py access_facets): a DMP's documents a reader may see
     "DocumentReference": [[("pid", 1), ("a.types", 1)]],
 }

@@ -124,7 +124,6 @@ def test_patient_and_admin_set_medecin_traitant(api, dmp):
 
 
 # ----------------------------------------------------------------- hole 3: totals
-@TODO
 def test_blocked_ps_ins_lookup_finds_nothing(api, dmp):
     pid = dmp["pid"]
     ins = dmp["patient"]["identifier"][0]["value"]
@@ -378,7 +377,6 @@ def test_jwks_cache_has_a_bounded_lifetime(idp):
 
 
 # ----------------------------------------------------------------- hole 11: the contract, everywhere
-@TODO
 def test_ps_with_patient_fhiruser_is_never_the_patient(api, idp, dmp):
     pid = dmp["pid"]
     token = idp.ps(b.PS_OTHER, fhirUser=f"Patient/{pid}")
@@ -386,7 +384,6 @@ def test_ps_with_patient_fhiruser_is_never_the_patient(api, idp, dmp):
     assert r.status_code == 404
 
 
-@TODO
 def test_patient_scopes_confine_to_one_compartment(api, idp, dmp):
     pid = dmp["pid"]
     other = api.as_ps(b.PS_DR).create(b.patient())["id"]
@@ -426,7 +423,6 @@ def test_establishment_identifiers_match_on_system_and_value(api, idp, dmp):
     assert api.as_token(idp.ps(b.PS_OTHER, organization=f"{FINESS}|750000002")).get(doc).status_code == 404
 
 
-@TODO
 def test_ins_lookup_takes_no_other_parameter(api, dmp):
     ins = dmp["patient"]["identifier"][0]["value"]
     stranger = api.as_ps(b.PS_OTHER)
@@ -437,8 +433,9 @@ def test_ins_lookup_takes_no_other_parameter(api, dmp):
             assert r.status_code == 400, (extra, r.status_code)
     for ok in ("_format=json", "_pretty=true", "_elements=identifier", "_summary=true"):
         assert stranger.get(f"Patient?identifier={b.NIR}|{ins}&{ok}").status_code == 200, ok
-    # an authorized PS searches as usual
-    assert api.as_ps(b.PS_DR).get(f"Patient?identifier={b.NIR}|{ins}&_count=1").status_code == 200
+    # the same for an authorized PS (the answer never depends on the DMP), who searches otherwise as usual
+    assert api.as_ps(b.PS_DR).get(f"Patient?identifier={b.NIR}|{ins}&_count=1").status_code == 400
+    assert api.as_ps(b.PS_DR).search(f"Patient?family=Martin&_count=1")["total"] >= 1
 
 
 def _same_refusal(refused, missing):
@@ -513,7 +510,6 @@ def test_document_with_several_types_needs_every_one(api, dmp):
     assert doc["id"] not in ids and dmp["lab"]["id"] in ids
 
 
-@TODO
 def test_type_history_needs_search_scope(api, idp, dmp):
     token = idp.ps(b.PS_DR, scope="openid user/DocumentReference.r")
     caller = api.as_token(token)

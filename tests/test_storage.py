@@ -22,8 +22,8 @@ def test_access_facets_fold_rule_9():
         "types": [b.LAB], "masked": True, "authors": [b.PS_DR], "labels": ["MASQUE_PS"]}
     assert access_facets("DocumentReference", b.docref("p", b.LAB))["masked"] is False
     pat = b.patient("185037500000115")
-    assert access_facets("Patient", pat) == {"ins": [f"{b.NIR}|185037500000115"]}
-    assert access_facets("Patient", b.patient(ins=False)) == {}
+    assert access_facets("Patient", pat) == {"ins": [f"{b.NIR}|185037500000115"], "gp": []}
+    assert access_facets("Patient", b.patient(ins=False, gp=b.PS_DR)) == {"gp": [b.PS_DR]}
     consent = b.consent("p", "permit", actor=b.PS_DR)
     assert access_facets("Consent", consent) == {"actors": [f"{b.IDNATPS}|{b.PS_DR}"]}
 

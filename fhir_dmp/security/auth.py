@@ -350,8 +350,9 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     """Build the Principal of verified ``claims`` (CONTRACT.md "Access tokens").
 
     Kind: ``dmp_role`` admin / regulation_centre / legal_representative
-    (another value -> UNKNOWN); else ``fhirUser`` ``Patient/{id}`` -> PATIENT;
-    else ``SubjectNameID`` -> PS; else UNKNOWN. Raises Unauthorized for
+    (another value -> UNKNOWN); else ``SubjectNameID`` -> PS (whatever its
+    ``fhirUser``); else ``fhirUser`` ``Patient/{id}`` -> PATIENT; else UNKNOWN.
+    ``compartment`` from the ``patient`` claim and ``patient/`` scopes. Raises Unauthorized for
     inconsistent claims and the RFC 9470 step-up for PS / regulation centre
     without ``acr`` eidas1.
     """
@@ -374,10 +375,10 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
                 raise invalid_token("a legal_representative token needs fhirUser Patient/{id}")
         else:
             kind = UNKNOWN
+    elif id_nat_ps:
+        kind = PS            # CONTRACT.md "Who the caller is": never the patient, whatever its fhirUser
     elif patient_id:
         kind = PATIENT
-    elif id_nat_ps:
-        kind = PS
     else:
         kind = UNKNOWN
 
@@ -385,6 +386,8 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     if raw_scope is not None and not isinstance(raw_scope, (str, list)):
         raise invalid_token("scope must be a string (or a list of strings)")
     scopes = Scopes.parse(raw_scope)
+
+    compartment = _compartment(kind, scopes, patient_id, _str(claims.get("patient")))
 
     acr = _str(claims.get("acr"))
     if kind in (PS, REGULATION_CENTRE) and acr != REQUIRED_ACR:
@@ -409,6 +412,7 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
         subject=subject,
         scopes=scopes,
         patient_id=patient_id if owner else None,
+        compartment=compartment,
         id_nat_ps=id_nat_ps if professional else None,
         professions=professions if professional else (),
         acr=acr,
@@ -419,6 +423,26 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
         name=name,
         claims=dict(claims),
     )
+
+
+def _compartment(kind: str, scopes: Scopes, owner_pid: str | None, launch_pid: str | None) -> str | None:
+    """The one patient compartment ``patient/`` scopes confine the caller to (CONTRACT.md "Who the
+    caller is"): the token's ``patient`` claim (SMART launch context), else the patient of a
+    patient or legal representative. A ``patient`` claim that differs from the caller's own
+    patient, or a professional with only ``patient/`` scopes and no ``patient`` claim: 401."""
+    owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
+    if owner and launch_pid and launch_pid != owner_pid:
+        raise invalid_token("the patient claim names another patient than fhirUser")
+    contexts = scopes.contexts()
+    if "patient" not in contexts or contexts - {"patient"}:
+        return launch_pid if owner else None
+    if launch_pid:
+        return launch_pid
+    if owner:
+        return owner_pid
+    if kind == ADMIN:
+        return None
+    raise invalid_token("patient/ scopes need the patient claim (SMART launch context)")
 
 
 def _str(value) -> str | None:

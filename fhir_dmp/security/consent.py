@@ -21,16 +21,17 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from ..errors import Forbidden
+from ..errors import BadRequest, Forbidden
 from ..profiles import dmp
 from ..profiles.ins import INS_SYSTEMS
 from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PS,
                         REGULATION_CENTRE, TREAT, Principal)
 
-INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "search": "s", "create": "c",
+INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type": "s", "search": "s", "create": "c",
                       "update": "u", "patch": "u", "delete": "d"}
 PATIENT_OWNED = ("DocumentReference", "Consent", "AuditEvent", "Communication", "Binary")
 INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
+INS_LOOKUP_PARAMS = ("identifier", "_format", "_pretty", "_elements", "_summary")
 
 
 @dataclass
@@ -76,7 +77,10 @@ def access_facets(resource_type: str, resource: dict) -> dict:
     if resource_type == "Patient":
         ins = sorted({identifier_key(i.get("system"), i.get("value")) for i in resource.get("identifier") or []
                       if isinstance(i, dict) and i.get("system") in INS_SYSTEMS} - {None})
-        return {"ins": ins} if ins else {}      # absent, not empty: the unique index skips it
+        out = {"gp": sorted(dmp.general_practitioner_ids(resource))}
+        if ins:
+            out["ins"] = ins        # absent, not empty: the unique index skips it
+        return out
     return {}
 
 
@@ -260,6 +264,7 @@ class RequestAccess:
         self.p = principal
         self.states: dict[str, PatientState] = {}
         self._normal_pids: set[str] | None = None
+        self._choices: tuple | None = None
         self.session = None       # set by the repository inside a write transaction
 
     # -- context loading ---------------------------------------------------
@@ -275,19 +280,14 @@ class RequestAccess:
         todo = [p for p in set(pids) if p and p not in self.states]
         if not todo:
             return
-        db = self.policy.storage.db
-        patients = {d["_id"]: d for d in db["Patient"].find({"_id": {"$in": todo}},
-                                                          {"res": 1, "del": 1, "destroyed": 1},
-                                                          session=self.session)}
+        storage = self.policy.storage
+        patients = storage.patient_docs(todo, session=self.session)
         consents: dict[str, list] = {}
-        for d in db["Consent"].find({"pid": {"$in": todo}, "del": False, "res.status": "active"},
-                                    {"res": 1, "vid": 1, "pid": 1}, session=self.session):
+        for d in storage.active_consents(todo, session=self.session):
             consents.setdefault(d["pid"], []).append((d["_id"], d["vid"], d["res"]))
         grants = {}
         if self.p.is_professional and self.p.id_nat_ps and self.p.purpose == BTG:
-            for g in db["btg_grants"].find({"pid": {"$in": todo}, "ps": self.p.id_nat_ps,
-                                            "expires": {"$gt": _now()}}):
-                grants[g["pid"]] = g
+            grants = storage.live_grants(todo, self.p.id_nat_ps, _now())
         for pid in todo:
             doc = patients.get(pid)
             res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
@@ -338,6 +338,8 @@ class RequestAccess:
         if role:
             return role
         p = self.p
+        if p.compartment is not None and st.pid != p.compartment:
+            return deny("compartment", "the token's patient/ scopes are for another record")
         if p.kind == ADMIN and st.known:
             # a deleted (not destroyed) DMP stays manageable: 410 on read, history kept
             return permit("admin", "administrator (no document content)")
@@ -390,9 +392,7 @@ class RequestAccess:
         st = self.state(pid)
         access = self.dmp_access(st)
         if not access.permit:
-            if resource_type == "Patient" and p.kind in (PS, REGULATION_CENTRE) and extra \
-                    and extra.get("ins_lookup") and st.exists and self.role_decision() is None \
-                    and access.rule != "blocked":
+            if resource_type == "Patient" and extra and extra.get("ins_lookup") and self.ins_lookup_allowed(st):
                 return permit("ins-lookup", "exact INS lookup", obligations={"view": "ins_only"})
             return access
         if resource_type == "Patient":
@@ -464,35 +464,84 @@ class RequestAccess:
         return resource
 
     # -- searches: the decision as a storage query ----------------------------
+    def _my_choices(self) -> tuple[set[str], set[str], set[str]]:
+        """(permitted, blocked, médecin traitant) pids of a professional: the Consents naming them
+        (in force) and the DMPs naming them médecin traitant — the same facts :meth:`dmp_access`
+        reads in each :class:`PatientState`. A médecin traitant is never blocked (rule 5)."""
+        if self._choices is None:
+            permitted, blocked = set(), set()
+            at = _now()
+            for d in self.policy.storage.consents_naming(sorted(self.my_ids)):
+                if not consent_in_force(d["res"], at):
+                    continue
+                kind = consent_kind(d["res"])
+                if kind == "permit":
+                    permitted.add(d["pid"])
+                elif kind == "block":
+                    blocked.add(d["pid"])
+            gp = self.policy.storage.patients_with_gp(self.p.id_nat_ps) if self.p.id_nat_ps else set()
+            self._choices = (permitted, blocked - gp, gp)
+        return self._choices
+
     def normal_pids(self) -> set[str]:
         """pids a professional reaches in normal mode (permit or médecin traitant, not blocked, open)."""
         if self._normal_pids is not None:
             return self._normal_pids
-        db = self.policy.storage.db
-        ids = list(self.my_ids)
-        permitted, blocked = set(), set()
-        at = _now()
-        for d in db["Consent"].find({"del": False, "res.status": "active", "a.actors": {"$in": ids}},
-                                    {"pid": 1, "res": 1}):
-            kind = consent_kind(d["res"])
-            if not consent_in_force(d["res"], at):
-                continue
-            if kind == "permit":
-                permitted.add(d["pid"])
-            elif kind == "block":
-                blocked.add(d["pid"])
-        gp = {d["_id"] for d in db["Patient"].find(
-            {"del": False, "res.generalPractitioner.identifier.value": self.p.id_nat_ps}, {"_id": 1})}
+        permitted, blocked, gp = self._my_choices()
         candidates = (permitted - blocked) | gp
         self.load(candidates)
         self._normal_pids = {pid for pid in candidates if self.states[pid].open}
         return self._normal_pids
+
+    # -- the exact-INS lookup (CONTRACT.md "The DMP in FHIR terms") -------------------------------
+    def ins_lookup(self, resource_type: str, args: list[tuple[str, str]]) -> bool:
+        """Is this search a professional's exact-INS lookup? Raises BadRequest when it carries any
+        parameter but ``identifier``, ``_format``, ``_pretty``, ``_elements``, ``_summary`` (for a
+        known and an unknown INS alike: no crafted sort or cursor reads a DMP it does not show)."""
+        if resource_type != "Patient" or not self.p.is_professional:
+            return False
+        idents = [v for k, v in args if k == "identifier"]
+        if not any(v.partition("|")[0] in INS_SYSTEMS for v in idents):
+            return False
+        others = sorted({k for k, _ in args if k not in INS_LOOKUP_PARAMS})
+        system, _, value = idents[0].partition("|")
+        if others or len(idents) != 1 or not value or "," in value:
+            raise BadRequest("the exact-INS lookup takes one identifier=<INS system>|<INS> and no other "
+                             f"parameter{': not ' + ', '.join(others) if others else ''}",
+                             expression="Patient.identifier")
+        return True
+
+    def ins_lookup_allowed(self, st: PatientState) -> bool:
+        """One definition: a professional finds an existing DMP by its exact INS unless blocked
+        (or confined to another record)."""
+        if self.role_decision() or not st.exists:
+            return False
+        if self.p.compartment is not None and st.pid != self.p.compartment:
+            return False
+        return st.pid not in self._my_choices()[1]
+
+    def ins_lookup_filter(self) -> dict | None:
+        """:meth:`ins_lookup_allowed` as a storage filter (the INS criteria select the DMP)."""
+        if self.role_decision():
+            return None
+        blocked = sorted(self._my_choices()[1])
+        flt: dict = {"_id": {"$nin": blocked}} if blocked else {}
+        if self.p.compartment is not None:
+            if self.p.compartment in blocked:
+                return None
+            flt = {"_id": self.p.compartment}
+        return flt
 
     def reachable_pids(self, named_pids: set[str]) -> set[str] | None:
         """pids whose records the caller may enter in this request; None = no restriction (admin)."""
         p = self.p
         if self.role_decision():
             return set()
+        if p.compartment is not None:
+            # patient/ scopes: that one record, if the caller may enter it
+            if named_pids and p.compartment not in named_pids:
+                return set()
+            return {p.compartment} if self.dmp_access(self.state(p.compartment)).permit else set()
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             st = self.state(p.patient_id)
             return {p.patient_id} if st.exists else set()
@@ -513,11 +562,10 @@ class RequestAccess:
         if resource_type == "Patient":
             if pids is None:
                 return {}
-            flt = {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
-            if ins_lookup and p.kind in (PS, REGULATION_CENTRE) and self.role_decision() is None:
+            if ins_lookup:
                 # exact INS: the criteria themselves select the DMP; can_see redacts it
-                return {}
-            return flt
+                return self.ins_lookup_filter()
+            return {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
         if resource_type == "DocumentReference":
             if p.kind == ADMIN or pids is not None and not pids:
                 return None
