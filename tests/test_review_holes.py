@@ -354,7 +354,6 @@ def test_jwks_rotation_trusts_only_published_keys(idp):
         srv.close()
 
 
-@TODO
 def test_jwks_cache_has_a_bounded_lifetime(idp):
     from types import SimpleNamespace
 
@@ -368,7 +367,9 @@ def test_jwks_cache_has_a_bounded_lifetime(idp):
                               jwks_file=None, jwks_url=srv.url, issuer=idp.issuer)
         verifier = TokenVerifier(cfg, clock=lambda: now[0])
         assert verifier.verify(token)["sub"] == "x"
-        srv.jwks = {"keys": []}            # the issuer withdrew every key (compromise)
+        old_kid = idp.kid()
+        idp.rotate()                       # the issuer replaced its key (compromise)...
+        srv.jwks = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != old_kid]}
         now[0] += 600                       # ten minutes later, without any unknown kid
         with pytest.raises(Unauthorized):
             verifier.verify(token)

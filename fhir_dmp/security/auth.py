@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("RS256", "ES256")
 _KTY = {"RS256": "RSA", "ES256": "EC"}
 LEEWAY = 60
+JWKS_MAX_AGE = 300.0        # seconds a fetched JWKS is trusted without a new fetch
 MAX_TOKEN_CHARS = 16 * 1024
 REQUIRED_ACR = "eidas1"
 # https://hl7.org/fhir/R4/security-labels.html / http.html: the Category header
@@ -116,8 +117,9 @@ def _pick(keys: KeySet | None, kid: str | None, alg: str) -> Key | None:
 def _import_jwks(data) -> KeySet:
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError("not a JWK Set (no 'keys' array)")
+    keys = [k for k in data["keys"] if isinstance(k, dict)]
     try:  # keys of an unknown kty are skipped (RFC 7517 §5); a broken key breaks the set
-        return KeySet.import_key_set({"keys": [k for k in data["keys"] if isinstance(k, dict)]})
+        return KeySet.import_key_set({"keys": keys})
     except JoseError:
         raise
     except (TypeError, KeyError, AttributeError) as exc:
@@ -177,11 +179,13 @@ class UrlKeys:
     document). The set is fetched on first use and after ``max_age``
     seconds; a ``kid`` not in the cached set triggers a new fetch, at most
     once every ``refetch_interval`` seconds (attempts, failed or not, count).
-    A failed fetch keeps the previous set.
+    The server trusts exactly what the issuer publishes now: a failed fetch
+    keeps the previous set only until it is ``max_age`` old (then 503), and a
+    key the issuer no longer publishes is gone at the next fetch.
     """
 
     def __init__(self, resolve_url: Callable[[requests.Session], str], *,
-                 refetch_interval: float = 5.0, max_age: float = 3600.0,
+                 refetch_interval: float = 5.0, max_age: float = JWKS_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic, timeout: float = 5.0):
         self._resolve_url = resolve_url
         self._interval = refetch_interval
@@ -197,14 +201,19 @@ class UrlKeys:
 
     def lookup(self, kid: str | None, alg: str) -> Key | None:
         keys = self._keys
-        now = self._clock()
-        if keys is None or now - self._loaded_at >= self._max_age:
+        if keys is None or self._expired():
             keys = self._refresh()
+            if self._expired():
+                # never trust a set older than max_age: the issuer may have withdrawn a key
+                raise KeysUnavailable("the issuer's JWKS could not be refreshed")
         key = _pick(keys, kid, alg)
         if key is None:
             keys = self._refresh()
             key = _pick(keys, kid, alg)
         return key
+
+    def _expired(self) -> bool:
+        return self._loaded_at is None or self._clock() - self._loaded_at >= self._max_age
 
     def _refresh(self) -> KeySet:
         with self._lock:
@@ -258,7 +267,7 @@ class TokenVerifier:
     ``refetch_interval``, ``max_age`` and ``clock`` tune the JWKS URL cache.
     """
 
-    def __init__(self, config, *, refetch_interval: float = 5.0, max_age: float = 3600.0,
+    def __init__(self, config, *, refetch_interval: float = 5.0, max_age: float = JWKS_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.issuer = config.expected_issuer
