@@ -136,9 +136,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         log.exception("unexpected error (request %s)", g.get("request_id"))
         repo = getattr(g, "repo", None)
         if repo is not None and not repo.records:
-            interaction = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
-                           "DELETE": "delete"}.get(request.method, "read")
-            repo.record(interaction, outcome="8", patient_id=None, resource=request.path,
+            repo.record(_interaction(), outcome="8", patient_id=None, resource=request.path,
                         http_status=500)
         return error_response(FhirError("internal error; the request was not completed "
                                         f"(request id {g.get('request_id')})", status=500, code="exception"))
@@ -155,18 +153,29 @@ def error_response(exc: FhirError):
     return response
 
 
+def _interaction() -> str:
+    """The restful-interaction code of the request's method (for events outside the repository)."""
+    return {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
+            "DELETE": "delete"}.get(request.method, "read")
+
+
 def _audit_refused(backend: Backend, exc: FhirError) -> None:
-    """Refused tokens are journaled too (no patient; never the token)."""
+    """Refused tokens go to the system journal (CONTRACT.md "The journal"; no patient, never the
+    token). An expected refusal logs one line, no traceback."""
+    from .repository import ACTION
     from .security.audit import AccessRecord, build_event
     try:
-        rec = AccessRecord(interaction="login", action="E", outcome="4", principal=None, patient_id=None,
+        interaction = _interaction()
+        rec = AccessRecord(interaction=interaction, action=ACTION.get(interaction, "E"), outcome="4",
+                           principal=None, patient_id=None,
                            resource=request.path, query=None,
                            decision={"result": "deny", "rule": "authentication", "reason": exc.diagnostics[:200],
                                      "consents": []},
                            http_status=401, client_ip=request.remote_addr, request_id=g.get("request_id"))
         backend.audit_log.append([build_event(rec, source_observer=backend.config.fhir_base)])
-    except Exception:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
-        log.exception("could not journal a refused token")
+    except Exception as err:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
+        log.error("could not journal a refused token (request %s): %s", g.get("request_id"),
+                  type(err).__name__)
 
 
 def _start_worker(app: Flask, backend: Backend) -> None:

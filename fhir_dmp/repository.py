@@ -14,8 +14,6 @@ nothing of storage.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
 HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication"}
-WRITE_RETRIES = 8
 
 
 @dataclass
@@ -124,19 +121,17 @@ class GuardedRepository:
         if not effects:
             self.b.audit_log.append(self._events(records))
             return
-        for attempt in range(WRITE_RETRIES):
-            try:
-                with self.storage.transaction() as session:
-                    for effect in effects:
-                        effect(session)
-                    more, self.records = self.records, []
-                    self.b.audit_log.append(self._events(records + more), session=session)
-                return
-            except PyMongoError as exc:
-                self.records = []
-                if not is_write_conflict(exc) or attempt == WRITE_RETRIES - 1:
-                    raise
-                time.sleep(random.uniform(0.005, 0.02) * 2 ** attempt)
+
+        def attempt(session):
+            self.records = []
+            for effect in effects:
+                effect(session)
+            self.b.audit_log.append(self._events(records + self.records), session=session)
+
+        try:
+            self.storage.run_transaction(attempt)
+        finally:
+            self.records = []
 
     # ------------------------------------------------------------ decisions
     def _see(self, rtype: str, stored: Stored, *, extra: dict | None = None) -> Decision:
@@ -192,7 +187,7 @@ class GuardedRepository:
 
     def _visible(self, rtype: str, rid: str, interaction: str) -> Stored:
         """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen."""
-        stored = self.storage.read(rtype, rid)
+        stored = self.storage.read(rtype, rid, session=self.session)
         if stored is None:
             # the same context queries as a denial, so a missing resource and a denied one also
             # take a similar time (DESIGN.md "No leaks")
@@ -217,7 +212,7 @@ class GuardedRepository:
         version with content (so a 410 is only told to those who could see it)."""
         target = current
         if current.deleted and current.vid > 1:
-            target = self.storage.vread(rtype, current.id, current.vid - 1) or current
+            target = self.storage.vread(rtype, current.id, current.vid - 1, session=self.session) or current
         return self._decide_read(rtype, target)
 
     def _decide_read(self, rtype: str, stored: Stored) -> Decision:
@@ -230,7 +225,7 @@ class GuardedRepository:
         doc_id = search.reference_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
                         "DocumentReference")
         if doc_id:
-            doc = self.storage.read("DocumentReference", doc_id)
+            doc = self.storage.read("DocumentReference", doc_id, session=self.session)
             if doc and not doc.deleted and doc.pid == stored.pid:
                 return self._see("DocumentReference", doc)
         return Decision(False, "binary-orphan", "content not attached to a readable document")
@@ -247,7 +242,7 @@ class GuardedRepository:
         self.access.start(rtype, "vread")
         current = self._visible(rtype, rid, "vread")   # the current decision rules old versions
         try:
-            version = self.storage.vread(rtype, rid, int(vid)) if vid.isdigit() else None
+            version = self.storage.vread(rtype, rid, int(vid), session=self.session) if vid.isdigit() else None
         except ValueError:
             version = None
         if version is None:
@@ -273,8 +268,8 @@ class GuardedRepository:
         self.access.start(rtype, "history" if rid is not None else "history-type")
         if rid is not None:
             current = self._visible_for_history(rtype, rid)
-            page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1)
-            total = self.storage.count_history(rtype, rid) if since is None else None
+            page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1, session=self.session)
+            total = self.storage.count_history(rtype, rid, session=self.session) if since is None else None
             self.record("history", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
                         decision=current._decision, http_status=200)
             return self._page(page, count, total)
@@ -287,13 +282,13 @@ class GuardedRepository:
         verdict: dict[str, bool] = {}
         while len(out) <= count and scanned < 20 * (count + 1):
             batch = self.storage.history(rtype, None, pid_filter=pid_filter, since=since, after_key=after,
-                                         limit=count + 1)
+                                         limit=count + 1, session=self.session)
             if not batch:
                 break
             scanned += len(batch)
             for v in batch:
                 if v.id not in verdict:
-                    cur = self.storage.read(rtype, v.id)
+                    cur = self.storage.read(rtype, v.id, session=self.session)
                     verdict[v.id] = bool(cur) and self._decide_current(rtype, cur).permit
                 if verdict[v.id]:
                     out.append(v)
@@ -310,7 +305,7 @@ class GuardedRepository:
         try:
             return self._visible(rtype, rid, "history")
         except Gone:
-            stored = self.storage.read(rtype, rid)
+            stored = self.storage.read(rtype, rid, session=self.session)
             stored._decision = None
             return stored
 
@@ -331,23 +326,30 @@ class GuardedRepository:
                                   default_count=cfg.default_page_size)
         page = SearchPage(req)
         ins_lookup = self.access.ins_lookup(rtype, args)
-        guard = self.access.search_filter(rtype, named_patient_ids(rtype, args), ins_lookup=ins_lookup)
+        named = named_patient_ids(rtype, args)
+        guard = self.access.search_filter(rtype, named, ins_lookup=ins_lookup)
+        # a search naming a DMP the caller may not enter is a denial in that DMP's journal
+        denied = {} if ins_lookup else self._denied_dmps(named)
+        for pid, decision in denied.items():
+            self.record("search", outcome="4", patient_id=pid, resource=rtype, query=query_string,
+                        decision=decision, http_status=200)
         if guard is None:
             page.total = 0 if req.total != "none" or req.summary == "count" else None
-            self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
-                        decision=Decision(False, "search-scope", "nothing visible to this caller"),
-                        http_status=200)
+            if not denied:
+                self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
+                            decision=Decision(False, "search-scope", "nothing visible to this caller"),
+                            http_status=200)
             return page
         base = merge_filters(guard, req.mongo_filter())     # the guard first: pid fails fast
         if req.summary == "count" or req.count == 0:
             docs = []
         else:
             flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
-            docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1)
+            docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1, session=self.session)
         if req.total != "none" or req.summary == "count":
             # a first page that holds everything is its own total: no second pass over the data
             short = not req.cursor and len(docs) <= req.count and req.summary != "count" and req.count
-            page.total = len(docs) if short else self.storage.count(rtype, base)
+            page.total = len(docs) if short else self.storage.count(rtype, base, session=self.session)
         if docs:
             if len(docs) > req.count:
                 docs = docs[:req.count]
@@ -364,11 +366,23 @@ class GuardedRepository:
                 page.matches.append(stored)
             page.included = self._includes(req, docs, page.matches)
         touched = sorted({s.pid for s in page.matches + page.included if s.pid})
-        for pid in touched or [None]:
+        for pid in touched or ([] if denied else [None]):
             self.record("search", outcome="0", patient_id=pid, resource=rtype, query=query_string,
                         decision=Decision(True, "search", "filtered by the access decision"),
                         http_status=200)
         return page
+
+    def _denied_dmps(self, pids: set[str]) -> dict[str, Decision]:
+        """The existing DMPs among ``pids`` the caller may not enter, with the denial."""
+        self.access.load(pids)
+        out = {}
+        for pid in sorted(pids):
+            st = self.access.states[pid]
+            if st.known:
+                decision = self.access.dmp_access(st)
+                if not decision.permit:
+                    out[pid] = decision
+        return out
 
     def _includes(self, req, docs: list[dict], matches: list[Stored]) -> list[Stored]:
         """_include / _revinclude, each included resource through the same decision."""
@@ -391,7 +405,7 @@ class GuardedRepository:
                     if t in HOSTED:
                         targets.setdefault(t, []).append(i)
             for t, ids in targets.items():
-                for stored in self.storage.read_many(t, sorted(set(ids))):
+                for stored in self.storage.read_many(t, sorted(set(ids)), session=self.session):
                     admit(t, stored)
         for inc in req.revinclude or []:
             if inc.source_type not in HOSTED or not matches:
@@ -402,7 +416,7 @@ class GuardedRepository:
                 continue
             flt = search.revinclude_filter(inc, req.resource_type, [s.id for s in matches])
             for stored in self.storage.find(inc.source_type, merge_filters(guard, flt),
-                                            [("_id", 1)], self.b.config.max_page_size):
+                                            [("_id", 1)], self.b.config.max_page_size, session=self.session):
                 admit(inc.source_type, stored)
         return out
 
@@ -426,40 +440,48 @@ class GuardedRepository:
 
     # ----------------------------------------------------------------- writes
     def _writing(self, fn, *, interaction: str = "transaction", rtype: str | None = None):
-        """Run ``fn(session)`` in a transaction, retrying lost races (not If-Match conflicts).
+        """Run ``fn(session)`` in a transaction (pymongo ``with_transaction``: lost races and
+        unknown commit results are retried; If-Match conflicts are not).
 
         The AuditEvents recorded by ``fn`` are appended inside the same transaction: a write is
         never committed without its journal entry (fail closed), and a rolled-back attempt leaves
-        no entry. A failure is journaled afterwards, at the end of the request.
+        no entry. Reads inside ``fn`` see its writes. When ``fn`` fails, the denials it recorded
+        stay (journaled at the end of the request), its successes go with the rollback.
         """
         mark = len(self.records)
-        for attempt in range(WRITE_RETRIES):
-            try:
-                with self.storage.transaction() as session:
-                    self.session = self.access.session = session
-                    try:
-                        result = fn(session)
-                        if len(self.records) > mark:
-                            self.b.audit_log.append(self._events(self.records[mark:]), session=session)
-                        return result
-                    finally:
-                        del self.records[mark:]
-                        self.session = self.access.session = None
-                        self.access.states.clear()
-            except PyMongoError as exc:
-                if not is_write_conflict(exc):
-                    raise
-                if attempt < WRITE_RETRIES - 1:
-                    time.sleep(random.uniform(0.005, 0.02) * 2 ** attempt)   # jittered back-off
-                    continue
-                self.record(interaction, outcome="4", patient_id=None, resource=rtype, http_status=409)
-                raise Conflict("the record is being changed by another request; retry",
-                               code="transient", headers={"Retry-After": "1"}) from None
-            except FhirError as exc:
+
+        def attempt(session):
+            del self.records[mark:]            # a retried attempt starts clean
+            self.access.states.clear()
+            self.session = self.access.session = session
+            result = fn(session)
+            if len(self.records) > mark:
+                self.b.audit_log.append(self._events(self.records[mark:]), session=session)
+            return result
+
+        try:
+            result = self.storage.run_transaction(attempt)
+            del self.records[mark:]            # committed with the write
+            return result
+        except PyMongoError as exc:
+            del self.records[mark:]
+            if not is_write_conflict(exc):
+                raise
+            self.record(interaction, outcome="4", patient_id=None, resource=rtype, http_status=409)
+            raise Conflict("the record is being changed by another request; retry",
+                           code="transient", headers={"Retry-After": "1"}) from None
+        except FhirError as exc:
+            kept = [r for r in self.records[mark:] if r.outcome != "0"]
+            del self.records[mark:]
+            self.records += kept
+            if not kept:
                 self.record(interaction, outcome="4" if exc.status < 500 else "8", patient_id=None,
                             resource=rtype, http_status=exc.status,
                             decision=Decision(False, "error", exc.diagnostics[:200]))
-                raise
+            raise
+        finally:
+            self.session = self.access.session = None
+            self.access.states.clear()
 
     def _deny_write(self, interaction: str, rtype: str, rid: str | None, pid: str | None,
                     decision: Decision) -> FhirError:
@@ -609,7 +631,7 @@ class GuardedRepository:
         """
         from .security.audit import mark_retention
         self.access.start("Patient", "delete")
-        current = self.storage.read("Patient", pid)
+        current = self.storage.read("Patient", pid, session=self.session)
         st = self.access.state(pid)
         if current is None or not st.known:
             self.record("delete", outcome="4", patient_id=None, resource=f"Patient/{pid}", http_status=404)
@@ -652,7 +674,7 @@ class GuardedRepository:
             return pid
         doc_id = search.reference_id(ctx, "DocumentReference")
         if doc_id:
-            doc = self.storage.read("DocumentReference", doc_id)
+            doc = self.storage.read("DocumentReference", doc_id, session=self.session)
             return doc.pid if doc else None
         return None
 

@@ -167,6 +167,20 @@ class Storage:
         _index(self.db["btg_grants"], [("pid", 1), ("ps", 1), ("expires", -1)])
         _index(self.db["btg_grants"], [("reviewed", 1), ("created", -1)])
 
+    def run_transaction(self, callback):
+        """``callback(session)`` in a transaction through pymongo's ``with_transaction``: retried
+        on lost races (TransientTransactionError) and unknown commit results; returns its result."""
+        def labelled(session):
+            try:
+                return callback(session)
+            except OperationFailure as exc:
+                if exc.code == 112 and not exc.has_error_label("TransientTransactionError"):
+                    exc._add_error_label("TransientTransactionError")   # a WriteConflict is transient
+                raise
+
+        with self.client.start_session() as session:
+            return session.with_transaction(labelled)
+
     @contextlib.contextmanager
     def transaction(self):
         """A session with a transaction; commits on success, aborts on error."""
@@ -179,19 +193,19 @@ class Storage:
         doc = self.db[rtype].find_one({"_id": rid}, session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 
-    def read_many(self, rtype: str, ids: list[str]) -> list[Stored]:
+    def read_many(self, rtype: str, ids: list[str], *, session=None) -> list[Stored]:
         if not ids:
             return []
-        docs = self.db[rtype].find({"_id": {"$in": list(ids)}, "del": False})
+        docs = self.db[rtype].find({"_id": {"$in": list(ids)}, "del": False}, session=session)
         return [Stored.from_doc(rtype, d) for d in docs]
 
-    def vread(self, rtype: str, rid: str, vid: int) -> Stored | None:
-        doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"})
+    def vread(self, rtype: str, rid: str, vid: int, *, session=None) -> Stored | None:
+        doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 
     def history(self, rtype: str, rid: str | None, *, pid_filter: dict | None = None,
                 since: datetime | None = None, before: datetime | None = None,
-                after_key: tuple | None = None, limit: int = 50) -> list[Stored]:
+                after_key: tuple | None = None, limit: int = 50, session=None) -> list[Stored]:
         """Versions newest first; keyset paging on (lu desc, _id asc)."""
         flt: dict = {}
         if rid is not None:
@@ -207,29 +221,29 @@ class Storage:
         if after_key:
             lu, key = after_key
             flt = {"$and": [flt, {"$or": [{"lu": {"$lt": lu}}, {"lu": lu, "_id": {"$gt": key}}]}]}
-        docs = self.db[f"{rtype}_history"].find(flt).sort([("lu", -1), ("_id", 1)]).limit(limit)
+        docs = self.db[f"{rtype}_history"].find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit)
         return [Stored.from_doc(rtype, d) for d in docs]
 
-    def count_history(self, rtype: str, rid: str | None, pid_filter: dict | None = None) -> int:
+    def count_history(self, rtype: str, rid: str | None, pid_filter: dict | None = None, *, session=None) -> int:
         flt: dict = {} if rid is None else {"rid": rid}
         if pid_filter:
             flt.update(pid_filter)
-        return self.db[f"{rtype}_history"].count_documents(flt)
+        return self.db[f"{rtype}_history"].count_documents(flt, session=session)
 
-    def find(self, rtype: str, flt: dict, sort: list, limit: int) -> list[Stored]:
-        return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit)]
+    def find(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[Stored]:
+        return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit, session=session)]
 
-    def find_docs(self, rtype: str, flt: dict, sort: list, limit: int) -> list[dict]:
+    def find_docs(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[dict]:
         """Raw current documents (not deleted) matching ``flt``."""
-        cursor = self.db[rtype].find(merge_filters(flt, {"del": False}))
+        cursor = self.db[rtype].find(merge_filters(flt, {"del": False}), session=session)
         if sort:
             cursor = cursor.sort(sort)
         if limit:
             cursor = cursor.limit(limit)
         return list(cursor)
 
-    def count(self, rtype: str, flt: dict) -> int:
-        return self.db[rtype].count_documents(merge_filters(flt, {"del": False}))
+    def count(self, rtype: str, flt: dict, *, session=None) -> int:
+        return self.db[rtype].count_documents(merge_filters(flt, {"del": False}), session=session)
 
     def ids_with_raw(self, rtype: str, flt: dict, projection: dict) -> list[dict]:
         """Raw projected documents (for the decision's context loading)."""
