@@ -61,6 +61,8 @@ class Config:
     max_page_size: int = 1000
     default_page_size: int = 50
     notifications_worker: bool = True
+    # origins allowed to call the FHIR API from a browser (CORS); "*" = any (bearer tokens, no cookies)
+    cors_origins: tuple[str, ...] = ("*",)
     # the largest JSON/XML request body; Binary uploads are bounded by max_attachment_bytes
     max_body_bytes: int = field(default=0)
 
@@ -121,6 +123,9 @@ class Config:
             break_glass_ttl=_int(env, "FHIR_DMP_BREAK_GLASS_TTL", 14400),
             max_attachment_bytes=_int(env, "FHIR_DMP_MAX_ATTACHMENT_BYTES", 20 * 1024 * 1024),
         )
+        if env.get("FHIR_DMP_CORS_ORIGINS"):
+            values["cors_origins"] = tuple(o.strip() for o in env["FHIR_DMP_CORS_ORIGINS"].split(",")
+                                           if o.strip())
         if env.get("FHIR_DMP_SMTP_FROM"):
             values["smtp_from"] = env["FHIR_DMP_SMTP_FROM"]
         if env.get("FHIR_DMP_HABILITATIONS_FILE"):

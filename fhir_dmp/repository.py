@@ -301,6 +301,37 @@ class GuardedRepository:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
         return self._page(out, count, None)
 
+    # ------------------------------------------------- system-level history
+    def system_history(self, *, since: datetime | None, count: int,
+                       cursor: tuple | None) -> tuple[list[Stored], tuple | None]:
+        """``GET [base]/_history`` (https://hl7.org/fhir/R4/http.html#history): the type-level
+        histories of every hosted type the token's scopes allow, each through :meth:`history`
+        (the same decision per version), merged newest first.
+
+        The cursor is ``(lastUpdated, "Type/id/vid")``; versions are ordered by lastUpdated
+        descending, then by that key ascending, so pages neither repeat nor skip a version.
+        Returns (page, next cursor or None); no total (it would take a pass over every type).
+        """
+        merged: list[Stored] = []
+        for rtype in sorted(HOSTED):
+            if not self.p.scopes.allows(rtype, "r"):
+                continue
+            after = None
+            if cursor is not None:
+                lu, key = cursor
+                ctype, _, rest = key.partition("/")
+                # versions of the same instant: those of a later type, or later in the cursor's type
+                after = (lu, rest if rtype == ctype else ("" if rtype > ctype else "\uffff"))
+            page, _, _ = self.history(rtype, None, since=since, count=count, cursor=after)
+            merged.extend(page)
+        merged.sort(key=lambda v: (-v.lu.timestamp(), f"{v.resource_type}/{v.id}/{v.vid}"))
+        nxt = None
+        if len(merged) > count:
+            merged = merged[:count]
+            last = merged[-1]
+            nxt = (last.lu, f"{last.resource_type}/{last.id}/{last.vid}")
+        return merged, nxt
+
     def _visible_for_history(self, rtype: str, rid: str) -> Stored:
         try:
             return self._visible(rtype, rid, "history")

@@ -42,6 +42,7 @@ from werkzeug.http import parse_list_header, parse_options_header
 
 from ..errors import ServiceUnavailable, Unauthorized
 from . import devkeys
+from .discovery import fetch_discovery
 from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, PURPOSE_SYSTEM,
                         REGULATION_CENTRE, TREAT, UNKNOWN, Principal)
 from .scopes import Scopes
@@ -244,15 +245,9 @@ def _discovery_resolver(issuer: str, timeout: float = 5.0) -> Callable[[requests
     def resolve(session: requests.Session) -> str:
         if found:
             return found[0]
-        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-        resp = session.get(url, timeout=timeout, headers={"Accept": "application/json"})
-        resp.raise_for_status()
-        doc = resp.json()
-        if not isinstance(doc, dict) or not isinstance(doc.get("jwks_uri"), str):
+        doc = fetch_discovery(session, issuer, timeout)
+        if not isinstance(doc.get("jwks_uri"), str):
             raise ValueError("discovery document has no jwks_uri")
-        # §4.3: the issuer in the document must be the one asked for
-        if str(doc.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
-            raise ValueError("discovery document issuer mismatch")
         found.append(doc["jwks_uri"])
         return doc["jwks_uri"]
 
