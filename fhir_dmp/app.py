@@ -17,7 +17,7 @@ from pymongo.errors import PyMongoError
 
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
-from .repository import Backend, GuardedRepository, RequestInfo
+from .repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
 from .security.auth import TokenVerifier
 from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy, access_facets
@@ -78,12 +78,14 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             return None
         try:
             principal = verifier.authenticate(request.headers.get("Authorization"), request.headers)
+            principal = resolve_legal_representative(backend, principal)
         except FhirError as exc:
             if exc.status == 401:
                 _audit_refused(backend, exc)
             raise
         g.repo = GuardedRepository(backend, principal, RequestInfo(
-            client_ip=request.remote_addr, request_id=g.request_id))
+            client_ip=request.remote_addr, request_id=g.request_id,
+            access_code=request.headers.get("X-Patient-Access-Code")))
         return None
 
     @app.after_request

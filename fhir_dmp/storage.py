@@ -34,7 +34,8 @@ from . import search
 
 log = logging.getLogger(__name__)
 
-RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
+                  "RelatedPerson")
 
 
 class VersionConflict(Exception):

@@ -16,7 +16,7 @@ DocumentReference (``dmp-documentreference``)
   * ``subject`` is ``Patient/<id>``;
   * ``type`` has a LOINC coding;
   * each ``content.attachment.contentType`` is PDF, XML or CDA
-    (``application/pdf``, ``text/xml``, ``application/hl7-v3+xml``),
+    (``application/pdf``, ``text/xml``, ``application/hl7-v3+xml``, ``text/plain``),
     ``content.format`` (a Coding) has a code;
   * ``securityLabel`` codings are DMP labels (TRE_A07, system
     ``urn:oid:1.2.250.1.213.1.1.4.13``: MASQUE_PS, INVISIBLE_PATIENT,
@@ -72,7 +72,7 @@ IDENTITY_STATUS_SYSTEM = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-iden
 IDENTITY_STATUSES = frozenset({"PROV", "RECUP", "VALI", "QUAL"})
 QUALIFIED_STATUSES = frozenset({"VALI", "QUAL"})
 
-DOCUMENT_CONTENT_TYPES = frozenset({"application/pdf", "text/xml", "application/hl7-v3+xml"})
+DOCUMENT_CONTENT_TYPES = frozenset({"application/pdf", "text/xml", "application/hl7-v3+xml", "text/plain"})
 
 # Preference when reading the INS of a Patient (one is allowed, but be deterministic).
 _INS_ORDER = (NIR, NIR_TEST, NIR_DEMO, NIA)
