@@ -42,12 +42,19 @@ __all__ = [
     "DOCUMENT_CONTENT_TYPES", "PROFILE_PATIENT", "PROFILE_DOCUMENTREFERENCE",
     "patient_ins", "identity_status", "is_ins_qualified", "general_practitioner_ids",
     "labels", "set_labels", "doc_type_codes", "author_ids",
-    "check_patient", "check_documentreference",
+    "check_patient", "check_documentreference", "check_relatedperson",
+    "PROFILE_RELATEDPERSON", "PROFILES_CONSENT",
 ]
 
 PROFILE_BASE = "https://fhir-dmp.example.org/fhir/StructureDefinition/"
 PROFILE_PATIENT = PROFILE_BASE + "dmp-patient"
 PROFILE_DOCUMENTREFERENCE = PROFILE_BASE + "dmp-documentreference"
+PROFILE_RELATEDPERSON = PROFILE_BASE + "dmp-relatedperson"
+#: the Consent shapes of CONTRACT.md ("The DMP in FHIR terms", "Lifecycle"), one profile each
+PROFILES_CONSENT = tuple(PROFILE_BASE + name for name in (
+    "dmp-consent-authorization", "dmp-consent-block", "dmp-consent-optout", "dmp-consent-feeding-opposition"))
+ROLE_CODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+REPRESENTATIVE_ROLES = ("PRN", "GUARD")
 
 # TRE_A07 confidentiality codes of the DMP.
 LABEL_SYSTEM = "urn:oid:1.2.250.1.213.1.1.4.13"
@@ -251,6 +258,24 @@ def check_patient(patient: dict) -> list[Issue]:
             issues.append(_issue(
                 f"Patient.generalPractitioner[{i}].identifier.value",
                 "the médecin traitant's idNatPs value is missing", "required"))
+    return issues
+
+
+def check_relatedperson(rp: dict) -> list[Issue]:
+    """Issues of the ``dmp-relatedperson`` profile: a legal representative of one Patient."""
+    issues: list[Issue] = []
+    ref = _dict(rp.get("patient")).get("reference")
+    if not (isinstance(ref, str) and re.fullmatch(r"Patient/[A-Za-z0-9\-.]{1,64}", ref)):
+        issues.append(_issue("RelatedPerson.patient", "patient must be a reference Patient/<id>", "required"))
+    roles = {c.get("code") for concept in _list(rp.get("relationship")) for c in _list(_dict(concept).get("coding"))
+             if isinstance(c, dict) and c.get("system") == ROLE_CODE_SYSTEM}
+    if not roles & set(REPRESENTATIVE_ROLES):
+        issues.append(_issue("RelatedPerson.relationship", "relationship must hold v3-RoleCode PRN (parent) "
+                             "or GUARD (guardian)", "required"))
+    if not isinstance(rp.get("active"), bool):
+        issues.append(_issue("RelatedPerson.active", "active is required", "required"))
+    if not _list(rp.get("name")):
+        issues.append(_issue("RelatedPerson.name", "a legal representative has a name", "required"))
     return issues
 
 
