@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -67,6 +68,16 @@ def named_patient_ids(rtype: str, args: list[tuple[str, str]]) -> set[str]:
             for v in value.split(","):
                 out.add(search.reference_id(v, "Patient") or v.strip())
     return {p for p in out if p and "/" not in p}
+
+
+_INS_IN_QUERY = re.compile(r"((?:urn|URN)(?::|%3A|%3a)oid(?::|%3A|%3a)1\.2\.250\.1\.213\.1\.4\.(?:8|9|10|11)"
+                           r"(?:\||%7C|%7c))([^&#;,]+)")
+
+
+def redact_ins(query: str) -> str:
+    """The query without INS values, for the system journal: what no DMP's chain holds must not
+    keep a NIR once that DMP is destroyed (CONTRACT.md "Lifecycle": no personal data left)."""
+    return _INS_IN_QUERY.sub(lambda m: m.group(1) + "[INS]", query)
 
 
 def is_ins_lookup(rtype: str, args: list[tuple[str, str]]) -> bool:
@@ -135,6 +146,8 @@ class GuardedRepository:
                resource: str | None = None, decision: Decision | None = None,
                http_status: int | None = None, query: str | None = None) -> None:
         from .security.audit import AccessRecord
+        if patient_id is None and query:
+            query = redact_ins(query)
         self.records.append(AccessRecord(
             interaction=interaction, action=ACTION.get(interaction, "E"), outcome=outcome,
             principal=self.p, patient_id=patient_id, resource=resource, query=query,
