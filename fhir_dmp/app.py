@@ -19,7 +19,7 @@ from .compression import compress_response, decode_request_body
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
 from .resources.conformance import is_public as conformance_is_public
-from .repository import Backend, GuardedRepository, RequestInfo
+from .repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
 from .security.auth import TokenVerifier
 from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy, access_facets
@@ -95,12 +95,14 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             return None
         try:
             principal = verifier.authenticate(request.headers.get("Authorization"), request.headers)
+            principal = resolve_legal_representative(backend, principal)
         except FhirError as exc:
             if exc.status == 401:
                 _audit_refused(backend, exc)
             raise
         g.repo = GuardedRepository(backend, principal, RequestInfo(
-            client_ip=request.remote_addr, request_id=g.request_id))
+            client_ip=request.remote_addr, request_id=g.request_id,
+            access_code=request.headers.get("X-Patient-Access-Code")))
         return None
 
     @app.after_request

@@ -34,7 +34,8 @@ from . import search
 
 log = logging.getLogger(__name__)
 
-RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
+                  "RelatedPerson")
 # Written once and never changed (the journal): each entry is its own only version, so its history
 # is the collection itself (version 1 of every entry) and there is no ``*_history`` copy.
 APPEND_ONLY = ("AuditEvent",)

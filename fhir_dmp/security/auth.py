@@ -61,6 +61,7 @@ BTG_TERM = f"{PURPOSE_SYSTEM}#BTG"
 _ACTREASON_SYSTEMS = (PURPOSE_SYSTEM, "urn:oid:2.16.840.1.113883.5.8")
 _PURPOSES = (TREAT, BTG, ETREAT)
 _FHIR_USER_PATIENT = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})$")
+_FHIR_USER_RELATED = re.compile(r"(?:^|/)RelatedPerson/[A-Za-z0-9\-.]{1,64}$")
 _SAFE_ALG = re.compile(r"^[A-Za-z0-9+-]{1,16}$")
 _MAX_REASON = 1000
 
@@ -374,9 +375,12 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
             if not id_nat_ps:
                 raise invalid_token("a regulation_centre token needs SubjectNameID")
         elif role == LEGAL_REPRESENTATIVE:
+            # CONTRACT.md "Who the caller is": the token names the RelatedPerson; the repository
+            # resolves it to its patient while it is in force (resolve_legal_representative)
             kind = LEGAL_REPRESENTATIVE
-            if not patient_id:
-                raise invalid_token("a legal_representative token needs fhirUser Patient/{id}")
+            related = _str(claims.get("fhirUser"))
+            if not related or not _FHIR_USER_RELATED.search(related):
+                raise invalid_token("a legal_representative token needs fhirUser RelatedPerson/{id}")
         else:
             kind = UNKNOWN
     elif id_nat_ps:
@@ -410,13 +414,15 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     professional = kind in (PS, REGULATION_CENTRE)
     owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
     subject = _str(claims.get("sub")) or (id_nat_ps if professional else None) \
-        or (f"Patient/{patient_id}" if owner else None) or "unknown"
+        or (f"Patient/{patient_id}" if kind == PATIENT else None) \
+        or (_str(claims.get("fhirUser")) if owner else None) or "unknown"
     return Principal(
         kind=kind,
         subject=subject,
         scopes=scopes,
         patient_id=patient_id if owner else None,
         compartment=compartment,
+        related_person=_str(claims.get("fhirUser")) if kind == LEGAL_REPRESENTATIVE else None,
         id_nat_ps=id_nat_ps if professional else None,
         professions=professions if professional else (),
         acr=acr,
@@ -435,7 +441,9 @@ def _compartment(kind: str, scopes: Scopes, owner_pid: str | None, launch_pid: s
     patient or legal representative. A ``patient`` claim that differs from the caller's own
     patient, or a professional with only ``patient/`` scopes and no ``patient`` claim: 401."""
     owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
-    if owner and launch_pid and launch_pid != owner_pid:
+    # a legal representative's patient is known only once its RelatedPerson is resolved
+    # (repository.resolve_legal_representative checks the claim against it)
+    if kind == PATIENT and launch_pid and launch_pid != owner_pid:
         raise invalid_token("the patient claim names another patient than fhirUser")
     contexts = scopes.contexts()
     if "patient" not in contexts or contexts - {"patient"}:
