@@ -74,6 +74,7 @@ def record(api, smtp):
     me = api.as_patient(pat["id"])
     ids = {"Patient": pat["id"], "DocumentReference": doc["id"],
            "Binary": doc["content"][0]["attachment"]["url"].split("/")[1]}
+    ids["RelatedPerson"] = me.create(b.related_person(pat["id"]))["id"]
     for rtype in ("Consent", "AuditEvent", "Communication"):
         ids[rtype] = me.search(f"{rtype}?patient={pat['id']}&_count=1")["entry"][0]["resource"]["id"]
     return me, ids
