@@ -61,6 +61,13 @@ class Config:
     max_page_size: int = 1000
     default_page_size: int = 50
     notifications_worker: bool = True
+    # the journal (issue 13): the background sealer, its signing key, the unsealed bound
+    audit_sealer: bool = True
+    audit_key_file: Path | None = None
+    audit_seal_bound: int = 60
+    # decision context cached per process, invalidated by the change stream
+    context_cache: bool = True
+    threads: int = 0                 # gunicorn threads per worker; 0 = server.default_threads()
     # the largest JSON/XML request body; Binary uploads are bounded by max_attachment_bytes
     max_body_bytes: int = field(default=0)
 
@@ -95,6 +102,11 @@ class Config:
         return Path(self.kek_file) if self.kek_file else self.data_dir / "kek.key"
 
     @property
+    def audit_key_path(self) -> Path:
+        """Ed25519 key signing the journal checkpoints: outside the database by design."""
+        return Path(self.audit_key_file) if self.audit_key_file else self.data_dir / "audit-signing-key.pem"
+
+    @property
     def dev_key_path(self) -> Path:
         return self.data_dir / "dev-signing-key.json"
 
@@ -120,6 +132,9 @@ class Config:
             sms_webhook_url=env.get("FHIR_DMP_SMS_WEBHOOK_URL") or None,
             break_glass_ttl=_int(env, "FHIR_DMP_BREAK_GLASS_TTL", 14400),
             max_attachment_bytes=_int(env, "FHIR_DMP_MAX_ATTACHMENT_BYTES", 20 * 1024 * 1024),
+            audit_key_file=Path(env["FHIR_DMP_AUDIT_KEY_FILE"]) if env.get("FHIR_DMP_AUDIT_KEY_FILE") else None,
+            audit_seal_bound=_int(env, "FHIR_DMP_AUDIT_SEAL_BOUND", 60),
+            threads=_int(env, "FHIR_DMP_THREADS", 0) if env.get("FHIR_DMP_THREADS") else 0,
         )
         if env.get("FHIR_DMP_SMTP_FROM"):
             values["smtp_from"] = env["FHIR_DMP_SMTP_FROM"]

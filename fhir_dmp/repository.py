@@ -104,6 +104,7 @@ class GuardedRepository:
         self.records: list = []
         self.effects: list = []          # callables(session) written with the journal at flush
         self._grants_done: set[str] = set()
+        self._dirty_pids: set[str] = set()   # patients written: their cached context is dropped
         self.session = None      # the open write transaction, if any (reads inside it see its writes)
 
     # ------------------------------------------------------------------ audit
@@ -451,11 +452,12 @@ class GuardedRepository:
                         result = fn(session)
                         if len(self.records) > mark:
                             self.b.audit_log.append(self._events(self.records[mark:]), session=session)
-                        return result
                     finally:
                         del self.records[mark:]
                         self.session = self.access.session = None
                         self.access.states.clear()
+                self._forget_contexts()   # committed: this process forgets at once, others by the stream
+                return result
             except PyMongoError as exc:
                 if not is_write_conflict(exc):
                     raise
@@ -639,6 +641,8 @@ class GuardedRepository:
                                                         "res": None, "s": {}, "o": {}}})
         mark_retention(db, pid, at)
         self.access.states.pop(pid, None)
+        self._dirty_pids.add(pid)
+        self._forget_contexts()
         self.record("delete", outcome="0", patient_id=pid, resource=f"Patient/{pid}",
                     decision=Decision(True, "destroy-dmp", "DMP destroyed by an administrator"),
                     http_status=204)
@@ -691,6 +695,15 @@ class GuardedRepository:
             remember_blob(self, *self._pending_blob, session)
             self._pending_blob = None
         self.access.states.pop(stored.pid, None)
+        self._dirty_pids.add(stored.pid)
+
+    def _forget_contexts(self) -> None:
+        """Drop the cached decision context of the patients this request wrote."""
+        cache = self.b.policy.context_cache
+        if cache is not None:
+            for pid in self._dirty_pids:
+                cache.invalidate(pid)
+        self._dirty_pids.clear()
 
     def _authorize_creator(self, patient: Stored, session) -> None:
         """A PS who opens a DMP is authorized on it (CONTRACT.md)."""

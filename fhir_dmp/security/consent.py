@@ -22,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 from ..errors import Forbidden
 from ..profiles import dmp
+from .context_cache import load_contexts
 from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS,
                         REGULATION_CENTRE, TREAT, Principal)
 
@@ -177,10 +178,11 @@ class PatientState:
 class AccessPolicy:
     """Application-wide part of the decision: the matrix, the config, the storage to load context."""
 
-    def __init__(self, storage, habilitations, config):
+    def __init__(self, storage, habilitations, config, context_cache=None):
         self.storage = storage
         self.habilitations = habilitations
         self.config = config
+        self.context_cache = context_cache    # ContextCache, or None: load every request
 
     def for_request(self, principal: Principal) -> "RequestAccess":
         return RequestAccess(self, principal)
@@ -207,28 +209,26 @@ class RequestAccess:
         return ids
 
     def load(self, pids) -> None:
-        """Load the states of several patients in two queries (Patients, active Consents)."""
+        """Load the states of several patients: from the process's context cache
+        (``context_cache.py``) or two queries (Patients, active Consents); inside a write
+        transaction always from the transaction."""
         todo = [p for p in set(pids) if p and p not in self.states]
         if not todo:
             return
         db = self.policy.storage.db
-        patients = {d["_id"]: d for d in db["Patient"].find({"_id": {"$in": todo}},
-                                                          {"res": 1, "del": 1, "destroyed": 1},
-                                                          session=self.session)}
-        consents: dict[str, list] = {}
-        for d in db["Consent"].find({"pid": {"$in": todo}, "del": False, "res.status": "active"},
-                                    {"res": 1, "vid": 1, "pid": 1}, session=self.session):
-            consents.setdefault(d["pid"], []).append((d["_id"], d["vid"], d["res"]))
+        cache = self.policy.context_cache
+        if cache is not None and self.session is None:
+            contexts = cache.load(todo)
+        else:
+            contexts = load_contexts(db, todo, self.session)
         grants = {}
         if self.p.is_professional and self.p.id_nat_ps and self.p.purpose == BTG:
             for g in db["btg_grants"].find({"pid": {"$in": todo}, "ps": self.p.id_nat_ps,
                                             "expires": {"$gt": _now()}}):
                 grants[g["pid"]] = g
         for pid in todo:
-            doc = patients.get(pid)
-            res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
-            known = bool(doc) and not doc.get("destroyed")
-            self.states[pid] = PatientState(pid, res, known, consents.get(pid, []), grants.get(pid))
+            res, known, consents = contexts[pid]
+            self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid))
 
     def state(self, pid: str) -> PatientState:
         self.load([pid])
