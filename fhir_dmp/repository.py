@@ -201,9 +201,18 @@ class GuardedRepository:
                                           "patient notified" if status != "not-done" else
                                           "the patient could not be told: no contact on file"))
 
+    def _current(self, rtype: str, rid: str) -> Stored | None:
+        """The current version; a Patient comes with its decision context (one load, cached
+        per process and invalidated on change: ``security/context_cache.py``)."""
+        if rtype == "Patient" and self.session is None:
+            doc = self.access.state(rid).doc
+            return Stored.from_doc(rtype, {**doc, "res": dict(doc["res"]) if doc.get("res") else None}) \
+                if doc else None
+        return self.storage.read(rtype, rid)
+
     def _visible(self, rtype: str, rid: str, interaction: str) -> Stored:
         """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen."""
-        stored = self.storage.read(rtype, rid)
+        stored = self._current(rtype, rid)
         if stored is None:
             # the same context queries as a denial, so a missing resource and a denied one also
             # take a similar time (DESIGN.md "No leaks")
@@ -453,6 +462,7 @@ class GuardedRepository:
                         if len(self.records) > mark:
                             self.b.audit_log.append(self._events(self.records[mark:]), session=session)
                     finally:
+                        self._dirty_pids.update(r.patient_id for r in self.records[mark:] if r.patient_id)
                         del self.records[mark:]
                         self.session = self.access.session = None
                         self.access.states.clear()

@@ -150,6 +150,7 @@ class PatientState:
     known: bool = False                       # stored and not destroyed (deleted still counts)
     consents: list = field(default_factory=list)   # [(id, vid, resource)] active Consents
     grant: dict | None = None                 # valid break-glass grant of the calling PS
+    doc: dict | None = None                   # the stored Patient document (current version)
 
     @property
     def exists(self) -> bool:
@@ -227,8 +228,8 @@ class RequestAccess:
                                             "expires": {"$gt": _now()}}):
                 grants[g["pid"]] = g
         for pid in todo:
-            res, known, consents = contexts[pid]
-            self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid))
+            res, known, consents, doc = contexts[pid]
+            self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid), doc)
 
     def state(self, pid: str) -> PatientState:
         self.load([pid])

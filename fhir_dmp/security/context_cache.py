@@ -37,13 +37,15 @@ WATCHED = ("Patient", "Consent", "RelatedPerson", "btg_grants")
 
 
 def load_contexts(db, pids: list[str], session=None) -> dict[str, tuple]:
-    """``pid -> (patient resource or None, known, [(id, vid, Consent)])`` in two queries.
+    """``pid -> (patient resource or None, known, [(id, vid, Consent)], stored Patient document)``
+    in two queries.
 
     ``patient`` is None when there is no such DMP (or it is deleted or destroyed); ``known``
-    is True when it is stored and not destroyed (a deleted DMP still counts).
+    is True when it is stored and not destroyed (a deleted DMP still counts). The stored
+    document (None if absent) is the current version as ``Storage.read`` returns it, without
+    the search index fields: a Patient read is answered from it.
     """
-    patients = {d["_id"]: d for d in db["Patient"].find({"_id": {"$in": pids}},
-                                                      {"res": 1, "del": 1, "destroyed": 1},
+    patients = {d["_id"]: d for d in db["Patient"].find({"_id": {"$in": pids}}, {"s": 0, "o": 0, "a": 0},
                                                       session=session)}
     consents: dict[str, list] = {}
     for d in db["Consent"].find({"pid": {"$in": pids}, "del": False, "res.status": "active"},
@@ -53,7 +55,7 @@ def load_contexts(db, pids: list[str], session=None) -> dict[str, tuple]:
     for pid in pids:
         doc = patients.get(pid)
         res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
-        out[pid] = (res, bool(doc) and not doc.get("destroyed"), consents.get(pid, []))
+        out[pid] = (res, bool(doc) and not doc.get("destroyed"), consents.get(pid, []), doc)
     return out
 
 
