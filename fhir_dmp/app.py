@@ -76,6 +76,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     app.extensions["fhir_dmp.verifier"] = verifier
     if config.notifications_worker:
         _start_worker(app, backend)
+    _start_journal_and_cache(app, backend)
 
     from .resources import register
     register(app)
@@ -214,6 +215,34 @@ def _audit_refused(backend: Backend, exc: FhirError) -> None:
     except Exception as err:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
         log.error("could not journal a refused token (request %s): %s", g.get("request_id"),
                   type(err).__name__)
+
+
+def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
+    """The decision context cache (its change stream) and the journal sealer (issue 13):
+    background threads of this process, started after gunicorn's fork."""
+    config = backend.config
+    if config.context_cache:
+        from .security.context_cache import ContextCache
+        cache = ContextCache(backend.storage)
+        cache.start()
+        backend.policy.context_cache = cache
+        app.extensions["fhir_dmp.context_cache"] = cache
+        atexit.register(cache.stop)
+    if config.audit_sealer:
+        from .security.sealer import Sealer
+        sealer = Sealer(backend.storage.client, backend.storage.db, config.audit_key_path)
+        sealer.start()
+        app.extensions["fhir_dmp.sealer"] = sealer
+        atexit.register(sealer.stop)
+
+
+def stop_background(app: Flask) -> None:
+    """Stop this app's background threads (tests build many apps in one process)."""
+    for name in ("fhir_dmp.context_cache", "fhir_dmp.sealer", "fhir_dmp.worker"):
+        service = app.extensions.get(name)
+        if service is not None:
+            service.stop()
+    app.extensions["fhir_dmp"].audit_log.close()
 
 
 def _start_worker(app: Flask, backend: Backend) -> None:

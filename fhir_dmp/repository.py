@@ -130,6 +130,7 @@ class GuardedRepository:
         self.records: list = []
         self.effects: list = []          # callables(session) written with the journal at flush
         self._grants_done: set[str] = set()
+        self._dirty_pids: set[str] = set()   # patients written: their cached context is dropped
         self.session = None      # the open write transaction, if any (reads inside it see its writes)
 
     # ------------------------------------------------------------------ audit
@@ -227,9 +228,18 @@ class GuardedRepository:
                                           "the patient could not be told: no contact on file"))
         return comms
 
+    def _current(self, rtype: str, rid: str) -> Stored | None:
+        """The current version; a Patient comes with its decision context (one load, cached
+        per process and invalidated on change: ``security/context_cache.py``)."""
+        if rtype == "Patient" and self.session is None:
+            doc = self.access.state(rid).doc
+            return Stored.from_doc(rtype, {**doc, "res": dict(doc["res"]) if doc.get("res") else None}) \
+                if doc else None
+        return self.storage.read(rtype, rid, session=self.session)
+
     def _visible(self, rtype: str, rid: str, interaction: str) -> Stored:
         """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen."""
-        stored = self.storage.read(rtype, rid, session=self.session)
+        stored = self._current(rtype, rid)
         if stored is None:
             # the same context queries as a denial, so a missing resource and a denied one also
             # take a similar time (DESIGN.md "No leaks")
@@ -528,6 +538,7 @@ class GuardedRepository:
             self.access.states.clear()
             self.session = self.access.session = session
             result = fn(session)
+            self._dirty_pids.update(r.patient_id for r in self.records[mark:] if r.patient_id)
             if len(self.records) > mark:
                 self.b.audit_log.append(self._events(self.records[mark:]), session=session)
             return result
@@ -535,6 +546,7 @@ class GuardedRepository:
         try:
             result = self.storage.run_transaction(attempt)
             del self.records[mark:]            # committed with the write
+            self._forget_contexts()   # committed: this process forgets at once, others by the stream
             return result
         except PyMongoError as exc:
             del self.records[mark:]
@@ -733,6 +745,8 @@ class GuardedRepository:
         if forget:
             forget([pid])
         self.access.states.pop(pid, None)
+        self._dirty_pids.add(pid)
+        self._forget_contexts()
 
     def send_access_code(self, pid: str) -> list[dict]:
         """``Patient/$access-code``: a one-time code to the patient (email/SMS + Communication).
@@ -835,6 +849,15 @@ class GuardedRepository:
             remember_blob(self, *self._pending_blob, session)
             self._pending_blob = None
         self.access.states.pop(stored.pid, None)
+        self._dirty_pids.add(stored.pid)
+
+    def _forget_contexts(self) -> None:
+        """Drop the cached decision context of the patients this request wrote."""
+        cache = self.b.policy.context_cache
+        if cache is not None:
+            for pid in self._dirty_pids:
+                cache.invalidate(pid)
+        self._dirty_pids.clear()
 
     def _authorize_creator(self, patient: Stored, session) -> None:
         """A PS who opens a DMP is authorized on it (CONTRACT.md)."""

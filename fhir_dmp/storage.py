@@ -266,9 +266,13 @@ class Storage:
 
     # -- what the access decision reads (security/consent.py) ----------------
     def patient_docs(self, pids: list[str], *, session=None) -> dict[str, dict]:
-        """Raw Patient documents (deleted and destroyed included) by id."""
+        """Raw Patient documents (deleted and destroyed included) by id, without search indexes."""
         return {d["_id"]: d for d in self.db["Patient"].find(
-            {"_id": {"$in": list(pids)}}, {"res": 1, "del": 1, "destroyed": 1}, session=session)}
+            {"_id": {"$in": list(pids)}}, {"s": 0, "o": 0, "a": 0}, session=session)}
+
+    def watch(self, pipeline: list):
+        """A change stream on the database (the decision context cache's invalidation)."""
+        return self.db.watch(pipeline, full_document="updateLookup", max_await_time_ms=200)
 
     def active_consents(self, pids: list[str], *, session=None) -> list[dict]:
         """Current active Consents of these DMPs (``_id``, ``vid``, ``pid``, ``res``)."""

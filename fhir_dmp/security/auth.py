@@ -24,12 +24,14 @@ All of it is thread-safe: one ``TokenVerifier`` serves all request threads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -53,6 +55,7 @@ ALGORITHMS = ("RS256", "ES256")
 _KTY = {"RS256": "RSA", "ES256": "EC"}
 LEEWAY = 60
 JWKS_MAX_AGE = 300.0        # seconds a fetched JWKS is trusted without a new fetch
+_WHITESPACE = re.compile(r"\s")
 MAX_TOKEN_CHARS = 16 * 1024
 REQUIRED_ACR = "eidas1"
 # https://hl7.org/fhir/R4/security-labels.html / http.html: the Category header
@@ -263,9 +266,14 @@ class TokenVerifier:
     ``refetch_interval``, ``max_age`` and ``clock`` tune the JWKS URL cache.
     """
 
+    CACHE_SIZE = 10_000
+
     def __init__(self, config, *, refetch_interval: float = 5.0, max_age: float = JWKS_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
+        # verified tokens by SHA-256: (kid, alg, key, claims, valid until); see verify()
+        self._verified: OrderedDict[bytes, tuple] = OrderedDict()
+        self._verified_lock = threading.Lock()
         self.issuer = config.expected_issuer
         self.audience = config.expected_audience
         if config.dev_mode:
@@ -282,12 +290,38 @@ class TokenVerifier:
     def verify(self, token: str) -> dict:
         """Verify signature and registered claims; return the claims.
 
+        A token verified once is remembered by its SHA-256 until it expires (``exp`` + the
+        leeway), as long as the issuer's key set still holds the very key that verified it
+        (a rotated-out key, or a changed JWKS file, means a full verification again).
         Raises Unauthorized (invalid_token) or ServiceUnavailable (no keys)."""
         if not isinstance(token, str) or not token.strip():
             raise invalid_token("empty token")
         token = token.strip()
         if len(token) > MAX_TOKEN_CHARS:
             raise invalid_token("token too large")
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        with self._verified_lock:
+            hit = self._verified.get(digest)
+        if hit is not None:
+            kid, alg, key, claims, until = hit
+            try:
+                same_key = self.keys.lookup(kid, alg) is key
+            except KeysUnavailable:
+                same_key = False
+            if same_key and time.time() < until:
+                return claims
+            with self._verified_lock:
+                self._verified.pop(digest, None)
+        claims, kid, alg, key = self._verify_fully(token)
+        exp = claims.get("exp")
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            with self._verified_lock:
+                self._verified[digest] = (kid, alg, key, claims, exp + LEEWAY)
+                while len(self._verified) > self.CACHE_SIZE:
+                    self._verified.popitem(last=False)
+        return claims
+
+    def _verify_fully(self, token: str) -> tuple[dict, str | None, str, Key]:
         try:
             header = jws.extract_compact(token.encode("utf-8")).headers()
         except (JoseError, ValueError, TypeError, KeyError, UnicodeError):
@@ -329,7 +363,7 @@ class TokenVerifier:
             what = {"iss": "issuer not trusted", "aud": "audience is not this server",
                     "nbf": "token not yet valid", "iat": "token issued in the future"}
             raise invalid_token(what.get(exc.claim, f"invalid claim {exc.claim}")) from None
-        return claims
+        return claims, kid, alg, key
 
     # -- Authorization header -> Principal
     def authenticate(self, authorization: str | None, headers: Mapping[str, str] | None = None) -> Principal:
@@ -343,7 +377,7 @@ class TokenVerifier:
         token = token.strip()
         if scheme.lower() != "bearer":
             raise _invalid_request("the Authorization scheme must be Bearer")
-        if not token or any(c.isspace() for c in token):
+        if not token or _WHITESPACE.search(token):
             raise _invalid_request("malformed Bearer credentials")
         claims = self.verify(token)
         return principal_from_claims(claims, headers or {})

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from ..errors import BadRequest, Forbidden
 from ..profiles import dmp
 from ..profiles.ins import INS_SYSTEMS
+from .context_cache import load_contexts
 from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PS,
                         REGULATION_CENTRE, TREAT, Principal)
 
@@ -237,6 +238,7 @@ class PatientState:
     known: bool = False                       # stored and not destroyed (deleted still counts)
     consents: list = field(default_factory=list)   # [(id, vid, resource)] active Consents
     grant: dict | None = None                 # valid break-glass grant of the calling PS
+    doc: dict | None = None                   # the stored Patient document (current version)
 
     @property
     def exists(self) -> bool:
@@ -268,10 +270,11 @@ class PatientState:
 class AccessPolicy:
     """Application-wide part of the decision: the matrix, the config, the storage to load context."""
 
-    def __init__(self, storage, habilitations, config):
+    def __init__(self, storage, habilitations, config, context_cache=None):
         self.storage = storage
         self.habilitations = habilitations
         self.config = config
+        self.context_cache = context_cache    # ContextCache, or None: load every request
 
     def for_request(self, principal: Principal) -> "RequestAccess":
         return RequestAccess(self, principal)
@@ -297,23 +300,24 @@ class RequestAccess:
         return principal_keys(self.p)
 
     def load(self, pids) -> None:
-        """Load the states of several patients in two queries (Patients, active Consents)."""
+        """Load the states of several patients: from the process's context cache
+        (``context_cache.py``) or two queries (Patients, active Consents); inside a write
+        transaction always from the transaction."""
         todo = [p for p in set(pids) if p and p not in self.states]
         if not todo:
             return
         storage = self.policy.storage
-        patients = storage.patient_docs(todo, session=self.session)
-        consents: dict[str, list] = {}
-        for d in storage.active_consents(todo, session=self.session):
-            consents.setdefault(d["pid"], []).append((d["_id"], d["vid"], d["res"]))
+        cache = self.policy.context_cache
+        if cache is not None and self.session is None:
+            contexts = cache.load(todo)
+        else:
+            contexts = load_contexts(storage, todo, self.session)
         grants = {}
         if self.p.is_professional and self.p.id_nat_ps and self.p.purpose == BTG:
             grants = storage.live_grants(todo, self.p.id_nat_ps, _now())
         for pid in todo:
-            doc = patients.get(pid)
-            res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
-            known = bool(doc) and not doc.get("destroyed")
-            self.states[pid] = PatientState(pid, res, known, consents.get(pid, []), grants.get(pid))
+            res, known, consents, doc = contexts[pid]
+            self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid), doc)
 
     def state(self, pid: str) -> PatientState:
         self.load([pid])
