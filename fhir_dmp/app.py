@@ -19,7 +19,7 @@ from .compression import compress_response, decode_request_body
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
 from .resources.conformance import is_public as conformance_is_public
-from .repository import Backend, GuardedRepository, RequestInfo
+from .repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
 from .security.auth import TokenVerifier
 from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy, access_facets
@@ -76,6 +76,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     app.extensions["fhir_dmp.verifier"] = verifier
     if config.notifications_worker:
         _start_worker(app, backend)
+    _start_journal_and_cache(app, backend)
 
     from .resources import register
     register(app)
@@ -95,12 +96,14 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             return None
         try:
             principal = verifier.authenticate(request.headers.get("Authorization"), request.headers)
+            principal = resolve_legal_representative(backend, principal)
         except FhirError as exc:
             if exc.status == 401:
                 _audit_refused(backend, exc)
             raise
         g.repo = GuardedRepository(backend, principal, RequestInfo(
-            client_ip=request.remote_addr, request_id=g.request_id))
+            client_ip=request.remote_addr, request_id=g.request_id,
+            access_code=request.headers.get("X-Patient-Access-Code")))
         return None
 
     @app.after_request
@@ -163,9 +166,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         log.exception("unexpected error (request %s)", g.get("request_id"))
         repo = getattr(g, "repo", None)
         if repo is not None and not repo.records:
-            interaction = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
-                           "DELETE": "delete"}.get(request.method, "read")
-            repo.record(interaction, outcome="8", patient_id=None, resource=request.path,
+            repo.record(_interaction(), outcome="8", patient_id=None, resource=request.path,
                         http_status=500)
         return error_response(FhirError("internal error; the request was not completed "
                                         f"(request id {g.get('request_id')})", status=500, code="exception"))
@@ -191,18 +192,57 @@ def error_response(exc: FhirError):
     return response
 
 
+def _interaction() -> str:
+    """The restful-interaction code of the request's method (for events outside the repository)."""
+    return {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
+            "DELETE": "delete"}.get(request.method, "read")
+
+
 def _audit_refused(backend: Backend, exc: FhirError) -> None:
-    """Refused tokens are journaled too (no patient; never the token)."""
+    """Refused tokens go to the system journal (CONTRACT.md "The journal"; no patient, never the
+    token). An expected refusal logs one line, no traceback."""
+    from .repository import ACTION
     from .security.audit import AccessRecord, build_event
     try:
-        rec = AccessRecord(interaction="login", action="E", outcome="4", principal=None, patient_id=None,
+        interaction = _interaction()
+        rec = AccessRecord(interaction=interaction, action=ACTION.get(interaction, "E"), outcome="4",
+                           principal=None, patient_id=None,
                            resource=request.path, query=None,
                            decision={"result": "deny", "rule": "authentication", "reason": exc.diagnostics[:200],
                                      "consents": []},
                            http_status=401, client_ip=request.remote_addr, request_id=g.get("request_id"))
         backend.audit_log.append([build_event(rec, source_observer=backend.config.fhir_base)])
-    except Exception:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
-        log.exception("could not journal a refused token")
+    except Exception as err:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
+        log.error("could not journal a refused token (request %s): %s", g.get("request_id"),
+                  type(err).__name__)
+
+
+def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
+    """The decision context cache (its change stream) and the journal sealer (issue 13):
+    background threads of this process, started after gunicorn's fork."""
+    config = backend.config
+    if config.context_cache:
+        from .security.context_cache import ContextCache
+        cache = ContextCache(backend.storage)
+        cache.start()
+        backend.policy.context_cache = cache
+        app.extensions["fhir_dmp.context_cache"] = cache
+        atexit.register(cache.stop)
+    if config.audit_sealer:
+        from .security.sealer import Sealer
+        sealer = Sealer(backend.storage.client, backend.storage.db, config.audit_key_path)
+        sealer.start()
+        app.extensions["fhir_dmp.sealer"] = sealer
+        atexit.register(sealer.stop)
+
+
+def stop_background(app: Flask) -> None:
+    """Stop this app's background threads (tests build many apps in one process)."""
+    for name in ("fhir_dmp.context_cache", "fhir_dmp.sealer", "fhir_dmp.worker"):
+        service = app.extensions.get(name)
+        if service is not None:
+            service.stop()
+    app.extensions["fhir_dmp"].audit_log.close()
 
 
 def _start_worker(app: Flask, backend: Backend) -> None:

@@ -52,13 +52,15 @@ def idp(tmp_path_factory):
 @pytest.fixture
 def config(tmp_path, mongo_server, db, idp):
     return Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=tmp_path, base_url=BASE,
-                  notifications_worker=False, **idp.config_kwargs())
+                  notifications_worker=False, audit_sealer=False, **idp.config_kwargs())
 
 
 @pytest.fixture
 def app(config, mongo_client, db):
-    from fhir_dmp.app import create_app
-    return create_app(config, client=mongo_client, db=db)
+    from fhir_dmp.app import create_app, stop_background
+    app = create_app(config, client=mongo_client, db=db)
+    yield app
+    stop_background(app)
 
 
 @pytest.fixture

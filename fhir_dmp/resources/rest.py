@@ -18,9 +18,9 @@ from .http import (backend, bundle, empty_response, full_url, ignored_entry, len
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
-HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson")
 READ_ONLY = ("AuditEvent", "Communication")   # written by the server only (append-only journal)
-PATCHABLE = ("DocumentReference", "Patient", "Consent")
+PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
 NOT_CONDITIONAL = ("Binary",)   # not searchable by its readers: conditional writes could not match
 CONTROL = {"_format", "_pretty", "_cursor"}
 
@@ -136,9 +136,23 @@ def delete(rtype, rid):
 
 @bp.post("/Patient/<rid>/$destroy")
 def destroy(rid):
-    """Destroy a DMP (administrator): crypto-shredding, then the record is gone; the journal stays."""
+    """Destroy a DMP (the patient or the administrator): all or nothing, then it never existed."""
     g.repo.destroy_dmp(rid)
     return respond(None, 204)
+
+
+@bp.post("/Patient/<rid>/$access-code")
+def access_code(rid):
+    """A one-time code to the patient, for a PS's first access (FHIR_DMP_FIRST_ACCESS=patient-code)."""
+    if backend().config.first_access != "patient-code":
+        raise BadRequest("first access is attested by the professional here (FHIR_DMP_FIRST_ACCESS="
+                         "attestation): no access code is needed", code="not-supported")
+    comms = g.repo.send_access_code(rid)
+    from ..errors import Issue, operation_outcome
+    sent = sorted({c["medium"][0]["coding"][-1]["code"] for c in comms if c.get("medium")})
+    text = (f"a one-time code was sent to the patient ({', '.join(sent)})" if sent else
+            "the patient has no email or phone on file: no code could be sent")
+    return respond(operation_outcome([Issue(text, "informational", "information")]), 200)
 
 
 @bp.get("/<rtype>/<rid>/_history")
