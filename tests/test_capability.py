@@ -23,6 +23,8 @@ def test_statement_is_valid_r4_and_served(api, config):
     assert cs["implementation"]["url"] == config.fhir_base
     assert cs["software"]["version"] != "0"
     assert cs["rest"][0]["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    from tests.test_conformance import empties
+    assert empties(cs) == []        # R4 JSON: no empty arrays or objects (searchRevInclude: [] is invalid)
     xml = api.anonymous().get("metadata", headers={"Accept": "application/fhir+xml"})
     assert xml.status_code == 200 and b"CapabilityStatement" in xml.data
 
@@ -142,7 +144,8 @@ def test_declared_conditional_writes_work(api):
     admin, ps = api.as_admin(), api.as_ps()
     pat = ps.create(b.patient())
     samples = {"Patient": (admin, b.patient()), "Consent": (admin, b.consent(pat["id"], actor=b.PS_OTHER)),
-               "DocumentReference": (ps, b.docref(pat["id"]))}
+               "DocumentReference": (ps, b.docref(pat["id"])),
+               "RelatedPerson": (admin, b.related_person(pat["id"]))}
     for res in STATEMENT["rest"][0]["resource"]:
         rtype = res["type"]
         if rtype not in samples:
