@@ -138,6 +138,10 @@ def test_unknown_parameters_ignored_and_reported(api):
     assert "foo" not in self_link and "_totalMethod" not in self_link and "family=Lenient" in self_link
     strict = admin.get("Patient?family=Lenient&foo=bar", headers={"Prefer": "handling=strict"})
     assert strict.status_code == 400
+    batch = admin.post("", {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient?family=Lenient&foo=bar"}}]}).json
+    inner = batch["entry"][0]["resource"]
+    assert inner["total"] == 1 and inner["entry"][-1]["search"]["mode"] == "outcome"
 
 
 # -------------------------------------------------------- AuditEvent vread / history, system history
