@@ -69,6 +69,9 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
 
     from .resources import register
     register(app)
+    from . import home, portal
+    portal.register(app, config)
+    home.register(app)
 
     @app.before_request
     def authenticate():
