@@ -138,7 +138,7 @@ def journal_row(event: dict, patient_id: str) -> dict:
         who = agent.get("name") or who_ref.get("display") or id_nat_ps
     else:
         who = agent.get("name") or who_ref.get("display") or KIND_LABELS.get(kind) or "Système"
-    subtype = _first_coding((event.get("subtype") or [{}])[0]).get("code")
+    subtype = ((event.get("subtype") or [{}])[0] or {}).get("code")     # a list of Coding
     target = next(((e.get("what") or {}).get("reference") for e in event.get("entity") or ()
                    if _first_coding({"coding": [e.get("role") or {}]}).get("code") == "4"), None)
     rtype = (target or "").split("/", 1)[0]
@@ -153,7 +153,7 @@ def journal_row(event: dict, patient_id: str) -> dict:
         "action": " ".join(filter(None, (INTERACTIONS.get(subtype, subtype or "Accès"),
                                          RESOURCE_TYPES.get(rtype, "")))),
         "ok": event.get("outcome") == "0",
-        "reason": event.get("outcomeDesc") or "",
+        "reason": event.get("outcomeDesc") or "" if event.get("outcome") != "0" else "",
     }
 
 

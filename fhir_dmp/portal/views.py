@@ -22,7 +22,8 @@ from ..errors import FhirError, NotFound, not_found
 from ..profiles import dmp, validate
 from ..repository import HOSTED
 from ..security.crypto import ContentUnavailable
-from ..security.principal import BTG, ETREAT
+from ..security.audit import SUBJECT_SYSTEM
+from ..security.principal import BTG, ETREAT, PATIENT
 from . import present, signin
 
 bp = Blueprint("portal", __name__, url_prefix="/portal", template_folder="templates",
@@ -255,13 +256,22 @@ def unmask(rid):
 
 @bp.get("/journal")
 def journal():
+    """The journal, newest first, paged by the search cursor; filters are search parameters, so
+    they apply before paging (mode = purpose of use, professional = agent idNatPs)."""
     mode = request.args.get("mode") or ""
+    who = request.args.get("qui") or ""
     ps = (request.args.get("ps") or "").strip()
     args = [("patient", f"Patient/{_pid()}"), ("_sort", "-date"), ("_count", str(JOURNAL_PAGE))]
     if mode in MODE_PURPOSE:
         args.append(("purpose", MODE_PURPOSE[mode]))
     else:
         mode = ""
+    if who == "ps":
+        args.append(("agent:identifier", f"{present.IDNATPS_SYSTEM}|"))
+    elif who == "moi":
+        args.append(_me_as_agent())
+    else:
+        who = ""
     if ps:
         if not ID_NAT_PS.match(ps):
             flash("L'identifiant d'un professionnel (idNatPs) compte 9 à 12 chiffres.", "error")
@@ -272,11 +282,18 @@ def journal():
         args.append(("_cursor", request.args["page"]))
     page = _search("AuditEvent", args)
     rows = [present.journal_row(s.resource, _pid()) for s in page.matches]
-    filters = {k: v for k, v in (("mode", mode), ("ps", ps)) if v}
+    filters = {k: v for k, v in (("mode", mode), ("qui", who), ("ps", ps)) if v}
     next_url = url_for("portal.journal", page=page.next_cursor, **filters) if page.next_cursor else None
-    return render_template("portal/journal.html", rows=rows, mode=mode, ps=ps, modes=present.MODES,
+    return render_template("portal/journal.html", rows=rows, mode=mode, who=who, ps=ps, modes=present.MODES,
                            next_url=next_url, first_url=url_for("portal.journal", **filters)
                            if request.args.get("page") else None)
+
+
+def _me_as_agent() -> tuple[str, str]:
+    """The journal's agent criterion for the signed-in person (audit.py ``_user_agent``)."""
+    if g.principal.kind == PATIENT:
+        return "agent", f"Patient/{_pid()}"
+    return "agent:identifier", f"{SUBJECT_SYSTEM}|{g.principal.subject}"
 
 
 def _consents():
