@@ -123,15 +123,19 @@ class Browser:
         return (within or self.d).find_element(By.CSS_SELECTOR, selector)
 
     def press(self, element) -> None:
-        """Click a link or button that loads a page, and wait for the new page."""
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions
+        """Click a link or button that loads a page, and wait for the new page (the old window
+        object, marked before the click, is gone and the new document is loaded)."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support.ui import WebDriverWait
-        old = self.d.find_element(By.TAG_NAME, "html")
+        self.d.execute_script("window.__portalOld = true")
         element.click()
-        WebDriverWait(self.d, 15).until(expected_conditions.staleness_of(old))
-        WebDriverWait(self.d, 15).until(
-            lambda d: d.execute_script("return document.readyState") == "complete")
+
+        def loaded(d):
+            try:
+                return d.execute_script("return !window.__portalOld && document.readyState === 'complete'")
+            except WebDriverException:      # between two documents
+                return False
+        WebDriverWait(self.d, 15).until(loaded)
 
     def wait_path(self, path: str) -> None:
         from selenium.webdriver.support.ui import WebDriverWait

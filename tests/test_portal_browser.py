@@ -87,7 +87,7 @@ def test_dev_sign_in_shows_the_banner_and_every_page_is_reachable_from_the_menu(
         assert "Introuvable" not in portal.css("h1").text
     # logout ends the session: the pages send back to the login form
     portal.press(portal.find("logout"))
-    assert portal.path == "/portal/login"
+    assert portal.path == "/portal/logged-out" and portal.find("logged-out")
     portal.go("/portal/documents")
     assert portal.path == "/portal/login"
 

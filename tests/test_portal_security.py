@@ -138,7 +138,7 @@ def test_logout_ends_the_session(dev):
     pid, _ = dev.dmp()
     client = dev.browser(pid)
     r = client.post("/portal/logout", data={"csrf_token": page_token(client)})
-    assert r.status_code == 302 and r.headers["Location"].endswith("/portal/login")
+    assert r.status_code == 302 and r.headers["Location"].endswith("/portal/logged-out")
     assert client.get("/portal/documents").status_code == 302
     # GET /portal/logout also ends it
     client = dev.browser(pid)

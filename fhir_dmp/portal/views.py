@@ -29,7 +29,8 @@ from . import present, signin
 bp = Blueprint("portal", __name__, url_prefix="/portal", template_folder="templates",
                static_folder="static")
 
-PUBLIC = {"portal.login", "portal.dev_login", "portal.callback", "portal.logout", "portal.static"}
+PUBLIC = {"portal.login", "portal.dev_login", "portal.callback", "portal.logout", "portal.logged_out",
+          "portal.static"}
 JOURNAL_PAGE = 20
 LIST_LIMIT = "200"
 ID_NAT_PS = re.compile(r"^[0-9]{9,12}$")
@@ -159,9 +160,15 @@ def callback():
 
 @bp.route("/logout", methods=["GET", "POST"])
 def logout():
+    """End the portal session (the identity provider's own session is the provider's business:
+    the next sign-in may not ask for the password again)."""
     signin.sign_out()
-    flash("Vous êtes déconnecté.", "info")
-    return redirect(url_for("portal.login"))
+    return redirect(url_for("portal.logged_out"))
+
+
+@bp.get("/logged-out")
+def logged_out():
+    return render_template("portal/logged_out.html")
 
 
 # ----------------------------------------------------------------------------- helpers
