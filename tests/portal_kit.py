@@ -181,7 +181,7 @@ class Browser:
         return {c["name"]: c["value"] for c in self.d.get_cookies()}
 
     # screenshots --------------------------------------------------------------
-    def screenshot(self, name: str, widths=(1280, 375), max_height: int = 1600) -> None:
+    def screenshot(self, name: str, widths=(1280, 375), max_height: int = 1200) -> None:
         """With FHIR_DMP_SCREENSHOTS set, save the page at each width (PNG)."""
         if not SCREENSHOTS:
             return

@@ -144,8 +144,8 @@ def test_documents_download_mask_and_unmask(portal, server):
     portal.press(portal.find("unmask", portal.row("document", id=consult)))
     assert portal.row("document", id=consult).get_attribute("data-masked") == "false"
     assert other.get(f"DocumentReference/{consult}").status_code == 200
-    assert any("Modification un document" in text and "Vous" in text for text in journal_actions(portal))
     portal.screenshot("documents")
+    assert any("Modification d'un document" in text and "Vous" in text for text in journal_actions(portal))
 
 
 def _permit(pid, ps):
@@ -213,8 +213,8 @@ def test_authorize_revoke_block_unblock(portal, server):
     assert btg.get(f"Patient/{pid}").status_code == 200
 
     actions = journal_actions(portal)
-    assert sum("Création une autorisation" in a and "Vous" in a for a in actions) == 2
-    assert sum("Modification une autorisation" in a and "Vous" in a for a in actions) == 2
+    assert sum("Création d'une autorisation" in a and "Vous" in a for a in actions) == 2
+    assert sum("Modification d'une autorisation" in a and "Vous" in a for a in actions) == 2
 
 
 # ----------------------------------------------------------------------------- emergency and journal
@@ -251,7 +251,9 @@ def test_emergency_opt_outs_and_the_journal_shows_break_glass_and_centre_15(port
     glass = portal.row("journal-entry", mode="bris_de_glace", outcome="ok")
     assert "Bris de glace" in glass.text and builders.PS_OTHER in glass.text and "Médecin" in glass.text
     assert "alert-row" in glass.get_attribute("class")                 # stands out
-    assert portal.row("journal-entry", mode="bris_de_glace", outcome="refused")   # the opt-out's refusal
+    refused = [e.text for e in portal.all("journal-entry") if e.get_attribute("data-outcome") == "refused"
+               and e.get_attribute("data-mode") == "bris_de_glace"]
+    assert any("vous refusez le bris de glace" in text for text in refused)     # the opt-out's refusal
     portal.screenshot("journal")
     # filters: by mode, by professional
     form = portal.find("journal-filter")
@@ -335,7 +337,7 @@ def test_close_and_reopen_my_dmp(portal, server):
     assert portal.find("dmp-status").get_attribute("data-active") == "true"
     assert dr.get(f"Patient/{pid}").status_code == 200
     actions = journal_actions(portal)
-    assert sum("Modification le dossier" in a and "Vous" in a for a in actions) == 2
+    assert sum("Modification du dossier" in a and "Vous" in a for a in actions) == 2
 
 
 def test_destroy_needs_the_typed_ins(portal, server):

@@ -98,7 +98,7 @@ def test_a_patient_signs_in_at_the_provider_and_revokes_a_professional(browser, 
     assert oidc_server.ps.get(f"Patient/{PATIENT_ID}").status_code == 404
 
     portal.go("/portal/journal?qui=moi")
-    assert any("Modification une autorisation" in e.text for e in portal.all("journal-entry"))
+    assert any("Modification d'une autorisation" in e.text for e in portal.all("journal-entry"))
     portal.go(f"/portal/journal?ps={PS}")
     entries = portal.all("journal-entry")
     assert entries and all(PS in e.text and "Médecin" in e.text for e in entries)

@@ -37,10 +37,21 @@ INTERACTIONS = {
     "login": "Connexion",
 }
 RESOURCE_TYPES = {
-    "Patient": "le dossier", "DocumentReference": "un document", "Binary": "le contenu d'un document",
-    "Consent": "une autorisation", "AuditEvent": "le journal", "Communication": "une notification",
-    "RelatedPerson": "un représentant légal",
+    "Patient": "du dossier", "DocumentReference": "d'un document", "Binary": "du contenu d'un document",
+    "Consent": "d'une autorisation", "AuditEvent": "du journal", "Communication": "d'une notification",
+    "RelatedPerson": "d'un représentant légal",
 }
+# why an access was refused, by the decision's rule (security/consent.py); others: "accès refusé"
+REFUSALS = {
+    "not-authorized": "professionnel non autorisé", "blocked": "professionnel que vous avez bloqué",
+    "btg-opt-out": "vous refusez le bris de glace", "centre15-opt-out": "vous refusez l'accès du centre 15",
+    "dmp-closed": "dossier fermé", "masque-ps": "document masqué aux professionnels",
+    "habilitation": "profession non habilitée pour ce type de document",
+    "btg-no-reason": "bris de glace sans justification", "role": "profession exclue",
+    "invisible-patient": "document non visible", "invisible-representatives": "document non visible",
+    "authentication": "identification refusée",
+}
+NO_CONTACT = "non envoyée : aucun moyen de contact (email/SMS) dans le dossier"
 KIND_LABELS = {"patient": "Vous", "legal_representative": "Représentant légal",
                "admin": "Administrateur", "regulation_centre": "Centre de régulation (SAMU)"}
 NOTIFICATION_STATUS = {"in-progress": "En cours d'envoi", "completed": "Envoyée", "not-done": "Non envoyée",
@@ -143,6 +154,16 @@ def journal_row(event: dict, patient_id: str) -> dict:
                    if _first_coding({"coding": [e.get("role") or {}]}).get("code") == "4"), None)
     rtype = (target or "").split("/", 1)[0]
     mode = _mode(agent, event) if (id_nat_ps or professions) else "normal"
+    rule = next((d.get("valueString") for e in event.get("entity") or ()
+                 if (e.get("type") or {}).get("code") == "decision"
+                 for d in e.get("detail") or () if d.get("type") == "rule"), None) or ""
+    ok = event.get("outcome") == "0"
+    if ok:
+        outcome = "Autorisé"
+    elif rule.startswith("notify-"):
+        outcome = "Notification " + NO_CONTACT
+    else:
+        outcome = "Refusé — " + REFUSALS.get(rule, "accès refusé")
     return {
         "date": paris_time(event.get("recorded")),
         "who": who,
@@ -152,8 +173,8 @@ def journal_row(event: dict, patient_id: str) -> dict:
         "mode_label": MODES[mode],
         "action": " ".join(filter(None, (INTERACTIONS.get(subtype, subtype or "Accès"),
                                          RESOURCE_TYPES.get(rtype, "")))),
-        "ok": event.get("outcome") == "0",
-        "reason": event.get("outcomeDesc") or "" if event.get("outcome") != "0" else "",
+        "ok": ok,
+        "outcome": outcome,
     }
 
 
