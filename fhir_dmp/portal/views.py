@@ -322,25 +322,24 @@ def _id_nat_ps() -> str | None:
     return value
 
 
-@bp.post("/autorisations")
-def authorize():
+def _new_choice(make, done: str):
+    """Create the Consent ``make(patient id, idNatPs)`` for the idNatPs of the form."""
     ps = _id_nat_ps()
     back = url_for("portal.authorizations")
     if ps is None:
         return redirect(back)
-    return _act(lambda: g.repo.create("Consent", validate(present.authorization(_pid(), ps),
-                                                         resource_type="Consent")),
-                f"Le professionnel {ps} est autorisé à accéder à votre dossier.", back)
+    consent = validate(make(_pid(), ps), resource_type="Consent")
+    return _act(lambda: g.repo.create("Consent", consent), done.format(ps=ps), back)
+
+
+@bp.post("/autorisations")
+def authorize():
+    return _new_choice(present.authorization, "Le professionnel {ps} est autorisé à accéder à votre dossier.")
 
 
 @bp.post("/blocages")
 def block():
-    ps = _id_nat_ps()
-    back = url_for("portal.authorizations")
-    if ps is None:
-        return redirect(back)
-    return _act(lambda: g.repo.create("Consent", validate(present.block(_pid(), ps), resource_type="Consent")),
-                f"Le professionnel {ps} est bloqué : il ne peut plus accéder à votre dossier.", back)
+    return _new_choice(present.block, "Le professionnel {ps} est bloqué : il ne peut plus accéder à votre dossier.")
 
 
 def _end_consent(cid: str):
