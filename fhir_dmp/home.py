@@ -1,22 +1,42 @@
-"""``GET /``: a small HTML page that links to the patient portal and the FHIR metadata
-(CONTRACT.md "The patient portal")."""
+"""``GET /``: what this server is, for a person in a browser; ``GET /fhir``: where to go next.
+
+Its own small module and template (``templates/home.html``) so that other
+parts (the patient portal) add their link to :data:`LINKS` without touching
+the FHIR handlers. No third-party assets, no script.
+"""
 from __future__ import annotations
 
-from flask import Flask, Response
+from flask import Blueprint, redirect, render_template, request, url_for
 
-PAGE = """<!doctype html>
-<html lang="fr"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>fhir_dmp – dossier médical partagé</title></head>
-<body><main><h1>Dossier médical partagé (fhir_dmp)</h1>
-<ul><li><a href="/portal/">Espace patient</a></li>
-<li><a href="/fhir/metadata">API FHIR R4 : CapabilityStatement</a></li></ul></main></body></html>
-"""
+from .resources.capability import software_version
+from .resources.http import backend
+
+bp = Blueprint("home", __name__)
+
+# (href relative to the site root, label, description) shown on the home page, in order
+LINKS = [
+    ("portal/", "Mon espace santé — portail patient",
+     "Vos documents, votre journal d'accès, vos autorisations et vos choix."),
+    ("fhir/metadata", "API FHIR R4 — CapabilityStatement",
+     "Ce que le serveur sait faire : ressources, interactions, paramètres de recherche."),
+    ("fhir/.well-known/smart-configuration", "Configuration SMART App Launch",
+     "Émetteur des jetons, portées (scopes) et capacités pour les applications."),
+]
 
 
-def register(app: Flask) -> None:
-    if "home" in app.view_functions:       # another module already serves GET /
-        return
+@bp.get("/")
+def home():
+    config = backend().config
+    return render_template("home.html", links=LINKS, fhir_base=config.fhir_base,
+                           version=software_version(), dev_mode=config.dev_mode)
 
-    @app.get("/", endpoint="home")
-    def home():
-        return Response(PAGE, content_type="text/html; charset=utf-8")
+
+@bp.get("/fhir")
+@bp.get("/fhir/")
+def fhir_base():
+    """The FHIR base has nothing to GET: a browser goes to the home page, a client to the
+    CapabilityStatement (https://hl7.org/fhir/R4/http.html#capabilities) — never a 401 in XML."""
+    if "text/html" in {value for value, _q in request.accept_mimetypes}:     # a browser
+        return redirect(url_for("home.home"), code=303)
+    query = request.query_string.decode("latin-1")
+    return redirect(url_for("fhir_meta.metadata") + (f"?{query}" if query else ""), code=303)
