@@ -32,8 +32,8 @@ def server(browser, mongo_server, mongo_client, tmp_path_factory):
     port = free_port()
     db = unique_db(mongo_client)
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=tmp_path_factory.mktemp("portal"),
-                 base_url=f"http://127.0.0.1:{port}/fhir", notifications_worker=False)
-    from fhir_dmp.app import create_app
+                 base_url=f"http://127.0.0.1:{port}/fhir", notifications_worker=False, audit_sealer=False)
+    from fhir_dmp.app import create_app, stop_background
     app = create_app(cfg, client=mongo_client, db=db)
     live = LiveServer(app, port)
     api = Api(app, None)
@@ -45,6 +45,7 @@ def server(browser, mongo_server, mongo_client, tmp_path_factory):
                           ps=lambda ps=builders.PS_DR, profession="10", **kw:
                           as_("ps", id_nat_ps=ps, profession=profession, **kw))
     live.stop()
+    stop_background(app)
     mongo_client.drop_database(db.name)
 
 
@@ -162,7 +163,6 @@ def _permit(pid, ps):
                 "purpose": [{"system": builders.ACT_REASON, "code": "TREAT"}]}}
 
 
-@pytest.mark.xfail(strict=False, reason="needs issue 11 lifecycle (rubriques filled from the type code)")
 def test_documents_are_grouped_by_rubrique(portal, server):
     pid, _ = new_dmp(server, docs=(builders.LAB, builders.IMAGING))
     portal.dev_login(pid)
@@ -358,7 +358,6 @@ def test_destroy_needs_the_typed_ins(portal, server):
     assert server.ps().get(f"Patient/{pid}").status_code == 200         # nothing changed
 
 
-@pytest.mark.xfail(strict=False, reason="needs issue 11 lifecycle (the patient destroys their own DMP)")
 def test_destroy_my_dmp(portal, server):
     pid = destroy_with(portal, server)
     assert portal.find("destroyed")
@@ -370,19 +369,33 @@ def test_destroy_my_dmp(portal, server):
 
 # ----------------------------------------------------------------------------- representatives
 
-@pytest.mark.xfail(strict=False, reason="needs issue 11 lifecycle (RelatedPerson: legal representatives)")
-def test_representatives_are_listed(portal, server):
-    pid, _ = new_dmp(server)
+def test_representatives_are_listed_and_a_representative_signs_in(portal, server):
+    pid, (doc,) = new_dmp(server)
+    hidden = server.ps().create(builders.docref(pid, labels=("INVISIBLE_REPRESENTANTS_LEGAUX",)))["id"]
     created = server.as_("admin").post("RelatedPerson", {
         "resourceType": "RelatedPerson", "active": True, "patient": {"reference": f"Patient/{pid}"},
         "relationship": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
                                       "code": "GUARD"}]}],
         "name": [{"family": "Martin", "given": ["Paul"]}]})
-    assert created.status_code == 201
+    assert created.status_code == 201, created.get_data(as_text=True)
     portal.dev_login(pid)
     portal.nav("Représentants")
     (row,) = portal.all("representative")
     assert "Paul Martin" in row.text and "Tuteur" in row.text
+    portal.screenshot("representants")
+    # the guardian signs in for the patient: the record, less what is hidden from representatives
+    portal.press(portal.find("logout"))
+    portal.go("/portal/login")
+    form = portal.find("dev-login-representative")
+    portal.fill(form, representative=created.json["id"])
+    portal.submit(form)
+    assert portal.path == "/portal/" and "Claire Martin" in portal.css("h1").text
+    portal.nav("Mes documents")
+    assert [r.get_attribute("data-id") for r in portal.all("document")] == [doc]
+    assert hidden not in portal.d.page_source
+    portal.go("/portal/journal?qui=moi")
+    entries = portal.all("journal-entry")
+    assert entries and all("Vous (représentant légal)" in e.text for e in entries)
 
 
 # ----------------------------------------------------------------------------- small screens

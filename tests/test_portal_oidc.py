@@ -42,8 +42,8 @@ def oidc_server(oidc_kit, mongo_server, mongo_client, tmp_path_factory):
     db = unique_db(mongo_client)
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=work / "data", base_url=base,
                  issuer=op.issuer, portal_client_id="dmp-portal", portal_client_secret="dmp-portal-secret",
-                 notifications_worker=False)
-    from fhir_dmp.app import create_app
+                 notifications_worker=False, audit_sealer=False)
+    from fhir_dmp.app import create_app, stop_background
     app = create_app(cfg, client=mongo_client, db=db)
     live = LiveServer(app, port)
     api = Api(app, None)
@@ -52,6 +52,7 @@ def oidc_server(oidc_kit, mongo_server, mongo_client, tmp_path_factory):
     assert created.status_code == 201, created.get_data(as_text=True)
     yield SimpleNamespace(url=live.url, op=op, api=api, ps=ps, base=base)
     live.stop()
+    stop_background(app)
     op.stop()
     mongo_client.drop_database(db.name)
 

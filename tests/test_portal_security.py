@@ -18,16 +18,25 @@ from tests.portal_kit import csrf_token
 BASE = "http://dmp.test/fhir"
 
 
-def make_app(tmp_path, mongo_server, mongo_client, db, base=BASE, **kw):
-    from fhir_dmp.app import create_app
-    cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=tmp_path, base_url=base,
-                 notifications_worker=False, **kw)
-    return cfg, create_app(cfg, client=mongo_client, db=db)
+@pytest.fixture
+def make_app(tmp_path, mongo_server, mongo_client, db):
+    """Build apps on this test's database (background threads stopped at the end)."""
+    from fhir_dmp.app import create_app, stop_background
+    built = []
+
+    def make(base=BASE, **kw):
+        cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=tmp_path, base_url=base,
+                     notifications_worker=False, audit_sealer=False, **kw)
+        built.append(create_app(cfg, client=mongo_client, db=db))
+        return cfg, built[-1]
+    yield make
+    for app in built:
+        stop_background(app)
 
 
 @pytest.fixture
-def dev(tmp_path, mongo_server, mongo_client, db):
-    cfg, app = make_app(tmp_path, mongo_server, mongo_client, db)
+def dev(make_app):
+    cfg, app = make_app()
     api = Api(app, None)
 
     class Dev:
@@ -126,8 +135,8 @@ def test_session_cookie_flags_http(dev):
     assert "Secure" not in cookie
 
 
-def test_session_cookie_is_secure_when_the_base_url_is_https(tmp_path, mongo_server, mongo_client, db):
-    cfg, app = make_app(tmp_path, mongo_server, mongo_client, db, base="https://dmp.test/fhir")
+def test_session_cookie_is_secure_when_the_base_url_is_https(make_app):
+    cfg, app = make_app(base="https://dmp.test/fhir")
     client = app.test_client()
     r = client.get("/portal/login", base_url="https://dmp.test")
     cookie = _set_cookie(r)
@@ -235,10 +244,8 @@ def test_an_unknown_patient_id_at_dev_login_shows_nothing(dev):
 
 # ----------------------------------------------------------------------------- OIDC mode config
 
-def test_with_an_issuer_and_no_portal_client_login_is_unavailable(tmp_path, mongo_server, mongo_client, db,
-                                                                   idp):
-    cfg, app = make_app(tmp_path, mongo_server, mongo_client, db, base="https://dmp.test/fhir",
-                        **idp.config_kwargs())
+def test_with_an_issuer_and_no_portal_client_login_is_unavailable(make_app, idp):
+    cfg, app = make_app(base="https://dmp.test/fhir", **idp.config_kwargs())
     client = app.test_client()
     assert client.get("/portal/").headers["Location"].endswith("/portal/login")
     r = client.get("/portal/login")

@@ -133,7 +133,9 @@ def _mode(agent: dict, event: dict) -> str:
     return "normal"
 
 
-def journal_row(event: dict, patient_id: str) -> dict:
+def journal_row(event: dict, patient_id: str, me: str | None = None) -> dict:
+    """One journal row; ``me`` is the signed-in person's agent reference when it is not the
+    patient (a legal representative: ``RelatedPerson/{id}``)."""
     agent = (event.get("agent") or [{}])[0]
     who_ref = agent.get("who") or {}
     kind = next((c.get("code") for r in agent.get("role") or () for c in r.get("coding") or ()
@@ -144,7 +146,9 @@ def journal_row(event: dict, patient_id: str) -> dict:
     id_nat_ps = (who_ref.get("identifier") or {}).get("value") \
         if (who_ref.get("identifier") or {}).get("system") == IDNATPS_SYSTEM else None
     if who_ref.get("reference") == f"Patient/{patient_id}":
-        who = "Vous"
+        who = "Vous" if me is None or me == who_ref["reference"] else "Le patient"
+    elif me is not None and who_ref.get("reference") == me:
+        who = "Vous (représentant légal)"
     elif id_nat_ps:
         who = agent.get("name") or who_ref.get("display") or id_nat_ps
     else:

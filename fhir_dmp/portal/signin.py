@@ -7,8 +7,9 @@
   state, nonce and code verifier in the session and checks the ID token).
   The ACCESS token it gets is the caller's token: verified by the same
   ``TokenVerifier`` as API tokens, it gives the same Principal.
-- Dev mode (no issuer): a form takes a Patient id and mints a dev token with
-  the dev key, exactly like ``fhir-dmp dev-token patient``.
+- Dev mode (no issuer): a form takes a Patient id (or a RelatedPerson id for a
+  legal representative) and mints a dev token with the dev key, exactly like
+  ``fhir-dmp dev-token patient`` (``legal_representative``).
 
 The session cookie (HttpOnly, SameSite=Lax, Secure on https) holds the
 token; each request verifies it again, so the session ends when the token
@@ -91,17 +92,24 @@ def finish_oidc() -> str:
     return token["access_token"]
 
 
-def dev_token(config, patient_id: str) -> str:
+def dev_token(config, *, patient: str | None = None, related_person: str | None = None) -> str:
+    """A dev token for a patient (``fhir-dmp dev-token patient``) or a legal representative
+    (``fhir-dmp dev-token legal_representative --related-person``)."""
     from ..security.devkeys import mint_token
-    return mint_token(config, PATIENT, patient=patient_id, lifetime=DEV_TOKEN_LIFETIME)
+    if related_person:
+        return mint_token(config, LEGAL_REPRESENTATIVE, related_person=related_person,
+                          lifetime=DEV_TOKEN_LIFETIME)
+    return mint_token(config, PATIENT, patient=patient, lifetime=DEV_TOKEN_LIFETIME)
 
 
 # ----------------------------------------------------------------------------- session
 
 def principal_of(token: str) -> Principal:
     """Verify ``token`` like an API token (same verifier, same Principal); FhirError when refused."""
+    from ..repository import resolve_legal_representative
     verifier = current_app.extensions["fhir_dmp.verifier"]
     principal = verifier.authenticate(f"Bearer {token}")
+    principal = resolve_legal_representative(current_app.extensions["fhir_dmp"], principal)
     if principal.kind not in (PATIENT, LEGAL_REPRESENTATIVE) or not principal.patient_id:
         raise SignInRefused("this space is for patients and their legal representatives")
     return principal

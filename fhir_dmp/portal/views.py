@@ -134,10 +134,15 @@ def dev_login():
     if not cfg.dev_mode:
         abort(404)
     patient_id = (request.form.get("patient") or "").strip()
-    if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", patient_id):
-        flash("Identifiant de patient invalide.", "error")
+    representative = (request.form.get("representative") or "").strip()
+    if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", representative or patient_id):
+        flash("Identifiant invalide.", "error")
         return redirect(url_for("portal.login"))
-    signin.sign_in(signin.dev_token(cfg, patient_id))
+    try:
+        signin.sign_in(signin.dev_token(cfg, patient=patient_id, related_person=representative))
+    except (FhirError, signin.SignInRefused):
+        flash("Ce représentant légal n'est pas (ou plus) en fonction.", "error")
+        return redirect(url_for("portal.login"))
     return redirect(url_for("portal.home"))
 
 
@@ -151,8 +156,9 @@ def callback():
         signin.sign_in(token)
     except (OAuthError, signin.SignInRefused, FhirError) as exc:
         signin.sign_out()
-        message = ("Cet espace est réservé aux patients et à leurs représentants légaux."
-                   if isinstance(exc, signin.SignInRefused) else "La connexion a échoué ; recommencez.")
+        message = ("La connexion a échoué ; recommencez." if isinstance(exc, OAuthError) else
+                   "Cet espace est réservé aux patients et à leurs représentants légaux : "
+                   "l'identité transmise par le fournisseur d'identité n'est pas acceptée.")
         return render_template("portal/error.html", status=401, title="Connexion refusée",
                                message=message), 401
     return redirect(url_for("portal.home"))
@@ -288,7 +294,8 @@ def journal():
     if request.args.get("page"):
         args.append(("_cursor", request.args["page"]))
     page = _search("AuditEvent", args)
-    rows = [present.journal_row(s.resource, _pid()) for s in page.matches]
+    me = f"RelatedPerson/{g.principal.related_person_id}" if g.principal.related_person_id else None
+    rows = [present.journal_row(s.resource, _pid(), me) for s in page.matches]
     filters = {k: v for k, v in (("mode", mode), ("qui", who), ("ps", ps)) if v}
     next_url = url_for("portal.journal", page=page.next_cursor, **filters) if page.next_cursor else None
     return render_template("portal/journal.html", rows=rows, mode=mode, who=who, ps=ps, modes=present.MODES,
@@ -300,6 +307,8 @@ def _me_as_agent() -> tuple[str, str]:
     """The journal's agent criterion for the signed-in person (audit.py ``_user_agent``)."""
     if g.principal.kind == PATIENT:
         return "agent", f"Patient/{_pid()}"
+    if g.principal.related_person_id:
+        return "agent", f"RelatedPerson/{g.principal.related_person_id}"
     return "agent:identifier", f"{SUBJECT_SYSTEM}|{g.principal.subject}"
 
 
