@@ -190,7 +190,8 @@ class Browser:
         for width in widths:
             self.d.set_window_size(width, 900)
             height = self.d.execute_script("return document.documentElement.scrollHeight")
-            self.d.set_window_size(width, min(max(height, 400), max_height))
+            chrome = 900 - self.d.execute_script("return window.innerHeight")   # the window's own bars
+            self.d.set_window_size(width, min(max(height, 400), max_height) + chrome)
             self.d.save_screenshot(str(out / f"{name}-{width}.png"))
         self.d.set_window_size(1280, 900)
 
