@@ -316,3 +316,13 @@ def test_a_record_through_its_whole_life(short_api, idp):
     assert dr.search(f"DocumentReference?patient={again['id']}")["total"] == 0
     assert api.as_patient(again["id"]).post(f"Patient/{again['id']}/$destroy").status_code == 204
     assert personal_data_left(db, ins, email) == []
+
+
+def test_serve_workers_start_the_daily_retention(api):
+    from flask import Flask
+    assert lifecycle.start_daily_retention(Flask("other")) is None
+    scheduler = lifecycle.start_daily_retention(api.app)
+    try:
+        assert scheduler is not None
+    finally:
+        scheduler.stop()

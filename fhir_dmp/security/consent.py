@@ -167,6 +167,7 @@ class PatientState:
     known: bool = False                       # stored and not destroyed (deleted still counts)
     consents: list = field(default_factory=list)   # [(id, vid, resource)] active Consents
     grant: dict | None = None                 # valid break-glass grant of the calling PS
+    representative: dict | None = None        # the calling legal representative's RelatedPerson
 
     @property
     def exists(self) -> bool:
@@ -245,11 +246,17 @@ class RequestAccess:
             for g in db["btg_grants"].find({"pid": {"$in": todo}, "ps": self.p.id_nat_ps,
                                             "expires": {"$gt": _now()}}):
                 grants[g["pid"]] = g
+        representatives = {}
+        if self.p.kind == LEGAL_REPRESENTATIVE and self.p.related_person_id:
+            for d in db["RelatedPerson"].find({"_id": self.p.related_person_id, "pid": {"$in": todo},
+                                               "del": False}, {"res": 1, "pid": 1}, session=self.session):
+                representatives[d["pid"]] = d["res"]
         for pid in todo:
             doc = patients.get(pid)
             res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
             known = bool(doc) and not doc.get("destroyed")
-            self.states[pid] = PatientState(pid, res, known, consents.get(pid, []), grants.get(pid))
+            self.states[pid] = PatientState(pid, res, known, consents.get(pid, []), grants.get(pid),
+                                            representatives.get(pid))
 
     def state(self, pid: str) -> PatientState:
         self.load([pid])
@@ -300,10 +307,12 @@ class RequestAccess:
             return permit("admin", "administrator (no document content)")
         if not st.exists:
             return deny("dmp-state", "no such DMP")
+        if p.kind == LEGAL_REPRESENTATIVE and p.patient_id == st.pid:
+            # re-checked on the state of this request (ended, period over, the child is 18)
+            return representative_in_force(st.representative or {}, st.patient, _now())
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             if p.patient_id == st.pid:
-                return permit("patient-self" if p.kind == PATIENT else "legal-representative",
-                              "own record")
+                return permit("patient-self", "own record")
             return deny("patient-other", "not the caller's record")
         # professionals
         if not st.open:
