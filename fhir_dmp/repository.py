@@ -723,6 +723,26 @@ class GuardedRepository:
         """Reopen a closed DMP within its retention."""
         return self._set_active(pid, True)
 
+    def representatives(self, pid: str) -> list[Stored]:
+        """The DMP's legal representatives the caller may see (RelatedPerson?patient=pid)."""
+        return self.search("RelatedPerson", [("patient", pid), ("_count", str(self.b.config.max_page_size))]).matches
+
+    def add_representative(self, pid: str, relationship: str, family: str, given: str | None = None, *,
+                           start: str | None = None, end: str | None = None) -> Stored:
+        """Register a parent (``PRN``) or guardian (``GUARD``) of the patient (same decision as POST)."""
+        from .profiles import validate
+        from .security.consent import ROLE_CODE_SYSTEM
+        resource = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": f"Patient/{pid}"},
+                    "relationship": [{"coding": [{"system": ROLE_CODE_SYSTEM, "code": relationship}]}],
+                    "name": [{"family": family, **({"given": [given]} if given else {})}]}
+        if start or end:
+            resource["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+        return self.create("RelatedPerson", validate(resource, resource_type="RelatedPerson"))
+
+    def end_representative(self, rp_id: str) -> Stored:
+        """End a legal representative (``active: false``): their token stops working at once."""
+        return self.patch("RelatedPerson", rp_id, [{"op": "add", "path": "/active", "value": False}])
+
     def _set_active(self, pid: str, active: bool) -> Stored:
         return self.patch("Patient", pid, [{"op": "add", "path": "/active", "value": active}])
 

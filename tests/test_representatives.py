@@ -365,3 +365,29 @@ def test_personal_pdf_content_round_trip(api):
     r = api.as_ps(b.PS_DR).get(doc["content"][0]["attachment"]["url"], headers={"Accept": "application/pdf"})
     assert r.status_code == 200 and r.data == content
     assert base64.b64encode(content)
+
+
+def test_dev_token_for_a_legal_representative_names_the_relatedperson(tmp_path, monkeypatch, capsys):
+    import json as _json
+    from fhir_dmp import cli
+    monkeypatch.delenv("FHIR_DMP_ISSUER", raising=False)
+    monkeypatch.setenv("FHIR_DMP_DATA_DIR", str(tmp_path))
+    assert cli.main(["dev-token", "legal_representative", "--related-person", "rp-42"]) == 0
+    payload = capsys.readouterr().out.strip().split(".")[1]
+    claims = _json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert (claims["fhirUser"], claims["dmp_role"]) == ("RelatedPerson/rp-42", "legal_representative")
+    assert cli.main(["dev-token", "legal_representative", "--patient", "p1"]) != 0
+
+
+def test_repository_representative_methods_for_the_portal(api):
+    from fhir_dmp.repository import GuardedRepository
+    from fhir_dmp.security.auth import principal_from_claims
+    pid = open_dmp(api)
+    backend = api.app.extensions["fhir_dmp"]
+    me = GuardedRepository(backend, principal_from_claims({"fhirUser": f"Patient/{pid}", "scope": "patient/*.cruds"}))
+    rp = me.add_representative(pid, "GUARD", "Martin", "Jeanne")
+    assert [s.id for s in me.representatives(pid)] == [rp.id]
+    assert api.as_legal_rep(rp.id).get(f"Patient/{pid}").status_code == 200
+    assert me.end_representative(rp.id).resource["active"] is False
+    me.flush_audit()
+    assert api.as_legal_rep(rp.id).get(f"Patient/{pid}").status_code == 401
