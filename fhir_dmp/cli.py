@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the FHIR API at http://HOST:PORT/fhir")
     listen_options(p, "address to listen on")
     p.add_argument("--workers", type=_positive, default=None,
-                   help="worker processes (default min(4, 2 x CPU cores))")
+                   help="worker processes (default: one per CPU core, at most 8)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("dev-token", help="mint an access token for the dev-mode server",
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = asub.add_parser("verify", help="check the AuditEvent hash chains")
     v.add_argument("--patient", metavar="ID", help="only this patient's chain")
     v.set_defaults(func=cmd_audit_verify)
+    v = asub.add_parser("seal", help="seal the unsealed AuditEvents now (a running server does it itself)")
+    v.set_defaults(func=cmd_audit_seal)
 
     p = sub.add_parser("keys", help="key management")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
@@ -193,8 +195,11 @@ def cmd_audit_verify(args, **_) -> int:
 
     config = _config(args)
     verify_chains = _lazy("security.audit", "verify_chains", "audit verify")
+    load_signing_key = _lazy("security.sealer", "load_signing_key", "audit verify")
+    key = load_signing_key(config.audit_key_path)
     with connected(config, log=_say) as (_config_used, _client, db):
-        problems = verify_chains(db, patient_id=args.patient)
+        problems = verify_chains(db, patient_id=args.patient, unsealed_bound_s=config.audit_seal_bound,
+                                 check_signatures=True, public_key=key.public_key() if key else None)
     if not problems:
         print("audit chains intact")
         return 0
@@ -202,6 +207,24 @@ def cmd_audit_verify(args, **_) -> int:
     if len(problems) > 1:
         print(f"({len(problems) - 1} more problem(s))")
     return 1
+
+
+def cmd_audit_seal(args, **_) -> int:
+    from .database import connected
+
+    config = _config(args)
+    sealer_cls = _lazy("security.sealer", "Sealer", "audit seal")
+    lease_lost = _lazy("security.sealer", "LeaseLost", "audit seal")
+    with connected(config, log=_say) as (_config_used, client, db):
+        sealer = sealer_cls(client, db, config.audit_key_path)
+        try:
+            n = sealer.seal_all()
+        except lease_lost:
+            raise CliError("a running server holds the sealer lease; it seals by itself") from None
+        finally:
+            sealer.release()
+    print(f"sealed {n} AuditEvent(s)")
+    return 0
 
 
 def cmd_keys_rotate(args, **_) -> int:

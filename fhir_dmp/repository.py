@@ -14,9 +14,7 @@ nothing of storage.
 from __future__ import annotations
 
 import logging
-import random
 import re
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -29,14 +27,14 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import Stored, VersionConflict, is_write_conflict, merge_filters, new_id, now
+from .storage import (DuplicateValue, Stored, VersionConflict, is_write_conflict, merge_filters, new_id,
+                      now)
 
 log = logging.getLogger(__name__)
 
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
 HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson"}
-WRITE_RETRIES = 8
 
 
 @dataclass
@@ -80,17 +78,6 @@ def redact_ins(query: str) -> str:
     return _INS_IN_QUERY.sub(lambda m: m.group(1) + "[INS]", query)
 
 
-def is_ins_lookup(rtype: str, args: list[tuple[str, str]]) -> bool:
-    """``Patient?identifier=<INS system>|<value>`` and nothing else (CONTRACT.md)."""
-    if rtype != "Patient":
-        return False
-    criteria = [(k, v) for k, v in args if not k.startswith("_") or k in ("_id", "_lastUpdated")]
-    if len(criteria) != 1 or criteria[0][0] != "identifier":
-        return False
-    system, _, value = criteria[0][1].partition("|")
-    return system in INS_SYSTEMS and bool(value) and "," not in value
-
-
 class Backend:
     """Application-wide services the repository uses (built once by create_app)."""
 
@@ -124,7 +111,11 @@ def resolve_legal_representative(backend: Backend, principal: Principal) -> Prin
                                        now()) if rp else None
     if decision is None or not decision.permit:
         raise invalid_token("the token's RelatedPerson is not a legal representative in force")
-    return replace(principal, patient_id=rp.pid)
+    if principal.compartment is not None and principal.compartment != rp.pid:
+        raise invalid_token("the patient claim names another patient than the RelatedPerson's")
+    return replace(principal, patient_id=rp.pid,
+                   compartment=rp.pid if principal.compartment is not None
+                   or principal.scopes.contexts() == {"patient"} else None)
 
 
 class GuardedRepository:
@@ -139,6 +130,7 @@ class GuardedRepository:
         self.records: list = []
         self.effects: list = []          # callables(session) written with the journal at flush
         self._grants_done: set[str] = set()
+        self._dirty_pids: set[str] = set()   # patients written: their cached context is dropped
         self.session = None      # the open write transaction, if any (reads inside it see its writes)
 
     # ------------------------------------------------------------------ audit
@@ -171,19 +163,17 @@ class GuardedRepository:
         if not effects:
             self.b.audit_log.append(self._events(records))
             return
-        for attempt in range(WRITE_RETRIES):
-            try:
-                with self.storage.transaction() as session:
-                    for effect in effects:
-                        effect(session)
-                    more, self.records = self.records, []
-                    self.b.audit_log.append(self._events(records + more), session=session)
-                return
-            except PyMongoError as exc:
-                self.records = []
-                if not is_write_conflict(exc) or attempt == WRITE_RETRIES - 1:
-                    raise
-                time.sleep(random.uniform(0.005, 0.02) * 2 ** attempt)
+
+        def attempt(session):
+            self.records = []
+            for effect in effects:
+                effect(session)
+            self.b.audit_log.append(self._events(records + self.records), session=session)
+
+        try:
+            self.storage.run_transaction(attempt)
+        finally:
+            self.records = []
 
     # ------------------------------------------------------------ decisions
     def _see(self, rtype: str, stored: Stored, *, extra: dict | None = None) -> Decision:
@@ -211,7 +201,7 @@ class GuardedRepository:
         self.access.states[pid].grant = grant
 
         def effect(session):
-            self.storage.db["btg_grants"].insert_one(grant, session=session)
+            self.storage.add_grant(grant, session=session)
             self.notify("break_glass", pid, session=session)
         self.effects.append(effect)
 
@@ -238,9 +228,18 @@ class GuardedRepository:
                                           "the patient could not be told: no contact on file"))
         return comms
 
+    def _current(self, rtype: str, rid: str) -> Stored | None:
+        """The current version; a Patient comes with its decision context (one load, cached
+        per process and invalidated on change: ``security/context_cache.py``)."""
+        if rtype == "Patient" and self.session is None:
+            doc = self.access.state(rid).doc
+            return Stored.from_doc(rtype, {**doc, "res": dict(doc["res"]) if doc.get("res") else None}) \
+                if doc else None
+        return self.storage.read(rtype, rid, session=self.session)
+
     def _visible(self, rtype: str, rid: str, interaction: str) -> Stored:
         """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen."""
-        stored = self.storage.read(rtype, rid)
+        stored = self._current(rtype, rid)
         if stored is None:
             # the same context queries as a denial, so a missing resource and a denied one also
             # take a similar time (DESIGN.md "No leaks")
@@ -265,7 +264,7 @@ class GuardedRepository:
         version with content (so a 410 is only told to those who could see it)."""
         target = current
         if current.deleted and current.vid > 1:
-            target = self.storage.vread(rtype, current.id, current.vid - 1) or current
+            target = self.storage.vread(rtype, current.id, current.vid - 1, session=self.session) or current
         return self._decide_read(rtype, target)
 
     def _decide_read(self, rtype: str, stored: Stored) -> Decision:
@@ -278,7 +277,7 @@ class GuardedRepository:
         doc_id = search.reference_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
                         "DocumentReference")
         if doc_id:
-            doc = self.storage.read("DocumentReference", doc_id)
+            doc = self.storage.read("DocumentReference", doc_id, session=self.session)
             if doc and not doc.deleted and doc.pid == stored.pid:
                 return self._see("DocumentReference", doc)
         return Decision(False, "binary-orphan", "content not attached to a readable document")
@@ -295,7 +294,7 @@ class GuardedRepository:
         self.access.start(rtype, "vread")
         current = self._visible(rtype, rid, "vread")   # the current decision rules old versions
         try:
-            version = self.storage.vread(rtype, rid, int(vid)) if vid.isdigit() else None
+            version = self.storage.vread(rtype, rid, int(vid), session=self.session) if vid.isdigit() else None
         except ValueError:
             version = None
         if version is None:
@@ -318,11 +317,11 @@ class GuardedRepository:
     def history(self, rtype: str, rid: str | None, *, since: datetime | None, count: int,
                 cursor: tuple | None) -> tuple[list[Stored], tuple | None, int | None]:
         """Versions newest first; (page, next cursor, total or None)."""
-        self.access.start(rtype, "history")
+        self.access.start(rtype, "history" if rid is not None else "history-type")
         if rid is not None:
             current = self._visible_for_history(rtype, rid)
-            page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1)
-            total = self.storage.count_history(rtype, rid) if since is None else None
+            page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1, session=self.session)
+            total = self.storage.count_history(rtype, rid, session=self.session) if since is None else None
             self.record("history", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
                         decision=current._decision, http_status=200)
             return self._page(page, count, total)
@@ -335,13 +334,13 @@ class GuardedRepository:
         verdict: dict[str, bool] = {}
         while len(out) <= count and scanned < 20 * (count + 1):
             batch = self.storage.history(rtype, None, pid_filter=pid_filter, since=since, after_key=after,
-                                         limit=count + 1)
+                                         limit=count + 1, session=self.session)
             if not batch:
                 break
             scanned += len(batch)
             for v in batch:
                 if v.id not in verdict:
-                    cur = self.storage.read(rtype, v.id)
+                    cur = self.storage.read(rtype, v.id, session=self.session)
                     verdict[v.id] = bool(cur) and self._decide_current(rtype, cur).permit
                 if verdict[v.id]:
                     out.append(v)
@@ -354,11 +353,42 @@ class GuardedRepository:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
         return self._page(out, count, None)
 
+    # ------------------------------------------------- system-level history
+    def system_history(self, *, since: datetime | None, count: int,
+                       cursor: tuple | None) -> tuple[list[Stored], tuple | None]:
+        """``GET [base]/_history`` (https://hl7.org/fhir/R4/http.html#history): the type-level
+        histories of every hosted type the token's scopes allow, each through :meth:`history`
+        (the same decision per version), merged newest first.
+
+        The cursor is ``(lastUpdated, "Type/id/vid")``; versions are ordered by lastUpdated
+        descending, then by that key ascending, so pages neither repeat nor skip a version.
+        Returns (page, next cursor or None); no total (it would take a pass over every type).
+        """
+        merged: list[Stored] = []
+        for rtype in sorted(HOSTED):
+            if not self.p.scopes.allows(rtype, "r"):
+                continue
+            after = None
+            if cursor is not None:
+                lu, key = cursor
+                ctype, _, rest = key.partition("/")
+                # versions of the same instant: those of a later type, or later in the cursor's type
+                after = (lu, rest if rtype == ctype else ("" if rtype > ctype else "\uffff"))
+            page, _, _ = self.history(rtype, None, since=since, count=count, cursor=after)
+            merged.extend(page)
+        merged.sort(key=lambda v: (-v.lu.timestamp(), f"{v.resource_type}/{v.id}/{v.vid}"))
+        nxt = None
+        if len(merged) > count:
+            merged = merged[:count]
+            last = merged[-1]
+            nxt = (last.lu, f"{last.resource_type}/{last.id}/{last.vid}")
+        return merged, nxt
+
     def _visible_for_history(self, rtype: str, rid: str) -> Stored:
         try:
             return self._visible(rtype, rid, "history")
         except Gone:
-            stored = self.storage.read(rtype, rid)
+            stored = self.storage.read(rtype, rid, session=self.session)
             stored._decision = None
             return stored
 
@@ -378,29 +408,36 @@ class GuardedRepository:
         req = search.parse_search(rtype, args, lenient=lenient, max_count=cfg.max_page_size,
                                   default_count=cfg.default_page_size)
         page = SearchPage(req)
-        guard = self.access.search_filter(rtype, named_patient_ids(rtype, args),
-                                          ins_lookup=is_ins_lookup(rtype, args))
+        ins_lookup = self.access.ins_lookup(rtype, args)
+        named = named_patient_ids(rtype, args)
+        guard = self.access.search_filter(rtype, named, ins_lookup=ins_lookup)
+        # a search naming a DMP the caller may not enter is a denial in that DMP's journal
+        denied = {} if ins_lookup else self._denied_dmps(named)
+        for pid, decision in denied.items():
+            self.record("search", outcome="4", patient_id=pid, resource=rtype, query=query_string,
+                        decision=decision, http_status=200)
         if guard is None:
             page.total = 0 if req.total != "none" or req.summary == "count" else None
-            self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
-                        decision=Decision(False, "search-scope", "nothing visible to this caller"),
-                        http_status=200)
+            if not denied:
+                self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
+                            decision=Decision(False, "search-scope", "nothing visible to this caller"),
+                            http_status=200)
             return page
         base = merge_filters(guard, req.mongo_filter())     # the guard first: pid fails fast
         if req.summary == "count" or req.count == 0:
             docs = []
         else:
             flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
-            docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1)
+            docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1, session=self.session)
         if req.total != "none" or req.summary == "count":
             # a first page that holds everything is its own total: no second pass over the data
             short = not req.cursor and len(docs) <= req.count and req.summary != "count" and req.count
-            page.total = len(docs) if short else self.storage.count(rtype, base)
+            page.total = len(docs) if short else self.storage.count(rtype, base, session=self.session)
         if docs:
             if len(docs) > req.count:
                 docs = docs[:req.count]
                 page.next_cursor = search.cursor_after(req, docs[-1])
-            extra = {"ins_lookup": True} if is_ins_lookup(rtype, args) else None
+            extra = {"ins_lookup": True} if ins_lookup else None
             for doc in docs:
                 stored = Stored.from_doc(rtype, doc)
                 decision = self._see(rtype, stored, extra=extra)
@@ -412,11 +449,23 @@ class GuardedRepository:
                 page.matches.append(stored)
             page.included = self._includes(req, docs, page.matches)
         touched = sorted({s.pid for s in page.matches + page.included if s.pid})
-        for pid in touched or [None]:
+        for pid in touched or ([] if denied else [None]):
             self.record("search", outcome="0", patient_id=pid, resource=rtype, query=query_string,
                         decision=Decision(True, "search", "filtered by the access decision"),
                         http_status=200)
         return page
+
+    def _denied_dmps(self, pids: set[str]) -> dict[str, Decision]:
+        """The existing DMPs among ``pids`` the caller may not enter, with the denial."""
+        self.access.load(pids)
+        out = {}
+        for pid in sorted(pids):
+            st = self.access.states[pid]
+            if st.known:
+                decision = self.access.dmp_access(st)
+                if not decision.permit:
+                    out[pid] = decision
+        return out
 
     def _includes(self, req, docs: list[dict], matches: list[Stored]) -> list[Stored]:
         """_include / _revinclude, each included resource through the same decision."""
@@ -439,7 +488,7 @@ class GuardedRepository:
                     if t in HOSTED:
                         targets.setdefault(t, []).append(i)
             for t, ids in targets.items():
-                for stored in self.storage.read_many(t, sorted(set(ids))):
+                for stored in self.storage.read_many(t, sorted(set(ids)), session=self.session):
                     admit(t, stored)
         for inc in req.revinclude or []:
             if inc.source_type not in HOSTED or not matches:
@@ -450,7 +499,7 @@ class GuardedRepository:
                 continue
             flt = search.revinclude_filter(inc, req.resource_type, [s.id for s in matches])
             for stored in self.storage.find(inc.source_type, merge_filters(guard, flt),
-                                            [("_id", 1)], self.b.config.max_page_size):
+                                            [("_id", 1)], self.b.config.max_page_size, session=self.session):
                 admit(inc.source_type, stored)
         return out
 
@@ -474,40 +523,50 @@ class GuardedRepository:
 
     # ----------------------------------------------------------------- writes
     def _writing(self, fn, *, interaction: str = "transaction", rtype: str | None = None):
-        """Run ``fn(session)`` in a transaction, retrying lost races (not If-Match conflicts).
+        """Run ``fn(session)`` in a transaction (pymongo ``with_transaction``: lost races and
+        unknown commit results are retried; If-Match conflicts are not).
 
         The AuditEvents recorded by ``fn`` are appended inside the same transaction: a write is
         never committed without its journal entry (fail closed), and a rolled-back attempt leaves
-        no entry. A failure is journaled afterwards, at the end of the request.
+        no entry. Reads inside ``fn`` see its writes. When ``fn`` fails, the denials it recorded
+        stay (journaled at the end of the request), its successes go with the rollback.
         """
         mark = len(self.records)
-        for attempt in range(WRITE_RETRIES):
-            try:
-                with self.storage.transaction() as session:
-                    self.session = self.access.session = session
-                    try:
-                        result = fn(session)
-                        if len(self.records) > mark:
-                            self.b.audit_log.append(self._events(self.records[mark:]), session=session)
-                        return result
-                    finally:
-                        del self.records[mark:]
-                        self.session = self.access.session = None
-                        self.access.states.clear()
-            except PyMongoError as exc:
-                if not is_write_conflict(exc):
-                    raise
-                if attempt < WRITE_RETRIES - 1:
-                    time.sleep(random.uniform(0.005, 0.02) * 2 ** attempt)   # jittered back-off
-                    continue
-                self.record(interaction, outcome="4", patient_id=None, resource=rtype, http_status=409)
-                raise Conflict("the record is being changed by another request; retry",
-                               code="transient", headers={"Retry-After": "1"}) from None
-            except FhirError as exc:
+
+        def attempt(session):
+            del self.records[mark:]            # a retried attempt starts clean
+            self.access.states.clear()
+            self.session = self.access.session = session
+            result = fn(session)
+            self._dirty_pids.update(r.patient_id for r in self.records[mark:] if r.patient_id)
+            if len(self.records) > mark:
+                self.b.audit_log.append(self._events(self.records[mark:]), session=session)
+            return result
+
+        try:
+            result = self.storage.run_transaction(attempt)
+            del self.records[mark:]            # committed with the write
+            self._forget_contexts()   # committed: this process forgets at once, others by the stream
+            return result
+        except PyMongoError as exc:
+            del self.records[mark:]
+            if not is_write_conflict(exc):
+                raise
+            self.record(interaction, outcome="4", patient_id=None, resource=rtype, http_status=409)
+            raise Conflict("the record is being changed by another request; retry",
+                           code="transient", headers={"Retry-After": "1"}) from None
+        except FhirError as exc:
+            kept = [r for r in self.records[mark:] if r.outcome != "0"]
+            del self.records[mark:]
+            self.records += kept
+            if not kept:
                 self.record(interaction, outcome="4" if exc.status < 500 else "8", patient_id=None,
                             resource=rtype, http_status=exc.status,
                             decision=Decision(False, "error", exc.diagnostics[:200]))
-                raise
+            raise
+        finally:
+            self.session = self.access.session = None
+            self.access.states.clear()
 
     def _deny_write(self, interaction: str, rtype: str, rid: str | None, pid: str | None,
                     decision: Decision) -> FhirError:
@@ -539,7 +598,10 @@ class GuardedRepository:
         def write(s):
             rid_ = rid or new_id()
             resource_ = self._store_content(rtype, rid_, 1, resource, pid, s, content)
-            stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s)
+            try:
+                stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s)
+            except DuplicateValue:
+                raise duplicate_dmp(resource) from None
             self._after_write("create", rtype, stored, None, decision, s)
             self.record("create", outcome="0", patient_id=stored.pid,
                         resource=f"{rtype}/{stored.id}/_history/1", decision=decision, http_status=201)
@@ -585,6 +647,8 @@ class GuardedRepository:
             except VersionConflict as exc:
                 raise PreconditionFailed(f"version conflict: {rtype}/{rid} is at version {exc.current_vid}") \
                     if if_match else Conflict(f"concurrent update of {rtype}/{rid}; retry") from None
+            except DuplicateValue:
+                raise duplicate_dmp(resource) from None
             self._after_write(interaction, rtype, stored, old, decision, s)
             if rtype == "Patient":
                 self._after_patient_write(old, resource, stored, s)
@@ -681,6 +745,8 @@ class GuardedRepository:
         if forget:
             forget([pid])
         self.access.states.pop(pid, None)
+        self._dirty_pids.add(pid)
+        self._forget_contexts()
 
     def send_access_code(self, pid: str) -> list[dict]:
         """``Patient/$access-code``: a one-time code to the patient (email/SMS + Communication).
@@ -769,7 +835,7 @@ class GuardedRepository:
             return pid
         doc_id = search.reference_id(ctx, "DocumentReference")
         if doc_id:
-            doc = self.storage.read("DocumentReference", doc_id)
+            doc = self.storage.read("DocumentReference", doc_id, session=self.session)
             return doc.pid if doc else None
         return None
 
@@ -803,6 +869,15 @@ class GuardedRepository:
             remember_blob(self, *self._pending_blob, session)
             self._pending_blob = None
         self.access.states.pop(stored.pid, None)
+        self._dirty_pids.add(stored.pid)
+
+    def _forget_contexts(self) -> None:
+        """Drop the cached decision context of the patients this request wrote."""
+        cache = self.b.policy.context_cache
+        if cache is not None:
+            for pid in self._dirty_pids:
+                cache.invalidate(pid)
+        self._dirty_pids.clear()
 
     def _authorize_creator(self, patient: Stored, session) -> None:
         """A PS who opens a DMP is authorized on it (CONTRACT.md)."""
@@ -826,6 +901,17 @@ class GuardedRepository:
         stored = self.storage.create("Consent", consent, pid=patient.id, session=session)
         self.record("create", outcome="0", patient_id=patient.id, resource=f"Consent/{stored.id}/_history/1",
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)
+
+
+def duplicate_dmp(patient: dict) -> Conflict:
+    """One DMP per INS (CONTRACT.md "The DMP in FHIR terms"): 409 ``duplicate``, naming the way to
+    the existing DMP (the exact-INS lookup, then the first-access attestation), never its id."""
+    ins = next((f"{i['system']}|{i['value']}" for i in patient.get("identifier") or []
+                if isinstance(i, dict) and i.get("system") in INS_SYSTEMS), "<INS>")
+    return Conflict(f"a DMP already exists for this INS (open or closed): find it with GET "
+                    f"Patient?identifier={ins}, then attest the patient's agreement with a Consent "
+                    f"(provision.type permit, your idNatPs as actor, verification.verified true)",
+                    code="duplicate", expression="Patient.identifier")
 
 
 def _expected_version(if_match: str | None, current: Stored) -> int:

@@ -333,7 +333,6 @@ def establishment_consent(pid, value="10B0012345", system=FINESS):
     return res
 
 
-@pytest.mark.xfail(strict=False, reason="identifiers compared on system|value land with issue 9 (access branch)")
 def test_establishment_authorization_covers_its_professionals_and_the_journal_names_both(api):
     pid = open_dmp(api)
     api.as_patient(pid).create(establishment_consent(pid))

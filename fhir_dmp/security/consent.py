@@ -17,18 +17,22 @@ every function ends in a deny unless a rule permitted.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from ..errors import Forbidden
+from ..errors import BadRequest, Forbidden
 from ..profiles import dmp
-from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS,
+from ..profiles.ins import INS_SYSTEMS
+from .context_cache import load_contexts
+from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PS,
                         REGULATION_CENTRE, TREAT, Principal)
 
-INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "search": "s", "create": "c",
+INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type": "s", "search": "s", "create": "c",
                       "update": "u", "patch": "u", "delete": "d"}
 PATIENT_OWNED = ("DocumentReference", "Consent", "AuditEvent", "Communication", "Binary")
 INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
+INS_LOOKUP_PARAMS = ("identifier", "_format", "_pretty", "_elements", "_summary")
 COLLECT_ACTION = "http://terminology.hl7.org/CodeSystem/consentaction|collect"
 ROLE_CODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 PARENT, GUARDIAN = "PRN", "GUARD"
@@ -59,22 +63,31 @@ def deny(rule, reason, **kw) -> Decision:
     return Decision(False, rule, reason, **kw)
 
 
-# -- access facets: what the decision reads of a document, stored flat beside it ----------------------
+# -- access facets: what the decision reads of a resource, stored flat beside it ----------------------
 def access_facets(resource_type: str, resource: dict) -> dict:
     """Flat fields the search guard filters on (stored as ``a`` by storage).
 
-    ``keys`` folds rule 9 into one array of strings, so the guard is a single ``$in`` (cheap for
-    any MongoDB to evaluate, and indexable) instead of ``$or``s over codings:
-    ``t:<LOINC>`` for an unmasked document of that type, ``m:<LOINC>`` for a masked one
-    (MASQUE_PS), ``au:<idNatPs>`` for each author. ``labels`` holds the DMP label codes.
+    DocumentReference: ``types`` (its LOINC type codes: rule 9 needs every one allowed),
+    ``masked`` (MASQUE_PS), ``authors`` (idNatPs), ``labels`` (the DMP label codes).
+    Consent: ``actors`` (``system|value`` of each provision actor identifier, see
+    :func:`consent_actor_ids`). Patient: ``ins`` (``system|value`` of its INS identifiers, unique:
+    one DMP per INS, CONTRACT.md "The DMP in FHIR terms"). The same functions read the resource in :meth:`RequestAccess.can_see`,
+    so the filter and the per-resource check read the same facts.
     """
-    if resource_type != "DocumentReference":
-        return {}
-    labels = dmp.labels(resource)
-    prefix = "m:" if dmp.MASQUE_PS in labels else "t:"
-    keys = [prefix + code for code in sorted(dmp.doc_type_codes(resource))]
-    keys += ["au:" + ps for ps in sorted(dmp.author_ids(resource))]
-    return {"keys": keys, "labels": sorted(labels)}
+    if resource_type == "DocumentReference":
+        labels = dmp.labels(resource)
+        return {"types": sorted(dmp.doc_type_codes(resource)), "masked": dmp.MASQUE_PS in labels,
+                "authors": sorted(dmp.author_ids(resource)), "labels": sorted(labels)}
+    if resource_type == "Consent":
+        return {"actors": sorted(consent_actor_ids(resource))}
+    if resource_type == "Patient":
+        ins = sorted({identifier_key(i.get("system"), i.get("value")) for i in resource.get("identifier") or []
+                      if isinstance(i, dict) and i.get("system") in INS_SYSTEMS} - {None})
+        out = {"gp": sorted(dmp.general_practitioner_ids(resource))}
+        if ins:
+            out["ins"] = ins        # absent, not empty: the unique index skips it
+        return out
+    return {}
 
 
 def _pid_filter(pids) -> dict:
@@ -91,14 +104,31 @@ def _aware(t: datetime) -> datetime:
 
 
 # -- reading Consent resources as DMP choices (CONTRACT.md "The DMP in FHIR terms") ------------------
+def identifier_key(system, value) -> str | None:
+    """``system|value`` of an identifier; None without a system or a value (it never matches)."""
+    if isinstance(system, str) and system.strip() and isinstance(value, str) and value.strip():
+        return f"{system.strip()}|{value.strip()}"
+    return None
+
+
 def consent_actor_ids(consent: dict) -> set[str]:
-    """Identifier values of provision.actor (PS idNatPs or organization)."""
+    """``system|value`` of each provision.actor identifier (PS idNatPs or establishment).
+
+    CONTRACT.md "Who the caller is": identifiers match on system and value; one without a
+    system never matches anyone.
+    """
     out = set()
     for actor in (consent.get("provision") or {}).get("actor") or []:
-        ident = (actor.get("reference") or {}).get("identifier") or {}
-        if ident.get("value"):
-            out.add(ident["value"])
+        ident = ((actor or {}).get("reference") or {}).get("identifier") or {}
+        key = identifier_key(ident.get("system"), ident.get("value"))
+        if key:
+            out.add(key)
     return out
+
+
+def consent_has_actor(consent: dict) -> bool:
+    """True when provision.actor names anyone (even with an identifier that never matches)."""
+    return bool((consent.get("provision") or {}).get("actor"))
 
 
 def consent_purposes(consent: dict) -> set[str]:
@@ -119,7 +149,7 @@ def consent_kind(consent: dict) -> str:
     """'permit', 'block', 'oppose_feeding', 'optout_btg', 'optout_c15', 'deny_other' or 'unknown'."""
     prov = consent.get("provision") or {}
     ptype = prov.get("type")
-    actors = consent_actor_ids(consent)
+    actors = consent_has_actor(consent)
     if ptype == "deny" and COLLECT_ACTION in consent_actions(consent):
         # opposition to feeding (CONTRACT.md "Lifecycle"): no actor = every PS, else that PS
         return "oppose_feeding"
@@ -138,24 +168,65 @@ def consent_kind(consent: dict) -> str:
 
 
 def consent_in_force(consent: dict, at: datetime) -> bool:
+    """Active and within ``provision.period`` at ``at``.
+
+    Period bounds are FHIR dateTimes of any precision (``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD`` or a
+    full dateTime, https://hl7.org/fhir/R4/datatypes.html#dateTime): a start holds from the first
+    instant it names, an end until the last. A deny Consent whose period cannot be read is in
+    force (fail closed: a block or an opt-out is never switched off by a format); a permit whose
+    period cannot be read is not.
+    """
     if consent.get("status") != "active":
         return False
     period = (consent.get("provision") or {}).get("period") or {}
     try:
-        if period.get("start") and _parse_dt(period["start"]) > at:
-            return False
-        if period.get("end") and _parse_dt(period["end"], end=True) < at:
-            return False
-    except ValueError:
+        start = fhir_instant(period["start"]) if period.get("start") else None
+        end = fhir_instant(period["end"], end=True) if period.get("end") else None
+    except (ValueError, TypeError, AttributeError):
+        return (consent.get("provision") or {}).get("type") == "deny"
+    if start is not None and start > at:
+        return False
+    if end is not None and end <= at:
         return False
     return True
 
 
-def _parse_dt(value: str, end: bool = False) -> datetime:
-    if len(value) == 10:
-        t = datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
-        return t + timedelta(days=1) if end else t
-    return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+_FHIR_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+
+
+def fhir_instant(value: str, end: bool = False) -> datetime:
+    """The first instant a FHIR date/dateTime names, or with ``end`` the instant just after its
+    last one (``2020-06`` ends at 2020-07-01T00:00Z). Dates without a zone are read as UTC.
+    Raises ValueError for anything else."""
+    m = _FHIR_DATE.match(value.strip())
+    if m:
+        year, month, day = int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1)
+        start = datetime(year, month, day, tzinfo=timezone.utc)
+        if not end:
+            return start
+        if m.group(3):
+            return start + timedelta(days=1)
+        if m.group(2):
+            return datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
+        return datetime(year + 1, 1, 1, tzinfo=timezone.utc)
+    if "T" not in value:
+        raise ValueError(f"not a FHIR date or dateTime: {value!r}")
+    t = _aware(datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
+    return t + timedelta(microseconds=1) if end else t
+
+
+def principal_keys(p: Principal) -> set[str]:
+    """Identifier keys of a caller (see :func:`consent_actor_ids`)."""
+    if not p.is_professional:
+        return set()
+    ids = set()
+    key = identifier_key(IDNATPS_SYSTEM, p.id_nat_ps)
+    if key:
+        ids.add(key)
+    system, sep, value = (p.organization or "").partition("|")
+    if sep and identifier_key(system, value):
+        ids.add(identifier_key(system, value))
+    return ids
 
 
 @dataclass
@@ -167,6 +238,7 @@ class PatientState:
     known: bool = False                       # stored and not destroyed (deleted still counts)
     consents: list = field(default_factory=list)   # [(id, vid, resource)] active Consents
     grant: dict | None = None                 # valid break-glass grant of the calling PS
+    doc: dict | None = None                   # the stored Patient document (current version)
     representative: dict | None = None        # the calling legal representative's RelatedPerson
 
     @property
@@ -190,7 +262,7 @@ class PatientState:
             if consent_kind(res) != kind or not consent_in_force(res, at):
                 continue
             actors = consent_actor_ids(res)
-            if actor_ids and not (actors & actor_ids) and not (everyone and not actors):
+            if actor_ids and not (actors & actor_ids) and not (everyone and not consent_has_actor(res)):
                 continue
             out.append((f"Consent/{cid}", str(vid)))
         return out
@@ -199,10 +271,11 @@ class PatientState:
 class AccessPolicy:
     """Application-wide part of the decision: the matrix, the config, the storage to load context."""
 
-    def __init__(self, storage, habilitations, config):
+    def __init__(self, storage, habilitations, config, context_cache=None):
         self.storage = storage
         self.habilitations = habilitations
         self.config = config
+        self.context_cache = context_cache    # ContextCache, or None: load every request
 
     def for_request(self, principal: Principal) -> "RequestAccess":
         return RequestAccess(self, principal)
@@ -216,46 +289,42 @@ class RequestAccess:
         self.p = principal
         self.states: dict[str, PatientState] = {}
         self._normal_pids: set[str] | None = None
+        self._choices: tuple | None = None
         self.session = None       # set by the repository inside a write transaction
 
     # -- context loading ---------------------------------------------------
     @property
     def my_ids(self) -> set[str]:
-        ids = set()
-        if self.p.id_nat_ps:
-            ids.add(self.p.id_nat_ps)
-        if self.p.organization:
-            ids.add(self.p.organization)
-        return ids
+        """``system|value`` keys a Consent actor may name to mean this caller: the PS idNatPs and,
+        in AIR mode, the establishment of the ``organization`` claim (``system|value``; one
+        without a system matches nothing)."""
+        return principal_keys(self.p)
 
     def load(self, pids) -> None:
-        """Load the states of several patients in two queries (Patients, active Consents)."""
+        """Load the states of several patients: from the process's context cache
+        (``context_cache.py``) or two queries (Patients, active Consents); inside a write
+        transaction always from the transaction."""
         todo = [p for p in set(pids) if p and p not in self.states]
         if not todo:
             return
-        db = self.policy.storage.db
-        patients = {d["_id"]: d for d in db["Patient"].find({"_id": {"$in": todo}},
-                                                          {"res": 1, "del": 1, "destroyed": 1},
-                                                          session=self.session)}
-        consents: dict[str, list] = {}
-        for d in db["Consent"].find({"pid": {"$in": todo}, "del": False, "res.status": "active"},
-                                    {"res": 1, "vid": 1, "pid": 1}, session=self.session):
-            consents.setdefault(d["pid"], []).append((d["_id"], d["vid"], d["res"]))
+        storage = self.policy.storage
+        cache = self.policy.context_cache
+        if cache is not None and self.session is None:
+            contexts = cache.load(todo)
+        else:
+            contexts = load_contexts(storage, todo, self.session)
         grants = {}
         if self.p.is_professional and self.p.id_nat_ps and self.p.purpose == BTG:
-            for g in db["btg_grants"].find({"pid": {"$in": todo}, "ps": self.p.id_nat_ps,
-                                            "expires": {"$gt": _now()}}):
-                grants[g["pid"]] = g
+            grants = storage.live_grants(todo, self.p.id_nat_ps, _now())
         representatives = {}
         if self.p.kind == LEGAL_REPRESENTATIVE and self.p.related_person_id:
-            for d in db["RelatedPerson"].find({"_id": self.p.related_person_id, "pid": {"$in": todo},
-                                               "del": False}, {"res": 1, "pid": 1}, session=self.session):
-                representatives[d["pid"]] = d["res"]
+            # read fresh on every request (never cached): an ended representative stops at once
+            rp = storage.read("RelatedPerson", self.p.related_person_id, session=self.session)
+            if rp is not None and not rp.deleted and rp.pid in todo:
+                representatives[rp.pid] = rp.resource
         for pid in todo:
-            doc = patients.get(pid)
-            res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
-            known = bool(doc) and not doc.get("destroyed")
-            self.states[pid] = PatientState(pid, res, known, consents.get(pid, []), grants.get(pid),
+            res, known, consents, doc = contexts[pid]
+            self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid), doc,
                                             representatives.get(pid))
 
     def state(self, pid: str) -> PatientState:
@@ -302,6 +371,8 @@ class RequestAccess:
         if role:
             return role
         p = self.p
+        if p.compartment is not None and st.pid != p.compartment:
+            return deny("compartment", "the token's patient/ scopes are for another record")
         if p.kind == ADMIN and st.known:
             # a deleted (not destroyed) DMP stays manageable: 410 on read, history kept
             return permit("admin", "administrator (no document content)")
@@ -356,9 +427,7 @@ class RequestAccess:
         st = self.state(pid)
         access = self.dmp_access(st)
         if not access.permit:
-            if resource_type == "Patient" and p.kind in (PS, REGULATION_CENTRE) and extra \
-                    and extra.get("ins_lookup") and st.exists and self.role_decision() is None \
-                    and access.rule != "blocked":
+            if resource_type == "Patient" and extra and extra.get("ins_lookup") and self.ins_lookup_allowed(st):
                 return permit("ins-lookup", "exact INS lookup", obligations={"view": "ins_only"})
             return access
         if resource_type == "Patient":
@@ -368,7 +437,7 @@ class RequestAccess:
         if resource_type == "Consent":
             if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
                 return access
-            if consent_kind(resource) == "permit" and consent_actor_ids(resource) & self.my_ids:
+            if matches(self.consent_query(), {"res": resource, "a": access_facets("Consent", resource)}):
                 return access
             return deny("consent-other", "professionals see only their own authorization")
         if resource_type in ("AuditEvent", "Communication"):
@@ -382,26 +451,50 @@ class RequestAccess:
         return deny("type", f"{resource_type} is not readable")
 
     def _document(self, doc: dict, st: PatientState, access: Decision) -> Decision:
-        p = self.p
-        labels = dmp.labels(doc)
-        if p.kind == ADMIN:
+        """Rule 9 and the labels, judged with the same query the search guard runs."""
+        if self.p.kind == ADMIN:
             return deny("admin-no-content", "administrators never read documents")
-        if p.kind == PATIENT:
-            if dmp.INVISIBLE_PATIENT in labels:
-                return deny("invisible-patient", "not yet announced to the patient")
+        query = self.document_query(st.pid)
+        if matches(query, {"pid": st.pid, "a": access_facets("DocumentReference", doc)}):
             return access
-        if p.kind == LEGAL_REPRESENTATIVE:
-            if labels & {dmp.INVISIBLE_PATIENT, dmp.INVISIBLE_REPRESENTANTS_LEGAUX}:
-                return deny("invisible-representatives", "hidden from legal representatives")
-            return access
-        # professionals: the author always sees what they wrote (they keep the original)
-        is_author = p.id_nat_ps in dmp.author_ids(doc)
-        if not self.policy.habilitations.may_read(self.profession, dmp.doc_type_codes(doc)) and not is_author:
+        labels = dmp.labels(doc)
+        if self.p.kind == PATIENT:
+            return deny("invisible-patient", "not yet announced to the patient")
+        if self.p.kind == LEGAL_REPRESENTATIVE:
+            return deny("invisible-representatives", "hidden from legal representatives")
+        if not self.policy.habilitations.may_read(self.profession, dmp.doc_type_codes(doc)):
             return deny("habilitation", "document type not readable by this profession")
-        if dmp.MASQUE_PS in labels and not is_author:
-            if not (p.purpose == TREAT and p.id_nat_ps in st.gp_ids):
-                return deny("masque-ps", "document masked by the patient")
-        return access
+        if dmp.MASQUE_PS in labels:
+            return deny("masque-ps", "document masked by the patient")
+        return deny("document", "not readable")
+
+    def consent_query(self) -> dict:
+        """The one definition of which Consents of an entered DMP the caller sees: all of them for
+        the patient, a representative and the administrator; a professional only their own
+        authorization."""
+        if self.p.is_professional:
+            return {"res.provision.type": "permit", "a.actors": {"$in": sorted(self.my_ids)}}
+        return {}
+
+    def document_query(self, pid: str) -> dict:
+        """The one definition of which documents of DMP ``pid`` the caller sees, once the DMP is
+        entered (rules 4, 9 and 11): a storage filter over ``pid`` and the access facets, also
+        evaluated in memory by :func:`matches` for a single document."""
+        p = self.p
+        if p.kind == PATIENT:
+            return {"a.labels": {"$ne": dmp.INVISIBLE_PATIENT}}
+        if p.kind == LEGAL_REPRESENTATIVE:
+            return {"a.labels": {"$nin": [dmp.INVISIBLE_PATIENT, dmp.INVISIBLE_REPRESENTANTS_LEGAUX]}}
+        if not p.is_professional:
+            return {"_never": True}
+        # every type code allowed by the matrix (CONTRACT.md "Habilitation"); MASQUE_PS only for
+        # the médecin traitant in normal mode; the author always sees what they wrote
+        allowed = sorted(self.policy.habilitations.allowed_types(self.profession))
+        readable = {"a.types.0": {"$exists": True}, "a.types": {"$not": {"$elemMatch": {"$nin": allowed}}}}
+        st = self.states.get(pid)
+        if not (p.purpose == TREAT and st is not None and p.id_nat_ps in st.gp_ids):
+            readable["a.masked"] = False
+        return {"$or": [{"a.authors": p.id_nat_ps}, readable]}
 
     def view(self, resource: dict, decision: Decision) -> dict:
         """Apply the decision's view obligation (INS lookup answers id, identifier and active)."""
@@ -410,36 +503,84 @@ class RequestAccess:
         return resource
 
     # -- searches: the decision as a storage query ----------------------------
+    def _my_choices(self) -> tuple[set[str], set[str], set[str]]:
+        """(permitted, blocked, médecin traitant) pids of a professional: the Consents naming them
+        (in force) and the DMPs naming them médecin traitant — the same facts :meth:`dmp_access`
+        reads in each :class:`PatientState`. A médecin traitant is never blocked (rule 5)."""
+        if self._choices is None:
+            permitted, blocked = set(), set()
+            at = _now()
+            for d in self.policy.storage.consents_naming(sorted(self.my_ids)):
+                if not consent_in_force(d["res"], at):
+                    continue
+                kind = consent_kind(d["res"])
+                if kind == "permit":
+                    permitted.add(d["pid"])
+                elif kind == "block":
+                    blocked.add(d["pid"])
+            gp = self.policy.storage.patients_with_gp(self.p.id_nat_ps) if self.p.id_nat_ps else set()
+            self._choices = (permitted, blocked - gp, gp)
+        return self._choices
+
     def normal_pids(self) -> set[str]:
         """pids a professional reaches in normal mode (permit or médecin traitant, not blocked, open)."""
         if self._normal_pids is not None:
             return self._normal_pids
-        db = self.policy.storage.db
-        ids = list(self.my_ids)
-        permitted, blocked = set(), set()
-        at = _now()
-        for d in db["Consent"].find({"del": False, "res.status": "active",
-                                     "res.provision.actor.reference.identifier.value": {"$in": ids}},
-                                    {"pid": 1, "res": 1}):
-            kind = consent_kind(d["res"])
-            if not consent_in_force(d["res"], at):
-                continue
-            if kind == "permit":
-                permitted.add(d["pid"])
-            elif kind == "block":
-                blocked.add(d["pid"])
-        gp = {d["_id"] for d in db["Patient"].find(
-            {"del": False, "res.generalPractitioner.identifier.value": self.p.id_nat_ps}, {"_id": 1})}
+        permitted, blocked, gp = self._my_choices()
         candidates = (permitted - blocked) | gp
         self.load(candidates)
         self._normal_pids = {pid for pid in candidates if self.states[pid].open}
         return self._normal_pids
+
+    # -- the exact-INS lookup (CONTRACT.md "The DMP in FHIR terms") -------------------------------
+    def ins_lookup(self, resource_type: str, args: list[tuple[str, str]]) -> bool:
+        """Is this search a professional's exact-INS lookup? Raises BadRequest when it carries any
+        parameter but ``identifier``, ``_format``, ``_pretty``, ``_elements``, ``_summary`` (for a
+        known and an unknown INS alike: no crafted sort or cursor reads a DMP it does not show)."""
+        if resource_type != "Patient" or not self.p.is_professional:
+            return False
+        idents = [v for k, v in args if k == "identifier"]
+        if not any(v.partition("|")[0] in INS_SYSTEMS for v in idents):
+            return False
+        others = sorted({k for k, _ in args if k not in INS_LOOKUP_PARAMS})
+        system, _, value = idents[0].partition("|")
+        if others or len(idents) != 1 or not value or "," in value:
+            raise BadRequest("the exact-INS lookup takes one identifier=<INS system>|<INS> and no other "
+                             f"parameter{': not ' + ', '.join(others) if others else ''}",
+                             expression="Patient.identifier")
+        return True
+
+    def ins_lookup_allowed(self, st: PatientState) -> bool:
+        """One definition: a professional finds an existing DMP by its exact INS unless blocked
+        (or confined to another record)."""
+        if self.role_decision() or not st.exists:
+            return False
+        if self.p.compartment is not None and st.pid != self.p.compartment:
+            return False
+        return st.pid not in self._my_choices()[1]
+
+    def ins_lookup_filter(self) -> dict | None:
+        """:meth:`ins_lookup_allowed` as a storage filter (the INS criteria select the DMP)."""
+        if self.role_decision():
+            return None
+        blocked = sorted(self._my_choices()[1])
+        flt: dict = {"_id": {"$nin": blocked}} if blocked else {}
+        if self.p.compartment is not None:
+            if self.p.compartment in blocked:
+                return None
+            flt = {"_id": self.p.compartment}
+        return flt
 
     def reachable_pids(self, named_pids: set[str]) -> set[str] | None:
         """pids whose records the caller may enter in this request; None = no restriction (admin)."""
         p = self.p
         if self.role_decision():
             return set()
+        if p.compartment is not None:
+            # patient/ scopes: that one record, if the caller may enter it
+            if named_pids and p.compartment not in named_pids:
+                return set()
+            return {p.compartment} if self.dmp_access(self.state(p.compartment)).permit else set()
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             st = self.state(p.patient_id)
             return {p.patient_id} if st.exists else set()
@@ -460,40 +601,27 @@ class RequestAccess:
         if resource_type == "Patient":
             if pids is None:
                 return {}
-            flt = {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
-            if ins_lookup and p.kind in (PS, REGULATION_CENTRE) and self.role_decision() is None:
+            if ins_lookup:
                 # exact INS: the criteria themselves select the DMP; can_see redacts it
-                return {}
-            return flt
+                return self.ins_lookup_filter()
+            return {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
         if resource_type == "DocumentReference":
             if p.kind == ADMIN or pids is not None and not pids:
                 return None
-            flt: dict = _pid_filter(pids)
-            if p.kind == PATIENT:
-                return {**flt, "a.labels": {"$ne": dmp.INVISIBLE_PATIENT}}
-            if p.kind == LEGAL_REPRESENTATIVE:
-                return {**flt, "a.labels": {"$nin": [dmp.INVISIBLE_PATIENT, dmp.INVISIBLE_REPRESENTANTS_LEGAUX]}}
-            # rule 9: habilitation x type, MASQUE_PS only for the author and (normal mode) the
-            # médecin traitant; the author always sees what they wrote (see access_facets)
-            allowed = sorted(self.policy.habilitations.allowed_types(self.profession))
-            keys = [f"t:{c}" for c in allowed] + [f"au:{p.id_nat_ps}"]
-            masked = [f"m:{c}" for c in allowed]
-            gp_pids = {pid for pid in pids if p.purpose == TREAT and p.id_nat_ps in self.states[pid].gp_ids}
-            if gp_pids == pids:
-                return {**flt, "a.keys": {"$in": keys + masked}}
-            if gp_pids:
-                return {**flt, "$or": [{"a.keys": {"$in": keys}},
-                                       {**_pid_filter(gp_pids), "a.keys": {"$in": masked}}]}
-            return {**flt, "a.keys": {"$in": keys}}
+            # the DMPs that share one document query are grouped (the médecin traitant's differ)
+            groups: dict[str, tuple[dict, list]] = {}
+            for pid in sorted(pids):
+                q = self.document_query(pid)
+                groups.setdefault(repr(q), (q, []))[1].append(pid)
+            parts = [{**_pid_filter(group), **q} for q, group in groups.values()]
+            return parts[0] if len(parts) == 1 else {"$or": parts}
         if resource_type == "Consent":
             if pids is None:
                 return {}
             if not pids:
                 return None
             flt = _pid_filter(pids)
-            if p.kind in (PS, REGULATION_CENTRE):
-                flt.update({"res.provision.type": "permit",
-                            "res.provision.actor.reference.identifier.value": {"$in": list(self.my_ids)}})
+            flt.update(self.consent_query())
             return flt
         if resource_type in ("AuditEvent", "Communication", "RelatedPerson"):
             if p.kind in (PS, REGULATION_CENTRE):
@@ -531,6 +659,8 @@ class RequestAccess:
             return permit("admin", "administrator manages DMPs")
         if interaction == "create":
             if p.kind == PS and p.purpose == TREAT:
+                if _owner_fields_changed(new, None):
+                    return deny("owner-fields", OWNER_FIELDS_REASON)
                 return permit("ps-creates-dmp", "a professional opens the DMP (patient agreed)",
                               obligations={"authorize_creator": True, "notify": "first_access"})
             return deny("create-dmp", "only a professional or an administrator opens a DMP")
@@ -545,6 +675,8 @@ class RequestAccess:
                 return deny("patient-identity", "the INS is changed by a professional, not the patient")
             return access
         if p.kind == PS and p.purpose == TREAT and access.rule in ("authorized", "medecin-traitant"):
+            if _owner_fields_changed(new, old):
+                return deny("owner-fields", OWNER_FIELDS_REASON)
             return access
         return deny("patient-write", "not allowed to change this DMP")
 
@@ -565,7 +697,7 @@ class RequestAccess:
                 return deny("blocked", "the patient blocked this professional")
             if consent_kind(new) != "permit":
                 return deny("ps-consent", "a professional may only create their own authorization")
-            if consent_actor_ids(new) != {p.id_nat_ps}:
+            if consent_actor_ids(new) != {identifier_key(IDNATPS_SYSTEM, p.id_nat_ps)}:
                 return deny("ps-consent", "a professional may only authorize themselves")
             if not any(v.get("verified") is True for v in new.get("verification") or []):
                 return deny("ps-consent", "the first access must be attested (verification.verified)")
@@ -732,6 +864,21 @@ def representative_in_force(rp: dict, patient: dict | None, at: datetime) -> Dec
     return permit("legal-representative", "legal representative in force")
 
 
+OWNER_FIELDS_REASON = ("only the patient, a legal representative or the administrator sets the médecin "
+                       "traitant (generalPractitioner) or opens and closes the DMP (active)")
+
+
+def _owner_fields_changed(new: dict | None, old: dict | None) -> bool:
+    """Does a write set or change what only the patient's side decides (CONTRACT.md "The DMP in FHIR
+    terms": ``generalPractitioner`` and ``active``)? A DMP is created open."""
+    new, old = new or {}, old
+    if old is None:
+        return bool(new.get("generalPractitioner")) or new.get("active", True) is not True
+    return (dmp.general_practitioner_ids(new) != dmp.general_practitioner_ids(old)
+            or (new.get("generalPractitioner") or []) != (old.get("generalPractitioner") or [])
+            or new.get("active", True) != old.get("active", True))
+
+
 def _without_labels(doc: dict | None, codes: set[str]) -> dict:
     """The document without the given DMP labels and without meta (for comparisons)."""
     if doc is None:
@@ -741,3 +888,67 @@ def _without_labels(doc: dict | None, codes: set[str]) -> dict:
     if not out.get("securityLabel"):
         out.pop("securityLabel", None)
     return out
+
+
+# -- the storage filter language, evaluated in memory (for the per-resource check) --------------------
+def _values(doc, path: str) -> list:
+    """Values at a dotted path, arrays flattened as MongoDB does (``a.types.0`` indexes)."""
+    cur = [doc]
+    for part in path.split("."):
+        nxt = []
+        for v in cur:
+            if isinstance(v, dict) and part in v:
+                nxt.append(v[part])
+            elif isinstance(v, list):
+                if part.isdigit():
+                    if int(part) < len(v):
+                        nxt.append(v[int(part)])
+                else:
+                    nxt += [x[part] for x in v if isinstance(x, dict) and part in x]
+        cur = nxt
+    return cur
+
+
+def _field_matches(values: list, cond) -> bool:
+    flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+    if not isinstance(cond, dict) or not any(k.startswith("$") for k in cond):
+        return any(v == cond for v in flat) or any(v == cond for v in values)
+    for op, arg in cond.items():
+        if op == "$exists":
+            if bool(values) != bool(arg):
+                return False
+        elif op == "$in":
+            if not any(v in arg for v in flat) and not (not values and None in arg):
+                return False
+        elif op == "$nin":
+            if any(v in arg for v in flat):
+                return False
+        elif op == "$ne":
+            if any(v == arg for v in flat):
+                return False
+        elif op == "$not":
+            if _field_matches(values, arg):
+                return False
+        elif op == "$elemMatch":
+            arrays = [v for v in values if isinstance(v, list)]
+            if not any(_field_matches([x], arg) for a in arrays for x in a):
+                return False
+        else:
+            raise ValueError(f"operator {op} is not evaluated in memory")
+    return True
+
+
+def matches(query: dict, doc: dict) -> bool:
+    """Does ``doc`` (a stored document: ``pid``, ``a`` facets...) match ``query``? The subset of
+    the MongoDB filter language the access queries use: equality, ``$in``, ``$nin``, ``$ne``,
+    ``$exists``, ``$not``, ``$elemMatch`` (on arrays of scalars), ``$or``, ``$and``."""
+    for key, cond in query.items():
+        if key == "$or":
+            if not any(matches(q, doc) for q in cond):
+                return False
+        elif key == "$and":
+            if not all(matches(q, doc) for q in cond):
+                return False
+        elif not _field_matches(_values(doc, key), cond):
+            return False
+    return True

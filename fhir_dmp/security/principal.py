@@ -30,7 +30,8 @@ class Principal:
 
     ``kind``: one of PATIENT, LEGAL_REPRESENTATIVE, PS, REGULATION_CENTRE,
     ADMIN, UNKNOWN. ``patient_id`` is the DMP owner for patients and legal
-    representatives. ``id_nat_ps`` and ``professions`` (TRE_G15 codes) for PS
+    representatives. ``compartment`` is the one DMP ``patient/`` scopes confine
+    the caller to (None: not confined). ``id_nat_ps`` and ``professions`` (TRE_G15 codes) for PS
     and regulation-centre staff. ``purpose`` is TREAT, BTG or ETREAT (already
     merged from the token and the request's ``Category`` header);
     ``btg_reason`` the break-glass justification.
@@ -40,6 +41,7 @@ class Principal:
     subject: str
     scopes: Scopes
     patient_id: str | None = None
+    compartment: str | None = None            # the one DMP patient/ scopes confine to (None: no limit)
     id_nat_ps: str | None = None
     professions: tuple[str, ...] = ()
     acr: str | None = None
