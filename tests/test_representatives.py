@@ -390,3 +390,50 @@ def test_repository_representative_methods_for_the_portal(api):
     assert me.end_representative(rp.id).resource["active"] is False
     me.flush_audit()
     assert api.as_legal_rep(rp.id).get(f"Patient/{pid}").status_code == 401
+
+
+# -- profiles in ig/ ---------------------------------------------------------------------------------
+def _invariants(name):
+    import json
+    from pathlib import Path
+    sd = json.loads((Path(__file__).resolve().parents[1] / "ig" / f"StructureDefinition-{name}.json").read_text())
+    return {c["key"]: c["expression"] for e in sd["differential"]["element"] for c in e.get("constraint", [])}
+
+
+def _holds_all(resource, invariants) -> bool:
+    from fhirpathpy import evaluate
+    from fhirpathpy.models import models
+    return all(evaluate(resource, expr, {}, models["r4"]) == [True] for expr in invariants.values())
+
+
+def test_profile_invariants_describe_each_shape():
+    pid = "p1"
+    permit = b.consent(pid, "permit", actor=b.PS_DR)
+    block = b.consent(pid, "deny", actor=b.PS_DR)
+    optout = b.consent(pid, "deny", purpose="BTG")
+    oppose, oppose_one = opposition(pid), opposition(pid, actor=b.PS_DR)
+    shapes = {"dmp-consent-authorization": [permit], "dmp-consent-block": [block],
+              "dmp-consent-optout": [optout], "dmp-consent-feeding-opposition": [oppose, oppose_one]}
+    for name, good in shapes.items():
+        inv = _invariants(name)
+        for res in good:
+            assert _holds_all(res, inv), name
+        for other, resources in shapes.items():
+            if other != name:
+                assert not any(_holds_all(r, inv) for r in resources), (name, other)
+    inv = _invariants("dmp-relatedperson")
+    assert _holds_all(b.related_person(pid, "PRN"), inv) and _holds_all(b.related_person(pid, "GUARD"), inv)
+    assert not _holds_all({**b.related_person(pid), "relationship": [{"text": "ami"}]}, inv)
+
+
+def test_validate_operation_accepts_the_new_shapes(api):
+    pid = open_dmp(api)
+    admin = api.as_admin()
+    for rtype, res in (("RelatedPerson", b.related_person(pid, "PRN")), ("Consent", opposition(pid)),
+                       ("DocumentReference", {**b.docref(pid), "category": [{"coding": [{
+                           "system": "https://fhir-dmp.example.org/fhir/CodeSystem/dmp-rubrique",
+                           "code": "biologie"}]}]})):
+        r = admin.post(f"{rtype}/$validate", res)
+        assert r.status_code == 200 and r.json["issue"][0]["severity"] == "information", (rtype, r.json)
+    r = admin.post("RelatedPerson/$validate", {**b.related_person(pid), "relationship": [{"text": "ami"}]})
+    assert r.json["issue"][0]["severity"] == "error"
