@@ -107,6 +107,14 @@ def purge_dmp(db, pid: str, *, session) -> dict:
     return counts
 
 
+def was_destroyed(db, pid: str) -> bool:
+    """The DMP is gone and its journal head says it was destroyed (not merely never existed)."""
+    from .security.audit import HEADS
+    if db["Patient"].find_one({"_id": pid}, {"_id": 1}) is not None:
+        return False
+    return db[HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
+
+
 def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason: str) -> dict:
     """The one system-journal AuditEvent a destroy leaves: who (a role, not a person's
     identifier), when, why; nothing that names the patient."""
