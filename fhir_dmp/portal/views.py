@@ -62,20 +62,15 @@ def guard():
 def security_headers(response):
     response.headers.setdefault("Content-Security-Policy",
                                 "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                "script-src 'none'; frame-ancestors 'none'; form-action 'self' "
-                                + _issuer_origin())
+                                "script-src 'none'; frame-ancestors 'none'; form-action 'self'")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "same-origin")
-    response.headers.setdefault("Cache-Control", "no-store")
+    if request.endpoint != "portal.static":        # pages hold health data: never cached
+        response.headers.setdefault("Cache-Control", "no-store")
     return response
 
 
-def _issuer_origin() -> str:
-    issuer = config().issuer
-    return issuer.rstrip("/") if issuer else ""
-
-
-@bp.app_context_processor
+@bp.context_processor
 def portal_context():
     return {"dev_mode": config().dev_mode, "signed_in": g.get("principal")}
 
