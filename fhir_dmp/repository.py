@@ -185,8 +185,9 @@ class GuardedRepository:
                                           "patient notified" if status != "not-done" else
                                           "the patient could not be told: no contact on file"))
 
-    def _visible(self, rtype: str, rid: str, interaction: str) -> Stored:
-        """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen."""
+    def _visible(self, rtype: str, rid: str, interaction: str, *, deleted_ok: bool = False) -> Stored:
+        """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen
+        (unless ``deleted_ok``: history and vread of a deleted resource answer like its history)."""
         stored = self.storage.read(rtype, rid, session=self.session)
         if stored is None:
             # the same context queries as a denial, so a missing resource and a denied one also
@@ -200,7 +201,7 @@ class GuardedRepository:
             self.record(interaction, outcome="4", patient_id=stored.pid, resource=f"{rtype}/{rid}",
                         decision=decision, http_status=404)
             raise not_found(rtype, rid)
-        if stored.deleted:
+        if stored.deleted and not deleted_ok:
             self.record(interaction, outcome="4", patient_id=stored.pid, resource=f"{rtype}/{rid}",
                         decision=decision, http_status=410)
             raise Gone(f"Resource {rtype}/{rid} was deleted", headers={"ETag": f'W/"{stored.vid}"'})
@@ -240,7 +241,9 @@ class GuardedRepository:
 
     def vread(self, rtype: str, rid: str, vid: str) -> Stored:
         self.access.start(rtype, "vread")
-        current = self._visible(rtype, rid, "vread")   # the current decision rules old versions
+        # the current decision rules old versions; a deleted resource's versions stay readable
+        # as its history lists them
+        current = self._visible(rtype, rid, "vread", deleted_ok=True)
         try:
             version = self.storage.vread(rtype, rid, int(vid), session=self.session) if vid.isdigit() else None
         except ValueError:
@@ -267,7 +270,7 @@ class GuardedRepository:
         """Versions newest first; (page, next cursor, total or None)."""
         self.access.start(rtype, "history" if rid is not None else "history-type")
         if rid is not None:
-            current = self._visible_for_history(rtype, rid)
+            current = self._visible(rtype, rid, "history", deleted_ok=True)
             page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1, session=self.session)
             total = self.storage.count_history(rtype, rid, session=self.session) if since is None else None
             self.record("history", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
@@ -301,13 +304,6 @@ class GuardedRepository:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
         return self._page(out, count, None)
 
-    def _visible_for_history(self, rtype: str, rid: str) -> Stored:
-        try:
-            return self._visible(rtype, rid, "history")
-        except Gone:
-            stored = self.storage.read(rtype, rid, session=self.session)
-            stored._decision = None
-            return stored
 
     @staticmethod
     def _page(page: list[Stored], count: int, total):
@@ -492,6 +488,9 @@ class GuardedRepository:
                                                 "dmp-closed", "no-patient", "role"):
             if rtype == "Patient" and rid:
                 return not_found("Patient", rid)
+            if rtype == "Binary":
+                return Unprocessable("the securityContext names no document or DMP known to the caller",
+                                     expression="Binary.securityContext")
             return Unprocessable(f"Patient/{pid} is not known", expression=f"{rtype}.subject"
                                  if rtype == "DocumentReference" else f"{rtype}.patient")
         return Forbidden(f"not allowed: {decision.reason}")
@@ -501,9 +500,10 @@ class GuardedRepository:
         """Create (server id). ``session`` given = inside a transaction Bundle."""
         self.access.start(rtype, "create")
         pid = search.patient_id_of(rtype, resource)
+        context = None
         if rtype == "Binary":
-            pid = self._binary_pid(resource)
-        decision = self.access.can_write("create", rtype, resource, None, pid)
+            pid, context = self._binary_context(resource)
+        decision = self.access.can_write("create", rtype, resource, None, pid, context=context)
         if not decision.permit:
             raise self._deny_write("create", rtype, None, pid, decision)
         resource = self._prepare(rtype, resource, None, pid)
@@ -526,7 +526,15 @@ class GuardedRepository:
                session=None, interaction: str = "update", content=None) -> tuple[Stored, bool]:
         """Update (or create with the client's id when absent). Returns (stored, created)."""
         self.access.start(rtype, "update")
-        current = self.storage.read(rtype, rid, session=session)
+        current = self.storage.read(rtype, rid, session=session or self.session)
+        if current is not None and current.deleted and self.p.kind != ADMIN \
+                and not self._decide_current(rtype, current).permit:
+            current = None          # a deleted resource the caller may not see: as if it never existed
+        if current is None and self.p.kind != ADMIN:
+            # update-as-create (a client-chosen id) is the administrator's (fhir-dmp load): for anyone
+            # else an id that does not exist answers like one they may not see (CONTRACT.md "REST")
+            self.record(interaction, outcome="4", patient_id=None, resource=f"{rtype}/{rid}", http_status=404)
+            raise not_found(rtype, rid)
         if current is None or current.deleted:
             if if_match:
                 raise PreconditionFailed(f"{rtype}/{rid} does not exist; If-Match cannot hold")
@@ -601,9 +609,10 @@ class GuardedRepository:
             return None
         seen = self._decide_read(rtype, current)
         if not seen.permit:
+            # answered like deleting nothing (CONTRACT.md "REST behaviour"); journaled as a denial
             self.record("delete", outcome="4", patient_id=current.pid, resource=f"{rtype}/{rid}",
-                        decision=seen, http_status=404)
-            raise not_found(rtype, rid)
+                        decision=seen, http_status=204)
+            return None
         decision = self.access.can_write("delete", rtype, None, current.resource, current.pid)
         if not decision.permit:
             raise self._deny_write("delete", rtype, rid, current.pid, decision)
@@ -667,16 +676,19 @@ class GuardedRepository:
         return self.search(rtype, args).matches
 
     # ------------------------------------------------------- write internals
-    def _binary_pid(self, resource: dict) -> str | None:
+    def _binary_context(self, resource: dict) -> tuple[str | None, dict | None]:
+        """(DMP, DocumentReference) a new Binary's securityContext names. A document the caller may
+        not see counts as missing (CONTRACT.md "REST behaviour": X-Security-Context)."""
         ctx = ((resource.get("securityContext") or {}).get("reference"))
         pid = search.reference_id(ctx, "Patient")
         if pid:
-            return pid
+            return pid, None
         doc_id = search.reference_id(ctx, "DocumentReference")
         if doc_id:
             doc = self.storage.read("DocumentReference", doc_id, session=self.session)
-            return doc.pid if doc else None
-        return None
+            if doc and not doc.deleted and self._decide_read("DocumentReference", doc).permit:
+                return doc.pid, doc.resource
+        return None, None
 
     def _prepare(self, rtype: str, resource: dict, old: dict | None, pid: str | None) -> dict:
         """Server-side rules on what is written (author, qualified INS, content checks)."""

@@ -388,6 +388,9 @@ class RequestAccess:
         if resource_type == "Patient":
             pid = resource.get("id")
         if pid is None:
+            if resource_type == "AuditEvent" and p.kind == ADMIN and self.role_decision() is None \
+                    and p.compartment is None:
+                return permit("admin", "the system journal")
             return deny("no-patient", "resource outside any DMP")
         st = self.state(pid)
         access = self.dmp_access(st)
@@ -456,6 +459,10 @@ class RequestAccess:
         if not (p.purpose == TREAT and st is not None and p.id_nat_ps in st.gp_ids):
             readable["a.masked"] = False
         return {"$or": [{"a.authors": p.id_nat_ps}, readable]}
+
+    def may_replace(self, target: dict) -> bool:
+        """Rule 10: only a document's author replaces it (``relatesTo replaces``)."""
+        return self.p.kind == PS and self.p.id_nat_ps in dmp.author_ids(target)
 
     def view(self, resource: dict, decision: Decision) -> dict:
         """Apply the decision's view obligation (INS lookup answers id, identifier and active)."""
@@ -594,7 +601,9 @@ class RequestAccess:
 
     # -- writes (DESIGN.md rules 10-11, CONTRACT.md) -----------------------------
     def can_write(self, interaction: str, resource_type: str, new: dict | None, old: dict | None,
-                  pid: str | None) -> Decision:
+                  pid: str | None, *, context: dict | None = None) -> Decision:
+        """May the caller write ``new`` over ``old`` in DMP ``pid``? ``context`` is the
+        DocumentReference a new Binary attaches to (its securityContext)."""
         role = self.role_decision()
         if role:
             return role
@@ -609,7 +618,11 @@ class RequestAccess:
         if resource_type == "Consent":
             return self._write_consent(interaction, new, old, st, access)
         if resource_type in ("DocumentReference", "Binary"):
-            return self._write_document(interaction, resource_type, new, old, st, access)
+            decision = self._write_document(interaction, resource_type, new, old, st, access)
+            if decision.permit and resource_type == "Binary" and context is not None \
+                    and self.p.id_nat_ps not in dmp.author_ids(context):
+                return deny("not-author", "only the author attaches content to a document")
+            return decision
         return deny("type", f"{resource_type} is not writable")
 
     def _write_patient(self, interaction, new, old, pid) -> Decision:
