@@ -1,7 +1,7 @@
 """The ``fhir-dmp`` command line (CONTRACT.md "Install and run").
 
 Subcommands: ``serve``, ``dev-token``, ``load``, ``audit verify``,
-``keys rotate``. Configuration comes only from ``Config.from_env()``; the
+``keys rotate``, ``retention run``. Configuration comes only from ``Config.from_env()``; the
 options ``--host/--port/--workers`` override it. Expected failures (bad
 configuration, port taken, database that will not start, missing file) end
 with one line ``fhir-dmp: error: ...`` on stderr and a non-zero status,
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the FHIR API at http://HOST:PORT/fhir")
     listen_options(p, "address to listen on")
     p.add_argument("--workers", type=_positive, default=None,
-                   help="worker processes (default min(4, 2 x CPU cores))")
+                   help="worker processes (default: one per CPU core, at most 8)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("dev-token", help="mint an access token for the dev-mode server",
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "audience is the server's base URL: pass the --host/--port given "
                                    "to serve (or set FHIR_DMP_BASE_URL).")
     p.add_argument("kind", metavar="KIND")
-    p.add_argument("--patient", help="Patient id (patient, legal_representative)")
+    p.add_argument("--patient", help="Patient id (patient)")
+    p.add_argument("--related-person", dest="related_person", metavar="ID",
+                   help="RelatedPerson id (legal_representative)")
     p.add_argument("--ps", dest="id_nat_ps", metavar="IDNATPS", help="idNatPs of the PS (8 + RPPS)")
     p.add_argument("--profession", metavar="CODE", help="TRE_G15 profession code (10 = médecin, ...)")
     p.add_argument("--purpose", choices=("TREAT", "BTG", "ETREAT"), help="purpose of use")
@@ -89,11 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     v = asub.add_parser("verify", help="check the AuditEvent hash chains")
     v.add_argument("--patient", metavar="ID", help="only this patient's chain")
     v.set_defaults(func=cmd_audit_verify)
+    v = asub.add_parser("seal", help="seal the unsealed AuditEvents now (a running server does it itself)")
+    v.set_defaults(func=cmd_audit_seal)
 
     p = sub.add_parser("keys", help="key management")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    r = ksub.add_parser("rotate", help="new key-encryption key; rewrap every data key")
+    r = ksub.add_parser("rotate", help="new key-encryption key; rewrap every data key; retire old ones")
     r.set_defaults(func=cmd_keys_rotate)
+
+    p = sub.add_parser("retention", help="lifecycle of closed DMPs")
+    rsub = p.add_subparsers(dest="retention_command", metavar="ACTION", required=True)
+    r = rsub.add_parser("run", help="destroy the closed DMPs whose retention (FHIR_DMP_RETENTION_YEARS) is over")
+    r.set_defaults(func=cmd_retention_run)
     return parser
 
 
@@ -148,7 +157,8 @@ def cmd_dev_token(args, **_) -> int:
     try:
         token = mint_token(config, args.kind, patient=args.patient, id_nat_ps=args.id_nat_ps,
                            profession=args.profession, purpose=args.purpose,
-                           btg_reason=args.btg_reason, scope=args.scope, lifetime=args.lifetime)
+                           btg_reason=args.btg_reason, scope=args.scope, lifetime=args.lifetime,
+                           related_person=args.related_person)
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     print(token)
@@ -185,8 +195,11 @@ def cmd_audit_verify(args, **_) -> int:
 
     config = _config(args)
     verify_chains = _lazy("security.audit", "verify_chains", "audit verify")
+    load_signing_key = _lazy("security.sealer", "load_signing_key", "audit verify")
+    key = load_signing_key(config.audit_key_path)
     with connected(config, log=_say) as (_config_used, _client, db):
-        problems = verify_chains(db, patient_id=args.patient)
+        problems = verify_chains(db, patient_id=args.patient, unsealed_bound_s=config.audit_seal_bound,
+                                 check_signatures=True, public_key=key.public_key() if key else None)
     if not problems:
         print("audit chains intact")
         return 0
@@ -196,14 +209,49 @@ def cmd_audit_verify(args, **_) -> int:
     return 1
 
 
+def cmd_audit_seal(args, **_) -> int:
+    from .database import connected
+
+    config = _config(args)
+    sealer_cls = _lazy("security.sealer", "Sealer", "audit seal")
+    lease_lost = _lazy("security.sealer", "LeaseLost", "audit seal")
+    with connected(config, log=_say) as (_config_used, client, db):
+        sealer = sealer_cls(client, db, config.audit_key_path)
+        try:
+            n = sealer.seal_all()
+        except lease_lost:
+            raise CliError("a running server holds the sealer lease; it seals by itself") from None
+        finally:
+            sealer.release()
+    print(f"sealed {n} AuditEvent(s)")
+    return 0
+
+
 def cmd_keys_rotate(args, **_) -> int:
     from .database import connected
 
     config = _config(args)
     rotate_kek = _lazy("security.crypto", "rotate_kek", "keys rotate")
+    retire = _lazy("security.crypto", "retire_unused_keks", "keys rotate")
     with connected(config, log=_say) as (config_used, _client, db):
         count = rotate_kek(config_used, db)
-    print(f"new key-encryption key in place; {count} data key(s) rewrapped")
+        # a destroyed DMP's data key must not be recoverable from an old backup of the wrapped keys
+        # with an old KEK: once nothing is wrapped by them, older KEKs leave the key file
+        retired = retire(config_used, db)
+    print(f"new key-encryption key in place; {count} data key(s) rewrapped; "
+          f"{len(retired)} old key-encryption key(s) retired")
+    return 0
+
+
+def cmd_retention_run(args, **_) -> int:
+    from .database import connected
+
+    config = _config(args)
+    run_retention = _lazy("lifecycle", "run_retention", "retention run")
+    from .app import build_backend
+    with connected(config, log=_say) as (config_used, client, db):
+        count = run_retention(build_backend(config_used.with_(notifications_worker=False), client, db))
+    print(f"{count} closed DMP(s) past retention destroyed")
     return 0
 
 

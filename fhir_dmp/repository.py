@@ -14,6 +14,7 @@ nothing of storage.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -25,7 +26,7 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
                      Unprocessable, not_found)
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
-from .security.principal import ADMIN, Principal
+from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
 from .storage import (DuplicateValue, Stored, VersionConflict, is_write_conflict, merge_filters, new_id,
                       now)
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
-HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication"}
+HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson"}
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RequestInfo:
 
     client_ip: str | None = None
     request_id: str | None = None
+    access_code: str | None = None      # X-Patient-Access-Code (first access in patient-code mode)
 
 
 def named_patient_ids(rtype: str, args: list[tuple[str, str]]) -> set[str]:
@@ -64,6 +66,16 @@ def named_patient_ids(rtype: str, args: list[tuple[str, str]]) -> set[str]:
             for v in value.split(","):
                 out.add(search.reference_id(v, "Patient") or v.strip())
     return {p for p in out if p and "/" not in p}
+
+
+_INS_IN_QUERY = re.compile(r"((?:urn|URN)(?::|%3A|%3a)oid(?::|%3A|%3a)1\.2\.250\.1\.213\.1\.4\.(?:8|9|10|11)"
+                           r"(?:\||%7C|%7c))([^&#;,]+)")
+
+
+def redact_ins(query: str) -> str:
+    """The query without INS values, for the system journal: what no DMP's chain holds must not
+    keep a NIR once that DMP is destroyed (CONTRACT.md "Lifecycle": no personal data left)."""
+    return _INS_IN_QUERY.sub(lambda m: m.group(1) + "[INS]", query)
 
 
 class Backend:
@@ -79,6 +91,33 @@ class Backend:
         self.crypto = crypto
 
 
+def resolve_legal_representative(backend: Backend, principal: Principal) -> Principal:
+    """CONTRACT.md "Who the caller is": a legal representative's token names a RelatedPerson
+    (relative, or on this server's base URL); the caller acts for the patient it names while
+    it is in force (``consent.representative_in_force``). Anything else: 401."""
+    from dataclasses import replace
+
+    from .security.auth import invalid_token
+    from .security.consent import representative_in_force
+    if principal.kind != LEGAL_REPRESENTATIVE:
+        return principal
+    parsed = search.parse_reference(principal.related_person, backend.config.fhir_base) or {}
+    if parsed.get("t") != "RelatedPerson" or parsed.get("r") != f"RelatedPerson/{parsed.get('i')}":
+        raise invalid_token("fhirUser names a RelatedPerson of another server")
+    rp = backend.storage.read("RelatedPerson", parsed["i"])
+    patient = backend.storage.read("Patient", rp.pid) if rp and not rp.deleted and rp.pid else None
+    decision = representative_in_force(rp.resource if rp and not rp.deleted else {},
+                                       patient.resource if patient and not patient.deleted else None,
+                                       now()) if rp else None
+    if decision is None or not decision.permit:
+        raise invalid_token("the token's RelatedPerson is not a legal representative in force")
+    if principal.compartment is not None and principal.compartment != rp.pid:
+        raise invalid_token("the patient claim names another patient than the RelatedPerson's")
+    return replace(principal, patient_id=rp.pid,
+                   compartment=rp.pid if principal.compartment is not None
+                   or principal.scopes.contexts() == {"patient"} else None)
+
+
 class GuardedRepository:
     """One request's view of the store, for one principal."""
 
@@ -91,6 +130,7 @@ class GuardedRepository:
         self.records: list = []
         self.effects: list = []          # callables(session) written with the journal at flush
         self._grants_done: set[str] = set()
+        self._dirty_pids: set[str] = set()   # patients written: their cached context is dropped
         self.session = None      # the open write transaction, if any (reads inside it see its writes)
 
     # ------------------------------------------------------------------ audit
@@ -98,6 +138,8 @@ class GuardedRepository:
                resource: str | None = None, decision: Decision | None = None,
                http_status: int | None = None, query: str | None = None) -> None:
         from .security.audit import AccessRecord
+        if patient_id is None and query:
+            query = redact_ins(query)
         self.records.append(AccessRecord(
             interaction=interaction, action=ACTION.get(interaction, "E"), outcome=outcome,
             principal=self.p, patient_id=patient_id, resource=resource, query=query,
@@ -163,17 +205,17 @@ class GuardedRepository:
             self.notify("break_glass", pid, session=session)
         self.effects.append(effect)
 
-    def notify(self, kind: str, pid: str, *, session=None) -> None:
+    def notify(self, kind: str, pid: str, *, session=None, code: str | None = None) -> list[dict]:
         """Queue a notice to the patient and store the matching Communication(s)."""
         if self.b.outbox is None:
-            return
+            return []
         from .notifications import Notice
         st = self.access.state(pid)
         if st.patient is None:
-            return
+            return []
         notice = Notice(kind=kind, patient_id=pid, actor_name=self.p.name,
                         actor_profession=self.p.profession, actor_id=self.p.id_nat_ps,
-                        mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason)
+                        mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason, code=code)
         comms = self.b.outbox.enqueue(notice, st.patient, session=session)
         for comm in comms:
             stored = self.storage.create("Communication", comm, pid=pid, rid=comm.get("id"),
@@ -184,11 +226,21 @@ class GuardedRepository:
                         decision=Decision(status != "not-done", f"notify-{kind}",
                                           "patient notified" if status != "not-done" else
                                           "the patient could not be told: no contact on file"))
+        return comms
+
+    def _current(self, rtype: str, rid: str) -> Stored | None:
+        """The current version; a Patient comes with its decision context (one load, cached
+        per process and invalidated on change: ``security/context_cache.py``)."""
+        if rtype == "Patient" and self.session is None:
+            doc = self.access.state(rid).doc
+            return Stored.from_doc(rtype, {**doc, "res": dict(doc["res"]) if doc.get("res") else None}) \
+                if doc else None
+        return self.storage.read(rtype, rid, session=self.session)
 
     def _visible(self, rtype: str, rid: str, interaction: str, *, deleted_ok: bool = False) -> Stored:
         """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen
         (unless ``deleted_ok``: history and vread of a deleted resource answer like its history)."""
-        stored = self.storage.read(rtype, rid, session=self.session)
+        stored = self._current(rtype, rid)
         if stored is None:
             # the same context queries as a denial, so a missing resource and a denied one also
             # take a similar time (DESIGN.md "No leaks")
@@ -303,6 +355,37 @@ class GuardedRepository:
         if not out:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
         return self._page(out, count, None)
+
+    # ------------------------------------------------- system-level history
+    def system_history(self, *, since: datetime | None, count: int,
+                       cursor: tuple | None) -> tuple[list[Stored], tuple | None]:
+        """``GET [base]/_history`` (https://hl7.org/fhir/R4/http.html#history): the type-level
+        histories of every hosted type the token's scopes allow, each through :meth:`history`
+        (the same decision per version), merged newest first.
+
+        The cursor is ``(lastUpdated, "Type/id/vid")``; versions are ordered by lastUpdated
+        descending, then by that key ascending, so pages neither repeat nor skip a version.
+        Returns (page, next cursor or None); no total (it would take a pass over every type).
+        """
+        merged: list[Stored] = []
+        for rtype in sorted(HOSTED):
+            if not self.p.scopes.allows(rtype, "s"):     # SMART v2: history beyond an instance is a search
+                continue
+            after = None
+            if cursor is not None:
+                lu, key = cursor
+                ctype, _, rest = key.partition("/")
+                # versions of the same instant: those of a later type, or later in the cursor's type
+                after = (lu, rest if rtype == ctype else ("" if rtype > ctype else "\uffff"))
+            page, _, _ = self.history(rtype, None, since=since, count=count, cursor=after)
+            merged.extend(page)
+        merged.sort(key=lambda v: (-v.lu.timestamp(), f"{v.resource_type}/{v.id}/{v.vid}"))
+        nxt = None
+        if len(merged) > count:
+            merged = merged[:count]
+            last = merged[-1]
+            nxt = (last.lu, f"{last.resource_type}/{last.id}/{last.vid}")
+        return merged, nxt
 
 
     @staticmethod
@@ -451,6 +534,7 @@ class GuardedRepository:
             self.access.states.clear()
             self.session = self.access.session = session
             result = fn(session)
+            self._dirty_pids.update(r.patient_id for r in self.records[mark:] if r.patient_id)
             if len(self.records) > mark:
                 self.b.audit_log.append(self._events(self.records[mark:]), session=session)
             return result
@@ -458,6 +542,7 @@ class GuardedRepository:
         try:
             result = self.storage.run_transaction(attempt)
             del self.records[mark:]            # committed with the write
+            self._forget_contexts()   # committed: this process forgets at once, others by the stream
             return result
         except PyMongoError as exc:
             del self.records[mark:]
@@ -506,6 +591,8 @@ class GuardedRepository:
         decision = self.access.can_write("create", rtype, resource, None, pid, context=context)
         if not decision.permit:
             raise self._deny_write("create", rtype, None, pid, decision)
+        if decision.obligations.get("patient_code"):
+            self._use_access_code(pid)
         resource = self._prepare(rtype, resource, None, pid)
 
         def write(s):
@@ -571,6 +658,8 @@ class GuardedRepository:
             except DuplicateValue:
                 raise duplicate_dmp(resource) from None
             self._after_write(interaction, rtype, stored, old, decision, s)
+            if rtype == "Patient":
+                self._after_patient_write(old, resource, stored, s)
             self.record(interaction, outcome="0", patient_id=pid, resource=f"{rtype}/{rid}/_history/{stored.vid}",
                         decision=decision, http_status=200)
             return stored
@@ -630,44 +719,96 @@ class GuardedRepository:
         return write(session) if session is not None else self._writing(write, interaction="delete", rtype=rtype)
 
     # ------------------------------------------------------------ lifecycle
-    def destroy_dmp(self, pid: str) -> None:
-        """Destroy a DMP (DESIGN.md rule 3): the record becomes as if it never existed.
+    def destroy_dmp(self, pid: str, *, reason: str | None = None) -> None:
+        """Destroy a DMP (CONTRACT.md "Lifecycle of a DMP"): afterwards it never existed.
 
-        Administrator only. The patient's data key is deleted first (crypto-shredding: every
-        document becomes unrecoverable even from backups), then the encrypted chunks, the
-        documents, Consents, Communications and their history; the Patient stays as a bare
-        tombstone marked ``destroyed``. The journal is kept 10 years (``retain_until``).
+        The patient or the administrator (``consent.can_destroy``). One transaction removes
+        everything the database holds about it (``lifecycle.purge_dmp``: data key first, then
+        content, resources, notices, access codes and its journal) and writes the one
+        system-journal entry that stays, without personal data; if any part fails nothing
+        changes (fail closed). The INS is free again.
         """
-        from .security.audit import mark_retention
+        from . import lifecycle
         self.access.start("Patient", "delete")
-        current = self.storage.read("Patient", pid, session=self.session)
         st = self.access.state(pid)
-        if current is None or not st.known:
-            self.record("delete", outcome="4", patient_id=None, resource=f"Patient/{pid}", http_status=404)
-            raise not_found("Patient", pid)
-        if self.p.kind != ADMIN:
-            decision = Decision(False, "destroy-dmp", "only an administrator destroys a DMP")
-            if not self.access.dmp_access(st).permit:
-                self.record("delete", outcome="4", patient_id=pid, resource=f"Patient/{pid}",
-                            decision=decision, http_status=404)
+        decision = self.access.can_destroy(st)
+        if not decision.permit:
+            if not st.known or not self.access.dmp_access(st).permit:
+                self.record("delete", outcome="4", patient_id=None, resource=f"Patient/{pid}",
+                            http_status=404)
                 raise not_found("Patient", pid)
             raise self._deny_write("delete", "Patient", pid, pid, decision)
-        at = now()
-        self.b.crypto.shred(pid)
-        self.b.blobs.delete_patient(pid)
-        db = self.storage.db
-        for rtype in ("DocumentReference", "Binary", "Consent", "Communication"):
-            db[rtype].delete_many({"pid": pid})
-            db[f"{rtype}_history"].delete_many({"pid": pid})
-        db["Patient_history"].delete_many({"rid": pid})
-        db["btg_grants"].delete_many({"pid": pid})
-        db["Patient"].update_one({"_id": pid}, {"$set": {"destroyed": True, "destroyed_at": at, "del": True,
-                                                        "res": None, "s": {}, "o": {}}})
-        mark_retention(db, pid, at)
+        actor = "admin" if self.p.kind == ADMIN else "patient"
+        event = lifecycle.destroy_event(actor, now(), source_observer=self.b.config.fhir_base,
+                                        reason=reason or f"asked by the {actor}")
+        # nothing about this DMP may be journaled after its chain is gone
+        self.records = [r for r in self.records if r.patient_id != pid]
+
+        def write(s):
+            lifecycle.purge_dmp(self.storage.db, pid, session=s)
+            self.b.audit_log.append([event], session=s)
+
+        self._writing(write, interaction="delete", rtype="Patient")
+        self.b.crypto.shred(pid)                     # drops this process's cached data key
+        forget = getattr(self.b.audit_log, "_forget", None)
+        if forget:
+            forget([pid])
         self.access.states.pop(pid, None)
-        self.record("delete", outcome="0", patient_id=pid, resource=f"Patient/{pid}",
-                    decision=Decision(True, "destroy-dmp", "DMP destroyed by an administrator"),
-                    http_status=204)
+        self._dirty_pids.add(pid)
+        self._forget_contexts()
+
+    def send_access_code(self, pid: str) -> list[dict]:
+        """``Patient/$access-code``: a one-time code to the patient (email/SMS + Communication).
+
+        Returns the Communications written (the caller says how the code went out, never it).
+        """
+        from . import access_codes
+        self.access.start("Patient", "read")
+        st = self.access.state(pid)
+        decision = self.access.can_ask_access_code(st)
+        if not decision.permit:
+            self.record("operation", outcome="4", patient_id=pid if st.exists else None,
+                        resource=f"Patient/{pid}", decision=decision, http_status=404)
+            raise not_found("Patient", pid)
+        code = access_codes.issue(self.storage.db, pid, self.p.id_nat_ps)
+        written: list[dict] = []
+
+        def write(s):
+            written.extend(self.notify("access_code", pid, session=s, code=code))
+            self.record("operation", outcome="0", patient_id=pid, resource=f"Patient/{pid}",
+                        decision=decision, http_status=200)
+        self._writing(write, interaction="operation", rtype="Patient")
+        return written
+
+    def _use_access_code(self, pid: str) -> None:
+        """The patient's one-time code must come with the PS's first authorization (403 else)."""
+        from . import access_codes
+        refused = access_codes.consume(self.storage.db, pid, self.p.id_nat_ps, self.info.access_code)
+        if refused:
+            decision = Decision(False, "access-code", refused)
+            self.record("create", outcome="4", patient_id=pid, resource="Consent", decision=decision,
+                        http_status=403)
+            raise Forbidden(f"not allowed: {refused}")
+
+    def close_dmp(self, pid: str) -> Stored:
+        """Close a DMP (``active: false``): the patient, a legal representative or the admin."""
+        return self._set_active(pid, False)
+
+    def reopen_dmp(self, pid: str) -> Stored:
+        """Reopen a closed DMP within its retention."""
+        return self._set_active(pid, True)
+
+    def _set_active(self, pid: str, active: bool) -> Stored:
+        return self.patch("Patient", pid, [{"op": "add", "path": "/active", "value": active}])
+
+    def _after_patient_write(self, old: dict | None, new: dict | None, stored: Stored, session) -> None:
+        """Closing stamps ``closed_at`` (retention counts from it); reopening removes it."""
+        from . import lifecycle
+        change = lifecycle.active_change(old, new)
+        if change == "close":
+            lifecycle.mark_closed(self.storage.db, stored.id, stored.lu, session=session)
+        elif change == "reopen":
+            lifecycle.mark_reopened(self.storage.db, stored.id, session=session)
 
     # -------------------------------------------------------- conditional ops
     def find_matches(self, rtype: str, criteria: list[tuple[str, str]], limit: int = 2) -> list[Stored]:
@@ -720,6 +861,15 @@ class GuardedRepository:
             remember_blob(self, *self._pending_blob, session)
             self._pending_blob = None
         self.access.states.pop(stored.pid, None)
+        self._dirty_pids.add(stored.pid)
+
+    def _forget_contexts(self) -> None:
+        """Drop the cached decision context of the patients this request wrote."""
+        cache = self.b.policy.context_cache
+        if cache is not None:
+            for pid in self._dirty_pids:
+                cache.invalidate(pid)
+        self._dirty_pids.clear()
 
     def _authorize_creator(self, patient: Stored, session) -> None:
         """A PS who opens a DMP is authorized on it (CONTRACT.md)."""

@@ -34,7 +34,11 @@ from . import search
 
 log = logging.getLogger(__name__)
 
-RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
+                  "RelatedPerson")
+# Written once and never changed (the journal): each entry is its own only version, so its history
+# is the collection itself (version 1 of every entry) and there is no ``*_history`` copy.
+APPEND_ONLY = ("AuditEvent",)
 
 
 class DuplicateValue(Exception):
@@ -161,6 +165,8 @@ class Storage:
                 _index(coll, keys)
             for key in UNIQUE_INDEXES.get(rtype, []):
                 _index(coll, [key], unique=True, partialFilterExpression={key[0]: {"$exists": True}})
+            if rtype in APPEND_ONLY:     # its history is the collection itself (keyset paging)
+                _index(coll, [("lu", -1), ("_id", 1)])
             hist = self.db[f"{rtype}_history"]
             for keys in ([("rid", 1), ("vid", -1)], [("lu", -1), ("_id", 1)], [("pid", 1), ("lu", -1)]):
                 _index(hist, keys)
@@ -200,16 +206,23 @@ class Storage:
         return [Stored.from_doc(rtype, d) for d in docs]
 
     def vread(self, rtype: str, rid: str, vid: int, *, session=None) -> Stored | None:
-        doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session)
+        if rtype in APPEND_ONLY:
+            doc = self.db[rtype].find_one({"_id": rid}, session=session) if vid == 1 else None
+        else:
+            doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session)
         return Stored.from_doc(rtype, doc) if doc else None
+
+    def _history_of(self, rtype: str, rid: str | None) -> tuple:
+        """(collection, filter) of the versions of one resource (``rid``) or of a whole type."""
+        if rtype in APPEND_ONLY:
+            return self.db[rtype], ({} if rid is None else {"_id": rid})
+        return self.db[f"{rtype}_history"], ({} if rid is None else {"rid": rid})
 
     def history(self, rtype: str, rid: str | None, *, pid_filter: dict | None = None,
                 since: datetime | None = None, before: datetime | None = None,
                 after_key: tuple | None = None, limit: int = 50, session=None) -> list[Stored]:
         """Versions newest first; keyset paging on (lu desc, _id asc)."""
-        flt: dict = {}
-        if rid is not None:
-            flt["rid"] = rid
+        coll, flt = self._history_of(rtype, rid)
         if pid_filter:
             flt.update(pid_filter)
         if since or before:
@@ -220,15 +233,17 @@ class Storage:
                 flt["lu"]["$lt"] = before
         if after_key:
             lu, key = after_key
+            if rtype in APPEND_ONLY:      # the key is "id/vid"; there the _id is the id alone
+                key = key.rsplit("/", 1)[0]
             flt = {"$and": [flt, {"$or": [{"lu": {"$lt": lu}}, {"lu": lu, "_id": {"$gt": key}}]}]}
-        docs = self.db[f"{rtype}_history"].find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit)
+        docs = coll.find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit)
         return [Stored.from_doc(rtype, d) for d in docs]
 
     def count_history(self, rtype: str, rid: str | None, pid_filter: dict | None = None, *, session=None) -> int:
-        flt: dict = {} if rid is None else {"rid": rid}
+        coll, flt = self._history_of(rtype, rid)
         if pid_filter:
             flt.update(pid_filter)
-        return self.db[f"{rtype}_history"].count_documents(flt, session=session)
+        return coll.count_documents(flt, session=session)
 
     def find(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[Stored]:
         return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit, session=session)]
@@ -251,9 +266,13 @@ class Storage:
 
     # -- what the access decision reads (security/consent.py) ----------------
     def patient_docs(self, pids: list[str], *, session=None) -> dict[str, dict]:
-        """Raw Patient documents (deleted and destroyed included) by id."""
+        """Raw Patient documents (deleted and destroyed included) by id, without search indexes."""
         return {d["_id"]: d for d in self.db["Patient"].find(
-            {"_id": {"$in": list(pids)}}, {"res": 1, "del": 1, "destroyed": 1}, session=session)}
+            {"_id": {"$in": list(pids)}}, {"s": 0, "o": 0, "a": 0}, session=session)}
+
+    def watch(self, pipeline: list):
+        """A change stream on the database (the decision context cache's invalidation)."""
+        return self.db.watch(pipeline, full_document="updateLookup", max_await_time_ms=200)
 
     def active_consents(self, pids: list[str], *, session=None) -> list[dict]:
         """Current active Consents of these DMPs (``_id``, ``vid``, ``pid``, ``res``)."""

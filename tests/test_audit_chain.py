@@ -16,6 +16,7 @@ from pymongo import monitoring
 from fhir_dmp.embedded_db import free_port as _free_port
 from fhir_dmp.security.audit import (COLLECTION, HEADS, AccessRecord, AuditLog, build_event,
                                      chain_hash, mark_retention, verify_chains)
+from fhir_dmp.security.sealer import CHECKPOINTS, LeaseLost, Sealer, load_signing_key
 from fhir_dmp.security.principal import (BTG, ETREAT, PATIENT, PS, REGULATION_CENTRE, Principal)
 from fhir_dmp.security.scopes import Scopes
 
@@ -128,14 +129,31 @@ def test_bad_codes_refused():
         ev(outcome="1")
 
 
-# --- append and verify ------------------------------------------------------------------
+# --- append, seal and verify ---------------------------------------------------------
 
-def test_append_and_verify_intact(db):
+@pytest.fixture
+def sealer(server, db, tmp_path):
+    """The journal sealer with its key in a file outside the database."""
+    _, client = server
+    s = Sealer(client, db, tmp_path / "audit-key.pem")
+    yield s
+    s.stop()
+
+
+def sealed(sealer, *, signatures=True, **kw):
+    """Seal everything, then verify (signatures checked with the sealer's key)."""
+    sealer.seal_all()
+    return verify_chains(sealer.db, check_signatures=signatures, public_key=sealer.key.public_key(), **kw)
+
+
+def test_append_and_verify_intact(db, sealer):
     log = AuditLog(db)
     log.append([ev(), ev(patient_id="p2"), ev(principal=None, patient_id=None, resource=None,
                                               interaction="capabilities", decision=None)])
     log.append([ev(), ev(outcome="4", decision={"result": "deny", "rule": "x", "reason": "refusé"})])
-    assert verify_chains(db) == []
+    assert db[COLLECTION].count_documents({"unsealed": {"$exists": True}}) == 5
+    assert verify_chains(db) == []          # young unsealed events are not a problem
+    assert sealed(sealer) == []
     assert verify_chains(db, "p1") == []
     docs = list(db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1))
     assert [d["chain"]["seq"] for d in docs] == [1, 2, 3]
@@ -145,16 +163,52 @@ def test_append_and_verify_intact(db):
         assert d["vid"] == 1 and d["del"] is False and d["pid"] == "p1" and d["_id"] == d["res"]["id"]
         assert d["res"]["meta"]["versionId"] == "1" and isinstance(d["s"], dict)
         assert chain_hash(d["chain"]["prev"], d["res"]) == d["chain"]["hash"]
+        assert "unsealed" not in d
         _validate(d["res"])
     system = db[COLLECTION].find_one({"chain.pid": "_system"})
     assert system["pid"] is None and system["chain"]["seq"] == 1
     assert db[HEADS].find_one({"_id": "p1"})["seq"] == 3
 
 
-def test_tampered_event_is_named(db):
+def test_sealing_is_idempotent_and_appends_continue_the_chain(db, sealer):
+    log = AuditLog(db)
+    log.append([ev(), ev()])
+    assert sealer.seal_all() == 2
+    assert sealer.seal_all() == 0
+    log.append([ev()])
+    assert sealed(sealer) == []
+    assert [d["chain"]["seq"] for d in db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1)] == [1, 2, 3]
+    assert db[CHECKPOINTS].count_documents({}) == 2
+
+
+def test_events_left_unsealed_are_reported(db):
+    AuditLog(db).append([ev(), ev()])
+    assert verify_chains(db, unsealed_bound_s=3600) == []
+    assert verify_chains(db, unsealed_bound_s=0) == ["2 AuditEvent(s) left unsealed for more than 0 s"]
+
+
+def test_one_sealer_at_a_time(server, db, tmp_path):
+    _, client = server
+    AuditLog(db).append([ev()])
+    first = Sealer(client, db, tmp_path / "k.pem")
+    second = Sealer(client, db, tmp_path / "k.pem")
+    assert first.acquire() and not second.acquire()
+    with pytest.raises(LeaseLost):
+        second.seal_all()
+    with pytest.raises(LeaseLost):
+        second.seal_once()            # the fencing write in the transaction refuses it too
+    assert first.seal_all() == 1
+    first.release()
+    AuditLog(db).append([ev()])
+    assert second.seal_all() == 1
+    assert verify_chains(db, check_signatures=True, public_key=first.key.public_key()) == []
+
+
+def test_tampered_event_is_named(db, sealer):
     log = AuditLog(db)
     for _ in range(4):
         log.append([ev()])
+    sealer.seal_all()
     target = db[COLLECTION].find_one({"chain.pid": "p1", "chain.seq": 3})
     db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {"res.outcome": "4"}})
     problems = verify_chains(db)
@@ -162,10 +216,11 @@ def test_tampered_event_is_named(db):
     assert verify_chains(db, "p2") == []
 
 
-def test_rehashed_event_breaks_next_link(db):
+def test_rehashed_event_breaks_next_link(db, sealer):
     log = AuditLog(db)
     for _ in range(3):
         log.append([ev()])
+    sealer.seal_all()
     target = db[COLLECTION].find_one({"chain.pid": "p1", "chain.seq": 2})
     res = dict(target["res"], outcome="8")
     db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {
@@ -174,29 +229,71 @@ def test_rehashed_event_breaks_next_link(db):
     assert problems and "event seq 3" in problems[0] and "prev does not match seq 2" in problems[0]
 
 
-def test_deleted_event_is_missing(db):
+def test_rebuilt_chain_is_caught_by_the_signed_checkpoints(db, sealer):
+    """Someone with write access to the database rewrites an event and recomputes every later
+    hash and the head: the unkeyed chain looks intact, the signed checkpoint does not."""
+    log = AuditLog(db)
+    for _ in range(3):
+        log.append([ev()])
+    sealer.seal_all()
+    prev = "0" * 64
+    for doc in db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1):
+        res = dict(doc["res"], outcome="8") if doc["chain"]["seq"] == 2 else doc["res"]
+        hsh = chain_hash(prev, res)
+        db[COLLECTION].update_one({"_id": doc["_id"]}, {"$set": {"res": res, "chain.prev": prev,
+                                                                 "chain.hash": hsh}})
+        prev = hsh
+    db[HEADS].update_one({"_id": "p1"}, {"$set": {"hash": prev}})
+    assert verify_chains(db) == []
+    problems = verify_chains(db, check_signatures=True, public_key=sealer.key.public_key())
+    assert any("does not match the signed checkpoint (the chain was rebuilt)" in p for p in problems)
+
+
+def test_deleted_checkpoints_and_foreign_keys_are_caught(db, sealer, tmp_path):
+    log = AuditLog(db)
+    log.append([ev()])
+    sealer.seal_all()
+    log.append([ev()])
+    sealer.seal_all()
+    key = sealer.key.public_key()
+    db[CHECKPOINTS].delete_one({"_id": 2})
+    assert verify_chains(db, check_signatures=True, public_key=key) == [
+        "patient p1: seq 2-2 not covered by a signed checkpoint"]
+    other = load_signing_key(tmp_path / "other.pem", create=True).public_key()
+    assert verify_chains(db, check_signatures=True, public_key=other)[0] == \
+        "checkpoint 1: signature does not verify with the audit key"
+    assert verify_chains(db, check_signatures=True, public_key=None)[0].startswith(
+        "signed checkpoints exist but no audit signing key")
+
+
+def test_deleted_event_is_missing(db, sealer):
     log = AuditLog(db)
     for _ in range(5):
         log.append([ev()])
+    sealer.seal_all()
     db[COLLECTION].delete_one({"chain.pid": "p1", "chain.seq": 2})
     assert verify_chains(db)[0] == "patient p1: missing seq 2"
 
 
-def test_truncated_tail_is_detected(db):
+def test_truncated_tail_is_detected(db, sealer):
     log = AuditLog(db)
     for _ in range(3):
         log.append([ev()])
+    sealer.seal_all()
     db[COLLECTION].delete_one({"chain.pid": "p1", "chain.seq": 3})
     problems = verify_chains(db)
     assert problems and problems[0].startswith("patient p1: head points past last event")
 
 
-def test_concurrent_appends_do_not_fork(db):
-    """Threads with their own AuditLog (as separate gunicorn workers) and one shared."""
+def test_concurrent_appends_while_sealing_do_not_fork(db, sealer):
+    """Threads with their own AuditLog (as separate gunicorn workers) and one shared, while the
+    background sealer runs: every event sealed once, chains contiguous, checkpoints verify."""
     shared = AuditLog(db)
     logs = [AuditLog(db) for _ in range(4)] + [shared] * 4
     errors = []
     barrier = threading.Barrier(len(logs))
+    sealer.interval = 0.01
+    sealer.start()
 
     def work(log):
         try:
@@ -211,27 +308,27 @@ def test_concurrent_appends_do_not_fork(db):
         t.start()
     for t in threads:
         t.join()
+    sealer.stop()
     assert errors == []
+    assert sealed(sealer) == []
     seqs = [d["chain"]["seq"] for d in db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1)]
     assert seqs == list(range(1, len(logs) * 10 + 1))
     assert db[COLLECTION].count_documents({"chain.pid": "p2"}) == len(logs) * 4
-    assert verify_chains(db) == []
 
 
-def test_append_in_caller_transaction(server, db):
+def test_append_in_caller_transaction(server, db, sealer):
     _, client = server
     log = AuditLog(db)
     log.append([ev()])
     with client.start_session() as s:
         s.with_transaction(lambda sess: log.append([ev(), ev()], session=sess))
     log.append([ev()])
+    assert sealed(sealer) == []
     assert db[COLLECTION].count_documents({"chain.pid": "p1"}) == 4
-    assert verify_chains(db) == []
 
 
-def test_concurrent_transactions_do_not_fork(server, db):
-    """Appends inside callers' transactions: conflicts surface as transient errors
-    and ``with_transaction`` retries them."""
+def test_concurrent_transactions_do_not_conflict(server, db, sealer):
+    """Appends inside callers' transactions touch no chain head: they never conflict."""
     _, client = server
     errors = []
 
@@ -250,38 +347,53 @@ def test_concurrent_transactions_do_not_fork(server, db):
     for t in threads:
         t.join()
     assert errors == []
+    assert sealed(sealer) == []
     assert db[COLLECTION].count_documents({"chain.pid": "p1"}) == 20
-    assert verify_chains(db) == []
 
 
-def test_warm_append_is_one_round_trip(server, db):
+class _Count(monitoring.CommandListener):
+    def __init__(self):
+        self.names = []
+
+    def started(self, event):
+        self.names.append(event.command_name)
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+def test_concurrent_appends_are_group_committed(server, db):
+    """One durable insert for many requests' events: fewer inserts than appends under load,
+    and a lone append is one round trip."""
     uri, _ = server
-
-    class Count(monitoring.CommandListener):
-        def __init__(self):
-            self.names = []
-
-        def started(self, event):
-            self.names.append(event.command_name)
-
-        def succeeded(self, event):
-            pass
-
-        def failed(self, event):
-            pass
-
-    counter = Count()
-    client = pymongo.MongoClient(uri, event_listeners=[counter])
+    counter = _Count()
+    client = pymongo.MongoClient(uri, event_listeners=[counter], w="majority", journal=True)
     try:
         log = AuditLog(client[db.name])
-        log.append([ev()])  # cold: indexes, head read
+        log.append([ev()])  # cold: indexes
         counter.names.clear()
         log.append([ev(), ev(request_id="r2")])
-        writes = [n for n in counter.names if n not in ("hello", "isMaster", "ismaster")]
-        assert writes == ["bulkWrite"]
+        assert [n for n in counter.names if n not in ("hello", "isMaster", "ismaster")] == ["insert"]
+        counter.names.clear()
+        barrier = threading.Barrier(16)
+
+        def work():
+            barrier.wait()
+            for _ in range(10):
+                log.append([ev()])
+        threads = [threading.Thread(target=work) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        inserts = counter.names.count("insert")
+        assert 1 <= inserts < 160
     finally:
         client.close()
-    assert verify_chains(db) == []
+    assert db[COLLECTION].count_documents({}) == 163
 
 
 def test_unwritable_journal_raises(server):
@@ -297,9 +409,10 @@ def test_unwritable_journal_raises(server):
         client.close()
 
 
-def test_mark_retention(db):
+def test_mark_retention(db, sealer):
     log = AuditLog(db)
     log.append([ev(), ev(patient_id="p2")])
+    sealer.seal_all()
     closed = datetime(2024, 2, 29, 12, 0, tzinfo=timezone.utc)
     assert mark_retention(db, "p1", closed) == 1
     doc = db[COLLECTION].find_one({"chain.pid": "p1"})

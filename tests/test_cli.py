@@ -252,7 +252,7 @@ def test_check_port_free_and_default_workers():
         with pytest.raises(ServeError, match=r"port \d+ is already in use"):
             check_port_free("127.0.0.1", s.getsockname()[1])
     check_port_free("127.0.0.1", free_port())
-    assert 1 <= default_workers() <= 4
+    assert 1 <= default_workers() <= 8
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.security.audit") is None

@@ -367,16 +367,23 @@ def test_no_data_leaves_when_the_journal_cannot_be_written(api, db):
 
 # --------------------------------------------------------------------------- 4. the hash chains
 
-def _verify(config, *args) -> subprocess.CompletedProcess:
+def _audit(config, *args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_DMP_")}
     env.update(FHIR_DMP_MONGODB_URI=config.mongodb_uri, FHIR_DMP_DB=config.db_name,
                FHIR_DMP_DATA_DIR=str(config.data_dir))
-    return subprocess.run([sys.executable, "-m", "fhir_dmp.cli", "audit", "verify", *args],
+    return subprocess.run([sys.executable, "-m", "fhir_dmp.cli", "audit", *args],
                           check=False, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _verify(config, *args) -> subprocess.CompletedProcess:
+    return _audit(config, "verify", *args)
 
 
 def test_audit_verify_after_real_traffic_then_tampering(api, world, config, db):
     pid, other = world["pid"], world["other_pid"]
+    sealed = _audit(config, "seal")
+    assert sealed.returncode == 0 and "sealed" in sealed.stdout, sealed.stdout + sealed.stderr
+    assert db["AuditEvent"].count_documents({"unsealed": {"$exists": True}}) == 0
     ok = _verify(config)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "intact" in ok.stdout

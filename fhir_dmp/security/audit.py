@@ -14,25 +14,24 @@ patient entity, domain-resource entity, query entity in base64) on the FHIR R4
 AuditEvent https://hl7.org/fhir/R4/auditevent.html.
 
 Storage: collection ``AuditEvent`` with the common layout (``_id``, ``pid``,
-``vid`` = 1, ``lu``, ``del`` = False, ``res``, ``s``, ``o``) plus::
+``vid`` = 1, ``lu``, ``del`` = False, ``res``, ``s``, ``o``) plus, once sealed::
 
     chain: {"pid": <patient id or "_system">, "seq": n, "prev": <hex>, "hash": <hex>}
     hash  = SHA-256( prev_hex_ascii + canonical_json(res) )   # sorted keys, no whitespace, UTF-8
     prev  = hash of seq n-1, or 64 zeros for seq 1
     retain_until: datetime   # set by mark_retention when the DMP closes
 
-``retain_until`` and ``s``/``o`` live beside ``res`` and are not hashed.
-A unique index on ``(chain.pid, chain.seq)`` is what forbids a fork: two
-writers that computed the same position cannot both insert it; the loser
-re-reads the head and retries. The collection ``AuditEvent_chain`` holds one
-head per chain (``{_id: pid, seq, hash, lu}``) so that deleting the newest
-events is detected too ("head points past last event").
+and, until sealed, ``unsealed: <time of append>`` instead of ``chain``.
+``retain_until``, ``unsealed`` and ``s``/``o`` live beside ``res`` and are not hashed.
 
-Limit (stated, not solved here): the hash is unkeyed, so the chain detects
-edits, deletions and reordering by anyone who does not also recompute every
-later hash and the head. Someone with full write access to the database can
-rewrite a whole chain; anchoring the heads outside the database (or an HMAC
-key held elsewhere) is the way to close that, and would sit on top of this.
+Append and seal are split (issue 13): a request's events are written durably (group
+commit, or inside the write's transaction) without touching any chain, and the single
+sealer of ``sealer.py`` links them in commit order and moves the heads. A unique sparse
+index on ``(chain.pid, chain.seq)`` still forbids a fork. The collection
+``AuditEvent_chain`` holds one head per chain (``{_id: pid, seq, hash, lu}``) so that
+deleting the newest events is detected too ("head points past last event"), and the
+sealer signs checkpoints of the heads with a key kept outside the database, so that
+someone with write access to the database alone cannot rebuild a chain unnoticed.
 """
 from __future__ import annotations
 
@@ -40,16 +39,15 @@ import base64
 import hashlib
 import json
 import logging
-import random
+import queue
 import threading
-import time
 import uuid
-from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from pymongo import InsertOne, UpdateOne, WriteConcern
-from pymongo.errors import BulkWriteError, ClientBulkWriteException, PyMongoError
+from pymongo import WriteConcern
+from pymongo.errors import PyMongoError
 
 from fhir_dmp.errors import ServiceUnavailable
 from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE,
@@ -162,7 +160,9 @@ def _user_agent(p: Principal | None, client_ip: str | None) -> dict:
             who = {"identifier": {"system": IDNATPS_SYSTEM, "value": p.id_nat_ps}}
         elif p.kind == PATIENT and p.patient_id:
             who = {"reference": f"Patient/{p.patient_id}"}
-        else:  # legal representative, admin, unknown: the token subject
+        elif p.kind == LEGAL_REPRESENTATIVE and p.related_person_id:
+            who = {"reference": f"RelatedPerson/{p.related_person_id}"}
+        else:  # admin, unknown: the token subject
             who = {"identifier": {"system": SUBJECT_SYSTEM, "value": p.subject}}
         if p.name:
             who["display"] = p.name
@@ -181,11 +181,22 @@ def _user_agent(p: Principal | None, client_ip: str | None) -> dict:
             agent["purposeOfUse"] = [{"coding": [_coding(PURPOSE_SYSTEM, p.purpose,
                                                          _PURPOSE_DISPLAY.get(p.purpose))]}]
             agent["policy"] = [f"{ACCESS_MODE_SYSTEM}#{p.mode}"]
-        if p.organization:
-            agent["location"] = {"identifier": {"value": p.organization}}
     if client_ip:
         agent["network"] = {"address": client_ip, "type": "2"}  # 2 = IP address
     return agent
+
+
+def _organization_agent(organization: str) -> dict:
+    """The establishment the professional acts through (AIR mode, token claim ``organization``
+    ``system|value``, FINESS): the journal names both the PS and the establishment."""
+    system, sep, value = organization.partition("|")
+    ident = {"system": system, "value": value} if sep and system and value else {"value": organization}
+    return {
+        "type": {"coding": [_coding(DICOM_SYSTEM, "110150", "Application")]},
+        "role": [{"coding": [_coding(DMP_AUDIT_SYSTEM, "organization", "établissement")]}],
+        "who": {"identifier": ident},
+        "requestor": False,
+    }
 
 
 def _client_agent(p: Principal) -> dict:
@@ -263,6 +274,8 @@ def build_event(rec: AccessRecord, *, source_observer: str) -> dict:
         event["purposeOfEvent"] = [{"coding": [_coding(PURPOSE_SYSTEM, p.purpose,
                                                        _PURPOSE_DISPLAY.get(p.purpose))]}]
     agents = [_user_agent(p, rec.client_ip)]
+    if p is not None and p.organization:
+        agents.append(_organization_agent(p.organization))
     if p is not None and p.client_id:
         agents.append(_client_agent(p))
     event["agent"] = agents
@@ -353,256 +366,181 @@ def _is_transient(exc: PyMongoError) -> bool:
 
 
 class AuditLog:
-    """Append-only journal store over the ``AuditEvent`` collection.
+    """Append-only journal store over the ``AuditEvent`` collection (thread-safe, one per process).
 
-    Thread-safe; one instance per process. It caches the last known head of
-    each chain (bounded LRU) so that a typical request costs ONE round trip:
-    a client-level ``bulkWrite`` (MongoDB 8 wire protocol, SecantusDB has it)
-    carrying the event inserts and the head updates, ordered, with
-    ``w: majority, j: true``. Servers without client bulkWrite get
-    ``insert_many`` then the head updates (two round trips). A stale cache
-    (another worker appended meanwhile) shows up as a duplicate key on
-    ``(chain.pid, chain.seq)``: the heads are re-read and the rest retried.
+    Appends are durable before they return (``w: majority, j: true``: the request fails
+    closed otherwise) but they no longer touch the per-patient hash chain: an event is
+    stored *unsealed* (``unsealed: <time>``, no ``chain``) and the :class:`~fhir_dmp.security.
+    sealer.Sealer` links it into its patient's chain afterwards, in commit order. So reads
+    never take a write conflict.
+
+    - Outside a transaction (reads, denials, 401s) the events of concurrent requests are
+      written together by one committer thread per process (group commit): one durable
+      ``insert_many`` for everything queued while the previous write was in flight; each
+      caller waits for the write that carries its events (bounded by ``timeout``).
+    - Inside a transaction (writes) the events are inserted with the data, in the same
+      transaction: a write is never committed without its journal entry.
     """
 
-    MAX_RETRIES = 50
-    CACHE_SIZE = 10_000
+    TIMEOUT_S = 30.0
+    MAX_BATCH = 1000
 
-    def __init__(self, db):
+    def __init__(self, db, *, timeout: float = TIMEOUT_S):
         self.db = db
         self._wc = WriteConcern(w="majority", j=True)
         self.events = db.get_collection(COLLECTION, write_concern=self._wc)
-        self.heads = db.get_collection(HEADS, write_concern=self._wc)
-        self._cache: OrderedDict[str, tuple[int, str]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.timeout = timeout
         self._indexed = False
-        self._client_bulk: bool | None = None
+        self._committer: GroupCommitter | None = None
+        self._lock = threading.Lock()
 
     # -- setup
     def ensure_indexes(self) -> None:
-        """Unique chain position (the anti-fork guard) and the patient index."""
+        """Unique sealed chain position (the anti-fork guard) and the unsealed queue."""
         if self._indexed:
             return
         try:
-            self.events.create_index([("chain.pid", 1), ("chain.seq", 1)], unique=True,
-                                     name="chain_position")
-            # (pid, lu) is created by storage.ensure_indexes like for every type
+            ensure_chain_indexes(self.db)
         except PyMongoError as exc:
             raise AuditUnavailable() from exc
         self._indexed = True
 
-    def _supports_client_bulk(self) -> bool:
-        if self._client_bulk is None:
-            try:
-                hello = self.db.client.admin.command("hello")
-                self._client_bulk = int(hello.get("maxWireVersion", 0)) >= 25  # MongoDB 8.0
-            except PyMongoError:
-                return False
-        return self._client_bulk
-
-    # -- cache
-    def _cached(self, pid: str) -> tuple[int, str] | None:
-        with self._lock:
-            head = self._cache.get(pid)
-            if head is not None:
-                self._cache.move_to_end(pid)
-            return head
-
-    def _remember(self, pid: str, seq: int, hsh: str) -> None:
-        with self._lock:
-            old = self._cache.get(pid)
-            if old is None or old[0] < seq:
-                self._cache[pid] = (seq, hsh)
-                self._cache.move_to_end(pid)
-            while len(self._cache) > self.CACHE_SIZE:
-                self._cache.popitem(last=False)
-
-    def _forget(self, pids) -> None:
-        with self._lock:
-            for pid in pids:
-                self._cache.pop(pid, None)
-
-    def _read_heads(self, pids: list[str], session=None) -> dict[str, tuple[int, str]]:
-        """Authoritative heads: the newest stored event of each chain."""
-        out = {}
-        for pid in pids:
-            doc = self.events.find_one({"chain.pid": pid}, {"chain": 1},
-                                       sort=[("chain.seq", -1)], session=session)
-            out[pid] = (doc["chain"]["seq"], doc["chain"]["hash"]) if doc else (0, GENESIS)
-        return out
-
-    def _read_head_docs(self, pids: list[str]) -> dict[str, tuple[int, str]]:
-        """Cheap first guess for a cold cache: the head documents (one query)."""
-        out = {pid: (0, GENESIS) for pid in pids}
-        for doc in self.heads.find({"_id": {"$in": pids}}):
-            out[doc["_id"]] = (doc["seq"], doc["hash"])
-        return out
-
     # -- append
     def _prepare(self, events: list[dict]) -> list[dict]:
-        """Give each event id, meta and the storage fields (chain added later)."""
+        """Give each event id, meta and the storage fields; ``unsealed`` until the sealer runs."""
         docs = []
         now = datetime.now(timezone.utc)
         for event in events:
             res = dict(event)
             res.setdefault("id", uuid.uuid4().hex)
             res["meta"] = {**(res.get("meta") or {}), "versionId": "1", "lastUpdated": _instant(now)}
-            pid = event_patient(res)
             s, o = _search_index(res)
-            docs.append({"_id": res["id"], "pid": pid, "vid": 1, "lu": now, "del": False,
-                         "res": res, "s": s, "o": o,
-                         "chain": {"pid": pid or SYSTEM_CHAIN}})
+            docs.append({"_id": res["id"], "pid": event_patient(res), "vid": 1, "lu": now, "del": False,
+                         "res": res, "s": s, "o": o, "unsealed": now})
         return docs
 
-    @staticmethod
-    def _link(docs: list[dict], heads: dict[str, tuple[int, str]]) -> dict[str, tuple[int, str]]:
-        """Set seq/prev/hash on docs from ``heads``; return the new heads."""
-        heads = dict(heads)
-        for doc in docs:
-            pid = doc["chain"]["pid"]
-            seq, prev = heads[pid]
-            hsh = chain_hash(prev, doc["res"])
-            doc["chain"] = {"pid": pid, "seq": seq + 1, "prev": prev, "hash": hsh}
-            heads[pid] = (seq + 1, hsh)
-        return heads
-
-    @staticmethod
-    def _head_ops(new_heads: dict[str, tuple[int, str]], now: datetime) -> list[tuple[dict, list]]:
-        """(filter, pipeline update) per chain head: move it forward only.
-
-        A pipeline update instead of a ``seq < n`` filter + upsert, so that a
-        concurrent writer that already moved the head further is a no-op, not
-        a duplicate key on ``_id``.
-        """
-        ops = []
-        for pid, (seq, hsh) in new_heads.items():
-            ahead = {"$lt": ["$seq", seq]}  # a missing seq (new head) is less than any number
-            ops.append(({"_id": pid}, [{"$set": {
-                "seq": {"$cond": [ahead, seq, "$seq"]},
-                "hash": {"$cond": [ahead, hsh, "$hash"]},
-                "lu": {"$cond": [ahead, now, "$lu"]},
-            }}]))
-        return ops
-
     def append(self, events: list[dict], *, session=None) -> None:
-        """Store ``events`` (built by :func:`build_event`) durably, chained per patient.
+        """Store ``events`` (built by :func:`build_event`) durably; the sealer chains them later.
 
-        Returns once the events are acknowledged with ``w: majority, j: true``
-        (SecantusDB ``--sync-on-commit``). Each event gets ``id`` (unless it
-        has one), ``meta`` (versionId 1, lastUpdated) and its chain position.
-        Events without a patient entity chain under ``"_system"``.
-
-        With ``session`` inside a transaction, the heads are read in the
-        transaction and nothing is retried here: a conflicting append makes
-        the transaction fail with a ``TransientTransactionError`` that is
-        raised unchanged so ``with_transaction`` retries the whole unit.
-        Raises :class:`AuditUnavailable` when the journal cannot be written.
+        Returns once the events are acknowledged with ``w: majority, j: true`` (SecantusDB
+        ``--sync-on-commit``). Each event gets ``id`` (unless it has one) and ``meta``
+        (versionId 1, lastUpdated). With ``session`` inside a transaction the events are part
+        of it (a ``TransientTransactionError`` is raised unchanged so the caller retries the
+        whole unit). Raises :class:`AuditUnavailable` when the journal cannot be written.
         """
         if not events:
             return
         self.ensure_indexes()
         docs = self._prepare(events)
         if session is not None and session.in_transaction:
-            self._append_in_transaction(docs, session)
+            try:
+                self.db.get_collection(COLLECTION).insert_many(docs, ordered=True, session=session)
+            except PyMongoError as exc:
+                if _is_transient(exc):
+                    raise
+                log.error("audit append in transaction failed: %s", type(exc).__name__)
+                raise AuditUnavailable() from exc
             return
         try:
-            self._append_with_retry(docs, session)
+            self._group().submit(docs).result(timeout=self.timeout)
         except AuditUnavailable:
             raise
-        except PyMongoError as exc:
+        except Exception as exc:  # noqa: BLE001 — a write error or a timeout: fail closed
             log.error("audit append failed: %s", type(exc).__name__)
             raise AuditUnavailable() from exc
 
-    def _append_in_transaction(self, docs: list[dict], session) -> None:
-        pids = list(dict.fromkeys(d["chain"]["pid"] for d in docs))
-        try:
-            heads = self._read_heads(pids, session=session)
-            new_heads = self._link(docs, heads)
-            events = self.db.get_collection(COLLECTION)  # the transaction sets the write concern
-            events.insert_many(docs, ordered=True, session=session)
-            heads_coll = self.db.get_collection(HEADS)
-            for flt, update in self._head_ops(new_heads, docs[0]["lu"]):
-                heads_coll.update_one(flt, update, upsert=True, session=session)
-        except PyMongoError as exc:
-            if _is_transient(exc):
-                raise
-            log.error("audit append in transaction failed: %s", type(exc).__name__)
-            raise AuditUnavailable() from exc
-        self._forget(pids)  # committed or not, the caller decides: re-read next time
+    def _group(self) -> "GroupCommitter":
+        with self._lock:
+            if self._committer is None or not self._committer.alive:
+                self._committer = GroupCommitter(self.events, max_batch=self.MAX_BATCH)
+            return self._committer
 
-    def _append_with_retry(self, docs: list[dict], session) -> None:
-        pending = docs
-        touched: dict[str, tuple[int, str]] = {}
-        cold = [pid for pid in dict.fromkeys(d["chain"]["pid"] for d in docs) if self._cached(pid) is None]
-        guesses = self._read_head_docs(cold) if cold else {}
-        for attempt in range(self.MAX_RETRIES):
-            pids = list(dict.fromkeys(d["chain"]["pid"] for d in pending))
-            heads = {}
-            for pid in pids:
-                heads[pid] = self._cached(pid) or guesses.get(pid) or (0, GENESIS)
-            new_heads = self._link(pending, heads)
-            touched.update(new_heads)
-            inserted, conflict = self._write(pending, touched, session)
-            for doc in pending[:inserted]:
-                c = doc["chain"]
-                self._remember(c["pid"], c["seq"], c["hash"])
-            if not conflict:
+    def close(self) -> None:
+        with self._lock:
+            if self._committer is not None:
+                self._committer.stop()
+                self._committer = None
+
+
+class GroupCommitter:
+    """One thread that writes the queued documents of many callers in one durable insert.
+
+    Started lazily (after gunicorn's fork). Batching is natural: while one ``insert_many``
+    is in flight the next callers queue up, and they are all written by the next one, so a
+    lone request pays one round trip and N concurrent requests share about one.
+    """
+
+    def __init__(self, collection, *, max_batch: int = 1000):
+        self.collection = collection
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="audit-group-commit", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    def submit(self, docs: list[dict]) -> Future:
+        fut: Future = Future()
+        self._queue.put((docs, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._stop = True
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
                 return
-            pending = pending[inserted:]
-            stale = list(dict.fromkeys(d["chain"]["pid"] for d in pending))
-            self._forget(stale)
-            guesses = self._read_heads(stale, session=session)
-            for pid, head in guesses.items():
-                self._remember(pid, *head)
-            time.sleep(min(0.001 * (2 ** attempt), 0.05) * (0.5 + random.random()))
-        log.error("audit append: chain contention did not settle after %d tries", self.MAX_RETRIES)
-        raise AuditUnavailable()
+            batch, size = [item], len(item[0])
+            while size < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop = True
+                    break
+                batch.append(nxt)
+                size += len(nxt[0])
+            self._write(batch)
+            if self._stop:
+                return
 
-    def _write(self, docs: list[dict], heads: dict, session) -> tuple[int, bool]:
-        """One ordered write of the events then the heads.
-
-        Returns (number of events inserted, True if stopped by a chain
-        position conflict). Other failures raise.
-        """
-        n = len(docs)
-        head_ops = self._head_ops(heads, docs[0]["lu"])
-        if self._supports_client_bulk():
-            ns_e = f"{self.db.name}.{COLLECTION}"
-            ns_h = f"{self.db.name}.{HEADS}"
-            ops = [InsertOne(d, namespace=ns_e) for d in docs]
-            ops += [UpdateOne(flt, upd, upsert=True, namespace=ns_h) for flt, upd in head_ops]
-            try:
-                self.db.client.bulk_write(ops, ordered=True, write_concern=self._wc, session=session)
-                return n, False
-            except ClientBulkWriteException as exc:
-                errors = exc.write_errors or []
-                if exc.write_concern_errors or not errors or exc.error is not None:
-                    raise
-                return self._conflict_at(errors[0].get("idx"), errors[0].get("code"), n)
+    def _write(self, batch: list) -> None:
+        docs = [d for item, _ in batch for d in item]
         try:
-            self.events.insert_many(docs, ordered=True, session=session)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors") or []
-            if exc.details.get("writeConcernErrors") or not errors:
-                raise
-            return self._conflict_at(errors[0].get("index"), errors[0].get("code"), n)
-        for flt, upd in head_ops:
-            self.heads.update_one(flt, upd, upsert=True, session=session)
-        return n, False
+            self.collection.insert_many(docs, ordered=False)
+        except Exception as exc:  # noqa: BLE001 — every waiter of this batch fails closed
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
+        for _, fut in batch:
+            fut.set_result(None)
 
-    @staticmethod
-    def _conflict_at(index, code, n: int) -> tuple[int, bool]:
-        """A write error at ``index``: a chain position taken is a conflict to retry."""
-        if code == 11000 and index is not None and index < n:
-            return index, True
-        log.error("audit append: write error code %s at op %s", code, index)
-        raise AuditUnavailable()
+
+def ensure_chain_indexes(db) -> None:
+    """The sealed chain position is unique (sparse: unsealed events have no ``chain``) and the
+    unsealed events are found in order. An older non-sparse index of the same keys is replaced."""
+    events = db[COLLECTION]
+    existing = {ix["name"]: ix for ix in events.list_indexes()}
+    old = existing.get("chain_position")
+    if old is not None and not old.get("sparse"):
+        events.drop_index("chain_position")
+    events.create_index([("chain.pid", 1), ("chain.seq", 1)], unique=True, sparse=True,
+                        name="chain_position")
+    events.create_index([("unsealed", 1), ("_id", 1)], sparse=True, name="unsealed_queue")
 
 
 # --- verification -------------------------------------------------------------
 
-def verify_chains(db, patient_id: str | None = None) -> list[str]:
-    """Check every chain (or one patient's): the problems found, [] when intact.
+def verify_chains(db, patient_id: str | None = None, *, unsealed_bound_s: float = 60.0,
+                  check_signatures: bool = False, public_key=None) -> list[str]:
+    """Check every sealed chain (or one patient's): the problems found, [] when intact.
 
     Per chain, in seq order, first broken link first: ``patient X: missing
     seq 7``, ``patient X: event seq 12 (AuditEvent/abc) hash mismatch``,
@@ -610,24 +548,38 @@ def verify_chains(db, patient_id: str | None = None) -> list[str]:
     chain``, ``patient X: head points past last event``, ``... head hash
     does not match event seq n``. A head behind the newest event is not a
     problem (a crash between the event write and the head write).
+
+    Events still unsealed are fine while young; ``N AuditEvent(s) left unsealed for more than
+    S s`` once older than ``unsealed_bound_s`` (the sealer is not running or is stuck).
+    With ``check_signatures`` the signed checkpoints (``sealer.py``) are checked with
+    ``public_key`` (an Ed25519 public key, None = not configured): signatures, their chain,
+    every chain's newest signed head against the stored event (a rebuilt chain), and sealed
+    events that no checkpoint covers (deleted checkpoints).
     """
     events = db[COLLECTION]
-    query = {} if patient_id is None else {"chain.pid": patient_id}
     problems: list[str] = []
     last: dict[str, tuple[int, str]] = {}
+    signed: dict[str, tuple[int, str]] = {}
+    if check_signatures:
+        from .sealer import verify_checkpoints
+        problems, signed = verify_checkpoints(db, public_key, patient_id)
+    by_pid = {} if patient_id is None else {"pid": patient_id}
 
-    unchained = events.count_documents({"chain.seq": {"$exists": False}, **(
-        {} if patient_id is None else {"pid": patient_id})})
-    if unchained:
-        problems.append(f"{unchained} AuditEvent(s) without a chain position")
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=unsealed_bound_s)
+    stale = events.count_documents({"unsealed": {"$lt": cutoff}, **by_pid})
+    if stale:
+        problems.append(f"{stale} AuditEvent(s) left unsealed for more than {unsealed_bound_s:g} s")
+    orphans = events.count_documents({"chain.seq": {"$exists": False}, "unsealed": {"$exists": False},
+                                      **by_pid})
+    if orphans:
+        problems.append(f"{orphans} AuditEvent(s) without a chain position")
 
+    query = {"chain.seq": {"$exists": True}, **({} if patient_id is None else {"chain.pid": patient_id})}
     pid = None
     expected, prev_hash = 1, GENESIS
     for doc in events.find(query, {"res": 1, "chain": 1, "pid": 1},
                            sort=[("chain.pid", 1), ("chain.seq", 1)]):
-        chain = doc.get("chain") or {}
-        if "seq" not in chain:
-            continue
+        chain = doc["chain"]
         if chain["pid"] != pid:
             pid, expected, prev_hash = chain["pid"], 1, GENESIS
         where = f"patient {pid}"
@@ -644,8 +596,24 @@ def verify_chains(db, patient_id: str | None = None) -> list[str]:
         expected_pid = None if pid == SYSTEM_CHAIN else pid
         if doc.get("pid") != expected_pid or (doc.get("res") or {}).get("id") != doc["_id"]:
             problems.append(f"{where}: event seq {seq} ({ref}) pid or id field does not match its chain")
+        if check_signatures and pid in signed and signed[pid][0] == seq and signed[pid][1] != chain.get("hash"):
+            problems.append(f"{where}: event seq {seq} ({ref}) does not match the signed checkpoint "
+                            "(the chain was rebuilt)")
         expected, prev_hash = seq + 1, chain.get("hash")
         last[pid] = (seq, chain.get("hash"))
+
+    if check_signatures:
+        for cpid, (seq, _h) in sorted(last.items()):
+            signed_seq = signed.get(cpid, (0, ""))[0]
+            if seq > signed_seq:
+                problems.append(f"patient {cpid}: seq {signed_seq + 1}-{seq} not covered by a signed checkpoint")
+            elif signed_seq > seq:
+                problems.append(f"patient {cpid}: a signed checkpoint has seq {signed_seq} "
+                                f"but the chain ends at {seq}")
+        for cpid, (signed_seq, _h) in sorted(signed.items()):
+            if cpid not in last:
+                problems.append(f"patient {cpid}: a signed checkpoint has seq {signed_seq} "
+                                "but the chain has no event")
 
     head_query = {} if patient_id is None else {"_id": patient_id}
     for head in db[HEADS].find(head_query):

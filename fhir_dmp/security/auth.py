@@ -24,12 +24,14 @@ All of it is thread-safe: one ``TokenVerifier`` serves all request threads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from werkzeug.http import parse_list_header, parse_options_header
 
 from ..errors import ServiceUnavailable, Unauthorized
 from . import devkeys
+from .discovery import fetch_discovery
 from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, PURPOSE_SYSTEM,
                         REGULATION_CENTRE, TREAT, UNKNOWN, Principal)
 from .scopes import Scopes
@@ -52,6 +55,7 @@ ALGORITHMS = ("RS256", "ES256")
 _KTY = {"RS256": "RSA", "ES256": "EC"}
 LEEWAY = 60
 JWKS_MAX_AGE = 300.0        # seconds a fetched JWKS is trusted without a new fetch
+_WHITESPACE = re.compile(r"\s")
 MAX_TOKEN_CHARS = 16 * 1024
 REQUIRED_ACR = "eidas1"
 # https://hl7.org/fhir/R4/security-labels.html / http.html: the Category header
@@ -60,6 +64,7 @@ BTG_TERM = f"{PURPOSE_SYSTEM}#BTG"
 _ACTREASON_SYSTEMS = (PURPOSE_SYSTEM, "urn:oid:2.16.840.1.113883.5.8")
 _PURPOSES = (TREAT, BTG, ETREAT)
 _FHIR_USER_PATIENT = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})$")
+_FHIR_USER_RELATED = re.compile(r"(?:^|/)RelatedPerson/[A-Za-z0-9\-.]{1,64}$")
 _SAFE_ALG = re.compile(r"^[A-Za-z0-9+-]{1,16}$")
 _MAX_REASON = 1000
 
@@ -244,15 +249,9 @@ def _discovery_resolver(issuer: str, timeout: float = 5.0) -> Callable[[requests
     def resolve(session: requests.Session) -> str:
         if found:
             return found[0]
-        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-        resp = session.get(url, timeout=timeout, headers={"Accept": "application/json"})
-        resp.raise_for_status()
-        doc = resp.json()
-        if not isinstance(doc, dict) or not isinstance(doc.get("jwks_uri"), str):
+        doc = fetch_discovery(session, issuer, timeout)
+        if not isinstance(doc.get("jwks_uri"), str):
             raise ValueError("discovery document has no jwks_uri")
-        # §4.3: the issuer in the document must be the one asked for
-        if str(doc.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
-            raise ValueError("discovery document issuer mismatch")
         found.append(doc["jwks_uri"])
         return doc["jwks_uri"]
 
@@ -267,9 +266,14 @@ class TokenVerifier:
     ``refetch_interval``, ``max_age`` and ``clock`` tune the JWKS URL cache.
     """
 
+    CACHE_SIZE = 10_000
+
     def __init__(self, config, *, refetch_interval: float = 5.0, max_age: float = JWKS_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
+        # verified tokens by SHA-256: (kid, alg, key, claims, valid until); see verify()
+        self._verified: OrderedDict[bytes, tuple] = OrderedDict()
+        self._verified_lock = threading.Lock()
         self.issuer = config.expected_issuer
         self.audience = config.expected_audience
         if config.dev_mode:
@@ -286,12 +290,38 @@ class TokenVerifier:
     def verify(self, token: str) -> dict:
         """Verify signature and registered claims; return the claims.
 
+        A token verified once is remembered by its SHA-256 until it expires (``exp`` + the
+        leeway), as long as the issuer's key set still holds the very key that verified it
+        (a rotated-out key, or a changed JWKS file, means a full verification again).
         Raises Unauthorized (invalid_token) or ServiceUnavailable (no keys)."""
         if not isinstance(token, str) or not token.strip():
             raise invalid_token("empty token")
         token = token.strip()
         if len(token) > MAX_TOKEN_CHARS:
             raise invalid_token("token too large")
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        with self._verified_lock:
+            hit = self._verified.get(digest)
+        if hit is not None:
+            kid, alg, key, claims, until = hit
+            try:
+                same_key = self.keys.lookup(kid, alg) is key
+            except KeysUnavailable:
+                same_key = False
+            if same_key and time.time() < until:
+                return claims
+            with self._verified_lock:
+                self._verified.pop(digest, None)
+        claims, kid, alg, key = self._verify_fully(token)
+        exp = claims.get("exp")
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            with self._verified_lock:
+                self._verified[digest] = (kid, alg, key, claims, exp + LEEWAY)
+                while len(self._verified) > self.CACHE_SIZE:
+                    self._verified.popitem(last=False)
+        return claims
+
+    def _verify_fully(self, token: str) -> tuple[dict, str | None, str, Key]:
         try:
             header = jws.extract_compact(token.encode("utf-8")).headers()
         except (JoseError, ValueError, TypeError, KeyError, UnicodeError):
@@ -333,7 +363,7 @@ class TokenVerifier:
             what = {"iss": "issuer not trusted", "aud": "audience is not this server",
                     "nbf": "token not yet valid", "iat": "token issued in the future"}
             raise invalid_token(what.get(exc.claim, f"invalid claim {exc.claim}")) from None
-        return claims
+        return claims, kid, alg, key
 
     # -- Authorization header -> Principal
     def authenticate(self, authorization: str | None, headers: Mapping[str, str] | None = None) -> Principal:
@@ -347,7 +377,7 @@ class TokenVerifier:
         token = token.strip()
         if scheme.lower() != "bearer":
             raise _invalid_request("the Authorization scheme must be Bearer")
-        if not token or any(c.isspace() for c in token):
+        if not token or _WHITESPACE.search(token):
             raise _invalid_request("malformed Bearer credentials")
         claims = self.verify(token)
         return principal_from_claims(claims, headers or {})
@@ -379,9 +409,12 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
             if not id_nat_ps:
                 raise invalid_token("a regulation_centre token needs SubjectNameID")
         elif role == LEGAL_REPRESENTATIVE:
+            # CONTRACT.md "Who the caller is": the token names the RelatedPerson; the repository
+            # resolves it to its patient while it is in force (resolve_legal_representative)
             kind = LEGAL_REPRESENTATIVE
-            if not patient_id:
-                raise invalid_token("a legal_representative token needs fhirUser Patient/{id}")
+            related = _str(claims.get("fhirUser"))
+            if not related or not _FHIR_USER_RELATED.search(related):
+                raise invalid_token("a legal_representative token needs fhirUser RelatedPerson/{id}")
         else:
             kind = UNKNOWN
     elif id_nat_ps:
@@ -415,13 +448,15 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     professional = kind in (PS, REGULATION_CENTRE)
     owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
     subject = _str(claims.get("sub")) or (id_nat_ps if professional else None) \
-        or (f"Patient/{patient_id}" if owner else None) or "unknown"
+        or (f"Patient/{patient_id}" if kind == PATIENT else None) \
+        or (_str(claims.get("fhirUser")) if owner else None) or "unknown"
     return Principal(
         kind=kind,
         subject=subject,
         scopes=scopes,
         patient_id=patient_id if owner else None,
         compartment=compartment,
+        related_person=_str(claims.get("fhirUser")) if kind == LEGAL_REPRESENTATIVE else None,
         id_nat_ps=id_nat_ps if professional else None,
         professions=professions if professional else (),
         acr=acr,
@@ -440,7 +475,9 @@ def _compartment(kind: str, scopes: Scopes, owner_pid: str | None, launch_pid: s
     patient or legal representative. A ``patient`` claim that differs from the caller's own
     patient, or a professional with only ``patient/`` scopes and no ``patient`` claim: 401."""
     owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
-    if owner and launch_pid and launch_pid != owner_pid:
+    # a legal representative's patient is known only once its RelatedPerson is resolved
+    # (repository.resolve_legal_representative checks the claim against it)
+    if kind == PATIENT and launch_pid and launch_pid != owner_pid:
         raise invalid_token("the patient claim names another patient than fhirUser")
     contexts = scopes.contexts()
     if "patient" not in contexts or contexts - {"patient"}:

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from ..errors import BadRequest, Forbidden
 from ..profiles import dmp
 from ..profiles.ins import INS_SYSTEMS
+from .context_cache import load_contexts
 from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PS,
                         REGULATION_CENTRE, TREAT, Principal)
 
@@ -32,6 +33,11 @@ INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type":
 PATIENT_OWNED = ("DocumentReference", "Consent", "AuditEvent", "Communication", "Binary")
 INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
 INS_LOOKUP_PARAMS = ("identifier", "_format", "_pretty", "_elements", "_summary")
+COLLECT_ACTION = "http://terminology.hl7.org/CodeSystem/consentaction|collect"
+ROLE_CODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+PARENT, GUARDIAN = "PRN", "GUARD"
+AGE_OF_MAJORITY = 18
+PERSONAL_SPACE_TYPES = ("application/pdf", "text/plain")
 
 
 @dataclass
@@ -129,11 +135,24 @@ def consent_purposes(consent: dict) -> set[str]:
     return {p.get("code") for p in (consent.get("provision") or {}).get("purpose") or [] if p.get("code")}
 
 
+def consent_actions(consent: dict) -> set[str]:
+    """``system|code`` of provision.action codings."""
+    out = set()
+    for concept in (consent.get("provision") or {}).get("action") or []:
+        for coding in (concept or {}).get("coding") or []:
+            if coding.get("code"):
+                out.add(f"{coding.get('system')}|{coding['code']}")
+    return out
+
+
 def consent_kind(consent: dict) -> str:
-    """'permit', 'block', 'optout_btg', 'optout_c15', 'deny_other' or 'unknown'."""
+    """'permit', 'block', 'oppose_feeding', 'optout_btg', 'optout_c15', 'deny_other' or 'unknown'."""
     prov = consent.get("provision") or {}
     ptype = prov.get("type")
     actors = consent_has_actor(consent)
+    if ptype == "deny" and COLLECT_ACTION in consent_actions(consent):
+        # opposition to feeding (CONTRACT.md "Lifecycle"): no actor = every PS, else that PS
+        return "oppose_feeding"
     if ptype == "permit" and actors:
         return "permit"
     if ptype == "deny" and actors:
@@ -219,6 +238,7 @@ class PatientState:
     known: bool = False                       # stored and not destroyed (deleted still counts)
     consents: list = field(default_factory=list)   # [(id, vid, resource)] active Consents
     grant: dict | None = None                 # valid break-glass grant of the calling PS
+    doc: dict | None = None                   # the stored Patient document (current version)
 
     @property
     def exists(self) -> bool:
@@ -232,13 +252,16 @@ class PatientState:
     def gp_ids(self) -> set[str]:
         return dmp.general_practitioner_ids(self.patient) if self.patient else set()
 
-    def matching(self, kind: str, actor_ids: set[str] = frozenset()) -> list:
+    def matching(self, kind: str, actor_ids: set[str] = frozenset(), *, everyone: bool = False) -> list:
+        """Consents of ``kind`` in force naming one of ``actor_ids``; with ``everyone``, those
+        naming no actor count too (they apply to every professional)."""
         at = _now()
         out = []
         for cid, vid, res in self.consents:
             if consent_kind(res) != kind or not consent_in_force(res, at):
                 continue
-            if actor_ids and not (consent_actor_ids(res) & actor_ids):
+            actors = consent_actor_ids(res)
+            if actor_ids and not (actors & actor_ids) and not (everyone and not consent_has_actor(res)):
                 continue
             out.append((f"Consent/{cid}", str(vid)))
         return out
@@ -247,10 +270,11 @@ class PatientState:
 class AccessPolicy:
     """Application-wide part of the decision: the matrix, the config, the storage to load context."""
 
-    def __init__(self, storage, habilitations, config):
+    def __init__(self, storage, habilitations, config, context_cache=None):
         self.storage = storage
         self.habilitations = habilitations
         self.config = config
+        self.context_cache = context_cache    # ContextCache, or None: load every request
 
     def for_request(self, principal: Principal) -> "RequestAccess":
         return RequestAccess(self, principal)
@@ -276,23 +300,24 @@ class RequestAccess:
         return principal_keys(self.p)
 
     def load(self, pids) -> None:
-        """Load the states of several patients in two queries (Patients, active Consents)."""
+        """Load the states of several patients: from the process's context cache
+        (``context_cache.py``) or two queries (Patients, active Consents); inside a write
+        transaction always from the transaction."""
         todo = [p for p in set(pids) if p and p not in self.states]
         if not todo:
             return
         storage = self.policy.storage
-        patients = storage.patient_docs(todo, session=self.session)
-        consents: dict[str, list] = {}
-        for d in storage.active_consents(todo, session=self.session):
-            consents.setdefault(d["pid"], []).append((d["_id"], d["vid"], d["res"]))
+        cache = self.policy.context_cache
+        if cache is not None and self.session is None:
+            contexts = cache.load(todo)
+        else:
+            contexts = load_contexts(storage, todo, self.session)
         grants = {}
         if self.p.is_professional and self.p.id_nat_ps and self.p.purpose == BTG:
             grants = storage.live_grants(todo, self.p.id_nat_ps, _now())
         for pid in todo:
-            doc = patients.get(pid)
-            res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
-            known = bool(doc) and not doc.get("destroyed")
-            self.states[pid] = PatientState(pid, res, known, consents.get(pid, []), grants.get(pid))
+            res, known, consents, doc = contexts[pid]
+            self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid), doc)
 
     def state(self, pid: str) -> PatientState:
         self.load([pid])
@@ -412,6 +437,10 @@ class RequestAccess:
             if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
                 return access
             return deny("journal", "professionals do not read the journal")
+        if resource_type == "RelatedPerson":
+            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
+                return access
+            return deny("representatives", "professionals do not read legal representatives")
         return deny("type", f"{resource_type} is not readable")
 
     def _document(self, doc: dict, st: PatientState, access: Decision) -> Decision:
@@ -591,7 +620,7 @@ class RequestAccess:
             flt = _pid_filter(pids)
             flt.update(self.consent_query())
             return flt
-        if resource_type in ("AuditEvent", "Communication"):
+        if resource_type in ("AuditEvent", "Communication", "RelatedPerson"):
             if p.kind in (PS, REGULATION_CENTRE):
                 return None
             if pids is None:
@@ -623,6 +652,8 @@ class RequestAccess:
                     and self.p.id_nat_ps not in dmp.author_ids(context):
                 return deny("not-author", "only the author attaches content to a document")
             return decision
+        if resource_type == "RelatedPerson":
+            return self._write_representative(interaction, new, old, st, access)
         return deny("type", f"{resource_type} is not writable")
 
     def _write_patient(self, interaction, new, old, pid) -> Decision:
@@ -673,6 +704,10 @@ class RequestAccess:
                 return deny("ps-consent", "a professional may only authorize themselves")
             if not any(v.get("verified") is True for v in new.get("verification") or []):
                 return deny("ps-consent", "the first access must be attested (verification.verified)")
+            if self.policy.config.first_access == "patient-code":
+                # CONTRACT.md "Lifecycle": the PS also gives the one-time code the patient received
+                return permit("first-access", "first access with the patient's code",
+                              obligations={"notify": "first_access", "patient_code": True})
             return permit("first-access", "attested first access", obligations={"notify": "first_access"})
         return deny("consent-write", "not allowed")
 
@@ -683,6 +718,9 @@ class RequestAccess:
         if p.kind == ADMIN:
             return deny("admin-no-content", "an administrator never writes document content")
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
+            personal = self._personal_space(interaction, rtype, new, old, st, access)
+            if personal is not None:
+                return personal
             if interaction in ("update", "patch") and rtype == "DocumentReference" and p.kind == PATIENT \
                     and access.permit and old is not None:
                 if dmp.INVISIBLE_PATIENT in dmp.labels(old):
@@ -698,10 +736,135 @@ class RequestAccess:
         if not access.permit:
             return access
         if interaction == "create":
-            return access
+            return self._feeding_opposition(st) or access
         if old is not None and p.id_nat_ps in dmp.author_ids(old):
             return permit("author", "the author changes their document")
         return deny("not-author", "only the author replaces or withdraws a document")
+
+    # -- lifecycle rules (CONTRACT.md "Lifecycle of a DMP") ---------------------------------
+    def _feeding_opposition(self, st: PatientState) -> Decision | None:
+        """A deposit the patient's opposition to feeding forbids (no actor: every PS)."""
+        opposed = st.matching("oppose_feeding", self.my_ids, everyone=True)
+        if opposed:
+            return deny("feeding-opposed", "the patient opposed the feeding of their DMP "
+                        "(motif légitime); nothing can be deposited", consents=opposed)
+        return None
+
+    def _personal_space(self, interaction, rtype, new, old, st, access) -> Decision | None:
+        """The patient's personal space: the patient or a representative deposits PDF or text
+        documents authored by the Patient, and only they change or withdraw them. None: the
+        write is not about the personal space (other rules decide)."""
+        if not access.permit or rtype != "DocumentReference":
+            return None
+        if interaction == "create":
+            types = {((c or {}).get("attachment") or {}).get("contentType", "").split(";")[0].strip()
+                     for c in (new or {}).get("content") or []}
+            if not types or not types <= set(PERSONAL_SPACE_TYPES):
+                return deny("personal-space", "the personal space takes PDF or text documents only")
+            return permit("personal-space", "the patient deposits in their personal space")
+        if old is not None and is_personal_document(old, st.pid):
+            return permit("personal-space", "the patient changes or withdraws their own document")
+        if interaction == "delete":
+            return deny("patient-document", "only the author withdraws a document")
+        return None
+
+    def _write_representative(self, interaction, new, old, st, access) -> Decision:
+        """Legal representatives: the patient (of age) or the administrator creates and ends them."""
+        p = self.p
+        if not st.known:
+            return deny("dmp-state", "no such DMP")
+        if p.kind == ADMIN:
+            return permit("admin", "administrator manages legal representatives")
+        if not access.permit:
+            return access
+        if p.kind == PATIENT:
+            if is_minor(st.patient, _now()):
+                return deny("representative-minor", "for a minor, the administrator manages legal "
+                            "representatives")
+            return permit("patient-representatives", "the patient manages their legal representatives")
+        return deny("representative-write", "only the patient or the administrator manages legal "
+                    "representatives")
+
+    def can_destroy(self, st: PatientState) -> Decision:
+        """Destroying a DMP: the patient themselves or the administrator (not a representative)."""
+        access = self.dmp_access(st)
+        if not access.permit:
+            return access
+        if self.p.kind == ADMIN or (self.p.kind == PATIENT and self.p.patient_id == st.pid):
+            return permit("destroy-dmp", "the DMP is destroyed by "
+                          + ("the administrator" if self.p.kind == ADMIN else "the patient"))
+        return deny("destroy-dmp", "only the patient or the administrator destroys a DMP")
+
+    def can_ask_access_code(self, st: PatientState) -> Decision:
+        """``Patient/$access-code``: a PS in normal mode on an open DMP that has not blocked it."""
+        p = self.p
+        role = self.role_decision()
+        if role:
+            return role
+        if p.kind != PS or p.purpose != TREAT:
+            return deny("access-code", "only a professional in normal mode asks for an access code")
+        if not st.exists or not st.open:
+            return deny("dmp-state", "no such DMP")
+        if st.matching("block", self.my_ids) and p.id_nat_ps not in st.gp_ids:
+            return deny("dmp-state", "no such DMP")
+        return permit("access-code", "a one-time code is sent to the patient")
+
+
+def is_personal_document(doc: dict, pid: str) -> bool:
+    """A document of the patient's personal space: its author is the Patient."""
+    return any((a or {}).get("reference") == f"Patient/{pid}" for a in (doc or {}).get("author") or [])
+
+
+def _birthday(birth_date: str, years: int, *, latest: bool) -> datetime:
+    """The ``years``-th birthday; for a partial date (YYYY, YYYY-MM), its earliest or latest day."""
+    parts = [int(x) for x in birth_date.split("-")]
+    year, month = parts[0] + years, parts[1] if len(parts) > 1 else (12 if latest else 1)
+    day = parts[2] if len(parts) > 2 else (31 if latest else 1)
+    while True:
+        try:
+            return datetime(year, month, day, tzinfo=timezone.utc)
+        except ValueError:   # 29 February in a common year, 31 of a short month
+            day -= 1
+
+
+def is_minor(patient: dict | None, at: datetime) -> bool:
+    """Under 18 by ``birthDate``; unknown or unreadable birth date: treated as a minor."""
+    try:
+        return _birthday((patient or {})["birthDate"][:10], AGE_OF_MAJORITY, latest=True) > at
+    except (KeyError, TypeError, ValueError, IndexError):
+        return True
+
+
+def representative_relationship(rp: dict) -> str | None:
+    codes = {c.get("code") for concept in rp.get("relationship") or []
+             for c in (concept or {}).get("coding") or [] if c.get("system") == ROLE_CODE_SYSTEM}
+    for code in (GUARDIAN, PARENT):
+        if code in codes:
+            return code
+    return None
+
+
+def representative_in_force(rp: dict, patient: dict | None, at: datetime) -> Decision:
+    """CONTRACT.md "Who the caller is" / "Lifecycle": a RelatedPerson makes its holder a legal
+    representative while it is active, within its period, and, for a parent, until the
+    patient's 18th birthday (a guardian has no such limit). Unreadable dates deny."""
+    if patient is None:
+        return deny("representative", "no such DMP")
+    if rp.get("active") is False:
+        return deny("representative", "the legal representative has been ended")
+    relationship = representative_relationship(rp)
+    if relationship is None:
+        return deny("representative", "not a parent (PRN) or guardian (GUARD)")
+    if not consent_in_force({"status": "active", "provision": {"period": rp.get("period") or {}}}, at):
+        return deny("representative", "outside the legal representative's period")
+    if relationship == PARENT:
+        try:
+            of_age = _birthday(patient["birthDate"][:10], AGE_OF_MAJORITY, latest=False)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return deny("representative", "the patient's birth date is unknown")
+        if of_age <= at:
+            return deny("representative", "the patient is 18: a parent's access has ended")
+    return permit("legal-representative", "legal representative in force")
 
 
 OWNER_FIELDS_REASON = ("only the patient, a legal representative or the administrator sets the médecin "

@@ -1,0 +1,184 @@
+"""The decision context of each DMP, cached in the process and invalidated by the database.
+
+The decision (``consent.py``) needs, per patient, the Patient (DMP state, médecin traitant)
+and its active Consents. Loading them costs two queries per request; this module keeps
+them per process and drops an entry as soon as the database says something in that
+patient's compartment changed, in this process or any other (issue 13: a revocation, a
+block, a mask or a closing takes effect everywhere within one second).
+
+How it stays correct:
+
+* one change stream per process (``db.watch``, MongoDB change streams; SecantusDB runs as
+  a one-node replica set) on every collection the decision reads (:data:`WATCHED`: Patient,
+  Consent, RelatedPerson, break-glass grants), with ``fullDocument: updateLookup``; each
+  change invalidates the entry of the document's ``pid`` (Patient: its ``_id``), and a
+  change whose patient is unknown (a physical delete) clears everything;
+* nothing is served from the cache while the stream is not established: it is off at
+  start, and a stream error clears the cache and turns it off until the stream is back;
+* a load racing with a change cannot store a stale entry: every change bumps a generation,
+  and :meth:`ContextCache.put` stores only if no change of that patient (and no reset)
+  happened since the caller's :meth:`ContextCache.token` taken before its queries;
+* writes read inside their transaction and never use the cache (``RequestAccess.session``).
+
+Entries also expire after ``max_age`` seconds, a backstop only.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+from pymongo.errors import InvalidOperation, PyMongoError
+
+log = logging.getLogger(__name__)
+
+WATCHED = ("Patient", "Consent", "RelatedPerson", "btg_grants")
+
+
+def load_contexts(storage, pids: list[str], session=None) -> dict[str, tuple]:
+    """``pid -> (patient resource or None, known, [(id, vid, Consent)], stored Patient document)``
+    in two queries (``Storage.patient_docs`` and ``Storage.active_consents``).
+
+    ``patient`` is None when there is no such DMP (or it is deleted or destroyed); ``known``
+    is True when it is stored and not destroyed (a deleted DMP still counts). The stored
+    document (None if absent) is the current version as ``Storage.read`` returns it, without
+    the search index fields: a Patient read is answered from it.
+    """
+    patients = storage.patient_docs(pids, session=session)
+    consents: dict[str, list] = {}
+    for d in storage.active_consents(pids, session=session):
+        consents.setdefault(d["pid"], []).append((d["_id"], d["vid"], d["res"]))
+    out = {}
+    for pid in pids:
+        doc = patients.get(pid)
+        res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
+        out[pid] = (res, bool(doc) and not doc.get("destroyed"), consents.get(pid, []), doc)
+    return out
+
+
+class ContextCache:
+    """pid -> decision context, per process (see module docstring). Thread-safe."""
+
+    def __init__(self, storage, *, max_entries: int = 20_000, max_age: float = 300.0):
+        self.storage = storage
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self._entries: OrderedDict[str, tuple[float, tuple]] = OrderedDict()
+        self._changed: OrderedDict[str, int] = OrderedDict()   # pid -> generation of its last change
+        self._gen = 0
+        self._floor = 0              # puts with an older token are refused (reset, pruned history)
+        self._live = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.hits = self.misses = 0
+
+    # -- reads through the cache
+    def load(self, pids: list[str]) -> dict[str, tuple]:
+        """Contexts of ``pids``: cached ones, the others loaded (two queries) and cached."""
+        out, todo = {}, []
+        now = time.monotonic()
+        with self._lock:
+            live = self._live
+            for pid in pids:
+                hit = self._entries.get(pid) if live else None
+                if hit is not None and now - hit[0] < self.max_age:
+                    self._entries.move_to_end(pid)
+                    out[pid] = hit[1]
+                else:
+                    todo.append(pid)
+            token = self._gen
+            self.hits += len(out)
+            self.misses += len(todo)
+        if todo:
+            loaded = load_contexts(self.storage, todo)
+            out.update(loaded)
+            if live:
+                self._put(loaded, token, now)
+        return out
+
+    def _put(self, loaded: dict, token: int, now: float) -> None:
+        with self._lock:
+            if not self._live or token < self._floor:
+                return
+            for pid, ctx in loaded.items():
+                if self._changed.get(pid, 0) > token:
+                    continue   # changed while we were loading: the next request loads again
+                self._entries[pid] = (now, ctx)
+                self._entries.move_to_end(pid)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    # -- invalidation
+    def invalidate(self, pid: str | None) -> None:
+        """Forget one patient's context (None: everything)."""
+        with self._lock:
+            self._gen += 1
+            if pid is None:
+                self._entries.clear()
+                self._changed.clear()
+                self._floor = self._gen
+                return
+            self._entries.pop(pid, None)
+            self._changed[pid] = self._gen
+            self._changed.move_to_end(pid)
+            while len(self._changed) > self.max_entries:
+                _, gen = self._changed.popitem(last=False)
+                self._floor = max(self._floor, gen)
+
+    def _set_live(self, live: bool) -> None:
+        with self._lock:
+            self._live = live
+        self.invalidate(None)
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    # -- the change stream
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="context-cache", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait_live(self, timeout: float = 5.0) -> bool:
+        end = time.monotonic() + timeout
+        while not self._live and time.monotonic() < end:
+            time.sleep(0.01)
+        return self._live
+
+    def _run(self) -> None:
+        pipeline = [{"$match": {"ns.coll": {"$in": list(WATCHED)}}},
+                    {"$project": {"ns": 1, "documentKey": 1, "fullDocument.pid": 1, "operationType": 1}}]
+        while not self._stop.is_set():
+            try:
+                with self.storage.watch(pipeline) as stream:
+                    self._set_live(True)
+                    while not self._stop.is_set() and stream.alive:
+                        change = stream.try_next()
+                        if change is not None:
+                            self._apply(change)
+            except InvalidOperation:   # the client was closed: this process is going away
+                self._set_live(False)
+                return
+            except PyMongoError as exc:
+                log.warning("decision context change stream lost (%s); cache off until it is back",
+                            type(exc).__name__)
+            except Exception:   # noqa: BLE001 — never serve from a cache nobody invalidates
+                log.exception("decision context change stream failed; cache off")
+            self._set_live(False)
+            self._stop.wait(0.5)
+
+    def _apply(self, change: dict) -> None:
+        coll = (change.get("ns") or {}).get("coll")
+        doc = change.get("fullDocument") or {}
+        pid = doc.get("pid")
+        if coll == "Patient":
+            pid = (change.get("documentKey") or {}).get("_id")
+        if change.get("operationType") in ("drop", "dropDatabase", "rename", "invalidate") or not pid:
+            self.invalidate(None)
+        else:
+            self.invalidate(pid)

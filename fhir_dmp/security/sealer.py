@@ -1,0 +1,255 @@
+"""The journal sealer: links unsealed AuditEvents into their per-patient hash chains and
+signs checkpoints of the chain heads (DESIGN.md "Audit", issue 13).
+
+Requests append their AuditEvents *unsealed* (``fhir_dmp.security.audit.AuditLog``): durable
+before the answer, but outside any chain, so concurrent reads of one DMP never conflict on
+its chain head. The sealer, one at a time across every server process, then:
+
+1. holds a lease in the database (collection ``audit_sealer_lease``, one document
+   ``{_id: "sealer", owner, until}``); a process seals only while it holds the lease, and
+   each sealing transaction renews it (a fencing write: two sealers cannot both commit);
+2. takes the oldest unsealed events (``unsealed`` = time of append, then ``_id``: commit
+   order as the journal saw it), links each to its chain (``seq``, ``prev``, ``hash`` as in
+   ``audit.py``), moves the heads (``AuditEvent_chain``) and writes a signed checkpoint,
+   all in ONE transaction: a crash leaves either everything or nothing, and running it
+   again only seals what is still unsealed (idempotent);
+3. signs a checkpoint of the heads it moved, like Certificate Transparency's signed tree
+   heads (RFC 6962 §3.5): ``{n, prev, at, heads: [[pid, seq, hash], ...]}`` in canonical
+   JSON, Ed25519 signature by a key kept OUTSIDE the database (a PEM file, ``config.
+   audit_key_path``), checkpoints chained by ``prev`` = SHA-256 of the previous one.
+   Someone with write access to the database alone can no longer rebuild a chain unnoticed:
+   the rebuilt hashes would not match the signed heads, and deleting checkpoints leaves
+   sealed events that no checkpoint covers (``fhir-dmp audit verify`` reports both).
+
+Several ``fhir-dmp serve`` processes on one database must share the key file.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pymongo import ReturnDocument, UpdateOne
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from .audit import COLLECTION, GENESIS, HEADS, SYSTEM_CHAIN, canonical_json, chain_hash
+
+log = logging.getLogger(__name__)
+
+LEASE = "audit_sealer_lease"
+CHECKPOINTS = "AuditEvent_checkpoint"
+LEASE_ID = "sealer"
+
+
+class LeaseLost(RuntimeError):
+    """Another process holds the sealer lease."""
+
+
+# --- the signing key (outside the database) ----------------------------------------------
+
+def load_signing_key(path: Path, *, create: bool = False) -> Ed25519PrivateKey | None:
+    """The Ed25519 private key in ``path`` (PEM, PKCS#8); created 0600 when asked and absent."""
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        try:  # O_EXCL: two processes starting together keep the first key
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_signing_key(path)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        return key
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _payload(cp: dict) -> bytes:
+    return canonical_json({k: cp[k] for k in ("n", "prev", "at", "heads")})
+
+
+# --- the sealer ---------------------------------------------------------------------------
+
+class Sealer:
+    """Seals the journal while it holds the lease (see module docstring). Thread-safe enough
+    to run as one background thread per process (:meth:`start`) or by hand (:meth:`seal_all`).
+    """
+
+    def __init__(self, client, db, key_path: Path, *, lease_s: float = 10.0, batch: int = 2000,
+                 interval: float = 0.5):
+        self.client = client
+        self.db = db
+        self.key = load_signing_key(key_path, create=True)
+        self.kid = key_id(self.key.public_key())
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease_s = lease_s
+        self.batch = batch
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lease
+    def acquire(self) -> bool:
+        """Take or renew the lease; False when another live process holds it."""
+        now = datetime.now(timezone.utc)
+        try:
+            doc = self.db[LEASE].find_one_and_update(
+                {"_id": LEASE_ID, "$or": [{"owner": self.owner}, {"until": {"$lt": now}}]},
+                {"$set": {"owner": self.owner, "until": now + timedelta(seconds=self.lease_s)}},
+                upsert=True, return_document=ReturnDocument.AFTER)
+        except DuplicateKeyError:
+            return False
+        return bool(doc) and doc.get("owner") == self.owner
+
+    def release(self) -> None:
+        try:
+            self.db[LEASE].delete_one({"_id": LEASE_ID, "owner": self.owner})
+        except PyMongoError:
+            pass
+
+    # -- sealing
+    def seal_once(self) -> int:
+        """Seal up to ``batch`` of the oldest unsealed events in one transaction; the number sealed.
+
+        Raises :class:`LeaseLost` when this process does not hold the lease.
+        """
+        with self.client.start_session() as session:
+            return session.with_transaction(self._seal)
+
+    def seal_all(self) -> int:
+        """Take the lease and seal until nothing is left (``fhir-dmp audit seal``, tests)."""
+        if not self.acquire():
+            raise LeaseLost("another process holds the sealer lease")
+        total = 0
+        while True:
+            n = self.seal_once()
+            total += n
+            if n < self.batch:
+                return total
+
+    def _seal(self, session) -> int:
+        db = self.db
+        now = datetime.now(timezone.utc)
+        held = db[LEASE].update_one(
+            {"_id": LEASE_ID, "owner": self.owner, "until": {"$gt": now}},
+            {"$set": {"until": now + timedelta(seconds=self.lease_s)}}, session=session)
+        if held.matched_count == 0:
+            raise LeaseLost("the sealer lease is not held by this process")
+        docs = list(db[COLLECTION].find({"unsealed": {"$exists": True}}, {"res": 1, "pid": 1},
+                                        sort=[("unsealed", 1), ("_id", 1)], limit=self.batch,
+                                        session=session))
+        if not docs:
+            return 0
+        pids = list(dict.fromkeys(d.get("pid") or SYSTEM_CHAIN for d in docs))
+        heads = {pid: (0, GENESIS) for pid in pids}
+        for h in db[HEADS].find({"_id": {"$in": pids}}, session=session):
+            heads[h["_id"]] = (h["seq"], h["hash"])
+        ops = []
+        for d in docs:
+            pid = d.get("pid") or SYSTEM_CHAIN
+            seq, prev = heads[pid]
+            hsh = chain_hash(prev, d.get("res") or {})
+            heads[pid] = (seq + 1, hsh)
+            ops.append(UpdateOne({"_id": d["_id"], "unsealed": {"$exists": True}},
+                                 {"$set": {"chain": {"pid": pid, "seq": seq + 1, "prev": prev, "hash": hsh}},
+                                  "$unset": {"unsealed": ""}}))
+        db[COLLECTION].bulk_write(ops, ordered=True, session=session)
+        db[HEADS].bulk_write([UpdateOne({"_id": pid}, {"$set": {"seq": heads[pid][0], "hash": heads[pid][1],
+                                                                "lu": now}}, upsert=True)
+                              for pid in pids], ordered=True, session=session)
+        last = db[CHECKPOINTS].find_one({}, {"_id": 1, "digest": 1}, sort=[("_id", -1)], session=session)
+        cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,
+              "at": now.isoformat(timespec="milliseconds"),
+              "heads": [[pid, heads[pid][0], heads[pid][1]] for pid in sorted(pids)]}
+        body = _payload(cp)
+        db[CHECKPOINTS].insert_one({"_id": cp["n"], **cp, "digest": hashlib.sha256(body).hexdigest(),
+                                    "key_id": self.kid,
+                                    "sig": base64.b64encode(self.key.sign(body)).decode("ascii")},
+                                   session=session)
+        return len(docs)
+
+    # -- background loop
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit-sealer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.release()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.acquire():
+                    while not self._stop.is_set() and self.seal_once() >= self.batch:
+                        pass
+            except LeaseLost:
+                pass
+            except Exception:   # noqa: BLE001 — keep sealing after a database hiccup
+                log.exception("audit sealer pass failed; retrying")
+            self._stop.wait(self.interval)
+
+
+# --- verification of the checkpoints ------------------------------------------------------
+
+def verify_checkpoints(db, public: Ed25519PublicKey | None, patient_id: str | None = None
+                       ) -> tuple[list[str], dict[str, tuple[int, str]]]:
+    """Check the checkpoint chain and signatures; (problems, latest signed head per chain).
+
+    With ``public`` None nothing can be checked: a problem if checkpoints exist.
+    """
+    problems: list[str] = []
+    signed: dict[str, tuple[int, str]] = {}
+    coll = db[CHECKPOINTS]
+    if public is None:
+        if coll.estimated_document_count():
+            problems.append("signed checkpoints exist but no audit signing key is configured to check them")
+        return problems, signed
+    kid = key_id(public)
+    expected, prev = 1, GENESIS
+    for cp in coll.find({}, sort=[("_id", 1)]):
+        n = cp["_id"]
+        if n != expected:
+            problems.append(f"checkpoint {expected} missing" if n == expected + 1
+                            else f"checkpoints {expected}-{n - 1} missing")
+        elif cp.get("prev") != prev:
+            problems.append(f"checkpoint {n} does not follow checkpoint {n - 1}")
+        try:
+            body = _payload(cp)
+            if cp.get("key_id") != kid:
+                raise InvalidSignature()
+            public.verify(base64.b64decode(cp.get("sig") or ""), body)
+        except (InvalidSignature, KeyError, ValueError, TypeError):
+            problems.append(f"checkpoint {n}: signature does not verify with the audit key")
+            expected, prev = n + 1, cp.get("digest")
+            continue
+        if hashlib.sha256(body).hexdigest() != cp.get("digest"):
+            problems.append(f"checkpoint {n}: digest mismatch")
+        for pid, seq, hsh in cp.get("heads") or ():
+            if patient_id is not None and pid != patient_id:
+                continue
+            if seq >= signed.get(pid, (0, ""))[0]:
+                signed[pid] = (seq, hsh)
+        expected, prev = n + 1, cp.get("digest")
+    return problems, signed
