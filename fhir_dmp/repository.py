@@ -333,14 +333,16 @@ class GuardedRepository:
         if pids is not None and not pids:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
             return [], None, 0
-        out, scanned, after = [], 0, cursor
+        # every version is judged until the page is full or the history ends: a page never stops
+        # early without a next link (versions the caller may not see are skipped, not lost)
+        out, after = [], cursor
         verdict: dict[str, bool] = {}
-        while len(out) <= count and scanned < 20 * (count + 1):
+        size = max(count + 1, 50)
+        while len(out) <= count:
             batch = self.storage.history(rtype, None, pid_filter=pid_filter, since=since, after_key=after,
-                                         limit=count + 1, session=self.session)
+                                         limit=size, session=self.session)
             if not batch:
                 break
-            scanned += len(batch)
             for v in batch:
                 if v.id not in verdict:
                     cur = self.storage.read(rtype, v.id, session=self.session)
@@ -348,7 +350,7 @@ class GuardedRepository:
                 if verdict[v.id]:
                     out.append(v)
             after = (batch[-1].lu, f"{batch[-1].id}/{batch[-1].vid}")
-            if len(batch) <= count:
+            if len(batch) < size:
                 break
         for pid in sorted({v.pid for v in out if v.pid}):
             self.record("history", outcome="0", patient_id=pid, resource=rtype, http_status=200)

@@ -206,10 +206,10 @@ def test_ins_index_is_unique(app):
 def test_type_history_does_not_lose_entries(api):
     dr = api.as_ps(b.PS_DR)
     pid = dr.create(b.patient())["id"]
-    for _ in range(25):
-        dr.create(b.docref(pid, b.CONSULTATION))       # not readable by a pharmacist
     dr.create(b.docref(pid, b.LAB))
     dr.create(b.docref(pid, b.LAB))
+    for _ in range(45):
+        dr.create(b.docref(pid, b.CONSULTATION))       # newer, not readable by a pharmacist
     api.as_patient(pid).create(b.consent(pid, "permit", actor=b.PS_PHARMA))
     pharma = api.as_ps(b.PS_PHARMA, profession="21")
     seen, url, pages = [], "DocumentReference/_history?_count=1", 0
