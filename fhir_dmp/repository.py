@@ -311,10 +311,18 @@ class GuardedRepository:
         version._decision = current._decision
         return self._view(version)
 
+    def _sees(self, rtype: str, rid: str) -> bool:
+        """Does the caller see this document or content now (for journal views)? Cached per request."""
+        seen = self.__dict__.setdefault("_seen_docs", {})
+        if (rtype, rid) not in seen:
+            cur = self.storage.read(rtype, rid, session=self.session)
+            seen[(rtype, rid)] = bool(cur) and self._decide_current(rtype, cur).permit
+        return seen[(rtype, rid)]
+
     def _view(self, stored: Stored) -> Stored:
         decision = getattr(stored, "_decision", None)
         if decision and stored.resource is not None:
-            stored.resource = self.access.view(stored.resource, decision)
+            stored.resource = self.access.view(stored.resource, decision, self._sees)
         return stored
 
     def history(self, rtype: str, rid: str | None, *, since: datetime | None, count: int,
@@ -443,7 +451,7 @@ class GuardedRepository:
                     log.warning("search guard let %s/%s through; dropped by can_see (%s)", rtype,
                                 stored.id, decision.rule)
                     continue
-                stored.resource = self.access.view(stored.resource, decision)
+                stored.resource = self.access.view(stored.resource, decision, self._sees)
                 page.matches.append(stored)
             page.included = self._includes(req, docs, page.matches)
         touched = sorted({s.pid for s in page.matches + page.included if s.pid})
@@ -475,7 +483,7 @@ class GuardedRepository:
                 return
             decision = self._decide_read(rtype, stored)
             if decision.permit:
-                stored.resource = self.access.view(stored.resource, decision)
+                stored.resource = self.access.view(stored.resource, decision, self._sees)
                 out.append(stored)
                 seen.add((rtype, stored.id))
 

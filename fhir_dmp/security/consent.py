@@ -434,6 +434,10 @@ class RequestAccess:
                 return access
             return deny("consent-other", "professionals see only their own authorization")
         if resource_type in ("AuditEvent", "Communication"):
+            if resource_type == "AuditEvent" and p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
+                # the journal never names a document hidden from its reader (CONTRACT.md "The journal")
+                return permit(access.rule, access.reason, consents=access.consents,
+                              obligations={"view": "journal"})
             if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
                 return access
             return deny("journal", "professionals do not read the journal")
@@ -493,10 +497,23 @@ class RequestAccess:
         """Rule 10: only a document's author replaces it (``relatesTo replaces``)."""
         return self.p.kind == PS and self.p.id_nat_ps in dmp.author_ids(target)
 
-    def view(self, resource: dict, decision: Decision) -> dict:
-        """Apply the decision's view obligation (INS lookup answers id, identifier and active)."""
-        if decision.obligations.get("view") == "ins_only":
+    def view(self, resource: dict, decision: Decision, sees=None) -> dict:
+        """Apply the decision's view obligation: the INS lookup answers id, identifier and active;
+        a journal entry read by the patient's side names only the documents ``sees(type, id)``
+        lets them see (the access stays listed, the document unnamed)."""
+        view = decision.obligations.get("view")
+        if view == "ins_only":
             return {k: v for k, v in resource.items() if k in INS_LOOKUP_ELEMENTS}
+        if view == "journal" and sees is not None:
+            entities = []
+            for ent in resource.get("entity") or []:
+                ref = (ent.get("what") or {}).get("reference") or ""
+                rtype, _, rest = ref.partition("/")
+                if rtype in ("DocumentReference", "Binary") and rest and not sees(rtype, rest.split("/")[0]):
+                    ent = {**ent, "what": {"display": f"{rtype} (not shown)"}}
+                entities.append(ent)
+            if entities:
+                resource = {**resource, "entity": entities}
         return resource
 
     # -- searches: the decision as a storage query ----------------------------
