@@ -27,8 +27,8 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import (DuplicateValue, Stored, VersionConflict, is_write_conflict, merge_filters, new_id,
-                      now)
+from .storage import (DuplicateValue, Stored, VersionConflict, instant, is_write_conflict, merge_filters,
+                      new_id, now)
 
 log = logging.getLogger(__name__)
 
@@ -903,6 +903,32 @@ class GuardedRepository:
         stored = self.storage.create("Consent", consent, pid=patient.id, session=session)
         self.record("create", outcome="0", patient_id=patient.id, resource=f"Consent/{stored.id}/_history/1",
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)
+
+
+def record_notice_outcome(backend: Backend, cid: str, status: str, reason: str | None) -> None:
+    """The server's own write of a notice's outcome on its Communication (``completed`` with
+    ``sent``, or ``not-done`` with the reason), in one transaction through ``with_transaction``;
+    a concurrent change of the Communication is re-read and tried again (a few times)."""
+    storage = backend.storage
+
+    def write(session) -> bool:
+        current = storage.read("Communication", cid, session=session)
+        if current is None or current.deleted or current.resource.get("status") == status:
+            return True
+        res = dict(current.resource, status=status)
+        if status == "completed":
+            res["sent"] = instant(now())
+        if reason and status == "not-done":
+            res["statusReason"] = {"text": reason[:500]}
+        try:
+            storage.update("Communication", cid, res, pid=current.pid, expected_vid=current.vid, session=session)
+        except VersionConflict:
+            return False
+        return True
+
+    for _ in range(5):
+        if storage.run_transaction(write):
+            return
 
 
 def duplicate_dmp(patient: dict) -> Conflict:
