@@ -80,8 +80,9 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
 
     from .resources import register
     register(app)
-    from . import home
+    from . import home, portal
     app.register_blueprint(home.bp)
+    portal.register(app, config)
     _cors(app, config)
 
     @app.before_request

@@ -73,7 +73,7 @@ def mark_closed(db, pid: str, at: datetime, *, session=None) -> None:
 
 def mark_reopened(db, pid: str, *, session=None) -> None:
     db["Patient"].update_one({"_id": pid}, {"$unset": {"closed_at": ""}}, session=session)
-    db["AuditEvent"].update_many({"chain.pid": pid}, {"$unset": {"retain_until": ""}}, session=session)
+    db["AuditEvent"].update_many({"pid": pid}, {"$unset": {"retain_until": ""}}, session=session)
 
 
 # -- destroy -----------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def purge_dmp(db, pid: str, *, session) -> dict:
     from .access_codes import ACCESS_CODES
     from .blobs import BLOBS, CHUNKS
     from .notifications import OUTBOX
-    from .security.audit import COLLECTION, HEADS
+    from .security.audit import COLLECTION, GENESIS, HEADS
     from .security.crypto import DATAKEYS
 
     counts = {}
@@ -108,9 +108,12 @@ def purge_dmp(db, pid: str, *, session) -> dict:
     gone("btg_grants", {"pid": pid})
     gone(OUTBOX, {"patient_id": pid})
     gone(ACCESS_CODES, {"pid": pid})
-    gone(COLLECTION, {"chain.pid": pid})
-    gone(COLLECTION, {"pid": pid})        # events of the DMP not yet sealed into its chain
+    # sealed and not yet sealed events alike (the sealer links them after the fact)
+    gone(COLLECTION, {"$or": [{"chain.pid": pid}, {"pid": pid}]})
     gone(HEADS, {"_id": pid})
+    # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
+    # a date, nothing personal) so that `audit verify` does not take it for a deleted chain
+    db[HEADS].insert_one({"_id": pid, "seq": 0, "hash": GENESIS, "destroyed": True}, session=session)
     return counts
 
 

@@ -177,7 +177,11 @@ def test_patient_destroys_their_dmp_and_nothing_personal_remains(api, dmp):
     assert personal_data_left(db, ins, EMAIL) == []
     for name in db.list_collection_names():
         assert db[name].count_documents({"$or": [{"pid": pid}, {"patient_id": pid}, {"p": pid},
-                                                 {"chain.pid": pid}, {"_id": pid}]}) == 0, name
+                                                 {"chain.pid": pid}, {"_id": pid}],
+                                         "destroyed": {"$ne": True}}) == 0, name
+    # the chain's head stays as a bare tombstone (the random id the signed checkpoints name)
+    assert db["AuditEvent_chain"].find_one({"_id": pid}, {"_id": 0}) == {"seq": 0, "hash": "0" * 64,
+                                                                         "destroyed": True}
     # one entry in the system journal, naming no one
     entries = list(db["AuditEvent"].find({"res.outcomeDesc": {"$regex": "^a DMP was destroyed"}}))
     assert len(entries) == 1 and entries[0]["pid"] is None
