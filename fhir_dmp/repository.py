@@ -274,14 +274,15 @@ class GuardedRepository:
         return self._see(rtype, stored)
 
     def _binary_decision(self, stored: Stored) -> Decision:
-        """A Binary is read under the decision of the DocumentReference it belongs to."""
+        """A Binary is read under the decision of the DocumentReference it belongs to
+        (``consent.can_see_binary``); the repository only fetches that document."""
         doc_id = search.reference_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
-                        "DocumentReference")
-        if doc_id:
-            doc = self.storage.read("DocumentReference", doc_id, session=self.session)
-            if doc and not doc.deleted and doc.pid == stored.pid:
-                return self._see("DocumentReference", doc)
-        return Decision(False, "binary-orphan", "content not attached to a readable document")
+                                     "DocumentReference")
+        doc = self.storage.read("DocumentReference", doc_id, session=self.session) if doc_id else None
+        decision = self.access.can_see_binary(stored.pid, doc and (doc.pid, doc.deleted, doc.resource))
+        if decision.permit:
+            self._obligations(decision, doc.pid)
+        return decision
 
     # ------------------------------------------------------------------ reads
     def read(self, rtype: str, rid: str) -> Stored:
@@ -578,9 +579,7 @@ class GuardedRepository:
                     decision: Decision) -> FhirError:
         self.record(interaction, outcome="4", patient_id=pid, resource=f"{rtype}/{rid}" if rid else rtype,
                     decision=decision, http_status=403)
-        st_visible = pid and self.access.dmp_access(self.access.state(pid)).permit
-        if not st_visible and decision.rule in ("dmp-state", "not-authorized", "patient-other",
-                                                "dmp-closed", "no-patient", "role"):
+        if self.access.refusal_looks_missing(pid, decision):
             if rtype == "Patient" and rid:
                 return not_found("Patient", rid)
             if rtype == "Binary":

@@ -2,13 +2,24 @@
 
 Shaped after HAPI FHIR's consent service: the guarded repository calls
 
-* :meth:`RequestAccess.start` at the start of an operation (SMART scope,
-  role) — a scope problem is the only 403;
+* :meth:`RequestAccess.start` at the start of an operation (SMART scope;
+  403 when the token's scopes do not cover the interaction);
 * :meth:`RequestAccess.search_filter` to turn the decision into a storage
-  query, so totals, pages and links count only what the caller may see;
+  query, so totals, pages and links count only what the caller may see
+  (``will_see`` in HAPI's terms);
 * :meth:`RequestAccess.can_see` on every resource before it leaves (the
-  safety net, also used for read, vread, history, includes, Binary);
-* :meth:`RequestAccess.can_write` before any write.
+  same rules, evaluated on one resource: read, vread, history, includes,
+  Binary, and the safety net of searches);
+* :meth:`RequestAccess.can_write` before any write (403 with the reason
+  inside a DMP the caller may enter; outside it, the repository answers as
+  for something missing).
+
+Each rule that a search filters on is written once, as a storage query over
+the access facets (:func:`access_facets`: :meth:`RequestAccess.document_query`,
+:meth:`RequestAccess.consent_query`, :meth:`RequestAccess.ins_lookup_filter`),
+and :meth:`RequestAccess.can_see` evaluates that same query on the one
+resource (:func:`matches`); ``tests/test_access_property.py`` checks on random
+worlds that both agree, totals included.
 
 Everything one request needs (the patient's active Consents, DMP state,
 médecin traitant, break-glass grant) is loaded once per request and per
@@ -30,6 +41,7 @@ from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE
 
 INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type": "s", "search": "s", "create": "c",
                       "update": "u", "patch": "u", "delete": "d"}
+SERVER_WRITTEN = ("AuditEvent", "Communication")   # the journal and the notices: only the server writes them
 PATIENT_OWNED = ("DocumentReference", "Consent", "AuditEvent", "Communication", "Binary")
 INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
 INS_LOOKUP_PARAMS = ("identifier", "_format", "_pretty", "_elements", "_summary")
@@ -323,7 +335,7 @@ class RequestAccess:
         self.load([pid])
         return self.states[pid]
 
-    # -- rule 1: SMART scope (the only 403) --------------------------------
+    # -- rule 1: SMART scope ---------------------------------------------------
     def start(self, resource_type: str, interaction: str) -> None:
         letter = INTERACTION_LETTER.get(interaction, "r")
         if not self.p.scopes.allows(resource_type, letter):
@@ -341,8 +353,8 @@ class RequestAccess:
         if p.kind in (PS, REGULATION_CENTRE):
             if not p.id_nat_ps:
                 return deny("role", "professional without idNatPs")
-            if p.acr != "eidas1":
-                return deny("role", "professional without two-factor authentication (eidas1)")
+            # two-factor (acr eidas1) is checked once, by authentication: its refusal is the
+            # RFC 9470 step-up 401 (security/auth.py), not a decision
             if not any(self.policy.habilitations.knows(code) for code in p.professions):
                 return deny("role", "profession not in the habilitation matrix (excluded role)")
             return None
@@ -492,6 +504,22 @@ class RequestAccess:
         if not (p.purpose == TREAT and st is not None and p.id_nat_ps in st.gp_ids):
             readable["a.masked"] = False
         return {"$or": [{"a.authors": p.id_nat_ps}, readable]}
+
+    def can_see_binary(self, pid: str | None, doc: tuple | None) -> Decision:
+        """A Binary is read under the decision of the DocumentReference its securityContext names
+        (``doc`` = (pid, deleted, resource) of that document, None when there is none): the same
+        DMP, not deleted, and :meth:`can_see` on it; otherwise it is an orphan nobody reads."""
+        if doc is not None and doc[0] == pid and not doc[1]:
+            return self.can_see("DocumentReference", doc[2] or {}, pid)
+        return deny("binary-orphan", "content not attached to a readable document")
+
+    def refusal_looks_missing(self, pid: str | None, decision: Decision) -> bool:
+        """CONTRACT.md "REST behaviour": a refused write outside every DMP the caller may enter
+        answers as the same write on something missing; inside one, 403 with the reason."""
+        if pid and self.dmp_access(self.state(pid)).permit:
+            return False
+        return decision.rule in ("dmp-state", "not-authorized", "patient-other", "dmp-closed", "no-patient",
+                                 "role", "compartment", "blocked")
 
     def may_replace(self, target: dict) -> bool:
         """Rule 10: only a document's author replaces it (``relatesTo replaces``)."""
@@ -653,7 +681,7 @@ class RequestAccess:
         role = self.role_decision()
         if role:
             return role
-        if resource_type in ("AuditEvent", "Communication"):
+        if resource_type in SERVER_WRITTEN:
             return deny("read-only", f"{resource_type} is read-only")
         if resource_type == "Patient":
             return self._write_patient(interaction, new, old, pid)
