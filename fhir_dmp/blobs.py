@@ -23,10 +23,10 @@ buys nothing else we use (no MD5, no filenames).
 Visibility and atomicity: chunks are written first, the ``content_blobs``
 document last; readers look the blob up by that document, so a half-written
 blob is never read. Over ``max_bytes`` or on any error, the chunks written so
-far are deleted before the exception propagates. Small content can be written
-inside the caller's transaction (pass ``session``). Large content should be
-written *before* the metadata transaction (no session) and removed with
-:meth:`BlobStore.delete` if that transaction fails.
+far are deleted before the exception propagates. The document pipeline writes
+content, whatever its size, inside the write's transaction (``session``), so
+a rolled-back write leaves none; :meth:`BlobStore.delete` removes what a
+write outside a transaction left behind.
 
 Memory stays bounded (a few chunks) whatever the size, on write and read.
 """

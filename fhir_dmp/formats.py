@@ -14,7 +14,8 @@ Contract
   :class:`Unprocessable` (422, with the element's path) on input that is not
   a FHIR structure, ``from_xml`` raises :class:`BadRequest`.
 - :func:`loads_json` / :func:`dumps_json`: the strict JSON reader and the
-  Decimal-exact writer underneath (also for JSON Patch bodies).
+  Decimal-exact writer underneath (resource bodies; JSON Patch documents are
+  parsed by the PATCH handler).
 
 Decisions
 ---------
@@ -178,7 +179,7 @@ def _reject_constant(name: str):
 
 
 def loads_json(body: bytes | str, charset: str | None = None) -> typing.Any:
-    """Strict JSON decoding shared by every body parser (resources, JSON Patch).
+    """Strict JSON decoding shared by the resource body parsers.
 
     Decimals as :class:`decimal.Decimal`; duplicate keys, NaN/Infinity,
     control characters and malformed input -> :class:`BadRequest` with

@@ -27,8 +27,8 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import (DuplicateValue, Stored, VersionConflict, is_write_conflict, merge_filters, new_id,
-                      now)
+from .storage import (DuplicateValue, Stored, VersionConflict, instant, is_write_conflict, merge_filters,
+                      new_id, now)
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,9 @@ class GuardedRepository:
                 if doc else None
         return self.storage.read(rtype, rid, session=self.session)
 
-    def _visible(self, rtype: str, rid: str, interaction: str) -> Stored:
-        """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen."""
+    def _visible(self, rtype: str, rid: str, interaction: str, *, deleted_ok: bool = False) -> Stored:
+        """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen
+        (unless ``deleted_ok``: history and vread of a deleted resource answer like its history)."""
         stored = self._current(rtype, rid)
         if stored is None:
             # the same context queries as a denial, so a missing resource and a denied one also
@@ -253,7 +254,7 @@ class GuardedRepository:
             self.record(interaction, outcome="4", patient_id=stored.pid, resource=f"{rtype}/{rid}",
                         decision=decision, http_status=404)
             raise not_found(rtype, rid)
-        if stored.deleted:
+        if stored.deleted and not deleted_ok:
             self.record(interaction, outcome="4", patient_id=stored.pid, resource=f"{rtype}/{rid}",
                         decision=decision, http_status=410)
             raise Gone(f"Resource {rtype}/{rid} was deleted", headers={"ETag": f'W/"{stored.vid}"'})
@@ -274,14 +275,15 @@ class GuardedRepository:
         return self._see(rtype, stored)
 
     def _binary_decision(self, stored: Stored) -> Decision:
-        """A Binary is read under the decision of the DocumentReference it belongs to."""
+        """A Binary is read under the decision of the DocumentReference it belongs to
+        (``consent.can_see_binary``); the repository only fetches that document."""
         doc_id = search.reference_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
-                        "DocumentReference")
-        if doc_id:
-            doc = self.storage.read("DocumentReference", doc_id, session=self.session)
-            if doc and not doc.deleted and doc.pid == stored.pid:
-                return self._see("DocumentReference", doc)
-        return Decision(False, "binary-orphan", "content not attached to a readable document")
+                                     "DocumentReference")
+        doc = self.storage.read("DocumentReference", doc_id, session=self.session) if doc_id else None
+        decision = self.access.can_see_binary(stored.pid, doc and (doc.pid, doc.deleted, doc.resource))
+        if decision.permit:
+            self._obligations(decision, doc.pid)
+        return decision
 
     # ------------------------------------------------------------------ reads
     def read(self, rtype: str, rid: str) -> Stored:
@@ -293,7 +295,9 @@ class GuardedRepository:
 
     def vread(self, rtype: str, rid: str, vid: str) -> Stored:
         self.access.start(rtype, "vread")
-        current = self._visible(rtype, rid, "vread")   # the current decision rules old versions
+        # the current decision rules old versions; a deleted resource's versions stay readable
+        # as its history lists them
+        current = self._visible(rtype, rid, "vread", deleted_ok=True)
         try:
             version = self.storage.vread(rtype, rid, int(vid), session=self.session) if vid.isdigit() else None
         except ValueError:
@@ -309,10 +313,18 @@ class GuardedRepository:
         version._decision = current._decision
         return self._view(version)
 
+    def _sees(self, rtype: str, rid: str) -> bool:
+        """Does the caller see this document or content now (for journal views)? Cached per request."""
+        seen = self.__dict__.setdefault("_seen_docs", {})
+        if (rtype, rid) not in seen:
+            cur = self.storage.read(rtype, rid, session=self.session)
+            seen[(rtype, rid)] = bool(cur) and self._decide_current(rtype, cur).permit
+        return seen[(rtype, rid)]
+
     def _view(self, stored: Stored) -> Stored:
         decision = getattr(stored, "_decision", None)
         if decision and stored.resource is not None:
-            stored.resource = self.access.view(stored.resource, decision)
+            stored.resource = self.access.view(stored.resource, decision, self._sees)
         return stored
 
     def history(self, rtype: str, rid: str | None, *, since: datetime | None, count: int,
@@ -320,7 +332,7 @@ class GuardedRepository:
         """Versions newest first; (page, next cursor, total or None)."""
         self.access.start(rtype, "history" if rid is not None else "history-type")
         if rid is not None:
-            current = self._visible_for_history(rtype, rid)
+            current = self._visible(rtype, rid, "history", deleted_ok=True)
             page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1, session=self.session)
             total = self.storage.count_history(rtype, rid, session=self.session) if since is None else None
             self.record("history", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
@@ -331,14 +343,16 @@ class GuardedRepository:
         if pids is not None and not pids:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
             return [], None, 0
-        out, scanned, after = [], 0, cursor
+        # every version is judged until the page is full or the history ends: a page never stops
+        # early without a next link (versions the caller may not see are skipped, not lost)
+        out, after = [], cursor
         verdict: dict[str, bool] = {}
-        while len(out) <= count and scanned < 20 * (count + 1):
+        size = max(count + 1, 50)
+        while len(out) <= count:
             batch = self.storage.history(rtype, None, pid_filter=pid_filter, since=since, after_key=after,
-                                         limit=count + 1, session=self.session)
+                                         limit=size, session=self.session)
             if not batch:
                 break
-            scanned += len(batch)
             for v in batch:
                 if v.id not in verdict:
                     cur = self.storage.read(rtype, v.id, session=self.session)
@@ -346,7 +360,7 @@ class GuardedRepository:
                 if verdict[v.id]:
                     out.append(v)
             after = (batch[-1].lu, f"{batch[-1].id}/{batch[-1].vid}")
-            if len(batch) <= count:
+            if len(batch) < size:
                 break
         for pid in sorted({v.pid for v in out if v.pid}):
             self.record("history", outcome="0", patient_id=pid, resource=rtype, http_status=200)
@@ -367,7 +381,7 @@ class GuardedRepository:
         """
         merged: list[Stored] = []
         for rtype in sorted(HOSTED):
-            if not self.p.scopes.allows(rtype, "r"):
+            if not self.p.scopes.allows(rtype, "s"):     # SMART v2: history beyond an instance is a search
                 continue
             after = None
             if cursor is not None:
@@ -385,13 +399,6 @@ class GuardedRepository:
             nxt = (last.lu, f"{last.resource_type}/{last.id}/{last.vid}")
         return merged, nxt
 
-    def _visible_for_history(self, rtype: str, rid: str) -> Stored:
-        try:
-            return self._visible(rtype, rid, "history")
-        except Gone:
-            stored = self.storage.read(rtype, rid, session=self.session)
-            stored._decision = None
-            return stored
 
     @staticmethod
     def _page(page: list[Stored], count: int, total):
@@ -446,7 +453,7 @@ class GuardedRepository:
                     log.warning("search guard let %s/%s through; dropped by can_see (%s)", rtype,
                                 stored.id, decision.rule)
                     continue
-                stored.resource = self.access.view(stored.resource, decision)
+                stored.resource = self.access.view(stored.resource, decision, self._sees)
                 page.matches.append(stored)
             page.included = self._includes(req, docs, page.matches)
         touched = sorted({s.pid for s in page.matches + page.included if s.pid})
@@ -478,7 +485,7 @@ class GuardedRepository:
                 return
             decision = self._decide_read(rtype, stored)
             if decision.permit:
-                stored.resource = self.access.view(stored.resource, decision)
+                stored.resource = self.access.view(stored.resource, decision, self._sees)
                 out.append(stored)
                 seen.add((rtype, stored.id))
 
@@ -574,11 +581,12 @@ class GuardedRepository:
                     decision: Decision) -> FhirError:
         self.record(interaction, outcome="4", patient_id=pid, resource=f"{rtype}/{rid}" if rid else rtype,
                     decision=decision, http_status=403)
-        st_visible = pid and self.access.dmp_access(self.access.state(pid)).permit
-        if not st_visible and decision.rule in ("dmp-state", "not-authorized", "patient-other",
-                                                "dmp-closed", "no-patient", "role"):
+        if self.access.refusal_looks_missing(pid, decision):
             if rtype == "Patient" and rid:
                 return not_found("Patient", rid)
+            if rtype == "Binary":
+                return Unprocessable("the securityContext names no document or DMP known to the caller",
+                                     expression="Binary.securityContext")
             return Unprocessable(f"Patient/{pid} is not known", expression=f"{rtype}.subject"
                                  if rtype == "DocumentReference" else f"{rtype}.patient")
         return Forbidden(f"not allowed: {decision.reason}")
@@ -588,9 +596,10 @@ class GuardedRepository:
         """Create (server id). ``session`` given = inside a transaction Bundle."""
         self.access.start(rtype, "create")
         pid = search.patient_id_of(rtype, resource)
+        context = None
         if rtype == "Binary":
-            pid = self._binary_pid(resource)
-        decision = self.access.can_write("create", rtype, resource, None, pid)
+            pid, context = self._binary_context(resource)
+        decision = self.access.can_write("create", rtype, resource, None, pid, context=context)
         if not decision.permit:
             raise self._deny_write("create", rtype, None, pid, decision)
         if decision.obligations.get("patient_code"):
@@ -615,7 +624,15 @@ class GuardedRepository:
                session=None, interaction: str = "update", content=None) -> tuple[Stored, bool]:
         """Update (or create with the client's id when absent). Returns (stored, created)."""
         self.access.start(rtype, "update")
-        current = self.storage.read(rtype, rid, session=session)
+        current = self.storage.read(rtype, rid, session=session or self.session)
+        if current is not None and current.deleted and self.p.kind != ADMIN \
+                and not self._decide_current(rtype, current).permit:
+            current = None          # a deleted resource the caller may not see: as if it never existed
+        if current is None and self.p.kind != ADMIN:
+            # update-as-create (a client-chosen id) is the administrator's (fhir-dmp load): for anyone
+            # else an id that does not exist answers like one they may not see (CONTRACT.md "REST")
+            self.record(interaction, outcome="4", patient_id=None, resource=f"{rtype}/{rid}", http_status=404)
+            raise not_found(rtype, rid)
         if current is None or current.deleted:
             if if_match:
                 raise PreconditionFailed(f"{rtype}/{rid} does not exist; If-Match cannot hold")
@@ -692,9 +709,10 @@ class GuardedRepository:
             return None
         seen = self._decide_read(rtype, current)
         if not seen.permit:
+            # answered like deleting nothing (CONTRACT.md "REST behaviour"); journaled as a denial
             self.record("delete", outcome="4", patient_id=current.pid, resource=f"{rtype}/{rid}",
-                        decision=seen, http_status=404)
-            raise not_found(rtype, rid)
+                        decision=seen, http_status=204)
+            return None
         decision = self.access.can_write("delete", rtype, None, current.resource, current.pid)
         if not decision.permit:
             raise self._deny_write("delete", rtype, rid, current.pid, decision)
@@ -843,16 +861,19 @@ class GuardedRepository:
         return self.search(rtype, args).matches
 
     # ------------------------------------------------------- write internals
-    def _binary_pid(self, resource: dict) -> str | None:
+    def _binary_context(self, resource: dict) -> tuple[str | None, dict | None]:
+        """(DMP, DocumentReference) a new Binary's securityContext names. A document the caller may
+        not see counts as missing (CONTRACT.md "REST behaviour": X-Security-Context)."""
         ctx = ((resource.get("securityContext") or {}).get("reference"))
         pid = search.reference_id(ctx, "Patient")
         if pid:
-            return pid
+            return pid, None
         doc_id = search.reference_id(ctx, "DocumentReference")
         if doc_id:
             doc = self.storage.read("DocumentReference", doc_id, session=self.session)
-            return doc.pid if doc else None
-        return None
+            if doc and not doc.deleted and self._decide_read("DocumentReference", doc).permit:
+                return doc.pid, doc.resource
+        return None, None
 
     def _prepare(self, rtype: str, resource: dict, old: dict | None, pid: str | None) -> dict:
         """Server-side rules on what is written (author, qualified INS, content checks)."""
@@ -916,6 +937,32 @@ class GuardedRepository:
         stored = self.storage.create("Consent", consent, pid=patient.id, session=session)
         self.record("create", outcome="0", patient_id=patient.id, resource=f"Consent/{stored.id}/_history/1",
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)
+
+
+def record_notice_outcome(backend: Backend, cid: str, status: str, reason: str | None) -> None:
+    """The server's own write of a notice's outcome on its Communication (``completed`` with
+    ``sent``, or ``not-done`` with the reason), in one transaction through ``with_transaction``;
+    a concurrent change of the Communication is re-read and tried again (a few times)."""
+    storage = backend.storage
+
+    def write(session) -> bool:
+        current = storage.read("Communication", cid, session=session)
+        if current is None or current.deleted or current.resource.get("status") == status:
+            return True
+        res = dict(current.resource, status=status)
+        if status == "completed":
+            res["sent"] = instant(now())
+        if reason and status == "not-done":
+            res["statusReason"] = {"text": reason[:500]}
+        try:
+            storage.update("Communication", cid, res, pid=current.pid, expected_vid=current.vid, session=session)
+        except VersionConflict:
+            return False
+        return True
+
+    for _ in range(5):
+        if storage.run_transaction(write):
+            return
 
 
 def duplicate_dmp(patient: dict) -> Conflict:

@@ -182,7 +182,10 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
 
     from .security.habilitations import Habilitations
 
+    from .logs import configure as configure_logs
+
     out = out or sys.stderr
+    configure_logs(stream=out)       # JSON lines with the request id, inherited by the workers
     workers = workers or default_workers()
     check_port_free(config.host, config.port)
     Habilitations.load(config.habilitations_file)   # policy data validated before anything starts

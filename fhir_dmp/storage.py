@@ -296,6 +296,20 @@ class Storage:
     def add_grant(self, grant: dict, *, session=None) -> None:
         self.db["btg_grants"].insert_one(grant, session=session)
 
+    # -- Binary bookkeeping (documents/pipeline.py) ---------------------------
+    def blob_info(self, bid: str, *, session=None) -> dict:
+        """``{size, sha1}`` of a Binary's stored content ({} when unknown)."""
+        doc = self.db["Binary"].find_one({"_id": bid}, {"blob": 1}, session=session) or {}
+        return doc.get("blob") or {}
+
+    def set_blob_info(self, bid: str, info: dict, *, session=None) -> None:
+        self.db["Binary"].update_one({"_id": bid}, {"$set": {"blob": info}}, session=session)
+
+    def attach_binary(self, bid: str, pid: str, reference: str, *, session=None) -> None:
+        """Point a Binary's current securityContext at its document (same DMP only)."""
+        self.db["Binary"].update_one({"_id": bid, "pid": pid},
+                                     {"$set": {"res.securityContext": {"reference": reference}}}, session=session)
+
     # -- writes ------------------------------------------------------------
     def _docs(self, rtype: str, rid: str, vid: int, pid: str | None, resource: dict | None,
               deleted: bool, lu: datetime) -> tuple[dict, dict]:

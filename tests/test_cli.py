@@ -95,6 +95,17 @@ def _gone(pid: int, timeout: float = 10) -> bool:
     return True
 
 
+def _reap(data_dir: Path) -> None:
+    """No test leaves a database behind: kill the one a data dir's pid file names, if alive."""
+    try:
+        pid = int((data_dir / "db.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if process_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        _gone(pid)
+
+
 def _serve(argv: list[str], data_dir: Path, log: Path, **env) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(argv, cwd=ROOT, env=_env(data_dir, **env),
@@ -141,12 +152,13 @@ def test_serve_killed_hard_database_follows_and_restart_works(tmp_path):
     try:
         _wait_metadata(proc, port, log)
         db_pid = int((data / "db.pid").read_text().split()[0])
-        proc.kill()  # SIGKILL: no hook runs; the database gets SIGTERM from the kernel
+        proc.kill()  # SIGKILL: no hook runs; the database gets SIGKILL from the kernel (PDEATHSIG)
         proc.wait(10)
         assert _gone(db_pid), "the embedded database outlived a killed server"
     finally:
         if proc.poll() is None:
             proc.kill()
+        _reap(data)
     port, log = free_port(), tmp_path / "serve2.log"
     proc = _serve([*argv, str(port)], data, log)  # stale pid file from the crash is cleared
     try:
@@ -156,6 +168,7 @@ def test_serve_killed_hard_database_follows_and_restart_works(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        _reap(data)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.app") is None,

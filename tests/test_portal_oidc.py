@@ -48,7 +48,15 @@ def oidc_server(oidc_kit, mongo_server, mongo_client, tmp_path_factory):
     live = LiveServer(app, port)
     api = Api(app, None)
     ps = api.as_token(op.client_token("psc-ps-m2m", "user/*.cruds", base))
-    created = ps.put(f"Patient/{PATIENT_ID}", {**builders.patient(), "id": PATIENT_ID})
+    # the DMP with the id the provider's account names: a client-chosen id is the administrator's
+    # (fhir-dmp load), then the professional attests the patient's agreement (first access)
+    from fhir_dmp.loader import LOADER
+    from fhir_dmp.repository import GuardedRepository
+    admin = GuardedRepository(app.extensions["fhir_dmp"], LOADER)
+    admin.update("Patient", PATIENT_ID, {**builders.patient(), "id": PATIENT_ID})
+    admin.flush_audit()
+    attest = builders.consent(PATIENT_ID, "permit", actor=PS, verified=True)
+    created = ps.post("Consent", attest)
     assert created.status_code == 201, created.get_data(as_text=True)
     yield SimpleNamespace(url=live.url, op=op, api=api, ps=ps, base=base)
     live.stop()

@@ -14,7 +14,6 @@ from tests import builders as b
 
 PS_GP = "810000000005"
 FINESS = "urn:oid:1.2.250.1.71.4.2.2"
-TODO = pytest.mark.xfail(strict=True, reason="issue 9: being fixed")
 
 
 @pytest.fixture
@@ -136,15 +135,15 @@ def test_blocked_ps_ins_lookup_finds_nothing(api, dmp):
     assert found["total"] == 1 and len(found["entry"]) == 1
 
 
-@TODO
 def test_admin_audit_search_totals_and_pages_agree(api, dmp, idp):
     # refused tokens land in the system journal (no patient)
     for _ in range(3):
         api.as_token(idp.ps(b.PS_DR, acr="eidas0")).get(f"Patient/{dmp['pid']}")
     admin = api.as_admin()
-    first = admin.search("AuditEvent?_count=5")
-    total = first["total"]
-    seen, url, pages = [], "AuditEvent?_count=5", 0
+    query = "AuditEvent?_count=5&outcome=4"        # the admin's own searches (outcome 0) do not count
+    total = admin.search(query)["total"]
+    assert total >= 3
+    seen, url, pages = [], query, 0
     while url:
         page = admin.search(url)
         assert page["total"] == total
@@ -206,10 +205,10 @@ def test_ins_index_is_unique(app):
 def test_type_history_does_not_lose_entries(api):
     dr = api.as_ps(b.PS_DR)
     pid = dr.create(b.patient())["id"]
-    for _ in range(25):
-        dr.create(b.docref(pid, b.CONSULTATION))       # not readable by a pharmacist
     dr.create(b.docref(pid, b.LAB))
     dr.create(b.docref(pid, b.LAB))
+    for _ in range(45):
+        dr.create(b.docref(pid, b.CONSULTATION))       # newer, not readable by a pharmacist
     api.as_patient(pid).create(b.consent(pid, "permit", actor=b.PS_PHARMA))
     pharma = api.as_ps(b.PS_PHARMA, profession="21")
     seen, url, pages = [], "DocumentReference/_history?_count=1", 0
@@ -227,18 +226,19 @@ def test_type_history_does_not_lose_entries(api):
 # ----------------------------------------------------------------- hole 6: transaction reads
 def test_transaction_get_sees_own_writes(api):
     dr = api.as_ps(b.PS_DR)
+    ins = b.nir()
+    urn = "urn:uuid:11111111-1111-1111-1111-111111111111"
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:11111111-1111-1111-1111-111111111111", "resource": b.patient(),
-         "request": {"method": "PUT", "url": "Patient/tx-pat-1"}},
-        {"request": {"method": "GET", "url": "Patient/tx-pat-1"}},
-        {"request": {"method": "GET", "url": "Patient?_id=tx-pat-1"}},
+        {"fullUrl": urn, "resource": b.patient(ins), "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "GET", "url": urn}},
+        {"request": {"method": "GET", "url": f"Patient?identifier={b.NIR}|{ins}"}},
     ]}
-    bundle["entry"][0]["resource"]["id"] = "tx-pat-1"
     r = dr.post("", bundle)
     assert r.status_code == 200, r.json
+    created = r.json["entry"][0]["resource"]["id"]
     read = r.json["entry"][1]
     assert read["response"]["status"].startswith("200"), read
-    assert read["resource"]["id"] == "tx-pat-1"
+    assert read["resource"]["id"] == created
     assert r.json["entry"][2]["resource"]["total"] == 1
 
 
@@ -250,8 +250,8 @@ def test_refused_token_is_journaled_without_traceback(api, idp, app, caplog):
     r = api.as_token("not-a-token").get("Patient")
     assert r.status_code == 401
     db = app.extensions["fhir_dmp"].storage.db
-    # the system journal (no patient); the sealer links it into the "_system" chain later
-    assert db["AuditEvent"].count_documents({"pid": None}) >= 2
+    # the system journal: no patient (sealed into the "_system" chain off the request path)
+    assert db["AuditEvent"].count_documents({"pid": None, "res.outcome": "4"}) >= 2
     assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records]
 
 
@@ -267,7 +267,6 @@ def test_denied_search_naming_a_dmp_reaches_its_journal(api, dmp):
     assert searches and searches[0]["outcome"] != "0"
 
 
-@TODO
 def test_vread_first_version_of_deleted_resource_agrees_with_history(api, dmp):
     pid = dmp["pid"]
     me = api.as_patient(pid)
@@ -283,7 +282,6 @@ def test_vread_first_version_of_deleted_resource_agrees_with_history(api, dmp):
 
 
 # ----------------------------------------------------------------- hole 9: write existence oracle
-@TODO
 def test_put_on_deleted_resource_of_another_dmp_looks_like_a_fresh_id(api, dmp):
     pid = dmp["pid"]
     me = api.as_patient(pid)
@@ -438,11 +436,11 @@ def test_ins_lookup_takes_no_other_parameter(api, dmp):
 
 
 def _same_refusal(refused, missing):
+    print("REFUSAL", refused.status_code, refused.json["issue"][0].get("diagnostics"), "|", missing.json["issue"][0].get("diagnostics"))
     assert refused.status_code == missing.status_code, (refused.json, missing.json)
     assert refused.json["issue"][0]["code"] == missing.json["issue"][0]["code"]
 
 
-@TODO
 def test_refused_writes_look_like_missing_targets(api, dmp):
     pid, doc = dmp["pid"], dmp["consult"]
     stranger = api.as_ps(b.PS_OTHER)
@@ -479,7 +477,6 @@ def test_refused_writes_look_like_missing_targets(api, dmp):
                   stranger.put(f"DocumentReference?patient={ghost}", b.docref(ghost)))
 
 
-@TODO
 def test_security_context_never_attaches_to_a_masked_document(api, dmp):
     pid = dmp["pid"]
     masked = api.as_ps(b.PS_DR).create(b.docref(pid, b.CONSULTATION, labels=("MASQUE_PS",)))
@@ -531,7 +528,6 @@ def test_journal_lists_denials_from_bundles(api, dmp):
     assert denials
 
 
-@TODO
 def test_journal_does_not_name_hidden_documents(api, dmp):
     pid = dmp["pid"]
     hidden = api.as_ps(b.PS_DR).create(b.docref(pid, b.CONSULTATION, labels=("INVISIBLE_PATIENT",)))

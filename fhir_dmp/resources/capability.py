@@ -1,8 +1,10 @@
 """``/metadata`` (CapabilityStatement) and ``/.well-known/smart-configuration``.
 
 The CapabilityStatement is kept by hand in ``capability_statement.json`` at
-the repository root; only the base URL, software version and date are filled
-in here. ``tests/test_capability.py`` checks it against the routes and
+the repository root (the source of truth); ``fhir_dmp/data/capability_statement.json``
+links to it, so an installed package or a wheel carries a copy (package data)
+and serves ``/metadata`` without the checkout. Only the base URL, software
+version and date are filled in here. ``tests/test_capability.py`` checks it against the routes and
 search parameters the server really has.
 Specs: https://hl7.org/fhir/R4/capabilitystatement.html,
 https://hl7.org/fhir/smart-app-launch/conformance.html
@@ -20,7 +22,7 @@ from flask import Blueprint, Response
 from .http import backend, respond
 
 bp = Blueprint("fhir_meta", __name__, url_prefix="/fhir")
-STATEMENT_PATH = Path(__file__).resolve().parents[2] / "capability_statement.json"
+STATEMENT_PATH = Path(__file__).resolve().parents[1] / "data" / "capability_statement.json"
 SCOPES = ["openid", "fhirUser", "launch/patient", "patient/*.rs", "patient/*.cruds", "user/*.rs",
           "user/*.cruds", "user/*.read", "patient/*.read"]
 

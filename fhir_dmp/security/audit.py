@@ -2,10 +2,12 @@
 hash-chained per patient.
 
 DESIGN.md "Audit (IHE BALP shape)". One AuditEvent per access and per patient
-touched, denials and errors included. The guarded repository builds an
-:class:`AccessRecord` in a ``finally``, turns it into a resource with
-:func:`build_event` and hands it to :meth:`AuditLog.append`; when the append
-fails it raises :class:`AuditUnavailable` and the request fails closed.
+touched, denials and errors included. The guarded repository records an
+:class:`AccessRecord` for each access as it decides, turns them into
+resources with :func:`build_event` and hands them to :meth:`AuditLog.append`:
+inside the write's transaction for writes, before the response leaves for
+reads (``app.py`` ``after_request``); when the append fails the request fails
+closed (503).
 
 Shape: IHE Basic Audit Log Patterns (BALP), "RESTful activities"
 https://profiles.ihe.net/ITI/BALP/content.html#3573-restful-activities

@@ -2,13 +2,24 @@
 
 Shaped after HAPI FHIR's consent service: the guarded repository calls
 
-* :meth:`RequestAccess.start` at the start of an operation (SMART scope,
-  role) — a scope problem is the only 403;
+* :meth:`RequestAccess.start` at the start of an operation (SMART scope;
+  403 when the token's scopes do not cover the interaction);
 * :meth:`RequestAccess.search_filter` to turn the decision into a storage
-  query, so totals, pages and links count only what the caller may see;
+  query, so totals, pages and links count only what the caller may see
+  (``will_see`` in HAPI's terms);
 * :meth:`RequestAccess.can_see` on every resource before it leaves (the
-  safety net, also used for read, vread, history, includes, Binary);
-* :meth:`RequestAccess.can_write` before any write.
+  same rules, evaluated on one resource: read, vread, history, includes,
+  Binary, and the safety net of searches);
+* :meth:`RequestAccess.can_write` before any write (403 with the reason
+  inside a DMP the caller may enter; outside it, the repository answers as
+  for something missing).
+
+Each rule that a search filters on is written once, as a storage query over
+the access facets (:func:`access_facets`: :meth:`RequestAccess.document_query`,
+:meth:`RequestAccess.consent_query`, :meth:`RequestAccess.ins_lookup_filter`),
+and :meth:`RequestAccess.can_see` evaluates that same query on the one
+resource (:func:`matches`); ``tests/test_access_property.py`` checks on random
+worlds that both agree, totals included.
 
 Everything one request needs (the patient's active Consents, DMP state,
 médecin traitant, break-glass grant) is loaded once per request and per
@@ -30,6 +41,7 @@ from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE
 
 INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type": "s", "search": "s", "create": "c",
                       "update": "u", "patch": "u", "delete": "d"}
+SERVER_WRITTEN = ("AuditEvent", "Communication")   # the journal and the notices: only the server writes them
 PATIENT_OWNED = ("DocumentReference", "Consent", "AuditEvent", "Communication", "Binary")
 INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
 INS_LOOKUP_PARAMS = ("identifier", "_format", "_pretty", "_elements", "_summary")
@@ -331,7 +343,7 @@ class RequestAccess:
         self.load([pid])
         return self.states[pid]
 
-    # -- rule 1: SMART scope (the only 403) --------------------------------
+    # -- rule 1: SMART scope ---------------------------------------------------
     def start(self, resource_type: str, interaction: str) -> None:
         letter = INTERACTION_LETTER.get(interaction, "r")
         if not self.p.scopes.allows(resource_type, letter):
@@ -349,8 +361,8 @@ class RequestAccess:
         if p.kind in (PS, REGULATION_CENTRE):
             if not p.id_nat_ps:
                 return deny("role", "professional without idNatPs")
-            if p.acr != "eidas1":
-                return deny("role", "professional without two-factor authentication (eidas1)")
+            # two-factor (acr eidas1) is checked once, by authentication: its refusal is the
+            # RFC 9470 step-up 401 (security/auth.py), not a decision
             if not any(self.policy.habilitations.knows(code) for code in p.professions):
                 return deny("role", "profession not in the habilitation matrix (excluded role)")
             return None
@@ -423,6 +435,9 @@ class RequestAccess:
         if resource_type == "Patient":
             pid = resource.get("id")
         if pid is None:
+            if resource_type == "AuditEvent" and p.kind == ADMIN and self.role_decision() is None \
+                    and p.compartment is None:
+                return permit("admin", "the system journal")
             return deny("no-patient", "resource outside any DMP")
         st = self.state(pid)
         access = self.dmp_access(st)
@@ -441,6 +456,10 @@ class RequestAccess:
                 return access
             return deny("consent-other", "professionals see only their own authorization")
         if resource_type in ("AuditEvent", "Communication"):
+            if resource_type == "AuditEvent" and p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
+                # the journal never names a document hidden from its reader (CONTRACT.md "The journal")
+                return permit(access.rule, access.reason, consents=access.consents,
+                              obligations={"view": "journal"})
             if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
                 return access
             return deny("journal", "professionals do not read the journal")
@@ -496,10 +515,43 @@ class RequestAccess:
             readable["a.masked"] = False
         return {"$or": [{"a.authors": p.id_nat_ps}, readable]}
 
-    def view(self, resource: dict, decision: Decision) -> dict:
-        """Apply the decision's view obligation (INS lookup answers id, identifier and active)."""
-        if decision.obligations.get("view") == "ins_only":
+    def can_see_binary(self, pid: str | None, doc: tuple | None) -> Decision:
+        """A Binary is read under the decision of the DocumentReference its securityContext names
+        (``doc`` = (pid, deleted, resource) of that document, None when there is none): the same
+        DMP, not deleted, and :meth:`can_see` on it; otherwise it is an orphan nobody reads."""
+        if doc is not None and doc[0] == pid and not doc[1]:
+            return self.can_see("DocumentReference", doc[2] or {}, pid)
+        return deny("binary-orphan", "content not attached to a readable document")
+
+    def refusal_looks_missing(self, pid: str | None, decision: Decision) -> bool:
+        """CONTRACT.md "REST behaviour": a refused write outside every DMP the caller may enter
+        answers as the same write on something missing; inside one, 403 with the reason."""
+        if pid and self.dmp_access(self.state(pid)).permit:
+            return False
+        return decision.rule in ("dmp-state", "not-authorized", "patient-other", "dmp-closed", "no-patient",
+                                 "role", "compartment", "blocked")
+
+    def may_replace(self, target: dict) -> bool:
+        """Rule 10: only a document's author replaces it (``relatesTo replaces``)."""
+        return self.p.kind == PS and self.p.id_nat_ps in dmp.author_ids(target)
+
+    def view(self, resource: dict, decision: Decision, sees=None) -> dict:
+        """Apply the decision's view obligation: the INS lookup answers id, identifier and active;
+        a journal entry read by the patient's side names only the documents ``sees(type, id)``
+        lets them see (the access stays listed, the document unnamed)."""
+        view = decision.obligations.get("view")
+        if view == "ins_only":
             return {k: v for k, v in resource.items() if k in INS_LOOKUP_ELEMENTS}
+        if view == "journal" and sees is not None:
+            entities = []
+            for ent in resource.get("entity") or []:
+                ref = (ent.get("what") or {}).get("reference") or ""
+                rtype, _, rest = ref.partition("/")
+                if rtype in ("DocumentReference", "Binary") and rest and not sees(rtype, rest.split("/")[0]):
+                    ent = {**ent, "what": {"display": f"{rtype} (not shown)"}}
+                entities.append(ent)
+            if entities:
+                resource = {**resource, "entity": entities}
         return resource
 
     # -- searches: the decision as a storage query ----------------------------
@@ -633,11 +685,13 @@ class RequestAccess:
 
     # -- writes (DESIGN.md rules 10-11, CONTRACT.md) -----------------------------
     def can_write(self, interaction: str, resource_type: str, new: dict | None, old: dict | None,
-                  pid: str | None) -> Decision:
+                  pid: str | None, *, context: dict | None = None) -> Decision:
+        """May the caller write ``new`` over ``old`` in DMP ``pid``? ``context`` is the
+        DocumentReference a new Binary attaches to (its securityContext)."""
         role = self.role_decision()
         if role:
             return role
-        if resource_type in ("AuditEvent", "Communication"):
+        if resource_type in SERVER_WRITTEN:
             return deny("read-only", f"{resource_type} is read-only")
         if resource_type == "Patient":
             return self._write_patient(interaction, new, old, pid)
@@ -648,7 +702,11 @@ class RequestAccess:
         if resource_type == "Consent":
             return self._write_consent(interaction, new, old, st, access)
         if resource_type in ("DocumentReference", "Binary"):
-            return self._write_document(interaction, resource_type, new, old, st, access)
+            decision = self._write_document(interaction, resource_type, new, old, st, access)
+            if decision.permit and resource_type == "Binary" and context is not None \
+                    and self.p.id_nat_ps not in dmp.author_ids(context):
+                return deny("not-author", "only the author attaches content to a document")
+            return decision
         if resource_type == "RelatedPerson":
             return self._write_representative(interaction, new, old, st, access)
         return deny("type", f"{resource_type} is not writable")

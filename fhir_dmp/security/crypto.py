@@ -59,8 +59,8 @@ KEY_LEN = 32  # AES-256
 
 class ContentUnavailable(Exception):
     """Content cannot be decrypted: wrong binding (AAD), tampered ciphertext,
-    shredded data key or unavailable KEK. Not a client error: the repository
-    decides how to answer (404 for a destroyed DMP, 500 for corruption)."""
+    shredded data key or unavailable KEK. The app answers 404 (the content is
+    gone for good) and the repository journals the read as failed."""
 
 
 class KeyUnavailable(ContentUnavailable):
