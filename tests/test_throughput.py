@@ -215,3 +215,19 @@ def test_two_processes_invalidate_within_a_second_and_never_conflict(two_servers
     verify = subprocess.run([sys.executable, "-m", "fhir_dmp.cli", "audit", "verify"], cwd=ROOT,
                             env=env_of("a"), capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and "intact" in verify.stdout, verify.stdout + verify.stderr
+
+
+def test_total_is_counted_only_when_asked_or_free(api):
+    """A page that does not hold every match carries no total unless ``_total`` asks for it
+    (a count walks every match of a large DMP on every page); a first page that holds
+    everything is its own total."""
+    ps = api.as_ps()
+    pid = ps.post("Patient", b.patient()).json["id"]
+    for _ in range(3):
+        assert ps.post("DocumentReference", b.docref(pid)).status_code == 201
+    page = ps.search(f"DocumentReference?patient={pid}&_count=2")
+    assert "total" not in page and len(page["entry"]) == 2
+    assert any(link["relation"] == "next" for link in page["link"])
+    assert ps.search(f"DocumentReference?patient={pid}&_count=2&_total=accurate")["total"] == 3
+    assert ps.search(f"DocumentReference?patient={pid}&_summary=count")["total"] == 3
+    assert ps.search(f"DocumentReference?patient={pid}")["total"] == 3

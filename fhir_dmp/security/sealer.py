@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pymongo import ReturnDocument, UpdateOne
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, InvalidOperation, PyMongoError
 
 from .audit import COLLECTION, GENESIS, HEADS, SYSTEM_CHAIN, canonical_json, chain_hash
 
@@ -206,6 +206,8 @@ class Sealer:
                         pass
             except LeaseLost:
                 pass
+            except InvalidOperation:   # the client was closed: this process is going away
+                return
             except Exception:   # noqa: BLE001 — keep sealing after a database hiccup
                 log.exception("audit sealer pass failed; retrying")
             self._stop.wait(self.interval)
