@@ -108,9 +108,13 @@ def seed_dmp(env: Env, n_docs: int, *, ps: str = builders.PS_DR, author: str = b
     :data:`DOC_TYPES`. Returns (patient id, document ids).
     """
     repo = env.repo(env.idp.ps(ps, profession="10"))
-    pat = repo.create("Patient", builders.patient(gp=gp))
+    pat = repo.create("Patient", builders.patient())
     repo.flush_audit()
     pid = pat.id
+    if gp:   # the patient names the médecin traitant (a PS never sets it)
+        repo = env.repo(env.idp.patient(pid))
+        repo.update("Patient", pid, builders.patient(gp=gp, ins=pat.resource["identifier"][0]["value"]) | {"id": pid})
+        repo.flush_audit()
     repo = env.repo(env.idp.ps(ps, profession="10"))
     first = repo.create("DocumentReference", builders.docref(pid, content=builders.pdf_bytes("bench")))
     repo.flush_audit()

@@ -15,9 +15,11 @@ import uuid
 from flask import Flask, g, request
 from pymongo.errors import PyMongoError
 
+from .compression import compress_response, decode_request_body
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
-from .repository import Backend, GuardedRepository, RequestInfo
+from .resources.conformance import is_public as conformance_is_public
+from .repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
 from .security.auth import TokenVerifier
 from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy, access_facets
@@ -26,7 +28,15 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration")
+PUBLIC_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration", "/fhir/.well-known/jwks.json")
+BASE_PATHS = ("/fhir", "/fhir/")     # GET there is a hint for browsers (fhir_dmp/home.py), no data
+# CORS for browser SMART apps (https://fetch.spec.whatwg.org/#http-cors-protocol): bearer tokens,
+# no cookies; the FHIR request headers a client sends and the response headers it must read.
+CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "Accept", "Prefer", "If-Match", "If-None-Match",
+                      "If-None-Exist", "If-Modified-Since", "Content-Encoding", "X-Request-Id",
+                      "Category", "X-Break-Glass-Reason", "X-Security-Context", "X-Patient-Access-Code"]
+CORS_EXPOSE_HEADERS = ["ETag", "Location", "Content-Location", "Last-Modified", "WWW-Authenticate",
+                       "X-Request-Id", "Retry-After", "Allow"]
 
 
 def build_backend(config: Config, client=None, db=None) -> Backend:
@@ -70,21 +80,30 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
 
     from .resources import register
     register(app)
+    from . import home
+    app.register_blueprint(home.bp)
+    _cors(app, config)
 
     @app.before_request
     def authenticate():
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         g.repo = None
-        if request.path in PUBLIC_PATHS or not request.path.startswith("/fhir"):
+        if request.path in PUBLIC_PATHS or not request.path.startswith("/fhir") \
+                or request.method == "OPTIONS" \
+                or (request.method in ("GET", "HEAD") and request.path in BASE_PATHS) \
+                or conformance_is_public(request.method, request.path):
+            return None     # public: CORS preflights carry no token
             return None
         try:
             principal = verifier.authenticate(request.headers.get("Authorization"), request.headers)
+            principal = resolve_legal_representative(backend, principal)
         except FhirError as exc:
             if exc.status == 401:
                 _audit_refused(backend, exc)
             raise
         g.repo = GuardedRepository(backend, principal, RequestInfo(
-            client_ip=request.remote_addr, request_id=g.request_id))
+            client_ip=request.remote_addr, request_id=g.request_id,
+            access_code=request.headers.get("X-Patient-Access-Code")))
         return None
 
     @app.after_request
@@ -99,6 +118,14 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             return error_response(ServiceUnavailable("the access journal cannot be written; try again"))
         response.headers.setdefault("X-Request-Id", g.request_id)
         return response
+
+    @app.before_request
+    def decode_body():
+        decode_request_body(request)
+
+    @app.after_request
+    def compress(response):
+        return compress_response(request, response)
 
     @app.errorhandler(FhirError)
     def on_fhir_error(exc: FhirError):
@@ -122,8 +149,10 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         return error_response(NotFound(f"no such endpoint: {request.path}"))
 
     @app.errorhandler(405)
-    def on_405(_exc):
-        return error_response(MethodNotAllowed(f"{request.method} is not supported on {request.path}"))
+    def on_405(exc):
+        allowed = sorted(getattr(exc, "valid_methods", None) or [])
+        return error_response(MethodNotAllowed(f"{request.method} is not supported on {request.path}",
+                                               headers={"Allow": ", ".join(allowed)} if allowed else None))
 
     @app.errorhandler(413)
     def on_413(_exc):
@@ -137,14 +166,21 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         log.exception("unexpected error (request %s)", g.get("request_id"))
         repo = getattr(g, "repo", None)
         if repo is not None and not repo.records:
-            interaction = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
-                           "DELETE": "delete"}.get(request.method, "read")
-            repo.record(interaction, outcome="8", patient_id=None, resource=request.path,
+            repo.record(_interaction(), outcome="8", patient_id=None, resource=request.path,
                         http_status=500)
         return error_response(FhirError("internal error; the request was not completed "
                                         f"(request id {g.get('request_id')})", status=500, code="exception"))
 
     return app
+
+
+def _cors(app: Flask, config: Config) -> None:
+    """CORS on the FHIR API only (CONTRACT.md "REST behaviour"), by flask-cors."""
+    from flask_cors import CORS
+    CORS(app, resources={r"/fhir/*": {}, r"/fhir": {}}, origins=list(config.cors_origins),
+         allow_headers=CORS_ALLOW_HEADERS, expose_headers=CORS_EXPOSE_HEADERS,
+         send_wildcard="*" in config.cors_origins, supports_credentials=False, max_age=600,
+         vary_header=True)
 
 
 def error_response(exc: FhirError):
@@ -156,18 +192,29 @@ def error_response(exc: FhirError):
     return response
 
 
+def _interaction() -> str:
+    """The restful-interaction code of the request's method (for events outside the repository)."""
+    return {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
+            "DELETE": "delete"}.get(request.method, "read")
+
+
 def _audit_refused(backend: Backend, exc: FhirError) -> None:
-    """Refused tokens are journaled too (no patient; never the token)."""
+    """Refused tokens go to the system journal (CONTRACT.md "The journal"; no patient, never the
+    token). An expected refusal logs one line, no traceback."""
+    from .repository import ACTION
     from .security.audit import AccessRecord, build_event
     try:
-        rec = AccessRecord(interaction="login", action="E", outcome="4", principal=None, patient_id=None,
+        interaction = _interaction()
+        rec = AccessRecord(interaction=interaction, action=ACTION.get(interaction, "E"), outcome="4",
+                           principal=None, patient_id=None,
                            resource=request.path, query=None,
                            decision={"result": "deny", "rule": "authentication", "reason": exc.diagnostics[:200],
                                      "consents": []},
                            http_status=401, client_ip=request.remote_addr, request_id=g.get("request_id"))
         backend.audit_log.append([build_event(rec, source_observer=backend.config.fhir_base)])
-    except Exception:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
-        log.exception("could not journal a refused token")
+    except Exception as err:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
+        log.error("could not journal a refused token (request %s): %s", g.get("request_id"),
+                  type(err).__name__)
 
 
 def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
@@ -176,7 +223,7 @@ def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
     config = backend.config
     if config.context_cache:
         from .security.context_cache import ContextCache
-        cache = ContextCache(backend.storage.db)
+        cache = ContextCache(backend.storage)
         cache.start()
         backend.policy.context_cache = cache
         app.extensions["fhir_dmp.context_cache"] = cache

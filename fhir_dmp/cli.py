@@ -1,7 +1,7 @@
 """The ``fhir-dmp`` command line (CONTRACT.md "Install and run").
 
 Subcommands: ``serve``, ``dev-token``, ``load``, ``audit verify``,
-``keys rotate``. Configuration comes only from ``Config.from_env()``; the
+``keys rotate``, ``retention run``. Configuration comes only from ``Config.from_env()``; the
 options ``--host/--port/--workers`` override it. Expected failures (bad
 configuration, port taken, database that will not start, missing file) end
 with one line ``fhir-dmp: error: ...`` on stderr and a non-zero status,
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "audience is the server's base URL: pass the --host/--port given "
                                    "to serve (or set FHIR_DMP_BASE_URL).")
     p.add_argument("kind", metavar="KIND")
-    p.add_argument("--patient", help="Patient id (patient, legal_representative)")
+    p.add_argument("--patient", help="Patient id (patient)")
+    p.add_argument("--related-person", dest="related_person", metavar="ID",
+                   help="RelatedPerson id (legal_representative)")
     p.add_argument("--ps", dest="id_nat_ps", metavar="IDNATPS", help="idNatPs of the PS (8 + RPPS)")
     p.add_argument("--profession", metavar="CODE", help="TRE_G15 profession code (10 = médecin, ...)")
     p.add_argument("--purpose", choices=("TREAT", "BTG", "ETREAT"), help="purpose of use")
@@ -94,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="key management")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    r = ksub.add_parser("rotate", help="new key-encryption key; rewrap every data key")
+    r = ksub.add_parser("rotate", help="new key-encryption key; rewrap every data key; retire old ones")
     r.set_defaults(func=cmd_keys_rotate)
+
+    p = sub.add_parser("retention", help="lifecycle of closed DMPs")
+    rsub = p.add_subparsers(dest="retention_command", metavar="ACTION", required=True)
+    r = rsub.add_parser("run", help="destroy the closed DMPs whose retention (FHIR_DMP_RETENTION_YEARS) is over")
+    r.set_defaults(func=cmd_retention_run)
     return parser
 
 
@@ -150,7 +157,8 @@ def cmd_dev_token(args, **_) -> int:
     try:
         token = mint_token(config, args.kind, patient=args.patient, id_nat_ps=args.id_nat_ps,
                            profession=args.profession, purpose=args.purpose,
-                           btg_reason=args.btg_reason, scope=args.scope, lifetime=args.lifetime)
+                           btg_reason=args.btg_reason, scope=args.scope, lifetime=args.lifetime,
+                           related_person=args.related_person)
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     print(token)
@@ -224,9 +232,26 @@ def cmd_keys_rotate(args, **_) -> int:
 
     config = _config(args)
     rotate_kek = _lazy("security.crypto", "rotate_kek", "keys rotate")
+    retire = _lazy("security.crypto", "retire_unused_keks", "keys rotate")
     with connected(config, log=_say) as (config_used, _client, db):
         count = rotate_kek(config_used, db)
-    print(f"new key-encryption key in place; {count} data key(s) rewrapped")
+        # a destroyed DMP's data key must not be recoverable from an old backup of the wrapped keys
+        # with an old KEK: once nothing is wrapped by them, older KEKs leave the key file
+        retired = retire(config_used, db)
+    print(f"new key-encryption key in place; {count} data key(s) rewrapped; "
+          f"{len(retired)} old key-encryption key(s) retired")
+    return 0
+
+
+def cmd_retention_run(args, **_) -> int:
+    from .database import connected
+
+    config = _config(args)
+    run_retention = _lazy("lifecycle", "run_retention", "retention run")
+    from .app import build_backend
+    with connected(config, log=_say) as (config_used, client, db):
+        count = run_retention(build_backend(config_used.with_(notifications_worker=False), client, db))
+    print(f"{count} closed DMP(s) past retention destroyed")
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 PACKAGE_DATA = Path(__file__).parent / "data"
+FIRST_ACCESS_MODES = ("attestation", "patient-code")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,11 @@ class Config:
     max_page_size: int = 1000
     default_page_size: int = 50
     notifications_worker: bool = True
+    # origins allowed to call the FHIR API from a browser (CORS); "*" = any (bearer tokens, no cookies)
+    cors_origins: tuple[str, ...] = ("*",)
+    # CONTRACT.md "Lifecycle of a DMP": years a closed DMP is kept; how a PS's first access is granted
+    retention_years: int = 10
+    first_access: str = "attestation"
     # the journal (issue 13): the background sealer, its signing key, the unsealed bound
     audit_sealer: bool = True
     audit_key_file: Path | None = None
@@ -73,6 +79,8 @@ class Config:
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.first_access not in FIRST_ACCESS_MODES:
+            raise ConfigError(f"FHIR_DMP_FIRST_ACCESS must be one of {', '.join(FIRST_ACCESS_MODES)}")
         if not self.max_body_bytes:
             # base64 grows content by 4/3; leave room for the metadata around it
             object.__setattr__(self, "max_body_bytes", self.max_attachment_bytes * 4 // 3 + 1024 * 1024)
@@ -132,10 +140,15 @@ class Config:
             sms_webhook_url=env.get("FHIR_DMP_SMS_WEBHOOK_URL") or None,
             break_glass_ttl=_int(env, "FHIR_DMP_BREAK_GLASS_TTL", 14400),
             max_attachment_bytes=_int(env, "FHIR_DMP_MAX_ATTACHMENT_BYTES", 20 * 1024 * 1024),
+            retention_years=_int(env, "FHIR_DMP_RETENTION_YEARS", 10),
+            first_access=(env.get("FHIR_DMP_FIRST_ACCESS") or "attestation").strip(),
             audit_key_file=Path(env["FHIR_DMP_AUDIT_KEY_FILE"]) if env.get("FHIR_DMP_AUDIT_KEY_FILE") else None,
             audit_seal_bound=_int(env, "FHIR_DMP_AUDIT_SEAL_BOUND", 60),
             threads=_int(env, "FHIR_DMP_THREADS", 0) if env.get("FHIR_DMP_THREADS") else 0,
         )
+        if env.get("FHIR_DMP_CORS_ORIGINS"):
+            values["cors_origins"] = tuple(o.strip() for o in env["FHIR_DMP_CORS_ORIGINS"].split(",")
+                                           if o.strip())
         if env.get("FHIR_DMP_SMTP_FROM"):
             values["smtp_from"] = env["FHIR_DMP_SMTP_FROM"]
         if env.get("FHIR_DMP_HABILITATIONS_FILE"):

@@ -56,7 +56,7 @@ import socket
 import ssl
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -76,7 +76,7 @@ CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/communication-category"
 MODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
 NO_CONTACT_REASON = "Aucun moyen de contact (email/SMS) dans le dossier"
 
-KINDS = ("first_access", "break_glass", "centre_15")
+KINDS = ("first_access", "break_glass", "centre_15", "access_code")
 PROFESSION_LABELS = {
     "10": "Médecin", "21": "Pharmacien", "40": "Chirurgien-dentiste", "50": "Sage-femme",
     "60": "Infirmier", "70": "Masseur-kinésithérapeute",
@@ -108,6 +108,8 @@ class Notice:
     mode: str
     when: datetime
     reason: str | None = None
+    #: access_code: the one-time code, in the message sent only (never in the Communication)
+    code: str | None = None
 
 
 # --- the text -------------------------------------------------------------------
@@ -140,6 +142,11 @@ def render_text(notice: Notice) -> tuple[str, str]:
         subject = "Accès en urgence (bris de glace) à votre dossier médical"
         what = (f"{actor} a accédé à votre dossier médical partagé (DMP) en urgence, "
                 f"en mode « bris de glace », le {day} à {hour}.")
+    elif notice.kind == "access_code":
+        subject = "Code d'accès à votre dossier médical"
+        what = (f"{actor} demande à accéder pour la première fois à votre dossier médical "
+                f"partagé (DMP) le {day} à {hour}. Si vous êtes d'accord, donnez-lui ce code "
+                f"à usage unique, valable 10 minutes : {notice.code or '(envoyé séparément)'}")
     elif notice.kind == "centre_15":
         subject = "Accès du centre de régulation (SAMU-Centre 15) à votre dossier médical"
         what = (f"{actor}, du centre de régulation médicale (SAMU-Centre 15), a accédé "
@@ -276,10 +283,12 @@ class Outbox:
         if notice.kind not in KINDS:
             raise ValueError(f"unknown notification kind {notice.kind!r}")
         subject, body = render_text(notice)
+        # the Communication the patient reads later never holds a one-time code
+        shown = render_text(replace(notice, code=None))[1] if notice.code else body
         found = contacts(patient)
         if not found:
             log.info("notification %s for a patient without contact: not-done", notice.kind)
-            return [_communication(notice, subject, body, status="not-done", channel=None,
+            return [_communication(notice, subject, shown, status="not-done", channel=None,
                                    message_id=None)]
         if not self._indexed:
             ensure_indexes(self.db)
@@ -288,7 +297,7 @@ class Outbox:
         comms, docs = [], []
         for channel, address in found.items():
             message_id = uuid.uuid4().hex
-            comm = _communication(notice, subject, body, status="in-progress", channel=channel,
+            comm = _communication(notice, subject, shown, status="in-progress", channel=channel,
                                   message_id=message_id)
             comms.append(comm)
             docs.append({
@@ -442,7 +451,9 @@ class Worker:
         now = datetime.now(timezone.utc)
         done = self.coll.find_one_and_update(
             {"_id": mid, "status": {"$ne": "sent"}},
-            {"$set": {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None}},
+            {"$set": {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None,
+                      # a one-time code leaves the database once delivered
+                      **({"body": None} if msg.get("kind") == "access_code" else {})}},
             return_document=ReturnDocument.AFTER)
         if done is None:
             log.warning("notification %s/%s was completed by another worker (duplicate send)",

@@ -14,8 +14,7 @@ nothing of storage.
 from __future__ import annotations
 
 import logging
-import random
-import time
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -27,15 +26,15 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
                      Unprocessable, not_found)
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
-from .security.principal import ADMIN, Principal
-from .storage import Stored, VersionConflict, is_write_conflict, merge_filters, new_id, now
+from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
+from .storage import (DuplicateValue, Stored, VersionConflict, is_write_conflict, merge_filters, new_id,
+                      now)
 
 log = logging.getLogger(__name__)
 
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
-HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication"}
-WRITE_RETRIES = 8
+HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson"}
 
 
 @dataclass
@@ -55,6 +54,7 @@ class RequestInfo:
 
     client_ip: str | None = None
     request_id: str | None = None
+    access_code: str | None = None      # X-Patient-Access-Code (first access in patient-code mode)
 
 
 def named_patient_ids(rtype: str, args: list[tuple[str, str]]) -> set[str]:
@@ -68,15 +68,14 @@ def named_patient_ids(rtype: str, args: list[tuple[str, str]]) -> set[str]:
     return {p for p in out if p and "/" not in p}
 
 
-def is_ins_lookup(rtype: str, args: list[tuple[str, str]]) -> bool:
-    """``Patient?identifier=<INS system>|<value>`` and nothing else (CONTRACT.md)."""
-    if rtype != "Patient":
-        return False
-    criteria = [(k, v) for k, v in args if not k.startswith("_") or k in ("_id", "_lastUpdated")]
-    if len(criteria) != 1 or criteria[0][0] != "identifier":
-        return False
-    system, _, value = criteria[0][1].partition("|")
-    return system in INS_SYSTEMS and bool(value) and "," not in value
+_INS_IN_QUERY = re.compile(r"((?:urn|URN)(?::|%3A|%3a)oid(?::|%3A|%3a)1\.2\.250\.1\.213\.1\.4\.(?:8|9|10|11)"
+                           r"(?:\||%7C|%7c))([^&#;,]+)")
+
+
+def redact_ins(query: str) -> str:
+    """The query without INS values, for the system journal: what no DMP's chain holds must not
+    keep a NIR once that DMP is destroyed (CONTRACT.md "Lifecycle": no personal data left)."""
+    return _INS_IN_QUERY.sub(lambda m: m.group(1) + "[INS]", query)
 
 
 class Backend:
@@ -90,6 +89,33 @@ class Backend:
         self.outbox = outbox
         self.blobs = blobs
         self.crypto = crypto
+
+
+def resolve_legal_representative(backend: Backend, principal: Principal) -> Principal:
+    """CONTRACT.md "Who the caller is": a legal representative's token names a RelatedPerson
+    (relative, or on this server's base URL); the caller acts for the patient it names while
+    it is in force (``consent.representative_in_force``). Anything else: 401."""
+    from dataclasses import replace
+
+    from .security.auth import invalid_token
+    from .security.consent import representative_in_force
+    if principal.kind != LEGAL_REPRESENTATIVE:
+        return principal
+    parsed = search.parse_reference(principal.related_person, backend.config.fhir_base) or {}
+    if parsed.get("t") != "RelatedPerson" or parsed.get("r") != f"RelatedPerson/{parsed.get('i')}":
+        raise invalid_token("fhirUser names a RelatedPerson of another server")
+    rp = backend.storage.read("RelatedPerson", parsed["i"])
+    patient = backend.storage.read("Patient", rp.pid) if rp and not rp.deleted and rp.pid else None
+    decision = representative_in_force(rp.resource if rp and not rp.deleted else {},
+                                       patient.resource if patient and not patient.deleted else None,
+                                       now()) if rp else None
+    if decision is None or not decision.permit:
+        raise invalid_token("the token's RelatedPerson is not a legal representative in force")
+    if principal.compartment is not None and principal.compartment != rp.pid:
+        raise invalid_token("the patient claim names another patient than the RelatedPerson's")
+    return replace(principal, patient_id=rp.pid,
+                   compartment=rp.pid if principal.compartment is not None
+                   or principal.scopes.contexts() == {"patient"} else None)
 
 
 class GuardedRepository:
@@ -112,6 +138,8 @@ class GuardedRepository:
                resource: str | None = None, decision: Decision | None = None,
                http_status: int | None = None, query: str | None = None) -> None:
         from .security.audit import AccessRecord
+        if patient_id is None and query:
+            query = redact_ins(query)
         self.records.append(AccessRecord(
             interaction=interaction, action=ACTION.get(interaction, "E"), outcome=outcome,
             principal=self.p, patient_id=patient_id, resource=resource, query=query,
@@ -135,19 +163,17 @@ class GuardedRepository:
         if not effects:
             self.b.audit_log.append(self._events(records))
             return
-        for attempt in range(WRITE_RETRIES):
-            try:
-                with self.storage.transaction() as session:
-                    for effect in effects:
-                        effect(session)
-                    more, self.records = self.records, []
-                    self.b.audit_log.append(self._events(records + more), session=session)
-                return
-            except PyMongoError as exc:
-                self.records = []
-                if not is_write_conflict(exc) or attempt == WRITE_RETRIES - 1:
-                    raise
-                time.sleep(random.uniform(0.005, 0.02) * 2 ** attempt)
+
+        def attempt(session):
+            self.records = []
+            for effect in effects:
+                effect(session)
+            self.b.audit_log.append(self._events(records + self.records), session=session)
+
+        try:
+            self.storage.run_transaction(attempt)
+        finally:
+            self.records = []
 
     # ------------------------------------------------------------ decisions
     def _see(self, rtype: str, stored: Stored, *, extra: dict | None = None) -> Decision:
@@ -175,21 +201,21 @@ class GuardedRepository:
         self.access.states[pid].grant = grant
 
         def effect(session):
-            self.storage.db["btg_grants"].insert_one(grant, session=session)
+            self.storage.add_grant(grant, session=session)
             self.notify("break_glass", pid, session=session)
         self.effects.append(effect)
 
-    def notify(self, kind: str, pid: str, *, session=None) -> None:
+    def notify(self, kind: str, pid: str, *, session=None, code: str | None = None) -> list[dict]:
         """Queue a notice to the patient and store the matching Communication(s)."""
         if self.b.outbox is None:
-            return
+            return []
         from .notifications import Notice
         st = self.access.state(pid)
         if st.patient is None:
-            return
+            return []
         notice = Notice(kind=kind, patient_id=pid, actor_name=self.p.name,
                         actor_profession=self.p.profession, actor_id=self.p.id_nat_ps,
-                        mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason)
+                        mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason, code=code)
         comms = self.b.outbox.enqueue(notice, st.patient, session=session)
         for comm in comms:
             stored = self.storage.create("Communication", comm, pid=pid, rid=comm.get("id"),
@@ -200,6 +226,7 @@ class GuardedRepository:
                         decision=Decision(status != "not-done", f"notify-{kind}",
                                           "patient notified" if status != "not-done" else
                                           "the patient could not be told: no contact on file"))
+        return comms
 
     def _current(self, rtype: str, rid: str) -> Stored | None:
         """The current version; a Patient comes with its decision context (one load, cached
@@ -208,7 +235,7 @@ class GuardedRepository:
             doc = self.access.state(rid).doc
             return Stored.from_doc(rtype, {**doc, "res": dict(doc["res"]) if doc.get("res") else None}) \
                 if doc else None
-        return self.storage.read(rtype, rid)
+        return self.storage.read(rtype, rid, session=self.session)
 
     def _visible(self, rtype: str, rid: str, interaction: str) -> Stored:
         """Current version if the caller may see it; NotFound otherwise; Gone if deleted and seen."""
@@ -237,7 +264,7 @@ class GuardedRepository:
         version with content (so a 410 is only told to those who could see it)."""
         target = current
         if current.deleted and current.vid > 1:
-            target = self.storage.vread(rtype, current.id, current.vid - 1) or current
+            target = self.storage.vread(rtype, current.id, current.vid - 1, session=self.session) or current
         return self._decide_read(rtype, target)
 
     def _decide_read(self, rtype: str, stored: Stored) -> Decision:
@@ -250,7 +277,7 @@ class GuardedRepository:
         doc_id = search.reference_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
                         "DocumentReference")
         if doc_id:
-            doc = self.storage.read("DocumentReference", doc_id)
+            doc = self.storage.read("DocumentReference", doc_id, session=self.session)
             if doc and not doc.deleted and doc.pid == stored.pid:
                 return self._see("DocumentReference", doc)
         return Decision(False, "binary-orphan", "content not attached to a readable document")
@@ -267,7 +294,7 @@ class GuardedRepository:
         self.access.start(rtype, "vread")
         current = self._visible(rtype, rid, "vread")   # the current decision rules old versions
         try:
-            version = self.storage.vread(rtype, rid, int(vid)) if vid.isdigit() else None
+            version = self.storage.vread(rtype, rid, int(vid), session=self.session) if vid.isdigit() else None
         except ValueError:
             version = None
         if version is None:
@@ -290,11 +317,11 @@ class GuardedRepository:
     def history(self, rtype: str, rid: str | None, *, since: datetime | None, count: int,
                 cursor: tuple | None) -> tuple[list[Stored], tuple | None, int | None]:
         """Versions newest first; (page, next cursor, total or None)."""
-        self.access.start(rtype, "history")
+        self.access.start(rtype, "history" if rid is not None else "history-type")
         if rid is not None:
             current = self._visible_for_history(rtype, rid)
-            page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1)
-            total = self.storage.count_history(rtype, rid) if since is None else None
+            page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1, session=self.session)
+            total = self.storage.count_history(rtype, rid, session=self.session) if since is None else None
             self.record("history", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
                         decision=current._decision, http_status=200)
             return self._page(page, count, total)
@@ -307,13 +334,13 @@ class GuardedRepository:
         verdict: dict[str, bool] = {}
         while len(out) <= count and scanned < 20 * (count + 1):
             batch = self.storage.history(rtype, None, pid_filter=pid_filter, since=since, after_key=after,
-                                         limit=count + 1)
+                                         limit=count + 1, session=self.session)
             if not batch:
                 break
             scanned += len(batch)
             for v in batch:
                 if v.id not in verdict:
-                    cur = self.storage.read(rtype, v.id)
+                    cur = self.storage.read(rtype, v.id, session=self.session)
                     verdict[v.id] = bool(cur) and self._decide_current(rtype, cur).permit
                 if verdict[v.id]:
                     out.append(v)
@@ -326,11 +353,42 @@ class GuardedRepository:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
         return self._page(out, count, None)
 
+    # ------------------------------------------------- system-level history
+    def system_history(self, *, since: datetime | None, count: int,
+                       cursor: tuple | None) -> tuple[list[Stored], tuple | None]:
+        """``GET [base]/_history`` (https://hl7.org/fhir/R4/http.html#history): the type-level
+        histories of every hosted type the token's scopes allow, each through :meth:`history`
+        (the same decision per version), merged newest first.
+
+        The cursor is ``(lastUpdated, "Type/id/vid")``; versions are ordered by lastUpdated
+        descending, then by that key ascending, so pages neither repeat nor skip a version.
+        Returns (page, next cursor or None); no total (it would take a pass over every type).
+        """
+        merged: list[Stored] = []
+        for rtype in sorted(HOSTED):
+            if not self.p.scopes.allows(rtype, "r"):
+                continue
+            after = None
+            if cursor is not None:
+                lu, key = cursor
+                ctype, _, rest = key.partition("/")
+                # versions of the same instant: those of a later type, or later in the cursor's type
+                after = (lu, rest if rtype == ctype else ("" if rtype > ctype else "\uffff"))
+            page, _, _ = self.history(rtype, None, since=since, count=count, cursor=after)
+            merged.extend(page)
+        merged.sort(key=lambda v: (-v.lu.timestamp(), f"{v.resource_type}/{v.id}/{v.vid}"))
+        nxt = None
+        if len(merged) > count:
+            merged = merged[:count]
+            last = merged[-1]
+            nxt = (last.lu, f"{last.resource_type}/{last.id}/{last.vid}")
+        return merged, nxt
+
     def _visible_for_history(self, rtype: str, rid: str) -> Stored:
         try:
             return self._visible(rtype, rid, "history")
         except Gone:
-            stored = self.storage.read(rtype, rid)
+            stored = self.storage.read(rtype, rid, session=self.session)
             stored._decision = None
             return stored
 
@@ -350,20 +408,27 @@ class GuardedRepository:
         req = search.parse_search(rtype, args, lenient=lenient, max_count=cfg.max_page_size,
                                   default_count=cfg.default_page_size)
         page = SearchPage(req)
-        guard = self.access.search_filter(rtype, named_patient_ids(rtype, args),
-                                          ins_lookup=is_ins_lookup(rtype, args))
+        ins_lookup = self.access.ins_lookup(rtype, args)
+        named = named_patient_ids(rtype, args)
+        guard = self.access.search_filter(rtype, named, ins_lookup=ins_lookup)
+        # a search naming a DMP the caller may not enter is a denial in that DMP's journal
+        denied = {} if ins_lookup else self._denied_dmps(named)
+        for pid, decision in denied.items():
+            self.record("search", outcome="4", patient_id=pid, resource=rtype, query=query_string,
+                        decision=decision, http_status=200)
         if guard is None:
             page.total = 0 if req.total != "none" or req.summary == "count" else None
-            self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
-                        decision=Decision(False, "search-scope", "nothing visible to this caller"),
-                        http_status=200)
+            if not denied:
+                self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
+                            decision=Decision(False, "search-scope", "nothing visible to this caller"),
+                            http_status=200)
             return page
         base = merge_filters(guard, req.mongo_filter())     # the guard first: pid fails fast
         if req.summary == "count" or req.count == 0:
             docs = []
         else:
             flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
-            docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1)
+            docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1, session=self.session)
         if req.total != "none" or req.summary == "count":
             # a first page that holds everything is its own total: no second pass over the data;
             # otherwise the matches are counted only when asked (_total=accurate|estimate,
@@ -373,12 +438,12 @@ class GuardedRepository:
             if short:
                 page.total = len(docs)
             elif req.explicit_total or req.summary == "count":
-                page.total = self.storage.count(rtype, base)
+                page.total = self.storage.count(rtype, base, session=self.session)
         if docs:
             if len(docs) > req.count:
                 docs = docs[:req.count]
                 page.next_cursor = search.cursor_after(req, docs[-1])
-            extra = {"ins_lookup": True} if is_ins_lookup(rtype, args) else None
+            extra = {"ins_lookup": True} if ins_lookup else None
             for doc in docs:
                 stored = Stored.from_doc(rtype, doc)
                 decision = self._see(rtype, stored, extra=extra)
@@ -390,11 +455,23 @@ class GuardedRepository:
                 page.matches.append(stored)
             page.included = self._includes(req, docs, page.matches)
         touched = sorted({s.pid for s in page.matches + page.included if s.pid})
-        for pid in touched or [None]:
+        for pid in touched or ([] if denied else [None]):
             self.record("search", outcome="0", patient_id=pid, resource=rtype, query=query_string,
                         decision=Decision(True, "search", "filtered by the access decision"),
                         http_status=200)
         return page
+
+    def _denied_dmps(self, pids: set[str]) -> dict[str, Decision]:
+        """The existing DMPs among ``pids`` the caller may not enter, with the denial."""
+        self.access.load(pids)
+        out = {}
+        for pid in sorted(pids):
+            st = self.access.states[pid]
+            if st.known:
+                decision = self.access.dmp_access(st)
+                if not decision.permit:
+                    out[pid] = decision
+        return out
 
     def _includes(self, req, docs: list[dict], matches: list[Stored]) -> list[Stored]:
         """_include / _revinclude, each included resource through the same decision."""
@@ -417,7 +494,7 @@ class GuardedRepository:
                     if t in HOSTED:
                         targets.setdefault(t, []).append(i)
             for t, ids in targets.items():
-                for stored in self.storage.read_many(t, sorted(set(ids))):
+                for stored in self.storage.read_many(t, sorted(set(ids)), session=self.session):
                     admit(t, stored)
         for inc in req.revinclude or []:
             if inc.source_type not in HOSTED or not matches:
@@ -428,7 +505,7 @@ class GuardedRepository:
                 continue
             flt = search.revinclude_filter(inc, req.resource_type, [s.id for s in matches])
             for stored in self.storage.find(inc.source_type, merge_filters(guard, flt),
-                                            [("_id", 1)], self.b.config.max_page_size):
+                                            [("_id", 1)], self.b.config.max_page_size, session=self.session):
                 admit(inc.source_type, stored)
         return out
 
@@ -452,42 +529,50 @@ class GuardedRepository:
 
     # ----------------------------------------------------------------- writes
     def _writing(self, fn, *, interaction: str = "transaction", rtype: str | None = None):
-        """Run ``fn(session)`` in a transaction, retrying lost races (not If-Match conflicts).
+        """Run ``fn(session)`` in a transaction (pymongo ``with_transaction``: lost races and
+        unknown commit results are retried; If-Match conflicts are not).
 
         The AuditEvents recorded by ``fn`` are appended inside the same transaction: a write is
         never committed without its journal entry (fail closed), and a rolled-back attempt leaves
-        no entry. A failure is journaled afterwards, at the end of the request.
+        no entry. Reads inside ``fn`` see its writes. When ``fn`` fails, the denials it recorded
+        stay (journaled at the end of the request), its successes go with the rollback.
         """
         mark = len(self.records)
-        for attempt in range(WRITE_RETRIES):
-            try:
-                with self.storage.transaction() as session:
-                    self.session = self.access.session = session
-                    try:
-                        result = fn(session)
-                        if len(self.records) > mark:
-                            self.b.audit_log.append(self._events(self.records[mark:]), session=session)
-                    finally:
-                        self._dirty_pids.update(r.patient_id for r in self.records[mark:] if r.patient_id)
-                        del self.records[mark:]
-                        self.session = self.access.session = None
-                        self.access.states.clear()
-                self._forget_contexts()   # committed: this process forgets at once, others by the stream
-                return result
-            except PyMongoError as exc:
-                if not is_write_conflict(exc):
-                    raise
-                if attempt < WRITE_RETRIES - 1:
-                    time.sleep(random.uniform(0.005, 0.02) * 2 ** attempt)   # jittered back-off
-                    continue
-                self.record(interaction, outcome="4", patient_id=None, resource=rtype, http_status=409)
-                raise Conflict("the record is being changed by another request; retry",
-                               code="transient", headers={"Retry-After": "1"}) from None
-            except FhirError as exc:
+
+        def attempt(session):
+            del self.records[mark:]            # a retried attempt starts clean
+            self.access.states.clear()
+            self.session = self.access.session = session
+            result = fn(session)
+            self._dirty_pids.update(r.patient_id for r in self.records[mark:] if r.patient_id)
+            if len(self.records) > mark:
+                self.b.audit_log.append(self._events(self.records[mark:]), session=session)
+            return result
+
+        try:
+            result = self.storage.run_transaction(attempt)
+            del self.records[mark:]            # committed with the write
+            self._forget_contexts()   # committed: this process forgets at once, others by the stream
+            return result
+        except PyMongoError as exc:
+            del self.records[mark:]
+            if not is_write_conflict(exc):
+                raise
+            self.record(interaction, outcome="4", patient_id=None, resource=rtype, http_status=409)
+            raise Conflict("the record is being changed by another request; retry",
+                           code="transient", headers={"Retry-After": "1"}) from None
+        except FhirError as exc:
+            kept = [r for r in self.records[mark:] if r.outcome != "0"]
+            del self.records[mark:]
+            self.records += kept
+            if not kept:
                 self.record(interaction, outcome="4" if exc.status < 500 else "8", patient_id=None,
                             resource=rtype, http_status=exc.status,
                             decision=Decision(False, "error", exc.diagnostics[:200]))
-                raise
+            raise
+        finally:
+            self.session = self.access.session = None
+            self.access.states.clear()
 
     def _deny_write(self, interaction: str, rtype: str, rid: str | None, pid: str | None,
                     decision: Decision) -> FhirError:
@@ -512,12 +597,17 @@ class GuardedRepository:
         decision = self.access.can_write("create", rtype, resource, None, pid)
         if not decision.permit:
             raise self._deny_write("create", rtype, None, pid, decision)
+        if decision.obligations.get("patient_code"):
+            self._use_access_code(pid)
         resource = self._prepare(rtype, resource, None, pid)
 
         def write(s):
             rid_ = rid or new_id()
             resource_ = self._store_content(rtype, rid_, 1, resource, pid, s, content)
-            stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s)
+            try:
+                stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s)
+            except DuplicateValue:
+                raise duplicate_dmp(resource) from None
             self._after_write("create", rtype, stored, None, decision, s)
             self.record("create", outcome="0", patient_id=stored.pid,
                         resource=f"{rtype}/{stored.id}/_history/1", decision=decision, http_status=201)
@@ -563,7 +653,11 @@ class GuardedRepository:
             except VersionConflict as exc:
                 raise PreconditionFailed(f"version conflict: {rtype}/{rid} is at version {exc.current_vid}") \
                     if if_match else Conflict(f"concurrent update of {rtype}/{rid}; retry") from None
+            except DuplicateValue:
+                raise duplicate_dmp(resource) from None
             self._after_write(interaction, rtype, stored, old, decision, s)
+            if rtype == "Patient":
+                self._after_patient_write(old, resource, stored, s)
             self.record(interaction, outcome="0", patient_id=pid, resource=f"{rtype}/{rid}/_history/{stored.vid}",
                         decision=decision, http_status=200)
             return stored
@@ -622,46 +716,96 @@ class GuardedRepository:
         return write(session) if session is not None else self._writing(write, interaction="delete", rtype=rtype)
 
     # ------------------------------------------------------------ lifecycle
-    def destroy_dmp(self, pid: str) -> None:
-        """Destroy a DMP (DESIGN.md rule 3): the record becomes as if it never existed.
+    def destroy_dmp(self, pid: str, *, reason: str | None = None) -> None:
+        """Destroy a DMP (CONTRACT.md "Lifecycle of a DMP"): afterwards it never existed.
 
-        Administrator only. The patient's data key is deleted first (crypto-shredding: every
-        document becomes unrecoverable even from backups), then the encrypted chunks, the
-        documents, Consents, Communications and their history; the Patient stays as a bare
-        tombstone marked ``destroyed``. The journal is kept 10 years (``retain_until``).
+        The patient or the administrator (``consent.can_destroy``). One transaction removes
+        everything the database holds about it (``lifecycle.purge_dmp``: data key first, then
+        content, resources, notices, access codes and its journal) and writes the one
+        system-journal entry that stays, without personal data; if any part fails nothing
+        changes (fail closed). The INS is free again.
         """
-        from .security.audit import mark_retention
+        from . import lifecycle
         self.access.start("Patient", "delete")
-        current = self.storage.read("Patient", pid)
         st = self.access.state(pid)
-        if current is None or not st.known:
-            self.record("delete", outcome="4", patient_id=None, resource=f"Patient/{pid}", http_status=404)
-            raise not_found("Patient", pid)
-        if self.p.kind != ADMIN:
-            decision = Decision(False, "destroy-dmp", "only an administrator destroys a DMP")
-            if not self.access.dmp_access(st).permit:
-                self.record("delete", outcome="4", patient_id=pid, resource=f"Patient/{pid}",
-                            decision=decision, http_status=404)
+        decision = self.access.can_destroy(st)
+        if not decision.permit:
+            if not st.known or not self.access.dmp_access(st).permit:
+                self.record("delete", outcome="4", patient_id=None, resource=f"Patient/{pid}",
+                            http_status=404)
                 raise not_found("Patient", pid)
             raise self._deny_write("delete", "Patient", pid, pid, decision)
-        at = now()
-        self.b.crypto.shred(pid)
-        self.b.blobs.delete_patient(pid)
-        db = self.storage.db
-        for rtype in ("DocumentReference", "Binary", "Consent", "Communication"):
-            db[rtype].delete_many({"pid": pid})
-            db[f"{rtype}_history"].delete_many({"pid": pid})
-        db["Patient_history"].delete_many({"rid": pid})
-        db["btg_grants"].delete_many({"pid": pid})
-        db["Patient"].update_one({"_id": pid}, {"$set": {"destroyed": True, "destroyed_at": at, "del": True,
-                                                        "res": None, "s": {}, "o": {}}})
-        mark_retention(db, pid, at)
+        actor = "admin" if self.p.kind == ADMIN else "patient"
+        event = lifecycle.destroy_event(actor, now(), source_observer=self.b.config.fhir_base,
+                                        reason=reason or f"asked by the {actor}")
+        # nothing about this DMP may be journaled after its chain is gone
+        self.records = [r for r in self.records if r.patient_id != pid]
+
+        def write(s):
+            lifecycle.purge_dmp(self.storage.db, pid, session=s)
+            self.b.audit_log.append([event], session=s)
+
+        self._writing(write, interaction="delete", rtype="Patient")
+        self.b.crypto.shred(pid)                     # drops this process's cached data key
+        forget = getattr(self.b.audit_log, "_forget", None)
+        if forget:
+            forget([pid])
         self.access.states.pop(pid, None)
         self._dirty_pids.add(pid)
         self._forget_contexts()
-        self.record("delete", outcome="0", patient_id=pid, resource=f"Patient/{pid}",
-                    decision=Decision(True, "destroy-dmp", "DMP destroyed by an administrator"),
-                    http_status=204)
+
+    def send_access_code(self, pid: str) -> list[dict]:
+        """``Patient/$access-code``: a one-time code to the patient (email/SMS + Communication).
+
+        Returns the Communications written (the caller says how the code went out, never it).
+        """
+        from . import access_codes
+        self.access.start("Patient", "read")
+        st = self.access.state(pid)
+        decision = self.access.can_ask_access_code(st)
+        if not decision.permit:
+            self.record("operation", outcome="4", patient_id=pid if st.exists else None,
+                        resource=f"Patient/{pid}", decision=decision, http_status=404)
+            raise not_found("Patient", pid)
+        code = access_codes.issue(self.storage.db, pid, self.p.id_nat_ps)
+        written: list[dict] = []
+
+        def write(s):
+            written.extend(self.notify("access_code", pid, session=s, code=code))
+            self.record("operation", outcome="0", patient_id=pid, resource=f"Patient/{pid}",
+                        decision=decision, http_status=200)
+        self._writing(write, interaction="operation", rtype="Patient")
+        return written
+
+    def _use_access_code(self, pid: str) -> None:
+        """The patient's one-time code must come with the PS's first authorization (403 else)."""
+        from . import access_codes
+        refused = access_codes.consume(self.storage.db, pid, self.p.id_nat_ps, self.info.access_code)
+        if refused:
+            decision = Decision(False, "access-code", refused)
+            self.record("create", outcome="4", patient_id=pid, resource="Consent", decision=decision,
+                        http_status=403)
+            raise Forbidden(f"not allowed: {refused}")
+
+    def close_dmp(self, pid: str) -> Stored:
+        """Close a DMP (``active: false``): the patient, a legal representative or the admin."""
+        return self._set_active(pid, False)
+
+    def reopen_dmp(self, pid: str) -> Stored:
+        """Reopen a closed DMP within its retention."""
+        return self._set_active(pid, True)
+
+    def _set_active(self, pid: str, active: bool) -> Stored:
+        return self.patch("Patient", pid, [{"op": "add", "path": "/active", "value": active}])
+
+    def _after_patient_write(self, old: dict | None, new: dict | None, stored: Stored, session) -> None:
+        """Closing stamps ``closed_at`` (retention counts from it); reopening removes it."""
+        from . import lifecycle
+        change = lifecycle.active_change(old, new)
+        if change == "close":
+            lifecycle.mark_closed(self.storage.db, stored.id, stored.lu, session=session)
+        elif change == "reopen":
+            lifecycle.mark_reopened(self.storage.db, stored.id, session=session)
 
     # -------------------------------------------------------- conditional ops
     def find_matches(self, rtype: str, criteria: list[tuple[str, str]], limit: int = 2) -> list[Stored]:
@@ -677,7 +821,7 @@ class GuardedRepository:
             return pid
         doc_id = search.reference_id(ctx, "DocumentReference")
         if doc_id:
-            doc = self.storage.read("DocumentReference", doc_id)
+            doc = self.storage.read("DocumentReference", doc_id, session=self.session)
             return doc.pid if doc else None
         return None
 
@@ -743,6 +887,17 @@ class GuardedRepository:
         stored = self.storage.create("Consent", consent, pid=patient.id, session=session)
         self.record("create", outcome="0", patient_id=patient.id, resource=f"Consent/{stored.id}/_history/1",
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)
+
+
+def duplicate_dmp(patient: dict) -> Conflict:
+    """One DMP per INS (CONTRACT.md "The DMP in FHIR terms"): 409 ``duplicate``, naming the way to
+    the existing DMP (the exact-INS lookup, then the first-access attestation), never its id."""
+    ins = next((f"{i['system']}|{i['value']}" for i in patient.get("identifier") or []
+                if isinstance(i, dict) and i.get("system") in INS_SYSTEMS), "<INS>")
+    return Conflict(f"a DMP already exists for this INS (open or closed): find it with GET "
+                    f"Patient?identifier={ins}, then attest the patient's agreement with a Consent "
+                    f"(provision.type permit, your idNatPs as actor, verification.verified true)",
+                    code="duplicate", expression="Patient.identifier")
 
 
 def _expected_version(if_match: str | None, current: Stored) -> int:

@@ -160,7 +160,10 @@ class FhirDmpApplication(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-        return self.app_factory(self.fhir_config)
+        from .lifecycle import start_daily_retention
+        app = self.app_factory(self.fhir_config)
+        start_daily_retention(app)   # CONTRACT.md "Lifecycle": retention once a day, one process at a time
+        return app
 
     def run(self):
         _Arbiter(self).run()

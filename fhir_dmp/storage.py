@@ -34,7 +34,27 @@ from . import search
 
 log = logging.getLogger(__name__)
 
-RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
+                  "RelatedPerson")
+# Written once and never changed (the journal): each entry is its own only version, so its history
+# is the collection itself (version 1 of every entry) and there is no ``*_history`` copy.
+APPEND_ONLY = ("AuditEvent",)
+
+
+class DuplicateValue(Exception):
+    """A unique index other than the id refused the write (e.g. one DMP per INS)."""
+
+    def __init__(self, key_pattern: dict):
+        super().__init__(f"duplicate value for {sorted(key_pattern)}")
+        self.key_pattern = key_pattern
+
+
+def _duplicate(exc: DuplicateKeyError) -> Exception:
+    """VersionConflict for an id collision, DuplicateValue for another unique index."""
+    pattern = (exc.details or {}).get("keyPattern") or {}
+    if pattern and set(pattern) != {"_id"}:
+        return DuplicateValue(pattern)
+    return VersionConflict(None)
 
 
 class VersionConflict(Exception):
@@ -143,11 +163,29 @@ class Storage:
             wanted += EXTRA_INDEXES.get(rtype, [])
             for keys in wanted:
                 _index(coll, keys)
+            for key in UNIQUE_INDEXES.get(rtype, []):
+                _index(coll, [key], unique=True, partialFilterExpression={key[0]: {"$exists": True}})
+            if rtype in APPEND_ONLY:     # its history is the collection itself (keyset paging)
+                _index(coll, [("lu", -1), ("_id", 1)])
             hist = self.db[f"{rtype}_history"]
             for keys in ([("rid", 1), ("vid", -1)], [("lu", -1), ("_id", 1)], [("pid", 1), ("lu", -1)]):
                 _index(hist, keys)
         _index(self.db["btg_grants"], [("pid", 1), ("ps", 1), ("expires", -1)])
         _index(self.db["btg_grants"], [("reviewed", 1), ("created", -1)])
+
+    def run_transaction(self, callback):
+        """``callback(session)`` in a transaction through pymongo's ``with_transaction``: retried
+        on lost races (TransientTransactionError) and unknown commit results; returns its result."""
+        def labelled(session):
+            try:
+                return callback(session)
+            except OperationFailure as exc:
+                if exc.code == 112 and not exc.has_error_label("TransientTransactionError"):
+                    exc._add_error_label("TransientTransactionError")   # a WriteConflict is transient
+                raise
+
+        with self.client.start_session() as session:
+            return session.with_transaction(labelled)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -161,23 +199,30 @@ class Storage:
         doc = self.db[rtype].find_one({"_id": rid}, session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 
-    def read_many(self, rtype: str, ids: list[str]) -> list[Stored]:
+    def read_many(self, rtype: str, ids: list[str], *, session=None) -> list[Stored]:
         if not ids:
             return []
-        docs = self.db[rtype].find({"_id": {"$in": list(ids)}, "del": False})
+        docs = self.db[rtype].find({"_id": {"$in": list(ids)}, "del": False}, session=session)
         return [Stored.from_doc(rtype, d) for d in docs]
 
-    def vread(self, rtype: str, rid: str, vid: int) -> Stored | None:
-        doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"})
+    def vread(self, rtype: str, rid: str, vid: int, *, session=None) -> Stored | None:
+        if rtype in APPEND_ONLY:
+            doc = self.db[rtype].find_one({"_id": rid}, session=session) if vid == 1 else None
+        else:
+            doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session)
         return Stored.from_doc(rtype, doc) if doc else None
+
+    def _history_of(self, rtype: str, rid: str | None) -> tuple:
+        """(collection, filter) of the versions of one resource (``rid``) or of a whole type."""
+        if rtype in APPEND_ONLY:
+            return self.db[rtype], ({} if rid is None else {"_id": rid})
+        return self.db[f"{rtype}_history"], ({} if rid is None else {"rid": rid})
 
     def history(self, rtype: str, rid: str | None, *, pid_filter: dict | None = None,
                 since: datetime | None = None, before: datetime | None = None,
-                after_key: tuple | None = None, limit: int = 50) -> list[Stored]:
+                after_key: tuple | None = None, limit: int = 50, session=None) -> list[Stored]:
         """Versions newest first; keyset paging on (lu desc, _id asc)."""
-        flt: dict = {}
-        if rid is not None:
-            flt["rid"] = rid
+        coll, flt = self._history_of(rtype, rid)
         if pid_filter:
             flt.update(pid_filter)
         if since or before:
@@ -188,34 +233,68 @@ class Storage:
                 flt["lu"]["$lt"] = before
         if after_key:
             lu, key = after_key
+            if rtype in APPEND_ONLY:      # the key is "id/vid"; there the _id is the id alone
+                key = key.rsplit("/", 1)[0]
             flt = {"$and": [flt, {"$or": [{"lu": {"$lt": lu}}, {"lu": lu, "_id": {"$gt": key}}]}]}
-        docs = self.db[f"{rtype}_history"].find(flt).sort([("lu", -1), ("_id", 1)]).limit(limit)
+        docs = coll.find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit)
         return [Stored.from_doc(rtype, d) for d in docs]
 
-    def count_history(self, rtype: str, rid: str | None, pid_filter: dict | None = None) -> int:
-        flt: dict = {} if rid is None else {"rid": rid}
+    def count_history(self, rtype: str, rid: str | None, pid_filter: dict | None = None, *, session=None) -> int:
+        coll, flt = self._history_of(rtype, rid)
         if pid_filter:
             flt.update(pid_filter)
-        return self.db[f"{rtype}_history"].count_documents(flt)
+        return coll.count_documents(flt, session=session)
 
-    def find(self, rtype: str, flt: dict, sort: list, limit: int) -> list[Stored]:
-        return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit)]
+    def find(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[Stored]:
+        return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit, session=session)]
 
-    def find_docs(self, rtype: str, flt: dict, sort: list, limit: int) -> list[dict]:
+    def find_docs(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[dict]:
         """Raw current documents (not deleted) matching ``flt``."""
-        cursor = self.db[rtype].find(merge_filters(flt, {"del": False}))
+        cursor = self.db[rtype].find(merge_filters(flt, {"del": False}), session=session)
         if sort:
             cursor = cursor.sort(sort)
         if limit:
             cursor = cursor.limit(limit)
         return list(cursor)
 
-    def count(self, rtype: str, flt: dict) -> int:
-        return self.db[rtype].count_documents(merge_filters(flt, {"del": False}))
+    def count(self, rtype: str, flt: dict, *, session=None) -> int:
+        return self.db[rtype].count_documents(merge_filters(flt, {"del": False}), session=session)
 
     def ids_with_raw(self, rtype: str, flt: dict, projection: dict) -> list[dict]:
         """Raw projected documents (for the decision's context loading)."""
         return list(self.db[rtype].find(flt, projection))
+
+    # -- what the access decision reads (security/consent.py) ----------------
+    def patient_docs(self, pids: list[str], *, session=None) -> dict[str, dict]:
+        """Raw Patient documents (deleted and destroyed included) by id, without search indexes."""
+        return {d["_id"]: d for d in self.db["Patient"].find(
+            {"_id": {"$in": list(pids)}}, {"s": 0, "o": 0, "a": 0}, session=session)}
+
+    def watch(self, pipeline: list):
+        """A change stream on the database (the decision context cache's invalidation)."""
+        return self.db.watch(pipeline, full_document="updateLookup", max_await_time_ms=200)
+
+    def active_consents(self, pids: list[str], *, session=None) -> list[dict]:
+        """Current active Consents of these DMPs (``_id``, ``vid``, ``pid``, ``res``)."""
+        return list(self.db["Consent"].find({"pid": {"$in": list(pids)}, "del": False, "res.status": "active"},
+                                            {"res": 1, "vid": 1, "pid": 1}, session=session))
+
+    def consents_naming(self, actor_keys: list[str]) -> list[dict]:
+        """Current active Consents whose actors include one of these ``system|value`` keys."""
+        return list(self.db["Consent"].find({"del": False, "res.status": "active", "a.actors": {"$in": actor_keys}},
+                                            {"pid": 1, "res": 1}))
+
+    def patients_with_gp(self, id_nat_ps: str) -> set[str]:
+        """DMPs (not deleted) naming this idNatPs médecin traitant."""
+        return {d["_id"] for d in self.db["Patient"].find({"del": False, "a.gp": id_nat_ps}, {"_id": 1})}
+
+    def live_grants(self, pids: list[str], id_nat_ps: str, at: datetime) -> dict[str, dict]:
+        """Break-glass grants of one PS still valid at ``at``, by DMP."""
+        return {g["pid"]: g for g in self.db["btg_grants"].find(
+            {"pid": {"$in": list(pids)}, "ps": id_nat_ps, "expires": {"$gt": at}})}
+
+    def add_grant(self, grant: dict, *, session=None) -> None:
+        self.db["btg_grants"].insert_one(grant, session=session)
 
     # -- writes ------------------------------------------------------------
     def _docs(self, rtype: str, rid: str, vid: int, pid: str | None, resource: dict | None,
@@ -253,8 +332,8 @@ class Storage:
         try:
             self.db[rtype].insert_one(current, session=session)
             self.db[f"{rtype}_history"].insert_one(hist, session=session)
-        except DuplicateKeyError:
-            raise VersionConflict(None) from None
+        except DuplicateKeyError as exc:
+            raise _duplicate(exc) from None
         return Stored(rtype, rid, 1, lu, pid, False, resource)
 
     def update(self, rtype: str, rid: str, resource: dict | None, *, pid: str | None,
@@ -268,9 +347,12 @@ class Storage:
         if deleted:
             # keep the last content searchable by nobody; the history keeps the versions
             current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
-        res = self.db[rtype].find_one_and_update(
-            {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
-            session=session, return_document=ReturnDocument.AFTER, projection={"_id": 1})
+        try:
+            res = self.db[rtype].find_one_and_update(
+                {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
+                session=session, return_document=ReturnDocument.AFTER, projection={"_id": 1})
+        except DuplicateKeyError as exc:
+            raise _duplicate(exc) from None
         if res is None:
             cur = self.db[rtype].find_one({"_id": rid}, {"vid": 1}, session=session)
             raise VersionConflict(cur["vid"] if cur else None)
@@ -283,18 +365,22 @@ class Storage:
 
 # fields the access decision queries directly (CONTRACT.md: actor identifier, médecin traitant)
 EXTRA_INDEXES = {
-    "Consent": [[("res.provision.actor.reference.identifier.value", 1), ("res.status", 1)],
+    "Consent": [[("a.actors", 1), ("res.status", 1)],
                 [("pid", 1), ("res.status", 1)]],
-    "Patient": [[("res.generalPractitioner.identifier.value", 1)]],
+    "Patient": [[("a.gp", 1)]],
     # the search guard (security/consent.py access_facets): a DMP's documents a reader may see
-    "DocumentReference": [[("pid", 1), ("a.keys", 1)]],
+    "DocumentReference": [[("pid", 1), ("a.types", 1)]],
 }
 
 
-def _index(coll, keys) -> None:
+# unique facets (security/consent.py access_facets): one DMP per INS, enforced by the database
+UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
+
+
+def _index(coll, keys, **options) -> None:
     """Create an index unless the same keys already exist (under another module's name)."""
     try:
-        coll.create_index(keys)
+        coll.create_index(keys, **options)
     except OperationFailure as exc:
         if exc.code not in (85, 86):   # IndexOptionsConflict / IndexKeySpecsConflict: already there
             raise

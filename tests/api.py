@@ -22,8 +22,8 @@ class Api:
     def as_patient(self, pid, **kw):
         return self.as_token(self.idp.patient(pid, **kw))
 
-    def as_legal_rep(self, pid, **kw):
-        return self.as_token(self.idp.legal_rep(pid, **kw))
+    def as_legal_rep(self, related_person_id, **kw):
+        return self.as_token(self.idp.legal_rep(related_person_id, **kw))
 
     def as_ps(self, id_nat_ps=builders.PS_DR, profession="10", purpose=None, **kw):
         return self.as_token(self.idp.ps(id_nat_ps, profession=profession, purpose=purpose, **kw))

@@ -52,6 +52,18 @@ def patient(ins: str | None = None, *, status: str = "VALI", gp: str | None = No
     return res
 
 
+def related_person(pid: str, relationship: str = "GUARD", *, active: bool = True, start: str | None = None,
+                   end: str | None = None, family: str = "Martin", given: str = "Jeanne") -> dict:
+    """A legal representative: v3-RoleCode PRN (parent) or GUARD (guardian)."""
+    res = {"resourceType": "RelatedPerson", "active": active, "patient": {"reference": f"Patient/{pid}"},
+           "relationship": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
+                                         "code": relationship}]}],
+           "name": [{"family": family, "given": [given]}]}
+    if start or end:
+        res["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+    return res
+
+
 def pdf_bytes(text: str = "Compte rendu") -> bytes:
     from io import BytesIO
     from pypdf import PdfWriter

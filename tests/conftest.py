@@ -66,3 +66,22 @@ def app(config, mongo_client, db):
 @pytest.fixture
 def api(app, idp):
     return Api(app, idp)
+
+
+@pytest.fixture
+def live(config, mongo_client, db):
+    """The app behind a real HTTP listener; its base URL is the listener's (links must point at it)."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from fhir_dmp.app import create_app
+    holder = {}
+    server = make_server("127.0.0.1", 0, lambda env, start: holder["app"](env, start), threaded=True)
+    base = f"http://127.0.0.1:{server.server_port}/fhir"
+    holder["app"] = create_app(config.with_(base_url=base), client=mongo_client, db=db)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield base
+    server.shutdown()
+    server.server_close()

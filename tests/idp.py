@@ -109,10 +109,11 @@ class TestIdP:
         kw.setdefault("fhirUser", f"Patient/{patient_id}")
         return self.token(**kw)
 
-    def legal_rep(self, patient_id: str, **kw) -> str:
+    def legal_rep(self, related_person_id: str, **kw) -> str:
+        """A legal representative's token names its RelatedPerson (CONTRACT.md "Who the caller is")."""
         kw.setdefault("scope", "openid fhirUser patient/*.cruds")
-        kw.setdefault("sub", f"legal-rep-of-{patient_id}")
-        kw.setdefault("fhirUser", f"Patient/{patient_id}")
+        kw.setdefault("sub", f"legal-rep-{related_person_id}")
+        kw.setdefault("fhirUser", f"RelatedPerson/{related_person_id}")
         kw.setdefault("dmp_role", "legal_representative")
         return self.token(**kw)
 

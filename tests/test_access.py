@@ -29,22 +29,26 @@ ALL = set(DOCS)
 def world(api):
     """One DMP opened by PS_DR (author of every document), a médecin traitant, choices of the patient."""
     dr = api.as_ps(b.PS_DR)
-    pat = dr.create(b.patient(gp=PS_GP, email="claire@example.org"))
+    pat = dr.create(b.patient(email="claire@example.org"))
     pid = pat["id"]
-    docs = {name: dr.create(b.docref(pid, t, labels=labels)) for name, (t, labels) in DOCS.items()}
+    # the patient names the médecin traitant (CONTRACT.md: a PS never sets it)
     me = api.as_patient(pid)
+    assert me.put(f"Patient/{pid}", dict(pat, generalPractitioner=[
+        {"identifier": {"system": b.IDNATPS, "value": PS_GP}}])).status_code == 200
+    docs = {name: dr.create(b.docref(pid, t, labels=labels)) for name, (t, labels) in DOCS.items()}
     me.create(b.consent(pid, "permit", actor=b.PS_PHARMA))
     me.create(b.consent(pid, "permit", actor=b.PS_KINE))
     me.create(b.consent(pid, "deny", actor=b.PS_KINE))
     other = api.as_ps(b.PS_DR).create(b.patient())
-    return {"pid": pid, "docs": docs, "other_pid": other["id"]}
+    rep = me.create(b.related_person(pid, "GUARD"))
+    return {"pid": pid, "docs": docs, "other_pid": other["id"], "rep": rep["id"]}
 
 
 def callers(api, world):
     pid = world["pid"]
     return {
         "patient": (api.as_patient(pid), {}, ALL - {"invisible"}),
-        "legal_rep": (api.as_legal_rep(pid), {}, ALL - {"invisible", "invisible_rep"}),
+        "legal_rep": (api.as_legal_rep(world["rep"]), {}, ALL - {"invisible", "invisible_rep"}),
         "other_patient": (api.as_patient(world["other_pid"]), {}, set()),
         "admin": (api.as_admin(), {}, set()),
         "author": (api.as_ps(b.PS_DR), {}, ALL),
@@ -296,14 +300,17 @@ def test_conditional_create_does_not_reveal(api, world):
 
 def test_destroyed_dmp_is_as_if_it_never_existed(api, world, app):
     pid, doc = world["pid"], world["docs"]["consult"]
-    assert api.as_patient(pid).post(f"Patient/{pid}/$destroy").status_code == 403
+    assert api.as_legal_rep(world["rep"]).post(f"Patient/{pid}/$destroy").status_code == 403
+    assert api.as_ps(b.PS_DR).post(f"Patient/{pid}/$destroy").status_code == 403
     assert api.as_ps(b.PS_OTHER).post(f"Patient/{pid}/$destroy").status_code == 404
+    assert api.as_patient(world["other_pid"]).post(f"Patient/{pid}/$destroy").status_code == 404
     admin = api.as_admin()
     db = app.extensions["fhir_dmp"].storage.db
-    before = db["AuditEvent"].count_documents({"pid": pid})
+    assert db["AuditEvent"].count_documents({"pid": pid}) > 0
     assert admin.post(f"Patient/{pid}/$destroy").status_code == 204
-    kept = db["AuditEvent"].count_documents({"pid": pid, "retain_until": {"$exists": True}})
-    assert before > 0 and kept >= before                              # the journal stays 10 years
+    assert db["AuditEvent"].count_documents({"pid": pid}) == 0        # the DMP's journal goes with it
+    # only a tombstone head stays (an id, no personal data) so that signed checkpoints verify
+    assert db["AuditEvent_chain"].count_documents({"_id": pid, "destroyed": {"$ne": True}}) == 0
     for caller in (api.as_patient(pid), api.as_ps(b.PS_DR), api.as_ps(PS_GP), admin):
         assert caller.get(f"Patient/{pid}").status_code == 404
         assert caller.get(f"DocumentReference/{doc['id']}").status_code == 404

@@ -370,9 +370,11 @@ def test_patient_principal(verifier, idp):
 
 
 def test_legal_representative_principal(verifier, idp):
-    p = verifier.authenticate(f"Bearer {idp.legal_rep('p-7')}", {})
-    assert (p.kind, p.patient_id) == (LEGAL_REPRESENTATIVE, "p-7")
+    # the token names the RelatedPerson; the patient is found by the repository (test_lifecycle)
+    p = verifier.authenticate(f"Bearer {idp.legal_rep('rp-7')}", {})
+    assert (p.kind, p.patient_id, p.related_person_id) == (LEGAL_REPRESENTATIVE, None, "rp-7")
     refused(verifier, idp.token(dmp_role="legal_representative", fhirUser="Practitioner/1"))
+    refused(verifier, idp.token(dmp_role="legal_representative", fhirUser="Patient/p-7"))
 
 
 def test_ps_principal(verifier, idp):
@@ -634,7 +636,7 @@ def test_dev_tokens_of_each_kind(dev_config):
     p = mint("patient", patient="p1")
     assert (p.kind, p.patient_id, p.client_id) == (PATIENT, "p1", devkeys.DEV_CLIENT_ID)
     assert p.scopes.allows("Consent", "c") and "patient" in p.scopes.contexts()
-    assert mint("legal_representative", patient="p1").kind == LEGAL_REPRESENTATIVE
+    assert mint("legal_representative", related_person="rp1").related_person_id == "rp1"
     p = mint("ps", id_nat_ps=PS_ID, profession="60", purpose="BTG", btg_reason="coma",
              organization="10B0012345", name="Dr Who", scope="user/DocumentReference.rs")
     assert (p.kind, p.professions, p.purpose, p.btg_reason, p.organization, p.name) == (
@@ -657,7 +659,7 @@ def test_dev_tokens_of_each_kind(dev_config):
     ("ps", {"profession": "10"}, "id_nat_ps"),
     ("ps", {"id_nat_ps": PS_ID}, "profession"),
     ("patient", {}, "patient"),
-    ("legal_representative", {}, "patient"),
+    ("legal_representative", {}, "related_person"),
     ("regulation_centre", {}, "id_nat_ps"),
     ("nurse", {}, "unknown token kind"),
     ("ps", {"id_nat_ps": PS_ID, "profession": "10", "purpose": "FUN"}, "purpose"),

@@ -19,9 +19,13 @@ def test_merge_filters_stays_flat_unless_keys_collide():
 def test_access_facets_fold_rule_9():
     doc = b.docref("p", b.LAB, labels=("MASQUE_PS",), author=b.PS_DR)
     assert access_facets("DocumentReference", doc) == {
-        "keys": [f"m:{b.LAB}", f"au:{b.PS_DR}"], "labels": ["MASQUE_PS"]}
-    assert access_facets("DocumentReference", b.docref("p", b.LAB))["keys"] == [f"t:{b.LAB}"]
-    assert access_facets("Patient", b.patient()) == {}
+        "types": [b.LAB], "masked": True, "authors": [b.PS_DR], "labels": ["MASQUE_PS"]}
+    assert access_facets("DocumentReference", b.docref("p", b.LAB))["masked"] is False
+    pat = b.patient("185037500000115")
+    assert access_facets("Patient", pat) == {"ins": [f"{b.NIR}|185037500000115"], "gp": []}
+    assert access_facets("Patient", b.patient(ins=False, gp=b.PS_DR)) == {"gp": [b.PS_DR]}
+    consent = b.consent("p", "permit", actor=b.PS_DR)
+    assert access_facets("Consent", consent) == {"actors": [f"{b.IDNATPS}|{b.PS_DR}"]}
 
 
 def test_versions_conflicts_and_decimals(mongo_client, db):
@@ -45,4 +49,4 @@ def test_versions_conflicts_and_decimals(mongo_client, db):
     back = storage.read("DocumentReference", d.id).resource
     assert back["extension"][0]["valueDecimal"] == Decimal("72.50")
     assert str(back["extension"][0]["valueDecimal"]) == "72.50"     # precision kept
-    assert db["DocumentReference"].find_one({"_id": d.id})["a"]["keys"] == [f"t:{b.CONSULTATION}"]
+    assert db["DocumentReference"].find_one({"_id": d.id})["a"]["types"] == [b.CONSULTATION]

@@ -684,7 +684,7 @@ def test_docref_type_needs_loinc():
 
 @pytest.mark.parametrize("ctype,ok", [
     ("application/pdf", True), ("text/xml", True), ("application/hl7-v3+xml", True),
-    ("text/xml; charset=UTF-8", True), ("image/png", False), ("text/plain", False),
+    ("text/xml; charset=UTF-8", True), ("image/png", False), ("text/plain", True),
 ])
 def test_docref_content_type(ctype, ok):
     d = dmp_docref()
@@ -764,8 +764,10 @@ def test_ig_files_parse_with_r4b_models():
 
 
 def test_ig_profiles_match():
-    sds = {r["type"]: r for r in _ig().values() if r["resourceType"] == "StructureDefinition"}
+    all_sds = [r for r in _ig().values() if r["resourceType"] == "StructureDefinition"]
+    sds = {r["type"]: r for r in all_sds if r["type"] != "Consent"}
     assert {t: sd["url"] for t, sd in sds.items()} == PROFILES
+    assert {sd["url"] for sd in all_sds if sd["type"] == "Consent"} == set(dmp.PROFILES_CONSENT)
     for sd in sds.values():
         assert (sd["fhirVersion"], sd["derivation"], sd["kind"]) == ("4.0.1", "constraint", "resource")
         assert sd["differential"]["element"][0]["path"] == sd["type"]

@@ -28,6 +28,8 @@ from ..search import reference_id
 from ..storage import VersionConflict
 from .cda import check_cda_matches, inspect_cda
 from .pdf import inspect_pdf
+from .rubriques import fill_category
+from ..security.consent import is_personal_document
 
 CDA_TYPES = {"text/xml", "application/xml", "application/hl7-v3+xml", "application/cda+xml"}
 PDF_TYPES = {"application/pdf"}
@@ -67,6 +69,11 @@ def inspect_content(content: bytes, content_type: str | None, where: str, *, max
         info = inspect_cda(content, expression=where)
         if ins is not None and type_codes is not None:
             check_cda_matches(info, ins, type_codes)
+    elif ctype == "text/plain":
+        try:
+            content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unprocessable("a text document must be UTF-8", expression=where) from None
 
 
 def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
@@ -79,6 +86,9 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
                                 expression="DocumentReference.subject")
         if p.id_nat_ps:
             resource["author"] = [p.reference()]
+        elif p.patient_id == pid:
+            # the personal space: the patient (or a representative for them) is the author
+            resource["author"] = [{"reference": f"Patient/{pid}"}]
     else:
         # the author of record never changes (the patient only masks; the author edits)
         resource["author"] = copy.deepcopy(old.get("author") or [])
@@ -95,6 +105,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
                                 expression=f"DocumentReference.relatesTo[{i}].target")
     ins = dmp.patient_ins(st.patient) if st.patient else None
     codes = dmp.doc_type_codes(resource)
+    fill_category(resource, codes, personal=is_personal_document(resource, pid))
     max_bytes = repo.b.config.max_attachment_bytes
     for i, content in enumerate(resource.get("content") or []):
         att = content.get("attachment") or {}

@@ -16,7 +16,7 @@ DocumentReference (``dmp-documentreference``)
   * ``subject`` is ``Patient/<id>``;
   * ``type`` has a LOINC coding;
   * each ``content.attachment.contentType`` is PDF, XML or CDA
-    (``application/pdf``, ``text/xml``, ``application/hl7-v3+xml``),
+    (``application/pdf``, ``text/xml``, ``application/hl7-v3+xml``, ``text/plain``),
     ``content.format`` (a Coding) has a code;
   * ``securityLabel`` codings are DMP labels (TRE_A07, system
     ``urn:oid:1.2.250.1.213.1.1.4.13``: MASQUE_PS, INVISIBLE_PATIENT,
@@ -42,12 +42,19 @@ __all__ = [
     "DOCUMENT_CONTENT_TYPES", "PROFILE_PATIENT", "PROFILE_DOCUMENTREFERENCE",
     "patient_ins", "identity_status", "is_ins_qualified", "general_practitioner_ids",
     "labels", "set_labels", "doc_type_codes", "author_ids",
-    "check_patient", "check_documentreference",
+    "check_patient", "check_documentreference", "check_relatedperson",
+    "PROFILE_RELATEDPERSON", "PROFILES_CONSENT",
 ]
 
 PROFILE_BASE = "https://fhir-dmp.example.org/fhir/StructureDefinition/"
 PROFILE_PATIENT = PROFILE_BASE + "dmp-patient"
 PROFILE_DOCUMENTREFERENCE = PROFILE_BASE + "dmp-documentreference"
+PROFILE_RELATEDPERSON = PROFILE_BASE + "dmp-relatedperson"
+#: the Consent shapes of CONTRACT.md ("The DMP in FHIR terms", "Lifecycle"), one profile each
+PROFILES_CONSENT = tuple(PROFILE_BASE + name for name in (
+    "dmp-consent-authorization", "dmp-consent-block", "dmp-consent-optout", "dmp-consent-feeding-opposition"))
+ROLE_CODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+REPRESENTATIVE_ROLES = ("PRN", "GUARD")
 
 # TRE_A07 confidentiality codes of the DMP.
 LABEL_SYSTEM = "urn:oid:1.2.250.1.213.1.1.4.13"
@@ -72,7 +79,7 @@ IDENTITY_STATUS_SYSTEM = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-iden
 IDENTITY_STATUSES = frozenset({"PROV", "RECUP", "VALI", "QUAL"})
 QUALIFIED_STATUSES = frozenset({"VALI", "QUAL"})
 
-DOCUMENT_CONTENT_TYPES = frozenset({"application/pdf", "text/xml", "application/hl7-v3+xml"})
+DOCUMENT_CONTENT_TYPES = frozenset({"application/pdf", "text/xml", "application/hl7-v3+xml", "text/plain"})
 
 # Preference when reading the INS of a Patient (one is allowed, but be deterministic).
 _INS_ORDER = (NIR, NIR_TEST, NIR_DEMO, NIA)
@@ -251,6 +258,24 @@ def check_patient(patient: dict) -> list[Issue]:
             issues.append(_issue(
                 f"Patient.generalPractitioner[{i}].identifier.value",
                 "the médecin traitant's idNatPs value is missing", "required"))
+    return issues
+
+
+def check_relatedperson(rp: dict) -> list[Issue]:
+    """Issues of the ``dmp-relatedperson`` profile: a legal representative of one Patient."""
+    issues: list[Issue] = []
+    ref = _dict(rp.get("patient")).get("reference")
+    if not (isinstance(ref, str) and re.fullmatch(r"Patient/[A-Za-z0-9\-.]{1,64}", ref)):
+        issues.append(_issue("RelatedPerson.patient", "patient must be a reference Patient/<id>", "required"))
+    roles = {c.get("code") for concept in _list(rp.get("relationship")) for c in _list(_dict(concept).get("coding"))
+             if isinstance(c, dict) and c.get("system") == ROLE_CODE_SYSTEM}
+    if not roles & set(REPRESENTATIVE_ROLES):
+        issues.append(_issue("RelatedPerson.relationship", "relationship must hold v3-RoleCode PRN (parent) "
+                             "or GUARD (guardian)", "required"))
+    if not isinstance(rp.get("active"), bool):
+        issues.append(_issue("RelatedPerson.active", "active is required", "required"))
+    if not _list(rp.get("name")):
+        issues.append(_issue("RelatedPerson.name", "a legal representative has a name", "required"))
     return issues
 
 

@@ -51,12 +51,13 @@ from . import dmp
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary",
-                   "Communication")
+                   "Communication", "RelatedPerson")
 
 #: Canonical URLs of our profiles (StructureDefinitions in ``ig/``).
 PROFILES: dict[str, str] = {
     "Patient": dmp.PROFILE_PATIENT,
     "DocumentReference": dmp.PROFILE_DOCUMENTREFERENCE,
+    "RelatedPerson": dmp.PROFILE_RELATEDPERSON,
 }
 
 # --- R4 primitive rules (https://hl7.org/fhir/R4/datatypes.html#primitive) ----------------
@@ -690,6 +691,8 @@ def validate(resource: dict, *, resource_type: str | None = None) -> dict:
         issues.extend(dmp.check_patient(resource))
     elif rtype == "DocumentReference":
         issues.extend(dmp.check_documentreference(resource))
+    elif rtype == "RelatedPerson":
+        issues.extend(dmp.check_relatedperson(resource))
     if issues:
         raise Unprocessable(issues=issues)
     return resource

@@ -27,7 +27,7 @@ from ..errors import (
     PreconditionFailed,
 )
 from ..storage import new_id
-from .http import full_url, read_body, respond, version_headers
+from .http import bundle, full_url, read_body, respond, version_headers
 from .rest import HOSTED, READ_ONLY, checked
 
 bp = Blueprint("fhir_bundles", __name__, url_prefix="/fhir")
@@ -89,7 +89,7 @@ def _transaction(entries: list[dict]):
             out.append({"response": {"status": "201 Created", "location": f"Binary/{bid}/_history/1"}})
         else:
             out.append(responses[i])
-    return respond({"resourceType": "Bundle", "id": new_id(), "type": "transaction-response", "entry": out})
+    return respond(bundle("transaction-response", out))
 
 
 def _batch(entries: list[dict]):
@@ -99,7 +99,7 @@ def _batch(entries: list[dict]):
             out.append(g.repo._writing(lambda s, e=entry, n=i: _entry(e, s, n)))
         except FhirError as exc:
             out.append({"response": {"status": f"{exc.status}", "outcome": exc.outcome()}})
-    return respond({"resourceType": "Bundle", "id": new_id(), "type": "batch-response", "entry": out})
+    return respond(bundle("batch-response", out))
 
 
 def _assign_ids(entries: list[dict]) -> dict[str, str]:
@@ -179,9 +179,9 @@ def _entry(entry: dict, session, index: int) -> dict:
     if method in ("GET", "HEAD"):
         if len(path) == 1:
             page = repo.search(rtype, parse_qsl(parts.query))
-            return {"resource": {"resourceType": "Bundle", "type": "searchset", "total": page.total,
-                                 "entry": [{"fullUrl": full_url(s), "resource": s.resource} for s in page.matches]},
-                    "response": {"status": "200 OK"}}
+            found = [{"fullUrl": full_url(s), "resource": s.resource, "search": {"mode": "match"}}
+                     for s in page.matches]
+            return {"resource": bundle("searchset", found, total=page.total), "response": {"status": "200 OK"}}
         stored = repo.read(rtype, path[1])
         return _ok(stored, "200 OK")
     if rtype in READ_ONLY:

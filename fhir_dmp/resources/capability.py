@@ -41,18 +41,63 @@ def capability_statement(config) -> dict:
     cs = copy.deepcopy(_template())
     cs["implementation"] = {"description": "fhir_dmp — DMP FHIR server", "url": config.fhir_base}
     cs["software"]["version"] = software_version()
+    endpoints = authorization_endpoints(config)
     for rest in cs.get("rest", []):
-        for ext in rest.get("security", {}).get("extension", []):
-            for sub in ext.get("extension", []):
-                if sub.get("url") == "token":
-                    sub["valueUri"] = f"{_issuer(config)}/token"
-                if sub.get("url") == "authorize":
-                    sub["valueUri"] = f"{_issuer(config)}/authorize"
+        security = rest.get("security", {})
+        kept = []
+        for ext in security.get("extension", []):
+            if ext.get("url", "").endswith("/oauth-uris"):
+                # http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris: only the
+                # endpoints the issuer really has; none in dev mode
+                subs = [{"url": name, "valueUri": endpoints[key]}
+                        for name, key in (("authorize", "authorization_endpoint"), ("token", "token_endpoint"))
+                        if endpoints.get(key)]
+                if not subs:
+                    continue
+                ext = {**ext, "extension": subs}
+            kept.append(ext)
+        if kept:
+            security["extension"] = kept
+        else:
+            security.pop("extension", None)
     return cs
 
 
-def _issuer(config) -> str:
-    return (config.issuer or config.fhir_base).rstrip("/")
+# What a SMART configuration copies from the issuer's discovery document
+# (https://hl7.org/fhir/smart-app-launch/conformance.html#metadata)
+ISSUER_FIELDS = ("authorization_endpoint", "token_endpoint", "registration_endpoint", "revocation_endpoint",
+                 "introspection_endpoint", "management_endpoint", "grant_types_supported",
+                 "token_endpoint_auth_methods_supported", "token_endpoint_auth_signing_alg_values_supported",
+                 "code_challenge_methods_supported", "response_types_supported")
+PERMISSIONS = ["permission-patient", "permission-user", "permission-v1", "permission-v2"]
+
+
+def _launch_capabilities(body: dict) -> list[str]:
+    """Launch and client capabilities, only where the issuer's endpoints make them possible."""
+    if not body.get("authorization_endpoint") or not body.get("token_endpoint"):
+        return []
+    methods = body.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+    out = ["launch-standalone", "context-standalone-patient", "client-public"]
+    if {"client_secret_basic", "client_secret_post"} & set(methods):
+        out.append("client-confidential-symmetric")
+    if "private_key_jwt" in methods:
+        out.append("client-confidential-asymmetric")
+    if body.get("jwks_uri"):
+        out.append("sso-openid-connect")
+    return out
+
+
+def authorization_endpoints(config) -> dict:
+    """The issuer's endpoints from its discovery document (cached); ``{}`` in dev mode, where
+    tokens come from ``fhir-dmp dev-token`` and the server has no authorization endpoint."""
+    if config.dev_mode:
+        return {}
+    from flask import current_app
+    from ..security.discovery import IssuerMetadata
+    meta = current_app.extensions.get("fhir_dmp.issuer_metadata")
+    if meta is None:
+        meta = current_app.extensions.setdefault("fhir_dmp.issuer_metadata", IssuerMetadata(config.issuer))
+    return meta.document()
 
 
 @bp.get("/metadata")
@@ -62,20 +107,31 @@ def metadata():
 
 @bp.get("/.well-known/smart-configuration")
 def smart_configuration():
+    """SMART App Launch discovery: what is true of this deployment, nothing more."""
     config = backend().config
-    issuer = _issuer(config)
-    body = {
-        "issuer": issuer,
-        "jwks_uri": config.jwks_url or f"{issuer}/.well-known/jwks.json",
-        "authorization_endpoint": f"{issuer}/authorize",
-        "token_endpoint": f"{issuer}/token",
-        "grant_types_supported": ["authorization_code", "client_credentials"],
-        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
-        "scopes_supported": SCOPES,
-        "response_types_supported": ["code"],
-        "code_challenge_methods_supported": ["S256"],
-        "capabilities": ["launch-standalone", "client-public", "client-confidential-asymmetric",
-                         "sso-openid-connect", "context-standalone-patient", "permission-patient",
-                         "permission-user", "permission-v1", "permission-v2"],
-    }
+    body = {"issuer": config.expected_issuer}      # the iss of the tokens this server accepts
+    if config.dev_mode:
+        body["jwks_uri"] = f"{config.fhir_base}/.well-known/jwks.json"
+        body["scopes_supported"] = SCOPES
+        body["capabilities"] = PERMISSIONS
+    else:
+        doc = authorization_endpoints(config)
+        body.update({k: doc[k] for k in ISSUER_FIELDS if doc.get(k)})
+        jwks = config.jwks_url or doc.get("jwks_uri")
+        if jwks:
+            body["jwks_uri"] = jwks
+        body["scopes_supported"] = SCOPES
+        body["capabilities"] = _launch_capabilities(body) + PERMISSIONS
     return Response(json.dumps(body), status=200, content_type="application/json")
+
+
+@bp.get("/.well-known/jwks.json")
+def dev_jwks():
+    """Dev mode only: the public key that signs ``fhir-dmp dev-token`` tokens (RFC 7517)."""
+    config = backend().config
+    if not config.dev_mode:
+        from ..errors import NotFound
+        raise NotFound("no such endpoint: /fhir/.well-known/jwks.json")
+    from ..security.devkeys import dev_public_key
+    return Response(json.dumps({"keys": [dev_public_key(config).as_dict(private=False)]}), status=200,
+                    content_type="application/jwk-set+json")

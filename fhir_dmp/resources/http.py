@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 from flask import Response, current_app, g, request
 
 from .. import formats
-from ..errors import BadRequest, information_outcome
+from ..errors import BadRequest, Issue, information_outcome, operation_outcome
 from ..storage import Stored, instant, new_id, now
 
 MIME = {formats.JSON: "application/fhir+json; charset=utf-8; fhirVersion=4.0",
@@ -44,11 +44,32 @@ def respond(resource: dict | None, status: int = 200, headers: dict | None = Non
             raise
         fmt = formats.JSON
     pretty = request.args.get("_pretty") == "true"
-    body = b"" if resource is None else formats.render(resource, fmt, pretty=pretty)
-    response = Response(body, status=status, content_type=MIME[fmt] if resource is not None else None)
+    if resource is None:
+        return empty_response(status, headers)
+    body = formats.render(resource, fmt, pretty=pretty)
+    response = Response(body, status=status, content_type=json_mime() if fmt == formats.JSON else MIME[fmt])
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
+
+
+def empty_response(status: int, headers: dict | None = None) -> Response:
+    """A response without a body carries no Content-Type (204, 304, Prefer: return=minimal)."""
+    response = Response(b"", status=status, headers=headers or {})
+    response.headers.pop("Content-Type", None)
+    return response
+
+
+def json_mime() -> str:
+    """``application/json`` for a client that asked for plain JSON and not for FHIR JSON, else
+    ``application/fhir+json`` (https://hl7.org/fhir/R4/http.html#mime-type)."""
+    if request.args.get("_format"):
+        return MIME[formats.JSON]
+    accept = request.accept_mimetypes
+    if accept.quality("application/json") > accept.quality("application/fhir+json") \
+            and "application/json" in {value for value, _q in accept}:
+        return "application/json; charset=utf-8"
+    return MIME[formats.JSON]
 
 
 def read_body(expected_type: str | None = None) -> dict:
@@ -73,7 +94,17 @@ def prefer(name: str) -> str | None:
 
 
 def lenient() -> bool:
-    return prefer("handling") == "lenient"
+    """Unknown search parameters are ignored unless ``Prefer: handling=strict``
+    (https://hl7.org/fhir/R4/search.html#errors)."""
+    return prefer("handling") != "strict"
+
+
+def ignored_entry(names: list[str]) -> dict:
+    """The searchset entry (search mode ``outcome``) that reports ignored search parameters
+    (https://hl7.org/fhir/R4/search.html#errors)."""
+    return {"resource": operation_outcome([Issue(f"parameter {name[:60]!r} is not supported and was ignored",
+                                                 "not-supported", "warning") for name in names]),
+            "search": {"mode": "outcome"}}
 
 
 def version_headers(stored: Stored, *, location: bool = False) -> dict:
@@ -82,6 +113,22 @@ def version_headers(stored: Stored, *, location: bool = False) -> dict:
     if location:
         headers["Location"] = f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.vid}"
     return headers
+
+
+def not_modified(stored: Stored) -> bool:
+    """Conditional read (https://hl7.org/fhir/R4/http.html#cread, RFC 9110 §13.1.2-3):
+    ``If-None-Match`` (weak comparison) wins over ``If-Modified-Since``. Call it only after
+    the read decision permitted."""
+    etags = request.headers.get("If-None-Match")
+    if etags is not None:
+        wanted = {t.strip().removeprefix("W/").strip('"') for t in etags.split(",")}
+        return "*" in wanted or str(stored.vid) in wanted
+    since = request.if_modified_since
+    if since is None:
+        return False
+    from datetime import timezone
+    lu = stored.lu if stored.lu.tzinfo else stored.lu.replace(tzinfo=timezone.utc)
+    return lu.replace(microsecond=0) <= since
 
 
 def _http_date(t) -> str:

@@ -13,14 +13,14 @@ from flask import Blueprint, Response, g, request, stream_with_context
 
 from ..errors import BadRequest, MethodNotAllowed, NotFound, PreconditionFailed, UnsupportedMediaType
 from ..profiles import validate
-from .http import (backend, bundle, full_url, lenient, link, read_body, respond, summarize,
-                   version_headers, write_response)
+from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
+                   read_body, respond, summarize, version_headers, write_response)
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
-HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication")
+HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson")
 READ_ONLY = ("AuditEvent", "Communication")   # written by the server only (append-only journal)
-PATCHABLE = ("DocumentReference", "Patient", "Consent")
+PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
 CONTROL = {"_format", "_pretty", "_cursor"}
 
 
@@ -30,10 +30,20 @@ def hosted(rtype: str) -> str:
     return rtype
 
 
-def writable(rtype: str) -> str:
+def allowed_methods(rtype: str, instance: bool) -> str:
+    """The ``Allow`` header of a 405 (RFC 9110 §15.5.6) for a type or an instance URL."""
+    if rtype in READ_ONLY:
+        return "GET, HEAD, OPTIONS"
+    if instance:
+        return "GET, HEAD, PUT, DELETE, OPTIONS" + (", PATCH" if rtype in PATCHABLE else "")
+    return "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+
+
+def writable(rtype: str, instance: bool = False) -> str:
     hosted(rtype)
     if rtype in READ_ONLY:
-        raise MethodNotAllowed(f"{rtype} is read-only: the server writes it", code="not-supported")
+        raise MethodNotAllowed(f"{rtype} is read-only: the server writes it", code="not-supported",
+                               headers={"Allow": allowed_methods(rtype, instance)})
     return rtype
 
 
@@ -56,7 +66,9 @@ def checked(rtype: str, resource: dict) -> dict:
 @bp.get("/<rtype>/<rid>")
 def read(rtype, rid):
     hosted(rtype)
-    stored = g.repo.read(rtype, rid)
+    stored = g.repo.read(rtype, rid)      # the decision first: a denied or missing id is a 404
+    if not_modified(stored):
+        return empty_response(304, version_headers(stored))
     if rtype == "Binary" and _wants_raw(stored.resource):
         return _raw_binary(stored)
     if rtype == "Binary":
@@ -78,7 +90,7 @@ def vread(rtype, rid, vid):
 
 @bp.put("/<rtype>/<rid>")
 def update(rtype, rid):
-    writable(rtype)
+    writable(rtype, instance=True)
     if rtype == "Binary" and not _is_fhir_body():
         resource = {"resourceType": "Binary", "id": rid, "contentType": request.content_type,
                     **_security_context()}
@@ -96,9 +108,10 @@ def update(rtype, rid):
 
 @bp.patch("/<rtype>/<rid>")
 def patch(rtype, rid):
-    writable(rtype)
+    writable(rtype, instance=True)
     if rtype not in PATCHABLE:
-        raise MethodNotAllowed(f"PATCH is not supported on {rtype}")
+        raise MethodNotAllowed(f"PATCH is not supported on {rtype}",
+                               headers={"Allow": allowed_methods(rtype, True)})
     ctype = (request.content_type or "").split(";")[0].strip()
     if ctype != "application/json-patch+json":
         raise UnsupportedMediaType("PATCH takes application/json-patch+json (RFC 6902)")
@@ -115,16 +128,30 @@ def patch(rtype, rid):
 
 @bp.delete("/<rtype>/<rid>")
 def delete(rtype, rid):
-    writable(rtype)
+    writable(rtype, instance=True)
     g.repo.delete(rtype, rid)
     return respond(None, 204)
 
 
 @bp.post("/Patient/<rid>/$destroy")
 def destroy(rid):
-    """Destroy a DMP (administrator): crypto-shredding, then the record is gone; the journal stays."""
+    """Destroy a DMP (the patient or the administrator): all or nothing, then it never existed."""
     g.repo.destroy_dmp(rid)
     return respond(None, 204)
+
+
+@bp.post("/Patient/<rid>/$access-code")
+def access_code(rid):
+    """A one-time code to the patient, for a PS's first access (FHIR_DMP_FIRST_ACCESS=patient-code)."""
+    if backend().config.first_access != "patient-code":
+        raise BadRequest("first access is attested by the professional here (FHIR_DMP_FIRST_ACCESS="
+                         "attestation): no access code is needed", code="not-supported")
+    comms = g.repo.send_access_code(rid)
+    from ..errors import Issue, operation_outcome
+    sent = sorted({c["medium"][0]["coding"][-1]["code"] for c in comms if c.get("medium")})
+    text = (f"a one-time code was sent to the patient ({', '.join(sent)})" if sent else
+            "the patient has no email or phone on file: no code could be sent")
+    return respond(operation_outcome([Issue(text, "informational", "information")]), 200)
 
 
 @bp.get("/<rtype>/<rid>/_history")
@@ -234,21 +261,31 @@ def _search(rtype: str, args: list[tuple[str, str]]):
         entries.append({"fullUrl": full_url(stored), "resource": stored.resource, "search": {"mode": "include"}})
     result = bundle("searchset", entries, total=page.total, links=links)
     if req.ignored:
-        from ..errors import Issue, operation_outcome
-        outcome = operation_outcome([Issue(f"parameter {name!r} is not supported and was ignored",
-                                           "not-supported", "warning") for name in req.ignored])
-        result.setdefault("entry", []).append({"resource": outcome, "search": {"mode": "outcome"}})
+        result.setdefault("entry", []).append(ignored_entry(req.ignored))
     return respond(result)
 
 
-def _history(rtype: str, rid: str | None):
+@bp.get("/_history")
+def system_history():
+    return _history(None, None)
+
+
+def _history(rtype: str | None, rid: str | None):
+    """History at instance, type or system level (https://hl7.org/fhir/R4/http.html#history)."""
     cfg = backend().config
+    if "_at" in request.args:
+        raise BadRequest("_at is not supported on history; use _since", expression="_at",
+                         code="not-supported")
     count = _int_param("_count", cfg.default_page_size, cfg.max_page_size)
     since = _date_param("_since")
     cursor = _history_cursor(request.args.get("_cursor"))
-    page, nxt, total = g.repo.history(rtype, rid, since=since, count=count, cursor=cursor)
+    if rtype is None:
+        page, nxt = g.repo.system_history(since=since, count=count, cursor=cursor)
+        total = None
+    else:
+        page, nxt, total = g.repo.history(rtype, rid, since=since, count=count, cursor=cursor)
     params = [(k, v) for k, v in request.args.items(multi=True) if k != "_cursor"]
-    path = f"{rtype}/{rid}/_history" if rid else f"{rtype}/_history"
+    path = f"{rtype}/{rid}/_history" if rid else f"{rtype}/_history" if rtype else "_history"
     links = [("self", link(path, params))]
     if nxt:
         token = base64.urlsafe_b64encode(json.dumps([nxt[0].isoformat(), nxt[1]]).encode()).decode()

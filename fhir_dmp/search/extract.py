@@ -306,7 +306,7 @@ def patient_id_of(resource_type: str, resource: dict, *, base_url: str | None = 
     """Owning patient id (https://hl7.org/fhir/R4/compartmentdefinition-patient.html).
 
     Patient -> its id; DocumentReference/Communication -> ``subject`` when it is
-    a Patient; Consent -> ``patient``; AuditEvent -> the first Patient in
+    a Patient; Consent, RelatedPerson -> ``patient``; AuditEvent -> the first Patient in
     ``entity.what`` then ``agent.who``; Binary and others -> None (storage sets
     it). Only relative references (or absolute ones under ``base_url``) count:
     a Patient on another server is not ours.
@@ -318,7 +318,7 @@ def patient_id_of(resource_type: str, resource: dict, *, base_url: str | None = 
         return None
     if resource_type in ("DocumentReference", "Communication"):
         candidates = [resource.get("subject")]
-    elif resource_type == "Consent":
+    elif resource_type in ("Consent", "RelatedPerson"):
         candidates = [resource.get("patient")]
     else:  # AuditEvent
         candidates = [e.get("what") for e in resource.get("entity") or () if isinstance(e, dict)]

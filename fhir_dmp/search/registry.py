@@ -35,6 +35,7 @@ WANTED: dict[str, tuple[str, ...]] = {
                    "purpose"),   # purpose: this server's SearchParameter (break-glass review)
     "Communication": ("subject", "patient", "status", "sent", "category"),
     "Binary": (),
+    "RelatedPerson": ("patient", "active", "relationship"),   # legal representatives
 }
 COMMON = ("_id", "_lastUpdated")
 
@@ -42,7 +43,7 @@ COMMON = ("_id", "_lastUpdated")
 #: (https://hl7.org/fhir/R4/compartmentdefinition-patient.html); Binary is
 #: attached to its patient by storage.
 PATIENT_COMPARTMENT = frozenset({"Patient", "DocumentReference", "Consent", "AuditEvent",
-                                 "Communication"})
+                                 "Communication", "RelatedPerson"})
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,9 @@ def _user_agent(p: Principal | None, client_ip: str | None) -> dict:
             who = {"identifier": {"system": IDNATPS_SYSTEM, "value": p.id_nat_ps}}
         elif p.kind == PATIENT and p.patient_id:
             who = {"reference": f"Patient/{p.patient_id}"}
-        else:  # legal representative, admin, unknown: the token subject
+        elif p.kind == LEGAL_REPRESENTATIVE and p.related_person_id:
+            who = {"reference": f"RelatedPerson/{p.related_person_id}"}
+        else:  # admin, unknown: the token subject
             who = {"identifier": {"system": SUBJECT_SYSTEM, "value": p.subject}}
         if p.name:
             who["display"] = p.name
@@ -179,11 +181,22 @@ def _user_agent(p: Principal | None, client_ip: str | None) -> dict:
             agent["purposeOfUse"] = [{"coding": [_coding(PURPOSE_SYSTEM, p.purpose,
                                                          _PURPOSE_DISPLAY.get(p.purpose))]}]
             agent["policy"] = [f"{ACCESS_MODE_SYSTEM}#{p.mode}"]
-        if p.organization:
-            agent["location"] = {"identifier": {"value": p.organization}}
     if client_ip:
         agent["network"] = {"address": client_ip, "type": "2"}  # 2 = IP address
     return agent
+
+
+def _organization_agent(organization: str) -> dict:
+    """The establishment the professional acts through (AIR mode, token claim ``organization``
+    ``system|value``, FINESS): the journal names both the PS and the establishment."""
+    system, sep, value = organization.partition("|")
+    ident = {"system": system, "value": value} if sep and system and value else {"value": organization}
+    return {
+        "type": {"coding": [_coding(DICOM_SYSTEM, "110150", "Application")]},
+        "role": [{"coding": [_coding(DMP_AUDIT_SYSTEM, "organization", "établissement")]}],
+        "who": {"identifier": ident},
+        "requestor": False,
+    }
 
 
 def _client_agent(p: Principal) -> dict:
@@ -261,6 +274,8 @@ def build_event(rec: AccessRecord, *, source_observer: str) -> dict:
         event["purposeOfEvent"] = [{"coding": [_coding(PURPOSE_SYSTEM, p.purpose,
                                                        _PURPOSE_DISPLAY.get(p.purpose))]}]
     agents = [_user_agent(p, rec.client_ip)]
+    if p is not None and p.organization:
+        agents.append(_organization_agent(p.organization))
     if p is not None and p.client_id:
         agents.append(_client_agent(p))
     event["agent"] = agents
@@ -595,8 +610,9 @@ def verify_chains(db, patient_id: str | None = None, *, unsealed_bound_s: float 
             elif signed_seq > seq:
                 problems.append(f"patient {cpid}: a signed checkpoint has seq {signed_seq} "
                                 f"but the chain ends at {seq}")
+        destroyed = {h["_id"] for h in db[HEADS].find({"destroyed": True}, {"_id": 1})}
         for cpid, (signed_seq, _h) in sorted(signed.items()):
-            if cpid not in last:
+            if cpid not in last and cpid not in destroyed:
                 problems.append(f"patient {cpid}: a signed checkpoint has seq {signed_seq} "
                                 "but the chain has no event")
 

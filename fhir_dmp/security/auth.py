@@ -44,6 +44,7 @@ from werkzeug.http import parse_list_header, parse_options_header
 
 from ..errors import ServiceUnavailable, Unauthorized
 from . import devkeys
+from .discovery import fetch_discovery
 from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, PURPOSE_SYSTEM,
                         REGULATION_CENTRE, TREAT, UNKNOWN, Principal)
 from .scopes import Scopes
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("RS256", "ES256")
 _KTY = {"RS256": "RSA", "ES256": "EC"}
 LEEWAY = 60
+JWKS_MAX_AGE = 300.0        # seconds a fetched JWKS is trusted without a new fetch
 _WHITESPACE = re.compile(r"\s")
 MAX_TOKEN_CHARS = 16 * 1024
 REQUIRED_ACR = "eidas1"
@@ -62,6 +64,7 @@ BTG_TERM = f"{PURPOSE_SYSTEM}#BTG"
 _ACTREASON_SYSTEMS = (PURPOSE_SYSTEM, "urn:oid:2.16.840.1.113883.5.8")
 _PURPOSES = (TREAT, BTG, ETREAT)
 _FHIR_USER_PATIENT = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})$")
+_FHIR_USER_RELATED = re.compile(r"(?:^|/)RelatedPerson/[A-Za-z0-9\-.]{1,64}$")
 _SAFE_ALG = re.compile(r"^[A-Za-z0-9+-]{1,16}$")
 _MAX_REASON = 1000
 
@@ -119,8 +122,9 @@ def _pick(keys: KeySet | None, kid: str | None, alg: str) -> Key | None:
 def _import_jwks(data) -> KeySet:
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError("not a JWK Set (no 'keys' array)")
+    keys = [k for k in data["keys"] if isinstance(k, dict)]
     try:  # keys of an unknown kty are skipped (RFC 7517 §5); a broken key breaks the set
-        return KeySet.import_key_set({"keys": [k for k in data["keys"] if isinstance(k, dict)]})
+        return KeySet.import_key_set({"keys": keys})
     except JoseError:
         raise
     except (TypeError, KeyError, AttributeError) as exc:
@@ -180,11 +184,13 @@ class UrlKeys:
     document). The set is fetched on first use and after ``max_age``
     seconds; a ``kid`` not in the cached set triggers a new fetch, at most
     once every ``refetch_interval`` seconds (attempts, failed or not, count).
-    A failed fetch keeps the previous set.
+    The server trusts exactly what the issuer publishes now: a failed fetch
+    keeps the previous set only until it is ``max_age`` old (then 503), and a
+    key the issuer no longer publishes is gone at the next fetch.
     """
 
     def __init__(self, resolve_url: Callable[[requests.Session], str], *,
-                 refetch_interval: float = 5.0, max_age: float = 3600.0,
+                 refetch_interval: float = 5.0, max_age: float = JWKS_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic, timeout: float = 5.0):
         self._resolve_url = resolve_url
         self._interval = refetch_interval
@@ -200,14 +206,19 @@ class UrlKeys:
 
     def lookup(self, kid: str | None, alg: str) -> Key | None:
         keys = self._keys
-        now = self._clock()
-        if keys is None or now - self._loaded_at >= self._max_age:
+        if keys is None or self._expired():
             keys = self._refresh()
+            if self._expired():
+                # never trust a set older than max_age: the issuer may have withdrawn a key
+                raise KeysUnavailable("the issuer's JWKS could not be refreshed")
         key = _pick(keys, kid, alg)
         if key is None:
             keys = self._refresh()
             key = _pick(keys, kid, alg)
         return key
+
+    def _expired(self) -> bool:
+        return self._loaded_at is None or self._clock() - self._loaded_at >= self._max_age
 
     def _refresh(self) -> KeySet:
         with self._lock:
@@ -238,15 +249,9 @@ def _discovery_resolver(issuer: str, timeout: float = 5.0) -> Callable[[requests
     def resolve(session: requests.Session) -> str:
         if found:
             return found[0]
-        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-        resp = session.get(url, timeout=timeout, headers={"Accept": "application/json"})
-        resp.raise_for_status()
-        doc = resp.json()
-        if not isinstance(doc, dict) or not isinstance(doc.get("jwks_uri"), str):
+        doc = fetch_discovery(session, issuer, timeout)
+        if not isinstance(doc.get("jwks_uri"), str):
             raise ValueError("discovery document has no jwks_uri")
-        # §4.3: the issuer in the document must be the one asked for
-        if str(doc.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
-            raise ValueError("discovery document issuer mismatch")
         found.append(doc["jwks_uri"])
         return doc["jwks_uri"]
 
@@ -263,7 +268,7 @@ class TokenVerifier:
 
     CACHE_SIZE = 10_000
 
-    def __init__(self, config, *, refetch_interval: float = 5.0, max_age: float = 3600.0,
+    def __init__(self, config, *, refetch_interval: float = 5.0, max_age: float = JWKS_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
         # verified tokens by SHA-256: (kid, alg, key, claims, valid until); see verify()
@@ -384,8 +389,9 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     """Build the Principal of verified ``claims`` (CONTRACT.md "Access tokens").
 
     Kind: ``dmp_role`` admin / regulation_centre / legal_representative
-    (another value -> UNKNOWN); else ``fhirUser`` ``Patient/{id}`` -> PATIENT;
-    else ``SubjectNameID`` -> PS; else UNKNOWN. Raises Unauthorized for
+    (another value -> UNKNOWN); else ``SubjectNameID`` -> PS (whatever its
+    ``fhirUser``); else ``fhirUser`` ``Patient/{id}`` -> PATIENT; else UNKNOWN.
+    ``compartment`` from the ``patient`` claim and ``patient/`` scopes. Raises Unauthorized for
     inconsistent claims and the RFC 9470 step-up for PS / regulation centre
     without ``acr`` eidas1.
     """
@@ -403,15 +409,18 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
             if not id_nat_ps:
                 raise invalid_token("a regulation_centre token needs SubjectNameID")
         elif role == LEGAL_REPRESENTATIVE:
+            # CONTRACT.md "Who the caller is": the token names the RelatedPerson; the repository
+            # resolves it to its patient while it is in force (resolve_legal_representative)
             kind = LEGAL_REPRESENTATIVE
-            if not patient_id:
-                raise invalid_token("a legal_representative token needs fhirUser Patient/{id}")
+            related = _str(claims.get("fhirUser"))
+            if not related or not _FHIR_USER_RELATED.search(related):
+                raise invalid_token("a legal_representative token needs fhirUser RelatedPerson/{id}")
         else:
             kind = UNKNOWN
+    elif id_nat_ps:
+        kind = PS            # CONTRACT.md "Who the caller is": never the patient, whatever its fhirUser
     elif patient_id:
         kind = PATIENT
-    elif id_nat_ps:
-        kind = PS
     else:
         kind = UNKNOWN
 
@@ -419,6 +428,8 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     if raw_scope is not None and not isinstance(raw_scope, (str, list)):
         raise invalid_token("scope must be a string (or a list of strings)")
     scopes = Scopes.parse(raw_scope)
+
+    compartment = _compartment(kind, scopes, patient_id, _str(claims.get("patient")))
 
     acr = _str(claims.get("acr"))
     if kind in (PS, REGULATION_CENTRE) and acr != REQUIRED_ACR:
@@ -437,12 +448,15 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     professional = kind in (PS, REGULATION_CENTRE)
     owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
     subject = _str(claims.get("sub")) or (id_nat_ps if professional else None) \
-        or (f"Patient/{patient_id}" if owner else None) or "unknown"
+        or (f"Patient/{patient_id}" if kind == PATIENT else None) \
+        or (_str(claims.get("fhirUser")) if owner else None) or "unknown"
     return Principal(
         kind=kind,
         subject=subject,
         scopes=scopes,
         patient_id=patient_id if owner else None,
+        compartment=compartment,
+        related_person=_str(claims.get("fhirUser")) if kind == LEGAL_REPRESENTATIVE else None,
         id_nat_ps=id_nat_ps if professional else None,
         professions=professions if professional else (),
         acr=acr,
@@ -453,6 +467,28 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
         name=name,
         claims=dict(claims),
     )
+
+
+def _compartment(kind: str, scopes: Scopes, owner_pid: str | None, launch_pid: str | None) -> str | None:
+    """The one patient compartment ``patient/`` scopes confine the caller to (CONTRACT.md "Who the
+    caller is"): the token's ``patient`` claim (SMART launch context), else the patient of a
+    patient or legal representative. A ``patient`` claim that differs from the caller's own
+    patient, or a professional with only ``patient/`` scopes and no ``patient`` claim: 401."""
+    owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
+    # a legal representative's patient is known only once its RelatedPerson is resolved
+    # (repository.resolve_legal_representative checks the claim against it)
+    if kind == PATIENT and launch_pid and launch_pid != owner_pid:
+        raise invalid_token("the patient claim names another patient than fhirUser")
+    contexts = scopes.contexts()
+    if "patient" not in contexts or contexts - {"patient"}:
+        return launch_pid if owner else None
+    if launch_pid:
+        return launch_pid
+    if owner:
+        return owner_pid
+    if kind == ADMIN:
+        return None
+    raise invalid_token("patient/ scopes need the patient claim (SMART launch context)")
 
 
 def _str(value) -> str | None:

@@ -17,19 +17,27 @@ every function ends in a deny unless a rule permitted.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from ..errors import Forbidden
+from ..errors import BadRequest, Forbidden
 from ..profiles import dmp
+from ..profiles.ins import INS_SYSTEMS
 from .context_cache import load_contexts
-from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS,
+from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PS,
                         REGULATION_CENTRE, TREAT, Principal)
 
-INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "search": "s", "create": "c",
+INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type": "s", "search": "s", "create": "c",
                       "update": "u", "patch": "u", "delete": "d"}
 PATIENT_OWNED = ("DocumentReference", "Consent", "AuditEvent", "Communication", "Binary")
 INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
+INS_LOOKUP_PARAMS = ("identifier", "_format", "_pretty", "_elements", "_summary")
+COLLECT_ACTION = "http://terminology.hl7.org/CodeSystem/consentaction|collect"
+ROLE_CODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+PARENT, GUARDIAN = "PRN", "GUARD"
+AGE_OF_MAJORITY = 18
+PERSONAL_SPACE_TYPES = ("application/pdf", "text/plain")
 
 
 @dataclass
@@ -55,22 +63,31 @@ def deny(rule, reason, **kw) -> Decision:
     return Decision(False, rule, reason, **kw)
 
 
-# -- access facets: what the decision reads of a document, stored flat beside it ----------------------
+# -- access facets: what the decision reads of a resource, stored flat beside it ----------------------
 def access_facets(resource_type: str, resource: dict) -> dict:
     """Flat fields the search guard filters on (stored as ``a`` by storage).
 
-    ``keys`` folds rule 9 into one array of strings, so the guard is a single ``$in`` (cheap for
-    any MongoDB to evaluate, and indexable) instead of ``$or``s over codings:
-    ``t:<LOINC>`` for an unmasked document of that type, ``m:<LOINC>`` for a masked one
-    (MASQUE_PS), ``au:<idNatPs>`` for each author. ``labels`` holds the DMP label codes.
+    DocumentReference: ``types`` (its LOINC type codes: rule 9 needs every one allowed),
+    ``masked`` (MASQUE_PS), ``authors`` (idNatPs), ``labels`` (the DMP label codes).
+    Consent: ``actors`` (``system|value`` of each provision actor identifier, see
+    :func:`consent_actor_ids`). Patient: ``ins`` (``system|value`` of its INS identifiers, unique:
+    one DMP per INS, CONTRACT.md "The DMP in FHIR terms"). The same functions read the resource in :meth:`RequestAccess.can_see`,
+    so the filter and the per-resource check read the same facts.
     """
-    if resource_type != "DocumentReference":
-        return {}
-    labels = dmp.labels(resource)
-    prefix = "m:" if dmp.MASQUE_PS in labels else "t:"
-    keys = [prefix + code for code in sorted(dmp.doc_type_codes(resource))]
-    keys += ["au:" + ps for ps in sorted(dmp.author_ids(resource))]
-    return {"keys": keys, "labels": sorted(labels)}
+    if resource_type == "DocumentReference":
+        labels = dmp.labels(resource)
+        return {"types": sorted(dmp.doc_type_codes(resource)), "masked": dmp.MASQUE_PS in labels,
+                "authors": sorted(dmp.author_ids(resource)), "labels": sorted(labels)}
+    if resource_type == "Consent":
+        return {"actors": sorted(consent_actor_ids(resource))}
+    if resource_type == "Patient":
+        ins = sorted({identifier_key(i.get("system"), i.get("value")) for i in resource.get("identifier") or []
+                      if isinstance(i, dict) and i.get("system") in INS_SYSTEMS} - {None})
+        out = {"gp": sorted(dmp.general_practitioner_ids(resource))}
+        if ins:
+            out["ins"] = ins        # absent, not empty: the unique index skips it
+        return out
+    return {}
 
 
 def _pid_filter(pids) -> dict:
@@ -87,25 +104,55 @@ def _aware(t: datetime) -> datetime:
 
 
 # -- reading Consent resources as DMP choices (CONTRACT.md "The DMP in FHIR terms") ------------------
+def identifier_key(system, value) -> str | None:
+    """``system|value`` of an identifier; None without a system or a value (it never matches)."""
+    if isinstance(system, str) and system.strip() and isinstance(value, str) and value.strip():
+        return f"{system.strip()}|{value.strip()}"
+    return None
+
+
 def consent_actor_ids(consent: dict) -> set[str]:
-    """Identifier values of provision.actor (PS idNatPs or organization)."""
+    """``system|value`` of each provision.actor identifier (PS idNatPs or establishment).
+
+    CONTRACT.md "Who the caller is": identifiers match on system and value; one without a
+    system never matches anyone.
+    """
     out = set()
     for actor in (consent.get("provision") or {}).get("actor") or []:
-        ident = (actor.get("reference") or {}).get("identifier") or {}
-        if ident.get("value"):
-            out.add(ident["value"])
+        ident = ((actor or {}).get("reference") or {}).get("identifier") or {}
+        key = identifier_key(ident.get("system"), ident.get("value"))
+        if key:
+            out.add(key)
     return out
+
+
+def consent_has_actor(consent: dict) -> bool:
+    """True when provision.actor names anyone (even with an identifier that never matches)."""
+    return bool((consent.get("provision") or {}).get("actor"))
 
 
 def consent_purposes(consent: dict) -> set[str]:
     return {p.get("code") for p in (consent.get("provision") or {}).get("purpose") or [] if p.get("code")}
 
 
+def consent_actions(consent: dict) -> set[str]:
+    """``system|code`` of provision.action codings."""
+    out = set()
+    for concept in (consent.get("provision") or {}).get("action") or []:
+        for coding in (concept or {}).get("coding") or []:
+            if coding.get("code"):
+                out.add(f"{coding.get('system')}|{coding['code']}")
+    return out
+
+
 def consent_kind(consent: dict) -> str:
-    """'permit', 'block', 'optout_btg', 'optout_c15', 'deny_other' or 'unknown'."""
+    """'permit', 'block', 'oppose_feeding', 'optout_btg', 'optout_c15', 'deny_other' or 'unknown'."""
     prov = consent.get("provision") or {}
     ptype = prov.get("type")
-    actors = consent_actor_ids(consent)
+    actors = consent_has_actor(consent)
+    if ptype == "deny" and COLLECT_ACTION in consent_actions(consent):
+        # opposition to feeding (CONTRACT.md "Lifecycle"): no actor = every PS, else that PS
+        return "oppose_feeding"
     if ptype == "permit" and actors:
         return "permit"
     if ptype == "deny" and actors:
@@ -121,24 +168,65 @@ def consent_kind(consent: dict) -> str:
 
 
 def consent_in_force(consent: dict, at: datetime) -> bool:
+    """Active and within ``provision.period`` at ``at``.
+
+    Period bounds are FHIR dateTimes of any precision (``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD`` or a
+    full dateTime, https://hl7.org/fhir/R4/datatypes.html#dateTime): a start holds from the first
+    instant it names, an end until the last. A deny Consent whose period cannot be read is in
+    force (fail closed: a block or an opt-out is never switched off by a format); a permit whose
+    period cannot be read is not.
+    """
     if consent.get("status") != "active":
         return False
     period = (consent.get("provision") or {}).get("period") or {}
     try:
-        if period.get("start") and _parse_dt(period["start"]) > at:
-            return False
-        if period.get("end") and _parse_dt(period["end"], end=True) < at:
-            return False
-    except ValueError:
+        start = fhir_instant(period["start"]) if period.get("start") else None
+        end = fhir_instant(period["end"], end=True) if period.get("end") else None
+    except (ValueError, TypeError, AttributeError):
+        return (consent.get("provision") or {}).get("type") == "deny"
+    if start is not None and start > at:
+        return False
+    if end is not None and end <= at:
         return False
     return True
 
 
-def _parse_dt(value: str, end: bool = False) -> datetime:
-    if len(value) == 10:
-        t = datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
-        return t + timedelta(days=1) if end else t
-    return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+_FHIR_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+
+
+def fhir_instant(value: str, end: bool = False) -> datetime:
+    """The first instant a FHIR date/dateTime names, or with ``end`` the instant just after its
+    last one (``2020-06`` ends at 2020-07-01T00:00Z). Dates without a zone are read as UTC.
+    Raises ValueError for anything else."""
+    m = _FHIR_DATE.match(value.strip())
+    if m:
+        year, month, day = int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1)
+        start = datetime(year, month, day, tzinfo=timezone.utc)
+        if not end:
+            return start
+        if m.group(3):
+            return start + timedelta(days=1)
+        if m.group(2):
+            return datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
+        return datetime(year + 1, 1, 1, tzinfo=timezone.utc)
+    if "T" not in value:
+        raise ValueError(f"not a FHIR date or dateTime: {value!r}")
+    t = _aware(datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
+    return t + timedelta(microseconds=1) if end else t
+
+
+def principal_keys(p: Principal) -> set[str]:
+    """Identifier keys of a caller (see :func:`consent_actor_ids`)."""
+    if not p.is_professional:
+        return set()
+    ids = set()
+    key = identifier_key(IDNATPS_SYSTEM, p.id_nat_ps)
+    if key:
+        ids.add(key)
+    system, sep, value = (p.organization or "").partition("|")
+    if sep and identifier_key(system, value):
+        ids.add(identifier_key(system, value))
+    return ids
 
 
 @dataclass
@@ -164,13 +252,16 @@ class PatientState:
     def gp_ids(self) -> set[str]:
         return dmp.general_practitioner_ids(self.patient) if self.patient else set()
 
-    def matching(self, kind: str, actor_ids: set[str] = frozenset()) -> list:
+    def matching(self, kind: str, actor_ids: set[str] = frozenset(), *, everyone: bool = False) -> list:
+        """Consents of ``kind`` in force naming one of ``actor_ids``; with ``everyone``, those
+        naming no actor count too (they apply to every professional)."""
         at = _now()
         out = []
         for cid, vid, res in self.consents:
             if consent_kind(res) != kind or not consent_in_force(res, at):
                 continue
-            if actor_ids and not (consent_actor_ids(res) & actor_ids):
+            actors = consent_actor_ids(res)
+            if actor_ids and not (actors & actor_ids) and not (everyone and not consent_has_actor(res)):
                 continue
             out.append((f"Consent/{cid}", str(vid)))
         return out
@@ -197,17 +288,16 @@ class RequestAccess:
         self.p = principal
         self.states: dict[str, PatientState] = {}
         self._normal_pids: set[str] | None = None
+        self._choices: tuple | None = None
         self.session = None       # set by the repository inside a write transaction
 
     # -- context loading ---------------------------------------------------
     @property
     def my_ids(self) -> set[str]:
-        ids = set()
-        if self.p.id_nat_ps:
-            ids.add(self.p.id_nat_ps)
-        if self.p.organization:
-            ids.add(self.p.organization)
-        return ids
+        """``system|value`` keys a Consent actor may name to mean this caller: the PS idNatPs and,
+        in AIR mode, the establishment of the ``organization`` claim (``system|value``; one
+        without a system matches nothing)."""
+        return principal_keys(self.p)
 
     def load(self, pids) -> None:
         """Load the states of several patients: from the process's context cache
@@ -216,17 +306,15 @@ class RequestAccess:
         todo = [p for p in set(pids) if p and p not in self.states]
         if not todo:
             return
-        db = self.policy.storage.db
+        storage = self.policy.storage
         cache = self.policy.context_cache
         if cache is not None and self.session is None:
             contexts = cache.load(todo)
         else:
-            contexts = load_contexts(db, todo, self.session)
+            contexts = load_contexts(storage, todo, self.session)
         grants = {}
         if self.p.is_professional and self.p.id_nat_ps and self.p.purpose == BTG:
-            for g in db["btg_grants"].find({"pid": {"$in": todo}, "ps": self.p.id_nat_ps,
-                                            "expires": {"$gt": _now()}}):
-                grants[g["pid"]] = g
+            grants = storage.live_grants(todo, self.p.id_nat_ps, _now())
         for pid in todo:
             res, known, consents, doc = contexts[pid]
             self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid), doc)
@@ -275,6 +363,8 @@ class RequestAccess:
         if role:
             return role
         p = self.p
+        if p.compartment is not None and st.pid != p.compartment:
+            return deny("compartment", "the token's patient/ scopes are for another record")
         if p.kind == ADMIN and st.known:
             # a deleted (not destroyed) DMP stays manageable: 410 on read, history kept
             return permit("admin", "administrator (no document content)")
@@ -327,9 +417,7 @@ class RequestAccess:
         st = self.state(pid)
         access = self.dmp_access(st)
         if not access.permit:
-            if resource_type == "Patient" and p.kind in (PS, REGULATION_CENTRE) and extra \
-                    and extra.get("ins_lookup") and st.exists and self.role_decision() is None \
-                    and access.rule != "blocked":
+            if resource_type == "Patient" and extra and extra.get("ins_lookup") and self.ins_lookup_allowed(st):
                 return permit("ins-lookup", "exact INS lookup", obligations={"view": "ins_only"})
             return access
         if resource_type == "Patient":
@@ -339,36 +427,64 @@ class RequestAccess:
         if resource_type == "Consent":
             if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
                 return access
-            if consent_kind(resource) == "permit" and consent_actor_ids(resource) & self.my_ids:
+            if matches(self.consent_query(), {"res": resource, "a": access_facets("Consent", resource)}):
                 return access
             return deny("consent-other", "professionals see only their own authorization")
         if resource_type in ("AuditEvent", "Communication"):
             if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
                 return access
             return deny("journal", "professionals do not read the journal")
+        if resource_type == "RelatedPerson":
+            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
+                return access
+            return deny("representatives", "professionals do not read legal representatives")
         return deny("type", f"{resource_type} is not readable")
 
     def _document(self, doc: dict, st: PatientState, access: Decision) -> Decision:
-        p = self.p
-        labels = dmp.labels(doc)
-        if p.kind == ADMIN:
+        """Rule 9 and the labels, judged with the same query the search guard runs."""
+        if self.p.kind == ADMIN:
             return deny("admin-no-content", "administrators never read documents")
-        if p.kind == PATIENT:
-            if dmp.INVISIBLE_PATIENT in labels:
-                return deny("invisible-patient", "not yet announced to the patient")
+        query = self.document_query(st.pid)
+        if matches(query, {"pid": st.pid, "a": access_facets("DocumentReference", doc)}):
             return access
-        if p.kind == LEGAL_REPRESENTATIVE:
-            if labels & {dmp.INVISIBLE_PATIENT, dmp.INVISIBLE_REPRESENTANTS_LEGAUX}:
-                return deny("invisible-representatives", "hidden from legal representatives")
-            return access
-        # professionals: the author always sees what they wrote (they keep the original)
-        is_author = p.id_nat_ps in dmp.author_ids(doc)
-        if not self.policy.habilitations.may_read(self.profession, dmp.doc_type_codes(doc)) and not is_author:
+        labels = dmp.labels(doc)
+        if self.p.kind == PATIENT:
+            return deny("invisible-patient", "not yet announced to the patient")
+        if self.p.kind == LEGAL_REPRESENTATIVE:
+            return deny("invisible-representatives", "hidden from legal representatives")
+        if not self.policy.habilitations.may_read(self.profession, dmp.doc_type_codes(doc)):
             return deny("habilitation", "document type not readable by this profession")
-        if dmp.MASQUE_PS in labels and not is_author:
-            if not (p.purpose == TREAT and p.id_nat_ps in st.gp_ids):
-                return deny("masque-ps", "document masked by the patient")
-        return access
+        if dmp.MASQUE_PS in labels:
+            return deny("masque-ps", "document masked by the patient")
+        return deny("document", "not readable")
+
+    def consent_query(self) -> dict:
+        """The one definition of which Consents of an entered DMP the caller sees: all of them for
+        the patient, a representative and the administrator; a professional only their own
+        authorization."""
+        if self.p.is_professional:
+            return {"res.provision.type": "permit", "a.actors": {"$in": sorted(self.my_ids)}}
+        return {}
+
+    def document_query(self, pid: str) -> dict:
+        """The one definition of which documents of DMP ``pid`` the caller sees, once the DMP is
+        entered (rules 4, 9 and 11): a storage filter over ``pid`` and the access facets, also
+        evaluated in memory by :func:`matches` for a single document."""
+        p = self.p
+        if p.kind == PATIENT:
+            return {"a.labels": {"$ne": dmp.INVISIBLE_PATIENT}}
+        if p.kind == LEGAL_REPRESENTATIVE:
+            return {"a.labels": {"$nin": [dmp.INVISIBLE_PATIENT, dmp.INVISIBLE_REPRESENTANTS_LEGAUX]}}
+        if not p.is_professional:
+            return {"_never": True}
+        # every type code allowed by the matrix (CONTRACT.md "Habilitation"); MASQUE_PS only for
+        # the médecin traitant in normal mode; the author always sees what they wrote
+        allowed = sorted(self.policy.habilitations.allowed_types(self.profession))
+        readable = {"a.types.0": {"$exists": True}, "a.types": {"$not": {"$elemMatch": {"$nin": allowed}}}}
+        st = self.states.get(pid)
+        if not (p.purpose == TREAT and st is not None and p.id_nat_ps in st.gp_ids):
+            readable["a.masked"] = False
+        return {"$or": [{"a.authors": p.id_nat_ps}, readable]}
 
     def view(self, resource: dict, decision: Decision) -> dict:
         """Apply the decision's view obligation (INS lookup answers id, identifier and active)."""
@@ -377,36 +493,84 @@ class RequestAccess:
         return resource
 
     # -- searches: the decision as a storage query ----------------------------
+    def _my_choices(self) -> tuple[set[str], set[str], set[str]]:
+        """(permitted, blocked, médecin traitant) pids of a professional: the Consents naming them
+        (in force) and the DMPs naming them médecin traitant — the same facts :meth:`dmp_access`
+        reads in each :class:`PatientState`. A médecin traitant is never blocked (rule 5)."""
+        if self._choices is None:
+            permitted, blocked = set(), set()
+            at = _now()
+            for d in self.policy.storage.consents_naming(sorted(self.my_ids)):
+                if not consent_in_force(d["res"], at):
+                    continue
+                kind = consent_kind(d["res"])
+                if kind == "permit":
+                    permitted.add(d["pid"])
+                elif kind == "block":
+                    blocked.add(d["pid"])
+            gp = self.policy.storage.patients_with_gp(self.p.id_nat_ps) if self.p.id_nat_ps else set()
+            self._choices = (permitted, blocked - gp, gp)
+        return self._choices
+
     def normal_pids(self) -> set[str]:
         """pids a professional reaches in normal mode (permit or médecin traitant, not blocked, open)."""
         if self._normal_pids is not None:
             return self._normal_pids
-        db = self.policy.storage.db
-        ids = list(self.my_ids)
-        permitted, blocked = set(), set()
-        at = _now()
-        for d in db["Consent"].find({"del": False, "res.status": "active",
-                                     "res.provision.actor.reference.identifier.value": {"$in": ids}},
-                                    {"pid": 1, "res": 1}):
-            kind = consent_kind(d["res"])
-            if not consent_in_force(d["res"], at):
-                continue
-            if kind == "permit":
-                permitted.add(d["pid"])
-            elif kind == "block":
-                blocked.add(d["pid"])
-        gp = {d["_id"] for d in db["Patient"].find(
-            {"del": False, "res.generalPractitioner.identifier.value": self.p.id_nat_ps}, {"_id": 1})}
+        permitted, blocked, gp = self._my_choices()
         candidates = (permitted - blocked) | gp
         self.load(candidates)
         self._normal_pids = {pid for pid in candidates if self.states[pid].open}
         return self._normal_pids
+
+    # -- the exact-INS lookup (CONTRACT.md "The DMP in FHIR terms") -------------------------------
+    def ins_lookup(self, resource_type: str, args: list[tuple[str, str]]) -> bool:
+        """Is this search a professional's exact-INS lookup? Raises BadRequest when it carries any
+        parameter but ``identifier``, ``_format``, ``_pretty``, ``_elements``, ``_summary`` (for a
+        known and an unknown INS alike: no crafted sort or cursor reads a DMP it does not show)."""
+        if resource_type != "Patient" or not self.p.is_professional:
+            return False
+        idents = [v for k, v in args if k == "identifier"]
+        if not any(v.partition("|")[0] in INS_SYSTEMS for v in idents):
+            return False
+        others = sorted({k for k, _ in args if k not in INS_LOOKUP_PARAMS})
+        system, _, value = idents[0].partition("|")
+        if others or len(idents) != 1 or not value or "," in value:
+            raise BadRequest("the exact-INS lookup takes one identifier=<INS system>|<INS> and no other "
+                             f"parameter{': not ' + ', '.join(others) if others else ''}",
+                             expression="Patient.identifier")
+        return True
+
+    def ins_lookup_allowed(self, st: PatientState) -> bool:
+        """One definition: a professional finds an existing DMP by its exact INS unless blocked
+        (or confined to another record)."""
+        if self.role_decision() or not st.exists:
+            return False
+        if self.p.compartment is not None and st.pid != self.p.compartment:
+            return False
+        return st.pid not in self._my_choices()[1]
+
+    def ins_lookup_filter(self) -> dict | None:
+        """:meth:`ins_lookup_allowed` as a storage filter (the INS criteria select the DMP)."""
+        if self.role_decision():
+            return None
+        blocked = sorted(self._my_choices()[1])
+        flt: dict = {"_id": {"$nin": blocked}} if blocked else {}
+        if self.p.compartment is not None:
+            if self.p.compartment in blocked:
+                return None
+            flt = {"_id": self.p.compartment}
+        return flt
 
     def reachable_pids(self, named_pids: set[str]) -> set[str] | None:
         """pids whose records the caller may enter in this request; None = no restriction (admin)."""
         p = self.p
         if self.role_decision():
             return set()
+        if p.compartment is not None:
+            # patient/ scopes: that one record, if the caller may enter it
+            if named_pids and p.compartment not in named_pids:
+                return set()
+            return {p.compartment} if self.dmp_access(self.state(p.compartment)).permit else set()
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             st = self.state(p.patient_id)
             return {p.patient_id} if st.exists else set()
@@ -427,42 +591,29 @@ class RequestAccess:
         if resource_type == "Patient":
             if pids is None:
                 return {}
-            flt = {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
-            if ins_lookup and p.kind in (PS, REGULATION_CENTRE) and self.role_decision() is None:
+            if ins_lookup:
                 # exact INS: the criteria themselves select the DMP; can_see redacts it
-                return {}
-            return flt
+                return self.ins_lookup_filter()
+            return {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
         if resource_type == "DocumentReference":
             if p.kind == ADMIN or pids is not None and not pids:
                 return None
-            flt: dict = _pid_filter(pids)
-            if p.kind == PATIENT:
-                return {**flt, "a.labels": {"$ne": dmp.INVISIBLE_PATIENT}}
-            if p.kind == LEGAL_REPRESENTATIVE:
-                return {**flt, "a.labels": {"$nin": [dmp.INVISIBLE_PATIENT, dmp.INVISIBLE_REPRESENTANTS_LEGAUX]}}
-            # rule 9: habilitation x type, MASQUE_PS only for the author and (normal mode) the
-            # médecin traitant; the author always sees what they wrote (see access_facets)
-            allowed = sorted(self.policy.habilitations.allowed_types(self.profession))
-            keys = [f"t:{c}" for c in allowed] + [f"au:{p.id_nat_ps}"]
-            masked = [f"m:{c}" for c in allowed]
-            gp_pids = {pid for pid in pids if p.purpose == TREAT and p.id_nat_ps in self.states[pid].gp_ids}
-            if gp_pids == pids:
-                return {**flt, "a.keys": {"$in": keys + masked}}
-            if gp_pids:
-                return {**flt, "$or": [{"a.keys": {"$in": keys}},
-                                       {**_pid_filter(gp_pids), "a.keys": {"$in": masked}}]}
-            return {**flt, "a.keys": {"$in": keys}}
+            # the DMPs that share one document query are grouped (the médecin traitant's differ)
+            groups: dict[str, tuple[dict, list]] = {}
+            for pid in sorted(pids):
+                q = self.document_query(pid)
+                groups.setdefault(repr(q), (q, []))[1].append(pid)
+            parts = [{**_pid_filter(group), **q} for q, group in groups.values()]
+            return parts[0] if len(parts) == 1 else {"$or": parts}
         if resource_type == "Consent":
             if pids is None:
                 return {}
             if not pids:
                 return None
             flt = _pid_filter(pids)
-            if p.kind in (PS, REGULATION_CENTRE):
-                flt.update({"res.provision.type": "permit",
-                            "res.provision.actor.reference.identifier.value": {"$in": list(self.my_ids)}})
+            flt.update(self.consent_query())
             return flt
-        if resource_type in ("AuditEvent", "Communication"):
+        if resource_type in ("AuditEvent", "Communication", "RelatedPerson"):
             if p.kind in (PS, REGULATION_CENTRE):
                 return None
             if pids is None:
@@ -488,6 +639,8 @@ class RequestAccess:
             return self._write_consent(interaction, new, old, st, access)
         if resource_type in ("DocumentReference", "Binary"):
             return self._write_document(interaction, resource_type, new, old, st, access)
+        if resource_type == "RelatedPerson":
+            return self._write_representative(interaction, new, old, st, access)
         return deny("type", f"{resource_type} is not writable")
 
     def _write_patient(self, interaction, new, old, pid) -> Decision:
@@ -496,6 +649,8 @@ class RequestAccess:
             return permit("admin", "administrator manages DMPs")
         if interaction == "create":
             if p.kind == PS and p.purpose == TREAT:
+                if _owner_fields_changed(new, None):
+                    return deny("owner-fields", OWNER_FIELDS_REASON)
                 return permit("ps-creates-dmp", "a professional opens the DMP (patient agreed)",
                               obligations={"authorize_creator": True, "notify": "first_access"})
             return deny("create-dmp", "only a professional or an administrator opens a DMP")
@@ -510,6 +665,8 @@ class RequestAccess:
                 return deny("patient-identity", "the INS is changed by a professional, not the patient")
             return access
         if p.kind == PS and p.purpose == TREAT and access.rule in ("authorized", "medecin-traitant"):
+            if _owner_fields_changed(new, old):
+                return deny("owner-fields", OWNER_FIELDS_REASON)
             return access
         return deny("patient-write", "not allowed to change this DMP")
 
@@ -530,10 +687,14 @@ class RequestAccess:
                 return deny("blocked", "the patient blocked this professional")
             if consent_kind(new) != "permit":
                 return deny("ps-consent", "a professional may only create their own authorization")
-            if consent_actor_ids(new) != {p.id_nat_ps}:
+            if consent_actor_ids(new) != {identifier_key(IDNATPS_SYSTEM, p.id_nat_ps)}:
                 return deny("ps-consent", "a professional may only authorize themselves")
             if not any(v.get("verified") is True for v in new.get("verification") or []):
                 return deny("ps-consent", "the first access must be attested (verification.verified)")
+            if self.policy.config.first_access == "patient-code":
+                # CONTRACT.md "Lifecycle": the PS also gives the one-time code the patient received
+                return permit("first-access", "first access with the patient's code",
+                              obligations={"notify": "first_access", "patient_code": True})
             return permit("first-access", "attested first access", obligations={"notify": "first_access"})
         return deny("consent-write", "not allowed")
 
@@ -544,6 +705,9 @@ class RequestAccess:
         if p.kind == ADMIN:
             return deny("admin-no-content", "an administrator never writes document content")
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
+            personal = self._personal_space(interaction, rtype, new, old, st, access)
+            if personal is not None:
+                return personal
             if interaction in ("update", "patch") and rtype == "DocumentReference" and p.kind == PATIENT \
                     and access.permit and old is not None:
                 if dmp.INVISIBLE_PATIENT in dmp.labels(old):
@@ -559,10 +723,150 @@ class RequestAccess:
         if not access.permit:
             return access
         if interaction == "create":
-            return access
+            return self._feeding_opposition(st) or access
         if old is not None and p.id_nat_ps in dmp.author_ids(old):
             return permit("author", "the author changes their document")
         return deny("not-author", "only the author replaces or withdraws a document")
+
+    # -- lifecycle rules (CONTRACT.md "Lifecycle of a DMP") ---------------------------------
+    def _feeding_opposition(self, st: PatientState) -> Decision | None:
+        """A deposit the patient's opposition to feeding forbids (no actor: every PS)."""
+        opposed = st.matching("oppose_feeding", self.my_ids, everyone=True)
+        if opposed:
+            return deny("feeding-opposed", "the patient opposed the feeding of their DMP "
+                        "(motif légitime); nothing can be deposited", consents=opposed)
+        return None
+
+    def _personal_space(self, interaction, rtype, new, old, st, access) -> Decision | None:
+        """The patient's personal space: the patient or a representative deposits PDF or text
+        documents authored by the Patient, and only they change or withdraw them. None: the
+        write is not about the personal space (other rules decide)."""
+        if not access.permit or rtype != "DocumentReference":
+            return None
+        if interaction == "create":
+            types = {((c or {}).get("attachment") or {}).get("contentType", "").split(";")[0].strip()
+                     for c in (new or {}).get("content") or []}
+            if not types or not types <= set(PERSONAL_SPACE_TYPES):
+                return deny("personal-space", "the personal space takes PDF or text documents only")
+            return permit("personal-space", "the patient deposits in their personal space")
+        if old is not None and is_personal_document(old, st.pid):
+            return permit("personal-space", "the patient changes or withdraws their own document")
+        if interaction == "delete":
+            return deny("patient-document", "only the author withdraws a document")
+        return None
+
+    def _write_representative(self, interaction, new, old, st, access) -> Decision:
+        """Legal representatives: the patient (of age) or the administrator creates and ends them."""
+        p = self.p
+        if not st.known:
+            return deny("dmp-state", "no such DMP")
+        if p.kind == ADMIN:
+            return permit("admin", "administrator manages legal representatives")
+        if not access.permit:
+            return access
+        if p.kind == PATIENT:
+            if is_minor(st.patient, _now()):
+                return deny("representative-minor", "for a minor, the administrator manages legal "
+                            "representatives")
+            return permit("patient-representatives", "the patient manages their legal representatives")
+        return deny("representative-write", "only the patient or the administrator manages legal "
+                    "representatives")
+
+    def can_destroy(self, st: PatientState) -> Decision:
+        """Destroying a DMP: the patient themselves or the administrator (not a representative)."""
+        access = self.dmp_access(st)
+        if not access.permit:
+            return access
+        if self.p.kind == ADMIN or (self.p.kind == PATIENT and self.p.patient_id == st.pid):
+            return permit("destroy-dmp", "the DMP is destroyed by "
+                          + ("the administrator" if self.p.kind == ADMIN else "the patient"))
+        return deny("destroy-dmp", "only the patient or the administrator destroys a DMP")
+
+    def can_ask_access_code(self, st: PatientState) -> Decision:
+        """``Patient/$access-code``: a PS in normal mode on an open DMP that has not blocked it."""
+        p = self.p
+        role = self.role_decision()
+        if role:
+            return role
+        if p.kind != PS or p.purpose != TREAT:
+            return deny("access-code", "only a professional in normal mode asks for an access code")
+        if not st.exists or not st.open:
+            return deny("dmp-state", "no such DMP")
+        if st.matching("block", self.my_ids) and p.id_nat_ps not in st.gp_ids:
+            return deny("dmp-state", "no such DMP")
+        return permit("access-code", "a one-time code is sent to the patient")
+
+
+def is_personal_document(doc: dict, pid: str) -> bool:
+    """A document of the patient's personal space: its author is the Patient."""
+    return any((a or {}).get("reference") == f"Patient/{pid}" for a in (doc or {}).get("author") or [])
+
+
+def _birthday(birth_date: str, years: int, *, latest: bool) -> datetime:
+    """The ``years``-th birthday; for a partial date (YYYY, YYYY-MM), its earliest or latest day."""
+    parts = [int(x) for x in birth_date.split("-")]
+    year, month = parts[0] + years, parts[1] if len(parts) > 1 else (12 if latest else 1)
+    day = parts[2] if len(parts) > 2 else (31 if latest else 1)
+    while True:
+        try:
+            return datetime(year, month, day, tzinfo=timezone.utc)
+        except ValueError:   # 29 February in a common year, 31 of a short month
+            day -= 1
+
+
+def is_minor(patient: dict | None, at: datetime) -> bool:
+    """Under 18 by ``birthDate``; unknown or unreadable birth date: treated as a minor."""
+    try:
+        return _birthday((patient or {})["birthDate"][:10], AGE_OF_MAJORITY, latest=True) > at
+    except (KeyError, TypeError, ValueError, IndexError):
+        return True
+
+
+def representative_relationship(rp: dict) -> str | None:
+    codes = {c.get("code") for concept in rp.get("relationship") or []
+             for c in (concept or {}).get("coding") or [] if c.get("system") == ROLE_CODE_SYSTEM}
+    for code in (GUARDIAN, PARENT):
+        if code in codes:
+            return code
+    return None
+
+
+def representative_in_force(rp: dict, patient: dict | None, at: datetime) -> Decision:
+    """CONTRACT.md "Who the caller is" / "Lifecycle": a RelatedPerson makes its holder a legal
+    representative while it is active, within its period, and, for a parent, until the
+    patient's 18th birthday (a guardian has no such limit). Unreadable dates deny."""
+    if patient is None:
+        return deny("representative", "no such DMP")
+    if rp.get("active") is False:
+        return deny("representative", "the legal representative has been ended")
+    relationship = representative_relationship(rp)
+    if relationship is None:
+        return deny("representative", "not a parent (PRN) or guardian (GUARD)")
+    if not consent_in_force({"status": "active", "provision": {"period": rp.get("period") or {}}}, at):
+        return deny("representative", "outside the legal representative's period")
+    if relationship == PARENT:
+        try:
+            of_age = _birthday(patient["birthDate"][:10], AGE_OF_MAJORITY, latest=False)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return deny("representative", "the patient's birth date is unknown")
+        if of_age <= at:
+            return deny("representative", "the patient is 18: a parent's access has ended")
+    return permit("legal-representative", "legal representative in force")
+
+
+OWNER_FIELDS_REASON = ("only the patient, a legal representative or the administrator sets the médecin "
+                       "traitant (generalPractitioner) or opens and closes the DMP (active)")
+
+
+def _owner_fields_changed(new: dict | None, old: dict | None) -> bool:
+    """Does a write set or change what only the patient's side decides (CONTRACT.md "The DMP in FHIR
+    terms": ``generalPractitioner`` and ``active``)? A DMP is created open."""
+    new, old = new or {}, old
+    if old is None:
+        return bool(new.get("generalPractitioner")) or new.get("active", True) is not True
+    return (dmp.general_practitioner_ids(new) != dmp.general_practitioner_ids(old)
+            or (new.get("generalPractitioner") or []) != (old.get("generalPractitioner") or [])
+            or new.get("active", True) != old.get("active", True))
 
 
 def _without_labels(doc: dict | None, codes: set[str]) -> dict:
@@ -574,3 +878,67 @@ def _without_labels(doc: dict | None, codes: set[str]) -> dict:
     if not out.get("securityLabel"):
         out.pop("securityLabel", None)
     return out
+
+
+# -- the storage filter language, evaluated in memory (for the per-resource check) --------------------
+def _values(doc, path: str) -> list:
+    """Values at a dotted path, arrays flattened as MongoDB does (``a.types.0`` indexes)."""
+    cur = [doc]
+    for part in path.split("."):
+        nxt = []
+        for v in cur:
+            if isinstance(v, dict) and part in v:
+                nxt.append(v[part])
+            elif isinstance(v, list):
+                if part.isdigit():
+                    if int(part) < len(v):
+                        nxt.append(v[int(part)])
+                else:
+                    nxt += [x[part] for x in v if isinstance(x, dict) and part in x]
+        cur = nxt
+    return cur
+
+
+def _field_matches(values: list, cond) -> bool:
+    flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+    if not isinstance(cond, dict) or not any(k.startswith("$") for k in cond):
+        return any(v == cond for v in flat) or any(v == cond for v in values)
+    for op, arg in cond.items():
+        if op == "$exists":
+            if bool(values) != bool(arg):
+                return False
+        elif op == "$in":
+            if not any(v in arg for v in flat) and not (not values and None in arg):
+                return False
+        elif op == "$nin":
+            if any(v in arg for v in flat):
+                return False
+        elif op == "$ne":
+            if any(v == arg for v in flat):
+                return False
+        elif op == "$not":
+            if _field_matches(values, arg):
+                return False
+        elif op == "$elemMatch":
+            arrays = [v for v in values if isinstance(v, list)]
+            if not any(_field_matches([x], arg) for a in arrays for x in a):
+                return False
+        else:
+            raise ValueError(f"operator {op} is not evaluated in memory")
+    return True
+
+
+def matches(query: dict, doc: dict) -> bool:
+    """Does ``doc`` (a stored document: ``pid``, ``a`` facets...) match ``query``? The subset of
+    the MongoDB filter language the access queries use: equality, ``$in``, ``$nin``, ``$ne``,
+    ``$exists``, ``$not``, ``$elemMatch`` (on arrays of scalars), ``$or``, ``$and``."""
+    for key, cond in query.items():
+        if key == "$or":
+            if not any(matches(q, doc) for q in cond):
+                return False
+        elif key == "$and":
+            if not all(matches(q, doc) for q in cond):
+                return False
+        elif not _field_matches(_values(doc, key), cond):
+            return False
+    return True

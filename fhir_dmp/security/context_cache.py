@@ -36,20 +36,18 @@ log = logging.getLogger(__name__)
 WATCHED = ("Patient", "Consent", "RelatedPerson", "btg_grants")
 
 
-def load_contexts(db, pids: list[str], session=None) -> dict[str, tuple]:
+def load_contexts(storage, pids: list[str], session=None) -> dict[str, tuple]:
     """``pid -> (patient resource or None, known, [(id, vid, Consent)], stored Patient document)``
-    in two queries.
+    in two queries (``Storage.patient_docs`` and ``Storage.active_consents``).
 
     ``patient`` is None when there is no such DMP (or it is deleted or destroyed); ``known``
     is True when it is stored and not destroyed (a deleted DMP still counts). The stored
     document (None if absent) is the current version as ``Storage.read`` returns it, without
     the search index fields: a Patient read is answered from it.
     """
-    patients = {d["_id"]: d for d in db["Patient"].find({"_id": {"$in": pids}}, {"s": 0, "o": 0, "a": 0},
-                                                      session=session)}
+    patients = storage.patient_docs(pids, session=session)
     consents: dict[str, list] = {}
-    for d in db["Consent"].find({"pid": {"$in": pids}, "del": False, "res.status": "active"},
-                                {"res": 1, "vid": 1, "pid": 1}, session=session):
+    for d in storage.active_consents(pids, session=session):
         consents.setdefault(d["pid"], []).append((d["_id"], d["vid"], d["res"]))
     out = {}
     for pid in pids:
@@ -62,8 +60,8 @@ def load_contexts(db, pids: list[str], session=None) -> dict[str, tuple]:
 class ContextCache:
     """pid -> decision context, per process (see module docstring). Thread-safe."""
 
-    def __init__(self, db, *, max_entries: int = 20_000, max_age: float = 300.0):
-        self.db = db
+    def __init__(self, storage, *, max_entries: int = 20_000, max_age: float = 300.0):
+        self.storage = storage
         self.max_entries = max_entries
         self.max_age = max_age
         self._entries: OrderedDict[str, tuple[float, tuple]] = OrderedDict()
@@ -94,7 +92,7 @@ class ContextCache:
             self.hits += len(out)
             self.misses += len(todo)
         if todo:
-            loaded = load_contexts(self.db, todo)
+            loaded = load_contexts(self.storage, todo)
             out.update(loaded)
             if live:
                 self._put(loaded, token, now)
@@ -157,7 +155,7 @@ class ContextCache:
                     {"$project": {"ns": 1, "documentKey": 1, "fullDocument.pid": 1, "operationType": 1}}]
         while not self._stop.is_set():
             try:
-                with self.db.watch(pipeline, full_document="updateLookup", max_await_time_ms=200) as stream:
+                with self.storage.watch(pipeline) as stream:
                     self._set_live(True)
                     while not self._stop.is_set() and stream.alive:
                         change = stream.try_next()

@@ -95,12 +95,13 @@ def mint_token(config, kind: str, *, patient: str | None = None, id_nat_ps: str 
                profession: str | None = None, purpose: str | None = None,
                btg_reason: str | None = None, scope: str | None = None, lifetime: int = 3600,
                acr: str = "eidas1", organization: str | None = None, name: str | None = None,
-               extra: dict | None = None) -> str:
+               extra: dict | None = None, related_person: str | None = None) -> str:
     """Mint an ES256 access token signed with the dev key (claims of CONTRACT.md
     "Access tokens"), ``iss`` = ``config.expected_issuer``, ``aud`` =
     ``config.expected_audience``.
 
-    ``kind``: patient, legal_representative (both need ``patient``), ps
+    ``kind``: patient (needs ``patient``), legal_representative (needs
+    ``related_person``, the RelatedPerson id), ps
     (needs ``id_nat_ps`` and ``profession``), regulation_centre (needs
     ``id_nat_ps``; profession defaults to 10, purpose to ETREAT), admin.
     Default scope: ``patient/*.cruds`` for patient and legal representative,
@@ -124,16 +125,20 @@ def mint_token(config, kind: str, *, patient: str | None = None, id_nat_ps: str 
         "client_id": DEV_CLIENT_ID,
         "acr": acr,
     }
-    if kind in (PATIENT, LEGAL_REPRESENTATIVE):
+    if kind == LEGAL_REPRESENTATIVE:
+        # CONTRACT.md "Who the caller is": the token names the RelatedPerson, not the patient
+        if not related_person:
+            raise ValueError("a legal_representative token needs related_person (the RelatedPerson id)")
+        claims["fhirUser"] = f"RelatedPerson/{related_person}"
+        claims["scope"] = scope or "openid fhirUser patient/*.cruds"
+        claims["dmp_role"] = LEGAL_REPRESENTATIVE
+        claims["sub"] = f"dev-legal-representative-{related_person}"
+    elif kind == PATIENT:
         if not patient:
             raise ValueError(f"a {kind} token needs patient (the Patient id of the DMP)")
         claims["fhirUser"] = f"Patient/{patient}"
         claims["scope"] = scope or "openid fhirUser patient/*.cruds"
-        if kind == LEGAL_REPRESENTATIVE:
-            claims["dmp_role"] = LEGAL_REPRESENTATIVE
-            claims["sub"] = f"dev-legal-representative-of-{patient}"
-        else:
-            claims["sub"] = f"dev-patient-{patient}"
+        claims["sub"] = f"dev-patient-{patient}"
     elif kind in (PS, REGULATION_CENTRE):
         if kind == REGULATION_CENTRE:
             profession = profession or "10"

@@ -32,9 +32,10 @@ class Habilitations:
         return self.readable.get(profession or "", frozenset())
 
     def may_read(self, profession: str | None, type_codes: set[str] | frozenset) -> bool:
-        """True when one of the document's LOINC type codes is readable by the profession."""
+        """True when the document has type codes and the profession may read every one of them
+        (CONTRACT.md "Habilitation")."""
         allowed = self.allowed_types(profession)
-        return any(code in allowed for code in type_codes)
+        return bool(type_codes) and all(code in allowed for code in type_codes)
 
     def knows(self, profession: str | None) -> bool:
         return profession in self.professions

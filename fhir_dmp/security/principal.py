@@ -30,7 +30,8 @@ class Principal:
 
     ``kind``: one of PATIENT, LEGAL_REPRESENTATIVE, PS, REGULATION_CENTRE,
     ADMIN, UNKNOWN. ``patient_id`` is the DMP owner for patients and legal
-    representatives. ``id_nat_ps`` and ``professions`` (TRE_G15 codes) for PS
+    representatives. ``compartment`` is the one DMP ``patient/`` scopes confine
+    the caller to (None: not confined). ``id_nat_ps`` and ``professions`` (TRE_G15 codes) for PS
     and regulation-centre staff. ``purpose`` is TREAT, BTG or ETREAT (already
     merged from the token and the request's ``Category`` header);
     ``btg_reason`` the break-glass justification.
@@ -40,6 +41,7 @@ class Principal:
     subject: str
     scopes: Scopes
     patient_id: str | None = None
+    compartment: str | None = None            # the one DMP patient/ scopes confine to (None: no limit)
     id_nat_ps: str | None = None
     professions: tuple[str, ...] = ()
     acr: str | None = None
@@ -48,6 +50,9 @@ class Principal:
     btg_reason: str | None = None
     client_id: str | None = None
     name: str | None = None
+    #: legal representative: the token's ``fhirUser`` (``RelatedPerson/{id}``, maybe absolute);
+    #: ``patient_id`` is set only once the RelatedPerson is found in force (repository)
+    related_person: str | None = None
     claims: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -70,6 +75,13 @@ class Principal:
             return "centre_15"
         return "normal"
 
+    @property
+    def related_person_id(self) -> str | None:
+        """The id of the RelatedPerson a legal representative's token names."""
+        if not self.related_person:
+            return None
+        return self.related_person.rstrip("/").rsplit("/", 1)[-1]
+
     def with_purpose(self, purpose: str, reason: str | None) -> "Principal":
         from dataclasses import replace
         return replace(self, purpose=purpose, btg_reason=reason or self.btg_reason)
@@ -81,6 +93,8 @@ class Principal:
             if self.name:
                 ref["display"] = self.name
             return ref
+        if self.kind == LEGAL_REPRESENTATIVE and self.related_person_id:
+            return {"reference": f"RelatedPerson/{self.related_person_id}"}
         if self.patient_id:
             return {"reference": f"Patient/{self.patient_id}"}
         return {"display": self.subject}

@@ -1,0 +1,237 @@
+"""A DMP's life after it opens: close, reopen, retention, destroy (CONTRACT.md "Lifecycle of a DMP").
+
+Storage side only: no HTTP, no policy. The guarded repository decides who may
+(``security/consent.py``) and journals; these functions change the database.
+
+* :func:`mark_closed` / :func:`mark_reopened` — a DMP that closes gets
+  ``closed_at`` on its stored Patient document (beside ``res``, not part of the
+  resource); reopening removes it. Retention counts from ``closed_at``.
+* :func:`purge_dmp` — everything the database holds about one DMP, removed
+  inside the caller's transaction (all or nothing): the data key
+  (crypto-shredding), encrypted content, every resource of the compartment and
+  its history, break-glass grants, notices (the outbox holds email addresses
+  and phone numbers), access codes, and the DMP's own journal chain.
+* :func:`retention_due` / :class:`RetentionScheduler` — closed DMPs whose
+  retention (``FHIR_DMP_RETENTION_YEARS``) has passed; ``fhir-dmp retention
+  run`` destroys them, and ``serve`` does so once a day (one process at a time,
+  through a lease in the ``scheduled_jobs`` collection).
+
+What remains after a destroy (stated, not hidden): one entry in the system
+journal (who destroyed a DMP and when; no patient id, INS, name or contact);
+copies in database backups taken before the destroy — their document content
+stays unreadable once every key-encryption key that wrapped the deleted data
+key is retired (``fhir-dmp keys rotate`` retires them), but their metadata
+(Patient, DocumentReference JSON) is plain and only ages out with the backups.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta, timezone
+
+from pymongo import ReturnDocument
+
+log = logging.getLogger(__name__)
+
+#: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
+COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
+JOBS = "scheduled_jobs"
+DAY = timedelta(days=1)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def retention_deadline(closed_at: datetime, years: int) -> datetime:
+    """``closed_at`` + ``years`` (29 February -> 28 February)."""
+    if closed_at.tzinfo is None:
+        closed_at = closed_at.replace(tzinfo=timezone.utc)
+    try:
+        return closed_at.replace(year=closed_at.year + years)
+    except ValueError:
+        return closed_at.replace(year=closed_at.year + years, day=28)
+
+
+# -- close / reopen ----------------------------------------------------------------------------
+def active_change(old: dict | None, new: dict | None) -> str | None:
+    """'close', 'reopen' or None for a Patient write (``active`` absent = open)."""
+    was = (old or {}).get("active", True) is not False
+    now_open = (new or {}).get("active", True) is not False
+    if old is None:
+        return "close" if not now_open else None
+    if was and not now_open:
+        return "close"
+    if not was and now_open:
+        return "reopen"
+    return None
+
+
+def mark_closed(db, pid: str, at: datetime, *, session=None) -> None:
+    db["Patient"].update_one({"_id": pid}, {"$set": {"closed_at": at}}, session=session)
+
+
+def mark_reopened(db, pid: str, *, session=None) -> None:
+    db["Patient"].update_one({"_id": pid}, {"$unset": {"closed_at": ""}}, session=session)
+    db["AuditEvent"].update_many({"pid": pid}, {"$unset": {"retain_until": ""}}, session=session)
+
+
+# -- destroy -----------------------------------------------------------------------------------
+def purge_dmp(db, pid: str, *, session) -> dict:
+    """Remove every trace of DMP ``pid`` inside ``session``'s transaction; returns counts.
+
+    The data key goes first (crypto-shredding): whatever copy of a ciphertext
+    survives elsewhere cannot be opened with the live key file. The journal
+    chain of the DMP (its events and its head) goes with it, so the other
+    chains stay verifiable. Call :meth:`DocumentCrypto.forget_cached_keys` /
+    drop caches after commit.
+    """
+    from .access_codes import ACCESS_CODES
+    from .blobs import BLOBS, CHUNKS
+    from .notifications import OUTBOX
+    from .security.audit import COLLECTION, GENESIS, HEADS
+    from .security.crypto import DATAKEYS
+
+    counts = {}
+
+    def gone(name: str, flt: dict) -> None:
+        counts[name] = counts.get(name, 0) + db[name].delete_many(flt, session=session).deleted_count
+
+    gone(DATAKEYS, {"_id": pid})
+    gone(BLOBS, {"p": pid})
+    gone(CHUNKS, {"p": pid})
+    for rtype in COMPARTMENT_TYPES:
+        gone(rtype, {"pid": pid})
+        gone(f"{rtype}_history", {"pid": pid})
+    gone("Patient", {"_id": pid})
+    gone("Patient_history", {"rid": pid})
+    gone("btg_grants", {"pid": pid})
+    gone(OUTBOX, {"patient_id": pid})
+    gone(ACCESS_CODES, {"pid": pid})
+    # sealed and not yet sealed events alike (the sealer links them after the fact)
+    gone(COLLECTION, {"$or": [{"chain.pid": pid}, {"pid": pid}]})
+    gone(HEADS, {"_id": pid})
+    # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
+    # a date, nothing personal) so that `audit verify` does not take it for a deleted chain
+    db[HEADS].insert_one({"_id": pid, "seq": 0, "hash": GENESIS, "destroyed": True}, session=session)
+    return counts
+
+
+def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason: str) -> dict:
+    """The one system-journal AuditEvent a destroy leaves: who (a role, not a person's
+    identifier), when, why; nothing that names the patient."""
+    return {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+                 "display": "Restful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "delete",
+                     "display": "delete"}],
+        "action": "D",
+        "recorded": at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "outcome": "0",
+        "outcomeDesc": f"a DMP was destroyed ({reason})",
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                        "code": "IRCP"}]},
+                   "role": [{"coding": [{"system": "urn:fhir-dmp:audit", "code": actor_kind}]}],
+                   "requestor": True}],
+        "source": {"observer": {"display": source_observer},
+                   "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                             "code": "4", "display": "Application Server"}]},
+        "entity": [{"type": {"system": "urn:fhir-dmp:audit", "code": "decision"},
+                    "detail": [{"type": "rule", "valueString": "destroy-dmp"},
+                               {"type": "result", "valueString": "permit"}]}],
+    }
+
+
+# -- retention -----------------------------------------------------------------------------------
+def retention_due(db, years: int, at: datetime) -> list[str]:
+    """Ids of closed DMPs whose retention has passed at ``at``."""
+    limit = retention_deadline(at, -years)
+    return [d["_id"] for d in db["Patient"].find(
+        {"closed_at": {"$lte": limit}, "res.active": False}, {"_id": 1})]
+
+
+def claim_daily_run(db, owner: str, at: datetime, *, job: str = "retention") -> bool:
+    """True for exactly one caller per day across processes (compare-and-set on ``next_run``)."""
+    db[JOBS].update_one({"_id": job}, {"$setOnInsert": {"next_run": at}}, upsert=True)
+    doc = db[JOBS].find_one_and_update(
+        {"_id": job, "next_run": {"$lte": at}},
+        {"$set": {"next_run": at + DAY, "owner": owner, "started": at}},
+        return_document=ReturnDocument.AFTER)
+    return doc is not None
+
+
+def run_retention(backend, at: datetime | None = None) -> int:
+    """Destroy every closed DMP past retention (``fhir-dmp retention run``); returns how many.
+
+    Each destroy goes through the guarded repository as the system administrator, so it is
+    decided, all or nothing, and leaves its system-journal entry like any other.
+    """
+    from .repository import GuardedRepository, RequestInfo
+    from .security.principal import ADMIN, Principal
+    from .security.scopes import Scopes
+
+    at = at or _now()
+    system = Principal(kind=ADMIN, subject="fhir-dmp retention", scopes=Scopes.ALL)
+    done = 0
+    for pid in retention_due(backend.storage.db, backend.config.retention_years, at):
+        repo = GuardedRepository(backend, system, RequestInfo(request_id="retention"))
+        repo.destroy_dmp(pid, reason="retention period over")
+        repo.flush_audit()
+        done += 1
+    return done
+
+
+class RetentionScheduler:
+    """Runs ``job()`` at most once a day across every process sharing the database.
+
+    Each ``serve`` worker starts one; they check every ``interval`` seconds and
+    the database lease (:func:`claim_daily_run`) lets one of them run it.
+    """
+
+    def __init__(self, db, job, *, owner: str, interval: float = 600.0):
+        self.db = db
+        self.job = job
+        self.owner = owner
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> bool:
+        if not claim_daily_run(self.db, self.owner, _now()):
+            return False
+        try:
+            count = self.job()
+            log.info("retention: %s closed DMP(s) past retention destroyed", count)
+        except Exception:  # noqa: BLE001 — a failed run is retried the next day, the server goes on
+            log.exception("retention run failed")
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 — database away: try again at the next tick
+                log.warning("retention scheduler could not reach the database")
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fhir-dmp-retention", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def start_daily_retention(app) -> RetentionScheduler | None:
+    """In a ``serve`` worker: the daily retention run (None for an app that is not ours)."""
+    import os
+    import socket
+
+    backend = (getattr(app, "extensions", None) or {}).get("fhir_dmp")
+    if backend is None:
+        return None
+    scheduler = RetentionScheduler(backend.storage.db, lambda: run_retention(backend),
+                                   owner=f"{socket.gethostname()}:{os.getpid()}")
+    scheduler.start()
+    return scheduler
