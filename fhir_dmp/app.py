@@ -80,19 +80,16 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
 
     from .resources import register
     register(app)
-    from . import home
+    from . import home, portal
     app.register_blueprint(home.bp)
+    portal.register(app, config)
     _cors(app, config)
 
     @app.before_request
     def authenticate():
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         g.repo = None
-        if request.path in PUBLIC_PATHS or not request.path.startswith("/fhir") \
-                or request.method == "OPTIONS" \
-                or (request.method in ("GET", "HEAD") and request.path in BASE_PATHS) \
-                or conformance_is_public(request.method, request.path):
-            return None     # public: CORS preflights carry no token
+        if _is_public(request.method, request.path):
             return None
         try:
             principal = verifier.authenticate(request.headers.get("Authorization"), request.headers)
@@ -172,6 +169,13 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
                                         f"(request id {g.get('request_id')})", status=500, code="exception"))
 
     return app
+
+
+def _is_public(method: str, path: str) -> bool:
+    """What needs no token: outside the FHIR API, CORS preflights, the server's self-description."""
+    return (not path.startswith("/fhir") or method == "OPTIONS" or path in PUBLIC_PATHS
+            or (method in ("GET", "HEAD") and path in BASE_PATHS)
+            or conformance_is_public(method, path))
 
 
 def _cors(app: Flask, config: Config) -> None:

@@ -62,6 +62,9 @@ class Config:
     max_page_size: int = 1000
     default_page_size: int = 50
     notifications_worker: bool = True
+    # OIDC client of the patient portal at the issuer (CONTRACT.md "The patient portal")
+    portal_client_id: str | None = None
+    portal_client_secret: str | None = None
     # origins allowed to call the FHIR API from a browser (CORS); "*" = any (bearer tokens, no cookies)
     cors_origins: tuple[str, ...] = ("*",)
     # CONTRACT.md "Lifecycle of a DMP": years a closed DMP is kept; how a PS's first access is granted
@@ -95,6 +98,13 @@ class Config:
         if self.base_url:
             return self.base_url.rstrip("/")
         return f"http://{self.host}:{self.port}/fhir"
+
+    @property
+    def public_origin(self) -> str:
+        """Scheme, host and port of the public base URL (the portal's redirect URIs start with it)."""
+        from urllib.parse import urlsplit
+        parts = urlsplit(self.fhir_base)
+        return f"{parts.scheme}://{parts.netloc}"
 
     @property
     def expected_audience(self) -> str:
@@ -140,6 +150,8 @@ class Config:
             sms_webhook_url=env.get("FHIR_DMP_SMS_WEBHOOK_URL") or None,
             break_glass_ttl=_int(env, "FHIR_DMP_BREAK_GLASS_TTL", 14400),
             max_attachment_bytes=_int(env, "FHIR_DMP_MAX_ATTACHMENT_BYTES", 20 * 1024 * 1024),
+            portal_client_id=env.get("FHIR_DMP_PORTAL_CLIENT_ID") or None,
+            portal_client_secret=env.get("FHIR_DMP_PORTAL_CLIENT_SECRET") or None,
             retention_years=_int(env, "FHIR_DMP_RETENTION_YEARS", 10),
             first_access=(env.get("FHIR_DMP_FIRST_ACCESS") or "attestation").strip(),
             audit_key_file=Path(env["FHIR_DMP_AUDIT_KEY_FILE"]) if env.get("FHIR_DMP_AUDIT_KEY_FILE") else None,

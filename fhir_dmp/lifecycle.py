@@ -43,16 +43,6 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def retention_deadline(closed_at: datetime, years: int) -> datetime:
-    """``closed_at`` + ``years`` (29 February -> 28 February)."""
-    if closed_at.tzinfo is None:
-        closed_at = closed_at.replace(tzinfo=timezone.utc)
-    try:
-        return closed_at.replace(year=closed_at.year + years)
-    except ValueError:
-        return closed_at.replace(year=closed_at.year + years, day=28)
-
-
 # -- close / reopen ----------------------------------------------------------------------------
 def active_change(old: dict | None, new: dict | None) -> str | None:
     """'close', 'reopen' or None for a Patient write (``active`` absent = open)."""
@@ -117,6 +107,14 @@ def purge_dmp(db, pid: str, *, session) -> dict:
     return counts
 
 
+def was_destroyed(db, pid: str) -> bool:
+    """The DMP is gone and its journal head says it was destroyed (not merely never existed)."""
+    from .security.audit import HEADS
+    if db["Patient"].find_one({"_id": pid}, {"_id": 1}) is not None:
+        return False
+    return db[HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
+
+
 def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason: str) -> dict:
     """The one system-journal AuditEvent a destroy leaves: who (a role, not a person's
     identifier), when, why; nothing that names the patient."""
@@ -146,7 +144,8 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
 # -- retention -----------------------------------------------------------------------------------
 def retention_due(db, years: int, at: datetime) -> list[str]:
     """Ids of closed DMPs whose retention has passed at ``at``."""
-    limit = retention_deadline(at, -years)
+    from .security.audit import add_years
+    limit = add_years(at, -years)
     return [d["_id"] for d in db["Patient"].find(
         {"closed_at": {"$lte": limit}, "res.active": False}, {"_id": 1})]
 

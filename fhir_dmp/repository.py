@@ -174,6 +174,7 @@ class GuardedRepository:
             self.storage.run_transaction(attempt)
         finally:
             self.records = []
+        self._sweep_destroyed({r.patient_id for r in records if r.patient_id})
 
     # ------------------------------------------------------------ decisions
     def _see(self, rtype: str, stored: Stored, *, extra: dict | None = None) -> Decision:
@@ -552,6 +553,7 @@ class GuardedRepository:
         try:
             result = self.storage.run_transaction(attempt)
             del self.records[mark:]            # committed with the write
+            self._sweep_destroyed(set(self._dirty_pids))
             self._forget_contexts()   # committed: this process forgets at once, others by the stream
             return result
         except PyMongoError as exc:
@@ -668,7 +670,7 @@ class GuardedRepository:
                 and resource.get("active") is False:
             # the DMP closes: its journal is kept 10 years from now (DESIGN.md "Audit")
             from .security.audit import mark_retention
-            mark_retention(self.storage.db, pid, stored.lu)
+            mark_retention(self.storage.db, pid, stored.lu, years=self.b.config.retention_years)
         return stored, False
 
     def patch(self, rtype: str, rid: str, operations: list, *, if_match: str | None = None,
@@ -746,6 +748,9 @@ class GuardedRepository:
             self.b.audit_log.append([event], session=s)
 
         self._writing(write, interaction="delete", rtype="Patient")
+        # a write decided before the destroy but committed after its snapshot: swept here, or by
+        # that writer itself if it commits after this sweep (_sweep_destroyed)
+        self.storage.run_transaction(lambda s: lifecycle.purge_dmp(self.storage.db, pid, session=s))
         self.b.crypto.shred(pid)                     # drops this process's cached data key
         forget = getattr(self.b.audit_log, "_forget", None)
         if forget:
@@ -753,6 +758,16 @@ class GuardedRepository:
         self.access.states.pop(pid, None)
         self._dirty_pids.add(pid)
         self._forget_contexts()
+
+    def _sweep_destroyed(self, pids) -> None:
+        """After a commit into DMPs: one destroyed meanwhile is purged again, so nothing written
+        by a request that raced its destroy survives it (CONTRACT.md "Lifecycle of a DMP")."""
+        from . import lifecycle
+        for pid in sorted(pids):
+            if lifecycle.was_destroyed(self.storage.db, pid):
+                log.warning("a write raced the destroy of a DMP; purged again")
+                self.storage.run_transaction(
+                    lambda s, pid=pid: lifecycle.purge_dmp(self.storage.db, pid, session=s))
 
     def send_access_code(self, pid: str) -> list[dict]:
         """``Patient/$access-code``: a one-time code to the patient (email/SMS + Communication).
@@ -794,6 +809,26 @@ class GuardedRepository:
     def reopen_dmp(self, pid: str) -> Stored:
         """Reopen a closed DMP within its retention."""
         return self._set_active(pid, True)
+
+    def representatives(self, pid: str) -> list[Stored]:
+        """The DMP's legal representatives the caller may see (RelatedPerson?patient=pid)."""
+        return self.search("RelatedPerson", [("patient", pid), ("_count", str(self.b.config.max_page_size))]).matches
+
+    def add_representative(self, pid: str, relationship: str, family: str, given: str | None = None, *,
+                           start: str | None = None, end: str | None = None) -> Stored:
+        """Register a parent (``PRN``) or guardian (``GUARD``) of the patient (same decision as POST)."""
+        from .profiles import validate
+        from .security.consent import ROLE_CODE_SYSTEM
+        resource = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": f"Patient/{pid}"},
+                    "relationship": [{"coding": [{"system": ROLE_CODE_SYSTEM, "code": relationship}]}],
+                    "name": [{"family": family, **({"given": [given]} if given else {})}]}
+        if start or end:
+            resource["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+        return self.create("RelatedPerson", validate(resource, resource_type="RelatedPerson"))
+
+    def end_representative(self, rp_id: str) -> Stored:
+        """End a legal representative (``active: false``): their token stops working at once."""
+        return self.patch("RelatedPerson", rp_id, [{"op": "add", "path": "/active", "value": False}])
 
     def _set_active(self, pid: str, active: bool) -> Stored:
         return self.patch("Patient", pid, [{"op": "add", "path": "/active", "value": active}])

@@ -461,7 +461,8 @@ class Storage:
 EXTRA_INDEXES = {
     "Consent": [[("a.actors", 1), ("res.status", 1)],
                 [("pid", 1), ("res.status", 1)]],
-    "Patient": [[("a.gp", 1)]],
+    # closed_at: the retention run (lifecycle.retention_due) finds closed DMPs past retention
+    "Patient": [[("a.gp", 1)], [("closed_at", 1)]],
     # the search guard (security/consent.py access_facets): a DMP's documents a reader may see
     "DocumentReference": [[("pid", 1), ("a.types", 1)]],
 }

@@ -18,8 +18,9 @@ from tests.idp import TestIdP
 
 BASE = "https://dmp.test/fhir"
 
-# the SMTP sink and SMS webhook fixtures (smtp, sms) for notification tests
-pytest_plugins = ["tests.transports"]
+# the SMTP sink and SMS webhook fixtures (smtp, sms) for notification tests; the portal's browser,
+# live server and OIDC provider fixtures
+pytest_plugins = ["tests.transports", "tests.portal_kit"]
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ def test_statement_is_valid_r4_and_served(api, config):
     assert cs["implementation"]["url"] == config.fhir_base
     assert cs["software"]["version"] != "0"
     assert cs["rest"][0]["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    from tests.test_conformance import empties
+    assert empties(cs) == []        # R4 JSON: no empty arrays or objects (searchRevInclude: [] is invalid)
     xml = api.anonymous().get("metadata", headers={"Accept": "application/fhir+xml"})
     assert xml.status_code == 200 and b"CapabilityStatement" in xml.data
 
@@ -135,6 +137,37 @@ def test_every_declared_search_parameter_is_understood(api, record):
     for p in STATEMENT["rest"][0]["searchParam"]:
         r = me.get(f"Patient?{p['name']}={common[p['name']]}", headers=strict)
         assert r.status_code == 200, (p["name"], r.get_data(as_text=True)[:300])
+
+
+def test_declared_conditional_writes_work(api):
+    """conditionalCreate / conditionalUpdate / conditionalDelete, once per type that declares them."""
+    admin, ps = api.as_admin(), api.as_ps()
+    pat = ps.create(b.patient())
+    samples = {"Patient": (admin, b.patient()), "Consent": (admin, b.consent(pat["id"], actor=b.PS_OTHER)),
+               "DocumentReference": (ps, b.docref(pat["id"])),
+               "RelatedPerson": (admin, b.related_person(pat["id"]))}
+    for res in STATEMENT["rest"][0]["resource"]:
+        rtype = res["type"]
+        if rtype not in samples:
+            assert not res["conditionalCreate"] and not res["conditionalUpdate"], rtype
+            assert res["conditionalDelete"] == "not-supported", rtype
+            continue
+        caller, body = samples[rtype]
+        first = caller.create(body)
+        if res["conditionalCreate"]:
+            again = caller.post(rtype, body, headers={"If-None-Exist": f"_id={first['id']}"})
+            assert again.status_code == 200 and again.json["id"] == first["id"], (rtype, again.json)
+        if res["conditionalUpdate"]:
+            current = caller.get(f"{rtype}/{first['id']}").json
+            r = caller.put(f"{rtype}?_id={first['id']}", current)
+            assert r.status_code == 200 and r.json["id"] == first["id"], (rtype, r.json)
+        if res["conditionalDelete"] == "single":
+            r = caller.delete(f"{rtype}?_id={first['id']}")
+            assert r.status_code == 204, (rtype, r.json)
+            assert caller.get(f"{rtype}/{first['id']}").status_code == 410, rtype
+    assert admin.post("Binary", raw=b"x", content_type="text/plain",
+                      headers={"If-None-Exist": "_id=x"}).status_code == 400
+    assert admin.delete("Binary?_id=x").status_code == 400
 
 
 def test_conditional_read_is_declared():

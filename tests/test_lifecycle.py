@@ -320,3 +320,35 @@ def test_a_record_through_its_whole_life(short_api, idp):
     assert dr.search(f"DocumentReference?patient={again['id']}")["total"] == 0
     assert api.as_patient(again["id"]).post(f"Patient/{again['id']}/$destroy").status_code == 204
     assert personal_data_left(db, ins, email) == []
+
+
+def test_serve_workers_start_the_daily_retention(api):
+    from flask import Flask
+    assert lifecycle.start_daily_retention(Flask("other")) is None
+    scheduler = lifecycle.start_daily_retention(api.app)
+    try:
+        assert scheduler is not None
+    finally:
+        scheduler.stop()
+
+
+def test_a_write_that_races_a_destroy_is_purged_after_it_commits(api, dmp):
+    """A deposit decided before the destroy but committed after it: nothing of it survives."""
+    from fhir_dmp.repository import GuardedRepository
+    from fhir_dmp.security.auth import principal_from_claims
+    pid = dmp["pid"]
+    db = backend_of(api).storage.db
+    ps = principal_from_claims({"SubjectNameID": b.PS_DR, "SubjectRole": ["10"], "acr": "eidas1",
+                                "scope": "user/*.cruds"})
+    late = GuardedRepository(backend_of(api), ps)
+    late.access.state(pid)                      # the writer has seen the DMP open...
+    assert api.as_admin().post(f"Patient/{pid}/$destroy").status_code == 204
+    late._dirty_pids.add(pid)                   # ...and its transaction commits after the destroy
+
+    def write(s):
+        db["DocumentReference"].insert_one({"_id": "late-doc", "pid": pid, "del": False,
+                                            "res": {"subject": {"reference": f"Patient/{pid}"}}}, session=s)
+    late._writing(write, interaction="create", rtype="DocumentReference")
+    assert db["DocumentReference"].count_documents({"pid": pid}) == 0
+    # a DMP that never existed is not "destroyed": nothing is written for it
+    assert not lifecycle.was_destroyed(db, "never-existed")

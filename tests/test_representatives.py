@@ -364,3 +364,76 @@ def test_personal_pdf_content_round_trip(api):
     r = api.as_ps(b.PS_DR).get(doc["content"][0]["attachment"]["url"], headers={"Accept": "application/pdf"})
     assert r.status_code == 200 and r.data == content
     assert base64.b64encode(content)
+
+
+def test_dev_token_for_a_legal_representative_names_the_relatedperson(tmp_path, monkeypatch, capsys):
+    import json as _json
+    from fhir_dmp import cli
+    monkeypatch.delenv("FHIR_DMP_ISSUER", raising=False)
+    monkeypatch.setenv("FHIR_DMP_DATA_DIR", str(tmp_path))
+    assert cli.main(["dev-token", "legal_representative", "--related-person", "rp-42"]) == 0
+    payload = capsys.readouterr().out.strip().split(".")[1]
+    claims = _json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert (claims["fhirUser"], claims["dmp_role"]) == ("RelatedPerson/rp-42", "legal_representative")
+    assert cli.main(["dev-token", "legal_representative", "--patient", "p1"]) != 0
+
+
+def test_repository_representative_methods_for_the_portal(api):
+    from fhir_dmp.repository import GuardedRepository
+    from fhir_dmp.security.auth import principal_from_claims
+    pid = open_dmp(api)
+    backend = api.app.extensions["fhir_dmp"]
+    me = GuardedRepository(backend, principal_from_claims({"fhirUser": f"Patient/{pid}", "scope": "patient/*.cruds"}))
+    rp = me.add_representative(pid, "GUARD", "Martin", "Jeanne")
+    assert [s.id for s in me.representatives(pid)] == [rp.id]
+    assert api.as_legal_rep(rp.id).get(f"Patient/{pid}").status_code == 200
+    assert me.end_representative(rp.id).resource["active"] is False
+    me.flush_audit()
+    assert api.as_legal_rep(rp.id).get(f"Patient/{pid}").status_code == 401
+
+
+# -- profiles in ig/ ---------------------------------------------------------------------------------
+def _invariants(name):
+    import json
+    from pathlib import Path
+    sd = json.loads((Path(__file__).resolve().parents[1] / "ig" / f"StructureDefinition-{name}.json").read_text())
+    return {c["key"]: c["expression"] for e in sd["differential"]["element"] for c in e.get("constraint", [])}
+
+
+def _holds_all(resource, invariants) -> bool:
+    from fhirpathpy import evaluate
+    from fhirpathpy.models import models
+    return all(evaluate(resource, expr, {}, models["r4"]) == [True] for expr in invariants.values())
+
+
+def test_profile_invariants_describe_each_shape():
+    pid = "p1"
+    permit = b.consent(pid, "permit", actor=b.PS_DR)
+    block = b.consent(pid, "deny", actor=b.PS_DR)
+    optout = b.consent(pid, "deny", purpose="BTG")
+    oppose, oppose_one = opposition(pid), opposition(pid, actor=b.PS_DR)
+    shapes = {"dmp-consent-authorization": [permit], "dmp-consent-block": [block],
+              "dmp-consent-optout": [optout], "dmp-consent-feeding-opposition": [oppose, oppose_one]}
+    for name, good in shapes.items():
+        inv = _invariants(name)
+        for res in good:
+            assert _holds_all(res, inv), name
+        for other, resources in shapes.items():
+            if other != name:
+                assert not any(_holds_all(r, inv) for r in resources), (name, other)
+    inv = _invariants("dmp-relatedperson")
+    assert _holds_all(b.related_person(pid, "PRN"), inv) and _holds_all(b.related_person(pid, "GUARD"), inv)
+    assert not _holds_all({**b.related_person(pid), "relationship": [{"text": "ami"}]}, inv)
+
+
+def test_validate_operation_accepts_the_new_shapes(api):
+    pid = open_dmp(api)
+    admin = api.as_admin()
+    for rtype, res in (("RelatedPerson", b.related_person(pid, "PRN")), ("Consent", opposition(pid)),
+                       ("DocumentReference", {**b.docref(pid), "category": [{"coding": [{
+                           "system": "https://fhir-dmp.example.org/fhir/CodeSystem/dmp-rubrique",
+                           "code": "biologie"}]}]})):
+        r = admin.post(f"{rtype}/$validate", res)
+        assert r.status_code == 200 and r.json["issue"][0]["severity"] == "information", (rtype, r.json)
+    r = admin.post("RelatedPerson/$validate", {**b.related_person(pid), "relationship": [{"text": "ami"}]})
+    assert r.json["issue"][0]["severity"] == "error"

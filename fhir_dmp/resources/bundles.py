@@ -27,7 +27,7 @@ from ..errors import (
     PreconditionFailed,
 )
 from ..storage import new_id
-from .http import bundle, full_url, read_body, respond, version_headers
+from .http import bundle, full_url, ignored_entry, lenient, read_body, respond, version_headers
 from .rest import HOSTED, READ_ONLY, checked
 
 bp = Blueprint("fhir_bundles", __name__, url_prefix="/fhir")
@@ -178,9 +178,11 @@ def _entry(entry: dict, session, index: int) -> dict:
     repo = g.repo
     if method in ("GET", "HEAD"):
         if len(path) == 1:
-            page = repo.search(rtype, parse_qsl(parts.query))
+            page = repo.search(rtype, parse_qsl(parts.query), lenient=lenient())
             found = [{"fullUrl": full_url(s), "resource": s.resource, "search": {"mode": "match"}}
                      for s in page.matches]
+            if page.request.ignored:
+                found.append(ignored_entry(page.request.ignored))
             return {"resource": bundle("searchset", found, total=page.total), "response": {"status": "200 OK"}}
         stored = repo.read(rtype, path[1])
         return _ok(stored, "200 OK")

@@ -60,7 +60,18 @@ def capability_statement(config) -> dict:
             security["extension"] = kept
         else:
             security.pop("extension", None)
-    return cs
+    return _without_empties(cs)
+
+
+def _without_empties(value):
+    """R4 JSON has no empty arrays or objects (https://hl7.org/fhir/R4/json.html): drop any that the
+    hand-kept statement holds (``"searchRevInclude": []``)."""
+    if isinstance(value, dict):
+        out = {k: _without_empties(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in ([], {})}
+    if isinstance(value, list):
+        return [v for v in (_without_empties(v) for v in value) if v not in ([], {})]
+    return value
 
 
 # What a SMART configuration copies from the issuer's discovery document

@@ -21,6 +21,7 @@ bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson")
 READ_ONLY = ("AuditEvent", "Communication")   # written by the server only (append-only journal)
 PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
+NOT_CONDITIONAL = ("Binary",)   # not searchable by its readers: conditional writes could not match
 CONTROL = {"_format", "_pretty", "_cursor"}
 
 
@@ -177,6 +178,8 @@ def search_type(rtype):
 @bp.post("/<rtype>")
 def create(rtype):
     writable(rtype)
+    if request.headers.get("If-None-Exist"):
+        _conditional_supported(rtype, "create")
     if rtype == "Binary" and not _is_fhir_body():
         resource = {"resourceType": "Binary", "contentType": request.content_type or "application/octet-stream",
                     **_security_context()}
@@ -222,6 +225,7 @@ def conditional_delete(rtype):
 # ------------------------------------------------------------------- internals
 def _conditional_matches(rtype: str, what: str) -> list:
     """At most one visible match of the URL's criteria (https://hl7.org/fhir/R4/http.html#cond-update)."""
+    _conditional_supported(rtype, what)
     criteria = [(k, v) for k, v in request.args.items(multi=True) if k not in CONTROL]
     if not criteria:
         raise BadRequest(f"conditional {what} needs search criteria")
@@ -229,6 +233,12 @@ def _conditional_matches(rtype: str, what: str) -> list:
     if len(matches) > 1:
         raise PreconditionFailed("the criteria match several resources")
     return matches
+
+
+def _conditional_supported(rtype: str, what: str) -> None:
+    if rtype in NOT_CONDITIONAL:
+        raise BadRequest(f"conditional {what} is not supported on {rtype} (see the CapabilityStatement)",
+                         code="not-supported")
 
 
 def _criteria(query: str) -> list[tuple[str, str]]:

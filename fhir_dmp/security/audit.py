@@ -628,18 +628,23 @@ def verify_chains(db, patient_id: str | None = None, *, unsealed_bound_s: float 
     return problems
 
 
-def mark_retention(db, patient_id: str, closed_at: datetime) -> int:
-    """Keep this patient's journal 10 years after the DMP closed (DESIGN.md "Audit").
+def add_years(t: datetime, years: int) -> datetime:
+    """``t`` moved by whole years (29 February -> 28 February)."""
+    try:
+        return t.replace(year=t.year + years)
+    except ValueError:
+        return t.replace(year=t.year + years, day=28)
 
-    Sets ``retain_until = closed_at + 10 years`` beside ``res`` (not hashed)
+
+def mark_retention(db, patient_id: str, closed_at: datetime, years: int = RETENTION_YEARS) -> int:
+    """Keep this patient's journal ``years`` (FHIR_DMP_RETENTION_YEARS) after the DMP closed.
+
+    Sets ``retain_until = closed_at + years`` beside ``res`` (not hashed)
     on every event of the patient's chain or of its compartment (``pid``, e.g. the patient's own
     searches that touched no record); returns the number updated. A
     purge job may delete events only once ``retain_until`` has passed.
     """
-    try:
-        until = closed_at.replace(year=closed_at.year + RETENTION_YEARS)
-    except ValueError:  # 29 February -> 28 February
-        until = closed_at.replace(year=closed_at.year + RETENTION_YEARS, day=28)
+    until = add_years(closed_at, years)
     result = db.get_collection(COLLECTION, write_concern=WriteConcern(w="majority", j=True)) \
         .update_many({"$or": [{"chain.pid": patient_id}, {"pid": patient_id}]},
                      {"$set": {"retain_until": until}})

@@ -239,6 +239,7 @@ class PatientState:
     consents: list = field(default_factory=list)   # [(id, vid, resource)] active Consents
     grant: dict | None = None                 # valid break-glass grant of the calling PS
     doc: dict | None = None                   # the stored Patient document (current version)
+    representative: dict | None = None        # the calling legal representative's RelatedPerson
 
     @property
     def exists(self) -> bool:
@@ -315,9 +316,16 @@ class RequestAccess:
         grants = {}
         if self.p.is_professional and self.p.id_nat_ps and self.p.purpose == BTG:
             grants = storage.live_grants(todo, self.p.id_nat_ps, _now())
+        representatives = {}
+        if self.p.kind == LEGAL_REPRESENTATIVE and self.p.related_person_id:
+            # read fresh on every request (never cached): an ended representative stops at once
+            rp = storage.read("RelatedPerson", self.p.related_person_id, session=self.session)
+            if rp is not None and not rp.deleted and rp.pid in todo:
+                representatives[rp.pid] = rp.resource
         for pid in todo:
             res, known, consents, doc = contexts[pid]
-            self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid), doc)
+            self.states[pid] = PatientState(pid, res, known, consents, grants.get(pid), doc,
+                                            representatives.get(pid))
 
     def state(self, pid: str) -> PatientState:
         self.load([pid])
@@ -370,10 +378,12 @@ class RequestAccess:
             return permit("admin", "administrator (no document content)")
         if not st.exists:
             return deny("dmp-state", "no such DMP")
+        if p.kind == LEGAL_REPRESENTATIVE and p.patient_id == st.pid:
+            # re-checked on the state of this request (ended, period over, the child is 18)
+            return representative_in_force(st.representative or {}, st.patient, _now())
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             if p.patient_id == st.pid:
-                return permit("patient-self" if p.kind == PATIENT else "legal-representative",
-                              "own record")
+                return permit("patient-self", "own record")
             return deny("patient-other", "not the caller's record")
         # professionals
         if not st.open:

@@ -1,0 +1,465 @@
+"""The portal's pages and form actions (CONTRACT.md "The patient portal").
+
+Each page reads through ``g.repo`` (the guarded repository of the signed-in
+person) and each action is the FHIR operation the contract names, through
+the same repository: Consent create/update, DocumentReference update of
+``securityLabel``, Patient update, AuditEvent and Communication search,
+``destroy_dmp``. Every POST carries a CSRF token (checked before anything
+else: 403, nothing changes). Actions answer with a redirect (POST/redirect/
+GET) and a flash message; an id that is not the signed-in person's answers
+404 like the FHIR API.
+"""
+from __future__ import annotations
+
+import re
+
+from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request,
+                   stream_with_context, url_for)
+from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import HTTPException
+
+from ..errors import FhirError, NotFound, not_found
+from ..profiles import dmp, validate
+from ..repository import HOSTED
+from ..security.crypto import ContentUnavailable
+from ..security.audit import SUBJECT_SYSTEM
+from ..security.principal import BTG, ETREAT, PATIENT
+from . import present, signin
+
+bp = Blueprint("portal", __name__, url_prefix="/portal", template_folder="templates",
+               static_folder="static")
+
+PUBLIC = {"portal.login", "portal.dev_login", "portal.callback", "portal.logout", "portal.logged_out",
+          "portal.static"}
+JOURNAL_PAGE = 20
+LIST_LIMIT = "200"
+ID_NAT_PS = re.compile(r"^[0-9]{9,12}$")
+EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,}$")
+PHONE = re.compile(r"^\+?[0-9][0-9 .]{5,19}$")
+MODE_PURPOSE = {"normal": "TREAT", "bris_de_glace": BTG, "centre_15": ETREAT}
+OPTOUTS = {"btg": BTG, "c15": ETREAT}
+
+
+def config():
+    return current_app.extensions["fhir_dmp"].config
+
+
+# ----------------------------------------------------------------------------- request hooks
+
+@bp.before_request
+def guard():
+    """CSRF first (a forged POST changes nothing), then the signed-in person or the login page."""
+    if request.method == "POST":
+        current_app.extensions["fhir_dmp.portal.csrf"].protect()
+    if request.endpoint in PUBLIC:
+        return None
+    if signin.load_signed_in() is None:
+        return redirect(url_for("portal.login"))
+    return None
+
+
+@bp.after_request
+def security_headers(response):
+    response.headers.setdefault("Content-Security-Policy",
+                                "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                "script-src 'none'; frame-ancestors 'none'; form-action 'self'")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    if request.endpoint != "portal.static":        # pages hold health data: never cached
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+@bp.context_processor
+def portal_context():
+    return {"dev_mode": config().dev_mode, "signed_in": g.get("principal")}
+
+
+@bp.errorhandler(CSRFError)
+def on_csrf(exc):
+    return render_template("portal/error.html", status=403, title="Requête refusée",
+                           message="Le formulaire a expiré ou ne vient pas de ce site. Rechargez la page "
+                                   "et recommencez."), 403
+
+
+@bp.errorhandler(FhirError)
+def on_fhir_error(exc: FhirError):
+    if exc.status == 404:
+        return _not_found()
+    return render_template("portal/error.html", status=exc.status, title="Action impossible",
+                           message=exc.diagnostics), exc.status
+
+
+@bp.errorhandler(ContentUnavailable)
+def on_content_unavailable(_exc):
+    return _not_found()
+
+
+@bp.errorhandler(HTTPException)
+def on_http_error(exc: HTTPException):
+    if exc.code == 404:
+        return _not_found()
+    return render_template("portal/error.html", status=exc.code, title=exc.name,
+                           message=exc.description), exc.code
+
+
+def _not_found():
+    return render_template("portal/error.html", status=404, title="Introuvable",
+                           message="Cette page ou ce document n'existe pas."), 404
+
+
+# ----------------------------------------------------------------------------- sign-in
+
+@bp.get("/login")
+def login():
+    cfg = config()
+    if cfg.dev_mode:
+        return render_template("portal/login.html")
+    if signin.oidc_client() is None:
+        return render_template("portal/error.html", status=503, title="Connexion indisponible",
+                               message="La connexion à l'espace patient n'est pas configurée "
+                                       "(FHIR_DMP_PORTAL_CLIENT_ID)."), 503
+    return signin.start_oidc(cfg)
+
+
+@bp.post("/login")
+def dev_login():
+    """Dev mode only: sign in as the Patient whose id is given (a dev token, like dev-token)."""
+    cfg = config()
+    if not cfg.dev_mode:
+        abort(404)
+    patient_id = (request.form.get("patient") or "").strip()
+    representative = (request.form.get("representative") or "").strip()
+    if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", representative or patient_id):
+        flash("Identifiant invalide.", "error")
+        return redirect(url_for("portal.login"))
+    try:
+        signin.sign_in(signin.dev_token(cfg, patient=patient_id, related_person=representative))
+    except (FhirError, signin.SignInRefused):
+        flash("Ce représentant légal n'est pas (ou plus) en fonction.", "error")
+        return redirect(url_for("portal.login"))
+    return redirect(url_for("portal.home"))
+
+
+@bp.get("/callback")
+def callback():
+    from authlib.integrations.base_client import OAuthError
+    if signin.oidc_client() is None:
+        abort(404)
+    try:
+        token = signin.finish_oidc()
+        signin.sign_in(token)
+    except (OAuthError, signin.SignInRefused, FhirError) as exc:
+        signin.sign_out()
+        message = ("La connexion a échoué ; recommencez." if isinstance(exc, OAuthError) else
+                   "Cet espace est réservé aux patients et à leurs représentants légaux : "
+                   "l'identité transmise par le fournisseur d'identité n'est pas acceptée.")
+        return render_template("portal/error.html", status=401, title="Connexion refusée",
+                               message=message), 401
+    return redirect(url_for("portal.home"))
+
+
+@bp.route("/logout", methods=["GET", "POST"])
+def logout():
+    """End the portal session (the identity provider's own session is the provider's business:
+    the next sign-in may not ask for the password again)."""
+    signin.sign_out()
+    return redirect(url_for("portal.logged_out"))
+
+
+@bp.get("/logged-out")
+def logged_out():
+    return render_template("portal/logged_out.html")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _pid() -> str:
+    return g.principal.patient_id
+
+
+def _patient() -> dict:
+    return g.repo.read("Patient", _pid()).resource
+
+
+def _own(rtype: str, rid: str):
+    """A resource of the signed-in person's record, or 404 (another record's id is never shown)."""
+    stored = g.repo.read(rtype, rid)
+    if stored.pid != _pid():
+        raise not_found(rtype, rid)
+    return stored
+
+
+def _search(rtype: str, args: list[tuple[str, str]]):
+    return g.repo.search(rtype, args, query_string="&".join(f"{k}={v}" for k, v in args))
+
+
+def _act(action, done: str, back: str):
+    """Run a write; flash its outcome; redirect to ``back``. Another record's id: 404."""
+    try:
+        action()
+    except NotFound:
+        raise
+    except FhirError as exc:
+        flash(f"Action refusée : {exc.diagnostics}", "error")
+    else:
+        flash(done, "success")
+    return redirect(back)
+
+
+def _update(rtype: str, stored, resource: dict):
+    g.repo.update(rtype, stored.id, validate(resource, resource_type=rtype), if_match=f'W/"{stored.vid}"')
+
+
+# ----------------------------------------------------------------------------- pages
+
+@bp.get("/")
+def home():
+    return render_template("portal/home.html", patient=present.patient_summary(_patient()))
+
+
+@bp.get("/documents")
+def documents():
+    page = _search("DocumentReference", [("patient", _pid()), ("status", "current"), ("_sort", "-date"),
+                                         ("_count", LIST_LIMIT)])
+    groups = present.group_documents([s.resource for s in page.matches])
+    return render_template("portal/documents.html", groups=groups)
+
+
+@bp.get("/documents/<rid>/download")
+def download(rid):
+    doc = _own("DocumentReference", rid).resource
+    attachment = next(((c.get("attachment") or {}) for c in doc.get("content") or ()), {})
+    from ..search import reference_id
+    bid = reference_id(attachment.get("url"), "Binary")
+    if not bid:
+        raise not_found("DocumentReference", rid)
+    binary = _own("Binary", bid)
+    content = g.repo.binary_content(binary)
+    ctype = binary.resource.get("contentType") or "application/octet-stream"
+    ext = {"application/pdf": "pdf", "text/plain": "txt"}.get(ctype, "xml" if "xml" in ctype else "bin")
+    return Response(stream_with_context(content), content_type=ctype, headers={
+        "Content-Disposition": f'attachment; filename="document-{rid}.{ext}"',
+        "X-Content-Type-Options": "nosniff"})
+
+
+def _set_mask(rid: str, masked: bool):
+    stored = _own("DocumentReference", rid)
+    codes = dmp.labels(stored.resource)
+    codes = codes | {dmp.MASQUE_PS} if masked else codes - {dmp.MASQUE_PS}
+    _update("DocumentReference", stored, dmp.set_labels(stored.resource, codes))
+
+
+@bp.post("/documents/<rid>/mask")
+def mask(rid):
+    return _act(lambda: _set_mask(rid, True), "Le document est masqué aux professionnels de santé.",
+                url_for("portal.documents"))
+
+
+@bp.post("/documents/<rid>/unmask")
+def unmask(rid):
+    return _act(lambda: _set_mask(rid, False), "Le document est de nouveau visible des professionnels.",
+                url_for("portal.documents"))
+
+
+@bp.get("/journal")
+def journal():
+    """The journal, newest first, paged by the search cursor; filters are search parameters, so
+    they apply before paging (mode = purpose of use, professional = agent idNatPs)."""
+    mode = request.args.get("mode") or ""
+    who = request.args.get("qui") or ""
+    ps = (request.args.get("ps") or "").strip()
+    args = [("patient", f"Patient/{_pid()}"), ("_sort", "-date"), ("_count", str(JOURNAL_PAGE))]
+    if mode in MODE_PURPOSE:
+        args.append(("purpose", MODE_PURPOSE[mode]))
+    else:
+        mode = ""
+    if who == "ps":
+        args.append(("agent:identifier", f"{present.IDNATPS_SYSTEM}|"))
+    elif who == "moi":
+        args.append(_me_as_agent())
+    else:
+        who = ""
+    if ps:
+        if not ID_NAT_PS.match(ps):
+            flash("L'identifiant d'un professionnel (idNatPs) compte 9 à 12 chiffres.", "error")
+            ps = ""
+        else:
+            args.append(("agent:identifier", f"{present.IDNATPS_SYSTEM}|{ps}"))
+    if request.args.get("page"):
+        args.append(("_cursor", request.args["page"]))
+    page = _search("AuditEvent", args)
+    me = f"RelatedPerson/{g.principal.related_person_id}" if g.principal.related_person_id else None
+    rows = [present.journal_row(s.resource, _pid(), me) for s in page.matches]
+    filters = {k: v for k, v in (("mode", mode), ("qui", who), ("ps", ps)) if v}
+    next_url = url_for("portal.journal", page=page.next_cursor, **filters) if page.next_cursor else None
+    return render_template("portal/journal.html", rows=rows, mode=mode, who=who, ps=ps, modes=present.MODES,
+                           next_url=next_url, first_url=url_for("portal.journal", **filters)
+                           if request.args.get("page") else None)
+
+
+def _me_as_agent() -> tuple[str, str]:
+    """The journal's agent criterion for the signed-in person (audit.py ``_user_agent``)."""
+    if g.principal.kind == PATIENT:
+        return "agent", f"Patient/{_pid()}"
+    if g.principal.related_person_id:
+        return "agent", f"RelatedPerson/{g.principal.related_person_id}"
+    return "agent:identifier", f"{SUBJECT_SYSTEM}|{g.principal.subject}"
+
+
+def _consents():
+    page = _search("Consent", [("patient", _pid()), ("status", "active"), ("_count", LIST_LIMIT)])
+    return present.classify_consents([s.resource for s in page.matches])
+
+
+@bp.get("/autorisations")
+def authorizations():
+    return render_template("portal/authorizations.html", choices=_consents())
+
+
+def _id_nat_ps() -> str | None:
+    value = (request.form.get("idnatps") or "").strip()
+    if not ID_NAT_PS.match(value):
+        flash("L'identifiant du professionnel (idNatPs) compte 9 à 12 chiffres, "
+              "par exemple 810000000001.", "error")
+        return None
+    return value
+
+
+def _new_choice(make, done: str):
+    """Create the Consent ``make(patient id, idNatPs)`` for the idNatPs of the form."""
+    ps = _id_nat_ps()
+    back = url_for("portal.authorizations")
+    if ps is None:
+        return redirect(back)
+    consent = validate(make(_pid(), ps), resource_type="Consent")
+    return _act(lambda: g.repo.create("Consent", consent), done.format(ps=ps), back)
+
+
+@bp.post("/autorisations")
+def authorize():
+    return _new_choice(present.authorization, "Le professionnel {ps} est autorisé à accéder à votre dossier.")
+
+
+@bp.post("/blocages")
+def block():
+    return _new_choice(present.block, "Le professionnel {ps} est bloqué : il ne peut plus accéder à votre dossier.")
+
+
+def _end_consent(cid: str):
+    stored = _own("Consent", cid)
+    _update("Consent", stored, {**stored.resource, "status": "inactive"})
+
+
+@bp.post("/autorisations/<cid>/revoke")
+def revoke(cid):
+    return _act(lambda: _end_consent(cid), "L'autorisation est retirée.", url_for("portal.authorizations"))
+
+
+@bp.post("/blocages/<cid>/unblock")
+def unblock(cid):
+    return _act(lambda: _end_consent(cid), "Le professionnel n'est plus bloqué.",
+                url_for("portal.authorizations"))
+
+
+@bp.get("/urgence")
+def emergency():
+    optout = _consents()["optout"]
+    return render_template("portal/emergency.html", btg=optout[BTG] is not None, c15=optout[ETREAT] is not None)
+
+
+def _set_optout(purpose: str, refuse: bool):
+    current = _consents()["optout"][purpose]
+    if refuse and current is None:
+        g.repo.create("Consent", validate(present.emergency_optout(_pid(), purpose), resource_type="Consent"))
+    elif not refuse and current is not None:
+        _end_consent(current["id"])
+
+
+@bp.post("/urgence/<kind>")
+def set_emergency(kind):
+    purpose = OPTOUTS.get(kind)
+    if purpose is None:
+        abort(404)
+    refuse = request.form.get("refuse") in ("1", "on", "true")
+    what = "l'accès en bris de glace" if purpose == BTG else "l'accès par le centre 15 (SAMU)"
+    return _act(lambda: _set_optout(purpose, refuse),
+                f"Vous refusez {what}." if refuse else f"Vous acceptez {what}.", url_for("portal.emergency"))
+
+
+@bp.get("/notifications")
+def notifications():
+    page = _search("Communication", [("subject", f"Patient/{_pid()}"), ("_sort", "-_lastUpdated"),
+                                     ("_count", LIST_LIMIT)])
+    rows = [present.notification_row(s.resource) for s in page.matches]
+    return render_template("portal/notifications.html", rows=rows)
+
+
+@bp.get("/coordonnees")
+def contact():
+    return render_template("portal/contact.html", contact=present.contacts(_patient()))
+
+
+@bp.post("/coordonnees")
+def set_contact():
+    email = (request.form.get("email") or "").strip()
+    phone = (request.form.get("phone") or "").strip()
+    back = url_for("portal.contact")
+    if email and not EMAIL.match(email):
+        flash("Adresse email invalide.", "error")
+        return redirect(back)
+    if phone and not PHONE.match(phone):
+        flash("Numéro de téléphone invalide (chiffres, espaces et + seulement).", "error")
+        return redirect(back)
+
+    def write():
+        stored = g.repo.read("Patient", _pid())
+        _update("Patient", stored, present.with_contacts(stored.resource, email, phone))
+    return _act(write, "Vos coordonnées sont enregistrées.", back)
+
+
+@bp.get("/dossier")
+def record():
+    return render_template("portal/record.html", patient=present.patient_summary(_patient()))
+
+
+def _set_active(active: bool):
+    stored = g.repo.read("Patient", _pid())
+    _update("Patient", stored, {**stored.resource, "active": active})
+
+
+@bp.post("/dossier/close")
+def close():
+    return _act(lambda: _set_active(False), "Votre dossier est fermé. Vous pouvez le rouvrir à tout moment.",
+                url_for("portal.record"))
+
+
+@bp.post("/dossier/reopen")
+def reopen():
+    return _act(lambda: _set_active(True), "Votre dossier est rouvert.", url_for("portal.record"))
+
+
+@bp.post("/dossier/destroy")
+def destroy():
+    ins = present.patient_summary(_patient())["ins"]
+    if not ins or (request.form.get("confirm") or "").strip() != ins:
+        flash("Pour détruire votre dossier, recopiez exactement votre INS.", "error")
+        return redirect(url_for("portal.record"))
+    try:
+        g.repo.destroy_dmp(_pid())
+    except NotFound:
+        raise
+    except FhirError as exc:
+        flash(f"Action refusée : {exc.diagnostics}", "error")
+        return redirect(url_for("portal.record"))
+    signin.sign_out()
+    return render_template("portal/destroyed.html")
+
+
+@bp.get("/representants")
+def representatives():
+    rows, available = [], "RelatedPerson" in HOSTED
+    if available:
+        page = _search("RelatedPerson", [("patient", _pid()), ("_count", LIST_LIMIT)])
+        rows = [present.representative_row(s.resource) for s in page.matches]
+    return render_template("portal/representatives.html", rows=rows, available=available)
