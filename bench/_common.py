@@ -86,8 +86,9 @@ def environment(tmp: Path | None = None):
         idp = TestIdP(tmp / "idp", audience=BASE)
         config = Config(mongodb_uri=server.uri, db_name=db.name, data_dir=tmp / "data", base_url=BASE,
                         notifications_worker=False, **idp.config_kwargs())
-        from fhir_dmp.app import create_app
+        from fhir_dmp.app import create_app, stop_background
         app = create_app(config, client=client, db=db)
+        stack.callback(stop_background, app)
         yield Env(server, client, db, config, idp, app)
 
 

@@ -438,9 +438,15 @@ class GuardedRepository:
             flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
             docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1, session=self.session)
         if req.total != "none" or req.summary == "count":
-            # a first page that holds everything is its own total: no second pass over the data
+            # a first page that holds everything is its own total: no second pass over the data;
+            # otherwise the matches are counted only when asked (_total=accurate|estimate,
+            # _summary=count): a count walks every match, so a large DMP would pay for it on
+            # every page (issue 13)
             short = not req.cursor and len(docs) <= req.count and req.summary != "count" and req.count
-            page.total = len(docs) if short else self.storage.count(rtype, base, session=self.session)
+            if short:
+                page.total = len(docs)
+            elif req.explicit_total or req.summary == "count":
+                page.total = self.storage.count(rtype, base, session=self.session)
         if docs:
             if len(docs) > req.count:
                 docs = docs[:req.count]

@@ -111,6 +111,72 @@ def merge_filters(*filters: dict) -> dict:
     return out
 
 
+MAX_BRANCHES = 16
+
+
+def or_branches(flt: dict) -> list[dict] | None:
+    """``flt`` as a union of flat filters (no top-level operator), or None to run it as is.
+
+    ``{a, $or: [b, c]}`` -> ``[{a, b}, {a, c}]``; ``$and`` of flat filters and ``$or``s is
+    expanded the same way (at most :data:`MAX_BRANCHES`). None when there is no top-level
+    operator, another operator, a branch that is not flat, or two conditions on one key.
+    """
+    flat = {k: v for k, v in flt.items() if not k.startswith("$")}
+    groups: list[list[dict]] = []
+    for key, value in flt.items():
+        if key == "$or":
+            groups.append(value)
+        elif key == "$and":
+            for sub in value:
+                groups.append(sub["$or"] if set(sub) == {"$or"} else [sub])
+        elif key.startswith("$"):
+            return None
+    if not groups:
+        return None
+    branches = [flat]
+    for alternatives in groups:
+        grown = []
+        for branch in branches:
+            for alt in alternatives:
+                if any(k.startswith("$") for k in alt) or set(alt) & set(branch):
+                    return None
+                grown.append({**branch, **alt})
+        branches = grown
+        if len(branches) > MAX_BRANCHES:
+            return None
+    return branches
+
+
+def _sort_key(sort: list):
+    """Python key ordering raw documents like a MongoDB sort (missing first when ascending)."""
+    def value(doc: dict, path: str, direction: int):
+        v = doc
+        for part in path.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        if isinstance(v, list):
+            v = (min(v) if direction > 0 else max(v)) if v else None
+        return v
+
+    class Key:
+        __slots__ = ("doc",)
+
+        def __init__(self, doc):
+            self.doc = doc
+
+        def __lt__(self, other):
+            for path, direction in sort:
+                a, b = value(self.doc, path, direction), value(other.doc, path, direction)
+                if a == b:
+                    continue
+                if a is None or b is None:
+                    less = a is None
+                else:
+                    less = a < b
+                return less if direction > 0 else not less
+            return False
+    return Key
+
+
 def now() -> datetime:
     """UTC now at millisecond precision (what MongoDB keeps)."""
     t = datetime.now(timezone.utc)
@@ -249,8 +315,29 @@ class Storage:
         return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit, session=session)]
 
     def find_docs(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[dict]:
-        """Raw current documents (not deleted) matching ``flt``."""
-        cursor = self.db[rtype].find(merge_filters(flt, {"del": False}), session=session)
+        """Raw current documents (not deleted) matching ``flt``.
+
+        A filter with top-level ``$or`` is run as one flat query per branch, merged here (see
+        :func:`or_branches`): SecantusDB uses no index at all when the top level holds an
+        operator, so the access guard's ``$or`` would scan the whole collection (issue 13).
+        """
+        flt = merge_filters(flt, {"del": False})
+        branches = or_branches(flt)
+        if branches is not None:
+            docs: dict = {}
+            for branch in branches:
+                for d in self._find(rtype, branch, sort, limit, session):
+                    docs.setdefault(d["_id"], d)
+            try:
+                out = sorted(docs.values(), key=_sort_key(sort or [("_id", 1)]))
+            except TypeError:   # values of mixed types: let the database order them
+                out = None
+            if out is not None:
+                return out[:limit] if limit else out
+        return self._find(rtype, flt, sort, limit, session)
+
+    def _find(self, rtype: str, flt: dict, sort: list, limit: int, session) -> list[dict]:
+        cursor = self.db[rtype].find(flt, session=session)
         if sort:
             cursor = cursor.sort(sort)
         if limit:
@@ -258,7 +345,14 @@ class Storage:
         return list(cursor)
 
     def count(self, rtype: str, flt: dict, *, session=None) -> int:
-        return self.db[rtype].count_documents(merge_filters(flt, {"del": False}), session=session)
+        flt = merge_filters(flt, {"del": False})
+        branches = or_branches(flt)
+        if branches is None:
+            return self.db[rtype].count_documents(flt, session=session)
+        ids: set = set()
+        for branch in branches:
+            ids.update(d["_id"] for d in self.db[rtype].find(branch, {"_id": 1}, session=session))
+        return len(ids)
 
     def ids_with_raw(self, rtype: str, flt: dict, projection: dict) -> list[dict]:
         """Raw projected documents (for the decision's context loading)."""

@@ -693,3 +693,31 @@ def test_jwks_url_unusable_document_is_503(jwks_server, tmp_path, document):
                     jwks_url=f"{jwks_server.url}/jwks")
     with pytest.raises(ServiceUnavailable):
         TokenVerifier(config, refetch_interval=0).verify(idp.ps(PS_ID))
+
+
+def test_jwks_refreshed_ahead_off_the_request_path_and_tokens_cached(jwks_server, tmp_path):
+    """Half-way through the key set's life a lookup answers from the cached set and fetches the
+    next one in the background; a verified token is then served from the token cache until it
+    expires, as long as its key is still published."""
+    from fhir_dmp.security.auth import JWKS_MAX_AGE
+    idp = TestIdP(tmp_path / "idp")
+    jwks_server.routes["/jwks"] = idp.jwks()
+    clock = Clock()
+    config = Config(data_dir=tmp_path / "data", issuer=idp.issuer, audience=idp.audience,
+                    jwks_url=f"{jwks_server.url}/jwks")
+    verifier = TokenVerifier(config, clock=clock)
+    token = idp.ps(PS_ID)
+    assert verifier.verify(token) is verifier.verify(token)     # the second one from the cache
+    assert jwks_server.hits["/jwks"] == 1
+    clock.now += JWKS_MAX_AGE * 0.6
+    assert verifier.verify(token)["SubjectNameID"] == PS_ID     # no wait for the fetch
+    deadline = time.monotonic() + 5
+    while jwks_server.hits["/jwks"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert jwks_server.hits["/jwks"] == 2
+    # the issuer withdraws the key: the cached token is not trusted any more
+    idp.rotate()
+    jwks_server.routes["/jwks"] = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != idp.kid("ES256")
+                                            and k["kid"] == idp.kid()]}
+    clock.now += JWKS_MAX_AGE   # the set expires: fetched again, the old key is gone
+    refused(verifier, token)

@@ -203,6 +203,7 @@ class UrlKeys:
         self._attempt_at: float | None = None
         self._loaded_at: float | None = None
         self.fetches = 0  # number of JWKS fetch attempts (observability)
+        self._ahead: threading.Thread | None = None
 
     def lookup(self, kid: str | None, alg: str) -> Key | None:
         keys = self._keys
@@ -211,6 +212,8 @@ class UrlKeys:
             if self._expired():
                 # never trust a set older than max_age: the issuer may have withdrawn a key
                 raise KeysUnavailable("the issuer's JWKS could not be refreshed")
+        elif self._clock() - self._loaded_at >= self._max_age / 2:
+            self._refresh_ahead()      # half-way through its life: fetched off the request path
         key = _pick(keys, kid, alg)
         if key is None:
             keys = self._refresh()
@@ -219,6 +222,20 @@ class UrlKeys:
 
     def _expired(self) -> bool:
         return self._loaded_at is None or self._clock() - self._loaded_at >= self._max_age
+
+    def _refresh_ahead(self) -> None:
+        """One background fetch at a time (issue 13: JWKS work off the request path)."""
+        with self._lock:
+            if self._ahead is not None and self._ahead.is_alive():
+                return
+            self._ahead = threading.Thread(target=self._refresh_quietly, name="jwks-refresh", daemon=True)
+            self._ahead.start()
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self._refresh()
+        except KeysUnavailable:
+            pass
 
     def _refresh(self) -> KeySet:
         with self._lock:

@@ -94,7 +94,7 @@ class Sealer:
     to run as one background thread per process (:meth:`start`) or by hand (:meth:`seal_all`).
     """
 
-    def __init__(self, client, db, key_path: Path, *, lease_s: float = 10.0, batch: int = 2000,
+    def __init__(self, client, db, key_path: Path, *, lease_s: float = 10.0, batch: int = 500,
                  interval: float = 0.5):
         self.client = client
         self.db = db
