@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 LEASE = "audit_sealer_lease"
 CHECKPOINTS = "AuditEvent_checkpoint"
 LEASE_ID = "sealer"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class LeaseLost(RuntimeError):
@@ -154,7 +155,10 @@ class Sealer:
             {"$set": {"until": now + timedelta(seconds=self.lease_s)}}, session=session)
         if held.matched_count == 0:
             raise LeaseLost("the sealer lease is not held by this process")
-        docs = list(db[COLLECTION].find({"unsealed": {"$exists": True}}, {"res": 1, "pid": 1},
+        # a range, not ``$exists``: SecantusDB answers ``$exists`` with a scan of the whole journal
+        # (sealed events included), a range on the sparse ``unsealed_queue`` index reads only the
+        # unsealed events (``unsealed`` is the append time, always a date)
+        docs = list(db[COLLECTION].find({"unsealed": {"$gte": EPOCH}}, {"res": 1, "pid": 1},
                                         sort=[("unsealed", 1), ("_id", 1)], limit=self.batch,
                                         session=session))
         if not docs:
