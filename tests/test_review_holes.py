@@ -539,3 +539,16 @@ def test_journal_does_not_name_hidden_documents(api, dmp):
     journal = api.as_legal_rep(pid).get(f"AuditEvent?patient={pid}&_count=200")
     assert hidden_rep["id"] not in journal.get_data(as_text=True)
     assert hidden["id"] not in journal.get_data(as_text=True)
+
+
+# ----------------------------------------------------------------- contract: a token that fits no kind
+@pytest.mark.parametrize("claims", [
+    {"sub": "someone"},                                              # no role, no SubjectNameID, no fhirUser
+    {"sub": "someone", "fhirUser": "Practitioner/p1"},               # a fhirUser that names no patient
+    {"sub": "someone", "dmp_role": "occupational_medicine"},         # a role this server does not know
+])
+def test_token_fitting_no_kind_of_caller_is_401(api, idp, claims):
+    """CONTRACT.md "Who the caller is": a token that fits none of the kinds gets 401 invalid_token."""
+    r = api.as_token(idp.token(**claims)).get("Patient")
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
