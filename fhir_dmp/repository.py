@@ -662,7 +662,7 @@ class GuardedRepository:
         if not decision.permit:
             raise self._deny_write(interaction, rtype, rid, pid, decision)
         expected = _expected_version(if_match, current)
-        resource = self._prepare(rtype, resource, old, pid)
+        resource = self._prepare(rtype, resource, old, pid, interaction)
 
         def write(s):
             vid = expected + 1
@@ -881,11 +881,12 @@ class GuardedRepository:
                 return doc.pid, doc.resource
         return None, None
 
-    def _prepare(self, rtype: str, resource: dict, old: dict | None, pid: str | None) -> dict:
+    def _prepare(self, rtype: str, resource: dict, old: dict | None, pid: str | None,
+                 interaction: str = "create") -> dict:
         """Server-side rules on what is written (author, qualified INS, content checks)."""
         from .documents.pipeline import prepare_document
         if rtype == "DocumentReference":
-            return prepare_document(self, resource, old, pid)
+            return prepare_document(self, resource, old, pid, interaction)
         return resource
 
     def _store_content(self, rtype: str, rid: str, vid: int, resource: dict, pid: str | None, session,

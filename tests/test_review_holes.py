@@ -552,3 +552,64 @@ def test_token_fitting_no_kind_of_caller_is_401(api, idp, claims):
     r = api.as_token(idp.token(**claims)).get("Patient")
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+
+
+# ----------------------------------------------------------------- issue 9: deposit rules in the decision module
+def _journaled_rules(app, pid):
+    """The (rule, http_status) of the denials journaled in DMP ``pid``."""
+    db = app.extensions["fhir_dmp"].storage.db
+    out = set()
+    for doc in db["AuditEvent"].find({"pid": pid, "res.outcome": "4"}):
+        for entity in doc["res"].get("entity") or []:
+            details = {d["type"]: d["valueString"] for d in entity.get("detail") or []}
+            if "rule" in details:
+                out.add((details["rule"], details.get("http_status")))
+    return out
+
+
+def test_deposit_rules_are_decisions_journaled_with_their_reason(api, app):
+    """Rules 10-11 (qualified INS, only the author replaces) are decided in security/consent.py:
+    the deny's reason is the OperationOutcome's, and the denial reaches the DMP's journal."""
+    dr = api.as_ps(b.PS_DR)
+    unqualified = dr.create(b.patient(status="PROV"))["id"]
+    r = dr.post("DocumentReference", b.docref(unqualified))
+    assert r.status_code == 422
+    assert r.json["issue"][0]["diagnostics"] == \
+        "documents are deposited only on a DMP whose INS is qualified (VALI or QUAL)"
+    assert ("ins-not-qualified", "422") in _journaled_rules(app, unqualified)
+
+    pid = dr.create(b.patient())["id"]
+    first = dr.create(b.docref(pid))
+    other = api.as_ps(b.PS_OTHER)
+    assert other.post("Consent", b.consent(pid, actor=b.PS_OTHER, verified=True)).status_code == 201
+    bad = b.docref(pid)
+    bad["relatesTo"] = [{"code": "replaces", "target": {"reference": f"DocumentReference/{first['id']}"}}]
+    r = other.post("DocumentReference", bad)
+    assert r.status_code == 422
+    assert r.json["issue"][0]["diagnostics"] == \
+        "relatesTo.target must be a document of the same record by the same author"
+    assert ("not-author", "422") in _journaled_rules(app, pid)
+
+
+def test_author_of_record_is_decided_not_sent(api):
+    """Rule 10: the depositing PS is the author whatever the client sent, and it never changes."""
+    dr = api.as_ps(b.PS_DR)
+    pid = dr.create(b.patient())["id"]
+    doc = dr.create(b.docref(pid, author=b.PS_OTHER))
+    assert [a["identifier"]["value"] for a in doc["author"]] == [b.PS_DR]
+    changed = dict(doc, author=[{"identifier": {"system": b.IDNATPS, "value": b.PS_OTHER}}])
+    r = dr.put(f"DocumentReference/{doc['id']}", changed)
+    assert r.status_code == 200 and [a["identifier"]["value"] for a in r.json["author"]] == [b.PS_DR]
+
+
+def test_record_target_rule():
+    from fhir_dmp.security.consent import record_target_matches
+    ins = (b.NIR, "279017512345644")
+    root = b.NIR[len("urn:oid:"):]
+    assert record_target_matches(ins, [(root, "279017512345644")]).permit
+    assert record_target_matches(ins, [(root, " 279017512345644 ")]).permit      # compared trimmed
+    assert not record_target_matches(ins, [(root, "279017512345644"), (root, "199017512345678")]).permit
+    assert not record_target_matches(ins, [("1.2.250.1.213.1.4.10", "279017512345644")]).permit
+    denied = record_target_matches(ins, [(root, "199017512345678")])
+    assert denied.rule == "cda-patient" and "199017512345678" not in denied.reason   # never echoed
+    assert not record_target_matches(ins, []).permit
