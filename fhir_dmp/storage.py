@@ -34,6 +34,15 @@ from . import search
 
 log = logging.getLogger(__name__)
 
+# the collections beside the resources (only this module names collections and runs queries)
+BLOBS, CHUNKS = "content_blobs", "content_chunks"  # encrypted content (blobs.py)
+DATAKEYS = "datakeys"                         # wrapped per-DMP data keys (security/crypto.py)
+OUTBOX = "notification_outbox"                # notices to send (notifications.py)
+ACCESS_CODES = "access_codes"                 # first-access codes (access_codes.py)
+JOBS = "scheduled_jobs"                       # daily jobs' leases (lifecycle.py)
+#: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
+COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
+
 RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
                   "RelatedPerson")
 # Written once and never changed (the journal): each entry is its own only version, so its history
@@ -403,6 +412,87 @@ class Storage:
         """Point a Binary's current securityContext at its document (same DMP only)."""
         self.db["Binary"].update_one({"_id": bid, "pid": pid},
                                      {"$set": {"res.securityContext": {"reference": reference}}}, session=session)
+
+    # -- a DMP's lifecycle (lifecycle.py) --------------------------------------
+    def mark_closed(self, pid: str, at: datetime, *, session=None) -> None:
+        """``closed_at`` beside the stored Patient (not part of the resource): retention counts from it."""
+        self.db["Patient"].update_one({"_id": pid}, {"$set": {"closed_at": at}}, session=session)
+
+    def mark_reopened(self, pid: str, *, session=None) -> None:
+        """A reopened DMP: no ``closed_at``, and its journal is no longer under a retention date."""
+        self.db["Patient"].update_one({"_id": pid}, {"$unset": {"closed_at": ""}}, session=session)
+        self.db["AuditEvent"].update_many({"pid": pid}, {"$unset": {"retain_until": ""}}, session=session)
+
+    def closed_before(self, limit: datetime) -> list[str]:
+        """Ids of the DMPs closed at or before ``limit``."""
+        return [d["_id"] for d in self.db["Patient"].find(
+            {"closed_at": {"$lte": limit}, "res.active": False}, {"_id": 1})]
+
+    def purge_dmp(self, pid: str, *, session) -> dict:
+        """Remove every trace of DMP ``pid`` inside ``session``'s transaction; counts by collection
+        (lifecycle.purge_dmp states what goes and in which order)."""
+        from .security.audit import COLLECTION, GENESIS, HEADS
+        counts = {}
+
+        def gone(name: str, flt: dict) -> None:
+            counts[name] = counts.get(name, 0) + self.db[name].delete_many(flt, session=session).deleted_count
+
+        gone(DATAKEYS, {"_id": pid})
+        gone(BLOBS, {"p": pid})
+        gone(CHUNKS, {"p": pid})
+        for rtype in COMPARTMENT_TYPES:
+            gone(rtype, {"pid": pid})
+            gone(f"{rtype}_history", {"pid": pid})
+        gone("Patient", {"_id": pid})
+        gone("Patient_history", {"rid": pid})
+        gone("btg_grants", {"pid": pid})
+        gone(OUTBOX, {"patient_id": pid})
+        gone(ACCESS_CODES, {"pid": pid})
+        # sealed and not yet sealed events alike (the sealer links them after the fact)
+        gone(COLLECTION, {"$or": [{"chain.pid": pid}, {"pid": pid}]})
+        gone(HEADS, {"_id": pid})
+        # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
+        # a date, nothing personal) so that `audit verify` does not take it for a deleted chain
+        self.db[HEADS].insert_one({"_id": pid, "seq": 0, "hash": GENESIS, "destroyed": True}, session=session)
+        return counts
+
+    def was_destroyed(self, pid: str) -> bool:
+        """The DMP is gone and its journal head says it was destroyed (not merely never existed)."""
+        from .security.audit import HEADS
+        if self.db["Patient"].find_one({"_id": pid}, {"_id": 1}) is not None:
+            return False
+        return self.db[HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
+
+    def claim_daily_run(self, job: str, owner: str, at: datetime, period) -> bool:
+        """True for exactly one caller per ``period`` across processes (compare-and-set on ``next_run``)."""
+        self.db[JOBS].update_one({"_id": job}, {"$setOnInsert": {"next_run": at}}, upsert=True)
+        doc = self.db[JOBS].find_one_and_update(
+            {"_id": job, "next_run": {"$lte": at}},
+            {"$set": {"next_run": at + period, "owner": owner, "started": at}},
+            return_document=ReturnDocument.AFTER)
+        return doc is not None
+
+    # -- first-access codes (access_codes.py: only their salted hash is stored) ----
+    def replace_access_code(self, doc: dict) -> None:
+        """Void the unused codes of (``doc.pid``, ``doc.ps``), then store ``doc``."""
+        coll = self.db[ACCESS_CODES]
+        coll.update_many({"pid": doc["pid"], "ps": doc["ps"], "used": False},
+                         {"$set": {"used": True, "voided": doc["created"]}})
+        coll.insert_one(doc)
+
+    def live_access_code(self, pid: str, ps: str, at: datetime, max_tries: int) -> dict | None:
+        """The newest unused code of (DMP, PS) valid at ``at`` with fewer than ``max_tries`` wrong tries."""
+        return self.db[ACCESS_CODES].find_one({"pid": pid, "ps": ps, "used": False, "expires": {"$gt": at},
+                                               "tries": {"$lt": max_tries}}, sort=[("created", -1)])
+
+    def count_access_code_try(self, code_id: str) -> None:
+        self.db[ACCESS_CODES].update_one({"_id": code_id}, {"$inc": {"tries": 1}})
+
+    def use_access_code(self, code_id: str, at: datetime) -> bool:
+        """Mark the code used; False when another request used it first."""
+        return self.db[ACCESS_CODES].find_one_and_update(
+            {"_id": code_id, "used": False}, {"$set": {"used": True, "used_at": at}},
+            return_document=ReturnDocument.AFTER) is not None
 
     # -- writes ------------------------------------------------------------
     def _docs(self, rtype: str, rid: str, vid: int, pid: str | None, resource: dict | None,

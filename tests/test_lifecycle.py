@@ -127,12 +127,14 @@ def test_retention_run_cli(api, dmp, config, monkeypatch, capsys):
 
 
 def test_daily_retention_runs_once_a_day_across_processes(db):
+    from fhir_dmp.storage import Storage
+    storage = Storage(db.client, db)
     at = datetime(2030, 5, 1, 3, 0, tzinfo=timezone.utc)
-    assert lifecycle.claim_daily_run(db, "worker-1", at)
-    assert not lifecycle.claim_daily_run(db, "worker-2", at + timedelta(minutes=5))
-    assert lifecycle.claim_daily_run(db, "worker-2", at + timedelta(days=1, minutes=1))
+    assert lifecycle.claim_daily_run(storage, "worker-1", at)
+    assert not lifecycle.claim_daily_run(storage, "worker-2", at + timedelta(minutes=5))
+    assert lifecycle.claim_daily_run(storage, "worker-2", at + timedelta(days=1, minutes=1))
     runs = []
-    sched = lifecycle.RetentionScheduler(db, lambda: runs.append(1) or 0, owner="w3")
+    sched = lifecycle.RetentionScheduler(storage, lambda: runs.append(1) or 0, owner="w3")
     sched.tick()   # today's run was already claimed
     assert runs == []
 
@@ -351,4 +353,4 @@ def test_a_write_that_races_a_destroy_is_purged_after_it_commits(api, dmp):
     late._writing(write, interaction="create", rtype="DocumentReference")
     assert db["DocumentReference"].count_documents({"pid": pid}) == 0
     # a DMP that never existed is not "destroyed": nothing is written for it
-    assert not lifecycle.was_destroyed(db, "never-existed")
+    assert not lifecycle.was_destroyed(backend_of(api).storage, "never-existed")

@@ -301,6 +301,8 @@ def test_access_code_void_after_five_wrong_tries(code_api):
 
 
 def test_access_code_expires_after_ten_minutes(db):
+    from fhir_dmp.storage import Storage
+    db = Storage(db.client, db)       # the code store runs its queries through storage
     at = datetime.now(timezone.utc)
     code = access_codes.issue(db, "p1", "ps1", at=at)
     assert access_codes.consume(db, "p1", "ps1", code, at=at + timedelta(minutes=11)) is not None
