@@ -126,9 +126,8 @@ def test_retention_run_cli(api, dmp, config, monkeypatch, capsys):
     assert db["Patient"].count_documents({"_id": pid}) == 0
 
 
-def test_daily_retention_runs_once_a_day_across_processes(db):
-    from fhir_dmp.storage import Storage
-    storage = Storage(db.client, db)
+def test_daily_retention_runs_once_a_day_across_processes(store):
+    storage = store
     at = datetime(2030, 5, 1, 3, 0, tzinfo=timezone.utc)
     assert lifecycle.claim_daily_run(storage, "worker-1", at)
     assert not lifecycle.claim_daily_run(storage, "worker-2", at + timedelta(minutes=5))
