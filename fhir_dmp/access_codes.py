@@ -14,8 +14,6 @@ import hmac
 import secrets
 from datetime import datetime, timedelta, timezone
 
-from .storage import ACCESS_CODES  # noqa: F401  (its collection, named by storage)
-
 TTL = timedelta(minutes=10)
 MAX_TRIES = 5
 _ITERATIONS = 20_000

@@ -53,7 +53,7 @@ def build_backend(config: Config, client=None, db=None) -> Backend:
     storage = Storage(client, db, annotate=access_facets)
     habilitations = Habilitations.load(config.habilitations_file)
     policy = AccessPolicy(storage, habilitations, config)
-    crypto = DocumentCrypto(db, key_provider(config))
+    crypto = DocumentCrypto(storage, key_provider(config))
     audit_log = AuditLog(db)
     # Every index exists before the first request: SecantusDB leaves out of an index the documents
     # that a transaction already open when the index was built goes on to insert.
@@ -61,7 +61,7 @@ def build_backend(config: Config, client=None, db=None) -> Backend:
     audit_log.ensure_indexes()
     storage.ensure_outbox_indexes()
     return Backend(config, storage, policy, audit_log, outbox=Outbox(storage, config),
-                   blobs=BlobStore(db, crypto), crypto=crypto)
+                   blobs=BlobStore(storage, crypto), crypto=crypto)
 
 
 def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:

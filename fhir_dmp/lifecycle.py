@@ -32,7 +32,6 @@ from datetime import datetime, timedelta, timezone
 
 log = logging.getLogger(__name__)
 
-from .storage import COMPARTMENT_TYPES, JOBS  # noqa: F401  (re-exported: the names of what a destroy removes)
 DAY = timedelta(days=1)
 
 

@@ -27,7 +27,7 @@ import decimal
 import pymongo
 from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
 from bson.decimal128 import Decimal128
-from pymongo import ReturnDocument, WriteConcern
+from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from . import search
@@ -471,6 +471,65 @@ class Storage:
             {"$set": {"next_run": at + period, "owner": owner, "started": at}},
             return_document=ReturnDocument.AFTER)
         return doc is not None
+
+    # -- encrypted content chunks (blobs.py: it encrypts, this stores) ------------
+    def ensure_blob_indexes(self) -> None:
+        """Patient-first indexes (also usable as shard keys): one blob per (p, r, v)."""
+        self.db[BLOBS].create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)], unique=True)
+        self.db[CHUNKS].create_index([("p", ASCENDING), ("b", ASCENDING), ("n", ASCENDING)], unique=True)
+        self.db[CHUNKS].create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)])
+
+    def add_blob_chunk(self, doc: dict, *, session=None) -> None:
+        self.db[CHUNKS].insert_one(doc, session=session)
+
+    def add_blob(self, doc: dict, *, session=None) -> None:
+        """The blob's header, written after its chunks (DuplicateKeyError: that version has one)."""
+        self.db[BLOBS].insert_one(doc, session=session)
+
+    def blob_meta(self, pid: str, rid: str, ver: int, *, session=None) -> dict | None:
+        return self.db[BLOBS].find_one({"p": pid, "r": rid, "v": ver}, session=session)
+
+    def blob_exists(self, pid: str, rid: str, ver: int, *, session=None) -> bool:
+        return self.db[BLOBS].count_documents({"p": pid, "r": rid, "v": ver}, limit=1, session=session) > 0
+
+    def blob_chunks(self, pid: str, blob_id: str, *, session=None):
+        """A cursor over the chunks of one blob in order (``n``, ``d``); close it when done."""
+        return (self.db[CHUNKS].find({"p": pid, "b": blob_id}, {"n": 1, "d": 1}, session=session)
+                .sort("n", ASCENDING).batch_size(4))
+
+    def discard_blob_chunks(self, pid: str, blob_id: str, *, session=None) -> None:
+        self.db[CHUNKS].delete_many({"p": pid, "b": blob_id}, session=session)
+
+    def delete_blobs(self, flt: dict, *, session=None) -> None:
+        """Remove blobs and chunks matching ``flt`` (over ``p``, ``r``, ``v``)."""
+        self.db[BLOBS].delete_many(flt, session=session)
+        self.db[CHUNKS].delete_many(flt, session=session)
+
+    # -- wrapped data keys (security/crypto.py: it wraps, this stores) -----------
+    def data_key(self, pid: str) -> dict | None:
+        return self.db[DATAKEYS].find_one({"_id": pid})
+
+    def add_data_key(self, doc: dict) -> None:
+        """Store a new wrapped data key (DuplicateKeyError: another request created it first)."""
+        self.db[DATAKEYS].insert_one(doc)
+
+    def delete_data_key(self, pid: str) -> None:
+        self.db[DATAKEYS].delete_one({"_id": pid})
+
+    def data_keys_not_wrapped_by(self, kek_id: str) -> list[dict]:
+        return list(self.db[DATAKEYS].find({"kek_id": {"$ne": kek_id}}))
+
+    def count_data_keys_not_wrapped_by(self, kek_id: str) -> int:
+        return self.db[DATAKEYS].count_documents({"kek_id": {"$ne": kek_id}})
+
+    def rewrap_data_key(self, doc: dict, wrapped: bytes, kek_id: str, at: datetime) -> int:
+        """Compare-and-set on the old wrapped value (a key shredded meanwhile stays deleted)."""
+        return self.db[DATAKEYS].update_one(
+            {"_id": doc["_id"], "wrapped": doc["wrapped"], "kek_id": doc["kek_id"]},
+            {"$set": {"wrapped": wrapped, "kek_id": kek_id, "rewrapped": at}}).modified_count
+
+    def kek_ids_in_use(self) -> set[str]:
+        return set(self.db[DATAKEYS].distinct("kek_id"))
 
     # -- the notification outbox (notifications.py) ----------------------------
     def _outbox(self):

@@ -46,7 +46,7 @@ def db(mongo_client):
 
 
 @pytest.fixture
-def store(db):
+def db_storage(db):
     """The test database behind a Storage: the stores that take one (outbox, blobs, data keys)."""
     from fhir_dmp.storage import Storage
     return Storage(db.client, db)

@@ -126,8 +126,8 @@ def test_retention_run_cli(api, dmp, config, monkeypatch, capsys):
     assert db["Patient"].count_documents({"_id": pid}) == 0
 
 
-def test_daily_retention_runs_once_a_day_across_processes(store):
-    storage = store
+def test_daily_retention_runs_once_a_day_across_processes(db_storage):
+    storage = db_storage
     at = datetime(2030, 5, 1, 3, 0, tzinfo=timezone.utc)
     assert lifecycle.claim_daily_run(storage, "worker-1", at)
     assert not lifecycle.claim_daily_run(storage, "worker-2", at + timedelta(minutes=5))
@@ -268,8 +268,8 @@ def test_old_keks_retired_so_a_destroyed_data_key_cannot_come_back(api, dmp, con
     backup = db["datakeys"].find_one({"_id": pid})
     provider = LocalKeyFileProvider(config.kek_path)
     assert provider.unwrap(bytes(backup["wrapped"]), backup["kek_id"])      # the backup works today
-    rotate_kek(config, db)
-    assert retire_unused_keks(config, db) == [backup["kek_id"]]
+    rotate_kek(config, backend_of(api).storage)
+    assert retire_unused_keks(config, backend_of(api).storage) == [backup["kek_id"]]
     assert api.as_patient(pid).post(f"Patient/{pid}/$destroy").status_code == 204
     with pytest.raises(KeyUnavailable):
         LocalKeyFileProvider(config.kek_path).unwrap(bytes(backup["wrapped"]), backup["kek_id"])
