@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from fhir_dmp.blobs import BlobStore  # noqa: E402
 from fhir_dmp.security.crypto import DocumentCrypto, LocalKeyFileProvider  # noqa: E402
+from fhir_dmp.storage import Storage  # noqa: E402
 
 MB = 1_000_000
 MIB = 1 << 20
@@ -84,8 +85,9 @@ def main(argv=None) -> int:
         db = client["bench_crypto"]
         client.drop_database("bench_crypto")
         try:
-            crypto = DocumentCrypto(db, LocalKeyFileProvider(tmp / "kek.key"))
-            store = BlobStore(db, crypto)
+            storage = Storage(client, db)
+            crypto = DocumentCrypto(storage, LocalKeyFileProvider(tmp / "kek.key"))
+            store = BlobStore(storage, crypto)
             raw = AESGCM(AESGCM.generate_key(256))
             crypto.encrypt("bench-patient", "warm", 1, b"")  # create + cache the data key
 

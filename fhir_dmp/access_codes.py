@@ -1,7 +1,7 @@
 """One-time codes for a professional's first access (CONTRACT.md "Lifecycle of a DMP",
 ``FHIR_DMP_FIRST_ACCESS=patient-code``).
 
-Storage side only (collection ``access_codes``); the guarded repository decides
+Storage side only (collection ``access_codes``, queried by :class:`~fhir_dmp.storage.Storage`); the guarded repository decides
 who may ask for a code and when one is needed. A code is 6 digits, single use,
 valid :data:`TTL`, void after :data:`MAX_TRIES` wrong tries. Only a salted
 PBKDF2 hash of it is stored (the message to the patient carries the code until
@@ -14,9 +14,6 @@ import hmac
 import secrets
 from datetime import datetime, timedelta, timezone
 
-from pymongo import ReturnDocument
-
-ACCESS_CODES = "access_codes"
 TTL = timedelta(minutes=10)
 MAX_TRIES = 5
 _ITERATIONS = 20_000
@@ -26,30 +23,24 @@ def _hash(code: str, salt: bytes) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", code.encode("ascii", "replace"), salt, _ITERATIONS)
 
 
-def issue(db, pid: str, ps: str, *, at: datetime | None = None) -> str:
+def issue(storage, pid: str, ps: str, *, at: datetime | None = None) -> str:
     """A new code for (DMP, PS); earlier unused codes of that pair are void."""
     at = at or datetime.now(timezone.utc)
     code = f"{secrets.randbelow(10 ** 6):06d}"
     salt = secrets.token_bytes(16)
-    coll = db[ACCESS_CODES]
-    coll.update_many({"pid": pid, "ps": ps, "used": False}, {"$set": {"used": True, "voided": at}})
-    coll.insert_one({"_id": secrets.token_hex(12), "pid": pid, "ps": ps, "salt": salt,
-                     "hash": _hash(code, salt), "created": at, "expires": at + TTL, "tries": 0,
-                     "used": False})
+    storage.replace_access_code({"_id": secrets.token_hex(12), "pid": pid, "ps": ps, "salt": salt,
+                                 "hash": _hash(code, salt), "created": at, "expires": at + TTL,
+                                 "tries": 0, "used": False})
     return code
 
 
-def consume(db, pid: str, ps: str, code: str | None, *, at: datetime | None = None) -> str | None:
+def consume(storage, pid: str, ps: str, code: str | None, *, at: datetime | None = None) -> str | None:
     """Use the code (single use). None when it is right; else why it is refused."""
     at = at or datetime.now(timezone.utc)
-    coll = db[ACCESS_CODES]
-    doc = coll.find_one({"pid": pid, "ps": ps, "used": False, "expires": {"$gt": at},
-                         "tries": {"$lt": MAX_TRIES}}, sort=[("created", -1)])
+    doc = storage.live_access_code(pid, ps, at, MAX_TRIES)
     if doc is None:
         return "no valid access code: ask for one with Patient/$access-code"
     if not code or not hmac.compare_digest(_hash(code.strip(), bytes(doc["salt"])), bytes(doc["hash"])):
-        coll.update_one({"_id": doc["_id"]}, {"$inc": {"tries": 1}})
+        storage.count_access_code_try(doc["_id"])
         return "the patient's access code is missing or wrong (X-Patient-Access-Code)"
-    taken = coll.find_one_and_update({"_id": doc["_id"], "used": False}, {"$set": {"used": True, "used_at": at}},
-                                     return_document=ReturnDocument.AFTER)
-    return None if taken is not None else "this access code has already been used"
+    return None if storage.use_access_code(doc["_id"], at) else "this access code has already been used"

@@ -49,20 +49,19 @@ def build_backend(config: Config, client=None, db=None) -> Backend:
     if db is None:
         from .database import open_database
         client, db = open_database(config)
-    from .notifications import ensure_indexes as ensure_outbox_indexes
 
     storage = Storage(client, db, annotate=access_facets)
     habilitations = Habilitations.load(config.habilitations_file)
     policy = AccessPolicy(storage, habilitations, config)
-    crypto = DocumentCrypto(db, key_provider(config))
+    crypto = DocumentCrypto(storage, key_provider(config))
     audit_log = AuditLog(db)
     # Every index exists before the first request: SecantusDB leaves out of an index the documents
     # that a transaction already open when the index was built goes on to insert.
     storage.ensure_indexes()
     audit_log.ensure_indexes()
-    ensure_outbox_indexes(db)
-    return Backend(config, storage, policy, audit_log, outbox=Outbox(db, config),
-                   blobs=BlobStore(db, crypto), crypto=crypto)
+    storage.ensure_outbox_indexes()
+    return Backend(config, storage, policy, audit_log, outbox=Outbox(storage, config),
+                   blobs=BlobStore(storage, crypto), crypto=crypto)
 
 
 def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
@@ -253,7 +252,7 @@ def _start_worker(app: Flask, backend: Backend) -> None:
     from .notifications import Worker
     from .resources.communications import notification_result
 
-    worker = Worker(backend.storage.db, backend.config,
+    worker = Worker(backend.storage, backend.config,
                     on_result=lambda message, status, reason: notification_result(backend, message, status,
                                                                                    reason))
     worker.start()

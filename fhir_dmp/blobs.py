@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import BinaryIO, Iterable, Iterator
 
-from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from fhir_dmp.errors import Conflict, PayloadTooLarge
@@ -49,8 +48,6 @@ from fhir_dmp.security.crypto import ContentUnavailable, DocumentCrypto
 
 log = logging.getLogger(__name__)
 
-BLOBS = "content_blobs"
-CHUNKS = "content_chunks"
 MAX_CHUNK_SIZE = 8 << 20  # well under the 16 MiB BSON document limit
 
 
@@ -121,21 +118,18 @@ def _with_last(chunks: Iterator) -> Iterator[tuple[int, object, bool]]:
 class BlobStore:
     """Encrypted chunked content of one database (see module docstring)."""
 
-    def __init__(self, db, crypto: DocumentCrypto, *, chunk_size: int = 1 << 20):
+    def __init__(self, storage, crypto: DocumentCrypto, *, chunk_size: int = 1 << 20):
+        """``storage`` (:class:`~fhir_dmp.storage.Storage`) runs the queries on the chunks."""
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
-        self.db = db
+        self.storage = storage
         self.crypto = crypto
         self.chunk_size = chunk_size
-        self.blobs = db[BLOBS]
-        self.chunks = db[CHUNKS]
         self.ensure_indexes()
 
     def ensure_indexes(self) -> None:
         """Patient-first indexes (also usable as shard keys): one blob per (p, r, v)."""
-        self.blobs.create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)], unique=True)
-        self.chunks.create_index([("p", ASCENDING), ("b", ASCENDING), ("n", ASCENDING)], unique=True)
-        self.chunks.create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)])
+        self.storage.ensure_blob_indexes()
 
     # ------------------------------------------------------------- write
     def put(self, patient_id: str, binary_id: str, version: int,
@@ -164,13 +158,13 @@ class BlobStore:
                     raise self._too_large(max_bytes, expression)
                 sha1.update(chunk)
                 sha256.update(chunk)
-                self.chunks.insert_one({"_id": f"{blob_id}:{index}", "p": pid, "r": rid, "v": ver,
-                                        "b": blob_id, "n": index,
-                                        "d": enc.encrypt_chunk(index, chunk, last=last)},
-                                       session=session)
+                self.storage.add_blob_chunk({"_id": f"{blob_id}:{index}", "p": pid, "r": rid, "v": ver,
+                                             "b": blob_id, "n": index,
+                                             "d": enc.encrypt_chunk(index, chunk, last=last)},
+                                            session=session)
                 count += 1
             try:
-                self.blobs.insert_one({"_id": blob_id, "p": pid, "r": rid, "v": ver, "size": size,
+                self.storage.add_blob({"_id": blob_id, "p": pid, "r": rid, "v": ver, "size": size,
                                        "n": count, "cs": self.chunk_size,
                                        "created": datetime.now(timezone.utc)}, session=session)
             except DuplicateKeyError:
@@ -192,14 +186,14 @@ class BlobStore:
         anyway; otherwise the orphans stay until :meth:`delete` of that version.
         """
         try:
-            self.chunks.delete_many({"p": pid, "b": blob_id}, session=session)
+            self.storage.discard_blob_chunks(pid, blob_id, session=session)
         except PyMongoError:
             if session is None:
                 log.warning("could not remove the chunks of failed blob %s; delete() that version", blob_id)
 
     # ------------------------------------------------------------- read
     def _meta(self, pid: str, rid: str, ver: int, session=None) -> dict:
-        meta = self.blobs.find_one({"p": pid, "r": rid, "v": ver}, session=session)
+        meta = self.storage.blob_meta(pid, rid, ver, session=session)
         if meta is None:
             raise BlobNotFound("no content stored for this binary version")
         return meta
@@ -209,8 +203,7 @@ class BlobStore:
         return int(self._meta(str(patient_id), str(binary_id), int(version), session)["size"])
 
     def exists(self, patient_id, binary_id, version, *, session=None) -> bool:
-        return self.blobs.count_documents({"p": str(patient_id), "r": str(binary_id), "v": int(version)},
-                                          limit=1, session=session) > 0
+        return self.storage.blob_exists(str(patient_id), str(binary_id), int(version), session=session)
 
     def open(self, patient_id, binary_id, version, *, session=None) -> Iterator[bytes]:
         """Decrypting iterator over the plaintext, a chunk at a time (bounded memory).
@@ -229,8 +222,7 @@ class BlobStore:
     def _iter(self, pid, meta, dec, session) -> Iterator[bytes]:
         total, expected = int(meta["n"]), 0
         size = 0
-        cursor = (self.chunks.find({"p": pid, "b": meta["_id"]}, {"n": 1, "d": 1}, session=session)
-                  .sort("n", ASCENDING).batch_size(4))
+        cursor = self.storage.blob_chunks(pid, meta["_id"], session=session)
         try:
             for doc in cursor:
                 if doc.get("n") != expected or expected >= total:
@@ -258,12 +250,9 @@ class BlobStore:
     # ------------------------------------------------------------- delete
     def delete(self, patient_id, binary_id, version, *, session=None) -> None:
         """Remove the content of one version, committed or orphaned (GC after a failed transaction)."""
-        q = {"p": str(patient_id), "r": str(binary_id), "v": int(version)}
-        self.blobs.delete_many(q, session=session)
-        self.chunks.delete_many(q, session=session)
+        self.storage.delete_blobs({"p": str(patient_id), "r": str(binary_id), "v": int(version)},
+                                  session=session)
 
     def delete_patient(self, patient_id, *, session=None) -> None:
         """Remove all content of a patient (with ``DocumentCrypto.shred``: destroying a DMP)."""
-        q = {"p": str(patient_id)}
-        self.blobs.delete_many(q, session=session)
-        self.chunks.delete_many(q, session=session)
+        self.storage.delete_blobs({"p": str(patient_id)}, session=session)

@@ -233,11 +233,14 @@ def cmd_keys_rotate(args, **_) -> int:
     config = _config(args)
     rotate_kek = _lazy("security.crypto", "rotate_kek", "keys rotate")
     retire = _lazy("security.crypto", "retire_unused_keks", "keys rotate")
-    with connected(config, log=_say) as (config_used, _client, db):
-        count = rotate_kek(config_used, db)
+    from .storage import Storage
+
+    with connected(config, log=_say) as (config_used, client, db):
+        storage = Storage(client, db)
+        count = rotate_kek(config_used, storage)
         # a destroyed DMP's data key must not be recoverable from an old backup of the wrapped keys
         # with an old KEK: once nothing is wrapped by them, older KEKs leave the key file
-        retired = retire(config_used, db)
+        retired = retire(config_used, storage)
     print(f"new key-encryption key in place; {count} data key(s) rewrapped; "
           f"{len(retired)} old key-encryption key(s) retired")
     return 0

@@ -1,7 +1,8 @@
 """A DMP's life after it opens: close, reopen, retention, destroy (CONTRACT.md "Lifecycle of a DMP").
 
 Storage side only: no HTTP, no policy. The guarded repository decides who may
-(``security/consent.py``) and journals; these functions change the database.
+(``security/consent.py``) and journals; these functions change the database
+through :class:`~fhir_dmp.storage.Storage` (which alone runs the queries).
 
 * :func:`mark_closed` / :func:`mark_reopened` — a DMP that closes gets
   ``closed_at`` on its stored Patient document (beside ``res``, not part of the
@@ -29,13 +30,8 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
-from pymongo import ReturnDocument
-
 log = logging.getLogger(__name__)
 
-#: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
-COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
-JOBS = "scheduled_jobs"
 DAY = timedelta(days=1)
 
 
@@ -57,62 +53,30 @@ def active_change(old: dict | None, new: dict | None) -> str | None:
     return None
 
 
-def mark_closed(db, pid: str, at: datetime, *, session=None) -> None:
-    db["Patient"].update_one({"_id": pid}, {"$set": {"closed_at": at}}, session=session)
+def mark_closed(storage, pid: str, at: datetime, *, session=None) -> None:
+    storage.mark_closed(pid, at, session=session)
 
 
-def mark_reopened(db, pid: str, *, session=None) -> None:
-    db["Patient"].update_one({"_id": pid}, {"$unset": {"closed_at": ""}}, session=session)
-    db["AuditEvent"].update_many({"pid": pid}, {"$unset": {"retain_until": ""}}, session=session)
+def mark_reopened(storage, pid: str, *, session=None) -> None:
+    storage.mark_reopened(pid, session=session)
 
 
 # -- destroy -----------------------------------------------------------------------------------
-def purge_dmp(db, pid: str, *, session) -> dict:
+def purge_dmp(storage, pid: str, *, session) -> dict:
     """Remove every trace of DMP ``pid`` inside ``session``'s transaction; returns counts.
 
     The data key goes first (crypto-shredding): whatever copy of a ciphertext
     survives elsewhere cannot be opened with the live key file. The journal
     chain of the DMP (its events and its head) goes with it, so the other
     chains stay verifiable. Call :meth:`DocumentCrypto.forget_cached_keys` /
-    drop caches after commit.
+    drop caches after commit. The queries are :meth:`Storage.purge_dmp`'s.
     """
-    from .access_codes import ACCESS_CODES
-    from .blobs import BLOBS, CHUNKS
-    from .notifications import OUTBOX
-    from .security.audit import COLLECTION, GENESIS, HEADS
-    from .security.crypto import DATAKEYS
-
-    counts = {}
-
-    def gone(name: str, flt: dict) -> None:
-        counts[name] = counts.get(name, 0) + db[name].delete_many(flt, session=session).deleted_count
-
-    gone(DATAKEYS, {"_id": pid})
-    gone(BLOBS, {"p": pid})
-    gone(CHUNKS, {"p": pid})
-    for rtype in COMPARTMENT_TYPES:
-        gone(rtype, {"pid": pid})
-        gone(f"{rtype}_history", {"pid": pid})
-    gone("Patient", {"_id": pid})
-    gone("Patient_history", {"rid": pid})
-    gone("btg_grants", {"pid": pid})
-    gone(OUTBOX, {"patient_id": pid})
-    gone(ACCESS_CODES, {"pid": pid})
-    # sealed and not yet sealed events alike (the sealer links them after the fact)
-    gone(COLLECTION, {"$or": [{"chain.pid": pid}, {"pid": pid}]})
-    gone(HEADS, {"_id": pid})
-    # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
-    # a date, nothing personal) so that `audit verify` does not take it for a deleted chain
-    db[HEADS].insert_one({"_id": pid, "seq": 0, "hash": GENESIS, "destroyed": True}, session=session)
-    return counts
+    return storage.purge_dmp(pid, session=session)
 
 
-def was_destroyed(db, pid: str) -> bool:
+def was_destroyed(storage, pid: str) -> bool:
     """The DMP is gone and its journal head says it was destroyed (not merely never existed)."""
-    from .security.audit import HEADS
-    if db["Patient"].find_one({"_id": pid}, {"_id": 1}) is not None:
-        return False
-    return db[HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
+    return storage.was_destroyed(pid)
 
 
 def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason: str) -> dict:
@@ -142,22 +106,15 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
 
 
 # -- retention -----------------------------------------------------------------------------------
-def retention_due(db, years: int, at: datetime) -> list[str]:
+def retention_due(storage, years: int, at: datetime) -> list[str]:
     """Ids of closed DMPs whose retention has passed at ``at``."""
     from .security.audit import add_years
-    limit = add_years(at, -years)
-    return [d["_id"] for d in db["Patient"].find(
-        {"closed_at": {"$lte": limit}, "res.active": False}, {"_id": 1})]
+    return storage.closed_before(add_years(at, -years))
 
 
-def claim_daily_run(db, owner: str, at: datetime, *, job: str = "retention") -> bool:
+def claim_daily_run(storage, owner: str, at: datetime, *, job: str = "retention") -> bool:
     """True for exactly one caller per day across processes (compare-and-set on ``next_run``)."""
-    db[JOBS].update_one({"_id": job}, {"$setOnInsert": {"next_run": at}}, upsert=True)
-    doc = db[JOBS].find_one_and_update(
-        {"_id": job, "next_run": {"$lte": at}},
-        {"$set": {"next_run": at + DAY, "owner": owner, "started": at}},
-        return_document=ReturnDocument.AFTER)
-    return doc is not None
+    return storage.claim_daily_run(job, owner, at, DAY)
 
 
 def run_retention(backend, at: datetime | None = None) -> int:
@@ -173,7 +130,7 @@ def run_retention(backend, at: datetime | None = None) -> int:
     at = at or _now()
     system = Principal(kind=ADMIN, subject="fhir-dmp retention", scopes=Scopes.ALL)
     done = 0
-    for pid in retention_due(backend.storage.db, backend.config.retention_years, at):
+    for pid in retention_due(backend.storage, backend.config.retention_years, at):
         repo = GuardedRepository(backend, system, RequestInfo(request_id="retention"))
         repo.destroy_dmp(pid, reason="retention period over")
         repo.flush_audit()
@@ -188,8 +145,8 @@ class RetentionScheduler:
     the database lease (:func:`claim_daily_run`) lets one of them run it.
     """
 
-    def __init__(self, db, job, *, owner: str, interval: float = 600.0):
-        self.db = db
+    def __init__(self, storage, job, *, owner: str, interval: float = 600.0):
+        self.storage = storage
         self.job = job
         self.owner = owner
         self.interval = interval
@@ -197,7 +154,7 @@ class RetentionScheduler:
         self._thread: threading.Thread | None = None
 
     def tick(self) -> bool:
-        if not claim_daily_run(self.db, self.owner, _now()):
+        if not claim_daily_run(self.storage, self.owner, _now()):
             return False
         try:
             count = self.job()
@@ -230,7 +187,7 @@ def start_daily_retention(app) -> RetentionScheduler | None:
     backend = (getattr(app, "extensions", None) or {}).get("fhir_dmp")
     if backend is None:
         return None
-    scheduler = RetentionScheduler(backend.storage.db, lambda: run_retention(backend),
+    scheduler = RetentionScheduler(backend.storage, lambda: run_retention(backend),
                                    owner=f"{socket.gethostname()}:{os.getpid()}")
     scheduler.start()
     return scheduler

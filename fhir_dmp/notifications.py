@@ -63,12 +63,12 @@ from email.utils import formatdate
 from typing import Callable
 
 import requests
-from pymongo import ReturnDocument, WriteConcern
 from pymongo.errors import PyMongoError
+
+from .storage import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
 
 log = logging.getLogger(__name__)
 
-OUTBOX = "notification_outbox"
 NOTIFICATION_ID_SYSTEM = "urn:fhir-dmp:notification"
 NOTIFICATION_KIND_SYSTEM = "urn:fhir-dmp:notification-kind"
 CHANNEL_SYSTEM = "urn:fhir-dmp:notification-channel"
@@ -248,24 +248,12 @@ def _communication(notice: Notice, subject: str, body: str, *, status: str,
 
 # --- outbox -------------------------------------------------------------------
 
-def _outbox(db):
-    return db.get_collection(OUTBOX, write_concern=WriteConcern(w="majority", j=True))
-
-
-def ensure_indexes(db) -> None:
-    coll = db[OUTBOX]
-    coll.create_index([("status", 1), ("next_attempt_at", 1)], name="due")
-    coll.create_index([("status", 1), ("lease_until", 1)], name="lease")
-    coll.create_index([("communication_id", 1)], name="communication")
-
-
 class Outbox:
     """Queue notifications for a patient, in the caller's transaction if any."""
 
-    def __init__(self, db, config):
-        self.db = db
+    def __init__(self, storage, config):
+        self.storage = storage     # runs the outbox's queries (storage.py)
         self.config = config
-        self.coll = _outbox(db)
         self._indexed = False
 
     def enqueue(self, notice: Notice, patient: dict, *, session=None) -> list[dict]:
@@ -291,7 +279,7 @@ class Outbox:
             return [_communication(notice, subject, shown, status="not-done", channel=None,
                                    message_id=None)]
         if not self._indexed:
-            ensure_indexes(self.db)
+            self.storage.ensure_outbox_indexes()
             self._indexed = True
         now = datetime.now(timezone.utc)
         comms, docs = [], []
@@ -308,7 +296,7 @@ class Outbox:
                 "claimed_by": None, "lease_until": None, "sent_at": None, "last_error": None,
                 "created_at": now,
             })
-        self.coll.insert_many(docs, session=session)
+        self.storage.queue_notices(docs, session=session)
         log.info("notification %s queued: %s", notice.kind,
                  ", ".join(f"{d['_id']}/{d['channel']}" for d in docs))
         return comms
@@ -372,11 +360,11 @@ class Worker:
     per message, by the worker that completed or gave it up.
     """
 
-    def __init__(self, db, config, *, on_result: Callable[[dict, str, str | None], None] | None = None,
+    def __init__(self, storage, config, *, on_result: Callable[[dict, str, str | None], None] | None = None,
                  worker_id: str | None = None, lease_seconds: float = 60, max_attempts: int = 6,
                  base_delay: float = 5, max_delay: float = 3600, poll_interval: float = 1,
                  send_timeout: float = 10):
-        self.db = db
+        self.storage = storage     # runs the outbox's queries (storage.py)
         self.config = config
         self.on_result = on_result
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -386,7 +374,6 @@ class Worker:
         self.max_delay = max_delay
         self.poll_interval = poll_interval
         self.send_timeout = send_timeout
-        self.coll = _outbox(db)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._indexed = False
@@ -406,22 +393,12 @@ class Worker:
         channels = self.channels
         if not channels:
             return None
-        now = datetime.now(timezone.utc)
-        return self.coll.find_one_and_update(
-            {"channel": {"$in": channels},
-             "$or": [{"status": "pending", "next_attempt_at": {"$lte": now}},
-                     {"status": "sending", "lease_until": {"$lte": now}}]},
-            {"$set": {"status": "sending", "claimed_by": self.worker_id,
-                      "lease_until": now + self.lease},
-             "$inc": {"attempts": 1}},
-            sort=[("next_attempt_at", 1)],
-            return_document=ReturnDocument.AFTER,
-        )
+        return self.storage.claim_notice(channels, self.worker_id, datetime.now(timezone.utc), self.lease)
 
     def run_once(self, limit: int = 10) -> int:
         """Claim and handle up to ``limit`` due messages; the number handled."""
         if not self._indexed:
-            ensure_indexes(self.db)
+            self.storage.ensure_outbox_indexes()
             self._indexed = True
         handled = 0
         while handled < limit:
@@ -434,7 +411,7 @@ class Worker:
 
     def _handle(self, msg: dict) -> None:
         mid, channel = msg["_id"], msg["channel"]
-        current = self.coll.find_one({"_id": mid}, {"status": 1, "sent_at": 1})
+        current = self.storage.notice_state(mid)
         if current is None or current.get("status") == "sent" or current.get("sent_at"):
             log.info("notification %s/%s already sent, skipped", mid, channel)
             return
@@ -449,12 +426,8 @@ class Worker:
             self._failed(msg, exc)
             return
         now = datetime.now(timezone.utc)
-        done = self.coll.find_one_and_update(
-            {"_id": mid, "status": {"$ne": "sent"}},
-            {"$set": {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None,
-                      # a one-time code leaves the database once delivered
-                      **({"body": None} if msg.get("kind") == "access_code" else {})}},
-            return_document=ReturnDocument.AFTER)
+        # a one-time code leaves the database once delivered
+        done = self.storage.mark_notice_sent(mid, now, forget_body=msg.get("kind") == "access_code")
         if done is None:
             log.warning("notification %s/%s was completed by another worker (duplicate send)",
                         mid, channel)
@@ -466,11 +439,9 @@ class Worker:
         mid, channel = msg["_id"], msg["channel"]
         reason = _reason(channel, exc)
         attempts = int(msg.get("attempts") or 1)
-        mine = {"_id": mid, "claimed_by": self.worker_id, "status": "sending"}
         if isinstance(exc, PermanentFailure) or attempts >= self.max_attempts:
-            gone = self.coll.find_one_and_update(
-                mine, {"$set": {"status": "failed", "lease_until": None, "last_error": reason}},
-                return_document=ReturnDocument.AFTER)
+            gone = self.storage.update_claimed_notice(
+                mid, self.worker_id, {"status": "failed", "lease_until": None, "last_error": reason})
             log.warning("notification %s/%s failed for good after %d attempt(s): %s",
                         mid, channel, attempts, reason)
             if gone is not None:
@@ -478,9 +449,9 @@ class Worker:
             return
         delay = min(self.base_delay * 2 ** (attempts - 1), self.max_delay)
         delay *= 0.8 + 0.4 * random.random()
-        self.coll.update_one(mine, {"$set": {
+        self.storage.update_claimed_notice(mid, self.worker_id, {
             "status": "pending", "claimed_by": None, "lease_until": None, "last_error": reason,
-            "next_attempt_at": datetime.now(timezone.utc) + timedelta(seconds=delay)}})
+            "next_attempt_at": datetime.now(timezone.utc) + timedelta(seconds=delay)})
         log.info("notification %s/%s attempt %d failed (%s), retry in %.1fs",
                  mid, channel, attempts, reason, delay)
 

@@ -662,7 +662,7 @@ class GuardedRepository:
         if not decision.permit:
             raise self._deny_write(interaction, rtype, rid, pid, decision)
         expected = _expected_version(if_match, current)
-        resource = self._prepare(rtype, resource, old, pid)
+        resource = self._prepare(rtype, resource, old, pid, interaction)
 
         def write(s):
             vid = expected + 1
@@ -762,13 +762,13 @@ class GuardedRepository:
         self.records = [r for r in self.records if r.patient_id != pid]
 
         def write(s):
-            lifecycle.purge_dmp(self.storage.db, pid, session=s)
+            lifecycle.purge_dmp(self.storage, pid, session=s)
             self.b.audit_log.append([event], session=s)
 
         self._writing(write, interaction="delete", rtype="Patient")
         # a write decided before the destroy but committed after its snapshot: swept here, or by
         # that writer itself if it commits after this sweep (_sweep_destroyed)
-        self.storage.run_transaction(lambda s: lifecycle.purge_dmp(self.storage.db, pid, session=s))
+        self.storage.run_transaction(lambda s: lifecycle.purge_dmp(self.storage, pid, session=s))
         self.b.crypto.shred(pid)                     # drops this process's cached data key
         forget = getattr(self.b.audit_log, "_forget", None)
         if forget:
@@ -782,10 +782,10 @@ class GuardedRepository:
         by a request that raced its destroy survives it (CONTRACT.md "Lifecycle of a DMP")."""
         from . import lifecycle
         for pid in sorted(pids):
-            if lifecycle.was_destroyed(self.storage.db, pid):
+            if lifecycle.was_destroyed(self.storage, pid):
                 log.warning("a write raced the destroy of a DMP; purged again")
                 self.storage.run_transaction(
-                    lambda s, pid=pid: lifecycle.purge_dmp(self.storage.db, pid, session=s))
+                    lambda s, pid=pid: lifecycle.purge_dmp(self.storage, pid, session=s))
 
     def send_access_code(self, pid: str) -> list[dict]:
         """``Patient/$access-code``: a one-time code to the patient (email/SMS + Communication).
@@ -800,7 +800,7 @@ class GuardedRepository:
             self.record("operation", outcome="4", patient_id=pid if st.exists else None,
                         resource=f"Patient/{pid}", decision=decision, http_status=404)
             raise not_found("Patient", pid)
-        code = access_codes.issue(self.storage.db, pid, self.p.id_nat_ps)
+        code = access_codes.issue(self.storage, pid, self.p.id_nat_ps)
         written: list[dict] = []
 
         def write(s):
@@ -813,7 +813,7 @@ class GuardedRepository:
     def _use_access_code(self, pid: str) -> None:
         """The patient's one-time code must come with the PS's first authorization (403 else)."""
         from . import access_codes
-        refused = access_codes.consume(self.storage.db, pid, self.p.id_nat_ps, self.info.access_code)
+        refused = access_codes.consume(self.storage, pid, self.p.id_nat_ps, self.info.access_code)
         if refused:
             decision = Decision(False, "access-code", refused)
             self.record("create", outcome="4", patient_id=pid, resource="Consent", decision=decision,
@@ -856,9 +856,9 @@ class GuardedRepository:
         from . import lifecycle
         change = lifecycle.active_change(old, new)
         if change == "close":
-            lifecycle.mark_closed(self.storage.db, stored.id, stored.lu, session=session)
+            lifecycle.mark_closed(self.storage, stored.id, stored.lu, session=session)
         elif change == "reopen":
-            lifecycle.mark_reopened(self.storage.db, stored.id, session=session)
+            lifecycle.mark_reopened(self.storage, stored.id, session=session)
 
     # -------------------------------------------------------- conditional ops
     def find_matches(self, rtype: str, criteria: list[tuple[str, str]], limit: int = 2) -> list[Stored]:
@@ -881,11 +881,12 @@ class GuardedRepository:
                 return doc.pid, doc.resource
         return None, None
 
-    def _prepare(self, rtype: str, resource: dict, old: dict | None, pid: str | None) -> dict:
+    def _prepare(self, rtype: str, resource: dict, old: dict | None, pid: str | None,
+                 interaction: str = "create") -> dict:
         """Server-side rules on what is written (author, qualified INS, content checks)."""
         from .documents.pipeline import prepare_document
         if rtype == "DocumentReference":
-            return prepare_document(self, resource, old, pid)
+            return prepare_document(self, resource, old, pid, interaction)
         return resource
 
     def _store_content(self, rtype: str, rid: str, vid: int, resource: dict, pid: str | None, session,

@@ -27,12 +27,21 @@ import decimal
 import pymongo
 from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
 from bson.decimal128 import Decimal128
-from pymongo import ReturnDocument
+from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from . import search
 
 log = logging.getLogger(__name__)
+
+# the collections beside the resources (only this module names collections and runs queries)
+BLOBS, CHUNKS = "content_blobs", "content_chunks"  # encrypted content (blobs.py)
+DATAKEYS = "datakeys"                         # wrapped per-DMP data keys (security/crypto.py)
+OUTBOX = "notification_outbox"                # notices to send (notifications.py)
+ACCESS_CODES = "access_codes"                 # first-access codes (access_codes.py)
+JOBS = "scheduled_jobs"                       # daily jobs' leases (lifecycle.py)
+#: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
+COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
 
 RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
                   "RelatedPerson")
@@ -403,6 +412,188 @@ class Storage:
         """Point a Binary's current securityContext at its document (same DMP only)."""
         self.db["Binary"].update_one({"_id": bid, "pid": pid},
                                      {"$set": {"res.securityContext": {"reference": reference}}}, session=session)
+
+    # -- a DMP's lifecycle (lifecycle.py) --------------------------------------
+    def mark_closed(self, pid: str, at: datetime, *, session=None) -> None:
+        """``closed_at`` beside the stored Patient (not part of the resource): retention counts from it."""
+        self.db["Patient"].update_one({"_id": pid}, {"$set": {"closed_at": at}}, session=session)
+
+    def mark_reopened(self, pid: str, *, session=None) -> None:
+        """A reopened DMP: no ``closed_at``, and its journal is no longer under a retention date."""
+        self.db["Patient"].update_one({"_id": pid}, {"$unset": {"closed_at": ""}}, session=session)
+        self.db["AuditEvent"].update_many({"pid": pid}, {"$unset": {"retain_until": ""}}, session=session)
+
+    def closed_before(self, limit: datetime) -> list[str]:
+        """Ids of the DMPs closed at or before ``limit``."""
+        return [d["_id"] for d in self.db["Patient"].find(
+            {"closed_at": {"$lte": limit}, "res.active": False}, {"_id": 1})]
+
+    def purge_dmp(self, pid: str, *, session) -> dict:
+        """Remove every trace of DMP ``pid`` inside ``session``'s transaction; counts by collection
+        (lifecycle.purge_dmp states what goes and in which order)."""
+        from .security.audit import COLLECTION, GENESIS, HEADS
+        counts = {}
+
+        def gone(name: str, flt: dict) -> None:
+            counts[name] = counts.get(name, 0) + self.db[name].delete_many(flt, session=session).deleted_count
+
+        gone(DATAKEYS, {"_id": pid})
+        gone(BLOBS, {"p": pid})
+        gone(CHUNKS, {"p": pid})
+        for rtype in COMPARTMENT_TYPES:
+            gone(rtype, {"pid": pid})
+            gone(f"{rtype}_history", {"pid": pid})
+        gone("Patient", {"_id": pid})
+        gone("Patient_history", {"rid": pid})
+        gone("btg_grants", {"pid": pid})
+        gone(OUTBOX, {"patient_id": pid})
+        gone(ACCESS_CODES, {"pid": pid})
+        # sealed and not yet sealed events alike (the sealer links them after the fact)
+        gone(COLLECTION, {"$or": [{"chain.pid": pid}, {"pid": pid}]})
+        gone(HEADS, {"_id": pid})
+        # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
+        # a date, nothing personal) so that `audit verify` does not take it for a deleted chain
+        self.db[HEADS].insert_one({"_id": pid, "seq": 0, "hash": GENESIS, "destroyed": True}, session=session)
+        return counts
+
+    def was_destroyed(self, pid: str) -> bool:
+        """The DMP is gone and its journal head says it was destroyed (not merely never existed)."""
+        from .security.audit import HEADS
+        if self.db["Patient"].find_one({"_id": pid}, {"_id": 1}) is not None:
+            return False
+        return self.db[HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
+
+    def claim_daily_run(self, job: str, owner: str, at: datetime, period) -> bool:
+        """True for exactly one caller per ``period`` across processes (compare-and-set on ``next_run``)."""
+        self.db[JOBS].update_one({"_id": job}, {"$setOnInsert": {"next_run": at}}, upsert=True)
+        doc = self.db[JOBS].find_one_and_update(
+            {"_id": job, "next_run": {"$lte": at}},
+            {"$set": {"next_run": at + period, "owner": owner, "started": at}},
+            return_document=ReturnDocument.AFTER)
+        return doc is not None
+
+    # -- encrypted content chunks (blobs.py: it encrypts, this stores) ------------
+    def ensure_blob_indexes(self) -> None:
+        """Patient-first indexes (also usable as shard keys): one blob per (p, r, v)."""
+        self.db[BLOBS].create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)], unique=True)
+        self.db[CHUNKS].create_index([("p", ASCENDING), ("b", ASCENDING), ("n", ASCENDING)], unique=True)
+        self.db[CHUNKS].create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)])
+
+    def add_blob_chunk(self, doc: dict, *, session=None) -> None:
+        self.db[CHUNKS].insert_one(doc, session=session)
+
+    def add_blob(self, doc: dict, *, session=None) -> None:
+        """The blob's header, written after its chunks (DuplicateKeyError: that version has one)."""
+        self.db[BLOBS].insert_one(doc, session=session)
+
+    def blob_meta(self, pid: str, rid: str, ver: int, *, session=None) -> dict | None:
+        return self.db[BLOBS].find_one({"p": pid, "r": rid, "v": ver}, session=session)
+
+    def blob_exists(self, pid: str, rid: str, ver: int, *, session=None) -> bool:
+        return self.db[BLOBS].count_documents({"p": pid, "r": rid, "v": ver}, limit=1, session=session) > 0
+
+    def blob_chunks(self, pid: str, blob_id: str, *, session=None):
+        """A cursor over the chunks of one blob in order (``n``, ``d``); close it when done."""
+        return (self.db[CHUNKS].find({"p": pid, "b": blob_id}, {"n": 1, "d": 1}, session=session)
+                .sort("n", ASCENDING).batch_size(4))
+
+    def discard_blob_chunks(self, pid: str, blob_id: str, *, session=None) -> None:
+        self.db[CHUNKS].delete_many({"p": pid, "b": blob_id}, session=session)
+
+    def delete_blobs(self, flt: dict, *, session=None) -> None:
+        """Remove blobs and chunks matching ``flt`` (over ``p``, ``r``, ``v``)."""
+        self.db[BLOBS].delete_many(flt, session=session)
+        self.db[CHUNKS].delete_many(flt, session=session)
+
+    # -- wrapped data keys (security/crypto.py: it wraps, this stores) -----------
+    def data_key(self, pid: str) -> dict | None:
+        return self.db[DATAKEYS].find_one({"_id": pid})
+
+    def add_data_key(self, doc: dict) -> None:
+        """Store a new wrapped data key (DuplicateKeyError: another request created it first)."""
+        self.db[DATAKEYS].insert_one(doc)
+
+    def delete_data_key(self, pid: str) -> None:
+        self.db[DATAKEYS].delete_one({"_id": pid})
+
+    def data_keys_not_wrapped_by(self, kek_id: str) -> list[dict]:
+        return list(self.db[DATAKEYS].find({"kek_id": {"$ne": kek_id}}))
+
+    def count_data_keys_not_wrapped_by(self, kek_id: str) -> int:
+        return self.db[DATAKEYS].count_documents({"kek_id": {"$ne": kek_id}})
+
+    def rewrap_data_key(self, doc: dict, wrapped: bytes, kek_id: str, at: datetime) -> int:
+        """Compare-and-set on the old wrapped value (a key shredded meanwhile stays deleted)."""
+        return self.db[DATAKEYS].update_one(
+            {"_id": doc["_id"], "wrapped": doc["wrapped"], "kek_id": doc["kek_id"]},
+            {"$set": {"wrapped": wrapped, "kek_id": kek_id, "rewrapped": at}}).modified_count
+
+    def kek_ids_in_use(self) -> set[str]:
+        return set(self.db[DATAKEYS].distinct("kek_id"))
+
+    # -- the notification outbox (notifications.py) ----------------------------
+    def _outbox(self):
+        return self.db.get_collection(OUTBOX, write_concern=WriteConcern(w="majority", j=True))
+
+    def ensure_outbox_indexes(self) -> None:
+        coll = self.db[OUTBOX]
+        coll.create_index([("status", 1), ("next_attempt_at", 1)], name="due")
+        coll.create_index([("status", 1), ("lease_until", 1)], name="lease")
+        coll.create_index([("communication_id", 1)], name="communication")
+
+    def queue_notices(self, docs: list[dict], *, session=None) -> None:
+        self._outbox().insert_many(docs, session=session)
+
+    def claim_notice(self, channels: list[str], worker_id: str, now: datetime, lease) -> dict | None:
+        """Atomically take one due message of ``channels`` (or one whose lease expired)."""
+        return self._outbox().find_one_and_update(
+            {"channel": {"$in": channels},
+             "$or": [{"status": "pending", "next_attempt_at": {"$lte": now}},
+                     {"status": "sending", "lease_until": {"$lte": now}}]},
+            {"$set": {"status": "sending", "claimed_by": worker_id, "lease_until": now + lease},
+             "$inc": {"attempts": 1}},
+            sort=[("next_attempt_at", 1)],
+            return_document=ReturnDocument.AFTER,
+        )
+
+    def notice_state(self, mid: str) -> dict | None:
+        return self._outbox().find_one({"_id": mid}, {"status": 1, "sent_at": 1})
+
+    def mark_notice_sent(self, mid: str, now: datetime, *, forget_body: bool) -> dict | None:
+        """The message as sent (None when another worker completed it first)."""
+        return self._outbox().find_one_and_update(
+            {"_id": mid, "status": {"$ne": "sent"}},
+            {"$set": {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None,
+                      **({"body": None} if forget_body else {})}},
+            return_document=ReturnDocument.AFTER)
+
+    def update_claimed_notice(self, mid: str, worker_id: str, changes: dict) -> dict | None:
+        """Set ``changes`` on a message this worker still holds; the message after, or None."""
+        return self._outbox().find_one_and_update(
+            {"_id": mid, "claimed_by": worker_id, "status": "sending"}, {"$set": changes},
+            return_document=ReturnDocument.AFTER)
+
+    # -- first-access codes (access_codes.py: only their salted hash is stored) ----
+    def replace_access_code(self, doc: dict) -> None:
+        """Void the unused codes of (``doc.pid``, ``doc.ps``), then store ``doc``."""
+        coll = self.db[ACCESS_CODES]
+        coll.update_many({"pid": doc["pid"], "ps": doc["ps"], "used": False},
+                         {"$set": {"used": True, "voided": doc["created"]}})
+        coll.insert_one(doc)
+
+    def live_access_code(self, pid: str, ps: str, at: datetime, max_tries: int) -> dict | None:
+        """The newest unused code of (DMP, PS) valid at ``at`` with fewer than ``max_tries`` wrong tries."""
+        return self.db[ACCESS_CODES].find_one({"pid": pid, "ps": ps, "used": False, "expires": {"$gt": at},
+                                               "tries": {"$lt": max_tries}}, sort=[("created", -1)])
+
+    def count_access_code_try(self, code_id: str) -> None:
+        self.db[ACCESS_CODES].update_one({"_id": code_id}, {"$inc": {"tries": 1}})
+
+    def use_access_code(self, code_id: str, at: datetime) -> bool:
+        """Mark the code used; False when another request used it first."""
+        return self.db[ACCESS_CODES].find_one_and_update(
+            {"_id": code_id, "used": False}, {"$set": {"used": True, "used_at": at}},
+            return_document=ReturnDocument.AFTER) is not None
 
     # -- writes ------------------------------------------------------------
     def _docs(self, rtype: str, rid: str, vid: int, pid: str | None, resource: dict | None,

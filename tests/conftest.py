@@ -45,6 +45,13 @@ def db(mongo_client):
     mongo_client.drop_database(name)
 
 
+@pytest.fixture
+def db_storage(db):
+    """The test database behind a Storage: the stores that take one (outbox, blobs, data keys)."""
+    from fhir_dmp.storage import Storage
+    return Storage(db.client, db)
+
+
 @pytest.fixture(scope="session")
 def idp(tmp_path_factory):
     return TestIdP(tmp_path_factory.mktemp("idp"), audience=BASE)

@@ -24,7 +24,7 @@ from fhir_dmp.errors import ServiceUnavailable, Unauthorized
 from fhir_dmp.security import devkeys
 from fhir_dmp.security.auth import TokenVerifier
 from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS,
-                                         REGULATION_CENTRE, TREAT, UNKNOWN)
+                                         REGULATION_CENTRE, TREAT)
 from fhir_dmp.security.scopes import Scopes
 from tests.idp import TestIdP
 
@@ -400,13 +400,13 @@ def test_regulation_centre_principal(verifier, idp):
     refused(verifier, idp.token(dmp_role="regulation_centre", acr="eidas1"))
 
 
-def test_admin_and_unknown_principals(verifier, idp):
+def test_admin_and_unfitting_principals(verifier, idp):
     p = verifier.authenticate(f"Bearer {idp.admin()}", {})
     assert (p.kind, p.patient_id, p.id_nat_ps, p.subject) == (ADMIN, None, None, "admin-1")
-    assert verifier.authenticate(f"Bearer {idp.token(sub='someone')}", {}).kind == UNKNOWN
-    # a role outside the habilitation data is UNKNOWN, even with PS claims
-    odd = idp.ps(PS_ID, dmp_role="occupational_medicine")
-    assert verifier.authenticate(f"Bearer {odd}", {}).kind == UNKNOWN
+    # CONTRACT.md "Who the caller is": a token that fits no kind gets 401 invalid_token
+    refused(verifier, idp.token(sub='someone'))
+    # a role outside the habilitation data fits no kind either, even with PS claims
+    refused(verifier, idp.ps(PS_ID, dmp_role="occupational_medicine"))
     # the role wins over fhirUser: an admin is never the DMP owner
     assert verifier.authenticate(f"Bearer {idp.admin(fhirUser='Patient/p1')}", {}).patient_id is None
 

@@ -184,3 +184,17 @@ def test_smart_configuration(api, config):
     for key in ("capabilities", "scopes_supported"):
         assert key in body
     assert "permission-v2" in body["capabilities"]
+
+
+def test_update_as_create_is_not_declared(api):
+    """Update-as-create is reserved to the administrator's import (issue 9, hole 9): the statement
+    says updateCreate false and names the import in each updatable type's documentation."""
+    pat = api.as_ps().create(b.patient())
+    for res in STATEMENT["rest"][0]["resource"]:
+        assert res["updateCreate"] is False, res["type"]
+        if "update" in {i["code"] for i in res["interaction"]}:
+            assert "client-chosen id" in res["documentation"], res["type"]
+    # what it says holds: a PS PUT on a fresh id is 404, the administrator's creates
+    body = b.consent(pat["id"], "permit", actor=b.PS_OTHER)
+    assert api.as_ps().put("Consent/cap-fresh-id", dict(body, id="cap-fresh-id")).status_code == 404
+    assert api.as_admin().put("Consent/cap-fresh-id", dict(body, id="cap-fresh-id")).status_code == 201

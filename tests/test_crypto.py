@@ -39,13 +39,13 @@ def config(tmp_path):
 
 
 @pytest.fixture
-def crypto(db, config):
-    return DocumentCrypto(db, key_provider(config))
+def crypto(db_storage, config):
+    return DocumentCrypto(db_storage, key_provider(config))
 
 
 @pytest.fixture
-def store(db, crypto):
-    return BlobStore(db, crypto)
+def store(db_storage, crypto):
+    return BlobStore(db_storage, crypto)
 
 
 # ----------------------------------------------------------------------------- key file
@@ -99,7 +99,7 @@ def test_tamper_fails(crypto):
         crypto.decrypt("pat-1", "bin-1", 1, bytes(ct[:10]))
 
 
-def test_per_patient_keys_differ(crypto, db, config):
+def test_per_patient_keys_differ(crypto, db, config, db_storage):
     crypto.encrypt("pat-a", "r", 1, b"a")
     crypto.encrypt("pat-b", "r", 1, b"b")
     provider = key_provider(config)
@@ -110,9 +110,9 @@ def test_per_patient_keys_differ(crypto, db, config):
     assert all(docs[p]["kek_id"] == provider.key_id for p in docs)
 
 
-def test_first_use_key_creation_is_race_safe(db, config):
+def test_first_use_key_creation_is_race_safe(db, config, db_storage):
     # separate instances = separate caches, as separate worker processes would have
-    instances = [DocumentCrypto(db, key_provider(config)) for _ in range(12)]
+    instances = [DocumentCrypto(db_storage, key_provider(config)) for _ in range(12)]
     barrier = threading.Barrier(len(instances))
 
     def work(i):
@@ -121,17 +121,17 @@ def test_first_use_key_creation_is_race_safe(db, config):
     with ThreadPoolExecutor(len(instances)) as pool:
         cts = list(pool.map(work, range(len(instances))))
     assert db.datakeys.count_documents({"_id": "pat-race"}) == 1
-    fresh = DocumentCrypto(db, key_provider(config))
+    fresh = DocumentCrypto(db_storage, key_provider(config))
     for i, ct in enumerate(cts):
         assert fresh.decrypt("pat-race", "bin", i, ct) == b"doc %d" % i
 
 
-def test_rotate_kek_rewraps_all_and_old_kek_can_go(crypto, db, config):
+def test_rotate_kek_rewraps_all_and_old_kek_can_go(crypto, db, config, db_storage):
     cts = {p: crypto.encrypt(p, "bin", 1, f"content of {p}".encode()) for p in ("p1", "p2", "p3")}
     old_id = key_provider(config).key_id
     before = {d["_id"]: d["wrapped"] for d in db.datakeys.find()}
 
-    assert rotate_kek(config, db) == 3
+    assert rotate_kek(config, db_storage) == 3
     provider = key_provider(config)
     assert provider.key_id != old_id and old_id in provider.key_ids
     after = list(db.datakeys.find())
@@ -142,18 +142,18 @@ def test_rotate_kek_rewraps_all_and_old_kek_can_go(crypto, db, config):
     assert crypto.encryptor("p4", "bin", 1) is not None
     assert db.datakeys.find_one({"_id": "p4"})["kek_id"] == provider.key_id
 
-    assert retire_unused_keks(config, db) == [old_id]
+    assert retire_unused_keks(config, db_storage) == [old_id]
     assert old_id not in json.loads(config.kek_path.read_text())["keys"]
-    fresh = DocumentCrypto(db, key_provider(config))
+    fresh = DocumentCrypto(db_storage, key_provider(config))
     for p, ct in cts.items():  # content never re-encrypted, still readable without the old KEK
         assert fresh.decrypt(p, "bin", 1, ct) == f"content of {p}".encode()
 
 
-def test_shred_makes_content_unrecoverable(crypto, db, config):
+def test_shred_makes_content_unrecoverable(crypto, db, config, db_storage):
     ct = crypto.encrypt("pat-x", "bin", 1, b"to be destroyed")
     crypto.shred("pat-x")
     assert db.datakeys.count_documents({"_id": "pat-x"}) == 0
-    for c in (crypto, DocumentCrypto(db, key_provider(config))):
+    for c in (crypto, DocumentCrypto(db_storage, key_provider(config))):
         with pytest.raises(ContentUnavailable):
             c.decrypt("pat-x", "bin", 1, ct)
     # a new key created later does not resurrect old content
@@ -162,9 +162,9 @@ def test_shred_makes_content_unrecoverable(crypto, db, config):
         crypto.decrypt("pat-x", "bin", 1, ct)
 
 
-def test_missing_kek_is_content_unavailable(crypto, db, tmp_path):
+def test_missing_kek_is_content_unavailable(crypto, db, tmp_path, db_storage):
     ct = crypto.encrypt("pat-k", "bin", 1, b"x")
-    other = DocumentCrypto(db, LocalKeyFileProvider(tmp_path / "other.key"))
+    other = DocumentCrypto(db_storage, LocalKeyFileProvider(tmp_path / "other.key"))
     with pytest.raises(ContentUnavailable):
         other.decrypt("pat-k", "bin", 1, ct)
 
@@ -246,8 +246,8 @@ def test_blob_put_inside_transaction(mongo, store, db):
 
 
 @pytest.fixture
-def small_store(db, crypto):
-    return BlobStore(db, crypto, chunk_size=1024)
+def small_store(db_storage, crypto):
+    return BlobStore(db_storage, crypto, chunk_size=1024)
 
 
 def test_blob_chunks_cannot_be_reordered_swapped_or_dropped(small_store, db):

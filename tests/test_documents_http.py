@@ -665,7 +665,7 @@ def test_kek_rotation_keeps_documents_readable(app, config, db, ps, dmp):
     docs = [deposit(ps, docref(pid, contents[0])),
             deposit(ps, docref(pid, contents[1], content_type="text/xml"))]
     kek_before = db["datakeys"].find_one({"_id": pid})["kek_id"]
-    assert rotate_kek(config, db) >= 1
+    assert rotate_kek(config, app.extensions["fhir_dmp"].storage) >= 1
     assert db["datakeys"].find_one({"_id": pid})["kek_id"] != kek_before
     app.extensions["fhir_dmp"].crypto.forget_cached_keys()   # as a restarted server would
     for doc, content, ctype in zip(docs, contents, ("application/pdf", "text/xml")):

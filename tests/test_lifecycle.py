@@ -126,13 +126,14 @@ def test_retention_run_cli(api, dmp, config, monkeypatch, capsys):
     assert db["Patient"].count_documents({"_id": pid}) == 0
 
 
-def test_daily_retention_runs_once_a_day_across_processes(db):
+def test_daily_retention_runs_once_a_day_across_processes(db_storage):
+    storage = db_storage
     at = datetime(2030, 5, 1, 3, 0, tzinfo=timezone.utc)
-    assert lifecycle.claim_daily_run(db, "worker-1", at)
-    assert not lifecycle.claim_daily_run(db, "worker-2", at + timedelta(minutes=5))
-    assert lifecycle.claim_daily_run(db, "worker-2", at + timedelta(days=1, minutes=1))
+    assert lifecycle.claim_daily_run(storage, "worker-1", at)
+    assert not lifecycle.claim_daily_run(storage, "worker-2", at + timedelta(minutes=5))
+    assert lifecycle.claim_daily_run(storage, "worker-2", at + timedelta(days=1, minutes=1))
     runs = []
-    sched = lifecycle.RetentionScheduler(db, lambda: runs.append(1) or 0, owner="w3")
+    sched = lifecycle.RetentionScheduler(storage, lambda: runs.append(1) or 0, owner="w3")
     sched.tick()   # today's run was already claimed
     assert runs == []
 
@@ -267,8 +268,8 @@ def test_old_keks_retired_so_a_destroyed_data_key_cannot_come_back(api, dmp, con
     backup = db["datakeys"].find_one({"_id": pid})
     provider = LocalKeyFileProvider(config.kek_path)
     assert provider.unwrap(bytes(backup["wrapped"]), backup["kek_id"])      # the backup works today
-    rotate_kek(config, db)
-    assert retire_unused_keks(config, db) == [backup["kek_id"]]
+    rotate_kek(config, backend_of(api).storage)
+    assert retire_unused_keks(config, backend_of(api).storage) == [backup["kek_id"]]
     assert api.as_patient(pid).post(f"Patient/{pid}/$destroy").status_code == 204
     with pytest.raises(KeyUnavailable):
         LocalKeyFileProvider(config.kek_path).unwrap(bytes(backup["wrapped"]), backup["kek_id"])
@@ -351,4 +352,4 @@ def test_a_write_that_races_a_destroy_is_purged_after_it_commits(api, dmp):
     late._writing(write, interaction="create", rtype="DocumentReference")
     assert db["DocumentReference"].count_documents({"pid": pid}) == 0
     # a DMP that never existed is not "destroyed": nothing is written for it
-    assert not lifecycle.was_destroyed(db, "never-existed")
+    assert not lifecycle.was_destroyed(backend_of(api).storage, "never-existed")

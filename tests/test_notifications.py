@@ -93,17 +93,17 @@ def test_contacts_selection():
     assert contacts({"telecom": [{"system": "phone", "value": "0145000000"}]}) == {}
 
 
-def test_email_and_sms_delivered(db, smtp, sms, caplog):
+def test_email_and_sms_delivered(db, smtp, sms, caplog, db_storage):
     sink, port = smtp
     config = Config(smtp_host="127.0.0.1", smtp_port=port, sms_webhook_url=sms.url)
-    comms = Outbox(db, config).enqueue(notice("break_glass", reason="urgence vitale"), patient())
+    comms = Outbox(db_storage, config).enqueue(notice("break_glass", reason="urgence vitale"), patient())
     assert len(comms) == 2 and {c["status"] for c in comms} == {"in-progress"}
     for c in comms:
         _validate(c)
         assert c["subject"] == {"reference": "Patient/p1"} and c["identifier"][0]["value"]
     results = Results()
     caplog.set_level(logging.DEBUG, logger="fhir_dmp.notifications")
-    assert Worker(db, config, on_result=results).run_once() == 2
+    assert Worker(db_storage, config, on_result=results).run_once() == 2
 
     assert len(sink.messages) == 1
     mail = sink.messages[0]
@@ -125,8 +125,8 @@ def test_email_and_sms_delivered(db, smtp, sms, caplog):
     assert "urgence vitale" not in logged and "Marie Curie" not in logged
 
 
-def test_no_contact_is_not_done(db):
-    comms = Outbox(db, Config()).enqueue(notice(), patient(email_addr=None, phone=None))
+def test_no_contact_is_not_done(db, db_storage):
+    comms = Outbox(db_storage, Config()).enqueue(notice(), patient(email_addr=None, phone=None))
     assert len(comms) == 1
     assert comms[0]["status"] == "not-done"
     assert comms[0]["statusReason"]["text"] == NO_CONTACT_REASON
@@ -134,23 +134,23 @@ def test_no_contact_is_not_done(db):
     assert db[OUTBOX].count_documents({}) == 0
 
 
-def test_unconfigured_channel_stays_queued(db, smtp):
+def test_unconfigured_channel_stays_queued(db, smtp, db_storage):
     sink, port = smtp
     config = Config(smtp_host="127.0.0.1", smtp_port=port)  # no SMS webhook
-    Outbox(db, config).enqueue(notice(), patient())
-    assert Worker(db, config).run_once() == 1
+    Outbox(db_storage, config).enqueue(notice(), patient())
+    assert Worker(db_storage, config).run_once() == 1
     assert len(sink.messages) == 1
     queued = db[OUTBOX].find_one({"channel": "sms"})
     assert queued["status"] == "pending" and queued["attempts"] == 0
-    assert Worker(db, Config()).run_once() == 0  # nothing configured: nothing claimed
+    assert Worker(db_storage, Config()).run_once() == 0  # nothing configured: nothing claimed
 
 
-def test_smtp_down_then_up_is_retried_and_delivered_once(db):
+def test_smtp_down_then_up_is_retried_and_delivered_once(db, db_storage):
     port = _free_port()  # nobody listens yet
     config = Config(smtp_host="127.0.0.1", smtp_port=port)
-    Outbox(db, config).enqueue(notice(), patient(phone=None))
+    Outbox(db_storage, config).enqueue(notice(), patient(phone=None))
     results = Results()
-    worker = Worker(db, config, on_result=results, base_delay=0.2, send_timeout=2)
+    worker = Worker(db_storage, config, on_result=results, base_delay=0.2, send_timeout=2)
     assert worker.run_once() == 1
     msg = db[OUTBOX].find_one()
     assert msg["status"] == "pending" and msg["attempts"] == 1
@@ -173,11 +173,11 @@ def test_smtp_down_then_up_is_retried_and_delivered_once(db):
     assert db[OUTBOX].find_one()["attempts"] == 2
 
 
-def test_gives_up_after_max_attempts(db):
+def test_gives_up_after_max_attempts(db, db_storage):
     config = Config(smtp_host="127.0.0.1", smtp_port=_free_port())
-    comms = Outbox(db, config).enqueue(notice(), patient(phone=None))
+    comms = Outbox(db_storage, config).enqueue(notice(), patient(phone=None))
     results = Results()
-    worker = Worker(db, config, on_result=results, max_attempts=2, base_delay=0.01, send_timeout=2)
+    worker = Worker(db_storage, config, on_result=results, max_attempts=2, base_delay=0.01, send_timeout=2)
     worker.run_once()
     time.sleep(0.05)
     worker.run_once()
@@ -188,13 +188,13 @@ def test_gives_up_after_max_attempts(db):
     assert worker.run_once() == 0
 
 
-def test_sms_webhook_error_is_retried(db):
+def test_sms_webhook_error_is_retried(db, db_storage):
     server = SmsServer(statuses=[503])
     try:
         config = Config(sms_webhook_url=server.url)
-        Outbox(db, config).enqueue(notice("centre_15"), patient(email_addr=None))
+        Outbox(db_storage, config).enqueue(notice("centre_15"), patient(email_addr=None))
         results = Results()
-        worker = Worker(db, config, on_result=results, base_delay=0.01)
+        worker = Worker(db_storage, config, on_result=results, base_delay=0.01)
         # one message at a time: a slow machine would otherwise find the retry already due
         worker.run_once(limit=1)
         assert db[OUTBOX].find_one()["last_error"] == "sms: HTTP 503"
@@ -207,15 +207,15 @@ def test_sms_webhook_error_is_retried(db):
         server.close()
 
 
-def test_two_workers_deliver_each_message_exactly_once(db, smtp):
+def test_two_workers_deliver_each_message_exactly_once(db, smtp, db_storage):
     sink, port = smtp
     config = Config(smtp_host="127.0.0.1", smtp_port=port)
-    outbox = Outbox(db, config)
+    outbox = Outbox(db_storage, config)
     for i in range(20):
         outbox.enqueue(notice(pid=f"p{i}"), patient(email_addr=f"patient{i}@example.org", phone=None,
                                                      pid=f"p{i}"))
     results = Results()
-    workers = [Worker(db, config, on_result=results, worker_id=f"w{i}", poll_interval=0.05)
+    workers = [Worker(db_storage, config, on_result=results, worker_id=f"w{i}", poll_interval=0.05)
                for i in range(2)]
     for w in workers:
         w.start()
@@ -233,15 +233,15 @@ def test_two_workers_deliver_each_message_exactly_once(db, smtp):
     assert len(results.calls) == 20 and {r[2] for r in results.calls} == {"completed"}
 
 
-def test_worker_killed_mid_send_lease_expires(db, smtp):
+def test_worker_killed_mid_send_lease_expires(db, smtp, db_storage):
     sink, port = smtp
     config = Config(smtp_host="127.0.0.1", smtp_port=port)
-    Outbox(db, config).enqueue(notice(), patient(phone=None))
-    dead = Worker(db, config, worker_id="dead", lease_seconds=0.3)
+    Outbox(db_storage, config).enqueue(notice(), patient(phone=None))
+    dead = Worker(db_storage, config, worker_id="dead", lease_seconds=0.3)
     claimed = dead.claim()  # ...and the process dies before sending
     assert claimed["status"] == "sending" and claimed["claimed_by"] == "dead"
     results = Results()
-    alive = Worker(db, config, on_result=results, worker_id="alive")
+    alive = Worker(db_storage, config, on_result=results, worker_id="alive")
     assert alive.run_once() == 0  # the lease still holds
     time.sleep(0.4)
     assert alive.run_once() == 1
@@ -251,22 +251,22 @@ def test_worker_killed_mid_send_lease_expires(db, smtp):
     assert [r[2] for r in results.calls] == ["completed"]
 
 
-def test_already_sent_message_is_not_sent_again(db, smtp):
+def test_already_sent_message_is_not_sent_again(db, smtp, db_storage):
     """The late worker of a lease takeover finds `sent` and skips the transport."""
     sink, port = smtp
     config = Config(smtp_host="127.0.0.1", smtp_port=port)
-    Outbox(db, config).enqueue(notice(), patient(phone=None))
-    slow = Worker(db, config, worker_id="slow", lease_seconds=0.1)
+    Outbox(db_storage, config).enqueue(notice(), patient(phone=None))
+    slow = Worker(db_storage, config, worker_id="slow", lease_seconds=0.1)
     claimed = slow.claim()
     time.sleep(0.2)
-    assert Worker(db, config, worker_id="fast").run_once() == 1
+    assert Worker(db_storage, config, worker_id="fast").run_once() == 1
     slow._handle(claimed)  # the stalled worker resumes
     assert len(sink.messages) == 1
 
 
-def test_enqueue_in_transaction(client, db):
+def test_enqueue_in_transaction(client, db, db_storage):
     config = Config()
-    outbox = Outbox(db, config)
+    outbox = Outbox(db_storage, config)
     db.create_collection(OUTBOX)
     with client.start_session() as s:
         with s.start_transaction():

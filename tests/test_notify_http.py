@@ -50,10 +50,10 @@ def napi(notify_app, idp):
 
 
 @pytest.fixture
-def worker(notify_app, db, notify_config):
+def worker(notify_app, db, notify_config, db_storage):
     """The outbox worker as app._start_worker builds it (driven by hand: run_once)."""
     backend = notify_app.extensions["fhir_dmp"]
-    return Worker(db, notify_config, send_timeout=5,
+    return Worker(db_storage, notify_config, send_timeout=5,
                   on_result=lambda message, status, reason: notification_result(backend, message, status,
                                                                                 reason))
 
@@ -225,7 +225,7 @@ def test_no_contact_means_not_done_and_the_journal_says_so(napi, worker, smtp, s
     assert detail["result"] == "deny" and detail["rule"] == "notify-centre_15"
 
 
-def test_worker_stopped_mid_send_loses_nothing(napi, notify_app, notify_config, db, smtp, sms):
+def test_worker_stopped_mid_send_loses_nothing(napi, notify_app, notify_config, db, smtp, sms, db_storage):
     """A worker that claimed the messages and died: its lease expires, another delivers once."""
     sink, _ = smtp
     pid = open_dmp(napi, email=EMAIL, phone=PHONE, gp=b.PS_DR)
@@ -237,9 +237,9 @@ def test_worker_stopped_mid_send_loses_nothing(napi, notify_app, notify_config, 
     def on_result(message, status, reason):
         notification_result(backend, message, status, reason)
 
-    dead = Worker(db, notify_config, worker_id="dead", lease_seconds=0.5, on_result=on_result)
+    dead = Worker(db_storage, notify_config, worker_id="dead", lease_seconds=0.5, on_result=on_result)
     assert dead.claim() is not None and dead.claim() is not None     # ...and the process dies
-    alive = Worker(db, notify_config, worker_id="alive", on_result=on_result, send_timeout=5)
+    alive = Worker(db_storage, notify_config, worker_id="alive", on_result=on_result, send_timeout=5)
     assert alive.run_once() == 0                                       # the leases still hold
     me = napi.as_patient(pid)
     assert {c["status"] for c in communications(me, pid)} == {"in-progress"}

@@ -300,7 +300,8 @@ def test_access_code_void_after_five_wrong_tries(code_api):
     assert other.post("Consent", request, headers={"X-Patient-Access-Code": code}).status_code == 403
 
 
-def test_access_code_expires_after_ten_minutes(db):
+def test_access_code_expires_after_ten_minutes(db_storage):
+    db = db_storage       # the code store runs its queries through storage
     at = datetime.now(timezone.utc)
     code = access_codes.issue(db, "p1", "ps1", at=at)
     assert access_codes.consume(db, "p1", "ps1", code, at=at + timedelta(minutes=11)) is not None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from fhir_dmp.errors import Unprocessable
+from fhir_dmp.security.consent import record_target_matches
 
 HL7 = "urn:hl7-org:v3"
 NS = {"h": HL7}
@@ -123,27 +124,28 @@ def inspect_cda(data: bytes, *, expression: str = ATTACHMENT) -> CdaInfo:
                    record_targets=len(targets))
 
 
-def check_cda_matches(info: CdaInfo, ins: tuple[str, str], type_codes: set[str]) -> None:
+def check_cda_matches(info: CdaInfo, ins: tuple[str, str], type_codes: set[str], *,
+                      journal=None) -> None:
     """Refuse (422) a CDA whose patient or type disagrees with the DocumentReference.
 
     ``ins`` is the Patient's INS as FHIR (system ``urn:oid:<root>``, value);
-    the CDA must carry exactly one recordTarget whose INS ids (roots in
-    :data:`INS_ROOTS`) include it and contradict it nowhere. ``type_codes`` are
+    the CDA must carry exactly one recordTarget with INS ids (roots in
+    :data:`INS_ROOTS`); whether they name the DMP's patient is the decision
+    module's rule (:func:`~fhir_dmp.security.consent.record_target_matches`),
+    whose denial is passed to ``journal`` before the 422. ``type_codes`` are
     the codes of ``DocumentReference.type``; the CDA's LOINC code must be one.
-    Values are compared, never echoed.
     """
-    system, value = ins
-    want_root = system[len("urn:oid:"):] if system.startswith("urn:oid:") else system
     if info.record_targets != 1:
         raise Unprocessable("a DMP document must have exactly one recordTarget", expression=ATTACHMENT)
     cda_ins = [(r, e) for r, e in info.patient_ids if r in INS_ROOTS]
     if not cda_ins:
         raise Unprocessable("CDA recordTarget carries no INS (patientRole/id with an INS root OID)",
                             expression=ATTACHMENT)
-    norm = lambda s: (s or "").strip().upper()  # noqa: E731  (NIR keys 2A/2B)
-    if any(r != want_root or norm(e) != norm(value) for r, e in cda_ins):
-        raise Unprocessable("the CDA recordTarget INS does not match the INS of the DMP patient",
-                            expression=ATTACHMENT)
+    decision = record_target_matches(ins, cda_ins)
+    if not decision.permit:
+        if journal is not None:
+            journal(decision)
+        raise Unprocessable(decision.reason, expression=ATTACHMENT)
     cs, code = info.type_code
     if cs and cs != LOINC_OID:
         raise Unprocessable("CDA ClinicalDocument/code must be a LOINC code (2.16.840.1.113883.6.1)",

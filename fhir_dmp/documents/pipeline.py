@@ -3,9 +3,10 @@
 Called only by the guarded repository, after the access decision permitted
 the write:
 
-* :func:`prepare_document` — the depositing PS is the author whatever the
-  client sent; deposits need a qualified INS; ``relatesTo replaces`` targets
-  a document of the same author and patient (one answer for every refusal); CDA/PDF content is inspected
+* :func:`prepare_document` — applies the deposit rules of the decision module
+  (security/consent.py: the author of record, a qualified INS, ``relatesTo
+  replaces`` only by the author, the CDA's recordTarget naming the DMP's
+  patient), each denial a 422 with its reason, journaled; CDA/PDF content is inspected
   (under the attachment's contentType, which must be its Binary's); an
   ``attachment.url`` names a Binary of the same record not attached to
   another document; ``size``/``hash`` always come from the stored content.
@@ -60,15 +61,17 @@ def _base_type(content_type: str | None) -> str:
 
 
 def inspect_content(content: bytes, content_type: str | None, where: str, *, max_bytes: int,
-                    ins: tuple[str, str] | None = None, type_codes: set[str] | None = None) -> None:
-    """Refuse hostile or mismatched documents (422) before anything is stored."""
+                    ins: tuple[str, str] | None = None, type_codes: set[str] | None = None,
+                    journal=None) -> None:
+    """Refuse hostile or mismatched documents (422) before anything is stored; a denial of the
+    decision module (the CDA's patient) goes to ``journal`` first."""
     ctype = _base_type(content_type)
     if ctype in PDF_TYPES:
         inspect_pdf(content, max_bytes=max_bytes, expression=where)
     elif ctype in CDA_TYPES:
         info = inspect_cda(content, expression=where)
         if ins is not None and type_codes is not None:
-            check_cda_matches(info, ins, type_codes)
+            check_cda_matches(info, ins, type_codes, journal=journal)
     elif ctype == "text/plain":
         try:
             content.decode("utf-8")
@@ -76,32 +79,35 @@ def inspect_content(content: bytes, content_type: str | None, where: str, *, max
             raise Unprocessable("a text document must be UTF-8", expression=where) from None
 
 
-def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
+def prepare_document(repo, resource: dict, old: dict | None, pid: str, interaction: str = "create") -> dict:
+    """The rules of security/consent.py on what a deposit carries (qualified INS, author of record,
+    ``relatesTo replaces``, the CDA's patient), applied to ``resource``; a deny answers 422 with
+    its reason and is journaled."""
     resource = copy.deepcopy(resource)
-    p = repo.p
-    st = repo.access.state(pid)
+    access = repo.access
+    st = access.state(pid)
+
+    def journal(decision):
+        rid = (old or {}).get("id")
+        repo.record(interaction, outcome="4", patient_id=pid, decision=decision, http_status=422,
+                    resource=f"DocumentReference/{rid}" if rid else "DocumentReference")
+
+    def enforce(decision, expression):
+        if not decision.permit:
+            journal(decision)
+            raise Unprocessable(decision.reason, expression=expression)
+
     if old is None:
-        if not dmp.is_ins_qualified(st.patient):
-            raise Unprocessable("documents are deposited only on a DMP whose INS is qualified (VALI or QUAL)",
-                                expression="DocumentReference.subject")
-        if p.id_nat_ps:
-            resource["author"] = [p.reference()]
-        elif p.patient_id == pid:
-            # the personal space: the patient (or a representative for them) is the author
-            resource["author"] = [{"reference": f"Patient/{pid}"}]
-    else:
-        # the author of record never changes (the patient only masks; the author edits)
-        resource["author"] = copy.deepcopy(old.get("author") or [])
+        enforce(access.can_deposit(st), "DocumentReference.subject")
+    author = access.author_of_record(pid, old)
+    if author is not None:
+        resource["author"] = author
     for i, rel in enumerate(resource.get("relatesTo") or []):
         if rel.get("code") != "replaces":
             continue
         target_id = reference_id((rel.get("target") or {}).get("reference"), "DocumentReference")
         target = repo.storage.read("DocumentReference", target_id, session=repo.session) if target_id else None
-        # one answer for missing, elsewhere, hidden or someone else's (CONTRACT.md "REST behaviour")
-        if target is None or target.deleted or target.pid != pid \
-                or not repo.access.may_replace(target.resource):
-            raise Unprocessable("relatesTo.target must be a document of the same record by the same author",
-                                expression=f"DocumentReference.relatesTo[{i}].target")
+        enforce(access.may_replace(target, pid), f"DocumentReference.relatesTo[{i}].target")
     ins = dmp.patient_ins(st.patient) if st.patient else None
     codes = dmp.doc_type_codes(resource)
     fill_category(resource, codes, personal=is_personal_document(resource, pid))
@@ -111,7 +117,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
         where = f"DocumentReference.content[{i}].attachment"
         if att.get("data"):
             inspect_content(_decode(att["data"], where + ".data", max_bytes), att.get("contentType"),
-                            where, max_bytes=max_bytes, ins=ins, type_codes=codes)
+                            where, max_bytes=max_bytes, ins=ins, type_codes=codes, journal=journal)
             # the content gets a new Binary; a url may only name the id it is to take (ITI-65)
             bid = reference_id(att.get("url"), "Binary")
             if bid and repo.storage.read("Binary", bid, session=repo.session) is not None:
@@ -136,7 +142,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str) -> dict:
             if old is None or att.get("url") not in _urls(old):
                 blob = repo.b.blobs.read(binary.pid, binary.id, binary.vid)
                 inspect_content(blob, att.get("contentType"), where, max_bytes=max_bytes,
-                                ins=ins, type_codes=codes)
+                                ins=ins, type_codes=codes, journal=journal)
             # size and hash always come from what is stored, never from the client
             info = repo.storage.blob_info(bid, session=repo.session)
             if info:

@@ -24,7 +24,8 @@ from .http import bundle, ignored_entry, link, prefer, read_body, respond
 from .rest import hosted
 
 bp = Blueprint("fhir_conformance", __name__, url_prefix="/fhir")
-IG_DIR = Path(__file__).resolve().parents[2] / "ig"
+# package data: fhir_dmp/data/ig links to the root ig/ (the source of truth) and a wheel carries the files
+IG_DIR = Path(__file__).resolve().parents[1] / "data" / "ig"
 TYPES = ("StructureDefinition", "SearchParameter", "OperationDefinition", "CodeSystem", "ValueSet")
 SEARCH_PARAMS = ("url", "_id", "version")
 READ_ONLY_ALLOW = "GET, HEAD, OPTIONS"

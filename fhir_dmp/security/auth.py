@@ -46,7 +46,7 @@ from ..errors import ServiceUnavailable, Unauthorized
 from . import devkeys
 from .discovery import fetch_discovery
 from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, PURPOSE_SYSTEM,
-                        REGULATION_CENTRE, TREAT, UNKNOWN, Principal)
+                        REGULATION_CENTRE, TREAT, Principal)
 from .scopes import Scopes
 
 log = logging.getLogger(__name__)
@@ -406,8 +406,9 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     """Build the Principal of verified ``claims`` (CONTRACT.md "Access tokens").
 
     Kind: ``dmp_role`` admin / regulation_centre / legal_representative
-    (another value -> UNKNOWN); else ``SubjectNameID`` -> PS (whatever its
-    ``fhirUser``); else ``fhirUser`` ``Patient/{id}`` -> PATIENT; else UNKNOWN.
+    (another value -> 401 invalid_token); else ``SubjectNameID`` -> PS (whatever its
+    ``fhirUser``); else ``fhirUser`` ``Patient/{id}`` -> PATIENT; else 401 invalid_token
+    (CONTRACT.md "Who the caller is": a token that fits none of these gets 401).
     ``compartment`` from the ``patient`` claim and ``patient/`` scopes. Raises Unauthorized for
     inconsistent claims and the RFC 9470 step-up for PS / regulation centre
     without ``acr`` eidas1.
@@ -433,13 +434,16 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
             if not related or not _FHIR_USER_RELATED.search(related):
                 raise invalid_token("a legal_representative token needs fhirUser RelatedPerson/{id}")
         else:
-            kind = UNKNOWN
+            # CONTRACT.md "Who the caller is": a role outside the habilitation data fits no kind
+            raise invalid_token("dmp_role is not one this server knows")
     elif id_nat_ps:
         kind = PS            # CONTRACT.md "Who the caller is": never the patient, whatever its fhirUser
     elif patient_id:
         kind = PATIENT
     else:
-        kind = UNKNOWN
+        # CONTRACT.md "Who the caller is": "A token that fits none of these gets 401"
+        raise invalid_token("the token names no known kind of caller "
+                            "(no dmp_role, SubjectNameID nor fhirUser Patient/{id})")
 
     raw_scope = claims.get("scope") if claims.get("scope") is not None else claims.get("scp")
     if raw_scope is not None and not isinstance(raw_scope, (str, list)):

@@ -28,6 +28,7 @@ every function ends in a deny unless a rule permitted.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -531,9 +532,38 @@ class RequestAccess:
         return decision.rule in ("dmp-state", "not-authorized", "patient-other", "dmp-closed", "no-patient",
                                  "role", "compartment", "blocked")
 
-    def may_replace(self, target: dict) -> bool:
-        """Rule 10: only a document's author replaces it (``relatesTo replaces``)."""
-        return self.p.kind == PS and self.p.id_nat_ps in dmp.author_ids(target)
+    # -- what a deposit carries (DESIGN.md "Documents", rules 10-11) ------------------------------
+    # Decided after can_write permitted the write; the pipeline (documents/pipeline.py) parses and
+    # inspects, these rules decide, and a deny answers 422 with its reason (and is journaled).
+    def can_deposit(self, st: PatientState) -> Decision:
+        """Rule 11: a document is deposited only on a DMP whose Patient's INS is present and
+        qualified (identity status VALI or QUAL)."""
+        if not dmp.is_ins_qualified(st.patient):
+            return deny("ins-not-qualified",
+                        "documents are deposited only on a DMP whose INS is qualified (VALI or QUAL)")
+        return permit("ins-qualified", "the INS of the DMP is qualified")
+
+    def author_of_record(self, pid: str, old: dict | None) -> list | None:
+        """Rule 10: who a DocumentReference names as ``author``. A deposit by a professional names
+        that professional, one in the personal space names the Patient (the patient or a
+        representative deposits for them), whatever the client sent; the author of a stored
+        document never changes. None: the rules set no author (the client's stands)."""
+        if old is not None:
+            return copy.deepcopy(old.get("author") or [])
+        if self.p.id_nat_ps:
+            return [self.p.reference()]
+        if self.p.patient_id == pid:
+            return [{"reference": f"Patient/{pid}"}]
+        return None
+
+    def may_replace(self, target, pid: str) -> Decision:
+        """Rule 10: only a document's author replaces it (``relatesTo replaces``), within the same
+        record. ``target`` is the stored document named (None when there is none); one answer for
+        missing, elsewhere, hidden or someone else's (CONTRACT.md "REST behaviour")."""
+        if target is not None and not target.deleted and target.pid == pid and self.p.kind == PS \
+                and self.p.id_nat_ps in dmp.author_ids(target.resource):
+            return permit("author", "the author replaces their document")
+        return deny("not-author", "relatesTo.target must be a document of the same record by the same author")
 
     def view(self, resource: dict, decision: Decision, sees=None) -> dict:
         """Apply the decision's view obligation: the INS lookup answers id, identifier and active;
@@ -863,6 +893,19 @@ class RequestAccess:
         if st.matching("block", self.my_ids) and p.id_nat_ps not in st.gp_ids:
             return deny("dmp-state", "no such DMP")
         return permit("access-code", "a one-time code is sent to the patient")
+
+
+def record_target_matches(ins: tuple[str, str], cda_ins: list[tuple[str, str]]) -> Decision:
+    """Rule 11: a CDA is deposited only for the DMP's patient. ``ins`` is the Patient's INS as
+    FHIR (system ``urn:oid:<root>``, value), ``cda_ins`` the (root, extension) INS ids of the
+    CDA's recordTarget: each must be that INS (NIR keys compared case-insensitively). Values are
+    compared, never echoed."""
+    system, value = ins
+    want_root = system[len("urn:oid:"):] if system.startswith("urn:oid:") else system
+    norm = lambda v: (v or "").strip().upper()  # noqa: E731  (NIR keys 2A/2B)
+    if not cda_ins or any(r != want_root or norm(e) != norm(value) for r, e in cda_ins):
+        return deny("cda-patient", "the CDA recordTarget INS does not match the INS of the DMP patient")
+    return permit("cda-patient", "the CDA names the patient of the DMP")
 
 
 def is_personal_document(doc: dict, pid: str) -> bool:

@@ -49,7 +49,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from pymongo.errors import DuplicateKeyError
 
-DATAKEYS = "datakeys"
 FORMAT_V1 = b"\x01"
 NONCE_LEN = 12
 TAG_LEN = 16
@@ -354,17 +353,17 @@ def _open(aead: AESGCM, blob: bytes, aad: bytes) -> bytes:
 class DocumentCrypto:
     """Per-patient envelope encryption of content (see module docstring).
 
-    ``db`` is a pymongo Database; data keys live in its ``datakeys`` collection.
+    ``storage`` (:class:`~fhir_dmp.storage.Storage`) keeps the wrapped data keys (collection
+    ``datakeys``) and runs their queries.
     Unwrapped data keys are cached in memory (bounded LRU, ``cache_ttl``
     seconds): after :meth:`shred` in another process, that process may still
     decrypt for at most ``cache_ttl`` seconds — destroying a DMP also deletes
     its ciphertexts (``BlobStore.delete_patient``), so nothing is left to read.
     """
 
-    def __init__(self, db, provider: KeyProvider, *, cache_size: int = 4096, cache_ttl: float = 60.0):
-        self.db = db
+    def __init__(self, storage, provider: KeyProvider, *, cache_size: int = 4096, cache_ttl: float = 60.0):
+        self.storage = storage
         self.provider = provider
-        self.keys = db[DATAKEYS]
         self._cache = _KeyCache(cache_size, cache_ttl)
 
     # -- data keys
@@ -378,18 +377,18 @@ class DocumentCrypto:
         aead = self._cache.get(pid)
         if aead is not None:
             return aead
-        doc = self.keys.find_one({"_id": pid})
+        doc = self.storage.data_key(pid)
         if doc is None:
             if not create:
                 raise KeyUnavailable("no data key for this patient (never created or shredded)")
             raw = AESGCM.generate_key(256)
             wrapped, kid = _wrap(self.provider, raw)
             try:
-                self.keys.insert_one({"_id": pid, "wrapped": wrapped, "kek_id": kid,
-                                      "created": datetime.now(timezone.utc)})
+                self.storage.add_data_key({"_id": pid, "wrapped": wrapped, "kek_id": kid,
+                                           "created": datetime.now(timezone.utc)})
                 aead = AESGCM(raw)
             except DuplicateKeyError:  # another request created it first: use theirs
-                doc = self.keys.find_one({"_id": pid})
+                doc = self.storage.data_key(pid)
                 if doc is None:
                     raise KeyUnavailable("data key vanished while being created") from None
                 aead = self._unwrap_doc(doc)
@@ -423,7 +422,7 @@ class DocumentCrypto:
         """Delete the patient's data key: all their content becomes unrecoverable (crypto-shredding)."""
         pid = str(patient_id)
         self._cache.drop(pid)
-        self.keys.delete_one({"_id": pid})
+        self.storage.delete_data_key(pid)
 
     def forget_cached_keys(self) -> None:
         self._cache.clear()
@@ -431,7 +430,7 @@ class DocumentCrypto:
 
 # --------------------------------------------------------------------- rotation
 
-def rotate_kek(config, db, *, provider: LocalKeyFileProvider | None = None) -> int:
+def rotate_kek(config, storage, *, provider: LocalKeyFileProvider | None = None) -> int:
     """New KEK in the key file, then rewrap every data key with it, online.
 
     Content is never re-encrypted (data keys do not change). Each rewrap is a
@@ -442,27 +441,22 @@ def rotate_kek(config, db, *, provider: LocalKeyFileProvider | None = None) -> i
     """
     provider = provider or LocalKeyFileProvider(config.kek_path)
     new_id = provider.add_kek()
-    coll = db[DATAKEYS]
     count = 0
     for _ in range(10):
-        done_this_pass = 0
-        for doc in coll.find({"kek_id": {"$ne": new_id}}):
+        for doc in storage.data_keys_not_wrapped_by(new_id):
             raw = provider.unwrap(bytes(doc["wrapped"]), doc["kek_id"])
-            res = coll.update_one({"_id": doc["_id"], "wrapped": doc["wrapped"], "kek_id": doc["kek_id"]},
-                                  {"$set": {"wrapped": provider.wrap_with(new_id, raw),
-                                            "kek_id": new_id, "rewrapped": datetime.now(timezone.utc)}})
-            done_this_pass += res.modified_count
-        count += done_this_pass
-        if coll.count_documents({"kek_id": {"$ne": new_id}}) == 0:
+            count += storage.rewrap_data_key(doc, provider.wrap_with(new_id, raw), new_id,
+                                             datetime.now(timezone.utc))
+        if storage.count_data_keys_not_wrapped_by(new_id) == 0:
             break
         time.sleep(0.05)
     return count
 
 
-def retire_unused_keks(config, db, *, provider: LocalKeyFileProvider | None = None) -> list[str]:
+def retire_unused_keks(config, storage, *, provider: LocalKeyFileProvider | None = None) -> list[str]:
     """Remove from the key file every non-current KEK that no data key references; returns their ids."""
     provider = provider or LocalKeyFileProvider(config.kek_path)
-    used = set(db[DATAKEYS].distinct("kek_id"))
+    used = storage.kek_ids_in_use()
     removed = []
     for kid in provider.key_ids:
         if kid != provider.key_id and kid not in used:
