@@ -54,7 +54,7 @@ def build_backend(config: Config, client=None, db=None) -> Backend:
     habilitations = Habilitations.load(config.habilitations_file)
     policy = AccessPolicy(storage, habilitations, config)
     crypto = DocumentCrypto(storage, key_provider(config))
-    audit_log = AuditLog(db)
+    audit_log = AuditLog(storage)
     # Every index exists before the first request: SecantusDB leaves out of an index the documents
     # that a transaction already open when the index was built goes on to insert.
     storage.ensure_indexes()
@@ -233,7 +233,7 @@ def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
         atexit.register(cache.stop)
     if config.audit_sealer:
         from .security.sealer import Sealer
-        sealer = Sealer(backend.storage.client, backend.storage.db, config.audit_key_path)
+        sealer = Sealer(backend.storage, config.audit_key_path)
         sealer.start()
         app.extensions["fhir_dmp.sealer"] = sealer
         atexit.register(sealer.stop)

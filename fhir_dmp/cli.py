@@ -197,9 +197,11 @@ def cmd_audit_verify(args, **_) -> int:
     verify_chains = _lazy("security.audit", "verify_chains", "audit verify")
     load_signing_key = _lazy("security.sealer", "load_signing_key", "audit verify")
     key = load_signing_key(config.audit_key_path)
-    with connected(config, log=_say) as (_config_used, _client, db):
-        problems = verify_chains(db, patient_id=args.patient, unsealed_bound_s=config.audit_seal_bound,
-                                 check_signatures=True, public_key=key.public_key() if key else None)
+    from .storage import Storage
+
+    with connected(config, log=_say) as (_config_used, client, db):
+        problems = verify_chains(Storage(client, db), patient_id=args.patient,
+                                 unsealed_bound_s=config.audit_seal_bound, check_signatures=True, public_key=key.public_key() if key else None)
     if not problems:
         print("audit chains intact")
         return 0
@@ -215,8 +217,10 @@ def cmd_audit_seal(args, **_) -> int:
     config = _config(args)
     sealer_cls = _lazy("security.sealer", "Sealer", "audit seal")
     lease_lost = _lazy("security.sealer", "LeaseLost", "audit seal")
+    from .storage import Storage
+
     with connected(config, log=_say) as (_config_used, client, db):
-        sealer = sealer_cls(client, db, config.audit_key_path)
+        sealer = sealer_cls(Storage(client, db), config.audit_key_path)
         try:
             n = sealer.seal_all()
         except lease_lost:

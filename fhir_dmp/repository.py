@@ -687,7 +687,7 @@ class GuardedRepository:
                 and resource.get("active") is False:
             # the DMP closes: its journal is kept 10 years from now (DESIGN.md "Audit")
             from .security.audit import mark_retention
-            mark_retention(self.storage.db, pid, stored.lu, years=self.b.config.retention_years)
+            mark_retention(self.storage, pid, stored.lu, years=self.b.config.retention_years)
         return stored, False
 
     def patch(self, rtype: str, rid: str, operations: list, *, if_match: str | None = None,

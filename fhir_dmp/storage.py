@@ -27,7 +27,7 @@ import decimal
 import pymongo
 from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
 from bson.decimal128 import Decimal128
-from pymongo import ASCENDING, ReturnDocument, WriteConcern
+from pymongo import ASCENDING, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from . import search
@@ -40,6 +40,16 @@ DATAKEYS = "datakeys"                         # wrapped per-DMP data keys (secur
 OUTBOX = "notification_outbox"                # notices to send (notifications.py)
 ACCESS_CODES = "access_codes"                 # first-access codes (access_codes.py)
 JOBS = "scheduled_jobs"                       # daily jobs' leases (lifecycle.py)
+GRANTS = "btg_grants"                         # break-the-glass grants (security/consent.py)
+JOURNAL = "AuditEvent"                        # the audit journal (security/audit.py)
+JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (security/audit.py)
+CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (security/sealer.py)
+SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (security/sealer.py)
+#: what the access decision reads: the decision context cache watches them (security/context_cache.py)
+DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
+#: ``unsealed`` is the append time, always a date: a range on it reads the sparse queue index only
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+SEALER_ID = "sealer"
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
 COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
 
@@ -245,8 +255,8 @@ class Storage:
             hist = self.db[f"{rtype}_history"]
             for keys in ([("rid", 1), ("vid", -1)], [("lu", -1), ("_id", 1)], [("pid", 1), ("lu", -1)]):
                 _index(hist, keys)
-        _index(self.db["btg_grants"], [("pid", 1), ("ps", 1), ("expires", -1)])
-        _index(self.db["btg_grants"], [("reviewed", 1), ("created", -1)])
+        _index(self.db[GRANTS], [("pid", 1), ("ps", 1), ("expires", -1)])
+        _index(self.db[GRANTS], [("reviewed", 1), ("created", -1)])
 
     def run_transaction(self, callback):
         """``callback(session)`` in a transaction through pymongo's ``with_transaction``: retried
@@ -373,8 +383,12 @@ class Storage:
         return {d["_id"]: d for d in self.db["Patient"].find(
             {"_id": {"$in": list(pids)}}, {"s": 0, "o": 0, "a": 0}, session=session)}
 
-    def watch(self, pipeline: list):
-        """A change stream on the database (the decision context cache's invalidation)."""
+    def watch_decision_inputs(self):
+        """A change stream on the collections the access decision reads (:data:`DECISION_INPUTS`),
+        each change reduced to ``ns``, ``documentKey``, ``fullDocument.pid`` and ``operationType``
+        (the decision context cache's invalidation, security/context_cache.py)."""
+        pipeline = [{"$match": {"ns.coll": {"$in": list(DECISION_INPUTS)}}},
+                    {"$project": {"ns": 1, "documentKey": 1, "fullDocument.pid": 1, "operationType": 1}}]
         return self.db.watch(pipeline, full_document="updateLookup", max_await_time_ms=200)
 
     def active_consents(self, pids: list[str], *, session=None) -> list[dict]:
@@ -393,11 +407,11 @@ class Storage:
 
     def live_grants(self, pids: list[str], id_nat_ps: str, at: datetime) -> dict[str, dict]:
         """Break-glass grants of one PS still valid at ``at``, by DMP."""
-        return {g["pid"]: g for g in self.db["btg_grants"].find(
+        return {g["pid"]: g for g in self.db[GRANTS].find(
             {"pid": {"$in": list(pids)}, "ps": id_nat_ps, "expires": {"$gt": at}})}
 
     def add_grant(self, grant: dict, *, session=None) -> None:
-        self.db["btg_grants"].insert_one(grant, session=session)
+        self.db[GRANTS].insert_one(grant, session=session)
 
     # -- Binary bookkeeping (documents/pipeline.py) ---------------------------
     def blob_info(self, bid: str, *, session=None) -> dict:
@@ -431,7 +445,7 @@ class Storage:
     def purge_dmp(self, pid: str, *, session) -> dict:
         """Remove every trace of DMP ``pid`` inside ``session``'s transaction; counts by collection
         (lifecycle.purge_dmp states what goes and in which order)."""
-        from .security.audit import COLLECTION, GENESIS, HEADS
+        from .security.audit import GENESIS
         counts = {}
 
         def gone(name: str, flt: dict) -> None:
@@ -445,23 +459,23 @@ class Storage:
             gone(f"{rtype}_history", {"pid": pid})
         gone("Patient", {"_id": pid})
         gone("Patient_history", {"rid": pid})
-        gone("btg_grants", {"pid": pid})
+        gone(GRANTS, {"pid": pid})
         gone(OUTBOX, {"patient_id": pid})
         gone(ACCESS_CODES, {"pid": pid})
         # sealed and not yet sealed events alike (the sealer links them after the fact)
-        gone(COLLECTION, {"$or": [{"chain.pid": pid}, {"pid": pid}]})
-        gone(HEADS, {"_id": pid})
+        gone(JOURNAL, {"$or": [{"chain.pid": pid}, {"pid": pid}]})
+        gone(JOURNAL_HEADS, {"_id": pid})
         # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
         # a date, nothing personal) so that `audit verify` does not take it for a deleted chain
-        self.db[HEADS].insert_one({"_id": pid, "seq": 0, "hash": GENESIS, "destroyed": True}, session=session)
+        self.db[JOURNAL_HEADS].insert_one({"_id": pid, "seq": 0, "hash": GENESIS, "destroyed": True},
+                                          session=session)
         return counts
 
     def was_destroyed(self, pid: str) -> bool:
         """The DMP is gone and its journal head says it was destroyed (not merely never existed)."""
-        from .security.audit import HEADS
         if self.db["Patient"].find_one({"_id": pid}, {"_id": 1}) is not None:
             return False
-        return self.db[HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
+        return self.db[JOURNAL_HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
 
     def claim_daily_run(self, job: str, owner: str, at: datetime, period) -> bool:
         """True for exactly one caller per ``period`` across processes (compare-and-set on ``next_run``)."""
@@ -530,6 +544,116 @@ class Storage:
 
     def kek_ids_in_use(self) -> set[str]:
         return set(self.db[DATAKEYS].distinct("kek_id"))
+
+    # -- the journal (security/audit.py) ----------------------------------------
+    def _journal(self):
+        return self.db.get_collection(JOURNAL, write_concern=WriteConcern(w="majority", j=True))
+
+    def ensure_journal_indexes(self) -> None:
+        """The sealed chain position is unique (sparse: unsealed events have no ``chain``) and the
+        unsealed events are found in order. An older non-sparse index of the same keys is replaced."""
+        events = self.db[JOURNAL]
+        existing = {ix["name"]: ix for ix in events.list_indexes()}
+        old = existing.get("chain_position")
+        if old is not None and not old.get("sparse"):
+            events.drop_index("chain_position")
+        events.create_index([("chain.pid", 1), ("chain.seq", 1)], unique=True, sparse=True,
+                            name="chain_position")
+        events.create_index([("unsealed", 1), ("_id", 1)], sparse=True, name="unsealed_queue")
+
+    def journal_insert(self, docs: list[dict], *, session=None) -> None:
+        """Append journal entries: inside ``session``'s transaction (ordered, the transaction's
+        write concern), or else durably (``w: majority, j: true``, unordered: a group commit)."""
+        if session is not None:
+            self.db[JOURNAL].insert_many(docs, ordered=True, session=session)
+        else:
+            self._journal().insert_many(docs, ordered=False)
+
+    def mark_journal_retention(self, pid: str, until: datetime) -> int:
+        """``retain_until`` on every event of ``pid``'s chain or compartment; the number updated."""
+        return self._journal().update_many({"$or": [{"chain.pid": pid}, {"pid": pid}]},
+                                           {"$set": {"retain_until": until}}).modified_count
+
+    def count_unsealed_before(self, cutoff: datetime, pid: str | None = None) -> int:
+        return self.db[JOURNAL].count_documents({"unsealed": {"$lt": cutoff}, **_by_pid(pid)})
+
+    def count_unchained(self, pid: str | None = None) -> int:
+        """Events neither sealed nor waiting for the sealer."""
+        return self.db[JOURNAL].count_documents({"chain.seq": {"$exists": False},
+                                                 "unsealed": {"$exists": False}, **_by_pid(pid)})
+
+    def sealed_events(self, pid: str | None = None):
+        """Sealed events (``res``, ``chain``, ``pid``) in chain order (``chain.pid``, ``chain.seq``)."""
+        query = {"chain.seq": {"$exists": True}, **({} if pid is None else {"chain.pid": pid})}
+        return self.db[JOURNAL].find(query, {"res": 1, "chain": 1, "pid": 1},
+                                     sort=[("chain.pid", 1), ("chain.seq", 1)])
+
+    def chain_heads(self, pid: str | None = None):
+        """The chain heads (``{_id: pid, seq, hash, lu}``), all or ``pid``'s."""
+        return self.db[JOURNAL_HEADS].find({} if pid is None else {"_id": pid})
+
+    def destroyed_chains(self) -> set[str]:
+        return {h["_id"] for h in self.db[JOURNAL_HEADS].find({"destroyed": True}, {"_id": 1})}
+
+    # -- the journal sealer (security/sealer.py) --------------------------------
+    def take_sealer_lease(self, owner: str, now: datetime, until: datetime) -> bool:
+        """Take or renew the one sealer lease; False when another live owner holds it."""
+        try:
+            doc = self.db[SEALER_LEASE].find_one_and_update(
+                {"_id": SEALER_ID, "$or": [{"owner": owner}, {"until": {"$lt": now}}]},
+                {"$set": {"owner": owner, "until": until}},
+                upsert=True, return_document=ReturnDocument.AFTER)
+        except DuplicateKeyError:
+            return False
+        return bool(doc) and doc.get("owner") == owner
+
+    def renew_sealer_lease(self, owner: str, now: datetime, until: datetime, *, session) -> bool:
+        """Extend a lease ``owner`` still holds (the fencing write of each sealing transaction)."""
+        return self.db[SEALER_LEASE].update_one(
+            {"_id": SEALER_ID, "owner": owner, "until": {"$gt": now}},
+            {"$set": {"until": until}}, session=session).matched_count > 0
+
+    def release_sealer_lease(self, owner: str) -> None:
+        self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
+
+    def unsealed_events(self, limit: int, *, session=None) -> list[dict]:
+        """The oldest ``limit`` unsealed events (``res``, ``pid``), in append then ``_id`` order."""
+        # a range, not ``$exists``: SecantusDB answers ``$exists`` with a scan of the whole journal
+        # (sealed events included), a range on the sparse ``unsealed_queue`` index reads only the
+        # unsealed events (``unsealed`` is the append time, always a date)
+        return list(self.db[JOURNAL].find({"unsealed": {"$gte": EPOCH}}, {"res": 1, "pid": 1},
+                                          sort=[("unsealed", 1), ("_id", 1)], limit=limit,
+                                          session=session))
+
+    def heads_of(self, pids: list[str], *, session=None) -> dict[str, tuple[int, str]]:
+        """``pid -> (seq, hash)`` of the chains that have a head."""
+        return {h["_id"]: (h["seq"], h["hash"])
+                for h in self.db[JOURNAL_HEADS].find({"_id": {"$in": pids}}, session=session)}
+
+    def seal_events(self, links: list[tuple[str, dict]], *, session) -> None:
+        """Give each still unsealed event ``_id`` its ``chain`` position (one ordered bulk write)."""
+        self.db[JOURNAL].bulk_write([UpdateOne({"_id": eid, "unsealed": {"$exists": True}},
+                                               {"$set": {"chain": chain}, "$unset": {"unsealed": ""}})
+                                     for eid, chain in links], ordered=True, session=session)
+
+    def move_heads(self, heads: dict[str, tuple[int, str]], at: datetime, *, session) -> None:
+        """Set each chain's head to ``(seq, hash)`` (created when new)."""
+        ops = [UpdateOne({"_id": pid}, {"$set": {"seq": seq, "hash": hsh, "lu": at}}, upsert=True)
+               for pid, (seq, hsh) in heads.items()]
+        self.db[JOURNAL_HEADS].bulk_write(ops, ordered=True, session=session)
+
+    def last_checkpoint(self, *, session=None) -> dict | None:
+        return self.db[CHECKPOINTS].find_one({}, {"_id": 1, "digest": 1}, sort=[("_id", -1)], session=session)
+
+    def add_checkpoint(self, doc: dict, *, session=None) -> None:
+        self.db[CHECKPOINTS].insert_one(doc, session=session)
+
+    def checkpoints(self):
+        """Every checkpoint, in order (``_id`` = n)."""
+        return self.db[CHECKPOINTS].find({}, sort=[("_id", 1)])
+
+    def has_checkpoints(self) -> bool:
+        return bool(self.db[CHECKPOINTS].estimated_document_count())
 
     # -- the notification outbox (notifications.py) ----------------------------
     def _outbox(self):
@@ -684,6 +808,10 @@ def _index(coll, keys, **options) -> None:
     except OperationFailure as exc:
         if exc.code not in (85, 86):   # IndexOptionsConflict / IndexKeySpecsConflict: already there
             raise
+
+
+def _by_pid(pid: str | None) -> dict:
+    return {} if pid is None else {"pid": pid}
 
 
 def is_write_conflict(exc: PyMongoError) -> bool:

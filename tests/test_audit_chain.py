@@ -14,9 +14,10 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from pymongo import monitoring
 
 from fhir_dmp.embedded_db import free_port as _free_port
-from fhir_dmp.security.audit import (COLLECTION, HEADS, AccessRecord, AuditLog, build_event,
-                                     chain_hash, mark_retention, verify_chains)
-from fhir_dmp.security.sealer import CHECKPOINTS, LeaseLost, Sealer, load_signing_key
+from fhir_dmp.security.audit import (AccessRecord, AuditLog, build_event, chain_hash, mark_retention,
+                                     verify_chains)
+from fhir_dmp.security.sealer import LeaseLost, Sealer, load_signing_key
+from fhir_dmp.storage import CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS, Storage
 from fhir_dmp.security.principal import (BTG, ETREAT, PATIENT, PS, REGULATION_CENTRE, Principal)
 from fhir_dmp.security.scopes import Scopes
 
@@ -27,6 +28,11 @@ from fhir_dmp.security.scopes import Scopes
 def server(mongo_server, mongo_client):
     """The session's SecantusDB (tests/conftest.py); ``db`` is conftest's database per test."""
     return mongo_server.uri, mongo_client
+
+
+def st(db):
+    """``db`` behind a Storage (what the journal takes)."""
+    return Storage(db.client, db)
 
 
 # --- principals -------------------------------------------------------------------
@@ -135,7 +141,7 @@ def test_bad_codes_refused():
 def sealer(server, db, tmp_path):
     """The journal sealer with its key in a file outside the database."""
     _, client = server
-    s = Sealer(client, db, tmp_path / "audit-key.pem")
+    s = Sealer(Storage(client, db), tmp_path / "audit-key.pem")
     yield s
     s.stop()
 
@@ -143,18 +149,18 @@ def sealer(server, db, tmp_path):
 def sealed(sealer, *, signatures=True, **kw):
     """Seal everything, then verify (signatures checked with the sealer's key)."""
     sealer.seal_all()
-    return verify_chains(sealer.db, check_signatures=signatures, public_key=sealer.key.public_key(), **kw)
+    return verify_chains(sealer.storage, check_signatures=signatures, public_key=sealer.key.public_key(), **kw)
 
 
 def test_append_and_verify_intact(db, sealer):
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     log.append([ev(), ev(patient_id="p2"), ev(principal=None, patient_id=None, resource=None,
                                               interaction="capabilities", decision=None)])
     log.append([ev(), ev(outcome="4", decision={"result": "deny", "rule": "x", "reason": "refusé"})])
     assert db[COLLECTION].count_documents({"unsealed": {"$exists": True}}) == 5
-    assert verify_chains(db) == []          # young unsealed events are not a problem
+    assert verify_chains(st(db)) == []          # young unsealed events are not a problem
     assert sealed(sealer) == []
-    assert verify_chains(db, "p1") == []
+    assert verify_chains(st(db), "p1") == []
     docs = list(db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1))
     assert [d["chain"]["seq"] for d in docs] == [1, 2, 3]
     assert docs[0]["chain"]["prev"] == "0" * 64
@@ -171,7 +177,7 @@ def test_append_and_verify_intact(db, sealer):
 
 
 def test_sealing_is_idempotent_and_appends_continue_the_chain(db, sealer):
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     log.append([ev(), ev()])
     assert sealer.seal_all() == 2
     assert sealer.seal_all() == 0
@@ -182,16 +188,16 @@ def test_sealing_is_idempotent_and_appends_continue_the_chain(db, sealer):
 
 
 def test_events_left_unsealed_are_reported(db):
-    AuditLog(db).append([ev(), ev()])
-    assert verify_chains(db, unsealed_bound_s=3600) == []
-    assert verify_chains(db, unsealed_bound_s=0) == ["2 AuditEvent(s) left unsealed for more than 0 s"]
+    AuditLog(st(db)).append([ev(), ev()])
+    assert verify_chains(st(db), unsealed_bound_s=3600) == []
+    assert verify_chains(st(db), unsealed_bound_s=0) == ["2 AuditEvent(s) left unsealed for more than 0 s"]
 
 
 def test_one_sealer_at_a_time(server, db, tmp_path):
     _, client = server
-    AuditLog(db).append([ev()])
-    first = Sealer(client, db, tmp_path / "k.pem")
-    second = Sealer(client, db, tmp_path / "k.pem")
+    AuditLog(st(db)).append([ev()])
+    first = Sealer(Storage(client, db), tmp_path / "k.pem")
+    second = Sealer(Storage(client, db), tmp_path / "k.pem")
     assert first.acquire() and not second.acquire()
     with pytest.raises(LeaseLost):
         second.seal_all()
@@ -199,25 +205,25 @@ def test_one_sealer_at_a_time(server, db, tmp_path):
         second.seal_once()            # the fencing write in the transaction refuses it too
     assert first.seal_all() == 1
     first.release()
-    AuditLog(db).append([ev()])
+    AuditLog(st(db)).append([ev()])
     assert second.seal_all() == 1
-    assert verify_chains(db, check_signatures=True, public_key=first.key.public_key()) == []
+    assert verify_chains(st(db), check_signatures=True, public_key=first.key.public_key()) == []
 
 
 def test_tampered_event_is_named(db, sealer):
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     for _ in range(4):
         log.append([ev()])
     sealer.seal_all()
     target = db[COLLECTION].find_one({"chain.pid": "p1", "chain.seq": 3})
     db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {"res.outcome": "4"}})
-    problems = verify_chains(db)
+    problems = verify_chains(st(db))
     assert problems[0] == f"patient p1: event seq 3 (AuditEvent/{target['_id']}) hash mismatch"
-    assert verify_chains(db, "p2") == []
+    assert verify_chains(st(db), "p2") == []
 
 
 def test_rehashed_event_breaks_next_link(db, sealer):
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     for _ in range(3):
         log.append([ev()])
     sealer.seal_all()
@@ -225,14 +231,14 @@ def test_rehashed_event_breaks_next_link(db, sealer):
     res = dict(target["res"], outcome="8")
     db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {
         "res": res, "chain.hash": chain_hash(target["chain"]["prev"], res)}})
-    problems = verify_chains(db)
+    problems = verify_chains(st(db))
     assert problems and "event seq 3" in problems[0] and "prev does not match seq 2" in problems[0]
 
 
 def test_rebuilt_chain_is_caught_by_the_signed_checkpoints(db, sealer):
     """Someone with write access to the database rewrites an event and recomputes every later
     hash and the head: the unkeyed chain looks intact, the signed checkpoint does not."""
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     for _ in range(3):
         log.append([ev()])
     sealer.seal_all()
@@ -244,52 +250,52 @@ def test_rebuilt_chain_is_caught_by_the_signed_checkpoints(db, sealer):
                                                                  "chain.hash": hsh}})
         prev = hsh
     db[HEADS].update_one({"_id": "p1"}, {"$set": {"hash": prev}})
-    assert verify_chains(db) == []
-    problems = verify_chains(db, check_signatures=True, public_key=sealer.key.public_key())
+    assert verify_chains(st(db)) == []
+    problems = verify_chains(st(db), check_signatures=True, public_key=sealer.key.public_key())
     assert any("does not match the signed checkpoint (the chain was rebuilt)" in p for p in problems)
 
 
 def test_deleted_checkpoints_and_foreign_keys_are_caught(db, sealer, tmp_path):
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     log.append([ev()])
     sealer.seal_all()
     log.append([ev()])
     sealer.seal_all()
     key = sealer.key.public_key()
     db[CHECKPOINTS].delete_one({"_id": 2})
-    assert verify_chains(db, check_signatures=True, public_key=key) == [
+    assert verify_chains(st(db), check_signatures=True, public_key=key) == [
         "patient p1: seq 2-2 not covered by a signed checkpoint"]
     other = load_signing_key(tmp_path / "other.pem", create=True).public_key()
-    assert verify_chains(db, check_signatures=True, public_key=other)[0] == \
+    assert verify_chains(st(db), check_signatures=True, public_key=other)[0] == \
         "checkpoint 1: signature does not verify with the audit key"
-    assert verify_chains(db, check_signatures=True, public_key=None)[0].startswith(
+    assert verify_chains(st(db), check_signatures=True, public_key=None)[0].startswith(
         "signed checkpoints exist but no audit signing key")
 
 
 def test_deleted_event_is_missing(db, sealer):
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     for _ in range(5):
         log.append([ev()])
     sealer.seal_all()
     db[COLLECTION].delete_one({"chain.pid": "p1", "chain.seq": 2})
-    assert verify_chains(db)[0] == "patient p1: missing seq 2"
+    assert verify_chains(st(db))[0] == "patient p1: missing seq 2"
 
 
 def test_truncated_tail_is_detected(db, sealer):
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     for _ in range(3):
         log.append([ev()])
     sealer.seal_all()
     db[COLLECTION].delete_one({"chain.pid": "p1", "chain.seq": 3})
-    problems = verify_chains(db)
+    problems = verify_chains(st(db))
     assert problems and problems[0].startswith("patient p1: head points past last event")
 
 
 def test_concurrent_appends_while_sealing_do_not_fork(db, sealer):
     """Threads with their own AuditLog (as separate gunicorn workers) and one shared, while the
     background sealer runs: every event sealed once, chains contiguous, checkpoints verify."""
-    shared = AuditLog(db)
-    logs = [AuditLog(db) for _ in range(4)] + [shared] * 4
+    shared = AuditLog(st(db))
+    logs = [AuditLog(st(db)) for _ in range(4)] + [shared] * 4
     errors = []
     barrier = threading.Barrier(len(logs))
     sealer.interval = 0.01
@@ -318,7 +324,7 @@ def test_concurrent_appends_while_sealing_do_not_fork(db, sealer):
 
 def test_append_in_caller_transaction(server, db, sealer):
     _, client = server
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     log.append([ev()])
     with client.start_session() as s:
         s.with_transaction(lambda sess: log.append([ev(), ev()], session=sess))
@@ -333,7 +339,7 @@ def test_concurrent_transactions_do_not_conflict(server, db, sealer):
     errors = []
 
     def work():
-        log = AuditLog(db)
+        log = AuditLog(st(db))
         try:
             for _ in range(5):
                 with client.start_session() as s:
@@ -372,7 +378,7 @@ def test_concurrent_appends_are_group_committed(server, db):
     counter = _Count()
     client = pymongo.MongoClient(uri, event_listeners=[counter], w="majority", journal=True)
     try:
-        log = AuditLog(client[db.name])
+        log = AuditLog(st(client[db.name]))
         log.append([ev()])  # cold: indexes
         counter.names.clear()
         log.append([ev(), ev(request_id="r2")])
@@ -403,19 +409,19 @@ def test_unwritable_journal_raises(server):
                                  serverSelectionTimeoutMS=200)
     try:
         with pytest.raises(AuditUnavailable) as info:
-            AuditLog(client["x"]).append([ev()])
+            AuditLog(st(client["x"])).append([ev()])
         assert info.value.status == 503
     finally:
         client.close()
 
 
 def test_mark_retention(db, sealer):
-    log = AuditLog(db)
+    log = AuditLog(st(db))
     log.append([ev(), ev(patient_id="p2")])
     sealer.seal_all()
     closed = datetime(2024, 2, 29, 12, 0, tzinfo=timezone.utc)
-    assert mark_retention(db, "p1", closed) == 1
+    assert mark_retention(st(db), "p1", closed) == 1
     doc = db[COLLECTION].find_one({"chain.pid": "p1"})
     assert doc["retain_until"].replace(tzinfo=timezone.utc) == datetime(2034, 2, 28, 12, 0, tzinfo=timezone.utc)
     assert "retain_until" not in db[COLLECTION].find_one({"chain.pid": "p2"})
-    assert verify_chains(db) == []
+    assert verify_chains(st(db)) == []

@@ -71,7 +71,7 @@ def test_journal_is_durable_before_the_answer(tmp_path, idp):
         again.stop()
 
 
-def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, config, mongo_client):
+def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, db_storage, config):
     """Many threads read one DMP while the sealer runs: all 200, every event sealed, chains
     and signed checkpoints intact."""
     from fhir_dmp.security.audit import verify_chains
@@ -79,7 +79,7 @@ def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, config, mongo_
     api = Api(app, idp)
     pid = api.as_ps().post("Patient", b.patient()).json["id"]
     api.as_ps().post("DocumentReference", b.docref(pid))
-    sealer = Sealer(mongo_client, db, config.audit_key_path, interval=0.05)
+    sealer = Sealer(db_storage, config.audit_key_path, interval=0.05)
     sealer.start()
     token = idp.ps(b.PS_DR)
     statuses = []
@@ -101,7 +101,7 @@ def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, config, mongo_
     sealer.release()
     assert db["AuditEvent"].count_documents({"unsealed": {"$exists": True}}) == 0
     assert db["AuditEvent"].count_documents({"chain.pid": pid}) >= 120
-    assert verify_chains(db, check_signatures=True, public_key=sealer.key.public_key()) == []
+    assert verify_chains(db_storage, check_signatures=True, public_key=sealer.key.public_key()) == []
 
 
 # --------------------------------------------------------------------------- two server processes

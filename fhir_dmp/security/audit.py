@@ -48,7 +48,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from pymongo import WriteConcern
 from pymongo.errors import PyMongoError
 
 from fhir_dmp.errors import ServiceUnavailable
@@ -58,8 +57,6 @@ from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEG
 
 log = logging.getLogger(__name__)
 
-COLLECTION = "AuditEvent"
-HEADS = "AuditEvent_chain"
 SYSTEM_CHAIN = "_system"
 GENESIS = "0" * 64
 RETENTION_YEARS = 10
@@ -387,10 +384,8 @@ class AuditLog:
     TIMEOUT_S = 30.0
     MAX_BATCH = 1000
 
-    def __init__(self, db, *, timeout: float = TIMEOUT_S):
-        self.db = db
-        self._wc = WriteConcern(w="majority", j=True)
-        self.events = db.get_collection(COLLECTION, write_concern=self._wc)
+    def __init__(self, storage, *, timeout: float = TIMEOUT_S):
+        self.storage = storage
         self.timeout = timeout
         self._indexed = False
         self._committer: GroupCommitter | None = None
@@ -402,7 +397,7 @@ class AuditLog:
         if self._indexed:
             return
         try:
-            ensure_chain_indexes(self.db)
+            self.storage.ensure_journal_indexes()
         except PyMongoError as exc:
             raise AuditUnavailable() from exc
         self._indexed = True
@@ -436,7 +431,7 @@ class AuditLog:
         docs = self._prepare(events)
         if session is not None and session.in_transaction:
             try:
-                self.db.get_collection(COLLECTION).insert_many(docs, ordered=True, session=session)
+                self.storage.journal_insert(docs, session=session)
             except PyMongoError as exc:
                 if _is_transient(exc):
                     raise
@@ -454,7 +449,7 @@ class AuditLog:
     def _group(self) -> "GroupCommitter":
         with self._lock:
             if self._committer is None or not self._committer.alive:
-                self._committer = GroupCommitter(self.events, max_batch=self.MAX_BATCH)
+                self._committer = GroupCommitter(self.storage.journal_insert, max_batch=self.MAX_BATCH)
             return self._committer
 
     def close(self) -> None:
@@ -472,8 +467,9 @@ class GroupCommitter:
     lone request pays one round trip and N concurrent requests share about one.
     """
 
-    def __init__(self, collection, *, max_batch: int = 1000):
-        self.collection = collection
+    def __init__(self, insert, *, max_batch: int = 1000):
+        """``insert(docs)`` writes one batch durably (``Storage.journal_insert``)."""
+        self.insert = insert
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = False
@@ -516,7 +512,7 @@ class GroupCommitter:
     def _write(self, batch: list) -> None:
         docs = [d for item, _ in batch for d in item]
         try:
-            self.collection.insert_many(docs, ordered=False)
+            self.insert(docs)
         except Exception as exc:  # noqa: BLE001 — every waiter of this batch fails closed
             for _, fut in batch:
                 fut.set_exception(exc)
@@ -525,22 +521,9 @@ class GroupCommitter:
             fut.set_result(None)
 
 
-def ensure_chain_indexes(db) -> None:
-    """The sealed chain position is unique (sparse: unsealed events have no ``chain``) and the
-    unsealed events are found in order. An older non-sparse index of the same keys is replaced."""
-    events = db[COLLECTION]
-    existing = {ix["name"]: ix for ix in events.list_indexes()}
-    old = existing.get("chain_position")
-    if old is not None and not old.get("sparse"):
-        events.drop_index("chain_position")
-    events.create_index([("chain.pid", 1), ("chain.seq", 1)], unique=True, sparse=True,
-                        name="chain_position")
-    events.create_index([("unsealed", 1), ("_id", 1)], sparse=True, name="unsealed_queue")
-
-
 # --- verification -------------------------------------------------------------
 
-def verify_chains(db, patient_id: str | None = None, *, unsealed_bound_s: float = 60.0,
+def verify_chains(storage, patient_id: str | None = None, *, unsealed_bound_s: float = 60.0,
                   check_signatures: bool = False, public_key=None) -> list[str]:
     """Check every sealed chain (or one patient's): the problems found, [] when intact.
 
@@ -558,29 +541,24 @@ def verify_chains(db, patient_id: str | None = None, *, unsealed_bound_s: float 
     every chain's newest signed head against the stored event (a rebuilt chain), and sealed
     events that no checkpoint covers (deleted checkpoints).
     """
-    events = db[COLLECTION]
     problems: list[str] = []
     last: dict[str, tuple[int, str]] = {}
     signed: dict[str, tuple[int, str]] = {}
     if check_signatures:
         from .sealer import verify_checkpoints
-        problems, signed = verify_checkpoints(db, public_key, patient_id)
-    by_pid = {} if patient_id is None else {"pid": patient_id}
+        problems, signed = verify_checkpoints(storage, public_key, patient_id)
 
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=unsealed_bound_s)
-    stale = events.count_documents({"unsealed": {"$lt": cutoff}, **by_pid})
+    stale = storage.count_unsealed_before(cutoff, patient_id)
     if stale:
         problems.append(f"{stale} AuditEvent(s) left unsealed for more than {unsealed_bound_s:g} s")
-    orphans = events.count_documents({"chain.seq": {"$exists": False}, "unsealed": {"$exists": False},
-                                      **by_pid})
+    orphans = storage.count_unchained(patient_id)
     if orphans:
         problems.append(f"{orphans} AuditEvent(s) without a chain position")
 
-    query = {"chain.seq": {"$exists": True}, **({} if patient_id is None else {"chain.pid": patient_id})}
     pid = None
     expected, prev_hash = 1, GENESIS
-    for doc in events.find(query, {"res": 1, "chain": 1, "pid": 1},
-                           sort=[("chain.pid", 1), ("chain.seq", 1)]):
+    for doc in storage.sealed_events(patient_id):
         chain = doc["chain"]
         if chain["pid"] != pid:
             pid, expected, prev_hash = chain["pid"], 1, GENESIS
@@ -612,14 +590,13 @@ def verify_chains(db, patient_id: str | None = None, *, unsealed_bound_s: float 
             elif signed_seq > seq:
                 problems.append(f"patient {cpid}: a signed checkpoint has seq {signed_seq} "
                                 f"but the chain ends at {seq}")
-        destroyed = {h["_id"] for h in db[HEADS].find({"destroyed": True}, {"_id": 1})}
+        destroyed = storage.destroyed_chains()
         for cpid, (signed_seq, _h) in sorted(signed.items()):
             if cpid not in last and cpid not in destroyed:
                 problems.append(f"patient {cpid}: a signed checkpoint has seq {signed_seq} "
                                 "but the chain has no event")
 
-    head_query = {} if patient_id is None else {"_id": patient_id}
-    for head in db[HEADS].find(head_query):
+    for head in storage.chain_heads(patient_id):
         hpid = head["_id"]
         seq, hsh = last.get(hpid, (0, GENESIS))
         if head["seq"] > seq:
@@ -638,7 +615,7 @@ def add_years(t: datetime, years: int) -> datetime:
         return t.replace(year=t.year + years, day=28)
 
 
-def mark_retention(db, patient_id: str, closed_at: datetime, years: int = RETENTION_YEARS) -> int:
+def mark_retention(storage, patient_id: str, closed_at: datetime, years: int = RETENTION_YEARS) -> int:
     """Keep this patient's journal ``years`` (FHIR_DMP_RETENTION_YEARS) after the DMP closed.
 
     Sets ``retain_until = closed_at + years`` beside ``res`` (not hashed)
@@ -646,8 +623,4 @@ def mark_retention(db, patient_id: str, closed_at: datetime, years: int = RETENT
     searches that touched no record); returns the number updated. A
     purge job may delete events only once ``retain_until`` has passed.
     """
-    until = add_years(closed_at, years)
-    result = db.get_collection(COLLECTION, write_concern=WriteConcern(w="majority", j=True)) \
-        .update_many({"$or": [{"chain.pid": patient_id}, {"pid": patient_id}]},
-                     {"$set": {"retain_until": until}})
-    return result.modified_count
+    return storage.mark_journal_retention(patient_id, add_years(closed_at, years))

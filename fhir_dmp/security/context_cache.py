@@ -8,8 +8,8 @@ block, a mask or a closing takes effect everywhere within one second).
 
 How it stays correct:
 
-* one change stream per process (``db.watch``, MongoDB change streams; SecantusDB runs as
-  a one-node replica set) on every collection the decision reads (:data:`WATCHED`: Patient,
+* one change stream per process (``Storage.watch_decision_inputs``, MongoDB change streams; SecantusDB runs as
+  a one-node replica set) on every collection the decision reads (``storage.DECISION_INPUTS``: Patient,
   Consent, RelatedPerson, break-glass grants), with ``fullDocument: updateLookup``; each
   change invalidates the entry of the document's ``pid`` (Patient: its ``_id``), and a
   change whose patient is unknown (a physical delete) clears everything;
@@ -33,7 +33,6 @@ from pymongo.errors import InvalidOperation, PyMongoError
 
 log = logging.getLogger(__name__)
 
-WATCHED = ("Patient", "Consent", "RelatedPerson", "btg_grants")
 # after an empty batch (the database woke the getMore for a write it then filtered out: the
 # journal, mostly) wait this long before the next one: ~20 getMores/s per process instead of one
 # per write, a bounded delay well inside the 1 s invalidation promise (issue 13)
@@ -155,11 +154,9 @@ class ContextCache:
         return self._live
 
     def _run(self) -> None:
-        pipeline = [{"$match": {"ns.coll": {"$in": list(WATCHED)}}},
-                    {"$project": {"ns": 1, "documentKey": 1, "fullDocument.pid": 1, "operationType": 1}}]
         while not self._stop.is_set():
             try:
-                with self.storage.watch(pipeline) as stream:
+                with self.storage.watch_decision_inputs() as stream:
                     self._set_live(True)
                     while not self._stop.is_set() and stream.alive:
                         change = stream.try_next()

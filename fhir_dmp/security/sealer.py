@@ -37,17 +37,11 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pymongo import ReturnDocument, UpdateOne
-from pymongo.errors import DuplicateKeyError, InvalidOperation, PyMongoError
+from pymongo.errors import InvalidOperation, PyMongoError
 
-from .audit import COLLECTION, GENESIS, HEADS, SYSTEM_CHAIN, canonical_json, chain_hash
+from .audit import GENESIS, SYSTEM_CHAIN, canonical_json, chain_hash
 
 log = logging.getLogger(__name__)
-
-LEASE = "audit_sealer_lease"
-CHECKPOINTS = "AuditEvent_checkpoint"
-LEASE_ID = "sealer"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class LeaseLost(RuntimeError):
@@ -95,10 +89,9 @@ class Sealer:
     to run as one background thread per process (:meth:`start`) or by hand (:meth:`seal_all`).
     """
 
-    def __init__(self, client, db, key_path: Path, *, lease_s: float = 10.0, batch: int = 500,
+    def __init__(self, storage, key_path: Path, *, lease_s: float = 10.0, batch: int = 500,
                  interval: float = 0.5):
-        self.client = client
-        self.db = db
+        self.storage = storage
         self.key = load_signing_key(key_path, create=True)
         self.kid = key_id(self.key.public_key())
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -112,18 +105,11 @@ class Sealer:
     def acquire(self) -> bool:
         """Take or renew the lease; False when another live process holds it."""
         now = datetime.now(timezone.utc)
-        try:
-            doc = self.db[LEASE].find_one_and_update(
-                {"_id": LEASE_ID, "$or": [{"owner": self.owner}, {"until": {"$lt": now}}]},
-                {"$set": {"owner": self.owner, "until": now + timedelta(seconds=self.lease_s)}},
-                upsert=True, return_document=ReturnDocument.AFTER)
-        except DuplicateKeyError:
-            return False
-        return bool(doc) and doc.get("owner") == self.owner
+        return self.storage.take_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s))
 
     def release(self) -> None:
         try:
-            self.db[LEASE].delete_one({"_id": LEASE_ID, "owner": self.owner})
+            self.storage.release_sealer_lease(self.owner)
         except PyMongoError:
             pass
 
@@ -133,7 +119,7 @@ class Sealer:
 
         Raises :class:`LeaseLost` when this process does not hold the lease.
         """
-        with self.client.start_session() as session:
+        with self.storage.client.start_session() as session:
             return session.with_transaction(self._seal)
 
     def seal_all(self) -> int:
@@ -148,47 +134,35 @@ class Sealer:
                 return total
 
     def _seal(self, session) -> int:
-        db = self.db
+        storage = self.storage
         now = datetime.now(timezone.utc)
-        held = db[LEASE].update_one(
-            {"_id": LEASE_ID, "owner": self.owner, "until": {"$gt": now}},
-            {"$set": {"until": now + timedelta(seconds=self.lease_s)}}, session=session)
-        if held.matched_count == 0:
+        if not storage.renew_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s),
+                                          session=session):
             raise LeaseLost("the sealer lease is not held by this process")
-        # a range, not ``$exists``: SecantusDB answers ``$exists`` with a scan of the whole journal
-        # (sealed events included), a range on the sparse ``unsealed_queue`` index reads only the
-        # unsealed events (``unsealed`` is the append time, always a date)
-        docs = list(db[COLLECTION].find({"unsealed": {"$gte": EPOCH}}, {"res": 1, "pid": 1},
-                                        sort=[("unsealed", 1), ("_id", 1)], limit=self.batch,
-                                        session=session))
+        docs = storage.unsealed_events(self.batch, session=session)
         if not docs:
             return 0
         pids = list(dict.fromkeys(d.get("pid") or SYSTEM_CHAIN for d in docs))
         heads = {pid: (0, GENESIS) for pid in pids}
-        for h in db[HEADS].find({"_id": {"$in": pids}}, session=session):
-            heads[h["_id"]] = (h["seq"], h["hash"])
-        ops = []
+        heads.update(storage.heads_of(pids, session=session))
+        links = []
         for d in docs:
             pid = d.get("pid") or SYSTEM_CHAIN
             seq, prev = heads[pid]
             hsh = chain_hash(prev, d.get("res") or {})
             heads[pid] = (seq + 1, hsh)
-            ops.append(UpdateOne({"_id": d["_id"], "unsealed": {"$exists": True}},
-                                 {"$set": {"chain": {"pid": pid, "seq": seq + 1, "prev": prev, "hash": hsh}},
-                                  "$unset": {"unsealed": ""}}))
-        db[COLLECTION].bulk_write(ops, ordered=True, session=session)
-        db[HEADS].bulk_write([UpdateOne({"_id": pid}, {"$set": {"seq": heads[pid][0], "hash": heads[pid][1],
-                                                                "lu": now}}, upsert=True)
-                              for pid in pids], ordered=True, session=session)
-        last = db[CHECKPOINTS].find_one({}, {"_id": 1, "digest": 1}, sort=[("_id", -1)], session=session)
+            links.append((d["_id"], {"pid": pid, "seq": seq + 1, "prev": prev, "hash": hsh}))
+        storage.seal_events(links, session=session)
+        storage.move_heads(heads, now, session=session)
+        last = storage.last_checkpoint(session=session)
         cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,
               "at": now.isoformat(timespec="milliseconds"),
               "heads": [[pid, heads[pid][0], heads[pid][1]] for pid in sorted(pids)]}
         body = _payload(cp)
-        db[CHECKPOINTS].insert_one({"_id": cp["n"], **cp, "digest": hashlib.sha256(body).hexdigest(),
-                                    "key_id": self.kid,
-                                    "sig": base64.b64encode(self.key.sign(body)).decode("ascii")},
-                                   session=session)
+        storage.add_checkpoint({"_id": cp["n"], **cp, "digest": hashlib.sha256(body).hexdigest(),
+                                "key_id": self.kid,
+                                "sig": base64.b64encode(self.key.sign(body)).decode("ascii")},
+                               session=session)
         return len(docs)
 
     # -- background loop
@@ -219,7 +193,7 @@ class Sealer:
 
 # --- verification of the checkpoints ------------------------------------------------------
 
-def verify_checkpoints(db, public: Ed25519PublicKey | None, patient_id: str | None = None
+def verify_checkpoints(storage, public: Ed25519PublicKey | None, patient_id: str | None = None
                        ) -> tuple[list[str], dict[str, tuple[int, str]]]:
     """Check the checkpoint chain and signatures; (problems, latest signed head per chain).
 
@@ -227,14 +201,13 @@ def verify_checkpoints(db, public: Ed25519PublicKey | None, patient_id: str | No
     """
     problems: list[str] = []
     signed: dict[str, tuple[int, str]] = {}
-    coll = db[CHECKPOINTS]
     if public is None:
-        if coll.estimated_document_count():
+        if storage.has_checkpoints():
             problems.append("signed checkpoints exist but no audit signing key is configured to check them")
         return problems, signed
     kid = key_id(public)
     expected, prev = 1, GENESIS
-    for cp in coll.find({}, sort=[("_id", 1)]):
+    for cp in storage.checkpoints():
         n = cp["_id"]
         if n != expected:
             problems.append(f"checkpoint {expected} missing" if n == expected + 1
