@@ -252,7 +252,3 @@ class BlobStore:
         """Remove the content of one version, committed or orphaned (GC after a failed transaction)."""
         self.storage.delete_blobs({"p": str(patient_id), "r": str(binary_id), "v": int(version)},
                                   session=session)
-
-    def delete_patient(self, patient_id, *, session=None) -> None:
-        """Remove all content of a patient (with ``DocumentCrypto.shred``: destroying a DMP)."""
-        self.storage.delete_blobs({"p": str(patient_id)}, session=session)

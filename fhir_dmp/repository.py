@@ -769,10 +769,7 @@ class GuardedRepository:
         # a write decided before the destroy but committed after its snapshot: swept here, or by
         # that writer itself if it commits after this sweep (_sweep_destroyed)
         self.storage.run_transaction(lambda s: lifecycle.purge_dmp(self.storage, pid, session=s))
-        self.b.crypto.shred(pid)                     # drops this process's cached data key
-        forget = getattr(self.b.audit_log, "_forget", None)
-        if forget:
-            forget([pid])
+        self.b.crypto.forget(pid)       # the key is gone from the database: drop this process's copy
         self.access.states.pop(pid, None)
         self._dirty_pids.add(pid)
         self._forget_contexts()

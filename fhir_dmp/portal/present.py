@@ -14,7 +14,6 @@ from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
 
 PARIS = ZoneInfo("Europe/Paris")
 CONSENT_SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
-CONSENT_ACTION_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentaction"
 PARTICIPATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 
 # CodeSystem dmp-rubrique (ig/), CONTRACT.md "Lifecycle of a DMP"

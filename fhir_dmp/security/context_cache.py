@@ -147,12 +147,6 @@ class ContextCache:
     def stop(self) -> None:
         self._stop.set()
 
-    def wait_live(self, timeout: float = 5.0) -> bool:
-        end = time.monotonic() + timeout
-        while not self._live and time.monotonic() < end:
-            time.sleep(0.01)
-        return self._live
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:

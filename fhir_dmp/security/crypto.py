@@ -358,7 +358,7 @@ class DocumentCrypto:
     Unwrapped data keys are cached in memory (bounded LRU, ``cache_ttl``
     seconds): after :meth:`shred` in another process, that process may still
     decrypt for at most ``cache_ttl`` seconds — destroying a DMP also deletes
-    its ciphertexts (``BlobStore.delete_patient``), so nothing is left to read.
+    its ciphertexts (``Storage.purge_dmp``), so nothing is left to read.
     """
 
     def __init__(self, storage, provider: KeyProvider, *, cache_size: int = 4096, cache_ttl: float = 60.0):
@@ -421,8 +421,12 @@ class DocumentCrypto:
     def shred(self, patient_id) -> None:
         """Delete the patient's data key: all their content becomes unrecoverable (crypto-shredding)."""
         pid = str(patient_id)
-        self._cache.drop(pid)
+        self.forget(pid)
         self.storage.delete_data_key(pid)
+
+    def forget(self, patient_id) -> None:
+        """Drop this process's cached copy of one patient's data key (after a destroy)."""
+        self._cache.drop(str(patient_id))
 
     def forget_cached_keys(self) -> None:
         self._cache.clear()

@@ -16,7 +16,6 @@ LEGAL_REPRESENTATIVE = "legal_representative"
 PS = "ps"
 REGULATION_CENTRE = "regulation_centre"
 ADMIN = "admin"
-UNKNOWN = "unknown"
 
 # Purposes of use, v3-ActReason
 TREAT, BTG, ETREAT = "TREAT", "BTG", "ETREAT"
@@ -29,7 +28,7 @@ class Principal:
     """An authenticated caller.
 
     ``kind``: one of PATIENT, LEGAL_REPRESENTATIVE, PS, REGULATION_CENTRE,
-    ADMIN, UNKNOWN. ``patient_id`` is the DMP owner for patients and legal
+    ADMIN (a token that fits none of these is refused at authentication). ``patient_id`` is the DMP owner for patients and legal
     representatives. ``compartment`` is the one DMP ``patient/`` scopes confine
     the caller to (None: not confined). ``id_nat_ps`` and ``professions`` (TRE_G15 codes) for PS
     and regulation-centre staff. ``purpose`` is TREAT, BTG or ETREAT (already
