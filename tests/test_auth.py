@@ -11,10 +11,8 @@ import hmac
 import json
 import logging
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from werkzeug.datastructures import Headers
@@ -27,6 +25,7 @@ from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIV
                                          REGULATION_CENTRE, TREAT)
 from fhir_dmp.security.scopes import Scopes
 from tests.idp import TestIdP
+from tests.transports import JwksServer
 
 PS_ID = "810001234567"
 BTG_CATEGORY = ('http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
@@ -475,46 +474,6 @@ def test_other_category_headers_do_not_break_the_glass(verifier, idp, category):
 
 
 # ----------------------------------------------------------------------------- JWKS over HTTP
-
-class JwksServer:
-    """A real HTTP server on 127.0.0.1 serving JSON documents by path."""
-
-    def __init__(self):
-        self.routes: dict[str, dict] = {}
-        self.hits: dict[str, int] = {}
-        routes, hits = self.routes, self.hits
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                hits[self.path] = hits.get(self.path, 0) + 1
-                doc = routes.get(self.path)
-                body = json.dumps(doc).encode() if doc is not None else b"{}"
-                self.send_response(200 if doc is not None else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def jwks_server():
-    server = JwksServer()
-    yield server
-    server.close()
-
 
 class Clock:
     def __init__(self):

@@ -3,8 +3,6 @@
 Each test reproduces the hole against the real stack (SecantusDB, signed tokens, WSGI app):
 it failed before the fix and passes now.
 """
-import base64
-import json
 import threading
 from datetime import datetime, timezone
 
@@ -295,82 +293,51 @@ def test_put_on_deleted_resource_of_another_dmp_looks_like_a_fresh_id(api, dmp):
 
 
 # ----------------------------------------------------------------- hole 10: JWKS rotation
-class _JwksServer:
-    def __init__(self, jwks):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                body = json.dumps(state.jwks).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.jwks = jwks
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/jwks"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_jwks_rotation_trusts_only_published_keys(idp):
+def _verifier(idp, jwks_server, now):
+    """A TokenVerifier of ``idp``'s tokens reading its keys from ``jwks_server`` at ``/jwks``."""
     from types import SimpleNamespace
 
-    from fhir_dmp.errors import Unauthorized
     from fhir_dmp.security.auth import TokenVerifier
-    old_token = idp.token(sub="x")
+    jwks_server.routes["/jwks"] = idp.jwks()
+    url = f"{jwks_server.url}/jwks"
+    cfg = SimpleNamespace(expected_issuer=idp.issuer, expected_audience=idp.audience, dev_mode=False,
+                          jwks_file=None, jwks_url=url, issuer=idp.issuer)
+    return TokenVerifier(cfg, clock=lambda: now[0])
+
+
+def _rotate_and_withdraw(idp, jwks_server) -> str:
+    """The IdP rotates its key and stops publishing the old one; the new kid."""
     old_kid = idp.kid()
-    srv = _JwksServer(idp.jwks())
-    now = [1000.0]
-    try:
-        cfg = SimpleNamespace(expected_issuer=idp.issuer, expected_audience=idp.audience, dev_mode=False,
-                              jwks_file=None, jwks_url=srv.url, issuer=idp.issuer)
-        verifier = TokenVerifier(cfg, clock=lambda: now[0])
-        assert verifier.verify(old_token)["sub"] == "x"
-        # the IdP rotates and stops publishing the old key
-        new_kid = idp.rotate()
-        srv.jwks = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != old_kid]}
-        new_token = idp.token(sub="y")
-        now[0] += 10                       # the new kid triggers a refetch (spaced)
-        assert verifier.verify(new_token)["sub"] == "y"
-        with pytest.raises(Unauthorized):
-            verifier.verify(old_token)
-        assert new_kid != old_kid
-    finally:
-        srv.close()
+    new_kid = idp.rotate()
+    jwks_server.routes["/jwks"] = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != old_kid]}
+    return new_kid if new_kid != old_kid else ""
 
 
-def test_jwks_cache_has_a_bounded_lifetime(idp):
-    from types import SimpleNamespace
-
+def test_jwks_rotation_trusts_only_published_keys(idp, jwks_server):
     from fhir_dmp.errors import Unauthorized
-    from fhir_dmp.security.auth import TokenVerifier
-    token = idp.token(sub="x")
-    srv = _JwksServer(idp.jwks())
+    old_token = idp.token(sub="x")
     now = [1000.0]
-    try:
-        cfg = SimpleNamespace(expected_issuer=idp.issuer, expected_audience=idp.audience, dev_mode=False,
-                              jwks_file=None, jwks_url=srv.url, issuer=idp.issuer)
-        verifier = TokenVerifier(cfg, clock=lambda: now[0])
-        assert verifier.verify(token)["sub"] == "x"
-        old_kid = idp.kid()
-        idp.rotate()                       # the issuer replaced its key (compromise)...
-        srv.jwks = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != old_kid]}
-        now[0] += 600                       # ten minutes later, without any unknown kid
-        with pytest.raises(Unauthorized):
-            verifier.verify(token)
-    finally:
-        srv.close()
+    verifier = _verifier(idp, jwks_server, now)
+    assert verifier.verify(old_token)["sub"] == "x"
+    new_kid = _rotate_and_withdraw(idp, jwks_server)
+    new_token = idp.token(sub="y")
+    now[0] += 10                       # the new kid triggers a refetch (spaced)
+    assert verifier.verify(new_token)["sub"] == "y"
+    with pytest.raises(Unauthorized):
+        verifier.verify(old_token)
+    assert new_kid
+
+
+def test_jwks_cache_has_a_bounded_lifetime(idp, jwks_server):
+    from fhir_dmp.errors import Unauthorized
+    token = idp.token(sub="x")
+    now = [1000.0]
+    verifier = _verifier(idp, jwks_server, now)
+    assert verifier.verify(token)["sub"] == "x"
+    _rotate_and_withdraw(idp, jwks_server)   # the issuer replaced its key (compromise)...
+    now[0] += 600                       # ten minutes later, without any unknown kid
+    with pytest.raises(Unauthorized):
+        verifier.verify(token)
 
 
 # ----------------------------------------------------------------- hole 11: the contract, everywhere

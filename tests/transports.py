@@ -1,4 +1,5 @@
-"""Real transports for notification tests: an aiosmtpd SMTP sink and a local HTTP SMS webhook."""
+"""Real transports for tests: an aiosmtpd SMTP sink, a local HTTP SMS webhook, and a local HTTP
+server of JSON documents (an identity provider's JWKS)."""
 from __future__ import annotations
 
 import email
@@ -70,5 +71,45 @@ class SmsServer:
 @pytest.fixture
 def sms():
     server = SmsServer()
+    yield server
+    server.close()
+
+
+class JwksServer:
+    """A real HTTP server on 127.0.0.1 serving JSON documents by path."""
+
+    def __init__(self):
+        self.routes: dict[str, dict] = {}
+        self.hits: dict[str, int] = {}
+        routes, hits = self.routes, self.hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits[self.path] = hits.get(self.path, 0) + 1
+                doc = routes.get(self.path)
+                body = json.dumps(doc).encode() if doc is not None else b"{}"
+                self.send_response(200 if doc is not None else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def jwks_server():
+    server = JwksServer()
     yield server
     server.close()
