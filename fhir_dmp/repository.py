@@ -751,8 +751,9 @@ class GuardedRepository:
         decision = self.access.can_destroy(st)
         if not decision.permit:
             if not st.known or not self.access.dmp_access(st).permit:
-                self.record("delete", outcome="4", patient_id=None, resource=f"Patient/{pid}",
-                            http_status=404)
+                # answered as missing, but a DMP that exists sees the attempt in its journal
+                self.record("delete", outcome="4", patient_id=pid if st.known else None,
+                            resource=f"Patient/{pid}", decision=decision, http_status=404)
                 raise not_found("Patient", pid)
             raise self._deny_write("delete", "Patient", pid, pid, decision)
         actor = "admin" if self.p.kind == ADMIN else "patient"

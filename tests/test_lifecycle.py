@@ -216,7 +216,15 @@ def test_destroy_refusals(api, dmp):
     for caller in (api.as_patient(other), api.as_ps("810000000077")):
         r = caller.post(f"Patient/{pid}/$destroy")
         assert r.status_code == 404
+        missing = caller.post("Patient/no-such-dmp/$destroy")
+        assert json.dumps(r.json).replace(pid, "X") == json.dumps(missing.json).replace("no-such-dmp", "X")
     assert api.as_patient(pid).get(f"Patient/{pid}").status_code == 200
+    # the refused attempts reach the patient's journal (DESIGN.md "No leaks" / the journal)
+    journal = api.as_patient(pid).search(f"AuditEvent?patient={pid}&_count=200")
+    refused = [e["resource"] for e in journal["entry"]
+               if e["resource"]["subtype"][0]["code"] == "delete" and e["resource"]["outcome"] != "0"]
+    who = {((a.get("who") or {}).get("identifier") or {}).get("value") for ev in refused for a in ev["agent"]}
+    assert "810000000077" in who
 
 
 class FailingJournal:
