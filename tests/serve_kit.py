@@ -3,7 +3,7 @@
 Fixture ``serve``: ``serve("a", FHIR_DMP_SMTP_HOST=...)`` starts ``python -m fhir_dmp.cli serve``
 (gunicorn, 2 workers unless told) in its own process group on a free port, against the test's
 database and IdP, and waits until it answers ``/metadata``. Every server of one test shares one
-audit signing key file (as every process of one deployment must). At the end of the test each
+audit signing key file and one key-encryption key file (as every process of one deployment must). At the end of the test each
 one still running gets SIGTERM (then SIGKILL after 30 s).
 """
 from __future__ import annotations
@@ -26,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def serve_env(tmp: Path, name: str, mongo_uri: str, db_name: str, idp, **extra: str) -> dict:
-    """The environment of one server (or CLI run) of a test: its own data dir, the shared key."""
+    """The environment of one server (or CLI run) of a test: its own data dir, the shared keys."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_DMP_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(FHIR_DMP_DATA_DIR=str(tmp / name), FHIR_DMP_MONGODB_URI=mongo_uri, FHIR_DMP_DB=db_name,
                FHIR_DMP_ISSUER=idp.issuer, FHIR_DMP_JWKS_FILE=str(idp.jwks_file),
                FHIR_DMP_AUDIENCE=idp.audience, FHIR_DMP_BASE_URL=BASE,
-               FHIR_DMP_AUDIT_KEY_FILE=str(tmp / "audit-key.pem"), FHIR_DMP_THREADS="4")
+               FHIR_DMP_AUDIT_KEY_FILE=str(tmp / "audit-key.pem"), FHIR_DMP_KEK_FILE=str(tmp / "kek.json"),
+               FHIR_DMP_THREADS="4")
     env.update(extra)
     return env
 
