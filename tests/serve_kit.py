@@ -74,7 +74,7 @@ def wait_ready(server: Served, timeout: float = 60) -> None:
         try:
             if requests.get(f"{server.url}/metadata", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:     # not listening yet, or too busy booting to answer
             pass
         assert time.monotonic() < deadline, f"serve {server.name} did not start\n{server.tail()}"
         time.sleep(0.1)
@@ -109,9 +109,27 @@ def serve(tmp_path, mongo_server, db, idp):
 
 @pytest.fixture
 def fhir_dmp_cli(tmp_path, mongo_server, db, idp):
-    """Run ``fhir-dmp ARGS`` on the test's database (``FHIR_DMP_*`` overrides as keywords)."""
+    """Run ``fhir-dmp ARGS`` on the test's database (``FHIR_DMP_*`` overrides as keywords) and
+    wait for it; ``fhir_dmp_cli.spawn(ARGS, **env)`` starts it and returns the ``Popen``."""
+    started: list[subprocess.Popen] = []
+
+    def argv_env(args, extra):
+        return ([sys.executable, "-m", "fhir_dmp.cli", *args],
+                serve_env(tmp_path, "cli", mongo_server.uri, db.name, idp, **extra))
+
     def run(*args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fhir_dmp.cli", *args], cwd=ROOT,
-                              env=serve_env(tmp_path, "cli", mongo_server.uri, db.name, idp, **extra),
-                              capture_output=True, text=True, timeout=timeout)
-    return run
+        argv, env = argv_env(args, extra)
+        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def spawn(*args: str, **extra: str) -> subprocess.Popen:
+        argv, env = argv_env(args, extra)
+        started.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        return started[-1]
+
+    run.spawn = spawn
+    yield run
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

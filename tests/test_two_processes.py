@@ -17,6 +17,8 @@ mail that arrives, the CLI's exit codes and output), not through the journal's s
 """
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -27,6 +29,8 @@ import requests
 
 from fhir_dmp.embedded_db import EmbeddedMongo
 from tests import builders as b
+from tests.api import Api
+from tests.conftest import BASE
 
 BTG = {"Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
                    'scheme="http://hl7.org/fhir/tag/security"; label="break the glass"',
@@ -150,19 +154,31 @@ def own_database(tmp_path):
     server.stop()
 
 
-def test_two_processes_keep_one_chain_when_the_sealer_dies_mid_load(own_database, serve, idp, fhir_dmp_cli):
-    a = serve("a", **own_database)
-    ps = idp.ps(b.PS_DR)
-    r = call("POST", f"{a.url}/Patient", ps, b.patient(email="hot@example.org"))
+def open_hot_dmp(url: str, ps: str) -> tuple[str, str]:
+    """A DMP opened by ``ps`` with one document: (patient id, document id)."""
+    r = call("POST", f"{url}/Patient", ps, b.patient(email="hot@example.org"))
     assert r.status_code == 201, r.text
     pid = r.json()["id"]
-    r = call("POST", f"{a.url}/DocumentReference", ps, b.docref(pid))
+    r = call("POST", f"{url}/DocumentReference", ps, b.docref(pid))
     assert r.status_code == 201, r.text
-    doc = r.json()["id"]
-    # A runs alone, so one of its workers holds the sealer lease (the CLI cannot take it) ...
-    seal = fhir_dmp_cli("audit", "seal", **own_database)
+    return pid, r.json()["id"]
+
+
+def assert_lease_held(fhir_dmp_cli, env: dict) -> None:
+    """A running server holds the sealer lease: ``fhir-dmp audit seal`` cannot take it."""
+    seal = fhir_dmp_cli("audit", "seal", **env)
     assert seal.returncode != 0 and "holds the sealer lease" in seal.stderr + seal.stdout, seal
-    b_ = serve("b", **own_database)      # ... and B's sealers wait for it
+
+
+def test_two_processes_keep_one_chain_under_load_and_a_sealer_handover(own_database, serve, idp, fhir_dmp_cli):
+    """Both sealers compete for the lease under concurrent reads and writes on both processes;
+    the server holding it is stopped in the middle of the load (SIGTERM: it drains) and the
+    other carries on: one unforked, signed chain, nothing left unsealed, nothing lost."""
+    a = serve("a", **own_database)
+    ps = idp.ps(b.PS_DR)
+    pid, doc = open_hot_dmp(a.url, ps)
+    assert_lease_held(fhir_dmp_cli, own_database)     # A runs alone: one of its workers holds it
+    b_ = serve("b", **own_database)                   # B's sealers wait for it
 
     # 1. read load: 32 connections on one hot DMP over both processes, every answer 200
     reads = [f"Patient/{pid}", f"DocumentReference?patient={pid}", f"DocumentReference/{doc}"]
@@ -176,51 +192,92 @@ def test_two_processes_keep_one_chain_when_the_sealer_dies_mid_load(own_database
         statuses = [code for codes in ex.map(read_hot, range(32)) for code in codes]
     assert Counter(statuses) == Counter({200: 32 * 6}), Counter(statuses)
 
-    # 2. reads and writes on both; A (the sealer) is SIGKILLed mid-load; B takes over
-    stop, killed, lock = threading.Event(), threading.Event(), threading.Lock()
-    answered: dict[str, tuple] = {}    # request id -> (status, what, server, after the kill, body)
-    lost: list[str] = []               # cut by the kill (A's connections)
+    # 2. reads and writes on both; A is stopped mid-load, its clients move to B
+    stop, stopped, lock = threading.Event(), threading.Event(), threading.Lock()
+    answered: dict[str, tuple] = {}    # request id -> (status, what, server, body of an error)
+    refused: list[str] = []            # A no longer listening
 
     def load(i):
         with requests.Session() as s:
             j = 0
             while not stop.is_set():
-                after = killed.is_set()
-                server = b_ if after or i % 2 else a
-                rid = f"load-{i}-{j}"
-                what = "DocumentReference" if j % 4 == 3 else reads[j % 3]
+                server = b_ if stopped.is_set() or i % 2 else a
+                rid, write = f"load-{i}-{j}", j % 4 == 3
+                what = "DocumentReference" if write else reads[j % 3]
                 try:
-                    r = call("POST" if j % 4 == 3 else "GET", f"{server.url}/{what}", ps,
-                             b.docref(pid) if j % 4 == 3 else None, {"X-Request-Id": rid}, session=s)
+                    r = call("POST" if write else "GET", f"{server.url}/{what}", ps,
+                             b.docref(pid) if write else None, {"X-Request-Id": rid}, session=s)
                 except requests.ConnectionError:
                     with lock:
-                        lost.append(rid)
+                        refused.append(rid)
                     s.close()
                 else:
                     with lock:
-                        answered[rid] = (r.status_code, what, server.name, after,
+                        answered[rid] = (r.status_code, what, server.name,
                                          "" if r.status_code < 300 else r.text[:300])
                 j += 1
 
     with ThreadPoolExecutor(6) as ex:
         running = [ex.submit(load, i) for i in range(6)]
-        time.sleep(2)
-        killed.set()               # new requests go to B; those in flight on A are cut
-        a.kill()
-        time.sleep(12)             # past the lease (10 s): B's sealer takes over under load
+        time.sleep(3)
+        a.stop()                   # SIGTERM: in-flight requests finish, the lease is given back
+        stopped.set()
+        time.sleep(3)
         stop.set()
         for f in running:
             f.result()
     codes = Counter(v[0] for v in answered.values())
-    bad = Counter(v[:4] for v in answered.values() if v[0] not in (200, 201))
-    assert not bad, (codes, bad, next(v[4] for v in answered.values() if v[0] not in (200, 201)))
-    assert codes[201] >= 6 and len(lost) <= 6, (codes, lost)   # at most one request per thread cut
+    bad = Counter(v[:3] for v in answered.values() if v[0] not in (200, 201))
+    assert not bad, (codes, bad, next(v[3] for v in answered.values() if v[0] not in (200, 201)))
+    assert codes[201] >= 6, codes
 
-    # everything sealed, once, by B after A died: chains and signed checkpoints intact
+    # B seals what A left: every chain and signed checkpoint intact, nothing left unsealed
     out = verified(fhir_dmp_cli, own_database, timeout=30)
     assert "audit chains intact" in out, out
-    seal = fhir_dmp_cli("audit", "seal", **own_database)
-    assert seal.returncode != 0 and "holds the sealer lease" in seal.stderr + seal.stdout, seal
-    # and every answered request is in the patient's journal (durable before its answer, even on A)
-    journal = journal_request_ids(b_.url, idp.patient(pid), pid)
-    assert set(answered) - journal == set()
+    assert_lease_held(fhir_dmp_cli, own_database)     # by B now
+    # every answered request is in the patient's journal (durable before its answer, also on A)
+    assert set(answered) - journal_request_ids(b_.url, idp.patient(pid), pid) == set()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "journal sealer (security/sealer.py + its lease in storage.py): a sealer SIGKILLed inside its "
+    "sealing transaction leaves that transaction open in SecantusDB, holding its write of the lease "
+    "document (SecantusDB aborts it only once 60 s idle, and only when another transaction command "
+    "arrives); every other sealer then blocks in take_sealer_lease, a non-transactional "
+    "find_one_and_update that the database retries on the write conflict without end: nothing is "
+    "sealed any more, long after the 10 s lease ran out"))
+def test_a_sealer_killed_mid_transaction_is_taken_over_after_its_lease(own_database, serve, idp, fhir_dmp_cli,
+                                                                         tmp_path):
+    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.config import Config
+    # ~1,500 unsealed events: reads answered by an app of this test with no sealer of its own
+    config = Config(mongodb_uri=own_database["FHIR_DMP_MONGODB_URI"], db_name=own_database["FHIR_DMP_DB"],
+                    data_dir=tmp_path / "inproc", base_url=BASE, notifications_worker=False,
+                    audit_sealer=False, **idp.config_kwargs())
+    app = create_app(config)
+    try:
+        api = Api(app, idp)
+        pid = api.as_ps().post("Patient", b.patient()).json["id"]
+
+        def reader(i):
+            caller = Api(app, idp).as_ps()
+            assert {caller.get(f"Patient/{pid}").status_code for _ in range(95)} == {200}
+
+        with ThreadPoolExecutor(16) as ex:
+            list(ex.map(reader, range(16)))
+    finally:
+        stop_background(app)
+    # `fhir-dmp audit seal` takes the lease and seals them, 500 per transaction: killed in one
+    sealing = fhir_dmp_cli.spawn("audit", "seal", **own_database)
+    time.sleep(3)
+    if sealing.poll() is not None:
+        pytest.skip("the sealer finished before it could be killed (machine too fast for this test)")
+    os.kill(sealing.pid, signal.SIGKILL)
+    sealing.wait()
+    b_ = serve("b", **own_database)
+    try:
+        time.sleep(8)              # the dead sealer's 10 s lease runs out; B's sealer may take it
+        out = verified(fhir_dmp_cli, own_database, timeout=10)
+        assert "audit chains intact" in out, out
+    finally:
+        b_.kill()                  # its sealer threads may be stuck: no drain
