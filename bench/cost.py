@@ -58,7 +58,7 @@ def measure(kit: Path, url: str, token: str, conns: int, duration: float, root: 
     server, database = split_tree(root)
     spies = []
     if profile is not None:   # py-spy on the database and each worker, collapsed stacks
-        spies = [subprocess.Popen(["py-spy", "record", "--nonblocking", "--format", "raw", "-d",
+        spies = [subprocess.Popen(["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "-d",
                                    str(int(duration)), "-o", str(profile.with_suffix(f".{p}.txt")),
                                    "-p", str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for p in database + server]
@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--env", action="append", metavar="FHIR_DMP_X=V", help="extra server setting (repeat)")
     ap.add_argument("--profile", type=Path, help="py-spy every process into DIR (collapsed stacks)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
