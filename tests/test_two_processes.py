@@ -1,8 +1,8 @@
 """Two ``fhir-dmp serve`` processes on one database stay correct together (issue 13).
 
 Real parts only: two ``fhir-dmp serve`` processes (gunicorn, 2 workers each, every worker
-with its notification worker, sealer and context cache) started on the session's SecantusDB,
-real tokens of ``tests/idp.py``, the aiosmtpd sink of ``tests/transports.py``, and the
+with its notification worker, sealer and context cache) started on the session's SecantusDB
+(the sealer tests on a SecantusDB of their own, see ``own_database``), real tokens of ``tests/idp.py``, the aiosmtpd sink of ``tests/transports.py``, and the
 ``fhir-dmp audit`` CLI. Everything is checked through public behaviour only (HTTP answers, the
 mail that arrives, the CLI's exit codes and output), not through the journal's storage:
 
@@ -10,9 +10,11 @@ mail that arrives, the CLI's exit codes and output), not through the journal's s
   (attested first accesses, break-glass, centre 15) give exactly one email per notice, none
   lost, none twice, and each email matches one ``completed`` Communication the patient reads;
 * no forked chain: concurrent reads and writes on both processes, both sealers competing
-  for the one lease; then the server holding it is SIGKILLed in the middle of the load, the
-  other takes over once the lease expires, and ``fhir-dmp audit verify`` (no unsealed event
-  allowed) finds every chain and signed checkpoint intact;
+  for the one lease; the server holding it is stopped in the middle of the load and the
+  other takes over: ``fhir-dmp audit verify`` (no event left unsealed for more than 1 s)
+  finds every chain and signed checkpoint intact, and every answered request is in the
+  patient's journal. A sealer SIGKILLed inside its sealing transaction is a known bug
+  (strict xfail below: the lease stays locked by the dead transaction);
 * no 409/503 under read load: many concurrent reads of one hot DMP over both processes.
 """
 from __future__ import annotations
@@ -181,9 +183,14 @@ def test_two_processes_keep_one_chain_under_load_and_a_sealer_handover(own_datab
     reads = [f"Patient/{pid}", f"DocumentReference?patient={pid}", f"DocumentReference/{doc}"]
 
     def read_hot(i):
+        codes = []
         with requests.Session() as s:
-            return [call("GET", f"{(a, b_)[i % 2].url}/{reads[j % 3]}", ps, session=s).status_code
-                    for j in range(6)]
+            for j in range(6):
+                try:
+                    codes.append(call("GET", f"{(a, b_)[i % 2].url}/{reads[j % 3]}", ps, session=s).status_code)
+                except requests.ConnectionError as exc:    # shown in the assertion, not raised
+                    codes.append(f"{(a, b_)[i % 2].name}: {exc}")
+        return codes
 
     with ThreadPoolExecutor(32) as ex:
         statuses = [code for codes in ex.map(read_hot, range(32)) for code in codes]
@@ -289,6 +296,7 @@ def test_a_sealer_killed_mid_transaction_is_taken_over_after_its_lease(own_datab
         sealing = fhir_dmp_cli.spawn("audit", "seal", **{
             **own_database, "FHIR_DMP_MONGODB_URI": f"mongodb://127.0.0.1:{holder.port}/?directConnection=true"})
         assert holder.caught.wait(30), "the sealer never committed"
+        leased = time.monotonic()  # its lease (10 s) was taken or renewed before this
         sealing.kill()
         sealing.wait()
         b_ = serve("b", **own_database)
@@ -296,8 +304,8 @@ def test_a_sealer_killed_mid_transaction_is_taken_over_after_its_lease(own_datab
             ps = idp.ps(b.PS_DR)
             pid, _ = open_hot_dmp(b_.url, ps)
             assert call("GET", f"{b_.url}/Patient/{pid}", ps).status_code == 200
-            time.sleep(10)         # the dead sealer's 10 s lease runs out: B's sealer takes it
-            out = verified(fhir_dmp_cli, own_database, timeout=10)
+            time.sleep(max(0.0, leased + 10.5 - time.monotonic()))   # the lease ran out: B takes it
+            out = verified(fhir_dmp_cli, own_database, timeout=8)
             assert "audit chains intact" in out, out
         finally:
             b_.kill()              # its sealer threads may be stuck: no drain
