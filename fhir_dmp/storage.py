@@ -54,6 +54,7 @@ DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
 #: a range from EPOCH on the queue's ``t`` (always a date) reads the queue through its index
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SEALER_ID = "sealer"
+LEASE_WAIT_S = 2.0     # the longest a lease write waits on a locked lease document
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
 COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
 
@@ -657,14 +658,23 @@ class Storage:
 
     # -- the journal sealer (security/sealer.py) --------------------------------
     def take_sealer_lease(self, owner: str, now: datetime, until: datetime) -> bool:
-        """Take or renew the one sealer lease; False when another live owner holds it."""
+        """Take or renew the one sealer lease; False when another live owner holds it, or when
+        the lease document stays locked (bounded wait, :data:`LEASE_WAIT_S`): a sealing
+        transaction left open by a killed process holds it until SecantusDB aborts that
+        transaction (idle for 60 s, like mongod's transactionLifetimeLimitSeconds); without the
+        bound the other servers' sealers would wait on it forever."""
         try:
-            doc = self.db[SEALER_LEASE].find_one_and_update(
-                {"_id": SEALER_ID, "$or": [{"owner": owner}, {"until": {"$lt": now}}]},
-                {"$set": {"owner": owner, "until": until}},
-                upsert=True, return_document=ReturnDocument.AFTER)
+            with pymongo.timeout(LEASE_WAIT_S):
+                doc = self.db[SEALER_LEASE].find_one_and_update(
+                    {"_id": SEALER_ID, "$or": [{"owner": owner}, {"until": {"$lt": now}}]},
+                    {"$set": {"owner": owner, "until": until}},
+                    upsert=True, return_document=ReturnDocument.AFTER)
         except DuplicateKeyError:
             return False
+        except PyMongoError as exc:
+            if exc.timeout:
+                return False
+            raise
         return bool(doc) and doc.get("owner") == owner
 
     def renew_sealer_lease(self, owner: str, now: datetime, until: datetime, *, session) -> bool:
@@ -674,7 +684,8 @@ class Storage:
             {"$set": {"until": until}}, session=session).matched_count > 0
 
     def release_sealer_lease(self, owner: str) -> None:
-        self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
+        with pymongo.timeout(LEASE_WAIT_S):
+            self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
 
     def unsealed_batches(self, limit: int, *, session=None) -> list[dict]:
         """The oldest queue documents (append time, then ``_id``) holding about ``limit`` events
