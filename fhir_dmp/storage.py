@@ -419,9 +419,6 @@ class Storage:
         doc = self.db["Binary"].find_one({"_id": bid}, {"blob": 1}, session=session) or {}
         return doc.get("blob") or {}
 
-    def set_blob_info(self, bid: str, info: dict, *, session=None) -> None:
-        self.db["Binary"].update_one({"_id": bid}, {"$set": {"blob": info}}, session=session)
-
     def attach_binary(self, bid: str, pid: str, reference: str, *, session=None) -> None:
         """Point a Binary's current securityContext at its document (same DMP only)."""
         self.db["Binary"].update_one({"_id": bid, "pid": pid},
@@ -500,8 +497,10 @@ class Storage:
         """The blob's header, written after its chunks (DuplicateKeyError: that version has one)."""
         self.db[BLOBS].insert_one(doc, session=session)
 
-    def blob_meta(self, pid: str, rid: str, ver: int, *, session=None) -> dict | None:
-        return self.db[BLOBS].find_one({"p": pid, "r": rid, "v": ver}, session=session)
+    def blob_meta(self, pid: str, rid: str, ver: int, *, session=None, data: bool = True) -> dict | None:
+        """A blob's header; ``data=False`` leaves out the ciphertext a one-chunk blob keeps there."""
+        return self.db[BLOBS].find_one({"p": pid, "r": rid, "v": ver}, None if data else {"d": 0},
+                                       session=session)
 
     def blob_exists(self, pid: str, rid: str, ver: int, *, session=None) -> bool:
         return self.db[BLOBS].count_documents({"p": pid, "r": rid, "v": ver}, limit=1, session=session) > 0
@@ -744,14 +743,16 @@ class Storage:
         return resource
 
     def create(self, rtype: str, resource: dict, *, pid: str | None, rid: str | None = None,
-               session) -> Stored:
-        """Insert version 1. Raises VersionConflict if the id exists."""
+               session, extra: dict | None = None) -> Stored:
+        """Insert version 1. Raises VersionConflict if the id exists. ``extra``: fields stored
+        beside the resource in the current document only (a Binary's ``blob`` size and hash)."""
         rid = rid or new_id()
         lu = now()
         resource = self.stamp(resource, rid, 1, lu)
         if rtype == "Patient":
             pid = rid
         current, hist = self._docs(rtype, rid, 1, pid, resource, False, lu)
+        current.update(extra or {})
         try:
             self.db[rtype].insert_one(current, session=session)
             self.db[f"{rtype}_history"].insert_one(hist, session=session)
@@ -760,8 +761,9 @@ class Storage:
         return Stored(rtype, rid, 1, lu, pid, False, resource)
 
     def update(self, rtype: str, rid: str, resource: dict | None, *, pid: str | None,
-               expected_vid: int, session, deleted: bool = False) -> Stored:
-        """Write version expected_vid+1 (or a delete marker when ``deleted``)."""
+               expected_vid: int, session, deleted: bool = False, extra: dict | None = None) -> Stored:
+        """Write version expected_vid+1 (or a delete marker when ``deleted``); ``extra`` as in
+        :meth:`create`."""
         vid = expected_vid + 1
         lu = now()
         if resource is not None:
@@ -770,6 +772,7 @@ class Storage:
         if deleted:
             # keep the last content searchable by nobody; the history keeps the versions
             current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
+        current.update(extra or {})
         try:
             res = self.db[rtype].find_one_and_update(
                 {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},

@@ -1,0 +1,180 @@
+"""The write path does no needless database work (issue 13: seeding throughput).
+
+What a deposit (``POST DocumentReference`` with an inline PDF) and the opening of a DMP
+(``POST Patient``) send to the database, counted with pymongo's command monitoring on a client
+of the real server:
+
+* a deposit is inserts only, then the commit: no update (the Binary is inserted with its
+  content's size and hash and already attached to its document), no look-up of content that
+  cannot exist yet, one content document for a small PDF (no separate chunk), and no decision
+  context query while the DMP's context is cached (a deposit changes none of its inputs);
+* opening a DMP tells the patient about the Patient just written, without reading it back;
+* a Consent written through the same process still drops the cached context at once.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+from collections import Counter
+
+import pymongo
+import pytest
+from pymongo import monitoring
+
+from fhir_dmp.blobs import INLINE_MAX, BlobStore
+from fhir_dmp.security.crypto import ContentUnavailable
+from tests import builders as b
+from tests.api import Api
+
+MIB = 1 << 20
+
+
+class Commands(monitoring.CommandListener):
+    """(command, collection, in a transaction) of every command sent while ``on``."""
+
+    def __init__(self):
+        self.on = False
+        self.seen: Counter = Counter()
+
+    def started(self, event):
+        if self.on and event.command_name not in ("getMore", "killCursors"):   # the cache's stream
+            coll = event.command.get(event.command_name)
+            self.seen[(event.command_name, coll if isinstance(coll, str) else "",
+                       "txnNumber" in event.command)] += 1
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+    def during(self, fn):
+        self.seen.clear()
+        self.on = True
+        try:
+            return fn()
+        finally:
+            self.on = False
+
+
+@pytest.fixture
+def watched(config, mongo_server, db, idp):
+    """(Api, Commands, app) on a client whose commands are counted; the context cache live."""
+    from fhir_dmp.app import create_app, stop_background
+    commands = Commands()
+    client = pymongo.MongoClient(mongo_server.uri, tz_aware=True, event_listeners=[commands])
+    app = create_app(config, client=client, db=client[db.name])
+    cache = app.extensions["fhir_dmp"].policy.context_cache
+    deadline = time.monotonic() + 10
+    while not cache.live and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cache.live
+    yield Api(app, idp), commands, app
+    stop_background(app)
+    client.close()
+
+
+def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
+    api, commands, app = watched
+    ps = api.as_ps()
+    pid = ps.create(b.patient())["id"]
+    ps.create(b.docref(pid, content=b.pdf_bytes("warm-up")))     # the DMP's context is now cached
+    pdf = b.pdf_bytes("Compte rendu du jour")
+    r = commands.during(lambda: ps.post("DocumentReference", b.docref(pid, content=pdf)))
+    assert r.status_code == 201, r.json
+    seen = commands.seen
+    kinds = {cmd for cmd, _, _ in seen}
+    assert kinds <= {"insert", "find", "commitTransaction"}, seen
+    inserts = sorted(coll for cmd, coll, txn in seen if cmd == "insert" and txn)
+    assert inserts == ["AuditEvent", "Binary", "Binary_history", "DocumentReference",
+                       "DocumentReference_history", "content_blobs"], seen
+    assert all(txn for cmd, _, txn in seen if cmd == "insert")
+    # no decision context query (Patient, Consent): the one read left is the destroy sweep's
+    # look-up after the commit (repository._sweep_destroyed)
+    assert [(coll, txn) for cmd, coll, txn in seen if cmd == "find"] == [("Patient", False)], seen
+
+    # what was written is whole: size and hash from the content, Binary attached, content reads back
+    att = r.json["content"][0]["attachment"]
+    bid = att["url"].split("/")[-1]
+    assert att["size"] == len(pdf) and att["hash"] == base64.b64encode(hashlib.sha1(pdf).digest()).decode()
+    binary = db["Binary"].find_one({"_id": bid})
+    assert binary["blob"] == {"size": len(pdf), "sha1": att["hash"]}
+    assert binary["res"]["securityContext"] == {"reference": f"DocumentReference/{r.json['id']}"}
+    assert db["content_chunks"].count_documents({"r": bid}) == 0
+    got = ps.get(f"Binary/{bid}", headers={"Accept": "application/pdf"})
+    assert got.status_code == 200 and got.data == pdf
+
+
+def test_opening_a_dmp_reads_nothing_back(watched, db):
+    api, commands, _ = watched
+    r = commands.during(lambda: api.as_ps().post("Patient", b.patient(email="claire@example.org")))
+    assert r.status_code == 201
+    pid = r.json["id"]
+    reads = [(coll, txn) for cmd, coll, txn in commands.seen if cmd == "find"]
+    assert reads == [("Patient", False)], commands.seen       # the destroy sweep, after the commit
+    # the creator's Consent and the first-access notice to the patient are there
+    assert db["Consent"].count_documents({"pid": pid}) == 1
+    [comm] = db["Communication"].find({"pid": pid})
+    assert comm["res"]["status"] != "not-done"
+    assert db["notification_outbox"].count_documents({"patient_id": pid}) == 1
+
+
+def test_a_block_written_in_this_process_applies_to_the_next_deposit(watched):
+    """A deposit keeps the cached context; the patient's block (a Consent) drops it at once."""
+    api, _, app = watched
+    cache = app.extensions["fhir_dmp"].policy.context_cache
+    ps = api.as_ps()
+    pid = ps.create(b.patient())["id"]
+    assert ps.post("DocumentReference", b.docref(pid)).status_code == 201
+    assert ps.post("DocumentReference", b.docref(pid)).status_code == 201
+    assert pid in cache._entries                       # still cached after a deposit
+    assert api.as_patient(pid).post("Consent", b.consent(pid, "deny", actor=b.PS_DR)).status_code == 201
+    assert pid not in cache._entries
+    r = ps.post("DocumentReference", b.docref(pid))
+    assert r.status_code in (403, 422), r.json
+
+
+# ----------------------------------------------------------------------- content of one chunk
+
+@pytest.fixture
+def store(db_storage, crypto):
+    return BlobStore(db_storage, crypto)
+
+
+@pytest.fixture
+def crypto(db_storage, config):
+    from fhir_dmp.security.crypto import DocumentCrypto, key_provider
+    return DocumentCrypto(db_storage, key_provider(config))
+
+
+def test_small_content_lives_in_its_header_larger_in_chunks(store, db):
+    small, larger = os.urandom(5000), os.urandom(INLINE_MAX + 1)      # both one chunk of 1 MiB
+    a = store.put("pat-i", "bin-a", 1, small, max_bytes=MIB)
+    c = store.put("pat-i", "bin-c", 1, larger, max_bytes=MIB)
+    assert db.content_chunks.count_documents({"b": a.blob_id}) == 0
+    assert db.content_chunks.count_documents({"b": c.blob_id}) == 1
+    assert "d" not in db.content_blobs.find_one({"_id": c.blob_id})
+    assert store.read("pat-i", "bin-a", 1) == small and store.read("pat-i", "bin-c", 1) == larger
+    assert store.size("pat-i", "bin-a", 1) == len(small)
+    empty = store.put("pat-i", "bin-e", 1, b"", max_bytes=MIB)
+    assert store.read("pat-i", "bin-e", 1) == b"" and empty.size == 0
+
+
+def test_content_in_a_header_cannot_be_swapped_or_miscounted(store, db):
+    a = store.put("pat-s", "bin-a", 1, b"first document", max_bytes=MIB)
+    other = store.put("pat-s", "bin-b", 1, b"other document", max_bytes=MIB)
+    blobs = db.content_blobs
+    mine = blobs.find_one({"_id": a.blob_id})["d"]
+    blobs.update_one({"_id": a.blob_id}, {"$set": {"d": blobs.find_one({"_id": other.blob_id})["d"]}})
+    with pytest.raises(ContentUnavailable):
+        store.read("pat-s", "bin-a", 1)
+    blobs.update_one({"_id": a.blob_id}, {"$set": {"d": mine, "n": 2}})
+    with pytest.raises(ContentUnavailable):
+        store.read("pat-s", "bin-a", 1)
+    blobs.update_one({"_id": a.blob_id}, {"$set": {"n": 1, "size": 3}})
+    with pytest.raises(ContentUnavailable):
+        store.read("pat-s", "bin-a", 1)
+    blobs.update_one({"_id": a.blob_id}, {"$set": {"size": len(b"first document")}})
+    assert store.read("pat-s", "bin-a", 1) == b"first document"
