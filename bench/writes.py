@@ -49,6 +49,8 @@ class Counter(monitoring.CommandListener):
 
     def started(self, event):
         coll = event.command.get(event.command_name)
+        if event.command_name == "bulkWrite":
+            coll = "+".join(ns["ns"].split(".", 1)[1] for ns in event.command["nsInfo"])
         key = (event.command_name, coll if isinstance(coll, str) else "")
         self.counts[key] += 1
         self._keys[event.request_id] = key

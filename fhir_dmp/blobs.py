@@ -50,6 +50,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from fhir_dmp.errors import Conflict, PayloadTooLarge
 from fhir_dmp.security.crypto import ContentUnavailable, DocumentCrypto
+from fhir_dmp.storage import BLOBS
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class BlobStore:
     # ------------------------------------------------------------- write
     def put(self, patient_id: str, binary_id: str, version: int,
             source: bytes | BinaryIO | Iterable[bytes], *, max_bytes: int, session=None,
-            expression: str = "Binary.data", fresh: bool = False) -> BlobInfo:
+            expression: str = "Binary.data", fresh: bool = False, pending: list | None = None) -> BlobInfo:
         """Encrypt and store ``source`` as the content of (patient, binary, version).
 
         Computes size, SHA-1 (base64) and SHA-256 (hex) of the plaintext while
@@ -148,7 +149,9 @@ class BlobStore:
         nothing stays stored (``expression`` goes into that error). Content already
         stored for this version -> :class:`Conflict` (versions are immutable; :meth:`delete` it first).
         ``fresh``: the Binary is created in this same transaction, so no content can be stored for
-        it yet; the early look-up is skipped (the unique index still decides).
+        it yet; the early look-up is skipped (the unique index still decides). ``pending``: the
+        header is appended to this list of the transaction's inserts not sent yet
+        (``Storage.create``), still after the chunks (for a new Binary only: no conflict possible).
         """
         pid, rid, ver = str(patient_id), str(binary_id), int(version)
         if isinstance(source, (bytes, bytearray, memoryview)) and memoryview(source).nbytes > max_bytes:
@@ -174,14 +177,21 @@ class BlobStore:
                     self.storage.add_blob_chunk({"_id": f"{blob_id}:{index}", "p": pid, "r": rid, "v": ver,
                                                  "b": blob_id, "n": index, "d": sealed}, session=session)
                 count += 1
+            header.update(size=size, n=count, cs=self.chunk_size, created=datetime.now(timezone.utc))
+            if pending is not None:
+                pending.append((BLOBS, header))
+                return self._info(blob_id, size, sha1, sha256)
             try:
-                self.storage.add_blob({**header, "size": size, "n": count, "cs": self.chunk_size,
-                                       "created": datetime.now(timezone.utc)}, session=session)
+                self.storage.add_blob(header, session=session)
             except DuplicateKeyError:
                 raise Conflict(f"content of Binary/{rid} version {ver} is already stored") from None
         except BaseException:
             self._discard(pid, blob_id, session)
             raise
+        return self._info(blob_id, size, sha1, sha256)
+
+    @staticmethod
+    def _info(blob_id: str, size: int, sha1, sha256) -> BlobInfo:
         return BlobInfo(blob_id, size, base64.b64encode(sha1.digest()).decode("ascii"), sha256.hexdigest())
 
     @staticmethod

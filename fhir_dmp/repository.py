@@ -134,6 +134,7 @@ class GuardedRepository:
         self.effects: list = []          # callables(session) written with the journal at flush
         self._grants_done: set[str] = set()
         self.fresh_binaries: set[str] = set()   # Binaries this request created for their document
+        self.pending_inserts: list = []         # inserts of the open transaction not sent yet
         self._dirty_pids: set[str] = set()   # patients written: swept if destroyed meanwhile
         self._stale_pids: set[str] = set()   # their cached decision context is dropped (CONTEXT_FREE)
         self.session = None      # the open write transaction, if any (reads inside it see its writes)
@@ -557,9 +558,13 @@ class GuardedRepository:
 
         def attempt(session):
             del self.records[mark:]            # a retried attempt starts clean
+            self.pending_inserts.clear()
             self.access.states.clear()
             self.session = self.access.session = session
             result = fn(session)
+            if self.pending_inserts:           # every write goes with the transaction, never lost
+                self.storage.insert_docs(self.pending_inserts, session=session)
+                self.pending_inserts.clear()
             written = {r.patient_id for r in self.records[mark:] if r.patient_id}
             self._dirty_pids.update(written)
             if rtype not in CONTEXT_FREE:
@@ -627,7 +632,8 @@ class GuardedRepository:
             rid_ = rid or new_id()
             resource_, extra = self._store_content(rtype, rid_, 1, resource, pid, s, content)
             try:
-                stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s, extra=extra)
+                stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s, extra=extra,
+                                             pending=self.pending_inserts)
             except DuplicateValue:
                 raise duplicate_dmp(resource) from None
             self._after_write("create", rtype, stored, None, decision, s)
@@ -680,7 +686,7 @@ class GuardedRepository:
             resource_, extra = self._store_content(rtype, rid, vid, resource, pid, s, content)
             try:
                 stored = self.storage.update(rtype, rid, resource_, pid=pid, expected_vid=expected, session=s,
-                                             extra=extra)
+                                             extra=extra, pending=self.pending_inserts)
             except VersionConflict as exc:
                 raise PreconditionFailed(f"version conflict: {rtype}/{rid} is at version {exc.current_vid}") \
                     if if_match else Conflict(f"concurrent update of {rtype}/{rid}; retry") from None

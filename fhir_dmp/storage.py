@@ -24,11 +24,13 @@ from datetime import datetime, timezone
 
 import decimal
 
+import bson
 import pymongo
 from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
 from bson.decimal128 import Decimal128
-from pymongo import ASCENDING, ReturnDocument, UpdateOne, WriteConcern
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from bson.raw_bson import RawBSONDocument
+from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne, WriteConcern
+from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, OperationFailure, PyMongoError
 
 from . import search
 
@@ -237,6 +239,7 @@ class Storage:
         decision's facets); storage does not interpret them."""
         self.client = client
         self.annotate = annotate
+        self._client_bulk: bool | None = None     # does the server take a client bulkWrite?
         self.db = client.get_database(db.name, codec_options=CODECS, write_concern=db.write_concern,
                                       read_concern=db.read_concern, read_preference=db.read_preference)
 
@@ -743,9 +746,15 @@ class Storage:
         return resource
 
     def create(self, rtype: str, resource: dict, *, pid: str | None, rid: str | None = None,
-               session, extra: dict | None = None) -> Stored:
+               session, extra: dict | None = None, pending: list | None = None,
+               defer: bool = False) -> Stored:
         """Insert version 1. Raises VersionConflict if the id exists. ``extra``: fields stored
-        beside the resource in the current document only (a Binary's ``blob`` size and hash)."""
+        beside the resource in the current document only (a Binary's ``blob`` size and hash).
+
+        ``pending``: ``(collection, document)`` inserts of this transaction not sent yet; they go
+        first, with this version, in one round trip (:meth:`insert_docs`), and the list is emptied.
+        ``defer``: append this version's documents to ``pending`` instead (for a server id only:
+        no duplicate can be reported then)."""
         rid = rid or new_id()
         lu = now()
         resource = self.stamp(resource, rid, 1, lu)
@@ -753,17 +762,52 @@ class Storage:
             pid = rid
         current, hist = self._docs(rtype, rid, 1, pid, resource, False, lu)
         current.update(extra or {})
-        try:
-            self.db[rtype].insert_one(current, session=session)
-            self.db[f"{rtype}_history"].insert_one(hist, session=session)
-        except DuplicateKeyError as exc:
-            raise _duplicate(exc) from None
+        docs = [(rtype, current), (f"{rtype}_history", hist)]
+        if defer:
+            pending.extend(docs)
+        else:
+            if pending:
+                docs[:0] = pending
+                pending.clear()
+            try:
+                self.insert_docs(docs, session=session)
+            except DuplicateKeyError as exc:
+                raise _duplicate(exc) from None
         return Stored(rtype, rid, 1, lu, pid, False, resource)
 
+    def insert_docs(self, docs: list[tuple[str, dict]], *, session) -> None:
+        """Insert ``(collection, document)`` pairs in order: inside a transaction in one round trip
+        (a client ``bulkWrite``, MongoDB 8.0+ and SecantusDB), else one insert each. A refused
+        insert raises what ``insert_one`` would (DuplicateKeyError, OperationFailure)."""
+        bulk = len(docs) > 1 and session is not None and session.in_transaction and self._takes_client_bulk()
+        if bulk and session._starting_transaction:
+            # the first command of a transaction may carry its readConcern (majority, or
+            # afterClusterTime when retried), which SecantusDB refuses on a bulkWrite: it goes alone
+            self.db[docs[0][0]].insert_one(docs[0][1], session=session)
+            docs = docs[1:]
+            bulk = len(docs) > 1
+        if not bulk:
+            for coll, doc in docs:
+                self.db[coll].insert_one(doc, session=session)
+            return
+        # encoded here with this database's codecs (FHIR decimals): the client's would not know them
+        ops = [InsertOne(RawBSONDocument(bson.encode(doc, codec_options=CODECS)), namespace=f"{self.db.name}.{coll}")
+               for coll, doc in docs]
+        try:
+            self.client.bulk_write(ops, session=session, ordered=True)
+        except ClientBulkWriteException as exc:
+            raise _bulk_error(exc) from None
+
+    def _takes_client_bulk(self) -> bool:
+        if self._client_bulk is None:
+            self._client_bulk = self.client.admin.command("hello").get("maxWireVersion", 0) >= 25
+        return self._client_bulk
+
     def update(self, rtype: str, rid: str, resource: dict | None, *, pid: str | None,
-               expected_vid: int, session, deleted: bool = False, extra: dict | None = None) -> Stored:
-        """Write version expected_vid+1 (or a delete marker when ``deleted``); ``extra`` as in
-        :meth:`create`."""
+               expected_vid: int, session, deleted: bool = False, extra: dict | None = None,
+               pending: list | None = None) -> Stored:
+        """Write version expected_vid+1 (or a delete marker when ``deleted``); ``extra`` and
+        ``pending`` as in :meth:`create` (``pending`` goes with the history insert)."""
         vid = expected_vid + 1
         lu = now()
         if resource is not None:
@@ -782,8 +826,11 @@ class Storage:
         if res is None:
             cur = self.db[rtype].find_one({"_id": rid}, {"vid": 1}, session=session)
             raise VersionConflict(cur["vid"] if cur else None)
+        docs = [*(pending or []), (f"{rtype}_history", hist)]
+        if pending:
+            pending.clear()
         try:
-            self.db[f"{rtype}_history"].insert_one(hist, session=session)
+            self.insert_docs(docs, session=session)
         except DuplicateKeyError:
             raise VersionConflict(vid) from None
         return Stored(rtype, rid, vid, lu, pid, deleted, resource)
@@ -811,6 +858,16 @@ def _index(coll, keys, **options) -> None:
     except OperationFailure as exc:
         if exc.code not in (85, 86):   # IndexOptionsConflict / IndexKeySpecsConflict: already there
             raise
+
+
+def _bulk_error(exc: ClientBulkWriteException) -> Exception:
+    """The error ``insert_one`` would have raised for the first refused insert of a bulk."""
+    err = (exc.write_errors or [None])[0]
+    if err is None:
+        return exc.error if isinstance(exc.error, Exception) else OperationFailure(str(exc))
+    if err.get("code") == 11000:
+        return DuplicateKeyError(err.get("errmsg", "duplicate key"), 11000, err)
+    return OperationFailure(err.get("errmsg", "write error"), err.get("code"), err)
 
 
 def _by_pid(pid: str | None) -> dict:

@@ -41,6 +41,8 @@ class Commands(monitoring.CommandListener):
     def started(self, event):
         if self.on and event.command_name not in ("getMore", "killCursors"):   # the cache's stream
             coll = event.command.get(event.command_name)
+            if event.command_name == "bulkWrite":      # one round trip into several collections
+                coll = ",".join(sorted(ns["ns"].split(".", 1)[1] for ns in event.command["nsInfo"]))
             self.seen[(event.command_name, coll if isinstance(coll, str) else "",
                        "txnNumber" in event.command)] += 1
 
@@ -78,19 +80,25 @@ def watched(config, mongo_server, db, idp):
 
 def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     api, commands, app = watched
+    cache = app.extensions["fhir_dmp"].policy.context_cache
     ps = api.as_ps()
     pid = ps.create(b.patient())["id"]
-    ps.create(b.docref(pid, content=b.pdf_bytes("warm-up")))     # the DMP's context is now cached
+    time.sleep(1)                     # the change stream has told the cache about the new DMP
+    ps.create(b.docref(pid, content=b.pdf_bytes("warm-up")))
+    assert pid in cache._entries      # the DMP's context is cached, and a deposit kept it
     pdf = b.pdf_bytes("Compte rendu du jour")
     r = commands.during(lambda: ps.post("DocumentReference", b.docref(pid, content=pdf)))
     assert r.status_code == 201, r.json
     seen = commands.seen
     kinds = {cmd for cmd, _, _ in seen}
-    assert kinds <= {"insert", "find", "commitTransaction"}, seen
-    inserts = sorted(coll for cmd, coll, txn in seen if cmd == "insert" and txn)
-    assert inserts == ["AuditEvent", "Binary", "Binary_history", "DocumentReference",
-                       "DocumentReference_history", "content_blobs"], seen
-    assert all(txn for cmd, _, txn in seen if cmd == "insert")
+    assert kinds <= {"insert", "bulkWrite", "find", "commitTransaction"}, seen
+    # the content header (the transaction's first command goes alone: Storage.insert_docs), then
+    # the Binary and the document with their history copies in one round trip, then the journal
+    # entry, all in the transaction
+    writes = sorted(coll for cmd, coll, txn in seen if cmd in ("insert", "bulkWrite") and txn)
+    assert writes == ["AuditEvent", "Binary,Binary_history,DocumentReference,DocumentReference_history",
+                      "content_blobs"], seen
+    assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
     # look-up after the commit (repository._sweep_destroyed)
     assert [(coll, txn) for cmd, coll, txn in seen if cmd == "find"] == [("Patient", False)], seen
@@ -178,3 +186,49 @@ def test_content_in_a_header_cannot_be_swapped_or_miscounted(store, db):
         store.read("pat-s", "bin-a", 1)
     blobs.update_one({"_id": a.blob_id}, {"$set": {"size": len(b"first document")}})
     assert store.read("pat-s", "bin-a", 1) == b"first document"
+
+
+# ----------------------------------------------------------------- several inserts, one round trip
+
+def test_insert_docs_keeps_decimals_reports_duplicates_and_rolls_back(db):
+    from decimal import Decimal
+
+    from pymongo.errors import DuplicateKeyError
+
+    from fhir_dmp.security.consent import access_facets
+    from fhir_dmp.storage import DuplicateValue, Storage, VersionConflict
+    storage = Storage(db.client, db, annotate=access_facets)
+    storage.ensure_indexes()
+    docs = [("Binary", {"_id": "b1", "pid": "p", "x": Decimal("1.50")}),
+            ("Binary_history", {"_id": "b1/1", "rid": "b1"}), ("content_blobs", {"_id": "c1", "p": "p"})]
+    storage.run_transaction(lambda s: storage.insert_docs(docs, session=s))
+    assert storage.db["Binary"].find_one({"_id": "b1"})["x"] == Decimal("1.50")   # not a float
+    assert db["content_blobs"].count_documents({"_id": "c1"}) == 1
+    with pytest.raises(DuplicateKeyError):
+        storage.run_transaction(lambda s: storage.insert_docs(
+            [("content_blobs", {"_id": "c2"}), ("Binary", {"_id": "b1"})], session=s))
+    assert db["content_blobs"].count_documents({"_id": "c2"}) == 0          # rolled back whole
+    # what create makes of a refused insert: the id taken, or another unique value (the INS)
+    with pytest.raises(VersionConflict):
+        storage.run_transaction(lambda s: storage.create("Binary", {"resourceType": "Binary"}, pid="p",
+                                                         rid="b1", session=s))
+    ins = {"resourceType": "Patient", "identifier": [{"system": b.NIR, "value": b.nir()}]}
+    storage.run_transaction(lambda s: storage.create("Patient", ins, pid=None, session=s))
+    with pytest.raises(DuplicateValue):
+        storage.run_transaction(lambda s: storage.create("Patient", ins, pid=None, session=s))
+
+
+def test_insert_docs_in_a_causally_consistent_transaction(db_storage, db):
+    """A session that already read (causal consistency) starts its next transaction with a
+    readConcern (so does a client with read concern majority, as in production): the first
+    insert goes alone, the rest together, all committed."""
+    storage = db_storage
+    with storage.client.start_session() as s:
+        db["content_blobs"].find_one({}, session=s)
+        assert s.operation_time is not None
+        for attempt in range(2):
+            with s.start_transaction():
+                storage.insert_docs([("content_blobs", {"_id": f"a{attempt}"}),
+                                     ("content_chunks", {"_id": f"b{attempt}"}),
+                                     ("content_chunks", {"_id": f"c{attempt}"})], session=s)
+    assert db["content_blobs"].count_documents({}) == 2 and db["content_chunks"].count_documents({}) == 4

@@ -172,12 +172,16 @@ def store_inline_attachments(repo, rid: str, resource: dict, pid: str, session) 
         binary = {"resourceType": "Binary", "contentType": att.get("contentType") or "application/octet-stream",
                   "securityContext": {"reference": f"DocumentReference/{rid}"}}
         wanted = reference_id(att.get("url"), "Binary")
-        bid = wanted if wanted and _ID.fullmatch(wanted) else new_id()
-        # the content first, then the Binary with its size and hash: two inserts, no update (issue 13)
+        wanted = wanted if wanted and _ID.fullmatch(wanted) else None
+        bid = wanted or new_id()
+        # the content first, then the Binary with its size and hash, no update; under a server id
+        # (no conflict possible) both wait to go with the document's own inserts (issue 13)
+        pending = None if wanted else repo.pending_inserts
         info = repo.b.blobs.put(pid, bid, 1, data, max_bytes=repo.b.config.max_attachment_bytes,
-                                session=session, fresh=True)
+                                session=session, fresh=True, pending=pending)
         try:
-            repo.storage.create("Binary", binary, pid=pid, rid=bid, session=session, extra=blob_fields(info))
+            repo.storage.create("Binary", binary, pid=pid, rid=bid, session=session, extra=blob_fields(info),
+                                pending=pending, defer=pending is not None)
         except VersionConflict:
             raise Conflict("attachment.url names an existing Binary: send data or url, not both") from None
         repo.fresh_binaries.add(bid)     # created attached to this document
