@@ -266,9 +266,18 @@ class Storage:
 
     # -- setup -------------------------------------------------------------
     def ensure_indexes(self) -> None:
+        """The indexes each collection's queries use, and no other: every insert pays for each one
+        (issue 13). ``(pid, lu)`` serves the history, so it is kept on the ``*_history``
+        collections and on append-only types (their own history) only; on a current collection
+        nothing sorts on ``lu`` and the other ``pid``-first indexes serve ``pid`` alone (older
+        databases have it: it is dropped)."""
         for rtype in RESOURCE_TYPES:
             coll = self.db[rtype]
-            wanted = [[("pid", 1), ("lu", -1)], *[list(k) for k in search.index_specs(rtype)]]
+            wanted = [list(k) for k in search.index_specs(rtype)]
+            if rtype in APPEND_ONLY:
+                wanted.append([("pid", 1), ("lu", -1)])
+            else:
+                _drop_index(coll, [("pid", 1), ("lu", -1)])
             wanted += EXTRA_INDEXES.get(rtype, [])
             for keys in wanted:
                 _index(coll, keys)
@@ -917,6 +926,13 @@ EXTRA_INDEXES = {
 
 # unique facets (security/consent.py access_facets): one DMP per INS, enforced by the database
 UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
+
+
+def _drop_index(coll, keys) -> None:
+    """Drop the index on exactly ``keys`` if there is one (whatever its name)."""
+    for ix in coll.list_indexes():
+        if [(k, int(v)) for k, v in ix["key"].items()] == list(keys):
+            coll.drop_index(ix["name"])
 
 
 def _index(coll, keys, **options) -> None:

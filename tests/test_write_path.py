@@ -233,3 +233,20 @@ def test_insert_docs_in_a_causally_consistent_transaction(db_storage, db):
                                      ("content_chunks", {"_id": f"b{attempt}"}),
                                      ("content_chunks", {"_id": f"c{attempt}"})], session=s)
     assert db["content_blobs"].count_documents({}) == 2 and db["content_chunks"].count_documents({}) == 4
+
+
+def test_no_index_that_nothing_queries_on_current_collections(db):
+    """``(pid, lu)`` serves the history: kept there and on the append-only journal, dropped from
+    the current collections (an older database had it) where every insert paid for it."""
+    from fhir_dmp.storage import Storage
+    db["DocumentReference"].create_index([("pid", 1), ("lu", -1)])      # as an older version made
+    Storage(db.client, db).ensure_indexes()
+
+    def keys(coll):
+        return [list(ix["key"].items()) for ix in db[coll].list_indexes()]
+    for coll in ("DocumentReference", "Binary", "Consent", "Communication", "Patient", "RelatedPerson"):
+        assert [("pid", 1), ("lu", -1)] not in keys(coll), coll
+        assert [("pid", 1), ("lu", -1)] in keys(f"{coll}_history"), coll
+        if coll != "Patient":       # a DMP's resources are still found (and purged) by pid first
+            assert any(k[0] == ("pid", 1) for k in keys(coll)), coll
+    assert [("pid", 1), ("lu", -1)] in keys("AuditEvent")
