@@ -17,6 +17,11 @@ depend on concurrency). Prints per create of each kind:
 
 The journal sealer is off unless ``--sealer`` (its cost is then added, run to completion after
 the creates, and shown per create). One untimed DMP warms up first.
+
+``--serve``: the same seeding as ``bench/peer.py`` (4 clients, real HTTP) against ``fhir-dmp serve``
+(its workers, sealer, change streams and notification worker on): creates/s and CPU ms per create
+of the database process and of the server processes (``bench/cost.py``'s accounting). Needs the
+peer kit's keys (``--kit``), not npm.
 """
 from __future__ import annotations
 
@@ -78,7 +83,11 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--sealer", action="store_true", help="run the journal sealer (after the creates)")
     ap.add_argument("--by-collection", action="store_true")
+    ap.add_argument("--serve", action="store_true", help="seed a `fhir-dmp serve` over HTTP, 4 clients")
+    ap.add_argument("--kit", type=Path, default=None, help="the peer kit (--serve)")
     args = ap.parse_args()
+    if args.serve:
+        return serve(args)
 
     counter = Counter()
     monitoring.register(counter)
@@ -144,6 +153,38 @@ def main() -> None:
             Sealer(env.storage, env.config.audit_key_path).seal_all()
             print(f"\nsealer, all events of the run: db CPU {(cpu(db_pid) - d0) / total * 1000:6.2f} ms "
                   f"worker CPU {(cpu() - w0) / total * 1000:6.2f} ms per create")
+
+
+def serve(args) -> None:
+    import shutil
+    import tempfile
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cost import cpu_s, split_tree
+    from peer import default_kit, free_port, mint_token, seed, start_ours, stop
+    work = Path(tempfile.mkdtemp(prefix="fhir-dmp-writes-"))
+    ours = None
+    try:
+        kit = work / "kit"
+        shutil.copytree(args.kit or default_kit(), kit, ignore=shutil.ignore_patterns("node_modules", "results"))
+        port = free_port()
+        base = f"http://127.0.0.1:{port}/fhir"
+        token = mint_token(kit, base)
+        args.workers = args.threads = 0
+        ours = start_ours(work, port, base, kit / "keys" / "jwks.json", args)
+        seed(base, token, 1, 2)                      # warm-up
+        server, database = split_tree(ours.pid)
+        before = (sum(map(cpu_s, server)), sum(map(cpu_s, database)))
+        load = os.getloadavg()[0]
+        rate, _ = seed(base, token, args.patients, args.docs)
+        n = args.patients * (1 + args.docs)
+        server_ms = 1e3 * (sum(map(cpu_s, server)) - before[0]) / n
+        db_ms = 1e3 * (sum(map(cpu_s, database)) - before[1]) / n
+        print(f"fhir-dmp serve, {args.patients} x (1 Patient + {args.docs} DocumentReference), 4 clients: "
+              f"{rate:.1f} creates/s; per create: database {db_ms:.2f} ms CPU, server processes "
+              f"{server_ms:.2f} ms CPU; load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
+    finally:
+        stop(ours)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
