@@ -8,6 +8,12 @@ Layout (one collection per type, history in ``<Type>_history``)::
     {"_id": id, "pid": owning patient id, "vid": int, "lu": datetime,
      "del": bool, "res": resource JSON, "s": search index, "o": sort keys}
 
+The ``<Type>_history`` collection holds the superseded versions; the current version is read
+from the current collection (its document carries ``nh: true``: "no history copy yet") and is
+copied into the history by the update that supersedes it, from the document the update returns:
+a create writes one document, not two (issue 13). Documents written before that have their copy
+already (no ``nh``); the history and vread read both.
+
 ``pid`` starts every index so a patient's record can live on one shard.
 Optimistic concurrency is enforced by the database: an update matches
 ``{"_id": id, "vid": expected}`` and the history insert has a unique
@@ -327,7 +333,8 @@ class Storage:
         if rtype in APPEND_ONLY:
             doc = self.db[rtype].find_one({"_id": rid}, session=session) if vid == 1 else None
         else:
-            doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session)
+            doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session) \
+                or self.db[rtype].find_one({"_id": rid, "vid": vid, NO_COPY: True}, VERSION_FIELDS, session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 
     def _history_of(self, rtype: str, rid: str | None) -> tuple:
@@ -354,14 +361,43 @@ class Storage:
             if rtype in APPEND_ONLY:      # the key is "id/vid"; there the _id is the id alone
                 key = key.rsplit("/", 1)[0]
             flt = {"$and": [flt, {"$or": [{"lu": {"$lt": lu}}, {"lu": lu, "_id": {"$gt": key}}]}]}
-        docs = coll.find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit)
+        docs = list(coll.find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit))
+        if rtype not in APPEND_ONLY:
+            docs += self._current_versions(rtype, rid, pid_filter, since, before, after_key, limit, session)
+            docs.sort(key=lambda d: d["_id"])
+            docs.sort(key=lambda d: d["lu"], reverse=True)      # stable: (lu desc, _id asc)
+            docs = docs[:limit]
         return [Stored.from_doc(rtype, d) for d in docs]
+
+    def _current_versions(self, rtype, rid, pid_filter, since, before, after_key, limit, session) -> list[dict]:
+        """The current versions that have no history copy yet and belong in :meth:`history`'s page,
+        shaped as history documents (``_id`` "id/vid"): those before the cursor's instant, then
+        those at that instant whose key is after the cursor's (compared like the history's)."""
+        flt = {NO_COPY: True, **({} if rid is None else {"_id": rid}), **(pid_filter or {})}
+        lu = {**({"$gte": since} if since else {}), **({"$lt": before} if before else {})}
+        at = None
+        if after_key:
+            at, key = after_key
+            lu["$lt"] = min(at, lu["$lt"]) if "$lt" in lu else at
+        if lu:
+            flt["lu"] = lu
+        cur = self.db[rtype].find(flt, VERSION_FIELDS, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit)
+        out = [_as_version(d) for d in cur]
+        if at is not None and (since is None or at >= since) and (before is None or at < before):
+            tied = self.db[rtype].find({**{k: v for k, v in flt.items() if k != "lu"}, "lu": at}, VERSION_FIELDS,
+                                       session=session)
+            out += [v for v in map(_as_version, tied) if v["_id"] > key]
+        return out
 
     def count_history(self, rtype: str, rid: str | None, pid_filter: dict | None = None, *, session=None) -> int:
         coll, flt = self._history_of(rtype, rid)
         if pid_filter:
             flt.update(pid_filter)
-        return coll.count_documents(flt, session=session)
+        n = coll.count_documents(flt, session=session)
+        if rtype not in APPEND_ONLY:     # the current versions without a copy (module docstring)
+            n += self.db[rtype].count_documents({NO_COPY: True, **({} if rid is None else {"_id": rid}),
+                                                 **(pid_filter or {})}, session=session)
+        return n
 
     def find(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[Stored]:
         return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit, session=session)]
@@ -837,9 +873,9 @@ class Storage:
         resource = self.stamp(resource, rid, 1, lu)
         if rtype == "Patient":
             pid = rid
-        current, hist = self._docs(rtype, rid, 1, pid, resource, False, lu)
-        current.update(extra or {})
-        docs = [(rtype, current), (f"{rtype}_history", hist)]
+        current, _ = self._docs(rtype, rid, 1, pid, resource, False, lu)
+        current.update(extra or {}, **{NO_COPY: True})
+        docs = [(rtype, current)]       # its history copy is written when it is superseded
         if defer:
             pending.extend(docs)
         else:
@@ -883,27 +919,31 @@ class Storage:
     def update(self, rtype: str, rid: str, resource: dict | None, *, pid: str | None,
                expected_vid: int, session, deleted: bool = False, extra: dict | None = None,
                pending: list | None = None) -> Stored:
-        """Write version expected_vid+1 (or a delete marker when ``deleted``); ``extra`` and
-        ``pending`` as in :meth:`create` (``pending`` goes with the history insert)."""
+        """Write version expected_vid+1 (or a delete marker when ``deleted``); the superseded
+        version goes to the history (from the document the update returns, no extra read) unless
+        it has its copy already (written before issue 13). ``extra`` and ``pending`` as in
+        :meth:`create` (``pending`` goes with the history insert)."""
         vid = expected_vid + 1
         lu = now()
         if resource is not None:
             resource = self.stamp(resource, rid, vid, lu)
-        current, hist = self._docs(rtype, rid, vid, pid, resource, deleted, lu)
+        current, _ = self._docs(rtype, rid, vid, pid, resource, deleted, lu)
         if deleted:
             # keep the last content searchable by nobody; the history keeps the versions
             current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
-        current.update(extra or {})
+        current.update(extra or {}, **{NO_COPY: True})
         try:
-            res = self.db[rtype].find_one_and_update(
+            old = self.db[rtype].find_one_and_update(
                 {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
-                session=session, return_document=ReturnDocument.AFTER, projection={"_id": 1})
+                session=session, return_document=ReturnDocument.BEFORE, projection={**VERSION_FIELDS, NO_COPY: 1})
         except DuplicateKeyError as exc:
             raise _duplicate(exc) from None
-        if res is None:
+        if old is None:
             cur = self.db[rtype].find_one({"_id": rid}, {"vid": 1}, session=session)
             raise VersionConflict(cur["vid"] if cur else None)
-        docs = [*(pending or []), (f"{rtype}_history", hist)]
+        docs = [*(pending or [])]
+        if old.get(NO_COPY):
+            docs.append((f"{rtype}_history", _as_version(old)))
         if pending:
             pending.clear()
         try:
@@ -926,6 +966,18 @@ EXTRA_INDEXES = {
 
 # unique facets (security/consent.py access_facets): one DMP per INS, enforced by the database
 UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
+
+
+#: on a current document: its version has no copy in the history yet (module docstring)
+NO_COPY = "nh"
+#: what a version is, in a current document (projection)
+VERSION_FIELDS = {"pid": 1, "vid": 1, "lu": 1, "del": 1, "res": 1}
+
+
+def _as_version(doc: dict) -> dict:
+    """A current document shaped as its history copy (``Storage._docs``)."""
+    return {"_id": f"{doc['_id']}/{doc['vid']}", "rid": doc["_id"], "pid": doc.get("pid"), "vid": doc["vid"],
+            "lu": doc["lu"], "del": bool(doc.get("del")), "res": doc.get("res")}
 
 
 def _drop_index(coll, keys) -> None:

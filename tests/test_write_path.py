@@ -6,10 +6,13 @@ of the real server:
 
 * a deposit is inserts only, then the commit: no update (the Binary is inserted with its
   content's size and hash and already attached to its document), no look-up of content that
-  cannot exist yet, one content document for a small PDF (no separate chunk), and no decision
-  context query while the DMP's context is cached (a deposit changes none of its inputs);
+  cannot exist yet, one content document for a small PDF (no separate chunk), no history copy
+  of a version 1, the Binary and the document in one round trip, and no decision context query
+  while the DMP's context is cached (a deposit changes none of its inputs);
 * opening a DMP tells the patient about the Patient just written, without reading it back;
-* a Consent written through the same process still drops the cached context at once.
+* a Consent written through the same process still drops the cached context at once;
+* the history keeps superseded versions only (the current one is read from its collection) and
+  still lists every version once, old documents that have their copy included.
 """
 from __future__ import annotations
 
@@ -93,11 +96,11 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     kinds = {cmd for cmd, _, _ in seen}
     assert kinds <= {"insert", "bulkWrite", "find", "commitTransaction"}, seen
     # the content header (the transaction's first command goes alone: Storage.insert_docs), then
-    # the Binary and the document with their history copies in one round trip, then the journal
-    # entry (security/audit.py), all in the transaction
+    # the Binary and the document in one round trip (no history copy of a version 1), then the
+    # journal entry (security/audit.py), all in the transaction
     writes = sorted(coll for cmd, coll, txn in seen if cmd in ("insert", "bulkWrite") and txn)
-    assert [w for w in writes if not w.startswith("AuditEvent")] == [
-        "Binary,Binary_history,DocumentReference,DocumentReference_history", "content_blobs"], seen
+    assert [w for w in writes if not w.startswith("AuditEvent")] == ["Binary,DocumentReference",
+                                                                     "content_blobs"], seen
     assert "AuditEvent" in writes, seen
     assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
@@ -250,3 +253,82 @@ def test_no_index_that_nothing_queries_on_current_collections(db):
         if coll != "Patient":       # a DMP's resources are still found (and purged) by pid first
             assert any(k[0] == ("pid", 1) for k in keys(coll)), coll
     assert [("pid", 1), ("lu", -1)] in keys("AuditEvent")
+
+
+# ------------------------------------------------------- the history keeps superseded versions only
+
+def _versions(storage, rtype, rid=None, **kw):
+    return [(s.id, s.vid) for s in storage.history(rtype, rid, **kw)]
+
+
+def test_a_create_writes_one_document_and_the_history_still_lists_every_version(db):
+    from fhir_dmp.storage import Storage
+    storage = Storage(db.client, db)
+    storage.ensure_indexes()
+    res = {"resourceType": "RelatedPerson", "active": True}
+    one = storage.run_transaction(lambda s: storage.create("RelatedPerson", res, pid="p", session=s))
+    assert db["RelatedPerson_history"].count_documents({}) == 0          # no copy of the current version
+    assert _versions(storage, "RelatedPerson", one.id) == [(one.id, 1)]
+    assert storage.vread("RelatedPerson", one.id, 1).resource["active"] is True
+    two = storage.run_transaction(lambda s: storage.update("RelatedPerson", one.id, dict(res, active=False),
+                                                           pid="p", expected_vid=1, session=s))
+    gone = storage.run_transaction(lambda s: storage.update("RelatedPerson", one.id, None, pid="p",
+                                                            expected_vid=2, session=s, deleted=True))
+    assert (two.vid, gone.vid) == (2, 3)
+    assert [d["vid"] for d in db["RelatedPerson_history"].find({}, sort=[("vid", 1)])] == [1, 2]
+    assert _versions(storage, "RelatedPerson", one.id) == [(one.id, 3), (one.id, 2), (one.id, 1)]
+    assert storage.count_history("RelatedPerson", one.id) == 3
+    assert storage.vread("RelatedPerson", one.id, 2).resource["active"] is False
+    assert storage.vread("RelatedPerson", one.id, 3).deleted
+    assert storage.vread("RelatedPerson", one.id, 4) is None
+
+
+def test_a_version_written_before_keeps_its_one_copy(db):
+    """A current document with its history copy already (as written before issue 13): superseding
+    it adds no second copy, and every version is listed once."""
+    from fhir_dmp.storage import Storage, now
+    storage = Storage(db.client, db)
+    storage.ensure_indexes()
+    lu = now()
+    res = storage.stamp({"resourceType": "RelatedPerson", "active": True}, "old", 1, lu)
+    current, hist = storage._docs("RelatedPerson", "old", 1, "p", res, False, lu)
+    db["RelatedPerson"].insert_one(current)
+    db["RelatedPerson_history"].insert_one(hist)
+    assert _versions(storage, "RelatedPerson", "old") == [("old", 1)]
+    storage.run_transaction(lambda s: storage.update("RelatedPerson", "old", {"resourceType": "RelatedPerson"},
+                                                     pid="p", expected_vid=1, session=s))
+    assert db["RelatedPerson_history"].count_documents({"rid": "old"}) == 1
+    assert _versions(storage, "RelatedPerson", "old") == [("old", 2), ("old", 1)]
+    assert storage.count_history("RelatedPerson", "old") == 2
+
+
+def test_type_history_pages_across_current_and_superseded_versions(db):
+    """Keyset pages of a type's history (lu desc, "id/vid" asc) over versions split between the
+    history and the current documents, several at the same instant: each version exactly once."""
+    from fhir_dmp.storage import Storage, now
+    storage = Storage(db.client, db)
+    storage.ensure_indexes()
+    made = []
+    for i in range(7):
+        made.append(storage.run_transaction(lambda s, i=i: storage.create(
+            "RelatedPerson", {"resourceType": "RelatedPerson"}, pid="p" if i % 2 else "q", rid=f"r{i}", session=s)))
+    for i in (1, 4):
+        storage.run_transaction(lambda s, i=i: storage.update(
+            "RelatedPerson", f"r{i}", {"resourceType": "RelatedPerson", "active": True}, pid="p" if i % 2 else "q",
+            expected_vid=1, session=s))
+    at = now()       # everything at one instant: the tie-break on "id/vid" decides the order
+    db["RelatedPerson"].update_many({}, {"$set": {"lu": at}})
+    db["RelatedPerson_history"].update_many({}, {"$set": {"lu": at}})
+    everything = sorted([(f"r{i}", 1) for i in range(7)] + [("r1", 2), ("r4", 2)],
+                        key=lambda v: f"{v[0]}/{v[1]}")
+    pages, after = [], None
+    while True:
+        page = storage.history("RelatedPerson", None, after_key=after, limit=2)
+        if not page:
+            break
+        pages += [(s.id, s.vid) for s in page]
+        after = (page[-1].lu, f"{page[-1].id}/{page[-1].vid}")
+    assert pages == everything
+    only_p = _versions(storage, "RelatedPerson", pid_filter={"pid": "p"}, limit=50)
+    assert sorted(only_p) == sorted(v for v in everything if int(v[0][1]) % 2)
+    assert storage.count_history("RelatedPerson", None, {"pid": "p"}) == len(only_p)
