@@ -374,10 +374,11 @@ class Storage:
         shaped as history documents (``_id`` "id/vid"): those before the cursor's instant, then
         those at that instant whose key is after the cursor's (compared like the history's)."""
         flt = {NO_COPY: True, **({} if rid is None else {"_id": rid}), **(pid_filter or {})}
+        since, before = _utc(since), _utc(before)
         lu = {**({"$gte": since} if since else {}), **({"$lt": before} if before else {})}
         at = None
         if after_key:
-            at, key = after_key
+            at, key = _utc(after_key[0]), after_key[1]
             lu["$lt"] = min(at, lu["$lt"]) if "$lt" in lu else at
         if lu:
             flt["lu"] = lu
@@ -972,6 +973,11 @@ UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
 NO_COPY = "nh"
 #: what a version is, in a current document (projection)
 VERSION_FIELDS = {"pid": 1, "vid": 1, "lu": 1, "del": 1, "res": 1}
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    """A datetime Python can compare with the stored ones (naive is taken as UTC, as pymongo does)."""
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
 
 
 def _as_version(doc: dict) -> dict:

@@ -332,3 +332,6 @@ def test_type_history_pages_across_current_and_superseded_versions(db):
     only_p = _versions(storage, "RelatedPerson", pid_filter={"pid": "p"}, limit=50)
     assert sorted(only_p) == sorted(v for v in everything if int(v[0][1]) % 2)
     assert storage.count_history("RelatedPerson", None, {"pid": "p"}) == len(only_p)
+    # a cursor with a naive instant (a client can send any) compares like pymongo's (UTC)
+    naive = storage.history("RelatedPerson", None, after_key=(at.replace(tzinfo=None), "r3/1"), since=at)
+    assert [(s.id, s.vid) for s in naive] == [v for v in everything if f"{v[0]}/{v[1]}" > "r3/1"]
