@@ -451,3 +451,17 @@ def test_mark_retention(db, sealer):
     assert doc["retain_until"].replace(tzinfo=timezone.utc) == datetime(2034, 2, 28, 12, 0, tzinfo=timezone.utc)
     assert "retain_until" not in db[COLLECTION].find_one({"pid": "p2"})
     assert verify_chains(st(db)) == []
+
+
+def test_queue_entries_emptied_by_a_destroy_are_dropped_and_the_rest_sealed(db, sealer):
+    """A destroy pulls the DMP's events out of the sealer's queue (other DMPs' stay queued)."""
+    log = AuditLog(st(db))
+    log.append([ev(), ev()])                      # p1 alone: emptied by the destroy
+    log.append([ev(patient_id="p2"), ev(patient_id="p2"), ev()])   # p2's stay queued
+    with db.client.start_session() as s:
+        s.with_transaction(lambda sess: st(db).purge_dmp("p1", session=sess))
+    sealer.batch = 1          # the first pass only drops the emptied entry: seal_all goes on
+    assert sealer.seal_all() == 2
+    assert unsealed(db) == 0 and db["AuditEvent_queue"].count_documents({}) == 0
+    assert [e["chain"]["seq"] for e in chained(db, "p2")] == [1, 2] and chained(db, "p1") == []
+    assert verify_chains(st(db), check_signatures=True, public_key=sealer.key.public_key()) == []
