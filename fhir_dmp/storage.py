@@ -722,17 +722,28 @@ class Storage:
         return {h["_id"] for h in self.db[JOURNAL_HEADS].find({"destroyed": True}, {"_id": 1})}
 
     # -- the journal sealer (security/sealer.py) --------------------------------
-    def take_sealer_lease(self, owner: str, now: datetime, until: datetime) -> bool:
-        """Take or renew the one sealer lease; False when another live owner holds it, or when
-        the lease document stays locked (bounded wait, :data:`LEASE_WAIT_S`): a sealing
-        transaction left open by a killed process holds it until SecantusDB aborts that
-        transaction (idle for 60 s, like mongod's transactionLifetimeLimitSeconds); without the
-        bound the other servers' sealers would wait on it forever."""
+    def take_sealer_lease(self, owner: str, now: datetime, until: datetime, lsid: dict | None = None) -> bool:
+        """Take or renew the one sealer lease for ``owner``, whose sealing transactions run in
+        session ``lsid``; False when another live owner holds it.
+
+        A holder killed inside a sealing transaction leaves that transaction open, and its write
+        keeps the lease document locked until SecantusDB aborts it (60 s idle AND another
+        transaction command: possibly never on a read-only load). So whoever takes an EXPIRED
+        lease first kills the holder's session (``killSessions``, which aborts its transaction;
+        a live holder that merely overran its lease just loses its current pass, as the fencing
+        write would make it anyway). Lease writes wait at most :data:`LEASE_WAIT_S` on a lock."""
+        stale = self.db[SEALER_LEASE].find_one(   # a snapshot read: not blocked by the lock
+            {"_id": SEALER_ID, "owner": {"$ne": owner}, "until": {"$lt": now}, "lsid": {"$exists": True}})
+        if stale is not None:
+            try:
+                self.client.admin.command("killSessions", [stale["lsid"]])
+            except PyMongoError as exc:
+                log.warning("could not end the expired sealer's session: %s", type(exc).__name__)
         try:
             with pymongo.timeout(LEASE_WAIT_S):
                 doc = self.db[SEALER_LEASE].find_one_and_update(
                     {"_id": SEALER_ID, "$or": [{"owner": owner}, {"until": {"$lt": now}}]},
-                    {"$set": {"owner": owner, "until": until}},
+                    {"$set": {"owner": owner, "until": until, **({"lsid": lsid} if lsid else {})}},
                     upsert=True, return_document=ReturnDocument.AFTER)
         except DuplicateKeyError:
             return False
