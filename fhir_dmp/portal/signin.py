@@ -17,13 +17,13 @@ expires. Only patients and legal representatives may use the portal.
 """
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 from flask import current_app, g, request, session
 
 from ..errors import FhirError
+from ..secret_files import write_secret
 from ..repository import GuardedRepository, RequestInfo
 from ..security.principal import LEGAL_REPRESENTATIVE, PATIENT, Principal
 
@@ -45,14 +45,9 @@ def session_secret(config) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:          # another worker wrote it first: use theirs
+    if not write_secret(path, key):  # another worker wrote it first: use theirs
         return path.read_bytes()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
     return key
 
 

@@ -36,7 +36,6 @@ import json
 import os
 import secrets
 import struct
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -48,6 +47,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from pymongo.errors import DuplicateKeyError
+
+from ..secret_files import write_secret
 
 FORMAT_V1 = b"\x01"
 NONCE_LEN = 12
@@ -115,26 +116,7 @@ class LocalKeyFileProvider:
 
     # -- file handling
     def _write_atomic(self, doc: dict, *, replace: bool) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".kek-", dir=self.path.parent)  # mkstemp: mode 0600
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            if replace:
-                os.replace(tmp, self.path)
-            else:
-                try:
-                    os.link(tmp, self.path)  # fails if another process created it first
-                except FileExistsError:
-                    pass
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        write_secret(self.path, json.dumps(doc, indent=1).encode("utf-8"), replace=replace)
 
     def _create(self) -> None:
         kid = _new_kek_id()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import stat
 import time
 import uuid
@@ -18,6 +16,7 @@ from pathlib import Path
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
+from ..secret_files import write_secret
 from .principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PS, REGULATION_CENTRE, ETREAT, BTG, TREAT
 
 log = logging.getLogger(__name__)
@@ -58,37 +57,11 @@ def dev_public_key(config) -> ECKey:
 
 
 def _create_key_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = ECKey.generate_key("P-256", parameters={"use": "sig", "alg": "ES256"},
                              private=True, auto_kid=True)
-    body = json.dumps(key.as_dict(private=True), indent=2).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)        # atomic "create if absent", complete content
-        except FileExistsError:
-            return                    # another process won the race: use its key
-        except OSError:
-            # filesystem without hard links: exclusive create, then write
-            try:
-                fd2 = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                return
-            with os.fdopen(fd2, "wb") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())
+    if write_secret(path, json.dumps(key.as_dict(private=True), indent=2).encode()):
         log.info("created dev signing key %s (kid %s)", path, key.kid)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    # else another process won the race: use its key
 
 
 def mint_token(config, kind: str, *, patient: str | None = None, id_nat_ps: str | None = None,

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pymongo.errors import InvalidOperation, PyMongoError
 
+from ..secret_files import write_secret
 from .audit import GENESIS, SYSTEM_CHAIN, canonical_json, link_hash
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,11 @@ def load_signing_key(path: Path, *, create: bool = False) -> Ed25519PrivateKey |
     if not path.exists():
         if not create:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        try:  # O_EXCL: two processes starting together keep the first key
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        if not write_secret(path, pem):   # two processes starting together keep the first key
             return load_signing_key(path)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
         return key
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
