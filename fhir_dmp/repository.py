@@ -913,11 +913,11 @@ class GuardedRepository:
         self._dirty_pids.add(stored.pid)
 
     def _forget_contexts(self) -> None:
-        """Drop the cached decision context of the patients this request wrote."""
-        cache = self.b.policy.context_cache
-        if cache is not None:
-            for pid in self._dirty_pids:
-                cache.invalidate(pid)
+        """Drop the cached decision context and documents of the patients this request wrote."""
+        for cache in (self.b.policy.context_cache, self.storage.doc_cache):
+            if cache is not None:
+                for pid in self._dirty_pids:
+                    cache.invalidate(pid)
         self._dirty_pids.clear()
 
     def _authorize_creator(self, patient: Stored, session) -> None:

@@ -60,26 +60,35 @@ def load_contexts(storage, pids: list[str], session=None) -> dict[str, tuple]:
     return out
 
 
-class ContextCache:
-    """pid -> decision context, per process (see module docstring). Thread-safe."""
+class PidCache:
+    """pid -> something loaded from the database, per process, dropped as soon as the database
+    says that pid's data changed (see the module docstring: generations, live flag). Thread-safe.
 
-    def __init__(self, storage, *, max_entries: int = 20_000, max_age: float = 300.0):
-        self.storage = storage
-        self.max_entries = max_entries
+    Subclasses define :meth:`_load` (``pids -> {pid: value}``, from the database) and may weigh
+    entries (:meth:`_weight`): the least recently used go once the total passes ``max_weight``.
+    """
+
+    def __init__(self, *, max_weight: int = 20_000, max_age: float = 300.0):
+        self.max_weight = max_weight
         self.max_age = max_age
-        self._entries: OrderedDict[str, tuple[float, tuple]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, object, int]] = OrderedDict()
+        self._weight_total = 0
         self._changed: OrderedDict[str, int] = OrderedDict()   # pid -> generation of its last change
         self._gen = 0
         self._floor = 0              # puts with an older token are refused (reset, pruned history)
         self._live = False
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.hits = self.misses = 0
 
+    def _load(self, pids: list[str]) -> dict:
+        raise NotImplementedError
+
+    def _weight(self, value) -> int:
+        return 1
+
     # -- reads through the cache
-    def load(self, pids: list[str]) -> dict[str, tuple]:
-        """Contexts of ``pids``: cached ones, the others loaded (two queries) and cached."""
+    def load(self, pids: list[str]) -> dict:
+        """Values of ``pids``: cached ones, the others loaded (:meth:`_load`) and cached."""
         out, todo = {}, []
         now = time.monotonic()
         with self._lock:
@@ -95,7 +104,7 @@ class ContextCache:
             self.hits += len(out)
             self.misses += len(todo)
         if todo:
-            loaded = load_contexts(self.storage, todo)
+            loaded = self._load(todo)
             out.update(loaded)
             if live:
                 self._put(loaded, token, now)
@@ -105,28 +114,38 @@ class ContextCache:
         with self._lock:
             if not self._live or token < self._floor:
                 return
-            for pid, ctx in loaded.items():
+            for pid, value in loaded.items():
                 if self._changed.get(pid, 0) > token:
                     continue   # changed while we were loading: the next request loads again
-                self._entries[pid] = (now, ctx)
-                self._entries.move_to_end(pid)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+                weight = self._weight(value)
+                if weight > self.max_weight:
+                    continue   # larger than the whole cache: always read from the database
+                self._drop(pid)
+                self._entries[pid] = (now, value, weight)
+                self._weight_total += weight
+            while self._weight_total > self.max_weight:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, pid: str) -> None:
+        old = self._entries.pop(pid, None)
+        if old is not None:
+            self._weight_total -= old[2]
 
     # -- invalidation
     def invalidate(self, pid: str | None) -> None:
-        """Forget one patient's context (None: everything)."""
+        """Forget one patient's entry (None: everything)."""
         with self._lock:
             self._gen += 1
             if pid is None:
                 self._entries.clear()
+                self._weight_total = 0
                 self._changed.clear()
                 self._floor = self._gen
                 return
-            self._entries.pop(pid, None)
+            self._drop(pid)
             self._changed[pid] = self._gen
             self._changed.move_to_end(pid)
-            while len(self._changed) > self.max_entries:
+            while len(self._changed) > 20_000:
                 _, gen = self._changed.popitem(last=False)
                 self._floor = max(self._floor, gen)
 
@@ -139,6 +158,31 @@ class ContextCache:
     def live(self) -> bool:
         return self._live
 
+
+class ContextCache(PidCache):
+    """pid -> decision context (:func:`load_contexts`), and the process's one change stream.
+
+    ``followers`` maps a collection outside :data:`storage.DECISION_INPUTS` to another
+    :class:`PidCache` (e.g. the DMP document cache, ``doc_cache.py``): the same stream watches
+    that collection and invalidates the follower's entry of each changed document's ``pid``.
+    """
+
+    def __init__(self, storage, *, max_entries: int = 20_000, max_age: float = 300.0,
+                 followers: dict[str, PidCache] | None = None):
+        super().__init__(max_weight=max_entries, max_age=max_age)
+        self.storage = storage
+        self.followers = dict(followers or {})
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _load(self, pids: list[str]) -> dict:
+        return load_contexts(self.storage, pids)
+
+    def _set_live(self, live: bool) -> None:
+        for follower in self.followers.values():
+            follower._set_live(live)
+        super()._set_live(live)
+
     # -- the change stream
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="context-cache", daemon=True)
@@ -150,7 +194,7 @@ class ContextCache:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with self.storage.watch_decision_inputs() as stream:
+                with self.storage.watch_decision_inputs(also=tuple(self.followers)) as stream:
                     self._set_live(True)
                     while not self._stop.is_set() and stream.alive:
                         change = stream.try_next()
@@ -175,7 +219,12 @@ class ContextCache:
         pid = doc.get("pid")
         if coll == "Patient":
             pid = (change.get("documentKey") or {}).get("_id")
+        follower = self.followers.get(coll)
         if change.get("operationType") in ("drop", "dropDatabase", "rename", "invalidate") or not pid:
             self.invalidate(None)
+            for other in self.followers.values():
+                other.invalidate(None)
+        elif follower is not None:
+            follower.invalidate(pid)
         else:
             self.invalidate(pid)
