@@ -43,11 +43,13 @@ JOBS = "scheduled_jobs"                       # daily jobs' leases (lifecycle.py
 GRANTS = "btg_grants"                         # break-the-glass grants (security/consent.py)
 JOURNAL = "AuditEvent"                        # the audit journal (security/audit.py)
 JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (security/audit.py)
+JOURNAL_QUEUE = "AuditEvent_queue"            # appended, not yet sealed (security/audit.py)
+JOURNAL_LINKS = "AuditEvent_link"             # each sealed event's chain link (security/sealer.py)
 CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (security/sealer.py)
 SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (security/sealer.py)
 #: what the access decision reads: the decision context cache watches them (security/context_cache.py)
 DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
-#: ``unsealed`` is the append time, always a date: a range on it reads the sparse queue index only
+#: a range from EPOCH on the queue's ``t`` (always a date) reads the queue through its index
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SEALER_ID = "sealer"
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
@@ -476,7 +478,9 @@ class Storage:
         gone(OUTBOX, {"patient_id": pid})
         gone(ACCESS_CODES, {"pid": pid})
         # sealed and not yet sealed events alike (the sealer links them after the fact)
-        gone(JOURNAL, {"$or": [{"chain.pid": pid}, {"pid": pid}]})
+        gone(JOURNAL, {"pid": pid})
+        gone(JOURNAL_LINKS, {"pid": pid})
+        self.db[JOURNAL_QUEUE].update_many({"items.p": pid}, {"$pull": {"items": {"p": pid}}}, session=session)
         gone(JOURNAL_HEADS, {"_id": pid})
         # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
         # a date, nothing personal) so that `audit verify` does not take it for a deleted chain
@@ -558,48 +562,79 @@ class Storage:
     def kek_ids_in_use(self) -> set[str]:
         return set(self.db[DATAKEYS].distinct("kek_id"))
 
-    # -- the journal (security/audit.py) ----------------------------------------
+    # -- the journal (security/audit.py, security/sealer.py) -----------------------
+    # Three insert-mostly collections, because SecantusDB updates are dear (~1 ms of the database's
+    # CPU for a journal entry, ~5 ms with its old 14 indexes, against ~0.1 ms for a small insert):
+    #   AuditEvent          the events (``res``), written once, never updated by the sealer;
+    #   AuditEvent_queue    one small document per append {t, items: [{e, p, d}]} (event id, chain,
+    #                       content digest), written in the same transaction as its events: the
+    #                       sealer's to-do list, removed in the transaction that seals it;
+    #   AuditEvent_link     one small document per sealed event {_id: event id, pid, seq, prev, hash}.
     def _journal(self):
         return self.db.get_collection(JOURNAL, write_concern=WriteConcern(w="majority", j=True))
 
     def ensure_journal_indexes(self) -> None:
-        """The sealed chain position is unique (sparse: unsealed events have no ``chain``) and the
-        unsealed events are found in order. An older non-sparse index of the same keys is replaced."""
+        """Links: the chain position is unique (the anti-fork guard). Queue: oldest first.
+        Journal indexes that this version no longer keeps (the lean set of ``search.indexes``) and
+        the old in-event chain and queue indexes are dropped: each one was paid on every read."""
+        wanted = {tuple(k) for k in ([("_id", 1)], [("pid", 1), ("lu", -1)], [("lu", -1), ("_id", 1)],
+                                     *search.index_specs(JOURNAL))}
         events = self.db[JOURNAL]
-        existing = {ix["name"]: ix for ix in events.list_indexes()}
-        old = existing.get("chain_position")
-        if old is not None and not old.get("sparse"):
-            events.drop_index("chain_position")
-        events.create_index([("chain.pid", 1), ("chain.seq", 1)], unique=True, sparse=True,
-                            name="chain_position")
-        events.create_index([("unsealed", 1), ("_id", 1)], sparse=True, name="unsealed_queue")
+        for ix in events.list_indexes():
+            if tuple((k, int(v)) for k, v in ix["key"].items()) not in wanted:
+                events.drop_index(ix["name"])
+        self.db[JOURNAL_LINKS].create_index([("pid", 1), ("seq", 1)], unique=True, name="chain_position")
+        self.db[JOURNAL_QUEUE].create_index([("t", 1), ("_id", 1)], name="oldest_first")
 
-    def journal_insert(self, docs: list[dict], *, session=None) -> None:
-        """Append journal entries: inside ``session``'s transaction (ordered, the transaction's
-        write concern), or else durably (``w: majority, j: true``, unordered: a group commit)."""
+    def journal_insert(self, docs: list[dict], items: list[dict], *, session=None) -> None:
+        """Append journal entries and their one queue document (``items``: ``{e, p, d}`` per event),
+        atomically: inside ``session``'s transaction, or else in a transaction of their own that
+        commits durably (``w: majority, j: true``: one fsync for a whole group commit)."""
+        def write(s) -> None:
+            self.db[JOURNAL].insert_many(docs, ordered=True, session=s)
+            self.db[JOURNAL_QUEUE].insert_one({"_id": uuid.uuid4().hex, "t": now(), "items": items}, session=s)
         if session is not None:
-            self.db[JOURNAL].insert_many(docs, ordered=True, session=session)
-        else:
-            self._journal().insert_many(docs, ordered=False)
+            write(session)
+            return
+        with self.client.start_session() as s:
+            s.with_transaction(write, write_concern=WriteConcern(w="majority", j=True))
 
     def mark_journal_retention(self, pid: str, until: datetime) -> int:
         """``retain_until`` on every event of ``pid``'s chain or compartment; the number updated."""
-        return self._journal().update_many({"$or": [{"chain.pid": pid}, {"pid": pid}]},
-                                           {"$set": {"retain_until": until}}).modified_count
+        return self._journal().update_many({"pid": pid}, {"$set": {"retain_until": until}}).modified_count
+
+    def _queued(self, pid: str | None = None):
+        """``(t, item)`` for every queued (unsealed) event, ``pid``'s only when given."""
+        for q in self.db[JOURNAL_QUEUE].find({} if pid is None else {"items.p": pid}):
+            for item in q["items"]:
+                if pid is None or item.get("p") == pid:
+                    yield q["t"], item
 
     def count_unsealed_before(self, cutoff: datetime, pid: str | None = None) -> int:
-        return self.db[JOURNAL].count_documents({"unsealed": {"$lt": cutoff}, **_by_pid(pid)})
+        return sum(1 for t, _ in self._queued(pid) if t < cutoff)
 
     def count_unchained(self, pid: str | None = None) -> int:
-        """Events neither sealed nor waiting for the sealer."""
-        return self.db[JOURNAL].count_documents({"chain.seq": {"$exists": False},
-                                                 "unsealed": {"$exists": False}, **_by_pid(pid)})
+        """Events neither sealed nor waiting for the sealer (a queue entry lost, or deleted)."""
+        queued = {item["e"] for _, item in self._queued(pid)}
+        linked = {d["_id"] for d in self.db[JOURNAL_LINKS].find(_by_pid(pid), {"_id": 1})}
+        return sum(1 for d in self.db[JOURNAL].find(_by_pid(pid), {"_id": 1})
+                   if d["_id"] not in linked and d["_id"] not in queued)
 
-    def sealed_events(self, pid: str | None = None):
-        """Sealed events (``res``, ``chain``, ``pid``) in chain order (``chain.pid``, ``chain.seq``)."""
-        query = {"chain.seq": {"$exists": True}, **({} if pid is None else {"chain.pid": pid})}
-        return self.db[JOURNAL].find(query, {"res": 1, "chain": 1, "pid": 1},
-                                     sort=[("chain.pid", 1), ("chain.seq", 1)])
+    def sealed_events(self, pid: str | None = None, *, chunk: int = 500):
+        """Sealed events in chain order (link ``pid``, ``seq``), each with ``chain`` where
+        ``chain`` is the link (``pid`` the chain: ``_system`` for events of no patient). A link
+        whose event is gone is skipped (the verifier then sees a gap in the chain)."""
+        links = self.db[JOURNAL_LINKS].find(_by_pid(pid), sort=[("pid", 1), ("seq", 1)])
+        while True:
+            page = [link for _, link in zip(range(chunk), links)]
+            if not page:
+                return
+            events = {d["_id"]: d for d in self.db[JOURNAL].find(
+                {"_id": {"$in": [link["_id"] for link in page]}})}
+            for link in page:
+                event = events.get(link["_id"])
+                if event is not None:
+                    yield {**event, "chain": {k: link[k] for k in ("pid", "seq", "prev", "hash")}}
 
     def chain_heads(self, pid: str | None = None):
         """The chain heads (``{_id: pid, seq, hash, lu}``), all or ``pid``'s."""
@@ -629,25 +664,30 @@ class Storage:
     def release_sealer_lease(self, owner: str) -> None:
         self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
 
-    def unsealed_events(self, limit: int, *, session=None) -> list[dict]:
-        """The oldest ``limit`` unsealed events (``res``, ``pid``), in append then ``_id`` order."""
-        # a range, not ``$exists``: SecantusDB answers ``$exists`` with a scan of the whole journal
-        # (sealed events included), a range on the sparse ``unsealed_queue`` index reads only the
-        # unsealed events (``unsealed`` is the append time, always a date)
-        return list(self.db[JOURNAL].find({"unsealed": {"$gte": EPOCH}}, {"res": 1, "pid": 1},
-                                          sort=[("unsealed", 1), ("_id", 1)], limit=limit,
-                                          session=session))
+    def unsealed_batches(self, limit: int, *, session=None) -> list[dict]:
+        """The oldest queue documents (append time, then ``_id``) holding about ``limit`` events
+        (whole documents: at least one, then while the total stays within ``limit``)."""
+        out, total = [], 0
+        for q in self.db[JOURNAL_QUEUE].find({"t": {"$gte": EPOCH}}, sort=[("t", 1), ("_id", 1)],
+                                             session=session):
+            if out and total + len(q["items"]) > limit:
+                break
+            out.append(q)
+            total += len(q["items"])
+        return out
 
     def heads_of(self, pids: list[str], *, session=None) -> dict[str, tuple[int, str]]:
         """``pid -> (seq, hash)`` of the chains that have a head."""
         return {h["_id"]: (h["seq"], h["hash"])
                 for h in self.db[JOURNAL_HEADS].find({"_id": {"$in": pids}}, session=session)}
 
-    def seal_events(self, links: list[tuple[str, dict]], *, session) -> None:
-        """Give each still unsealed event ``_id`` its ``chain`` position (one ordered bulk write)."""
-        self.db[JOURNAL].bulk_write([UpdateOne({"_id": eid, "unsealed": {"$exists": True}},
-                                               {"$set": {"chain": chain}, "$unset": {"unsealed": ""}})
-                                     for eid, chain in links], ordered=True, session=session)
+    def seal_events(self, links: list[dict], queue_ids: list[str], *, session) -> None:
+        """Store the chain ``links`` (``{_id: event id, pid, seq, prev, hash}``) and remove the
+        queue documents they came from, in ``session``'s transaction. An event sealed twice is
+        refused by the unique ``_id`` and ``(pid, seq)``: the transaction then aborts whole."""
+        if links:
+            self.db[JOURNAL_LINKS].insert_many(links, ordered=True, session=session)
+        self.db[JOURNAL_QUEUE].delete_many({"_id": {"$in": queue_ids}}, session=session)
 
     def move_heads(self, heads: dict[str, tuple[int, str]], at: datetime, *, session) -> None:
         """Set each chain's head to ``(seq, hash)`` (created when new)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pymongo
 import pytest
@@ -17,7 +17,8 @@ from fhir_dmp.embedded_db import free_port as _free_port
 from fhir_dmp.security.audit import (AccessRecord, AuditLog, build_event, chain_hash, mark_retention,
                                      verify_chains)
 from fhir_dmp.security.sealer import LeaseLost, Sealer, load_signing_key
-from fhir_dmp.storage import CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS, Storage
+from fhir_dmp.storage import (CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS,
+                              JOURNAL_LINKS as LINKS, Storage)
 from fhir_dmp.security.principal import (BTG, ETREAT, PATIENT, PS, REGULATION_CENTRE, Principal)
 from fhir_dmp.security.scopes import Scopes
 
@@ -33,6 +34,21 @@ def server(mongo_server, mongo_client):
 def st(db):
     """``db`` behind a Storage (what the journal takes)."""
     return Storage(db.client, db)
+
+
+def chained(db, pid: str) -> list[dict]:
+    """Chain ``pid``'s sealed events in order, each with its link as ``chain``."""
+    return list(st(db).sealed_events(pid))
+
+
+def link(db, pid: str, seq: int) -> dict:
+    """The link of event ``seq`` of chain ``pid`` (``_id`` = the event id)."""
+    return db[LINKS].find_one({"pid": pid, "seq": seq})
+
+
+def unsealed(db) -> int:
+    """Events waiting for the sealer."""
+    return st(db).count_unsealed_before(datetime.now(timezone.utc) + timedelta(days=1))
 
 
 # --- principals -------------------------------------------------------------------
@@ -157,11 +173,12 @@ def test_append_and_verify_intact(db, sealer):
     log.append([ev(), ev(patient_id="p2"), ev(principal=None, patient_id=None, resource=None,
                                               interaction="capabilities", decision=None)])
     log.append([ev(), ev(outcome="4", decision={"result": "deny", "rule": "x", "reason": "refusé"})])
-    assert db[COLLECTION].count_documents({"unsealed": {"$exists": True}}) == 5
+    assert unsealed(db) == 5 and db[LINKS].count_documents({}) == 0
     assert verify_chains(st(db)) == []          # young unsealed events are not a problem
     assert sealed(sealer) == []
+    assert unsealed(db) == 0
     assert verify_chains(st(db), "p1") == []
-    docs = list(db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1))
+    docs = chained(db, "p1")
     assert [d["chain"]["seq"] for d in docs] == [1, 2, 3]
     assert docs[0]["chain"]["prev"] == "0" * 64
     assert docs[1]["chain"]["prev"] == docs[0]["chain"]["hash"]
@@ -169,9 +186,8 @@ def test_append_and_verify_intact(db, sealer):
         assert d["vid"] == 1 and d["del"] is False and d["pid"] == "p1" and d["_id"] == d["res"]["id"]
         assert d["res"]["meta"]["versionId"] == "1" and isinstance(d["s"], dict)
         assert chain_hash(d["chain"]["prev"], d["res"]) == d["chain"]["hash"]
-        assert "unsealed" not in d
         _validate(d["res"])
-    system = db[COLLECTION].find_one({"chain.pid": "_system"})
+    [system] = chained(db, "_system")
     assert system["pid"] is None and system["chain"]["seq"] == 1
     assert db[HEADS].find_one({"_id": "p1"})["seq"] == 3
 
@@ -183,7 +199,7 @@ def test_sealing_is_idempotent_and_appends_continue_the_chain(db, sealer):
     assert sealer.seal_all() == 0
     log.append([ev()])
     assert sealed(sealer) == []
-    assert [d["chain"]["seq"] for d in db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1)] == [1, 2, 3]
+    assert [d["chain"]["seq"] for d in chained(db, "p1")] == [1, 2, 3]
     assert db[CHECKPOINTS].count_documents({}) == 2
 
 
@@ -215,7 +231,7 @@ def test_tampered_event_is_named(db, sealer):
     for _ in range(4):
         log.append([ev()])
     sealer.seal_all()
-    target = db[COLLECTION].find_one({"chain.pid": "p1", "chain.seq": 3})
+    target = link(db, "p1", 3)
     db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {"res.outcome": "4"}})
     problems = verify_chains(st(db))
     assert problems[0] == f"patient p1: event seq 3 (AuditEvent/{target['_id']}) hash mismatch"
@@ -227,10 +243,10 @@ def test_rehashed_event_breaks_next_link(db, sealer):
     for _ in range(3):
         log.append([ev()])
     sealer.seal_all()
-    target = db[COLLECTION].find_one({"chain.pid": "p1", "chain.seq": 2})
+    [target] = [d for d in chained(db, "p1") if d["chain"]["seq"] == 2]
     res = dict(target["res"], outcome="8")
-    db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {
-        "res": res, "chain.hash": chain_hash(target["chain"]["prev"], res)}})
+    db[COLLECTION].update_one({"_id": target["_id"]}, {"$set": {"res": res}})
+    db[LINKS].update_one({"_id": target["_id"]}, {"$set": {"hash": chain_hash(target["chain"]["prev"], res)}})
     problems = verify_chains(st(db))
     assert problems and "event seq 3" in problems[0] and "prev does not match seq 2" in problems[0]
 
@@ -243,11 +259,11 @@ def test_rebuilt_chain_is_caught_by_the_signed_checkpoints(db, sealer):
         log.append([ev()])
     sealer.seal_all()
     prev = "0" * 64
-    for doc in db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1):
+    for doc in chained(db, "p1"):
         res = dict(doc["res"], outcome="8") if doc["chain"]["seq"] == 2 else doc["res"]
         hsh = chain_hash(prev, res)
-        db[COLLECTION].update_one({"_id": doc["_id"]}, {"$set": {"res": res, "chain.prev": prev,
-                                                                 "chain.hash": hsh}})
+        db[COLLECTION].update_one({"_id": doc["_id"]}, {"$set": {"res": res}})
+        db[LINKS].update_one({"_id": doc["_id"]}, {"$set": {"prev": prev, "hash": hsh}})
         prev = hsh
     db[HEADS].update_one({"_id": "p1"}, {"$set": {"hash": prev}})
     assert verify_chains(st(db)) == []
@@ -277,7 +293,7 @@ def test_deleted_event_is_missing(db, sealer):
     for _ in range(5):
         log.append([ev()])
     sealer.seal_all()
-    db[COLLECTION].delete_one({"chain.pid": "p1", "chain.seq": 2})
+    db[COLLECTION].delete_one({"_id": link(db, "p1", 2)["_id"]})
     assert verify_chains(st(db))[0] == "patient p1: missing seq 2"
 
 
@@ -286,7 +302,7 @@ def test_truncated_tail_is_detected(db, sealer):
     for _ in range(3):
         log.append([ev()])
     sealer.seal_all()
-    db[COLLECTION].delete_one({"chain.pid": "p1", "chain.seq": 3})
+    db[COLLECTION].delete_one({"_id": link(db, "p1", 3)["_id"]})
     problems = verify_chains(st(db))
     assert problems and problems[0].startswith("patient p1: head points past last event")
 
@@ -317,9 +333,9 @@ def test_concurrent_appends_while_sealing_do_not_fork(db, sealer):
     sealer.stop()
     assert errors == []
     assert sealed(sealer) == []
-    seqs = [d["chain"]["seq"] for d in db[COLLECTION].find({"chain.pid": "p1"}).sort("chain.seq", 1)]
+    seqs = [d["chain"]["seq"] for d in chained(db, "p1")]
     assert seqs == list(range(1, len(logs) * 10 + 1))
-    assert db[COLLECTION].count_documents({"chain.pid": "p2"}) == len(logs) * 4
+    assert db[LINKS].count_documents({"pid": "p2"}) == len(logs) * 4
 
 
 def test_append_in_caller_transaction(server, db, sealer):
@@ -330,7 +346,7 @@ def test_append_in_caller_transaction(server, db, sealer):
         s.with_transaction(lambda sess: log.append([ev(), ev()], session=sess))
     log.append([ev()])
     assert sealed(sealer) == []
-    assert db[COLLECTION].count_documents({"chain.pid": "p1"}) == 4
+    assert db[LINKS].count_documents({"pid": "p1"}) == 4
 
 
 def test_concurrent_transactions_do_not_conflict(server, db, sealer):
@@ -354,7 +370,7 @@ def test_concurrent_transactions_do_not_conflict(server, db, sealer):
         t.join()
     assert errors == []
     assert sealed(sealer) == []
-    assert db[COLLECTION].count_documents({"chain.pid": "p1"}) == 20
+    assert db[LINKS].count_documents({"pid": "p1"}) == 20
 
 
 class _Count(monitoring.CommandListener):
@@ -372,8 +388,8 @@ class _Count(monitoring.CommandListener):
 
 
 def test_concurrent_appends_are_group_committed(server, db):
-    """One durable insert for many requests' events: fewer inserts than appends under load,
-    and a lone append is one round trip."""
+    """One durable transaction (the events, their queue entry) for many requests' events:
+    fewer commits than appends under load, and a lone append is one transaction."""
     uri, _ = server
     counter = _Count()
     client = pymongo.MongoClient(uri, event_listeners=[counter], w="majority", journal=True)
@@ -382,7 +398,8 @@ def test_concurrent_appends_are_group_committed(server, db):
         log.append([ev()])  # cold: indexes
         counter.names.clear()
         log.append([ev(), ev(request_id="r2")])
-        assert [n for n in counter.names if n not in ("hello", "isMaster", "ismaster")] == ["insert"]
+        assert [n for n in counter.names if n not in ("hello", "isMaster", "ismaster")] == [
+            "insert", "insert", "commitTransaction"]
         counter.names.clear()
         barrier = threading.Barrier(16)
 
@@ -395,8 +412,8 @@ def test_concurrent_appends_are_group_committed(server, db):
             t.start()
         for t in threads:
             t.join()
-        inserts = counter.names.count("insert")
-        assert 1 <= inserts < 160
+        commits = counter.names.count("commitTransaction")
+        assert 1 <= commits < 160
     finally:
         client.close()
     assert db[COLLECTION].count_documents({}) == 163
@@ -421,7 +438,7 @@ def test_mark_retention(db, sealer):
     sealer.seal_all()
     closed = datetime(2024, 2, 29, 12, 0, tzinfo=timezone.utc)
     assert mark_retention(st(db), "p1", closed) == 1
-    doc = db[COLLECTION].find_one({"chain.pid": "p1"})
+    doc = db[COLLECTION].find_one({"pid": "p1"})
     assert doc["retain_until"].replace(tzinfo=timezone.utc) == datetime(2034, 2, 28, 12, 0, tzinfo=timezone.utc)
-    assert "retain_until" not in db[COLLECTION].find_one({"chain.pid": "p2"})
+    assert "retain_until" not in db[COLLECTION].find_one({"pid": "p2"})
     assert verify_chains(st(db)) == []

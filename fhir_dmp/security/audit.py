@@ -15,21 +15,24 @@ https://profiles.ihe.net/ITI/BALP/content.html#3573-restful-activities
 patient entity, domain-resource entity, query entity in base64) on the FHIR R4
 AuditEvent https://hl7.org/fhir/R4/auditevent.html.
 
-Storage: collection ``AuditEvent`` with the common layout (``_id``, ``pid``,
-``vid`` = 1, ``lu``, ``del`` = False, ``res``, ``s``, ``o``) plus, once sealed::
+Storage (issue 13: every collection is insert-mostly, SecantusDB updates being dear):
 
-    chain: {"pid": <patient id or "_system">, "seq": n, "prev": <hex>, "hash": <hex>}
-    hash  = SHA-256( prev_hex_ascii + canonical_json(res) )   # sorted keys, no whitespace, UTF-8
-    prev  = hash of seq n-1, or 64 zeros for seq 1
-    retain_until: datetime   # set by mark_retention when the DMP closes
+- ``AuditEvent``: the events, common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``,
+  ``del`` = False, ``res``, ``s``, ``o``), written once; ``retain_until`` (set by
+  mark_retention when the DMP closes) and ``s``/``o`` live beside ``res`` and are not hashed.
+- ``AuditEvent_queue``: per append, ``{t, items: [{e: event id, p: patient or None,
+  d: content digest}]}``, in the same transaction as the events: the sealer's to-do list.
+- ``AuditEvent_link``: per sealed event::
 
-and, until sealed, ``unsealed: <time of append>`` instead of ``chain``.
-``retain_until``, ``unsealed`` and ``s``/``o`` live beside ``res`` and are not hashed.
+      {_id: event id, pid: <patient id or "_system">, seq: n, prev: <hex>, hash: <hex>}
+      digest = SHA-256( canonical_json(res) )          # sorted keys, no whitespace, UTF-8
+      hash   = SHA-256( prev_hex_ascii + digest_hex_ascii )
+      prev   = hash of seq n-1, or 64 zeros for seq 1
 
-Append and seal are split (issue 13): a request's events are written durably (group
-commit, or inside the write's transaction) without touching any chain, and the single
-sealer of ``sealer.py`` links them in commit order and moves the heads. A unique sparse
-index on ``(chain.pid, chain.seq)`` still forbids a fork. The collection
+Append and seal are split: a request's events are written durably (group commit, or inside
+the write's transaction) without touching any chain, and the single sealer of ``sealer.py``
+links them in append order, removes their queue entry and moves the heads, in one
+transaction. A unique index on the links' ``(pid, seq)`` forbids a fork. The collection
 ``AuditEvent_chain`` holds one head per chain (``{_id: pid, seq, hash, lu}``) so that
 deleting the newest events is detected too ("head points past last event"), and the
 sealer signs checkpoints of the heads with a key kept outside the database, so that
@@ -332,8 +335,20 @@ def canonical_json(res: dict) -> bytes:
     return json.dumps(res, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def content_digest(res: dict) -> str:
+    """SHA-256 of the event's canonical JSON: computed once at append time and queued with the
+    event, so the sealer links events without reading them back."""
+    return hashlib.sha256(canonical_json(res)).hexdigest()
+
+
+def link_hash(prev: str, digest: str) -> str:
+    """A chain link: SHA-256 of the previous link's hash and the event's content digest."""
+    return hashlib.sha256(prev.encode("ascii") + digest.encode("ascii")).hexdigest()
+
+
 def chain_hash(prev: str, res: dict) -> str:
-    return hashlib.sha256(prev.encode("ascii") + canonical_json(res)).hexdigest()
+    """The link of event ``res`` after ``prev`` (what the verifier recomputes)."""
+    return link_hash(prev, content_digest(res))
 
 
 def _search_index(res: dict) -> tuple[dict, dict]:
@@ -368,14 +383,13 @@ class AuditLog:
     """Append-only journal store over the ``AuditEvent`` collection (thread-safe, one per process).
 
     Appends are durable before they return (``w: majority, j: true``: the request fails
-    closed otherwise) but they no longer touch the per-patient hash chain: an event is
-    stored *unsealed* (``unsealed: <time>``, no ``chain``) and the :class:`~fhir_dmp.security.
-    sealer.Sealer` links it into its patient's chain afterwards, in commit order. So reads
-    never take a write conflict.
+    closed otherwise) but they do not touch the per-patient hash chain: an event is
+    stored with a queue entry and the :class:`~fhir_dmp.security.sealer.Sealer` links it into
+    its patient's chain afterwards, in append order. So reads never take a write conflict.
 
     - Outside a transaction (reads, denials, 401s) the events of concurrent requests are
       written together by one committer thread per process (group commit): one durable
-      ``insert_many`` for everything queued while the previous write was in flight; each
+      transaction for everything queued while the previous write was in flight; each
       caller waits for the write that carries its events (bounded by ``timeout``).
     - Inside a transaction (writes) the events are inserted with the data, in the same
       transaction: a write is never committed without its journal entry.
@@ -393,7 +407,7 @@ class AuditLog:
 
     # -- setup
     def ensure_indexes(self) -> None:
-        """Unique sealed chain position (the anti-fork guard) and the unsealed queue."""
+        """The journal's lean indexes, the unique chain position (anti-fork) and the queue."""
         if self._indexed:
             return
         try:
@@ -403,18 +417,21 @@ class AuditLog:
         self._indexed = True
 
     # -- append
-    def _prepare(self, events: list[dict]) -> list[dict]:
-        """Give each event id, meta and the storage fields; ``unsealed`` until the sealer runs."""
-        docs = []
+    def _prepare(self, events: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Each event with id, meta and the storage fields, and its queue item for the sealer
+        (``e`` event id, ``p`` its patient or None, ``d`` its content digest)."""
+        docs, items = [], []
         now = datetime.now(timezone.utc)
         for event in events:
             res = dict(event)
             res.setdefault("id", uuid.uuid4().hex)
             res["meta"] = {**(res.get("meta") or {}), "versionId": "1", "lastUpdated": _instant(now)}
             s, o = _search_index(res)
-            docs.append({"_id": res["id"], "pid": event_patient(res), "vid": 1, "lu": now, "del": False,
-                         "res": res, "s": s, "o": o, "unsealed": now})
-        return docs
+            pid = event_patient(res)
+            docs.append({"_id": res["id"], "pid": pid, "vid": 1, "lu": now, "del": False,
+                         "res": res, "s": s, "o": o})
+            items.append({"e": res["id"], "p": pid, "d": content_digest(res)})
+        return docs, items
 
     def append(self, events: list[dict], *, session=None) -> None:
         """Store ``events`` (built by :func:`build_event`) durably; the sealer chains them later.
@@ -428,10 +445,10 @@ class AuditLog:
         if not events:
             return
         self.ensure_indexes()
-        docs = self._prepare(events)
+        docs, items = self._prepare(events)
         if session is not None and session.in_transaction:
             try:
-                self.storage.journal_insert(docs, session=session)
+                self.storage.journal_insert(docs, items, session=session)
             except PyMongoError as exc:
                 if _is_transient(exc):
                     raise
@@ -439,7 +456,7 @@ class AuditLog:
                 raise AuditUnavailable() from exc
             return
         try:
-            self._group().submit(docs).result(timeout=self.timeout)
+            self._group().submit(docs, items).result(timeout=self.timeout)
         except AuditUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 — a write error or a timeout: fail closed
@@ -468,7 +485,8 @@ class GroupCommitter:
     """
 
     def __init__(self, insert, *, max_batch: int = 1000):
-        """``insert(docs)`` writes one batch durably (``Storage.journal_insert``)."""
+        """``insert(docs, items)`` writes one batch and its queue items durably, atomically
+        (``Storage.journal_insert``)."""
         self.insert = insert
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -480,9 +498,9 @@ class GroupCommitter:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop
 
-    def submit(self, docs: list[dict]) -> Future:
+    def submit(self, docs: list[dict], items: list[dict]) -> Future:
         fut: Future = Future()
-        self._queue.put((docs, fut))
+        self._queue.put(((docs, items), fut))
         return fut
 
     def stop(self) -> None:
@@ -494,7 +512,7 @@ class GroupCommitter:
             item = self._queue.get()
             if item is None:
                 return
-            batch, size = [item], len(item[0])
+            batch, size = [item], len(item[0][0])
             while size < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
@@ -504,15 +522,16 @@ class GroupCommitter:
                     self._stop = True
                     break
                 batch.append(nxt)
-                size += len(nxt[0])
+                size += len(nxt[0][0])
             self._write(batch)
             if self._stop:
                 return
 
     def _write(self, batch: list) -> None:
-        docs = [d for item, _ in batch for d in item]
+        docs = [d for (part, _items), _ in batch for d in part]
+        items = [i for (_docs, part), _ in batch for i in part]
         try:
-            self.insert(docs)
+            self.insert(docs, items)
         except Exception as exc:  # noqa: BLE001 — every waiter of this batch fails closed
             for _, fut in batch:
                 fut.set_exception(exc)

@@ -8,11 +8,12 @@ its chain head. The sealer, one at a time across every server process, then:
 1. holds a lease in the database (collection ``audit_sealer_lease``, one document
    ``{_id: "sealer", owner, until}``); a process seals only while it holds the lease, and
    each sealing transaction renews it (a fencing write: two sealers cannot both commit);
-2. takes the oldest unsealed events (``unsealed`` = time of append, then ``_id``: commit
-   order as the journal saw it), links each to its chain (``seq``, ``prev``, ``hash`` as in
-   ``audit.py``), moves the heads (``AuditEvent_chain``) and writes a signed checkpoint,
-   all in ONE transaction: a crash leaves either everything or nothing, and running it
-   again only seals what is still unsealed (idempotent);
+2. takes the oldest queue entries (``AuditEvent_queue``: time of append, then ``_id``),
+   links each event to its chain from the content digest queued with it (``seq``, ``prev``,
+   ``hash`` in ``AuditEvent_link``, as in ``audit.py``: no event is read back or updated),
+   removes those queue entries, moves the heads (``AuditEvent_chain``) and writes a signed
+   checkpoint, all in ONE transaction: a crash leaves either everything or nothing, and
+   running it again only seals what is still queued (idempotent);
 3. signs a checkpoint of the heads it moved, like Certificate Transparency's signed tree
    heads (RFC 6962 §3.5): ``{n, prev, at, heads: [[pid, seq, hash], ...]}`` in canonical
    JSON, Ed25519 signature by a key kept OUTSIDE the database (a PEM file, ``config.
@@ -39,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pymongo.errors import InvalidOperation, PyMongoError
 
-from .audit import GENESIS, SYSTEM_CHAIN, canonical_json, chain_hash
+from .audit import GENESIS, SYSTEM_CHAIN, canonical_json, link_hash
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +140,23 @@ class Sealer:
         if not storage.renew_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s),
                                           session=session):
             raise LeaseLost("the sealer lease is not held by this process")
-        docs = storage.unsealed_events(self.batch, session=session)
-        if not docs:
+        queued = storage.unsealed_batches(self.batch, session=session)
+        if not queued:
             return 0
-        pids = list(dict.fromkeys(d.get("pid") or SYSTEM_CHAIN for d in docs))
+        items = [item for q in queued for item in q["items"]]
+        pids = list(dict.fromkeys(item.get("p") or SYSTEM_CHAIN for item in items))
         heads = {pid: (0, GENESIS) for pid in pids}
         heads.update(storage.heads_of(pids, session=session))
         links = []
-        for d in docs:
-            pid = d.get("pid") or SYSTEM_CHAIN
+        for item in items:   # the digest was queued with the event: no need to read it back
+            pid = item.get("p") or SYSTEM_CHAIN
             seq, prev = heads[pid]
-            hsh = chain_hash(prev, d.get("res") or {})
+            hsh = link_hash(prev, item["d"])
             heads[pid] = (seq + 1, hsh)
-            links.append((d["_id"], {"pid": pid, "seq": seq + 1, "prev": prev, "hash": hsh}))
-        storage.seal_events(links, session=session)
+            links.append({"_id": item["e"], "pid": pid, "seq": seq + 1, "prev": prev, "hash": hsh})
+        storage.seal_events(links, [q["_id"] for q in queued], session=session)
+        if not links:   # queue entries emptied by a destroy
+            return 0
         storage.move_heads(heads, now, session=session)
         last = storage.last_checkpoint(session=session)
         cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,
@@ -163,7 +167,7 @@ class Sealer:
                                 "key_id": self.kid,
                                 "sig": base64.b64encode(self.key.sign(body)).decode("ascii")},
                                session=session)
-        return len(docs)
+        return len(links)
 
     # -- background loop
     def start(self) -> None:
