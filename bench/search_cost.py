@@ -12,11 +12,11 @@ page, default ``_count``:
   before and after ``--n`` sequential searches, divided by ``--n``;
 * application CPU ms per search: the same for this process (request handling plus its
   background threads: the journal's group committer, the change stream);
-* database round trips per search, by command (a pymongo ``CommandListener``); the journal's
-  ``insert`` is counted apart.
+* database round trips per search, by command (a pymongo ``CommandListener``).
 
 The background sealer is off (its work would land in the database's figure); ``--no-audit``
-also turns the journal write off (``flush_audit`` no-op) to show the search alone.
+also turns the journal write off (``flush_audit`` no-op) to show the search alone;
+``--no-cache`` turns the DMP document cache off (``doc_cache.py``: the search asks the database).
 """
 from __future__ import annotations
 
@@ -30,14 +30,7 @@ import _common as c
 from _common import builders
 from pymongo import monitoring
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+from cost import cpu_s as cpu_seconds
 
 
 class Commands(monitoring.CommandListener):
@@ -94,25 +87,36 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--sizes", default="20,2000")
     ap.add_argument("--no-audit", action="store_true")
+    ap.add_argument("--no-cache", action="store_true", help="without the DMP document cache (doc_cache.py)")
+    ap.add_argument("--profile", action="store_true", help="cProfile of the application side, top 25")
     args = ap.parse_args()
     if args.quick:
         args.n = 60
     sizes = [int(x) for x in args.sizes.split(",")]
     listener = Commands()
     monitoring.register(listener)
-    with c.environment(audit_sealer=False) as env:
+    with c.environment(audit_sealer=False, document_cache_docs=0 if args.no_cache else 10_000) as env:
         if args.no_audit:
             from fhir_dmp.repository import GuardedRepository
             GuardedRepository.flush_audit = lambda self: None
         token = env.idp.ps(builders.PS_DR, profession="10")
         pids = {n: c.seed_dmp(env, n)[0] for n in sizes}
-        print(f"{args.n} sequential searches each, sealer off, audit {'off' if args.no_audit else 'on'}")
+        print(f"{args.n} sequential searches each, sealer off, audit {'off' if args.no_audit else 'on'}, "
+              f"document cache {'off' if args.no_cache else 'on'}")
         for n, pid in pids.items():
             m = measure(env, listener, token, pid, args.n)
             trips = ", ".join(f"{k} {v:.2f}" for k, v in m["trips"].items())
             print(f"  DMP of {n:>5}: {m['entries']} entries  database {m['db_ms']:6.2f} ms CPU  "
                   f"application {m['app_ms']:6.2f} ms CPU  wall {m['wall_ms']:6.2f} ms  "
                   f"round trips/search: {trips}", flush=True)
+            if args.profile:
+                import cProfile
+                import pstats
+                prof = cProfile.Profile()
+                prof.enable()
+                measure(env, listener, token, pid, args.n)
+                prof.disable()
+                pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
     return 0
 
 

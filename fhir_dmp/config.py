@@ -78,7 +78,7 @@ class Config:
     context_cache: bool = True
     # documents of recently searched DMPs cached per process (doc_cache.py; needs context_cache,
     # whose change stream invalidates it): at most this many documents, 0 = off
-    document_cache_docs: int = 20_000
+    document_cache_docs: int = 10_000
     threads: int = 0                 # gunicorn threads per worker; 0 = server.default_threads()
     # the largest JSON/XML request body; Binary uploads are bounded by max_attachment_bytes
     max_body_bytes: int = field(default=0)
@@ -160,7 +160,7 @@ class Config:
             audit_key_file=Path(env["FHIR_DMP_AUDIT_KEY_FILE"]) if env.get("FHIR_DMP_AUDIT_KEY_FILE") else None,
             audit_seal_bound=_int(env, "FHIR_DMP_AUDIT_SEAL_BOUND", 60),
             threads=_int(env, "FHIR_DMP_THREADS", 0) if env.get("FHIR_DMP_THREADS") else 0,
-            document_cache_docs=_int(env, "FHIR_DMP_DOCUMENT_CACHE_DOCS", 20_000),
+            document_cache_docs=_int(env, "FHIR_DMP_DOCUMENT_CACHE_DOCS", 10_000),
         )
         if env.get("FHIR_DMP_CORS_ORIGINS"):
             values["cors_origins"] = tuple(o.strip() for o in env["FHIR_DMP_CORS_ORIGINS"].split(",")

@@ -57,7 +57,7 @@ class Listing:
 class DocumentCache(PidCache):
     """pid -> :class:`Listing` of its ``DocumentReference`` documents (see module docstring)."""
 
-    def __init__(self, storage, *, max_docs: int = 20_000, max_age: float = 300.0):
+    def __init__(self, storage, *, max_docs: int = 10_000, max_age: float = 300.0):
         super().__init__(max_weight=max_docs, max_age=max_age)
         self.storage = storage
         self.rtype = CACHED_TYPE

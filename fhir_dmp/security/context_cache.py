@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # journal, mostly) wait this long before the next one: ~20 getMores/s per process instead of one
 # per write, a bounded delay well inside the 1 s invalidation promise (issue 13)
 POLL_PAUSE_S = 0.05
+# a thread waits this long at most for another thread's load of the same pid (then loads itself)
+LOAD_WAIT_S = 5.0
 
 
 def load_contexts(storage, pids: list[str], session=None) -> dict[str, tuple]:
@@ -78,6 +80,7 @@ class PidCache:
         self._floor = 0              # puts with an older token are refused (reset, pruned history)
         self._live = False
         self._lock = threading.Lock()
+        self._loading: dict[str, threading.Event] = {}   # pid -> set when its load in flight ends
         self.hits = self.misses = 0
 
     def _load(self, pids: list[str]) -> dict:
@@ -88,8 +91,12 @@ class PidCache:
 
     # -- reads through the cache
     def load(self, pids: list[str]) -> dict:
-        """Values of ``pids``: cached ones, the others loaded (:meth:`_load`) and cached."""
-        out, todo = {}, []
+        """Values of ``pids``: cached ones, the others loaded (:meth:`_load`) and cached.
+
+        One load per pid at a time: a thread that finds another one loading the same pid waits
+        for it (at most :data:`LOAD_WAIT_S`) and takes what it stored; if it stored nothing (a
+        change raced it, or the value is too large to keep), the thread loads for itself."""
+        out, todo, waits, mine = {}, [], {}, {}
         now = time.monotonic()
         with self._lock:
             live = self._live
@@ -98,16 +105,43 @@ class PidCache:
                 if hit is not None and now - hit[0] < self.max_age:
                     self._entries.move_to_end(pid)
                     out[pid] = hit[1]
+                elif live and pid in self._loading:
+                    waits[pid] = self._loading[pid]
                 else:
                     todo.append(pid)
+                    if live:
+                        mine[pid] = self._loading[pid] = threading.Event()
             token = self._gen
             self.hits += len(out)
-            self.misses += len(todo)
-        if todo:
-            loaded = self._load(todo)
-            out.update(loaded)
-            if live:
-                self._put(loaded, token, now)
+            self.misses += len(todo) + len(waits)
+        try:
+            if todo:
+                loaded = self._load(todo)
+                out.update(loaded)
+                if live:
+                    self._put(loaded, token, now)
+        finally:
+            if mine:
+                with self._lock:
+                    for pid, done in mine.items():
+                        if self._loading.get(pid) is done:
+                            del self._loading[pid]
+                        done.set()
+        if waits:
+            for done in waits.values():
+                done.wait(LOAD_WAIT_S)
+            with self._lock:
+                token = self._gen
+                for pid in waits:
+                    hit = self._entries.get(pid) if self._live else None
+                    if hit is not None:
+                        out[pid] = hit[1]
+            rest = [pid for pid in waits if pid not in out]
+            if rest:
+                loaded = self._load(rest)
+                out.update(loaded)
+                if live:
+                    self._put(loaded, token, time.monotonic())
         return out
 
     def _put(self, loaded: dict, token: int, now: float) -> None:
