@@ -28,22 +28,11 @@ from fhir_dmp.security.principal import PATIENT, PS, Principal
 from fhir_dmp.security.scopes import Scopes
 from tests import builders as b
 from tests.api import Api
+from tests.test_access_property import backend  # noqa: F401  (the same module-scoped backend, no cache)
 
 TYPES = [b.CONSULTATION, b.LAB, b.IMAGING, "00000-0"]
 LABELS = ["MASQUE_PS", "INVISIBLE_PATIENT", "INVISIBLE_REPRESENTANTS_LEGAUX"]
 DATES = [None, "2026-11-20T10:00:00+01:00", "2026-11-20", "2025-02", "2024"]
-
-
-@pytest.fixture(scope="module")
-def backend(mongo_server, mongo_client, tmp_path_factory):
-    from fhir_dmp.app import build_backend
-    from fhir_dmp.config import Config
-    name = f"t_dcache_{uuid.uuid4().hex[:8]}"
-    cfg = Config(mongodb_uri=mongo_server.uri, db_name=name, data_dir=tmp_path_factory.mktemp("dcache"),
-                 base_url="https://dmp.test/fhir", notifications_worker=False, issuer="https://idp.test",
-                 jwks_file=tmp_path_factory.mktemp("jwks") / "jwks.json")
-    yield build_backend(cfg, mongo_client, mongo_client[name])
-    mongo_client.drop_database(name)
 
 
 @st.composite
@@ -201,15 +190,21 @@ def test_changes_show_in_every_process_within_a_second(two_apps, idp):
     _within_a_second(lambda: _ids(a.as_ps(), pid), set())
 
 
+def _live_storage(app):
+    """The app's storage once its change stream runs (the document cache serves only then)."""
+    storage = app.extensions["fhir_dmp"].storage
+    deadline = time.monotonic() + 10
+    while not storage.doc_cache.live:
+        assert time.monotonic() < deadline, "change stream not established"
+        time.sleep(0.02)
+    return storage
+
+
 def test_a_load_racing_a_change_is_not_kept(app, idp):
     """The change arrives while the DMP's documents are being read: the (stale) load answers that
     one request but is not stored; the next search reads the database again."""
     api = Api(app, idp)
-    storage = app.extensions["fhir_dmp"].storage
-    deadline = time.monotonic() + 10
-    while not storage.doc_cache.live:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    storage = _live_storage(app)
     pid = api.as_ps().create(b.patient())["id"]
     api.as_ps().create(b.docref(pid))
     real = storage.doc_cache
@@ -236,11 +231,7 @@ def test_a_load_racing_a_change_is_not_kept(app, idp):
 
 def test_nothing_is_served_while_the_stream_is_down(app, idp):
     api = Api(app, idp)
-    storage = app.extensions["fhir_dmp"].storage
-    deadline = time.monotonic() + 10
-    while not storage.doc_cache.live:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    storage = _live_storage(app)
     pid = api.as_ps().create(b.patient())["id"]
     doc = api.as_ps().create(b.docref(pid))["id"]
     assert _ids(api.as_ps(), pid) == {doc}

@@ -16,11 +16,15 @@ How it stays correct:
 * nothing is served from the cache while the stream is not established: it is off at
   start, and a stream error clears the cache and turns it off until the stream is back;
 * a load racing with a change cannot store a stale entry: every change bumps a generation,
-  and :meth:`ContextCache.put` stores only if no change of that patient (and no reset)
-  happened since the caller's :meth:`ContextCache.token` taken before its queries;
+  and a load stores its result only if no change of that patient (and no reset) happened
+  since the generation it read before its queries (:meth:`PidCache.load`);
 * writes read inside their transaction and never use the cache (``RequestAccess.session``).
 
 Entries also expire after ``max_age`` seconds, a backstop only.
+
+The mechanism (generations, live flag, one load per pid at a time) is :class:`PidCache`; the
+same stream also invalidates the DMP document cache (``doc_cache.py``), a follower of
+:class:`ContextCache` for the DocumentReference collection.
 """
 from __future__ import annotations
 
