@@ -30,7 +30,7 @@ Documents are handed out as copies of the stored document and of its resource's 
 """
 from __future__ import annotations
 
-from .filters import Unsupported, exact, matches
+from .filters import Unsupported, compile_query, exact
 from .security.context_cache import PidCache
 from .storage import sort_docs
 
@@ -85,8 +85,9 @@ class DocumentCache(PidCache):
             return None
         out = []
         try:
+            test = _test(flt)
             for doc in listing.ordered(sort or [("_id", 1)]):
-                if matches(flt, doc):
+                if test(doc):
                     out.append(doc)
                     if limit and len(out) >= limit:
                         break
@@ -100,9 +101,16 @@ class DocumentCache(PidCache):
         if listing is None:
             return None
         try:
-            return sum(1 for doc in listing.docs if matches(flt, doc))
+            test = _test(flt)
+            return sum(1 for doc in listing.docs if test(doc))
         except (Unsupported, TypeError):
             return None
+
+
+def _test(flt: dict):
+    """``flt`` compiled, less what every document of a listing satisfies (its ``pid``, not deleted)."""
+    return compile_query({k: v for k, v in flt.items()
+                          if not (k == "pid" and isinstance(v, str) or k == "del" and v is False)})
 
 
 def _copy(doc: dict) -> dict:

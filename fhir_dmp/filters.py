@@ -23,14 +23,16 @@ class Unsupported(ValueError):
 _COMPARE = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
 
 
-def _values(doc, path: str) -> list:
-    """Values at a dotted path, arrays flattened as MongoDB does (``a.types.0`` indexes)."""
+def _values(doc, parts: tuple) -> list:
+    """Values at a dotted path (split in ``parts``), arrays flattened as MongoDB does
+    (``a.types.0`` indexes)."""
     cur = [doc]
-    for part in path.split("."):
+    for part in parts:
         nxt = []
         for v in cur:
-            if isinstance(v, dict) and part in v:
-                nxt.append(v[part])
+            if isinstance(v, dict):
+                if part in v:
+                    nxt.append(v[part])
             elif isinstance(v, list):
                 if part.isdigit():
                     if int(part) < len(v):
@@ -52,63 +54,83 @@ def _kind(v):
     return None
 
 
-def _compare(flat: list, op: str, arg) -> bool:
+def _comparison(op: str, arg):
     kind = _kind(arg)
     if kind not in (str, datetime, float):
         raise Unsupported(f"{op} on {type(arg).__name__}")
     if kind is datetime and arg.tzinfo is None:
         raise Unsupported(f"{op} on a naive date")
     test = _COMPARE[op]
-    return any(test(v, arg) for v in flat if _kind(v) is kind)
+    return lambda values, flat: any(test(v, arg) for v in flat if _kind(v) is kind)
 
 
-def _field_matches(values: list, cond) -> bool:
-    flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+def _operator(op: str, arg):
+    """``(values, flat) -> bool`` for one operator of a field condition (``flat``: the values
+    with arrays opened, as MongoDB compares them)."""
+    if op == "$exists":
+        return lambda values, flat: bool(values) == bool(arg)
+    if op == "$in":
+        return lambda values, flat: any(v in arg for v in flat) or (not values and None in arg)
+    if op == "$nin":
+        return lambda values, flat: not any(v in arg for v in flat)
+    if op == "$ne":
+        return lambda values, flat: not any(v == arg for v in flat)
+    if op == "$not":
+        inner = _condition(arg)
+        return lambda values, flat: not inner(values)
+    if op == "$elemMatch":
+        inner = _condition(arg)
+        return lambda values, flat: any(inner([x]) for v in values if isinstance(v, list) for x in v)
+    if op in _COMPARE:
+        return _comparison(op, arg)
+    raise Unsupported(f"operator {op} is not evaluated in memory")
+
+
+def _condition(cond):
+    """``values -> bool``: the condition on one field (equality, or a document of operators)."""
     if not isinstance(cond, dict) or not any(k.startswith("$") for k in cond):
-        return any(v == cond for v in flat) or any(v == cond for v in values)
-    for op, arg in cond.items():
-        if op == "$exists":
-            if bool(values) != bool(arg):
-                return False
-        elif op == "$in":
-            if not any(v in arg for v in flat) and not (not values and None in arg):
-                return False
-        elif op == "$nin":
-            if any(v in arg for v in flat):
-                return False
-        elif op == "$ne":
-            if any(v == arg for v in flat):
-                return False
-        elif op == "$not":
-            if _field_matches(values, arg):
-                return False
-        elif op == "$elemMatch":
-            arrays = [v for v in values if isinstance(v, list)]
-            if not any(_field_matches([x], arg) for a in arrays for x in a):
-                return False
-        elif op in _COMPARE:
-            if not _compare(flat, op, arg):
-                return False
+        # equal to the whole value (an array included) or to one element of an array
+        return lambda values: any(v == cond or isinstance(v, list) and any(x == cond for x in v)
+                                  for v in values)
+    tests = [_operator(op, arg) for op, arg in cond.items()]
+
+    def test(values):
+        flat = [x for v in values for x in (v if isinstance(v, list) else (v,))]
+        return all(t(values, flat) for t in tests)
+    return test
+
+
+def compile_query(query: dict):
+    """``doc -> bool``: :func:`matches` with ``query`` read once, for many documents. Raises
+    :class:`Unsupported` for what this module does not evaluate (see the module docstring)."""
+    tests = []
+    for key, cond in query.items():
+        if key in ("$or", "$and"):
+            subs = [compile_query(q) for q in cond]
+            tests.append((lambda doc, subs=subs: any(s(doc) for s in subs)) if key == "$or"
+                         else (lambda doc, subs=subs: all(s(doc) for s in subs)))
+        elif key.startswith("$"):
+            raise Unsupported(f"operator {key} is not evaluated in memory")
         else:
-            raise Unsupported(f"operator {op} is not evaluated in memory")
-    return True
+            parts, test = tuple(key.split(".")), _condition(cond)
+            tests.append(lambda doc, parts=parts, test=test: test(_values(doc, parts)))
+    return lambda doc: all(t(doc) for t in tests)
+
+
+_COMPILED: dict[str, object] = {}     # repr(query) -> compile_query(query): the decision asks the same few
 
 
 def matches(query: dict, doc: dict) -> bool:
     """Does ``doc`` (a stored document: ``pid``, ``a`` facets...) match ``query``? Raises
     :class:`Unsupported` for what this module does not evaluate (see the module docstring)."""
-    for key, cond in query.items():
-        if key == "$or":
-            if not any(matches(q, doc) for q in cond):
-                return False
-        elif key == "$and":
-            if not all(matches(q, doc) for q in cond):
-                return False
-        elif key.startswith("$"):
-            raise Unsupported(f"operator {key} is not evaluated in memory")
-        elif not _field_matches(_values(doc, key), cond):
-            return False
-    return True
+    key = repr(query)
+    test = _COMPILED.get(key)
+    if test is None:
+        test = compile_query(query)
+        if len(_COMPILED) >= 1024:
+            _COMPILED.clear()
+        _COMPILED[key] = test
+    return test(doc)
 
 
 def _plain(value) -> bool:
