@@ -300,3 +300,22 @@ def test_concurrent_misses_load_a_dmp_once(app, idp):
         t.join()
     assert calls == [[pid]]
     assert [[d["_id"] for d in r] for r in results] == [[doc]] * 8
+
+
+def test_the_cache_can_be_turned_off(config, mongo_client, db, idp):
+    """``FHIR_DMP_DOCUMENT_CACHE_DOCS=0``: no document cache, searches ask the database."""
+    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.config import Config, ConfigError
+    assert Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "0"}).document_cache_docs == 0
+    assert Config.from_env({}).document_cache_docs == 10_000
+    with pytest.raises(ConfigError):
+        Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "-1"})
+    app = create_app(config.with_(document_cache_docs=0), client=mongo_client, db=db)
+    try:
+        assert app.extensions["fhir_dmp"].storage.doc_cache is None
+        api = Api(app, idp)
+        pid = api.as_ps().create(b.patient())["id"]
+        doc = api.as_ps().create(b.docref(pid))["id"]
+        assert _ids(api.as_ps(), pid) == {doc}
+    finally:
+        stop_background(app)
