@@ -58,7 +58,7 @@ def measure(kit: Path, url: str, token: str, conns: int, duration: float, root: 
     server, database = split_tree(root)
     spies = []
     if profile is not None:   # py-spy on the database and each worker, collapsed stacks
-        spies = [subprocess.Popen(["py-spy", "record", "--nonblocking", "--format", "raw", "-d",
+        spies = [subprocess.Popen(["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "-d",
                                    str(int(duration)), "-o", str(profile.with_suffix(f".{p}.txt")),
                                    "-p", str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for p in database + server]
@@ -81,9 +81,8 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--env", action="append", metavar="FHIR_DMP_X=V", help="extra server setting (repeat)")
     ap.add_argument("--profile", type=Path, help="py-spy every process into DIR (collapsed stacks)")
-    ap.add_argument("--no-doc-cache", action="store_true",
-                    help="the server without its DMP document cache (FHIR_DMP_DOCUMENT_CACHE_DOCS=0)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("wrk not found", file=sys.stderr)
@@ -103,8 +102,7 @@ def main() -> int:
             _post(base, token, builders.docref(pid, content=pdf))
         load = os.getloadavg()[0]
         print(f"host: {os.cpu_count()} cores, load average {load:.2f}; wrk -t2 -c{args.conns} "
-              f"{args.duration:g}s; DMP of {args.docs} documents"
-              f"{'; document cache off' if args.no_doc_cache else ''}", flush=True)
+              f"{args.duration:g}s; DMP of {args.docs} documents", flush=True)
         for label, url in (("GET Patient/{id}", f"{base}/Patient/{pid}"),
                            ("DocumentReference?patient=", f"{base}/DocumentReference?patient={pid}")):
             wrk(kit, url, token, args.conns, 2.0)   # warm-up

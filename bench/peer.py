@@ -103,8 +103,7 @@ def start_ours(work: Path, port: int, audience: str, jwks: Path, args, *, unguar
                FHIR_DMP_AUDIENCE=audience, FHIR_DMP_BASE_URL=audience)
     if args.threads:
         env["FHIR_DMP_THREADS"] = str(args.threads)
-    if getattr(args, "no_doc_cache", False):
-        env["FHIR_DMP_DOCUMENT_CACHE_DOCS"] = "0"
+    env.update(item.split("=", 1) for item in getattr(args, "env", None) or ())
     cmd = [sys.executable, "-m", "fhir_dmp.cli", "serve", "--port", str(port)]
     if unguarded_of:
         env["FHIR_DMP_MONGODB_URI"] = unguarded_of

@@ -108,3 +108,18 @@ def consent(pid: str, ptype: str = "permit", *, actor: str | None = None, purpos
     if verified is not None:
         res["verification"] = [{"verified": verified}]
     return res
+
+
+# --- the journal as stored (entries are packed: fhir_dmp.storage.pack) -----------------------
+
+def journal_entries(db, flt: dict | None = None) -> list[dict]:
+    """Raw AuditEvent documents matching ``flt``, each with its resource unpacked."""
+    from fhir_dmp.storage import unpack
+    return [{**d, "res": unpack(d["res"])} for d in db["AuditEvent"].find(flt or {})]
+
+
+def rewrite_journal_entry(db, event_id: str, **changes) -> None:
+    """Tamper with a stored journal entry the way someone with database access would."""
+    from fhir_dmp.storage import pack, unpack
+    doc = db["AuditEvent"].find_one({"_id": event_id})
+    db["AuditEvent"].update_one({"_id": event_id}, {"$set": {"res": pack({**unpack(doc["res"]), **changes})}})

@@ -25,6 +25,8 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent as AuditEventModel
 
 from tests import builders as b
+from fhir_dmp.storage import Storage
+from tests.builders import rewrite_journal_entry
 
 BTG_HEADERS = {"Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
                            'scheme="http://hl7.org/fhir/tag/security"; label="break the glass"',
@@ -390,8 +392,8 @@ def test_audit_verify_after_real_traffic_then_tampering(api, world, config, db):
 
     # tamper with one stored event of the patient: the outcome of the denied read
     victim = one(journal(api.as_patient(pid), pid), ps=b.PS_OTHER, interaction="read", outcome="4")
-    seq = db["AuditEvent_link"].find_one({"_id": victim["id"]})["seq"]
-    db["AuditEvent"].update_one({"_id": victim["id"]}, {"$set": {"res.outcome": "0"}})
+    [seq] = [e["chain"]["seq"] for e in Storage(db.client, db).sealed_events(pid) if e["_id"] == victim["id"]]
+    rewrite_journal_entry(db, victim["id"], outcome="0")
 
     broken = _verify(config)
     assert broken.returncode != 0

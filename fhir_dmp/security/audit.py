@@ -22,9 +22,10 @@ Storage (issue 13: every collection is insert-mostly, SecantusDB updates being d
   mark_retention when the DMP closes) and ``s``/``o`` live beside ``res`` and are not hashed.
 - ``AuditEvent_queue``: per append, ``{t, items: [{e: event id, p: patient or None,
   d: content digest}]}``, in the same transaction as the events: the sealer's to-do list.
-- ``AuditEvent_link``: per sealed event::
+- ``AuditEvent_link``: per sealing pass and chain, a run of consecutive links::
 
-      {_id: event id, pid: <patient id or "_system">, seq: n, prev: <hex>, hash: <hex>}
+      {_id: "<pid>:<first>", pid: <patient id or "_system">, first, last, prev: <hex>,
+       links: [[event id, hash], ...]}       # event seq = first + position in ``links``
       digest = SHA-256( canonical_json(res) )          # sorted keys, no whitespace, UTF-8
       hash   = SHA-256( prev_hex_ascii + digest_hex_ascii )
       prev   = hash of seq n-1, or 64 zeros for seq 1
@@ -32,7 +33,7 @@ Storage (issue 13: every collection is insert-mostly, SecantusDB updates being d
 Append and seal are split: a request's events are written durably (group commit, or inside
 the write's transaction) without touching any chain, and the single sealer of ``sealer.py``
 links them in append order, removes their queue entry and moves the heads, in one
-transaction. A unique index on the links' ``(pid, seq)`` forbids a fork. The collection
+transaction. A run's ``_id`` (chain and first position) is unique: no fork. The collection
 ``AuditEvent_chain`` holds one head per chain (``{_id: pid, seq, hash, lu}``) so that
 deleting the newest events is detected too ("head points past last event"), and the
 sealer signs checkpoints of the heads with a key kept outside the database, so that

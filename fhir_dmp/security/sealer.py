@@ -9,8 +9,8 @@ its chain head. The sealer, one at a time across every server process, then:
    ``{_id: "sealer", owner, until}``); a process seals only while it holds the lease, and
    each sealing transaction renews it (a fencing write: two sealers cannot both commit);
 2. takes the oldest queue entries (``AuditEvent_queue``: time of append, then ``_id``),
-   links each event to its chain from the content digest queued with it (``seq``, ``prev``,
-   ``hash`` in ``AuditEvent_link``, as in ``audit.py``: no event is read back or updated),
+   links each event to its chain from the content digest queued with it (one run of links
+   per chain in ``AuditEvent_link``, as in ``audit.py``: no event is read back or updated),
    removes those queue entries, moves the heads (``AuditEvent_chain``) and writes a signed
    checkpoint, all in ONE transaction: a crash leaves either everything or nothing, and
    running it again only seals what is still queued (idempotent);
@@ -147,15 +147,16 @@ class Sealer:
         pids = list(dict.fromkeys(item.get("p") or SYSTEM_CHAIN for item in items))
         heads = {pid: (0, GENESIS) for pid in pids}
         heads.update(storage.heads_of(pids, session=session))
-        links = []
+        runs: dict[str, dict] = {}   # one run of links per chain
         for item in items:   # the digest was queued with the event: no need to read it back
             pid = item.get("p") or SYSTEM_CHAIN
             seq, prev = heads[pid]
+            run = runs.setdefault(pid, {"pid": pid, "first": seq + 1, "prev": prev, "links": []})
             hsh = link_hash(prev, item["d"])
             heads[pid] = (seq + 1, hsh)
-            links.append({"_id": item["e"], "pid": pid, "seq": seq + 1, "prev": prev, "hash": hsh})
-        storage.seal_events(links, [q["_id"] for q in queued], session=session)
-        if not links:   # queue entries emptied by a destroy
+            run["links"].append([item["e"], hsh])
+        storage.seal_events(list(runs.values()), [q["_id"] for q in queued], session=session)
+        if not runs:   # queue entries emptied by a destroy
             return 0
         storage.move_heads(heads, now, session=session)
         last = storage.last_checkpoint(session=session)
@@ -167,7 +168,7 @@ class Sealer:
                                 "key_id": self.kid,
                                 "sig": base64.b64encode(self.key.sign(body)).decode("ascii")},
                                session=session)
-        return len(links)
+        return len(items)
 
     # -- background loop
     def start(self) -> None:
