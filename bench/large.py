@@ -41,8 +41,10 @@ from cost import cpu_s
 from fhir_dmp.storage import new_id, now
 
 
-def search_time(env, token: str, pid: str, repeat: int, mode: str, count: int | None = None) -> dict:
-    """p50/p95 of the guarded search in ``mode``: cached, cold or "no cache"."""
+def search_time(env, pid: str, repeat: int, mode: str, count: int | None = None) -> dict:
+    """p50/p95 of the guarded search in ``mode``: cached, cold or "no cache"; a fresh token each
+    time (seeding a large collection outlasts a token)."""
+    token = env.idp.ps(builders.PS_DR, profession="10")
     args = [("patient", pid)] + ([("_count", str(count))] if count else [])
     storage = env.storage
     cache = storage.doc_cache
@@ -75,10 +77,10 @@ def fmt(s: dict) -> str:
 MODES = ("cached", "cold", "no cache")
 
 
-def compare(env, token: str, label_pids: list[tuple[str, str]], repeat: int, count: int | None = None) -> None:
+def compare(env, label_pids: list[tuple[str, str]], repeat: int, count: int | None = None) -> None:
     """Each mode interleaved over the cases, then the ratio of the last case to the first."""
     for mode in MODES:
-        rows = [(label, search_time(env, token, pid, repeat, mode, count)) for label, pid in label_pids]
+        rows = [(label, search_time(env, pid, repeat, mode, count)) for label, pid in label_pids]
         for label, s in rows:
             print(f"  {mode:<9} {label:<16} {fmt(s)}", flush=True)
         print(f"  {mode:<9} ratio {rows[-1][0]} / {rows[0][0]}: p50 {rows[-1][1]['p50'] / rows[0][1]['p50']:.2f}x, "
@@ -130,16 +132,15 @@ def main() -> int:
             args.filler = "10000,100000"
     fillers = [int(x) for x in args.filler.split(",")]
     with c.environment(audit_sealer=False) as env:
-        token = env.idp.ps(builders.PS_DR, profession="10")
         small, _ = c.seed_dmp(env, 20)
         big, _ = c.seed_dmp(env, args.big)
         deadline = time.monotonic() + 10
         while not env.storage.doc_cache.live and time.monotonic() < deadline:
             time.sleep(0.05)
         print(f"(a) DMP of 20 vs DMP of {args.big} documents, first page, {args.repeat} runs each")
-        compare(env, token, [("20 documents", small), (f"{args.big} documents", big)], args.repeat)
+        compare(env, [("20 documents", small), (f"{args.big} documents", big)], args.repeat)
         print("    the same with _count=20 (pages of equal size)")
-        compare(env, token, [("20 documents", small), (f"{args.big} documents", big)], args.repeat, count=20)
+        compare(env, [("20 documents", small), (f"{args.big} documents", big)], args.repeat, count=20)
 
         template = copy.deepcopy(env.storage.read_many("DocumentReference",
                                                        [d["_id"] for d in env.db["DocumentReference"].find(
@@ -156,7 +157,7 @@ def main() -> int:
             print(f"  {have:>8} documents in the collection (seeded in {seeded:.0f} s, database idle "
                   f"again after {settle(env):.0f} s)", flush=True)
             for mode in MODES:
-                s = search_time(env, token, small, args.repeat, mode)
+                s = search_time(env, small, args.repeat, mode)
                 results[mode].append((have, s))
                 print(f"    {mode:<9} {fmt(s)}", flush=True)
         if len(fillers) > 1:
