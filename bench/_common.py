@@ -72,9 +72,9 @@ class Env:
 
 
 @contextlib.contextmanager
-def environment(tmp: Path | None = None, **overrides):
-    """Start SecantusDB + the app in ``tmp`` (a fresh temp dir by default); ``overrides`` are
-    further :class:`Config` fields (e.g. ``audit_sealer=False``)."""
+def environment(tmp: Path | None = None, **settings):
+    """Start SecantusDB + the app in ``tmp`` (a fresh temp dir by default); ``settings`` override
+    the :class:`Config` defaults."""
     with contextlib.ExitStack() as stack:
         if tmp is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fhir-dmp-bench-")))
@@ -86,7 +86,7 @@ def environment(tmp: Path | None = None, **overrides):
         db = client["bench"]
         idp = TestIdP(tmp / "idp", audience=BASE)
         config = Config(mongodb_uri=server.uri, db_name=db.name, data_dir=tmp / "data", base_url=BASE,
-                        notifications_worker=False, **{**idp.config_kwargs(), **overrides})
+                        **{"notifications_worker": False, **idp.config_kwargs(), **settings})
         from fhir_dmp.app import create_app, stop_background
         app = create_app(config, client=client, db=db)
         stack.callback(stop_background, app)

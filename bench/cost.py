@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--unguarded", action="store_true",
+                    help="also GET Patient/{id} on a second server with guard and journal off (bench/_unguarded.py)")
     ap.add_argument("--env", action="append", metavar="FHIR_DMP_X=V", help="extra server setting (repeat)")
     ap.add_argument("--profile", type=Path, help="py-spy every process into DIR (collapsed stacks)")
     args = ap.parse_args()
@@ -88,7 +90,7 @@ def main() -> int:
         print("wrk not found", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="fhir-dmp-cost-"))
-    ours = None
+    ours = bare = None
     try:
         kit = work / "kit"
         shutil.copytree(args.kit, kit, ignore=shutil.ignore_patterns("node_modules", "results"))
@@ -114,8 +116,19 @@ def main() -> int:
             print(f"  {label:<28} {d['rps']:8.1f} req/s  p50 {d['p50_us'] / 1000:7.2f} ms  "
                   f"server {d['server_ms']:6.2f} ms CPU/req  database {d['db_ms']:6.2f} ms CPU/req  "
                   f"non2xx {d['non2xx3xx']:.0f} errors {d['errors']:.0f}", flush=True)
+        if args.unguarded:   # the same read, guard and journal off, second server on the same database
+            from fhir_dmp.embedded_db import EmbeddedMongo
+            bare_port = free_port()
+            bare = start_ours(work, bare_port, base, kit / "keys" / "jwks.json", args, name="unguarded",
+                              unguarded_of=EmbeddedMongo.find_running(work / "data"))
+            url = f"http://127.0.0.1:{bare_port}/fhir/Patient/{pid}"
+            wrk(kit, url, token, args.conns, 2.0)
+            d = measure(kit, url, token, args.conns, args.duration, bare.pid)
+            print(f"  {'unguarded GET Patient/{id}':<28} {d['rps']:8.1f} req/s  p50 {d['p50_us'] / 1000:7.2f} ms  "
+                  f"server {d['server_ms']:6.2f} ms CPU/req  database {d['db_ms']:6.2f} ms CPU/req", flush=True)
         print(f"load average at the end {os.getloadavg()[0]:.2f}")
     finally:
+        stop(bare)
         stop(ours)
         shutil.rmtree(work, ignore_errors=True)
     return 0

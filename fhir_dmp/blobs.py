@@ -10,7 +10,12 @@ versions, dropped from the end, or moved to another patient.
 Layout — two collections of our own rather than a GridFS bucket:
 
 * ``content_chunks`` ``{_id: "<blob_id>:<n>", p: patient, r: binary id, v: version, b: blob_id, n: index, d: ciphertext}``
-* ``content_blobs``  ``{_id: blob_id, p, r, v, size, n: chunk count, cs: chunk size, created}``
+* ``content_blobs``  ``{_id: blob_id, p, r, v, size, n: chunk count, cs: chunk size, created[, d]}``
+
+Content of one chunk of at most :data:`INLINE_MAX` bytes (most documents: a PDF report, a CDA)
+keeps its only ciphertext in its ``content_blobs`` document (``d``, the same AEAD message chunk 0
+would hold, flagged last) and has no ``content_chunks`` document: one insert instead of two on
+the write path (issue 13). Blobs written before that have their chunk; both are read.
 
 Why not GridFS: GridFS cuts *one* byte stream at fixed offsets, whereas each
 of our chunks is an independent AEAD message (own nonce and tag, a little
@@ -45,10 +50,12 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from fhir_dmp.errors import Conflict, PayloadTooLarge
 from fhir_dmp.security.crypto import ContentUnavailable, DocumentCrypto
+from fhir_dmp.storage import BLOBS
 
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_SIZE = 8 << 20  # well under the 16 MiB BSON document limit
+INLINE_MAX = 256 << 10    # a one-chunk blob this small lives in its header document
 
 
 class BlobNotFound(ContentUnavailable):
@@ -134,23 +141,28 @@ class BlobStore:
     # ------------------------------------------------------------- write
     def put(self, patient_id: str, binary_id: str, version: int,
             source: bytes | BinaryIO | Iterable[bytes], *, max_bytes: int, session=None,
-            expression: str = "Binary.data") -> BlobInfo:
+            expression: str = "Binary.data", fresh: bool = False, pending: list | None = None) -> BlobInfo:
         """Encrypt and store ``source`` as the content of (patient, binary, version).
 
         Computes size, SHA-1 (base64) and SHA-256 (hex) of the plaintext while
         streaming. More than ``max_bytes`` -> :class:`PayloadTooLarge` (413) and
         nothing stays stored (``expression`` goes into that error). Content already
         stored for this version -> :class:`Conflict` (versions are immutable; :meth:`delete` it first).
+        ``fresh``: the Binary is created in this same transaction, so no content can be stored for
+        it yet; the early look-up is skipped (the unique index still decides). ``pending``: the
+        header is appended to this list of the transaction's inserts not sent yet
+        (``Storage.create``), still after the chunks (for a new Binary only: no conflict possible).
         """
         pid, rid, ver = str(patient_id), str(binary_id), int(version)
         if isinstance(source, (bytes, bytearray, memoryview)) and memoryview(source).nbytes > max_bytes:
             raise self._too_large(max_bytes, expression)
-        if self.exists(pid, rid, ver, session=session):  # cheap early refusal; the unique index decides
+        if not fresh and self.exists(pid, rid, ver, session=session):  # early refusal; the unique index decides
             raise Conflict(f"content of Binary/{rid} version {ver} is already stored")
         blob_id = uuid.uuid4().hex
         enc = self.crypto.encryptor(pid, rid, ver, stream_id=blob_id)
         sha1, sha256 = hashlib.sha1(), hashlib.sha256()
         size = count = 0
+        header = {"_id": blob_id, "p": pid, "r": rid, "v": ver}
         try:
             for index, chunk, last in _with_last(_pieces(source, self.chunk_size)):
                 size += len(chunk)
@@ -158,20 +170,28 @@ class BlobStore:
                     raise self._too_large(max_bytes, expression)
                 sha1.update(chunk)
                 sha256.update(chunk)
-                self.storage.add_blob_chunk({"_id": f"{blob_id}:{index}", "p": pid, "r": rid, "v": ver,
-                                             "b": blob_id, "n": index,
-                                             "d": enc.encrypt_chunk(index, chunk, last=last)},
-                                            session=session)
+                sealed = enc.encrypt_chunk(index, chunk, last=last)
+                if index == 0 and last and len(chunk) <= INLINE_MAX:
+                    header["d"] = sealed        # the only chunk, kept in the header (module docstring)
+                else:
+                    self.storage.add_blob_chunk({"_id": f"{blob_id}:{index}", "p": pid, "r": rid, "v": ver,
+                                                 "b": blob_id, "n": index, "d": sealed}, session=session)
                 count += 1
+            header.update(size=size, n=count, cs=self.chunk_size, created=datetime.now(timezone.utc))
+            if pending is not None:
+                pending.append((BLOBS, header))
+                return self._info(blob_id, size, sha1, sha256)
             try:
-                self.storage.add_blob({"_id": blob_id, "p": pid, "r": rid, "v": ver, "size": size,
-                                       "n": count, "cs": self.chunk_size,
-                                       "created": datetime.now(timezone.utc)}, session=session)
+                self.storage.add_blob(header, session=session)
             except DuplicateKeyError:
                 raise Conflict(f"content of Binary/{rid} version {ver} is already stored") from None
         except BaseException:
             self._discard(pid, blob_id, session)
             raise
+        return self._info(blob_id, size, sha1, sha256)
+
+    @staticmethod
+    def _info(blob_id: str, size: int, sha1, sha256) -> BlobInfo:
         return BlobInfo(blob_id, size, base64.b64encode(sha1.digest()).decode("ascii"), sha256.hexdigest())
 
     @staticmethod
@@ -192,15 +212,15 @@ class BlobStore:
                 log.warning("could not remove the chunks of failed blob %s; delete() that version", blob_id)
 
     # ------------------------------------------------------------- read
-    def _meta(self, pid: str, rid: str, ver: int, session=None) -> dict:
-        meta = self.storage.blob_meta(pid, rid, ver, session=session)
+    def _meta(self, pid: str, rid: str, ver: int, session=None, *, data: bool = True) -> dict:
+        meta = self.storage.blob_meta(pid, rid, ver, session=session, data=data)
         if meta is None:
             raise BlobNotFound("no content stored for this binary version")
         return meta
 
     def size(self, patient_id, binary_id, version, *, session=None) -> int:
         """Plaintext size in bytes (for Content-Length before streaming); BlobNotFound if absent."""
-        return int(self._meta(str(patient_id), str(binary_id), int(version), session)["size"])
+        return int(self._meta(str(patient_id), str(binary_id), int(version), session, data=False)["size"])
 
     def exists(self, patient_id, binary_id, version, *, session=None) -> bool:
         return self.storage.blob_exists(str(patient_id), str(binary_id), int(version), session=session)
@@ -222,6 +242,14 @@ class BlobStore:
     def _iter(self, pid, meta, dec, session) -> Iterator[bytes]:
         total, expected = int(meta["n"]), 0
         size = 0
+        if "d" in meta:      # one chunk, kept in the header
+            if total != 1:
+                raise ContentUnavailable("stored content is inconsistent (chunk sequence)")
+            plain = dec.decrypt_chunk(0, meta["d"], last=True)
+            if len(plain) != meta["size"]:
+                raise ContentUnavailable("stored content is incomplete")
+            yield plain
+            return
         cursor = self.storage.blob_chunks(pid, meta["_id"], session=session)
         try:
             for doc in cursor:

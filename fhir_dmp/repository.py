@@ -27,13 +27,16 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import (DuplicateValue, Stored, VersionConflict, instant, is_write_conflict, merge_filters,
-                      new_id, now)
+from .storage import (DuplicateValue, Stored, VersionConflict, instant, is_write_conflict,
+                      merge_filters, new_id, now)
 
 log = logging.getLogger(__name__)
 
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
+#: what a write of these types changes is none of the decision's inputs (storage.DECISION_INPUTS):
+#: the DMP's cached decision context stays warm for the next deposit (issue 13)
+CONTEXT_FREE = frozenset({"DocumentReference", "Binary"})
 HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson"}
 
 
@@ -130,7 +133,10 @@ class GuardedRepository:
         self.records: list = []
         self.effects: list = []          # callables(session) written with the journal at flush
         self._grants_done: set[str] = set()
-        self._dirty_pids: set[str] = set()   # patients written: their cached context is dropped
+        self.fresh_binaries: set[str] = set()   # Binaries this request created for their document
+        self.pending_inserts: list = []         # inserts of the open transaction not sent yet
+        self._dirty_pids: set[str] = set()   # patients written: swept if destroyed meanwhile
+        self._stale_pids: set[str] = set()   # their cached decision context is dropped (CONTEXT_FREE)
         self.session = None      # the open write transaction, if any (reads inside it see its writes)
 
     # ------------------------------------------------------------------ audit
@@ -206,18 +212,21 @@ class GuardedRepository:
             self.notify("break_glass", pid, session=session)
         self.effects.append(effect)
 
-    def notify(self, kind: str, pid: str, *, session=None, code: str | None = None) -> list[dict]:
-        """Queue a notice to the patient and store the matching Communication(s)."""
+    def notify(self, kind: str, pid: str, *, session=None, code: str | None = None,
+               patient: dict | None = None) -> list[dict]:
+        """Queue a notice to the patient and store the matching Communication(s). ``patient``:
+        the Patient resource this transaction just wrote (else the DMP's state is loaded)."""
         if self.b.outbox is None:
             return []
         from .notifications import Notice
-        st = self.access.state(pid)
-        if st.patient is None:
+        if patient is None:
+            patient = self.access.state(pid).patient
+        if patient is None:
             return []
         notice = Notice(kind=kind, patient_id=pid, actor_name=self.p.name,
                         actor_profession=self.p.profession, actor_id=self.p.id_nat_ps,
                         mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason, code=code)
-        comms = self.b.outbox.enqueue(notice, st.patient, session=session)
+        comms = self.b.outbox.enqueue(notice, patient, session=session)
         for comm in comms:
             stored = self.storage.create("Communication", comm, pid=pid, rid=comm.get("id"),
                                          session=session)
@@ -549,10 +558,17 @@ class GuardedRepository:
 
         def attempt(session):
             del self.records[mark:]            # a retried attempt starts clean
+            self.pending_inserts.clear()
             self.access.states.clear()
             self.session = self.access.session = session
             result = fn(session)
-            self._dirty_pids.update(r.patient_id for r in self.records[mark:] if r.patient_id)
+            if self.pending_inserts:           # every write goes with the transaction, never lost
+                self.storage.insert_docs(self.pending_inserts, session=session)
+                self.pending_inserts.clear()
+            written = {r.patient_id for r in self.records[mark:] if r.patient_id}
+            self._dirty_pids.update(written)
+            if rtype not in CONTEXT_FREE:
+                self._stale_pids.update(written)
             if len(self.records) > mark:
                 self.b.audit_log.append(self._events(self.records[mark:]), session=session)
             return result
@@ -614,9 +630,10 @@ class GuardedRepository:
 
         def write(s):
             rid_ = rid or new_id()
-            resource_ = self._store_content(rtype, rid_, 1, resource, pid, s, content)
+            resource_, extra = self._store_content(rtype, rid_, 1, resource, pid, s, content)
             try:
-                stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s)
+                stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s, extra=extra,
+                                             pending=self.pending_inserts)
             except DuplicateValue:
                 raise duplicate_dmp(resource) from None
             self._after_write("create", rtype, stored, None, decision, s)
@@ -666,9 +683,10 @@ class GuardedRepository:
 
         def write(s):
             vid = expected + 1
-            resource_ = self._store_content(rtype, rid, vid, resource, pid, s, content)
+            resource_, extra = self._store_content(rtype, rid, vid, resource, pid, s, content)
             try:
-                stored = self.storage.update(rtype, rid, resource_, pid=pid, expected_vid=expected, session=s)
+                stored = self.storage.update(rtype, rid, resource_, pid=pid, expected_vid=expected, session=s,
+                                             extra=extra, pending=self.pending_inserts)
             except VersionConflict as exc:
                 raise PreconditionFailed(f"version conflict: {rtype}/{rid} is at version {exc.current_vid}") \
                     if if_match else Conflict(f"concurrent update of {rtype}/{rid}; retry") from None
@@ -772,7 +790,7 @@ class GuardedRepository:
         self.storage.run_transaction(lambda s: lifecycle.purge_dmp(self.storage, pid, session=s))
         self.b.crypto.forget(pid)       # the key is gone from the database: drop this process's copy
         self.access.states.pop(pid, None)
-        self._dirty_pids.add(pid)
+        self._stale_pids.add(pid)
         self._forget_contexts()
 
     def _sweep_destroyed(self, pids) -> None:
@@ -888,36 +906,43 @@ class GuardedRepository:
         return resource
 
     def _store_content(self, rtype: str, rid: str, vid: int, resource: dict, pid: str | None, session,
-                       content=None) -> dict:
-        """Move inline content to encrypted blobs before the metadata is written."""
+                       content=None) -> tuple[dict, dict | None]:
+        """Move inline content to encrypted blobs before the metadata is written; (the resource to
+        store, fields stored beside it: a Binary's content size and hash)."""
         from .documents.pipeline import store_binary_content, store_inline_attachments
         if rtype == "Binary":
             return store_binary_content(self, rid, vid, resource, pid, session, stream=content)
         if rtype == "DocumentReference":
-            return store_inline_attachments(self, rid, resource, pid, session)
-        return resource
+            return store_inline_attachments(self, rid, resource, pid, session), None
+        return resource, None
 
     def _after_write(self, interaction: str, rtype: str, stored: Stored, old: dict | None,
                      decision: Decision, session) -> None:
-        from .documents.pipeline import after_document_write, remember_blob
+        from .documents.pipeline import after_document_write
         if decision.obligations.get("authorize_creator"):
             self._authorize_creator(stored, session)
         if decision.obligations.get("notify") == "first_access":
-            self.notify("first_access", stored.pid, session=session)
+            # a new DMP: the Patient just written is the one to tell, no need to read it back
+            self.notify("first_access", stored.pid, session=session,
+                        patient=stored.resource if rtype == "Patient" and not stored.deleted else None)
         if rtype == "DocumentReference":
             after_document_write(self, stored, old, session)
-        if rtype == "Binary" and getattr(self, "_pending_blob", None):
-            remember_blob(self, *self._pending_blob, session)
-            self._pending_blob = None
         self.access.states.pop(stored.pid, None)
         self._dirty_pids.add(stored.pid)
 
     def _forget_contexts(self) -> None:
-        """Drop the cached decision context and documents of the patients this request wrote."""
-        for cache in (self.b.policy.context_cache, self.storage.doc_cache):
-            if cache is not None:
-                for pid in self._dirty_pids:
-                    cache.invalidate(pid)
+        """Drop the cached decision context of the patients whose decision inputs this request
+        wrote (the same collections the cache's change stream watches), and the cached documents
+        (``doc_cache.py``) of every patient it wrote."""
+        cache = self.b.policy.context_cache
+        if cache is not None:
+            for pid in self._stale_pids:
+                cache.invalidate(pid)
+        documents = self.storage.doc_cache
+        if documents is not None:
+            for pid in self._dirty_pids | self._stale_pids:
+                documents.invalidate(pid)
+        self._stale_pids.clear()
         self._dirty_pids.clear()
 
     def _authorize_creator(self, patient: Stored, session) -> None:

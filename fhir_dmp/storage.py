@@ -8,6 +8,12 @@ Layout (one collection per type, history in ``<Type>_history``)::
     {"_id": id, "pid": owning patient id, "vid": int, "lu": datetime,
      "del": bool, "res": resource JSON, "s": search index, "o": sort keys}
 
+The ``<Type>_history`` collection holds the superseded versions; the current version is read
+from the current collection (its document carries ``nh: true``: "no history copy yet") and is
+copied into the history by the update that supersedes it, from the document the update returns:
+a create writes one document, not two (issue 13). Documents written before that have their copy
+already (no ``nh``); the history and vread read both.
+
 ``pid`` starts every index so a patient's record can live on one shard.
 Optimistic concurrency is enforced by the database: an update matches
 ``{"_id": id, "vid": expected}`` and the history insert has a unique
@@ -26,11 +32,13 @@ from datetime import datetime, timezone
 
 import decimal
 
+import bson
 import pymongo
 from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
 from bson.decimal128 import Decimal128
-from pymongo import ASCENDING, ReturnDocument, UpdateOne, WriteConcern
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from bson.raw_bson import RawBSONDocument
+from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne, WriteConcern
+from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, OperationFailure, PyMongoError
 
 from . import search
 
@@ -54,6 +62,7 @@ DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
 #: a range from EPOCH on the queue's ``t`` (always a date) reads the queue through its index
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SEALER_ID = "sealer"
+LEASE_WAIT_S = 2.0     # the longest a lease write waits on a locked lease document
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
 COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
 
@@ -254,14 +263,24 @@ class Storage:
         #: the process's DMP document cache (doc_cache.DocumentCache), or None: every search asks
         #: the database. Set by the application; consulted outside transactions only.
         self.doc_cache = None
+        self._client_bulk: bool | None = None     # does the server take a client bulkWrite?
         self.db = client.get_database(db.name, codec_options=CODECS, write_concern=db.write_concern,
                                       read_concern=db.read_concern, read_preference=db.read_preference)
 
     # -- setup -------------------------------------------------------------
     def ensure_indexes(self) -> None:
+        """The indexes each collection's queries use, and no other: every insert pays for each one
+        (issue 13). ``(pid, lu)`` serves the history, so it is kept on the ``*_history``
+        collections and on append-only types (their own history) only; on a current collection
+        nothing sorts on ``lu`` and the other ``pid``-first indexes serve ``pid`` alone (older
+        databases have it: it is dropped)."""
         for rtype in RESOURCE_TYPES:
             coll = self.db[rtype]
-            wanted = [[("pid", 1), ("lu", -1)], *[list(k) for k in search.index_specs(rtype)]]
+            wanted = [list(k) for k in search.index_specs(rtype)]
+            if rtype in APPEND_ONLY:
+                wanted.append([("pid", 1), ("lu", -1)])
+            else:
+                _drop_index(coll, [("pid", 1), ("lu", -1)])
             wanted += EXTRA_INDEXES.get(rtype, [])
             for keys in wanted:
                 _index(coll, keys)
@@ -311,7 +330,8 @@ class Storage:
         if rtype in APPEND_ONLY:
             doc = self.db[rtype].find_one({"_id": rid}, session=session) if vid == 1 else None
         else:
-            doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session)
+            doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session) \
+                or self.db[rtype].find_one({"_id": rid, "vid": vid, NO_COPY: True}, VERSION_FIELDS, session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 
     def _history_of(self, rtype: str, rid: str | None) -> tuple:
@@ -338,14 +358,44 @@ class Storage:
             if rtype in APPEND_ONLY:      # the key is "id/vid"; there the _id is the id alone
                 key = key.rsplit("/", 1)[0]
             flt = {"$and": [flt, {"$or": [{"lu": {"$lt": lu}}, {"lu": lu, "_id": {"$gt": key}}]}]}
-        docs = coll.find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit)
+        docs = list(coll.find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit))
+        if rtype not in APPEND_ONLY:
+            docs += self._current_versions(rtype, rid, pid_filter, since, before, after_key, limit, session)
+            docs.sort(key=lambda d: d["_id"])
+            docs.sort(key=lambda d: d["lu"], reverse=True)      # stable: (lu desc, _id asc)
+            docs = docs[:limit]
         return [Stored.from_doc(rtype, d) for d in docs]
+
+    def _current_versions(self, rtype, rid, pid_filter, since, before, after_key, limit, session) -> list[dict]:
+        """The current versions that have no history copy yet and belong in :meth:`history`'s page,
+        shaped as history documents (``_id`` "id/vid"): those before the cursor's instant, then
+        those at that instant whose key is after the cursor's (compared like the history's)."""
+        flt = {NO_COPY: True, **({} if rid is None else {"_id": rid}), **(pid_filter or {})}
+        since, before = _utc(since), _utc(before)
+        lu = {**({"$gte": since} if since else {}), **({"$lt": before} if before else {})}
+        at = None
+        if after_key:
+            at, key = _utc(after_key[0]), after_key[1]
+            lu["$lt"] = min(at, lu["$lt"]) if "$lt" in lu else at
+        if lu:
+            flt["lu"] = lu
+        cur = self.db[rtype].find(flt, VERSION_FIELDS, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit)
+        out = [_as_version(d) for d in cur]
+        if at is not None and (since is None or at >= since) and (before is None or at < before):
+            tied = self.db[rtype].find({**{k: v for k, v in flt.items() if k != "lu"}, "lu": at}, VERSION_FIELDS,
+                                       session=session)
+            out += [v for v in map(_as_version, tied) if v["_id"] > key]
+        return out
 
     def count_history(self, rtype: str, rid: str | None, pid_filter: dict | None = None, *, session=None) -> int:
         coll, flt = self._history_of(rtype, rid)
         if pid_filter:
             flt.update(pid_filter)
-        return coll.count_documents(flt, session=session)
+        n = coll.count_documents(flt, session=session)
+        if rtype not in APPEND_ONLY:     # the current versions without a copy (module docstring)
+            n += self.db[rtype].count_documents({NO_COPY: True, **({} if rid is None else {"_id": rid}),
+                                                 **(pid_filter or {})}, session=session)
+        return n
 
     def find(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[Stored]:
         return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit, session=session)]
@@ -453,9 +503,6 @@ class Storage:
         doc = self.db["Binary"].find_one({"_id": bid}, {"blob": 1}, session=session) or {}
         return doc.get("blob") or {}
 
-    def set_blob_info(self, bid: str, info: dict, *, session=None) -> None:
-        self.db["Binary"].update_one({"_id": bid}, {"$set": {"blob": info}}, session=session)
-
     def attach_binary(self, bid: str, pid: str, reference: str, *, session=None) -> None:
         """Point a Binary's current securityContext at its document (same DMP only)."""
         self.db["Binary"].update_one({"_id": bid, "pid": pid},
@@ -536,8 +583,10 @@ class Storage:
         """The blob's header, written after its chunks (DuplicateKeyError: that version has one)."""
         self.db[BLOBS].insert_one(doc, session=session)
 
-    def blob_meta(self, pid: str, rid: str, ver: int, *, session=None) -> dict | None:
-        return self.db[BLOBS].find_one({"p": pid, "r": rid, "v": ver}, session=session)
+    def blob_meta(self, pid: str, rid: str, ver: int, *, session=None, data: bool = True) -> dict | None:
+        """A blob's header; ``data=False`` leaves out the ciphertext a one-chunk blob keeps there."""
+        return self.db[BLOBS].find_one({"p": pid, "r": rid, "v": ver}, None if data else {"d": 0},
+                                       session=session)
 
     def blob_exists(self, pid: str, rid: str, ver: int, *, session=None) -> bool:
         return self.db[BLOBS].count_documents({"p": pid, "r": rid, "v": ver}, limit=1, session=session) > 0
@@ -670,14 +719,23 @@ class Storage:
 
     # -- the journal sealer (security/sealer.py) --------------------------------
     def take_sealer_lease(self, owner: str, now: datetime, until: datetime) -> bool:
-        """Take or renew the one sealer lease; False when another live owner holds it."""
+        """Take or renew the one sealer lease; False when another live owner holds it, or when
+        the lease document stays locked (bounded wait, :data:`LEASE_WAIT_S`): a sealing
+        transaction left open by a killed process holds it until SecantusDB aborts that
+        transaction (idle for 60 s, like mongod's transactionLifetimeLimitSeconds); without the
+        bound the other servers' sealers would wait on it forever."""
         try:
-            doc = self.db[SEALER_LEASE].find_one_and_update(
-                {"_id": SEALER_ID, "$or": [{"owner": owner}, {"until": {"$lt": now}}]},
-                {"$set": {"owner": owner, "until": until}},
-                upsert=True, return_document=ReturnDocument.AFTER)
+            with pymongo.timeout(LEASE_WAIT_S):
+                doc = self.db[SEALER_LEASE].find_one_and_update(
+                    {"_id": SEALER_ID, "$or": [{"owner": owner}, {"until": {"$lt": now}}]},
+                    {"$set": {"owner": owner, "until": until}},
+                    upsert=True, return_document=ReturnDocument.AFTER)
         except DuplicateKeyError:
             return False
+        except PyMongoError as exc:
+            if exc.timeout:
+                return False
+            raise
         return bool(doc) and doc.get("owner") == owner
 
     def renew_sealer_lease(self, owner: str, now: datetime, until: datetime, *, session) -> bool:
@@ -687,7 +745,8 @@ class Storage:
             {"$set": {"until": until}}, session=session).matched_count > 0
 
     def release_sealer_lease(self, owner: str) -> None:
-        self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
+        with pymongo.timeout(LEASE_WAIT_S):
+            self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
 
     def unsealed_batches(self, limit: int, *, session=None) -> list[dict]:
         """The oldest queue documents (append time, then ``_id``) holding about ``limit`` events
@@ -825,43 +884,95 @@ class Storage:
         return resource
 
     def create(self, rtype: str, resource: dict, *, pid: str | None, rid: str | None = None,
-               session) -> Stored:
-        """Insert version 1. Raises VersionConflict if the id exists."""
+               session, extra: dict | None = None, pending: list | None = None,
+               defer: bool = False) -> Stored:
+        """Insert version 1. Raises VersionConflict if the id exists. ``extra``: fields stored
+        beside the resource in the current document only (a Binary's ``blob`` size and hash).
+
+        ``pending``: ``(collection, document)`` inserts of this transaction not sent yet; they go
+        first, with this version, in one round trip (:meth:`insert_docs`), and the list is emptied.
+        ``defer``: append this version's documents to ``pending`` instead (for a server id only:
+        no duplicate can be reported then)."""
         rid = rid or new_id()
         lu = now()
         resource = self.stamp(resource, rid, 1, lu)
         if rtype == "Patient":
             pid = rid
-        current, hist = self._docs(rtype, rid, 1, pid, resource, False, lu)
-        try:
-            self.db[rtype].insert_one(current, session=session)
-            self.db[f"{rtype}_history"].insert_one(hist, session=session)
-        except DuplicateKeyError as exc:
-            raise _duplicate(exc) from None
+        current, _ = self._docs(rtype, rid, 1, pid, resource, False, lu)
+        current.update(extra or {}, **{NO_COPY: True})
+        docs = [(rtype, current)]       # its history copy is written when it is superseded
+        if defer:
+            pending.extend(docs)
+        else:
+            if pending:
+                docs[:0] = pending
+                pending.clear()
+            try:
+                self.insert_docs(docs, session=session)
+            except DuplicateKeyError as exc:
+                raise _duplicate(exc) from None
         return Stored(rtype, rid, 1, lu, pid, False, resource)
 
+    def insert_docs(self, docs: list[tuple[str, dict]], *, session) -> None:
+        """Insert ``(collection, document)`` pairs in order: inside a transaction in one round trip
+        (a client ``bulkWrite``, MongoDB 8.0+ and SecantusDB), else one insert each. A refused
+        insert raises what ``insert_one`` would (DuplicateKeyError, OperationFailure)."""
+        bulk = len(docs) > 1 and session is not None and session.in_transaction and self._takes_client_bulk()
+        if bulk and session._starting_transaction:
+            # the first command of a transaction may carry its readConcern (majority, or
+            # afterClusterTime when retried), which SecantusDB refuses on a bulkWrite: it goes alone
+            self.db[docs[0][0]].insert_one(docs[0][1], session=session)
+            docs = docs[1:]
+            bulk = len(docs) > 1
+        if not bulk:
+            for coll, doc in docs:
+                self.db[coll].insert_one(doc, session=session)
+            return
+        # encoded here with this database's codecs (FHIR decimals): the client's would not know them
+        ops = [InsertOne(RawBSONDocument(bson.encode(doc, codec_options=CODECS)), namespace=f"{self.db.name}.{coll}")
+               for coll, doc in docs]
+        try:
+            self.client.bulk_write(ops, session=session, ordered=True)
+        except ClientBulkWriteException as exc:
+            raise _bulk_error(exc) from None
+
+    def _takes_client_bulk(self) -> bool:
+        if self._client_bulk is None:
+            self._client_bulk = self.client.admin.command("hello").get("maxWireVersion", 0) >= 25
+        return self._client_bulk
+
     def update(self, rtype: str, rid: str, resource: dict | None, *, pid: str | None,
-               expected_vid: int, session, deleted: bool = False) -> Stored:
-        """Write version expected_vid+1 (or a delete marker when ``deleted``)."""
+               expected_vid: int, session, deleted: bool = False, extra: dict | None = None,
+               pending: list | None = None) -> Stored:
+        """Write version expected_vid+1 (or a delete marker when ``deleted``); the superseded
+        version goes to the history (from the document the update returns, no extra read) unless
+        it has its copy already (written before issue 13). ``extra`` and ``pending`` as in
+        :meth:`create` (``pending`` goes with the history insert)."""
         vid = expected_vid + 1
         lu = now()
         if resource is not None:
             resource = self.stamp(resource, rid, vid, lu)
-        current, hist = self._docs(rtype, rid, vid, pid, resource, deleted, lu)
+        current, _ = self._docs(rtype, rid, vid, pid, resource, deleted, lu)
         if deleted:
             # keep the last content searchable by nobody; the history keeps the versions
             current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
+        current.update(extra or {}, **{NO_COPY: True})
         try:
-            res = self.db[rtype].find_one_and_update(
+            old = self.db[rtype].find_one_and_update(
                 {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
-                session=session, return_document=ReturnDocument.AFTER, projection={"_id": 1})
+                session=session, return_document=ReturnDocument.BEFORE, projection={**VERSION_FIELDS, NO_COPY: 1})
         except DuplicateKeyError as exc:
             raise _duplicate(exc) from None
-        if res is None:
+        if old is None:
             cur = self.db[rtype].find_one({"_id": rid}, {"vid": 1}, session=session)
             raise VersionConflict(cur["vid"] if cur else None)
+        docs = [*(pending or [])]
+        if old.get(NO_COPY):
+            docs.append((f"{rtype}_history", _as_version(old)))
+        if pending:
+            pending.clear()
         try:
-            self.db[f"{rtype}_history"].insert_one(hist, session=session)
+            self.insert_docs(docs, session=session)
         except DuplicateKeyError:
             raise VersionConflict(vid) from None
         return Stored(rtype, rid, vid, lu, pid, deleted, resource)
@@ -882,6 +993,30 @@ EXTRA_INDEXES = {
 UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
 
 
+#: on a current document: its version has no copy in the history yet (module docstring)
+NO_COPY = "nh"
+#: what a version is, in a current document (projection)
+VERSION_FIELDS = {"pid": 1, "vid": 1, "lu": 1, "del": 1, "res": 1}
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    """A datetime Python can compare with the stored ones (naive is taken as UTC, as pymongo does)."""
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+
+
+def _as_version(doc: dict) -> dict:
+    """A current document shaped as its history copy (``Storage._docs``)."""
+    return {"_id": f"{doc['_id']}/{doc['vid']}", "rid": doc["_id"], "pid": doc.get("pid"), "vid": doc["vid"],
+            "lu": doc["lu"], "del": bool(doc.get("del")), "res": doc.get("res")}
+
+
+def _drop_index(coll, keys) -> None:
+    """Drop the index on exactly ``keys`` if there is one (whatever its name)."""
+    for ix in coll.list_indexes():
+        if [(k, int(v)) for k, v in ix["key"].items()] == list(keys):
+            coll.drop_index(ix["name"])
+
+
 def _index(coll, keys, **options) -> None:
     """Create an index unless the same keys already exist (under another module's name)."""
     try:
@@ -889,6 +1024,16 @@ def _index(coll, keys, **options) -> None:
     except OperationFailure as exc:
         if exc.code not in (85, 86):   # IndexOptionsConflict / IndexKeySpecsConflict: already there
             raise
+
+
+def _bulk_error(exc: ClientBulkWriteException) -> Exception:
+    """The error ``insert_one`` would have raised for the first refused insert of a bulk."""
+    err = (exc.write_errors or [None])[0]
+    if err is None:
+        return exc.error if isinstance(exc.error, Exception) else OperationFailure(str(exc))
+    if err.get("code") == 11000:
+        return DuplicateKeyError(err.get("errmsg", "duplicate key"), 11000, err)
+    return OperationFailure(err.get("errmsg", "write error"), err.get("code"), err)
 
 
 def _by_pid(pid: str | None) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pymongo
@@ -451,3 +452,38 @@ def test_mark_retention(db, sealer):
     assert doc["retain_until"].replace(tzinfo=timezone.utc) == datetime(2034, 2, 28, 12, 0, tzinfo=timezone.utc)
     assert "retain_until" not in db[COLLECTION].find_one({"pid": "p2"})
     assert verify_chains(st(db)) == []
+
+
+def test_queue_entries_emptied_by_a_destroy_are_dropped_and_the_rest_sealed(db, sealer):
+    """A destroy pulls the DMP's events out of the sealer's queue (other DMPs' stay queued)."""
+    log = AuditLog(st(db))
+    log.append([ev(), ev()])                      # p1 alone: emptied by the destroy
+    log.append([ev(patient_id="p2"), ev(patient_id="p2"), ev()])   # p2's stay queued
+    with db.client.start_session() as s:
+        s.with_transaction(lambda sess: st(db).purge_dmp("p1", session=sess))
+    sealer.batch = 1          # the first pass only drops the emptied entry: seal_all goes on
+    assert sealer.seal_all() == 2
+    assert unsealed(db) == 0 and db["AuditEvent_queue"].count_documents({}) == 0
+    assert [e["chain"]["seq"] for e in chained(db, "p2")] == [1, 2] and chained(db, "p1") == []
+    assert verify_chains(st(db), check_signatures=True, public_key=sealer.key.public_key()) == []
+
+
+def test_a_sealing_transaction_left_open_does_not_hang_the_other_sealers(server, db, tmp_path):
+    """A sealer killed inside its sealing transaction leaves the lease document locked until
+    SecantusDB aborts that transaction (60 s idle): the other sealers' lease attempts give up
+    after a bounded wait and try again later, instead of waiting on the lock for good."""
+    uri, client = server
+    AuditLog(st(db)).append([ev()])
+    dying = pymongo.MongoClient(uri)
+    first = Sealer(Storage(dying, dying[db.name]), tmp_path / "k.pem", lease_s=0.5)
+    assert first.acquire()
+    session = dying.start_session()
+    session.start_transaction()
+    now = datetime.now(timezone.utc)
+    assert first.storage.renew_sealer_lease(first.owner, now, now + timedelta(seconds=0.5), session=session)
+    dying.close()                                   # killed: never commits, never aborts
+    time.sleep(0.6)                                 # its lease has expired
+    second = Sealer(Storage(client, db), tmp_path / "k.pem")
+    started = time.monotonic()
+    assert second.acquire() is False                # the document is still locked
+    assert time.monotonic() - started < 10

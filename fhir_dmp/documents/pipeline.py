@@ -26,7 +26,7 @@ import re
 from ..errors import Conflict, PayloadTooLarge, Unprocessable
 from ..profiles import dmp
 from ..search import reference_id
-from ..storage import VersionConflict
+from ..storage import VersionConflict, new_id
 from .cda import check_cda_matches, inspect_cda
 from .pdf import inspect_pdf
 from .rubriques import fill_category
@@ -172,15 +172,19 @@ def store_inline_attachments(repo, rid: str, resource: dict, pid: str, session) 
         binary = {"resourceType": "Binary", "contentType": att.get("contentType") or "application/octet-stream",
                   "securityContext": {"reference": f"DocumentReference/{rid}"}}
         wanted = reference_id(att.get("url"), "Binary")
+        wanted = wanted if wanted and _ID.fullmatch(wanted) else None
+        bid = wanted or new_id()
+        # the content first, then the Binary with its size and hash, no update; under a server id
+        # (no conflict possible) both wait to go with the document's own inserts (issue 13)
+        pending = None if wanted else repo.pending_inserts
+        info = repo.b.blobs.put(pid, bid, 1, data, max_bytes=repo.b.config.max_attachment_bytes,
+                                session=session, fresh=True, pending=pending)
         try:
-            bid = repo.storage.create("Binary", binary, pid=pid,
-                                      rid=wanted if wanted and _ID.fullmatch(wanted) else None,
-                                      session=session).id
+            repo.storage.create("Binary", binary, pid=pid, rid=bid, session=session, extra=blob_fields(info),
+                                pending=pending, defer=pending is not None)
         except VersionConflict:
             raise Conflict("attachment.url names an existing Binary: send data or url, not both") from None
-        info = repo.b.blobs.put(pid, bid, 1, data, max_bytes=repo.b.config.max_attachment_bytes,
-                                session=session)
-        remember_blob(repo, bid, info, session)
+        repo.fresh_binaries.add(bid)     # created attached to this document
         att["url"] = f"Binary/{bid}"
         att["size"] = info.size
         att["hash"] = info.sha1_b64
@@ -188,8 +192,9 @@ def store_inline_attachments(repo, rid: str, resource: dict, pid: str, session) 
 
 
 def store_binary_content(repo, rid: str, vid: int, resource: dict, pid: str, session,
-                         stream=None) -> dict:
-    """Encrypt a Binary's content (inline ``data`` or a raw upload stream) into the blob store."""
+                         stream=None) -> tuple[dict, dict]:
+    """Encrypt a Binary's content (inline ``data`` or a raw upload stream) into the blob store;
+    (the Binary to store, the fields stored beside it: :func:`blob_fields`)."""
     resource = dict(resource)
     max_bytes = repo.b.config.max_attachment_bytes
     source = stream
@@ -206,19 +211,19 @@ def store_binary_content(repo, rid: str, vid: int, resource: dict, pid: str, ses
             raise Conflict("concurrent write while storing the upload; send it again")
         used.add(id(source))
     info = repo.b.blobs.put(pid, rid, vid, source, max_bytes=max_bytes, session=session)
-    repo._pending_blob = (rid, info)
-    return resource
+    return resource, blob_fields(info)
 
 
-def remember_blob(repo, bid: str, info, session) -> None:
-    repo.storage.set_blob_info(bid, {"size": info.size, "sha1": info.sha1_b64}, session=session)
+def blob_fields(info) -> dict:
+    """What a Binary's stored document keeps of its content (``Storage.blob_info`` reads it)."""
+    return {"blob": {"size": info.size, "sha1": info.sha1_b64}}
 
 
 def after_document_write(repo, stored, old: dict | None, session) -> None:
     doc = stored.resource or {}
     for url in _urls(doc):
         bid = reference_id(url, "Binary")
-        if bid:
+        if bid and bid not in repo.fresh_binaries:   # those were created pointing at this document
             repo.storage.attach_binary(bid, stored.pid, f"DocumentReference/{stored.id}", session=session)
     if old is not None:
         return
