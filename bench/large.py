@@ -70,6 +70,11 @@ def search_time(env, pid: str, repeat: int, mode: str, count: int | None = None)
         storage.doc_cache = cache
 
 
+def ratio(a: float, b: float) -> str:
+    """a / b, or "n/a" when b is below the clock's resolution (too few runs)."""
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
 def fmt(s: dict) -> str:
     return f"{c.fmt_ms(s)}  CPU {s['cpu']:7.2f} ms/search (application + database)"
 
@@ -84,7 +89,7 @@ def compare(env, label_pids: list[tuple[str, str]], repeat: int, count: int | No
         for label, s in rows:
             print(f"  {mode:<9} {label:<16} {fmt(s)}", flush=True)
         print(f"  {mode:<9} ratio {rows[-1][0]} / {rows[0][0]}: p50 {rows[-1][1]['p50'] / rows[0][1]['p50']:.2f}x, "
-              f"CPU {rows[-1][1]['cpu'] / rows[0][1]['cpu']:.2f}x  (goal <= 1.3x)", flush=True)
+              f"CPU {ratio(rows[-1][1]['cpu'], rows[0][1]['cpu'])}  (goal <= 1.3x)", flush=True)
 
 
 def add_filler(env, template: dict, n: int, per_dmp: int = 1000, batch_size: int = 1000) -> None:
@@ -164,7 +169,7 @@ def main() -> int:
             for mode, rows in results.items():
                 print(f"  {mode:<9} ratio {rows[-1][0]} vs {rows[0][0]}: p50 "
                       f"{rows[-1][1]['p50'] / rows[0][1]['p50']:.2f}x, CPU "
-                      f"{rows[-1][1]['cpu'] / rows[0][1]['cpu']:.2f}x  (goal <= 1.3x)")
+                      f"{ratio(rows[-1][1]['cpu'], rows[0][1]['cpu'])}  (goal <= 1.3x)")
     return 0
 
 
