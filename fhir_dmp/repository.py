@@ -201,15 +201,19 @@ class GuardedRepository:
             self.effects.append(lambda session: self.notify("centre_15", pid, session=session))
 
     def _create_grant(self, pid: str) -> None:
-        """A time-boxed break-glass grant, queued for review; the patient is told (at flush)."""
+        """A time-boxed break-glass grant, queued for review; the patient is told (at flush), once
+        per grant even when concurrent requests of this PS all asked for one."""
         expires = now() + timedelta(seconds=self.b.config.break_glass_ttl)
         grant = {"_id": new_id(), "pid": pid, "ps": self.p.id_nat_ps, "profession": self.p.profession,
                  "reason": self.p.btg_reason, "created": now(), "expires": expires, "reviewed": False}
         self.access.states[pid].grant = grant
 
         def effect(session):
-            self.storage.add_grant(grant, session=session)
-            self.notify("break_glass", pid, session=session)
+            in_force = self.storage.add_grant_once(grant, session=session)
+            if in_force is None:
+                self.notify("break_glass", pid, session=session)
+            else:    # a concurrent request of this PS created it (and told the patient)
+                self.access.states[pid].grant = in_force
         self.effects.append(effect)
 
     def notify(self, kind: str, pid: str, *, session=None, code: str | None = None,

@@ -51,6 +51,7 @@ OUTBOX = "notification_outbox"                # notices to send (notifications.p
 ACCESS_CODES = "access_codes"                 # first-access codes (access_codes.py)
 JOBS = "scheduled_jobs"                       # daily jobs' leases (lifecycle.py)
 GRANTS = "btg_grants"                         # break-the-glass grants (security/consent.py)
+GRANT_LOCKS = "btg_grant_locks"               # one per (DMP, PS): concurrent new grants conflict on it
 JOURNAL = "AuditEvent"                        # the audit journal (security/audit.py)
 JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (security/audit.py)
 JOURNAL_QUEUE = "AuditEvent_queue"            # appended, not yet sealed (security/audit.py)
@@ -293,6 +294,7 @@ class Storage:
                 _index(hist, keys)
         _index(self.db[GRANTS], [("pid", 1), ("ps", 1), ("expires", -1)])
         _index(self.db[GRANTS], [("reviewed", 1), ("created", -1)])
+        _index(self.db[GRANT_LOCKS], [("pid", 1)])
 
     def run_transaction(self, callback):
         """``callback(session)`` in a transaction through pymongo's ``with_transaction``: retried
@@ -489,13 +491,27 @@ class Storage:
         """DMPs (not deleted) naming this idNatPs médecin traitant."""
         return {d["_id"] for d in self.db["Patient"].find({"del": False, "a.gp": id_nat_ps}, {"_id": 1})}
 
-    def live_grants(self, pids: list[str], id_nat_ps: str, at: datetime) -> dict[str, dict]:
+    def live_grants(self, pids: list[str], id_nat_ps: str, at: datetime, *, session=None) -> dict[str, dict]:
         """Break-glass grants of one PS still valid at ``at``, by DMP."""
         return {g["pid"]: g for g in self.db[GRANTS].find(
-            {"pid": {"$in": list(pids)}, "ps": id_nat_ps, "expires": {"$gt": at}})}
+            {"pid": {"$in": list(pids)}, "ps": id_nat_ps, "expires": {"$gt": at}}, session=session)}
 
-    def add_grant(self, grant: dict, *, session=None) -> None:
-        self.db[GRANTS].insert_one(grant, session=session)
+    def add_grant_once(self, grant: dict, *, session) -> dict | None:
+        """Insert ``grant`` in ``session``'s transaction unless its PS already holds a live grant
+        on its DMP: then that grant, and nothing is written. None when ``grant`` was inserted.
+
+        Concurrent requests of one PS (on any server process) may all decide that a new grant is
+        needed: the write to the (DMP, PS) lock document makes their transactions conflict, so
+        one commits and the others retry (``run_transaction``), see its grant and reuse it. One
+        grant, one notice to the patient.
+        """
+        pid, ps = grant["pid"], grant["ps"]
+        self.db[GRANT_LOCKS].update_one({"_id": f"{pid}|{ps}"}, {"$setOnInsert": {"pid": pid}, "$inc": {"n": 1}},
+                                        upsert=True, session=session)
+        live = self.live_grants([pid], ps, grant["created"], session=session).get(pid)
+        if live is None:
+            self.db[GRANTS].insert_one(grant, session=session)
+        return live
 
     # -- Binary bookkeeping (documents/pipeline.py) ---------------------------
     def blob_info(self, bid: str, *, session=None) -> dict:
@@ -541,6 +557,7 @@ class Storage:
         gone("Patient", {"_id": pid})
         gone("Patient_history", {"rid": pid})
         gone(GRANTS, {"pid": pid})
+        gone(GRANT_LOCKS, {"pid": pid})
         gone(OUTBOX, {"patient_id": pid})
         gone(ACCESS_CODES, {"pid": pid})
         # sealed and not yet sealed events alike (the sealer links them after the fact)
@@ -718,17 +735,28 @@ class Storage:
         return {h["_id"] for h in self.db[JOURNAL_HEADS].find({"destroyed": True}, {"_id": 1})}
 
     # -- the journal sealer (security/sealer.py) --------------------------------
-    def take_sealer_lease(self, owner: str, now: datetime, until: datetime) -> bool:
-        """Take or renew the one sealer lease; False when another live owner holds it, or when
-        the lease document stays locked (bounded wait, :data:`LEASE_WAIT_S`): a sealing
-        transaction left open by a killed process holds it until SecantusDB aborts that
-        transaction (idle for 60 s, like mongod's transactionLifetimeLimitSeconds); without the
-        bound the other servers' sealers would wait on it forever."""
+    def take_sealer_lease(self, owner: str, now: datetime, until: datetime, lsid: dict | None = None) -> bool:
+        """Take or renew the one sealer lease for ``owner``, whose sealing transactions run in
+        session ``lsid``; False when another live owner holds it.
+
+        A holder killed inside a sealing transaction leaves that transaction open, and its write
+        keeps the lease document locked until SecantusDB aborts it (60 s idle AND another
+        transaction command: possibly never on a read-only load). So whoever takes an EXPIRED
+        lease first kills the holder's session (``killSessions``, which aborts its transaction;
+        a live holder that merely overran its lease just loses its current pass, as the fencing
+        write would make it anyway). Lease writes wait at most :data:`LEASE_WAIT_S` on a lock."""
+        stale = self.db[SEALER_LEASE].find_one(   # a snapshot read: not blocked by the lock
+            {"_id": SEALER_ID, "owner": {"$ne": owner}, "until": {"$lt": now}, "lsid": {"$exists": True}})
+        if stale is not None:
+            try:
+                self.client.admin.command("killSessions", [stale["lsid"]])
+            except PyMongoError as exc:
+                log.warning("could not end the expired sealer's session: %s", type(exc).__name__)
         try:
             with pymongo.timeout(LEASE_WAIT_S):
                 doc = self.db[SEALER_LEASE].find_one_and_update(
                     {"_id": SEALER_ID, "$or": [{"owner": owner}, {"until": {"$lt": now}}]},
-                    {"$set": {"owner": owner, "until": until}},
+                    {"$set": {"owner": owner, "until": until, **({"lsid": lsid} if lsid else {})}},
                     upsert=True, return_document=ReturnDocument.AFTER)
         except DuplicateKeyError:
             return False

@@ -19,8 +19,8 @@ from tests.idp import TestIdP
 BASE = "https://dmp.test/fhir"
 
 # the SMTP sink and SMS webhook fixtures (smtp, sms) for notification tests; the portal's browser,
-# live server and OIDC provider fixtures
-pytest_plugins = ["tests.transports", "tests.portal_kit"]
+# live server and OIDC provider fixtures; real `fhir-dmp serve` processes and the CLI (serve_kit)
+pytest_plugins = ["tests.transports", "tests.portal_kit", "tests.serve_kit"]
 
 
 @pytest.fixture(scope="session")

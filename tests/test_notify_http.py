@@ -14,7 +14,9 @@ an http.server SMS webhook on 127.0.0.1, the outbox worker of
 """
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -273,3 +275,22 @@ def test_ps_who_opens_a_dmp_is_a_first_access(napi, worker, smtp):
     assert [kind(c) for c in comms] == ["first_access"]
     assert drain(worker) == 1
     assert "(Médecin) a accédé pour la première fois" in sink.messages[0].get_content()
+
+
+def test_concurrent_break_glass_reads_make_one_grant_and_one_notice(notify_app, napi, idp, worker, smtp):
+    """Six break-glass reads of one PS started together (threads of one process; two processes in
+    tests/test_two_processes.py): one grant, so one notice, not one per request."""
+    sink, _ = smtp
+    pid = open_dmp(napi, email=EMAIL, gp=b.PS_DR)
+    start = threading.Barrier(6)
+
+    def read(_):
+        er = Api(notify_app, idp).as_ps(b.PS_OTHER, profession="60")
+        start.wait(timeout=30)
+        return er.get(f"Patient/{pid}", headers=BTG_HEADERS).status_code
+
+    with ThreadPoolExecutor(6) as ex:
+        assert set(ex.map(read, range(6))) == {200}
+    me = napi.as_patient(pid)
+    assert [channel(c) for c in communications(me, pid) if kind(c) == "break_glass"] == ["email"]
+    assert drain(worker) == 1 and len(sink.messages) == 1

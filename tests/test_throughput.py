@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pymongo
 import pytest
 import requests
 
 from fhir_dmp.config import Config
-from fhir_dmp.embedded_db import EmbeddedMongo, free_port, process_alive
+from fhir_dmp.embedded_db import EmbeddedMongo, process_alive
 from tests import builders as b
 from tests.builders import journal_entries
 from tests.api import Api
 from tests.conftest import BASE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _by_request(db, request_id: str) -> list[dict]:
@@ -109,46 +104,10 @@ def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, db_storage, co
 
 # --------------------------------------------------------------------------- two server processes
 
-def _env(tmp: Path, name: str, mongo_uri: str, db_name: str, idp) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_DMP_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(FHIR_DMP_DATA_DIR=str(tmp / name), FHIR_DMP_MONGODB_URI=mongo_uri, FHIR_DMP_DB=db_name,
-               FHIR_DMP_ISSUER=idp.issuer, FHIR_DMP_JWKS_FILE=str(idp.jwks_file),
-               FHIR_DMP_AUDIENCE=idp.audience, FHIR_DMP_BASE_URL=BASE,
-               FHIR_DMP_AUDIT_KEY_FILE=str(tmp / "audit-key.pem"), FHIR_DMP_THREADS="4")
-    return env
-
-
 @pytest.fixture
-def two_servers(tmp_path, mongo_server, db, idp):
-    procs, urls = [], []
-    for name in ("a", "b"):
-        port = free_port()
-        log = open(tmp_path / f"{name}.log", "wb")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fhir_dmp.cli", "serve", "--port", str(port), "--workers", "2"],
-            cwd=ROOT, env=_env(tmp_path, name, mongo_server.uri, db.name, idp), stdout=log,
-            stderr=subprocess.STDOUT))
-        urls.append(f"http://127.0.0.1:{port}/fhir")
-    deadline = time.monotonic() + 60
-    for proc, url in zip(procs, urls):
-        while True:
-            assert proc.poll() is None, (tmp_path / "a.log").read_text()[-2000:]
-            try:
-                if requests.get(f"{url}/metadata", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.1)
-    yield urls, (lambda name: _env(tmp_path, name, mongo_server.uri, db.name, idp))
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def two_servers(serve):
+    """Two ``fhir-dmp serve`` processes, 2 workers each, on the test's database (tests/serve_kit.py)."""
+    return [serve(name).url for name in ("a", "b")]
 
 
 def _get(session, url: str, token: str) -> int:
@@ -165,8 +124,8 @@ def _one_second_after(t0: float) -> None:
     time.sleep(max(0.0, t0 + 1.0 - time.monotonic()))
 
 
-def test_two_processes_invalidate_within_a_second_and_never_conflict(two_servers, idp, db):
-    (a, b_url), env_of = two_servers
+def test_two_processes_invalidate_within_a_second_and_never_conflict(two_servers, idp, db, fhir_dmp_cli):
+    a, b_url = two_servers
     ps, s = idp.ps(b.PS_DR), requests.Session()
     headers = {"Authorization": f"Bearer {ps}", "Content-Type": "application/fhir+json",
                "Accept": "application/fhir+json"}
@@ -214,8 +173,7 @@ def test_two_processes_invalidate_within_a_second_and_never_conflict(two_servers
     while db["AuditEvent_queue"].count_documents({}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert db["AuditEvent_queue"].count_documents({}) == 0
-    verify = subprocess.run([sys.executable, "-m", "fhir_dmp.cli", "audit", "verify"], cwd=ROOT,
-                            env=env_of("a"), capture_output=True, text=True, timeout=60)
+    verify = fhir_dmp_cli("audit", "verify")
     assert verify.returncode == 0 and "intact" in verify.stdout, verify.stdout + verify.stderr
 
 

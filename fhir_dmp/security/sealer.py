@@ -101,12 +101,17 @@ class Sealer:
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # every sealing transaction runs in this one session, named in the lease: whoever takes
+        # the lease after it expired can end it (storage.take_sealer_lease), so a sealer killed
+        # mid-transaction does not leave the lease document locked
+        self._session = storage.client.start_session()
 
     # -- lease
     def acquire(self) -> bool:
         """Take or renew the lease; False when another live process holds it."""
         now = datetime.now(timezone.utc)
-        return self.storage.take_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s))
+        return self.storage.take_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s),
+                                              lsid=self._session.session_id)
 
     def release(self) -> None:
         try:
@@ -120,8 +125,7 @@ class Sealer:
 
         Raises :class:`LeaseLost` when this process does not hold the lease.
         """
-        with self.storage.client.start_session() as session:
-            return session.with_transaction(self._seal)
+        return self._session.with_transaction(self._seal)
 
     def seal_all(self) -> int:
         """Take the lease and seal until nothing is left (``fhir-dmp audit seal``, tests)."""
