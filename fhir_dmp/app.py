@@ -221,12 +221,18 @@ def _audit_refused(backend: Backend, exc: FhirError) -> None:
 
 
 def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
-    """The decision context cache (its change stream) and the journal sealer (issue 13):
+    """The decision context cache (its change stream), the DMP document cache it also
+    invalidates (``doc_cache.py``) and the journal sealer (issue 13):
     background threads of this process, started after gunicorn's fork."""
     config = backend.config
     if config.context_cache:
         from .security.context_cache import ContextCache
-        cache = ContextCache(backend.storage)
+        followers = {}
+        if config.document_cache_docs > 0:     # a DMP's documents, invalidated by the same stream
+            from .doc_cache import CACHED_TYPE, DocumentCache
+            followers[CACHED_TYPE] = backend.storage.doc_cache = DocumentCache(
+                backend.storage, max_docs=config.document_cache_docs)
+        cache = ContextCache(backend.storage, followers=followers)
         cache.start()
         backend.policy.context_cache = cache
         app.extensions["fhir_dmp.context_cache"] = cache

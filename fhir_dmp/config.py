@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A configuration value is unusable (one-line message, no secret in it)."""
 
 
-def _int(env: dict, name: str, default: int) -> int:
+def _int(env: dict, name: str, default: int, *, zero_ok: bool = False) -> int:
     raw = env.get(name)
     if raw in (None, ""):
         return default
@@ -27,8 +27,8 @@ def _int(env: dict, name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive")
+    if value < 0 or value == 0 and not zero_ok:
+        raise ConfigError(f"{name} must be {'zero or more' if zero_ok else 'positive'}")
     return value
 
 
@@ -76,6 +76,9 @@ class Config:
     audit_seal_bound: int = 60
     # decision context cached per process, invalidated by the change stream
     context_cache: bool = True
+    # documents of recently searched DMPs cached per process (doc_cache.py; needs context_cache,
+    # whose change stream invalidates it): at most this many documents, 0 = off
+    document_cache_docs: int = 10_000
     threads: int = 0                 # gunicorn threads per worker; 0 = server.default_threads()
     # the largest JSON/XML request body; Binary uploads are bounded by max_attachment_bytes
     max_body_bytes: int = field(default=0)
@@ -157,6 +160,7 @@ class Config:
             audit_key_file=Path(env["FHIR_DMP_AUDIT_KEY_FILE"]) if env.get("FHIR_DMP_AUDIT_KEY_FILE") else None,
             audit_seal_bound=_int(env, "FHIR_DMP_AUDIT_SEAL_BOUND", 60),
             threads=_int(env, "FHIR_DMP_THREADS", 0) if env.get("FHIR_DMP_THREADS") else 0,
+            document_cache_docs=_int(env, "FHIR_DMP_DOCUMENT_CACHE_DOCS", 10_000, zero_ok=True),
         )
         if env.get("FHIR_DMP_CORS_ORIGINS"):
             values["cors_origins"] = tuple(o.strip() for o in env["FHIR_DMP_CORS_ORIGINS"].split(",")

@@ -936,11 +936,16 @@ class GuardedRepository:
 
     def _forget_contexts(self) -> None:
         """Drop the cached decision context of the patients whose decision inputs this request
-        wrote (the same collections the cache's change stream watches)."""
+        wrote (the same collections the cache's change stream watches), and the cached documents
+        (``doc_cache.py``) of every patient it wrote."""
         cache = self.b.policy.context_cache
         if cache is not None:
             for pid in self._stale_pids:
                 cache.invalidate(pid)
+        documents = self.storage.doc_cache
+        if documents is not None:
+            for pid in self._dirty_pids | self._stale_pids:
+                documents.invalidate(pid)
         self._stale_pids.clear()
         self._dirty_pids.clear()
 

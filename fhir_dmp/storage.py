@@ -197,34 +197,27 @@ def or_branches(flt: dict) -> list[dict] | None:
     return branches
 
 
-def _sort_key(sort: list):
-    """Python key ordering raw documents like a MongoDB sort (missing first when ascending)."""
-    def value(doc: dict, path: str, direction: int):
-        v = doc
-        for part in path.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
-        if isinstance(v, list):
-            v = (min(v) if direction > 0 else max(v)) if v else None
-        return v
+def sort_value(doc: dict, path: str, direction: int):
+    """The value a MongoDB sort on ``path`` orders ``doc`` by: arrays by their smallest element
+    ascending, largest descending; None when missing."""
+    v = doc
+    for part in path.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    if isinstance(v, list):
+        v = (min(v) if direction > 0 else max(v)) if v else None
+    return v
 
-    class Key:
-        __slots__ = ("doc",)
 
-        def __init__(self, doc):
-            self.doc = doc
-
-        def __lt__(self, other):
-            for path, direction in sort:
-                a, b = value(self.doc, path, direction), value(other.doc, path, direction)
-                if a == b:
-                    continue
-                if a is None or b is None:
-                    less = a is None
-                else:
-                    less = a < b
-                return less if direction > 0 else not less
-            return False
-    return Key
+def sort_docs(docs, sort: list) -> list:
+    """Raw documents in the order of a MongoDB ``sort`` (missing first ascending, last descending),
+    one stable pass per key, the last key first. Raises TypeError on values of mixed types (the
+    caller lets the database order them)."""
+    out = list(docs)
+    for path, direction in reversed(sort):
+        keyed = [((v is not None, v), d) for d in out for v in (sort_value(d, path, direction),)]
+        keyed.sort(key=lambda kd: kd[0], reverse=direction < 0)
+        out = [d for _, d in keyed]
+    return out
 
 
 def now() -> datetime:
@@ -268,6 +261,9 @@ class Storage:
         decision's facets); storage does not interpret them."""
         self.client = client
         self.annotate = annotate
+        #: the process's DMP document cache (doc_cache.DocumentCache), or None: every search asks
+        #: the database. Set by the application; consulted outside transactions only.
+        self.doc_cache = None
         self._client_bulk: bool | None = None     # does the server take a client bulkWrite?
         self.db = client.get_database(db.name, codec_options=CODECS, write_concern=db.write_concern,
                                       read_concern=db.read_concern, read_preference=db.read_preference)
@@ -412,8 +408,14 @@ class Storage:
         A filter with top-level ``$or`` is run as one flat query per branch, merged here (see
         :func:`or_branches`): SecantusDB uses no index at all when the top level holds an
         operator, so the access guard's ``$or`` would scan the whole collection (issue 13).
+        Outside a transaction, a query pinned to one DMP is answered from the process's DMP
+        document cache when it can be (``doc_cache.py``; the same documents, order and limit).
         """
         flt = merge_filters(flt, {"del": False})
+        if session is None and self.doc_cache is not None:
+            cached = self.doc_cache.find(rtype, flt, sort, limit)
+            if cached is not None:
+                return cached
         branches = or_branches(flt)
         if branches is not None:
             docs: dict = {}
@@ -421,7 +423,7 @@ class Storage:
                 for d in self._find(rtype, branch, sort, limit, session):
                     docs.setdefault(d["_id"], d)
             try:
-                out = sorted(docs.values(), key=_sort_key(sort or [("_id", 1)]))
+                out = sort_docs(docs.values(), sort or [("_id", 1)])
             except TypeError:   # values of mixed types: let the database order them
                 out = None
             if out is not None:
@@ -438,6 +440,10 @@ class Storage:
 
     def count(self, rtype: str, flt: dict, *, session=None) -> int:
         flt = merge_filters(flt, {"del": False})
+        if session is None and self.doc_cache is not None:
+            cached = self.doc_cache.count(rtype, flt)
+            if cached is not None:
+                return cached
         branches = or_branches(flt)
         if branches is None:
             return self.db[rtype].count_documents(flt, session=session)
@@ -445,6 +451,12 @@ class Storage:
         for branch in branches:
             ids.update(d["_id"] for d in self.db[rtype].find(branch, {"_id": 1}, session=session))
         return len(ids)
+
+    def compartment_docs(self, rtype: str, pids: list[str]) -> list[dict]:
+        """Every current (not deleted) document of ``rtype`` in these DMPs, whole (``pid`` index)."""
+        pids = sorted(pids)
+        flt = {"pid": pids[0] if len(pids) == 1 else {"$in": pids}, "del": False}
+        return list(self.db[rtype].find(flt))
 
     def ids_with_raw(self, rtype: str, flt: dict, projection: dict) -> list[dict]:
         """Raw projected documents (for the decision's context loading)."""
@@ -456,11 +468,12 @@ class Storage:
         return {d["_id"]: d for d in self.db["Patient"].find(
             {"_id": {"$in": list(pids)}}, {"s": 0, "o": 0, "a": 0}, session=session)}
 
-    def watch_decision_inputs(self):
-        """A change stream on the collections the access decision reads (:data:`DECISION_INPUTS`),
-        each change reduced to ``ns``, ``documentKey``, ``fullDocument.pid`` and ``operationType``
-        (the decision context cache's invalidation, security/context_cache.py)."""
-        pipeline = [{"$match": {"ns.coll": {"$in": list(DECISION_INPUTS)}}},
+    def watch_decision_inputs(self, also: tuple = ()):
+        """A change stream on the collections the access decision reads (:data:`DECISION_INPUTS`)
+        and those named in ``also``, each change reduced to ``ns``, ``documentKey``,
+        ``fullDocument.pid`` and ``operationType`` (the invalidation of the decision context
+        cache, security/context_cache.py, and of the DMP document cache, doc_cache.py)."""
+        pipeline = [{"$match": {"ns.coll": {"$in": [*DECISION_INPUTS, *also]}}},
                     {"$project": {"ns": 1, "documentKey": 1, "fullDocument.pid": 1, "operationType": 1}}]
         return self.db.watch(pipeline, full_document="updateLookup", max_await_time_ms=200)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from ..errors import BadRequest, Forbidden
+from ..filters import matches
 from ..profiles import dmp
 from ..profiles.ins import INS_SYSTEMS
 from .context_cache import load_contexts
@@ -988,67 +989,3 @@ def _without_labels(doc: dict | None, codes: set[str]) -> dict:
     if not out.get("securityLabel"):
         out.pop("securityLabel", None)
     return out
-
-
-# -- the storage filter language, evaluated in memory (for the per-resource check) --------------------
-def _values(doc, path: str) -> list:
-    """Values at a dotted path, arrays flattened as MongoDB does (``a.types.0`` indexes)."""
-    cur = [doc]
-    for part in path.split("."):
-        nxt = []
-        for v in cur:
-            if isinstance(v, dict) and part in v:
-                nxt.append(v[part])
-            elif isinstance(v, list):
-                if part.isdigit():
-                    if int(part) < len(v):
-                        nxt.append(v[int(part)])
-                else:
-                    nxt += [x[part] for x in v if isinstance(x, dict) and part in x]
-        cur = nxt
-    return cur
-
-
-def _field_matches(values: list, cond) -> bool:
-    flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
-    if not isinstance(cond, dict) or not any(k.startswith("$") for k in cond):
-        return any(v == cond for v in flat) or any(v == cond for v in values)
-    for op, arg in cond.items():
-        if op == "$exists":
-            if bool(values) != bool(arg):
-                return False
-        elif op == "$in":
-            if not any(v in arg for v in flat) and not (not values and None in arg):
-                return False
-        elif op == "$nin":
-            if any(v in arg for v in flat):
-                return False
-        elif op == "$ne":
-            if any(v == arg for v in flat):
-                return False
-        elif op == "$not":
-            if _field_matches(values, arg):
-                return False
-        elif op == "$elemMatch":
-            arrays = [v for v in values if isinstance(v, list)]
-            if not any(_field_matches([x], arg) for a in arrays for x in a):
-                return False
-        else:
-            raise ValueError(f"operator {op} is not evaluated in memory")
-    return True
-
-
-def matches(query: dict, doc: dict) -> bool:
-    """Does ``doc`` (a stored document: ``pid``, ``a`` facets...) match ``query``? The subset of
-    the MongoDB filter language the access queries use: equality, ``$in``, ``$nin``, ``$ne``,
-    ``$exists``, ``$not``, ``$elemMatch`` (on arrays of scalars), ``$or``, ``$and``."""
-    for key, cond in query.items():
-        if key == "$or":
-            if not any(matches(q, doc) for q in cond):
-                return False
-        elif key == "$and":
-            if not all(matches(q, doc) for q in cond):
-                return False
-        elif not _field_matches(_values(doc, key), cond):
-            return False
-    return True

@@ -16,11 +16,15 @@ How it stays correct:
 * nothing is served from the cache while the stream is not established: it is off at
   start, and a stream error clears the cache and turns it off until the stream is back;
 * a load racing with a change cannot store a stale entry: every change bumps a generation,
-  and :meth:`ContextCache.put` stores only if no change of that patient (and no reset)
-  happened since the caller's :meth:`ContextCache.token` taken before its queries;
+  and a load stores its result only if no change of that patient (and no reset) happened
+  since the generation it read before its queries (:meth:`PidCache.load`);
 * writes read inside their transaction and never use the cache (``RequestAccess.session``).
 
 Entries also expire after ``max_age`` seconds, a backstop only.
+
+The mechanism (generations, live flag, one load per pid at a time) is :class:`PidCache`; the
+same stream also invalidates the DMP document cache (``doc_cache.py``), a follower of
+:class:`ContextCache` for the DocumentReference collection.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 # journal, mostly) wait this long before the next one: ~20 getMores/s per process instead of one
 # per write, a bounded delay well inside the 1 s invalidation promise (issue 13)
 POLL_PAUSE_S = 0.05
+# a thread waits this long at most for another thread's load of the same pid (then loads itself)
+LOAD_WAIT_S = 5.0
 
 
 def load_contexts(storage, pids: list[str], session=None) -> dict[str, tuple]:
@@ -60,27 +66,41 @@ def load_contexts(storage, pids: list[str], session=None) -> dict[str, tuple]:
     return out
 
 
-class ContextCache:
-    """pid -> decision context, per process (see module docstring). Thread-safe."""
+class PidCache:
+    """pid -> something loaded from the database, per process, dropped as soon as the database
+    says that pid's data changed (see the module docstring: generations, live flag). Thread-safe.
 
-    def __init__(self, storage, *, max_entries: int = 20_000, max_age: float = 300.0):
-        self.storage = storage
-        self.max_entries = max_entries
+    Subclasses define :meth:`_load` (``pids -> {pid: value}``, from the database) and may weigh
+    entries (:meth:`_weight`): the least recently used go once the total passes ``max_weight``.
+    """
+
+    def __init__(self, *, max_weight: int = 20_000, max_age: float = 300.0):
+        self.max_weight = max_weight
         self.max_age = max_age
-        self._entries: OrderedDict[str, tuple[float, tuple]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, object, int]] = OrderedDict()
+        self._weight_total = 0
         self._changed: OrderedDict[str, int] = OrderedDict()   # pid -> generation of its last change
         self._gen = 0
         self._floor = 0              # puts with an older token are refused (reset, pruned history)
         self._live = False
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loading: dict[str, threading.Event] = {}   # pid -> set when its load in flight ends
         self.hits = self.misses = 0
 
+    def _load(self, pids: list[str]) -> dict:
+        raise NotImplementedError
+
+    def _weight(self, value) -> int:
+        return 1
+
     # -- reads through the cache
-    def load(self, pids: list[str]) -> dict[str, tuple]:
-        """Contexts of ``pids``: cached ones, the others loaded (two queries) and cached."""
-        out, todo = {}, []
+    def load(self, pids: list[str]) -> dict:
+        """Values of ``pids``: cached ones, the others loaded (:meth:`_load`) and cached.
+
+        One load per pid at a time: a thread that finds another one loading the same pid waits
+        for it (at most :data:`LOAD_WAIT_S`) and takes what it stored; if it stored nothing (a
+        change raced it, or the value is too large to keep), the thread loads for itself."""
+        out, todo, waits, mine = {}, [], {}, {}
         now = time.monotonic()
         with self._lock:
             live = self._live
@@ -89,44 +109,81 @@ class ContextCache:
                 if hit is not None and now - hit[0] < self.max_age:
                     self._entries.move_to_end(pid)
                     out[pid] = hit[1]
+                elif live and pid in self._loading:
+                    waits[pid] = self._loading[pid]
                 else:
                     todo.append(pid)
+                    if live:
+                        mine[pid] = self._loading[pid] = threading.Event()
             token = self._gen
             self.hits += len(out)
-            self.misses += len(todo)
-        if todo:
-            loaded = load_contexts(self.storage, todo)
-            out.update(loaded)
-            if live:
-                self._put(loaded, token, now)
+            self.misses += len(todo) + len(waits)
+        try:
+            if todo:
+                loaded = self._load(todo)
+                out.update(loaded)
+                if live:
+                    self._put(loaded, token, now)
+        finally:
+            if mine:
+                with self._lock:
+                    for pid, done in mine.items():
+                        if self._loading.get(pid) is done:
+                            del self._loading[pid]
+                        done.set()
+        if waits:
+            for done in waits.values():
+                done.wait(LOAD_WAIT_S)
+            with self._lock:
+                token = self._gen
+                for pid in waits:
+                    hit = self._entries.get(pid) if self._live else None
+                    if hit is not None:
+                        out[pid] = hit[1]
+            rest = [pid for pid in waits if pid not in out]
+            if rest:
+                loaded = self._load(rest)
+                out.update(loaded)
+                if live:
+                    self._put(loaded, token, time.monotonic())
         return out
 
     def _put(self, loaded: dict, token: int, now: float) -> None:
         with self._lock:
             if not self._live or token < self._floor:
                 return
-            for pid, ctx in loaded.items():
+            for pid, value in loaded.items():
                 if self._changed.get(pid, 0) > token:
                     continue   # changed while we were loading: the next request loads again
-                self._entries[pid] = (now, ctx)
-                self._entries.move_to_end(pid)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+                weight = self._weight(value)
+                if weight > self.max_weight:
+                    continue   # larger than the whole cache: always read from the database
+                self._drop(pid)
+                self._entries[pid] = (now, value, weight)
+                self._weight_total += weight
+            while self._weight_total > self.max_weight:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, pid: str) -> None:
+        old = self._entries.pop(pid, None)
+        if old is not None:
+            self._weight_total -= old[2]
 
     # -- invalidation
     def invalidate(self, pid: str | None) -> None:
-        """Forget one patient's context (None: everything)."""
+        """Forget one patient's entry (None: everything)."""
         with self._lock:
             self._gen += 1
             if pid is None:
                 self._entries.clear()
+                self._weight_total = 0
                 self._changed.clear()
                 self._floor = self._gen
                 return
-            self._entries.pop(pid, None)
+            self._drop(pid)
             self._changed[pid] = self._gen
             self._changed.move_to_end(pid)
-            while len(self._changed) > self.max_entries:
+            while len(self._changed) > 20_000:
                 _, gen = self._changed.popitem(last=False)
                 self._floor = max(self._floor, gen)
 
@@ -139,6 +196,31 @@ class ContextCache:
     def live(self) -> bool:
         return self._live
 
+
+class ContextCache(PidCache):
+    """pid -> decision context (:func:`load_contexts`), and the process's one change stream.
+
+    ``followers`` maps a collection outside :data:`storage.DECISION_INPUTS` to another
+    :class:`PidCache` (e.g. the DMP document cache, ``doc_cache.py``): the same stream watches
+    that collection and invalidates the follower's entry of each changed document's ``pid``.
+    """
+
+    def __init__(self, storage, *, max_entries: int = 20_000, max_age: float = 300.0,
+                 followers: dict[str, PidCache] | None = None):
+        super().__init__(max_weight=max_entries, max_age=max_age)
+        self.storage = storage
+        self.followers = dict(followers or {})
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _load(self, pids: list[str]) -> dict:
+        return load_contexts(self.storage, pids)
+
+    def _set_live(self, live: bool) -> None:
+        for follower in self.followers.values():
+            follower._set_live(live)
+        super()._set_live(live)
+
     # -- the change stream
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="context-cache", daemon=True)
@@ -150,7 +232,7 @@ class ContextCache:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with self.storage.watch_decision_inputs() as stream:
+                with self.storage.watch_decision_inputs(also=tuple(self.followers)) as stream:
                     self._set_live(True)
                     while not self._stop.is_set() and stream.alive:
                         change = stream.try_next()
@@ -175,7 +257,12 @@ class ContextCache:
         pid = doc.get("pid")
         if coll == "Patient":
             pid = (change.get("documentKey") or {}).get("_id")
+        follower = self.followers.get(coll)
         if change.get("operationType") in ("drop", "dropDatabase", "rename", "invalidate") or not pid:
             self.invalidate(None)
+            for other in self.followers.values():
+                other.invalidate(None)
+        elif follower is not None:
+            follower.invalidate(pid)
         else:
             self.invalidate(pid)

@@ -1,0 +1,118 @@
+"""A DMP's documents, cached per process: searches inside one DMP answered from memory (issue 13).
+
+Why: SecantusDB, the embedded database, answers ``DocumentReference?patient=`` by fetching,
+decoding, matching (in Python) and sorting every document of the DMP before it applies the
+limit, once per branch of the access guard's ``$or``: ~6 ms of its single process per search of
+a 20-document DMP, ~330 ms for 2,000 documents (``bench/search_cost.py``), whatever the page.
+
+What: per process, the current (not deleted) stored documents of the DMPs searched lately,
+whole (``res``, ``s``, ``o``, ``a``), each DMP's list sorted once per sort asked. A query is
+answered from it (:meth:`DocumentCache.find`, :meth:`DocumentCache.count`) only when
+
+* it is on the cached type and pinned to one DMP (``pid`` equality at its top level: a search
+  naming one patient, the guard of issue 9 included), outside any transaction; and
+* every condition is one :func:`fhir_dmp.filters.exact` accepts (evaluated exactly as MongoDB
+  would: the access guard over the facets ``a``, the patient/subject reference, the keyset of
+  the next pages...), and the sort keys are of one type.
+
+Anything else answers None and the caller asks the database. The access rules are not cached
+here: the guard is a filter built per request from the decision context and evaluated on these
+documents, and the repository still runs ``can_see`` on every document it returns.
+
+Correct as the decision context cache is (``security/context_cache.py``, :class:`PidCache`):
+its change stream also watches the cached collection and drops a DMP's entry on any change of
+one of its documents (a deposit, a mask, a deletion, by this or another process: within the
+stream's poll, well inside one second); nothing is served while the stream is down; a load that
+raced a change is not stored; a write by this process drops its DMPs at once after its commit
+(``GuardedRepository._forget_contexts``). Entries are bounded by their number of documents
+(``max_docs``, least recently used out first; a DMP larger than that is never cached).
+Documents are handed out as copies of the stored document and of its resource's top level.
+"""
+from __future__ import annotations
+
+from .filters import Unsupported, compile_query, exact
+from .security.context_cache import PidCache
+from .storage import sort_docs
+
+CACHED_TYPE = "DocumentReference"
+
+
+class Listing:
+    """The current documents of one DMP, and their orders already computed (by sort spec)."""
+
+    __slots__ = ("docs", "orders")
+
+    def __init__(self, docs: list[dict]):
+        self.docs = docs
+        self.orders: dict[tuple, list] = {}
+
+    def ordered(self, sort: list) -> list[dict]:
+        key = tuple(tuple(s) for s in sort)
+        out = self.orders.get(key)
+        if out is None:       # two threads may both sort: same result, either is kept
+            out = self.orders[key] = sort_docs(self.docs, sort)
+        return out
+
+
+class DocumentCache(PidCache):
+    """pid -> :class:`Listing` of its ``DocumentReference`` documents (see module docstring)."""
+
+    def __init__(self, storage, *, max_docs: int = 10_000, max_age: float = 300.0):
+        super().__init__(max_weight=max_docs, max_age=max_age)
+        self.storage = storage
+        self.rtype = CACHED_TYPE
+
+    def _load(self, pids: list[str]) -> dict:
+        by_pid: dict[str, list] = {pid: [] for pid in pids}
+        for doc in self.storage.compartment_docs(self.rtype, pids):
+            by_pid[doc["pid"]].append(doc)
+        return {pid: Listing(docs) for pid, docs in by_pid.items()}
+
+    def _weight(self, listing: Listing) -> int:
+        return max(1, len(listing.docs))
+
+    def _listing(self, rtype: str, flt: dict) -> Listing | None:
+        pid = flt.get("pid")
+        if rtype != self.rtype or not self.live or not isinstance(pid, str) or not exact(flt):
+            return None
+        return self.load([pid])[pid]
+
+    def find(self, rtype: str, flt: dict, sort: list, limit: int) -> list[dict] | None:
+        """The documents the database would return for ``find(flt).sort(sort).limit(limit)``
+        (``flt`` already excludes deleted documents), or None when this cache cannot say."""
+        listing = self._listing(rtype, flt)
+        if listing is None:
+            return None
+        out = []
+        try:
+            test = _test(flt)
+            for doc in listing.ordered(sort or [("_id", 1)]):
+                if test(doc):
+                    out.append(doc)
+                    if limit and len(out) >= limit:
+                        break
+        except (Unsupported, TypeError):
+            return None
+        return [_copy(doc) for doc in out]
+
+    def count(self, rtype: str, flt: dict) -> int | None:
+        """``count_documents(flt)``, or None when this cache cannot say."""
+        listing = self._listing(rtype, flt)
+        if listing is None:
+            return None
+        try:
+            test = _test(flt)
+            return sum(1 for doc in listing.docs if test(doc))
+        except (Unsupported, TypeError):
+            return None
+
+
+def _test(flt: dict):
+    """``flt`` compiled, less what every document of a listing satisfies (its ``pid``, not deleted)."""
+    return compile_query({k: v for k, v in flt.items()
+                          if not (k == "pid" and isinstance(v, str) or k == "del" and v is False)})
+
+
+def _copy(doc: dict) -> dict:
+    res = doc.get("res")
+    return {**doc, "res": dict(res) if isinstance(res, dict) else res}

@@ -1,0 +1,182 @@
+"""The storage filter language, evaluated in memory on one stored document.
+
+Two callers, one definition: the access decision judges a single resource with the same query
+its search guard sends to the database (``security/consent.py``), and the per-process DMP
+document cache (``doc_cache.py``) answers a search from memory. Only a subset of the MongoDB
+filter language is evaluated, each operator with MongoDB's meaning for the values the server
+stores (scalars and arrays of scalars or of flat sub-documents, reached by dotted paths):
+equality, ``$in``, ``$nin``, ``$ne``, ``$exists``, ``$not``, ``$elemMatch`` (on arrays of
+scalars), ``$gt``/``$gte``/``$lt``/``$lte`` (between values of one type: strings, dates,
+numbers), ``$or``, ``$and``. Anything else raises :class:`Unsupported`: the caller then asks
+the database (https://www.mongodb.com/docs/manual/reference/operator/query/).
+"""
+from __future__ import annotations
+
+import operator
+from datetime import datetime
+
+
+class Unsupported(ValueError):
+    """The filter uses something this module does not evaluate exactly as MongoDB does."""
+
+
+_COMPARE = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
+
+
+def _values(doc, parts: tuple) -> list:
+    """Values at a dotted path (split in ``parts``), arrays flattened as MongoDB does
+    (``a.types.0`` indexes)."""
+    cur = [doc]
+    for part in parts:
+        nxt = []
+        for v in cur:
+            if isinstance(v, dict):
+                if part in v:
+                    nxt.append(v[part])
+            elif isinstance(v, list):
+                if part.isdigit():
+                    if int(part) < len(v):
+                        nxt.append(v[int(part)])
+                else:
+                    nxt += [x[part] for x in v if isinstance(x, dict) and part in x]
+        cur = nxt
+    return cur
+
+
+def _kind(v):
+    """The comparison class of a scalar (MongoDB compares only within one BSON type class)."""
+    if isinstance(v, bool):
+        return bool
+    if isinstance(v, (int, float)):
+        return float
+    if isinstance(v, (str, datetime)):
+        return type(v)
+    return None
+
+
+def _comparison(op: str, arg):
+    kind = _kind(arg)
+    if kind not in (str, datetime, float):
+        raise Unsupported(f"{op} on {type(arg).__name__}")
+    if kind is datetime and arg.tzinfo is None:
+        raise Unsupported(f"{op} on a naive date")
+    test = _COMPARE[op]
+    return lambda values, flat: any(test(v, arg) for v in flat if _kind(v) is kind)
+
+
+def _operator(op: str, arg):
+    """``(values, flat) -> bool`` for one operator of a field condition (``flat``: the values
+    with arrays opened, as MongoDB compares them)."""
+    if op == "$exists":
+        return lambda values, flat: bool(values) == bool(arg)
+    if op == "$in":
+        return lambda values, flat: any(v in arg for v in flat) or (not values and None in arg)
+    if op == "$nin":
+        return lambda values, flat: not any(v in arg for v in flat)
+    if op == "$ne":
+        return lambda values, flat: not any(v == arg for v in flat)
+    if op == "$not":
+        inner = _condition(arg)
+        return lambda values, flat: not inner(values)
+    if op == "$elemMatch":
+        inner = _condition(arg)
+        return lambda values, flat: any(inner([x]) for v in values if isinstance(v, list) for x in v)
+    if op in _COMPARE:
+        return _comparison(op, arg)
+    raise Unsupported(f"operator {op} is not evaluated in memory")
+
+
+def _condition(cond):
+    """``values -> bool``: the condition on one field (equality, or a document of operators)."""
+    if not isinstance(cond, dict) or not any(k.startswith("$") for k in cond):
+        # equal to the whole value (an array included) or to one element of an array
+        return lambda values: any(v == cond or isinstance(v, list) and any(x == cond for x in v)
+                                  for v in values)
+    tests = [_operator(op, arg) for op, arg in cond.items()]
+
+    def test(values):
+        flat = [x for v in values for x in (v if isinstance(v, list) else (v,))]
+        return all(t(values, flat) for t in tests)
+    return test
+
+
+def compile_query(query: dict):
+    """``doc -> bool``: :func:`matches` with ``query`` read once, for many documents. Raises
+    :class:`Unsupported` for what this module does not evaluate (see the module docstring)."""
+    tests = []
+    for key, cond in query.items():
+        if key in ("$or", "$and"):
+            subs = [compile_query(q) for q in cond]
+            tests.append((lambda doc, subs=subs: any(s(doc) for s in subs)) if key == "$or"
+                         else (lambda doc, subs=subs: all(s(doc) for s in subs)))
+        elif key.startswith("$"):
+            raise Unsupported(f"operator {key} is not evaluated in memory")
+        else:
+            parts, test = tuple(key.split(".")), _condition(cond)
+            tests.append(lambda doc, parts=parts, test=test: test(_values(doc, parts)))
+    return lambda doc: all(t(doc) for t in tests)
+
+
+_COMPILED: dict[str, object] = {}     # repr(query) -> compile_query(query): the decision asks the same few
+
+
+def matches(query: dict, doc: dict) -> bool:
+    """Does ``doc`` (a stored document: ``pid``, ``a`` facets...) match ``query``? Raises
+    :class:`Unsupported` for what this module does not evaluate (see the module docstring)."""
+    key = repr(query)
+    test = _COMPILED.get(key)
+    if test is None:
+        test = compile_query(query)
+        if len(_COMPILED) >= 1024:
+            _COMPILED.clear()
+        _COMPILED[key] = test
+    return test(doc)
+
+
+def _plain(value) -> bool:
+    """A value whose equality means the same in Python and in MongoDB (no null, no document)."""
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (str, bool, int, float, datetime))
+
+
+def exact(query: dict) -> bool:
+    """Is every condition of ``query`` one :func:`matches` decides exactly as MongoDB would?
+
+    Stricter than :func:`matches` (which the decision uses on its own queries): equality and
+    ``$in``/``$nin``/``$ne`` only with plain values (a document or a null means something else
+    to MongoDB: a whole-document match, a missing field), ``$elemMatch`` only with operators
+    (on arrays of scalars); no ``$nor``, ``$regex``, ``$expr``...
+    """
+    for key, cond in query.items():
+        if key in ("$or", "$and"):
+            if not isinstance(cond, list) or not all(isinstance(q, dict) and exact(q) for q in cond):
+                return False
+        elif key.startswith("$") or not _exact_condition(cond):
+            return False
+    return True
+
+
+def _exact_condition(cond) -> bool:
+    if not isinstance(cond, dict):
+        return _plain(cond) and not isinstance(cond, list)
+    if not cond or not all(k.startswith("$") for k in cond):
+        return False
+    for op, arg in cond.items():
+        if op == "$exists":
+            ok = isinstance(arg, bool)
+        elif op in ("$in", "$nin"):
+            ok = isinstance(arg, list) and all(_plain(v) and not isinstance(v, list) for v in arg)
+        elif op == "$ne":
+            ok = _plain(arg) and not isinstance(arg, list)
+        elif op in _COMPARE:
+            ok = _kind(arg) in (str, datetime, float) and not (isinstance(arg, datetime) and arg.tzinfo is None)
+        elif op == "$not":
+            ok = isinstance(arg, dict) and _exact_condition(arg)
+        elif op == "$elemMatch":
+            ok = isinstance(arg, dict) and _exact_condition(arg)
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True

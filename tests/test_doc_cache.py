@@ -1,0 +1,321 @@
+"""The DMP document cache (``fhir_dmp/doc_cache.py``, issue 13) changes speed, never results.
+
+* On random DMPs (documents of one or two types, any labels, authors, dates, deleted ones; ties
+  on the sort keys) and for readers of several kinds, every page of ``DocumentReference?patient=``
+  (any ``_count``, ``_sort``, ``_total``, the next cursors followed to the end, a criterion the
+  cache does not evaluate) is the same with the cache as from the database: same entries in the
+  same order, same totals, same next links.
+* In another process (a second app on the same database, its own change stream and caches) a
+  new document, a mask, a deletion and a revoked authorization show within one second; in the
+  process that wrote, at once.
+* A load that raced a change is not kept; nothing is served while the change stream is down;
+  the filters the cache evaluates are only those it decides exactly as MongoDB would.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fhir_dmp.doc_cache import DocumentCache
+from fhir_dmp.filters import Unsupported, exact, matches
+from fhir_dmp.repository import GuardedRepository
+from fhir_dmp.security.principal import PATIENT, PS, Principal
+from fhir_dmp.security.scopes import Scopes
+from tests import builders as b
+from tests.api import Api
+from tests.test_access_property import backend  # noqa: F401  (the same module-scoped backend, no cache)
+
+TYPES = [b.CONSULTATION, b.LAB, b.IMAGING, "00000-0"]
+LABELS = ["MASQUE_PS", "INVISIBLE_PATIENT", "INVISIBLE_REPRESENTANTS_LEGAUX"]
+DATES = [None, "2026-11-20T10:00:00+01:00", "2026-11-20", "2025-02", "2024"]
+
+
+@st.composite
+def documents(draw):
+    types = draw(st.lists(st.sampled_from(TYPES), min_size=1, max_size=2, unique=True))
+    doc = b.docref("x", types[0], labels=draw(st.lists(st.sampled_from(LABELS), max_size=2, unique=True)),
+                   author=draw(st.sampled_from([b.PS_DR, b.PS_OTHER, b.PS_PHARMA])))
+    doc["type"]["coding"] = [{"system": b.LOINC, "code": t} for t in types]
+    doc["content"] = [{"attachment": {"contentType": "application/pdf", "url": "Binary/none"}}]
+    date = draw(st.sampled_from(DATES))
+    if date is None:
+        doc.pop("date")
+    else:
+        doc["date"] = date
+    return doc, draw(st.booleans()) and draw(st.booleans())     # (resource, deleted)
+
+
+searches = st.fixed_dictionaries({
+    "count": st.sampled_from(["1", "2", "3", "50"]),
+    "sort": st.sampled_from([None, "date", "-date", "_lastUpdated", "-_lastUpdated"]),
+    "total": st.booleans(),
+    "type": st.sampled_from([None, None, b.LAB]),
+})
+
+
+def _readers(pid: str) -> list[Principal]:
+    user = Scopes.parse("user/*.cruds")
+    mine = Scopes.parse("patient/*.cruds")
+    return [Principal(kind=PS, subject=ps, scopes=user, id_nat_ps=ps, professions=(prof,), acr="eidas1")
+            for ps, prof in ((b.PS_DR, "10"), (b.PS_OTHER, "10"), (b.PS_PHARMA, "21"))] + \
+        [Principal(kind=PATIENT, subject="p", scopes=mine, patient_id=pid, compartment=pid)]
+
+
+def _pages(backend, principal, args) -> list[tuple]:
+    """Every page of the search, following the next cursors: (ids, total, next cursor)."""
+    out, cursor = [], None
+    for _ in range(40):
+        repo = GuardedRepository(backend, principal)
+        page = repo.search("DocumentReference", args + ([("_cursor", cursor)] if cursor else []))
+        out.append(([s.id for s in page.matches], page.total, page.next_cursor))
+        cursor = page.next_cursor
+        if not cursor:
+            return out
+    raise AssertionError("more pages than documents")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(docs=st.lists(documents(), max_size=8), gp=st.booleans(), how=searches)
+def test_cached_pages_equal_the_database_pages(backend, docs, gp, how):
+    storage = backend.storage
+    pid = storage.create("Patient", b.patient(gp=b.PS_OTHER if gp else None), pid=None,
+                         rid=uuid.uuid4().hex, session=None).id
+    for ps in (b.PS_DR, b.PS_PHARMA):
+        storage.create("Consent", b.consent(pid, actor=ps), pid=pid, session=None)
+    for res, deleted in docs:
+        stored = storage.create("DocumentReference", dict(res, subject={"reference": f"Patient/{pid}"}),
+                                pid=pid, session=None)
+        if deleted:
+            storage.update("DocumentReference", stored.id, None, pid=pid, expected_vid=1, session=None,
+                           deleted=True)
+    args = [("patient", pid), ("_count", how["count"])]
+    args += [("_sort", how["sort"])] if how["sort"] else []
+    args += [("_total", "accurate")] if how["total"] else []
+    args += [("type", f"{b.LOINC}|{how['type']}")] if how["type"] else []
+    for reader in _readers(pid):
+        assert storage.doc_cache is None
+        from_database = _pages(backend, reader, args)
+        cache = DocumentCache(storage)
+        cache._set_live(True)        # no change stream here: this test writes nothing meanwhile
+        storage.doc_cache = cache
+        try:
+            from_cache = _pages(backend, reader, args)
+        finally:
+            storage.doc_cache = None
+        assert from_cache == from_database, (reader.subject, args)
+        # the cache did answer when there was something to search (the type criterion is not
+        # one it evaluates: the database does)
+        entered = backend.policy.for_request(reader).search_filter("DocumentReference", {pid}) is not None
+        assert (cache.hits + cache.misses > 0) == (entered and how["type"] is None)
+
+
+# ------------------------------------------------------------------ two processes, one database
+
+@pytest.fixture
+def two_apps(config, mongo_client, db):
+    """Two apps on one database, each with its own change stream and caches (two processes)."""
+    from fhir_dmp.app import create_app, stop_background
+    apps = [create_app(config, client=mongo_client, db=db) for _ in range(2)]
+    deadline = time.monotonic() + 10
+    while not all(a.extensions["fhir_dmp.context_cache"].live for a in apps):
+        assert time.monotonic() < deadline, "change streams not established"
+        time.sleep(0.02)
+    yield apps
+    for a in apps:
+        stop_background(a)
+
+
+def _ids(caller, pid) -> set[str]:
+    r = caller.get(f"DocumentReference?patient={pid}")
+    assert r.status_code == 200, r.json
+    return {e["resource"]["id"] for e in r.json.get("entry") or []}
+
+
+def _within_a_second(probe, expected) -> None:
+    deadline = time.monotonic() + 1.0
+    while True:
+        got = probe()
+        if got == expected:
+            return
+        assert time.monotonic() < deadline, f"still {got!r} after one second, expected {expected!r}"
+        time.sleep(0.02)
+
+
+def test_changes_show_in_every_process_within_a_second(two_apps, idp):
+    a, b_app = Api(two_apps[0], idp), Api(two_apps[1], idp)
+    pid = a.as_ps().create(b.patient())["id"]
+    first = a.as_ps().create(b.docref(pid))["id"]
+    second = a.as_ps().create(b.docref(pid, b.LAB))["id"]
+    # the writer's own process sees its writes at once (dropped after the commit)
+    assert _ids(a.as_ps(), pid) == {first, second}
+    assert _ids(b_app.as_ps(), pid) == {first, second}          # both processes now hold the DMP
+    cache_a = two_apps[0].extensions["fhir_dmp"].storage.doc_cache
+
+    def served_from_memory():        # once the stream has delivered the deposits' own changes
+        hits = cache_a.hits
+        return _ids(a.as_ps(), pid), cache_a.hits > hits
+    _within_a_second(served_from_memory, ({first, second}, True))
+
+    # a deposit through B shows in A
+    third = b_app.as_ps().create(b.docref(pid, b.IMAGING))["id"]
+    assert _ids(b_app.as_ps(), pid) == {first, second, third}
+    _within_a_second(lambda: _ids(a.as_ps(), pid), {first, second, third})
+
+    # the patient masks a document through A: B hides it from a médecin who is not the author
+    me = a.as_patient(pid)
+    doc = me.get(f"DocumentReference/{second}").json
+    masked = dict(doc, securityLabel=[{"coding": [{"system": b.LABELS, "code": "MASQUE_PS"}]}])
+    assert me.put(f"DocumentReference/{second}", masked).status_code == 200
+    other = b_app.as_ps(b.PS_OTHER)
+    assert b_app.as_patient(pid).post("Consent", b.consent(pid, actor=b.PS_OTHER)).status_code == 201
+    _within_a_second(lambda: _ids(other, pid), {first, third})
+    _within_a_second(lambda: _ids(a.as_ps(b.PS_OTHER), pid), {first, third})   # A learns the Consent too
+
+    # the author deletes a document through B: gone in A
+    assert b_app.as_ps().delete(f"DocumentReference/{first}").status_code == 204
+    _within_a_second(lambda: _ids(a.as_ps(), pid), {second, third})
+
+    # the patient revokes the médecin's authorization through B: A answers as for nothing
+    consents = b_app.as_patient(pid).get(f"Consent?patient={pid}").json["entry"]
+    mine = [e["resource"] for e in consents
+            if b.PS_DR in str(e["resource"]["provision"].get("actor")) and e["resource"]["status"] == "active"]
+    for consent in mine:
+        assert b_app.as_patient(pid).put(f"Consent/{consent['id']}", dict(consent, status="inactive")).status_code == 200
+    _within_a_second(lambda: _ids(a.as_ps(), pid), set())
+
+
+def _live_storage(app):
+    """The app's storage once its change stream runs (the document cache serves only then)."""
+    storage = app.extensions["fhir_dmp"].storage
+    deadline = time.monotonic() + 10
+    while not storage.doc_cache.live:
+        assert time.monotonic() < deadline, "change stream not established"
+        time.sleep(0.02)
+    return storage
+
+
+def test_a_load_racing_a_change_is_not_kept(app, idp):
+    """The change arrives while the DMP's documents are being read: the (stale) load answers that
+    one request but is not stored; the next search reads the database again."""
+    api = Api(app, idp)
+    storage = _live_storage(app)
+    pid = api.as_ps().create(b.patient())["id"]
+    api.as_ps().create(b.docref(pid))
+    real = storage.doc_cache
+
+    class Racing(DocumentCache):
+        def _load(self, pids):
+            loaded = super()._load(pids)
+            for p in pids:
+                real.invalidate(p)        # what the change stream does when a write lands now
+                self.invalidate(p)
+            return loaded
+
+    racing = Racing(storage)
+    racing._set_live(True)
+    storage.doc_cache = racing
+    try:
+        assert len(_ids(api.as_ps(), pid)) == 1
+        assert racing.misses == 1 and pid not in racing._entries
+        assert len(_ids(api.as_ps(), pid)) == 1
+        assert racing.misses == 2 and racing.hits == 0
+    finally:
+        storage.doc_cache = real
+
+
+def test_nothing_is_served_while_the_stream_is_down(app, idp):
+    api = Api(app, idp)
+    storage = _live_storage(app)
+    pid = api.as_ps().create(b.patient())["id"]
+    doc = api.as_ps().create(b.docref(pid))["id"]
+    assert _ids(api.as_ps(), pid) == {doc}
+    cache = storage.doc_cache
+    cache._set_live(False)           # as when the stream is lost: everything dropped, nothing served
+    try:
+        before = (cache.hits, cache.misses)
+        assert _ids(api.as_ps(), pid) == {doc}
+        assert (cache.hits, cache.misses) == before and not cache._entries
+    finally:
+        cache._set_live(True)
+
+
+def test_only_filters_decided_exactly_are_evaluated_in_memory():
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    guard = {"pid": "p", "del": False, "$or": [
+        {"a.authors": "8100"},
+        {"a.types.0": {"$exists": True}, "a.types": {"$not": {"$elemMatch": {"$nin": ["x"]}}}, "a.masked": False}]}
+    assert exact(guard)
+    assert exact({"pid": "p", "s.patient.r": "Patient/p", "a.labels": {"$nin": ["A", "B"]}})
+    assert exact({"pid": "p", "$and": [{"o.date~d": {"$lte": at}},
+                                       {"$or": [{"o.date~d": {"$lt": at}}, {"o.date~d": at, "_id": {"$gt": "k"}}]}]})
+    for refused in ({"pid": "p", "s.type": {"$elemMatch": {"s": "x", "c": "y"}}},   # a document inside
+                    {"pid": "p", "s.x": None},                                       # null: also missing
+                    {"pid": "p", "s.x": {"c": "y"}},                                 # whole-document equality
+                    {"pid": "p", "s.x.n": {"$regex": "^a"}},
+                    {"pid": "p", "$nor": [{"a": 1}]},
+                    {"pid": "p", "s.x": {"$in": [None]}},
+                    {"pid": "p", "o.d": {"$lt": datetime(2026, 1, 1)}}):              # naive date
+        assert not exact(refused), refused
+    # comparisons only between values of one type, as MongoDB's
+    doc = {"o": {"d": at, "s": "b"}, "_id": "k"}
+    assert matches({"o.d": {"$gte": at}, "o.s": {"$gt": "a"}}, doc)
+    assert not matches({"o.s": {"$lt": at}}, doc)
+    with pytest.raises(Unsupported):
+        matches({"o.s": {"$regex": "b"}}, doc)
+
+
+def test_concurrent_misses_load_a_dmp_once(app, idp):
+    """Threads that miss the same DMP together wait for one load (one read of its documents)."""
+    import threading
+    api = Api(app, idp)
+    storage = app.extensions["fhir_dmp"].storage
+    pid = api.as_ps().create(b.patient())["id"]
+    doc = api.as_ps().create(b.docref(pid))["id"]
+    calls = []
+
+    class Counting(DocumentCache):
+        def _load(self, pids):
+            calls.append(list(pids))
+            time.sleep(0.2)          # a large DMP: the others arrive while it is read
+            return super()._load(pids)
+
+    cache = Counting(storage)
+    cache._set_live(True)
+    results, start = [], threading.Barrier(8)
+
+    def search():
+        start.wait()
+        results.append(cache.find("DocumentReference", {"pid": pid, "del": False}, [("_id", 1)], 0))
+
+    threads = [threading.Thread(target=search) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [[pid]]
+    assert [[d["_id"] for d in r] for r in results] == [[doc]] * 8
+
+
+def test_the_cache_can_be_turned_off(config, mongo_client, db, idp):
+    """``FHIR_DMP_DOCUMENT_CACHE_DOCS=0``: no document cache, searches ask the database."""
+    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.config import Config, ConfigError
+    assert Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "0"}).document_cache_docs == 0
+    assert Config.from_env({}).document_cache_docs == 10_000
+    with pytest.raises(ConfigError):
+        Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "-1"})
+    app = create_app(config.with_(document_cache_docs=0), client=mongo_client, db=db)
+    try:
+        assert app.extensions["fhir_dmp"].storage.doc_cache is None
+        api = Api(app, idp)
+        pid = api.as_ps().create(b.patient())["id"]
+        doc = api.as_ps().create(b.docref(pid))["id"]
+        assert _ids(api.as_ps(), pid) == {doc}
+    finally:
+        stop_background(app)
