@@ -277,18 +277,12 @@ class Storage:
         databases have it: it is dropped)."""
         for rtype in RESOURCE_TYPES:
             coll = self.db[rtype]
-            wanted = [list(k) for k in search.index_specs(rtype)]
-            if rtype in APPEND_ONLY:
-                wanted.append([("pid", 1), ("lu", -1)])
-            else:
+            if rtype not in APPEND_ONLY:
                 _drop_index(coll, [("pid", 1), ("lu", -1)])
-            wanted += EXTRA_INDEXES.get(rtype, [])
-            for keys in wanted:
+            for keys in _wanted_indexes(rtype):
                 _index(coll, keys)
             for key in UNIQUE_INDEXES.get(rtype, []):
                 _index(coll, [key], unique=True, partialFilterExpression={key[0]: {"$exists": True}})
-            if rtype in APPEND_ONLY:     # its history is the collection itself (keyset paging)
-                _index(coll, [("lu", -1), ("_id", 1)])
             hist = self.db[f"{rtype}_history"]
             for keys in ([("rid", 1), ("vid", -1)], [("lu", -1), ("_id", 1)], [("pid", 1), ("lu", -1)]):
                 _index(hist, keys)
@@ -666,12 +660,8 @@ class Storage:
         """Links: the chain position is unique (the anti-fork guard). Queue: oldest first.
         Journal indexes that this version no longer keeps (the lean set of ``search.indexes``) and
         the old in-event chain and queue indexes are dropped: each one was paid on every read."""
-        wanted = {tuple(k) for k in ([("_id", 1)], [("pid", 1), ("lu", -1)], [("lu", -1), ("_id", 1)],
-                                     *search.index_specs(JOURNAL))}
-        events = self.db[JOURNAL]
-        for ix in events.list_indexes():
-            if tuple((k, int(v)) for k, v in ix["key"].items()) not in wanted:
-                events.drop_index(ix["name"])
+        keep = [[("_id", 1)], *_wanted_indexes(JOURNAL), *([k] for k in UNIQUE_INDEXES.get(JOURNAL, []))]
+        _drop_indexes(self.db[JOURNAL], lambda keys: keys not in keep)
         self.db[JOURNAL_LINKS].create_index([("pid", 1), ("first", 1)], name="chain_order")
         self.db[JOURNAL_QUEUE].create_index([("t", 1), ("_id", 1)], name="oldest_first")
 
@@ -1038,11 +1028,30 @@ def _as_version(doc: dict) -> dict:
             "lu": doc["lu"], "del": bool(doc.get("del")), "res": doc.get("res")}
 
 
+def _wanted_indexes(rtype: str) -> list[list[tuple[str, int]]]:
+    """The non-unique indexes of ``rtype``'s current collection: its search indexes, the extras,
+    and for an append-only type (its own history) ``(pid, lu)`` and the keyset ``(lu, _id)``."""
+    wanted = [list(k) for k in search.index_specs(rtype)] + EXTRA_INDEXES.get(rtype, [])
+    if rtype in APPEND_ONLY:
+        wanted += [[("pid", 1), ("lu", -1)], [("lu", -1), ("_id", 1)]]
+    return wanted
+
+
+def _drop_indexes(coll, unwanted) -> None:
+    """Drop every index whose key list ``unwanted(keys)`` says; one that another process (a
+    worker starting beside this one) dropped first is no error."""
+    for ix in coll.list_indexes():
+        if unwanted([(k, int(v)) for k, v in ix["key"].items()]):
+            try:
+                coll.drop_index(ix["name"])
+            except OperationFailure as exc:
+                if exc.code != 27:    # IndexNotFound: already gone
+                    raise
+
+
 def _drop_index(coll, keys) -> None:
     """Drop the index on exactly ``keys`` if there is one (whatever its name)."""
-    for ix in coll.list_indexes():
-        if [(k, int(v)) for k, v in ix["key"].items()] == list(keys):
-            coll.drop_index(ix["name"])
+    _drop_indexes(coll, lambda found: found == list(keys))
 
 
 def _index(coll, keys, **options) -> None:

@@ -335,3 +335,19 @@ def test_type_history_pages_across_current_and_superseded_versions(db):
     # a cursor with a naive instant (a client can send any) compares like pymongo's (UTC)
     naive = storage.history("RelatedPerson", None, after_key=(at.replace(tzinfo=None), "r3/1"), since=at)
     assert [(s.id, s.vid) for s in naive] == [v for v in everything if f"{v[0]}/{v[1]}" > "r3/1"]
+
+
+def test_an_index_another_worker_dropped_first_is_no_error(db):
+    """Workers starting together on an older database drop the same unwanted indexes: the one
+    that comes second finds it gone, which must not stop it booting."""
+    from fhir_dmp.storage import _drop_indexes
+    coll = db["Leftover"]
+    coll.create_index([("a", 1)])
+
+    def unwanted(keys):
+        if keys == [("a", 1)]:
+            coll.drop_index("a_1")          # the other worker, between our listing and our drop
+            return True
+        return False
+    _drop_indexes(coll, unwanted)
+    assert [ix["name"] for ix in coll.list_indexes()] == ["_id_"]
