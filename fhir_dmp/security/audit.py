@@ -336,10 +336,11 @@ def canonical_json(res: dict) -> bytes:
     return json.dumps(res, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def content_digest(res: dict) -> str:
-    """SHA-256 of the event's canonical JSON: computed once at append time and queued with the
-    event, so the sealer links events without reading them back."""
-    return hashlib.sha256(canonical_json(res)).hexdigest()
+def content_digest(res: dict | bytes) -> str:
+    """SHA-256 of the event's canonical JSON (``res``, or those bytes already serialized):
+    computed once at append time and queued with the event, so the sealer links events without
+    reading them back."""
+    return hashlib.sha256(res if isinstance(res, bytes) else canonical_json(res)).hexdigest()
 
 
 def link_hash(prev: str, digest: str) -> str:
@@ -419,8 +420,9 @@ class AuditLog:
 
     # -- append
     def _prepare(self, events: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Each event with id, meta and the storage fields, and its queue item for the sealer
-        (``e`` event id, ``p`` its patient or None, ``d`` its content digest)."""
+        """Each event with id, meta and the storage fields (``res`` as its canonical JSON bytes),
+        and its queue item for the sealer (``e`` event id, ``p`` its patient or None, ``d`` its
+        content digest)."""
         docs, items = [], []
         now = datetime.now(timezone.utc)
         for event in events:
@@ -429,9 +431,10 @@ class AuditLog:
             res["meta"] = {**(res.get("meta") or {}), "versionId": "1", "lastUpdated": _instant(now)}
             s, o = _search_index(res)
             pid = event_patient(res)
+            raw = canonical_json(res)   # serialized once: hashed here, stored as is (storage.pack)
             docs.append({"_id": res["id"], "pid": pid, "vid": 1, "lu": now, "del": False,
-                         "res": res, "s": s, "o": o})
-            items.append({"e": res["id"], "p": pid, "d": content_digest(res)})
+                         "res": raw, "s": s, "o": o})
+            items.append({"e": res["id"], "p": pid, "d": content_digest(raw)})
         return docs, items
 
     def append(self, events: list[dict], *, session=None) -> None:
