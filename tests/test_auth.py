@@ -483,12 +483,20 @@ class Clock:
         return self.now
 
 
-def test_jwks_url_refetch_on_unknown_kid(jwks_server, tmp_path):
+def _jwks_url_config(jwks_server, tmp_path, document=...) -> tuple[TestIdP, Config]:
+    """An IdP whose key set the local HTTP server publishes at ``/jwks`` (``document`` instead
+    when given; None: nothing there, 404), and the Config that trusts that URL."""
     idp = TestIdP(tmp_path / "idp")
-    jwks_server.routes["/jwks"] = idp.jwks()
+    document = idp.jwks() if document is ... else document
+    if document is not None:
+        jwks_server.routes["/jwks"] = document
+    return idp, Config(data_dir=tmp_path / "data", issuer=idp.issuer, audience=idp.audience,
+                       jwks_url=f"{jwks_server.url}/jwks")
+
+
+def test_jwks_url_refetch_on_unknown_kid(jwks_server, tmp_path):
+    idp, config = _jwks_url_config(jwks_server, tmp_path)
     clock = Clock()
-    config = Config(data_dir=tmp_path / "data", issuer=idp.issuer, audience=idp.audience,
-                    jwks_url=f"{jwks_server.url}/jwks")
     verifier = TokenVerifier(config, clock=clock)
     assert verifier.verify(idp.ps(PS_ID))
     assert verifier.verify(idp.ps(PS_ID, alg="ES256"))
@@ -513,10 +521,7 @@ def test_jwks_url_refetch_on_unknown_kid(jwks_server, tmp_path):
 
 
 def test_jwks_url_default_spacing_and_outage(jwks_server, tmp_path):
-    idp = TestIdP(tmp_path / "idp")
-    jwks_server.routes["/jwks"] = idp.jwks()
-    config = Config(data_dir=tmp_path / "data", issuer=idp.issuer, audience=idp.audience,
-                    jwks_url=f"{jwks_server.url}/jwks")
+    idp, config = _jwks_url_config(jwks_server, tmp_path)
     verifier = TokenVerifier(config)  # real clock, 5 s spacing
     token = idp.ps(PS_ID)
     assert verifier.verify(token)
@@ -645,11 +650,7 @@ def test_scope_claim_forms(verifier, idp):
 
 @pytest.mark.parametrize("document", [None, {"keys": []}, {"keys": [{"kty": "RSA"}]}, {"nokeys": 1}])
 def test_jwks_url_unusable_document_is_503(jwks_server, tmp_path, document):
-    idp = TestIdP(tmp_path / "idp")
-    if document is not None:
-        jwks_server.routes["/jwks"] = document  # None: 404
-    config = Config(data_dir=tmp_path / "data", issuer=idp.issuer, audience=idp.audience,
-                    jwks_url=f"{jwks_server.url}/jwks")
+    idp, config = _jwks_url_config(jwks_server, tmp_path, document)   # None: 404
     with pytest.raises(ServiceUnavailable):
         TokenVerifier(config, refetch_interval=0).verify(idp.ps(PS_ID))
 
@@ -659,11 +660,8 @@ def test_jwks_refreshed_ahead_off_the_request_path_and_tokens_cached(jwks_server
     next one in the background; a verified token is then served from the token cache until it
     expires, as long as its key is still published."""
     from fhir_dmp.security.auth import JWKS_MAX_AGE
-    idp = TestIdP(tmp_path / "idp")
-    jwks_server.routes["/jwks"] = idp.jwks()
+    idp, config = _jwks_url_config(jwks_server, tmp_path)
     clock = Clock()
-    config = Config(data_dir=tmp_path / "data", issuer=idp.issuer, audience=idp.audience,
-                    jwks_url=f"{jwks_server.url}/jwks")
     verifier = TokenVerifier(config, clock=clock)
     token = idp.ps(PS_ID)
     assert verifier.verify(token) is verifier.verify(token)     # the second one from the cache

@@ -39,7 +39,21 @@ def smtp():
     ctl.stop()
 
 
-class SmsServer:
+class _LocalHttpServer:
+    """A real threaded HTTP server on 127.0.0.1 for ``Handler``; ``url`` its base."""
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler], **serve_options) -> str:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs=serve_options, daemon=True)
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SmsServer(_LocalHttpServer):
     def __init__(self, statuses=()):
         self.received: list[tuple[dict, dict]] = []
         self.statuses = list(statuses)  # status codes to answer first, then 200
@@ -58,14 +72,7 @@ class SmsServer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/sms"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.url = self._serve(Handler) + "/sms"
 
 
 @pytest.fixture
@@ -75,7 +82,7 @@ def sms():
     server.close()
 
 
-class JwksServer:
+class JwksServer(_LocalHttpServer):
     """A real HTTP server on 127.0.0.1 serving JSON documents by path."""
 
     def __init__(self):
@@ -97,15 +104,7 @@ class JwksServer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.url = self._serve(Handler, poll_interval=0.02)
 
 
 @pytest.fixture
