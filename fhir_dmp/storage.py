@@ -562,6 +562,7 @@ class Storage:
         gone(JOURNAL, {"pid": pid})
         gone(JOURNAL_LINKS, {"pid": pid})
         self.db[JOURNAL_QUEUE].update_many({"items.p": pid}, {"$pull": {"items": {"p": pid}}}, session=session)
+        self.db[JOURNAL_QUEUE].delete_many({"items": {"$size": 0}}, session=session)   # nothing left to seal
         gone(JOURNAL_HEADS, {"_id": pid})
         # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
         # a date, nothing personal) so that `audit verify` does not take it for a deleted chain

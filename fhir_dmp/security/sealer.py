@@ -131,8 +131,8 @@ class Sealer:
         while True:
             n = self.seal_once()
             total += n
-            if n < self.batch and not self.storage.unsealed_batches(1):   # (a pass may only drop
-                return total                                                # entries a destroy emptied)
+            if n < self.batch:
+                return total
 
     def _seal(self, session) -> int:
         storage = self.storage
@@ -156,8 +156,6 @@ class Sealer:
             heads[pid] = (seq + 1, hsh)
             run["links"].append([item["e"], hsh])
         storage.seal_events(list(runs.values()), [q["_id"] for q in queued], session=session)
-        if not runs:   # queue entries emptied by a destroy
-            return 0
         storage.move_heads(heads, now, session=session)
         last = storage.last_checkpoint(session=session)
         cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,
