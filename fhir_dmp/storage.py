@@ -662,7 +662,8 @@ class Storage:
         return self.db.get_collection(JOURNAL, write_concern=WriteConcern(w="majority", j=True))
 
     def ensure_journal_indexes(self) -> None:
-        """Links: the chain position is unique (the anti-fork guard). Queue: oldest first.
+        """Links: in chain order (their unique ``_id``, chain and first position, is the anti-fork
+        guard). Queue: oldest first.
         Journal indexes that this version no longer keeps (the lean set of ``search.indexes``) and
         the old in-event chain and queue indexes are dropped: each one was paid on every read."""
         keep = [[("_id", 1)], *_wanted_indexes(JOURNAL), *([k] for k in UNIQUE_INDEXES.get(JOURNAL, []))]
@@ -718,8 +719,8 @@ class Storage:
             for i, (eid, hsh) in enumerate(run["links"]):
                 event = events.get(eid)
                 if event is not None:
-                    yield {**event, "res": unpack(event.get("res")), "chain": {"pid": run["pid"], "seq": run["first"] + i, "prev": prev,
-                                              "hash": hsh}}
+                    yield {**event, "res": unpack(event.get("res")),
+                           "chain": {"pid": run["pid"], "seq": run["first"] + i, "prev": prev, "hash": hsh}}
                 prev = hsh
 
     def chain_heads(self, pid: str | None = None):
@@ -773,10 +774,12 @@ class Storage:
 
     def unsealed_batches(self, limit: int, *, session=None) -> list[dict]:
         """The oldest queue documents (append time, then ``_id``) holding about ``limit`` events
-        (whole documents: at least one, then while the total stays within ``limit``)."""
+        (whole documents: at least one, then while the total stays within ``limit``). Each holds
+        at least one event (a destroy deletes those it empties), so ``limit`` documents suffice:
+        the database is not asked for the whole backlog."""
         out, total = [], 0
         for q in self.db[JOURNAL_QUEUE].find({"t": {"$gte": EPOCH}}, sort=[("t", 1), ("_id", 1)],
-                                             session=session):
+                                             limit=limit, session=session):
             if out and total + len(q["items"]) > limit:
                 break
             out.append(q)
