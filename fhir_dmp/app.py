@@ -15,6 +15,7 @@ import uuid
 from flask import Flask, g, request
 from pymongo.errors import PyMongoError
 
+from .logs import REQUEST_ID_ENVIRON
 from .compression import compress_response, decode_request_body
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
@@ -87,6 +88,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     @app.before_request
     def authenticate():
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request.environ[REQUEST_ID_ENVIRON] = g.request_id   # for the server's access line
         g.repo = None
         if _is_public(request.method, request.path):
             return None
@@ -223,7 +225,7 @@ def _audit_refused(backend: Backend, exc: FhirError) -> None:
 def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
     """The decision context cache (its change stream), the DMP document cache it also
     invalidates (``doc_cache.py``) and the journal sealer (issue 13):
-    background threads of this process, started after gunicorn's fork."""
+    background threads of this process, started after the server's fork."""
     config = backend.config
     if config.context_cache:
         from .security.context_cache import ContextCache

@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None, *, app_factory: Callable | None = No
         print(f"{PROG}: error: {_message(exc)}", file=sys.stderr, flush=True)
         return code if isinstance(code, int) and code > 0 else EXIT_ERROR
     except SystemExit as exc:
-        # gunicorn halts with sys.exit(status); also unwinds in forked workers
+        # the server halts with sys.exit(status) (granian, when its workers keep crashing)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_ERROR)
 
 

@@ -79,7 +79,7 @@ class Config:
     # documents of recently searched DMPs cached per process (doc_cache.py; needs context_cache,
     # whose change stream invalidates it): at most this many documents, 0 = off
     document_cache_docs: int = 10_000
-    threads: int = 0                 # gunicorn threads per worker; 0 = server.default_threads()
+    threads: int = 0                 # Python threads per server worker; 0 = server.default_threads()
     # the largest JSON/XML request body; Binary uploads are bounded by max_attachment_bytes
     max_body_bytes: int = field(default=0)
 

@@ -5,7 +5,7 @@ DESIGN.md ("Storage"): production is a MongoDB replica set written with
 acknowledged write survives a primary failover; a read never returns data
 that could be rolled back); the embedded SecantusDB is reached the same way.
 
-pymongo clients must not cross ``fork()``: each gunicorn worker opens its own
+pymongo clients must not cross ``fork()``: each server worker opens its own
 (see ``fhir_dmp/server.py``).
 """
 from __future__ import annotations

@@ -90,10 +90,11 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _pdeathsig():
-    """preexec hook (Linux): the child gets SIGKILL when its parent dies.
+def pdeathsig(sig: int = signal.SIGKILL):
+    """Hook (Linux; None elsewhere) that asks the kernel to send ``sig`` to the calling process
+    when its parent dies: a preexec hook for a child, or called in a forked worker.
 
-    SIGKILL, not SIGTERM: a parent that dies without its hooks (SIGKILL, crash) is a crash, and
+    The database gets SIGKILL, not SIGTERM: a parent that dies without its hooks (SIGKILL, crash) is a crash, and
     the database follows at once, whatever its load (a graceful shutdown could take longer than
     anyone waits, leaving an orphan). WiredTiger with ``--sync-on-commit`` recovers committed
     data from its journal on the next start; a normal stop still goes through :meth:`stop`."""
@@ -108,7 +109,7 @@ def _pdeathsig():
     PR_SET_PDEATHSIG = 1
 
     def hook():  # runs in the child between fork and exec: keep it minimal
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     return hook
 
 
@@ -178,8 +179,8 @@ class EmbeddedMongo:
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM the child, wait ``timeout`` s, then SIGKILL. Idempotent.
 
-        Only the process that started the child stops it: in a forked copy
-        (a gunicorn worker unwinding the master's stack) this only forgets it.
+        Only the process that started the child stops it: in a forked copy (a
+        server worker) this only forgets it.
         """
         proc, self._proc = self._proc, None
         if proc is None or os.getpid() != self._owner_pid:
@@ -273,7 +274,7 @@ class EmbeddedMongo:
                 # own session: terminal Ctrl-C goes to us, not to the database;
                 # cwd = data dir so no stray ./secantusd.toml is picked up
                 cwd=self.data_dir, start_new_session=True,
-                preexec_fn=_pdeathsig() if self.die_with_parent else None,
+                preexec_fn=pdeathsig() if self.die_with_parent else None,
                 close_fds=True)
         self._owner_pid = os.getpid()
         tmp = self.pid_file.with_suffix(".pid.tmp")

@@ -12,13 +12,17 @@ import logging
 
 from pythonjsonlogger.json import JsonFormatter
 
+#: the WSGI environ key where the app leaves a request's id, for the server's access line
+REQUEST_ID_ENVIRON = "fhir_dmp.request_id"
+
 
 class RequestIdFilter(logging.Filter):
     """Binds the current request's id to every record (None outside a request)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from flask import g, has_app_context
-        record.request_id = g.get("request_id") if has_app_context() else None
+        if getattr(record, "request_id", None) is None:   # unless the caller bound one (access line)
+            record.request_id = g.get("request_id") if has_app_context() else None
         return True
 
 

@@ -1,46 +1,54 @@
-"""`fhir-dmp serve`: the WSGI app under gunicorn (CONTRACT.md "Install and run").
+"""`fhir-dmp serve`: the WSGI app under granian (CONTRACT.md "Install and run").
 
-Why gunicorn: a pre-fork server with a graceful drain on SIGTERM (workers
-finish in-flight requests within ``graceful_timeout``), worker supervision
-and restart, and the standard way Flask apps run in production.
-
-Why the ``gthread`` worker (not ``sync``): FHIR clients keep HTTP
-connections alive (requests.Session, fhirpy) and a sync worker closes each
-connection after one request and is held hostage by one slow client;
-gthread serves keep-alive connections from a small thread pool per worker.
-The app is thread-safe (pymongo's client is; per-request state lives in
-Flask's context), and the work is I/O bound (database, SMTP), so threads help
-while processes give CPU parallelism.
+Why granian (issue 13): a pre-fork server whose HTTP parsing, connection handling and
+thread pool are in Rust; the same app under gunicorn gthread spent 0.2-0.25 ms more CPU
+per request in the server processes (bench/README.md, issue 13), about a tenth of the
+machine's CPU per request. It drains in-flight requests on SIGTERM/SIGINT, supervises
+its workers (a dead one is respawned) and keeps HTTP connections alive (FHIR clients
+reuse them); each worker runs the WSGI app on a pool of ``config.threads`` Python
+threads (default 16) so that database and journal waits overlap. The app is thread-safe
+(pymongo's client is; per-request state lives in Flask's context).
 
 Lifecycle (master process):
-1. check the port is free (one-line error otherwise);
+1. check the port is free and the habilitation matrix is valid (one-line error otherwise);
 2. with no ``mongodb_uri``, start :class:`~fhir_dmp.embedded_db.EmbeddedMongo`
    in ``config.data_dir`` and hand its URI to the workers in their Config;
    with a URI, check the database answers before forking;
 3. print the dev-mode banner when ``config.dev_mode``;
-4. run gunicorn: each worker calls ``create_app(config)`` after the fork
-   (``preload_app`` off), so no pymongo client crosses ``fork()``;
-5. on SIGTERM or SIGINT (Ctrl-C): drain, then stop the embedded database in
-   the ``on_exit`` hook, exit 0.
+4. run granian: each worker calls ``app_factory(config)`` after the fork (the
+   ``target_loader``), so no pymongo client crosses ``fork()``; a worker dies with the
+   master (``PR_SET_PDEATHSIG``) and drops the ``FHIR_DMP_*`` settings from its environment
+   before granian copies it into every WSGI environ (no secret reaches a request);
+5. on SIGTERM or SIGINT (Ctrl-C): the workers finish their in-flight requests (killed
+   after ``GRACEFUL_TIMEOUT_S``) and run their exit hooks, then the embedded database
+   stops, exit 0.
 
-The access log carries method, path (never the query string, which may hold
-an INS), status, size and duration; never headers (no Authorization).
+Logs are JSON lines (``fhir_dmp.logs``), granian's own included; one access line per
+request (logger ``fhir_dmp.access``) carries the request id, method, path (never the query
+string, which may hold an INS), status, size and duration; never headers (no Authorization).
 """
 from __future__ import annotations
 
+import atexit
 import errno
+import functools
+import logging
 import os
 import signal
 import socket
 import sys
+import time
 from typing import Callable, TextIO
 
-from gunicorn.app.base import BaseApplication
-from gunicorn.arbiter import Arbiter
+from granian.constants import Interfaces
+from granian.server.mp import MPServer
+
+from .logs import REQUEST_ID_ENVIRON
 
 THREADS_PER_WORKER = 16
 GRACEFUL_TIMEOUT_S = 30
-ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+
+access_log = logging.getLogger("fhir_dmp.access")
 
 
 class ServeError(RuntimeError):
@@ -66,7 +74,7 @@ def check_port_free(host: str, port: int) -> None:
         raise ServeError(f"cannot listen on {host!r}: unknown host") from None
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
         try:
             s.bind(addr)
         except OSError as e:
@@ -104,69 +112,101 @@ def _load_create_app() -> Callable:
     return create_app
 
 
-class _Arbiter(Arbiter):
-    """gunicorn's master, with Ctrl-C draining like SIGTERM (CONTRACT.md:
-    "runs until SIGINT/SIGTERM, then drains requests")."""
+class _Logged:
+    """A response body that writes the request's access line when the server closes it
+    (the body sent, or the client gone). Iterating it is iterating the app's body."""
 
-    def handle_int(self):
-        raise StopIteration
+    __slots__ = ("body", "environ", "response", "started")
+
+    def __init__(self, body, environ: dict, response: list, started: float):
+        self.body, self.environ, self.response, self.started = body, environ, response, started
+
+    def __iter__(self):
+        return iter(self.body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._log()
+
+    def _log(self) -> None:
+        env = self.environ
+        status, headers = self.response or ("500", ())
+        size = next((v for k, v in headers if k.lower() == "content-length"), "-")
+        ms = round((time.perf_counter() - self.started) * 1000)
+        access_log.info('%s "%s %s" %s %s %sms', env.get("REMOTE_ADDR", "-"), env.get("REQUEST_METHOD"),
+                        env.get("PATH_INFO"), status[:3], size, ms,
+                        extra={"request_id": env.get(REQUEST_ID_ENVIRON)})
 
 
-class FhirDmpApplication(BaseApplication):
-    """gunicorn application: ``app_factory(config)`` in each worker after fork."""
+class _Served:
+    """The WSGI callable a worker serves: the app, and one access line per request."""
 
-    def __init__(self, config, app_factory: Callable, *, workers: int,
-                 on_exit: Callable[[], None] | None = None):
-        self.fhir_config = config
-        self.app_factory = app_factory
-        self.workers = workers
-        self._on_exit = on_exit
-        super().__init__(prog="fhir-dmp")
+    __slots__ = ("app",)
 
-    def load_config(self):
-        host = self.fhir_config.host
-        bind_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        on_exit = self._on_exit
+    def __init__(self, app: Callable):
+        self.app = app
 
-        def exit_hook(arbiter):  # master only, after the workers have drained
-            if on_exit is not None:
-                on_exit()
+    def __call__(self, environ: dict, start_response: Callable):
+        started = time.perf_counter()
+        response: list = []
 
-        def worker_ready(worker):
-            # a terminal Ctrl-C reaches the whole process group: workers let
-            # the master decide, so in-flight requests are drained, not cut
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        def respond(status, headers, exc_info=None):
+            response[:] = (status, headers)
+            return start_response(status, headers, exc_info)
+        return _Logged(self.app(environ, respond), environ, response, started)
 
-        settings = {
-            "bind": [f"{bind_host}:{self.fhir_config.port}"],
-            "workers": self.workers,
-            "worker_class": "gthread",
-            "threads": self.fhir_config.threads or default_threads(),
-            "graceful_timeout": GRACEFUL_TIMEOUT_S,
-            "timeout": 60,
-            "keepalive": 5,
-            "preload_app": False,
-            "proc_name": "fhir-dmp",
-            "accesslog": "-",
-            "access_log_format": ACCESS_LOG_FORMAT,
-            "errorlog": "-",
-            "loglevel": "info",
-            "on_exit": exit_hook,
-            "post_worker_init": worker_ready,
-            "control_socket_disable": True,  # no runtime control socket file
-        }
-        for key, value in settings.items():
-            if key in self.cfg.settings:
-                self.cfg.set(key, value)
 
-    def load(self):
-        from .lifecycle import start_daily_retention
-        app = self.app_factory(self.fhir_config)
-        start_daily_retention(app)   # CONTRACT.md "Lifecycle": retention once a day, one process at a time
-        return app
+def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
+    """granian's target loader: runs in each worker after the fork, before it serves."""
+    from .embedded_db import pdeathsig
+    from .lifecycle import start_daily_retention
 
-    def run(self):
-        _Arbiter(self).run()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C while booting: the master decides
+    die_with_master = pdeathsig(signal.SIGTERM)   # a master killed hard leaves no orphan worker
+    if die_with_master is not None:
+        die_with_master()
+    if os.getppid() != master_pid:
+        sys.exit(0)                                # it died before the hook was set
+    for key in [k for k in os.environ if k.startswith("FHIR_DMP_")]:
+        del os.environ[key]                        # read into config already; granian copies os.environ per request
+    app = app_factory(config)
+    start_daily_retention(app)   # CONTRACT.md "Lifecycle": retention once a day, one process at a time
+    return _Served(app)
+
+
+def _wsgi_worker(*args) -> None:
+    """A worker's life: granian's WSGI worker, then this process's exit hooks (the sealer and
+    the context cache release their leases), which a multiprocessing child otherwise skips."""
+    try:
+        MPServer._spawn_wsgi_worker(*args)
+    finally:
+        atexit._run_exitfuncs()
+
+
+class _Granian(MPServer):
+    """granian's master (one process per worker, never threads: pymongo is not fork-safe)."""
+
+    def signal_handler_interrupt(self, *args, **kwargs):
+        # a terminal's Ctrl-C also reaches the workers, which drain and end by themselves:
+        # their end is then asked for, not a crash to respawn or to exit non-zero for
+        for worker in self.wrks:
+            worker.interrupt_by_parent = True
+        super().signal_handler_interrupt(*args, **kwargs)
+
+
+def _granian(config, workers: int) -> _Granian:
+    return _Granian(
+        "fhir_dmp.app:create_app", address=config.host, port=config.port,
+        interface=Interfaces.WSGI, workers=workers,
+        blocking_threads=config.threads or default_threads(),
+        websockets=False, respawn_failed_workers=True, workers_kill_timeout=GRACEFUL_TIMEOUT_S,
+        log_access=False,   # our own access line (_Served), with the request id
+        log_dictconfig={"loggers": {"_granian": {"propagate": True}}},   # through our JSON handler
+    )
 
 
 def serve(config, *, workers: int | None = None, app_factory: Callable | None = None,
@@ -194,11 +234,11 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
     embedded: EmbeddedMongo | None = None
 
     def stop_db():
-        # also reached in forked workers unwinding this stack: only the master stops it
+        # only the master stops it (a worker never unwinds this stack: it ends with os._exit)
         if embedded is not None and os.getpid() == master_pid:
             embedded.stop()
 
-    # a SIGTERM before gunicorn installs its handlers still stops the database
+    # a SIGTERM before granian installs its handlers still stops the database
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if config.mongodb_uri is None:
@@ -214,8 +254,10 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
         factory = app_factory or _load_create_app()
         if config.dev_mode:
             print(dev_banner(config), file=out, flush=True)
-        signal.signal(signal.SIGTERM, previous)
-        FhirDmpApplication(config, factory, workers=workers, on_exit=stop_db).run()
+        server = _granian(config, workers)   # its own SIGTERM/SIGINT handlers replace ours as it starts
+        server.serve(spawn_target=_wsgi_worker, wrap_loader=False,
+                     target_loader=functools.partial(_worker_app, config, factory, master_pid))
         return 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         stop_db()

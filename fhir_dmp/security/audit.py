@@ -483,7 +483,7 @@ class AuditLog:
 class GroupCommitter:
     """One thread that writes the queued documents of many callers in one durable insert.
 
-    Started lazily (after gunicorn's fork). Batching is natural: while one ``insert_many``
+    Started lazily (after the server's fork). Batching is natural: while one ``insert_many``
     is in flight the next callers queue up, and they are all written by the next one, so a
     lone request pays one round trip and N concurrent requests share about one.
     """
