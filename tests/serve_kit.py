@@ -1,7 +1,7 @@
 """Real ``fhir-dmp serve`` processes on the session's SecantusDB, and the ``fhir-dmp`` CLI beside them.
 
 Fixture ``serve``: ``serve("a", FHIR_DMP_SMTP_HOST=...)`` starts ``python -m fhir_dmp.cli serve``
-(gunicorn, 2 workers unless told) in its own process group on a free port, against the test's
+(granian, 2 workers unless told) in its own process group on a free port, against the test's
 database and IdP, and waits until it answers ``/metadata``. Every server of one test shares one
 audit signing key file and one key-encryption key file (as every process of one deployment must). At the end of the test each
 one still running gets SIGTERM (then SIGKILL after 30 s).

@@ -318,7 +318,7 @@ def test_truncated_tail_is_detected(db, sealer):
 
 
 def test_concurrent_appends_while_sealing_do_not_fork(db, sealer):
-    """Threads with their own AuditLog (as separate gunicorn workers) and one shared, while the
+    """Threads with their own AuditLog (as separate server workers) and one shared, while the
     background sealer runs: every event sealed once, chains contiguous, checkpoints verify."""
     shared = AuditLog(st(db))
     logs = [AuditLog(st(db)) for _ in range(4)] + [shared] * 4

@@ -1,7 +1,7 @@
 """The ``fhir-dmp`` command line, run as real processes (no mocks).
 
 ``serve`` is exercised twice: with a tiny stand-in WSGI app (always; it
-checks the gunicorn + embedded database lifecycle) and with the real
+checks the granian + embedded database lifecycle) and with the real
 ``fhir_dmp.app`` (skipped until that module exists).
 """
 from __future__ import annotations
@@ -42,6 +42,10 @@ def factory(config):
     def slow():
         time.sleep(1.5)
         return {"done": True}
+
+    @app.get("/fhir/environ")
+    def environ():
+        return {"fhir_dmp_keys": sorted(k for k in flask.request.environ if k.startswith("FHIR_DMP_"))}
     return app
 
 if __name__ == "__main__":
@@ -106,10 +110,15 @@ def _reap(data_dir: Path) -> None:
         _gone(pid)
 
 
-def _serve(argv: list[str], data_dir: Path, log: Path, **env) -> subprocess.Popen:
+def _serve(argv: list[str], data_dir: Path, log: Path, *, new_session: bool = False, **env) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(argv, cwd=ROOT, env=_env(data_dir, **env),
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=new_session)
+
+
+def _children(pid: int) -> set[int]:
+    return {int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()}
 
 
 def test_serve_standin_drains_and_stops_database(tmp_path):
@@ -142,6 +151,52 @@ def test_serve_standin_drains_and_stops_database(tmp_path):
     assert "Traceback" not in text
 
 
+def test_serve_ctrl_c_drains_every_worker_and_exits_0(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included: the
+    in-flight request still completes, the server exits 0 (a worker ending first is no crash)."""
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN)
+    port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
+    proc = _serve([sys.executable, str(script), "serve", "--port", str(port), "--workers", "2"],
+                  data, log, new_session=True)
+    try:
+        _wait_metadata(proc, port, log)
+        db_pid = int((data / "db.pid").read_text().split()[0])
+        slow = {}
+        t = threading.Thread(target=lambda: slow.update(
+            r=requests.get(f"http://127.0.0.1:{port}/fhir/slow", timeout=10)))
+        t.start()
+        time.sleep(0.5)  # the request is in flight
+        os.killpg(proc.pid, signal.SIGINT)
+        t.join(10)
+        assert slow["r"].status_code == 200 and slow["r"].json() == {"done": True}  # drained
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _gone(db_pid)
+    assert "Traceback" not in log.read_text() and "Unexpected exit" not in log.read_text()
+
+
+def test_serve_keeps_fhir_dmp_settings_out_of_the_wsgi_environ(tmp_path):
+    """The server copies its process environment into every WSGI environ: no FHIR_DMP_* setting
+    (secrets among them) may reach a request there."""
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN)
+    port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
+    proc = _serve([sys.executable, str(script), "serve", "--port", str(port), "--workers", "1"],
+                  data, log, FHIR_DMP_PORTAL_CLIENT_SECRET="portal-secret")
+    try:
+        _wait_metadata(proc, port, log)
+        assert requests.get(f"http://127.0.0.1:{port}/fhir/environ", timeout=10).json() == {"fhir_dmp_keys": []}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _reap(data)
+
+
 def test_serve_killed_hard_database_follows_and_restart_works(tmp_path):
     script = tmp_path / "standin.py"
     script.write_text(STANDIN)
@@ -152,9 +207,12 @@ def test_serve_killed_hard_database_follows_and_restart_works(tmp_path):
     try:
         _wait_metadata(proc, port, log)
         db_pid = int((data / "db.pid").read_text().split()[0])
+        workers = _children(proc.pid) - {db_pid}
+        assert workers
         proc.kill()  # SIGKILL: no hook runs; the database gets SIGKILL from the kernel (PDEATHSIG)
         proc.wait(10)
         assert _gone(db_pid), "the embedded database outlived a killed server"
+        assert all(_gone(w) for w in workers), "a worker outlived its killed master"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -180,6 +238,9 @@ def test_serve_real_app(tmp_path):
     try:
         r = _wait_metadata(proc, port, log, timeout=45)
         assert r.json()["resourceType"] == "CapabilityStatement"
+        r = requests.get(f"http://127.0.0.1:{port}/fhir/Patient?identifier=secret-ins",
+                         headers={"X-Request-Id": "access-line-1"}, timeout=10)
+        assert r.status_code == 401
         db_pid = int((data / "db.pid").read_text().split()[0])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -187,7 +248,13 @@ def test_serve_real_app(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert _gone(db_pid)
-    assert "Traceback" not in log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text
+    # JSON log lines, one access line per request carrying its request id, never the query string
+    lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    assert all({"time", "level", "logger", "message", "request_id"} <= set(x) for x in lines)
+    [line] = [x for x in lines if x["logger"] == "fhir_dmp.access" and x["request_id"] == "access-line-1"]
+    assert '"GET /fhir/Patient" 401' in line["message"] and "secret-ins" not in text
 
 
 def test_serve_port_taken(tmp_path):

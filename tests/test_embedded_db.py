@@ -146,7 +146,7 @@ def test_connected_reuses_a_running_server_or_starts_one(tmp_path):
 
 
 def test_stop_in_a_forked_copy_leaves_the_server_running(tmp_path):
-    # a gunicorn worker unwinding the master's stack must not stop the database
+    # a forked server worker must not stop the database
     with EmbeddedMongo(tmp_path) as db:
         child = os.fork()
         if child == 0:

@@ -1,6 +1,6 @@
 """Two ``fhir-dmp serve`` processes on one database stay correct together (issue 13).
 
-Real parts only: two ``fhir-dmp serve`` processes (gunicorn, 2 workers each, every worker
+Real parts only: two ``fhir-dmp serve`` processes (granian, 2 workers each, every worker
 with its notification worker, sealer and context cache) started on the session's SecantusDB
 (the sealer tests on a SecantusDB of their own, see ``own_database``), real tokens of ``tests/idp.py``, the aiosmtpd sink of ``tests/transports.py``, and the
 ``fhir-dmp audit`` CLI. Everything is checked through public behaviour only (HTTP answers, the
