@@ -178,6 +178,31 @@ def test_serve_ctrl_c_drains_every_worker_and_exits_0(tmp_path):
     assert "Traceback" not in log.read_text() and "Unexpected exit" not in log.read_text()
 
 
+def test_serve_respawns_a_worker_that_dies(tmp_path):
+    """A worker killed under the server (OOM killer, crash) is replaced; the server goes on and
+    still stops cleanly."""
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN)
+    port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
+    proc = _serve([sys.executable, str(script), "serve", "--port", str(port), "--workers", "1"], data, log)
+    try:
+        _wait_metadata(proc, port, log)
+        db_pid = int((data / "db.pid").read_text().split()[0])
+        [worker] = _children(proc.pid) - {db_pid}
+        os.kill(worker, signal.SIGKILL)
+        assert _gone(worker)
+        deadline = time.monotonic() + 20
+        while not (_children(proc.pid) - {db_pid, worker}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _wait_metadata(proc, port, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _reap(data)
+
+
 def test_serve_keeps_fhir_dmp_settings_out_of_the_wsgi_environ(tmp_path):
     """The server copies its process environment into every WSGI environ: no FHIR_DMP_* setting
     (secrets among them) may reach a request there."""
