@@ -7,6 +7,7 @@ checks the granian + embedded database lifecycle) and with the real
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import json
 import os
@@ -116,34 +117,48 @@ def _serve(argv: list[str], data_dir: Path, log: Path, *, new_session: bool = Fa
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
+@contextlib.contextmanager
+def _standin(tmp_path: Path, workers: int, *, new_session: bool = False, **env):
+    """``fhir-dmp serve`` of the stand-in app on a free port, answering: (process, port, log,
+    data dir); killed on the way out if still running, its database with it."""
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN)
+    port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
+    proc = _serve([sys.executable, str(script), "serve", "--port", str(port), "--workers", str(workers)],
+                  data, log, new_session=new_session, **env)
+    try:
+        _wait_metadata(proc, port, log)
+        yield proc, port, log, data
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _reap(data)
+
+
+def _drains(port: int, stop) -> None:
+    """A request in flight when ``stop()`` signals the server still gets its whole answer."""
+    slow = {}
+    t = threading.Thread(target=lambda: slow.update(
+        r=requests.get(f"http://127.0.0.1:{port}/fhir/slow", timeout=10)))
+    t.start()
+    time.sleep(0.5)  # the request is in flight
+    stop()
+    t.join(10)
+    assert slow["r"].status_code == 200 and slow["r"].json() == {"done": True}  # drained
+
+
 def _children(pid: int) -> set[int]:
     return {int(c) for t in Path(f"/proc/{pid}/task").iterdir()
             for c in (t / "children").read_text().split()}
 
 
 def test_serve_standin_drains_and_stops_database(tmp_path):
-    script = tmp_path / "standin.py"
-    script.write_text(STANDIN)
-    port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
-    proc = _serve([sys.executable, str(script), "serve", "--port", str(port), "--workers", "1"],
-                  data, log)
-    try:
+    with _standin(tmp_path, 1) as (proc, port, log, data):
         assert _wait_metadata(proc, port, log).json()["embedded"] is True
         db_pid = int((data / "db.pid").read_text().split()[0])
         assert process_alive(db_pid)
-
-        slow = {}
-        t = threading.Thread(target=lambda: slow.update(
-            r=requests.get(f"http://127.0.0.1:{port}/fhir/slow", timeout=10)))
-        t.start()
-        time.sleep(0.5)  # the request is in flight
-        proc.send_signal(signal.SIGTERM)
-        t.join(10)
-        assert slow["r"].status_code == 200 and slow["r"].json() == {"done": True}  # drained
+        _drains(port, lambda: proc.send_signal(signal.SIGTERM))
         assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert _gone(db_pid), "the embedded database outlived the server"
     assert not (data / "db.pid").exists()
     text = log.read_text()
@@ -154,26 +169,10 @@ def test_serve_standin_drains_and_stops_database(tmp_path):
 def test_serve_ctrl_c_drains_every_worker_and_exits_0(tmp_path):
     """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included: the
     in-flight request still completes, the server exits 0 (a worker ending first is no crash)."""
-    script = tmp_path / "standin.py"
-    script.write_text(STANDIN)
-    port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
-    proc = _serve([sys.executable, str(script), "serve", "--port", str(port), "--workers", "2"],
-                  data, log, new_session=True)
-    try:
-        _wait_metadata(proc, port, log)
+    with _standin(tmp_path, 2, new_session=True) as (proc, port, log, data):
         db_pid = int((data / "db.pid").read_text().split()[0])
-        slow = {}
-        t = threading.Thread(target=lambda: slow.update(
-            r=requests.get(f"http://127.0.0.1:{port}/fhir/slow", timeout=10)))
-        t.start()
-        time.sleep(0.5)  # the request is in flight
-        os.killpg(proc.pid, signal.SIGINT)
-        t.join(10)
-        assert slow["r"].status_code == 200 and slow["r"].json() == {"done": True}  # drained
+        _drains(port, lambda: os.killpg(proc.pid, signal.SIGINT))
         assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert _gone(db_pid)
     assert "Traceback" not in log.read_text() and "Unexpected exit" not in log.read_text()
 
@@ -181,12 +180,7 @@ def test_serve_ctrl_c_drains_every_worker_and_exits_0(tmp_path):
 def test_serve_respawns_a_worker_that_dies(tmp_path):
     """A worker killed under the server (OOM killer, crash) is replaced; the server goes on and
     still stops cleanly."""
-    script = tmp_path / "standin.py"
-    script.write_text(STANDIN)
-    port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
-    proc = _serve([sys.executable, str(script), "serve", "--port", str(port), "--workers", "1"], data, log)
-    try:
-        _wait_metadata(proc, port, log)
+    with _standin(tmp_path, 1) as (proc, port, log, data):
         db_pid = int((data / "db.pid").read_text().split()[0])
         [worker] = _children(proc.pid) - {db_pid}
         os.kill(worker, signal.SIGKILL)
@@ -197,29 +191,13 @@ def test_serve_respawns_a_worker_that_dies(tmp_path):
         _wait_metadata(proc, port, log)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        _reap(data)
 
 
 def test_serve_keeps_fhir_dmp_settings_out_of_the_wsgi_environ(tmp_path):
     """The server copies its process environment into every WSGI environ: no FHIR_DMP_* setting
     (secrets among them) may reach a request there."""
-    script = tmp_path / "standin.py"
-    script.write_text(STANDIN)
-    port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
-    proc = _serve([sys.executable, str(script), "serve", "--port", str(port), "--workers", "1"],
-                  data, log, FHIR_DMP_PORTAL_CLIENT_SECRET="portal-secret")
-    try:
-        _wait_metadata(proc, port, log)
+    with _standin(tmp_path, 1, FHIR_DMP_PORTAL_CLIENT_SECRET="portal-secret") as (proc, port, _, _):
         assert requests.get(f"http://127.0.0.1:{port}/fhir/environ", timeout=10).json() == {"fhir_dmp_keys": []}
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        _reap(data)
 
 
 def test_serve_killed_hard_database_follows_and_restart_works(tmp_path):
