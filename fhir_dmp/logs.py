@@ -20,8 +20,8 @@ class RequestIdFilter(logging.Filter):
     """Binds the current request's id to every record (None outside a request)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from flask import g, has_app_context
         if getattr(record, "request_id", None) is None:   # unless the caller bound one (access line)
+            from flask import g, has_app_context
             record.request_id = g.get("request_id") if has_app_context() else None
         return True
 

@@ -37,6 +37,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Callable, TextIO
 
@@ -166,7 +167,8 @@ def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     from .lifecycle import start_daily_retention
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C while booting: the master decides
-    die_with_master = pdeathsig(signal.SIGTERM)   # a master killed hard leaves no orphan worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while booting: nothing to drain yet
+    die_with_master = pdeathsig(signal.SIGTERM)    # a master killed hard leaves no orphan worker
     if die_with_master is not None:
         die_with_master()
     if os.getppid() != master_pid:
@@ -179,12 +181,52 @@ def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
 
 
 def _wsgi_worker(*args) -> None:
-    """A worker's life: granian's WSGI worker, then this process's exit hooks (the sealer and
-    the context cache release their leases), which a multiprocessing child otherwise skips."""
+    """A worker's life: granian's WSGI worker with our stop signals, then this process's exit
+    hooks (the sealer and the context cache release their leases), which a multiprocessing
+    child otherwise skips."""
+    import granian._signals
+    granian._signals.set_sync_signals = _stop_signals   # looked up when the worker body runs
     try:
         MPServer._spawn_wsgi_worker(*args)
     finally:
         atexit._run_exitfuncs()
+
+
+def _stop_signals():
+    """The worker's SIGTERM/SIGINT handling, in place of granian's ``set_sync_signals``.
+
+    Two defects of granian 2.8's own, both seen with Ctrl-C (the worker gets the terminal's
+    SIGINT and the master's SIGTERM): its handler calls ``WorkerSignal.set()`` on every
+    signal, and a third call blocks for ever holding the GIL (the whole worker freezes until
+    the master kills it 30 s later, its in-flight requests lost); and the worker waits for its
+    stop in an untimed lock wait of the main thread, which a signal that the kernel hands to
+    another thread (granian's Rust threads, the app's) never wakes, Python running handlers in
+    the main thread only. Here the handler sets the stop once, and since Python's C handler
+    writes every signal's number to the wakeup fd whatever the thread, a thread reads it and
+    sends the first stop signal again to the main thread itself."""
+    from granian._granian import WorkerSignal
+
+    stop, stopping = WorkerSignal(), []
+
+    def handler(signum, frame):          # runs in the main thread only
+        if not stopping:
+            stopping.append(signum)
+            stop.set()
+    stops = {signal.SIGINT, signal.SIGTERM}
+    for signum in stops:
+        signal.signal(signum, handler)
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    main = threading.main_thread().ident
+
+    def forward():
+        while not (signums := set(os.read(read_fd, 64)) & stops):
+            pass
+        signal.pthread_kill(main, min(signums))
+    threading.Thread(target=forward, name="fhir-dmp-stop-signals", daemon=True).start()
+    return stop
 
 
 class _Granian(MPServer):

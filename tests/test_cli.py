@@ -167,11 +167,13 @@ def test_serve_standin_drains_and_stops_database(tmp_path):
 
 
 def test_serve_ctrl_c_drains_every_worker_and_exits_0(tmp_path):
-    """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included: the
-    in-flight request still completes, the server exits 0 (a worker ending first is no crash)."""
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included, and an
+    impatient operator presses it twice: each worker gets two SIGINTs and the master's SIGTERM.
+    The in-flight request still completes, the server exits 0 (a worker ending first is no
+    crash), no worker freezes (server._stop_signals)."""
     with _standin(tmp_path, 2, new_session=True) as (proc, port, log, data):
         db_pid = int((data / "db.pid").read_text().split()[0])
-        _drains(port, lambda: os.killpg(proc.pid, signal.SIGINT))
+        _drains(port, lambda: [os.killpg(proc.pid, signal.SIGINT) for _ in range(2)])
         assert proc.wait(20) == 0
     assert _gone(db_pid)
     assert "Traceback" not in log.read_text() and "Unexpected exit" not in log.read_text()
