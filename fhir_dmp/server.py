@@ -21,7 +21,8 @@ Lifecycle (master process):
    before granian copies it into every WSGI environ (no secret reaches a request);
 5. on SIGTERM or SIGINT (Ctrl-C): the workers finish their in-flight requests (killed
    after ``GRACEFUL_TIMEOUT_S``) and run their exit hooks, then the embedded database
-   stops, exit 0.
+   stops, exit 0. The workers' stop signals go through :func:`_stop_signals`, which works
+   around two defects of granian's own handling (a frozen worker, a missed stop).
 
 Logs are JSON lines (``fhir_dmp.logs``), granian's own included; one access line per
 request (logger ``fhir_dmp.access``) carries the request id, method, path (never the query
