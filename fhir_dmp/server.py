@@ -1,9 +1,10 @@
 """`fhir-dmp serve`: the WSGI app under granian (CONTRACT.md "Install and run").
 
 Why granian (issue 13): a pre-fork server whose HTTP parsing, connection handling and
-thread pool are in Rust; the same app under gunicorn gthread spent 0.2-0.25 ms more CPU
-per request in the server processes (bench/README.md, issue 13), about a tenth of the
-machine's CPU per request. It drains in-flight requests on SIGTERM/SIGINT, supervises
+thread pool are in Rust; the same app under gunicorn gthread spent 0.25-0.3 ms more CPU
+per request in the server processes (a read 1.41 instead of 1.10 ms, a search of 20
+documents 1.84 instead of 1.60 ms: bench/README.md), about a tenth of the machine's CPU
+per request. It drains in-flight requests on SIGTERM/SIGINT, supervises
 its workers (a dead one is respawned) and keeps HTTP connections alive (FHIR clients
 reuse them); each worker runs the WSGI app on a pool of ``config.threads`` Python
 threads (default 16) so that database and journal waits overlap. The app is thread-safe
