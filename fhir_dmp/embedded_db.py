@@ -90,11 +90,11 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def pdeathsig(sig: int = signal.SIGKILL):
-    """Hook (Linux; None elsewhere) that asks the kernel to send ``sig`` to the calling process
-    when its parent dies: a preexec hook for a child, or called in a forked worker.
+def pdeathsig():
+    """Hook (Linux; None elsewhere) that asks the kernel to SIGKILL the calling process when
+    its parent dies: a preexec hook for a child, or called in a forked server worker.
 
-    The database gets SIGKILL, not SIGTERM: a parent that dies without its hooks (SIGKILL, crash) is a crash, and
+    SIGKILL, not SIGTERM: a parent that dies without its hooks (SIGKILL, crash) is a crash, and
     the database follows at once, whatever its load (a graceful shutdown could take longer than
     anyone waits, leaving an orphan). WiredTiger with ``--sync-on-commit`` recovers committed
     data from its journal on the next start; a normal stop still goes through :meth:`stop`."""
@@ -109,7 +109,7 @@ def pdeathsig(sig: int = signal.SIGKILL):
     PR_SET_PDEATHSIG = 1
 
     def hook():  # runs in the child between fork and exec: keep it minimal
-        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     return hook
 
 

@@ -18,7 +18,7 @@ Lifecycle (master process):
 3. print the dev-mode banner when ``config.dev_mode``;
 4. run granian: each worker calls ``app_factory(config)`` after the fork (the
    ``target_loader``), so no pymongo client crosses ``fork()``; a worker dies with the
-   master (``PR_SET_PDEATHSIG``) and drops the ``FHIR_DMP_*`` settings from its environment
+   master (``PR_SET_PDEATHSIG``, SIGKILL) and drops the ``FHIR_DMP_*`` settings from its environment
    before granian copies it into every WSGI environ (no secret reaches a request);
 5. on SIGTERM or SIGINT (Ctrl-C): the workers finish their in-flight requests (killed
    after ``GRACEFUL_TIMEOUT_S``) and run their exit hooks, then the embedded database
@@ -170,8 +170,8 @@ def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C while booting: the master decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while booting: nothing to drain yet
-    die_with_master = pdeathsig(signal.SIGTERM)    # a master killed hard leaves no orphan worker
-    if die_with_master is not None:
+    die_with_master = pdeathsig()   # a master killed hard: the worker follows at once (SIGKILL), as
+    if die_with_master is not None:  # the database does; nothing can be relied on to drain it then
         die_with_master()
     if os.getppid() != master_pid:
         sys.exit(0)                                # it died before the hook was set
