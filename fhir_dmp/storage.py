@@ -283,6 +283,8 @@ class Storage:
             coll = self.db[rtype]
             if rtype not in APPEND_ONLY:
                 _drop_index(coll, [("pid", 1), ("lu", -1)])
+            for keys in RETIRED_INDEXES.get(rtype, []):
+                _drop_index(coll, keys)
             for keys in _wanted_indexes(rtype):
                 _index(coll, keys)
             for key in UNIQUE_INDEXES.get(rtype, []):
@@ -1025,9 +1027,15 @@ EXTRA_INDEXES = {
                 [("pid", 1), ("res.status", 1)]],
     # closed_at: the retention run (lifecycle.retention_due) finds closed DMPs past retention
     "Patient": [[("a.gp", 1)], [("closed_at", 1)]],
-    # the search guard (security/consent.py access_facets): a DMP's documents a reader may see
-    "DocumentReference": [[("pid", 1), ("a.types", 1)]],
 }
+
+#: indexes older databases have and no query needs (issue 13: each costs every insert): dropped
+#: by ensure_indexes. ``(pid, lu)`` on a current collection: nothing sorts on ``lu`` there.
+#: DocumentReference ``(pid, a.types)``: the search guard's ``a.types`` conditions (a ``$not``
+#: ``$elemMatch``, ``a.types.0`` exists) cannot ride it, its ``pid`` equality rides any ``pid``-first
+#: index; ``(pid, s.identifier…)``: the global identifier index serves those searches.
+RETIRED_INDEXES = {"DocumentReference": [[("pid", 1), ("a.types", 1)],
+                                         [("pid", 1), ("s.identifier.c", 1), ("s.identifier.s", 1)]]}
 
 
 # unique facets (security/consent.py access_facets): one DMP per INS, enforced by the database

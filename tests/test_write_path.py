@@ -241,6 +241,8 @@ def test_no_index_that_nothing_queries_on_current_collections(db):
     the current collections (an older database had it) where every insert paid for it."""
     from fhir_dmp.storage import Storage
     db["DocumentReference"].create_index([("pid", 1), ("lu", -1)])      # as an older version made
+    db["DocumentReference"].create_index([("pid", 1), ("a.types", 1)])
+    db["DocumentReference"].create_index([("pid", 1), ("s.identifier.c", 1), ("s.identifier.s", 1)])
     Storage(db.client, db).ensure_indexes()
 
     def keys(coll):
@@ -251,6 +253,11 @@ def test_no_index_that_nothing_queries_on_current_collections(db):
         if coll != "Patient":       # a DMP's resources are still found (and purged) by pid first
             assert any(k[0] == ("pid", 1) for k in keys(coll)), coll
     assert [("pid", 1), ("lu", -1)] in keys("AuditEvent")
+    # the guard's a.types conditions cannot ride (pid, a.types); the global identifier index
+    # serves identifier searches inside a DMP too
+    assert [("pid", 1), ("a.types", 1)] not in keys("DocumentReference")
+    assert [("pid", 1), ("s.identifier.c", 1), ("s.identifier.s", 1)] not in keys("DocumentReference")
+    assert [("s.identifier.c", 1), ("s.identifier.s", 1)] in keys("DocumentReference")
 
 
 # ------------------------------------------------------- the history keeps superseded versions only
