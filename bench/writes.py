@@ -174,7 +174,7 @@ def serve(args) -> None:
         token = mint_token(kit, base)
         args.workers = args.threads = 0
         ours = start_ours(work, port, base, kit / "keys" / "jwks.json", args)
-        seed(base, token, 1, 2)                      # warm-up
+        seed(base, token, 4, 3)     # warm-up: every worker imports and loads what a create needs
         server, database = split_tree(ours.pid)
         spies = []
         if args.profile:

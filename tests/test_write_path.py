@@ -260,6 +260,27 @@ def test_no_index_that_nothing_queries_on_current_collections(db):
     assert [("s.identifier.c", 1), ("s.identifier.s", 1)] in keys("DocumentReference")
 
 
+def test_on_secantusdb_one_pid_first_index_per_current_collection(db):
+    """SecantusDB's planner looks a search up by one clause (pid) and never uses a second field of
+    a pid-first index (storage._one_pid_first): a deposit pays for 2 indexes, not 10. The journal
+    (append-only) keeps its own."""
+    from fhir_dmp.search import index_specs
+    from fhir_dmp.storage import Storage
+    db["DocumentReference"].create_index([("pid", 1), ("s.type.c", 1), ("s.type.s", 1)])   # an older database
+    Storage(db.client, db).ensure_indexes()
+
+    def keys(coll):
+        return [list(ix["key"].items()) for ix in db[coll].list_indexes()]
+    assert keys("DocumentReference") == [[("_id", 1)], [("pid", 1), ("o._lastUpdated~d", -1), ("_id", 1)],
+                                         [("s.identifier.c", 1), ("s.identifier.s", 1)]]
+    assert [("pid", 1), ("s.type.c", 1), ("s.type.s", 1)] in index_specs("DocumentReference")   # MongoDB's
+    for coll in ("Binary", "Consent", "Communication", "RelatedPerson"):
+        assert sum(k[0] == ("pid", 1) for k in keys(coll)) == 1, coll
+    assert [("a.actors", 1), ("res.status", 1)] in keys("Consent")
+    assert [("pid", 1), ("o.date~d", -1), ("_id", 1)] in keys("AuditEvent")
+    assert [("pid", 1), ("lu", -1)] in keys("AuditEvent")
+
+
 # ------------------------------------------------------- the history keeps superseded versions only
 
 def _versions(storage, rtype, rid=None, **kw):
