@@ -54,6 +54,7 @@ import secrets
 import threading
 import typing
 
+import orjson
 from lxml import etree
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header, parse_options_header
@@ -207,13 +208,35 @@ def loads_json(body: bytes | str, charset: str | None = None) -> typing.Any:
         raise BadRequest("Malformed JSON: nested too deeply") from None
 
 
+def _decimal_fragment(o):
+    """orjson's ``default``: a Decimal as its own digits (a JSON number, never a float)."""
+    if isinstance(o, decimal.Decimal):
+        if not o.is_finite():
+            raise ValueError("NaN/Infinity cannot be written as a FHIR decimal")
+        return orjson.Fragment(str(o))
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
 def dumps_json(obj: typing.Any, *, pretty: bool = False) -> bytes:
     """UTF-8 JSON; :class:`decimal.Decimal` written digit for digit.
 
-    The C encoder does the work; each Decimal goes through a per-call random
-    placeholder that is swapped for its digits afterwards (no content can
-    forge a placeholder it cannot know in advance).
+    orjson does the work (a search Bundle of 20 DocumentReferences: ~12 µs instead of ~110 µs
+    with the standard library's C encoder, issue 13); a Decimal goes in as an
+    ``orjson.Fragment`` of its digits. What orjson refuses (an integer beyond 64 bits, which
+    ``json`` parses from a body) goes through :func:`_dumps_json_stdlib`, same output.
     """
+    try:
+        return orjson.dumps(obj, default=_decimal_fragment, option=orjson.OPT_INDENT_2 if pretty else 0)
+    except orjson.JSONEncodeError as exc:
+        if isinstance(exc.__cause__, ValueError):   # a NaN/Infinity Decimal: same error as before
+            raise exc.__cause__ from None
+        return _dumps_json_stdlib(obj, pretty=pretty)
+
+
+def _dumps_json_stdlib(obj: typing.Any, *, pretty: bool) -> bytes:
+    """:func:`dumps_json` with the standard library: each Decimal goes through a per-call random
+    placeholder that is swapped for its digits afterwards (no content can forge a placeholder
+    it cannot know in advance)."""
     decimals: list[str] = []
     token = None
 

@@ -15,6 +15,22 @@ other way to data.
 from __future__ import annotations
 
 from flask import Flask
+from flask.sessions import SecureCookieSessionInterface
+
+
+class PortalSessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, opened only for a request that carries the portal's cookie.
+
+    Flask opens the session of every request before routing; the stock interface builds its
+    itsdangerous signer first, even for the FHIR API calls that never have the cookie (its path
+    is ``/portal``): ~0.05 ms of CPU per API request (issue 13, profiled under load). Without the
+    cookie the answer is the same as Flask's: a new empty session (None without a secret key).
+    """
+
+    def open_session(self, app, request):
+        if app.secret_key and not request.cookies.get(self.get_cookie_name(app)):
+            return self.session_class()
+        return super().open_session(app, request)
 
 
 def register(app: Flask, config) -> None:
@@ -24,6 +40,7 @@ def register(app: Flask, config) -> None:
     from . import signin, views
 
     app.secret_key = signin.session_secret(config)
+    app.session_interface = PortalSessionInterface()
     app.config.update(
         SESSION_COOKIE_NAME="fhir_dmp_portal",
         SESSION_COOKIE_HTTPONLY=True,

@@ -52,6 +52,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+import orjson
 from pymongo.errors import PyMongoError
 
 from fhir_dmp.errors import ServiceUnavailable
@@ -332,8 +333,13 @@ def event_patient(event: dict) -> str | None:
 # --- the chain ----------------------------------------------------------------
 
 def canonical_json(res: dict) -> bytes:
-    """Sorted keys, no whitespace, UTF-8 (the bytes the chain hashes)."""
-    return json.dumps(res, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Sorted keys, no whitespace, UTF-8 (the bytes the chain hashes): orjson, ~3 µs instead of
+    ~25 µs an event (issue 13); the standard library's same bytes for what orjson refuses (an
+    integer beyond 64 bits, a key that is not a string)."""
+    try:
+        return orjson.dumps(res, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        return json.dumps(res, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def content_digest(res: dict | bytes) -> str:
