@@ -95,11 +95,11 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     seen = commands.seen
     kinds = {cmd for cmd, _, _ in seen}
     assert kinds <= {"insert", "bulkWrite", "find", "commitTransaction"}, seen
-    # the content header (the transaction's first command goes alone: Storage.insert_docs), then
-    # the Binary, the document (no history copy of a version 1) and the journal entry with its
-    # sealer queue document (security/audit.py) in one round trip, all in the transaction
+    # the content header, the Binary, the document (no history copy of a version 1) and the
+    # journal entry with its sealer queue document (security/audit.py) in one round trip, the
+    # transaction's first command (on SecantusDB it names no read concern: Storage.run_transaction)
     writes = sorted(coll for cmd, coll, txn in seen if cmd in ("insert", "bulkWrite") and txn)
-    assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference", "content_blobs"], seen
+    assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference,content_blobs"], seen
     assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
     # look-up after the commit (repository._sweep_destroyed)
@@ -218,6 +218,45 @@ def test_insert_docs_keeps_decimals_reports_duplicates_and_rolls_back(db):
     storage.run_transaction(lambda s: storage.create("Patient", ins, pid=None, session=s))
     with pytest.raises(DuplicateValue):
         storage.run_transaction(lambda s: storage.create("Patient", ins, pid=None, session=s))
+
+
+def test_a_retried_transaction_opens_with_its_bulk_again(mongo_server, db):
+    """On SecantusDB run_transaction names no read concern and its session is not causal: the
+    bulkWrite of a transaction's inserts is its first command, also when the transaction is
+    retried after a lost race (no afterClusterTime then either)."""
+    from pymongo import monitoring
+    from pymongo.errors import OperationFailure
+
+    from fhir_dmp.storage import Storage
+    seen, attempts = [], []
+
+    class Listener(monitoring.CommandListener):
+        def started(self, event):
+            if event.command_name in ("insert", "bulkWrite"):
+                seen.append((event.command_name, "readConcern" in event.command))
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    def attempt(s):
+        attempts.append(1)
+        storage.insert_docs([("content_blobs", {"_id": f"r{len(attempts)}"}), ("Binary", {"_id": f"r{len(attempts)}"})],
+                            session=s)
+        if len(attempts) == 1:
+            raise OperationFailure("WriteConflict", 112)     # labelled transient: retried
+    client = pymongo.MongoClient(mongo_server.uri, tz_aware=True, w="majority", journal=True,
+                                 readConcernLevel="majority", event_listeners=[Listener()])
+    try:
+        storage = Storage(client, client[db.name])
+        assert storage.is_secantus()
+        storage.run_transaction(attempt)
+    finally:
+        client.close()
+    assert seen == [("bulkWrite", False), ("bulkWrite", False)], seen
+    assert db["content_blobs"].count_documents({}) == 1 and db["Binary"].count_documents({"_id": "r2"}) == 1
 
 
 def test_insert_docs_in_a_causally_consistent_transaction(db_storage, db):
