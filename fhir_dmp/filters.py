@@ -64,15 +64,34 @@ def _comparison(op: str, arg):
     return lambda values, flat: any(test(v, arg) for v in flat if _kind(v) is kind)
 
 
+def _membership(arg):
+    """``v -> v in arg`` through a set when ``arg``'s values hash (the decision's lists of ~100
+    allowed type codes, tested for every document of a search page, issue 13); the list itself
+    for a value that does not hash. Equality is the same either way (``in`` compares with ==)."""
+    try:
+        members = frozenset(arg)
+    except TypeError:
+        return lambda v: v in arg
+
+    def member(v) -> bool:
+        try:
+            return v in members
+        except TypeError:
+            return v in arg
+    return member
+
+
 def _operator(op: str, arg):
     """``(values, flat) -> bool`` for one operator of a field condition (``flat``: the values
     with arrays opened, as MongoDB compares them)."""
     if op == "$exists":
         return lambda values, flat: bool(values) == bool(arg)
     if op == "$in":
-        return lambda values, flat: any(v in arg for v in flat) or (not values and None in arg)
+        member = _membership(arg)
+        return lambda values, flat: any(member(v) for v in flat) or (not values and None in arg)
     if op == "$nin":
-        return lambda values, flat: not any(v in arg for v in flat)
+        member = _membership(arg)
+        return lambda values, flat: not any(member(v) for v in flat)
     if op == "$ne":
         return lambda values, flat: not any(v == arg for v in flat)
     if op == "$not":

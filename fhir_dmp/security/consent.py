@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from ..errors import BadRequest, Forbidden
-from ..filters import matches
+from ..filters import compile_query, matches
 from ..profiles import dmp
 from ..profiles.ins import INS_SYSTEMS
 from .context_cache import load_contexts
@@ -304,6 +304,10 @@ class RequestAccess:
         self._normal_pids: set[str] | None = None
         self._choices: tuple | None = None
         self.session = None       # set by the repository inside a write transaction
+        # per DMP, for the documents of one request (a search page judges each one, issue 13):
+        # (state, its grant, the entry decision, the compiled document test), reused while the
+        # request holds the same state and grant (the repository replaces or amends them)
+        self._judged: dict[str, tuple] = {}
 
     # -- context loading ---------------------------------------------------
     @property
@@ -441,7 +445,7 @@ class RequestAccess:
                 return permit("admin", "the system journal")
             return deny("no-patient", "resource outside any DMP")
         st = self.state(pid)
-        access = self.dmp_access(st)
+        access = self._entry(st)[0]
         if not access.permit:
             if resource_type == "Patient" and extra and extra.get("ins_lookup") and self.ins_lookup_allowed(st):
                 return permit("ins-lookup", "exact INS lookup", obligations={"view": "ins_only"})
@@ -474,8 +478,7 @@ class RequestAccess:
         """Rule 9 and the labels, judged with the same query the search guard runs."""
         if self.p.kind == ADMIN:
             return deny("admin-no-content", "administrators never read documents")
-        query = self.document_query(st.pid)
-        if matches(query, {"pid": st.pid, "a": access_facets("DocumentReference", doc)}):
+        if self._entry(st)[1]({"pid": st.pid, "a": access_facets("DocumentReference", doc)}):
             return access
         labels = dmp.labels(doc)
         if self.p.kind == PATIENT:
@@ -487,6 +490,15 @@ class RequestAccess:
         if dmp.MASQUE_PS in labels:
             return deny("masque-ps", "document masked by the patient")
         return deny("document", "not readable")
+
+    def _entry(self, st: PatientState) -> tuple:
+        """(:meth:`dmp_access` on ``st``, ``doc -> bool`` of :meth:`document_query` on its DMP),
+        computed once per state and grant within this request."""
+        judged = self._judged.get(st.pid)
+        if judged is None or judged[0] is not st or judged[1] is not st.grant:
+            judged = (st, st.grant, self.dmp_access(st), compile_query(self.document_query(st.pid)))
+            self._judged[st.pid] = judged
+        return judged[2:]
 
     def consent_query(self) -> dict:
         """The one definition of which Consents of an entered DMP the caller sees: all of them for
