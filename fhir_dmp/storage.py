@@ -1007,7 +1007,10 @@ class Storage:
         """The server is SecantusDB (its ``buildInfo`` names its version): one pid-first index
         serves (:func:`_one_pid_first`), a transaction may open with a bulkWrite (:meth:`run_transaction`)."""
         if self._secantus is None:
-            self._secantus = "secantusVersion" in self.client.admin.command("buildInfo")
+            try:
+                self._secantus = "secantusVersion" in self.client.admin.command("buildInfo")
+            except OperationFailure:      # buildInfo refused (a locked-down MongoDB): not SecantusDB
+                self._secantus = False
         return self._secantus
 
     def _takes_client_bulk(self) -> bool:
