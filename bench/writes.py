@@ -21,7 +21,8 @@ the creates, and shown per create). One untimed DMP warms up first.
 ``--serve``: the same seeding as ``bench/peer.py`` (4 clients, real HTTP) against ``fhir-dmp serve``
 (its workers, sealer, change streams and notification worker on): creates/s and CPU ms per create
 of the database process and of the server processes (``bench/cost.py``'s accounting). Needs the
-peer kit's keys (``--kit``), not npm.
+peer kit's keys (``--kit``), not npm. ``--profile DIR`` (with ``--serve``): py-spy ``--gil`` of the
+database and of each server process while seeding, collapsed stacks in DIR.
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--by-collection", action="store_true")
     ap.add_argument("--serve", action="store_true", help="seed a `fhir-dmp serve` over HTTP, 4 clients")
     ap.add_argument("--kit", type=Path, default=None, help="the peer kit (--serve)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="--serve: py-spy (--gil, collapsed stacks) of every process into DIR while seeding")
     args = ap.parse_args()
     if args.serve:
         return serve(args)
@@ -171,11 +174,32 @@ def serve(args) -> None:
         token = mint_token(kit, base)
         args.workers = args.threads = 0
         ours = start_ours(work, port, base, kit / "keys" / "jwks.json", args)
-        seed(base, token, 1, 2)                      # warm-up
         server, database = split_tree(ours.pid)
+        # warm-up until every worker has served creates: the first ones in a worker import and
+        # build what a create needs (pypdf, the fhir.resources models: ~0.5 s), once per process
+        workers = [p for p in server if p != ours.pid]
+        start = {p: cpu_s(p) for p in workers}
+        for _ in range(10):
+            seed(base, token, 4, 3)
+            if all(cpu_s(p) - start[p] > 1.0 for p in workers):
+                break
+        spies = []
+        if args.profile:
+            import signal
+            import subprocess
+            args.profile.mkdir(parents=True, exist_ok=True)
+            spies = [subprocess.Popen(["py-spy", "record", "--gil", "--nonblocking", "-r", "400", "--format", "raw", "-o",
+                                       str(args.profile / f"{'db' if p in database else 'server'}.{p}.txt"),
+                                       "-p", str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for p in database + server]
+            time.sleep(1)
         before = (sum(map(cpu_s, server)), sum(map(cpu_s, database)))
         load = os.getloadavg()[0]
         rate, _ = seed(base, token, args.patients, args.docs)
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait()
         n = args.patients * (1 + args.docs)
         server_ms = 1e3 * (sum(map(cpu_s, server)) - before[0]) / n
         db_ms = 1e3 * (sum(map(cpu_s, database)) - before[1]) / n

@@ -27,7 +27,7 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import (DuplicateValue, Stored, VersionConflict, instant, is_write_conflict,
+from .storage import (UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant, is_write_conflict,
                       merge_filters, new_id, now)
 
 log = logging.getLogger(__name__)
@@ -566,15 +566,16 @@ class GuardedRepository:
             self.access.states.clear()
             self.session = self.access.session = session
             result = fn(session)
-            if self.pending_inserts:           # every write goes with the transaction, never lost
-                self.storage.insert_docs(self.pending_inserts, session=session)
-                self.pending_inserts.clear()
             written = {r.patient_id for r in self.records[mark:] if r.patient_id}
             self._dirty_pids.update(written)
             if rtype not in CONTEXT_FREE:
                 self._stale_pids.update(written)
-            if len(self.records) > mark:
-                self.b.audit_log.append(self._events(self.records[mark:]), session=session)
+            if len(self.records) > mark:       # the inserts not sent yet go with the journal's
+                self.b.audit_log.append(self._events(self.records[mark:]), session=session,
+                                        pending=self.pending_inserts)
+            if self.pending_inserts:           # every write goes with the transaction, never lost
+                self.storage.insert_docs(self.pending_inserts, session=session)
+                self.pending_inserts.clear()
             return result
 
         try:
@@ -632,12 +633,16 @@ class GuardedRepository:
             self._use_access_code(pid)
         resource = self._prepare(rtype, resource, None, pid)
 
+        # in its own transaction, a server id and no unique index (nothing to refuse it): the
+        # version waits to go with the journal's documents, one round trip (issue 13)
+        defer = session is None and rid is None and rtype not in UNIQUE_INDEXES
+
         def write(s):
             rid_ = rid or new_id()
             resource_, extra = self._store_content(rtype, rid_, 1, resource, pid, s, content)
             try:
                 stored = self.storage.create(rtype, resource_, pid=pid, rid=rid_, session=s, extra=extra,
-                                             pending=self.pending_inserts)
+                                             pending=self.pending_inserts, defer=defer)
             except DuplicateValue:
                 raise duplicate_dmp(resource) from None
             self._after_write("create", rtype, stored, None, decision, s)

@@ -38,6 +38,8 @@ from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
 from bson.decimal128 import Decimal128
 from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne, WriteConcern
+from pymongo.client_session import TransactionOptions
+from pymongo.read_concern import ReadConcern
 from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, OperationFailure, PyMongoError
 
 from . import search
@@ -269,6 +271,7 @@ class Storage:
         #: the database. Set by the application; consulted outside transactions only.
         self.doc_cache = None
         self._client_bulk: bool | None = None     # does the server take a client bulkWrite?
+        self._secantus: bool | None = None        # is the server SecantusDB (buildInfo)?
         self.db = client.get_database(db.name, codec_options=CODECS, write_concern=db.write_concern,
                                       read_concern=db.read_concern, read_preference=db.read_preference)
 
@@ -278,12 +281,22 @@ class Storage:
         (issue 13). ``(pid, lu)`` serves the history, so it is kept on the ``*_history``
         collections and on append-only types (their own history) only; on a current collection
         nothing sorts on ``lu`` and the other ``pid``-first indexes serve ``pid`` alone (older
-        databases have it: it is dropped)."""
+        databases have it: it is dropped).
+
+        On SecantusDB a current collection keeps one ``pid``-first index (see
+        :func:`_one_pid_first`); the others are dropped."""
+        lean = self.is_secantus()
         for rtype in RESOURCE_TYPES:
             coll = self.db[rtype]
             if rtype not in APPEND_ONLY:
                 _drop_index(coll, [("pid", 1), ("lu", -1)])
-            for keys in _wanted_indexes(rtype):
+            for keys in RETIRED_INDEXES.get(rtype, []):
+                _drop_index(coll, keys)
+            wanted = _wanted_indexes(rtype)
+            if lean and rtype not in APPEND_ONLY:
+                wanted = _one_pid_first(wanted)
+                _drop_indexes(coll, lambda keys, wanted=wanted: keys[0] == ("pid", 1) and keys not in wanted)
+            for keys in wanted:
                 _index(coll, keys)
             for key in UNIQUE_INDEXES.get(rtype, []):
                 _index(coll, [key], unique=True, partialFilterExpression={key[0]: {"$exists": True}})
@@ -301,12 +314,24 @@ class Storage:
             try:
                 return callback(session)
             except OperationFailure as exc:
-                if exc.code == 112 and not exc.has_error_label("TransientTransactionError"):
-                    exc._add_error_label("TransientTransactionError")   # a WriteConflict is transient
+                _label_transient(exc)
                 raise
 
-        with self.client.start_session() as session:
+        with self.client.start_session(**self._transaction_session()) as session:
             return session.with_transaction(labelled)
+
+    def _transaction_session(self) -> dict:
+        """Session options of :meth:`run_transaction`. On SecantusDB, one node whose every commit
+        is durable before it answers (``--sync-on-commit``), a read at level ``majority`` or
+        ``local`` and after the session's last operation or not see the same data: the
+        transaction names no read concern and the session is not causal, so that its first
+        command may be the client ``bulkWrite`` of its inserts (SecantusDB refuses a
+        ``readConcern`` there, :meth:`insert_docs`): one round trip less per write (issue 13).
+        Elsewhere (MongoDB) the client's defaults (``majority``, causal)."""
+        if not self.is_secantus():
+            return {}
+        return {"causal_consistency": False,
+                "default_transaction_options": TransactionOptions(read_concern=ReadConcern())}
 
     @contextlib.contextmanager
     def transaction(self):
@@ -671,17 +696,33 @@ class Storage:
         self.db[JOURNAL_LINKS].create_index([("pid", 1), ("first", 1)], name="chain_order")
         self.db[JOURNAL_QUEUE].create_index([("t", 1), ("_id", 1)], name="oldest_first")
 
-    def journal_insert(self, docs: list[dict], items: list[dict], *, session=None) -> None:
+    def journal_insert(self, docs: list[dict], items: list[dict], *, session=None,
+                       pending: list | None = None) -> None:
         """Append journal entries and their one queue document (``items``: ``{e, p, d}`` per event),
         atomically: inside ``session``'s transaction, or else in a transaction of their own that
-        commits durably (``w: majority, j: true``: one fsync for a whole group commit)."""
+        commits durably (``w: majority, j: true``: one fsync for a whole group commit).
+
+        ``pending`` (in a transaction): the transaction's inserts not sent yet (``(collection,
+        document)``, as :meth:`create` defers them); they go first, with the journal's documents, in
+        one round trip (:meth:`insert_docs`), and the list is emptied (issue 13: two round trips
+        less per write)."""
         docs = [{**d, "res": pack(d["res"])} for d in docs]
 
         def write(s) -> None:
             self.db[JOURNAL].insert_many(docs, ordered=True, session=s)
             self.db[JOURNAL_QUEUE].insert_one({"_id": uuid.uuid4().hex, "t": now(), "items": items}, session=s)
         if session is not None:
-            write(session)
+            if not pending:
+                write(session)
+                return
+            queue = {"_id": uuid.uuid4().hex, "t": now(), "items": items}
+            batch = [*pending, *((JOURNAL, d) for d in docs), (JOURNAL_QUEUE, queue)]
+            pending.clear()
+            try:
+                self.insert_docs(batch, session=session)
+            except OperationFailure as exc:
+                _label_transient(exc)   # a lost race of the data is retried, not the journal's failure
+                raise
             return
         with self.client.start_session() as s:
             s.with_transaction(write, write_concern=WriteConcern(w="majority", j=True))
@@ -944,7 +985,7 @@ class Storage:
         (a client ``bulkWrite``, MongoDB 8.0+ and SecantusDB), else one insert each. A refused
         insert raises what ``insert_one`` would (DuplicateKeyError, OperationFailure)."""
         bulk = len(docs) > 1 and session is not None and session.in_transaction and self._takes_client_bulk()
-        if bulk and session._starting_transaction:
+        if bulk and session._starting_transaction and not _bare_start(session):
             # the first command of a transaction may carry its readConcern (majority, or
             # afterClusterTime when retried), which SecantusDB refuses on a bulkWrite: it goes alone
             self.db[docs[0][0]].insert_one(docs[0][1], session=session)
@@ -961,6 +1002,16 @@ class Storage:
             self.client.bulk_write(ops, session=session, ordered=True)
         except ClientBulkWriteException as exc:
             raise _bulk_error(exc) from None
+
+    def is_secantus(self) -> bool:
+        """The server is SecantusDB (its ``buildInfo`` names its version): one pid-first index
+        serves (:func:`_one_pid_first`), a transaction may open with a bulkWrite (:meth:`run_transaction`)."""
+        if self._secantus is None:
+            try:
+                self._secantus = "secantusVersion" in self.client.admin.command("buildInfo")
+            except OperationFailure:      # buildInfo refused (a locked-down MongoDB): not SecantusDB
+                self._secantus = False
+        return self._secantus
 
     def _takes_client_bulk(self) -> bool:
         if self._client_bulk is None:
@@ -1010,9 +1061,15 @@ EXTRA_INDEXES = {
                 [("pid", 1), ("res.status", 1)]],
     # closed_at: the retention run (lifecycle.retention_due) finds closed DMPs past retention
     "Patient": [[("a.gp", 1)], [("closed_at", 1)]],
-    # the search guard (security/consent.py access_facets): a DMP's documents a reader may see
-    "DocumentReference": [[("pid", 1), ("a.types", 1)]],
 }
+
+#: indexes older databases have and no query needs (issue 13: each costs every insert): dropped
+#: by ensure_indexes. ``(pid, lu)`` on a current collection: nothing sorts on ``lu`` there.
+#: DocumentReference ``(pid, a.types)``: the search guard's ``a.types`` conditions (a ``$not``
+#: ``$elemMatch``, ``a.types.0`` exists) cannot ride it, its ``pid`` equality rides any ``pid``-first
+#: index; ``(pid, s.identifier…)``: the global identifier index serves those searches.
+RETIRED_INDEXES = {"DocumentReference": [[("pid", 1), ("a.types", 1)],
+                                         [("pid", 1), ("s.identifier.c", 1), ("s.identifier.s", 1)]]}
 
 
 # unique facets (security/consent.py access_facets): one DMP per INS, enforced by the database
@@ -1043,6 +1100,21 @@ def _wanted_indexes(rtype: str) -> list[list[tuple[str, int]]]:
     if rtype in APPEND_ONLY:
         wanted += [[("pid", 1), ("lu", -1)], [("lu", -1), ("_id", 1)]]
     return wanted
+
+
+def _one_pid_first(wanted: list[list[tuple[str, int]]]) -> list[list[tuple[str, int]]]:
+    """``wanted`` with only its first ``pid``-first index (a DMP's default sort, ``-_lastUpdated``).
+
+    What SecantusDB's planner does with a query (``secantus.storage._try_index_id_keys``, measured
+    for issue 13): every search filter holds ``del``, which no index has, so no compound index
+    covers it; the database then looks the filter up by ONE clause whose field leads an index
+    (``pid`` inside a DMP, ``s.identifier.c`` for an identifier) and checks the rest document by
+    document, and it walks an index in sort order only for an empty filter. So the second field of
+    a ``pid``-first index is never used there, and one ``pid``-first index serves them all; each
+    one more cost every insert ~0.08 ms of its one core (a deposit: 10 indexes, 0.85 ms more than
+    with 2). On MongoDB the planner uses them all (``search/indexes.py``): they stay there."""
+    firsts = [keys for keys in wanted if keys[0] == ("pid", 1)]
+    return [keys for keys in wanted if keys[0] != ("pid", 1) or keys is firsts[0]]
 
 
 def _drop_indexes(coll, unwanted) -> None:
@@ -1079,6 +1151,21 @@ def _bulk_error(exc: ClientBulkWriteException) -> Exception:
     if err.get("code") == 11000:
         return DuplicateKeyError(err.get("errmsg", "duplicate key"), 11000, err)
     return OperationFailure(err.get("errmsg", "write error"), err.get("code"), err)
+
+
+def _bare_start(session) -> bool:
+    """``session``'s transactions start with no read concern, not after a cluster time
+    (:meth:`Storage._transaction_session`)."""
+    opts = session.options
+    txn = opts.default_transaction_options
+    return opts.causal_consistency is False and txn is not None and txn.read_concern is not None \
+        and not txn.read_concern.document
+
+
+def _label_transient(exc: OperationFailure) -> None:
+    """A WriteConflict (112) is transient: label it so that the transaction is retried."""
+    if exc.code == 112 and not exc.has_error_label("TransientTransactionError"):
+        exc._add_error_label("TransientTransactionError")
 
 
 def _by_pid(pid: str | None) -> dict:

@@ -367,6 +367,23 @@ def test_no_data_leaves_when_the_journal_cannot_be_written(api, db):
     assert db["AuditEvent"].count_documents({}) == before + 1
 
 
+def test_a_deposit_fails_closed_when_the_journal_cannot_be_written(api, db):
+    """The document, its Binary and content go in one round trip with their journal entry
+    (Storage.journal_insert): a refused entry leaves none of them."""
+    dr = api.as_ps(b.PS_DR)
+    pid = dr.create(b.patient())["id"]
+    counts = {c: db[c].count_documents({}) for c in ("DocumentReference", "Binary", "content_blobs", "AuditEvent")}
+    _journal_unwritable(db, True)
+    try:
+        r = dr.post("DocumentReference", b.docref(pid, content=b.pdf_bytes("refused")))
+        assert r.status_code == 503 and r.json["resourceType"] == "OperationOutcome"
+        assert "Location" not in r.headers
+    finally:
+        _journal_unwritable(db, False)
+    assert {c: db[c].count_documents({}) for c in counts} == counts
+    assert dr.post("DocumentReference", b.docref(pid, content=b.pdf_bytes("accepted"))).status_code == 201
+
+
 # --------------------------------------------------------------------------- 4. the hash chains
 
 def _audit(config, *args) -> subprocess.CompletedProcess:

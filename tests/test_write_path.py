@@ -95,13 +95,11 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     seen = commands.seen
     kinds = {cmd for cmd, _, _ in seen}
     assert kinds <= {"insert", "bulkWrite", "find", "commitTransaction"}, seen
-    # the content header (the transaction's first command goes alone: Storage.insert_docs), then
-    # the Binary and the document in one round trip (no history copy of a version 1), then the
-    # journal entry (security/audit.py), all in the transaction
+    # the content header, the Binary, the document (no history copy of a version 1) and the
+    # journal entry with its sealer queue document (security/audit.py) in one round trip, the
+    # transaction's first command (on SecantusDB it names no read concern: Storage.run_transaction)
     writes = sorted(coll for cmd, coll, txn in seen if cmd in ("insert", "bulkWrite") and txn)
-    assert [w for w in writes if not w.startswith("AuditEvent")] == ["Binary,DocumentReference",
-                                                                     "content_blobs"], seen
-    assert "AuditEvent" in writes, seen
+    assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference,content_blobs"], seen
     assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
     # look-up after the commit (repository._sweep_destroyed)
@@ -222,6 +220,45 @@ def test_insert_docs_keeps_decimals_reports_duplicates_and_rolls_back(db):
         storage.run_transaction(lambda s: storage.create("Patient", ins, pid=None, session=s))
 
 
+def test_a_retried_transaction_opens_with_its_bulk_again(mongo_server, db):
+    """On SecantusDB run_transaction names no read concern and its session is not causal: the
+    bulkWrite of a transaction's inserts is its first command, also when the transaction is
+    retried after a lost race (no afterClusterTime then either)."""
+    from pymongo import monitoring
+    from pymongo.errors import OperationFailure
+
+    from fhir_dmp.storage import Storage
+    seen, attempts = [], []
+
+    class Listener(monitoring.CommandListener):
+        def started(self, event):
+            if event.command_name in ("insert", "bulkWrite"):
+                seen.append((event.command_name, "readConcern" in event.command))
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    def attempt(s):
+        attempts.append(1)
+        storage.insert_docs([("content_blobs", {"_id": f"r{len(attempts)}"}), ("Binary", {"_id": f"r{len(attempts)}"})],
+                            session=s)
+        if len(attempts) == 1:
+            raise OperationFailure("WriteConflict", 112)     # labelled transient: retried
+    client = pymongo.MongoClient(mongo_server.uri, tz_aware=True, w="majority", journal=True,
+                                 readConcernLevel="majority", event_listeners=[Listener()])
+    try:
+        storage = Storage(client, client[db.name])
+        assert storage.is_secantus()
+        storage.run_transaction(attempt)
+    finally:
+        client.close()
+    assert seen == [("bulkWrite", False), ("bulkWrite", False)], seen
+    assert db["content_blobs"].count_documents({}) == 1 and db["Binary"].count_documents({"_id": "r2"}) == 1
+
+
 def test_insert_docs_in_a_causally_consistent_transaction(db_storage, db):
     """A session that already read (causal consistency) starts its next transaction with a
     readConcern (so does a client with read concern majority, as in production): the first
@@ -243,6 +280,8 @@ def test_no_index_that_nothing_queries_on_current_collections(db):
     the current collections (an older database had it) where every insert paid for it."""
     from fhir_dmp.storage import Storage
     db["DocumentReference"].create_index([("pid", 1), ("lu", -1)])      # as an older version made
+    db["DocumentReference"].create_index([("pid", 1), ("a.types", 1)])
+    db["DocumentReference"].create_index([("pid", 1), ("s.identifier.c", 1), ("s.identifier.s", 1)])
     Storage(db.client, db).ensure_indexes()
 
     def keys(coll):
@@ -252,6 +291,32 @@ def test_no_index_that_nothing_queries_on_current_collections(db):
         assert [("pid", 1), ("lu", -1)] in keys(f"{coll}_history"), coll
         if coll != "Patient":       # a DMP's resources are still found (and purged) by pid first
             assert any(k[0] == ("pid", 1) for k in keys(coll)), coll
+    assert [("pid", 1), ("lu", -1)] in keys("AuditEvent")
+    # the guard's a.types conditions cannot ride (pid, a.types); the global identifier index
+    # serves identifier searches inside a DMP too
+    assert [("pid", 1), ("a.types", 1)] not in keys("DocumentReference")
+    assert [("pid", 1), ("s.identifier.c", 1), ("s.identifier.s", 1)] not in keys("DocumentReference")
+    assert [("s.identifier.c", 1), ("s.identifier.s", 1)] in keys("DocumentReference")
+
+
+def test_on_secantusdb_one_pid_first_index_per_current_collection(db):
+    """SecantusDB's planner looks a search up by one clause (pid) and never uses a second field of
+    a pid-first index (storage._one_pid_first): a deposit pays for 2 indexes, not 10. The journal
+    (append-only) keeps its own."""
+    from fhir_dmp.search import index_specs
+    from fhir_dmp.storage import Storage
+    db["DocumentReference"].create_index([("pid", 1), ("s.type.c", 1), ("s.type.s", 1)])   # an older database
+    Storage(db.client, db).ensure_indexes()
+
+    def keys(coll):
+        return [list(ix["key"].items()) for ix in db[coll].list_indexes()]
+    assert keys("DocumentReference") == [[("_id", 1)], [("pid", 1), ("o._lastUpdated~d", -1), ("_id", 1)],
+                                         [("s.identifier.c", 1), ("s.identifier.s", 1)]]
+    assert [("pid", 1), ("s.type.c", 1), ("s.type.s", 1)] in index_specs("DocumentReference")   # MongoDB's
+    for coll in ("Binary", "Consent", "Communication", "RelatedPerson"):
+        assert sum(k[0] == ("pid", 1) for k in keys(coll)) == 1, coll
+    assert [("a.actors", 1), ("res.status", 1)] in keys("Consent")
+    assert [("pid", 1), ("o.date~d", -1), ("_id", 1)] in keys("AuditEvent")
     assert [("pid", 1), ("lu", -1)] in keys("AuditEvent")
 
 

@@ -443,7 +443,7 @@ class AuditLog:
             items.append({"e": res["id"], "p": pid, "d": content_digest(raw)})
         return docs, items
 
-    def append(self, events: list[dict], *, session=None) -> None:
+    def append(self, events: list[dict], *, session=None, pending: list | None = None) -> None:
         """Store ``events`` (built by :func:`build_event`) durably; the sealer chains them later.
 
         Returns once the events are acknowledged with ``w: majority, j: true`` (SecantusDB
@@ -451,6 +451,9 @@ class AuditLog:
         (versionId 1, lastUpdated). With ``session`` inside a transaction the events are part
         of it (a ``TransientTransactionError`` is raised unchanged so the caller retries the
         whole unit). Raises :class:`AuditUnavailable` when the journal cannot be written.
+        ``pending`` (with ``session``): the transaction's inserts not sent yet, sent with the events
+        in one round trip (``Storage.journal_insert``); only inserts that cannot be refused (server
+        ids, no unique index) are deferred so, so a refusal is the journal's.
         """
         if not events:
             return
@@ -458,7 +461,7 @@ class AuditLog:
         docs, items = self._prepare(events)
         if session is not None and session.in_transaction:
             try:
-                self.storage.journal_insert(docs, items, session=session)
+                self.storage.journal_insert(docs, items, session=session, pending=pending)
             except PyMongoError as exc:
                 if _is_transient(exc):
                     raise

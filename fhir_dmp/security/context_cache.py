@@ -37,9 +37,11 @@ from pymongo.errors import InvalidOperation, PyMongoError
 
 log = logging.getLogger(__name__)
 
-# after an empty batch (the database woke the getMore for a write it then filtered out: the
-# journal, mostly) wait this long before the next one: ~20 getMores/s per process instead of one
-# per write, a bounded delay well inside the 1 s invalidation promise (issue 13)
+# after a batch (empty: the database woke the getMore for a write it then filtered out, the
+# journal mostly; or not: a write it watches, e.g. each deposit's DocumentReference) wait this
+# long before the next one: ~20 getMores/s per process instead of one per write, each reading
+# every oplog entry written since the last (issue 13), a bounded delay well inside the 1 s
+# invalidation promise
 POLL_PAUSE_S = 0.05
 # a thread waits this long at most for another thread's load of the same pid (then loads itself)
 LOAD_WAIT_S = 5.0
@@ -64,6 +66,14 @@ def load_contexts(storage, pids: list[str], session=None) -> dict[str, tuple]:
         res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
         out[pid] = (res, bool(doc) and not doc.get("destroyed"), consents.get(pid, []), doc)
     return out
+
+
+def _buffered(stream) -> bool:
+    """True while the stream holds changes it has fetched and not yet returned (pymongo's command
+    cursor buffer; the cursor is replaced on a resume), or where this pymongo keeps them elsewhere
+    (then no pause after a change: the previous pace)."""
+    data = getattr(getattr(stream, "_cursor", None), "_data", None)
+    return data is None or len(data) > 0
 
 
 class PidCache:
@@ -238,8 +248,10 @@ class ContextCache(PidCache):
                         change = stream.try_next()
                         if change is not None:
                             self._apply(change)
-                        else:
-                            self._stop.wait(POLL_PAUSE_S)
+                            if _buffered(stream):
+                                continue
+                        # no change, or the last one of a batch: pause before the next getMore
+                        self._stop.wait(POLL_PAUSE_S)
             except InvalidOperation:   # the client was closed: this process is going away
                 self._set_live(False)
                 return
