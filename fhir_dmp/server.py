@@ -48,7 +48,11 @@ from granian.server.mp import MPServer
 
 from .logs import REQUEST_ID_ENVIRON
 
-THREADS_PER_WORKER = 16
+# threads per worker (issue 13, bench/cost.py wrk -c32, interleaved on one quiet machine): 32 gave
+# 1,059 and 1,037 GET Patient/{id} req/s against 1,009 and 934 with 16 (0.93-0.96 against
+# 1.01-1.11 ms of server CPU per request: more requests share each journal group commit);
+# 8 and 4 cost more CPU per request than 16
+THREADS_PER_WORKER = 32
 GRACEFUL_TIMEOUT_S = 30
 
 access_log = logging.getLogger("fhir_dmp.access")
@@ -59,7 +63,7 @@ class ServeError(RuntimeError):
 
 
 def default_workers() -> int:
-    """One worker process per CPU core, at most 8 (bench/README.md: on 2 cores 2 x 16 threads
+    """One worker process per CPU core, at most 8 (bench/README.md: on 2 cores 2 x 32 threads
     measured best; more processes only add GIL-free CPU the machine does not have)."""
     return max(1, min(8, os.cpu_count() or 1))
 
