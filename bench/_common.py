@@ -16,7 +16,7 @@ Contract:
   (so its Consent, audit and shapes are the real ones), then ``n``
   DocumentReferences cloned from one really deposited document and inserted
   in bulk with the exact documents ``Storage.create`` writes
-  (``Storage.stamp`` + ``Storage._docs``, i.e. ``search.extract``).
+  (``Storage.stamp`` + ``Storage.current_doc``, i.e. ``search.extract``).
 * :func:`stats` / :func:`fmt_ms` — median, p95, mean of a list of seconds.
 """
 from __future__ import annotations
@@ -123,19 +123,16 @@ def seed_dmp(env: Env, n_docs: int, *, ps: str = builders.PS_DR, author: str = b
     template.pop("meta", None)
     template["author"] = [{"identifier": {"system": builders.IDNATPS, "value": author}}]
     storage = env.storage
-    ids, current, hist = [], [], []
+    ids, current = [], []
     for i in range(n_docs - 1):
         res = copy.deepcopy(template)
         res["type"] = {"coding": [{"system": builders.LOINC, "code": DOC_TYPES[i % len(DOC_TYPES)]}]}
         rid, lu = new_id(), now()
         res = storage.stamp(res, rid, 1, lu)
-        cur, h = storage._docs("DocumentReference", rid, 1, pid, res, False, lu)
-        current.append(cur)
-        hist.append(h)
+        current.append(storage.current_doc("DocumentReference", rid, 1, pid, res, False, lu))
         ids.append(rid)
     for i in range(0, len(current), 500):
         storage.db["DocumentReference"].insert_many(current[i:i + 500], ordered=False)
-        storage.db["DocumentReference_history"].insert_many(hist[i:i + 500], ordered=False)
     return pid, [first.id] + ids
 
 

@@ -105,7 +105,7 @@ def add_filler(env, template: dict, n: int, per_dmp: int = 1000, batch_size: int
         res["subject"] = {"reference": f"Patient/{pid}"}
         rid, lu = new_id(), now()
         res = storage.stamp(res, rid, 1, lu)
-        cur, _ = storage._docs("DocumentReference", rid, 1, pid, res, False, lu)
+        cur = storage.current_doc("DocumentReference", rid, 1, pid, res, False, lu)
         batch.append(cur)
         if len(batch) == batch_size or i == n - 1:
             coll.insert_many(batch, ordered=False)

@@ -707,19 +707,18 @@ class Storage:
         one round trip (:meth:`insert_docs`), and the list is emptied (issue 13: two round trips
         less per write)."""
         docs = [{**d, "res": pack(d["res"])} for d in docs]
+        queue = {"_id": uuid.uuid4().hex, "t": now(), "items": items}
 
         def write(s) -> None:
             self.db[JOURNAL].insert_many(docs, ordered=True, session=s)
-            self.db[JOURNAL_QUEUE].insert_one({"_id": uuid.uuid4().hex, "t": now(), "items": items}, session=s)
+            self.db[JOURNAL_QUEUE].insert_one(queue, session=s)
         if session is not None:
             if not pending:
                 write(session)
                 return
-            queue = {"_id": uuid.uuid4().hex, "t": now(), "items": items}
-            batch = [*pending, *((JOURNAL, d) for d in docs), (JOURNAL_QUEUE, queue)]
-            pending.clear()
             try:
-                self.insert_docs(batch, session=session)
+                self.insert_docs([*_taken(pending), *((JOURNAL, d) for d in docs), (JOURNAL_QUEUE, queue)],
+                                 session=session)
             except OperationFailure as exc:
                 _label_transient(exc)   # a lost race of the data is retried, not the journal's failure
                 raise
@@ -927,18 +926,18 @@ class Storage:
             return_document=ReturnDocument.AFTER) is not None
 
     # -- writes ------------------------------------------------------------
-    def _docs(self, rtype: str, rid: str, vid: int, pid: str | None, resource: dict | None,
-              deleted: bool, lu: datetime) -> tuple[dict, dict]:
+    def current_doc(self, rtype: str, rid: str, vid: int, pid: str | None, resource: dict | None,
+                    deleted: bool, lu: datetime, extra: dict | None = None) -> dict:
+        """The current document of a version, as :meth:`create` and :meth:`update` write it: the
+        resource, its search index, sort keys and access facets, ``extra`` beside them, and no
+        history copy yet (``nh``: the update that supersedes it writes one, :func:`_as_version`)."""
         if resource is not None:
             index, order = search.extract(rtype, resource)
             facets = self.annotate(rtype, resource) if self.annotate else {}
         else:
             index, order, facets = {}, {}, {}
-        current = {"_id": rid, "pid": pid, "vid": vid, "lu": lu, "del": deleted,
-                   "res": resource, "s": index, "o": order, "a": facets}
-        hist = {"_id": f"{rid}/{vid}", "rid": rid, "pid": pid, "vid": vid, "lu": lu,
-                "del": deleted, "res": resource}
-        return current, hist
+        return {"_id": rid, "pid": pid, "vid": vid, "lu": lu, "del": deleted,
+                "res": resource, "s": index, "o": order, "a": facets, **(extra or {}), NO_COPY: True}
 
     @staticmethod
     def stamp(resource: dict, rid: str, vid: int, lu: datetime) -> dict:
@@ -965,17 +964,12 @@ class Storage:
         resource = self.stamp(resource, rid, 1, lu)
         if rtype == "Patient":
             pid = rid
-        current, _ = self._docs(rtype, rid, 1, pid, resource, False, lu)
-        current.update(extra or {}, **{NO_COPY: True})
-        docs = [(rtype, current)]       # its history copy is written when it is superseded
+        current = self.current_doc(rtype, rid, 1, pid, resource, False, lu, extra)
         if defer:
-            pending.extend(docs)
+            pending.append((rtype, current))
         else:
-            if pending:
-                docs[:0] = pending
-                pending.clear()
             try:
-                self.insert_docs(docs, session=session)
+                self.insert_docs([*_taken(pending), (rtype, current)], session=session)
             except DuplicateKeyError as exc:
                 raise _duplicate(exc) from None
         return Stored(rtype, rid, 1, lu, pid, False, resource)
@@ -1029,11 +1023,10 @@ class Storage:
         lu = now()
         if resource is not None:
             resource = self.stamp(resource, rid, vid, lu)
-        current, _ = self._docs(rtype, rid, vid, pid, resource, deleted, lu)
+        current = self.current_doc(rtype, rid, vid, pid, resource, deleted, lu, extra)
         if deleted:
             # keep the last content searchable by nobody; the history keeps the versions
             current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
-        current.update(extra or {}, **{NO_COPY: True})
         try:
             old = self.db[rtype].find_one_and_update(
                 {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
@@ -1043,11 +1036,9 @@ class Storage:
         if old is None:
             cur = self.db[rtype].find_one({"_id": rid}, {"vid": 1}, session=session)
             raise VersionConflict(cur["vid"] if cur else None)
-        docs = [*(pending or [])]
+        docs = _taken(pending)
         if old.get(NO_COPY):
             docs.append((f"{rtype}_history", _as_version(old)))
-        if pending:
-            pending.clear()
         try:
             self.insert_docs(docs, session=session)
         except DuplicateKeyError:
@@ -1151,6 +1142,15 @@ def _bulk_error(exc: ClientBulkWriteException) -> Exception:
     if err.get("code") == 11000:
         return DuplicateKeyError(err.get("errmsg", "duplicate key"), 11000, err)
     return OperationFailure(err.get("errmsg", "write error"), err.get("code"), err)
+
+
+def _taken(pending: list | None) -> list:
+    """The inserts a transaction deferred (``pending``), taken: the list is emptied, so that
+    they are sent once, first, with the write that takes them."""
+    out = list(pending or ())
+    if pending:
+        pending.clear()
+    return out
 
 
 def _bare_start(session) -> bool:

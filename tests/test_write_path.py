@@ -351,14 +351,15 @@ def test_a_create_writes_one_document_and_the_history_still_lists_every_version(
 def test_a_version_written_before_keeps_its_one_copy(db):
     """A current document with its history copy already (as written before issue 13): superseding
     it adds no second copy, and every version is listed once."""
-    from fhir_dmp.storage import Storage, now
+    from fhir_dmp.storage import NO_COPY, Storage, _as_version, now
     storage = Storage(db.client, db)
     storage.ensure_indexes()
     lu = now()
     res = storage.stamp({"resourceType": "RelatedPerson", "active": True}, "old", 1, lu)
-    current, hist = storage._docs("RelatedPerson", "old", 1, "p", res, False, lu)
+    current = storage.current_doc("RelatedPerson", "old", 1, "p", res, False, lu)
+    del current[NO_COPY]                                   # the layout before issue 13
     db["RelatedPerson"].insert_one(current)
-    db["RelatedPerson_history"].insert_one(hist)
+    db["RelatedPerson_history"].insert_one(_as_version(current))
     assert _versions(storage, "RelatedPerson", "old") == [("old", 1)]
     storage.run_transaction(lambda s: storage.update("RelatedPerson", "old", {"resourceType": "RelatedPerson"},
                                                      pid="p", expected_vid=1, session=s))
