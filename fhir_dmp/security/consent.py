@@ -305,9 +305,10 @@ class RequestAccess:
         self._choices: tuple | None = None
         self.session = None       # set by the repository inside a write transaction
         # per DMP, for the documents of one request (a search page judges each one, issue 13):
-        # (state, its grant, the entry decision, the compiled document test), reused while the
-        # request holds the same state and grant (the repository replaces or amends them)
-        self._judged: dict[str, tuple] = {}
+        # [state, its grant, the entry decision, the compiled document test once one is judged],
+        # reused while the request holds the same state and grant (the repository replaces or
+        # amends them)
+        self._judged: dict[str, list] = {}
 
     # -- context loading ---------------------------------------------------
     @property
@@ -445,7 +446,7 @@ class RequestAccess:
                 return permit("admin", "the system journal")
             return deny("no-patient", "resource outside any DMP")
         st = self.state(pid)
-        access = self._entry(st)[0]
+        access = self._entry(st)[2]
         if not access.permit:
             if resource_type == "Patient" and extra and extra.get("ins_lookup") and self.ins_lookup_allowed(st):
                 return permit("ins-lookup", "exact INS lookup", obligations={"view": "ins_only"})
@@ -478,7 +479,10 @@ class RequestAccess:
         """Rule 9 and the labels, judged with the same query the search guard runs."""
         if self.p.kind == ADMIN:
             return deny("admin-no-content", "administrators never read documents")
-        if self._entry(st)[1]({"pid": st.pid, "a": access_facets("DocumentReference", doc)}):
+        judged = self._entry(st)
+        if judged[3] is None:
+            judged[3] = compile_query(self.document_query(st.pid))
+        if judged[3]({"pid": st.pid, "a": access_facets("DocumentReference", doc)}):
             return access
         labels = dmp.labels(doc)
         if self.p.kind == PATIENT:
@@ -491,14 +495,15 @@ class RequestAccess:
             return deny("masque-ps", "document masked by the patient")
         return deny("document", "not readable")
 
-    def _entry(self, st: PatientState) -> tuple:
-        """(:meth:`dmp_access` on ``st``, ``doc -> bool`` of :meth:`document_query` on its DMP),
-        computed once per state and grant within this request."""
+    def _entry(self, st: PatientState) -> list:
+        """``[st, its grant, dmp_access(st), None]`` computed once per state and grant within this
+        request; :meth:`_document` fills the last slot with its DMP's compiled
+        :meth:`document_query` the first time it judges a document (a read of a Patient or a
+        Consent never compiles it)."""
         judged = self._judged.get(st.pid)
         if judged is None or judged[0] is not st or judged[1] is not st.grant:
-            judged = (st, st.grant, self.dmp_access(st), compile_query(self.document_query(st.pid)))
-            self._judged[st.pid] = judged
-        return judged[2:]
+            judged = self._judged[st.pid] = [st, st.grant, self.dmp_access(st), None]
+        return judged
 
     def consent_query(self) -> dict:
         """The one definition of which Consents of an entered DMP the caller sees: all of them for
