@@ -453,7 +453,7 @@ class AuditLog:
         whole unit). Raises :class:`AuditUnavailable` when the journal cannot be written.
         ``pending`` (with ``session``): the transaction's inserts not sent yet, sent with the events
         in one round trip (``Storage.journal_insert``); only inserts that cannot be refused (server
-        ids, no unique index) are deferred so, so a refusal is the journal's.
+        ids, no unique index) are deferred, so a refusal there is the journal's.
         """
         if not events:
             return

@@ -130,10 +130,7 @@ class PidCache:
             self.misses += len(todo) + len(waits)
         try:
             if todo:
-                loaded = self._load(todo)
-                out.update(loaded)
-                if live:
-                    self._put(loaded, token, now)
+                self._load_into(out, todo, live, token, now)
         finally:
             if mine:
                 with self._lock:
@@ -152,11 +149,15 @@ class PidCache:
                         out[pid] = hit[1]
             rest = [pid for pid in waits if pid not in out]
             if rest:
-                loaded = self._load(rest)
-                out.update(loaded)
-                if live:
-                    self._put(loaded, token, time.monotonic())
+                self._load_into(out, rest, live, token, time.monotonic())
         return out
+
+    def _load_into(self, out: dict, pids: list[str], live: bool, token: int, now: float) -> None:
+        """Load ``pids`` into ``out``, and keep them when the cache is live (:meth:`_put`)."""
+        loaded = self._load(pids)
+        out.update(loaded)
+        if live:
+            self._put(loaded, token, now)
 
     def _put(self, loaded: dict, token: int, now: float) -> None:
         with self._lock:
