@@ -274,6 +274,20 @@ def test_json_decimal_placeholder_cannot_be_forged():
     assert json.loads(out)["code"]["text"] == "\ue000deadbeef:0" and b"1.10" in out
 
 
+def test_json_output_is_the_standard_librarys_bytes():
+    """dumps_json writes through orjson (issue 13): the same bytes as the standard library's
+    encoder, compact and _pretty, Decimals digit for digit; an integer beyond 64 bits (which a
+    body may carry) and NaN are handled as before."""
+    body = b'{"resourceType":"Basic","code":{"text":"\xc3\xa9\\u2028"},"extension":[{"url":"a","valueInteger":123456789012345678901234567890}]}'
+    big = parse_body(JSON, body, max_bytes=MAX)
+    for res in (big, {**big, "extension": [{"url": "d", "valueDecimal": decimal.Decimal("0.000100")}]}):
+        for pretty in (False, True):
+            assert formats.dumps_json(res, pretty=pretty) == formats._dumps_json_stdlib(res, pretty=pretty)
+    assert b"123456789012345678901234567890" in render(big, JSON)
+    with pytest.raises(ValueError):
+        formats.dumps_json({"resourceType": "Basic", "x": decimal.Decimal("NaN")})
+
+
 def test_div_without_xmlns_is_normalized_and_injection_refused():
     res = {"resourceType": "Basic", "code": {"text": "x"},
            "text": {"status": "generated", "div": "<div><p>a</p></div>"}}
