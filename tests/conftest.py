@@ -64,11 +64,23 @@ def config(tmp_path, mongo_server, db, idp):
 
 
 @pytest.fixture
-def app(config, mongo_client, db):
+def build_app(mongo_client, db):
+    """``build_app(config)``: an app on this test's database; every app built is stopped at
+    teardown (its change stream, sealer and worker threads must not outlive the database)."""
     from fhir_dmp.app import create_app, stop_background
-    app = create_app(config, client=mongo_client, db=db)
-    yield app
-    stop_background(app)
+    built = []
+
+    def build(config, **kw):
+        built.append(create_app(config, client=mongo_client, db=db, **kw))
+        return built[-1]
+    yield build
+    for app in built:
+        stop_background(app)
+
+
+@pytest.fixture
+def app(config, build_app):
+    return build_app(config)
 
 
 @pytest.fixture

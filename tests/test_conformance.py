@@ -58,11 +58,10 @@ def test_cors_on_answers_and_errors(api):
     assert r.status_code == 401 and r.headers["Access-Control-Allow-Origin"] == "*"
 
 
-def test_cors_origins_from_config(app, config, mongo_client, db):
-    from fhir_dmp.app import create_app
+def test_cors_origins_from_config(app, config, build_app):
     assert Config.from_env({"FHIR_DMP_CORS_ORIGINS": "https://a.test, https://b.test"}).cors_origins == (
         "https://a.test", "https://b.test")
-    limited = create_app(config.with_(cors_origins=("https://a.test",)), client=mongo_client, db=db)
+    limited = build_app(config.with_(cors_origins=("https://a.test",)))
     http = limited.test_client()
     ok = http.open("/fhir/metadata", headers={"Origin": "https://a.test"})
     assert ok.headers["Access-Control-Allow-Origin"] == "https://a.test"
@@ -252,12 +251,11 @@ def test_validate_valid_and_parameters(api):
 
 
 # ---------------------------------------------------------------- SMART configuration
-def test_smart_configuration_in_dev_mode(tmp_path, mongo_client, db):
-    from fhir_dmp.app import create_app
+def test_smart_configuration_in_dev_mode(tmp_path, build_app, db):
     from fhir_dmp.security.devkeys import mint_token
     config = Config(data_dir=tmp_path, base_url="https://dev.test/fhir", notifications_worker=False,
                     db_name=db.name)
-    http = create_app(config, client=mongo_client, db=db).test_client()
+    http = build_app(config).test_client()
     body = http.get("/fhir/.well-known/smart-configuration").json
     token = mint_token(config, "admin")
     from joserfc import jwt
@@ -279,8 +277,7 @@ def _dev_key(config):
     return dev_public_key(config)
 
 
-def test_smart_configuration_from_the_issuer(tmp_path, mongo_client, db):
-    from fhir_dmp.app import create_app
+def test_smart_configuration_from_the_issuer(tmp_path, build_app, db):
     from tests.test_auth import JwksServer
     server = JwksServer()
     try:
@@ -293,7 +290,7 @@ def test_smart_configuration_from_the_issuer(tmp_path, mongo_client, db):
             "token_endpoint_auth_methods_supported": ["private_key_jwt"]}
         config = Config(data_dir=tmp_path, base_url="https://dmp.test/fhir", notifications_worker=False,
                         issuer=issuer, db_name=db.name)
-        http = create_app(config, client=mongo_client, db=db).test_client()
+        http = build_app(config).test_client()
         body = http.get("/fhir/.well-known/smart-configuration").json
         assert body["issuer"] == issuer
         assert body["authorization_endpoint"] == f"{issuer}/auth"

@@ -118,17 +118,14 @@ def test_cached_pages_equal_the_database_pages(backend, docs, gp, how):
 # ------------------------------------------------------------------ two processes, one database
 
 @pytest.fixture
-def two_apps(config, mongo_client, db):
+def two_apps(config, build_app):
     """Two apps on one database, each with its own change stream and caches (two processes)."""
-    from fhir_dmp.app import create_app, stop_background
-    apps = [create_app(config, client=mongo_client, db=db) for _ in range(2)]
+    apps = [build_app(config) for _ in range(2)]
     deadline = time.monotonic() + 10
     while not all(a.extensions["fhir_dmp.context_cache"].live for a in apps):
         assert time.monotonic() < deadline, "change streams not established"
         time.sleep(0.02)
-    yield apps
-    for a in apps:
-        stop_background(a)
+    return apps
 
 
 def _ids(caller, pid) -> set[str]:
@@ -302,20 +299,16 @@ def test_concurrent_misses_load_a_dmp_once(app, idp):
     assert [[d["_id"] for d in r] for r in results] == [[doc]] * 8
 
 
-def test_the_cache_can_be_turned_off(config, mongo_client, db, idp):
+def test_the_cache_can_be_turned_off(config, build_app, idp):
     """``FHIR_DMP_DOCUMENT_CACHE_DOCS=0``: no document cache, searches ask the database."""
-    from fhir_dmp.app import create_app, stop_background
     from fhir_dmp.config import Config, ConfigError
     assert Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "0"}).document_cache_docs == 0
     assert Config.from_env({}).document_cache_docs == 10_000
     with pytest.raises(ConfigError):
         Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "-1"})
-    app = create_app(config.with_(document_cache_docs=0), client=mongo_client, db=db)
-    try:
-        assert app.extensions["fhir_dmp"].storage.doc_cache is None
-        api = Api(app, idp)
-        pid = api.as_ps().create(b.patient())["id"]
-        doc = api.as_ps().create(b.docref(pid))["id"]
-        assert _ids(api.as_ps(), pid) == {doc}
-    finally:
-        stop_background(app)
+    app = build_app(config.with_(document_cache_docs=0))
+    assert app.extensions["fhir_dmp"].storage.doc_cache is None
+    api = Api(app, idp)
+    pid = api.as_ps().create(b.patient())["id"]
+    doc = api.as_ps().create(b.docref(pid))["id"]
+    assert _ids(api.as_ps(), pid) == {doc}

@@ -558,11 +558,10 @@ def test_base64_wrapped_in_lines_is_accepted(ps, dmp):
 
 
 @pytest.fixture
-def small_api(tmp_path, config, mongo_client, db, idp):
+def small_api(config, build_app, idp):
     """The app with FHIR_DMP_MAX_ATTACHMENT_BYTES = 64 KiB."""
-    from fhir_dmp.app import create_app
     from tests.api import Api
-    app = create_app(config.with_(max_attachment_bytes=64 * 1024, max_body_bytes=0), client=mongo_client, db=db)
+    app = build_app(config.with_(max_attachment_bytes=64 * 1024, max_body_bytes=0))
     return Api(app, idp)
 
 

@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from fhir_dmp import lifecycle
-from fhir_dmp.app import create_app
 from fhir_dmp.security.audit import verify_chains
 from tests import builders as b
 from tests.builders import journal_entries
@@ -89,9 +88,9 @@ def test_repository_close_and_reopen_methods(api, dmp):
 
 # -- retention -------------------------------------------------------------------------------------
 @pytest.fixture
-def short_api(config, mongo_client, db, idp):
+def short_api(config, build_app, idp):
     """A server keeping closed DMPs 1 year."""
-    return Api(create_app(config.with_(retention_years=1), client=mongo_client, db=db), idp)
+    return Api(build_app(config.with_(retention_years=1)), idp)
 
 
 def test_retention_destroys_closed_dmps_only_once_their_time_has_passed(short_api):

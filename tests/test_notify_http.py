@@ -41,9 +41,8 @@ def notify_config(config, smtp, sms):
 
 
 @pytest.fixture
-def notify_app(notify_config, mongo_client, db):
-    from fhir_dmp.app import create_app
-    return create_app(notify_config, client=mongo_client, db=db)
+def notify_app(notify_config, build_app):
+    return build_app(notify_config)
 
 
 @pytest.fixture
@@ -169,26 +168,21 @@ def test_break_glass_notice_names_the_mode_and_reason(napi, worker, smtp, sms):
     assert {c["status"] for c in communications(me, pid) if kind(c) == "break_glass"} == {"completed"}
 
 
-def test_centre_15_notice_by_the_app_worker(notify_config, mongo_client, db, idp, smtp, sms):
+def test_centre_15_notice_by_the_app_worker(notify_config, build_app, idp, smtp, sms):
     """Started by create_app (notifications_worker=True): delivered within a bounded wait."""
-    from fhir_dmp.app import create_app
     sink, _ = smtp
-    app = create_app(notify_config.with_(notifications_worker=True), client=mongo_client, db=db)
-    try:
-        api = Api(app, idp)
-        pid = open_dmp(api, email=EMAIL, phone=PHONE, gp=b.PS_DR)
-        doc = with_document(api, pid)
-        assert api.as_regulation().get(f"DocumentReference/{doc}").status_code == 200
-        me = api.as_patient(pid)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            comms = [c for c in communications(me, pid) if kind(c) == "centre_15"]
-            if len(comms) == 2 and all(c["status"] == "completed" for c in comms):
-                break
-            time.sleep(0.1)
-        assert {(channel(c), c["status"]) for c in comms} == {("email", "completed"), ("sms", "completed")}
-    finally:
-        app.extensions["fhir_dmp.worker"].stop()
+    api = Api(build_app(notify_config.with_(notifications_worker=True)), idp)
+    pid = open_dmp(api, email=EMAIL, phone=PHONE, gp=b.PS_DR)
+    doc = with_document(api, pid)
+    assert api.as_regulation().get(f"DocumentReference/{doc}").status_code == 200
+    me = api.as_patient(pid)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        comms = [c for c in communications(me, pid) if kind(c) == "centre_15"]
+        if len(comms) == 2 and all(c["status"] == "completed" for c in comms):
+            break
+        time.sleep(0.1)
+    assert {(channel(c), c["status"]) for c in comms} == {("email", "completed"), ("sms", "completed")}
     mail = sink.messages[0]
     assert "Centre 15" in mail["Subject"]
     text = mail.get_content()

@@ -19,19 +19,13 @@ BASE = "http://dmp.test/fhir"
 
 
 @pytest.fixture
-def make_app(tmp_path, mongo_server, mongo_client, db):
-    """Build apps on this test's database (background threads stopped at the end)."""
-    from fhir_dmp.app import create_app, stop_background
-    built = []
-
+def make_app(tmp_path, mongo_server, db, build_app):
+    """(config, app) on this test's database for ``base`` and the given settings."""
     def make(base=BASE, **kw):
         cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=tmp_path, base_url=base,
                      notifications_worker=False, audit_sealer=False, **kw)
-        built.append(create_app(cfg, client=mongo_client, db=db))
-        return cfg, built[-1]
-    yield make
-    for app in built:
-        stop_background(app)
+        return cfg, build_app(cfg)
+    return make
 
 
 @pytest.fixture

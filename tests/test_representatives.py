@@ -8,7 +8,6 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 
 from fhir_dmp import access_codes
-from fhir_dmp.app import create_app
 from tests import builders as b
 from tests.api import Api
 
@@ -246,8 +245,8 @@ def test_rubrique_data_file_and_codesystem_agree():
 
 # -- first access with the patient's code ------------------------------------------------------------
 @pytest.fixture
-def code_api(config, mongo_client, db, idp):
-    return Api(create_app(config.with_(first_access="patient-code"), client=mongo_client, db=db), idp)
+def code_api(config, build_app, idp):
+    return Api(build_app(config.with_(first_access="patient-code")), idp)
 
 
 def sent_code(api, pid):

@@ -102,6 +102,36 @@ def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, db_storage, co
     assert verify_chains(db_storage, check_signatures=True, public_key=sealer.key.public_key()) == []
 
 
+def test_stop_background_leaves_nothing_running(config, build_app, idp):
+    """What a test (or a worker going away) stops is stopped for good before its database is
+    dropped: SecantusDB's dropDatabase can spin for ever in WiredTiger against a sealing
+    transaction still open on that database, and every other client then waits (CI hung so)."""
+    from fhir_dmp.app import stop_background
+    app = build_app(config.with_(audit_sealer=True, notifications_worker=True))
+    api = Api(app, idp)
+    pid = api.as_ps().post("Patient", b.patient()).json["id"]
+    assert api.as_ps().get(f"Patient/{pid}").status_code == 200     # the journal's committer too
+    names = ("fhir_dmp.context_cache", "fhir_dmp.sealer", "fhir_dmp.worker")
+    services = [app.extensions[n] for n in names]
+    threads = [s._thread for s in services] + [app.extensions["fhir_dmp"].audit_log._committer._thread]
+    assert all(t.is_alive() for t in threads)
+    stop_background(app)
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [t.name for t in threads if t.is_alive()] == []
+    assert db_lease(app) is None                                    # the sealer gave its lease back
+    started = time.monotonic()
+    for service in services:                                        # a second stop (as at exit)
+        service.stop()                                              # has nothing left to do
+    assert time.monotonic() - started < 1
+
+
+def db_lease(app):
+    from fhir_dmp.storage import SEALER_LEASE
+    return app.extensions["fhir_dmp"].storage.db[SEALER_LEASE].find_one()
+
+
 # --------------------------------------------------------------------------- two server processes
 
 @pytest.fixture

@@ -96,6 +96,7 @@ class Sealer:
         self.batch = batch
         self.interval = interval
         self._stop = threading.Event()
+        self._stopped = False
         self._thread: threading.Thread | None = None
         # every sealing transaction runs in this one session, named in the lease: whoever takes
         # the lease after it expired can end it (storage.take_sealer_lease), so a sealer killed
@@ -174,9 +175,15 @@ class Sealer:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop and give the lease back; once (it is also registered to run at exit)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if self._thread.is_alive():   # stuck in a database call: the lease expires by itself
+                return
         self.release()
 
     def _run(self) -> None:
