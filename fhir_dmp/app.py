@@ -250,8 +250,8 @@ def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
 def stop_background(app: Flask) -> None:
     """Stop this app's background threads (tests build many apps in one process), for good.
 
-    Call it before the app's database is dropped: SecantusDB's ``dropDatabase`` can spin for
-    ever in WiredTiger against a sealing transaction still open on that database, holding its
+    Call it before the app's database is dropped: SecantusDB's ``dropDatabase``, run while the
+    app's sealer still works on that database, can spin for ever in WiredTiger holding its
     storage lock, so that every other client waits too (how CI once hung for 90 minutes)."""
     for name in ("fhir_dmp.context_cache", "fhir_dmp.sealer", "fhir_dmp.worker"):
         service = app.extensions.get(name)

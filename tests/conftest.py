@@ -70,8 +70,8 @@ def build_app(mongo_client, db):
     from fhir_dmp.app import create_app, stop_background
     built = []
 
-    def build(config, **kw):
-        built.append(create_app(config, client=mongo_client, db=db, **kw))
+    def build(config):
+        built.append(create_app(config, client=mongo_client, db=db))
         return built[-1]
     yield build
     for app in built:

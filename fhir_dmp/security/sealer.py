@@ -96,7 +96,6 @@ class Sealer:
         self.batch = batch
         self.interval = interval
         self._stop = threading.Event()
-        self._stopped = False
         self._thread: threading.Thread | None = None
         # every sealing transaction runs in this one session, named in the lease: whoever takes
         # the lease after it expired can end it (storage.take_sealer_lease), so a sealer killed
@@ -176,9 +175,8 @@ class Sealer:
 
     def stop(self) -> None:
         """Stop the loop and give the lease back; once (it is also registered to run at exit)."""
-        if self._stopped:
+        if self._stop.is_set():
             return
-        self._stopped = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
