@@ -7,7 +7,7 @@ documents 1.84 instead of 1.60 ms: bench/README.md), about a tenth of the machin
 per request. It drains in-flight requests on SIGTERM/SIGINT, supervises
 its workers (a dead one is respawned) and keeps HTTP connections alive (FHIR clients
 reuse them); each worker runs the WSGI app on a pool of ``config.threads`` Python
-threads (default 16) so that database and journal waits overlap. The app is thread-safe
+threads (default 32) so that database and journal waits overlap. The app is thread-safe
 (pymongo's client is; per-request state lives in Flask's context).
 
 Lifecycle (master process):
@@ -235,8 +235,32 @@ def _stop_signals():
     return stop
 
 
+class _PolledEvent(threading.Event):
+    """An event whose untimed ``wait`` wakes every ``POLL_S`` so that the main thread runs the
+    signal handlers Python has queued for it.
+
+    granian's master waits for its stop in ``main_loop_interrupt.wait()`` in the main thread; a
+    SIGINT/SIGTERM that the kernel hands to another thread of the master (a worker watcher, a
+    Rust thread) only queues the Python handler, which never runs while the main thread sleeps
+    in an untimed lock wait: the master then never shuts down (seen once in the Ctrl-C test
+    under load; the same defect as the worker's, see :func:`_stop_signals`)."""
+
+    POLL_S = 0.25
+
+    def wait(self, timeout=None):
+        if timeout is not None:
+            return super().wait(timeout)
+        while not super().wait(self.POLL_S):
+            pass
+        return True
+
+
 class _Granian(MPServer):
     """granian's master (one process per worker, never threads: pymongo is not fork-safe)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.main_loop_interrupt = _PolledEvent()
 
     def signal_handler_interrupt(self, *args, **kwargs):
         # a terminal's Ctrl-C also reaches the workers, which drain and end by themselves:

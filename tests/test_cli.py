@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -177,6 +178,31 @@ def test_serve_ctrl_c_drains_every_worker_and_exits_0(tmp_path):
         assert proc.wait(20) == 0
     assert _gone(db_pid)
     assert "Traceback" not in log.read_text() and "Unexpected exit" not in log.read_text()
+
+
+def _signal_a_side_thread(pid: int, signum: int) -> None:
+    """Send ``signum`` to a thread of ``pid`` other than its main thread that does not block it,
+    as the kernel may do with a process-directed signal (glibc's tgkill)."""
+    bit = 1 << (signum - 1)
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        tid = int(task.name)
+        blocked = next(int(line.split()[1], 16) for line in (task / "status").read_text().splitlines()
+                       if line.startswith("SigBlk:"))
+        if tid != pid and not blocked & bit:
+            assert ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, signum) == 0
+            return
+    raise AssertionError("no side thread of the master takes the signal")
+
+
+def test_serve_stops_when_the_kernel_hands_sigterm_to_another_thread_of_the_master(tmp_path):
+    """A SIGTERM the kernel delivers to a thread of the master other than the main one (granian's
+    worker watchers) still stops the server: Python runs handlers in the main thread only, which
+    granian leaves in an untimed wait (server._PolledEvent)."""
+    with _standin(tmp_path, 1) as (proc, port, log, data):
+        db_pid = int((data / "db.pid").read_text().split()[0])
+        _drains(port, lambda: _signal_a_side_thread(proc.pid, signal.SIGTERM))
+        assert proc.wait(20) == 0
+    assert _gone(db_pid)
 
 
 def test_serve_respawns_a_worker_that_dies(tmp_path):
