@@ -437,28 +437,29 @@ class GuardedRepository:
         for pid, decision in denied.items():
             self.record("search", outcome="4", patient_id=pid, resource=rtype, query=query_string,
                         decision=decision, http_status=200)
+        # no entry asked: the total is the answer (CONTRACT.md "REST behaviour": whenever _count=0)
+        counted = req.summary == "count" or req.count == 0
         if guard is None:
-            page.total = 0 if req.total != "none" or req.summary == "count" else None
+            page.total = 0 if req.total != "none" or counted else None
             if not denied:
                 self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
                             decision=Decision(False, "search-scope", "nothing visible to this caller"),
                             http_status=200)
             return page
         base = merge_filters(guard, req.mongo_filter())     # the guard first: pid fails fast
-        if req.summary == "count" or req.count == 0:
+        if counted:
             docs = []
         else:
             flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
             docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1, session=self.session)
-        if req.total != "none" or req.summary == "count":
+        if req.total != "none" or counted:
             # a first page that holds everything is its own total: no second pass over the data;
             # otherwise the matches are counted only when asked (_total=accurate|estimate,
             # _summary=count): a count walks every match, so a large DMP would pay for it on
             # every page (issue 13)
-            short = not req.cursor and len(docs) <= req.count and req.summary != "count" and req.count
-            if short:
+            if not req.cursor and len(docs) <= req.count and not counted:
                 page.total = len(docs)
-            elif req.explicit_total or req.summary == "count":
+            elif req.explicit_total or counted:
                 page.total = self.storage.count(rtype, base, session=self.session)
         if docs:
             if len(docs) > req.count:
