@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..storage import new_id
 from .http import bundle, full_url, ignored_entry, lenient, read_body, respond, version_headers
-from .rest import HOSTED, READ_ONLY, checked
+from .rest import HOSTED, READ_ONLY, checked, updatable
 
 bp = Blueprint("fhir_bundles", __name__, url_prefix="/fhir")
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -214,6 +214,7 @@ def _entry(entry: dict, session, index: int) -> dict:
     if method == "PUT":
         if len(path) < 2:
             raise BadRequest("conditional update is not supported in Bundles")
+        updatable(rtype)
         if resource.get("id") != path[1]:
             raise BadRequest("resource.id must match the request url", expression=f"Bundle.entry[{index}].resource.id")
         stored, created = repo.update(rtype, path[1], resource, if_match=req.get("ifMatch"), session=session)
