@@ -24,7 +24,6 @@ from ..errors import (
     FhirError,
     MethodNotAllowed,
     NotFound,
-    PreconditionFailed,
 )
 from ..storage import new_id
 from .http import bundle, full_url, ignored_entry, lenient, read_body, respond, version_headers
@@ -202,9 +201,7 @@ def _entry(entry: dict, session, index: int) -> dict:
     resource = checked(rtype, resource)
     if method == "POST":
         if req.get("ifNoneExist"):
-            matches = repo.find_matches(rtype, parse_qsl(req["ifNoneExist"].split("?", 1)[-1]))
-            if len(matches) > 1:
-                raise PreconditionFailed("ifNoneExist matches several resources")
+            matches = repo.find_matches(rtype, parse_qsl(req["ifNoneExist"].split("?", 1)[-1]), "create")
             if matches:
                 return _ok(matches[0], "200 OK")
         resource.pop("id", None)

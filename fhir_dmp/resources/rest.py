@@ -11,7 +11,7 @@ from datetime import datetime
 
 from flask import Blueprint, Response, g, request, stream_with_context
 
-from ..errors import BadRequest, MethodNotAllowed, NotFound, PreconditionFailed, UnsupportedMediaType
+from ..errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..profiles import validate
 from ..security.consent import SERVER_WRITTEN
 from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
@@ -195,9 +195,7 @@ def create(rtype):
     resource = checked(rtype, read_body(rtype))
     condition = request.headers.get("If-None-Exist")
     if condition:
-        matches = g.repo.find_matches(rtype, _criteria(condition))
-        if len(matches) > 1:
-            raise PreconditionFailed("If-None-Exist matches several resources")
+        matches = g.repo.find_matches(rtype, _criteria(condition), "create")
         if matches:
             return write_response(matches[0], 200)
     resource.pop("id", None)
@@ -236,10 +234,7 @@ def _conditional_matches(rtype: str, what: str) -> list:
     criteria = [(k, v) for k, v in request.args.items(multi=True) if k not in CONTROL]
     if not criteria:
         raise BadRequest(f"conditional {what} needs search criteria")
-    matches = g.repo.find_matches(rtype, criteria)
-    if len(matches) > 1:
-        raise PreconditionFailed("the criteria match several resources")
-    return matches
+    return g.repo.find_matches(rtype, criteria, what)
 
 
 def _conditional_supported(rtype: str, what: str) -> None:
