@@ -756,11 +756,6 @@ class GuardedRepository:
 
         stored = write(session) if session is not None else \
             self._writing(write, interaction=interaction, rtype=rtype, pid=pid)
-        if rtype == "Patient" and (old or {}).get("active", True) is not False \
-                and resource.get("active") is False:
-            # the DMP closes: its journal is kept 10 years from now (DESIGN.md "Audit")
-            from .security.audit import mark_retention
-            mark_retention(self.storage, pid, stored.lu, years=self.b.config.retention_years)
         return stored, False
 
     def patch(self, rtype: str, rid: str, operations: list, *, if_match: str | None = None,
