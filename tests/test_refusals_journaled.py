@@ -47,36 +47,26 @@ def same_answer(named, missing, hidden_id: str, missing_id: str) -> None:
 def test_a_refused_deposit_is_in_the_journal_of_the_dmp_it_names(world):
     """Hole 2: X-Security-Context, relatesTo and attachment.url naming DMP A, by a PS who may not
     see it: answered as missing, journaled in A."""
-    other, doc = world["other"], world["doc"]
+    other, doc, bid = world["other"], world["doc"], world["binary"]
 
-    def binary(context):
+    def binary(target):
         return other.post("Binary", raw=b"%PDF-1.4 x", content_type="application/pdf",
-                          headers={"X-Security-Context": context})
-
-    before = refusals(world, b.PS_OTHER)
-    named = binary(f"DocumentReference/{doc['id']}")
-    assert named.status_code == 422
-    same_answer(named, binary(f"DocumentReference/{MISSING}"), doc["id"], MISSING)
-    assert refusals(world, b.PS_OTHER) == before + 1
+                          headers={"X-Security-Context": f"DocumentReference/{target}"})
 
     def replacing(target):
-        body = b.docref(world["b"]) | {"relatesTo": [{"code": "replaces", "target": {"reference": target}}]}
-        return other.post("DocumentReference", body)
+        return other.post("DocumentReference", b.docref(world["b"]) | {"relatesTo": [
+            {"code": "replaces", "target": {"reference": f"DocumentReference/{target}"}}]})
 
-    named = replacing(f"DocumentReference/{doc['id']}")
-    assert named.status_code == 422
-    same_answer(named, replacing(f"DocumentReference/{MISSING}"), doc["id"], MISSING)
-    assert refusals(world, b.PS_OTHER) == before + 2
+    def attaching(target):
+        return other.post("DocumentReference", b.docref(world["b"]) | {"content": [
+            {"attachment": {"contentType": "application/pdf", "url": f"Binary/{target}"}}]})
 
-    def attaching(url):
-        body = b.docref(world["b"])
-        body["content"] = [{"attachment": {"contentType": "application/pdf", "url": url}}]
-        return other.post("DocumentReference", body)
-
-    named = attaching(f"Binary/{world['binary']}")
-    assert named.status_code == 422
-    same_answer(named, attaching(f"Binary/{MISSING}"), world["binary"], MISSING)
-    assert refusals(world, b.PS_OTHER) == before + 3
+    for write, hidden in ((binary, doc["id"]), (replacing, doc["id"]), (attaching, bid)):
+        before = refusals(world, b.PS_OTHER)
+        named = write(hidden)
+        assert named.status_code == 422, write
+        same_answer(named, write(MISSING), hidden, MISSING)
+        assert refusals(world, b.PS_OTHER) == before + 1, write
 
 
 def test_every_refused_write_and_every_vread_is_in_the_journal(world):
