@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -320,6 +321,8 @@ class GuardedRepository:
                         http_status=404)
             raise NotFound(f"Resource {rtype}/{rid}/_history/{vid} is not known")
         if version.deleted:
+            self.record("vread", outcome="4", patient_id=current.pid, resource=f"{rtype}/{rid}/_history/{vid}",
+                        decision=current._decision, http_status=410)
             raise Gone(f"Version {vid} of {rtype}/{rid} is a deletion")
         self.record("vread", outcome="0", patient_id=current.pid,
                     resource=f"{rtype}/{rid}/_history/{vid}", decision=current._decision, http_status=200)
@@ -437,28 +440,29 @@ class GuardedRepository:
         for pid, decision in denied.items():
             self.record("search", outcome="4", patient_id=pid, resource=rtype, query=query_string,
                         decision=decision, http_status=200)
+        # no entry asked: the total is the answer (CONTRACT.md "REST behaviour": whenever _count=0)
+        counted = req.summary == "count" or req.count == 0
         if guard is None:
-            page.total = 0 if req.total != "none" or req.summary == "count" else None
+            page.total = 0 if req.total != "none" or counted else None
             if not denied:
                 self.record("search", outcome="0", patient_id=None, resource=rtype, query=query_string,
                             decision=Decision(False, "search-scope", "nothing visible to this caller"),
                             http_status=200)
             return page
         base = merge_filters(guard, req.mongo_filter())     # the guard first: pid fails fast
-        if req.summary == "count" or req.count == 0:
+        if counted:
             docs = []
         else:
             flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
             docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1, session=self.session)
-        if req.total != "none" or req.summary == "count":
+        if req.total != "none" or counted:
             # a first page that holds everything is its own total: no second pass over the data;
             # otherwise the matches are counted only when asked (_total=accurate|estimate,
             # _summary=count): a count walks every match, so a large DMP would pay for it on
             # every page (issue 13)
-            short = not req.cursor and len(docs) <= req.count and req.summary != "count" and req.count
-            if short:
+            if not req.cursor and len(docs) <= req.count and not counted:
                 page.total = len(docs)
-            elif req.explicit_total or req.summary == "count":
+            elif req.explicit_total or counted:
                 page.total = self.storage.count(rtype, base, session=self.session)
         if docs:
             if len(docs) > req.count:
@@ -549,14 +553,16 @@ class GuardedRepository:
             raise
 
     # ----------------------------------------------------------------- writes
-    def _writing(self, fn, *, interaction: str = "transaction", rtype: str | None = None):
+    def _writing(self, fn, *, interaction: str = "transaction", rtype: str | None = None,
+                 pid: str | None = None):
         """Run ``fn(session)`` in a transaction (pymongo ``with_transaction``: lost races and
         unknown commit results are retried; If-Match conflicts are not).
 
         The AuditEvents recorded by ``fn`` are appended inside the same transaction: a write is
         never committed without its journal entry (fail closed), and a rolled-back attempt leaves
         no entry. Reads inside ``fn`` see its writes. When ``fn`` fails, the denials it recorded
-        stay (journaled at the end of the request), its successes go with the rollback.
+        stay (journaled at the end of the request), its successes go with the rollback; a failure
+        it did not journal is journaled then, in ``pid``'s journal when given.
         """
         mark = len(self.records)
 
@@ -588,7 +594,7 @@ class GuardedRepository:
             del self.records[mark:]
             if not is_write_conflict(exc):
                 raise
-            self.record(interaction, outcome="4", patient_id=None, resource=rtype, http_status=409)
+            self.record(interaction, outcome="4", patient_id=pid, resource=rtype, http_status=409)
             raise Conflict("the record is being changed by another request; retry",
                            code="transient", headers={"Retry-After": "1"}) from None
         except FhirError as exc:
@@ -596,13 +602,38 @@ class GuardedRepository:
             del self.records[mark:]
             self.records += kept
             if not kept:
-                self.record(interaction, outcome="4" if exc.status < 500 else "8", patient_id=None,
-                            resource=rtype, http_status=exc.status,
-                            decision=Decision(False, "error", exc.diagnostics[:200]))
+                self._record_failure(interaction, exc, pid, rtype)
             raise
         finally:
             self.session = self.access.session = None
             self.access.states.clear()
+
+    def _record_failure(self, interaction: str, exc: FhirError, pid: str | None, resource: str | None) -> None:
+        self.record(interaction, outcome="4" if exc.status < 500 else "8", patient_id=pid, resource=resource,
+                    http_status=exc.status, decision=Decision(False, "error", exc.diagnostics[:200]))
+
+    @contextmanager
+    def _refusals_journaled(self, interaction: str, resource: str):
+        """Every refused write is in the journal (issue 18): a refusal raised in the block that
+        nothing journaled yet (If-Match, a move to another record, a patch that does not apply, a
+        failed transaction) is journaled here, in the journal of the DMP the write names once the
+        block has set ``target["pid"]``, seen by the caller or not (the answer stays the same)."""
+        mark, target = len(self.records), {"pid": None}
+        try:
+            yield target
+        except FhirError as exc:
+            if all(r.outcome == "0" for r in self.records[mark:]):
+                self._record_failure(interaction, exc, target["pid"], resource)
+            raise
+
+    def journal_named(self, interaction: str, named: Stored | None, pid: str | None, decision: Decision,
+                      http_status: int) -> None:
+        """A refused write naming a resource of another DMP than its own (``X-Security-Context``,
+        ``relatesTo``, ``attachment.url``): that DMP's patient sees the attempt in their journal
+        too, whatever the caller may see of it (the answer stays that of a missing one)."""
+        if named is not None and named.pid and named.pid != pid:
+            self.record(interaction, outcome="4", patient_id=named.pid, decision=decision,
+                        resource=f"{named.resource_type}/{named.id}", http_status=http_status)
 
     def _deny_write(self, interaction: str, rtype: str, rid: str | None, pid: str | None,
                     decision: Decision) -> FhirError:
@@ -622,6 +653,10 @@ class GuardedRepository:
                content=None) -> Stored:
         """Create (server id). ``session`` given = inside a transaction Bundle."""
         self.access.start(rtype, "create")
+        with self._refusals_journaled("create", rtype) as target:
+            return self._create(rtype, resource, target, session=session, rid=rid, content=content)
+
+    def _create(self, rtype: str, resource: dict, target: dict, *, session, rid: str | None, content) -> Stored:
         pid = search.patient_id_of(rtype, resource)
         context = None
         if rtype == "Binary":
@@ -629,6 +664,7 @@ class GuardedRepository:
         decision = self.access.can_write("create", rtype, resource, None, pid, context=context)
         if not decision.permit:
             raise self._deny_write("create", rtype, None, pid, decision)
+        target["pid"] = pid
         if decision.obligations.get("patient_code"):
             self._use_access_code(pid)
         resource = self._prepare(rtype, resource, None, pid)
@@ -650,26 +686,36 @@ class GuardedRepository:
                         resource=f"{rtype}/{stored.id}/_history/1", decision=decision, http_status=201)
             return stored
 
-        return write(session) if session is not None else self._writing(write, interaction="create", rtype=rtype)
+        return write(session) if session is not None else \
+            self._writing(write, interaction="create", rtype=rtype, pid=pid)
 
     def update(self, rtype: str, rid: str, resource: dict, *, if_match: str | None = None,
-               session=None, interaction: str = "update", content=None) -> tuple[Stored, bool]:
+               session=None, interaction: str = "update") -> tuple[Stored, bool]:
         """Update (or create with the client's id when absent). Returns (stored, created)."""
         self.access.start(rtype, "update")
+        with self._refusals_journaled(interaction, f"{rtype}/{rid}") as target:
+            return self._update(rtype, rid, resource, target, if_match=if_match, session=session,
+                                interaction=interaction)
+
+    def _update(self, rtype: str, rid: str, resource: dict, target: dict, *, if_match: str | None, session,
+                interaction: str) -> tuple[Stored, bool]:
         current = self.storage.read(rtype, rid, session=session or self.session)
+        if current is not None:
+            target["pid"] = current.pid     # a refusal of this write is in that DMP's journal
         if current is not None and current.deleted and self.p.kind != ADMIN \
                 and not self._decide_current(rtype, current).permit:
             current = None          # a deleted resource the caller may not see: as if it never existed
         if current is None and self.p.kind != ADMIN:
             # update-as-create (a client-chosen id) is the administrator's (fhir-dmp load): for anyone
             # else an id that does not exist answers like one they may not see (CONTRACT.md "REST")
-            self.record(interaction, outcome="4", patient_id=None, resource=f"{rtype}/{rid}", http_status=404)
+            self.record(interaction, outcome="4", patient_id=target["pid"], resource=f"{rtype}/{rid}",
+                        http_status=404)
             raise not_found(rtype, rid)
         if current is None or current.deleted:
             if if_match:
                 raise PreconditionFailed(f"{rtype}/{rid} does not exist; If-Match cannot hold")
             if current is None:
-                return self.create(rtype, resource, session=session, rid=rid, content=content), True
+                return self.create(rtype, resource, session=session, rid=rid), True
         if current.deleted:
             old, pid = None, current.pid
             seen = Decision(True, "recreate", "deleted resource recreated")
@@ -692,7 +738,7 @@ class GuardedRepository:
 
         def write(s):
             vid = expected + 1
-            resource_, extra = self._store_content(rtype, rid, vid, resource, pid, s, content)
+            resource_, extra = self._store_content(rtype, rid, vid, resource, pid, s)
             try:
                 stored = self.storage.update(rtype, rid, resource_, pid=pid, expected_vid=expected, session=s,
                                              extra=extra, pending=self.pending_inserts)
@@ -709,12 +755,7 @@ class GuardedRepository:
             return stored
 
         stored = write(session) if session is not None else \
-            self._writing(write, interaction=interaction, rtype=rtype)
-        if rtype == "Patient" and (old or {}).get("active", True) is not False \
-                and resource.get("active") is False:
-            # the DMP closes: its journal is kept 10 years from now (DESIGN.md "Audit")
-            from .security.audit import mark_retention
-            mark_retention(self.storage, pid, stored.lu, years=self.b.config.retention_years)
+            self._writing(write, interaction=interaction, rtype=rtype, pid=pid)
         return stored, False
 
     def patch(self, rtype: str, rid: str, operations: list, *, if_match: str | None = None,
@@ -722,14 +763,16 @@ class GuardedRepository:
         """RFC 6902 JSON Patch, then the same path as update."""
         self.access.start(rtype, "patch")
         current = self._visible(rtype, rid, "patch")
-        try:
-            patched = jsonpatch.apply_patch(current.resource, operations)
-        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, ValueError) as exc:
-            raise Unprocessable(f"JSON Patch cannot be applied: {exc}") from None
-        if patched.get("resourceType") != rtype or patched.get("id") != rid:
-            raise Unprocessable("JSON Patch may not change resourceType or id")
-        if validate:
-            patched = validate(patched)
+        with self._refusals_journaled("patch", f"{rtype}/{rid}") as target:
+            target["pid"] = current.pid
+            try:
+                patched = jsonpatch.apply_patch(current.resource, operations)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, ValueError) as exc:
+                raise Unprocessable(f"JSON Patch cannot be applied: {exc}") from None
+            if patched.get("resourceType") != rtype or patched.get("id") != rid:
+                raise Unprocessable("JSON Patch may not change resourceType or id")
+            if validate:
+                patched = validate(patched)
         return self.update(rtype, rid, patched, if_match=if_match, session=session, interaction="patch")[0]
 
     def delete(self, rtype: str, rid: str, *, session=None) -> Stored | None:
@@ -760,7 +803,8 @@ class GuardedRepository:
                         decision=decision, http_status=204)
             return stored
 
-        return write(session) if session is not None else self._writing(write, interaction="delete", rtype=rtype)
+        return write(session) if session is not None else \
+            self._writing(write, interaction="delete", rtype=rtype, pid=current.pid)
 
     # ------------------------------------------------------------ lifecycle
     def destroy_dmp(self, pid: str, *, reason: str | None = None) -> None:
@@ -886,10 +930,17 @@ class GuardedRepository:
             lifecycle.mark_reopened(self.storage, stored.id, session=session)
 
     # -------------------------------------------------------- conditional ops
-    def find_matches(self, rtype: str, criteria: list[tuple[str, str]], limit: int = 2) -> list[Stored]:
-        """Guarded search for conditional create/update/delete (only what the caller may see)."""
-        args = [(k, v) for k, v in criteria] + [("_count", str(limit))]
-        return self.search(rtype, args).matches
+    def find_matches(self, rtype: str, criteria: list[tuple[str, str]], interaction: str) -> list[Stored]:
+        """Guarded search for conditional create/update/delete (only what the caller may see): at
+        most one match, else 412, in the journal of each DMP matched
+        (https://hl7.org/fhir/R4/http.html#cond-update)."""
+        matches = self.search(rtype, [(k, v) for k, v in criteria] + [("_count", "2")]).matches
+        if len(matches) > 1:
+            exc = PreconditionFailed(f"the {interaction} criteria match several resources")
+            for pid in sorted({m.pid for m in matches if m.pid}) or [None]:
+                self._record_failure(interaction, exc, pid, rtype)
+            raise exc
+        return matches
 
     # ------------------------------------------------------- write internals
     def _binary_context(self, resource: dict) -> tuple[str | None, dict | None]:
@@ -902,8 +953,11 @@ class GuardedRepository:
         doc_id = search.reference_id(ctx, "DocumentReference")
         if doc_id:
             doc = self.storage.read("DocumentReference", doc_id, session=self.session)
-            if doc and not doc.deleted and self._decide_read("DocumentReference", doc).permit:
+            seen = self._decide_read("DocumentReference", doc) if doc and not doc.deleted else None
+            if seen and seen.permit:
                 return doc.pid, doc.resource
+            if seen:    # refused as if missing (no DMP, no document), and in that document's journal
+                self.journal_named("create", doc, None, seen, 422)
         return None, None
 
     def _prepare(self, rtype: str, resource: dict, old: dict | None, pid: str | None,

@@ -553,9 +553,8 @@ class Storage:
         self.db["Patient"].update_one({"_id": pid}, {"$set": {"closed_at": at}}, session=session)
 
     def mark_reopened(self, pid: str, *, session=None) -> None:
-        """A reopened DMP: no ``closed_at``, and its journal is no longer under a retention date."""
+        """A reopened DMP: no ``closed_at`` (no retention runs for it)."""
         self.db["Patient"].update_one({"_id": pid}, {"$unset": {"closed_at": ""}}, session=session)
-        self.db["AuditEvent"].update_many({"pid": pid}, {"$unset": {"retain_until": ""}}, session=session)
 
     def closed_before(self, limit: datetime) -> list[str]:
         """Ids of the DMPs closed at or before ``limit``."""
@@ -725,10 +724,6 @@ class Storage:
             return
         with self.client.start_session() as s:
             s.with_transaction(write, write_concern=WriteConcern(w="majority", j=True))
-
-    def mark_journal_retention(self, pid: str, until: datetime) -> int:
-        """``retain_until`` on every event of ``pid``'s chain or compartment; the number updated."""
-        return self._journal().update_many({"pid": pid}, {"$set": {"retain_until": until}}).modified_count
 
     def _queued(self, pid: str | None = None):
         """``(t, item)`` for every queued (unsealed) event, ``pid``'s only when given."""

@@ -15,8 +15,7 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from pymongo import monitoring
 
 from fhir_dmp.embedded_db import free_port as _free_port
-from fhir_dmp.security.audit import (AccessRecord, AuditLog, build_event, chain_hash, mark_retention,
-                                     verify_chains)
+from fhir_dmp.security.audit import AccessRecord, AuditLog, build_event, chain_hash, verify_chains
 from fhir_dmp.security.sealer import LeaseLost, Sealer, load_signing_key
 from tests.builders import rewrite_journal_entry
 from fhir_dmp.storage import (CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS,
@@ -440,18 +439,6 @@ def test_unwritable_journal_raises(server):
         assert info.value.status == 503
     finally:
         client.close()
-
-
-def test_mark_retention(db, sealer):
-    log = AuditLog(st(db))
-    log.append([ev(), ev(patient_id="p2")])
-    sealer.seal_all()
-    closed = datetime(2024, 2, 29, 12, 0, tzinfo=timezone.utc)
-    assert mark_retention(st(db), "p1", closed) == 1
-    doc = db[COLLECTION].find_one({"pid": "p1"})
-    assert doc["retain_until"].replace(tzinfo=timezone.utc) == datetime(2034, 2, 28, 12, 0, tzinfo=timezone.utc)
-    assert "retain_until" not in db[COLLECTION].find_one({"pid": "p2"})
-    assert verify_chains(st(db)) == []
 
 
 def test_queue_entries_emptied_by_a_destroy_are_dropped_and_the_rest_sealed(db, sealer):

@@ -198,3 +198,29 @@ def test_update_as_create_is_not_declared(api):
     body = b.consent(pat["id"], "permit", actor=b.PS_OTHER)
     assert api.as_ps().put("Consent/cap-fresh-id", dict(body, id="cap-fresh-id")).status_code == 404
     assert api.as_admin().put("Consent/cap-fresh-id", dict(body, id="cap-fresh-id")).status_code == 201
+
+
+def test_binary_content_never_changes_in_place(api):
+    """Issue 18 hole 5: no one may update a Binary (the author got 403, others 404): the statement
+    does not declare it and ``PUT Binary`` answers 405 with ``Allow`` and an OperationOutcome."""
+    binary = next(r for r in STATEMENT["rest"][0]["resource"] if r["type"] == "Binary")
+    assert "update" not in {i["code"] for i in binary["interaction"]}
+    ps = api.as_ps()
+    pat = ps.create(b.patient())
+    doc = ps.create(b.docref(pat["id"]))
+    bid = doc["content"][0]["attachment"]["url"].split("/")[1]
+    for caller in (ps, api.as_ps(b.PS_OTHER), api.as_admin()):
+        for r in (caller.put(f"Binary/{bid}", raw=b"%PDF-1.4 new", content_type="application/pdf"),
+                  caller.put(f"Binary/{bid}", {"resourceType": "Binary", "id": bid, "contentType": "text/plain",
+                                               "data": "eA=="}),
+                  caller.put(f"Binary?_id={bid}", {"resourceType": "Binary", "contentType": "text/plain"})):
+            assert r.status_code == 405, r.get_data(as_text=True)
+            assert "PUT" not in r.headers["Allow"] and "GET" in r.headers["Allow"]
+            assert r.json["resourceType"] == "OperationOutcome"
+            assert "relatesTo" in r.json["issue"][0]["diagnostics"]
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [{
+        "resource": {"resourceType": "Binary", "id": bid, "contentType": "text/plain", "data": "eA=="},
+        "request": {"method": "PUT", "url": f"Binary/{bid}"}}]}
+    out = api.as_admin().post("", bundle)
+    assert out.json["entry"][0]["response"]["status"] == "405"
+    assert ps.get(f"Binary/{bid}", headers={"Accept": "application/pdf"}).data.startswith(b"%PDF")

@@ -363,3 +363,31 @@ def test_a_write_that_races_a_destroy_is_purged_after_it_commits(api, dmp):
     assert db["DocumentReference"].count_documents({"pid": pid}) == 0
     # a DMP that never existed is not "destroyed": nothing is written for it
     assert not lifecycle.was_destroyed(backend_of(api).storage, "never-existed")
+
+
+def test_closing_is_all_or_nothing_with_its_retention(api, app):
+    """Hole 6: the close and what retention counts from (the Patient's ``closed_at``) are one unit
+    of work: a transaction that fails after the close leaves the DMP open, unstamped, and its
+    journal untouched (no ``retain_until`` written beside it: the journal goes with the DMP); one
+    that commits stamps ``closed_at`` at the closing version's time, which retention reads."""
+    UNKNOWN_ID = "0123456789abcdef01234567"
+    admin = api.as_admin()
+    pat = admin.create(b.patient())
+    db = app.extensions["fhir_dmp"].storage.db
+    closing = {"resource": dict(pat, active=False), "request": {"method": "PUT", "url": f"Patient/{pat['id']}"}}
+    failing = {"resource": b.docref(pat["id"]) | {"id": UNKNOWN_ID},
+               "request": {"method": "PUT", "url": f"DocumentReference/{UNKNOWN_ID}", "ifMatch": 'W/"4"'}}
+    r = admin.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [closing, failing]})
+    assert r.status_code == 412, r.json
+    stored = db["Patient"].find_one({"_id": pat["id"]})
+    assert "closed_at" not in stored
+    assert db["AuditEvent"].find_one({"pid": pat["id"], "retain_until": {"$exists": True}}) is None
+    assert admin.get(f"Patient/{pat['id']}").json["active"] is True
+    closed = admin.put(f"Patient/{pat['id']}", dict(pat, active=False))
+    assert closed.status_code == 200
+    stored = db["Patient"].find_one({"_id": pat["id"]})
+    assert stored["closed_at"].isoformat()[:19] == closed.json["meta"]["lastUpdated"][:19]
+    at = stored["closed_at"].replace(tzinfo=timezone.utc)
+    storage, years = backend_of(api).storage, backend_of(api).config.retention_years
+    assert pat["id"] not in lifecycle.retention_due(storage, years, at + timedelta(days=365 * years - 1))
+    assert pat["id"] in lifecycle.retention_due(storage, years, at + timedelta(days=366 * years))

@@ -261,13 +261,3 @@ def test_post_search_and_sort(api):
     assert any(link["relation"] == "next" for link in asc["link"])
     r = admin.post("Patient/_search", raw=b'{"family": "x"}', content_type="application/json")
     assert r.status_code == 415
-
-
-def test_closing_a_dmp_keeps_its_journal_ten_years(api, app):
-    admin = api.as_admin()
-    pat = admin.create(b.patient())
-    admin.get(f"Patient/{pat['id']}")
-    assert admin.put(f"Patient/{pat['id']}", dict(pat, active=False)).status_code == 200
-    events = app.extensions["fhir_dmp"].storage.db["AuditEvent"]
-    kept = events.find_one({"pid": pat["id"], "retain_until": {"$exists": True}})
-    assert kept and kept["retain_until"].year >= 2036

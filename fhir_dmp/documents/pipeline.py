@@ -30,7 +30,7 @@ from ..storage import VersionConflict, new_id
 from .cda import check_cda_matches, inspect_cda
 from .pdf import inspect_pdf
 from .rubriques import fill_category
-from ..security.consent import is_personal_document
+from ..security.consent import deny, is_personal_document
 
 CDA_TYPES = {"text/xml", "application/xml", "application/hl7-v3+xml", "application/cda+xml"}
 PDF_TYPES = {"application/pdf"}
@@ -82,19 +82,20 @@ def inspect_content(content: bytes, content_type: str | None, where: str, *, max
 def prepare_document(repo, resource: dict, old: dict | None, pid: str, interaction: str = "create") -> dict:
     """The rules of security/consent.py on what a deposit carries (qualified INS, author of record,
     ``relatesTo replaces``, the CDA's patient), applied to ``resource``; a deny answers 422 with
-    its reason and is journaled."""
+    its reason and is journaled, also in the journal of another DMP a refused reference names."""
     resource = copy.deepcopy(resource)
     access = repo.access
     st = access.state(pid)
 
-    def journal(decision):
+    def journal(decision, named=None):
         rid = (old or {}).get("id")
         repo.record(interaction, outcome="4", patient_id=pid, decision=decision, http_status=422,
                     resource=f"DocumentReference/{rid}" if rid else "DocumentReference")
+        repo.journal_named(interaction, named, pid, decision, 422)
 
-    def enforce(decision, expression):
+    def enforce(decision, expression, named=None):
         if not decision.permit:
-            journal(decision)
+            journal(decision, named)
             raise Unprocessable(decision.reason, expression=expression)
 
     if old is None:
@@ -107,7 +108,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str, interacti
             continue
         target_id = reference_id((rel.get("target") or {}).get("reference"), "DocumentReference")
         target = repo.storage.read("DocumentReference", target_id, session=repo.session) if target_id else None
-        enforce(access.may_replace(target, pid), f"DocumentReference.relatesTo[{i}].target")
+        enforce(access.may_replace(target, pid), f"DocumentReference.relatesTo[{i}].target", target)
     ins = dmp.patient_ins(st.patient) if st.patient else None
     codes = dmp.doc_type_codes(resource)
     fill_category(resource, codes, personal=is_personal_document(resource, pid))
@@ -133,8 +134,8 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str, interacti
             # it under this document's labels): CONTRACT.md "REST behaviour"
             if binary is None or binary.deleted or binary.pid != pid \
                     or (owner is not None and (old is None or owner != old.get("id"))):
-                raise Unprocessable("attachment.url must point to a Binary of the same record not attached "
-                                    "to another document", expression=where + ".url")
+                enforce(deny("attachment-url", "attachment.url must point to a Binary of the same record not "
+                             "attached to another document"), where + ".url", binary)
             if _base_type(binary.resource.get("contentType")) != _base_type(att.get("contentType")):
                 # else a PDF uploaded as application/octet-stream would escape inspection
                 raise Unprocessable("attachment.contentType differs from the contentType of its Binary",

@@ -24,11 +24,10 @@ from ..errors import (
     FhirError,
     MethodNotAllowed,
     NotFound,
-    PreconditionFailed,
 )
 from ..storage import new_id
 from .http import bundle, full_url, ignored_entry, lenient, read_body, respond, version_headers
-from .rest import HOSTED, READ_ONLY, checked
+from .rest import HOSTED, READ_ONLY, checked, updatable
 
 bp = Blueprint("fhir_bundles", __name__, url_prefix="/fhir")
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -202,9 +201,7 @@ def _entry(entry: dict, session, index: int) -> dict:
     resource = checked(rtype, resource)
     if method == "POST":
         if req.get("ifNoneExist"):
-            matches = repo.find_matches(rtype, parse_qsl(req["ifNoneExist"].split("?", 1)[-1]))
-            if len(matches) > 1:
-                raise PreconditionFailed("ifNoneExist matches several resources")
+            matches = repo.find_matches(rtype, parse_qsl(req["ifNoneExist"].split("?", 1)[-1]), "create")
             if matches:
                 return _ok(matches[0], "200 OK")
         resource.pop("id", None)
@@ -214,6 +211,7 @@ def _entry(entry: dict, session, index: int) -> dict:
     if method == "PUT":
         if len(path) < 2:
             raise BadRequest("conditional update is not supported in Bundles")
+        updatable(rtype)
         if resource.get("id") != path[1]:
             raise BadRequest("resource.id must match the request url", expression=f"Bundle.entry[{index}].resource.id")
         stored, created = repo.update(rtype, path[1], resource, if_match=req.get("ifMatch"), session=session)

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from flask import Blueprint, Response, g, request, stream_with_context
 
-from ..errors import BadRequest, MethodNotAllowed, NotFound, PreconditionFailed, UnsupportedMediaType
+from ..errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..profiles import validate
 from ..security.consent import SERVER_WRITTEN
 from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
@@ -23,6 +23,7 @@ HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Co
 READ_ONLY = SERVER_WRITTEN   # written by the server only (the decision module's list)
 PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
 NOT_CONDITIONAL = ("Binary",)   # not searchable by its readers: conditional writes could not match
+NOT_UPDATABLE = ("Binary",)     # content never changes in place: a new document replaces the old one
 CONTROL = {"_format", "_pretty", "_cursor"}
 
 
@@ -36,15 +37,26 @@ def allowed_methods(rtype: str, instance: bool) -> str:
     """The ``Allow`` header of a 405 (RFC 9110 §15.5.6) for a type or an instance URL."""
     if rtype in READ_ONLY:
         return "GET, HEAD, OPTIONS"
+    put = "" if rtype in NOT_UPDATABLE else ", PUT"
     if instance:
-        return "GET, HEAD, PUT, DELETE, OPTIONS" + (", PATCH" if rtype in PATCHABLE else "")
-    return "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+        return f"GET, HEAD{put}, DELETE, OPTIONS" + (", PATCH" if rtype in PATCHABLE else "")
+    return f"GET, HEAD, POST{put}, DELETE, OPTIONS"
 
 
 def writable(rtype: str, instance: bool = False) -> str:
     hosted(rtype)
     if rtype in READ_ONLY:
         raise MethodNotAllowed(f"{rtype} is read-only: the server writes it", code="not-supported",
+                               headers={"Allow": allowed_methods(rtype, instance)})
+    return rtype
+
+
+def updatable(rtype: str, instance: bool = True) -> str:
+    """CONTRACT.md "REST behaviour": Binary content never changes in place; ``PUT Binary`` is a 405."""
+    writable(rtype, instance)
+    if rtype in NOT_UPDATABLE:
+        raise MethodNotAllowed(f"{rtype} content never changes in place: deposit a new DocumentReference "
+                               "whose relatesTo replaces the old one", code="not-supported",
                                headers={"Allow": allowed_methods(rtype, instance)})
     return rtype
 
@@ -92,19 +104,13 @@ def vread(rtype, rid, vid):
 
 @bp.put("/<rtype>/<rid>")
 def update(rtype, rid):
-    writable(rtype, instance=True)
-    if rtype == "Binary" and not _is_fhir_body():
-        resource = {"resourceType": "Binary", "id": rid, "contentType": request.content_type,
-                    **_security_context()}
-        stored, created = g.repo.update(rtype, rid, resource, if_match=request.headers.get("If-Match"),
-                                        content=_raw_stream())
-    else:
-        resource = read_body(rtype)
-        if resource.get("id") != rid:
-            raise BadRequest(f"the body's id {resource.get('id')!r} does not match the URL id {rid!r}",
-                             expression=f"{rtype}.id")
-        resource = checked(rtype, resource)
-        stored, created = g.repo.update(rtype, rid, resource, if_match=request.headers.get("If-Match"))
+    updatable(rtype)
+    resource = read_body(rtype)
+    if resource.get("id") != rid:
+        raise BadRequest(f"the body's id {resource.get('id')!r} does not match the URL id {rid!r}",
+                         expression=f"{rtype}.id")
+    resource = checked(rtype, resource)
+    stored, created = g.repo.update(rtype, rid, resource, if_match=request.headers.get("If-Match"))
     return write_response(stored, 201 if created else 200, location=created)
 
 
@@ -189,9 +195,7 @@ def create(rtype):
     resource = checked(rtype, read_body(rtype))
     condition = request.headers.get("If-None-Exist")
     if condition:
-        matches = g.repo.find_matches(rtype, _criteria(condition))
-        if len(matches) > 1:
-            raise PreconditionFailed("If-None-Exist matches several resources")
+        matches = g.repo.find_matches(rtype, _criteria(condition), "create")
         if matches:
             return write_response(matches[0], 200)
     resource.pop("id", None)
@@ -201,7 +205,7 @@ def create(rtype):
 
 @bp.put("/<rtype>")
 def conditional_update(rtype):
-    writable(rtype)
+    updatable(rtype, instance=False)
     resource = checked(rtype, read_body(rtype))
     matches = _conditional_matches(rtype, "update")
     if not matches:
@@ -230,10 +234,7 @@ def _conditional_matches(rtype: str, what: str) -> list:
     criteria = [(k, v) for k, v in request.args.items(multi=True) if k not in CONTROL]
     if not criteria:
         raise BadRequest(f"conditional {what} needs search criteria")
-    matches = g.repo.find_matches(rtype, criteria)
-    if len(matches) > 1:
-        raise PreconditionFailed("the criteria match several resources")
-    return matches
+    return g.repo.find_matches(rtype, criteria, what)
 
 
 def _conditional_supported(rtype: str, what: str) -> None:

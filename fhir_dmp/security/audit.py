@@ -18,8 +18,9 @@ AuditEvent https://hl7.org/fhir/R4/auditevent.html.
 Storage (issue 13: every collection is insert-mostly, SecantusDB updates being dear):
 
 - ``AuditEvent``: the events, common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``,
-  ``del`` = False, ``res``, ``s``, ``o``), written once; ``retain_until`` (set by
-  mark_retention when the DMP closes) and ``s``/``o`` live beside ``res`` and are not hashed.
+  ``del`` = False, ``res``, ``s``, ``o``), written once; ``s``/``o`` live beside ``res`` and are
+  not hashed. A DMP's journal is kept as long as the DMP and destroyed with it (retention counts
+  from the Patient's ``closed_at``: lifecycle.py).
 - ``AuditEvent_queue``: per append, ``{t, items: [{e: event id, p: patient or None,
   d: content digest}]}``, in the same transaction as the events: the sealer's to-do list.
 - ``AuditEvent_link``: per sealing pass and chain, a run of consecutive links::
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 
 SYSTEM_CHAIN = "_system"
 GENESIS = "0" * 64
-RETENTION_YEARS = 10
 
 # --- code systems -----------------------------------------------------------
 EVENT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/audit-event-type"
@@ -645,14 +645,3 @@ def add_years(t: datetime, years: int) -> datetime:
         return t.replace(year=t.year + years)
     except ValueError:
         return t.replace(year=t.year + years, day=28)
-
-
-def mark_retention(storage, patient_id: str, closed_at: datetime, years: int = RETENTION_YEARS) -> int:
-    """Keep this patient's journal ``years`` (FHIR_DMP_RETENTION_YEARS) after the DMP closed.
-
-    Sets ``retain_until = closed_at + years`` beside ``res`` (not hashed)
-    on every event of the patient's chain or of its compartment (``pid``, e.g. the patient's own
-    searches that touched no record); returns the number updated. A
-    purge job may delete events only once ``retain_until`` has passed.
-    """
-    return storage.mark_journal_retention(patient_id, add_years(closed_at, years))

@@ -1,0 +1,114 @@
+"""Every refused write and every vread is in the patient's journal (issue 18, holes 2 and 6).
+
+CONTRACT.md "REST behaviour": a write naming a resource the caller may not see answers exactly
+like one naming a missing resource; the journal still has it, in the journal of the DMP it names,
+which the patient reads with ``GET AuditEvent?patient=Patient/{id}``.
+
+Real app, real tokens, real SecantusDB.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests import builders as b
+from tests.test_journal import find, journal
+
+MISSING = "0123456789abcdef01234567"
+
+
+@pytest.fixture
+def world(api):
+    """DMP A opened by PS_DR (two documents, one deleted), DMP B opened by PS_OTHER."""
+    dr, other = api.as_ps(b.PS_DR), api.as_ps(b.PS_OTHER)
+    a = dr.create(b.patient())["id"]
+    doc = dr.create(b.docref(a))
+    gone = dr.create(b.docref(a, b.LAB))
+    assert dr.delete(f"DocumentReference/{gone['id']}").status_code == 204
+    return {"a": a, "b": other.create(b.patient())["id"], "doc": doc, "gone": gone["id"],
+            "binary": doc["content"][0]["attachment"]["url"].split("/")[1], "dr": dr, "other": other,
+            "me": api.as_patient(a)}
+
+
+def refusals(world, ps: str) -> int:
+    """How many refusals of ``ps`` the patient of DMP A reads in their journal."""
+    events = journal(world["me"], world["a"])
+    return len(find(events, ps=ps, outcome="4")) + len(find(events, ps=ps, outcome="8"))
+
+
+def same_answer(named, missing, hidden_id: str, missing_id: str) -> None:
+    """The same status and OperationOutcome, no other id (CONTRACT.md "REST behaviour")."""
+    assert named.status_code == missing.status_code, (named.json, missing.json)
+    body = named.get_data(as_text=True).replace(hidden_id, missing_id)
+    strip = lambda issue: {k: v for k, v in issue.items() if k != "diagnostics"} | {   # noqa: E731
+        "diagnostics": issue.get("diagnostics", "").replace(hidden_id, missing_id)}
+    assert [strip(i) for i in named.json["issue"]] == [strip(i) for i in missing.json["issue"]], body
+
+
+def test_a_refused_deposit_is_in_the_journal_of_the_dmp_it_names(world):
+    """Hole 2: X-Security-Context, relatesTo and attachment.url naming DMP A, by a PS who may not
+    see it: answered as missing, journaled in A."""
+    other, doc, bid = world["other"], world["doc"], world["binary"]
+
+    def binary(target):
+        return other.post("Binary", raw=b"%PDF-1.4 x", content_type="application/pdf",
+                          headers={"X-Security-Context": f"DocumentReference/{target}"})
+
+    def replacing(target):
+        return other.post("DocumentReference", b.docref(world["b"]) | {"relatesTo": [
+            {"code": "replaces", "target": {"reference": f"DocumentReference/{target}"}}]})
+
+    def attaching(target):
+        return other.post("DocumentReference", b.docref(world["b"]) | {"content": [
+            {"attachment": {"contentType": "application/pdf", "url": f"Binary/{target}"}}]})
+
+    for write, hidden in ((binary, doc["id"]), (replacing, doc["id"]), (attaching, bid)):
+        before = refusals(world, b.PS_OTHER)
+        named = write(hidden)
+        assert named.status_code == 422, write
+        same_answer(named, write(MISSING), hidden, MISSING)
+        assert refusals(world, b.PS_OTHER) == before + 1, write
+
+
+def test_every_refused_write_and_every_vread_is_in_the_journal(world):
+    """Hole 6: refusals raised before the unit of work starts (If-Match 400/412, a move to another
+    record, a patch that does not apply, an If-Match on a deleted resource, a conditional write
+    matching several) and the vread of a deletion are journaled in the DMP, with their outcome."""
+    dr, a, doc, gone = world["dr"], world["a"], world["doc"], world["gone"]
+    url = f"DocumentReference/{doc['id']}"
+    steps = [
+        (400, lambda: dr.put(url, doc, headers={"If-Match": "three"})),
+        (412, lambda: dr.put(url, doc, headers={"If-Match": 'W/"9"'})),
+        (412, lambda: dr.put(f"DocumentReference/{gone}", b.docref(a) | {"id": gone},
+                             headers={"If-Match": 'W/"1"'})),
+        (422, lambda: dr.put(url, doc | {"subject": {"reference": f"Patient/{world['b']}"}})),
+        (422, lambda: dr.patch(url, [{"op": "remove", "path": "/nothing/here"}])),
+        (412, lambda: dr.post("DocumentReference", b.docref(a), headers={"If-None-Exist": f"patient={a}"})),
+        (412, lambda: dr.put(f"DocumentReference?patient={a}", b.docref(a))),
+    ]
+    dr.create(b.docref(a, b.IMAGING))      # two current documents: the conditional writes match both
+    for status, call in steps:
+        before = refusals(world, b.PS_DR)
+        r = call()
+        assert r.status_code == status, r.get_data(as_text=True)
+        assert refusals(world, b.PS_DR) == before + 1, (status, r.json)
+    # the vread of a version that is a deletion: 410 to who sees it, journaled
+    before = len(find(journal(world["me"], a), ps=b.PS_DR, interaction="vread", outcome="4"))
+    assert dr.get(f"DocumentReference/{gone}/_history/2").status_code == 410
+    events = journal(world["me"], a)
+    assert len(find(events, ps=b.PS_DR, interaction="vread", outcome="4")) == before + 1
+    # ... and to a PS who may not see it, exactly a missing one; journaled too
+    before = refusals(world, b.PS_OTHER)
+    hidden = world["other"].get(f"DocumentReference/{gone}/_history/2")
+    same_answer(hidden, world["other"].get(f"DocumentReference/{MISSING}/_history/2"), gone, MISSING)
+    assert hidden.status_code == 404 and refusals(world, b.PS_OTHER) == before + 1
+
+
+def test_a_refused_write_inside_a_transaction_is_journaled_in_its_dmp(world):
+    """A 412 raised inside the write's transaction: in the DMP's journal, like one raised before."""
+    dr, doc = world["dr"], world["doc"]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "resource": doc, "request": {"method": "PUT", "url": f"DocumentReference/{doc['id']}",
+                                     "ifMatch": 'W/"7"'}}]}
+    before = refusals(world, b.PS_DR)
+    assert dr.post("", bundle).status_code == 412
+    assert refusals(world, b.PS_DR) == before + 1
