@@ -1,5 +1,5 @@
-"""Signing in to the portal through a real OpenID Connect provider (the kit in
-``../shared/tools/oidc``, node ``oidc-provider``), in a real headless Chromium.
+"""Signing in to the portal through a real OpenID Connect provider (``tests/oidc_provider.py``,
+authlib's server on a real socket), in a real headless Chromium.
 
 The server runs with ``FHIR_DMP_ISSUER`` = the provider; the portal is its client
 ``dmp-portal`` (confidential, with PKCE S256). The access token the portal gets is the caller's
@@ -8,7 +8,6 @@ the effect of the patient's choices through the FHIR API.
 """
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,19 +17,20 @@ import requests
 from fhir_dmp.config import Config
 from tests import builders
 from tests.api import Api
-from tests.portal_kit import LiveServer, OidcProvider, free_port, open_portal, unique_db
+from tests.oidc_provider import OidcProvider, load_clients
+from tests.portal_kit import LiveServer, free_port, open_portal, unique_db
 
 PATIENT_ID = "oidc-claire"
 PS = "899700218896"                    # the kit's psc-ps-m2m professional (médecin)
 
 
 @pytest.fixture(scope="module")
-def oidc_server(oidc_kit, mongo_server, mongo_client, tmp_path_factory):
+def oidc_server(mongo_server, mongo_client, tmp_path_factory):
     work = tmp_path_factory.mktemp("op")
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     base = origin + "/fhir"
-    clients = json.loads((oidc_kit / "clients.json").read_text(encoding="utf-8"))
+    clients = load_clients()
     clients["clients"].append({
         "client_id": "dmp-portal", "client_secret": "dmp-portal-secret",
         "token_endpoint_auth_method": "client_secret_basic", "grant_types": ["authorization_code"],
@@ -38,7 +38,7 @@ def oidc_server(oidc_kit, mongo_server, mongo_client, tmp_path_factory):
     clients["accounts"]["claire"] = {"password": "claire-password",
                                      "profile": {"given_name": "Claire", "family_name": "Martin"},
                                      "claims": {"fhirUser": f"Patient/{PATIENT_ID}"}}
-    op = OidcProvider(oidc_kit, work, clients=clients, audience=base)
+    op = OidcProvider(clients=clients, audience=base)
     db = unique_db(mongo_client)
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=work / "data", base_url=base,
                  issuer=op.issuer, portal_client_id="dmp-portal", portal_client_secret="dmp-portal-secret",
