@@ -129,3 +129,26 @@ def test_a_professional_account_cannot_enter_the_patient_portal(browser, oidc_se
     portal.go("/portal/documents")           # not signed in: back through the issuer, refused again
     assert portal.find("error").get_attribute("data-status") == "401"
     assert portal.all("document") == []
+
+
+def test_the_provider_issues_psc_shaped_tokens_for_the_fhir_base_only(oidc_server):
+    """The test provider's own contract (tests/oidc_provider.py): an RS256 at+jwt whose key is in
+    its JWKS, aud = the FHIR base, the Pro Santé Connect claims of the client; another resource
+    or a wrong secret is refused."""
+    from joserfc import jwt
+    from joserfc.jwk import KeySet
+    op = oidc_server.op
+    discovery = requests.get(op.issuer + "/.well-known/openid-configuration", timeout=10).json()
+    keys = KeySet.import_key_set(requests.get(discovery["jwks_uri"], timeout=10).json())
+    token = jwt.decode(op.client_token("psc-ps-m2m", "user/*.cruds", oidc_server.base), keys)
+    assert token.header["alg"] == "RS256" and token.header["typ"] == "at+jwt"
+    claims = token.claims
+    assert claims["iss"] == op.issuer and claims["aud"] == oidc_server.base and claims["scope"] == "user/*.cruds"
+    assert claims["sub"] == claims["SubjectNameID"] == PS and claims["SubjectRole"] == ["10"]
+    assert claims["acr"] == "eidas1" and claims["purpose_of_use"] == "TREAT"
+    elsewhere = requests.post(op.issuer + "/token", auth=("psc-ps-m2m", "psc-ps-m2m-secret"), timeout=10,
+                              data={"grant_type": "client_credentials", "resource": "https://elsewhere/fhir"})
+    assert elsewhere.status_code == 400 and elsewhere.json()["error"] == "invalid_target"
+    wrong = requests.post(op.issuer + "/token", auth=("psc-ps-m2m", "not-the-secret"), timeout=10,
+                          data={"grant_type": "client_credentials"})
+    assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client"
