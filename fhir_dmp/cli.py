@@ -53,12 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="FHIR R4 server for the French shared medical record (DMP).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def listen_options(p, what):
-        p.add_argument("--host", default=None, help=f"{what} (default 127.0.0.1)")
-        p.add_argument("--port", type=_port, default=None, help=f"{what} port (default 8080)")
+    def listen_options(p, where):
+        p.add_argument("--host", default=None, help=f"address {where} (default 127.0.0.1)")
+        p.add_argument("--port", type=_port, default=None, help=f"port {where} (default 8080)")
 
     p = sub.add_parser("serve", help="serve the FHIR API at http://HOST:PORT/fhir")
-    listen_options(p, "address to listen on")
+    listen_options(p, "to listen on")
     p.add_argument("--workers", type=_positive, default=None,
                    help="worker processes (default: one per CPU core, at most 8)")
     p.set_defaults(func=cmd_serve)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", metavar="S", help="SMART scopes (space separated)")
     p.add_argument("--lifetime", type=_positive, default=3600, metavar="SEC",
                    help="validity in seconds (default 3600)")
-    listen_options(p, "address the server listens on")
+    listen_options(p, "the server listens on")
     p.set_defaults(func=cmd_dev_token)
 
     p = sub.add_parser("load", help="import FHIR Bundles (JSON) or NDJSON files")

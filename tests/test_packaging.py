@@ -29,12 +29,52 @@ def test_wheel_carries_the_capability_statement_and_ig(tmp_path):
     import subprocess
     import sys
     import zipfile
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v",
+                            "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, text=True,
+                           timeout=300)
+    # every data folder is declared (setup.cfg): setuptools has nothing to warn about
+    assert "absent from the `packages` configuration" not in built.stdout + built.stderr
     wheel = next(tmp_path.glob("fhir_dmp-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "fhir_dmp/data/capability_statement.json" in names
     ig = {p.name for p in (ROOT / "ig").glob("*.json")}
     assert ig and {f"fhir_dmp/data/ig/{n}" for n in ig} <= names
-    assert "fhir_dmp/portal/templates/portal/base.html" in names or any(
-        n.startswith("fhir_dmp/portal/templates/") for n in names)
+    # every file of the package's data folders is in the wheel (templates, CSS, CSV, JSON)
+    package = ROOT / "fhir_dmp"
+    data = {f"fhir_dmp/{p.relative_to(package).as_posix()}" for p in package.rglob("*")
+            if p.is_file() and p.suffix in (".html", ".css", ".csv", ".json")}
+    assert "fhir_dmp/portal/templates/portal/base.html" in data and data <= names
+
+
+def _readme_commands() -> list[str]:
+    import re
+    return re.findall(r"```sh\n(.*?)\n```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
+    serve, test = _readme_commands()[:2]
+    assert serve == "pip install -e . && fhir-dmp serve"
+    assert test == "pip install -e '.[test]' -c constraints.txt && pytest"
+    ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line and not line.startswith("#")]
+    assert ci[-1] == test
+
+
+def test_constraints_pin_every_requirement_within_setup_cfg_ranges():
+    """constraints.txt is the closure of .[test]: each requirement of setup.cfg is pinned there, at
+    a version its range allows (one set of versions)."""
+    import configparser
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg", encoding="utf-8")
+    lines = cfg["options"]["install_requires"].splitlines() + cfg["options.extras_require"]["test"].splitlines()
+    requirements = [Requirement(line) for line in lines if line.strip() and not line.strip().startswith("#")]
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+                if "==" in line and not line.startswith("#"))
+    pins = {canonicalize_name(name): version for name, version in pins.items()}
+    assert requirements
+    for req in requirements:
+        assert canonicalize_name(req.name) in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[canonicalize_name(req.name)], prereleases=True), \
+            f"{req.name}=={pins[canonicalize_name(req.name)]} is outside {req.specifier}"

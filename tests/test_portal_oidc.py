@@ -1,5 +1,5 @@
-"""Signing in to the portal through a real OpenID Connect provider (the kit in
-``../shared/tools/oidc``, node ``oidc-provider``), in a real headless Chromium.
+"""Signing in to the portal through a real OpenID Connect provider (``tests/oidc_provider.py``,
+authlib's server on a real socket), in a real headless Chromium.
 
 The server runs with ``FHIR_DMP_ISSUER`` = the provider; the portal is its client
 ``dmp-portal`` (confidential, with PKCE S256). The access token the portal gets is the caller's
@@ -8,7 +8,6 @@ the effect of the patient's choices through the FHIR API.
 """
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,19 +17,20 @@ import requests
 from fhir_dmp.config import Config
 from tests import builders
 from tests.api import Api
-from tests.portal_kit import LiveServer, OidcProvider, free_port, open_portal, unique_db
+from tests.oidc_provider import OidcProvider, load_clients
+from tests.portal_kit import LiveServer, free_port, open_portal, unique_db
 
 PATIENT_ID = "oidc-claire"
 PS = "899700218896"                    # the kit's psc-ps-m2m professional (médecin)
 
 
 @pytest.fixture(scope="module")
-def oidc_server(oidc_kit, mongo_server, mongo_client, tmp_path_factory):
+def oidc_server(mongo_server, mongo_client, tmp_path_factory):
     work = tmp_path_factory.mktemp("op")
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     base = origin + "/fhir"
-    clients = json.loads((oidc_kit / "clients.json").read_text(encoding="utf-8"))
+    clients = load_clients()
     clients["clients"].append({
         "client_id": "dmp-portal", "client_secret": "dmp-portal-secret",
         "token_endpoint_auth_method": "client_secret_basic", "grant_types": ["authorization_code"],
@@ -38,7 +38,7 @@ def oidc_server(oidc_kit, mongo_server, mongo_client, tmp_path_factory):
     clients["accounts"]["claire"] = {"password": "claire-password",
                                      "profile": {"given_name": "Claire", "family_name": "Martin"},
                                      "claims": {"fhirUser": f"Patient/{PATIENT_ID}"}}
-    op = OidcProvider(oidc_kit, work, clients=clients, audience=base)
+    op = OidcProvider(clients=clients, audience=base)
     db = unique_db(mongo_client)
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=work / "data", base_url=base,
                  issuer=op.issuer, portal_client_id="dmp-portal", portal_client_secret="dmp-portal-secret",
@@ -129,3 +129,26 @@ def test_a_professional_account_cannot_enter_the_patient_portal(browser, oidc_se
     portal.go("/portal/documents")           # not signed in: back through the issuer, refused again
     assert portal.find("error").get_attribute("data-status") == "401"
     assert portal.all("document") == []
+
+
+def test_the_provider_issues_psc_shaped_tokens_for_the_fhir_base_only(oidc_server):
+    """The test provider's own contract (tests/oidc_provider.py): an RS256 at+jwt whose key is in
+    its JWKS, aud = the FHIR base, the Pro Santé Connect claims of the client; another resource
+    or a wrong secret is refused."""
+    from joserfc import jwt
+    from joserfc.jwk import KeySet
+    op = oidc_server.op
+    discovery = requests.get(op.issuer + "/.well-known/openid-configuration", timeout=10).json()
+    keys = KeySet.import_key_set(requests.get(discovery["jwks_uri"], timeout=10).json())
+    token = jwt.decode(op.client_token("psc-ps-m2m", "user/*.cruds", oidc_server.base), keys)
+    assert token.header["alg"] == "RS256" and token.header["typ"] == "at+jwt"
+    claims = token.claims
+    assert claims["iss"] == op.issuer and claims["aud"] == oidc_server.base and claims["scope"] == "user/*.cruds"
+    assert claims["sub"] == claims["SubjectNameID"] == PS and claims["SubjectRole"] == ["10"]
+    assert claims["acr"] == "eidas1" and claims["purpose_of_use"] == "TREAT"
+    elsewhere = requests.post(op.issuer + "/token", auth=("psc-ps-m2m", "psc-ps-m2m-secret"), timeout=10,
+                              data={"grant_type": "client_credentials", "resource": "https://elsewhere/fhir"})
+    assert elsewhere.status_code == 400 and elsewhere.json()["error"] == "invalid_target"
+    wrong = requests.post(op.issuer + "/token", auth=("psc-ps-m2m", "not-the-secret"), timeout=10,
+                          data={"grant_type": "client_credentials"})
+    assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client"

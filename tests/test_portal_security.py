@@ -5,6 +5,7 @@ journal. Dev mode (the dev signing key), a fresh database per test.
 """
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -229,11 +230,18 @@ def test_portal_actions_are_journaled_like_api_calls(dev):
     assert updates and updates[0]["outcome"] == "0"
 
 
-def test_an_unknown_patient_id_at_dev_login_shows_nothing(dev):
+def test_an_unknown_patient_id_at_dev_login_is_said_on_the_sign_in_page(dev):
     dev.dmp()
-    client = dev.browser("does-not-exist")
-    assert client.get("/portal/").status_code == 404
-    assert client.get("/portal/documents").get_data(as_text=True).count('data-testid="document"') == 0
+    client = dev.browser()
+    token = csrf_token(client.get("/portal/login").get_data(as_text=True))
+    r = client.post("/portal/login", data={"patient": "does-not-exist", "csrf_token": token})
+    assert r.status_code == 404
+    page = html.unescape(r.get_data(as_text=True))
+    assert 'data-testid="flash-error"' in page and "Aucun dossier n'a l'identifiant « does-not-exist »" in page
+    assert 'data-testid="dev-login"' in page                    # the form again, to try another id
+    # no session: the portal still sends to the sign-in page, and shows nothing
+    assert client.get("/portal/").headers["Location"].endswith("/portal/login")
+    assert client.get("/portal/documents").status_code == 302
 
 
 # ----------------------------------------------------------------------------- OIDC mode config

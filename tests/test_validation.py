@@ -22,9 +22,7 @@ from fhir_dmp.profiles import dmp
 from fhir_dmp.profiles.validation import REQUIRED_BINDINGS, _loc_to_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = next((d for d in (os.path.join(ROOT, "tests", "fixtures", "r4"),
-                             "/work/shared/fixtures/r4") if glob.glob(os.path.join(d, "*.json"))),
-                None)
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "r4")      # official R4 examples, in the repository
 IG = os.path.join(ROOT, "ig")
 XHTML = "http://www.w3.org/1999/xhtml"
 RELIABILITY = dmp.IDENTITY_RELIABILITY_URL
@@ -89,11 +87,10 @@ def patient(**extra):
 # reference is kept as given; only an idNatPs identifier makes a médecin traitant).
 DMP_REFUSED: dict = {}
 EXAMPLES = sorted(
-    os.path.basename(f) for f in glob.glob(os.path.join(FIXTURES or "/nonexistent", "*.json"))
+    os.path.basename(f) for f in glob.glob(os.path.join(FIXTURES, "*.json"))
     if os.path.basename(f).split("-")[0] in SUPPORTED_TYPES)
 
 
-@pytest.mark.skipif(not EXAMPLES, reason="R4 fixtures not found")
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_official_examples(name):
     with open(os.path.join(FIXTURES, name), encoding="utf-8") as fh:

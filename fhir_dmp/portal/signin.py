@@ -110,9 +110,17 @@ def principal_of(token: str) -> Principal:
     return principal
 
 
+def _repository(principal: Principal) -> GuardedRepository:
+    return GuardedRepository(current_app.extensions["fhir_dmp"], principal, RequestInfo(
+        client_ip=request.remote_addr, request_id=g.get("request_id")))
+
+
 def sign_in(token: str) -> Principal:
-    """Start a fresh session for the holder of ``token`` (a new session: no fixation)."""
+    """Start a fresh session for the holder of ``token`` (a new session: no fixation), once their
+    record is read through the access decision: a record that does not exist (or that they may
+    not see) raises its 404 FhirError, and no session is created."""
     principal = principal_of(token)
+    _repository(principal).read("Patient", principal.patient_id)
     session.clear()
     session[TOKEN_KEY] = token
     return principal
@@ -139,6 +147,5 @@ def load_signed_in() -> Principal | None:
         session.clear()
         return None
     g.principal = principal
-    g.repo = GuardedRepository(current_app.extensions["fhir_dmp"], principal, RequestInfo(
-        client_ip=request.remote_addr, request_id=g.get("request_id")))
+    g.repo = _repository(principal)
     return principal

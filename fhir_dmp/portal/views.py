@@ -136,8 +136,11 @@ def dev_login():
     try:
         signin.sign_in(signin.dev_token(cfg, patient=patient_id, related_person=representative))
     except (FhirError, signin.SignInRefused):
-        flash("Ce représentant légal n'est pas (ou plus) en fonction.", "error")
-        return redirect(url_for("portal.login"))
+        # said on the sign-in page itself, no session: the record does not exist (or this
+        # representative is not, or no longer, in office)
+        error = ("Ce représentant légal n'est pas (ou plus) en fonction." if representative else
+                 f"Aucun dossier n'a l'identifiant « {patient_id} ».")
+        return render_template("portal/login.html", error=error), 404
     return redirect(url_for("portal.home"))
 
 
