@@ -78,7 +78,9 @@ def idp(tmp_path_factory) -> TestIdP:
 
 @pytest.fixture(scope="module")
 def verifier(idp, tmp_path_factory) -> TokenVerifier:
-    return TokenVerifier(Config(data_dir=tmp_path_factory.mktemp("data"), **idp.config_kwargs()))
+    # the server's base URL is the tokens' audience, as in a deployment
+    return TokenVerifier(Config(data_dir=tmp_path_factory.mktemp("data"), base_url=idp.audience,
+                                **idp.config_kwargs()))
 
 
 @pytest.fixture
@@ -374,6 +376,38 @@ def test_legal_representative_principal(verifier, idp):
     assert (p.kind, p.patient_id, p.related_person_id) == (LEGAL_REPRESENTATIVE, None, "rp-7")
     refused(verifier, idp.token(dmp_role="legal_representative", fhirUser="Practitioner/1"))
     refused(verifier, idp.token(dmp_role="legal_representative", fhirUser="Patient/p-7"))
+
+
+# CONTRACT.md "Who the caller is": a fhirUser is relative or on this server's base URL (issue 18)
+OWN_BASES = ["https://dmp.test/fhir", "HTTPS://DMP.Test/fhir", "https://dmp.test:443/fhir"]
+OTHER_BASES = ["https://other.example/fhir", "http://dmp.test/fhir", "https://dmp.test:8443/fhir",
+               "https://dmp.test/fhir.evil", "https://dmp.test/fhirX", "https://dmp.test/fhir/x",
+               "https://dmp.test", "https://dmp.test.evil/fhir", "https://dmp.test@evil.example/fhir",
+               "https://evil.example/?https://dmp.test/fhir", "//dmp.test/fhir", "/fhir", "dmp.test/fhir",
+               "https://dmp.test/FHIR", "https://dmp.test/fhir/"]
+
+
+@pytest.mark.parametrize("base", OWN_BASES)
+def test_fhir_user_on_this_server_names_the_caller(verifier, idp, base):
+    p = verifier.authenticate(f"Bearer {idp.patient('p-1', fhirUser=f'{base}/Patient/p-1')}", {})
+    assert (p.kind, p.patient_id, p.compartment) == (PATIENT, "p-1", "p-1")
+    p = verifier.authenticate(f"Bearer {idp.legal_rep('rp-1', fhirUser=f'{base}/RelatedPerson/rp-1')}", {})
+    assert (p.kind, p.related_person, p.related_person_id) == (LEGAL_REPRESENTATIVE, "RelatedPerson/rp-1", "rp-1")
+
+
+@pytest.mark.parametrize("base", OTHER_BASES)
+def test_fhir_user_on_another_server_is_refused(verifier, idp, base):
+    refused(verifier, idp.patient("p-1", fhirUser=f"{base}/Patient/p-1", scope="patient/*.rs"))
+    refused(verifier, idp.legal_rep("rp-1", fhirUser=f"{base}/RelatedPerson/rp-1"))
+    # a professional's fhirUser (its Practitioner, often at the IdP) never names the patient
+    assert verifier.authenticate(f"Bearer {idp.ps(PS_ID, fhirUser=f'{base}/Patient/p-1')}", {}).kind == PS
+
+
+def test_base_url_with_a_trailing_slash(idp, tmp_path):
+    verifier = TokenVerifier(Config(data_dir=tmp_path, base_url="https://dmp.test/fhir/", **idp.config_kwargs()))
+    assert verifier.authenticate(
+        f"Bearer {idp.patient('p-1', fhirUser='https://dmp.test/fhir/Patient/p-1')}", {}).patient_id == "p-1"
+    refused(verifier, idp.patient("p-1", fhirUser="https://dmp.test/fhirX/Patient/p-1"))
 
 
 def test_ps_principal(verifier, idp):

@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from joserfc import jws, jwt
@@ -63,8 +64,9 @@ SECURITY_SCHEME = "http://hl7.org/fhir/tag/security"
 BTG_TERM = f"{PURPOSE_SYSTEM}#BTG"
 _ACTREASON_SYSTEMS = (PURPOSE_SYSTEM, "urn:oid:2.16.840.1.113883.5.8")
 _PURPOSES = (TREAT, BTG, ETREAT)
-_FHIR_USER_PATIENT = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})$")
-_FHIR_USER_RELATED = re.compile(r"(?:^|/)RelatedPerson/[A-Za-z0-9\-.]{1,64}$")
+# fhirUser: ``Type/id``, maybe after a base URL (https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html)
+_FHIR_USER = re.compile(r"(?:(.*)/)?([A-Z][A-Za-z]{0,63})/([A-Za-z0-9\-.]{1,64})")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _SAFE_ALG = re.compile(r"^[A-Za-z0-9+-]{1,16}$")
 _MAX_REASON = 1000
 
@@ -397,25 +399,29 @@ class TokenVerifier:
         if not token or _WHITESPACE.search(token):
             raise _invalid_request("malformed Bearer credentials")
         claims = self.verify(token)
-        return principal_from_claims(claims, headers or {})
+        return principal_from_claims(claims, headers or {}, self.config.fhir_base)
 
 
 # --------------------------------------------------------------------------- claims -> Principal
 
-def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None) -> Principal:
+def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None,
+                          base_url: str | None = None) -> Principal:
     """Build the Principal of verified ``claims`` (CONTRACT.md "Access tokens").
 
     Kind: ``dmp_role`` admin / regulation_centre / legal_representative
     (another value -> 401 invalid_token); else ``SubjectNameID`` -> PS (whatever its
     ``fhirUser``); else ``fhirUser`` ``Patient/{id}`` -> PATIENT; else 401 invalid_token
     (CONTRACT.md "Who the caller is": a token that fits none of these gets 401).
+    The ``fhirUser`` of a patient or a legal representative is relative or on ``base_url``
+    (this server's; None: relative only), see :func:`_fhir_user`: one on another server gets 401.
     ``compartment`` from the ``patient`` claim and ``patient/`` scopes. Raises Unauthorized for
     inconsistent claims and the RFC 9470 step-up for PS / regulation centre
     without ``acr`` eidas1.
     """
     headers = headers or {}
     role = claims.get("dmp_role")
-    patient_id = _patient_of(claims.get("fhirUser"))
+    user = _fhir_user(claims.get("fhirUser"), base_url)     # (type, id, on this server) or None
+    patient_id = user[1] if user and user[0] == "Patient" and user[2] else None
     id_nat_ps = _str(claims.get("SubjectNameID"))
     professions = _professions(claims.get("SubjectRole"))
 
@@ -430,15 +436,19 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
             # CONTRACT.md "Who the caller is": the token names the RelatedPerson; the repository
             # resolves it to its patient while it is in force (resolve_legal_representative)
             kind = LEGAL_REPRESENTATIVE
-            related = _str(claims.get("fhirUser"))
-            if not related or not _FHIR_USER_RELATED.search(related):
+            if not user or user[0] != "RelatedPerson":
                 raise invalid_token("a legal_representative token needs fhirUser RelatedPerson/{id}")
+            if not user[2]:
+                raise invalid_token("fhirUser names a RelatedPerson of another server")
         else:
             # CONTRACT.md "Who the caller is": a role outside the habilitation data fits no kind
             raise invalid_token("dmp_role is not one this server knows")
     elif id_nat_ps:
         kind = PS            # CONTRACT.md "Who the caller is": never the patient, whatever its fhirUser
-    elif patient_id:
+    elif user and user[0] == "Patient":
+        if not user[2]:
+            # CONTRACT.md "Who the caller is": a relative reference or one on this server's base URL
+            raise invalid_token("fhirUser names a Patient of another server")
         kind = PATIENT
     else:
         # CONTRACT.md "Who the caller is": "A token that fits none of these gets 401"
@@ -477,7 +487,7 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
         scopes=scopes,
         patient_id=patient_id if owner else None,
         compartment=compartment,
-        related_person=_str(claims.get("fhirUser")) if kind == LEGAL_REPRESENTATIVE else None,
+        related_person=f"RelatedPerson/{user[1]}" if kind == LEGAL_REPRESENTATIVE else None,
         id_nat_ps=id_nat_ps if professional else None,
         professions=professions if professional else (),
         acr=acr,
@@ -518,13 +528,35 @@ def _str(value) -> str | None:
     return None
 
 
-def _patient_of(fhir_user) -> str | None:
-    """``Patient/{id}`` (relative or absolute URL) -> id."""
+def _fhir_user(fhir_user, base_url: str | None) -> tuple[str, str, bool] | None:
+    """``fhirUser`` -> ``(type, id, here)``; None when it is no ``Type/id`` reference.
+
+    ``here``: the reference is relative (exactly ``Type/id``) or absolute on ``base_url``:
+    same scheme and host (case-insensitive), same port (the scheme's default when absent) and
+    the same path, a trailing slash of ``base_url`` aside (RFC 3986 §6.2.2, §6.2.3). Anything else
+    (another server, another path such as ``{base}X/Patient/1``, a query, user info) is not here."""
     value = _str(fhir_user)
-    if not value:
+    m = _FHIR_USER.fullmatch(value) if value else None
+    if not m:
         return None
-    m = _FHIR_USER_PATIENT.search(value)
-    return m.group(1) if m else None
+    prefix, rtype, rid = m.groups()
+    if prefix is None:
+        return rtype, rid, True
+    here = _base_parts(base_url.rstrip("/")) if base_url else None
+    return rtype, rid, here is not None and _base_parts(prefix) == here
+
+
+def _base_parts(url: str) -> tuple | None:
+    """(scheme, host, port, path) of an http(s) base URL, normalized; None for anything else."""
+    try:
+        parts = urlsplit(url)
+        scheme, port = parts.scheme.lower(), parts.port
+    except ValueError:
+        return None
+    if (scheme not in _DEFAULT_PORTS or not parts.hostname or parts.query or parts.fragment
+            or "@" in parts.netloc):
+        return None
+    return scheme, parts.hostname, port or _DEFAULT_PORTS[scheme], parts.path
 
 
 def _professions(value) -> tuple[str, ...]:
