@@ -554,6 +554,49 @@ def test_jwks_url_refetch_on_unknown_kid(jwks_server, tmp_path):
     assert jwks_server.hits["/jwks"] == 3
 
 
+def test_a_key_set_seen_elsewhere_withdraws_keys_but_never_adds_one(jwks_server, tmp_path):
+    """CONTRACT.md "Access tokens" (issue 18): what another process recorded of the issuer's
+    keys (auth.SharedKeys; between live servers: test_two_processes) withdraws the keys it no
+    longer lists, and lets a kid this process lacks be fetched at once; it never makes a key
+    trusted."""
+    idp, config = _jwks_url_config(jwks_server, tmp_path)
+    clock = Clock()
+    verifier = TokenVerifier(config, clock=clock)
+    recorded = []
+    verifier.keys.publish = recorded.append
+    token = idp.ps(PS_ID)
+    assert verifier.verify(token) and verifier.verify(idp.ps(PS_ID, alg="ES256"))
+    # one record per load that changed what this process knows (a load, here), public data only
+    assert [kid for kid, _ in recorded[0]["keys"]] == sorted([idp.kid("RS256"), idp.kid("ES256")])
+    assert len(recorded) == 1 and "private" not in str(recorded) and '"d"' not in str(recorded)
+    listed = recorded[0]["keys"]
+    # a record older than this process's own load changes nothing
+    verifier.keys.adopt({"keys": [], "at": recorded[0]["at"] - 1})
+    assert verifier.verify(token)
+    # a record that lists a key this process never loaded trusts nothing new; the next unknown
+    # kid is fetched from the issuer at once (no refetch spacing: someone saw a newer set)
+    verifier.keys.adopt({"keys": [*listed, ["bogus", "x"]], "at": time.time() + 1})
+    assert verifier.verify(token)
+    refused(verifier, idp.ps(PS_ID, kid="bogus"))
+    assert jwks_server.hits["/jwks"] == 2
+    # a later record without the RS256 key withdraws it, tokens verified before included, with
+    # no fetch (too soon after the last); the ES256 key stays
+    verifier = TokenVerifier(config, clock=clock)
+    assert verifier.verify(token)
+    verifier.keys.adopt({"keys": [p for p in listed if p[0] != idp.kid()], "at": time.time() + 1})
+    refused(verifier, token)
+    assert verifier.verify(idp.ps(PS_ID, alg="ES256"))
+    assert jwks_server.hits["/jwks"] == 3
+    # a later record with another key under its kid withdraws it too; that kid is fetched at once,
+    # and what the issuer publishes decides (here: it still publishes the key)
+    verifier = TokenVerifier(config, clock=clock)
+    assert verifier.verify(token)
+    verifier.keys.adopt({"keys": [[kid, "another" if kid == idp.kid() else jkt] for kid, jkt in listed],
+                         "at": time.time() + 1})
+    assert verifier.keys._keys.get_by_kid(idp.kid("ES256")) and len(verifier.keys._keys.keys) == 1
+    assert verifier.verify(token) and jwks_server.hits["/jwks"] == 5
+
+
 def test_jwks_url_default_spacing_and_outage(jwks_server, tmp_path):
     idp, config = _jwks_url_config(jwks_server, tmp_path)
     verifier = TokenVerifier(config)  # real clock, 5 s spacing

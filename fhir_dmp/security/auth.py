@@ -17,7 +17,10 @@ Contract (CONTRACT.md "Access tokens"):
 * Keys: dev mode -> the dev public key only; else ``jwks_file`` (re-read when
   it changes), ``jwks_url`` or the ``jwks_uri`` of the issuer's OpenID
   discovery document (fetched, cached, re-fetched on an unknown ``kid`` at
-  most once every ``refetch_interval`` seconds, and after ``max_age``).
+  most once every ``refetch_interval`` seconds, and after ``max_age``). A key
+  one process has seen withdrawn leaves every process's set at once
+  (:class:`SharedKeys`, through the database and the decision context cache's
+  change stream: no database round trip on the request path).
 * The token itself never appears in an error or a log line.
 
 All of it is thread-safe: one ``TokenVerifier`` serves all request threads.
@@ -133,6 +136,68 @@ def _import_jwks(data) -> KeySet:
         raise ValueError("malformed JWK") from exc
 
 
+def _published(keys: KeySet) -> list[list[str]]:
+    """What a key set publishes, comparable across processes: sorted ``[kid, RFC 7638
+    thumbprint]`` pairs (public data only; a key without ``kid`` has ``""``)."""
+    return sorted([k.kid or "", k.thumbprint()] for k in keys)
+
+
+class SharedKeys:
+    """A key source whose view of what the issuer publishes is shared by every worker and node
+    (CONTRACT.md "Access tokens": once any of them has seen that the issuer no longer publishes
+    a key, every one refuses it within one second).
+
+    ``publish`` (set by the app; None: nothing shared) is called with ``{"keys": pairs, "at":
+    time.time()}`` each time this process loads a set whose pairs (:func:`_published`) differ
+    from the last ones shared. The app delivers what any process recorded to :meth:`adopt`,
+    which drops from this process's set every key the record no longer lists. A record never
+    adds a key: only keys this process loaded from the issuer itself verify tokens, so the
+    shared record (in the database) can withdraw a key but never make one trusted.
+    Subclasses set ``_keys`` and ``_lock`` and call :meth:`_loaded` after each load.
+    """
+
+    publish: Callable[[dict], None] | None = None
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._keys: KeySet | None = None
+        self._loaded_wall = 0.0               # time.time() of this process's last load
+        self._shared: list | None = None      # the pairs last recorded, as far as this process knows
+
+    def _loaded(self, keys: KeySet) -> None:
+        """Record ``keys``, just loaded (under ``_lock``), for the other processes if they changed."""
+        self._loaded_wall = time.time()
+        pairs = _published(keys)
+        if self.publish is None or pairs == self._shared:
+            return
+        self._shared = pairs
+        try:
+            self.publish({"keys": pairs, "at": self._loaded_wall})
+        except Exception as exc:   # noqa: BLE001 — this process still refuses what it no longer sees
+            log.warning("cannot share the issuer's key set: %s", type(exc).__name__)
+
+    def adopt(self, record: dict | None) -> None:
+        """Apply the key set another process recorded (``publish``'s argument), if it was seen
+        after this process's own last load: keys it does not list leave this process's set."""
+        if not record or not isinstance(record.get("keys"), list):
+            return
+        with self._lock:
+            if not record.get("at", 0) > self._loaded_wall:
+                return
+            self._shared = record["keys"]
+            listed = {tuple(pair) for pair in record["keys"]}
+            if self._keys is None:
+                return
+            kept = [k for k in self._keys if (k.kid or "", k.thumbprint()) in listed]
+            if len(kept) < len(self._keys.keys):
+                self._keys = KeySet(kept)
+            if len(listed) > len(kept):
+                self._published_elsewhere()
+
+    def _published_elsewhere(self) -> None:
+        """The record lists keys this process lacks (it saw a newer set): a hook."""
+
+
 class StaticKeys:
     """A fixed key set (dev mode)."""
 
@@ -143,17 +208,17 @@ class StaticKeys:
         return _pick(self._keys, kid, alg)
 
 
-class FileKeys:
+class FileKeys(SharedKeys):
     """A JWKS file, re-read whenever its (mtime, size, inode) changes.
 
     A file that cannot be read or parsed keeps the previous key set (and is
-    tried again on the next lookup)."""
+    tried again on the next lookup). Shared with the other processes (:class:`SharedKeys`):
+    a node whose copy of the file is older drops the keys the others no longer see."""
 
     def __init__(self, path: Path):
+        super().__init__()
         self._path = Path(path)
-        self._lock = threading.Lock()
         self._stamp = None
-        self._keys: KeySet | None = None
 
     def lookup(self, kid: str | None, alg: str) -> Key | None:
         return _pick(self._current(), kid, alg)
@@ -174,12 +239,13 @@ class FileKeys:
                     log.warning("cannot load JWKS file %s: %s", self._path, type(exc).__name__)
                 else:
                     self._keys, self._stamp = keys, stamp
+                    self._loaded(keys)
             if self._keys is None:
                 raise KeysUnavailable(f"JWKS file {self._path} is missing or unreadable")
             return self._keys
 
 
-class UrlKeys:
+class UrlKeys(SharedKeys):
     """A JWKS fetched over HTTP(S) and cached.
 
     ``resolve_url`` gives the JWKS URL (may itself fetch a discovery
@@ -188,20 +254,20 @@ class UrlKeys:
     once every ``refetch_interval`` seconds (attempts, failed or not, count).
     The server trusts exactly what the issuer publishes now: a failed fetch
     keeps the previous set only until it is ``max_age`` old (then 503), and a
-    key the issuer no longer publishes is gone at the next fetch.
+    key the issuer no longer publishes is gone at the next fetch, or as soon as another process
+    has seen it gone (:class:`SharedKeys`); then a ``kid`` this process lacks is fetched at once.
     """
 
     def __init__(self, resolve_url: Callable[[requests.Session], str], *,
                  refetch_interval: float = 5.0, max_age: float = JWKS_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic, timeout: float = 5.0):
+        super().__init__()
         self._resolve_url = resolve_url
         self._interval = refetch_interval
         self._max_age = max_age
         self._clock = clock
         self._timeout = timeout
         self._session = requests.Session()
-        self._lock = threading.Lock()
-        self._keys: KeySet | None = None
         self._attempt_at: float | None = None
         self._loaded_at: float | None = None
         self.fetches = 0  # number of JWKS fetch attempts (observability)
@@ -221,6 +287,9 @@ class UrlKeys:
             keys = self._refresh()
             key = _pick(keys, kid, alg)
         return key
+
+    def _published_elsewhere(self) -> None:
+        self._attempt_at = None        # the next unknown kid is fetched without waiting
 
     def _expired(self) -> bool:
         return self._loaded_at is None or self._clock() - self._loaded_at >= self._max_age
@@ -253,6 +322,7 @@ class UrlKeys:
                     keys = _import_jwks(resp.json())
                     self._loaded_at = now   # before _keys: lock-free readers rely on it
                     self._keys = keys
+                    self._loaded(keys)
                 except (requests.RequestException, ValueError, JoseError) as exc:
                     log.warning("cannot fetch the issuer JWKS: %s", type(exc).__name__)
             if self._keys is None:
