@@ -153,26 +153,30 @@ class SharedKeys:
     which drops from this process's set every key the record no longer lists. A record never
     adds a key: only keys this process loaded from the issuer itself verify tokens, so the
     shared record (in the database) can withdraw a key but never make one trusted.
-    Subclasses set ``_keys`` and ``_lock`` and call :meth:`_loaded` after each load.
+    Subclasses hand each set they load to :meth:`_loaded`; ``_lock`` serializes their loads
+    (across a fetch), ``_swap`` only the change of ``_keys``: :meth:`adopt` (in the change
+    stream's thread) never waits for the issuer.
     """
 
     publish: Callable[[dict], None] | None = None
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._swap = threading.Lock()
         self._keys: KeySet | None = None
         self._loaded_wall = 0.0               # time.time() of this process's last load
         self._shared: list | None = None      # the pairs last recorded, as far as this process knows
 
     def _loaded(self, keys: KeySet) -> None:
-        """Record ``keys``, just loaded (under ``_lock``), for the other processes if they changed."""
-        self._loaded_wall = time.time()
+        """Take ``keys``, just loaded, and record them for the other processes if they changed."""
         pairs = _published(keys)
-        if self.publish is None or pairs == self._shared:
-            return
-        self._shared = pairs
+        with self._swap:
+            self._keys, self._loaded_wall = keys, time.time()
+            if self.publish is None or pairs == self._shared:
+                return
+            self._shared, record = pairs, {"keys": pairs, "at": self._loaded_wall}
         try:
-            self.publish({"keys": pairs, "at": self._loaded_wall})
+            self.publish(record)
         except Exception as exc:   # noqa: BLE001 — this process still refuses what it no longer sees
             log.warning("cannot share the issuer's key set: %s", type(exc).__name__)
 
@@ -181,7 +185,7 @@ class SharedKeys:
         after this process's own last load: keys it does not list leave this process's set."""
         if not record or not isinstance(record.get("keys"), list):
             return
-        with self._lock:
+        with self._swap:
             if not record.get("at", 0) > self._loaded_wall:
                 return
             self._shared = record["keys"]
@@ -238,7 +242,7 @@ class FileKeys(SharedKeys):
                 except (OSError, ValueError, JoseError) as exc:
                     log.warning("cannot load JWKS file %s: %s", self._path, type(exc).__name__)
                 else:
-                    self._keys, self._stamp = keys, stamp
+                    self._stamp = stamp
                     self._loaded(keys)
             if self._keys is None:
                 raise KeysUnavailable(f"JWKS file {self._path} is missing or unreadable")
@@ -321,7 +325,6 @@ class UrlKeys(SharedKeys):
                     resp.raise_for_status()
                     keys = _import_jwks(resp.json())
                     self._loaded_at = now   # before _keys: lock-free readers rely on it
-                    self._keys = keys
                     self._loaded(keys)
                 except (requests.RequestException, ValueError, JoseError) as exc:
                     log.warning("cannot fetch the issuer JWKS: %s", type(exc).__name__)
