@@ -566,13 +566,17 @@ def test_a_key_set_seen_elsewhere_withdraws_keys_but_never_adds_one(jwks_server,
     verifier.keys.publish = recorded.append
     token = idp.ps(PS_ID)
     assert verifier.verify(token) and verifier.verify(idp.ps(PS_ID, alg="ES256"))
-    # one record per load that changed what this process knows (a load, here), public data only
-    assert [kid for kid, _ in recorded[0]["keys"]] == sorted([idp.kid("RS256"), idp.kid("ES256")])
-    assert len(recorded) == 1 and "private" not in str(recorded) and '"d"' not in str(recorded)
-    listed = recorded[0]["keys"]
-    # a record older than this process's own load changes nothing
-    verifier.keys.adopt({"keys": [], "at": recorded[0]["at"] - 1})
+    assert recorded == []                  # a first load, no record yet: nothing to tell
+    # a record older than this process's own load withdraws nothing; as it differs, the process
+    # records what it loaded (kids and thumbprints: public data only)
+    verifier.keys.adopt({"keys": [], "at": 1.0})
     assert verifier.verify(token)
+    [mine] = recorded
+    assert [kid for kid, _ in mine["keys"]] == sorted([idp.kid("RS256"), idp.kid("ES256")])
+    assert mine["at"] > 1.0 and '"d"' not in json.dumps(recorded) and "'d'" not in str(recorded)
+    listed = mine["keys"]
+    verifier.keys.adopt(mine)              # its own record, back through the change stream
+    assert verifier.verify(token) and len(recorded) == 1
     # a record that lists a key this process never loaded trusts nothing new; the next unknown
     # kid is fetched from the issuer at once (no refetch spacing: someone saw a newer set)
     verifier.keys.adopt({"keys": [*listed, ["bogus", "x"]], "at": time.time() + 1})
@@ -595,6 +599,17 @@ def test_a_key_set_seen_elsewhere_withdraws_keys_but_never_adds_one(jwks_server,
                          "at": time.time() + 1})
     assert verifier.keys._keys.get_by_kid(idp.kid("ES256")) and len(verifier.keys._keys.keys) == 1
     assert verifier.verify(token) and jwks_server.hits["/jwks"] == 5
+    # a load that finds a key gone records the new set at once, record or not
+    recorded.clear()
+    verifier.keys.publish = recorded.append
+    old_kid = idp.kid()
+    idp.rotate()
+    jwks_server.routes["/jwks"] = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != old_kid]}
+    clock.now += 5
+    assert verifier.verify(idp.ps(PS_ID))
+    [seen] = recorded
+    assert sorted(kid for kid, _ in seen["keys"]) == sorted([idp.kid("RS256"), idp.kid("ES256")])
+    refused(verifier, token)
 
 
 def test_jwks_url_default_spacing_and_outage(jwks_server, tmp_path):

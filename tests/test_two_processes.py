@@ -343,4 +343,6 @@ def test_a_key_withdrawn_by_the_issuer_is_refused_by_every_worker_within_a_secon
     # the others take the new key at once, whatever the refetch spacing
     for url in urls:
         assert [call("GET", url, new).status_code for _ in range(20)] == [200] * 20, url
-    assert jwks_server.hits["/jwks"] - fetched <= 3, jwks_server.hits
+    # no fetch storm: each other worker fetches once, maybe twice (a record of a third worker
+    # may reach it during its own fetch)
+    assert jwks_server.hits["/jwks"] - fetched <= 6, jwks_server.hits

@@ -147,11 +147,13 @@ class SharedKeys:
     (CONTRACT.md "Access tokens": once any of them has seen that the issuer no longer publishes
     a key, every one refuses it within one second).
 
-    ``publish`` (set by the app; None: nothing shared) is called with ``{"keys": pairs, "at":
-    time.time()}`` each time this process loads a set whose pairs (:func:`_published`) differ
-    from the last ones shared. The app delivers what any process recorded to :meth:`adopt`,
-    which drops from this process's set every key the record no longer lists. A record never
-    adds a key: only keys this process loaded from the issuer itself verify tokens, so the
+    ``publish`` (set by the app; None: nothing shared) records ``{"keys": pairs, "at": time of
+    the load}`` (:func:`_published`: kids and thumbprints) for the other processes when this
+    process loads a set that lacks a key its previous one had, or that differs from the last
+    record it knows of; and when a record it is shown is older than its own load and differs
+    (it knows better). The app shows every process each record (:meth:`adopt`); a record newer
+    than the process's own load drops from its set every key the record does not list. A record
+    never adds a key: only keys this process loaded from the issuer itself verify tokens, so the
     shared record (in the database) can withdraw a key but never make one trusted.
     Subclasses hand each set they load to :meth:`_loaded`; ``_lock`` serializes their loads
     (across a fetch), ``_swap`` only the change of ``_keys``: :meth:`adopt` (in the change
@@ -164,39 +166,52 @@ class SharedKeys:
         self._lock = threading.Lock()
         self._swap = threading.Lock()
         self._keys: KeySet | None = None
-        self._loaded_wall = 0.0               # time.time() of this process's last load
+        self._own: list | None = None         # the pairs of this process's last load...
+        self._loaded_wall = 0.0               # ... and its time.time()
         self._shared: list | None = None      # the pairs last recorded, as far as this process knows
 
     def _loaded(self, keys: KeySet) -> None:
-        """Take ``keys``, just loaded, and record them for the other processes if they changed."""
+        """Take ``keys``, just loaded; record them for the others if some key went or they
+        differ from the last record."""
         pairs = _published(keys)
         with self._swap:
-            self._keys, self._loaded_wall = keys, time.time()
-            if self.publish is None or pairs == self._shared:
+            gone = self._own is not None and not {tuple(p) for p in self._own} <= {tuple(p) for p in pairs}
+            self._keys, self._own, self._loaded_wall = keys, pairs, time.time()
+            if not gone and (self._shared is None or pairs == self._shared):
                 return
             self._shared, record = pairs, {"keys": pairs, "at": self._loaded_wall}
+        self._record(record)
+
+    def adopt(self, record: dict | None) -> None:
+        """See a key set another process recorded (``publish``'s argument): if seen after this
+        process's own last load, keys it does not list leave this process's set."""
+        if not record or not isinstance(record.get("keys"), list):
+            return
+        with self._swap:
+            self._shared = record["keys"]
+            if not record.get("at", 0) > self._loaded_wall:
+                if self._own is None or self._own == record["keys"]:
+                    return
+                self._shared, mine = self._own, {"keys": self._own, "at": self._loaded_wall}   # it knows better
+            else:
+                mine = None
+                listed = {tuple(pair) for pair in record["keys"]}
+                if self._keys is not None:
+                    kept = [k for k in self._keys if (k.kid or "", k.thumbprint()) in listed]
+                    if len(kept) < len(self._keys.keys):
+                        self._keys = KeySet(kept)
+                    if len(listed) > len(kept):
+                        self._published_elsewhere()
+        if mine is not None:
+            self._record(mine)
+
+    def _record(self, record: dict) -> None:
+        if self.publish is None:
+            return
         try:
             self.publish(record)
         except Exception as exc:   # noqa: BLE001 — this process still refuses what it no longer sees
             log.warning("cannot share the issuer's key set: %s", type(exc).__name__)
-
-    def adopt(self, record: dict | None) -> None:
-        """Apply the key set another process recorded (``publish``'s argument), if it was seen
-        after this process's own last load: keys it does not list leave this process's set."""
-        if not record or not isinstance(record.get("keys"), list):
-            return
-        with self._swap:
-            if not record.get("at", 0) > self._loaded_wall:
-                return
-            self._shared = record["keys"]
-            listed = {tuple(pair) for pair in record["keys"]}
-            if self._keys is None:
-                return
-            kept = [k for k in self._keys if (k.kid or "", k.thumbprint()) in listed]
-            if len(kept) < len(self._keys.keys):
-                self._keys = KeySet(kept)
-            if len(listed) > len(kept):
-                self._published_elsewhere()
 
     def _published_elsewhere(self) -> None:
         """The record lists keys this process lacks (it saw a newer set): a hook."""
