@@ -606,11 +606,13 @@ class Storage:
     def record_key_set(self, name: str, doc: dict) -> bool:
         """Keep ``doc`` (a number ``at`` and what was seen then) as key set ``name``, unless one
         with a later ``at`` is already there. True when stored."""
-        try:
-            self.db[KEY_SETS].replace_one({"_id": name, "at": {"$lt": doc["at"]}}, doc, upsert=True)
-        except DuplicateKeyError:
-            return False      # a later one is stored: the upsert's insert collided with it
-        return True
+        for _ in range(2):    # the first upsert may race another one inserting the document
+            try:
+                self.db[KEY_SETS].replace_one({"_id": name, "at": {"$lt": doc["at"]}}, doc, upsert=True)
+                return True
+            except DuplicateKeyError:
+                continue      # the document is there, and not older (or was just inserted)
+        return False
 
     def key_set(self, name: str) -> dict | None:
         """The key set ``name`` last recorded (:meth:`record_key_set`), or None."""
