@@ -21,11 +21,11 @@ from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
 from .resources.conformance import is_public as conformance_is_public
 from .repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
-from .security.auth import TokenVerifier
+from .security.auth import SharedKeys, TokenVerifier
 from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy, access_facets
 from .security.habilitations import Habilitations
-from .storage import Storage
+from .storage import KEY_SETS, Storage
 
 log = logging.getLogger(__name__)
 
@@ -224,17 +224,23 @@ def _audit_refused(backend: Backend, exc: FhirError) -> None:
 
 def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
     """The decision context cache (its change stream), the DMP document cache it also
-    invalidates (``doc_cache.py``) and the journal sealer (issue 13):
-    background threads of this process, started after the server's fork."""
+    invalidates (``doc_cache.py``), the issuer's key set shared through the same stream
+    (``auth.SharedKeys``) and the journal sealer (issue 13): background threads of this
+    process, started after the server's fork."""
     config = backend.config
     if config.context_cache:
         from .security.context_cache import ContextCache
-        followers = {}
+        followers, listeners = {}, {}
         if config.document_cache_docs > 0:     # a DMP's documents, invalidated by the same stream
             from .doc_cache import CACHED_TYPE, DocumentCache
             followers[CACHED_TYPE] = backend.storage.doc_cache = DocumentCache(
                 backend.storage, max_docs=config.document_cache_docs)
-        cache = ContextCache(backend.storage, followers=followers)
+        keys = app.extensions["fhir_dmp.verifier"].keys
+        if isinstance(keys, SharedKeys):       # a key the issuer withdrew: refused everywhere at once
+            storage, issuer = backend.storage, config.expected_issuer
+            keys.publish = lambda record: storage.record_key_set(issuer, record)
+            listeners[KEY_SETS] = lambda: keys.adopt(storage.key_set(issuer))
+        cache = ContextCache(backend.storage, followers=followers, listeners=listeners)
         cache.start()
         backend.policy.context_cache = cache
         app.extensions["fhir_dmp.context_cache"] = cache

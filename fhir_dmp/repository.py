@@ -105,10 +105,8 @@ def resolve_legal_representative(backend: Backend, principal: Principal) -> Prin
     from .security.consent import representative_in_force
     if principal.kind != LEGAL_REPRESENTATIVE:
         return principal
-    parsed = search.parse_reference(principal.related_person, backend.config.fhir_base) or {}
-    if parsed.get("t") != "RelatedPerson" or parsed.get("r") != f"RelatedPerson/{parsed.get('i')}":
-        raise invalid_token("fhirUser names a RelatedPerson of another server")
-    rp = backend.storage.read("RelatedPerson", parsed["i"])
+    # auth.principal_from_claims took only a RelatedPerson of this server
+    rp = backend.storage.read("RelatedPerson", principal.related_person_id)
     patient = backend.storage.read("Patient", rp.pid) if rp and not rp.deleted and rp.pid else None
     decision = representative_in_force(rp.resource if rp and not rp.deleted else {},
                                        patient.resource if patient and not patient.deleted else None,

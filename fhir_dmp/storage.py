@@ -60,6 +60,7 @@ JOURNAL_QUEUE = "AuditEvent_queue"            # appended, not yet sealed (securi
 JOURNAL_LINKS = "AuditEvent_link"             # the chain links of each sealing pass (security/sealer.py)
 CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (security/sealer.py)
 SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (security/sealer.py)
+KEY_SETS = "issuer_key_sets"                  # the issuer's key set as last seen by any process (security/auth.py)
 #: what the access decision reads: the decision context cache watches them (security/context_cache.py)
 DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
 #: a range from EPOCH on the queue's ``t`` (always a date) reads the queue through its index
@@ -599,6 +600,22 @@ class Storage:
         if self.db["Patient"].find_one({"_id": pid}, {"_id": 1}) is not None:
             return False
         return self.db[JOURNAL_HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
+
+    # -- the shared view of the issuer's published keys (security/auth.py) -------
+    def record_key_set(self, name: str, doc: dict) -> bool:
+        """Keep ``doc`` (a number ``at`` and what was seen then) as key set ``name``, unless one
+        with a later ``at`` is already there. True when stored."""
+        for _ in range(2):    # the first upsert may race another one inserting the document
+            try:
+                self.db[KEY_SETS].replace_one({"_id": name, "at": {"$lt": doc["at"]}}, doc, upsert=True)
+                return True
+            except DuplicateKeyError:
+                continue      # the document is there, and not older (or was just inserted)
+        return False
+
+    def key_set(self, name: str) -> dict | None:
+        """The key set ``name`` last recorded (:meth:`record_key_set`), or None."""
+        return self.db[KEY_SETS].find_one({"_id": name}, {"_id": 0})
 
     def claim_daily_run(self, job: str, owner: str, at: datetime, period) -> bool:
         """True for exactly one caller per ``period`` across processes (compare-and-set on ``next_run``)."""

@@ -78,7 +78,9 @@ def idp(tmp_path_factory) -> TestIdP:
 
 @pytest.fixture(scope="module")
 def verifier(idp, tmp_path_factory) -> TokenVerifier:
-    return TokenVerifier(Config(data_dir=tmp_path_factory.mktemp("data"), **idp.config_kwargs()))
+    # the server's base URL is the tokens' audience, as in a deployment
+    return TokenVerifier(Config(data_dir=tmp_path_factory.mktemp("data"), base_url=idp.audience,
+                                **idp.config_kwargs()))
 
 
 @pytest.fixture
@@ -376,6 +378,38 @@ def test_legal_representative_principal(verifier, idp):
     refused(verifier, idp.token(dmp_role="legal_representative", fhirUser="Patient/p-7"))
 
 
+# CONTRACT.md "Who the caller is": a fhirUser is relative or on this server's base URL (issue 18)
+OWN_BASES = ["https://dmp.test/fhir", "HTTPS://DMP.Test/fhir", "https://dmp.test:443/fhir"]
+OTHER_BASES = ["https://other.example/fhir", "http://dmp.test/fhir", "https://dmp.test:8443/fhir",
+               "https://dmp.test/fhir.evil", "https://dmp.test/fhirX", "https://dmp.test/fhir/x",
+               "https://dmp.test", "https://dmp.test.evil/fhir", "https://dmp.test@evil.example/fhir",
+               "https://evil.example/?https://dmp.test/fhir", "//dmp.test/fhir", "/fhir", "dmp.test/fhir",
+               "https://dmp.test/FHIR", "https://dmp.test/fhir/"]
+
+
+@pytest.mark.parametrize("base", OWN_BASES)
+def test_fhir_user_on_this_server_names_the_caller(verifier, idp, base):
+    p = verifier.authenticate(f"Bearer {idp.patient('p-1', fhirUser=f'{base}/Patient/p-1')}", {})
+    assert (p.kind, p.patient_id, p.compartment) == (PATIENT, "p-1", "p-1")
+    p = verifier.authenticate(f"Bearer {idp.legal_rep('rp-1', fhirUser=f'{base}/RelatedPerson/rp-1')}", {})
+    assert (p.kind, p.related_person, p.related_person_id) == (LEGAL_REPRESENTATIVE, "RelatedPerson/rp-1", "rp-1")
+
+
+@pytest.mark.parametrize("base", OTHER_BASES)
+def test_fhir_user_on_another_server_is_refused(verifier, idp, base):
+    refused(verifier, idp.patient("p-1", fhirUser=f"{base}/Patient/p-1", scope="patient/*.rs"))
+    refused(verifier, idp.legal_rep("rp-1", fhirUser=f"{base}/RelatedPerson/rp-1"))
+    # a professional's fhirUser (its Practitioner, often at the IdP) never names the patient
+    assert verifier.authenticate(f"Bearer {idp.ps(PS_ID, fhirUser=f'{base}/Patient/p-1')}", {}).kind == PS
+
+
+def test_base_url_with_a_trailing_slash(idp, tmp_path):
+    verifier = TokenVerifier(Config(data_dir=tmp_path, base_url="https://dmp.test/fhir/", **idp.config_kwargs()))
+    assert verifier.authenticate(
+        f"Bearer {idp.patient('p-1', fhirUser='https://dmp.test/fhir/Patient/p-1')}", {}).patient_id == "p-1"
+    refused(verifier, idp.patient("p-1", fhirUser="https://dmp.test/fhirX/Patient/p-1"))
+
+
 def test_ps_principal(verifier, idp):
     token = idp.ps(PS_ID, profession="21", given_name="Paul", family_name="Durand",
                    organization="1.2.250.1.71.4.2.2|10B0012345", azp="lgc-app",
@@ -518,6 +552,64 @@ def test_jwks_url_refetch_on_unknown_kid(jwks_server, tmp_path):
     clock.now += 5
     refused(verifier, idp.ps(PS_ID, kid="bogus"))
     assert jwks_server.hits["/jwks"] == 3
+
+
+def test_a_key_set_seen_elsewhere_withdraws_keys_but_never_adds_one(jwks_server, tmp_path):
+    """CONTRACT.md "Access tokens" (issue 18): what another process recorded of the issuer's
+    keys (auth.SharedKeys; between live servers: test_two_processes) withdraws the keys it no
+    longer lists, and lets a kid this process lacks be fetched at once; it never makes a key
+    trusted."""
+    idp, config = _jwks_url_config(jwks_server, tmp_path)
+    clock = Clock()
+    verifier = TokenVerifier(config, clock=clock)
+    recorded = []
+    verifier.keys.publish = recorded.append
+    token = idp.ps(PS_ID)
+    assert verifier.verify(token) and verifier.verify(idp.ps(PS_ID, alg="ES256"))
+    assert recorded == []                  # a first load, no record yet: nothing to tell
+    # a record older than this process's own load withdraws nothing; as it differs, the process
+    # records what it loaded (kids and thumbprints: public data only)
+    verifier.keys.adopt({"keys": [], "at": 1.0})
+    assert verifier.verify(token)
+    [mine] = recorded
+    assert [kid for kid, _ in mine["keys"]] == sorted([idp.kid("RS256"), idp.kid("ES256")])
+    assert mine["at"] > 1.0 and '"d"' not in json.dumps(recorded) and "'d'" not in str(recorded)
+    listed = mine["keys"]
+    verifier.keys.adopt(mine)              # its own record, back through the change stream
+    assert verifier.verify(token) and len(recorded) == 1
+    # a record that lists a key this process never loaded trusts nothing new; the next unknown
+    # kid is fetched from the issuer at once (no refetch spacing: someone saw a newer set)
+    verifier.keys.adopt({"keys": [*listed, ["bogus", "x"]], "at": time.time() + 1})
+    assert verifier.verify(token)
+    refused(verifier, idp.ps(PS_ID, kid="bogus"))
+    assert jwks_server.hits["/jwks"] == 2
+    # a later record without the RS256 key withdraws it, tokens verified before included, with
+    # no fetch (too soon after the last); the ES256 key stays
+    verifier = TokenVerifier(config, clock=clock)
+    assert verifier.verify(token)
+    verifier.keys.adopt({"keys": [p for p in listed if p[0] != idp.kid()], "at": time.time() + 1})
+    refused(verifier, token)
+    assert verifier.verify(idp.ps(PS_ID, alg="ES256"))
+    assert jwks_server.hits["/jwks"] == 3
+    # a later record with another key under its kid withdraws it too; that kid is fetched at once,
+    # and what the issuer publishes decides (here: it still publishes the key)
+    verifier = TokenVerifier(config, clock=clock)
+    assert verifier.verify(token)
+    verifier.keys.adopt({"keys": [[kid, "another" if kid == idp.kid() else jkt] for kid, jkt in listed],
+                         "at": time.time() + 1})
+    assert verifier.keys._keys.get_by_kid(idp.kid("ES256")) and len(verifier.keys._keys.keys) == 1
+    assert verifier.verify(token) and jwks_server.hits["/jwks"] == 5
+    # a load that finds a key gone records the new set at once, record or not
+    recorded.clear()
+    verifier.keys.publish = recorded.append
+    old_kid = idp.kid()
+    idp.rotate()
+    jwks_server.routes["/jwks"] = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != old_kid]}
+    clock.now += 5
+    assert verifier.verify(idp.ps(PS_ID))
+    [seen] = recorded
+    assert sorted(kid for kid, _ in seen["keys"]) == sorted([idp.kid("RS256"), idp.kid("ES256")])
+    refused(verifier, token)
 
 
 def test_jwks_url_default_spacing_and_outage(jwks_server, tmp_path):

@@ -522,6 +522,40 @@ def test_token_fitting_no_kind_of_caller_is_401(api, idp, claims):
     assert r.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
 
 
+# ----------------------------------------------------------------- issue 18: fhirUser on another server
+def test_fhir_user_of_another_server_is_refused_and_journaled(api, idp, app, dmp):
+    """CONTRACT.md "Who the caller is": a Patient or RelatedPerson ``fhirUser`` on another
+    server's base URL names nobody here: 401 (journaled like any refused token), never the
+    DMP of the same id, its MASQUE_PS documents included."""
+    from tests.conftest import BASE
+    pid = dmp["pid"]
+    masked = api.as_ps(b.PS_DR).create(b.docref(pid, b.LAB, labels=("MASQUE_PS",)))
+    rep = api.as_patient(pid).create(b.related_person(pid, "GUARD"))
+    db = app.extensions["fhir_dmp"].storage.db
+
+    def refusals() -> int:
+        return len([e for e in journal_entries(db, {"pid": None}) if e["res"]["outcome"] == "4"])
+
+    before = refusals()
+    strangers = [idp.token(sub="x", fhirUser=f"https://other.example/fhir/Patient/{pid}", scope="patient/*.rs"),
+                 idp.legal_rep(rep["id"], fhirUser=f"https://other.example/fhir/RelatedPerson/{rep['id']}"),
+                 idp.patient(pid, fhirUser=f"{BASE}.evil/Patient/{pid}"),
+                 idp.legal_rep(rep["id"], fhirUser=f"{BASE}X/RelatedPerson/{rep['id']}")]
+    for token in strangers:
+        for path in (f"DocumentReference?patient={pid}", f"DocumentReference/{masked['id']}", f"Patient/{pid}"):
+            r = api.as_token(token).get(path)
+            assert r.status_code == 401, (path, r.status_code)
+            assert r.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+            assert masked["id"] not in r.get_data(as_text=True)
+    assert refusals() == before + 3 * len(strangers)
+    # relative, or on this server's base URL (host in any case, explicit default port): the caller
+    for fhir_user in (f"Patient/{pid}", f"{BASE}/Patient/{pid}", f"{BASE.replace('dmp.test', 'DMP.TEST:443')}/Patient/{pid}"):
+        me = api.as_token(idp.patient(pid, fhirUser=fhir_user))
+        assert me.get(f"DocumentReference/{masked['id']}").status_code == 200, fhir_user
+    rep_token = idp.legal_rep(rep["id"], fhirUser=f"{BASE}/RelatedPerson/{rep['id']}")
+    assert api.as_token(rep_token).get(f"Patient/{pid}").status_code == 200
+
+
 # ----------------------------------------------------------------- issue 9: deposit rules in the decision module
 def _journaled_rules(app, pid):
     """The (rule, http_status) of the denials journaled in DMP ``pid``."""

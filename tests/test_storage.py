@@ -50,3 +50,15 @@ def test_versions_conflicts_and_decimals(mongo_client, db):
     assert back["extension"][0]["valueDecimal"] == Decimal("72.50")
     assert str(back["extension"][0]["valueDecimal"]) == "72.50"     # precision kept
     assert db["DocumentReference"].find_one({"_id": d.id})["a"]["types"] == [b.CONSULTATION]
+
+
+def test_a_key_set_record_is_replaced_only_by_a_later_one(db_storage):
+    """The shared view of the issuer's keys (security/auth.py SharedKeys): the latest ``at`` wins,
+    whatever the order the records arrive in."""
+    assert db_storage.key_set("https://idp.test") is None
+    assert db_storage.record_key_set("https://idp.test", {"at": 2.0, "keys": [["a", "x"]]})
+    assert not db_storage.record_key_set("https://idp.test", {"at": 1.0, "keys": [["b", "y"]]})
+    assert not db_storage.record_key_set("https://idp.test", {"at": 2.0, "keys": [["b", "y"]]})
+    assert db_storage.key_set("https://idp.test") == {"at": 2.0, "keys": [["a", "x"]]}
+    assert db_storage.record_key_set("https://idp.test", {"at": 3.0, "keys": []})
+    assert db_storage.key_set("https://idp.test") == {"at": 3.0, "keys": []}

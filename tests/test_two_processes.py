@@ -307,3 +307,42 @@ def test_a_sealer_killed_mid_transaction_is_taken_over_after_its_lease(own_datab
             b_.kill()              # its sealer threads may be stuck: no drain
     finally:
         holder.close()
+
+
+# --------------------------------------------------------------------------- a withdrawn key, everywhere
+
+def test_a_key_withdrawn_by_the_issuer_is_refused_by_every_worker_within_a_second(serve, idp, jwks_server):
+    """CONTRACT.md "Access tokens" (issue 18): once any worker has seen that the issuer no longer
+    publishes a key, every worker of every server refuses tokens signed with it within one
+    second, although the others fetched the key set before and have no reason to fetch it again
+    for minutes. Two servers of two workers each; the JWKS comes from a real HTTP server, which
+    counts the fetches."""
+    jwks_server.routes["/jwks"] = idp.jwks()
+    keys_at = {"FHIR_DMP_JWKS_FILE": "", "FHIR_DMP_JWKS_URL": f"{jwks_server.url}/jwks"}
+    urls = [f"{serve(name, **keys_at).url}/Patient?_count=1" for name in ("a", "b")]
+    old = idp.admin()
+    deadline = time.monotonic() + 30
+    while jwks_server.hits.get("/jwks", 0) < 4:     # the four workers fetched the set (and trust the old key)
+        assert [call("GET", url, old).status_code for url in urls] == [200, 200]
+        assert time.monotonic() < deadline, "a worker never served a request"
+    old_kid = idp.kid()
+    idp.rotate()
+    jwks_server.routes["/jwks"] = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != old_kid]}
+    new = idp.admin()
+    # one worker of server a sees the new set: the unknown kid makes it fetch (spaced by a few
+    # seconds); the first 200 is the first fetch, so the three others still hold the old set
+    deadline = time.monotonic() + 30
+    while call("GET", urls[0], new).status_code != 200:
+        assert time.monotonic() < deadline, "no worker fetched the new key set"
+        time.sleep(0.2)
+    fetched = jwks_server.hits["/jwks"]
+    time.sleep(1.0)
+    # new connections each: every worker answers
+    for url in urls:
+        assert [call("GET", url, old).status_code for _ in range(20)] == [401] * 20, url
+    # the others take the new key at once, whatever the refetch spacing
+    for url in urls:
+        assert [call("GET", url, new).status_code for _ in range(20)] == [200] * 20, url
+    # no fetch storm: each other worker fetches once, maybe twice (a record of a third worker
+    # may reach it during its own fetch)
+    assert jwks_server.hits["/jwks"] - fetched <= 6, jwks_server.hits

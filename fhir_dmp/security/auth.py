@@ -17,7 +17,10 @@ Contract (CONTRACT.md "Access tokens"):
 * Keys: dev mode -> the dev public key only; else ``jwks_file`` (re-read when
   it changes), ``jwks_url`` or the ``jwks_uri`` of the issuer's OpenID
   discovery document (fetched, cached, re-fetched on an unknown ``kid`` at
-  most once every ``refetch_interval`` seconds, and after ``max_age``).
+  most once every ``refetch_interval`` seconds, and after ``max_age``). A key
+  one process has seen withdrawn leaves every process's set at once
+  (:class:`SharedKeys`, through the database and the decision context cache's
+  change stream: no database round trip on the request path).
 * The token itself never appears in an error or a log line.
 
 All of it is thread-safe: one ``TokenVerifier`` serves all request threads.
@@ -34,6 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from joserfc import jws, jwt
@@ -63,8 +67,9 @@ SECURITY_SCHEME = "http://hl7.org/fhir/tag/security"
 BTG_TERM = f"{PURPOSE_SYSTEM}#BTG"
 _ACTREASON_SYSTEMS = (PURPOSE_SYSTEM, "urn:oid:2.16.840.1.113883.5.8")
 _PURPOSES = (TREAT, BTG, ETREAT)
-_FHIR_USER_PATIENT = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})$")
-_FHIR_USER_RELATED = re.compile(r"(?:^|/)RelatedPerson/[A-Za-z0-9\-.]{1,64}$")
+# fhirUser: ``Type/id``, maybe after a base URL (https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html)
+_FHIR_USER = re.compile(r"(?:(.*)/)?([A-Z][A-Za-z]{0,63})/([A-Za-z0-9\-.]{1,64})")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _SAFE_ALG = re.compile(r"^[A-Za-z0-9+-]{1,16}$")
 _MAX_REASON = 1000
 
@@ -131,6 +136,87 @@ def _import_jwks(data) -> KeySet:
         raise ValueError("malformed JWK") from exc
 
 
+def _published(keys: KeySet) -> list[list[str]]:
+    """What a key set publishes, comparable across processes: sorted ``[kid, RFC 7638
+    thumbprint]`` pairs (public data only; a key without ``kid`` has ``""``)."""
+    return sorted([k.kid or "", k.thumbprint()] for k in keys)
+
+
+class SharedKeys:
+    """A key source whose view of what the issuer publishes is shared by every worker and node
+    (CONTRACT.md "Access tokens": once any of them has seen that the issuer no longer publishes
+    a key, every one refuses it within one second).
+
+    ``publish`` (set by the app; None: nothing shared) records ``{"keys": pairs, "at": time of
+    the load}`` (:func:`_published`: kids and thumbprints) for the other processes when this
+    process loads a set that lacks a key its previous one had, or that differs from the last
+    record it knows of; and when a record it is shown is older than its own load and differs
+    (it knows better). The app shows every process each record (:meth:`adopt`); a record newer
+    than the process's own load drops from its set every key the record does not list. A record
+    never adds a key: only keys this process loaded from the issuer itself verify tokens, so the
+    shared record (in the database) can withdraw a key but never make one trusted.
+    Subclasses hand each set they load to :meth:`_loaded`; ``_lock`` serializes their loads
+    (across a fetch), ``_swap`` only the change of ``_keys``: :meth:`adopt` (in the change
+    stream's thread) never waits for the issuer.
+    """
+
+    publish: Callable[[dict], None] | None = None
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._swap = threading.Lock()
+        self._keys: KeySet | None = None
+        self._own: list | None = None         # the pairs of this process's last load...
+        self._loaded_wall = 0.0               # ... and its time.time()
+        self._shared: list | None = None      # the pairs last recorded, as far as this process knows
+
+    def _loaded(self, keys: KeySet) -> None:
+        """Take ``keys``, just loaded; record them for the others if some key went or they
+        differ from the last record."""
+        pairs = _published(keys)
+        with self._swap:
+            gone = self._own is not None and not {tuple(p) for p in self._own} <= {tuple(p) for p in pairs}
+            self._keys, self._own, self._loaded_wall = keys, pairs, time.time()
+            if not gone and (self._shared is None or pairs == self._shared):
+                return
+            self._shared, record = pairs, {"keys": pairs, "at": self._loaded_wall}
+        self._record(record)
+
+    def adopt(self, record: dict | None) -> None:
+        """See a key set another process recorded (``publish``'s argument): if seen after this
+        process's own last load, keys it does not list leave this process's set."""
+        if not record or not isinstance(record.get("keys"), list):
+            return
+        with self._swap:
+            self._shared = record["keys"]
+            if not record.get("at", 0) > self._loaded_wall:
+                if self._own is None or self._own == record["keys"]:
+                    return
+                self._shared, mine = self._own, {"keys": self._own, "at": self._loaded_wall}   # it knows better
+            else:
+                mine = None
+                listed = {tuple(pair) for pair in record["keys"]}
+                if self._keys is not None:
+                    kept = [k for k in self._keys if (k.kid or "", k.thumbprint()) in listed]
+                    if len(kept) < len(self._keys.keys):
+                        self._keys = KeySet(kept)
+                    if len(listed) > len(kept):
+                        self._published_elsewhere()
+        if mine is not None:
+            self._record(mine)
+
+    def _record(self, record: dict) -> None:
+        if self.publish is None:
+            return
+        try:
+            self.publish(record)
+        except Exception as exc:   # noqa: BLE001 — this process still refuses what it no longer sees
+            log.warning("cannot share the issuer's key set: %s", type(exc).__name__)
+
+    def _published_elsewhere(self) -> None:
+        """The record lists keys this process lacks (it saw a newer set): a hook."""
+
+
 class StaticKeys:
     """A fixed key set (dev mode)."""
 
@@ -141,17 +227,17 @@ class StaticKeys:
         return _pick(self._keys, kid, alg)
 
 
-class FileKeys:
+class FileKeys(SharedKeys):
     """A JWKS file, re-read whenever its (mtime, size, inode) changes.
 
     A file that cannot be read or parsed keeps the previous key set (and is
-    tried again on the next lookup)."""
+    tried again on the next lookup). Shared with the other processes (:class:`SharedKeys`):
+    a node whose copy of the file is older drops the keys the others no longer see."""
 
     def __init__(self, path: Path):
+        super().__init__()
         self._path = Path(path)
-        self._lock = threading.Lock()
         self._stamp = None
-        self._keys: KeySet | None = None
 
     def lookup(self, kid: str | None, alg: str) -> Key | None:
         return _pick(self._current(), kid, alg)
@@ -171,13 +257,14 @@ class FileKeys:
                 except (OSError, ValueError, JoseError) as exc:
                     log.warning("cannot load JWKS file %s: %s", self._path, type(exc).__name__)
                 else:
-                    self._keys, self._stamp = keys, stamp
+                    self._stamp = stamp
+                    self._loaded(keys)
             if self._keys is None:
                 raise KeysUnavailable(f"JWKS file {self._path} is missing or unreadable")
             return self._keys
 
 
-class UrlKeys:
+class UrlKeys(SharedKeys):
     """A JWKS fetched over HTTP(S) and cached.
 
     ``resolve_url`` gives the JWKS URL (may itself fetch a discovery
@@ -186,20 +273,20 @@ class UrlKeys:
     once every ``refetch_interval`` seconds (attempts, failed or not, count).
     The server trusts exactly what the issuer publishes now: a failed fetch
     keeps the previous set only until it is ``max_age`` old (then 503), and a
-    key the issuer no longer publishes is gone at the next fetch.
+    key the issuer no longer publishes is gone at the next fetch, or as soon as another process
+    has seen it gone (:class:`SharedKeys`); then a ``kid`` this process lacks is fetched at once.
     """
 
     def __init__(self, resolve_url: Callable[[requests.Session], str], *,
                  refetch_interval: float = 5.0, max_age: float = JWKS_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic, timeout: float = 5.0):
+        super().__init__()
         self._resolve_url = resolve_url
         self._interval = refetch_interval
         self._max_age = max_age
         self._clock = clock
         self._timeout = timeout
         self._session = requests.Session()
-        self._lock = threading.Lock()
-        self._keys: KeySet | None = None
         self._attempt_at: float | None = None
         self._loaded_at: float | None = None
         self.fetches = 0  # number of JWKS fetch attempts (observability)
@@ -219,6 +306,9 @@ class UrlKeys:
             keys = self._refresh()
             key = _pick(keys, kid, alg)
         return key
+
+    def _published_elsewhere(self) -> None:
+        self._attempt_at = None        # the next unknown kid is fetched without waiting
 
     def _expired(self) -> bool:
         return self._loaded_at is None or self._clock() - self._loaded_at >= self._max_age
@@ -250,7 +340,7 @@ class UrlKeys:
                     resp.raise_for_status()
                     keys = _import_jwks(resp.json())
                     self._loaded_at = now   # before _keys: lock-free readers rely on it
-                    self._keys = keys
+                    self._loaded(keys)
                 except (requests.RequestException, ValueError, JoseError) as exc:
                     log.warning("cannot fetch the issuer JWKS: %s", type(exc).__name__)
             if self._keys is None:
@@ -397,25 +487,29 @@ class TokenVerifier:
         if not token or _WHITESPACE.search(token):
             raise _invalid_request("malformed Bearer credentials")
         claims = self.verify(token)
-        return principal_from_claims(claims, headers or {})
+        return principal_from_claims(claims, headers or {}, self.config.fhir_base)
 
 
 # --------------------------------------------------------------------------- claims -> Principal
 
-def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None) -> Principal:
+def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None,
+                          base_url: str | None = None) -> Principal:
     """Build the Principal of verified ``claims`` (CONTRACT.md "Access tokens").
 
     Kind: ``dmp_role`` admin / regulation_centre / legal_representative
     (another value -> 401 invalid_token); else ``SubjectNameID`` -> PS (whatever its
     ``fhirUser``); else ``fhirUser`` ``Patient/{id}`` -> PATIENT; else 401 invalid_token
     (CONTRACT.md "Who the caller is": a token that fits none of these gets 401).
+    The ``fhirUser`` of a patient or a legal representative is relative or on ``base_url``
+    (this server's; None: relative only), see :func:`_fhir_user`: one on another server gets 401.
     ``compartment`` from the ``patient`` claim and ``patient/`` scopes. Raises Unauthorized for
     inconsistent claims and the RFC 9470 step-up for PS / regulation centre
     without ``acr`` eidas1.
     """
     headers = headers or {}
     role = claims.get("dmp_role")
-    patient_id = _patient_of(claims.get("fhirUser"))
+    user = _fhir_user(claims.get("fhirUser"), base_url)     # (type, id, on this server) or None
+    patient_id = user[1] if user and user[0] == "Patient" and user[2] else None
     id_nat_ps = _str(claims.get("SubjectNameID"))
     professions = _professions(claims.get("SubjectRole"))
 
@@ -430,15 +524,19 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
             # CONTRACT.md "Who the caller is": the token names the RelatedPerson; the repository
             # resolves it to its patient while it is in force (resolve_legal_representative)
             kind = LEGAL_REPRESENTATIVE
-            related = _str(claims.get("fhirUser"))
-            if not related or not _FHIR_USER_RELATED.search(related):
+            if not user or user[0] != "RelatedPerson":
                 raise invalid_token("a legal_representative token needs fhirUser RelatedPerson/{id}")
+            if not user[2]:
+                raise invalid_token("fhirUser names a RelatedPerson of another server")
         else:
             # CONTRACT.md "Who the caller is": a role outside the habilitation data fits no kind
             raise invalid_token("dmp_role is not one this server knows")
     elif id_nat_ps:
         kind = PS            # CONTRACT.md "Who the caller is": never the patient, whatever its fhirUser
-    elif patient_id:
+    elif user and user[0] == "Patient":
+        if not user[2]:
+            # CONTRACT.md "Who the caller is": a relative reference or one on this server's base URL
+            raise invalid_token("fhirUser names a Patient of another server")
         kind = PATIENT
     else:
         # CONTRACT.md "Who the caller is": "A token that fits none of these gets 401"
@@ -477,7 +575,7 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
         scopes=scopes,
         patient_id=patient_id if owner else None,
         compartment=compartment,
-        related_person=_str(claims.get("fhirUser")) if kind == LEGAL_REPRESENTATIVE else None,
+        related_person=f"RelatedPerson/{user[1]}" if kind == LEGAL_REPRESENTATIVE else None,
         id_nat_ps=id_nat_ps if professional else None,
         professions=professions if professional else (),
         acr=acr,
@@ -518,13 +616,35 @@ def _str(value) -> str | None:
     return None
 
 
-def _patient_of(fhir_user) -> str | None:
-    """``Patient/{id}`` (relative or absolute URL) -> id."""
+def _fhir_user(fhir_user, base_url: str | None) -> tuple[str, str, bool] | None:
+    """``fhirUser`` -> ``(type, id, here)``; None when it is no ``Type/id`` reference.
+
+    ``here``: the reference is relative (exactly ``Type/id``) or absolute on ``base_url``:
+    same scheme and host (case-insensitive), same port (the scheme's default when absent) and
+    the same path, a trailing slash of ``base_url`` aside (RFC 3986 §6.2.2, §6.2.3). Anything else
+    (another server, another path such as ``{base}X/Patient/1``, a query, user info) is not here."""
     value = _str(fhir_user)
-    if not value:
+    m = _FHIR_USER.fullmatch(value) if value else None
+    if not m:
         return None
-    m = _FHIR_USER_PATIENT.search(value)
-    return m.group(1) if m else None
+    prefix, rtype, rid = m.groups()
+    if prefix is None:
+        return rtype, rid, True
+    here = _base_parts(base_url.rstrip("/")) if base_url else None
+    return rtype, rid, here is not None and _base_parts(prefix) == here
+
+
+def _base_parts(url: str) -> tuple | None:
+    """(scheme, host, port, path) of an http(s) base URL, normalized; None for anything else."""
+    try:
+        parts = urlsplit(url)
+        scheme, port = parts.scheme.lower(), parts.port
+    except ValueError:
+        return None
+    if (scheme not in _DEFAULT_PORTS or not parts.hostname or parts.query or parts.fragment
+            or "@" in parts.netloc):
+        return None
+    return scheme, parts.hostname, port or _DEFAULT_PORTS[scheme], parts.path
 
 
 def _professions(value) -> tuple[str, ...]:

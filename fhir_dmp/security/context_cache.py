@@ -24,7 +24,9 @@ Entries also expire after ``max_age`` seconds, a backstop only.
 
 The mechanism (generations, live flag, one load per pid at a time) is :class:`PidCache`; the
 same stream also invalidates the DMP document cache (``doc_cache.py``), a follower of
-:class:`ContextCache` for the DocumentReference collection.
+:class:`ContextCache` for the DocumentReference collection, and tells listeners of other
+collections that something changed there (the issuer's key set as last seen by any process,
+``auth.SharedKeys``: a key withdrawn anywhere is refused everywhere within one second).
 """
 from __future__ import annotations
 
@@ -214,13 +216,17 @@ class ContextCache(PidCache):
     ``followers`` maps a collection outside :data:`storage.DECISION_INPUTS` to another
     :class:`PidCache` (e.g. the DMP document cache, ``doc_cache.py``): the same stream watches
     that collection and invalidates the follower's entry of each changed document's ``pid``.
+    ``listeners`` maps another collection to a function of no argument, called in the stream's
+    thread on each change there and each time the stream is (re)established (what changed
+    while it was down); it reads what it needs itself.
     """
 
     def __init__(self, storage, *, max_entries: int = 20_000, max_age: float = 300.0,
-                 followers: dict[str, PidCache] | None = None):
+                 followers: dict[str, PidCache] | None = None, listeners: dict | None = None):
         super().__init__(max_weight=max_entries, max_age=max_age)
         self.storage = storage
         self.followers = dict(followers or {})
+        self.listeners = dict(listeners or {})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -243,8 +249,10 @@ class ContextCache(PidCache):
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with self.storage.watch_decision_inputs(also=tuple(self.followers)) as stream:
+                with self.storage.watch_decision_inputs(also=(*self.followers, *self.listeners)) as stream:
                     self._set_live(True)
+                    for listener in self.listeners.values():
+                        listener()
                     while not self._stop.is_set() and stream.alive:
                         change = stream.try_next()
                         if change is not None:
@@ -266,6 +274,9 @@ class ContextCache(PidCache):
 
     def _apply(self, change: dict) -> None:
         coll = (change.get("ns") or {}).get("coll")
+        if coll in self.listeners:
+            self.listeners[coll]()
+            return
         doc = change.get("fullDocument") or {}
         pid = doc.get("pid")
         if coll == "Patient":

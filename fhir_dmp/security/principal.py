@@ -49,8 +49,8 @@ class Principal:
     btg_reason: str | None = None
     client_id: str | None = None
     name: str | None = None
-    #: legal representative: the token's ``fhirUser`` (``RelatedPerson/{id}``, maybe absolute);
-    #: ``patient_id`` is set only once the RelatedPerson is found in force (repository)
+    #: legal representative: the RelatedPerson its token's ``fhirUser`` names on this server,
+    #: as ``RelatedPerson/{id}``; ``patient_id`` is set only once it is found in force (repository)
     related_person: str | None = None
     claims: dict = field(default_factory=dict, compare=False, repr=False)
 
