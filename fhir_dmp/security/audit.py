@@ -57,6 +57,7 @@ import orjson
 from pymongo.errors import PyMongoError
 
 from fhir_dmp.errors import ServiceUnavailable
+from fhir_dmp.search import extract
 from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE,
                                          PATIENT, PS, PURPOSE_SYSTEM, REGULATION_CENTRE, TREAT,
                                          Principal)
@@ -360,27 +361,12 @@ def chain_hash(prev: str, res: dict) -> str:
 
 
 def _search_index(res: dict) -> tuple[dict, dict]:
-    """``s``/``o`` from fhir_dmp.search.extract, imported lazily ({} if absent)."""
-    try:  # fhir_dmp/search/extract.py: extract(resource_type, resource) -> (s, o)
-        from fhir_dmp.search.extract import extract
-    except ImportError:
-        try:
-            from fhir_dmp.search import extract
-        except ImportError:
-            return {}, {}
-    if not callable(extract):  # the package exposes the submodule
-        extract = getattr(extract, "extract", None)
-        if extract is None:
-            return {}, {}
+    """``s``/``o`` of the event (:func:`fhir_dmp.search.extract`); ``{}`` if extraction fails."""
     try:
-        out = extract("AuditEvent", res)
+        return extract("AuditEvent", res)
     except Exception:  # an indexing bug must not lose the journal entry
         log.exception("search index extraction failed for AuditEvent/%s", res.get("id"))
         return {}, {}
-    if isinstance(out, dict):
-        return out.get("s", {}) or {}, out.get("o", {}) or {}
-    s, o = out
-    return s or {}, o or {}
 
 
 def _is_transient(exc: PyMongoError) -> bool:
