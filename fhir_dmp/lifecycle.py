@@ -68,8 +68,9 @@ def purge_dmp(storage, pid: str, *, session) -> dict:
     The data key goes first (crypto-shredding): whatever copy of a ciphertext
     survives elsewhere cannot be opened with the live key file. The journal
     chain of the DMP (its events and its head) goes with it, so the other
-    chains stay verifiable. Call :meth:`DocumentCrypto.forget_cached_keys` /
-    drop caches after commit. The queries are :meth:`Storage.purge_dmp`'s.
+    chains stay verifiable. After the commit, drop this process's copy of the key
+    (:meth:`DocumentCrypto.forget`) and its cached decision context, as
+    :meth:`GuardedRepository.destroy_dmp` does. The queries are :meth:`Storage.purge_dmp`'s.
     """
     return storage.purge_dmp(pid, session=session)
 

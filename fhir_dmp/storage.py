@@ -652,9 +652,6 @@ class Storage:
         """Store a new wrapped data key (DuplicateKeyError: another request created it first)."""
         self.db[DATAKEYS].insert_one(doc)
 
-    def delete_data_key(self, pid: str) -> None:
-        self.db[DATAKEYS].delete_one({"_id": pid})
-
     def data_keys_not_wrapped_by(self, kek_id: str) -> list[dict]:
         return list(self.db[DATAKEYS].find({"kek_id": {"$ne": kek_id}}))
 
