@@ -22,7 +22,6 @@ exactly one wins. Multi-document writes run in a transaction.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import uuid
@@ -332,13 +331,6 @@ class Storage:
             return {}
         return {"causal_consistency": False,
                 "default_transaction_options": TransactionOptions(read_concern=ReadConcern())}
-
-    @contextlib.contextmanager
-    def transaction(self):
-        """A session with a transaction; commits on success, aborts on error."""
-        with self.client.start_session() as session:
-            with session.start_transaction():
-                yield session
 
     # -- reads -------------------------------------------------------------
     def read(self, rtype: str, rid: str, *, session=None) -> Stored | None:
