@@ -28,8 +28,8 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import (UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant, is_write_conflict,
-                      merge_filters, new_id, now)
+from .storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant,
+                      is_write_conflict, merge_filters, new_id, now)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E
 #: what a write of these types changes is none of the decision's inputs (storage.DECISION_INPUTS):
 #: the DMP's cached decision context stays warm for the next deposit (issue 13)
 CONTEXT_FREE = frozenset({"DocumentReference", "Binary"})
-HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson"}
+HOSTED = RESOURCE_TYPES     # the resource types served (storage.py holds the list)
 
 
 @dataclass

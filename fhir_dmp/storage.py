@@ -67,7 +67,7 @@ SEALER_ID = "sealer"
 LEASE_WAIT_S = 2.0     # the longest a lease write waits on a locked lease document
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
 COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
-
+#: the resource types this server hosts, the one list (repository.HOSTED, the REST routes, validation)
 RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
                   "RelatedPerson")
 # Written once and never changed (the journal): each entry is its own only version, so its history
