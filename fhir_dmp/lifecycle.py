@@ -30,6 +30,8 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
+from .storage import instant
+
 log = logging.getLogger(__name__)
 
 DAY = timedelta(days=1)
@@ -90,7 +92,7 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "delete",
                      "display": "delete"}],
         "action": "D",
-        "recorded": at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "recorded": instant(at),
         "outcome": "0",
         "outcomeDesc": f"a DMP was destroyed ({reason})",
         "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
