@@ -25,6 +25,7 @@ from pymongo.errors import PyMongoError
 from . import search
 from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
                      Unprocessable, not_found)
+from .profiles import dmp
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
@@ -1010,23 +1011,9 @@ class GuardedRepository:
 
     def _authorize_creator(self, patient: Stored, session) -> None:
         """A PS who opens a DMP is authorized on it (CONTRACT.md)."""
-        consent = {
-            "resourceType": "Consent", "status": "active",
-            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                                  "code": "patient-privacy"}]},
-            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-            "patient": {"reference": f"Patient/{patient.id}"},
-            "dateTime": patient.resource["meta"]["lastUpdated"],
-            "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                                       "code": "OPTIN"}]},
-            "verification": [{"verified": True, "verifiedWith": self.p.reference()}],
-            "provision": {"type": "permit",
-                          "actor": [{"role": {"coding": [{
-                              "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                              "code": "PRCP"}]}, "reference": self.p.reference()}],
-                          "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-                                       "code": "TREAT"}]},
-        }
+        consent = dmp.patient_consent(patient.id, "permit", purpose="TREAT", actor=self.p.reference(),
+                                      at=patient.resource["meta"]["lastUpdated"],
+                                      verified_with=self.p.reference())
         stored = self.storage.create("Consent", consent, pid=patient.id, session=session)
         self.record("create", outcome="0", patient_id=patient.id, resource=f"Consent/{stored.id}/_history/1",
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)
