@@ -32,7 +32,7 @@ import copy
 import re
 
 from fhir_dmp.errors import Issue
-from fhir_dmp.security.principal import PURPOSE_SYSTEM
+from fhir_dmp.security.principal import IDNATPS_SYSTEM, PURPOSE_SYSTEM
 
 from .ins import INS_SYSTEMS, NIA, NIR, NIR_DEMO, NIR_TEST, ins_problem, is_valid_ins
 
@@ -71,7 +71,6 @@ LABEL_DISPLAY = {
 CONFIDENTIALITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 CONFIDENTIALITY_CODES = frozenset({"N", "R", "V"})
 
-IDNATPS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.1"
 LOINC = "http://loinc.org"
 
 IDENTITY_RELIABILITY_URL = \
