@@ -147,14 +147,19 @@ def is_ins_qualified(patient: dict) -> bool:
             and identity_status(patient) in QUALIFIED_STATUSES)
 
 
-def general_practitioner_ids(patient: dict) -> set[str]:
-    """idNatPs of the médecin traitant (``generalPractitioner[].identifier``)."""
+def _idnatps_ids(refs) -> set[str]:
+    """idNatPs in the ``identifier`` of each of these References."""
     out = set()
-    for ref in _list(_dict(patient).get("generalPractitioner")):
+    for ref in _list(refs):
         ident = _dict(_dict(ref).get("identifier"))
         if ident.get("system") == IDNATPS_SYSTEM and isinstance(ident.get("value"), str):
             out.add(ident["value"])
     return out
+
+
+def general_practitioner_ids(patient: dict) -> set[str]:
+    """idNatPs of the médecin traitant (``generalPractitioner[].identifier``)."""
+    return _idnatps_ids(_dict(patient).get("generalPractitioner"))
 
 
 # --- DocumentReference helpers -----------------------------------------------------------
@@ -212,12 +217,7 @@ def doc_type_codes(docref: dict) -> set[str]:
 
 def author_ids(docref: dict) -> set[str]:
     """idNatPs found in ``author[].identifier``."""
-    out = set()
-    for ref in _list(_dict(docref).get("author")):
-        ident = _dict(_dict(ref).get("identifier"))
-        if ident.get("system") == IDNATPS_SYSTEM and isinstance(ident.get("value"), str):
-            out.add(ident["value"])
-    return out
+    return _idnatps_ids(_dict(docref).get("author"))
 
 
 # --- Consent builder -----------------------------------------------------------------------
