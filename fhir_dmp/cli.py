@@ -2,7 +2,8 @@
 
 Subcommands: ``serve``, ``dev-token``, ``load``, ``audit verify``,
 ``keys rotate``, ``retention run``. Configuration comes only from ``Config.from_env()``; the
-options ``--host/--port/--workers`` override it. Expected failures (bad
+options ``--host/--port`` override it (``serve --workers`` is no configuration: it goes to
+``server.serve``). Expected failures (bad
 configuration, port taken, database that will not start, missing file) end
 with one line ``fhir-dmp: error: ...`` on stderr and a non-zero status,
 never a traceback. The modules behind ``dev-token``, ``load``, ``audit`` and
@@ -112,7 +113,7 @@ def _config(args=None):
     from .config import Config
 
     overrides = {}
-    for name in ("host", "port", "workers"):
+    for name in ("host", "port"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

@@ -45,7 +45,6 @@ class Config:
     data_dir: Path = Path(".fhir-dmp")
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 2
     base_url: str | None = None
     issuer: str | None = None
     jwks_url: str | None = None

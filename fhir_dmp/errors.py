@@ -1,8 +1,8 @@
 """Typed errors and their one mapping to FHIR OperationOutcome.
 
-Every layer raises a subclass of :class:`FhirError`; the Flask error handler
-registered in :func:`register` turns it (and anything unexpected) into an
-OperationOutcome with the right status. Nothing else builds error bodies.
+Every layer raises a subclass of :class:`FhirError`; the Flask error handlers
+registered in :func:`fhir_dmp.app.create_app` turn it (and anything unexpected)
+into an OperationOutcome with the right status. Nothing else builds error bodies.
 
 Spec: https://hl7.org/fhir/R4/operationoutcome.html and
 https://hl7.org/fhir/R4/http.html#Status-Codes

@@ -30,6 +30,8 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
+from .storage import instant
+
 log = logging.getLogger(__name__)
 
 DAY = timedelta(days=1)
@@ -68,8 +70,9 @@ def purge_dmp(storage, pid: str, *, session) -> dict:
     The data key goes first (crypto-shredding): whatever copy of a ciphertext
     survives elsewhere cannot be opened with the live key file. The journal
     chain of the DMP (its events and its head) goes with it, so the other
-    chains stay verifiable. Call :meth:`DocumentCrypto.forget_cached_keys` /
-    drop caches after commit. The queries are :meth:`Storage.purge_dmp`'s.
+    chains stay verifiable. After the commit, drop this process's copy of the key
+    (:meth:`DocumentCrypto.forget`) and its cached decision context, as
+    :meth:`GuardedRepository.destroy_dmp` does. The queries are :meth:`Storage.purge_dmp`'s.
     """
     return storage.purge_dmp(pid, session=session)
 
@@ -89,7 +92,7 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "delete",
                      "display": "delete"}],
         "action": "D",
-        "recorded": at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "recorded": instant(at),
         "outcome": "0",
         "outcomeDesc": f"a DMP was destroyed ({reason})",
         "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",

@@ -65,6 +65,7 @@ from typing import Callable
 import requests
 from pymongo.errors import PyMongoError
 
+from .security.audit import PROFESSION_LABELS
 from .storage import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,6 @@ MODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
 NO_CONTACT_REASON = "Aucun moyen de contact (email/SMS) dans le dossier"
 
 KINDS = ("first_access", "break_glass", "centre_15", "access_code")
-PROFESSION_LABELS = {
-    "10": "Médecin", "21": "Pharmacien", "40": "Chirurgien-dentiste", "50": "Sage-femme",
-    "60": "Infirmier", "70": "Masseur-kinésithérapeute",
-}
 MODE_LABELS = {"normal": "normal", "bris_de_glace": "bris de glace (urgence)",
                "centre_15": "centre 15 (régulation médicale)"}
 

@@ -25,11 +25,12 @@ from pymongo.errors import PyMongoError
 from . import search
 from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
                      Unprocessable, not_found)
+from .profiles import dmp
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import (UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant, is_write_conflict,
-                      merge_filters, new_id, now)
+from .storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant,
+                      is_write_conflict, merge_filters, new_id, now)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E
 #: what a write of these types changes is none of the decision's inputs (storage.DECISION_INPUTS):
 #: the DMP's cached decision context stays warm for the next deposit (issue 13)
 CONTEXT_FREE = frozenset({"DocumentReference", "Binary"})
-HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson"}
+HOSTED = RESOURCE_TYPES     # the resource types served (storage.py holds the list)
 
 
 @dataclass
@@ -1008,23 +1009,9 @@ class GuardedRepository:
 
     def _authorize_creator(self, patient: Stored, session) -> None:
         """A PS who opens a DMP is authorized on it (CONTRACT.md)."""
-        consent = {
-            "resourceType": "Consent", "status": "active",
-            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                                  "code": "patient-privacy"}]},
-            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-            "patient": {"reference": f"Patient/{patient.id}"},
-            "dateTime": patient.resource["meta"]["lastUpdated"],
-            "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                                       "code": "OPTIN"}]},
-            "verification": [{"verified": True, "verifiedWith": self.p.reference()}],
-            "provision": {"type": "permit",
-                          "actor": [{"role": {"coding": [{
-                              "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                              "code": "PRCP"}]}, "reference": self.p.reference()}],
-                          "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-                                       "code": "TREAT"}]},
-        }
+        consent = dmp.patient_consent(patient.id, "permit", purpose="TREAT", actor=self.p.reference(),
+                                      at=patient.resource["meta"]["lastUpdated"],
+                                      verified_with=self.p.reference())
         stored = self.storage.create("Consent", consent, pid=patient.id, session=session)
         self.record("create", outcome="0", patient_id=patient.id, resource=f"Consent/{stored.id}/_history/1",
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)

@@ -22,7 +22,6 @@ exactly one wins. Multi-document writes run in a transaction.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import uuid
@@ -69,7 +68,7 @@ SEALER_ID = "sealer"
 LEASE_WAIT_S = 2.0     # the longest a lease write waits on a locked lease document
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
 COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
-
+#: the resource types this server hosts, the one list (repository.HOSTED, the REST routes, validation)
 RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
                   "RelatedPerson")
 # Written once and never changed (the journal): each entry is its own only version, so its history
@@ -333,13 +332,6 @@ class Storage:
             return {}
         return {"causal_consistency": False,
                 "default_transaction_options": TransactionOptions(read_concern=ReadConcern())}
-
-    @contextlib.contextmanager
-    def transaction(self):
-        """A session with a transaction; commits on success, aborts on error."""
-        with self.client.start_session() as session:
-            with session.start_transaction():
-                yield session
 
     # -- reads -------------------------------------------------------------
     def read(self, rtype: str, rid: str, *, session=None) -> Stored | None:
@@ -668,9 +660,6 @@ class Storage:
     def add_data_key(self, doc: dict) -> None:
         """Store a new wrapped data key (DuplicateKeyError: another request created it first)."""
         self.db[DATAKEYS].insert_one(doc)
-
-    def delete_data_key(self, pid: str) -> None:
-        self.db[DATAKEYS].delete_one({"_id": pid})
 
     def data_keys_not_wrapped_by(self, kek_id: str) -> list[dict]:
         return list(self.db[DATAKEYS].find({"kek_id": {"$ne": kek_id}}))

@@ -149,9 +149,16 @@ def test_rotate_kek_rewraps_all_and_old_kek_can_go(crypto, db, config, db_storag
         assert fresh.decrypt(p, "bin", 1, ct) == f"content of {p}".encode()
 
 
+def shred(crypto, pid: str) -> None:
+    """Crypto-shredding as a destroy does it: the data key deleted (Storage.purge_dmp's first
+    step), this process's copy dropped (DocumentCrypto.forget)."""
+    crypto.storage.db["datakeys"].delete_one({"_id": pid})
+    crypto.forget(pid)
+
+
 def test_shred_makes_content_unrecoverable(crypto, db, config, db_storage):
     ct = crypto.encrypt("pat-x", "bin", 1, b"to be destroyed")
-    crypto.shred("pat-x")
+    shred(crypto, "pat-x")
     assert db.datakeys.count_documents({"_id": "pat-x"}) == 0
     for c in (crypto, DocumentCrypto(db_storage, key_provider(config))):
         with pytest.raises(ContentUnavailable):
@@ -282,7 +289,7 @@ def test_blob_chunks_cannot_be_reordered_swapped_or_dropped(small_store, db):
 
 def test_blob_after_shred_is_unavailable(store, crypto):
     store.put("pat-s", "bin", 1, b"soon gone", max_bytes=MIB)
-    crypto.shred("pat-s")
+    shred(crypto, "pat-s")
     with pytest.raises(ContentUnavailable):
         store.open("pat-s", "bin", 1)
 

@@ -230,6 +230,23 @@ def test_portal_actions_are_journaled_like_api_calls(dev):
     assert updates and updates[0]["outcome"] == "0"
 
 
+def test_closing_and_reopening_from_the_portal_are_the_repository_operations(dev):
+    """The portal's close/reopen are GuardedRepository.close_dmp/reopen_dmp: the same JSON Patch
+    of ``active``, journaled as a patch by the patient (no portal copy of the operation)."""
+    pid, _ = dev.dmp()
+    client = dev.browser(pid)
+    me = dev.as_("patient", patient=pid)
+    for path, active in (("/portal/dossier/close", False), ("/portal/dossier/reopen", True)):
+        r = client.post(path, data={"csrf_token": page_token(client, "/portal/dossier")})
+        assert r.status_code == 302 and r.headers["Location"].endswith("/portal/dossier")
+        assert me.get(f"Patient/{pid}").json["active"] is active
+    events = me.search(f"AuditEvent?patient=Patient/{pid}&agent=Patient/{pid}&subtype=patch&_count=50")
+    patched = [e["resource"] for e in events.get("entry", [])
+               if any(str((x.get("what") or {}).get("reference", "")).startswith(f"Patient/{pid}")
+                      for x in e["resource"].get("entity", []))]
+    assert len(patched) == 2 and all(e["outcome"] == "0" for e in patched)
+
+
 def test_an_unknown_patient_id_at_dev_login_is_said_on_the_sign_in_page(dev):
     dev.dmp()
     client = dev.browser()

@@ -8,14 +8,15 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from fhir_dmp.errors import BadRequest
-from fhir_dmp.search import (SUPPORTED, Include, cursor_after, decode_cursor, encode_cursor,
-                             extract, include_targets, index_specs, keyset_filter, parse_search,
+from fhir_dmp.search import (SUPPORTED, Include, cursor_after, decode_cursor, decode_history_cursor,
+                             encode_cursor, encode_history_cursor, extract, include_targets, index_specs, keyset_filter, parse_search,
                              patient_id_of, revinclude_filter)
 from fhir_dmp.search.extract import values_of
 from fhir_dmp.search.values import DATE_MAX, date_range, normalize
@@ -811,6 +812,22 @@ def test_cursor_roundtrip_and_strict_decoding():
         with pytest.raises(BadRequest):
             keyset_filter(parse_search("DocumentReference", [("_sort", "-date"), ("_cursor", b)]))
 
+
+
+def test_history_cursor_is_the_search_cursor_with_a_version_key():
+    """A history page's next link carries (lastUpdated, "[Type/]id/vid") in the search cursor's
+    encoding; anything else is the same 400 on ``_cursor``."""
+    when = datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    for key in ("Patient/p1/3", "ae-1/1"):
+        c = encode_history_cursor((when, key))
+        assert decode_history_cursor(c) == (when, key)
+        assert decode_cursor(c, id_re=re.compile(".*")) == ([when], key)
+    for b in ("zzz", encode_cursor([], "p1/1"), encode_cursor(["x"], "p1/1"), encode_cursor([when, when], "p1/1"),
+              encode_history_cursor((when, "p1")), encode_history_cursor((when, "Patient/p1/x")),
+              encode_history_cursor((when, "../p1/1/2"))):
+        with pytest.raises(BadRequest) as exc:
+            decode_history_cursor(b)
+        assert exc.value.issues[0].expression == ["_cursor"]
 
 def test_reference_id():
     from fhir_dmp.search import reference_id

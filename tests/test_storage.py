@@ -32,20 +32,18 @@ def test_versions_conflicts_and_decimals(mongo_client, db):
     storage = Storage(mongo_client, db, annotate=access_facets)
     storage.ensure_indexes()
     obs = dict(b.patient(), multipleBirthInteger=2)
-    with storage.transaction() as s:
-        v1 = storage.create("Patient", obs, pid=None, session=s)
+    v1 = storage.run_transaction(lambda s: storage.create("Patient", obs, pid=None, session=s))
     assert v1.vid == 1 and v1.pid == v1.id
-    with storage.transaction() as s:
-        v2 = storage.update("Patient", v1.id, dict(v1.resource, gender="male"), pid=v1.pid, expected_vid=1, session=s)
+    v2 = storage.run_transaction(lambda s: storage.update("Patient", v1.id, dict(v1.resource, gender="male"),
+                                                          pid=v1.pid, expected_vid=1, session=s))
     assert v2.vid == 2 and storage.vread("Patient", v1.id, 1).resource["gender"] == "female"
     with pytest.raises(VersionConflict):
-        with storage.transaction() as s:
-            storage.update("Patient", v1.id, v1.resource, pid=v1.pid, expected_vid=1, session=s)
+        storage.run_transaction(lambda s: storage.update("Patient", v1.id, v1.resource, pid=v1.pid,
+                                                         expected_vid=1, session=s))
     assert storage.read("Patient", v1.id).vid == 2                 # the loser wrote nothing
     doc = dict(b.docref(v1.id), content=[{"attachment": {"contentType": "application/pdf", "size": 3}}])
     doc["extension"] = [{"url": "urn:x", "valueDecimal": Decimal("72.50")}]
-    with storage.transaction() as s:
-        d = storage.create("DocumentReference", doc, pid=v1.id, session=s)
+    d = storage.run_transaction(lambda s: storage.create("DocumentReference", doc, pid=v1.id, session=s))
     back = storage.read("DocumentReference", d.id).resource
     assert back["extension"][0]["valueDecimal"] == Decimal("72.50")
     assert str(back["extension"][0]["valueDecimal"]) == "72.50"     # precision kept

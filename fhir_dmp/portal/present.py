@@ -13,8 +13,6 @@ from ..security.audit import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_S
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
 
 PARIS = ZoneInfo("Europe/Paris")
-CONSENT_SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
-PARTICIPATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 
 # CodeSystem dmp-rubrique (ig/), CONTRACT.md "Lifecycle of a DMP"
 RUBRIQUES = {
@@ -222,23 +220,10 @@ def classify_consents(consents: list[dict]) -> dict:
 
 
 def _consent(patient_id: str, kind: str, *, id_nat_ps: str | None = None, purpose: str) -> dict:
-    """A patient choice as CONTRACT.md "The DMP in FHIR terms" writes it."""
+    """A patient choice, made now, about one PS (``id_nat_ps``) or everyone (profiles.dmp)."""
     from ..storage import instant, now
-    provision: dict = {"type": kind,
-                       "purpose": [{"system": PURPOSE_SYSTEM, "code": purpose}]}
-    if id_nat_ps:
-        provision["actor"] = [{"role": {"coding": [{"system": PARTICIPATION_SYSTEM, "code": "PRCP"}]},
-                               "reference": {"identifier": {"system": IDNATPS_SYSTEM, "value": id_nat_ps}}}]
-    return {
-        "resourceType": "Consent", "status": "active",
-        "scope": {"coding": [{"system": CONSENT_SCOPE_SYSTEM, "code": "patient-privacy"}]},
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": f"Patient/{patient_id}"},
-        "dateTime": instant(now()),
-        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                                   "code": "OPTIN" if kind == "permit" else "OPTOUT"}]},
-        "provision": provision,
-    }
+    actor = {"identifier": {"system": IDNATPS_SYSTEM, "value": id_nat_ps}} if id_nat_ps else None
+    return dmp.patient_consent(patient_id, kind, purpose=purpose, at=instant(now()), actor=actor)
 
 
 def authorization(patient_id: str, id_nat_ps: str) -> dict:

@@ -20,7 +20,6 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import FhirError, NotFound, not_found
 from ..profiles import dmp, validate
-from ..repository import HOSTED
 from ..security.crypto import ContentUnavailable
 from ..security.audit import SUBJECT_SYSTEM
 from ..security.principal import BTG, ETREAT, PATIENT
@@ -426,20 +425,15 @@ def record():
     return render_template("portal/record.html", patient=present.patient_summary(_patient()))
 
 
-def _set_active(active: bool):
-    stored = g.repo.read("Patient", _pid())
-    _update("Patient", stored, {**stored.resource, "active": active})
-
-
 @bp.post("/dossier/close")
 def close():
-    return _act(lambda: _set_active(False), "Votre dossier est fermé. Vous pouvez le rouvrir à tout moment.",
+    return _act(lambda: g.repo.close_dmp(_pid()), "Votre dossier est fermé. Vous pouvez le rouvrir à tout moment.",
                 url_for("portal.record"))
 
 
 @bp.post("/dossier/reopen")
 def reopen():
-    return _act(lambda: _set_active(True), "Votre dossier est rouvert.", url_for("portal.record"))
+    return _act(lambda: g.repo.reopen_dmp(_pid()), "Votre dossier est rouvert.", url_for("portal.record"))
 
 
 @bp.post("/dossier/destroy")
@@ -461,8 +455,6 @@ def destroy():
 
 @bp.get("/representants")
 def representatives():
-    rows, available = [], "RelatedPerson" in HOSTED
-    if available:
-        page = _search("RelatedPerson", [("patient", _pid()), ("_count", LIST_LIMIT)])
-        rows = [present.representative_row(s.resource) for s in page.matches]
-    return render_template("portal/representatives.html", rows=rows, available=available)
+    page = _search("RelatedPerson", [("patient", _pid()), ("_count", LIST_LIMIT)])
+    rows = [present.representative_row(s.resource) for s in page.matches]
+    return render_template("portal/representatives.html", rows=rows)

@@ -32,6 +32,7 @@ import copy
 import re
 
 from fhir_dmp.errors import Issue
+from fhir_dmp.security.principal import IDNATPS_SYSTEM, PURPOSE_SYSTEM
 
 from .ins import INS_SYSTEMS, NIA, NIR, NIR_DEMO, NIR_TEST, ins_problem, is_valid_ins
 
@@ -43,7 +44,7 @@ __all__ = [
     "patient_ins", "identity_status", "is_ins_qualified", "general_practitioner_ids",
     "labels", "set_labels", "doc_type_codes", "author_ids",
     "check_patient", "check_documentreference", "check_relatedperson",
-    "PROFILE_RELATEDPERSON", "PROFILES_CONSENT",
+    "PROFILE_RELATEDPERSON", "PROFILES_CONSENT", "patient_consent",
 ]
 
 PROFILE_BASE = "https://fhir-dmp.example.org/fhir/StructureDefinition/"
@@ -70,7 +71,6 @@ LABEL_DISPLAY = {
 CONFIDENTIALITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 CONFIDENTIALITY_CODES = frozenset({"N", "R", "V"})
 
-IDNATPS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.1"
 LOINC = "http://loinc.org"
 
 IDENTITY_RELIABILITY_URL = \
@@ -147,14 +147,19 @@ def is_ins_qualified(patient: dict) -> bool:
             and identity_status(patient) in QUALIFIED_STATUSES)
 
 
-def general_practitioner_ids(patient: dict) -> set[str]:
-    """idNatPs of the médecin traitant (``generalPractitioner[].identifier``)."""
+def _idnatps_ids(refs) -> set[str]:
+    """idNatPs in the ``identifier`` of each of these References."""
     out = set()
-    for ref in _list(_dict(patient).get("generalPractitioner")):
+    for ref in _list(refs):
         ident = _dict(_dict(ref).get("identifier"))
         if ident.get("system") == IDNATPS_SYSTEM and isinstance(ident.get("value"), str):
             out.add(ident["value"])
     return out
+
+
+def general_practitioner_ids(patient: dict) -> set[str]:
+    """idNatPs of the médecin traitant (``generalPractitioner[].identifier``)."""
+    return _idnatps_ids(_dict(patient).get("generalPractitioner"))
 
 
 # --- DocumentReference helpers -----------------------------------------------------------
@@ -212,12 +217,38 @@ def doc_type_codes(docref: dict) -> set[str]:
 
 def author_ids(docref: dict) -> set[str]:
     """idNatPs found in ``author[].identifier``."""
-    out = set()
-    for ref in _list(_dict(docref).get("author")):
-        ident = _dict(_dict(ref).get("identifier"))
-        if ident.get("system") == IDNATPS_SYSTEM and isinstance(ident.get("value"), str):
-            out.add(ident["value"])
-    return out
+    return _idnatps_ids(_dict(docref).get("author"))
+
+
+# --- Consent builder -----------------------------------------------------------------------
+CONSENT_SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
+PARTICIPATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+
+
+def patient_consent(patient_id: str, kind: str, *, purpose: str, at: str, actor: dict | None = None,
+                    verified_with: dict | None = None) -> dict:
+    """A patient's choice as CONTRACT.md "The DMP in FHIR terms" writes it: a Consent that
+    permits (``OPTIN``) or denies (``OPTOUT``) ``purpose`` (v3-ActReason) to ``actor`` (a
+    Reference, the primary recipient ``PRCP``) or to everyone, dated ``at`` (a FHIR instant);
+    ``verified_with`` (a Reference) records who verified it."""
+    provision: dict = {"type": kind}
+    if actor is not None:
+        provision["actor"] = [{"role": {"coding": [{"system": PARTICIPATION_SYSTEM, "code": "PRCP"}]},
+                               "reference": actor}]
+    provision["purpose"] = [{"system": PURPOSE_SYSTEM, "code": purpose}]
+    consent = {
+        "resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": CONSENT_SCOPE_SYSTEM, "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{patient_id}"},
+        "dateTime": at,
+        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                   "code": "OPTIN" if kind == "permit" else "OPTOUT"}]},
+    }
+    if verified_with is not None:
+        consent["verification"] = [{"verified": True, "verifiedWith": verified_with}]
+    consent["provision"] = provision
+    return consent
 
 
 # --- rules -------------------------------------------------------------------------------

@@ -45,13 +45,13 @@ from fhir_core.types import FhirBase
 from lxml import etree
 
 from fhir_dmp.errors import BadRequest, Issue, Unprocessable
+from fhir_dmp.storage import RESOURCE_TYPES
 
 from . import dmp
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary",
-                   "Communication", "RelatedPerson")
+SUPPORTED_TYPES = RESOURCE_TYPES    # the hosted types (storage.py holds the list)
 
 #: Canonical URLs of our profiles (StructureDefinitions in ``ig/``).
 PROFILES: dict[str, str] = {

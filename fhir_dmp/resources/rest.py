@@ -13,13 +13,14 @@ from flask import Blueprint, Response, g, request, stream_with_context
 
 from ..errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..profiles import validate
+from ..repository import HOSTED
+from ..search import decode_history_cursor, encode_history_cursor
 from ..security.consent import SERVER_WRITTEN
 from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
                    read_body, respond, summarize, version_headers, write_response)
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
-HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson")
 READ_ONLY = SERVER_WRITTEN   # written by the server only (the decision module's list)
 PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
 NOT_CONDITIONAL = ("Binary",)   # not searchable by its readers: conditional writes could not match
@@ -290,7 +291,8 @@ def _history(rtype: str | None, rid: str | None):
                          code="not-supported")
     count = _int_param("_count", cfg.default_page_size, cfg.max_page_size)
     since = _date_param("_since")
-    cursor = _history_cursor(request.args.get("_cursor"))
+    raw_cursor = request.args.get("_cursor")
+    cursor = decode_history_cursor(raw_cursor) if raw_cursor else None
     if rtype is None:
         page, nxt = g.repo.system_history(since=since, count=count, cursor=cursor)
         total = None
@@ -300,8 +302,7 @@ def _history(rtype: str | None, rid: str | None):
     path = f"{rtype}/{rid}/_history" if rid else f"{rtype}/_history" if rtype else "_history"
     links = [("self", link(path, params))]
     if nxt:
-        token = base64.urlsafe_b64encode(json.dumps([nxt[0].isoformat(), nxt[1]]).encode()).decode()
-        links.append(("next", link(path, params + [("_cursor", token)])))
+        links.append(("next", link(path, params + [("_cursor", encode_history_cursor(nxt))])))
     entries = []
     for v in page:
         entry = {"fullUrl": full_url(v)}
@@ -340,16 +341,6 @@ def _date_param(name: str) -> datetime | None:
     if value.tzinfo is None:
         raise BadRequest(f"{name} needs a time zone", expression=name)
     return value
-
-
-def _history_cursor(raw: str | None):
-    if not raw:
-        return None
-    try:
-        lu, key = json.loads(base64.urlsafe_b64decode(raw.encode()))
-        return datetime.fromisoformat(lu), str(key)
-    except (ValueError, TypeError):
-        raise BadRequest("invalid _cursor", expression="_cursor") from None
 
 
 # ---------------------------------------------------------------------- Binary

@@ -9,7 +9,8 @@ are parsed by :func:`parse_search` into a :class:`SearchRequest` whose
 from .extract import extract, parse_reference, patient_id_of, reference_id, sort_key_name
 from .includes import include_targets, revinclude_filter
 from .indexes import index_specs
-from .paging import cursor_after, decode_cursor, encode_cursor, keyset_filter, sort_values
+from .paging import (cursor_after, decode_cursor, decode_history_cursor, encode_cursor, encode_history_cursor,
+                     keyset_filter, sort_values)
 from .query import Criterion, Include, SearchRequest, parse_search
 from .registry import PATIENT_COMPARTMENT, SUPPORTED, SearchParam
 
@@ -17,5 +18,6 @@ __all__ = [
     "SUPPORTED", "SearchParam", "PATIENT_COMPARTMENT", "extract", "patient_id_of", "parse_reference",
     "sort_key_name", "reference_id", "parse_search", "SearchRequest", "Criterion", "Include", "index_specs",
     "encode_cursor", "decode_cursor", "keyset_filter", "sort_values", "cursor_after",
+    "encode_history_cursor", "decode_history_cursor",
     "include_targets", "revinclude_filter",
 ]

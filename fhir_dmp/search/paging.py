@@ -21,6 +21,7 @@ from .registry import SUPPORTED
 from .values import DATE_MAX, DATE_MIN, ID_RE, UTC
 
 MAX_CURSOR = 4096
+HISTORY_KEY_RE = re.compile(r"^(?:[A-Za-z]{1,64}/)?[A-Za-z0-9\-.]{1,64}/[0-9]{1,12}$")   # [Type/]id/vid
 _B64_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -48,8 +49,9 @@ def encode_cursor(sort_values: list, last_id: str) -> str:
     return base64.urlsafe_b64encode(raw.encode("ascii")).decode("ascii").rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[list, str]:
-    """(values, last_id) of a cursor, types not yet checked against a sort."""
+def decode_cursor(cursor: str, *, id_re: re.Pattern = ID_RE) -> tuple[list, str]:
+    """(values, last_id) of a cursor, types not yet checked against a sort; ``last_id`` must
+    match ``id_re`` (a resource id unless told)."""
     if not isinstance(cursor, str) or not cursor or len(cursor) > MAX_CURSOR \
             or not _B64_RE.match(cursor):
         raise _bad()
@@ -61,7 +63,7 @@ def decode_cursor(cursor: str) -> tuple[list, str]:
     if not isinstance(data, dict) or set(data) != {"v", "id"}:
         raise _bad()
     values, last_id = data["v"], data["id"]
-    if not isinstance(values, list) or not isinstance(last_id, str) or not ID_RE.match(last_id):
+    if not isinstance(values, list) or not isinstance(last_id, str) or not id_re.match(last_id):
         raise _bad()
     out = []
     for v in values:
@@ -81,6 +83,22 @@ def decode_cursor(cursor: str) -> tuple[list, str]:
         else:
             raise _bad()
     return out, last_id
+
+
+def encode_history_cursor(position: tuple[datetime, str]) -> str:
+    """Cursor of a history page (https://hl7.org/fhir/R4/http.html#history): the position
+    ``(lastUpdated, key)`` of its last version, ``key`` being ``"Type/id/vid"`` or ``"id/vid"``
+    (GuardedRepository.history, system_history); the same encoding as a search's."""
+    lu, key = position
+    return encode_cursor([lu], key)
+
+
+def decode_history_cursor(cursor: str) -> tuple[datetime, str]:
+    """``(lastUpdated, key)`` of :func:`encode_history_cursor`'s cursor; :class:`BadRequest` otherwise."""
+    values, key = decode_cursor(cursor, id_re=HISTORY_KEY_RE)
+    if len(values) != 1 or not isinstance(values[0], datetime):
+        raise _bad()
+    return values[0], key
 
 
 def sort_values(req: SearchRequest, doc: dict) -> list:

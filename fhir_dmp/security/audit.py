@@ -57,6 +57,8 @@ import orjson
 from pymongo.errors import PyMongoError
 
 from fhir_dmp.errors import ServiceUnavailable
+from fhir_dmp.search import extract
+from fhir_dmp.storage import instant
 from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE,
                                          PATIENT, PS, PURPOSE_SYSTEM, REGULATION_CENTRE, TREAT,
                                          Principal)
@@ -143,12 +145,6 @@ def _coding(system: str, code: str, display: str | None = None) -> dict:
     if display:
         out["display"] = display
     return out
-
-
-def _instant(dt: datetime) -> str:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _user_agent(p: Principal | None, client_ip: str | None) -> dict:
@@ -268,7 +264,7 @@ def build_event(rec: AccessRecord, *, source_observer: str) -> dict:
         "type": _coding(EVENT_TYPE_SYSTEM, "rest", "Restful Operation"),
         "subtype": [_coding(INTERACTION_SYSTEM, rec.interaction, rec.interaction)],
         "action": rec.action,
-        "recorded": _instant(recorded),
+        "recorded": instant(recorded),
         "outcome": rec.outcome,
     }
     reason = (rec.decision or {}).get("reason")
@@ -360,27 +356,12 @@ def chain_hash(prev: str, res: dict) -> str:
 
 
 def _search_index(res: dict) -> tuple[dict, dict]:
-    """``s``/``o`` from fhir_dmp.search.extract, imported lazily ({} if absent)."""
-    try:  # fhir_dmp/search/extract.py: extract(resource_type, resource) -> (s, o)
-        from fhir_dmp.search.extract import extract
-    except ImportError:
-        try:
-            from fhir_dmp.search import extract
-        except ImportError:
-            return {}, {}
-    if not callable(extract):  # the package exposes the submodule
-        extract = getattr(extract, "extract", None)
-        if extract is None:
-            return {}, {}
+    """``s``/``o`` of the event (:func:`fhir_dmp.search.extract`); ``{}`` if extraction fails."""
     try:
-        out = extract("AuditEvent", res)
+        return extract("AuditEvent", res)
     except Exception:  # an indexing bug must not lose the journal entry
         log.exception("search index extraction failed for AuditEvent/%s", res.get("id"))
         return {}, {}
-    if isinstance(out, dict):
-        return out.get("s", {}) or {}, out.get("o", {}) or {}
-    s, o = out
-    return s or {}, o or {}
 
 
 def _is_transient(exc: PyMongoError) -> bool:
@@ -434,7 +415,7 @@ class AuditLog:
         for event in events:
             res = dict(event)
             res.setdefault("id", uuid.uuid4().hex)
-            res["meta"] = {**(res.get("meta") or {}), "versionId": "1", "lastUpdated": _instant(now)}
+            res["meta"] = {**(res.get("meta") or {}), "versionId": "1", "lastUpdated": instant(now)}
             s, o = _search_index(res)
             pid = event_patient(res)
             raw = canonical_json(res)   # serialized once: hashed here, stored as is (storage.pack)

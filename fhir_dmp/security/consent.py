@@ -1,18 +1,26 @@
 """The one access decision point (DESIGN.md "The access rules").
 
-Shaped after HAPI FHIR's consent service: the guarded repository calls
+Shaped after HAPI FHIR's consent service (``IConsentService``: ``startOperation``,
+``canSeeResource``, ``willSeeResource``, ``completeOperationSuccess``/``Failure``):
+the guarded repository calls
 
 * :meth:`RequestAccess.start` at the start of an operation (SMART scope;
-  403 when the token's scopes do not cover the interaction);
+  403 when the token's scopes do not cover the interaction): HAPI's
+  ``startOperation``;
 * :meth:`RequestAccess.search_filter` to turn the decision into a storage
   query, so totals, pages and links count only what the caller may see
-  (``will_see`` in HAPI's terms);
+  (no HAPI counterpart: HAPI filters the results after the query);
 * :meth:`RequestAccess.can_see` on every resource before it leaves (the
   same rules, evaluated on one resource: read, vread, history, includes,
-  Binary, and the safety net of searches);
+  Binary, and the safety net of searches): HAPI's ``canSeeResource``;
+* :meth:`RequestAccess.view` on what it returns (the decision's view
+  obligation masks elements): HAPI's ``willSeeResource``;
 * :meth:`RequestAccess.can_write` before any write (403 with the reason
   inside a DMP the caller may enter; outside it, the repository answers as
   for something missing).
+
+The outcome goes to the journal (``GuardedRepository.record``), where HAPI
+calls ``completeOperationSuccess``/``completeOperationFailure``.
 
 Each rule that a search filters on is written once, as a storage query over
 the access facets (:func:`access_facets`: :meth:`RequestAccess.document_query`,

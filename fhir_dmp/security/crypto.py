@@ -287,10 +287,6 @@ class _KeyCache:
         with self._lock:
             self._d.pop(pid, None)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-
 
 class ChunkEncryptor:
     """Encrypts one stream of chunks (AAD: patient, resource, version, stream id, index, last flag).
@@ -399,19 +395,10 @@ class DocumentCrypto:
     def decryptor(self, patient_id, resource_id, version, *, stream_id: str = "") -> ChunkDecryptor:
         return ChunkDecryptor(self._key(patient_id, create=False), patient_id, resource_id, version, stream_id)
 
-    # -- lifecycle
-    def shred(self, patient_id) -> None:
-        """Delete the patient's data key: all their content becomes unrecoverable (crypto-shredding)."""
-        pid = str(patient_id)
-        self.forget(pid)
-        self.storage.delete_data_key(pid)
-
+    # -- lifecycle (crypto-shredding: Storage.purge_dmp deletes the data key first)
     def forget(self, patient_id) -> None:
         """Drop this process's cached copy of one patient's data key (after a destroy)."""
         self._cache.drop(str(patient_id))
-
-    def forget_cached_keys(self) -> None:
-        self._cache.clear()
 
 
 # --------------------------------------------------------------------- rotation
