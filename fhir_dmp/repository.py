@@ -25,7 +25,7 @@ from . import search
 from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
                      Unprocessable, not_found)
 from .profiles.ins import INS_SYSTEMS
-from .security.consent import Decision, RequestAccess
+from .security.consent import DIRECTORY, Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
 from .storage import (UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant, is_write_conflict,
                       merge_filters, new_id, now)
@@ -37,7 +37,8 @@ ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E
 #: what a write of these types changes is none of the decision's inputs (storage.DECISION_INPUTS):
 #: the DMP's cached decision context stays warm for the next deposit (issue 13)
 CONTEXT_FREE = frozenset({"DocumentReference", "Binary"})
-HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson"}
+HOSTED = {"Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson",
+          "Practitioner", "PractitionerRole"}
 
 
 @dataclass
@@ -351,7 +352,8 @@ class GuardedRepository:
             self.record("history", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
                         decision=current._decision, http_status=200)
             return self._page(page, count, total)
-        pids = self.access.reachable_pids(set())
+        # the directory is in no DMP: every version is judged below (all readable)
+        pids = None if rtype in DIRECTORY else self.access.reachable_pids(set())
         pid_filter = None if pids is None else {"pid": {"$in": sorted(pids)}}
         if pids is not None and not pids:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)

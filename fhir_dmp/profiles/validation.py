@@ -51,7 +51,7 @@ from . import dmp
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary",
-                   "Communication", "RelatedPerson")
+                   "Communication", "RelatedPerson", "Practitioner", "PractitionerRole")
 
 #: Canonical URLs of our profiles (StructureDefinitions in ``ig/``).
 PROFILES: dict[str, str] = {

@@ -13,14 +13,16 @@ from flask import Blueprint, Response, g, request, stream_with_context
 
 from ..errors import BadRequest, MethodNotAllowed, NotFound, PreconditionFailed, UnsupportedMediaType
 from ..profiles import validate
-from ..security.consent import SERVER_WRITTEN
+from ..security.consent import DIRECTORY, SERVER_WRITTEN
 from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
                    read_body, respond, summarize, version_headers, write_response)
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
-HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson")
-READ_ONLY = SERVER_WRITTEN   # written by the server only (the decision module's list)
+HOSTED = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication", "RelatedPerson",
+          "Practitioner", "PractitionerRole")
+#: written by the server only, or imported by ``fhir-dmp load`` (the directory): 405 with ``Allow``
+READ_ONLY = SERVER_WRITTEN + DIRECTORY
 PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
 NOT_CONDITIONAL = ("Binary",)   # not searchable by its readers: conditional writes could not match
 CONTROL = {"_format", "_pretty", "_cursor"}
