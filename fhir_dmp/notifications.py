@@ -66,6 +66,7 @@ import requests
 from pymongo.errors import PyMongoError
 
 from .storage import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
+from .security.principal import IDNATPS_SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class Notice:
     mode: str
     when: datetime
     reason: str | None = None
+    #: the professional's town, from the directory of professionals (CONTRACT.md)
+    actor_place: str | None = None
     #: access_code: the one-time code, in the message sent only (never in the Communication)
     code: str | None = None
 
@@ -117,8 +120,8 @@ class Notice:
 def _actor(notice: Notice) -> str:
     who = notice.actor_name or "Un professionnel de santé"
     code = (notice.actor_profession or "").split("^", 1)[0]
-    label = PROFESSION_LABELS.get(code)
-    return f"{who} ({label})" if label else who
+    details = ", ".join(filter(None, (PROFESSION_LABELS.get(code), notice.actor_place)))
+    return f"{who} ({details})" if details else who
 
 
 def _local(when: datetime) -> tuple[str, str]:
@@ -237,6 +240,11 @@ def _communication(notice: Notice, subject: str, body: str, *, status: str,
         "sender": {"display": "Mon espace santé"},
         "payload": [{"contentString": body}],
     }
+    if notice.actor_id:     # who it is about: the portal names them from the directory
+        about = {"identifier": {"system": IDNATPS_SYSTEM, "value": notice.actor_id}}
+        if notice.actor_name:
+            about["display"] = notice.actor_name
+        comm["about"] = [about]
     if message_id:
         comm["identifier"] = [{"system": NOTIFICATION_ID_SYSTEM, "value": message_id}]
     if channel:
