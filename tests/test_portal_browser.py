@@ -284,6 +284,11 @@ def test_names_in_the_journal_and_the_notices(portal, server):
     refused = portal.row("journal-entry", outcome="refused")
     assert "Luc Moreau" in refused.text and "Masseur-kinésithérapeute" in refused.text
     assert builders.PS_KINE in refused.text                           # as a detail
+    form = portal.find("journal-filter")                              # filtered by a name
+    portal.fill(form, ps="durand")
+    portal.submit(form)
+    entries = portal.all("journal-entry")
+    assert entries and all("Paul Durand" in e.text for e in entries)
     portal.nav("Notifications")
     notice = portal.all("notification")[0]
     assert "Paul Durand" in notice.text and "Paris" in notice.text

@@ -282,11 +282,14 @@ def journal():
     else:
         who = ""
     if ps:
-        if not ID_NAT_PS.match(ps):
-            flash("L'identifiant d'un professionnel (idNatPs) compte 9 à 12 chiffres.", "error")
-            ps = ""
+        # an idNatPs, or a name the directory knows (its professionals of that name)
+        wanted = [ps] if ID_NAT_PS.match(ps) else [p.id_nat_ps for p in _find_professionals(ps[:80], "", "")]
+        if wanted:
+            args.append(("agent:identifier", ",".join(f"{present.IDNATPS_SYSTEM}|{v}" for v in wanted)))
         else:
-            args.append(("agent:identifier", f"{present.IDNATPS_SYSTEM}|{ps}"))
+            flash("Aucun professionnel de l'annuaire ne porte ce nom ; un identifiant (idNatPs) compte "
+                  "9 à 12 chiffres.", "error")
+            ps = ""
     if request.args.get("page"):
         args.append(("_cursor", request.args["page"]))
     # the signed-in person's own views are grouped unless asked for (or filtered on): "Moi" shows them
