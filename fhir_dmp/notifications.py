@@ -109,8 +109,6 @@ class Notice:
     mode: str
     when: datetime
     reason: str | None = None
-    #: the professional's town, from the directory of professionals (CONTRACT.md)
-    actor_place: str | None = None
     #: access_code: the one-time code, in the message sent only (never in the Communication)
     code: str | None = None
 
@@ -120,8 +118,8 @@ class Notice:
 def _actor(notice: Notice) -> str:
     who = notice.actor_name or "Un professionnel de santé"
     code = (notice.actor_profession or "").split("^", 1)[0]
-    details = ", ".join(filter(None, (PROFESSION_LABELS.get(code), notice.actor_place)))
-    return f"{who} ({details})" if details else who
+    label = PROFESSION_LABELS.get(code)
+    return f"{who} ({label})" if label else who
 
 
 def _local(when: datetime) -> tuple[str, str]:
@@ -240,7 +238,9 @@ def _communication(notice: Notice, subject: str, body: str, *, status: str,
         "sender": {"display": "Mon espace santé"},
         "payload": [{"contentString": body}],
     }
-    if notice.actor_id:     # who it is about: the portal names them from the directory
+    if notice.actor_id:
+        # whom it is about: the portal names them from the directory of professionals when it
+        # lists them (here, the name of the token; no directory read on the write path, issue 13)
         about = {"identifier": {"system": IDNATPS_SYSTEM, "value": notice.actor_id}}
         if notice.actor_name:
             about["display"] = notice.actor_name

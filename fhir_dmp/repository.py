@@ -228,10 +228,8 @@ class GuardedRepository:
             patient = self.access.state(pid).patient
         if patient is None:
             return []
-        person = self._professional(self.p.id_nat_ps, session)
-        notice = Notice(kind=kind, patient_id=pid, actor_name=person.name if person else self.p.name,
+        notice = Notice(kind=kind, patient_id=pid, actor_name=self.p.name,
                         actor_profession=self.p.profession, actor_id=self.p.id_nat_ps,
-                        actor_place=person.town if person else None,
                         mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason, code=code)
         comms = self.b.outbox.enqueue(notice, patient, session=session)
         for comm in comms:
@@ -244,20 +242,6 @@ class GuardedRepository:
                                           "patient notified" if status != "not-done" else
                                           "the patient could not be told: no contact on file"))
         return comms
-
-    def _professional(self, id_nat_ps: str | None, session=None):
-        """What the directory says of the calling professional, for the notice the server writes
-        (the server's own lookup, like the decision's: no read of the caller's to journal)."""
-        from . import directory
-        if not id_nat_ps:
-            return None
-        req = search.parse_search("Practitioner", directory.search_args([id_nat_ps]))
-        found = self.storage.find("Practitioner", req.mongo_filter(), [("_id", 1)], 1, session=session)
-        if not found:
-            return None
-        of_it = search.parse_search("PractitionerRole", [("practitioner", f"Practitioner/{found[0].id}")])
-        roles = self.storage.find("PractitionerRole", of_it.mongo_filter(), [("_id", 1)], 10, session=session)
-        return directory.index([s.resource for s in found + roles]).get(id_nat_ps)
 
     def _current(self, rtype: str, rid: str) -> Stored | None:
         """The current version; a Patient comes with its decision context (one load, cached

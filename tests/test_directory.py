@@ -94,13 +94,16 @@ def test_load_validates_directory_entries(api, config, tmp_path):
     assert api.as_admin().get(f"Practitioner/ps-{b.PS_DR}").status_code == 404
 
 
-def test_notices_name_the_professional_from_the_directory(directory, smtp):
-    """The notice's text names the professional, profession and town from the directory; the
-    Communication says whom it is about (``about``: the idNatPs)."""
+def test_notices_say_whom_they_are_about(directory, smtp):
+    """A notice names the professional by the token's family_name/given_name and says whom it is
+    about (``Communication.about``: the idNatPs), which the portal looks up in the directory."""
     pid = directory.as_ps().create(b.patient(email="claire@example.org"))["id"]
-    btg = directory.as_ps(b.PS_OTHER, purpose="BTG", btg_reason="urgence vitale")
+    btg = directory.as_ps(b.PS_OTHER, purpose="BTG", btg_reason="urgence vitale",
+                          family_name="Durand", given_name="Paul")
     assert btg.get(f"Patient/{pid}").status_code == 200
     comms = directory.as_patient(pid).search(f"Communication?subject=Patient/{pid}")["entry"]
     glass = next(e["resource"] for e in comms if e["resource"]["topic"]["coding"][0]["code"] == "break_glass")
-    assert "Paul Durand (Médecin, Paris)" in glass["payload"][0]["contentString"]
+    assert "Paul Durand (Médecin)" in glass["payload"][0]["contentString"]
     assert glass["about"] == [{"identifier": {"system": b.IDNATPS, "value": b.PS_OTHER}, "display": "Paul Durand"}]
+    first = next(e["resource"] for e in comms if e["resource"]["topic"]["coding"][0]["code"] == "first_access")
+    assert first["about"] == [{"identifier": {"system": b.IDNATPS, "value": b.PS_DR}}]   # a token without names
