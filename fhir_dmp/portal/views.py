@@ -342,6 +342,7 @@ def _consents(people: bool = False):
 
 
 SEARCH_FORMS = ("authorize", "block")
+SEARCH_WORD = re.compile(r"[^\s,$|\\]+")     # FHIR search separators and escapes are not words
 
 
 @bp.get("/autorisations")
@@ -358,12 +359,16 @@ def authorizations():
 def _find_professionals(name: str, ville: str, specialite: str) -> list[directory.Professional]:
     """The directory's professionals matching a name, a town and a speciality (each optional):
     Practitioner ``name`` and ``address-city``; the speciality through the PractitionerRoles whose
-    ``specialty`` text matches."""
-    args = [("name", name)] if name else []
-    if ville:
-        args.append(("address-city", ville))
-    if specialite:
-        roles = _search("PractitionerRole", [("specialty:text", specialite), ("_count", "50")])
+    ``specialty`` text matches. What a person types is words, not FHIR search syntax: each word
+    of the name must match (``Jeanne Dupont``), and ``, $ | \`` are only separators. No word at all:
+    nothing (never the whole directory)."""
+    if not any(_words(text) for text in (name, ville, specialite)):
+        return []
+    args = [("name", word) for word in _words(name)[:4]]
+    if _words(ville):
+        args.append(("address-city", " ".join(_words(ville))))
+    if _words(specialite):
+        roles = _search("PractitionerRole", [("specialty:text", " ".join(_words(specialite))), ("_count", "50")])
         ids = sorted({reference_id((r.resource.get("practitioner") or {}).get("reference"), "Practitioner")
                       for r in roles.matches} - {None})
         if not ids:
@@ -372,6 +377,10 @@ def _find_professionals(name: str, ville: str, specialite: str) -> list[director
     page = _search("Practitioner", args + [("_revinclude", "PractitionerRole:practitioner"), ("_count", "20")])
     found = directory.index([s.resource for s in page.matches + page.included])
     return sorted(found.values(), key=lambda p: (p.name, p.town, p.id_nat_ps))
+
+
+def _words(text: str) -> list[str]:
+    return SEARCH_WORD.findall(text)
 
 
 def _id_nat_ps() -> str | None:
