@@ -156,8 +156,7 @@ def journal_row(event: dict, patient_id: str, me: str | None = None,
     professions = [PROFESSION_LABELS.get(c.get("code")) or c.get("display") or c.get("code")
                    for r in agent.get("role") or () for c in r.get("coding") or ()
                    if c.get("system") == PROFESSION_SYSTEM]
-    id_nat_ps = (who_ref.get("identifier") or {}).get("value") \
-        if (who_ref.get("identifier") or {}).get("system") == IDNATPS_SYSTEM else None
+    id_nat_ps = _agent_id_nat_ps(event)
     person = (people or {}).get(id_nat_ps) if id_nat_ps else None
     mine = False
     if who_ref.get("reference") == f"Patient/{patient_id}":
