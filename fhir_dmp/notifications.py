@@ -67,6 +67,7 @@ from pymongo.errors import PyMongoError
 
 from .security.audit import PROFESSION_LABELS
 from .storage import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
+from .security.principal import IDNATPS_SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,13 @@ def _communication(notice: Notice, subject: str, body: str, *, status: str,
         "sender": {"display": "Mon espace santé"},
         "payload": [{"contentString": body}],
     }
+    if notice.actor_id:
+        # whom it is about: the portal names them from the directory of professionals when it
+        # lists them (here, the name of the token; no directory read on the write path, issue 13)
+        about = {"identifier": {"system": IDNATPS_SYSTEM, "value": notice.actor_id}}
+        if notice.actor_name:
+            about["display"] = notice.actor_name
+        comm["about"] = [about]
     if message_id:
         comm["identifier"] = [{"system": NOTIFICATION_ID_SYSTEM, "value": message_id}]
     if channel:

@@ -70,7 +70,7 @@ LEASE_WAIT_S = 2.0     # the longest a lease write waits on a locked lease docum
 COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
 #: the resource types this server hosts, the one list (repository.HOSTED, the REST routes, validation)
 RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
-                  "RelatedPerson")
+                  "RelatedPerson", "Practitioner", "PractitionerRole")
 # Written once and never changed (the journal): each entry is its own only version, so its history
 # is the collection itself (version 1 of every entry) and there is no ``*_history`` copy.
 APPEND_ONLY = ("AuditEvent",)

@@ -110,6 +110,61 @@ def consent(pid: str, ptype: str = "permit", *, actor: str | None = None, purpos
     return res
 
 
+# --- the directory of professionals (a small sample of the ANS « Annuaire Santé » FHIR export) -----
+
+PROFESSION = "https://mos.esante.gouv.fr/NOS/TRE_G15-ProfessionSante/FHIR/TRE-G15-ProfessionSante"
+SPECIALTY = "https://mos.esante.gouv.fr/NOS/TRE_R38-SpecialiteOrdinale/FHIR/TRE-R38-SpecialiteOrdinale"
+#: idNatPs -> (family, given, town, TRE_G15 profession, TRE_R38 speciality code and label)
+DIRECTORY = {
+    PS_DR: ("Dupont", "Jeanne", "Lyon", "10", "SM54", "Médecine générale"),
+    PS_OTHER: ("Durand", "Paul", "Paris", "10", "SM04", "Cardiologie et maladies vasculaires"),
+    PS_PHARMA: ("Bernard", "Lucie", "Lyon", "21", None, None),
+    PS_SAMU: ("Petit", "Marc", "Marseille", "10", "SM54", "Médecine générale"),
+}
+
+
+def practitioner(id_nat_ps: str) -> dict:
+    """The directory's Practitioner for one idNatPs of :data:`DIRECTORY` (id ``ps-<idNatPs>``)."""
+    family, given, town, profession, _, _ = DIRECTORY[id_nat_ps]
+    return {"resourceType": "Practitioner", "id": f"ps-{id_nat_ps}", "active": True,
+            "identifier": [{"system": IDNATPS, "value": id_nat_ps}],
+            "name": [{"family": family, "given": [given]}],
+            "address": [{"use": "work", "city": town, "country": "FRA"}],
+            "qualification": [{"code": {"coding": [{"system": PROFESSION, "code": profession}]}}]}
+
+
+def practitioner_role(id_nat_ps: str) -> dict:
+    """Its PractitionerRole: the profession (``code``) and the speciality (``specialty``)."""
+    _, _, _, profession, specialty, label = DIRECTORY[id_nat_ps]
+    role = {"resourceType": "PractitionerRole", "id": f"role-{id_nat_ps}", "active": True,
+            "practitioner": {"reference": f"Practitioner/ps-{id_nat_ps}"},
+            "code": [{"coding": [{"system": PROFESSION, "code": profession}]}]}
+    if specialty:
+        role["specialty"] = [{"coding": [{"system": SPECIALTY, "code": specialty, "display": label}]}]
+    return role
+
+
+def directory_bundle() -> dict:
+    """The sample as the national directory publishes it: a collection Bundle."""
+    return {"resourceType": "Bundle", "type": "collection",
+            "entry": [{"resource": make(ps)} for ps in DIRECTORY for make in (practitioner, practitioner_role)]}
+
+
+def load_directory(config, folder) -> int:
+    """Import :func:`directory_bundle` the way ``fhir-dmp load`` does (``loader.load_files``)."""
+    import json
+    from pathlib import Path
+
+    from fhir_dmp.loader import load_files
+    path = Path(folder) / "directory.json"
+    path.write_text(json.dumps(directory_bundle()), encoding="utf-8")
+
+    class Quiet:
+        def update(self, _n):
+            pass
+    return load_files(config, [path], Quiet())
+
+
 # --- the journal as stored (entries are packed: fhir_dmp.storage.pack) -----------------------
 
 def journal_entries(db, flt: dict | None = None) -> list[dict]:

@@ -68,14 +68,16 @@ def test_interactions_match_the_routes(api):
 
 
 @pytest.fixture
-def record(api, smtp):
+def record(api, smtp, config, tmp_path):
     """A DMP with one resource of every hosted type, and the patient who may read them all."""
+    b.load_directory(config, tmp_path)
     ps = api.as_ps()
     pat = ps.create(b.patient(email="claire@example.org"))
     doc = ps.create(b.docref(pat["id"]))
     me = api.as_patient(pat["id"])
     ids = {"Patient": pat["id"], "DocumentReference": doc["id"],
-           "Binary": doc["content"][0]["attachment"]["url"].split("/")[1]}
+           "Binary": doc["content"][0]["attachment"]["url"].split("/")[1],
+           "Practitioner": f"ps-{b.PS_DR}", "PractitionerRole": f"role-{b.PS_DR}"}
     ids["RelatedPerson"] = me.create(b.related_person(pat["id"]))["id"]
     for rtype in ("Consent", "AuditEvent", "Communication"):
         ids[rtype] = me.search(f"{rtype}?patient={pat['id']}&_count=1")["entry"][0]["resource"]["id"]

@@ -34,3 +34,15 @@ def test_load_stops_at_bad_resource_with_its_location(tmp_path, config, mongo_se
     assert r.returncode != 0
     assert "bad.ndjson:2" in r.stderr and "Traceback" not in r.stderr
     assert db["Patient"].count_documents({}) == 1
+
+
+def test_load_the_directory_of_professionals(tmp_path, config, mongo_server, db):
+    """The national directory's FHIR export (here a small sample) is imported by ``fhir-dmp load``."""
+    (tmp_path / "annuaire.json").write_text(json.dumps(b.directory_bundle()))
+    r = run_cli(["load", str(tmp_path / "annuaire.json")], config, mongo_server, db)
+    assert r.returncode == 0, r.stderr
+    assert db["Practitioner"].count_documents({"del": False}) == len(b.DIRECTORY)
+    assert db["PractitionerRole"].count_documents({"del": False}) == len(b.DIRECTORY)
+    again = run_cli(["load", str(tmp_path / "annuaire.json")], config, mongo_server, db)
+    assert again.returncode == 0, again.stderr          # a new export replaces the entries (version 2)
+    assert db["Practitioner"].find_one({"_id": f"ps-{b.PS_DR}"})["vid"] == 2

@@ -35,6 +35,7 @@ def server(browser, mongo_server, mongo_client, tmp_path_factory):
                  base_url=f"http://127.0.0.1:{port}/fhir", notifications_worker=False, audit_sealer=False)
     from fhir_dmp.app import create_app, stop_background
     app = create_app(cfg, client=mongo_client, db=db)
+    builders.load_directory(cfg, tmp_path_factory.mktemp("annuaire"))     # names, not numbers
     live = LiveServer(app, port)
     api = Api(app, None)
 
@@ -217,6 +218,105 @@ def test_authorize_revoke_block_unblock(portal, server):
     assert sum("Modification d'une autorisation" in a and "Vous" in a for a in actions) == 2
 
 
+def _choose(portal, form_testid: str, idnatps: str, **search):
+    """Find a professional by name (town, speciality) in a form, and press their "choose" button."""
+    form = portal.find(form_testid)
+    portal.fill(form, **search)
+    portal.press(portal.find("ps-search", form))
+    form = portal.find(form_testid)
+    portal.press(portal.find("choose", portal.row("ps-match", idnatps=idnatps)))
+
+
+def test_authorize_and_block_find_a_professional_by_name(portal, server):
+    pid, _ = new_dmp(server)
+    other = server.ps(builders.PS_OTHER)
+    portal.dev_login(pid)
+    portal.nav("Autorisations")
+    dr = portal.row("authorization", idnatps=builders.PS_DR)
+    assert "Jeanne Dupont" in dr.text and "Médecin" in dr.text and "Lyon" in dr.text   # not a number
+    # by name: the directory's matches, each with its profession, speciality and town
+    form = portal.find("authorize-form")
+    portal.fill(form, name="dur")
+    portal.press(portal.find("ps-search", form))
+    matches = portal.all("ps-match", portal.find("authorize-form"))
+    assert [m.get_attribute("data-idnatps") for m in matches] == [builders.PS_OTHER]
+    assert "Paul Durand" in matches[0].text and "Cardiologie" in matches[0].text and "Paris" in matches[0].text
+    portal.screenshot("autorisations-recherche")
+    portal.press(portal.find("choose", matches[0]))
+    assert "Paul Durand" in portal.flash()
+    assert other.get(f"Patient/{pid}").status_code == 200
+    row = portal.row("authorization", idnatps=builders.PS_OTHER)
+    assert "Paul Durand" in row.text and builders.PS_OTHER in row.text        # the idNatPs as a detail
+    # by town and speciality; nothing found says so
+    form = portal.find("block-form")
+    portal.fill(form, ville="lyon")
+    portal.press(portal.find("ps-search", form))
+    found = {m.get_attribute("data-idnatps") for m in portal.all("ps-match", portal.find("block-form"))}
+    assert found == {builders.PS_DR, builders.PS_PHARMA}
+    assert portal.all("ps-match", portal.find("authorize-form")) == []      # only the form that searched
+    form = portal.find("block-form")
+    portal.fill(form, ville="", specialite="cardio")
+    portal.press(portal.find("ps-search", form))
+    assert [m.get_attribute("data-idnatps") for m in portal.all("ps-match")] == [builders.PS_OTHER]
+    form = portal.find("block-form")
+    portal.fill(form, name="nobody", specialite="")
+    portal.press(portal.find("ps-search", form))
+    assert portal.all("ps-match") == [] and portal.find("ps-no-match")
+    # block by name: the block row names them
+    _choose(portal, "block-form", builders.PS_PHARMA, name="bernard")
+    assert "Lucie Bernard" in portal.flash()
+    assert "Lucie Bernard" in portal.row("block", idnatps=builders.PS_PHARMA).text
+    assert server.ps(builders.PS_PHARMA, profession="21").get(f"Patient/{pid}").status_code == 404
+
+
+def test_names_in_the_journal_and_the_notices(portal, server):
+    """From the directory; else the token's family_name/given_name journaled with the access."""
+    pid, _ = new_dmp(server, email="claire@example.org")
+    btg = server.ps(builders.PS_OTHER, purpose="BTG", btg_reason="urgence vitale")
+    assert btg.get(f"Patient/{pid}", headers=BTG_HEADERS).status_code == 200
+    unknown = server.ps(builders.PS_KINE, profession="70",
+                        extra={"family_name": "Moreau", "given_name": "Luc"})
+    assert unknown.get(f"Patient/{pid}").status_code == 404          # not authorized: journaled
+    portal.dev_login(pid)
+    portal.nav("Journal des accès")
+    glass = portal.row("journal-entry", mode="bris_de_glace", outcome="ok")
+    assert "Paul Durand" in glass.text and "Cardiologie" in glass.text and "Paris" in glass.text
+    refused = portal.row("journal-entry", outcome="refused")
+    assert "Luc Moreau" in refused.text and "Masseur-kinésithérapeute" in refused.text
+    assert builders.PS_KINE in refused.text                           # as a detail
+    form = portal.find("journal-filter")                              # filtered by a name
+    portal.fill(form, ps="durand")
+    portal.submit(form)
+    entries = portal.all("journal-entry")
+    assert entries and all("Paul Durand" in e.text for e in entries)
+    portal.nav("Notifications")
+    notice = portal.all("notification")[0]
+    assert "Paul Durand" in notice.text and "Paris" in notice.text
+    portal.screenshot("notifications-noms")
+
+
+def test_journal_groups_the_patients_own_views(portal, server):
+    pid, (doc,) = new_dmp(server)
+    assert server.ps().get(f"DocumentReference/{doc}").status_code == 200
+    portal.dev_login(pid)
+    for page in ("Mes documents", "Autorisations", "Mes documents", "Journal des accès"):
+        portal.nav(page)
+    portal.go("/portal/journal")
+    entries = portal.all("journal-entry")
+    assert not any(e.text.startswith("Vous") and "Consultation" in e.text for e in entries)
+    groups = portal.all("own-views")
+    hidden = sum(int(g.get_attribute("data-count")) for g in groups)
+    assert groups and hidden >= 4 and "Vous avez consulté votre dossier" in groups[0].text
+    assert any("Jeanne Dupont" in e.text for e in entries)            # the others' accesses stay in view
+    portal.screenshot("journal-regroupe")
+    portal.press(portal.find("show-own-views"))                      # one click shows them
+    assert portal.all("own-views") == []
+    mine = [e for e in portal.all("journal-entry") if e.text.startswith("Vous")]
+    assert len(mine) >= hidden
+    portal.press(portal.find("hide-own-views"))
+    assert portal.all("own-views")
+
+
 # ----------------------------------------------------------------------------- emergency and journal
 
 def test_emergency_opt_outs_and_the_journal_shows_break_glass_and_centre_15(portal, server):
@@ -277,12 +377,14 @@ def test_journal_is_paged(portal, server):
     portal.dev_login(pid)
     portal.nav("Journal des accès")
     first = [e.text for e in portal.all("journal-entry")]
-    assert len(first) == 20
+    grouped = sum(int(g.get_attribute("data-count")) for g in portal.all("own-views"))
+    assert len(first) + grouped == 20          # a page of 20 entries, the patient's own views grouped
     portal.press(portal.find("journal-next"))
     second = portal.all("journal-entry")
     assert second and len(second) <= 20
     portal.press(portal.find("journal-first"))
-    assert len(portal.all("journal-entry")) == 20
+    assert len(portal.all("journal-entry")) + sum(
+        int(g.get_attribute("data-count")) for g in portal.all("own-views")) == 20
 
 
 # ----------------------------------------------------------------------------- notifications, contact

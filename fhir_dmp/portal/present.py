@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from ..directory import Professional
 from ..profiles import dmp
 from ..security.audit import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
@@ -130,9 +131,22 @@ def _mode(agent: dict, event: dict) -> str:
     return "normal"
 
 
-def journal_row(event: dict, patient_id: str, me: str | None = None) -> dict:
+def _agent_id_nat_ps(event: dict) -> str | None:
+    ident = (((event.get("agent") or [{}])[0] or {}).get("who") or {}).get("identifier") or {}
+    return ident.get("value") if ident.get("system") == IDNATPS_SYSTEM else None
+
+
+def journal_professionals(events: list[dict]) -> list[str]:
+    """The idNatPs of the professionals these journal entries name (to look up in the directory)."""
+    return sorted({ps for e in events if (ps := _agent_id_nat_ps(e))})
+
+
+def journal_row(event: dict, patient_id: str, me: str | None = None,
+                people: dict[str, Professional] | None = None) -> dict:
     """One journal row; ``me`` is the signed-in person's agent reference when it is not the
-    patient (a legal representative: ``RelatedPerson/{id}``)."""
+    patient (a legal representative: ``RelatedPerson/{id}``). A professional is named by the
+    directory (``people``: idNatPs -> Professional), else by the name their token gave (journaled
+    with the access); the idNatPs is only a detail."""
     agent = (event.get("agent") or [{}])[0]
     who_ref = agent.get("who") or {}
     kind = next((c.get("code") for r in agent.get("role") or () for c in r.get("coding") or ()
@@ -140,12 +154,17 @@ def journal_row(event: dict, patient_id: str, me: str | None = None) -> dict:
     professions = [PROFESSION_LABELS.get(c.get("code")) or c.get("display") or c.get("code")
                    for r in agent.get("role") or () for c in r.get("coding") or ()
                    if c.get("system") == PROFESSION_SYSTEM]
-    id_nat_ps = (who_ref.get("identifier") or {}).get("value") \
-        if (who_ref.get("identifier") or {}).get("system") == IDNATPS_SYSTEM else None
+    id_nat_ps = _agent_id_nat_ps(event)
+    person = (people or {}).get(id_nat_ps) if id_nat_ps else None
+    mine = False
     if who_ref.get("reference") == f"Patient/{patient_id}":
-        who = "Vous" if me is None or me == who_ref["reference"] else "Le patient"
+        mine = me is None or me == who_ref["reference"]
+        who = "Vous" if mine else "Le patient"
     elif me is not None and who_ref.get("reference") == me:
+        mine = True
         who = "Vous (représentant légal)"
+    elif person:
+        who = person.name
     elif id_nat_ps:
         who = agent.get("name") or who_ref.get("display") or id_nat_ps
     else:
@@ -169,7 +188,10 @@ def journal_row(event: dict, patient_id: str, me: str | None = None) -> dict:
         "date": paris_time(event.get("recorded")),
         "who": who,
         "id_nat_ps": id_nat_ps if who != id_nat_ps else None,
-        "profession": ", ".join(professions),
+        "profession": ", ".join(filter(None, (person.profession, person.specialty))) if person and
+        person.profession else ", ".join(professions),
+        "place": person.town if person else "",
+        "own_view": mine and event.get("action") in ("R", "E"),
         "mode": mode,
         "mode_label": MODES[mode],
         "action": " ".join(filter(None, (INTERACTIONS.get(subtype, subtype or "Accès"),
@@ -177,6 +199,22 @@ def journal_row(event: dict, patient_id: str, me: str | None = None) -> dict:
         "ok": ok,
         "outcome": outcome,
     }
+
+
+def group_own_views(rows: list[dict]) -> list[dict]:
+    """The rows with each run of the signed-in person's own views (reads and searches) folded
+    into one ``{"own_views": count, "first", "last"}`` row: nothing is dropped, the page says how
+    many and one click shows them (CONTRACT.md "The patient portal")."""
+    out: list[dict] = []
+    for row in rows:
+        if not row.get("own_view"):
+            out.append(row)
+        elif out and out[-1].get("own_views"):
+            out[-1]["own_views"] += 1
+            out[-1]["first"] = row["date"]
+        else:
+            out.append({"own_views": 1, "first": row["date"], "last": row["date"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- consents
@@ -219,19 +257,23 @@ def classify_consents(consents: list[dict]) -> dict:
     return out
 
 
-def _consent(patient_id: str, kind: str, *, id_nat_ps: str | None = None, purpose: str) -> dict:
-    """A patient choice, made now, about one PS (``id_nat_ps``) or everyone (profiles.dmp)."""
+def _consent(patient_id: str, kind: str, *, id_nat_ps: str | None = None, purpose: str,
+             person: Professional | None = None) -> dict:
+    """A patient choice, made now, about one PS (``id_nat_ps``) or everyone (profiles.dmp);
+    ``person``: the directory's entry for the idNatPs (its name becomes the actor's ``display``)."""
     from ..storage import instant, now
     actor = {"identifier": {"system": IDNATPS_SYSTEM, "value": id_nat_ps}} if id_nat_ps else None
+    if actor is not None and person:
+        actor["display"] = person.name
     return dmp.patient_consent(patient_id, kind, purpose=purpose, at=instant(now()), actor=actor)
 
 
-def authorization(patient_id: str, id_nat_ps: str) -> dict:
-    return _consent(patient_id, "permit", id_nat_ps=id_nat_ps, purpose="TREAT")
+def authorization(patient_id: str, id_nat_ps: str, person: Professional | None = None) -> dict:
+    return _consent(patient_id, "permit", id_nat_ps=id_nat_ps, purpose="TREAT", person=person)
 
 
-def block(patient_id: str, id_nat_ps: str) -> dict:
-    return _consent(patient_id, "deny", id_nat_ps=id_nat_ps, purpose="TREAT")
+def block(patient_id: str, id_nat_ps: str, person: Professional | None = None) -> dict:
+    return _consent(patient_id, "deny", id_nat_ps=id_nat_ps, purpose="TREAT", person=person)
 
 
 def emergency_optout(patient_id: str, purpose: str) -> dict:
@@ -240,9 +282,25 @@ def emergency_optout(patient_id: str, purpose: str) -> dict:
 
 # ----------------------------------------------------------------------------- notifications
 
-def notification_row(comm: dict) -> dict:
+def notification_professional(comm: dict) -> str | None:
+    """The idNatPs of the professional a notice is about (``Communication.about``), or None."""
+    for ref in comm.get("about") or ():
+        ident = (ref or {}).get("identifier") or {}
+        if ident.get("system") == IDNATPS_SYSTEM and ident.get("value"):
+            return ident["value"]
+    return None
+
+
+def notification_row(comm: dict, people: dict[str, Professional] | None = None) -> dict:
+    """One notice; the professional it is about by the directory's name, else the name the notice
+    was written with, the idNatPs as a detail."""
     medium = (comm.get("medium") or [{}])[0]
+    ps = notification_professional(comm)
+    person = (people or {}).get(ps) if ps else None
+    named = next((r.get("display") for r in comm.get("about") or () if (r or {}).get("display")), "")
     return {
+        "who": person.label if person else named,
+        "id_nat_ps": ps or "",
         "date": paris_time(comm.get("sent") or (comm.get("meta") or {}).get("lastUpdated")),
         "subject": (comm.get("topic") or {}).get("text") or "Notification",
         "channel": medium.get("text") or "",

@@ -18,8 +18,11 @@ from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, 
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
+from .. import directory
 from ..errors import FhirError, NotFound, not_found
 from ..profiles import dmp, validate
+from ..repository import HOSTED
+from ..search import reference_id
 from ..security.crypto import ContentUnavailable
 from ..security.audit import SUBJECT_SYSTEM
 from ..security.principal import BTG, ETREAT, PATIENT
@@ -232,7 +235,6 @@ def documents():
 def download(rid):
     doc = _own("DocumentReference", rid).resource
     attachment = next(((c.get("attachment") or {}) for c in doc.get("content") or ()), {})
-    from ..search import reference_id
     bid = reference_id(attachment.get("url"), "Binary")
     if not bid:
         raise not_found("DocumentReference", rid)
@@ -283,21 +285,41 @@ def journal():
     else:
         who = ""
     if ps:
-        if not ID_NAT_PS.match(ps):
-            flash("L'identifiant d'un professionnel (idNatPs) compte 9 à 12 chiffres.", "error")
-            ps = ""
+        # an idNatPs, or a name the directory knows (its professionals of that name)
+        wanted = [ps] if ID_NAT_PS.match(ps) else [p.id_nat_ps for p in _find_professionals(ps[:80], "", "")]
+        if wanted:
+            args.append(("agent:identifier", ",".join(f"{present.IDNATPS_SYSTEM}|{v}" for v in wanted)))
         else:
-            args.append(("agent:identifier", f"{present.IDNATPS_SYSTEM}|{ps}"))
+            flash("Aucun professionnel de l'annuaire ne porte ce nom ; un identifiant (idNatPs) compte "
+                  "9 à 12 chiffres.", "error")
+            ps = ""
     if request.args.get("page"):
         args.append(("_cursor", request.args["page"]))
+    # the signed-in person's own views are grouped unless asked for (or filtered on): "Moi" shows them
+    views = "1" if who == "moi" or request.args.get("vues") == "1" else ""
     page = _search("AuditEvent", args)
     me = f"RelatedPerson/{g.principal.related_person_id}" if g.principal.related_person_id else None
-    rows = [present.journal_row(s.resource, _pid(), me) for s in page.matches]
-    filters = {k: v for k, v in (("mode", mode), ("qui", who), ("ps", ps)) if v}
+    events = [s.resource for s in page.matches]
+    people = _professionals(present.journal_professionals(events))
+    rows = [present.journal_row(e, _pid(), me, people) for e in events]
+    filters = {k: v for k, v in (("mode", mode), ("qui", who), ("ps", ps), ("vues", views)) if v}
     next_url = url_for("portal.journal", page=page.next_cursor, **filters) if page.next_cursor else None
-    return render_template("portal/journal.html", rows=rows, mode=mode, who=who, ps=ps, modes=present.MODES,
+    show_views = url_for("portal.journal", page=request.args.get("page"), **dict(filters, vues="1"))
+    return render_template("portal/journal.html", rows=rows if views else present.group_own_views(rows),
+                           mode=mode, who=who, ps=ps, modes=present.MODES, views=views, show_views=show_views,
+                           hide_views=url_for("portal.journal", page=request.args.get("page"),
+                                              **{k: v for k, v in filters.items() if k != "vues"}),
                            next_url=next_url, first_url=url_for("portal.journal", **filters)
                            if request.args.get("page") else None)
+
+
+def _professionals(id_nat_ps: list[str]) -> dict[str, directory.Professional]:
+    """What the directory says of these professionals (through the guarded repository, journaled
+    in the system journal like every directory read); those it does not list are absent."""
+    if not id_nat_ps:
+        return {}
+    page = _search("Practitioner", directory.search_args(id_nat_ps))
+    return directory.index([s.resource for s in page.matches + page.included])
 
 
 def _me_as_agent() -> tuple[str, str]:
@@ -309,18 +331,63 @@ def _me_as_agent() -> tuple[str, str]:
     return "agent:identifier", f"{SUBJECT_SYSTEM}|{g.principal.subject}"
 
 
-def _consents():
+def _consents(people: bool = False):
+    """The patient's active choices; ``people``: each authorization and block with what the
+    directory says of its professional (``person``)."""
     page = _search("Consent", [("patient", _pid()), ("status", "active"), ("_count", LIST_LIMIT)])
-    return present.classify_consents([s.resource for s in page.matches])
+    choices = present.classify_consents([s.resource for s in page.matches])
+    if people:
+        rows = choices["authorizations"] + choices["blocks"]
+        found = _professionals([r["id_nat_ps"] for r in rows])
+        for row in rows:
+            row["person"] = found.get(row["id_nat_ps"])
+    return choices
+
+
+SEARCH_FORMS = ("authorize", "block")
+SEARCH_WORD = re.compile(r"[^\s,$|\\]+")     # FHIR search separators and escapes are not words
 
 
 @bp.get("/autorisations")
 def authorizations():
-    return render_template("portal/authorizations.html", choices=_consents())
+    """The choices, and the directory's matches for the form that searched (``pour``) by name,
+    town (``ville``) and speciality (``specialite``)."""
+    target = request.args.get("pour") if request.args.get("pour") in SEARCH_FORMS else ""
+    query = {k: (request.args.get(k) or "").strip()[:80] for k in ("name", "ville", "specialite")}
+    matches = _find_professionals(**query) if target and any(query.values()) else None
+    return render_template("portal/authorizations.html", choices=_consents(people=True), target=target,
+                           query=query, matches=matches)
+
+
+def _find_professionals(name: str, ville: str, specialite: str) -> list[directory.Professional]:
+    """The directory's professionals matching a name, a town and a speciality (each optional):
+    Practitioner ``name`` and ``address-city``; the speciality through the PractitionerRoles whose
+    ``specialty`` text matches. What a person types is words, not FHIR search syntax: each word
+    of the name must match (``Jeanne Dupont``), and ``, $ | \`` are only separators. No word at all:
+    nothing (never the whole directory)."""
+    if not any(_words(text) for text in (name, ville, specialite)):
+        return []
+    args = [("name", word) for word in _words(name)[:4]]
+    if _words(ville):
+        args.append(("address-city", " ".join(_words(ville))))
+    if _words(specialite):
+        roles = _search("PractitionerRole", [("specialty:text", " ".join(_words(specialite))), ("_count", "50")])
+        ids = sorted({reference_id((r.resource.get("practitioner") or {}).get("reference"), "Practitioner")
+                      for r in roles.matches} - {None})
+        if not ids:
+            return []
+        args.append(("_id", ",".join(ids)))
+    page = _search("Practitioner", args + [("_revinclude", "PractitionerRole:practitioner"), ("_count", "20")])
+    found = directory.index([s.resource for s in page.matches + page.included])
+    return sorted(found.values(), key=lambda p: (p.name, p.town, p.id_nat_ps))
+
+
+def _words(text: str) -> list[str]:
+    return SEARCH_WORD.findall(text)
 
 
 def _id_nat_ps() -> str | None:
-    value = (request.form.get("idnatps") or "").strip()
+    value = (request.form.get("choose") or request.form.get("idnatps") or "").strip()
     if not ID_NAT_PS.match(value):
         flash("L'identifiant du professionnel (idNatPs) compte 9 à 12 chiffres, "
               "par exemple 810000000001.", "error")
@@ -334,18 +401,20 @@ def _new_choice(make, done: str):
     back = url_for("portal.authorizations")
     if ps is None:
         return redirect(back)
-    consent = validate(make(_pid(), ps), resource_type="Consent")
-    return _act(lambda: g.repo.create("Consent", consent), done.format(ps=ps), back)
+    person = _professionals([ps]).get(ps)
+    consent = validate(make(_pid(), ps, person), resource_type="Consent")
+    who = f"{person.label} (idNatPs {ps})" if person else f"Le professionnel {ps}"
+    return _act(lambda: g.repo.create("Consent", consent), done.format(who=who), back)
 
 
 @bp.post("/autorisations")
 def authorize():
-    return _new_choice(present.authorization, "Le professionnel {ps} est autorisé à accéder à votre dossier.")
+    return _new_choice(present.authorization, "{who} est autorisé à accéder à votre dossier.")
 
 
 @bp.post("/blocages")
 def block():
-    return _new_choice(present.block, "Le professionnel {ps} est bloqué : il ne peut plus accéder à votre dossier.")
+    return _new_choice(present.block, "{who} est bloqué : il ne peut plus accéder à votre dossier.")
 
 
 def _end_consent(cid: str):
@@ -393,7 +462,9 @@ def set_emergency(kind):
 def notifications():
     page = _search("Communication", [("subject", f"Patient/{_pid()}"), ("_sort", "-_lastUpdated"),
                                      ("_count", LIST_LIMIT)])
-    rows = [present.notification_row(s.resource) for s in page.matches]
+    comms = [s.resource for s in page.matches]
+    people = _professionals([ps for c in comms if (ps := present.notification_professional(c))])
+    rows = [present.notification_row(c, people) for c in comms]
     return render_template("portal/notifications.html", rows=rows)
 
 

@@ -15,13 +15,14 @@ from ..errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaTyp
 from ..profiles import validate
 from ..repository import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
-from ..security.consent import SERVER_WRITTEN
+from ..security.consent import DIRECTORY, SERVER_WRITTEN
 from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
                    read_body, respond, summarize, version_headers, write_response)
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
-READ_ONLY = SERVER_WRITTEN   # written by the server only (the decision module's list)
+#: written by the server only, or imported by ``fhir-dmp load`` (the directory): 405 with ``Allow``
+READ_ONLY = SERVER_WRITTEN + DIRECTORY
 PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
 NOT_CONDITIONAL = ("Binary",)   # not searchable by its readers: conditional writes could not match
 NOT_UPDATABLE = ("Binary",)     # content never changes in place: a new document replaces the old one

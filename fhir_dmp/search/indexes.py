@@ -16,7 +16,8 @@ Exception, documented: a Patient's ``pid`` is its own ``_id``, so a ``pid``
 prefix would make its indexes useless; Patient searches run across patients
 (the INS lookup ``Patient?identifier=system|NIR`` comes before any pid is
 known, CONTRACT.md "The DMP in FHIR terms"), so Patient indexes have no
-prefix. DocumentReference identifiers also get a global index
+prefix; nor have those of the directory of professionals (Practitioner, PractitionerRole: no
+patient's data, their ``pid`` is always empty). DocumentReference identifiers also get a global index
 (masterIdentifier uniqueness across the store), which also serves a search inside one DMP
 (an identifier is selective on its own): no ``pid``-first copy of it (issue 13, one index less
 on every deposit).
@@ -45,6 +46,8 @@ _UNSELECTIVE = frozenset({"patient", "subject", "status", "gender", "active", "a
 _BY_IDENTIFIER = frozenset({"general-practitioner", "actor", "agent"})
 #: types written on every request: only these sort indexes (see the module docstring)
 _WRITE_HEAVY = {"AuditEvent": ("date",)}
+#: searched across patients, never inside one DMP: no ``pid`` prefix (the module docstring)
+_ACROSS_PATIENTS = frozenset({"Patient", "Practitioner", "PractitionerRole"})
 _GLOBAL = {
     "DocumentReference": [[("s.identifier.c", 1), ("s.identifier.s", 1)]],
 }
@@ -53,7 +56,7 @@ _GLOBAL = {
 def index_specs(resource_type: str) -> list[list[tuple[str, int]]]:
     """Index key lists for ``resource_type`` (see module docstring)."""
     params = SUPPORTED[resource_type]
-    prefix = [] if resource_type == "Patient" else [("pid", 1)]
+    prefix = [] if resource_type in _ACROSS_PATIENTS else [("pid", 1)]
     if resource_type in _WRITE_HEAVY:
         return [prefix + [("o." + sort_key_name(name, -1), -1), ("_id", 1)] for name in _WRITE_HEAVY[resource_type]]
     specs: list[list[tuple[str, int]]] = []

@@ -36,6 +36,9 @@ WANTED: dict[str, tuple[str, ...]] = {
     "Communication": ("subject", "patient", "status", "sent", "category"),
     "Binary": (),
     "RelatedPerson": ("patient", "active", "relationship"),   # legal representatives
+    # the directory of professionals (CONTRACT.md "The directory of professionals")
+    "Practitioner": ("identifier", "name", "family", "given", "address-city"),
+    "PractitionerRole": ("practitioner", "specialty", "role"),
 }
 COMMON = ("_id", "_lastUpdated")
 

@@ -52,6 +52,9 @@ from .principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE
 INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type": "s", "search": "s", "create": "c",
                       "update": "u", "patch": "u", "delete": "d"}
 SERVER_WRITTEN = ("AuditEvent", "Communication")   # the journal and the notices: only the server writes them
+#: the directory of professionals (CONTRACT.md "The directory of professionals"): no patient's data,
+#: read by every authenticated caller, written only by ``fhir-dmp load`` (the REST layer refuses writes)
+DIRECTORY = ("Practitioner", "PractitionerRole")
 INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
 INS_LOOKUP_PARAMS = ("identifier", "_format", "_pretty", "_elements", "_summary")
 COLLECT_ACTION = "http://terminology.hl7.org/CodeSystem/consentaction|collect"
@@ -446,6 +449,8 @@ class RequestAccess:
     def can_see(self, resource_type: str, resource: dict, pid: str | None, *, extra: dict | None = None
                 ) -> Decision:
         p = self.p
+        if resource_type in DIRECTORY:
+            return permit("directory", "the directory of professionals")
         if resource_type == "Patient":
             pid = resource.get("id")
         if pid is None:
@@ -704,6 +709,8 @@ class RequestAccess:
                       ins_lookup: bool = False) -> dict | None:
         """Extra storage filter restricting a search to what the caller may see; None = nothing."""
         p = self.p
+        if resource_type in DIRECTORY:
+            return {}
         pids = self.reachable_pids(named_pids)
         if resource_type == "Patient":
             if pids is None:
@@ -748,6 +755,10 @@ class RequestAccess:
             return role
         if resource_type in SERVER_WRITTEN:
             return deny("read-only", f"{resource_type} is read-only")
+        if resource_type in DIRECTORY:
+            # only the administrator's import reaches here: REST answers 405 before any decision
+            return permit("admin", "the directory is imported by the administrator") if self.p.kind == ADMIN \
+                else deny("read-only", f"{resource_type} is read-only")
         if resource_type == "Patient":
             return self._write_patient(interaction, new, old, pid)
         if pid is None:
