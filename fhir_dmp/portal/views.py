@@ -21,7 +21,6 @@ from werkzeug.exceptions import HTTPException
 from .. import directory
 from ..errors import FhirError, NotFound, not_found
 from ..profiles import dmp, validate
-from ..repository import HOSTED
 from ..search import reference_id
 from ..security.crypto import ContentUnavailable
 from ..security.audit import SUBJECT_SYSTEM
