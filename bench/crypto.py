@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pymongo  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from fhir_dmp.blobs import BlobStore  # noqa: E402
+from fhir_dmp.storage.content import BlobStore  # noqa: E402
 from fhir_dmp.security.crypto import DocumentCrypto, LocalKeyFileProvider  # noqa: E402
 from fhir_dmp.storage import Storage  # noqa: E402
 

@@ -13,7 +13,6 @@ import logging
 import uuid
 
 from flask import Flask, g, request
-from pymongo.errors import PyMongoError
 
 from .logs import REQUEST_ID_ENVIRON
 from .compression import compress_response, decode_request_body
@@ -25,7 +24,8 @@ from .security.auth import SharedKeys, TokenVerifier
 from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy, access_facets
 from .security.habilitations import Habilitations
-from .storage import KEY_SETS, Storage
+from .storage import Storage, StorageError
+from .storage.core import KEY_SETS
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ CORS_EXPOSE_HEADERS = ["ETag", "Location", "Content-Location", "Last-Modified", 
 
 def build_backend(config: Config, client=None, db=None) -> Backend:
     """Services shared by all requests of one process."""
-    from .blobs import BlobStore
+    from .storage.content import BlobStore
     from .notifications import Outbox
     from .security.audit import AuditLog
     from .security.crypto import DocumentCrypto, key_provider
@@ -134,7 +134,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         # a shredded or missing data key: the content is gone for good (crypto-shredding)
         return error_response(NotFound("the content of this resource is not available"))
 
-    @app.errorhandler(PyMongoError)
+    @app.errorhandler(StorageError)
     def on_database_error(exc):
         # the database is unreachable or refused the operation: nothing was half-written
         # (writes are transactions); the client may retry
@@ -232,7 +232,7 @@ def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
         from .security.context_cache import ContextCache
         followers, listeners = {}, {}
         if config.document_cache_docs > 0:     # a DMP's documents, invalidated by the same stream
-            from .doc_cache import CACHED_TYPE, DocumentCache
+            from .search.doc_cache import CACHED_TYPE, DocumentCache
             followers[CACHED_TYPE] = backend.storage.doc_cache = DocumentCache(
                 backend.storage, max_docs=config.document_cache_docs)
         keys = app.extensions["fhir_dmp.verifier"].keys

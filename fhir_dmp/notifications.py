@@ -63,10 +63,10 @@ from email.utils import formatdate
 from typing import Callable
 
 import requests
-from pymongo.errors import PyMongoError
 
 from .security.audit import PROFESSION_LABELS
-from .storage import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
+from .storage import StorageError
+from .storage.core import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
 from .security.principal import IDNATPS_SYSTEM
 
 log = logging.getLogger(__name__)
@@ -473,7 +473,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 handled = self.run_once()
-            except PyMongoError as exc:
+            except StorageError as exc:
                 log.warning("notification worker: database error %s", type(exc).__name__)
                 handled = 0
             except Exception:

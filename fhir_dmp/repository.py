@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import jsonpatch
-from pymongo.errors import PyMongoError
 
 from . import search
 from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
@@ -29,7 +28,7 @@ from .profiles import dmp
 from .profiles.ins import INS_SYSTEMS
 from .security.consent import DIRECTORY, Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant,
+from .storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, StorageError, Stored, VersionConflict, instant,
                       is_write_conflict, merge_filters, new_id, now)
 
 log = logging.getLogger(__name__)
@@ -590,7 +589,7 @@ class GuardedRepository:
             self._sweep_destroyed(set(self._dirty_pids))
             self._forget_contexts()   # committed: this process forgets at once, others by the stream
             return result
-        except PyMongoError as exc:
+        except StorageError as exc:
             del self.records[mark:]
             if not is_write_conflict(exc):
                 raise

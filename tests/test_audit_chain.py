@@ -18,8 +18,9 @@ from fhir_dmp.embedded_db import free_port as _free_port
 from fhir_dmp.security.audit import AccessRecord, AuditLog, build_event, chain_hash, verify_chains
 from fhir_dmp.security.sealer import LeaseLost, Sealer, load_signing_key
 from tests.builders import rewrite_journal_entry
-from fhir_dmp.storage import (CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS,
-                              JOURNAL_LINKS as LINKS, Storage)
+from fhir_dmp.storage import Storage
+from fhir_dmp.storage.core import (CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS,
+                                   JOURNAL_LINKS as LINKS)
 from fhir_dmp.security.principal import (BTG, ETREAT, PATIENT, PS, REGULATION_CENTRE, Principal)
 from fhir_dmp.security.scopes import Scopes
 

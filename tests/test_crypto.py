@@ -1,4 +1,4 @@
-"""Envelope encryption (fhir_dmp.security.crypto) and encrypted blobs (fhir_dmp.blobs).
+"""Envelope encryption (fhir_dmp.security.crypto) and encrypted blobs (fhir_dmp.storage.content).
 
 Runs against a real SecantusDB started for this module (no mocks).
 """
@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from bson.raw_bson import RawBSONDocument
 
-from fhir_dmp.blobs import BlobNotFound, BlobStore
+from fhir_dmp.storage.content import BlobNotFound, BlobStore
 from fhir_dmp.config import Config
 from fhir_dmp.errors import Conflict, PayloadTooLarge
 from fhir_dmp.security.crypto import (ContentUnavailable, DocumentCrypto, LocalKeyFileProvider, key_provider,

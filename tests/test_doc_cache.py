@@ -1,4 +1,4 @@
-"""The DMP document cache (``fhir_dmp/doc_cache.py``, issue 13) changes speed, never results.
+"""The DMP document cache (``fhir_dmp/search/doc_cache.py``, issue 13) changes speed, never results.
 
 * On random DMPs (documents of one or two types, any labels, authors, dates, deleted ones; ties
   on the sort keys) and for readers of several kinds, every page of ``DocumentReference?patient=``
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fhir_dmp.doc_cache import DocumentCache
-from fhir_dmp.filters import Unsupported, exact, matches
+from fhir_dmp.search.doc_cache import DocumentCache
+from fhir_dmp.storage.filters import Unsupported, exact, matches
 from fhir_dmp.repository import GuardedRepository
 from fhir_dmp.security.principal import PATIENT, PS, Principal
 from fhir_dmp.security.scopes import Scopes

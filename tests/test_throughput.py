@@ -107,7 +107,7 @@ def test_stop_background_leaves_nothing_running(config, build_app, idp):
     dropped: SecantusDB's dropDatabase, run while the app's sealer still works on that database,
     can spin for ever in WiredTiger, and every other client then waits (CI hung so)."""
     from fhir_dmp.app import stop_background
-    from fhir_dmp.storage import SEALER_LEASE
+    from fhir_dmp.storage.core import SEALER_LEASE
     app = build_app(config.with_(audit_sealer=True, notifications_worker=True))
     api = Api(app, idp)
     pid = api.as_ps().post("Patient", b.patient()).json["id"]

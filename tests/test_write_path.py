@@ -26,7 +26,7 @@ import pymongo
 import pytest
 from pymongo import monitoring
 
-from fhir_dmp.blobs import INLINE_MAX, BlobStore
+from fhir_dmp.storage.content import INLINE_MAX, BlobStore
 from fhir_dmp.security.crypto import ContentUnavailable
 from tests import builders as b
 from tests.api import Api
@@ -195,10 +195,8 @@ def test_content_in_a_header_cannot_be_swapped_or_miscounted(store, db):
 def test_insert_docs_keeps_decimals_reports_duplicates_and_rolls_back(db):
     from decimal import Decimal
 
-    from pymongo.errors import DuplicateKeyError
-
     from fhir_dmp.security.consent import access_facets
-    from fhir_dmp.storage import DuplicateValue, Storage, VersionConflict
+    from fhir_dmp.storage import DuplicateKey, DuplicateValue, Storage, VersionConflict
     storage = Storage(db.client, db, annotate=access_facets)
     storage.ensure_indexes()
     docs = [("Binary", {"_id": "b1", "pid": "p", "x": Decimal("1.50")}),
@@ -206,7 +204,7 @@ def test_insert_docs_keeps_decimals_reports_duplicates_and_rolls_back(db):
     storage.run_transaction(lambda s: storage.insert_docs(docs, session=s))
     assert storage.db["Binary"].find_one({"_id": "b1"})["x"] == Decimal("1.50")   # not a float
     assert db["content_blobs"].count_documents({"_id": "c1"}) == 1
-    with pytest.raises(DuplicateKeyError):
+    with pytest.raises(DuplicateKey):
         storage.run_transaction(lambda s: storage.insert_docs(
             [("content_blobs", {"_id": "c2"}), ("Binary", {"_id": "b1"})], session=s))
     assert db["content_blobs"].count_documents({"_id": "c2"}) == 0          # rolled back whole
@@ -351,7 +349,8 @@ def test_a_create_writes_one_document_and_the_history_still_lists_every_version(
 def test_a_version_written_before_keeps_its_one_copy(db):
     """A current document with its history copy already (as written before issue 13): superseding
     it adds no second copy, and every version is listed once."""
-    from fhir_dmp.storage import NO_COPY, Storage, _as_version, now
+    from fhir_dmp.storage import Storage, now
+    from fhir_dmp.storage.resources import NO_COPY, _as_version
     storage = Storage(db.client, db)
     storage.ensure_indexes()
     lu = now()
@@ -406,7 +405,7 @@ def test_type_history_pages_across_current_and_superseded_versions(db):
 def test_an_index_another_worker_dropped_first_is_no_error(db):
     """Workers starting together on an older database drop the same unwanted indexes: the one
     that comes second finds it gone, which must not stop it booting."""
-    from fhir_dmp.storage import _drop_indexes
+    from fhir_dmp.storage.core import _drop_indexes
     coll = db["Leftover"]
     coll.create_index([("a", 1)])
 

@@ -11,7 +11,7 @@ answered from it (:meth:`DocumentCache.find`, :meth:`DocumentCache.count`) only 
 
 * it is on the cached type and pinned to one DMP (``pid`` equality at its top level: a search
   naming one patient, the guard of issue 9 included), outside any transaction; and
-* every condition is one :func:`fhir_dmp.filters.exact` accepts (evaluated exactly as MongoDB
+* every condition is one :func:`fhir_dmp.storage.filters.exact` accepts (evaluated exactly as MongoDB
   would: the access guard over the facets ``a``, the patient/subject reference, the keyset of
   the next pages...), and the sort keys are of one type.
 
@@ -30,9 +30,9 @@ Documents are handed out as copies of the stored document and of its resource's 
 """
 from __future__ import annotations
 
-from .filters import Unsupported, compile_query, exact
+from ..storage.filters import Unsupported, compile_query, exact
 from .security.context_cache import PidCache
-from .storage import sort_docs
+from ..storage import sort_docs
 
 CACHED_TYPE = "DocumentReference"
 

@@ -54,11 +54,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import orjson
-from pymongo.errors import PyMongoError
 
 from fhir_dmp.errors import ServiceUnavailable
 from fhir_dmp.search import extract
-from fhir_dmp.storage import instant
+from fhir_dmp.storage import StorageError, instant
 from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE,
                                          PATIENT, PS, PURPOSE_SYSTEM, REGULATION_CENTRE, TREAT,
                                          Principal)
@@ -364,10 +363,6 @@ def _search_index(res: dict) -> tuple[dict, dict]:
         return {}, {}
 
 
-def _is_transient(exc: PyMongoError) -> bool:
-    return exc.has_error_label("TransientTransactionError")
-
-
 class AuditLog:
     """Append-only journal store over the ``AuditEvent`` collection (thread-safe, one per process).
 
@@ -401,7 +396,7 @@ class AuditLog:
             return
         try:
             self.storage.ensure_journal_indexes()
-        except PyMongoError as exc:
+        except StorageError as exc:
             raise AuditUnavailable() from exc
         self._indexed = True
 
@@ -443,9 +438,7 @@ class AuditLog:
         if session is not None and session.in_transaction:
             try:
                 self.storage.journal_insert(docs, items, session=session, pending=pending)
-            except PyMongoError as exc:
-                if _is_transient(exc):
-                    raise
+            except StorageError as exc:   # a transient error is not one: the transaction is retried
                 log.error("audit append in transaction failed: %s", type(exc).__name__)
                 raise AuditUnavailable() from exc
             return

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from ..errors import BadRequest, Forbidden
-from ..filters import compile_query, matches
+from ..storage.filters import compile_query, matches
 from ..profiles import dmp
 from ..profiles.ins import INS_SYSTEMS
 from .context_cache import load_contexts

@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from pymongo.errors import InvalidOperation, PyMongoError
+from ..storage.errors import StorageClosed, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -261,10 +261,10 @@ class ContextCache(PidCache):
                                 continue
                         # no change, or the last one of a batch: pause before the next getMore
                         self._stop.wait(POLL_PAUSE_S)
-            except InvalidOperation:   # the client was closed: this process is going away
+            except StorageClosed:   # the client was closed: this process is going away
                 self._set_live(False)
                 return
-            except PyMongoError as exc:
+            except StorageError as exc:
                 log.warning("decision context change stream lost (%s); cache off until it is back",
                             type(exc).__name__)
             except Exception:   # noqa: BLE001 — never serve from a cache nobody invalidates

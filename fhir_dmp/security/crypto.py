@@ -46,9 +46,9 @@ from typing import Protocol, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
-from pymongo.errors import DuplicateKeyError
 
 from ..secret_files import write_secret
+from ..storage.errors import DuplicateKey
 
 FORMAT_V1 = b"\x01"
 NONCE_LEN = 12
@@ -365,7 +365,7 @@ class DocumentCrypto:
                 self.storage.add_data_key({"_id": pid, "wrapped": wrapped, "kek_id": kid,
                                            "created": datetime.now(timezone.utc)})
                 aead = AESGCM(raw)
-            except DuplicateKeyError:  # another request created it first: use theirs
+            except DuplicateKey:  # another request created it first: use theirs
                 doc = self.storage.data_key(pid)
                 if doc is None:
                     raise KeyUnavailable("data key vanished while being created") from None

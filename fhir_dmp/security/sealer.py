@@ -38,9 +38,9 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pymongo.errors import InvalidOperation, PyMongoError
 
 from ..secret_files import write_secret
+from ..storage.errors import StorageClosed, StorageError
 from .audit import GENESIS, SYSTEM_CHAIN, canonical_json, link_hash
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Sealer:
     def release(self) -> None:
         try:
             self.storage.release_sealer_lease(self.owner)
-        except PyMongoError:
+        except StorageError:
             pass
 
     # -- sealing
@@ -121,7 +121,7 @@ class Sealer:
 
         Raises :class:`LeaseLost` when this process does not hold the lease.
         """
-        return self._session.with_transaction(self._seal)
+        return self.storage.run_in_session(self._session, self._seal)
 
     def seal_all(self) -> int:
         """Take the lease and seal until nothing is left (``fhir-dmp audit seal``, tests)."""
@@ -192,7 +192,7 @@ class Sealer:
                         pass
             except LeaseLost:
                 pass
-            except InvalidOperation:   # the client was closed: this process is going away
+            except StorageClosed:   # the client was closed: this process is going away
                 return
             except Exception:   # noqa: BLE001 — keep sealing after a database hiccup
                 log.exception("audit sealer pass failed; retrying")

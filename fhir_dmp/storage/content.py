@@ -1,4 +1,5 @@
-"""Encrypted, chunked, streamed content storage in MongoDB (DESIGN.md "Storage": attachments).
+"""Encrypted, chunked, streamed content storage in MongoDB (DESIGN.md "Storage": attachments), and
+the wrapped per-DMP data keys (collection ``datakeys``: security/crypto.py wraps, this stores).
 
 Content (Binary data, DocumentReference attachments) never reaches the
 database in clear: it is cut into ``chunk_size`` pieces and each piece is one
@@ -46,11 +47,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import BinaryIO, Iterable, Iterator
 
+from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from fhir_dmp.errors import Conflict, PayloadTooLarge
-from fhir_dmp.security.crypto import ContentUnavailable, DocumentCrypto
-from fhir_dmp.storage import BLOBS
+from ..errors import Conflict, PayloadTooLarge
+from ..security.crypto import ContentUnavailable, DocumentCrypto
+from .core import BLOBS, CHUNKS, DATAKEYS, StoreCore
+from .errors import DuplicateKey, StorageError, translate_methods
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +125,73 @@ def _with_last(chunks: Iterator) -> Iterator[tuple[int, object, bool]]:
     yield index, prev, True
 
 
+@translate_methods
+class ContentStore(StoreCore):
+    """The queries on ``content_blobs``, ``content_chunks`` and ``datakeys`` (:class:`BlobStore`
+    encrypts, ``security/crypto.py`` wraps the keys; this stores)."""
+
+    def ensure_blob_indexes(self) -> None:
+        """Patient-first indexes (also usable as shard keys): one blob per (p, r, v)."""
+        self.db[BLOBS].create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)], unique=True)
+        self.db[CHUNKS].create_index([("p", ASCENDING), ("b", ASCENDING), ("n", ASCENDING)], unique=True)
+        self.db[CHUNKS].create_index([("p", ASCENDING), ("r", ASCENDING), ("v", ASCENDING)])
+
+    def add_blob_chunk(self, doc: dict, *, session=None) -> None:
+        self.db[CHUNKS].insert_one(doc, session=session)
+
+    def add_blob(self, doc: dict, *, session=None) -> None:
+        """The blob's header, written after its chunks (DuplicateKey, pymongo's own in a transaction: that version has one)."""
+        self.db[BLOBS].insert_one(doc, session=session)
+
+    def blob_meta(self, pid: str, rid: str, ver: int, *, session=None, data: bool = True) -> dict | None:
+        """A blob's header; ``data=False`` leaves out the ciphertext a one-chunk blob keeps there."""
+        return self.db[BLOBS].find_one({"p": pid, "r": rid, "v": ver}, None if data else {"d": 0},
+                                       session=session)
+
+    def blob_exists(self, pid: str, rid: str, ver: int, *, session=None) -> bool:
+        return self.db[BLOBS].count_documents({"p": pid, "r": rid, "v": ver}, limit=1, session=session) > 0
+
+    def blob_chunks(self, pid: str, blob_id: str, *, session=None):
+        """A cursor over the chunks of one blob in order (``n``, ``d``); close it when done."""
+        return (self.db[CHUNKS].find({"p": pid, "b": blob_id}, {"n": 1, "d": 1}, session=session)
+                .sort("n", ASCENDING).batch_size(4))
+
+    def discard_blob_chunks(self, pid: str, blob_id: str, *, session=None) -> None:
+        self.db[CHUNKS].delete_many({"p": pid, "b": blob_id}, session=session)
+
+    def delete_blobs(self, flt: dict, *, session=None) -> None:
+        """Remove blobs and chunks matching ``flt`` (over ``p``, ``r``, ``v``)."""
+        self.db[BLOBS].delete_many(flt, session=session)
+        self.db[CHUNKS].delete_many(flt, session=session)
+
+    def data_key(self, pid: str) -> dict | None:
+        return self.db[DATAKEYS].find_one({"_id": pid})
+
+    def add_data_key(self, doc: dict) -> None:
+        """Store a new wrapped data key (DuplicateKey: another request created it first)."""
+        self.db[DATAKEYS].insert_one(doc)
+
+    def data_keys_not_wrapped_by(self, kek_id: str) -> list[dict]:
+        return list(self.db[DATAKEYS].find({"kek_id": {"$ne": kek_id}}))
+
+    def count_data_keys_not_wrapped_by(self, kek_id: str) -> int:
+        return self.db[DATAKEYS].count_documents({"kek_id": {"$ne": kek_id}})
+
+    def rewrap_data_key(self, doc: dict, wrapped: bytes, kek_id: str, at: datetime) -> int:
+        """Compare-and-set on the old wrapped value (a key shredded meanwhile stays deleted)."""
+        return self.db[DATAKEYS].update_one(
+            {"_id": doc["_id"], "wrapped": doc["wrapped"], "kek_id": doc["kek_id"]},
+            {"$set": {"wrapped": wrapped, "kek_id": kek_id, "rewrapped": at}}).modified_count
+
+    def kek_ids_in_use(self) -> set[str]:
+        return set(self.db[DATAKEYS].distinct("kek_id"))
+
+
 class BlobStore:
     """Encrypted chunked content of one database (see module docstring)."""
 
     def __init__(self, storage, crypto: DocumentCrypto, *, chunk_size: int = 1 << 20):
-        """``storage`` (:class:`~fhir_dmp.storage.Storage`) runs the queries on the chunks."""
+        """``storage`` (:class:`~fhir_dmp.storage.Storage`, whose :class:`ContentStore`) runs the queries on the chunks."""
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
         self.storage = storage
@@ -183,7 +248,7 @@ class BlobStore:
                 return self._info(blob_id, size, sha1, sha256)
             try:
                 self.storage.add_blob(header, session=session)
-            except DuplicateKeyError:
+            except (DuplicateKeyError, DuplicateKey):   # raw in a transaction (storage/errors.py)
                 raise Conflict(f"content of Binary/{rid} version {ver} is already stored") from None
         except BaseException:
             self._discard(pid, blob_id, session)
@@ -207,7 +272,7 @@ class BlobStore:
         """
         try:
             self.storage.discard_blob_chunks(pid, blob_id, session=session)
-        except PyMongoError:
+        except (PyMongoError, StorageError):     # raw in a transaction (storage/errors.py)
             if session is None:
                 log.warning("could not remove the chunks of failed blob %s; delete() that version", blob_id)
 
