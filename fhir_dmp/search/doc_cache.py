@@ -30,9 +30,9 @@ Documents are handed out as copies of the stored document and of its resource's 
 """
 from __future__ import annotations
 
-from ..storage.filters import Unsupported, compile_query, exact
-from .security.context_cache import PidCache
+from ..security.context_cache import PidCache
 from ..storage import sort_docs
+from ..storage.filters import Unsupported, compile_query, exact
 
 CACHED_TYPE = "DocumentReference"
 
