@@ -66,7 +66,7 @@ import requests
 
 from .security.audit import PROFESSION_LABELS
 from .storage import StorageError
-from .storage.core import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
+from .storage.core import OUTBOX  # noqa: F401  (its collection: storage/outbox.py runs its queries)
 from .security.principal import IDNATPS_SYSTEM
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ session is not causal, so that the bulk may be its first command (issue 13).
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -35,10 +34,8 @@ from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, Operatio
 
 from .errors import label_transient, translate_methods
 
-log = logging.getLogger(__name__)
-
-# the collections beside the resources (only this module names collections and runs queries)
-BLOBS, CHUNKS = "content_blobs", "content_chunks"  # encrypted content (blobs.py)
+# the collections beside the resources (only this package names collections and runs queries)
+BLOBS, CHUNKS = "content_blobs", "content_chunks"  # encrypted content (content.py)
 DATAKEYS = "datakeys"                         # wrapped per-DMP data keys (security/crypto.py)
 OUTBOX = "notification_outbox"                # notices to send (notifications.py)
 ACCESS_CODES = "access_codes"                 # first-access codes (access_codes.py)

@@ -40,7 +40,7 @@ class GrantStore(StoreCore):
         """A change stream on the collections the access decision reads (:data:`DECISION_INPUTS`)
         and those named in ``also``, each change reduced to ``ns``, ``documentKey``,
         ``fullDocument.pid`` and ``operationType`` (the invalidation of the decision context
-        cache, security/context_cache.py, and of the DMP document cache, doc_cache.py)."""
+        cache, security/context_cache.py, and of the DMP document cache, search/doc_cache.py)."""
         pipeline = [{"$match": {"ns.coll": {"$in": [*DECISION_INPUTS, *also]}}},
                     {"$project": {"ns": 1, "documentKey": 1, "fullDocument.pid": 1, "operationType": 1}}]
         return self.db.watch(pipeline, full_document="updateLookup", max_await_time_ms=200)

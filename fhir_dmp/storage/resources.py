@@ -334,7 +334,7 @@ def _duplicate(exc: DuplicateKeyError | DuplicateKey) -> Exception:
 
 
 def _as_version(doc: dict) -> dict:
-    """A current document shaped as its history copy (``Storage._docs``)."""
+    """A current document shaped as its history copy (what the history and vread read)."""
     return {"_id": f"{doc['_id']}/{doc['vid']}", "rid": doc["_id"], "pid": doc.get("pid"), "vid": doc["vid"],
             "lu": doc["lu"], "del": bool(doc.get("del")), "res": doc.get("res")}
 
