@@ -60,3 +60,42 @@ def test_a_key_set_record_is_replaced_only_by_a_later_one(db_storage):
     assert db_storage.key_set("https://idp.test") == {"at": 2.0, "keys": [["a", "x"]]}
     assert db_storage.record_key_set("https://idp.test", {"at": 3.0, "keys": []})
     assert db_storage.key_set("https://idp.test") == {"at": 3.0, "keys": []}
+
+
+def test_storage_wraps_pymongo_errors_except_inside_a_transaction(mongo_server, db):
+    """storage/errors.py: outside a transaction a pymongo error comes out as a StorageError (the
+    pymongo error its cause); inside one, a call made with the transaction's session raises
+    pymongo's own (with_transaction must see it to retry a lost race), and run_transaction wraps
+    what is left once it returns; cursors and a closed client raise storage's errors too."""
+    import pymongo
+    from pymongo.errors import DuplicateKeyError
+
+    from fhir_dmp.storage import DuplicateKey, StorageClosed, StorageError, WriteConflict, is_write_conflict
+    storage = Storage(db.client, db)
+    storage.add_data_key({"_id": "p1", "kek_id": "k"})
+    with pytest.raises(DuplicateKey) as info:
+        storage.add_data_key({"_id": "p1", "kek_id": "k"})
+    assert isinstance(info.value, StorageError) and isinstance(info.value.__cause__, DuplicateKeyError)
+    seen = []
+
+    def attempt(s):
+        try:
+            storage.add_blob({"_id": "b1", "p": "p", "r": "r", "v": 1}, session=s)
+            storage.add_blob({"_id": "b1", "p": "p", "r": "r", "v": 2}, session=s)
+        except Exception as exc:
+            seen.append(type(exc))
+            raise
+    with pytest.raises(DuplicateKey):
+        storage.run_transaction(attempt)
+    assert seen == [DuplicateKeyError]
+    conflict = WriteConflict(pymongo.errors.OperationFailure("WriteConflict", 112))
+    assert is_write_conflict(conflict) and not is_write_conflict(info.value)
+
+    client = pymongo.MongoClient(mongo_server.uri, tz_aware=True)
+    closing = Storage(client, client[db.name])
+    heads = closing.chain_heads()
+    client.close()
+    with pytest.raises(StorageClosed):
+        closing.data_key("p1")
+    with pytest.raises(StorageError):
+        list(heads)
