@@ -243,7 +243,10 @@ class StoreCore:
 
     def run_transaction(self, callback):
         """``callback(session)`` in a transaction through pymongo's ``with_transaction``: retried
-        on lost races (TransientTransactionError) and unknown commit results; returns its result."""
+        on lost races (TransientTransactionError) and unknown commit results; returns its result.
+        Inside ``callback`` storage raises pymongo's errors as they are (so that pymongo retries);
+        what is left when it gives up comes out as a StorageError (``WriteConflict`` for a race
+        lost every time), ``callback``'s own exceptions unchanged (``errors.py``)."""
         def labelled(session):
             try:
                 return callback(session)
