@@ -72,9 +72,11 @@ def test_storage_wraps_pymongo_errors_except_inside_a_transaction(mongo_server, 
 
     from fhir_dmp.storage import DuplicateKey, StorageClosed, StorageError, WriteConflict, is_write_conflict
     storage = Storage(db.client, db)
-    storage.add_data_key({"_id": "p1", "kek_id": "k"})
+    assert storage.add_data_key({"_id": "p1", "kek_id": "k"})
+    assert not storage.add_data_key({"_id": "p1", "kek_id": "k"})       # another request's first
+    storage.add_blob({"_id": "b0", "p": "p", "r": "r", "v": 0})
     with pytest.raises(DuplicateKey) as info:
-        storage.add_data_key({"_id": "p1", "kek_id": "k"})
+        storage.add_blob({"_id": "b0", "p": "p", "r": "r", "v": 0})
     assert isinstance(info.value, StorageError) and isinstance(info.value.__cause__, DuplicateKeyError)
     seen = []
 

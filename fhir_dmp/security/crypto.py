@@ -48,7 +48,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from ..secret_files import write_secret
-from ..storage.errors import DuplicateKey
 
 FORMAT_V1 = b"\x01"
 NONCE_LEN = 12
@@ -361,11 +360,10 @@ class DocumentCrypto:
                 raise KeyUnavailable("no data key for this patient (never created or shredded)")
             raw = AESGCM.generate_key(256)
             wrapped, kid = _wrap(self.provider, raw)
-            try:
-                self.storage.add_data_key({"_id": pid, "wrapped": wrapped, "kek_id": kid,
-                                           "created": datetime.now(timezone.utc)})
+            if self.storage.add_data_key({"_id": pid, "wrapped": wrapped, "kek_id": kid,
+                                          "created": datetime.now(timezone.utc)}):
                 aead = AESGCM(raw)
-            except DuplicateKey:  # another request created it first: use theirs
+            else:  # another request created it first: use theirs
                 doc = self.storage.data_key(pid)
                 if doc is None:
                     raise KeyUnavailable("data key vanished while being created") from None

@@ -167,9 +167,14 @@ class ContentStore(StoreCore):
     def data_key(self, pid: str) -> dict | None:
         return self.db[DATAKEYS].find_one({"_id": pid})
 
-    def add_data_key(self, doc: dict) -> None:
-        """Store a new wrapped data key (DuplicateKey: another request created it first)."""
-        self.db[DATAKEYS].insert_one(doc)
+    def add_data_key(self, doc: dict) -> bool:
+        """Store a new wrapped data key; False when another request created that DMP's key first
+        (its unique ``_id``): then read theirs."""
+        try:
+            self.db[DATAKEYS].insert_one(doc)
+        except DuplicateKeyError:
+            return False
+        return True
 
     def data_keys_not_wrapped_by(self, kek_id: str) -> list[dict]:
         return list(self.db[DATAKEYS].find({"kek_id": {"$ne": kek_id}}))
