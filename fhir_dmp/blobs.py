@@ -48,7 +48,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from fhir_dmp.errors import Conflict, PayloadTooLarge
+from fhir_dmp.http.errors import Conflict, PayloadTooLarge
 from fhir_dmp.security.crypto import ContentUnavailable, DocumentCrypto
 from fhir_dmp.storage import BLOBS
 

@@ -23,7 +23,7 @@ import jsonpatch
 from pymongo.errors import PyMongoError
 
 from . import search
-from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
+from .http.errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
                      Unprocessable, not_found)
 from .profiles import dmp
 from .profiles.ins import INS_SYSTEMS

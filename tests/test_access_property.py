@@ -104,8 +104,8 @@ def callers(pids):
 
 @pytest.fixture(scope="module")
 def backend(mongo_server, mongo_client, tmp_path_factory):
-    from fhir_dmp.app import build_backend
-    from fhir_dmp.config import Config
+    from fhir_dmp.http.app import build_backend
+    from fhir_dmp.runtime.config import Config
     name = f"t_prop_{uuid.uuid4().hex[:8]}"
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=name, data_dir=tmp_path_factory.mktemp("prop"),
                  base_url="https://dmp.test/fhir", notifications_worker=False, issuer="https://idp.test",

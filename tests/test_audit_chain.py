@@ -14,7 +14,7 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from pymongo import monitoring
 
-from fhir_dmp.embedded_db import free_port as _free_port
+from fhir_dmp.runtime.embedded_db import free_port as _free_port
 from fhir_dmp.security.audit import AccessRecord, AuditLog, build_event, chain_hash, verify_chains
 from fhir_dmp.security.sealer import LeaseLost, Sealer, load_signing_key
 from tests.builders import rewrite_journal_entry

@@ -301,7 +301,7 @@ def test_concurrent_misses_load_a_dmp_once(app, idp):
 
 def test_the_cache_can_be_turned_off(config, build_app, idp):
     """``FHIR_DMP_DOCUMENT_CACHE_DOCS=0``: no document cache, searches ask the database."""
-    from fhir_dmp.config import Config, ConfigError
+    from fhir_dmp.runtime.config import Config, ConfigError
     assert Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "0"}).document_cache_docs == 0
     assert Config.from_env({}).document_cache_docs == 10_000
     with pytest.raises(ConfigError):

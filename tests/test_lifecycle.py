@@ -114,7 +114,7 @@ def test_retention_destroys_closed_dmps_only_once_their_time_has_passed(short_ap
 
 def test_retention_run_cli(api, dmp, config, monkeypatch, capsys):
     """`fhir-dmp retention run` destroys what is past retention (closed 11 years ago here)."""
-    from fhir_dmp import cli
+    from fhir_dmp.runtime import cli
     pid = dmp["pid"]
     assert close(api.as_patient(pid), pid).status_code == 200
     db = backend_of(api).storage.db
@@ -140,7 +140,7 @@ def test_daily_retention_runs_once_a_day_across_processes(db_storage):
 
 
 def test_retention_years_configuration():
-    from fhir_dmp.config import Config, ConfigError
+    from fhir_dmp.runtime.config import Config, ConfigError
     assert Config.from_env({}).retention_years == 10
     assert Config.from_env({"FHIR_DMP_RETENTION_YEARS": "3"}).retention_years == 3
     with pytest.raises(ConfigError):

@@ -368,7 +368,7 @@ def test_personal_pdf_content_round_trip(api):
 
 def test_dev_token_for_a_legal_representative_names_the_relatedperson(tmp_path, monkeypatch, capsys):
     import json as _json
-    from fhir_dmp import cli
+    from fhir_dmp.runtime import cli
     monkeypatch.delenv("FHIR_DMP_ISSUER", raising=False)
     monkeypatch.setenv("FHIR_DMP_DATA_DIR", str(tmp_path))
     assert cli.main(["dev-token", "legal_representative", "--related-person", "rp-42"]) == 0

@@ -315,7 +315,7 @@ def _rotate_and_withdraw(idp, jwks_server) -> str:
 
 
 def test_jwks_rotation_trusts_only_published_keys(idp, jwks_server):
-    from fhir_dmp.errors import Unauthorized
+    from fhir_dmp.http.errors import Unauthorized
     old_token = idp.token(sub="x")
     now = [1000.0]
     verifier = _verifier(idp, jwks_server, now)
@@ -330,7 +330,7 @@ def test_jwks_rotation_trusts_only_published_keys(idp, jwks_server):
 
 
 def test_jwks_cache_has_a_bounded_lifetime(idp, jwks_server):
-    from fhir_dmp.errors import Unauthorized
+    from fhir_dmp.http.errors import Unauthorized
     token = idp.token(sub="x")
     now = [1000.0]
     verifier = _verifier(idp, jwks_server, now)

@@ -20,8 +20,8 @@ import pymongo
 import pytest
 import requests
 
-from fhir_dmp.config import Config
-from fhir_dmp.embedded_db import EmbeddedMongo, process_alive
+from fhir_dmp.runtime.config import Config
+from fhir_dmp.runtime.embedded_db import EmbeddedMongo, process_alive
 from tests import builders as b
 from tests.builders import journal_entries
 from tests.api import Api
@@ -35,7 +35,7 @@ def _by_request(db, request_id: str) -> list[dict]:
 
 def test_journal_is_durable_before_the_answer(tmp_path, idp):
     """Kill -9 the database right after the answer: the read's AuditEvent is there after restart."""
-    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app, stop_background
     server = EmbeddedMongo(tmp_path / "db")
     uri = server.start()
     config = Config(mongodb_uri=uri, db_name="durable", data_dir=tmp_path, base_url=BASE,
@@ -106,7 +106,7 @@ def test_stop_background_leaves_nothing_running(config, build_app, idp):
     """What a test (or a worker going away) stops is stopped for good before its database is
     dropped: SecantusDB's dropDatabase, run while the app's sealer still works on that database,
     can spin for ever in WiredTiger, and every other client then waits (CI hung so)."""
-    from fhir_dmp.app import stop_background
+    from fhir_dmp.http.app import stop_background
     from fhir_dmp.storage import SEALER_LEASE
     app = build_app(config.with_(audit_sealer=True, notifications_worker=True))
     api = Api(app, idp)

@@ -23,7 +23,7 @@ import binascii
 import copy
 import re
 
-from ..errors import Conflict, PayloadTooLarge, Unprocessable
+from ..http.errors import Conflict, PayloadTooLarge, Unprocessable
 from ..profiles import dmp
 from ..search import reference_id
 from ..storage import VersionConflict, new_id

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from ..directory import Professional
+from .directory import Professional
 from ..profiles import dmp
 from ..security.audit import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM

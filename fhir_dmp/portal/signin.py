@@ -22,8 +22,8 @@ from pathlib import Path
 
 from flask import current_app, g, request, session
 
-from ..errors import FhirError
-from ..secret_files import write_secret
+from ..http.errors import FhirError
+from ..runtime.secret_files import write_secret
 from ..repository import GuardedRepository, RequestInfo
 from ..security.principal import LEGAL_REPRESENTATIVE, PATIENT, Principal
 

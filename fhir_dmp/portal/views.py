@@ -18,8 +18,8 @@ from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, 
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from .. import directory
-from ..errors import FhirError, NotFound, not_found
+from . import directory
+from ..http.errors import FhirError, NotFound, not_found
 from ..profiles import dmp, validate
 from ..search import reference_id
 from ..security.crypto import ContentUnavailable

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from flask import Blueprint, g
 
-from ..errors import (
+from ..http.errors import (
     BadRequest,
     FhirError,
     MethodNotAllowed,

@@ -143,7 +143,7 @@ def dev_jwks():
     """Dev mode only: the public key that signs ``fhir-dmp dev-token`` tokens (RFC 7517)."""
     config = backend().config
     if not config.dev_mode:
-        from ..errors import NotFound
+        from ..http.errors import NotFound
         raise NotFound("no such endpoint: /fhir/.well-known/jwks.json")
     from ..security.devkeys import dev_public_key
     return Response(json.dumps({"keys": [dev_public_key(config).as_dict(private=False)]}), status=200,

@@ -9,8 +9,8 @@ from urllib.parse import urlencode
 
 from flask import Response, current_app, g, request
 
-from .. import formats
-from ..errors import BadRequest, Issue, information_outcome, operation_outcome
+from ..http import formats
+from ..http.errors import BadRequest, Issue, information_outcome, operation_outcome
 from ..storage import Stored, instant, new_id, now
 
 MIME = {formats.JSON: "application/fhir+json; charset=utf-8; fhirVersion=4.0",

@@ -56,7 +56,7 @@ from datetime import datetime, timedelta, timezone
 import orjson
 from pymongo.errors import PyMongoError
 
-from fhir_dmp.errors import ServiceUnavailable
+from fhir_dmp.http.errors import ServiceUnavailable
 from fhir_dmp.search import extract
 from fhir_dmp.storage import instant
 from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE,

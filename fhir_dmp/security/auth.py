@@ -46,7 +46,7 @@ from joserfc.errors import (BadSignatureError, ClaimError, ExpiredTokenError, Jo
 from joserfc.jwk import Key, KeySet
 from werkzeug.http import parse_list_header, parse_options_header
 
-from ..errors import ServiceUnavailable, Unauthorized
+from ..http.errors import ServiceUnavailable, Unauthorized
 from . import devkeys
 from .discovery import fetch_discovery
 from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, PURPOSE_SYSTEM,

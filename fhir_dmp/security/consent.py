@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from ..errors import BadRequest, Forbidden
+from ..http.errors import BadRequest, Forbidden
 from ..filters import compile_query, matches
 from ..profiles import dmp
 from ..profiles.ins import INS_SYSTEMS

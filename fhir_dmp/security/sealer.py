@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pymongo.errors import InvalidOperation, PyMongoError
 
-from ..secret_files import write_secret
+from ..runtime.secret_files import write_secret
 from .audit import GENESIS, SYSTEM_CHAIN, canonical_json, link_hash
 
 log = logging.getLogger(__name__)

@@ -15,22 +15,22 @@ import uuid
 from flask import Flask, g, request
 from pymongo.errors import PyMongoError
 
-from .logs import REQUEST_ID_ENVIRON
+from ..runtime.logs import REQUEST_ID_ENVIRON
 from .compression import compress_response, decode_request_body
-from .config import Config
+from ..runtime.config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
-from .resources.conformance import is_public as conformance_is_public
-from .repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
-from .security.auth import SharedKeys, TokenVerifier
-from .security.crypto import ContentUnavailable
-from .security.consent import AccessPolicy, access_facets
-from .security.habilitations import Habilitations
-from .storage import KEY_SETS, Storage
+from ..resources.conformance import is_public as conformance_is_public
+from ..repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
+from ..security.auth import SharedKeys, TokenVerifier
+from ..security.crypto import ContentUnavailable
+from ..security.consent import AccessPolicy, access_facets
+from ..security.habilitations import Habilitations
+from ..storage import KEY_SETS, Storage
 
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration", "/fhir/.well-known/jwks.json")
-BASE_PATHS = ("/fhir", "/fhir/")     # GET there is a hint for browsers (fhir_dmp/home.py), no data
+BASE_PATHS = ("/fhir", "/fhir/")     # GET there is a hint for browsers (fhir_dmp/http/home.py), no data
 # CORS for browser SMART apps (https://fetch.spec.whatwg.org/#http-cors-protocol): bearer tokens,
 # no cookies; the FHIR request headers a client sends and the response headers it must read.
 CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "Accept", "Prefer", "If-Match", "If-None-Match",
@@ -42,13 +42,13 @@ CORS_EXPOSE_HEADERS = ["ETag", "Location", "Content-Location", "Last-Modified", 
 
 def build_backend(config: Config, client=None, db=None) -> Backend:
     """Services shared by all requests of one process."""
-    from .blobs import BlobStore
-    from .notifications import Outbox
-    from .security.audit import AuditLog
-    from .security.crypto import DocumentCrypto, key_provider
+    from ..blobs import BlobStore
+    from ..notifications import Outbox
+    from ..security.audit import AuditLog
+    from ..security.crypto import DocumentCrypto, key_provider
 
     if db is None:
-        from .database import open_database
+        from ..runtime.database import open_database
         client, db = open_database(config)
 
     storage = Storage(client, db, annotate=access_facets)
@@ -78,9 +78,10 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         _start_worker(app, backend)
     _start_journal_and_cache(app, backend)
 
-    from .resources import register
+    from ..resources import register
     register(app)
-    from . import home, portal
+    from .. import portal
+    from . import home
     app.register_blueprint(home.bp)
     portal.register(app, config)
     _cors(app, config)
@@ -190,7 +191,7 @@ def _cors(app: Flask, config: Config) -> None:
 
 def error_response(exc: FhirError):
     """The one mapping of errors to an OperationOutcome response."""
-    from .resources.http import respond
+    from ..resources.http import respond
     response = respond(exc.outcome(), exc.status, is_error=True)
     for name, value in exc.headers.items():
         response.headers[name] = value
@@ -206,8 +207,8 @@ def _interaction() -> str:
 def _audit_refused(backend: Backend, exc: FhirError) -> None:
     """Refused tokens go to the system journal (CONTRACT.md "The journal"; no patient, never the
     token). An expected refusal logs one line, no traceback."""
-    from .repository import ACTION
-    from .security.audit import AccessRecord, build_event
+    from ..repository import ACTION
+    from ..security.audit import AccessRecord, build_event
     try:
         interaction = _interaction()
         rec = AccessRecord(interaction=interaction, action=ACTION.get(interaction, "E"), outcome="4",
@@ -229,10 +230,10 @@ def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
     process, started after the server's fork."""
     config = backend.config
     if config.context_cache:
-        from .security.context_cache import ContextCache
+        from ..security.context_cache import ContextCache
         followers, listeners = {}, {}
         if config.document_cache_docs > 0:     # a DMP's documents, invalidated by the same stream
-            from .doc_cache import CACHED_TYPE, DocumentCache
+            from ..doc_cache import CACHED_TYPE, DocumentCache
             followers[CACHED_TYPE] = backend.storage.doc_cache = DocumentCache(
                 backend.storage, max_docs=config.document_cache_docs)
         keys = app.extensions["fhir_dmp.verifier"].keys
@@ -246,7 +247,7 @@ def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
         app.extensions["fhir_dmp.context_cache"] = cache
         atexit.register(cache.stop)
     if config.audit_sealer:
-        from .security.sealer import Sealer
+        from ..security.sealer import Sealer
         sealer = Sealer(backend.storage, config.audit_key_path)
         sealer.start()
         app.extensions["fhir_dmp.sealer"] = sealer
@@ -268,8 +269,8 @@ def stop_background(app: Flask) -> None:
 
 
 def _start_worker(app: Flask, backend: Backend) -> None:
-    from .notifications import Worker
-    from .resources.communications import notification_result
+    from ..notifications import Worker
+    from ..resources.communications import notification_result
 
     worker = Worker(backend.storage, backend.config,
                     on_result=lambda message, status, reason: notification_result(backend, message, status,

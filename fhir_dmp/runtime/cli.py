@@ -198,7 +198,7 @@ def cmd_audit_verify(args, **_) -> int:
     verify_chains = _lazy("security.audit", "verify_chains", "audit verify")
     load_signing_key = _lazy("security.sealer", "load_signing_key", "audit verify")
     key = load_signing_key(config.audit_key_path)
-    from .storage import Storage
+    from ..storage import Storage
 
     with connected(config, log=_say) as (_config_used, client, db):
         problems = verify_chains(Storage(client, db), patient_id=args.patient,
@@ -218,7 +218,7 @@ def cmd_audit_seal(args, **_) -> int:
     config = _config(args)
     sealer_cls = _lazy("security.sealer", "Sealer", "audit seal")
     lease_lost = _lazy("security.sealer", "LeaseLost", "audit seal")
-    from .storage import Storage
+    from ..storage import Storage
 
     with connected(config, log=_say) as (_config_used, client, db):
         sealer = sealer_cls(Storage(client, db), config.audit_key_path)
@@ -238,7 +238,7 @@ def cmd_keys_rotate(args, **_) -> int:
     config = _config(args)
     rotate_kek = _lazy("security.crypto", "rotate_kek", "keys rotate")
     retire = _lazy("security.crypto", "retire_unused_keks", "keys rotate")
-    from .storage import Storage
+    from ..storage import Storage
 
     with connected(config, log=_say) as (config_used, client, db):
         storage = Storage(client, db)
@@ -256,7 +256,7 @@ def cmd_retention_run(args, **_) -> int:
 
     config = _config(args)
     run_retention = _lazy("lifecycle", "run_retention", "retention run")
-    from .app import build_backend
+    from ..http.app import build_backend
     with connected(config, log=_say) as (config_used, client, db):
         count = run_retention(build_backend(config_used.with_(notifications_worker=False), client, db))
     print(f"{count} closed DMP(s) past retention destroyed")
@@ -267,7 +267,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .database import DatabaseError
     from .embedded_db import EmbeddedDbError
-    from .errors import FhirError
+    from ..http.errors import FhirError
     from .server import ServeError
 
     return (CliError, ConfigError, DatabaseError, EmbeddedDbError, ServeError, FhirError,
@@ -275,7 +275,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _message(exc: BaseException) -> str:
-    from .errors import FhirError
+    from ..http.errors import FhirError
 
     if isinstance(exc, FhirError):
         text = "; ".join(i.diagnostics for i in exc.issues) or exc.__class__.__name__
@@ -289,7 +289,7 @@ def _message(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None, *, app_factory: Callable | None = None) -> int:
     """Run the command line; return the exit status.
 
-    ``app_factory`` replaces ``fhir_dmp.app.create_app`` for ``serve`` (to
+    ``app_factory`` replaces ``fhir_dmp.http.app.create_app`` for ``serve`` (to
     embed the server or test it with another WSGI app).
     """
     parser = build_parser()

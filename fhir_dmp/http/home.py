@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, request, url_for
 
-from .resources.capability import software_version
-from .resources.http import backend
+from ..resources.capability import software_version
+from ..resources.http import backend
 
 bp = Blueprint("home", __name__)
 

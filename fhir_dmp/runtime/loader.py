@@ -15,12 +15,12 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from . import formats
-from .errors import BadRequest, FhirError
-from .profiles import validate
-from .repository import GuardedRepository, RequestInfo
-from .security.principal import ADMIN, Principal
-from .security.scopes import Scopes
+from ..http import formats
+from ..http.errors import BadRequest, FhirError
+from ..profiles import validate
+from ..repository import GuardedRepository, RequestInfo
+from ..security.principal import ADMIN, Principal
+from ..security.scopes import Scopes
 
 LOADER = Principal(kind=ADMIN, subject="fhir-dmp load", scopes=Scopes.parse("system/*.cruds"),
                    client_id="fhir-dmp-load")
@@ -61,7 +61,7 @@ def _parse(data: bytes, where: str) -> dict:
 
 def load_files(config, paths: list[Path], progress) -> int:
     """Import every resource of ``paths``; returns how many were written."""
-    from .app import build_backend
+    from ..http.app import build_backend
     from .database import open_database
 
     client, db = open_database(config)
