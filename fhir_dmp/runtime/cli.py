@@ -124,7 +124,7 @@ def _lazy(module: str, name: str, what: str):
     """``from fhir_dmp.<module> import <name>``, or a clear CliError if absent."""
     import importlib
 
-    full = f"{__package__}.{module}"
+    full = f"{__package__.rpartition('.')[0]}.{module}"
     try:
         mod = importlib.import_module(full)
     except ModuleNotFoundError as e:
@@ -174,7 +174,7 @@ def cmd_load(args, **_) -> int:
         if not p.is_file():
             raise CliError(f"no such file: {p}")
     config = _config(args)
-    load_files = _lazy("loader", "load_files", "load")
+    load_files = _lazy("runtime.loader", "load_files", "load")
     from tqdm import tqdm
 
     class Progress(tqdm):

@@ -113,7 +113,7 @@ def _load_create_app() -> Callable:
     try:
         from ..http.app import create_app
     except ModuleNotFoundError as e:
-        if e.name == f"{__package__}.app":
+        if e.name == "fhir_dmp.http.app":
             raise ServeError("the application module fhir_dmp.http.app is missing") from None
         raise
     return create_app
