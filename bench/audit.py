@@ -69,7 +69,7 @@ _seq = itertools.count()
 
 def sample_events(env, n: int, pids: list[str]) -> list[dict]:
     """``n`` AuditEvents as a read produces them (build_event on an AccessRecord)."""
-    from fhir_dmp.security.audit import AccessRecord, build_event
+    from fhir_dmp.audit.events import AccessRecord, build_event
     from fhir_dmp.security.consent import Decision
     p = c.principal(env, env.idp.ps(builders.PS_DR, profession="10"))
     out = []

@@ -111,7 +111,7 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
 # -- retention -----------------------------------------------------------------------------------
 def retention_due(storage, years: int, at: datetime) -> list[str]:
     """Ids of closed DMPs whose retention has passed at ``at``."""
-    from .security.audit import add_years
+    from .audit.events import add_years
     return storage.closed_before(add_years(at, -years))
 
 

@@ -143,7 +143,7 @@ class GuardedRepository:
     def record(self, interaction: str, *, outcome: str, patient_id: str | None,
                resource: str | None = None, decision: Decision | None = None,
                http_status: int | None = None, query: str | None = None) -> None:
-        from .security.audit import AccessRecord
+        from .audit.events import AccessRecord
         if patient_id is None and query:
             query = redact_ins(query)
         self.records.append(AccessRecord(
@@ -153,7 +153,7 @@ class GuardedRepository:
             client_ip=self.info.client_ip, request_id=self.info.request_id))
 
     def _events(self, records: list) -> list[dict]:
-        from .security.audit import build_event
+        from .audit.events import build_event
         return [build_event(r, source_observer=self.b.config.fhir_base) for r in records]
 
     def flush_audit(self) -> None:

@@ -379,7 +379,7 @@ def test_check_port_free_and_default_workers():
     assert 1 <= default_workers() <= 8
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.security.audit") is None
+@pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.audit.events") is None
                     or importlib.util.find_spec("fhir_dmp.security.crypto") is None,
                     reason="audit / crypto modules not written yet")
 def test_audit_verify_and_keys_rotate_on_a_fresh_record(tmp_path):

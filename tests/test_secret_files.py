@@ -9,7 +9,7 @@ import stat
 from cryptography.hazmat.primitives import serialization
 
 from fhir_dmp.runtime.secret_files import write_secret
-from fhir_dmp.security.sealer import load_signing_key
+from fhir_dmp.audit.sealer import load_signing_key
 
 
 def _load_key(path, start, out):

@@ -44,7 +44,7 @@ def build_backend(config: Config, client=None, db=None) -> Backend:
     """Services shared by all requests of one process."""
     from ..blobs import BlobStore
     from ..notifications import Outbox
-    from ..security.audit import AuditLog
+    from ..audit.events import AuditLog
     from ..security.crypto import DocumentCrypto, key_provider
 
     if db is None:
@@ -208,7 +208,7 @@ def _audit_refused(backend: Backend, exc: FhirError) -> None:
     """Refused tokens go to the system journal (CONTRACT.md "The journal"; no patient, never the
     token). An expected refusal logs one line, no traceback."""
     from ..repository import ACTION
-    from ..security.audit import AccessRecord, build_event
+    from ..audit.events import AccessRecord, build_event
     try:
         interaction = _interaction()
         rec = AccessRecord(interaction=interaction, action=ACTION.get(interaction, "E"), outcome="4",
@@ -247,7 +247,7 @@ def _start_journal_and_cache(app: Flask, backend: Backend) -> None:
         app.extensions["fhir_dmp.context_cache"] = cache
         atexit.register(cache.stop)
     if config.audit_sealer:
-        from ..security.sealer import Sealer
+        from ..audit.sealer import Sealer
         sealer = Sealer(backend.storage, config.audit_key_path)
         sealer.start()
         app.extensions["fhir_dmp.sealer"] = sealer

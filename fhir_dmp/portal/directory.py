@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..search import reference_id
-from ..security.audit import PROFESSION_LABELS
+from ..audit.events import PROFESSION_LABELS
 from ..security.principal import IDNATPS_SYSTEM
 
 #: TRE_G15 (profession); the ANS FHIR export writes ``.../TRE_G15-ProfessionSante/FHIR/TRE-G15-...``,

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from .directory import Professional
 from ..profiles import dmp
-from ..security.audit import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
+from ..audit.events import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
 
 PARIS = ZoneInfo("Europe/Paris")

@@ -23,7 +23,7 @@ from ..http.errors import FhirError, NotFound, not_found
 from ..profiles import dmp, validate
 from ..search import reference_id
 from ..security.crypto import ContentUnavailable
-from ..security.audit import SUBJECT_SYSTEM
+from ..audit.events import SUBJECT_SYSTEM
 from ..security.principal import BTG, ETREAT, PATIENT
 from . import present, signin
 

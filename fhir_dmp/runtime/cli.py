@@ -195,8 +195,8 @@ def cmd_audit_verify(args, **_) -> int:
     from .database import connected
 
     config = _config(args)
-    verify_chains = _lazy("security.audit", "verify_chains", "audit verify")
-    load_signing_key = _lazy("security.sealer", "load_signing_key", "audit verify")
+    verify_chains = _lazy("audit.verify", "verify_chains", "audit verify")
+    load_signing_key = _lazy("audit.sealer", "load_signing_key", "audit verify")
     key = load_signing_key(config.audit_key_path)
     from ..storage import Storage
 
@@ -216,8 +216,8 @@ def cmd_audit_seal(args, **_) -> int:
     from .database import connected
 
     config = _config(args)
-    sealer_cls = _lazy("security.sealer", "Sealer", "audit seal")
-    lease_lost = _lazy("security.sealer", "LeaseLost", "audit seal")
+    sealer_cls = _lazy("audit.sealer", "Sealer", "audit seal")
+    lease_lost = _lazy("audit.sealer", "LeaseLost", "audit seal")
     from ..storage import Storage
 
     with connected(config, log=_say) as (_config_used, client, db):

@@ -373,7 +373,7 @@ class AuditLog:
 
     Appends are durable before they return (``w: majority, j: true``: the request fails
     closed otherwise) but they do not touch the per-patient hash chain: an event is
-    stored with a queue entry and the :class:`~fhir_dmp.security.sealer.Sealer` links it into
+    stored with a queue entry and the :class:`~fhir_dmp.audit.sealer.Sealer` links it into
     its patient's chain afterwards, in append order. So reads never take a write conflict.
 
     - Outside a transaction (reads, denials, 401s) the events of concurrent requests are

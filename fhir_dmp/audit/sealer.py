@@ -1,7 +1,7 @@
 """The journal sealer: links unsealed AuditEvents into their per-patient hash chains and
 signs checkpoints of the chain heads (DESIGN.md "Audit", issue 13).
 
-Requests append their AuditEvents *unsealed* (``fhir_dmp.security.audit.AuditLog``): durable
+Requests append their AuditEvents *unsealed* (``fhir_dmp.audit.events.AuditLog``): durable
 before the answer, but outside any chain, so concurrent reads of one DMP never conflict on
 its chain head. The sealer, one at a time across every server process, then:
 
@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pymongo.errors import InvalidOperation, PyMongoError
 
 from ..runtime.secret_files import write_secret
-from .audit import GENESIS, SYSTEM_CHAIN, canonical_json, link_hash
+from .events import GENESIS, SYSTEM_CHAIN, canonical_json, link_hash
 
 log = logging.getLogger(__name__)
 
