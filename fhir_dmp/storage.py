@@ -557,7 +557,7 @@ class Storage:
     def purge_dmp(self, pid: str, *, session) -> dict:
         """Remove every trace of DMP ``pid`` inside ``session``'s transaction; counts by collection
         (lifecycle.purge_dmp states what goes and in which order)."""
-        from .audit.events import GENESIS
+        from .audit.chain import GENESIS
         counts = {}
 
         def gone(name: str, flt: dict) -> None:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from fhir_dmp import lifecycle
-from fhir_dmp.audit.events import verify_chains
+from fhir_dmp.audit.verify import verify_chains
 from tests import builders as b
 from tests.builders import journal_entries
 from fhir_dmp.storage import unpack
@@ -237,7 +237,7 @@ class FailingJournal:
 
     def append(self, events, *, session=None):
         if any("destroyed" in (e.get("outcomeDesc") or "") for e in events):
-            from fhir_dmp.audit.events import AuditUnavailable
+            from fhir_dmp.audit.log import AuditUnavailable
             raise AuditUnavailable()
         return self.real.append(events, session=session)
 

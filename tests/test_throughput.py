@@ -72,7 +72,7 @@ def test_journal_is_durable_before_the_answer(tmp_path, idp):
 def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, db_storage, config):
     """Many threads read one DMP while the sealer runs: all 200, every event sealed, chains
     and signed checkpoints intact."""
-    from fhir_dmp.audit.events import verify_chains
+    from fhir_dmp.audit.verify import verify_chains
     from fhir_dmp.audit.sealer import Sealer
     api = Api(app, idp)
     pid = api.as_ps().post("Patient", b.patient()).json["id"]

@@ -44,7 +44,7 @@ def build_backend(config: Config, client=None, db=None) -> Backend:
     """Services shared by all requests of one process."""
     from ..blobs import BlobStore
     from ..notifications import Outbox
-    from ..audit.events import AuditLog
+    from ..audit.log import AuditLog
     from ..security.crypto import DocumentCrypto, key_provider
 
     if db is None:

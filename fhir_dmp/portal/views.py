@@ -322,7 +322,7 @@ def _professionals(id_nat_ps: list[str]) -> dict[str, directory.Professional]:
 
 
 def _me_as_agent() -> tuple[str, str]:
-    """The journal's agent criterion for the signed-in person (audit.py ``_user_agent``)."""
+    """The journal's agent criterion for the signed-in person (audit/events.py ``_user_agent``)."""
     if g.principal.kind == PATIENT:
         return "agent", f"Patient/{_pid()}"
     if g.principal.related_person_id:
