@@ -27,6 +27,7 @@ from .http.errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotF
                      Unprocessable, not_found)
 from .profiles import dmp
 from .profiles.ins import INS_SYSTEMS
+from .runtime.services import Services
 from .security.consent import DIRECTORY, Decision, RequestAccess
 from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
 from .storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant,
@@ -83,20 +84,7 @@ def redact_ins(query: str) -> str:
     return _INS_IN_QUERY.sub(lambda m: m.group(1) + "[INS]", query)
 
 
-class Backend:
-    """Application-wide services the repository uses (built once by create_app)."""
-
-    def __init__(self, config, storage, policy, audit_log, outbox=None, blobs=None, crypto=None):
-        self.config = config
-        self.storage = storage
-        self.policy = policy
-        self.audit_log = audit_log
-        self.outbox = outbox
-        self.blobs = blobs
-        self.crypto = crypto
-
-
-def resolve_legal_representative(backend: Backend, principal: Principal) -> Principal:
+def resolve_legal_representative(backend: Services, principal: Principal) -> Principal:
     """CONTRACT.md "Who the caller is": a legal representative's token names a RelatedPerson
     (relative, or on this server's base URL); the caller acts for the patient it names while
     it is in force (``consent.representative_in_force``). Anything else: 401."""
@@ -124,7 +112,7 @@ def resolve_legal_representative(backend: Backend, principal: Principal) -> Prin
 class GuardedRepository:
     """One request's view of the store, for one principal."""
 
-    def __init__(self, backend: Backend, principal: Principal, info: RequestInfo | None = None):
+    def __init__(self, backend: Services, principal: Principal, info: RequestInfo | None = None):
         self.b = backend
         self.storage = backend.storage
         self.p = principal
@@ -1018,7 +1006,7 @@ class GuardedRepository:
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)
 
 
-def record_notice_outcome(backend: Backend, cid: str, status: str, reason: str | None) -> None:
+def record_notice_outcome(backend: Services, cid: str, status: str, reason: str | None) -> None:
     """The server's own write of a notice's outcome on its Communication (``completed`` with
     ``sent``, or ``not-done`` with the reason), in one transaction through ``with_transaction``;
     a concurrent change of the Communication is re-read and tried again (a few times)."""

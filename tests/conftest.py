@@ -67,7 +67,8 @@ def config(tmp_path, mongo_server, db, idp):
 def build_app(mongo_client, db):
     """``build_app(config)``: an app on this test's database; every app built is stopped at
     teardown (its change stream, sealer and worker threads must not outlive the database)."""
-    from fhir_dmp.http.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app
+    from fhir_dmp.runtime.services import stop_background
     built = []
 
     def build(config):

@@ -104,13 +104,13 @@ def callers(pids):
 
 @pytest.fixture(scope="module")
 def backend(mongo_server, mongo_client, tmp_path_factory):
-    from fhir_dmp.http.app import build_backend
+    from fhir_dmp.runtime.services import build_services
     from fhir_dmp.runtime.config import Config
     name = f"t_prop_{uuid.uuid4().hex[:8]}"
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=name, data_dir=tmp_path_factory.mktemp("prop"),
                  base_url="https://dmp.test/fhir", notifications_worker=False, issuer="https://idp.test",
                  jwks_file=tmp_path_factory.mktemp("jwks") / "jwks.json")
-    yield build_backend(cfg, mongo_client, mongo_client[name])
+    yield build_services(cfg, mongo_client, mongo_client[name])
     mongo_client.drop_database(name)
 
 

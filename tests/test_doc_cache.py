@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from fhir_dmp.doc_cache import DocumentCache
 from fhir_dmp.filters import Unsupported, exact, matches
 from fhir_dmp.repository import GuardedRepository
+from fhir_dmp.runtime.services import services
 from fhir_dmp.security.principal import PATIENT, PS, Principal
 from fhir_dmp.security.scopes import Scopes
 from tests import builders as b
@@ -122,7 +123,7 @@ def two_apps(config, build_app):
     """Two apps on one database, each with its own change stream and caches (two processes)."""
     apps = [build_app(config) for _ in range(2)]
     deadline = time.monotonic() + 10
-    while not all(a.extensions["fhir_dmp.context_cache"].live for a in apps):
+    while not all(services(a).context_cache.live for a in apps):
         assert time.monotonic() < deadline, "change streams not established"
         time.sleep(0.02)
     return apps

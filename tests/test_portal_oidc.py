@@ -43,7 +43,8 @@ def oidc_server(mongo_server, mongo_client, tmp_path_factory):
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=work / "data", base_url=base,
                  issuer=op.issuer, portal_client_id="dmp-portal", portal_client_secret="dmp-portal-secret",
                  notifications_worker=False, audit_sealer=False)
-    from fhir_dmp.http.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app
+    from fhir_dmp.runtime.services import stop_background
     app = create_app(cfg, client=mongo_client, db=db)
     live = LiveServer(app, port)
     api = Api(app, None)

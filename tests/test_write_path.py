@@ -67,7 +67,8 @@ class Commands(monitoring.CommandListener):
 @pytest.fixture
 def watched(config, mongo_server, db, idp):
     """(Api, Commands, app) on a client whose commands are counted; the context cache live."""
-    from fhir_dmp.http.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app
+    from fhir_dmp.runtime.services import stop_background
     commands = Commands()
     client = pymongo.MongoClient(mongo_server.uri, tz_aware=True, event_listeners=[commands])
     app = create_app(config, client=client, db=client[db.name])

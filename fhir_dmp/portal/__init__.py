@@ -17,6 +17,8 @@ from __future__ import annotations
 from flask import Flask
 from flask.sessions import SecureCookieSessionInterface
 
+from ..runtime.services import services
+
 
 class PortalSessionInterface(SecureCookieSessionInterface):
     """Flask's signed-cookie session, opened only for a request that carries the portal's cookie.
@@ -52,7 +54,6 @@ def register(app: Flask, config) -> None:
         # the token of a form lives as long as the session (which ends with the access token)
         WTF_CSRF_TIME_LIMIT=None,
     )
-    csrf = CSRFProtect(app)
-    app.extensions["fhir_dmp.portal.csrf"] = csrf
+    services(app).csrf = CSRFProtect(app)
     signin.init_oidc(app, config)
     app.register_blueprint(views.bp)

@@ -15,8 +15,9 @@ from ..http.errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMed
 from ..profiles import validate
 from ..repository import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
+from ..runtime.services import services
 from ..security.consent import DIRECTORY, SERVER_WRITTEN
-from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
+from .http import (bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
                    read_body, respond, summarize, version_headers, write_response)
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
@@ -153,7 +154,7 @@ def destroy(rid):
 @bp.post("/Patient/<rid>/$access-code")
 def access_code(rid):
     """A one-time code to the patient, for a PS's first access (FHIR_DMP_FIRST_ACCESS=patient-code)."""
-    if backend().config.first_access != "patient-code":
+    if services().config.first_access != "patient-code":
         raise BadRequest("first access is attested by the professional here (FHIR_DMP_FIRST_ACCESS="
                          "attestation): no access code is needed", code="not-supported")
     comms = g.repo.send_access_code(rid)
@@ -286,7 +287,7 @@ def system_history():
 
 def _history(rtype: str | None, rid: str | None):
     """History at instance, type or system level (https://hl7.org/fhir/R4/http.html#history)."""
-    cfg = backend().config
+    cfg = services().config
     if "_at" in request.args:
         raise BadRequest("_at is not supported on history; use _since", expression="_at",
                          code="not-supported")
@@ -357,7 +358,7 @@ def _security_context() -> dict:
 
 
 def _raw_stream():
-    cfg = backend().config
+    cfg = services().config
     if request.content_length and request.content_length > cfg.max_attachment_bytes:
         from ..http.errors import PayloadTooLarge
         raise PayloadTooLarge(f"content larger than {cfg.max_attachment_bytes} bytes")

@@ -256,9 +256,9 @@ def cmd_retention_run(args, **_) -> int:
 
     config = _config(args)
     run_retention = _lazy("lifecycle", "run_retention", "retention run")
-    from ..http.app import build_backend
+    from .services import build_services
     with connected(config, log=_say) as (config_used, client, db):
-        count = run_retention(build_backend(config_used.with_(notifications_worker=False), client, db))
+        count = run_retention(build_services(config_used.with_(notifications_worker=False), client, db))
     print(f"{count} closed DMP(s) past retention destroyed")
     return 0
 
