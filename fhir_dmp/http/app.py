@@ -1,10 +1,11 @@
 """The application factory: ``create_app(config)`` is the only way to build the server.
 
-It wires the services once (database, storage, decision policy, audit log,
-notification outbox, encrypted blob store, token verifier) and mounts the
-FHIR blueprint at ``/fhir``. Request flow (DESIGN.md): authenticate ->
-handler -> guarded repository -> audit flushed before the response (fail
-closed) -> JSON/XML or OperationOutcome (``errors.py`` mapping, here).
+It builds the process's services once (``runtime/services.py``: database, storage, decision
+policy, audit log, notification outbox, encrypted blob store, token verifier), registers them
+on the app, starts their background threads and mounts the FHIR blueprints at ``/fhir``, the
+home page and the portal. Request flow (DESIGN.md): authenticate -> handler -> guarded
+repository -> audit flushed before the response (fail closed) -> JSON/XML or
+OperationOutcome (``errors.py``; the one mapping is :func:`error_response`, here).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
 
     resources.register(app)
     app.register_blueprint(home.bp)
-    portal.register(app, config)
+    portal.init_app(app)
     _cors(app, config)
 
     @app.before_request

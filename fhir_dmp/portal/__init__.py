@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from flask import Flask
 from flask.sessions import SecureCookieSessionInterface
+from flask_wtf.csrf import CSRFProtect
 
 from ..runtime.services import services
+from . import signin, views
 
 
 class PortalSessionInterface(SecureCookieSessionInterface):
@@ -35,12 +37,10 @@ class PortalSessionInterface(SecureCookieSessionInterface):
         return super().open_session(app, request)
 
 
-def register(app: Flask, config) -> None:
-    """Mount the portal at /portal/ with its session, CSRF protection and OIDC client."""
-    from flask_wtf.csrf import CSRFProtect
-
-    from . import signin, views
-
+def init_app(app: Flask) -> None:
+    """Mount the portal at /portal/ with its session, CSRF protection and OIDC client (Flask's
+    extension pattern: after the app's services, ``runtime.services``, are registered)."""
+    config = services(app).config
     app.secret_key = signin.session_secret(config)
     app.session_interface = PortalSessionInterface()
     app.config.update(
