@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import atexit
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from flask import Flask, current_app
 
@@ -36,6 +36,10 @@ from ..security.habilitations import Habilitations
 from ..storage import KEY_SETS, Storage
 from .config import Config
 from .database import open_database
+
+if TYPE_CHECKING:       # the portal's pieces, typed only (the portal builds them: fhir_dmp.portal)
+    from authlib.integrations.flask_client import FlaskOAuth2App
+    from flask_wtf.csrf import CSRFProtect
 
 #: the one key of ``app.extensions`` this package uses
 EXTENSION = "fhir_dmp"
@@ -75,8 +79,8 @@ class AppServices(Services):
     context_cache: ContextCache | None = None  # config.context_cache
     sealer: Sealer | None = None               # config.audit_sealer
     # set by the portal's init (fhir_dmp.portal): CSRF always, the OIDC client when configured
-    csrf: Any = None
-    oidc: Any = None
+    csrf: CSRFProtect | None = None
+    oidc: FlaskOAuth2App | None = None
 
     def init_app(self, app: Flask) -> None:
         """Register these services on ``app`` (reached by :func:`services`)."""
