@@ -20,7 +20,7 @@ from .compression import compress_response, decode_request_body
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
 from .resources.conformance import is_public as conformance_is_public
-from .repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
+from .guard.repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
 from .security.auth import SharedKeys, TokenVerifier
 from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy, access_facets
@@ -43,7 +43,7 @@ CORS_EXPOSE_HEADERS = ["ETag", "Location", "Content-Location", "Last-Modified", 
 def build_backend(config: Config, client=None, db=None) -> Backend:
     """Services shared by all requests of one process."""
     from .blobs import BlobStore
-    from .notifications import Outbox
+    from .notifications.outbox import Outbox
     from .security.audit import AuditLog
     from .security.crypto import DocumentCrypto, key_provider
 
@@ -206,7 +206,7 @@ def _interaction() -> str:
 def _audit_refused(backend: Backend, exc: FhirError) -> None:
     """Refused tokens go to the system journal (CONTRACT.md "The journal"; no patient, never the
     token). An expected refusal logs one line, no traceback."""
-    from .repository import ACTION
+    from .guard.repository import ACTION
     from .security.audit import AccessRecord, build_event
     try:
         interaction = _interaction()
@@ -268,7 +268,7 @@ def stop_background(app: Flask) -> None:
 
 
 def _start_worker(app: Flask, backend: Backend) -> None:
-    from .notifications import Worker
+    from .notifications.outbox import Worker
     from .resources.communications import notification_result
 
     worker = Worker(backend.storage, backend.config,

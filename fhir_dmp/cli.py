@@ -255,7 +255,7 @@ def cmd_retention_run(args, **_) -> int:
     from .database import connected
 
     config = _config(args)
-    run_retention = _lazy("lifecycle", "run_retention", "retention run")
+    run_retention = _lazy("guard.lifecycle", "run_retention", "retention run")
     from .app import build_backend
     with connected(config, log=_say) as (config_used, client, db):
         count = run_retention(build_backend(config_used.with_(notifications_worker=False), client, db))

@@ -18,7 +18,7 @@ from typing import Iterator
 from . import formats
 from .errors import BadRequest, FhirError
 from .profiles import validate
-from .repository import GuardedRepository, RequestInfo
+from .guard.repository import GuardedRepository, RequestInfo
 from .security.principal import ADMIN, Principal
 from .security.scopes import Scopes
 

@@ -170,7 +170,7 @@ class _Served:
 def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     """granian's target loader: runs in each worker after the fork, before it serves."""
     from .embedded_db import pdeathsig
-    from .lifecycle import start_daily_retention
+    from .guard.lifecycle import start_daily_retention
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C while booting: the master decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while booting: nothing to drain yet

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fhir_dmp import lifecycle
+from fhir_dmp.guard import lifecycle
 from fhir_dmp.security.audit import verify_chains
 from tests import builders as b
 from tests.builders import journal_entries
@@ -76,7 +76,7 @@ def test_close_and_reopen_by_patient_representative_or_admin(api, dmp, who, how)
 
 def test_repository_close_and_reopen_methods(api, dmp):
     """The operations the portal calls (close_dmp / reopen_dmp / destroy_dmp), same decision."""
-    from fhir_dmp.repository import GuardedRepository
+    from fhir_dmp.guard.repository import GuardedRepository
     from fhir_dmp.security.auth import principal_from_claims
     pid = dmp["pid"]
     me = principal_from_claims({"fhirUser": f"Patient/{pid}", "scope": "patient/*.cruds"})
@@ -345,7 +345,7 @@ def test_serve_workers_start_the_daily_retention(api):
 
 def test_a_write_that_races_a_destroy_is_purged_after_it_commits(api, dmp):
     """A deposit decided before the destroy but committed after it: nothing of it survives."""
-    from fhir_dmp.repository import GuardedRepository
+    from fhir_dmp.guard.repository import GuardedRepository
     from fhir_dmp.security.auth import principal_from_claims
     pid = dmp["pid"]
     db = backend_of(api).storage.db

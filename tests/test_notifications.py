@@ -18,7 +18,7 @@ from fhir.resources.R4B.communication import Communication
 
 from fhir_dmp.config import Config
 from fhir_dmp.embedded_db import free_port as _free_port
-from fhir_dmp.notifications import (NO_CONTACT_REASON, OUTBOX, Notice, Outbox, Worker, contacts,
+from fhir_dmp.notifications.outbox import (NO_CONTACT_REASON, OUTBOX, Notice, Outbox, Worker, contacts,
                                     render_text)
 
 

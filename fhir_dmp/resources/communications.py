@@ -10,5 +10,5 @@ def notification_result(backend, message: dict, status: str, reason: str | None)
     """
     cid = message.get("communication_id")
     if cid:
-        from ..repository import record_notice_outcome
+        from ..guard.repository import record_notice_outcome
         record_notice_outcome(backend, cid, status, reason)

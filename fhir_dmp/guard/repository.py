@@ -22,14 +22,14 @@ from datetime import datetime, timedelta
 import jsonpatch
 from pymongo.errors import PyMongoError
 
-from . import search
-from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
+from .. import search
+from ..errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound, PreconditionFailed,
                      Unprocessable, not_found)
-from .profiles import dmp
-from .profiles.ins import INS_SYSTEMS
-from .security.consent import DIRECTORY, Decision, RequestAccess
-from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
-from .storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant,
+from ..profiles import dmp
+from ..profiles.ins import INS_SYSTEMS
+from ..security.consent import DIRECTORY, Decision, RequestAccess
+from ..security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
+from ..storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant,
                       is_write_conflict, merge_filters, new_id, now)
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ def resolve_legal_representative(backend: Backend, principal: Principal) -> Prin
     it is in force (``consent.representative_in_force``). Anything else: 401."""
     from dataclasses import replace
 
-    from .security.auth import invalid_token
-    from .security.consent import representative_in_force
+    from ..security.auth import invalid_token
+    from ..security.consent import representative_in_force
     if principal.kind != LEGAL_REPRESENTATIVE:
         return principal
     # auth.principal_from_claims took only a RelatedPerson of this server
@@ -143,7 +143,7 @@ class GuardedRepository:
     def record(self, interaction: str, *, outcome: str, patient_id: str | None,
                resource: str | None = None, decision: Decision | None = None,
                http_status: int | None = None, query: str | None = None) -> None:
-        from .security.audit import AccessRecord
+        from ..security.audit import AccessRecord
         if patient_id is None and query:
             query = redact_ins(query)
         self.records.append(AccessRecord(
@@ -153,7 +153,7 @@ class GuardedRepository:
             client_ip=self.info.client_ip, request_id=self.info.request_id))
 
     def _events(self, records: list) -> list[dict]:
-        from .security.audit import build_event
+        from ..security.audit import build_event
         return [build_event(r, source_observer=self.b.config.fhir_base) for r in records]
 
     def flush_audit(self) -> None:
@@ -222,7 +222,7 @@ class GuardedRepository:
         the Patient resource this transaction just wrote (else the DMP's state is loaded)."""
         if self.b.outbox is None:
             return []
-        from .notifications import Notice
+        from ..notifications.outbox import Notice
         if patient is None:
             patient = self.access.state(pid).patient
         if patient is None:
@@ -541,7 +541,7 @@ class GuardedRepository:
         Content that cannot be opened (shredded data key, missing chunks) turns the journaled
         read into the 404 the caller gets.
         """
-        from .security.crypto import ContentUnavailable
+        from ..security.crypto import ContentUnavailable
         try:
             return self.b.blobs.open(stored.pid, stored.id, stored.vid)
         except ContentUnavailable:
@@ -904,8 +904,8 @@ class GuardedRepository:
     def add_representative(self, pid: str, relationship: str, family: str, given: str | None = None, *,
                            start: str | None = None, end: str | None = None) -> Stored:
         """Register a parent (``PRN``) or guardian (``GUARD``) of the patient (same decision as POST)."""
-        from .profiles import validate
-        from .security.consent import ROLE_CODE_SYSTEM
+        from ..profiles import validate
+        from ..security.consent import ROLE_CODE_SYSTEM
         resource = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": f"Patient/{pid}"},
                     "relationship": [{"coding": [{"system": ROLE_CODE_SYSTEM, "code": relationship}]}],
                     "name": [{"family": family, **({"given": [given]} if given else {})}]}
@@ -963,7 +963,7 @@ class GuardedRepository:
     def _prepare(self, rtype: str, resource: dict, old: dict | None, pid: str | None,
                  interaction: str = "create") -> dict:
         """Server-side rules on what is written (author, qualified INS, content checks)."""
-        from .documents.pipeline import prepare_document
+        from ..documents.pipeline import prepare_document
         if rtype == "DocumentReference":
             return prepare_document(self, resource, old, pid, interaction)
         return resource
@@ -972,7 +972,7 @@ class GuardedRepository:
                        content=None) -> tuple[dict, dict | None]:
         """Move inline content to encrypted blobs before the metadata is written; (the resource to
         store, fields stored beside it: a Binary's content size and hash)."""
-        from .documents.pipeline import store_binary_content, store_inline_attachments
+        from ..documents.pipeline import store_binary_content, store_inline_attachments
         if rtype == "Binary":
             return store_binary_content(self, rid, vid, resource, pid, session, stream=content)
         if rtype == "DocumentReference":
@@ -981,7 +981,7 @@ class GuardedRepository:
 
     def _after_write(self, interaction: str, rtype: str, stored: Stored, old: dict | None,
                      decision: Decision, session) -> None:
-        from .documents.pipeline import after_document_write
+        from ..documents.pipeline import after_document_write
         if decision.obligations.get("authorize_creator"):
             self._authorize_creator(stored, session)
         if decision.obligations.get("notify") == "first_access":

@@ -65,9 +65,9 @@ from typing import Callable
 import requests
 from pymongo.errors import PyMongoError
 
-from .security.audit import PROFESSION_LABELS
-from .storage import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
-from .security.principal import IDNATPS_SYSTEM
+from ..security.audit import PROFESSION_LABELS
+from ..storage import OUTBOX  # noqa: F401  (its collection: storage.py names it and runs its queries)
+from ..security.principal import IDNATPS_SYSTEM
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
-from .storage import instant
+from ..storage import instant
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
 # -- retention -----------------------------------------------------------------------------------
 def retention_due(storage, years: int, at: datetime) -> list[str]:
     """Ids of closed DMPs whose retention has passed at ``at``."""
-    from .security.audit import add_years
+    from ..security.audit import add_years
     return storage.closed_before(add_years(at, -years))
 
 
@@ -127,8 +127,8 @@ def run_retention(backend, at: datetime | None = None) -> int:
     decided, all or nothing, and leaves its system-journal entry like any other.
     """
     from .repository import GuardedRepository, RequestInfo
-    from .security.principal import ADMIN, Principal
-    from .security.scopes import Scopes
+    from ..security.principal import ADMIN, Principal
+    from ..security.scopes import Scopes
 
     at = at or _now()
     system = Principal(kind=ADMIN, subject="fhir-dmp retention", scopes=Scopes.ALL)
