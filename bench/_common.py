@@ -39,7 +39,8 @@ import pymongo  # noqa: E402
 
 from fhir_dmp.config import Config  # noqa: E402
 from fhir_dmp.embedded_db import EmbeddedMongo  # noqa: E402
-from fhir_dmp.guard.repository import GuardedRepository, RequestInfo  # noqa: E402
+from fhir_dmp.guard.journal import RequestInfo  # noqa: E402
+from fhir_dmp.guard.repository import GuardedRepository  # noqa: E402
 from fhir_dmp.storage import new_id, now  # noqa: E402
 from tests import builders  # noqa: E402
 from tests.idp import TestIdP  # noqa: E402

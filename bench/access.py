@@ -35,7 +35,7 @@ import _common as c
 from _common import builders
 
 from fhir_dmp import search
-from fhir_dmp.guard.repository import named_patient_ids
+from fhir_dmp.guard.reads import named_patient_ids
 
 
 def bench_decisions(env, pid: str, docs: list[dict], seconds: float) -> dict:

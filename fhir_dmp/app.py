@@ -20,7 +20,9 @@ from .compression import compress_response, decode_request_body
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
 from .resources.conformance import is_public as conformance_is_public
-from .guard.repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
+from .guard.backend import Backend
+from .guard.journal import RequestInfo
+from .guard.repository import GuardedRepository, resolve_legal_representative
 from .security.auth import SharedKeys, TokenVerifier
 from .security.crypto import ContentUnavailable
 from .security.consent import AccessPolicy, access_facets
@@ -206,7 +208,7 @@ def _interaction() -> str:
 def _audit_refused(backend: Backend, exc: FhirError) -> None:
     """Refused tokens go to the system journal (CONTRACT.md "The journal"; no patient, never the
     token). An expected refusal logs one line, no traceback."""
-    from .guard.repository import ACTION
+    from .guard.journal import ACTION
     from .security.audit import AccessRecord, build_event
     try:
         interaction = _interaction()
@@ -268,7 +270,7 @@ def stop_background(app: Flask) -> None:
 
 
 def _start_worker(app: Flask, backend: Backend) -> None:
-    from .notifications.outbox import Worker
+    from .notifications.worker import Worker
     from .resources.communications import notification_result
 
     worker = Worker(backend.storage, backend.config,

@@ -256,9 +256,11 @@ def cmd_retention_run(args, **_) -> int:
 
     config = _config(args)
     run_retention = _lazy("guard.lifecycle", "run_retention", "retention run")
+    repository = _lazy("guard.repository", "GuardedRepository", "retention run")
     from .app import build_backend
     with connected(config, log=_say) as (config_used, client, db):
-        count = run_retention(build_backend(config_used.with_(notifications_worker=False), client, db))
+        count = run_retention(build_backend(config_used.with_(notifications_worker=False), client, db),
+                              repository)
     print(f"{count} closed DMP(s) past retention destroyed")
     return 0
 

@@ -24,7 +24,8 @@ from flask import current_app, g, request, session
 
 from ..errors import FhirError
 from ..secret_files import write_secret
-from ..guard.repository import GuardedRepository, RequestInfo
+from ..guard.journal import RequestInfo
+from ..guard.repository import GuardedRepository
 from ..security.principal import LEGAL_REPRESENTATIVE, PATIENT, Principal
 
 PORTAL_SCOPE = "openid fhirUser patient/*.cruds"

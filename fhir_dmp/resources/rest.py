@@ -13,7 +13,7 @@ from flask import Blueprint, Response, g, request, stream_with_context
 
 from ..errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..profiles import validate
-from ..guard.repository import HOSTED
+from ..guard.reads import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
 from ..security.consent import DIRECTORY, SERVER_WRITTEN
 from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
