@@ -1,4 +1,4 @@
-"""Benchmark: the cost of the access decision (DESIGN.md "The access rules", repository.py).
+"""Benchmark: the cost of the access decision (DESIGN.md "The access rules", guard/reads.py).
 
     python bench/access.py [--quick] [--repeat N] [--sizes 20,2000] [--profile]
 

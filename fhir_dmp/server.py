@@ -183,7 +183,8 @@ def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     for key in [k for k in os.environ if k.startswith("FHIR_DMP_")]:
         del os.environ[key]                        # read into config already; granian copies os.environ per request
     app = app_factory(config)
-    start_daily_retention(app, GuardedRepository)   # CONTRACT.md "Lifecycle": retention once a day, one process at a time
+    # CONTRACT.md "Lifecycle": retention once a day, one process at a time
+    start_daily_retention(app, GuardedRepository)
     return _Served(app)
 
 

@@ -24,6 +24,8 @@ import base64
 import binascii
 import copy
 import re
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import Conflict, PayloadTooLarge, Unprocessable
 from ..profiles import dmp
@@ -94,23 +96,17 @@ def blob_fields(info) -> dict:
 
 
 
+@dataclass(frozen=True, kw_only=True)
 class DocumentPipeline:
-    """The deposit rules and content storage of one request's documents.
+    """The deposit rules and content storage of one request's documents, with the collaborators
+    it is handed (it reaches into nothing else)."""
 
-    ``storage`` (the Storage facade), ``blobs`` (the encrypted content store), ``work`` (the
-    request's :class:`~fhir_dmp.guard.unit_of_work.UnitOfWork`: its session, pending inserts,
-    Binaries created this request, request bodies already read), ``decision`` (the request's
-    access decision), ``journal`` (its :class:`~fhir_dmp.guard.journal.RequestJournal`),
-    ``max_bytes`` (the largest attachment accepted).
-    """
-
-    def __init__(self, *, storage, blobs, work, decision, journal, max_bytes: int):
-        self.storage = storage
-        self.blobs = blobs
-        self.work = work
-        self.decision = decision
-        self.journal = journal
-        self.max_bytes = max_bytes
+    storage: Any        # the Storage facade
+    blobs: Any          # the encrypted content store (blobs.py)
+    work: Any           # the request's UnitOfWork: session, pending inserts, fresh Binaries, bodies read
+    decision: Any       # the request's access decision (RequestAccess)
+    journal: Any        # the request's RequestJournal
+    max_bytes: int      # the largest attachment accepted
 
     def prepare(self, resource: dict, old: dict | None, pid: str, interaction: str = "create") -> dict:
         """The rules of security/consent.py on what a deposit carries (qualified INS, author of record,

@@ -169,7 +169,8 @@ class Reads:
         self.access.start(rtype, "history" if rid is not None else "history-type")
         if rid is not None:
             current = self.visible(rtype, rid, "history", deleted_ok=True)
-            page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1, session=self.session)
+            page = self.storage.history(rtype, rid, since=since, after_key=cursor, limit=count + 1,
+                                        session=self.session)
             total = self.storage.count_history(rtype, rid, session=self.session) if since is None else None
             self.record("history", outcome="0", patient_id=current.pid, resource=f"{rtype}/{rid}",
                         decision=current._decision, http_status=200)

@@ -61,7 +61,6 @@ class GuardedRepository(Reads, Writes, DmpOperations):
     """One request's view of the store, for one principal."""
 
     def __init__(self, backend: Backend, principal: Principal, info: RequestInfo | None = None):
-        self.b = backend
         self.config = backend.config
         self.storage = backend.storage
         self.blobs = backend.blobs
