@@ -39,7 +39,8 @@ import pymongo  # noqa: E402
 
 from fhir_dmp.runtime.config import Config  # noqa: E402
 from fhir_dmp.runtime.embedded_db import EmbeddedMongo  # noqa: E402
-from fhir_dmp.repository import GuardedRepository, RequestInfo  # noqa: E402
+from fhir_dmp.guard.journal import RequestInfo  # noqa: E402
+from fhir_dmp.guard.repository import GuardedRepository  # noqa: E402
 from fhir_dmp.runtime.services import services  # noqa: E402
 from fhir_dmp.storage import new_id, now  # noqa: E402
 from tests import builders  # noqa: E402

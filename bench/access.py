@@ -1,4 +1,4 @@
-"""Benchmark: the cost of the access decision (DESIGN.md "The access rules", repository.py).
+"""Benchmark: the cost of the access decision (DESIGN.md "The access rules", guard/reads.py).
 
     python bench/access.py [--quick] [--repeat N] [--sizes 20,2000] [--profile]
 
@@ -35,7 +35,7 @@ import _common as c
 from _common import builders
 
 from fhir_dmp import search
-from fhir_dmp.repository import named_patient_ids
+from fhir_dmp.guard.reads import named_patient_ids
 
 
 def bench_decisions(env, pid: str, docs: list[dict], seconds: float) -> dict:

@@ -24,7 +24,7 @@ import uuid
 import _common as c
 from _common import builders
 
-from fhir_dmp.repository import GuardedRepository
+from fhir_dmp.guard.repository import GuardedRepository
 
 
 def bench_read(env, repeat: int) -> dict:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fhir_dmp.doc_cache import DocumentCache
 from fhir_dmp.filters import Unsupported, exact, matches
-from fhir_dmp.repository import GuardedRepository
+from fhir_dmp.guard.repository import GuardedRepository
 from fhir_dmp.runtime.services import services
 from fhir_dmp.security.principal import PATIENT, PS, Principal
 from fhir_dmp.security.scopes import Scopes

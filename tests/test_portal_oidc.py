@@ -52,7 +52,7 @@ def oidc_server(mongo_server, mongo_client, tmp_path_factory):
     # the DMP with the id the provider's account names: a client-chosen id is the administrator's
     # (fhir-dmp load), then the professional attests the patient's agreement (first access)
     from fhir_dmp.runtime.loader import LOADER
-    from fhir_dmp.repository import GuardedRepository
+    from fhir_dmp.guard.repository import GuardedRepository
     admin = GuardedRepository(app.extensions["fhir_dmp"], LOADER)
     admin.update("Patient", PATIENT_ID, {**builders.patient(), "id": PATIENT_ID})
     admin.flush_audit()

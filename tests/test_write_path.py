@@ -103,7 +103,7 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference,content_blobs"], seen
     assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
-    # look-up after the commit (repository._sweep_destroyed)
+    # look-up after the commit (UnitOfWork.sweep_destroyed)
     assert [(coll, txn) for cmd, coll, txn in seen if cmd == "find"] == [("Patient", False)], seen
 
     # what was written is whole: size and hash from the content, Binary attached, content reads back

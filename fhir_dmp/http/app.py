@@ -19,7 +19,8 @@ from werkzeug.exceptions import HTTPException
 
 from .. import portal, resources
 from ..audit.events import AccessRecord, build_event
-from ..repository import ACTION, GuardedRepository, RequestInfo, resolve_legal_representative
+from ..guard.journal import ACTION, RequestInfo
+from ..guard.repository import GuardedRepository, resolve_legal_representative
 from ..resources.conformance import is_public as conformance_is_public
 from ..resources.http import respond
 from ..runtime.config import Config

@@ -25,7 +25,8 @@ from flask import g, request, session
 from ..http.errors import FhirError
 from ..runtime.secret_files import write_secret
 from ..runtime.services import services
-from ..repository import GuardedRepository, RequestInfo
+from ..guard.journal import RequestInfo
+from ..guard.repository import GuardedRepository
 from ..security.principal import LEGAL_REPRESENTATIVE, PATIENT, Principal
 
 PORTAL_SCOPE = "openid fhirUser patient/*.cruds"
@@ -102,7 +103,7 @@ def dev_token(config, *, patient: str | None = None, related_person: str | None 
 
 def principal_of(token: str) -> Principal:
     """Verify ``token`` like an API token (same verifier, same Principal); FhirError when refused."""
-    from ..repository import resolve_legal_representative
+    from ..guard.repository import resolve_legal_representative
     principal = services().verifier.authenticate(f"Bearer {token}")
     principal = resolve_legal_representative(services(), principal)
     if principal.kind not in (PATIENT, LEGAL_REPRESENTATIVE) or not principal.patient_id:

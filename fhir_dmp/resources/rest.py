@@ -13,7 +13,7 @@ from flask import Blueprint, Response, g, request, stream_with_context
 
 from ..http.errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..profiles import validate
-from ..repository import HOSTED
+from ..guard.reads import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
 from ..runtime.services import services
 from ..security.consent import DIRECTORY, SERVER_WRITTEN

@@ -234,10 +234,12 @@ def cmd_retention_run(args, **_) -> int:
     from .database import connected
 
     config = _config(args)
-    from ..lifecycle import run_retention
+    from ..guard.lifecycle import run_retention
+    from ..guard.repository import GuardedRepository
     from .services import build_services
     with connected(config, log=_say) as (config_used, client, db):
-        count = run_retention(build_services(config_used.with_(notifications_worker=False), client, db))
+        count = run_retention(build_services(config_used.with_(notifications_worker=False), client, db),
+                              GuardedRepository)
     print(f"{count} closed DMP(s) past retention destroyed")
     return 0
 

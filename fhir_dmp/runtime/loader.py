@@ -18,7 +18,8 @@ from typing import Iterator
 from ..http import formats
 from ..http.errors import BadRequest, FhirError
 from ..profiles import validate
-from ..repository import GuardedRepository, RequestInfo
+from ..guard.journal import RequestInfo
+from ..guard.repository import GuardedRepository
 from ..security.principal import ADMIN, Principal
 from ..security.scopes import Scopes
 from .database import open_database

@@ -170,7 +170,8 @@ class _Served:
 def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     """granian's target loader: runs in each worker after the fork, before it serves."""
     from .embedded_db import pdeathsig
-    from ..lifecycle import start_daily_retention
+    from ..guard.lifecycle import start_daily_retention
+    from ..guard.repository import GuardedRepository
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C while booting: the master decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while booting: nothing to drain yet
@@ -182,7 +183,8 @@ def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     for key in [k for k in os.environ if k.startswith("FHIR_DMP_")]:
         del os.environ[key]                        # read into config already; granian copies os.environ per request
     app = app_factory(config)
-    start_daily_retention(app)   # CONTRACT.md "Lifecycle": retention once a day, one process at a time
+    # CONTRACT.md "Lifecycle": retention once a day, one process at a time
+    start_daily_retention(app, GuardedRepository)
     return _Served(app)
 
 

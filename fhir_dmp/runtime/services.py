@@ -25,7 +25,8 @@ from ..audit.log import AuditLog
 from ..audit.sealer import Sealer
 from ..blobs import BlobStore
 from ..doc_cache import CACHED_TYPE, DocumentCache
-from ..notifications import Outbox, Worker
+from ..notifications.outbox import Outbox
+from ..notifications.worker import Worker
 from ..resources.communications import notification_result
 from ..security.auth import SharedKeys, TokenVerifier
 from ..security.consent import AccessPolicy, access_facets
