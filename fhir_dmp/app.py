@@ -20,10 +20,10 @@ from .compression import compress_response, decode_request_body
 from .config import Config
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
 from .resources.conformance import is_public as conformance_is_public
-from .repository import Backend, GuardedRepository, RequestInfo, resolve_legal_representative
+from .repository import Backend, GuardedRepository, RequestInfo
 from .security.auth import SharedKeys, TokenVerifier
 from .security.crypto import ContentUnavailable
-from .security.consent import AccessPolicy, access_facets
+from .security.decision import AccessPolicy, access_facets, resolve_legal_representative
 from .security.habilitations import Habilitations
 from .storage import KEY_SETS, Storage
 
@@ -94,7 +94,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             return None
         try:
             principal = verifier.authenticate(request.headers.get("Authorization"), request.headers)
-            principal = resolve_legal_representative(backend, principal)
+            principal = resolve_legal_representative(backend.storage, principal)
         except FhirError as exc:
             if exc.status == 401:
                 _audit_refused(backend, exc)

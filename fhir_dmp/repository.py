@@ -27,8 +27,8 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
                      Unprocessable, not_found)
 from .profiles import dmp
 from .profiles.ins import INS_SYSTEMS
-from .security.consent import DIRECTORY, Decision, RequestAccess
-from .security.principal import ADMIN, LEGAL_REPRESENTATIVE, Principal
+from .security.decision import DIRECTORY, Decision, RequestAccess
+from .security.principal import ADMIN, Principal
 from .storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant,
                       is_write_conflict, merge_filters, new_id, now)
 
@@ -96,31 +96,6 @@ class Backend:
         self.crypto = crypto
 
 
-def resolve_legal_representative(backend: Backend, principal: Principal) -> Principal:
-    """CONTRACT.md "Who the caller is": a legal representative's token names a RelatedPerson
-    (relative, or on this server's base URL); the caller acts for the patient it names while
-    it is in force (``consent.representative_in_force``). Anything else: 401."""
-    from dataclasses import replace
-
-    from .security.auth import invalid_token
-    from .security.consent import representative_in_force
-    if principal.kind != LEGAL_REPRESENTATIVE:
-        return principal
-    # auth.principal_from_claims took only a RelatedPerson of this server
-    rp = backend.storage.read("RelatedPerson", principal.related_person_id)
-    patient = backend.storage.read("Patient", rp.pid) if rp and not rp.deleted and rp.pid else None
-    decision = representative_in_force(rp.resource if rp and not rp.deleted else {},
-                                       patient.resource if patient and not patient.deleted else None,
-                                       now()) if rp else None
-    if decision is None or not decision.permit:
-        raise invalid_token("the token's RelatedPerson is not a legal representative in force")
-    if principal.compartment is not None and principal.compartment != rp.pid:
-        raise invalid_token("the patient claim names another patient than the RelatedPerson's")
-    return replace(principal, patient_id=rp.pid,
-                   compartment=rp.pid if principal.compartment is not None
-                   or principal.scopes.contexts() == {"patient"} else None)
-
-
 class GuardedRepository:
     """One request's view of the store, for one principal."""
 
@@ -149,7 +124,7 @@ class GuardedRepository:
         self.records.append(AccessRecord(
             interaction=interaction, action=ACTION.get(interaction, "E"), outcome=outcome,
             principal=self.p, patient_id=patient_id, resource=resource, query=query,
-            decision=decision.as_record() if decision else None, http_status=http_status,
+            decision=self.access.complete(decision), http_status=http_status,
             client_ip=self.info.client_ip, request_id=self.info.request_id))
 
     def _events(self, records: list) -> list[dict]:
@@ -289,11 +264,11 @@ class GuardedRepository:
 
     def _binary_decision(self, stored: Stored) -> Decision:
         """A Binary is read under the decision of the DocumentReference it belongs to
-        (``consent.can_see_binary``); the repository only fetches that document."""
+        (``decision.documents.can_see_binary``); the repository only fetches that document."""
         doc_id = search.reference_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
                                      "DocumentReference")
         doc = self.storage.read("DocumentReference", doc_id, session=self.session) if doc_id else None
-        decision = self.access.can_see_binary(stored.pid, doc and (doc.pid, doc.deleted, doc.resource))
+        decision = self.access.documents.can_see_binary(stored.pid, doc and (doc.pid, doc.deleted, doc.resource))
         if decision.permit:
             self._obligations(decision, doc.pid)
         return decision
@@ -339,7 +314,7 @@ class GuardedRepository:
     def _view(self, stored: Stored) -> Stored:
         decision = getattr(stored, "_decision", None)
         if decision and stored.resource is not None:
-            stored.resource = self.access.view(stored.resource, decision, self._sees)
+            stored.resource = self.access.will_see(stored.resource, decision, self._sees)
         return stored
 
     def history(self, rtype: str, rid: str | None, *, since: datetime | None, count: int,
@@ -354,7 +329,7 @@ class GuardedRepository:
                         decision=current._decision, http_status=200)
             return self._page(page, count, total)
         # the directory is in no DMP: every version is judged below (all readable)
-        pids = None if rtype in DIRECTORY else self.access.reachable_pids(set())
+        pids = None if rtype in DIRECTORY else self.access.dmp.reachable_pids(set())
         pid_filter = None if pids is None else {"pid": {"$in": sorted(pids)}}
         if pids is not None and not pids:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
@@ -397,7 +372,7 @@ class GuardedRepository:
         """
         merged: list[Stored] = []
         for rtype in sorted(HOSTED):
-            if not self.p.scopes.allows(rtype, "s"):     # SMART v2: history beyond an instance is a search
+            if not self.access.in_scope(rtype, "history-type"):     # SMART v2: beyond an instance, a search
                 continue
             after = None
             if cursor is not None:
@@ -432,9 +407,9 @@ class GuardedRepository:
         req = search.parse_search(rtype, args, lenient=lenient, max_count=cfg.max_page_size,
                                   default_count=cfg.default_page_size)
         page = SearchPage(req)
-        ins_lookup = self.access.ins_lookup(rtype, args)
+        ins_lookup = self.access.dmp.ins_lookup(rtype, args)
         named = named_patient_ids(rtype, args)
-        guard = self.access.search_filter(rtype, named, ins_lookup=ins_lookup)
+        guard = self.access.narrow(rtype, named, ins_lookup=ins_lookup)
         # a search naming a DMP the caller may not enter is a denial in that DMP's journal
         denied = {} if ins_lookup else self._denied_dmps(named)
         for pid, decision in denied.items():
@@ -476,7 +451,7 @@ class GuardedRepository:
                     log.warning("search guard let %s/%s through; dropped by can_see (%s)", rtype,
                                 stored.id, decision.rule)
                     continue
-                stored.resource = self.access.view(stored.resource, decision, self._sees)
+                stored.resource = self.access.will_see(stored.resource, decision, self._sees)
                 page.matches.append(stored)
             page.included = self._includes(req, docs, page.matches)
         touched = sorted({s.pid for s in page.matches + page.included if s.pid})
@@ -508,7 +483,7 @@ class GuardedRepository:
                 return
             decision = self._decide_read(rtype, stored)
             if decision.permit:
-                stored.resource = self.access.view(stored.resource, decision, self._sees)
+                stored.resource = self.access.will_see(stored.resource, decision, self._sees)
                 out.append(stored)
                 seen.add((rtype, stored.id))
 
@@ -524,7 +499,7 @@ class GuardedRepository:
         for inc in req.revinclude or []:
             if inc.source_type not in HOSTED or not matches:
                 continue
-            guard = self.access.search_filter(
+            guard = self.access.narrow(
                 inc.source_type, {s.id for s in matches} if req.resource_type == "Patient" else set())
             if guard is None:
                 continue
@@ -639,7 +614,7 @@ class GuardedRepository:
                     decision: Decision) -> FhirError:
         self.record(interaction, outcome="4", patient_id=pid, resource=f"{rtype}/{rid}" if rid else rtype,
                     decision=decision, http_status=403)
-        if self.access.refusal_looks_missing(pid, decision):
+        if self.access.dmp.refusal_looks_missing(pid, decision):
             if rtype == "Patient" and rid:
                 return not_found("Patient", rid)
             if rtype == "Binary":
@@ -705,7 +680,7 @@ class GuardedRepository:
         if current is not None and current.deleted and self.p.kind != ADMIN \
                 and not self._decide_current(rtype, current).permit:
             current = None          # a deleted resource the caller may not see: as if it never existed
-        if current is None and self.p.kind != ADMIN:
+        if current is None and not self.access.writes.can_create_with_id(rtype).permit:
             # update-as-create (a client-chosen id) is the administrator's (fhir-dmp load): for anyone
             # else an id that does not exist answers like one they may not see (CONTRACT.md "REST")
             self.record(interaction, outcome="4", patient_id=target["pid"], resource=f"{rtype}/{rid}",
@@ -810,7 +785,7 @@ class GuardedRepository:
     def destroy_dmp(self, pid: str, *, reason: str | None = None) -> None:
         """Destroy a DMP (CONTRACT.md "Lifecycle of a DMP"): afterwards it never existed.
 
-        The patient or the administrator (``consent.can_destroy``). One transaction removes
+        The patient or the administrator (``decision.dmp_access.can_destroy``). One transaction removes
         everything the database holds about it (``lifecycle.purge_dmp``: data key first, then
         content, resources, notices, access codes and its journal) and writes the one
         system-journal entry that stays, without personal data; if any part fails nothing
@@ -819,7 +794,7 @@ class GuardedRepository:
         from . import lifecycle
         self.access.start("Patient", "delete")
         st = self.access.state(pid)
-        decision = self.access.can_destroy(st)
+        decision = self.access.dmp.can_destroy(st)
         if not decision.permit:
             if not st.known or not self.access.dmp_access(st).permit:
                 # answered as missing, but a DMP that exists sees the attempt in its journal
@@ -864,7 +839,7 @@ class GuardedRepository:
         from . import access_codes
         self.access.start("Patient", "read")
         st = self.access.state(pid)
-        decision = self.access.can_ask_access_code(st)
+        decision = self.access.dmp.can_ask_access_code(st)
         if not decision.permit:
             self.record("operation", outcome="4", patient_id=pid if st.exists else None,
                         resource=f"Patient/{pid}", decision=decision, http_status=404)
@@ -905,7 +880,7 @@ class GuardedRepository:
                            start: str | None = None, end: str | None = None) -> Stored:
         """Register a parent (``PRN``) or guardian (``GUARD``) of the patient (same decision as POST)."""
         from .profiles import validate
-        from .security.consent import ROLE_CODE_SYSTEM
+        from .security.decision import ROLE_CODE_SYSTEM
         resource = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": f"Patient/{pid}"},
                     "relationship": [{"coding": [{"system": ROLE_CODE_SYSTEM, "code": relationship}]}],
                     "name": [{"family": family, **({"given": [given]} if given else {})}]}

@@ -140,7 +140,7 @@ def test_search_filter_and_can_see_agree(backend, world):
             emergency = principal.purpose in ("BTG", "ETREAT")
             for named in ([] if emergency else [set()]) + [{pids[-1]}]:
                 access = backend.policy.for_request(principal)
-                guard = access.search_filter(rtype, named)
+                guard = access.narrow(rtype, named)
                 scope = in_world if rtype != "Patient" else {"_id": {"$in": pids}}
                 if named:
                     scope = {"pid": next(iter(named))} if rtype != "Patient" else {"_id": next(iter(named))}

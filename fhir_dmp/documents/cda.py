@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from fhir_dmp.errors import Unprocessable
-from fhir_dmp.security.consent import record_target_matches
+from fhir_dmp.security.decision import record_target_matches
 
 HL7 = "urn:hl7-org:v3"
 NS = {"h": HL7}

@@ -4,7 +4,7 @@ Called only by the guarded repository, after the access decision permitted
 the write:
 
 * :func:`prepare_document` — applies the deposit rules of the decision module
-  (security/consent.py: the author of record, a qualified INS, ``relatesTo
+  (security/decision/documents.py: the author of record, a qualified INS, ``relatesTo
   replaces`` only by the author, the CDA's recordTarget naming the DMP's
   patient), each denial a 422 with its reason, journaled; CDA/PDF content is inspected
   (under the attachment's contentType, which must be its Binary's); an
@@ -30,7 +30,7 @@ from ..storage import VersionConflict, new_id
 from .cda import check_cda_matches, inspect_cda
 from .pdf import inspect_pdf
 from .rubriques import fill_category
-from ..security.consent import deny, is_personal_document
+from ..security.decision import is_personal_document
 
 CDA_TYPES = {"text/xml", "application/xml", "application/hl7-v3+xml", "application/cda+xml"}
 PDF_TYPES = {"application/pdf"}
@@ -80,7 +80,7 @@ def inspect_content(content: bytes, content_type: str | None, where: str, *, max
 
 
 def prepare_document(repo, resource: dict, old: dict | None, pid: str, interaction: str = "create") -> dict:
-    """The rules of security/consent.py on what a deposit carries (qualified INS, author of record,
+    """The rules of security/decision/documents.py on what a deposit carries (qualified INS, author of record,
     ``relatesTo replaces``, the CDA's patient), applied to ``resource``; a deny answers 422 with
     its reason and is journaled, also in the journal of another DMP a refused reference names."""
     resource = copy.deepcopy(resource)
@@ -99,8 +99,8 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str, interacti
             raise Unprocessable(decision.reason, expression=expression)
 
     if old is None:
-        enforce(access.can_deposit(st), "DocumentReference.subject")
-    author = access.author_of_record(pid, old)
+        enforce(access.documents.can_deposit(st), "DocumentReference.subject")
+    author = access.documents.author_of_record(pid, old)
     if author is not None:
         resource["author"] = author
     for i, rel in enumerate(resource.get("relatesTo") or []):
@@ -108,7 +108,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str, interacti
             continue
         target_id = reference_id((rel.get("target") or {}).get("reference"), "DocumentReference")
         target = repo.storage.read("DocumentReference", target_id, session=repo.session) if target_id else None
-        enforce(access.may_replace(target, pid), f"DocumentReference.relatesTo[{i}].target", target)
+        enforce(access.documents.may_replace(target, pid), f"DocumentReference.relatesTo[{i}].target", target)
     ins = dmp.patient_ins(st.patient) if st.patient else None
     codes = dmp.doc_type_codes(resource)
     fill_category(resource, codes, personal=is_personal_document(resource, pid))
@@ -128,14 +128,7 @@ def prepare_document(repo, resource: dict, old: dict | None, pid: str, interacti
             if bid is None:
                 continue
             binary = repo.storage.read("Binary", bid, session=repo.session)
-            owner = binary and reference_id(((binary.resource or {}).get("securityContext") or {}).get("reference"),
-                                            "DocumentReference")
-            # one answer for missing, elsewhere or another document's content (re-attaching would put
-            # it under this document's labels): CONTRACT.md "REST behaviour"
-            if binary is None or binary.deleted or binary.pid != pid \
-                    or (owner is not None and (old is None or owner != old.get("id"))):
-                enforce(deny("attachment-url", "attachment.url must point to a Binary of the same record not "
-                             "attached to another document"), where + ".url", binary)
+            enforce(access.documents.may_attach(binary, pid, old), where + ".url", binary)
             if _base_type(binary.resource.get("contentType")) != _base_type(att.get("contentType")):
                 # else a PDF uploaded as application/octet-stream would escape inspection
                 raise Unprocessable("attachment.contentType differs from the contentType of its Binary",

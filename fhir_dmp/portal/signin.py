@@ -25,6 +25,7 @@ from flask import current_app, g, request, session
 from ..errors import FhirError
 from ..secret_files import write_secret
 from ..repository import GuardedRepository, RequestInfo
+from ..security.decision import resolve_legal_representative
 from ..security.principal import LEGAL_REPRESENTATIVE, PATIENT, Principal
 
 PORTAL_SCOPE = "openid fhirUser patient/*.cruds"
@@ -101,10 +102,9 @@ def dev_token(config, *, patient: str | None = None, related_person: str | None 
 
 def principal_of(token: str) -> Principal:
     """Verify ``token`` like an API token (same verifier, same Principal); FhirError when refused."""
-    from ..repository import resolve_legal_representative
     verifier = current_app.extensions["fhir_dmp.verifier"]
     principal = verifier.authenticate(f"Bearer {token}")
-    principal = resolve_legal_representative(current_app.extensions["fhir_dmp"], principal)
+    principal = resolve_legal_representative(current_app.extensions["fhir_dmp"].storage, principal)
     if principal.kind not in (PATIENT, LEGAL_REPRESENTATIVE) or not principal.patient_id:
         raise SignInRefused("this space is for patients and their legal representatives")
     return principal

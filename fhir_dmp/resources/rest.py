@@ -15,7 +15,7 @@ from ..errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaTyp
 from ..profiles import validate
 from ..repository import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
-from ..security.consent import DIRECTORY, SERVER_WRITTEN
+from ..security.decision import DIRECTORY, SERVER_WRITTEN
 from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
                    read_body, respond, summarize, version_headers, write_response)
 
