@@ -27,7 +27,7 @@ from .errors import (BadRequest, Conflict, FhirError, Forbidden, Gone, NotFound,
                      Unprocessable, not_found)
 from .profiles import dmp
 from .profiles.ins import INS_SYSTEMS
-from .security.decision import DIRECTORY, Decision, RequestAccess
+from .security.decision import DIRECTORY, ROLE_CODE_SYSTEM, Decision, RequestAccess
 from .security.principal import ADMIN, Principal
 from .storage import (RESOURCE_TYPES, UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, instant,
                       is_write_conflict, merge_filters, new_id, now)
@@ -880,7 +880,6 @@ class GuardedRepository:
                            start: str | None = None, end: str | None = None) -> Stored:
         """Register a parent (``PRN``) or guardian (``GUARD``) of the patient (same decision as POST)."""
         from .profiles import validate
-        from .security.decision import ROLE_CODE_SYSTEM
         resource = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": f"Patient/{pid}"},
                     "relationship": [{"coding": [{"system": ROLE_CODE_SYSTEM, "code": relationship}]}],
                     "name": [{"family": family, **({"given": [given]} if given else {})}]}

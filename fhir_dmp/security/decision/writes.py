@@ -50,6 +50,8 @@ class WriteRules(Rules):
             return deny("no-patient", "resource outside any DMP")
         st = self.state(pid)
         access = self.dmp_access(st)
+        if resource_type in ("Consent", "DocumentReference", "Binary") and not st.exists:
+            return deny("dmp-state", "no such DMP")
         if resource_type == "Consent":
             return self._write_consent(interaction, new, old, st, access)
         if resource_type in ("DocumentReference", "Binary"):
@@ -91,8 +93,6 @@ class WriteRules(Rules):
 
     def _write_consent(self, interaction, new, old, st, access) -> Decision:
         p = self.p
-        if not st.exists:
-            return deny("dmp-state", "no such DMP")
         if p.kind == ADMIN:
             return permit("admin", "administrator manages consents")
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
@@ -119,8 +119,6 @@ class WriteRules(Rules):
 
     def _write_document(self, interaction, rtype, new, old, st, access) -> Decision:
         p = self.p
-        if not st.exists:
-            return deny("dmp-state", "no such DMP")
         if p.kind == ADMIN:
             return deny("admin-no-content", "an administrator never writes document content")
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
