@@ -65,7 +65,7 @@ def raw_search(storage, req) -> tuple[int, list]:
 
 def lean_guard(pid: str, me: str, env) -> dict:
     """A proposal, not what the server runs: the same PS guard as
-    ``RequestAccess.search_filter`` for a search naming one reachable DMP
+    ``RequestAccess.narrow`` for a search naming one reachable DMP
     whose médecin traitant is not the caller: ``pid`` equality instead of
     ``$in`` over every reachable DMP, one ``$elemMatch`` with ``c: {$in}``
     instead of an ``$or`` of one ``$elemMatch`` per allowed type, no dead

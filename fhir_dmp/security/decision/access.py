@@ -216,6 +216,15 @@ class RequestAccess:
                 resource = {**resource, "entity": entities}
         return resource
 
+    @staticmethod
+    def complete(decision: Decision | None) -> dict | None:
+        """What the journal records of an operation's decision (success or failure): the result,
+        the rule, its reason and the Consents it rests on."""
+        if decision is None:
+            return None
+        return {"result": "permit" if decision.permit else "deny", "rule": decision.rule,
+                "reason": decision.reason, "consents": [list(c) for c in decision.consents]}
+
     # -- searches: the decision as a storage query ----------------------------
     def narrow(self, resource_type: str, named_pids: set[str], *, ins_lookup: bool = False) -> dict | None:
         """The storage filter restricting a search to what the caller may see (run in the
@@ -262,12 +271,3 @@ class RequestAccess:
                   pid: str | None, *, context: dict | None = None) -> Decision:
         """May the caller write ``new`` over ``old`` in DMP ``pid``? (:mod:`.writes`)"""
         return self.writes.can_write(interaction, resource_type, new, old, pid, context=context)
-
-    @staticmethod
-    def complete(decision: Decision | None) -> dict | None:
-        """What the journal records of an operation's decision (success or failure): the result,
-        the rule, its reason and the Consents it rests on."""
-        if decision is None:
-            return None
-        return {"result": "permit" if decision.permit else "deny", "rule": decision.rule,
-                "reason": decision.reason, "consents": [list(c) for c in decision.consents]}

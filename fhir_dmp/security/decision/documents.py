@@ -73,6 +73,7 @@ class DocumentRules(Rules):
             return self.access.can_see("DocumentReference", doc[2] or {}, pid)
         return deny("binary-orphan", "content not attached to a readable document")
 
+    # -- what a deposit carries (DESIGN.md "Documents", rules 10-11) ----------------------------
     # Decided after can_write permitted the write; the pipeline (documents/pipeline.py) parses and
     # inspects, these rules decide, and a deny answers 422 with its reason (and is journaled).
     def can_deposit(self, st: PatientState) -> Decision:
