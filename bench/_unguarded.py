@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fhir_dmp.runtime.config import Config  # noqa: E402
 from fhir_dmp.guard.repository import GuardedRepository  # noqa: E402
-from fhir_dmp.security.consent import Decision, RequestAccess  # noqa: E402
+from fhir_dmp.security.decision import Decision, RequestAccess  # noqa: E402
 from fhir_dmp.runtime.server import serve  # noqa: E402
 
 

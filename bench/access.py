@@ -65,7 +65,7 @@ def raw_search(storage, req) -> tuple[int, list]:
 
 def lean_guard(pid: str, me: str, env) -> dict:
     """A proposal, not what the server runs: the same PS guard as
-    ``RequestAccess.search_filter`` for a search naming one reachable DMP
+    ``RequestAccess.narrow`` for a search naming one reachable DMP
     whose médecin traitant is not the caller: ``pid`` equality instead of
     ``$in`` over every reachable DMP, one ``$elemMatch`` with ``c: {$in}``
     instead of an ``$or`` of one ``$elemMatch`` per allowed type, no dead
@@ -136,7 +136,7 @@ def main() -> None:
                 # breakdown: context loading (principal -> reachable pids -> guard filter)
                 t = time.perf_counter()
                 repo = env.repo(ps_token)
-                guard = repo.access.search_filter("DocumentReference", named_patient_ids(
+                guard = repo.access.narrow("DocumentReference", named_patient_ids(
                     "DocumentReference", args_for(pid)))
                 times["context"].append(time.perf_counter() - t)
                 # the raw search with the guard filter and'ed in (what the database evaluates)
@@ -168,7 +168,7 @@ def main() -> None:
         # the plans the database chose
         pid = dmps[big]
         req = search.parse_search("DocumentReference", args_for(pid))
-        guard = env.repo(ps_token).access.search_filter("DocumentReference", {pid})
+        guard = env.repo(ps_token).access.narrow("DocumentReference", {pid})
         print("\nquery plans (SecantusDB explain):")
         for name, flt in (("raw  {$and:[filter,{del:false}]}", {"$and": [req.mongo_filter(), {"del": False}]}),
                           ("guarded", {"$and": [{"$and": [req.mongo_filter(), guard]}, {"del": False}]}),

@@ -51,7 +51,7 @@ DATAKEYS = "datakeys"                         # wrapped per-DMP data keys (secur
 OUTBOX = "notification_outbox"                # notices to send (notifications.py)
 ACCESS_CODES = "access_codes"                 # first-access codes (access_codes.py)
 JOBS = "scheduled_jobs"                       # daily jobs' leases (lifecycle.py)
-GRANTS = "btg_grants"                         # break-the-glass grants (security/consent.py)
+GRANTS = "btg_grants"                         # break-the-glass grants (security/decision/)
 GRANT_LOCKS = "btg_grant_locks"               # one per (DMP, PS): concurrent new grants conflict on it
 JOURNAL = "AuditEvent"                        # the audit journal (security/audit.py)
 JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (security/audit.py)
@@ -478,7 +478,7 @@ class Storage:
         """Raw projected documents (for the decision's context loading)."""
         return list(self.db[rtype].find(flt, projection))
 
-    # -- what the access decision reads (security/consent.py) ----------------
+    # -- what the access decision reads (security/decision/) ----------------
     def patient_docs(self, pids: list[str], *, session=None) -> dict[str, dict]:
         """Raw Patient documents (deleted and destroyed included) by id, without search indexes."""
         return {d["_id"]: d for d in self.db["Patient"].find(
@@ -1064,7 +1064,7 @@ RETIRED_INDEXES = {"DocumentReference": [[("pid", 1), ("a.types", 1)],
                                          [("pid", 1), ("s.identifier.c", 1), ("s.identifier.s", 1)]]}
 
 
-# unique facets (security/consent.py access_facets): one DMP per INS, enforced by the database
+# unique facets (security/decision/ access_facets): one DMP per INS, enforced by the database
 UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
 
 

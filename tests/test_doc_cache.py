@@ -112,7 +112,7 @@ def test_cached_pages_equal_the_database_pages(backend, docs, gp, how):
         assert from_cache == from_database, (reader.subject, args)
         # the cache did answer when there was something to search (the type criterion is not
         # one it evaluates: the database does)
-        entered = backend.policy.for_request(reader).search_filter("DocumentReference", {pid}) is not None
+        entered = backend.policy.for_request(reader).narrow("DocumentReference", {pid}) is not None
         assert (cache.hits + cache.misses > 0) == (entered and how["type"] is None)
 
 

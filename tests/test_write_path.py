@@ -198,7 +198,7 @@ def test_insert_docs_keeps_decimals_reports_duplicates_and_rolls_back(db):
 
     from pymongo.errors import DuplicateKeyError
 
-    from fhir_dmp.security.consent import access_facets
+    from fhir_dmp.security.decision import access_facets
     from fhir_dmp.storage import DuplicateValue, Storage, VersionConflict
     storage = Storage(db.client, db, annotate=access_facets)
     storage.ensure_indexes()

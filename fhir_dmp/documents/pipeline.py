@@ -6,7 +6,7 @@ its access decision and journal) and is called only after the access decision
 permitted the write:
 
 * :meth:`DocumentPipeline.prepare` — applies the deposit rules of the decision module
-  (security/consent.py: the author of record, a qualified INS, ``relatesTo
+  (security/decision/documents.py: the author of record, a qualified INS, ``relatesTo
   replaces`` only by the author, the CDA's recordTarget naming the DMP's
   patient), each denial a 422 with its reason, journaled; CDA/PDF content is inspected
   (under the attachment's contentType, which must be its Binary's); an
@@ -30,11 +30,11 @@ from typing import Any
 from ..http.errors import Conflict, PayloadTooLarge, Unprocessable
 from ..profiles import dmp
 from ..search import reference_id
+from ..security.decision import is_personal_document
 from ..storage import VersionConflict, new_id
 from .cda import check_cda_matches, inspect_cda
 from .pdf import inspect_pdf
 from .rubriques import fill_category
-from ..security.consent import deny, is_personal_document
 
 CDA_TYPES = {"text/xml", "application/xml", "application/hl7-v3+xml", "application/cda+xml"}
 PDF_TYPES = {"application/pdf"}
@@ -109,7 +109,7 @@ class DocumentPipeline:
     max_bytes: int      # the largest attachment accepted
 
     def prepare(self, resource: dict, old: dict | None, pid: str, interaction: str = "create") -> dict:
-        """The rules of security/consent.py on what a deposit carries (qualified INS, author of record,
+        """The rules of security/decision/ on what a deposit carries (qualified INS, author of record,
         ``relatesTo replaces``, the CDA's patient), applied to ``resource``; a deny answers 422 with
         its reason and is journaled, also in the journal of another DMP a refused reference names."""
         resource = copy.deepcopy(resource)
@@ -128,8 +128,8 @@ class DocumentPipeline:
                 raise Unprocessable(decision.reason, expression=expression)
 
         if old is None:
-            enforce(access.can_deposit(st), "DocumentReference.subject")
-        author = access.author_of_record(pid, old)
+            enforce(access.documents.can_deposit(st), "DocumentReference.subject")
+        author = access.documents.author_of_record(pid, old)
         if author is not None:
             resource["author"] = author
         for i, rel in enumerate(resource.get("relatesTo") or []):
@@ -137,7 +137,7 @@ class DocumentPipeline:
                 continue
             target_id = reference_id((rel.get("target") or {}).get("reference"), "DocumentReference")
             target = self.storage.read("DocumentReference", target_id, session=self.work.session) if target_id else None
-            enforce(access.may_replace(target, pid), f"DocumentReference.relatesTo[{i}].target", target)
+            enforce(access.documents.may_replace(target, pid), f"DocumentReference.relatesTo[{i}].target", target)
         ins = dmp.patient_ins(st.patient) if st.patient else None
         codes = dmp.doc_type_codes(resource)
         fill_category(resource, codes, personal=is_personal_document(resource, pid))
@@ -157,14 +157,7 @@ class DocumentPipeline:
                 if bid is None:
                     continue
                 binary = self.storage.read("Binary", bid, session=self.work.session)
-                owner = binary and reference_id(((binary.resource or {}).get("securityContext") or {}).get("reference"),
-                                                "DocumentReference")
-                # one answer for missing, elsewhere or another document's content (re-attaching would put
-                # it under this document's labels): CONTRACT.md "REST behaviour"
-                if binary is None or binary.deleted or binary.pid != pid \
-                        or (owner is not None and (old is None or owner != old.get("id"))):
-                    enforce(deny("attachment-url", "attachment.url must point to a Binary of the same record not "
-                                 "attached to another document"), where + ".url", binary)
+                enforce(access.documents.may_attach(binary, pid, old), where + ".url", binary)
                 if _base_type(binary.resource.get("contentType")) != _base_type(att.get("contentType")):
                     # else a PDF uploaded as application/octet-stream would escape inspection
                     raise Unprocessable("attachment.contentType differs from the contentType of its Binary",

@@ -2,7 +2,7 @@
 representatives, one-time access codes, break-glass grants and the notices to the patient.
 
 CONTRACT.md "Lifecycle of a DMP" and "The DMP in FHIR terms" (Notifications); the decisions are
-``security/consent.py``'s, the queries ``Storage``'s, the one system-journal entry a destroy
+``security/decision/``'s, the queries ``Storage``'s, the one system-journal entry a destroy
 leaves is :func:`~fhir_dmp.guard.lifecycle.destroy_event`.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import timedelta
 from ..http.errors import Forbidden, not_found
 from ..notifications.outbox import Notice
 from ..profiles import validate
-from ..security.consent import ROLE_CODE_SYSTEM, Decision
+from ..security.decision import ROLE_CODE_SYSTEM, Decision
 from ..security.principal import ADMIN
 from ..storage import Stored, new_id, now
 from . import access_codes, lifecycle
@@ -93,7 +93,7 @@ class DmpOperations:
         """
         self.access.start("Patient", "delete")
         st = self.access.state(pid)
-        decision = self.access.can_destroy(st)
+        decision = self.access.dmp.can_destroy(st)
         if not decision.permit:
             if not st.known or not self.access.dmp_access(st).permit:
                 # answered as missing, but a DMP that exists sees the attempt in its journal
@@ -127,7 +127,7 @@ class DmpOperations:
         """
         self.access.start("Patient", "read")
         st = self.access.state(pid)
-        decision = self.access.can_ask_access_code(st)
+        decision = self.access.dmp.can_ask_access_code(st)
         if not decision.permit:
             self.record("operation", outcome="4", patient_id=pid if st.exists else None,
                         resource=f"Patient/{pid}", decision=decision, http_status=404)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..http.errors import FhirError
 from ..audit.events import AccessRecord, build_event
-from ..security.consent import Decision
+from ..security.decision import Decision, RequestAccess
 
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
@@ -58,7 +58,7 @@ class RequestJournal:
         self.records.append(AccessRecord(
             interaction=interaction, action=ACTION.get(interaction, "E"), outcome=outcome,
             principal=self.p, patient_id=patient_id, resource=resource, query=query,
-            decision=decision.as_record() if decision else None, http_status=http_status,
+            decision=RequestAccess.complete(decision), http_status=http_status,
             client_ip=self.info.client_ip, request_id=self.info.request_id))
 
     def events(self, records: list) -> list[dict]:

@@ -1,7 +1,7 @@
 """A DMP's life after it opens: close, reopen, retention, destroy (CONTRACT.md "Lifecycle of a DMP").
 
 No HTTP, no policy. The guarded repository decides who may
-(``security/consent.py``) and journals; the database is changed through
+(``security/decision/``) and journals; the database is changed through
 :class:`~fhir_dmp.storage.Storage` (which alone runs the queries).
 
 * :func:`stamp_active_change` — a DMP that closes gets ``closed_at`` on its

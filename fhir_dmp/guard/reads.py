@@ -15,7 +15,7 @@ from datetime import datetime
 
 from .. import search
 from ..http.errors import Gone, NotFound, not_found
-from ..security.consent import DIRECTORY, Decision
+from ..security.decision import DIRECTORY, Decision
 from ..security.crypto import ContentUnavailable
 from ..storage import RESOURCE_TYPES, Stored, merge_filters
 
@@ -114,7 +114,7 @@ class Reads:
         doc_id = search.reference_id(((stored.resource or {}).get("securityContext") or {}).get("reference"),
                                      "DocumentReference")
         doc = self.storage.read("DocumentReference", doc_id, session=self.session) if doc_id else None
-        decision = self.access.can_see_binary(stored.pid, doc and (doc.pid, doc.deleted, doc.resource))
+        decision = self.access.documents.can_see_binary(stored.pid, doc and (doc.pid, doc.deleted, doc.resource))
         if decision.permit:
             self.obligations(decision, doc.pid)
         return decision
@@ -160,7 +160,7 @@ class Reads:
     def _view(self, stored: Stored) -> Stored:
         decision = getattr(stored, "_decision", None)
         if decision and stored.resource is not None:
-            stored.resource = self.access.view(stored.resource, decision, self._sees)
+            stored.resource = self.access.will_see(stored.resource, decision, self._sees)
         return stored
 
     def history(self, rtype: str, rid: str | None, *, since: datetime | None, count: int,
@@ -176,7 +176,7 @@ class Reads:
                         decision=current._decision, http_status=200)
             return self._page(page, count, total)
         # the directory is in no DMP: every version is judged below (all readable)
-        pids = None if rtype in DIRECTORY else self.access.reachable_pids(set())
+        pids = None if rtype in DIRECTORY else self.access.dmp.reachable_pids(set())
         pid_filter = None if pids is None else {"pid": {"$in": sorted(pids)}}
         if pids is not None and not pids:
             self.record("history", outcome="0", patient_id=None, resource=rtype, http_status=200)
@@ -219,7 +219,7 @@ class Reads:
         """
         merged: list[Stored] = []
         for rtype in sorted(HOSTED):
-            if not self.p.scopes.allows(rtype, "s"):     # SMART v2: history beyond an instance is a search
+            if not self.access.in_scope(rtype, "history-type"):     # SMART v2: beyond an instance, a search
                 continue
             after = None
             if cursor is not None:
@@ -254,9 +254,9 @@ class Reads:
         req = search.parse_search(rtype, args, lenient=lenient, max_count=cfg.max_page_size,
                                   default_count=cfg.default_page_size)
         page = SearchPage(req)
-        ins_lookup = self.access.ins_lookup(rtype, args)
+        ins_lookup = self.access.dmp.ins_lookup(rtype, args)
         named = named_patient_ids(rtype, args)
-        guard = self.access.search_filter(rtype, named, ins_lookup=ins_lookup)
+        guard = self.access.narrow(rtype, named, ins_lookup=ins_lookup)
         # a search naming a DMP the caller may not enter is a denial in that DMP's journal
         denied = {} if ins_lookup else self._denied_dmps(named)
         for pid, decision in denied.items():
@@ -298,7 +298,7 @@ class Reads:
                     log.warning("search guard let %s/%s through; dropped by can_see (%s)", rtype,
                                 stored.id, decision.rule)
                     continue
-                stored.resource = self.access.view(stored.resource, decision, self._sees)
+                stored.resource = self.access.will_see(stored.resource, decision, self._sees)
                 page.matches.append(stored)
             page.included = self._includes(req, docs, page.matches)
         touched = sorted({s.pid for s in page.matches + page.included if s.pid})
@@ -330,7 +330,7 @@ class Reads:
                 return
             decision = self.decide_read(rtype, stored)
             if decision.permit:
-                stored.resource = self.access.view(stored.resource, decision, self._sees)
+                stored.resource = self.access.will_see(stored.resource, decision, self._sees)
                 out.append(stored)
                 seen.add((rtype, stored.id))
 
@@ -346,7 +346,7 @@ class Reads:
         for inc in req.revinclude or []:
             if inc.source_type not in HOSTED or not matches:
                 continue
-            guard = self.access.search_filter(
+            guard = self.access.narrow(
                 inc.source_type, {s.id for s in matches} if req.resource_type == "Patient" else set())
             if guard is None:
                 continue

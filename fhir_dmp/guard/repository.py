@@ -22,9 +22,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..documents.pipeline import DocumentPipeline
-from ..security.consent import RequestAccess
-from ..security.principal import LEGAL_REPRESENTATIVE, Principal
-from ..storage import now
+from ..security.decision import RequestAccess
+from ..security.principal import Principal
 from .dmp import DmpOperations
 from .journal import RequestInfo, RequestJournal
 from .reads import Reads
@@ -33,32 +32,6 @@ from .writes import Writes
 
 if TYPE_CHECKING:   # the process's services (runtime/services.py), built by create_app
     from ..runtime.services import Services
-
-
-def resolve_legal_representative(backend: Services, principal: Principal) -> Principal:
-    """CONTRACT.md "Who the caller is": a legal representative's token names a RelatedPerson
-    (relative, or on this server's base URL); the caller acts for the patient it names while
-    it is in force (``consent.representative_in_force``). Anything else: 401."""
-    from dataclasses import replace
-
-    from ..security.auth import invalid_token
-    from ..security.consent import representative_in_force
-    if principal.kind != LEGAL_REPRESENTATIVE:
-        return principal
-    # auth.principal_from_claims took only a RelatedPerson of this server
-    rp = backend.storage.read("RelatedPerson", principal.related_person_id)
-    patient = backend.storage.read("Patient", rp.pid) if rp and not rp.deleted and rp.pid else None
-    decision = representative_in_force(rp.resource if rp and not rp.deleted else {},
-                                       patient.resource if patient and not patient.deleted else None,
-                                       now()) if rp else None
-    if decision is None or not decision.permit:
-        raise invalid_token("the token's RelatedPerson is not a legal representative in force")
-    if principal.compartment is not None and principal.compartment != rp.pid:
-        raise invalid_token("the patient claim names another patient than the RelatedPerson's")
-    return replace(principal, patient_id=rp.pid,
-                   compartment=rp.pid if principal.compartment is not None
-                   or principal.scopes.contexts() == {"patient"} else None)
-
 
 
 class GuardedRepository(Reads, Writes, DmpOperations):

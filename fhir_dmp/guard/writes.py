@@ -13,7 +13,7 @@ from .. import search
 from ..http.errors import BadRequest, Conflict, FhirError, Forbidden, PreconditionFailed, Unprocessable, not_found
 from ..profiles import dmp
 from ..profiles.ins import INS_SYSTEMS
-from ..security.consent import Decision
+from ..security.decision import Decision
 from ..security.principal import ADMIN
 from ..storage import UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, new_id
 from . import lifecycle
@@ -32,7 +32,7 @@ class Writes:
                     decision: Decision) -> FhirError:
         self.record(interaction, outcome="4", patient_id=pid, resource=f"{rtype}/{rid}" if rid else rtype,
                     decision=decision, http_status=403)
-        if self.access.refusal_looks_missing(pid, decision):
+        if self.access.dmp.refusal_looks_missing(pid, decision):
             if rtype == "Patient" and rid:
                 return not_found("Patient", rid)
             if rtype == "Binary":
@@ -98,7 +98,7 @@ class Writes:
         if current is not None and current.deleted and self.p.kind != ADMIN \
                 and not self.decide_current(rtype, current).permit:
             current = None          # a deleted resource the caller may not see: as if it never existed
-        if current is None and self.p.kind != ADMIN:
+        if current is None and not self.access.writes.can_create_with_id(rtype).permit:
             # update-as-create (a client-chosen id) is the administrator's (fhir-dmp load): for anyone
             # else an id that does not exist answers like one they may not see (CONTRACT.md "REST")
             self.record(interaction, outcome="4", patient_id=target["pid"], resource=f"{rtype}/{rid}",

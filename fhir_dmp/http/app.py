@@ -20,13 +20,14 @@ from werkzeug.exceptions import HTTPException
 from .. import portal, resources
 from ..audit.events import AccessRecord, build_event
 from ..guard.journal import ACTION, RequestInfo
-from ..guard.repository import GuardedRepository, resolve_legal_representative
+from ..guard.repository import GuardedRepository
 from ..resources.conformance import is_public as conformance_is_public
 from ..resources.http import respond
 from ..runtime.config import Config
 from ..runtime.logs import REQUEST_ID_ENVIRON
 from ..runtime.services import Services, build_app_services
 from ..security.crypto import ContentUnavailable
+from ..security.decision import resolve_legal_representative
 from . import home
 from .compression import compress_response, decode_request_body
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
@@ -68,7 +69,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             return None
         try:
             principal = verifier.authenticate(request.headers.get("Authorization"), request.headers)
-            principal = resolve_legal_representative(services, principal)
+            principal = resolve_legal_representative(services.storage, principal)
         except FhirError as exc:
             if exc.status == 401:
                 _audit_refused(services, exc)

@@ -39,7 +39,7 @@ RESOURCE_TYPES = {
     "Consent": "d'une autorisation", "AuditEvent": "du journal", "Communication": "d'une notification",
     "RelatedPerson": "d'un représentant légal",
 }
-# why an access was refused, by the decision's rule (security/consent.py); others: "accès refusé"
+# why an access was refused, by the decision's rule (security/decision/); others: "accès refusé"
 REFUSALS = {
     "not-authorized": "professionnel non autorisé", "blocked": "professionnel que vous avez bloqué",
     "btg-opt-out": "vous refusez le bris de glace", "centre15-opt-out": "vous refusez l'accès du centre 15",

@@ -27,6 +27,7 @@ from ..runtime.secret_files import write_secret
 from ..runtime.services import services
 from ..guard.journal import RequestInfo
 from ..guard.repository import GuardedRepository
+from ..security.decision import resolve_legal_representative
 from ..security.principal import LEGAL_REPRESENTATIVE, PATIENT, Principal
 
 PORTAL_SCOPE = "openid fhirUser patient/*.cruds"
@@ -103,9 +104,8 @@ def dev_token(config, *, patient: str | None = None, related_person: str | None 
 
 def principal_of(token: str) -> Principal:
     """Verify ``token`` like an API token (same verifier, same Principal); FhirError when refused."""
-    from ..guard.repository import resolve_legal_representative
     principal = services().verifier.authenticate(f"Bearer {token}")
-    principal = resolve_legal_representative(services(), principal)
+    principal = resolve_legal_representative(services().storage, principal)
     if principal.kind not in (PATIENT, LEGAL_REPRESENTATIVE) or not principal.patient_id:
         raise SignInRefused("this space is for patients and their legal representatives")
     return principal

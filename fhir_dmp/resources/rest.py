@@ -16,7 +16,7 @@ from ..profiles import validate
 from ..guard.reads import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
 from ..runtime.services import services
-from ..security.consent import DIRECTORY, SERVER_WRITTEN
+from ..security.decision import DIRECTORY, SERVER_WRITTEN
 from .http import (bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
                    read_body, respond, summarize, version_headers, write_response)
 

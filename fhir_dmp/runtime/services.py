@@ -29,7 +29,7 @@ from ..notifications.outbox import Outbox
 from ..notifications.worker import Worker
 from ..resources.communications import notification_result
 from ..security.auth import SharedKeys, TokenVerifier
-from ..security.consent import AccessPolicy, access_facets
+from ..security.decision import AccessPolicy, access_facets
 from ..security.context_cache import ContextCache
 from ..security.crypto import DocumentCrypto, key_provider
 from ..security.discovery import IssuerMetadata

@@ -595,7 +595,7 @@ def _compartment(kind: str, scopes: Scopes, owner_pid: str | None, launch_pid: s
     patient, or a professional with only ``patient/`` scopes and no ``patient`` claim: 401."""
     owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
     # a legal representative's patient is known only once its RelatedPerson is resolved
-    # (repository.resolve_legal_representative checks the claim against it)
+    # (security.decision.resolve_legal_representative checks the claim against it)
     if kind == PATIENT and launch_pid and launch_pid != owner_pid:
         raise invalid_token("the patient claim names another patient than fhirUser")
     contexts = scopes.contexts()
