@@ -37,9 +37,11 @@ if str(ROOT) not in sys.path:
 
 import pymongo  # noqa: E402
 
-from fhir_dmp.config import Config  # noqa: E402
-from fhir_dmp.embedded_db import EmbeddedMongo  # noqa: E402
-from fhir_dmp.repository import GuardedRepository, RequestInfo  # noqa: E402
+from fhir_dmp.runtime.config import Config  # noqa: E402
+from fhir_dmp.runtime.embedded_db import EmbeddedMongo  # noqa: E402
+from fhir_dmp.guard.journal import RequestInfo  # noqa: E402
+from fhir_dmp.guard.repository import GuardedRepository  # noqa: E402
+from fhir_dmp.runtime.services import services  # noqa: E402
 from fhir_dmp.storage import new_id, now  # noqa: E402
 from tests import builders  # noqa: E402
 from tests.idp import TestIdP  # noqa: E402
@@ -87,14 +89,15 @@ def environment(tmp: Path | None = None, **settings):
         idp = TestIdP(tmp / "idp", audience=BASE)
         config = Config(mongodb_uri=server.uri, db_name=db.name, data_dir=tmp / "data", base_url=BASE,
                         **{"notifications_worker": False, **idp.config_kwargs(), **settings})
-        from fhir_dmp.app import create_app, stop_background
+        from fhir_dmp.http.app import create_app
+        from fhir_dmp.runtime.services import stop_background
         app = create_app(config, client=client, db=db)
         stack.callback(stop_background, app)
         yield Env(server, client, db, config, idp, app)
 
 
 def principal(env: Env, token: str):
-    verifier = env.app.extensions["fhir_dmp.verifier"]
+    verifier = services(env.app).verifier
     return verifier.authenticate(f"Bearer {token}", {})
 
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fhir_dmp.config import Config  # noqa: E402
-from fhir_dmp.repository import GuardedRepository  # noqa: E402
-from fhir_dmp.security.consent import Decision, RequestAccess  # noqa: E402
-from fhir_dmp.server import serve  # noqa: E402
+from fhir_dmp.runtime.config import Config  # noqa: E402
+from fhir_dmp.guard.repository import GuardedRepository  # noqa: E402
+from fhir_dmp.security.decision import Decision, RequestAccess  # noqa: E402
+from fhir_dmp.runtime.server import serve  # noqa: E402
 
 
 def unguarded_app(config):
-    from fhir_dmp.app import create_app
+    from fhir_dmp.http.app import create_app
     RequestAccess.can_see = lambda self, *a, **kw: Decision(True, "bench", "guard off")
     GuardedRepository.flush_audit = lambda self: None
     return create_app(config)

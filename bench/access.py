@@ -1,4 +1,4 @@
-"""Benchmark: the cost of the access decision (DESIGN.md "The access rules", repository.py).
+"""Benchmark: the cost of the access decision (DESIGN.md "The access rules", guard/reads.py).
 
     python bench/access.py [--quick] [--repeat N] [--sizes 20,2000] [--profile]
 
@@ -35,7 +35,7 @@ import _common as c
 from _common import builders
 
 from fhir_dmp import search
-from fhir_dmp.repository import named_patient_ids
+from fhir_dmp.guard.reads import named_patient_ids
 
 
 def bench_decisions(env, pid: str, docs: list[dict], seconds: float) -> dict:
@@ -65,7 +65,7 @@ def raw_search(storage, req) -> tuple[int, list]:
 
 def lean_guard(pid: str, me: str, env) -> dict:
     """A proposal, not what the server runs: the same PS guard as
-    ``RequestAccess.search_filter`` for a search naming one reachable DMP
+    ``RequestAccess.narrow`` for a search naming one reachable DMP
     whose médecin traitant is not the caller: ``pid`` equality instead of
     ``$in`` over every reachable DMP, one ``$elemMatch`` with ``c: {$in}``
     instead of an ``$or`` of one ``$elemMatch`` per allowed type, no dead
@@ -136,7 +136,7 @@ def main() -> None:
                 # breakdown: context loading (principal -> reachable pids -> guard filter)
                 t = time.perf_counter()
                 repo = env.repo(ps_token)
-                guard = repo.access.search_filter("DocumentReference", named_patient_ids(
+                guard = repo.access.narrow("DocumentReference", named_patient_ids(
                     "DocumentReference", args_for(pid)))
                 times["context"].append(time.perf_counter() - t)
                 # the raw search with the guard filter and'ed in (what the database evaluates)
@@ -168,7 +168,7 @@ def main() -> None:
         # the plans the database chose
         pid = dmps[big]
         req = search.parse_search("DocumentReference", args_for(pid))
-        guard = env.repo(ps_token).access.search_filter("DocumentReference", {pid})
+        guard = env.repo(ps_token).access.narrow("DocumentReference", {pid})
         print("\nquery plans (SecantusDB explain):")
         for name, flt in (("raw  {$and:[filter,{del:false}]}", {"$and": [req.mongo_filter(), {"del": False}]}),
                           ("guarded", {"$and": [{"$and": [req.mongo_filter(), guard]}, {"del": False}]}),

@@ -117,7 +117,7 @@ def main() -> int:
                   f"server {d['server_ms']:6.2f} ms CPU/req  database {d['db_ms']:6.2f} ms CPU/req  "
                   f"non2xx {d['non2xx3xx']:.0f} errors {d['errors']:.0f}", flush=True)
         if args.unguarded:   # the same read, guard and journal off, second server on the same database
-            from fhir_dmp.embedded_db import EmbeddedMongo
+            from fhir_dmp.runtime.embedded_db import EmbeddedMongo
             bare_port = free_port()
             bare = start_ours(work, bare_port, base, kit / "keys" / "jwks.json", args, name="unguarded",
                               unguarded_of=EmbeddedMongo.find_running(work / "data"))

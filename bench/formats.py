@@ -1,4 +1,4 @@
-"""Render / parse times of fhir_dmp.formats, JSON and XML.
+"""Render / parse times of fhir_dmp.http.formats, JSON and XML.
 
 Run: python bench/formats.py [repeat]. Prints the median of `repeat` runs for
 one Patient and for searchset Bundles of 50 and 100 Patients.
@@ -14,7 +14,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
-from fhir_dmp import formats  # noqa: E402
+from fhir_dmp.http import formats  # noqa: E402
 
 FIXTURE = ROOT / "tests/fixtures/r4/Patient-example.json"
 

@@ -59,7 +59,7 @@ def default_kit() -> Path:
 
 
 def free_port() -> int:
-    from fhir_dmp.embedded_db import free_port as fp
+    from fhir_dmp.runtime.embedded_db import free_port as fp
     return fp()
 
 
@@ -104,7 +104,7 @@ def start_ours(work: Path, port: int, audience: str, jwks: Path, args, *, unguar
     if args.threads:
         env["FHIR_DMP_THREADS"] = str(args.threads)
     env.update(item.split("=", 1) for item in getattr(args, "env", None) or ())
-    cmd = [sys.executable, "-m", "fhir_dmp.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "fhir_dmp.runtime.cli", "serve", "--port", str(port)]
     if unguarded_of:
         env["FHIR_DMP_MONGODB_URI"] = unguarded_of
         env["FHIR_DMP_DATA_DIR"] = str(work / "data-unguarded")
@@ -326,7 +326,7 @@ def main() -> int:
             sampler.stop()
             show(f"c{c}", sweep[c])
 
-        from fhir_dmp.embedded_db import EmbeddedMongo
+        from fhir_dmp.runtime.embedded_db import EmbeddedMongo
         uri = EmbeddedMongo.find_running(work / "data")
         bare = start_ours(work, bare_port, audience, kit / "keys" / "jwks.json", args, unguarded_of=uri,
                           name="unguarded")

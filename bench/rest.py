@@ -4,9 +4,9 @@
     python bench/rest.py --url http://127.0.0.1:8080/fhir --token PS_TOKEN
 
 By default, for each worker count it starts ``fhir-dmp serve`` as a child
-process (``python -m fhir_dmp.cli serve --port P --workers N``) in dev mode
+process (``python -m fhir_dmp.runtime.cli serve --port P --workers N``) in dev mode
 with a fresh ``FHIR_DMP_DATA_DIR`` (so a fresh embedded SecantusDB), mints a
-médecin's token with ``python -m fhir_dmp.cli dev-token ps --ps 810000000001
+médecin's token with ``python -m fhir_dmp.runtime.cli dev-token ps --ps 810000000001
 --profession 10 --port P``, and stops it with SIGTERM (graceful drain) at
 the end. With ``--url`` it drives an existing server (``--token`` is then a
 PS token that server accepts).
@@ -71,7 +71,7 @@ class Server:
     def start(self, timeout: float = 90) -> None:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fhir_dmp.cli", "serve", "--port", str(self.port),
+            [sys.executable, "-m", "fhir_dmp.runtime.cli", "serve", "--port", str(self.port),
              "--workers", str(self.workers)],
             env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -91,7 +91,7 @@ class Server:
 
     def token(self) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "fhir_dmp.cli", "dev-token", "ps", "--ps", PS, "--profession", "10",
+            [sys.executable, "-m", "fhir_dmp.runtime.cli", "dev-token", "ps", "--ps", PS, "--profession", "10",
              "--port", str(self.port)], env=self.env, cwd=ROOT, capture_output=True, text=True, check=True)
         return out.stdout.strip()
 

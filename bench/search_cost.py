@@ -97,7 +97,7 @@ def main() -> int:
     monitoring.register(listener)
     with c.environment(audit_sealer=False, document_cache_docs=0 if args.no_cache else 10_000) as env:
         if args.no_audit:
-            from fhir_dmp.repository import GuardedRepository
+            from fhir_dmp.guard.repository import GuardedRepository
             GuardedRepository.flush_audit = lambda self: None
         token = env.idp.ps(builders.PS_DR, profession="10")
         pids = {n: c.seed_dmp(env, n)[0] for n in sizes}

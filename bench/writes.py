@@ -150,7 +150,7 @@ def main() -> None:
                     print(f"    {cmd:<18} {coll:<26} {c / n:5.2f}  {s['micros'][(cmd, coll)] / n / 1000:6.2f} ms"
                           f"  {indexes.get(coll, '')}")
         if args.sealer:
-            from fhir_dmp.security.sealer import Sealer
+            from fhir_dmp.audit.sealer import Sealer
             total = sum(s["n"] for s in stats.values())
             d0, w0 = cpu(db_pid), cpu()
             Sealer(env.storage, env.config.audit_key_path).seal_all()

@@ -1,6 +1,6 @@
 """fhir_dmp: a FHIR R4 server for the French shared medical record (DMP).
 
-``create_app(config)`` (``fhir_dmp.app``) is the one application factory.
+``create_app(config)`` (``fhir_dmp.http.app``) is the one application factory.
 """
 from __future__ import annotations
 
@@ -8,6 +8,6 @@ __all__ = ["create_app"]
 
 
 def create_app(*args, **kwargs):
-    """Build the WSGI application; see :func:`fhir_dmp.app.create_app`."""
-    from .app import create_app as factory
+    """Build the WSGI application; see :func:`fhir_dmp.http.app.create_app`."""
+    from .http.app import create_app as factory
     return factory(*args, **kwargs)

@@ -155,7 +155,7 @@ def load_directory(config, folder) -> int:
     import json
     from pathlib import Path
 
-    from fhir_dmp.loader import load_files
+    from fhir_dmp.runtime.loader import load_files
     path = Path(folder) / "directory.json"
     path.write_text(json.dumps(directory_bundle()), encoding="utf-8")
 

@@ -11,8 +11,8 @@ import uuid
 import pymongo
 import pytest
 
-from fhir_dmp.config import Config
-from fhir_dmp.embedded_db import EmbeddedMongo
+from fhir_dmp.runtime.config import Config
+from fhir_dmp.runtime.embedded_db import EmbeddedMongo
 from tests.api import Api
 from tests.idp import TestIdP
 
@@ -67,7 +67,8 @@ def config(tmp_path, mongo_server, db, idp):
 def build_app(mongo_client, db):
     """``build_app(config)``: an app on this test's database; every app built is stopped at
     teardown (its change stream, sealer and worker threads must not outlive the database)."""
-    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app
+    from fhir_dmp.runtime.services import stop_background
     built = []
 
     def build(config):
@@ -95,7 +96,7 @@ def live(config, mongo_client, db):
 
     from werkzeug.serving import make_server
 
-    from fhir_dmp.app import create_app
+    from fhir_dmp.http.app import create_app
     holder = {}
     server = make_server("127.0.0.1", 0, lambda env, start: holder["app"](env, start), threaded=True)
     base = f"http://127.0.0.1:{server.server_port}/fhir"

@@ -1,6 +1,6 @@
 """Real ``fhir-dmp serve`` processes on the session's SecantusDB, and the ``fhir-dmp`` CLI beside them.
 
-Fixture ``serve``: ``serve("a", FHIR_DMP_SMTP_HOST=...)`` starts ``python -m fhir_dmp.cli serve``
+Fixture ``serve``: ``serve("a", FHIR_DMP_SMTP_HOST=...)`` starts ``python -m fhir_dmp.runtime.cli serve``
 (granian, 2 workers unless told) in its own process group on a free port, against the test's
 database and IdP, and waits until it answers ``/metadata``. Every server of one test shares one
 audit signing key file and one key-encryption key file (as every process of one deployment must). At the end of the test each
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from fhir_dmp.embedded_db import free_port
+from fhir_dmp.runtime.embedded_db import free_port
 from tests.conftest import BASE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def serve(tmp_path, mongo_server, db, idp):
         log = tmp_path / f"{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fhir_dmp.cli", "serve", "--port", str(port), "--workers", str(workers)],
+                [sys.executable, "-m", "fhir_dmp.runtime.cli", "serve", "--port", str(port), "--workers", str(workers)],
                 cwd=ROOT, env=serve_env(tmp_path, name, mongo_server.uri, db.name, idp, **extra),
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         server = Served(name, f"http://127.0.0.1:{port}/fhir", proc, log)
@@ -114,7 +114,7 @@ def fhir_dmp_cli(tmp_path, mongo_server, db, idp):
     started: list[subprocess.Popen] = []
 
     def argv_env(args, extra):
-        return ([sys.executable, "-m", "fhir_dmp.cli", *args],
+        return ([sys.executable, "-m", "fhir_dmp.runtime.cli", *args],
                 serve_env(tmp_path, "cli", mongo_server.uri, db.name, idp, **extra))
 
     def run(*args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ through :class:`fhir_dmp.storage.Storage`. For every caller (patient, representa
 professionals of several professions, in normal, break-glass and centre 15 modes, in AIR mode
 through an establishment), for every resource type and for a search naming no DMP or one DMP:
 (emergency modes: a search naming one DMP, as they reach no other)
-the resources the storage search returns under :meth:`RequestAccess.search_filter` are exactly
+the resources the storage search returns under :meth:`RequestAccess.narrow` are exactly
 those :meth:`RequestAccess.can_see` permits, and the count is their number.
 """
 from __future__ import annotations
@@ -104,20 +104,20 @@ def callers(pids):
 
 @pytest.fixture(scope="module")
 def backend(mongo_server, mongo_client, tmp_path_factory):
-    from fhir_dmp.app import build_backend
-    from fhir_dmp.config import Config
+    from fhir_dmp.runtime.services import build_services
+    from fhir_dmp.runtime.config import Config
     name = f"t_prop_{uuid.uuid4().hex[:8]}"
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=name, data_dir=tmp_path_factory.mktemp("prop"),
                  base_url="https://dmp.test/fhir", notifications_worker=False, issuer="https://idp.test",
                  jwks_file=tmp_path_factory.mktemp("jwks") / "jwks.json")
-    yield build_backend(cfg, mongo_client, mongo_client[name])
+    yield build_services(cfg, mongo_client, mongo_client[name])
     mongo_client.drop_database(name)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(world=st.lists(dmps, min_size=1, max_size=3))
-def test_search_filter_and_can_see_agree(backend, world):
+def test_narrow_and_can_see_agree(backend, world):
     storage = backend.storage
     run = uuid.uuid4().hex[:8]
     pids, stored = [], {"Patient": [], "Consent": [], "DocumentReference": []}
@@ -140,7 +140,7 @@ def test_search_filter_and_can_see_agree(backend, world):
             emergency = principal.purpose in ("BTG", "ETREAT")
             for named in ([] if emergency else [set()]) + [{pids[-1]}]:
                 access = backend.policy.for_request(principal)
-                guard = access.search_filter(rtype, named)
+                guard = access.narrow(rtype, named)
                 scope = in_world if rtype != "Patient" else {"_id": {"$in": pids}}
                 if named:
                     scope = {"pid": next(iter(named))} if rtype != "Patient" else {"_id": next(iter(named))}

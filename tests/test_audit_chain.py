@@ -14,9 +14,12 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from pymongo import monitoring
 
-from fhir_dmp.embedded_db import free_port as _free_port
-from fhir_dmp.security.audit import AccessRecord, AuditLog, build_event, chain_hash, verify_chains
-from fhir_dmp.security.sealer import LeaseLost, Sealer, load_signing_key
+from fhir_dmp.runtime.embedded_db import free_port as _free_port
+from fhir_dmp.audit.chain import chain_hash
+from fhir_dmp.audit.events import AccessRecord, build_event
+from fhir_dmp.audit.log import AuditLog
+from fhir_dmp.audit.verify import verify_chains
+from fhir_dmp.audit.sealer import LeaseLost, Sealer, load_signing_key
 from tests.builders import rewrite_journal_entry
 from fhir_dmp.storage import Storage
 from fhir_dmp.storage.core import (CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS,
@@ -430,7 +433,7 @@ def test_concurrent_appends_are_group_committed(server, db):
 
 
 def test_unwritable_journal_raises(server):
-    from fhir_dmp.security.audit import AuditUnavailable
+    from fhir_dmp.audit.log import AuditUnavailable
     port = _free_port()  # nothing listens there
     client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
                                  serverSelectionTimeoutMS=200)

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from werkzeug.datastructures import Headers
 
-from fhir_dmp.config import Config
-from fhir_dmp.errors import ServiceUnavailable, Unauthorized
+from fhir_dmp.runtime.config import Config
+from fhir_dmp.http.errors import ServiceUnavailable, Unauthorized
 from fhir_dmp.security import devkeys
 from fhir_dmp.security.auth import TokenVerifier
 from fhir_dmp.security.principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS,

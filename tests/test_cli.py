@@ -2,7 +2,7 @@
 
 ``serve`` is exercised twice: with a tiny stand-in WSGI app (always; it
 checks the granian + embedded database lifecycle) and with the real
-``fhir_dmp.app`` (skipped until that module exists).
+``fhir_dmp.http.app`` (skipped until that module exists).
 """
 from __future__ import annotations
 
@@ -23,15 +23,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from fhir_dmp.embedded_db import free_port, process_alive
-from fhir_dmp.server import ServeError, check_port_free, default_workers
+from fhir_dmp.runtime.embedded_db import free_port, process_alive
+from fhir_dmp.runtime.server import ServeError, check_port_free, default_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 STANDIN = '''
 import sys, time
 import flask
-from fhir_dmp import cli
+from fhir_dmp.runtime import cli
 
 def factory(config):
     app = flask.Flask("standin")
@@ -64,7 +64,7 @@ def _env(data_dir: Path, **extra) -> dict:
 
 
 def _cli(*args, data_dir: Path, timeout: float = 30, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fhir_dmp.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "fhir_dmp.runtime.cli", *args], cwd=ROOT,
                           env=_env(data_dir, **env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -233,7 +233,7 @@ def test_serve_keeps_fhir_dmp_settings_out_of_the_wsgi_environ(tmp_path):
 
 
 def test_dev_token_help_names_host_and_port():
-    proc = subprocess.run([sys.executable, "-m", "fhir_dmp.cli", "dev-token", "--help"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "fhir_dmp.runtime.cli", "dev-token", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     help_text = " ".join(proc.stdout.split())
@@ -273,11 +273,11 @@ def test_serve_killed_hard_database_follows_and_restart_works(tmp_path):
         _reap(data)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.app") is None,
-                    reason="fhir_dmp/app.py (create_app) is not written yet; the lead completes this test")
+@pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.http.app") is None,
+                    reason="fhir_dmp/http/app.py (create_app) is not written yet; the lead completes this test")
 def test_serve_real_app(tmp_path):
     port, log, data = free_port(), tmp_path / "serve.log", tmp_path / "data"
-    proc = _serve([sys.executable, "-m", "fhir_dmp.cli", "serve", "--port", str(port),
+    proc = _serve([sys.executable, "-m", "fhir_dmp.runtime.cli", "serve", "--port", str(port),
                    "--workers", "1"], data, log)
     try:
         r = _wait_metadata(proc, port, log, timeout=45)
@@ -379,7 +379,7 @@ def test_check_port_free_and_default_workers():
     assert 1 <= default_workers() <= 8
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.security.audit") is None
+@pytest.mark.skipif(importlib.util.find_spec("fhir_dmp.audit.events") is None
                     or importlib.util.find_spec("fhir_dmp.security.crypto") is None,
                     reason="audit / crypto modules not written yet")
 def test_audit_verify_and_keys_rotate_on_a_fresh_record(tmp_path):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from fhir_dmp.config import Config
+from fhir_dmp.runtime.config import Config
 from tests import builders as b
 
 ORIGIN = "https://app.example.org"

@@ -17,8 +17,8 @@ import pytest
 from bson.raw_bson import RawBSONDocument
 
 from fhir_dmp.storage.content import BlobNotFound, BlobStore
-from fhir_dmp.config import Config
-from fhir_dmp.errors import Conflict, PayloadTooLarge
+from fhir_dmp.runtime.config import Config
+from fhir_dmp.http.errors import Conflict, PayloadTooLarge
 from fhir_dmp.security.crypto import (ContentUnavailable, DocumentCrypto, LocalKeyFileProvider, key_provider,
                                       retire_unused_keks, rotate_kek)
 

@@ -84,8 +84,8 @@ def test_reads_are_journaled_in_the_system_journal(directory, db):
 def test_load_validates_directory_entries(api, config, tmp_path):
     import json
 
-    from fhir_dmp.errors import FhirError
-    from fhir_dmp.loader import load_files
+    from fhir_dmp.http.errors import FhirError
+    from fhir_dmp.runtime.loader import load_files
     bad = tmp_path / "bad.ndjson"
     bad.write_text(json.dumps(dict(b.practitioner(b.PS_DR), birthDate="hier")) + "\n")
     with pytest.raises(FhirError) as caught:

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from fhir_dmp.search.doc_cache import DocumentCache
 from fhir_dmp.storage.filters import Unsupported, exact, matches
-from fhir_dmp.repository import GuardedRepository
+from fhir_dmp.guard.repository import GuardedRepository
+from fhir_dmp.runtime.services import services
 from fhir_dmp.security.principal import PATIENT, PS, Principal
 from fhir_dmp.security.scopes import Scopes
 from tests import builders as b
@@ -111,7 +112,7 @@ def test_cached_pages_equal_the_database_pages(backend, docs, gp, how):
         assert from_cache == from_database, (reader.subject, args)
         # the cache did answer when there was something to search (the type criterion is not
         # one it evaluates: the database does)
-        entered = backend.policy.for_request(reader).search_filter("DocumentReference", {pid}) is not None
+        entered = backend.policy.for_request(reader).narrow("DocumentReference", {pid}) is not None
         assert (cache.hits + cache.misses > 0) == (entered and how["type"] is None)
 
 
@@ -122,7 +123,7 @@ def two_apps(config, build_app):
     """Two apps on one database, each with its own change stream and caches (two processes)."""
     apps = [build_app(config) for _ in range(2)]
     deadline = time.monotonic() + 10
-    while not all(a.extensions["fhir_dmp.context_cache"].live for a in apps):
+    while not all(services(a).context_cache.live for a in apps):
         assert time.monotonic() < deadline, "change streams not established"
         time.sleep(0.02)
     return apps
@@ -301,7 +302,7 @@ def test_concurrent_misses_load_a_dmp_once(app, idp):
 
 def test_the_cache_can_be_turned_off(config, build_app, idp):
     """``FHIR_DMP_DOCUMENT_CACHE_DOCS=0``: no document cache, searches ask the database."""
-    from fhir_dmp.config import Config, ConfigError
+    from fhir_dmp.runtime.config import Config, ConfigError
     assert Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "0"}).document_cache_docs == 0
     assert Config.from_env({}).document_cache_docs == 10_000
     with pytest.raises(ConfigError):

@@ -17,7 +17,7 @@ from pypdf.generic import ArrayObject, DictionaryObject, NameObject, TextStringO
 from fhir_dmp.documents import inspect_document
 from fhir_dmp.documents.cda import CdaInfo, check_cda_matches, inspect_cda
 from fhir_dmp.documents.pdf import PdfInfo, inspect_pdf
-from fhir_dmp.errors import PayloadTooLarge, Unprocessable
+from fhir_dmp.http.errors import PayloadTooLarge, Unprocessable
 
 CDA_DIR = Path(__file__).parent / "fixtures" / "cda"
 NIR_SYSTEM = "urn:oid:1.2.250.1.213.1.4.8"

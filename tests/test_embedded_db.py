@@ -10,9 +10,9 @@ import time
 import pytest
 from pymongo import MongoClient
 
-from fhir_dmp.config import Config
-from fhir_dmp.database import DatabaseError, open_database, redact_uri
-from fhir_dmp.embedded_db import EmbeddedDbError, EmbeddedMongo, free_port, process_alive
+from fhir_dmp.runtime.config import Config
+from fhir_dmp.runtime.database import DatabaseError, open_database, redact_uri
+from fhir_dmp.runtime.embedded_db import EmbeddedDbError, EmbeddedMongo, free_port, process_alive
 
 
 def _gone(pid: int, timeout: float = 5) -> bool:
@@ -129,7 +129,7 @@ def test_open_database_unreachable_hides_password():
 
 
 def test_connected_reuses_a_running_server_or_starts_one(tmp_path):
-    from fhir_dmp.database import connected
+    from fhir_dmp.runtime.database import connected
 
     config = Config(data_dir=tmp_path)
     assert EmbeddedMongo.find_running(tmp_path) is None

@@ -1,4 +1,4 @@
-"""fhir_dmp.formats: JSON/XML round trips, negotiation, body parsing, XML safety."""
+"""fhir_dmp.http.formats: JSON/XML round trips, negotiation, body parsing, XML safety."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +9,10 @@ import pathlib
 import pytest
 from lxml import etree
 
-from fhir_dmp import formats
-from fhir_dmp.errors import (BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable,
+from fhir_dmp.http import formats
+from fhir_dmp.http.errors import (BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable,
                              UnsupportedMediaType)
-from fhir_dmp.formats import JSON, XML, from_xml, negotiate, parse_body, render, to_xml
+from fhir_dmp.http.formats import JSON, XML, from_xml, negotiate, parse_body, render, to_xml
 
 FIXTURES = sorted((pathlib.Path(__file__).parent / "fixtures" / "r4").glob("*.json"))
 MAX = 1 << 20

@@ -390,7 +390,7 @@ def _audit(config, *args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_DMP_")}
     env.update(FHIR_DMP_MONGODB_URI=config.mongodb_uri, FHIR_DMP_DB=config.db_name,
                FHIR_DMP_DATA_DIR=str(config.data_dir))
-    return subprocess.run([sys.executable, "-m", "fhir_dmp.cli", "audit", *args],
+    return subprocess.run([sys.executable, "-m", "fhir_dmp.runtime.cli", "audit", *args],
                           check=False, env=env, capture_output=True, text=True, timeout=60)
 
 

@@ -9,8 +9,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fhir_dmp import lifecycle
-from fhir_dmp.security.audit import verify_chains
+from fhir_dmp.guard import lifecycle
+from fhir_dmp.guard.repository import GuardedRepository
+from fhir_dmp.audit.verify import verify_chains
 from tests import builders as b
 from tests.builders import journal_entries
 from fhir_dmp.storage import unpack
@@ -76,7 +77,6 @@ def test_close_and_reopen_by_patient_representative_or_admin(api, dmp, who, how)
 
 def test_repository_close_and_reopen_methods(api, dmp):
     """The operations the portal calls (close_dmp / reopen_dmp / destroy_dmp), same decision."""
-    from fhir_dmp.repository import GuardedRepository
     from fhir_dmp.security.auth import principal_from_claims
     pid = dmp["pid"]
     me = principal_from_claims({"fhirUser": f"Patient/{pid}", "scope": "patient/*.cruds"})
@@ -102,9 +102,9 @@ def test_retention_destroys_closed_dmps_only_once_their_time_has_passed(short_ap
     assert reopen(api.as_admin(), reopened).status_code == 200
     backend = backend_of(api)
     now = datetime.now(timezone.utc)
-    assert lifecycle.run_retention(backend, at=now + timedelta(days=300)) == 0   # within the year
+    assert lifecycle.run_retention(backend, GuardedRepository, at=now + timedelta(days=300)) == 0   # within the year
     assert api.as_patient(closed).get(f"Patient/{closed}").status_code == 200
-    assert lifecycle.run_retention(backend, at=now + timedelta(days=367)) == 1
+    assert lifecycle.run_retention(backend, GuardedRepository, at=now + timedelta(days=367)) == 1
     assert api.as_patient(closed).get(f"Patient/{closed}").status_code == 404
     assert api.as_admin().get(f"Patient/{closed}").status_code == 404
     for pid in (reopened, still_open):
@@ -114,7 +114,7 @@ def test_retention_destroys_closed_dmps_only_once_their_time_has_passed(short_ap
 
 def test_retention_run_cli(api, dmp, config, monkeypatch, capsys):
     """`fhir-dmp retention run` destroys what is past retention (closed 11 years ago here)."""
-    from fhir_dmp import cli
+    from fhir_dmp.runtime import cli
     pid = dmp["pid"]
     assert close(api.as_patient(pid), pid).status_code == 200
     db = backend_of(api).storage.db
@@ -140,7 +140,7 @@ def test_daily_retention_runs_once_a_day_across_processes(db_storage):
 
 
 def test_retention_years_configuration():
-    from fhir_dmp.config import Config, ConfigError
+    from fhir_dmp.runtime.config import Config, ConfigError
     assert Config.from_env({}).retention_years == 10
     assert Config.from_env({"FHIR_DMP_RETENTION_YEARS": "3"}).retention_years == 3
     with pytest.raises(ConfigError):
@@ -237,7 +237,7 @@ class FailingJournal:
 
     def append(self, events, *, session=None):
         if any("destroyed" in (e.get("outcomeDesc") or "") for e in events):
-            from fhir_dmp.security.audit import AuditUnavailable
+            from fhir_dmp.audit.log import AuditUnavailable
             raise AuditUnavailable()
         return self.real.append(events, session=session)
 
@@ -320,7 +320,7 @@ def test_a_record_through_its_whole_life(short_api, idp):
     assert close(api.as_admin(), pid).status_code == 200
     # retention passes: destroyed
     later = datetime.now(timezone.utc) + timedelta(days=400)
-    assert lifecycle.run_retention(backend, at=later) == 1
+    assert lifecycle.run_retention(backend, GuardedRepository, at=later) == 1
     assert mum.get(f"Patient/{pid}").status_code == 401          # the parent's RelatedPerson is gone
     assert api.as_patient(pid).get(f"Patient/{pid}").status_code == 404
     assert personal_data_left(db, ins, email) == []
@@ -335,8 +335,8 @@ def test_a_record_through_its_whole_life(short_api, idp):
 
 def test_serve_workers_start_the_daily_retention(api):
     from flask import Flask
-    assert lifecycle.start_daily_retention(Flask("other")) is None
-    scheduler = lifecycle.start_daily_retention(api.app)
+    assert lifecycle.start_daily_retention(Flask("other"), GuardedRepository) is None
+    scheduler = lifecycle.start_daily_retention(api.app, GuardedRepository)
     try:
         assert scheduler is not None
     finally:
@@ -345,7 +345,6 @@ def test_serve_workers_start_the_daily_retention(api):
 
 def test_a_write_that_races_a_destroy_is_purged_after_it_commits(api, dmp):
     """A deposit decided before the destroy but committed after it: nothing of it survives."""
-    from fhir_dmp.repository import GuardedRepository
     from fhir_dmp.security.auth import principal_from_claims
     pid = dmp["pid"]
     db = backend_of(api).storage.db
@@ -354,15 +353,15 @@ def test_a_write_that_races_a_destroy_is_purged_after_it_commits(api, dmp):
     late = GuardedRepository(backend_of(api), ps)
     late.access.state(pid)                      # the writer has seen the DMP open...
     assert api.as_admin().post(f"Patient/{pid}/$destroy").status_code == 204
-    late._dirty_pids.add(pid)                   # ...and its transaction commits after the destroy
+    late.work.written(pid)                      # ...and its transaction commits after the destroy
 
     def write(s):
         db["DocumentReference"].insert_one({"_id": "late-doc", "pid": pid, "del": False,
                                             "res": {"subject": {"reference": f"Patient/{pid}"}}}, session=s)
-    late._writing(write, interaction="create", rtype="DocumentReference")
+    late.transaction(write, interaction="create", rtype="DocumentReference")
     assert db["DocumentReference"].count_documents({"pid": pid}) == 0
     # a DMP that never existed is not "destroyed": nothing is written for it
-    assert not lifecycle.was_destroyed(backend_of(api).storage, "never-existed")
+    assert not backend_of(api).storage.was_destroyed("never-existed")
 
 
 def test_closing_is_all_or_nothing_with_its_retention(api, app):

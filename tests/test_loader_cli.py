@@ -10,7 +10,7 @@ from tests import builders as b
 def run_cli(args, config, mongo_server, db):
     env = dict(os.environ, FHIR_DMP_MONGODB_URI=mongo_server.uri, FHIR_DMP_DB=db.name,
                FHIR_DMP_DATA_DIR=str(config.data_dir))
-    return subprocess.run([sys.executable, "-m", "fhir_dmp.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fhir_dmp.runtime.cli", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
 

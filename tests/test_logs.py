@@ -3,7 +3,7 @@ import io
 import json
 import logging
 
-from fhir_dmp.logs import json_handler
+from fhir_dmp.runtime.logs import json_handler
 
 
 def test_log_lines_are_json_with_the_request_id(app, api, idp):

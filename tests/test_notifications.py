@@ -16,10 +16,10 @@ from tests.transports import Sink, SmsServer
 from aiosmtpd.controller import Controller
 from fhir.resources.R4B.communication import Communication
 
-from fhir_dmp.config import Config
-from fhir_dmp.embedded_db import free_port as _free_port
-from fhir_dmp.notifications import (NO_CONTACT_REASON, OUTBOX, Notice, Outbox, Worker, contacts,
-                                    render_text)
+from fhir_dmp.runtime.config import Config
+from fhir_dmp.runtime.embedded_db import free_port as _free_port
+from fhir_dmp.notifications.outbox import NO_CONTACT_REASON, OUTBOX, Notice, Outbox, contacts, render_text
+from fhir_dmp.notifications.worker import Worker
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fhir_dmp.notifications import NO_CONTACT_REASON, OUTBOX, Worker
+from fhir_dmp.notifications.outbox import NO_CONTACT_REASON, OUTBOX
+from fhir_dmp.notifications.worker import Worker
 from fhir_dmp.resources.communications import notification_result
 from tests import builders as b
 from tests.api import Api

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from fhir_dmp.config import Config
+from fhir_dmp.runtime.config import Config
 from fhir_dmp.security.devkeys import mint_token
 from tests import builders
 from tests.api import Api
@@ -33,7 +33,8 @@ def server(browser, mongo_server, mongo_client, tmp_path_factory):
     db = unique_db(mongo_client)
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=tmp_path_factory.mktemp("portal"),
                  base_url=f"http://127.0.0.1:{port}/fhir", notifications_worker=False, audit_sealer=False)
-    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app
+    from fhir_dmp.runtime.services import stop_background
     app = create_app(cfg, client=mongo_client, db=db)
     builders.load_directory(cfg, tmp_path_factory.mktemp("annuaire"))     # names, not numbers
     live = LiveServer(app, port)

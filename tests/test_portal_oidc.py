@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from fhir_dmp.config import Config
+from fhir_dmp.runtime.config import Config
 from tests import builders
 from tests.api import Api
 from tests.oidc_provider import OidcProvider, load_clients
@@ -43,15 +43,16 @@ def oidc_server(mongo_server, mongo_client, tmp_path_factory):
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=work / "data", base_url=base,
                  issuer=op.issuer, portal_client_id="dmp-portal", portal_client_secret="dmp-portal-secret",
                  notifications_worker=False, audit_sealer=False)
-    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app
+    from fhir_dmp.runtime.services import stop_background
     app = create_app(cfg, client=mongo_client, db=db)
     live = LiveServer(app, port)
     api = Api(app, None)
     ps = api.as_token(op.client_token("psc-ps-m2m", "user/*.cruds", base))
     # the DMP with the id the provider's account names: a client-chosen id is the administrator's
     # (fhir-dmp load), then the professional attests the patient's agreement (first access)
-    from fhir_dmp.loader import LOADER
-    from fhir_dmp.repository import GuardedRepository
+    from fhir_dmp.runtime.loader import LOADER
+    from fhir_dmp.guard.repository import GuardedRepository
     admin = GuardedRepository(app.extensions["fhir_dmp"], LOADER)
     admin.update("Patient", PATIENT_ID, {**builders.patient(), "id": PATIENT_ID})
     admin.flush_audit()

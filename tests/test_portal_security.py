@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from fhir_dmp.config import Config
+from fhir_dmp.runtime.config import Config
 from fhir_dmp.security.devkeys import mint_token
 from tests import builders
 from tests.api import Api

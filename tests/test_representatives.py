@@ -7,7 +7,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from fhir_dmp import access_codes
+from fhir_dmp.guard import access_codes
 from tests import builders as b
 from tests.api import Api
 
@@ -368,7 +368,7 @@ def test_personal_pdf_content_round_trip(api):
 
 def test_dev_token_for_a_legal_representative_names_the_relatedperson(tmp_path, monkeypatch, capsys):
     import json as _json
-    from fhir_dmp import cli
+    from fhir_dmp.runtime import cli
     monkeypatch.delenv("FHIR_DMP_ISSUER", raising=False)
     monkeypatch.setenv("FHIR_DMP_DATA_DIR", str(tmp_path))
     assert cli.main(["dev-token", "legal_representative", "--related-person", "rp-42"]) == 0
@@ -379,7 +379,7 @@ def test_dev_token_for_a_legal_representative_names_the_relatedperson(tmp_path, 
 
 
 def test_repository_representative_methods_for_the_portal(api):
-    from fhir_dmp.repository import GuardedRepository
+    from fhir_dmp.guard.repository import GuardedRepository
     from fhir_dmp.security.auth import principal_from_claims
     pid = open_dmp(api)
     backend = api.app.extensions["fhir_dmp"]

@@ -100,7 +100,7 @@ def test_if_match_race_one_wins(api):
 
 def test_xml_in_and_out(api):
     admin = api.as_admin()
-    from fhir_dmp import formats
+    from fhir_dmp.http import formats
     xml = formats.to_xml(b.patient())
     r = admin.post("Patient", raw=xml, content_type="application/fhir+xml",
                    headers={"Accept": "application/fhir+xml"})

@@ -74,7 +74,7 @@ def test_opt_outs_with_partial_dates_hold(api, dmp, purpose, start):
 
 def test_unreadable_deny_consent_denies():
     """A deny Consent whose period the server cannot read is in force; a permit is not."""
-    from fhir_dmp.security.consent import consent_in_force
+    from fhir_dmp.security.decision import consent_in_force
     at = datetime(2026, 1, 1, tzinfo=timezone.utc)
     deny = {"status": "active", "provision": {"type": "deny", "period": {"start": "janvier 2020"}}}
     permit = {"status": "active", "provision": {"type": "permit", "period": {"start": "janvier 2020"}}}
@@ -315,7 +315,7 @@ def _rotate_and_withdraw(idp, jwks_server) -> str:
 
 
 def test_jwks_rotation_trusts_only_published_keys(idp, jwks_server):
-    from fhir_dmp.errors import Unauthorized
+    from fhir_dmp.http.errors import Unauthorized
     old_token = idp.token(sub="x")
     now = [1000.0]
     verifier = _verifier(idp, jwks_server, now)
@@ -330,7 +330,7 @@ def test_jwks_rotation_trusts_only_published_keys(idp, jwks_server):
 
 
 def test_jwks_cache_has_a_bounded_lifetime(idp, jwks_server):
-    from fhir_dmp.errors import Unauthorized
+    from fhir_dmp.http.errors import Unauthorized
     token = idp.token(sub="x")
     now = [1000.0]
     verifier = _verifier(idp, jwks_server, now)
@@ -570,7 +570,7 @@ def _journaled_rules(app, pid):
 
 
 def test_deposit_rules_are_decisions_journaled_with_their_reason(api, app):
-    """Rules 10-11 (qualified INS, only the author replaces) are decided in security/consent.py:
+    """Rules 10-11 (qualified INS, only the author replaces) are decided in security/decision/:
     the deny's reason is the OperationOutcome's, and the denial reaches the DMP's journal."""
     dr = api.as_ps(b.PS_DR)
     unqualified = dr.create(b.patient(status="PROV"))["id"]
@@ -605,7 +605,7 @@ def test_author_of_record_is_decided_not_sent(api):
 
 
 def test_record_target_rule():
-    from fhir_dmp.security.consent import record_target_matches
+    from fhir_dmp.security.decision import record_target_matches
     ins = (b.NIR, "279017512345644")
     root = b.NIR[len("urn:oid:"):]
     assert record_target_matches(ins, [(root, "279017512345644")]).permit

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fhir_dmp.errors import BadRequest
+from fhir_dmp.http.errors import BadRequest
 from fhir_dmp.search import (SUPPORTED, Include, cursor_after, decode_cursor, decode_history_cursor,
                              encode_cursor, encode_history_cursor, extract, include_targets, index_specs, keyset_filter, parse_search,
                              patient_id_of, revinclude_filter)

@@ -1,5 +1,5 @@
 """Secret files created by several processes at once are never read half-written
-(fhir_dmp/secret_files.py): the sealer's signing key, the portal's session secret, the dev
+(fhir_dmp/runtime/secret_files.py): the sealer's signing key, the portal's session secret, the dev
 signing key and the KEK file all go through ``write_secret``."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import stat
 
 from cryptography.hazmat.primitives import serialization
 
-from fhir_dmp.secret_files import write_secret
-from fhir_dmp.security.sealer import load_signing_key
+from fhir_dmp.runtime.secret_files import write_secret
+from fhir_dmp.audit.sealer import load_signing_key
 
 
 def _load_key(path, start, out):

@@ -3,7 +3,7 @@ from decimal import Decimal
 
 import pytest
 
-from fhir_dmp.security.consent import access_facets
+from fhir_dmp.security.decision import access_facets
 from fhir_dmp.storage import Storage, VersionConflict, merge_filters
 from tests import builders as b
 

@@ -20,8 +20,8 @@ import pymongo
 import pytest
 import requests
 
-from fhir_dmp.config import Config
-from fhir_dmp.embedded_db import EmbeddedMongo, process_alive
+from fhir_dmp.runtime.config import Config
+from fhir_dmp.runtime.embedded_db import EmbeddedMongo, process_alive
 from tests import builders as b
 from tests.builders import journal_entries
 from tests.api import Api
@@ -35,7 +35,8 @@ def _by_request(db, request_id: str) -> list[dict]:
 
 def test_journal_is_durable_before_the_answer(tmp_path, idp):
     """Kill -9 the database right after the answer: the read's AuditEvent is there after restart."""
-    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app
+    from fhir_dmp.runtime.services import stop_background
     server = EmbeddedMongo(tmp_path / "db")
     uri = server.start()
     config = Config(mongodb_uri=uri, db_name="durable", data_dir=tmp_path, base_url=BASE,
@@ -72,8 +73,8 @@ def test_journal_is_durable_before_the_answer(tmp_path, idp):
 def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, db_storage, config):
     """Many threads read one DMP while the sealer runs: all 200, every event sealed, chains
     and signed checkpoints intact."""
-    from fhir_dmp.security.audit import verify_chains
-    from fhir_dmp.security.sealer import Sealer
+    from fhir_dmp.audit.verify import verify_chains
+    from fhir_dmp.audit.sealer import Sealer
     api = Api(app, idp)
     pid = api.as_ps().post("Patient", b.patient()).json["id"]
     api.as_ps().post("DocumentReference", b.docref(pid))
@@ -106,15 +107,15 @@ def test_stop_background_leaves_nothing_running(config, build_app, idp):
     """What a test (or a worker going away) stops is stopped for good before its database is
     dropped: SecantusDB's dropDatabase, run while the app's sealer still works on that database,
     can spin for ever in WiredTiger, and every other client then waits (CI hung so)."""
-    from fhir_dmp.app import stop_background
+    from fhir_dmp.runtime.services import services, stop_background
     from fhir_dmp.storage.core import SEALER_LEASE
     app = build_app(config.with_(audit_sealer=True, notifications_worker=True))
     api = Api(app, idp)
     pid = api.as_ps().post("Patient", b.patient()).json["id"]
     assert api.as_ps().get(f"Patient/{pid}").status_code == 200     # the journal's committer too
-    names = ("fhir_dmp.context_cache", "fhir_dmp.sealer", "fhir_dmp.worker")
-    services = [app.extensions[n] for n in names]
-    threads = [s._thread for s in services] + [app.extensions["fhir_dmp"].audit_log._committer._thread]
+    running = services(app)
+    background = [running.context_cache, running.sealer, running.worker]
+    threads = [s._thread for s in background] + [running.audit_log._committer._thread]
     assert all(t.is_alive() for t in threads)
     stop_background(app)
     deadline = time.monotonic() + 10
@@ -123,9 +124,9 @@ def test_stop_background_leaves_nothing_running(config, build_app, idp):
     assert [t.name for t in threads if t.is_alive()] == []
     lease = app.extensions["fhir_dmp"].storage.db[SEALER_LEASE]
     assert lease.find_one() is None                                 # the sealer gave its lease back
-    sealer = app.extensions["fhir_dmp.sealer"]
+    sealer = running.sealer
     assert sealer.acquire()
-    for service in services:                                        # a second stop (as at exit)
+    for service in background:                                      # a second stop (as at exit)
         service.stop()                                              # has nothing left to do:
     assert lease.find_one()["owner"] == sealer.owner                # not even the lease to give back
     sealer.release()

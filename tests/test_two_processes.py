@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from fhir_dmp.embedded_db import EmbeddedMongo
+from fhir_dmp.runtime.embedded_db import EmbeddedMongo
 from tests import builders as b
 
 BTG = {"Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '

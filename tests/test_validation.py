@@ -11,7 +11,7 @@ from fhirpathpy import evaluate as fhirpath
 from fhirpathpy.models import models as fhirpath_models
 from fhir.resources.R4B import get_fhir_model_class
 
-from fhir_dmp.errors import BadRequest, Unprocessable
+from fhir_dmp.http.errors import BadRequest, Unprocessable
 from fhir_dmp.profiles import (
     IDNATPS_SYSTEM, INS_SYSTEMS, INVISIBLE_PATIENT, LABEL_SYSTEM, MASQUE_PS, NIA, NIR,
     NIR_DEMO, NIR_TEST, PROFILES, SUPPORTED_TYPES, author_ids, doc_type_codes,

@@ -67,7 +67,8 @@ class Commands(monitoring.CommandListener):
 @pytest.fixture
 def watched(config, mongo_server, db, idp):
     """(Api, Commands, app) on a client whose commands are counted; the context cache live."""
-    from fhir_dmp.app import create_app, stop_background
+    from fhir_dmp.http.app import create_app
+    from fhir_dmp.runtime.services import stop_background
     commands = Commands()
     client = pymongo.MongoClient(mongo_server.uri, tz_aware=True, event_listeners=[commands])
     app = create_app(config, client=client, db=client[db.name])
@@ -96,13 +97,13 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     kinds = {cmd for cmd, _, _ in seen}
     assert kinds <= {"insert", "bulkWrite", "find", "commitTransaction"}, seen
     # the content header, the Binary, the document (no history copy of a version 1) and the
-    # journal entry with its sealer queue document (security/audit.py) in one round trip, the
+    # journal entry with its sealer queue document (audit/log.py) in one round trip, the
     # transaction's first command (on SecantusDB it names no read concern: Storage.run_transaction)
     writes = sorted(coll for cmd, coll, txn in seen if cmd in ("insert", "bulkWrite") and txn)
     assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference,content_blobs"], seen
     assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
-    # look-up after the commit (repository._sweep_destroyed)
+    # look-up after the commit (UnitOfWork.sweep_destroyed)
     assert [(coll, txn) for cmd, coll, txn in seen if cmd == "find"] == [("Patient", False)], seen
 
     # what was written is whole: size and hash from the content, Binary attached, content reads back
@@ -195,7 +196,7 @@ def test_content_in_a_header_cannot_be_swapped_or_miscounted(store, db):
 def test_insert_docs_keeps_decimals_reports_duplicates_and_rolls_back(db):
     from decimal import Decimal
 
-    from fhir_dmp.security.consent import access_facets
+    from fhir_dmp.security.decision import access_facets
     from fhir_dmp.storage import DuplicateKey, DuplicateValue, Storage, VersionConflict
     storage = Storage(db.client, db, annotate=access_facets)
     storage.ensure_indexes()

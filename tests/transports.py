@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from aiosmtpd.controller import Controller
 
-from fhir_dmp.embedded_db import free_port as _free_port
+from fhir_dmp.runtime.embedded_db import free_port as _free_port
 
 
 class Sink:

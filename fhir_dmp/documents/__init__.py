@@ -25,7 +25,7 @@ def inspect_document(content_type: str | None, data: bytes, *, max_bytes: int,
         return inspect_pdf(data, max_bytes=max_bytes, expression=expression)
     if ct in CDA_CONTENT_TYPES:
         if len(data) > max_bytes:
-            from fhir_dmp.errors import PayloadTooLarge
+            from fhir_dmp.http.errors import PayloadTooLarge
             raise PayloadTooLarge(f"document exceeds the limit of {max_bytes} bytes", expression=expression)
         return inspect_cda(data, expression=expression)
     return None

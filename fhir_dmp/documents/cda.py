@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from fhir_dmp.errors import Unprocessable
-from fhir_dmp.security.consent import record_target_matches
+from fhir_dmp.http.errors import Unprocessable
+from fhir_dmp.security.decision import record_target_matches
 
 HL7 = "urn:hl7-org:v3"
 NS = {"h": HL7}
@@ -131,7 +131,7 @@ def check_cda_matches(info: CdaInfo, ins: tuple[str, str], type_codes: set[str],
     ``ins`` is the Patient's INS as FHIR (system ``urn:oid:<root>``, value);
     the CDA must carry exactly one recordTarget with INS ids (roots in
     :data:`INS_ROOTS`); whether they name the DMP's patient is the decision
-    module's rule (:func:`~fhir_dmp.security.consent.record_target_matches`),
+    module's rule (:func:`~fhir_dmp.security.decision.record_target_matches`),
     whose denial is passed to ``journal`` before the 422. ``type_codes`` are
     the codes of ``DocumentReference.type``; the CDA's LOINC code must be one.
     """

@@ -22,7 +22,7 @@ streams included) and every object reachable from them; direct sub-objects
 are walked with an explicit stack. Streams are never decoded (only object
 streams, under pypdf's decompression limits, tightened here). A deadline and
 an object budget stop hostile structures; any pypdf failure becomes
-:class:`fhir_dmp.errors.Unprocessable`. Diagnostics never echo content.
+:class:`fhir_dmp.http.errors.Unprocessable`. Diagnostics never echo content.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import pypdf
 from pypdf.generic import (ArrayObject, ByteStringObject, DictionaryObject, IndirectObject, NameObject,
                            TextStringObject)
 
-from fhir_dmp.errors import PayloadTooLarge, Unprocessable
+from fhir_dmp.http.errors import PayloadTooLarge, Unprocessable
 
 ATTACHMENT = "DocumentReference.content[0].attachment"
 

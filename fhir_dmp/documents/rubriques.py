@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 from functools import lru_cache
 
-from ..config import PACKAGE_DATA
-from ..errors import Unprocessable
+from ..runtime.config import PACKAGE_DATA
+from ..http.errors import Unprocessable
 
 RUBRIQUE_SYSTEM = "https://fhir-dmp.example.org/fhir/CodeSystem/dmp-rubrique"
 RUBRIQUES = {

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from flask import Flask
 from flask.sessions import SecureCookieSessionInterface
+from flask_wtf.csrf import CSRFProtect
+
+from ..runtime.services import services
+from . import signin, views
 
 
 class PortalSessionInterface(SecureCookieSessionInterface):
@@ -33,12 +37,10 @@ class PortalSessionInterface(SecureCookieSessionInterface):
         return super().open_session(app, request)
 
 
-def register(app: Flask, config) -> None:
-    """Mount the portal at /portal/ with its session, CSRF protection and OIDC client."""
-    from flask_wtf.csrf import CSRFProtect
-
-    from . import signin, views
-
+def init_app(app: Flask) -> None:
+    """Mount the portal at /portal/ with its session, CSRF protection and OIDC client (Flask's
+    extension pattern: after the app's services, ``runtime.services``, are registered)."""
+    config = services(app).config
     app.secret_key = signin.session_secret(config)
     app.session_interface = PortalSessionInterface()
     app.config.update(
@@ -52,7 +54,6 @@ def register(app: Flask, config) -> None:
         # the token of a form lives as long as the session (which ends with the access token)
         WTF_CSRF_TIME_LIMIT=None,
     )
-    csrf = CSRFProtect(app)
-    app.extensions["fhir_dmp.portal.csrf"] = csrf
+    services(app).csrf = CSRFProtect(app)
     signin.init_oidc(app, config)
     app.register_blueprint(views.bp)

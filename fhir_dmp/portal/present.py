@@ -8,9 +8,9 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from ..directory import Professional
+from .directory import Professional
 from ..profiles import dmp
-from ..security.audit import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
+from ..audit.events import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -39,7 +39,7 @@ RESOURCE_TYPES = {
     "Consent": "d'une autorisation", "AuditEvent": "du journal", "Communication": "d'une notification",
     "RelatedPerson": "d'un représentant légal",
 }
-# why an access was refused, by the decision's rule (security/consent.py); others: "accès refusé"
+# why an access was refused, by the decision's rule (security/decision/); others: "accès refusé"
 REFUSALS = {
     "not-authorized": "professionnel non autorisé", "blocked": "professionnel que vous avez bloqué",
     "btg-opt-out": "vous refusez le bris de glace", "centre15-opt-out": "vous refusez l'accès du centre 15",

@@ -20,11 +20,14 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from flask import current_app, g, request, session
+from flask import g, request, session
 
-from ..errors import FhirError
-from ..secret_files import write_secret
-from ..repository import GuardedRepository, RequestInfo
+from ..http.errors import FhirError
+from ..runtime.secret_files import write_secret
+from ..runtime.services import services
+from ..guard.journal import RequestInfo
+from ..guard.repository import GuardedRepository
+from ..security.decision import resolve_legal_representative
 from ..security.principal import LEGAL_REPRESENTATIVE, PATIENT, Principal
 
 PORTAL_SCOPE = "openid fhirUser patient/*.cruds"
@@ -65,11 +68,11 @@ def init_oidc(app, config) -> None:
     oauth.register("dmp", client_id=config.portal_client_id, client_secret=config.portal_client_secret,
                    server_metadata_url=config.issuer.rstrip("/") + "/.well-known/openid-configuration",
                    client_kwargs=client_kwargs)
-    app.extensions["fhir_dmp.portal.oidc"] = oauth.dmp
+    services(app).oidc = oauth.dmp
 
 
 def oidc_client():
-    return current_app.extensions.get("fhir_dmp.portal.oidc")
+    return services().oidc
 
 
 def redirect_uri(config) -> str:
@@ -101,17 +104,15 @@ def dev_token(config, *, patient: str | None = None, related_person: str | None 
 
 def principal_of(token: str) -> Principal:
     """Verify ``token`` like an API token (same verifier, same Principal); FhirError when refused."""
-    from ..repository import resolve_legal_representative
-    verifier = current_app.extensions["fhir_dmp.verifier"]
-    principal = verifier.authenticate(f"Bearer {token}")
-    principal = resolve_legal_representative(current_app.extensions["fhir_dmp"], principal)
+    principal = services().verifier.authenticate(f"Bearer {token}")
+    principal = resolve_legal_representative(services().storage, principal)
     if principal.kind not in (PATIENT, LEGAL_REPRESENTATIVE) or not principal.patient_id:
         raise SignInRefused("this space is for patients and their legal representatives")
     return principal
 
 
 def _repository(principal: Principal) -> GuardedRepository:
-    return GuardedRepository(current_app.extensions["fhir_dmp"], principal, RequestInfo(
+    return GuardedRepository(services(), principal, RequestInfo(
         client_ip=request.remote_addr, request_id=g.get("request_id")))
 
 

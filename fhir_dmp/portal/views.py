@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import re
 
-from flask import (Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request,
+from flask import (Blueprint, Response, abort, flash, g, redirect, render_template, request,
                    stream_with_context, url_for)
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from .. import directory
-from ..errors import FhirError, NotFound, not_found
+from . import directory
+from ..http.errors import FhirError, NotFound, not_found
 from ..profiles import dmp, validate
+from ..runtime.services import services
 from ..search import reference_id
 from ..security.crypto import ContentUnavailable
-from ..security.audit import SUBJECT_SYSTEM
+from ..audit.events import SUBJECT_SYSTEM
 from ..security.principal import BTG, ETREAT, PATIENT
 from . import present, signin
 
@@ -42,7 +43,7 @@ OPTOUTS = {"btg": BTG, "c15": ETREAT}
 
 
 def config():
-    return current_app.extensions["fhir_dmp"].config
+    return services().config
 
 
 # ----------------------------------------------------------------------------- request hooks
@@ -51,7 +52,7 @@ def config():
 def guard():
     """CSRF first (a forged POST changes nothing), then the signed-in person or the login page."""
     if request.method == "POST":
-        current_app.extensions["fhir_dmp.portal.csrf"].protect()
+        services().csrf.protect()
     if request.endpoint in PUBLIC:
         return None
     if signin.load_signed_in() is None:
@@ -322,7 +323,7 @@ def _professionals(id_nat_ps: list[str]) -> dict[str, directory.Professional]:
 
 
 def _me_as_agent() -> tuple[str, str]:
-    """The journal's agent criterion for the signed-in person (audit.py ``_user_agent``)."""
+    """The journal's agent criterion for the signed-in person (audit/events.py ``_user_agent``)."""
     if g.principal.kind == PATIENT:
         return "agent", f"Patient/{_pid()}"
     if g.principal.related_person_id:

@@ -24,14 +24,14 @@ DocumentReference (``dmp-documentreference``)
 
 The checks are written for any JSON (they never assume the structure is
 valid; the structural walk reports that) and return
-:class:`~fhir_dmp.errors.Issue` lists. Diagnostics never repeat values.
+:class:`~fhir_dmp.http.errors.Issue` lists. Diagnostics never repeat values.
 """
 from __future__ import annotations
 
 import copy
 import re
 
-from fhir_dmp.errors import Issue
+from fhir_dmp.http.errors import Issue
 from fhir_dmp.security.principal import IDNATPS_SYSTEM, PURPOSE_SYSTEM
 
 from .ins import INS_SYSTEMS, NIA, NIR, NIR_DEMO, NIR_TEST, ins_problem, is_valid_ins

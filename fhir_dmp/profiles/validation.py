@@ -2,11 +2,11 @@
 
 Contract: :func:`validate` takes a resource as parsed JSON (a dict), checks it
 and returns the very same dict (never a re-dump). Every problem becomes one
-:class:`~fhir_dmp.errors.Issue` with a FHIRPath-like ``expression``
+:class:`~fhir_dmp.http.errors.Issue` with a FHIRPath-like ``expression``
 (``Patient.identifier[0].value``) and a diagnostic that names the rule but
 never repeats the offending value (it may be personal data). All problems
-are raised together as :class:`~fhir_dmp.errors.Unprocessable` (422); a
-missing or unexpected ``resourceType`` is :class:`~fhir_dmp.errors.BadRequest`
+are raised together as :class:`~fhir_dmp.http.errors.Unprocessable` (422); a
+missing or unexpected ``resourceType`` is :class:`~fhir_dmp.http.errors.BadRequest`
 (400) on ``resourceType``.
 
 Three layers:
@@ -44,7 +44,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir_core.types import FhirBase
 from lxml import etree
 
-from fhir_dmp.errors import BadRequest, Issue, Unprocessable
+from fhir_dmp.http.errors import BadRequest, Issue, Unprocessable
 from fhir_dmp.storage import RESOURCE_TYPES
 
 from . import dmp

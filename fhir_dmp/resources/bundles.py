@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from flask import Blueprint, g
 
-from ..errors import (
+from ..http.errors import (
     BadRequest,
     FhirError,
     MethodNotAllowed,
@@ -80,7 +80,7 @@ def _transaction(entries: list[dict]):
                 raise
         return responses
 
-    repo._writing(run)
+    repo.transaction(run)
     out = []
     for i in range(len(entries)):
         if entries[i] is None:
@@ -95,7 +95,7 @@ def _batch(entries: list[dict]):
     out = []
     for i, entry in enumerate(entries):
         try:
-            out.append(g.repo._writing(lambda s, e=entry, n=i: _entry(e, s, n)))
+            out.append(g.repo.transaction(lambda s, e=entry, n=i: _entry(e, s, n)))
         except FhirError as exc:
             out.append({"response": {"status": f"{exc.status}", "outcome": exc.outcome()}})
     return respond(bundle("batch-response", out))

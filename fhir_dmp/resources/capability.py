@@ -19,7 +19,8 @@ from pathlib import Path
 
 from flask import Blueprint, Response
 
-from .http import backend, respond
+from ..runtime.services import services
+from .http import respond
 
 bp = Blueprint("fhir_meta", __name__, url_prefix="/fhir")
 STATEMENT_PATH = Path(__file__).resolve().parents[1] / "data" / "capability_statement.json"
@@ -105,23 +106,18 @@ def authorization_endpoints(config) -> dict:
     tokens come from ``fhir-dmp dev-token`` and the server has no authorization endpoint."""
     if config.dev_mode:
         return {}
-    from flask import current_app
-    from ..security.discovery import IssuerMetadata
-    meta = current_app.extensions.get("fhir_dmp.issuer_metadata")
-    if meta is None:
-        meta = current_app.extensions.setdefault("fhir_dmp.issuer_metadata", IssuerMetadata(config.issuer))
-    return meta.document()
+    return services().issuer_metadata.document()
 
 
 @bp.get("/metadata")
 def metadata():
-    return respond(capability_statement(backend().config))
+    return respond(capability_statement(services().config))
 
 
 @bp.get("/.well-known/smart-configuration")
 def smart_configuration():
     """SMART App Launch discovery: what is true of this deployment, nothing more."""
-    config = backend().config
+    config = services().config
     body = {"issuer": config.expected_issuer}      # the iss of the tokens this server accepts
     if config.dev_mode:
         body["jwks_uri"] = f"{config.fhir_base}/.well-known/jwks.json"
@@ -141,9 +137,9 @@ def smart_configuration():
 @bp.get("/.well-known/jwks.json")
 def dev_jwks():
     """Dev mode only: the public key that signs ``fhir-dmp dev-token`` tokens (RFC 7517)."""
-    config = backend().config
+    config = services().config
     if not config.dev_mode:
-        from ..errors import NotFound
+        from ..http.errors import NotFound
         raise NotFound("no such endpoint: /fhir/.well-known/jwks.json")
     from ..security.devkeys import dev_public_key
     return Response(json.dumps({"keys": [dev_public_key(config).as_dict(private=False)]}), status=200,

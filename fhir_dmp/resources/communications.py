@@ -1,14 +1,15 @@
 """Communication: the notices sent to the patient, written by the server only."""
 from __future__ import annotations
 
+from ..notifications.outcomes import record_notice_outcome
+
 
 def notification_result(backend, message: dict, status: str, reason: str | None) -> None:
     """Outbox worker callback: record on the Communication whether the notice went out.
 
     ``message`` carries ``communication_id``; ``status`` is completed or not-done. The write goes
-    through the repository layer (:func:`fhir_dmp.repository.record_notice_outcome`).
+    through the repository layer (:func:`fhir_dmp.notifications.outcomes.record_notice_outcome`).
     """
     cid = message.get("communication_id")
     if cid:
-        from ..repository import record_notice_outcome
-        record_notice_outcome(backend, cid, status, reason)
+        record_notice_outcome(backend.storage, cid, status, reason)

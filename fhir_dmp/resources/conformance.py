@@ -18,7 +18,7 @@ from pathlib import Path
 
 from flask import Blueprint, request
 
-from ..errors import BadRequest, FhirError, MethodNotAllowed, not_found
+from ..http.errors import BadRequest, FhirError, MethodNotAllowed, not_found
 from ..profiles import validate
 from .http import bundle, ignored_entry, link, prefer, read_body, respond
 from .rest import hosted

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-from flask import Response, current_app, g, request
+from flask import Response, g, request
 
-from .. import formats
-from ..errors import BadRequest, Issue, information_outcome, operation_outcome
+from ..http import formats
+from ..http.errors import BadRequest, Issue, information_outcome, operation_outcome
+from ..runtime.services import services
 from ..storage import Stored, instant, new_id, now
 
 MIME = {formats.JSON: "application/fhir+json; charset=utf-8; fhirVersion=4.0",
         formats.XML: "application/fhir+xml; charset=utf-8; fhirVersion=4.0"}
-
-
-def backend():
-    return current_app.extensions["fhir_dmp"]
 
 
 def out_format() -> str:
@@ -74,7 +71,7 @@ def json_mime() -> str:
 
 def read_body(expected_type: str | None = None) -> dict:
     """Parse and check the request body as a FHIR resource."""
-    cfg = backend().config
+    cfg = services().config
     body = request.get_data(cache=False)
     resource = formats.parse_body(request.headers.get("Content-Type"), body, max_bytes=cfg.max_body_bytes)
     if expected_type and resource.get("resourceType") != expected_type:
@@ -108,7 +105,7 @@ def ignored_entry(names: list[str]) -> dict:
 
 
 def version_headers(stored: Stored, *, location: bool = False) -> dict:
-    base = backend().config.fhir_base
+    base = services().config.fhir_base
     headers = {"ETag": f'W/"{stored.vid}"', "Last-Modified": _http_date(stored.lu)}
     if location:
         headers["Location"] = f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.vid}"
@@ -152,11 +149,11 @@ def write_response(stored: Stored, status: int, *, location: bool = False) -> Re
 
 
 def full_url(stored: Stored) -> str:
-    return f"{backend().config.fhir_base}/{stored.resource_type}/{stored.id}"
+    return f"{services().config.fhir_base}/{stored.resource_type}/{stored.id}"
 
 
 def link(rtype_path: str, params: list[tuple[str, str]]) -> str:
-    base = backend().config.fhir_base
+    base = services().config.fhir_base
     query = urlencode(params, safe="|:,/")
     return f"{base}/{rtype_path}" + (f"?{query}" if query else "")
 

@@ -11,12 +11,13 @@ from datetime import datetime
 
 from flask import Blueprint, Response, g, request, stream_with_context
 
-from ..errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
+from ..http.errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
 from ..profiles import validate
-from ..repository import HOSTED
+from ..guard.reads import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
-from ..security.consent import DIRECTORY, SERVER_WRITTEN
-from .http import (backend, bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
+from ..runtime.services import services
+from ..security.decision import DIRECTORY, SERVER_WRITTEN
+from .http import (bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
                    read_body, respond, summarize, version_headers, write_response)
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
@@ -153,11 +154,11 @@ def destroy(rid):
 @bp.post("/Patient/<rid>/$access-code")
 def access_code(rid):
     """A one-time code to the patient, for a PS's first access (FHIR_DMP_FIRST_ACCESS=patient-code)."""
-    if backend().config.first_access != "patient-code":
+    if services().config.first_access != "patient-code":
         raise BadRequest("first access is attested by the professional here (FHIR_DMP_FIRST_ACCESS="
                          "attestation): no access code is needed", code="not-supported")
     comms = g.repo.send_access_code(rid)
-    from ..errors import Issue, operation_outcome
+    from ..http.errors import Issue, operation_outcome
     sent = sorted({c["medium"][0]["coding"][-1]["code"] for c in comms if c.get("medium")})
     text = (f"a one-time code was sent to the patient ({', '.join(sent)})" if sent else
             "the patient has no email or phone on file: no code could be sent")
@@ -286,7 +287,7 @@ def system_history():
 
 def _history(rtype: str | None, rid: str | None):
     """History at instance, type or system level (https://hl7.org/fhir/R4/http.html#history)."""
-    cfg = backend().config
+    cfg = services().config
     if "_at" in request.args:
         raise BadRequest("_at is not supported on history; use _since", expression="_at",
                          code="not-supported")
@@ -357,9 +358,9 @@ def _security_context() -> dict:
 
 
 def _raw_stream():
-    cfg = backend().config
+    cfg = services().config
     if request.content_length and request.content_length > cfg.max_attachment_bytes:
-        from ..errors import PayloadTooLarge
+        from ..http.errors import PayloadTooLarge
         raise PayloadTooLarge(f"content larger than {cfg.max_attachment_bytes} bytes")
     return request.stream
 

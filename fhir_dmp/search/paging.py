@@ -15,7 +15,7 @@ import json
 import re
 from datetime import datetime
 
-from ..errors import BadRequest
+from ..http.errors import BadRequest
 from .query import SearchRequest
 from .registry import SUPPORTED
 from .values import DATE_MAX, DATE_MIN, ID_RE, UTC

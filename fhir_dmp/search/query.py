@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from ..errors import BadRequest
+from ..http.errors import BadRequest
 from .extract import TEXT, parse_reference, sort_key_name
 from .registry import SUPPORTED, SearchParam
 from .values import (ID_RE, TYPE_RE, UTC, date_range, normalize, shift, split_unescaped,

@@ -46,7 +46,7 @@ from joserfc.errors import (BadSignatureError, ClaimError, ExpiredTokenError, Jo
 from joserfc.jwk import Key, KeySet
 from werkzeug.http import parse_list_header, parse_options_header
 
-from ..errors import ServiceUnavailable, Unauthorized
+from ..http.errors import ServiceUnavailable, Unauthorized
 from . import devkeys
 from .discovery import fetch_discovery
 from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, PURPOSE_SYSTEM,
@@ -595,7 +595,7 @@ def _compartment(kind: str, scopes: Scopes, owner_pid: str | None, launch_pid: s
     patient, or a professional with only ``patient/`` scopes and no ``patient`` claim: 401."""
     owner = kind in (PATIENT, LEGAL_REPRESENTATIVE)
     # a legal representative's patient is known only once its RelatedPerson is resolved
-    # (repository.resolve_legal_representative checks the claim against it)
+    # (security.decision.resolve_legal_representative checks the claim against it)
     if kind == PATIENT and launch_pid and launch_pid != owner_pid:
         raise invalid_token("the patient claim names another patient than fhirUser")
     contexts = scopes.contexts()

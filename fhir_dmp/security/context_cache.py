@@ -1,6 +1,6 @@
 """The decision context of each DMP, cached in the process and invalidated by the database.
 
-The decision (``consent.py``) needs, per patient, the Patient (DMP state, médecin traitant)
+The decision (``decision/``) needs, per patient, the Patient (DMP state, médecin traitant)
 and its active Consents. Loading them costs two queries per request; this module keeps
 them per process and drops an entry as soon as the database says something in that
 patient's compartment changed, in this process or any other (issue 13: a revocation, a

@@ -47,7 +47,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from ..secret_files import write_secret
+from ..runtime.secret_files import write_secret
 
 FORMAT_V1 = b"\x01"
 NONCE_LEN = 12

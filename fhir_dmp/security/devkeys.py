@@ -16,7 +16,7 @@ from pathlib import Path
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
-from ..secret_files import write_secret
+from ..runtime.secret_files import write_secret
 from .principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PS, REGULATION_CENTRE, ETREAT, BTG, TREAT
 
 log = logging.getLogger(__name__)

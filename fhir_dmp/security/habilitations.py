@@ -11,7 +11,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError
+from ..runtime.config import ConfigError
 
 REQUIRED_COLUMNS = ("profession_code", "type_code", "read")
 

@@ -1,7 +1,7 @@
 """Who is calling: the Principal built from a verified access token.
 
 CONTRACT.md "Access tokens" lists the claims. The Principal is plain data:
-the decision (``security/consent.py``) reads it, nothing else interprets
+the decision (``security/decision/``) reads it, nothing else interprets
 claims.
 """
 from __future__ import annotations

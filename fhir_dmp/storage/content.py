@@ -50,7 +50,7 @@ from typing import BinaryIO, Iterable, Iterator
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from ..errors import Conflict, PayloadTooLarge
+from ..http.errors import Conflict, PayloadTooLarge
 from ..security.crypto import ContentUnavailable, DocumentCrypto
 from .core import BLOBS, CHUNKS, DATAKEYS, StoreCore
 from .errors import DuplicateKey, StorageError, translate_methods

@@ -1,7 +1,7 @@
 """The storage filter language, evaluated in memory on one stored document.
 
 Two callers, one definition: the access decision judges a single resource with the same query
-its search guard sends to the database (``security/consent.py``), and the per-process DMP
+its search guard sends to the database (``security/decision/``), and the per-process DMP
 document cache (``search/doc_cache.py``) answers a search from memory. Only a subset of the MongoDB
 filter language is evaluated, each operator with MongoDB's meaning for the values the server
 stores (scalars and arrays of scalars or of flat sub-documents, reached by dotted paths):

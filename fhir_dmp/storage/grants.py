@@ -1,7 +1,7 @@
 """What the access decision reads, break-the-glass grants, first-access codes, issuer key sets.
 
 Collections: ``btg_grants`` and ``btg_grant_locks`` (one per (DMP, PS): concurrent new grants
-conflict on it, security/consent.py), ``access_codes`` (only a code's salted hash is stored,
+conflict on it, security/decision/), ``access_codes`` (only a code's salted hash is stored,
 access_codes.py), ``issuer_key_sets`` (the issuer's key set as last seen by any process,
 security/auth.py); and reads of ``Patient``, ``Consent`` (and the change stream over
 :data:`~fhir_dmp.storage.core.DECISION_INPUTS`) for the decision context.

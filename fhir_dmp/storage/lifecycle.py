@@ -13,6 +13,7 @@ from datetime import datetime
 
 from pymongo import ReturnDocument
 
+from ..audit.chain import GENESIS
 from .core import (ACCESS_CODES, BLOBS, CHUNKS, COMPARTMENT_TYPES, DATAKEYS, GRANT_LOCKS, GRANTS, JOBS, JOURNAL,
                    JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_QUEUE, OUTBOX, StoreCore)
 from .errors import translate_methods
@@ -38,7 +39,6 @@ class LifecycleStore(StoreCore):
     def purge_dmp(self, pid: str, *, session) -> dict:
         """Remove every trace of DMP ``pid`` inside ``session``'s transaction; counts by collection
         (lifecycle.purge_dmp states what goes and in which order)."""
-        from ..security.audit import GENESIS  # not at the top: security.audit imports storage
         counts = {}
 
         def gone(name: str, flt: dict) -> None:

@@ -316,7 +316,7 @@ EXTRA_INDEXES = {
 RETIRED_INDEXES = {"DocumentReference": [[("pid", 1), ("a.types", 1)],
                                          [("pid", 1), ("s.identifier.c", 1), ("s.identifier.s", 1)]]}
 
-# unique facets (security/consent.py access_facets): one DMP per INS, enforced by the database
+# unique facets (security/decision/ access_facets): one DMP per INS, enforced by the database
 UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
 
 #: on a current document: its version has no copy in the history yet (module docstring)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .search import reference_id
-from .security.audit import PROFESSION_LABELS
-from .security.principal import IDNATPS_SYSTEM
+from ..search import reference_id
+from ..audit.events import PROFESSION_LABELS
+from ..security.principal import IDNATPS_SYSTEM
 
 #: TRE_G15 (profession); the ANS FHIR export writes ``.../TRE_G15-ProfessionSante/FHIR/TRE-G15-...``,
 #: the journal ``.../TRE_G15-ProfessionSante``: both start so

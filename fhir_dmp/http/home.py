@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, request, url_for
 
-from .resources.capability import software_version
-from .resources.http import backend
+from ..resources.capability import software_version
+from ..runtime.services import services
 
 bp = Blueprint("home", __name__)
 
@@ -26,7 +26,7 @@ LINKS = [
 
 @bp.get("/")
 def home():
-    config = backend().config
+    config = services().config
     return render_template("home.html", links=LINKS, fhir_base=config.fhir_base,
                            version=software_version(), dev_mode=config.dev_mode)
 

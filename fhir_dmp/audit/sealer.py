@@ -1,7 +1,7 @@
 """The journal sealer: links unsealed AuditEvents into their per-patient hash chains and
 signs checkpoints of the chain heads (DESIGN.md "Audit", issue 13).
 
-Requests append their AuditEvents *unsealed* (``fhir_dmp.security.audit.AuditLog``): durable
+Requests append their AuditEvents *unsealed* (``fhir_dmp.audit.events.AuditLog``): durable
 before the answer, but outside any chain, so concurrent reads of one DMP never conflict on
 its chain head. The sealer, one at a time across every server process, then:
 
@@ -10,7 +10,7 @@ its chain head. The sealer, one at a time across every server process, then:
    each sealing transaction renews it (a fencing write: two sealers cannot both commit);
 2. takes the oldest queue entries (``AuditEvent_queue``: time of append, then ``_id``),
    links each event to its chain from the content digest queued with it (one run of links
-   per chain in ``AuditEvent_link``, as in ``audit.py``: no event is read back or updated),
+   per chain in ``AuditEvent_link``, as in ``chain.py``: no event is read back or updated),
    removes those queue entries, moves the heads (``AuditEvent_chain``) and writes a signed
    checkpoint, all in ONE transaction: a crash leaves either everything or nothing, and
    running it again only seals what is still queued (idempotent);
@@ -35,13 +35,12 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..secret_files import write_secret
+from ..runtime.secret_files import write_secret
 from ..storage.errors import StorageClosed, StorageError
-from .audit import GENESIS, SYSTEM_CHAIN, canonical_json, link_hash
+from .chain import GENESIS, SYSTEM_CHAIN, checkpoint_payload, key_id, link_hash
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +67,6 @@ def load_signing_key(path: Path, *, create: bool = False) -> Ed25519PrivateKey |
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key")
     return key
-
-
-def key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def _payload(cp: dict) -> bytes:
-    return canonical_json({k: cp[k] for k in ("n", "prev", "at", "heads")})
 
 
 # --- the sealer ---------------------------------------------------------------------------
@@ -161,7 +151,7 @@ class Sealer:
         cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,
               "at": now.isoformat(timespec="milliseconds"),
               "heads": [[pid, heads[pid][0], heads[pid][1]] for pid in sorted(pids)]}
-        body = _payload(cp)
+        body = checkpoint_payload(cp)
         storage.add_checkpoint({"_id": cp["n"], **cp, "digest": hashlib.sha256(body).hexdigest(),
                                 "key_id": self.kid,
                                 "sig": base64.b64encode(self.key.sign(body)).decode("ascii")},
@@ -197,46 +187,3 @@ class Sealer:
             except Exception:   # noqa: BLE001 — keep sealing after a database hiccup
                 log.exception("audit sealer pass failed; retrying")
             self._stop.wait(self.interval)
-
-
-# --- verification of the checkpoints ------------------------------------------------------
-
-def verify_checkpoints(storage, public: Ed25519PublicKey | None, patient_id: str | None = None
-                       ) -> tuple[list[str], dict[str, tuple[int, str]]]:
-    """Check the checkpoint chain and signatures; (problems, latest signed head per chain).
-
-    With ``public`` None nothing can be checked: a problem if checkpoints exist.
-    """
-    problems: list[str] = []
-    signed: dict[str, tuple[int, str]] = {}
-    if public is None:
-        if storage.has_checkpoints():
-            problems.append("signed checkpoints exist but no audit signing key is configured to check them")
-        return problems, signed
-    kid = key_id(public)
-    expected, prev = 1, GENESIS
-    for cp in storage.checkpoints():
-        n = cp["_id"]
-        if n != expected:
-            problems.append(f"checkpoint {expected} missing" if n == expected + 1
-                            else f"checkpoints {expected}-{n - 1} missing")
-        elif cp.get("prev") != prev:
-            problems.append(f"checkpoint {n} does not follow checkpoint {n - 1}")
-        try:
-            body = _payload(cp)
-            if cp.get("key_id") != kid:
-                raise InvalidSignature()
-            public.verify(base64.b64decode(cp.get("sig") or ""), body)
-        except (InvalidSignature, KeyError, ValueError, TypeError):
-            problems.append(f"checkpoint {n}: signature does not verify with the audit key")
-            expected, prev = n + 1, cp.get("digest")
-            continue
-        if hashlib.sha256(body).hexdigest() != cp.get("digest"):
-            problems.append(f"checkpoint {n}: digest mismatch")
-        for pid, seq, hsh in cp.get("heads") or ():
-            if patient_id is not None and pid != patient_id:
-                continue
-            if seq >= signed.get(pid, (0, ""))[0]:
-                signed[pid] = (seq, hsh)
-        expected, prev = n + 1, cp.get("digest")
-    return problems, signed

@@ -1,21 +1,25 @@
 """A DMP's life after it opens: close, reopen, retention, destroy (CONTRACT.md "Lifecycle of a DMP").
 
-Storage side only: no HTTP, no policy. The guarded repository decides who may
-(``security/consent.py``) and journals; these functions change the database
-through :class:`~fhir_dmp.storage.Storage` (which alone runs the queries).
+No HTTP, no policy. The guarded repository decides who may
+(``security/decision/``) and journals; the database is changed through
+:class:`~fhir_dmp.storage.Storage` (which alone runs the queries).
 
-* :func:`mark_closed` / :func:`mark_reopened` — a DMP that closes gets
-  ``closed_at`` on its stored Patient document (beside ``res``, not part of the
-  resource); reopening removes it. Retention counts from ``closed_at``.
-* :func:`purge_dmp` — everything the database holds about one DMP, removed
+* :func:`stamp_active_change` — a DMP that closes gets ``closed_at`` on its
+  stored Patient document (``Storage.mark_closed``: beside ``res``, not part of
+  the resource); reopening removes it. Retention counts from ``closed_at``.
+* ``Storage.purge_dmp`` — everything the database holds about one DMP, removed
   inside the caller's transaction (all or nothing): the data key
   (crypto-shredding), encrypted content, every resource of the compartment and
   its history, break-glass grants, notices (the outbox holds email addresses
-  and phone numbers), access codes, and the DMP's own journal chain.
-* :func:`retention_due` / :class:`RetentionScheduler` — closed DMPs whose
-  retention (``FHIR_DMP_RETENTION_YEARS``) has passed; ``fhir-dmp retention
-  run`` destroys them, and ``serve`` does so once a day (one process at a time,
-  through a lease in the ``scheduled_jobs`` collection).
+  and phone numbers), access codes, and the DMP's own journal chain;
+  :meth:`GuardedRepository.destroy_dmp <fhir_dmp.guard.dmp.DmpOperations.destroy_dmp>`
+  runs it with :func:`destroy_event`, the one system-journal entry a destroy leaves.
+* :func:`retention_due` / :func:`run_retention` / :class:`RetentionScheduler` —
+  closed DMPs whose retention (``FHIR_DMP_RETENTION_YEARS``) has passed;
+  ``fhir-dmp retention run`` destroys them, and ``serve`` does so once a day
+  (one process at a time, through a lease in the ``scheduled_jobs`` collection),
+  each destroy through a repository the caller's factory opens (this module
+  imports no repository).
 
 What remains after a destroy (stated, not hidden): one entry in the system
 journal (who destroyed a DMP and when; no patient id, INS, name or contact);
@@ -27,10 +31,16 @@ key is retired (``fhir-dmp keys rotate`` retires them), but their metadata
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from datetime import datetime, timedelta, timezone
 
-from .storage import instant
+from ..audit.events import add_years
+from ..security.principal import ADMIN, Principal
+from ..security.scopes import Scopes
+from ..storage import instant
+from .journal import RequestInfo
 
 log = logging.getLogger(__name__)
 
@@ -55,33 +65,17 @@ def active_change(old: dict | None, new: dict | None) -> str | None:
     return None
 
 
-def mark_closed(storage, pid: str, at: datetime, *, session=None) -> None:
-    storage.mark_closed(pid, at, session=session)
-
-
-def mark_reopened(storage, pid: str, *, session=None) -> None:
-    storage.mark_reopened(pid, session=session)
+def stamp_active_change(storage, old: dict | None, new: dict | None, stored, *, session) -> None:
+    """After a Patient write: closing stamps ``closed_at`` (retention counts from it), reopening
+    removes it, in the write's transaction."""
+    change = active_change(old, new)
+    if change == "close":
+        storage.mark_closed(stored.id, stored.lu, session=session)
+    elif change == "reopen":
+        storage.mark_reopened(stored.id, session=session)
 
 
 # -- destroy -----------------------------------------------------------------------------------
-def purge_dmp(storage, pid: str, *, session) -> dict:
-    """Remove every trace of DMP ``pid`` inside ``session``'s transaction; returns counts.
-
-    The data key goes first (crypto-shredding): whatever copy of a ciphertext
-    survives elsewhere cannot be opened with the live key file. The journal
-    chain of the DMP (its events and its head) goes with it, so the other
-    chains stay verifiable. After the commit, drop this process's copy of the key
-    (:meth:`DocumentCrypto.forget`) and its cached decision context, as
-    :meth:`GuardedRepository.destroy_dmp` does. The queries are :meth:`Storage.purge_dmp`'s.
-    """
-    return storage.purge_dmp(pid, session=session)
-
-
-def was_destroyed(storage, pid: str) -> bool:
-    """The DMP is gone and its journal head says it was destroyed (not merely never existed)."""
-    return storage.was_destroyed(pid)
-
-
 def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason: str) -> dict:
     """The one system-journal AuditEvent a destroy leaves: who (a role, not a person's
     identifier), when, why; nothing that names the patient."""
@@ -111,7 +105,6 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
 # -- retention -----------------------------------------------------------------------------------
 def retention_due(storage, years: int, at: datetime) -> list[str]:
     """Ids of closed DMPs whose retention has passed at ``at``."""
-    from .security.audit import add_years
     return storage.closed_before(add_years(at, -years))
 
 
@@ -120,21 +113,18 @@ def claim_daily_run(storage, owner: str, at: datetime, *, job: str = "retention"
     return storage.claim_daily_run(job, owner, at, DAY)
 
 
-def run_retention(backend, at: datetime | None = None) -> int:
+def run_retention(backend, open_repository, at: datetime | None = None) -> int:
     """Destroy every closed DMP past retention (``fhir-dmp retention run``); returns how many.
 
-    Each destroy goes through the guarded repository as the system administrator, so it is
-    decided, all or nothing, and leaves its system-journal entry like any other.
+    Each destroy goes through a guarded repository, ``open_repository(backend, principal, info)``
+    (:class:`~fhir_dmp.guard.repository.GuardedRepository`), as the system administrator, so it
+    is decided, all or nothing, and leaves its system-journal entry like any other.
     """
-    from .repository import GuardedRepository, RequestInfo
-    from .security.principal import ADMIN, Principal
-    from .security.scopes import Scopes
-
     at = at or _now()
     system = Principal(kind=ADMIN, subject="fhir-dmp retention", scopes=Scopes.ALL)
     done = 0
     for pid in retention_due(backend.storage, backend.config.retention_years, at):
-        repo = GuardedRepository(backend, system, RequestInfo(request_id="retention"))
+        repo = open_repository(backend, system, RequestInfo(request_id="retention"))
         repo.destroy_dmp(pid, reason="retention period over")
         repo.flush_audit()
         done += 1
@@ -182,15 +172,13 @@ class RetentionScheduler:
         self._stop.set()
 
 
-def start_daily_retention(app) -> RetentionScheduler | None:
-    """In a ``serve`` worker: the daily retention run (None for an app that is not ours)."""
-    import os
-    import socket
-
+def start_daily_retention(app, open_repository) -> RetentionScheduler | None:
+    """In a ``serve`` worker: the daily retention run through repositories ``open_repository``
+    opens (as :func:`run_retention`); None for an app that is not ours."""
     backend = (getattr(app, "extensions", None) or {}).get("fhir_dmp")
     if backend is None:
         return None
-    scheduler = RetentionScheduler(backend.storage, lambda: run_retention(backend),
+    scheduler = RetentionScheduler(backend.storage, lambda: run_retention(backend, open_repository),
                                    owner=f"{socket.gethostname()}:{os.getpid()}")
     scheduler.start()
     return scheduler

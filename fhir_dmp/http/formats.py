@@ -59,7 +59,7 @@ from lxml import etree
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header, parse_options_header
 
-from fhir_dmp.errors import (BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable,
+from fhir_dmp.http.errors import (BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable,
                              UnsupportedMediaType)
 
 __all__ = ["JSON", "XML", "FHIR_NS", "XHTML_NS", "negotiate", "parse_body", "render",

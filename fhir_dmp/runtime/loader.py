@@ -15,12 +15,15 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from . import formats
-from .errors import BadRequest, FhirError
-from .profiles import validate
-from .repository import GuardedRepository, RequestInfo
-from .security.principal import ADMIN, Principal
-from .security.scopes import Scopes
+from ..http import formats
+from ..http.errors import BadRequest, FhirError
+from ..profiles import validate
+from ..guard.journal import RequestInfo
+from ..guard.repository import GuardedRepository
+from ..security.principal import ADMIN, Principal
+from ..security.scopes import Scopes
+from .database import open_database
+from .services import Services, build_services
 
 LOADER = Principal(kind=ADMIN, subject="fhir-dmp load", scopes=Scopes.parse("system/*.cruds"),
                    client_id="fhir-dmp-load")
@@ -61,16 +64,13 @@ def _parse(data: bytes, where: str) -> dict:
 
 def load_files(config, paths: list[Path], progress) -> int:
     """Import every resource of ``paths``; returns how many were written."""
-    from .app import build_backend
-    from .database import open_database
-
     client, db = open_database(config)
     try:
-        backend = build_backend(config, client, db)
+        services = build_services(config, client, db)
         count = 0
         for path in paths:
             for where, resource in iter_resources(Path(path)):
-                _load_one(backend, where, resource)
+                _load_one(services, where, resource)
                 count += 1
                 progress.update(1)
         return count
@@ -78,8 +78,8 @@ def load_files(config, paths: list[Path], progress) -> int:
         client.close()
 
 
-def _load_one(backend, where: str, resource: dict) -> None:
-    repo = GuardedRepository(backend, LOADER, RequestInfo(request_id=f"load-{uuid.uuid4().hex[:12]}"))
+def _load_one(services: Services, where: str, resource: dict) -> None:
+    repo = GuardedRepository(services, LOADER, RequestInfo(request_id=f"load-{uuid.uuid4().hex[:12]}"))
     rtype = resource.get("resourceType")
     try:
         resource = validate(resource, resource_type=rtype)

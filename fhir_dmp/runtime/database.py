@@ -6,7 +6,7 @@ acknowledged write survives a primary failover; a read never returns data
 that could be rolled back); the embedded SecantusDB is reached the same way.
 
 pymongo clients must not cross ``fork()``: each server worker opens its own
-(see ``fhir_dmp/server.py``).
+(see ``fhir_dmp/runtime/server.py``).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ threads (default 32) so that database and journal waits overlap. The app is thre
 
 Lifecycle (master process):
 1. check the port is free and the habilitation matrix is valid (one-line error otherwise);
-2. with no ``mongodb_uri``, start :class:`~fhir_dmp.embedded_db.EmbeddedMongo`
+2. with no ``mongodb_uri``, start :class:`~fhir_dmp.runtime.embedded_db.EmbeddedMongo`
    in ``config.data_dir`` and hand its URI to the workers in their Config;
    with a URI, check the database answers before forking;
 3. print the dev-mode banner when ``config.dev_mode``;
@@ -25,7 +25,7 @@ Lifecycle (master process):
    stops, exit 0. The workers' stop signals go through :func:`_stop_signals`, which works
    around two defects of granian's own handling (a frozen worker, a missed stop).
 
-Logs are JSON lines (``fhir_dmp.logs``), granian's own included; one access line per
+Logs are JSON lines (``fhir_dmp.runtime.logs``), granian's own included; one access line per
 request (logger ``fhir_dmp.access``) carries the request id, method, path (never the query
 string, which may hold an INS), status, size and duration; never headers (no Authorization).
 """
@@ -111,10 +111,10 @@ def dev_banner(config) -> str:
 
 def _load_create_app() -> Callable:
     try:
-        from .app import create_app
+        from ..http.app import create_app
     except ModuleNotFoundError as e:
-        if e.name == f"{__package__}.app":
-            raise ServeError("the application module fhir_dmp.app is missing") from None
+        if e.name == "fhir_dmp.http.app":
+            raise ServeError("the application module fhir_dmp.http.app is missing") from None
         raise
     return create_app
 
@@ -170,7 +170,8 @@ class _Served:
 def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     """granian's target loader: runs in each worker after the fork, before it serves."""
     from .embedded_db import pdeathsig
-    from .lifecycle import start_daily_retention
+    from ..guard.lifecycle import start_daily_retention
+    from ..guard.repository import GuardedRepository
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C while booting: the master decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while booting: nothing to drain yet
@@ -182,7 +183,8 @@ def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     for key in [k for k in os.environ if k.startswith("FHIR_DMP_")]:
         del os.environ[key]                        # read into config already; granian copies os.environ per request
     app = app_factory(config)
-    start_daily_retention(app)   # CONTRACT.md "Lifecycle": retention once a day, one process at a time
+    # CONTRACT.md "Lifecycle": retention once a day, one process at a time
+    start_daily_retention(app, GuardedRepository)
     return _Served(app)
 
 
@@ -285,7 +287,7 @@ def _granian(config, workers: int) -> _Granian:
     if not config.threads:
         granian_log["filters"] = ["default_threads"]
     return _Granian(
-        "fhir_dmp.app:create_app", address=config.host, port=config.port,
+        "fhir_dmp.http.app:create_app", address=config.host, port=config.port,
         interface=Interfaces.WSGI, workers=workers,
         blocking_threads=config.threads or default_threads(),
         websockets=False, respawn_failed_workers=True, workers_kill_timeout=GRACEFUL_TIMEOUT_S,
@@ -301,12 +303,12 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
 
     Raises :class:`ServeError`, ``EmbeddedDbError`` or ``DatabaseError`` (one
     line each) when it cannot start. ``app_factory`` defaults to
-    ``fhir_dmp.app.create_app``.
+    ``fhir_dmp.http.app.create_app``.
     """
     from .database import open_database
     from .embedded_db import EmbeddedMongo
 
-    from .security.habilitations import Habilitations
+    from ..security.habilitations import Habilitations
 
     from .logs import configure as configure_logs
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -120,23 +121,6 @@ def _config(args=None):
     return Config.from_env(**overrides)
 
 
-def _lazy(module: str, name: str, what: str):
-    """``from fhir_dmp.<module> import <name>``, or a clear CliError if absent."""
-    import importlib
-
-    full = f"{__package__}.{module}"
-    try:
-        mod = importlib.import_module(full)
-    except ModuleNotFoundError as e:
-        if e.name and full.startswith(e.name):
-            raise CliError(f"{what} is not available in this installation ({full} is missing)") from None
-        raise
-    try:
-        return getattr(mod, name)
-    except AttributeError:
-        raise CliError(f"{what} is not available in this installation ({full}.{name} is missing)") from None
-
-
 def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
@@ -154,7 +138,7 @@ def cmd_dev_token(args, **_) -> int:
     if not config.dev_mode:
         raise CliError("dev-token works only in dev mode; FHIR_DMP_ISSUER is set, "
                        "get tokens from that issuer")
-    mint_token = _lazy("security.devkeys", "mint_token", "dev-token")
+    from ..security.devkeys import mint_token
     try:
         token = mint_token(config, args.kind, patient=args.patient, id_nat_ps=args.id_nat_ps,
                            profession=args.profession, purpose=args.purpose,
@@ -174,7 +158,7 @@ def cmd_load(args, **_) -> int:
         if not p.is_file():
             raise CliError(f"no such file: {p}")
     config = _config(args)
-    load_files = _lazy("loader", "load_files", "load")
+    from .loader import load_files
     from tqdm import tqdm
 
     class Progress(tqdm):
@@ -191,17 +175,23 @@ def cmd_load(args, **_) -> int:
     return 0
 
 
-def cmd_audit_verify(args, **_) -> int:
+@contextmanager
+def _storage(config):
+    """(the configuration used, a Storage) on the configured database, for one command."""
+    from ..storage import Storage
     from .database import connected
 
-    config = _config(args)
-    verify_chains = _lazy("security.audit", "verify_chains", "audit verify")
-    load_signing_key = _lazy("security.sealer", "load_signing_key", "audit verify")
-    key = load_signing_key(config.audit_key_path)
-    from .storage import Storage
+    with connected(config, log=_say) as (config_used, client, db):
+        yield config_used, Storage(client, db)
 
-    with connected(config, log=_say) as (_config_used, client, db):
-        problems = verify_chains(Storage(client, db), patient_id=args.patient,
+
+def cmd_audit_verify(args, **_) -> int:
+    config = _config(args)
+    from ..audit.sealer import load_signing_key
+    from ..audit.verify import verify_chains
+    key = load_signing_key(config.audit_key_path)
+    with _storage(config) as (_config_used, storage):
+        problems = verify_chains(storage, patient_id=args.patient,
                                  unsealed_bound_s=config.audit_seal_bound, check_signatures=True, public_key=key.public_key() if key else None)
     if not problems:
         print("audit chains intact")
@@ -213,18 +203,13 @@ def cmd_audit_verify(args, **_) -> int:
 
 
 def cmd_audit_seal(args, **_) -> int:
-    from .database import connected
-
     config = _config(args)
-    sealer_cls = _lazy("security.sealer", "Sealer", "audit seal")
-    lease_lost = _lazy("security.sealer", "LeaseLost", "audit seal")
-    from .storage import Storage
-
-    with connected(config, log=_say) as (_config_used, client, db):
-        sealer = sealer_cls(Storage(client, db), config.audit_key_path)
+    from ..audit.sealer import LeaseLost, Sealer
+    with _storage(config) as (_config_used, storage):
+        sealer = Sealer(storage, config.audit_key_path)
         try:
             n = sealer.seal_all()
-        except lease_lost:
+        except LeaseLost:
             raise CliError("a running server holds the sealer lease; it seals by itself") from None
         finally:
             sealer.release()
@@ -233,19 +218,13 @@ def cmd_audit_seal(args, **_) -> int:
 
 
 def cmd_keys_rotate(args, **_) -> int:
-    from .database import connected
-
     config = _config(args)
-    rotate_kek = _lazy("security.crypto", "rotate_kek", "keys rotate")
-    retire = _lazy("security.crypto", "retire_unused_keks", "keys rotate")
-    from .storage import Storage
-
-    with connected(config, log=_say) as (config_used, client, db):
-        storage = Storage(client, db)
+    from ..security.crypto import retire_unused_keks, rotate_kek
+    with _storage(config) as (config_used, storage):
         count = rotate_kek(config_used, storage)
         # a destroyed DMP's data key must not be recoverable from an old backup of the wrapped keys
         # with an old KEK: once nothing is wrapped by them, older KEKs leave the key file
-        retired = retire(config_used, storage)
+        retired = retire_unused_keks(config_used, storage)
     print(f"new key-encryption key in place; {count} data key(s) rewrapped; "
           f"{len(retired)} old key-encryption key(s) retired")
     return 0
@@ -255,10 +234,12 @@ def cmd_retention_run(args, **_) -> int:
     from .database import connected
 
     config = _config(args)
-    run_retention = _lazy("lifecycle", "run_retention", "retention run")
-    from .app import build_backend
+    from ..guard.lifecycle import run_retention
+    from ..guard.repository import GuardedRepository
+    from .services import build_services
     with connected(config, log=_say) as (config_used, client, db):
-        count = run_retention(build_backend(config_used.with_(notifications_worker=False), client, db))
+        count = run_retention(build_services(config_used.with_(notifications_worker=False), client, db),
+                              GuardedRepository)
     print(f"{count} closed DMP(s) past retention destroyed")
     return 0
 
@@ -267,7 +248,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .database import DatabaseError
     from .embedded_db import EmbeddedDbError
-    from .errors import FhirError
+    from ..http.errors import FhirError
     from .server import ServeError
 
     return (CliError, ConfigError, DatabaseError, EmbeddedDbError, ServeError, FhirError,
@@ -275,7 +256,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _message(exc: BaseException) -> str:
-    from .errors import FhirError
+    from ..http.errors import FhirError
 
     if isinstance(exc, FhirError):
         text = "; ".join(i.diagnostics for i in exc.issues) or exc.__class__.__name__
@@ -289,7 +270,7 @@ def _message(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None, *, app_factory: Callable | None = None) -> int:
     """Run the command line; return the exit status.
 
-    ``app_factory`` replaces ``fhir_dmp.app.create_app`` for ``serve`` (to
+    ``app_factory`` replaces ``fhir_dmp.http.app.create_app`` for ``serve`` (to
     embed the server or test it with another WSGI app).
     """
     parser = build_parser()

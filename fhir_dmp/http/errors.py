@@ -1,7 +1,7 @@
 """Typed errors and their one mapping to FHIR OperationOutcome.
 
 Every layer raises a subclass of :class:`FhirError`; the Flask error handlers
-registered in :func:`fhir_dmp.app.create_app` turn it (and anything unexpected)
+registered in :func:`fhir_dmp.http.app.create_app` turn it (and anything unexpected)
 into an OperationOutcome with the right status. Nothing else builds error bodies.
 
 Spec: https://hl7.org/fhir/R4/operationoutcome.html and

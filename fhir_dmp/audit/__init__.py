@@ -1,0 +1,1 @@
+"""The access journal: IHE BALP AuditEvents, appended durably, hash-chained, sealed and verified."""

@@ -1,0 +1,225 @@
+"""The journal store: AuditEvents appended durably, unsealed, by group commit or in a write's
+transaction.
+
+Storage (issue 13: every collection is insert-mostly, SecantusDB updates being dear):
+
+- ``AuditEvent``: the events, common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``,
+  ``del`` = False, ``res``, ``s``, ``o``), written once; ``s``/``o`` live beside ``res`` and are
+  not hashed. A DMP's journal is kept as long as the DMP and destroyed with it (retention counts
+  from the Patient's ``closed_at``: lifecycle.py).
+- ``AuditEvent_queue``: per append, ``{t, items: [{e: event id, p: patient or None,
+  d: content digest}]}``, in the same transaction as the events: the sealer's to-do list.
+- ``AuditEvent_link``: per sealing pass and chain, a run of consecutive links::
+
+      {_id: "<pid>:<first>", pid: <patient id or "_system">, first, last, prev: <hex>,
+       links: [[event id, hash], ...]}       # event seq = first + position in ``links``
+      digest = SHA-256( canonical_json(res) )          # sorted keys, no whitespace, UTF-8
+      hash   = SHA-256( prev_hex_ascii + digest_hex_ascii )
+      prev   = hash of seq n-1, or 64 zeros for seq 1
+
+Append and seal are split: a request's events are written durably (group commit, or inside
+the write's transaction) without touching any chain, and the single sealer of ``sealer.py``
+links them in append order, removes their queue entry and moves the heads, in one
+transaction. A run's ``_id`` (chain and first position) is unique: no fork. The collection
+``AuditEvent_chain`` holds one head per chain (``{_id: pid, seq, hash, lu}``) so that
+deleting the newest events is detected too ("head points past last event"), and the
+sealer signs checkpoints of the heads with a key kept outside the database, so that
+someone with write access to the database alone cannot rebuild a chain unnoticed.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from concurrent.futures import Future
+from datetime import datetime, timezone
+
+
+from ..http.errors import ServiceUnavailable
+from ..search import extract
+from ..storage import StorageError, instant
+from .chain import canonical_json, content_digest
+from .events import event_patient
+
+log = logging.getLogger(__name__)
+
+
+class AuditUnavailable(ServiceUnavailable):
+    """The journal could not be written; the request must fail closed (503)."""
+
+    def default_message(self) -> str:
+        return "Le journal d'audit est indisponible"
+
+
+def _search_index(res: dict) -> tuple[dict, dict]:
+    """``s``/``o`` of the event (:func:`fhir_dmp.search.extract`); ``{}`` if extraction fails."""
+    try:
+        return extract("AuditEvent", res)
+    except Exception:  # an indexing bug must not lose the journal entry
+        log.exception("search index extraction failed for AuditEvent/%s", res.get("id"))
+        return {}, {}
+
+
+class AuditLog:
+    """Append-only journal store over the ``AuditEvent`` collection (thread-safe, one per process).
+
+    Appends are durable before they return (``w: majority, j: true``: the request fails
+    closed otherwise) but they do not touch the per-patient hash chain: an event is
+    stored with a queue entry and the :class:`~fhir_dmp.audit.sealer.Sealer` links it into
+    its patient's chain afterwards, in append order. So reads never take a write conflict.
+
+    - Outside a transaction (reads, denials, 401s) the events of concurrent requests are
+      written together by one committer thread per process (group commit): one durable
+      transaction for everything queued while the previous write was in flight; each
+      caller waits for the write that carries its events (bounded by ``timeout``).
+    - Inside a transaction (writes) the events are inserted with the data, in the same
+      transaction: a write is never committed without its journal entry.
+    """
+
+    TIMEOUT_S = 30.0
+    MAX_BATCH = 1000
+
+    def __init__(self, storage, *, timeout: float = TIMEOUT_S):
+        self.storage = storage
+        self.timeout = timeout
+        self._indexed = False
+        self._committer: GroupCommitter | None = None
+        self._lock = threading.Lock()
+
+    # -- setup
+    def ensure_indexes(self) -> None:
+        """The journal's lean indexes, the unique chain position (anti-fork) and the queue."""
+        if self._indexed:
+            return
+        try:
+            self.storage.ensure_journal_indexes()
+        except StorageError as exc:
+            raise AuditUnavailable() from exc
+        self._indexed = True
+
+    # -- append
+    def _prepare(self, events: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Each event with id, meta and the storage fields (``res`` as its canonical JSON bytes),
+        and its queue item for the sealer (``e`` event id, ``p`` its patient or None, ``d`` its
+        content digest)."""
+        docs, items = [], []
+        now = datetime.now(timezone.utc)
+        for event in events:
+            res = dict(event)
+            res.setdefault("id", uuid.uuid4().hex)
+            res["meta"] = {**(res.get("meta") or {}), "versionId": "1", "lastUpdated": instant(now)}
+            s, o = _search_index(res)
+            pid = event_patient(res)
+            raw = canonical_json(res)   # serialized once: hashed here, stored as is (storage.pack)
+            docs.append({"_id": res["id"], "pid": pid, "vid": 1, "lu": now, "del": False,
+                         "res": raw, "s": s, "o": o})
+            items.append({"e": res["id"], "p": pid, "d": content_digest(raw)})
+        return docs, items
+
+    def append(self, events: list[dict], *, session=None, pending: list | None = None) -> None:
+        """Store ``events`` (built by :func:`build_event`) durably; the sealer chains them later.
+
+        Returns once the events are acknowledged with ``w: majority, j: true`` (SecantusDB
+        ``--sync-on-commit``). Each event gets ``id`` (unless it has one) and ``meta``
+        (versionId 1, lastUpdated). With ``session`` inside a transaction the events are part
+        of it (a ``TransientTransactionError`` is raised unchanged so the caller retries the
+        whole unit). Raises :class:`AuditUnavailable` when the journal cannot be written.
+        ``pending`` (with ``session``): the transaction's inserts not sent yet, sent with the events
+        in one round trip (``Storage.journal_insert``); only inserts that cannot be refused (server
+        ids, no unique index) are deferred, so a refusal there is the journal's.
+        """
+        if not events:
+            return
+        self.ensure_indexes()
+        docs, items = self._prepare(events)
+        if session is not None and session.in_transaction:
+            try:
+                self.storage.journal_insert(docs, items, session=session, pending=pending)
+            except StorageError as exc:   # a transient error is not one: the transaction is retried
+                log.error("audit append in transaction failed: %s", type(exc).__name__)
+                raise AuditUnavailable() from exc
+            return
+        try:
+            self._group().submit(docs, items).result(timeout=self.timeout)
+        except AuditUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 — a write error or a timeout: fail closed
+            log.error("audit append failed: %s", type(exc).__name__)
+            raise AuditUnavailable() from exc
+
+    def _group(self) -> "GroupCommitter":
+        with self._lock:
+            if self._committer is None or not self._committer.alive:
+                self._committer = GroupCommitter(self.storage.journal_insert, max_batch=self.MAX_BATCH)
+            return self._committer
+
+    def close(self) -> None:
+        with self._lock:
+            if self._committer is not None:
+                self._committer.stop()
+                self._committer = None
+
+
+class GroupCommitter:
+    """One thread that writes the queued documents of many callers in one durable insert.
+
+    Started lazily (after the server's fork). Batching is natural: while one ``insert_many``
+    is in flight the next callers queue up, and they are all written by the next one, so a
+    lone request pays one round trip and N concurrent requests share about one.
+    """
+
+    def __init__(self, insert, *, max_batch: int = 1000):
+        """``insert(docs, items)`` writes one batch and its queue items durably, atomically
+        (``Storage.journal_insert``)."""
+        self.insert = insert
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="audit-group-commit", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    def submit(self, docs: list[dict], items: list[dict]) -> Future:
+        fut: Future = Future()
+        self._queue.put(((docs, items), fut))
+        return fut
+
+    def stop(self) -> None:
+        self._stop = True
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, size = [item], len(item[0][0])
+            while size < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop = True
+                    break
+                batch.append(nxt)
+                size += len(nxt[0][0])
+            self._write(batch)
+            if self._stop:
+                return
+
+    def _write(self, batch: list) -> None:
+        docs = [d for (part, _items), _ in batch for d in part]
+        items = [i for (_docs, part), _ in batch for i in part]
+        try:
+            self.insert(docs, items)
+        except Exception as exc:  # noqa: BLE001 — every waiter of this batch fails closed
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
+        for _, fut in batch:
+            fut.set_result(None)

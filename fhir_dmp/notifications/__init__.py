@@ -1,0 +1,1 @@
+"""Patient notifications: the transactional outbox, its worker, and the notices' outcomes."""

@@ -1,0 +1,241 @@
+"""The notification worker: claims queued notices from the outbox and sends them (email, SMS).
+
+Delivery is at-least-once (the transactional-outbox pattern):
+
+- a message is claimed atomically (``find_one_and_update``: pending and due,
+  or sending with an expired lease -> sending, ``claimed_by``, ``lease_until``);
+  a worker that dies mid-send leaves a lease that expires, and another worker
+  takes the message over: nothing is lost;
+- idempotency marker: ``sent_at`` is set in the same update as ``status: sent``
+  (filtered on ``status != sent``, so only one worker completes a message and
+  calls ``on_result``), and right before the transport call the worker
+  re-reads the message and skips it if it is already ``sent``;
+- residual window (documented, not closable without the transport's help):
+  a worker that delivered the message but died (or stalled past its lease)
+  before writing ``sent`` lets another worker send it again. The lease
+  (60 s) is kept well above the transport timeouts (10 s) so a live worker
+  never loses its lease while sending; the email ``Message-ID`` and the SMS
+  ``Idempotency-Key`` header are the message id, so a relay or a gateway
+  that deduplicates can drop the second copy.
+
+Retries: exponential back-off (``base_delay * 2**(attempts-1)``, capped,
+with jitter) on any transport failure (SMTP connection/4xx, HTTP non-2xx,
+timeouts); after ``max_attempts`` the message is ``failed`` and
+``on_result(msg, "not-done", reason)`` is called. An SMTP 5xx answer is
+permanent and fails at once. A channel that is not configured (no SMTP host,
+no SMS webhook) is never claimed: its messages stay ``pending`` (queued, not
+sent) until a worker with that channel configured runs.
+
+Logs carry message ids and channels only: never bodies, addresses or numbers.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import smtplib
+import socket
+import ssl
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Callable
+
+import requests
+
+from ..storage import StorageError
+
+log = logging.getLogger(__name__)
+
+
+# --- transports -----------------------------------------------------------------
+
+class PermanentFailure(Exception):
+    """The transport refused the message for good: no retry."""
+
+
+def send_email(config, message: dict, *, timeout: float = 10) -> None:
+    """Deliver one email through ``config.smtp_host``: EHLO, STARTTLS when
+    offered (certificate verified), UTF-8 body. SMTP 5xx -> PermanentFailure."""
+    msg = EmailMessage()
+    msg["Subject"] = message["subject"]
+    msg["From"] = config.smtp_from
+    msg["To"] = message["to"]
+    msg["Date"] = formatdate(usegmt=True)
+    msg["Message-ID"] = f"<{message['_id']}@fhir-dmp>"
+    msg.set_content(message["body"], charset="utf-8")
+    try:
+        with smtplib.SMTP(config.smtp_host, config.smtp_port, timeout=timeout) as smtp:
+            smtp.ehlo()
+            if smtp.has_extn("starttls"):
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            smtp.send_message(msg)
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = [c for c, _ in exc.recipients.values()]
+        if codes and all(c >= 500 for c in codes):
+            raise PermanentFailure(f"SMTP {codes[0]}") from None
+        raise RuntimeError(f"SMTP {codes[0] if codes else '?'}") from None
+    except smtplib.SMTPResponseException as exc:
+        if exc.smtp_code >= 500:
+            raise PermanentFailure(f"SMTP {exc.smtp_code}") from None
+        raise RuntimeError(f"SMTP {exc.smtp_code}") from None
+
+
+def send_sms(config, message: dict, *, timeout: float = 10) -> None:
+    """POST ``{"to", "text"}`` to ``config.sms_webhook_url``; non-2xx -> retry."""
+    resp = requests.post(config.sms_webhook_url, json={"to": message["to"], "text": message["body"]},
+                         headers={"Idempotency-Key": message["_id"]}, timeout=timeout)
+    if not 200 <= resp.status_code < 300:
+        raise RuntimeError(f"HTTP {resp.status_code}")
+
+
+def _reason(channel: str, exc: BaseException) -> str:
+    """A failure reason without personal data (no address, no body)."""
+    if isinstance(exc, (PermanentFailure, RuntimeError)) and str(exc).startswith(("SMTP", "HTTP")):
+        return f"{channel}: {exc}"
+    return f"{channel}: {type(exc).__name__}"
+
+
+# --- worker -------------------------------------------------------------------
+
+class Worker:
+    """Claims due messages and sends them; ``start()`` runs it in a thread.
+
+    ``on_result(message, "completed" | "not-done", reason)`` is called once
+    per message, by the worker that completed or gave it up.
+    """
+
+    def __init__(self, storage, config, *, on_result: Callable[[dict, str, str | None], None] | None = None,
+                 worker_id: str | None = None, lease_seconds: float = 60, max_attempts: int = 6,
+                 base_delay: float = 5, max_delay: float = 3600, poll_interval: float = 1,
+                 send_timeout: float = 10):
+        self.storage = storage     # runs the outbox's queries (storage.py)
+        self.config = config
+        self.on_result = on_result
+        self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.lease = timedelta(seconds=lease_seconds)
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.poll_interval = poll_interval
+        self.send_timeout = send_timeout
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._indexed = False
+
+    @property
+    def channels(self) -> list[str]:
+        """Channels this worker can send: the configured ones."""
+        out = []
+        if getattr(self.config, "smtp_host", None):
+            out.append("email")
+        if getattr(self.config, "sms_webhook_url", None):
+            out.append("sms")
+        return out
+
+    def claim(self) -> dict | None:
+        """Atomically take one due message (or one whose lease expired)."""
+        channels = self.channels
+        if not channels:
+            return None
+        return self.storage.claim_notice(channels, self.worker_id, datetime.now(timezone.utc), self.lease)
+
+    def run_once(self, limit: int = 10) -> int:
+        """Claim and handle up to ``limit`` due messages; the number handled."""
+        if not self._indexed:
+            self.storage.ensure_outbox_indexes()
+            self._indexed = True
+        handled = 0
+        while handled < limit:
+            msg = self.claim()
+            if msg is None:
+                break
+            self._handle(msg)
+            handled += 1
+        return handled
+
+    def _handle(self, msg: dict) -> None:
+        mid, channel = msg["_id"], msg["channel"]
+        current = self.storage.notice_state(mid)
+        if current is None or current.get("status") == "sent" or current.get("sent_at"):
+            log.info("notification %s/%s already sent, skipped", mid, channel)
+            return
+        try:
+            if channel == "email":
+                send_email(self.config, msg, timeout=self.send_timeout)
+            elif channel == "sms":
+                send_sms(self.config, msg, timeout=self.send_timeout)
+            else:
+                raise PermanentFailure(f"unknown channel {channel}")
+        except Exception as exc:  # transport failure: retry or give up
+            self._failed(msg, exc)
+            return
+        now = datetime.now(timezone.utc)
+        # a one-time code leaves the database once delivered
+        done = self.storage.mark_notice_sent(mid, now, forget_body=msg.get("kind") == "access_code")
+        if done is None:
+            log.warning("notification %s/%s was completed by another worker (duplicate send)",
+                        mid, channel)
+            return
+        log.info("notification %s/%s sent (attempt %s)", mid, channel, msg.get("attempts"))
+        self._report(done, "completed", None)
+
+    def _failed(self, msg: dict, exc: BaseException) -> None:
+        mid, channel = msg["_id"], msg["channel"]
+        reason = _reason(channel, exc)
+        attempts = int(msg.get("attempts") or 1)
+        if isinstance(exc, PermanentFailure) or attempts >= self.max_attempts:
+            gone = self.storage.update_claimed_notice(
+                mid, self.worker_id, {"status": "failed", "lease_until": None, "last_error": reason})
+            log.warning("notification %s/%s failed for good after %d attempt(s): %s",
+                        mid, channel, attempts, reason)
+            if gone is not None:
+                self._report(gone, "not-done", reason)
+            return
+        delay = min(self.base_delay * 2 ** (attempts - 1), self.max_delay)
+        delay *= 0.8 + 0.4 * random.random()
+        self.storage.update_claimed_notice(mid, self.worker_id, {
+            "status": "pending", "claimed_by": None, "lease_until": None, "last_error": reason,
+            "next_attempt_at": datetime.now(timezone.utc) + timedelta(seconds=delay)})
+        log.info("notification %s/%s attempt %d failed (%s), retry in %.1fs",
+                 mid, channel, attempts, reason, delay)
+
+    def _report(self, msg: dict, status: str, reason: str | None) -> None:
+        if self.on_result is None:
+            return
+        try:
+            self.on_result(msg, status, reason)
+        except Exception:
+            log.exception("notification %s: on_result failed", msg.get("_id"))
+
+    # -- thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+            except StorageError as exc:
+                log.warning("notification worker: database error %s", type(exc).__name__)
+                handled = 0
+            except Exception:
+                log.exception("notification worker error")
+                handled = 0
+            if not handled:
+                self._stop.wait(self.poll_interval)
+
+    def start(self) -> None:
+        """Run in a daemon thread, polling about every ``poll_interval`` s."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"notify-{self.worker_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5) -> None:
+        """Ask the thread to stop and wait up to ``timeout`` seconds."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

@@ -1,0 +1,273 @@
+"""The one access decision point (DESIGN.md "The access rules"), shaped after HAPI FHIR's
+consent service (``IConsentService``).
+
+The guarded repository holds one :class:`RequestAccess` per request (``AccessPolicy.for_request``)
+and calls, in HAPI's vocabulary:
+
+* :meth:`RequestAccess.start` at the start of an operation (SMART scope; 403 when the token's
+  scopes do not cover the interaction): HAPI's ``startOperation``; :meth:`RequestAccess.in_scope`
+  asks the same question without refusing (the system history skips the types it does not cover);
+* :meth:`RequestAccess.narrow` to turn the decision into a storage query, so totals, pages and
+  links count only what the caller may see (no HAPI counterpart: HAPI filters the results after
+  the query);
+* :meth:`RequestAccess.can_see` on every resource before it leaves (the same rules, evaluated on
+  one resource: read, vread, history, includes, Binary, and the safety net of searches): HAPI's
+  ``canSeeResource``;
+* :meth:`RequestAccess.will_see` on what it returns (the decision's view obligation masks
+  elements): HAPI's ``willSeeResource``;
+* :meth:`RequestAccess.can_write` before any write (403 with the reason inside a DMP the caller
+  may enter; outside it, the repository answers as for something missing): HAPI has no
+  counterpart (its consent service only reads);
+* :meth:`RequestAccess.complete` for what the journal records of the outcome, success or failure
+  (``GuardedRepository.record``): HAPI's ``completeOperationSuccess``/``completeOperationFailure``.
+
+The rules live in modules by subject, each a rule object this facade delegates to:
+:mod:`.dmp_access` (may the caller enter this DMP, rules 2-8 in DESIGN.md order),
+:mod:`.documents` (rules 9-11: the habilitation matrix, the labels, what a deposit carries),
+:mod:`.writes`, :mod:`.representatives`; :mod:`.consents` reads Consents, :mod:`.facets` the flat
+facts stored beside each resource, :mod:`.state` holds the context (:class:`~.state.PatientState`,
+loaded once per request and per patient, never once per resource) and the :class:`~.state.Decision`
+with its rule, reason and basis (the Consents it rests on).
+
+Each rule that a search filters on is written once, as a storage query over the access facets
+(``DocumentRules.document_query``, :meth:`RequestAccess.consent_query`, the exact-INS lookup's
+filter), and :meth:`RequestAccess.can_see` evaluates that same query on the one resource
+(:func:`~fhir_dmp.filters.matches`); ``tests/test_access_property.py`` checks on random worlds that
+both agree, totals included. Deny is the default: every function ends in a deny unless a rule
+permitted.
+"""
+from __future__ import annotations
+
+from ...http.errors import Forbidden
+from ...storage.filters import matches
+from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PS, REGULATION_CENTRE, Principal
+from .consents import principal_keys
+from .dmp_access import DmpRules
+from .documents import DocumentRules
+from .facets import access_facets, pid_filter
+from .representatives import RepresentativeRules
+from .state import DIRECTORY, Decision, PatientState, deny, load_states, permit
+from .writes import WriteRules
+
+INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type": "s", "search": "s", "create": "c",
+                      "update": "u", "patch": "u", "delete": "d"}
+INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
+
+
+class AccessPolicy:
+    """Application-wide part of the decision: the matrix, the config, the storage to load context."""
+
+    def __init__(self, storage, habilitations, config, context_cache=None):
+        self.storage = storage
+        self.habilitations = habilitations
+        self.config = config
+        self.context_cache = context_cache    # ContextCache, or None: load every request
+
+    def for_request(self, principal: Principal) -> "RequestAccess":
+        return RequestAccess(self, principal)
+
+
+class RequestAccess:
+    """The decision for one request and one principal (caches patient states)."""
+
+    def __init__(self, policy: AccessPolicy, principal: Principal):
+        self.policy = policy
+        self.p = principal
+        self.states: dict[str, PatientState] = {}
+        self.session = None       # set by the repository inside a write transaction
+        # per DMP, for the documents of one request (a search page judges each one, issue 13):
+        # [state, its grant, the entry decision, the compiled document test once one is judged],
+        # reused while the request holds the same state and grant (the repository replaces or
+        # amends them)
+        self._judged: dict[str, list] = {}
+
+        # the rules by subject (DESIGN.md "The access rules")
+        self.dmp = DmpRules(self)
+        self.documents = DocumentRules(self)
+        self.writes = WriteRules(self)
+        self.representatives = RepresentativeRules(self)
+
+    # -- context loading ---------------------------------------------------
+    @property
+    def my_ids(self) -> set[str]:
+        """``system|value`` keys a Consent actor may name to mean this caller: the PS idNatPs and,
+        in AIR mode, the establishment of the ``organization`` claim (``system|value``; one
+        without a system matches nothing)."""
+        return principal_keys(self.p)
+
+    def load(self, pids) -> None:
+        """Load the states of several patients: from the process's context cache
+        (``context_cache.py``) or two queries (Patients, active Consents); inside a write
+        transaction always from the transaction."""
+        todo = [p for p in set(pids) if p and p not in self.states]
+        if todo:
+            self.states.update(load_states(self.policy, self.p, todo, self.session))
+
+    def state(self, pid: str) -> PatientState:
+        self.load([pid])
+        return self.states[pid]
+
+    # -- rule 1: SMART scope ---------------------------------------------------
+    def start(self, resource_type: str, interaction: str) -> None:
+        """HAPI's ``startOperation``: 403 when the token's scopes do not cover the interaction."""
+        if not self.in_scope(resource_type, interaction):
+            raise Forbidden(f"the token's scopes do not allow {interaction} on {resource_type}",
+                            code="forbidden")
+
+    def in_scope(self, resource_type: str, interaction: str) -> bool:
+        """Do the token's SMART scopes cover ``interaction`` on ``resource_type``?"""
+        return self.p.scopes.allows(resource_type, INTERACTION_LETTER.get(interaction, "r"))
+
+    # -- rules 2-8 (dmp_access.py) -------------------------------------------------
+    def role_decision(self) -> Decision | None:
+        """Deny for excluded or unknown roles; None when the role may go on."""
+        return self.dmp.role_decision()
+
+    @property
+    def profession(self) -> str | None:
+        """The first of the caller's professions known to the matrix."""
+        return self.dmp.profession
+
+    def dmp_access(self, st: PatientState) -> Decision:
+        """Decision on a DMP as a whole (before per-document rules)."""
+        return self.dmp.dmp_access(st)
+
+    # -- rule 9 and per-type rules: may the caller see this resource? ----------
+    def can_see(self, resource_type: str, resource: dict, pid: str | None, *, extra: dict | None = None
+                ) -> Decision:
+        """HAPI's ``canSeeResource``: the decision on one resource of DMP ``pid`` (the Patient's own
+        id for a Patient), with its rule, reason and basis; ``extra["ins_lookup"]``: the resource
+        was found by a professional's exact-INS lookup."""
+        p = self.p
+        if resource_type in DIRECTORY:
+            return permit("directory", "the directory of professionals")
+        if resource_type == "Patient":
+            pid = resource.get("id")
+        if pid is None:
+            if resource_type == "AuditEvent" and p.kind == ADMIN and self.role_decision() is None \
+                    and p.compartment is None:
+                return permit("admin", "the system journal")
+            return deny("no-patient", "resource outside any DMP")
+        st = self.state(pid)
+        access = self.entry(st)[2]
+        if not access.permit:
+            if resource_type == "Patient" and extra and extra.get("ins_lookup") and self.dmp.ins_lookup_allowed(st):
+                return permit("ins-lookup", "exact INS lookup", obligations={"view": "ins_only"})
+            return access
+        if resource_type == "Patient":
+            return access
+        if resource_type == "DocumentReference":
+            return self.documents.judge(resource, st, access)
+        if resource_type == "Consent":
+            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
+                return access
+            if matches(self.consent_query(), {"res": resource, "a": access_facets("Consent", resource)}):
+                return access
+            return deny("consent-other", "professionals see only their own authorization")
+        if resource_type in ("AuditEvent", "Communication"):
+            if resource_type == "AuditEvent" and p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
+                # the journal never names a document hidden from its reader (CONTRACT.md "The journal")
+                return permit(access.rule, access.reason, consents=access.consents,
+                              obligations={"view": "journal"})
+            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
+                return access
+            return deny("journal", "professionals do not read the journal")
+        if resource_type == "RelatedPerson":
+            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
+                return access
+            return deny("representatives", "professionals do not read legal representatives")
+        return deny("type", f"{resource_type} is not readable")
+
+    def entry(self, st: PatientState) -> list:
+        """``[st, its grant, dmp_access(st), None]`` computed once per state and grant within this
+        request; :meth:`DocumentRules.judge` fills the last slot with its DMP's compiled
+        :meth:`DocumentRules.document_query` the first time it judges a document (a read of a Patient or a
+        Consent never compiles it)."""
+        judged = self._judged.get(st.pid)
+        if judged is None or judged[0] is not st or judged[1] is not st.grant:
+            judged = self._judged[st.pid] = [st, st.grant, self.dmp_access(st), None]
+        return judged
+
+    def consent_query(self) -> dict:
+        """The one definition of which Consents of an entered DMP the caller sees: all of them for
+        the patient, a representative and the administrator; a professional only their own
+        authorization."""
+        if self.p.is_professional:
+            return {"res.provision.type": "permit", "a.actors": {"$in": sorted(self.my_ids)}}
+        return {}
+
+    # -- what leaves, and what the journal records ----------------------------------
+    def will_see(self, resource: dict, decision: Decision, sees=None) -> dict:
+        """Apply the decision's view obligation: the INS lookup answers id, identifier and active;
+        a journal entry read by the patient's side names only the documents ``sees(type, id)``
+        lets them see (the access stays listed, the document unnamed)."""
+        view = decision.obligations.get("view")
+        if view == "ins_only":
+            return {k: v for k, v in resource.items() if k in INS_LOOKUP_ELEMENTS}
+        if view == "journal" and sees is not None:
+            entities = []
+            for ent in resource.get("entity") or []:
+                ref = (ent.get("what") or {}).get("reference") or ""
+                rtype, _, rest = ref.partition("/")
+                if rtype in ("DocumentReference", "Binary") and rest and not sees(rtype, rest.split("/")[0]):
+                    ent = {**ent, "what": {"display": f"{rtype} (not shown)"}}
+                entities.append(ent)
+            if entities:
+                resource = {**resource, "entity": entities}
+        return resource
+
+    @staticmethod
+    def complete(decision: Decision | None) -> dict | None:
+        """What the journal records of an operation's decision (success or failure): the result,
+        the rule, its reason and the Consents it rests on."""
+        if decision is None:
+            return None
+        return {"result": "permit" if decision.permit else "deny", "rule": decision.rule,
+                "reason": decision.reason, "consents": [list(c) for c in decision.consents]}
+
+    # -- searches: the decision as a storage query ----------------------------
+    def narrow(self, resource_type: str, named_pids: set[str], *, ins_lookup: bool = False) -> dict | None:
+        """The storage filter restricting a search to what the caller may see (run in the
+        database; :meth:`can_see` evaluates the same queries in memory); None = nothing."""
+        p = self.p
+        if resource_type in DIRECTORY:
+            return {}
+        pids = self.dmp.reachable_pids(named_pids)
+        if resource_type == "Patient":
+            if pids is None:
+                return {}
+            if ins_lookup:
+                # exact INS: the criteria themselves select the DMP; can_see redacts it
+                return self.dmp.ins_lookup_filter()
+            return {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
+        if resource_type == "DocumentReference":
+            if p.kind == ADMIN or pids is not None and not pids:
+                return None
+            # the DMPs that share one document query are grouped (the médecin traitant's differ)
+            groups: dict[str, tuple[dict, list]] = {}
+            for pid in sorted(pids):
+                q = self.documents.document_query(pid)
+                groups.setdefault(repr(q), (q, []))[1].append(pid)
+            parts = [{**pid_filter(group), **q} for q, group in groups.values()]
+            return parts[0] if len(parts) == 1 else {"$or": parts}
+        if resource_type == "Consent":
+            if pids is None:
+                return {}
+            if not pids:
+                return None
+            flt = pid_filter(pids)
+            flt.update(self.consent_query())
+            return flt
+        if resource_type in ("AuditEvent", "Communication", "RelatedPerson"):
+            if p.kind in (PS, REGULATION_CENTRE):
+                return None
+            if pids is None:
+                return {}
+            return pid_filter(pids) if pids else None
+        return None
+
+    # -- writes ------------------------------------------------------------------------
+    def can_write(self, interaction: str, resource_type: str, new: dict | None, old: dict | None,
+                  pid: str | None, *, context: dict | None = None) -> Decision:
+        """May the caller write ``new`` over ``old`` in DMP ``pid``? (:mod:`.writes`)"""
+        return self.writes.can_write(interaction, resource_type, new, old, pid, context=context)
