@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests import builders as b
-from tests.test_journal import find, journal
+from tests.audit.test_journal import find, journal
 
 MISSING = "0123456789abcdef01234567"
 

@@ -7,7 +7,7 @@ import pytest
 
 from tests import builders as b
 
-FIXTURES = Path(__file__).parent / "fixtures" / "r4"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "r4"
 
 
 def strip(res):

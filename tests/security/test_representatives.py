@@ -235,7 +235,7 @@ def test_rubrique_data_file_and_codesystem_agree():
     import json
     from pathlib import Path
     from fhir_dmp.documents import rubriques
-    ig = Path(__file__).resolve().parents[1] / "ig"
+    ig = Path(__file__).resolve().parents[2] / "ig"
     cs = json.loads((ig / "CodeSystem-dmp-rubrique.json").read_text())
     assert [c["code"] for c in cs["concept"]] == list(rubriques.RUBRIQUES)
     assert cs["url"] == rubriques.RUBRIQUE_SYSTEM
@@ -396,7 +396,7 @@ def test_repository_representative_methods_for_the_portal(api):
 def _invariants(name):
     import json
     from pathlib import Path
-    sd = json.loads((Path(__file__).resolve().parents[1] / "ig" / f"StructureDefinition-{name}.json").read_text())
+    sd = json.loads((Path(__file__).resolve().parents[2] / "ig" / f"StructureDefinition-{name}.json").read_text())
     return {c["key"]: c["expression"] for e in sd["differential"]["element"] for c in e.get("constraint", [])}
 
 
