@@ -13,6 +13,7 @@ import pytest
 
 from fhir_dmp.runtime.config import Config
 from fhir_dmp.runtime.embedded_db import EmbeddedMongo
+from tests import builders as b
 from tests.api import Api
 from tests.idp import TestIdP
 
@@ -87,6 +88,18 @@ def app(config, build_app):
 @pytest.fixture
 def api(app, idp):
     return Api(app, idp)
+
+
+@pytest.fixture
+def dmp(api):
+    """A DMP opened by PS_DR (authorized as creator) with one consultation note and one lab report.
+    (tests/guard/test_lifecycle.py and tests/documents/test_documents_http.py have their own.)"""
+    dr = api.as_ps(b.PS_DR)
+    pat = dr.create(b.patient(email="claire@example.org"))
+    pid = pat["id"]
+    consult = dr.create(b.docref(pid, b.CONSULTATION))
+    lab = dr.create(b.docref(pid, b.LAB))
+    return {"pid": pid, "patient": pat, "consult": consult, "lab": lab}
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests import builders as b
-from tests.test_journal import find, journal
+from tests.audit.test_journal import find, journal
 
 MISSING = "0123456789abcdef01234567"
 
@@ -112,3 +112,57 @@ def test_a_refused_write_inside_a_transaction_is_journaled_in_its_dmp(world):
     before = refusals(world, b.PS_DR)
     assert dr.post("", bundle).status_code == 412
     assert refusals(world, b.PS_DR) == before + 1
+
+
+# ---------- a refused write looks like a missing target (review holes 9 and 11)
+def test_put_on_deleted_resource_of_another_dmp_looks_like_a_fresh_id(api, dmp):
+    pid = dmp["pid"]
+    me = api.as_patient(pid)
+    consent = me.create(b.consent(pid, "permit", actor=b.PS_OTHER))
+    assert me.delete(f"Consent/{consent['id']}").status_code == 204
+    other = api.as_ps(b.PS_OTHER).create(b.patient())
+    body = b.consent(other["id"], "permit", actor=b.PS_OTHER, verified=True)
+    fresh = api.as_ps(b.PS_OTHER).put("Consent/fresh-id-never-used", dict(body, id="fresh-id-never-used"))
+    taken = api.as_ps(b.PS_OTHER).put(f"Consent/{consent['id']}", dict(body, id=consent["id"]))
+    assert taken.status_code == fresh.status_code, (taken.json, fresh.json)
+
+
+def _same_refusal(refused, missing):
+    assert refused.status_code == missing.status_code, (refused.json, missing.json)
+    assert refused.json["issue"][0]["code"] == missing.json["issue"][0]["code"]
+
+
+def test_refused_writes_look_like_missing_targets(api, dmp):
+    pid, doc = dmp["pid"], dmp["consult"]
+    stranger = api.as_ps(b.PS_OTHER)
+    ghost = "0000000000000000"
+    # PUT / DELETE / PATCH on a document of a DMP the caller may not enter
+    _same_refusal(stranger.put(f"DocumentReference/{doc['id']}", doc),
+                  stranger.put(f"DocumentReference/{ghost}", dict(doc, id=ghost)))
+    missing_delete = stranger.delete(f"DocumentReference/{ghost}")
+    refused_delete = stranger.delete(f"DocumentReference/{doc['id']}")
+    assert refused_delete.status_code == missing_delete.status_code
+    assert api.as_ps(b.PS_DR).get(f"DocumentReference/{doc['id']}").status_code == 200   # still there
+    ops = [{"op": "replace", "path": "/status", "value": "entered-in-error"}]
+    _same_refusal(stranger.patch(f"DocumentReference/{doc['id']}", ops),
+                  stranger.patch(f"DocumentReference/{ghost}", ops))
+    # create naming the DMP
+    _same_refusal(stranger.post("DocumentReference", b.docref(pid)),
+                  stranger.post("DocumentReference", b.docref(ghost)))
+    # relatesTo pointing at a document the caller may not see
+    other_pid = stranger.create(b.patient())["id"]
+    replaces = b.docref(other_pid)
+    replaces["relatesTo"] = [{"code": "replaces", "target": {"reference": f"DocumentReference/{doc['id']}"}}]
+    missing = b.docref(other_pid)
+    missing["relatesTo"] = [{"code": "replaces", "target": {"reference": f"DocumentReference/{ghost}"}}]
+    _same_refusal(stranger.post("DocumentReference", replaces), stranger.post("DocumentReference", missing))
+    # attachment.url pointing at a Binary the caller may not see
+    url = doc["content"][0]["attachment"]["url"]
+    by_url = b.docref(other_pid)
+    by_url["content"] = [{"attachment": {"contentType": "application/pdf", "url": url}}]
+    by_ghost = b.docref(other_pid)
+    by_ghost["content"] = [{"attachment": {"contentType": "application/pdf", "url": f"Binary/{ghost}"}}]
+    _same_refusal(stranger.post("DocumentReference", by_url), stranger.post("DocumentReference", by_ghost))
+    # conditional update matching nothing visible vs nothing at all
+    _same_refusal(stranger.put(f"DocumentReference?patient={pid}", b.docref(pid)),
+                  stranger.put(f"DocumentReference?patient={ghost}", b.docref(ghost)))

@@ -10,6 +10,7 @@ import pytest
 from fhir_dmp.guard import access_codes
 from tests import builders as b
 from tests.api import Api
+from tests.builders import journal_entries
 
 BASE = "https://dmp.test/fhir"
 COLLECT = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "collect"}]}
@@ -235,7 +236,7 @@ def test_rubrique_data_file_and_codesystem_agree():
     import json
     from pathlib import Path
     from fhir_dmp.documents import rubriques
-    ig = Path(__file__).resolve().parents[1] / "ig"
+    ig = Path(__file__).resolve().parents[2] / "ig"
     cs = json.loads((ig / "CodeSystem-dmp-rubrique.json").read_text())
     assert [c["code"] for c in cs["concept"]] == list(rubriques.RUBRIQUES)
     assert cs["url"] == rubriques.RUBRIQUE_SYSTEM
@@ -396,7 +397,7 @@ def test_repository_representative_methods_for_the_portal(api):
 def _invariants(name):
     import json
     from pathlib import Path
-    sd = json.loads((Path(__file__).resolve().parents[1] / "ig" / f"StructureDefinition-{name}.json").read_text())
+    sd = json.loads((Path(__file__).resolve().parents[2] / "ig" / f"StructureDefinition-{name}.json").read_text())
     return {c["key"]: c["expression"] for e in sd["differential"]["element"] for c in e.get("constraint", [])}
 
 
@@ -437,3 +438,76 @@ def test_validate_operation_accepts_the_new_shapes(api):
         assert r.status_code == 200 and r.json["issue"][0]["severity"] == "information", (rtype, r.json)
     r = admin.post("RelatedPerson/$validate", {**b.related_person(pid), "relationship": [{"text": "ami"}]})
     assert r.json["issue"][0]["severity"] == "error"
+
+
+# ---------- who the caller is (review hole 11, issue 18): fhirUser, tokens fitting no kind, establishments
+def test_ps_with_patient_fhiruser_is_never_the_patient(api, idp, dmp):
+    pid = dmp["pid"]
+    token = idp.ps(b.PS_OTHER, fhirUser=f"Patient/{pid}")
+    r = api.as_token(token).get(f"DocumentReference/{dmp['consult']['id']}")
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize("claims", [
+    {"sub": "someone"},                                              # no role, no SubjectNameID, no fhirUser
+    {"sub": "someone", "fhirUser": "Practitioner/p1"},               # a fhirUser that names no patient
+    {"sub": "someone", "dmp_role": "occupational_medicine"},         # a role this server does not know
+])
+def test_token_fitting_no_kind_of_caller_is_401(api, idp, claims):
+    """CONTRACT.md "Who the caller is": a token that fits none of the kinds gets 401 invalid_token."""
+    r = api.as_token(idp.token(**claims)).get("Patient")
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+
+
+def test_fhir_user_of_another_server_is_refused_and_journaled(api, idp, app, dmp):
+    """CONTRACT.md "Who the caller is": a Patient or RelatedPerson ``fhirUser`` on another
+    server's base URL names nobody here: 401 (journaled like any refused token), never the
+    DMP of the same id, its MASQUE_PS documents included."""
+    pid = dmp["pid"]
+    masked = api.as_ps(b.PS_DR).create(b.docref(pid, b.LAB, labels=("MASQUE_PS",)))
+    rep = api.as_patient(pid).create(b.related_person(pid, "GUARD"))
+    db = app.extensions["fhir_dmp"].storage.db
+
+    def refusals() -> int:
+        return len([e for e in journal_entries(db, {"pid": None}) if e["res"]["outcome"] == "4"])
+
+    before = refusals()
+    strangers = [idp.token(sub="x", fhirUser=f"https://other.example/fhir/Patient/{pid}", scope="patient/*.rs"),
+                 idp.legal_rep(rep["id"], fhirUser=f"https://other.example/fhir/RelatedPerson/{rep['id']}"),
+                 idp.patient(pid, fhirUser=f"{BASE}.evil/Patient/{pid}"),
+                 idp.legal_rep(rep["id"], fhirUser=f"{BASE}X/RelatedPerson/{rep['id']}")]
+    for token in strangers:
+        for path in (f"DocumentReference?patient={pid}", f"DocumentReference/{masked['id']}", f"Patient/{pid}"):
+            r = api.as_token(token).get(path)
+            assert r.status_code == 401, (path, r.status_code)
+            assert r.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+            assert masked["id"] not in r.get_data(as_text=True)
+    assert refusals() == before + 3 * len(strangers)
+    # relative, or on this server's base URL (host in any case, explicit default port): the caller
+    for fhir_user in (f"Patient/{pid}", f"{BASE}/Patient/{pid}", f"{BASE.replace('dmp.test', 'DMP.TEST:443')}/Patient/{pid}"):
+        me = api.as_token(idp.patient(pid, fhirUser=fhir_user))
+        assert me.get(f"DocumentReference/{masked['id']}").status_code == 200, fhir_user
+    rep_token = idp.legal_rep(rep["id"], fhirUser=f"{BASE}/RelatedPerson/{rep['id']}")
+    assert api.as_token(rep_token).get(f"Patient/{pid}").status_code == 200
+
+
+def test_establishment_identifiers_match_on_system_and_value(api, idp, dmp):
+    pid = dmp["pid"]
+    consent = b.consent(pid, "permit")
+    consent["provision"]["actor"] = [{"role": {"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "PRCP"}]},
+        "reference": {"identifier": {"system": FINESS, "value": "750000001"}}}]
+    api.as_patient(pid).create(consent)
+    doc = f"DocumentReference/{dmp['consult']['id']}"
+    ok = api.as_token(idp.ps(b.PS_OTHER, organization=f"{FINESS}|750000001"))
+    assert ok.get(doc).status_code == 200
+    wrong_system = api.as_token(idp.ps(b.PS_OTHER, organization="urn:oid:9.9.9|750000001"))
+    assert wrong_system.get(doc).status_code == 404
+    bare = api.as_token(idp.ps(b.PS_OTHER, organization="750000001"))
+    assert bare.get(doc).status_code == 404
+    # an actor identifier without a system never matches
+    api.as_patient(pid).create(dict(consent, provision=dict(consent["provision"], actor=[{
+        "role": consent["provision"]["actor"][0]["role"],
+        "reference": {"identifier": {"value": "750000002"}}}])))
+    assert api.as_token(idp.ps(b.PS_OTHER, organization=f"{FINESS}|750000002")).get(doc).status_code == 404

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests import builders as b
-from tests.test_conformance import empties
+from tests.http.test_conformance import empties
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]                 # tests/
 CLIENT_DIR = HERE / "live_client"
 MEDPLUM_SCHEMA = CLIENT_DIR / "node_modules" / "@medplum" / "definitions" / "dist" / "fhir" / "r4" / "fhir.schema.json"
 MEDPLUM_META = ("account", "author", "compartment", "project")

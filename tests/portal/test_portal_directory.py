@@ -7,7 +7,7 @@ import re
 
 from tests import builders as b
 from tests.portal_kit import csrf_token
-from tests.test_portal_security import dev, make_app  # noqa: F401  (fixtures)
+from tests.portal.test_portal_security import dev, make_app  # noqa: F401  (fixtures)
 
 MATCH = re.compile(r'data-testid="ps-match" data-idnatps="([0-9]+)"')
 

@@ -21,7 +21,7 @@ from fhir_dmp.profiles import (
 from fhir_dmp.profiles import dmp
 from fhir_dmp.profiles.validation import REQUIRED_BINDINGS, _loc_to_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "r4")      # official R4 examples, in the repository
 IG = os.path.join(ROOT, "ig")
 XHTML = "http://www.w3.org/1999/xhtml"

@@ -274,7 +274,7 @@ def test_ps_who_opens_a_dmp_is_a_first_access(napi, worker, smtp):
 
 def test_concurrent_break_glass_reads_make_one_grant_and_one_notice(notify_app, napi, idp, worker, smtp):
     """Six break-glass reads of one PS started together (threads of one process; two processes in
-    tests/test_two_processes.py): one grant, so one notice, not one per request."""
+    tests/runtime/test_two_processes.py): one grant, so one notice, not one per request."""
     sink, _ = smtp
     pid = open_dmp(napi, email=EMAIL, gp=b.PS_DR)
     start = threading.Barrier(6)

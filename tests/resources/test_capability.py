@@ -10,7 +10,7 @@ from fhir_dmp import search
 from fhir_dmp.profiles import PROFILES, dmp
 from tests import builders as b
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STATEMENT = json.loads((ROOT / "capability_statement.json").read_text())
 
 
@@ -23,7 +23,7 @@ def test_statement_is_valid_r4_and_served(api, config):
     assert cs["implementation"]["url"] == config.fhir_base
     assert cs["software"]["version"] != "0"
     assert cs["rest"][0]["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
-    from tests.test_conformance import empties
+    from tests.http.test_conformance import empties
     assert empties(cs) == []        # R4 JSON: no empty arrays or objects (searchRevInclude: [] is invalid)
     xml = api.anonymous().get("metadata", headers={"Accept": "application/fhir+xml"})
     assert xml.status_code == 200 and b"CapabilityStatement" in xml.data

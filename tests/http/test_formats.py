@@ -14,7 +14,7 @@ from fhir_dmp.http.errors import (BadRequest, NotAcceptable, PayloadTooLarge, Un
                              UnsupportedMediaType)
 from fhir_dmp.http.formats import JSON, XML, from_xml, negotiate, parse_body, render, to_xml
 
-FIXTURES = sorted((pathlib.Path(__file__).parent / "fixtures" / "r4").glob("*.json"))
+FIXTURES = sorted((pathlib.Path(__file__).parents[1] / "fixtures" / "r4").glob("*.json"))
 MAX = 1 << 20
 XHTML = "http://www.w3.org/1999/xhtml"
 

@@ -612,6 +612,44 @@ def test_a_key_set_seen_elsewhere_withdraws_keys_but_never_adds_one(jwks_server,
     refused(verifier, token)
 
 
+def _rotate_and_withdraw(idp, jwks_server) -> str:
+    """The IdP rotates its key and stops publishing the old one; the new kid."""
+    old_kid = idp.kid()
+    new_kid = idp.rotate()
+    jwks_server.routes["/jwks"] = {"keys": [k for k in idp.jwks()["keys"] if k["kid"] != old_kid]}
+    return new_kid if new_kid != old_kid else ""
+
+
+def test_jwks_rotation_trusts_only_published_keys(jwks_server, tmp_path):
+    """Review hole 10 (issue 9): after a rotation, a key the issuer no longer publishes is refused."""
+    idp, config = _jwks_url_config(jwks_server, tmp_path)
+    clock = Clock()
+    verifier = TokenVerifier(config, clock=clock)
+    old_token = idp.token(sub="x")
+    assert verifier.verify(old_token)["sub"] == "x"
+    new_kid = _rotate_and_withdraw(idp, jwks_server)
+    new_token = idp.token(sub="y")
+    clock.now += 10                    # the new kid triggers a refetch (spaced)
+    assert verifier.verify(new_token)["sub"] == "y"
+    with pytest.raises(Unauthorized):
+        verifier.verify(old_token)
+    assert new_kid
+
+
+def test_jwks_cache_has_a_bounded_lifetime(jwks_server, tmp_path):
+    """Review hole 10 (issue 9): a withdrawn key stops being trusted within the cache's lifetime,
+    even when no unknown kid ever triggers a refetch."""
+    idp, config = _jwks_url_config(jwks_server, tmp_path)
+    clock = Clock()
+    verifier = TokenVerifier(config, clock=clock)
+    token = idp.token(sub="x")
+    assert verifier.verify(token)["sub"] == "x"
+    _rotate_and_withdraw(idp, jwks_server)   # the issuer replaced its key (compromise)...
+    clock.now += 600                   # ten minutes later, without any unknown kid
+    with pytest.raises(Unauthorized):
+        verifier.verify(token)
+
+
 def test_jwks_url_default_spacing_and_outage(jwks_server, tmp_path):
     idp, config = _jwks_url_config(jwks_server, tmp_path)
     verifier = TokenVerifier(config)  # real clock, 5 s spacing

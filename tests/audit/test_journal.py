@@ -26,7 +26,7 @@ from fhir.resources.R4B.auditevent import AuditEvent as AuditEventModel
 
 from tests import builders as b
 from fhir_dmp.storage import Storage
-from tests.builders import rewrite_journal_entry
+from tests.builders import journal_entries, rewrite_journal_entry
 
 BTG_HEADERS = {"Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
                            'scheme="http://hl7.org/fhir/tag/security"; label="break the glass"',
@@ -422,3 +422,78 @@ def test_audit_verify_after_real_traffic_then_tampering(api, world, config, db):
     assert only_this.returncode != 0 and victim["id"] in only_this.stdout
     untouched = _verify(config, "--patient", other)
     assert untouched.returncode == 0, untouched.stdout + untouched.stderr
+
+
+# ---------- journal gaps (review holes 3, 8 and 11)
+def test_admin_audit_search_totals_and_pages_agree(api, dmp, idp):
+    # refused tokens land in the system journal (no patient)
+    for _ in range(3):
+        api.as_token(idp.ps(b.PS_DR, acr="eidas0")).get(f"Patient/{dmp['pid']}")
+    admin = api.as_admin()
+    query = "AuditEvent?_count=5&outcome=4"        # the admin's own searches (outcome 0) do not count
+    total = admin.search(query)["total"]
+    assert total >= 3
+    seen, url, pages = [], query, 0
+    while url:
+        page = admin.search(url)
+        assert page["total"] == total
+        entries = page.get("entry", [])
+        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        if nxt:
+            assert len(entries) == 5, "a page shorter than _count has a next link"
+        seen += [e["resource"]["id"] for e in entries]
+        url = nxt[0].split("/fhir/", 1)[1] if nxt else None
+        pages += 1
+        assert pages < 100
+    assert len(seen) == len(set(seen)) == total
+
+
+def test_refused_token_is_journaled_without_traceback(api, idp, app, caplog):
+    caplog.set_level("INFO")
+    r = api.as_token(idp.ps(b.PS_DR, acr="eidas0")).get("Patient")
+    assert r.status_code == 401
+    r = api.as_token("not-a-token").get("Patient")
+    assert r.status_code == 401
+    db = app.extensions["fhir_dmp"].storage.db
+    # the system journal: no patient (sealed into the "_system" chain off the request path)
+    assert len([e for e in journal_entries(db, {"pid": None}) if e["res"]["outcome"] == "4"]) >= 2
+    assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records]
+
+
+def test_denied_search_naming_a_dmp_reaches_its_journal(api, dmp):
+    pid = dmp["pid"]
+    r = api.as_ps(b.PS_OTHER).get(f"DocumentReference?patient={pid}")
+    assert r.status_code == 200 and r.json["total"] == 0
+    journal = api.as_patient(pid).search(f"AuditEvent?patient={pid}&_count=100")
+    searches = [e["resource"] for e in journal["entry"]
+                if e["resource"]["subtype"][0]["code"] == "search"
+                and any((a.get("who") or {}).get("identifier", {}).get("value") == b.PS_OTHER
+                        for a in e["resource"]["agent"])]
+    assert searches and searches[0]["outcome"] != "0"
+
+
+def test_journal_lists_denials_from_bundles(api, dmp):
+    pid = dmp["pid"]
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": f"DocumentReference/{dmp['consult']['id']}"}}]}
+    r = api.as_ps(b.PS_OTHER).post("", bundle)
+    assert r.status_code == 200
+    assert r.json["entry"][0]["response"]["status"].startswith("404")
+    journal = api.as_patient(pid).search(f"AuditEvent?patient={pid}&_count=200")
+    denials = [e["resource"] for e in journal["entry"] if e["resource"]["outcome"] != "0"
+               and any((a.get("who") or {}).get("identifier", {}).get("value") == b.PS_OTHER
+                       for a in e["resource"]["agent"])]
+    assert denials
+
+
+def test_journal_does_not_name_hidden_documents(api, dmp):
+    pid = dmp["pid"]
+    hidden = api.as_ps(b.PS_DR).create(b.docref(pid, b.CONSULTATION, labels=("INVISIBLE_PATIENT",)))
+    api.as_ps(b.PS_DR).get(f"DocumentReference/{hidden['id']}")
+    journal = api.as_patient(pid).get(f"AuditEvent?patient={pid}&_count=200")
+    assert hidden["id"] not in journal.get_data(as_text=True)
+    # the representative neither
+    hidden_rep = api.as_ps(b.PS_DR).create(b.docref(pid, b.LAB, labels=("INVISIBLE_REPRESENTANTS_LEGAUX",)))
+    journal = api.as_legal_rep(pid).get(f"AuditEvent?patient={pid}&_count=200")
+    assert hidden_rep["id"] not in journal.get_data(as_text=True)
+    assert hidden["id"] not in journal.get_data(as_text=True)

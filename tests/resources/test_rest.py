@@ -7,7 +7,7 @@ import pytest
 
 from tests import builders as b
 
-FIXTURES = Path(__file__).parent / "fixtures" / "r4"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "r4"
 
 
 def strip(res):
@@ -261,3 +261,62 @@ def test_post_search_and_sort(api):
     assert any(link["relation"] == "next" for link in asc["link"])
     r = admin.post("Patient/_search", raw=b'{"family": "x"}', content_type="application/json")
     assert r.status_code == 415
+
+
+# ---------- scopes, transactions, vread of a deleted resource (review holes 6, 8 and 11)
+def test_patient_scopes_confine_to_one_compartment(api, idp, dmp):
+    pid = dmp["pid"]
+    other = api.as_ps(b.PS_DR).create(b.patient())["id"]
+    # a patient claim that differs from the patient's own record
+    token = idp.patient(pid, patient=other)
+    assert api.as_token(token).get(f"Patient/{pid}").status_code == 401
+    # a PS with only patient/ scopes and no patient claim
+    token = idp.ps(b.PS_DR, scope="openid patient/*.rs")
+    assert api.as_token(token).get(f"Patient/{pid}").status_code == 401
+    # a PS with patient/ scopes and a patient claim: only that compartment
+    token = idp.ps(b.PS_DR, scope="openid patient/*.rs", patient=pid)
+    caller = api.as_token(token)
+    assert caller.get(f"DocumentReference/{dmp['consult']['id']}").status_code == 200
+    assert caller.search("Patient")["total"] == 1
+    assert caller.get(f"Patient/{other}").status_code == 404
+    assert caller.search(f"DocumentReference?patient={other}")["total"] == 0
+
+
+def test_type_history_needs_search_scope(api, idp, dmp):
+    token = idp.ps(b.PS_DR, scope="openid user/DocumentReference.r")
+    caller = api.as_token(token)
+    assert caller.get(f"DocumentReference/{dmp['consult']['id']}").status_code == 200
+    assert caller.get("DocumentReference/_history").status_code == 403
+    assert caller.get(f"DocumentReference/{dmp['consult']['id']}/_history").status_code == 200
+
+
+def test_transaction_get_sees_own_writes(api):
+    dr = api.as_ps(b.PS_DR)
+    ins = b.nir()
+    urn = "urn:uuid:11111111-1111-1111-1111-111111111111"
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": urn, "resource": b.patient(ins), "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "GET", "url": urn}},
+        {"request": {"method": "GET", "url": f"Patient?identifier={b.NIR}|{ins}"}},
+    ]}
+    r = dr.post("", bundle)
+    assert r.status_code == 200, r.json
+    created = r.json["entry"][0]["resource"]["id"]
+    read = r.json["entry"][1]
+    assert read["response"]["status"].startswith("200"), read
+    assert read["resource"]["id"] == created
+    assert r.json["entry"][2]["resource"]["total"] == 1
+
+
+def test_vread_first_version_of_deleted_resource_agrees_with_history(api, dmp):
+    pid = dmp["pid"]
+    me = api.as_patient(pid)
+    consent = me.create(b.consent(pid, "permit", actor=b.PS_OTHER))
+    assert me.delete(f"Consent/{consent['id']}").status_code == 204
+    hist = me.search(f"Consent/{consent['id']}/_history")
+    assert {e["response"]["status"][:3] if "response" in e else "200" for e in hist["entry"]}
+    listed = [e for e in hist["entry"] if e.get("resource")]
+    assert [e["resource"]["meta"]["versionId"] for e in listed] == ["1"]
+    r = me.get(f"Consent/{consent['id']}/_history/1")
+    assert r.status_code == 200, r.json
+    assert r.json["meta"]["versionId"] == "1"

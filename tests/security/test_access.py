@@ -5,6 +5,8 @@ Every row states which documents of one DMP a principal may see; every read path
 _revinclude, Binary) must agree with it, and every other document must look
 exactly like a missing one.
 """
+from datetime import datetime, timezone
+
 import pytest
 
 from tests import builders as b
@@ -319,3 +321,115 @@ def test_destroyed_dmp_is_as_if_it_never_existed(api, world, app):
     assert db["datakeys"].count_documents({"_id": pid}) == 0          # crypto-shredded
     assert db["DocumentReference"].count_documents({"pid": pid}) == 0
     assert admin.post(f"Patient/{pid}/$destroy").status_code == 404
+
+
+# ---------- review holes 1, 3 and 5 (issue 9): partial Consent dates, the INS lookup, type-level history
+@pytest.mark.parametrize("start", ["2020", "2020-01", "2020-01-15T10:00:00+01:00", "2020-01-15T10:00:00Z"])
+def test_block_with_partial_date_blocks(api, dmp, start):
+    pid = dmp["pid"]
+    block = b.consent(pid, "deny", actor=b.PS_DR)
+    block["provision"]["period"] = {"start": start}
+    api.as_patient(pid).create(block)
+    assert api.as_ps(b.PS_DR).get(f"DocumentReference/{dmp['consult']['id']}").status_code == 404
+    assert api.as_ps(b.PS_DR).search(f"DocumentReference?patient={pid}")["total"] == 0
+
+
+@pytest.mark.parametrize("end", ["2099", "2099-12"])
+def test_block_with_partial_end_date_blocks(api, dmp, end):
+    pid = dmp["pid"]
+    block = b.consent(pid, "deny", actor=b.PS_DR)
+    block["provision"]["period"] = {"start": "2020", "end": end}
+    api.as_patient(pid).create(block)
+    assert api.as_ps(b.PS_DR).get(f"DocumentReference/{dmp['consult']['id']}").status_code == 404
+
+
+def test_block_ending_in_the_past_year_no_longer_blocks(api, dmp):
+    pid = dmp["pid"]
+    block = b.consent(pid, "deny", actor=b.PS_DR)
+    block["provision"]["period"] = {"start": "2019", "end": "2020-06"}
+    api.as_patient(pid).create(block)
+    assert api.as_ps(b.PS_DR).get(f"DocumentReference/{dmp['consult']['id']}").status_code == 200
+
+
+@pytest.mark.parametrize("purpose,start", [("BTG", "2020-01"), ("BTG", "2021"), ("ETREAT", "2020-01")])
+def test_opt_outs_with_partial_dates_hold(api, dmp, purpose, start):
+    pid = dmp["pid"]
+    optout = b.consent(pid, "deny", purpose=purpose)
+    optout["provision"]["period"] = {"start": start}
+    api.as_patient(pid).create(optout)
+    if purpose == "BTG":
+        caller = api.as_ps(b.PS_OTHER, purpose="BTG", btg_reason="urgence")
+    else:
+        caller = api.as_regulation()
+    assert caller.get(f"DocumentReference/{dmp['consult']['id']}").status_code == 404
+
+
+def test_unreadable_deny_consent_denies():
+    """A deny Consent whose period the server cannot read is in force; a permit is not."""
+    from fhir_dmp.security.decision import consent_in_force
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    deny = {"status": "active", "provision": {"type": "deny", "period": {"start": "janvier 2020"}}}
+    permit = {"status": "active", "provision": {"type": "permit", "period": {"start": "janvier 2020"}}}
+    assert consent_in_force(deny, at) is True
+    assert consent_in_force(permit, at) is False
+
+
+def test_blocked_ps_ins_lookup_finds_nothing(api, dmp):
+    pid = dmp["pid"]
+    ins = dmp["patient"]["identifier"][0]["value"]
+    api.as_patient(pid).create(b.consent(pid, "deny", actor=b.PS_OTHER))
+    found = api.as_ps(b.PS_OTHER).search(f"Patient?identifier={b.NIR}|{ins}")
+    assert found["total"] == 0 and not found.get("entry")
+    unknown = api.as_ps(b.PS_OTHER).search(f"Patient?identifier={b.NIR}|{b.nir()}")
+    assert unknown["total"] == 0
+    found = api.as_ps(b.PS_PHARMA, profession="21").search(f"Patient?identifier={b.NIR}|{ins}")
+    assert found["total"] == 1 and len(found["entry"]) == 1
+
+
+def test_ins_lookup_takes_no_other_parameter(api, dmp):
+    ins = dmp["patient"]["identifier"][0]["value"]
+    stranger = api.as_ps(b.PS_OTHER)
+    for extra in ("_sort=birthdate", "_cursor=abc", "birthdate=1985-03-12", "_count=1", "foo=bar",
+                  "_lastUpdated=gt2000-01-01"):
+        for value in (ins, b.nir()):
+            r = stranger.get(f"Patient?identifier={b.NIR}|{value}&{extra}")
+            assert r.status_code == 400, (extra, r.status_code)
+    for ok in ("_format=json", "_pretty=true", "_elements=identifier", "_summary=true"):
+        assert stranger.get(f"Patient?identifier={b.NIR}|{ins}&{ok}").status_code == 200, ok
+    # the same for an authorized PS (the answer never depends on the DMP), who searches otherwise as usual
+    assert api.as_ps(b.PS_DR).get(f"Patient?identifier={b.NIR}|{ins}&_count=1").status_code == 400
+    assert api.as_ps(b.PS_DR).search(f"Patient?family=Martin&_count=1")["total"] >= 1
+
+
+def test_type_history_does_not_lose_entries(api):
+    dr = api.as_ps(b.PS_DR)
+    pid = dr.create(b.patient())["id"]
+    dr.create(b.docref(pid, b.LAB))
+    dr.create(b.docref(pid, b.LAB))
+    for _ in range(45):
+        dr.create(b.docref(pid, b.CONSULTATION))       # newer, not readable by a pharmacist
+    api.as_patient(pid).create(b.consent(pid, "permit", actor=b.PS_PHARMA))
+    pharma = api.as_ps(b.PS_PHARMA, profession="21")
+    seen, url, pages = [], "DocumentReference/_history?_count=1", 0
+    while url:
+        page = pharma.search(url)
+        entries = page.get("entry", [])
+        seen += [e["resource"]["id"] for e in entries if "resource" in e]
+        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        url = nxt[0].split("/fhir/", 1)[1] if nxt else None
+        pages += 1
+        assert pages < 20
+    assert len(seen) == 2, seen
+
+
+def test_document_with_several_types_needs_every_one(api, dmp):
+    pid = dmp["pid"]
+    dr = api.as_ps(b.PS_DR)
+    mixed = b.docref(pid, b.LAB)
+    mixed["type"]["coding"].append({"system": b.LOINC, "code": b.CONSULTATION})
+    doc = dr.create(mixed)
+    api.as_patient(pid).create(b.consent(pid, "permit", actor=b.PS_PHARMA))
+    pharma = api.as_ps(b.PS_PHARMA, profession="21")
+    assert pharma.get(f"DocumentReference/{doc['id']}").status_code == 404
+    ids = {e["resource"]["id"] for e in pharma.search(f"DocumentReference?patient={pid}").get("entry", [])}
+    assert doc["id"] not in ids and dmp["lab"]["id"] in ids

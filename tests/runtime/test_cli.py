@@ -26,7 +26,7 @@ import requests
 from fhir_dmp.runtime.embedded_db import free_port, process_alive
 from fhir_dmp.runtime.server import ServeError, check_port_free, default_workers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 STANDIN = '''
 import sys, time

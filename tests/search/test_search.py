@@ -22,7 +22,7 @@ from fhir_dmp.search.extract import values_of
 from fhir_dmp.search.values import DATE_MAX, date_range, normalize
 
 UTC = timezone.utc
-FIXTURES = Path(__file__).parent / "fixtures" / "r4"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "r4"
 BASE = "http://localhost/fhir"
 NIR = "urn:oid:1.2.250.1.213.1.4.8"
 RPPS = "urn:oid:1.2.250.1.71.4.2.1"
@@ -223,7 +223,7 @@ def test_supported_parameters_and_types():
 
 
 def test_searchparameter_bundle_is_standard_form():
-    bundle = json.loads((Path(__file__).parent.parent / "fhir_dmp" / "data" /
+    bundle = json.loads((Path(__file__).parents[2] / "fhir_dmp" / "data" /
                          "searchparameters.json").read_text(encoding="utf-8"))
     assert bundle["resourceType"] == "Bundle"
     for e in bundle["entry"]:

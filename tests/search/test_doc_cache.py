@@ -29,7 +29,7 @@ from fhir_dmp.security.principal import PATIENT, PS, Principal
 from fhir_dmp.security.scopes import Scopes
 from tests import builders as b
 from tests.api import Api
-from tests.test_access_property import backend  # noqa: F401  (the same module-scoped backend, no cache)
+from tests.security.test_access_property import backend  # noqa: F401  (the same module-scoped backend, no cache)
 
 TYPES = [b.CONSULTATION, b.LAB, b.IMAGING, "00000-0"]
 LABELS = ["MASQUE_PS", "INVISIBLE_PATIENT", "INVISIBLE_REPRESENTANTS_LEGAUX"]

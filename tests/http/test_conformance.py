@@ -224,7 +224,7 @@ def _strings(value):
 
 def test_ig_search_parameter_is_the_engine_one():
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     served = json.loads((root / "ig" / "SearchParameter-AuditEvent-purpose.json").read_text())
     data = json.loads((root / "fhir_dmp" / "data" / "searchparameters.json").read_text())
     engine = next(e["resource"] for e in data["entry"] if e["resource"].get("url") == served["url"])
@@ -278,7 +278,7 @@ def _dev_key(config):
 
 
 def test_smart_configuration_from_the_issuer(tmp_path, build_app, db):
-    from tests.test_auth import JwksServer
+    from tests.security.test_auth import JwksServer
     server = JwksServer()
     try:
         issuer = server.url + "/realms/dmp"

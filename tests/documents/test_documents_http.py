@@ -27,7 +27,7 @@ from pypdf.generic import (
 
 from tests import builders as b
 
-CDA_DIR = Path(__file__).parent / "fixtures" / "cda"
+CDA_DIR = Path(__file__).parents[1] / "fixtures" / "cda"
 INS_ROOT = "1.2.250.1.213.1.4.8"
 XDS_PDF = "urn:ihe:iti:xds-sd:pdf:2008"
 # every collection where a deposit leaves a trace (metadata, content, history)

@@ -1,4 +1,5 @@
 """Storage: versions, decimals, flat filters and the access facets stored beside each document."""
+import threading
 from decimal import Decimal
 
 import pytest
@@ -101,3 +102,46 @@ def test_storage_wraps_pymongo_errors_except_inside_a_transaction(mongo_server, 
         closing.data_key("p1")
     with pytest.raises(StorageError):
         list(heads)
+
+
+# ---------- one DMP per INS, enforced by the database (review hole 4)
+def test_second_dmp_with_same_ins_is_409(api):
+    ins = b.nir()
+    dr = api.as_ps(b.PS_DR)
+    first = dr.create(b.patient(ins))
+    r = api.as_ps(b.PS_OTHER).post("Patient", b.patient(ins))
+    assert r.status_code == 409, r.json
+    assert r.json["issue"][0]["code"] == "duplicate"
+    diag = r.json["issue"][0]["diagnostics"]
+    assert "identifier" in diag and "verification" in diag and first["id"] not in diag
+    # closed: still taken
+    admin = api.as_admin()
+    pat = admin.get(f"Patient/{first['id']}").json
+    assert admin.put(f"Patient/{first['id']}", dict(pat, active=False)).status_code == 200
+    assert admin.post("Patient", b.patient(ins)).status_code == 409
+    # the test NIR system and another system with the same value are other identities
+    other = b.patient(ins)
+    other["identifier"] = [{"system": "urn:oid:1.2.250.1.213.1.4.10", "value": ins}]
+    assert dr.post("Patient", other).status_code == 201
+
+
+def test_ins_uniqueness_is_enforced_by_the_database(api):
+    ins = b.nir()
+    results = []
+
+    def create(i):
+        results.append(api.as_ps(b.PS_DR).post("Patient", b.patient(ins)).status_code)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results).count(201) == 1, results
+    assert all(s in (201, 409) for s in results), results
+
+
+def test_ins_index_is_unique(app):
+    storage = app.extensions["fhir_dmp"].storage
+    info = storage.db["Patient"].index_information()
+    assert any(ix.get("unique") and any(k[0] == "a.ins" for k in ix["key"]) for ix in info.values()), info

@@ -19,7 +19,7 @@ from fhir_dmp.documents.cda import CdaInfo, check_cda_matches, inspect_cda
 from fhir_dmp.documents.pdf import PdfInfo, inspect_pdf
 from fhir_dmp.http.errors import PayloadTooLarge, Unprocessable
 
-CDA_DIR = Path(__file__).parent / "fixtures" / "cda"
+CDA_DIR = Path(__file__).parents[1] / "fixtures" / "cda"
 NIR_SYSTEM = "urn:oid:1.2.250.1.213.1.4.8"
 NIR = "184127645108946"
 ATTACHMENT = "DocumentReference.content[0].attachment"
