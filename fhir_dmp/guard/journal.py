@@ -49,12 +49,14 @@ class RequestJournal:
         self.source_observer = source_observer
         self.records: list = []
         self.effects: list = []          # callables(session) written with the journal at flush
+        self.refused = False             # a refusal or error was journaled during this request
 
     def record(self, interaction: str, *, outcome: str, patient_id: str | None,
                resource: str | None = None, decision: Decision | None = None,
                http_status: int | None = None, query: str | None = None) -> None:
         if patient_id is None and query:
             query = redact_ins(query)
+        self.refused = self.refused or outcome != "0"
         self.records.append(AccessRecord(
             interaction=interaction, action=ACTION.get(interaction, "E"), outcome=outcome,
             principal=self.p, patient_id=patient_id, resource=resource, query=query,

@@ -17,6 +17,7 @@ from ..security.decision import Decision
 from ..security.principal import ADMIN
 from ..storage import UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, new_id
 from . import lifecycle
+from .reads import HOSTED
 
 
 class Writes:
@@ -198,6 +199,27 @@ class Writes:
 
         return write(session) if session is not None else \
             self.transaction(write, interaction="delete", rtype=rtype, pid=current.pid)
+
+    def refused(self, interaction: str, exc: FhirError, rtype: str | None, rid: str | None,
+                body: dict | None) -> None:
+        """Every refused write is in the journal (issue 18): a refusal the repository did not
+        journal itself (raised by the REST layer before calling it: a body that fails validation, an
+        id that does not match, a 405, a 415...) is journaled once, in the journal of the DMP the
+        request names (``rtype/rid``'s stored patient, else the body's subject or patient) when that
+        DMP exists, else in the system journal. The answer stays the same."""
+        if self.journal.refused:
+            return
+        pid = self._named_dmp(rtype, rid, body)
+        self.journal.failure(interaction, exc, pid, f"{rtype}/{rid}" if rtype and rid else rtype)
+
+    def _named_dmp(self, rtype: str | None, rid: str | None, body: dict | None) -> str | None:
+        if rtype not in HOSTED:
+            return None
+        stored = self.storage.read(rtype, rid) if rid else None
+        pid = stored.pid if stored else None
+        if pid is None and isinstance(body, dict):
+            pid = search.patient_id_of(rtype, body)
+        return pid if pid and self.storage.read("Patient", pid) else None
 
     # -------------------------------------------------------- conditional ops
     def find_matches(self, rtype: str, criteria: list[tuple[str, str]], interaction: str) -> list[Stored]:
