@@ -207,19 +207,24 @@ class Writes:
         id that does not match, a 405, a 415...) is journaled once, in the journal of the DMP the
         request names (``rtype/rid``'s stored patient, else the body's subject or patient) when that
         DMP exists, else in the system journal. The answer stays the same."""
-        if self.journal.refused:
-            return
-        pid = self._named_dmp(rtype, rid, body)
-        self.journal.failure(interaction, exc, pid, f"{rtype}/{rid}" if rtype and rid else rtype)
+        if not self.journal.refused:
+            self.journal.failure(interaction, exc, self._named_dmp(rtype, rid, body), _named(rtype, rid))
+
+    def refusals_named(self, interaction: str, rtype: str | None, rid: str | None, body: dict | None):
+        """The same for a Bundle entry (a context manager): a refusal raised in the block that the
+        repository did not journal is journaled in the DMP the entry names, else the system's."""
+        return self.journal.refusals_journaled(interaction, _named(rtype, rid),
+                                               named=lambda: self._named_dmp(rtype, rid, body))
 
     def _named_dmp(self, rtype: str | None, rid: str | None, body: dict | None) -> str | None:
+        """The existing DMP that ``rtype/rid`` (its stored patient) or else ``body`` names."""
         if rtype not in HOSTED:
             return None
-        stored = self.storage.read(rtype, rid) if rid else None
+        stored = self.storage.read(rtype, rid, session=self.session) if rid else None
         pid = stored.pid if stored else None
-        if pid is None and isinstance(body, dict):
+        if pid is None and isinstance(body, dict) and body.get("resourceType") == rtype:
             pid = search.patient_id_of(rtype, body)
-        return pid if pid and self.storage.read("Patient", pid) else None
+        return pid if pid and self.storage.read("Patient", pid, session=self.session) else None
 
     # -------------------------------------------------------- conditional ops
     def find_matches(self, rtype: str, criteria: list[tuple[str, str]], interaction: str) -> list[Stored]:
@@ -302,6 +307,10 @@ def duplicate_dmp(patient: dict) -> Conflict:
                     f"Patient?identifier={ins}, then attest the patient's agreement with a Consent "
                     f"(provision.type permit, your idNatPs as actor, verification.verified true)",
                     code="duplicate", expression="Patient.identifier")
+
+
+def _named(rtype: str | None, rid: str | None) -> str | None:
+    return f"{rtype}/{rid}" if rtype and rid else rtype
 
 
 def _expected_version(if_match: str | None, current: Stored) -> int:

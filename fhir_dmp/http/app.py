@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import portal, resources
 from ..audit.events import AccessRecord, build_event
-from ..guard.journal import ACTION, RequestInfo
+from ..guard.journal import ACTION, METHOD_INTERACTION, RequestInfo
 from ..guard.repository import GuardedRepository
 from ..resources.conformance import is_public as conformance_is_public
 from ..resources.http import respond
@@ -175,8 +175,7 @@ def error_response(exc: FhirError):
 
 def _interaction() -> str:
     """The restful-interaction code of the request's method (for events outside the repository)."""
-    return {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
-            "DELETE": "delete"}.get(request.method, "read")
+    return METHOD_INTERACTION.get(request.method, "read")
 
 
 def _journal_refused(repo: GuardedRepository, response) -> None:

@@ -226,3 +226,27 @@ def test_an_invalid_write_naming_a_hidden_dmp_answers_like_a_missing_one_and_is_
     named = other.post("DocumentReference", b.docref(world["a"]) | bad)
     same_answer(named, other.post("DocumentReference", b.docref(MISSING) | bad), world["a"], MISSING)
     assert refusals(world, b.PS_OTHER) == before + 1
+
+
+def test_refused_bundle_entries_are_in_the_journal_of_the_dmp_they_name(world):
+    """The same refusals in a transaction or a batch entry: in the DMP the entry names, once."""
+    dr, a, doc = world["dr"], world["a"], world["doc"]
+
+    def bundle(btype, resource, method, url):
+        return {"resourceType": "Bundle", "type": btype,
+                "entry": [{"resource": resource, "request": {"method": method, "url": url}}]}
+
+    url = f"DocumentReference/{doc['id']}"
+    steps = [
+        (400, bundle("transaction", doc | {"id": "another"}, "PUT", url)),
+        (None, bundle("transaction", b.docref(a) | {"status": "not-a-status"}, "POST", "DocumentReference")),
+        (200, bundle("batch", doc | {"id": "another"}, "PUT", url)),
+        (200, bundle("batch", b.docref(a) | {"status": "not-a-status"}, "POST", "DocumentReference")),
+    ]
+    for status, body in steps:
+        before = refusals(world, b.PS_DR)
+        r = dr.post("", body)
+        assert r.status_code == status if status else r.status_code in (400, 422), r.get_data(as_text=True)
+        if status == 200:
+            assert r.json["entry"][0]["response"]["status"] in ("400", "422"), r.json
+        assert refusals(world, b.PS_DR) == before + 1, (status, r.json)
