@@ -182,8 +182,8 @@ def _journal_refused(repo: GuardedRepository, response) -> None:
     """Every refused write is in the journal (issue 18; CONTRACT.md "The journal"): a 4xx answer
     to a write the repository did not journal itself goes to the journal of the DMP its URL
     (``Type/id``) or body names, else to the system journal (:meth:`Writes.refused`)."""
-    parts = request.path.split("/")[2:]          # /fhir/Type/id/...
-    if "_search" in parts:                        # a search, not a write
+    root, *parts = request.path.split("/")[1:]    # /fhir/Type/id/...
+    if root != "fhir" or "_search" in parts:      # the portal answers its own; a search is no write
         return
     rtype = parts[0] if parts and parts[0] else None
     rid = parts[1] if len(parts) > 1 and parts[1] and parts[1][0] not in "$_" else None
