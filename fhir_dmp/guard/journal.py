@@ -19,6 +19,9 @@ from ..security.decision import Decision, RequestAccess
 
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
+#: the restful-interaction code of an HTTP method (for events recorded outside a repository call)
+METHOD_INTERACTION = {"GET": "read", "HEAD": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
+                      "DELETE": "delete"}
 
 _INS_IN_QUERY = re.compile(r"((?:urn|URN)(?::|%3A|%3a)oid(?::|%3A|%3a)1\.2\.250\.1\.213\.1\.4\.(?:8|9|10|11)"
                            r"(?:\||%7C|%7c))([^&#;,]+)")
@@ -49,12 +52,14 @@ class RequestJournal:
         self.source_observer = source_observer
         self.records: list = []
         self.effects: list = []          # callables(session) written with the journal at flush
+        self.refused = False             # a refusal or error was journaled during this request
 
     def record(self, interaction: str, *, outcome: str, patient_id: str | None,
                resource: str | None = None, decision: Decision | None = None,
                http_status: int | None = None, query: str | None = None) -> None:
         if patient_id is None and query:
             query = redact_ins(query)
+        self.refused = self.refused or outcome != "0"
         self.records.append(AccessRecord(
             interaction=interaction, action=ACTION.get(interaction, "E"), outcome=outcome,
             principal=self.p, patient_id=patient_id, resource=resource, query=query,
@@ -124,17 +129,19 @@ class RequestJournal:
                     http_status=exc.status, decision=Decision(False, "error", exc.diagnostics[:200]))
 
     @contextmanager
-    def refusals_journaled(self, interaction: str, resource: str):
+    def refusals_journaled(self, interaction: str, resource: str | None, named=None):
         """Every refused write is in the journal (issue 18): a refusal raised in the block that
         nothing journaled yet (If-Match, a move to another record, a patch that does not apply, a
         failed transaction) is journaled here, in the journal of the DMP the write names once the
-        block has set ``target["pid"]``, seen by the caller or not (the answer stays the same)."""
+        block has set ``target["pid"]`` (else ``named()``'s, asked only then), seen by the caller
+        or not (the answer stays the same)."""
         mark, target = len(self.records), {"pid": None}
         try:
             yield target
         except FhirError as exc:
             if all(r.outcome == "0" for r in self.records[mark:]):
-                self.failure(interaction, exc, target["pid"], resource)
+                pid = target["pid"] or (named() if named else None)
+                self.failure(interaction, exc, pid, resource)
             raise
 
     def named(self, interaction: str, named, pid: str | None, decision: Decision, http_status: int) -> None:

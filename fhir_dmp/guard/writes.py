@@ -17,6 +17,7 @@ from ..security.decision import Decision
 from ..security.principal import ADMIN
 from ..storage import UNIQUE_INDEXES, DuplicateValue, Stored, VersionConflict, new_id
 from . import lifecycle
+from .reads import HOSTED
 
 
 class Writes:
@@ -199,6 +200,32 @@ class Writes:
         return write(session) if session is not None else \
             self.transaction(write, interaction="delete", rtype=rtype, pid=current.pid)
 
+    def refused(self, interaction: str, exc: FhirError, rtype: str | None, rid: str | None,
+                body: dict | None) -> None:
+        """Every refused write is in the journal (issue 18): a refusal the repository did not
+        journal itself (raised by the REST layer before calling it: a body that fails validation, an
+        id that does not match, a 405, a 415...) is journaled once, in the journal of the DMP the
+        request names (``rtype/rid``'s stored patient, else the body's subject or patient) when that
+        DMP exists, else in the system journal. The answer stays the same."""
+        if not self.journal.refused:
+            self.journal.failure(interaction, exc, self._named_dmp(rtype, rid, body), _named(rtype, rid))
+
+    def refusals_named(self, interaction: str, rtype: str | None, rid: str | None, body: dict | None):
+        """The same for a Bundle entry (a context manager): a refusal raised in the block that the
+        repository did not journal is journaled in the DMP the entry names, else the system's."""
+        return self.journal.refusals_journaled(interaction, _named(rtype, rid),
+                                               named=lambda: self._named_dmp(rtype, rid, body))
+
+    def _named_dmp(self, rtype: str | None, rid: str | None, body: dict | None) -> str | None:
+        """The existing DMP that ``rtype/rid`` (its stored patient) or else ``body`` names."""
+        if rtype not in HOSTED:
+            return None
+        stored = self.storage.read(rtype, rid, session=self.session) if rid else None
+        pid = stored.pid if stored else None
+        if pid is None and isinstance(body, dict) and body.get("resourceType") == rtype:
+            pid = search.patient_id_of(rtype, body)
+        return pid if pid and self.storage.read("Patient", pid, session=self.session) else None
+
     # -------------------------------------------------------- conditional ops
     def find_matches(self, rtype: str, criteria: list[tuple[str, str]], interaction: str) -> list[Stored]:
         """Guarded search for conditional create/update/delete (only what the caller may see): at
@@ -280,6 +307,10 @@ def duplicate_dmp(patient: dict) -> Conflict:
                     f"Patient?identifier={ins}, then attest the patient's agreement with a Consent "
                     f"(provision.type permit, your idNatPs as actor, verification.verified true)",
                     code="duplicate", expression="Patient.identifier")
+
+
+def _named(rtype: str | None, rid: str | None) -> str | None:
+    return f"{rtype}/{rid}" if rtype and rid else rtype
 
 
 def _expected_version(if_match: str | None, current: Stored) -> int:

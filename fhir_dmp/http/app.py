@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import portal, resources
 from ..audit.events import AccessRecord, build_event
-from ..guard.journal import ACTION, RequestInfo
+from ..guard.journal import ACTION, METHOD_INTERACTION, RequestInfo
 from ..guard.repository import GuardedRepository
 from ..resources.conformance import is_public as conformance_is_public
 from ..resources.http import respond
@@ -35,6 +35,7 @@ from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, Serv
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration", "/fhir/.well-known/jwks.json")
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
 BASE_PATHS = ("/fhir", "/fhir/")     # GET there is a hint for browsers (fhir_dmp/http/home.py), no data
 # CORS for browser SMART apps (https://fetch.spec.whatwg.org/#http-cors-protocol): bearer tokens,
 # no cookies; the FHIR request headers a client sends and the response headers it must read.
@@ -85,6 +86,8 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         if repo is None:
             return response
         try:
+            if request.method in WRITES and 400 <= response.status_code < 500:
+                _journal_refused(repo, response)
             repo.flush_audit()
         except Exception:   # noqa: BLE001 — fail closed: no data leaves without its trace
             log.exception("audit write failed; response withheld (request %s)", g.get("request_id"))
@@ -163,6 +166,7 @@ def _cors(app: Flask, config: Config) -> None:
 
 def error_response(exc: FhirError):
     """The one mapping of errors to an OperationOutcome response."""
+    g.error = exc      # for the journal of a refused write (_journal_refused)
     response = respond(exc.outcome(), exc.status, is_error=True)
     for name, value in exc.headers.items():
         response.headers[name] = value
@@ -171,8 +175,20 @@ def error_response(exc: FhirError):
 
 def _interaction() -> str:
     """The restful-interaction code of the request's method (for events outside the repository)."""
-    return {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "patch",
-            "DELETE": "delete"}.get(request.method, "read")
+    return METHOD_INTERACTION.get(request.method, "read")
+
+
+def _journal_refused(repo: GuardedRepository, response) -> None:
+    """Every refused write is in the journal (issue 18; CONTRACT.md "The journal"): a 4xx answer
+    to a write the repository did not journal itself goes to the journal of the DMP its URL
+    (``Type/id``) or body names, else to the system journal (:meth:`Writes.refused`)."""
+    root, *parts = request.path.split("/")[1:]    # /fhir/Type/id/...
+    if root != "fhir" or "_search" in parts:      # the portal answers its own; a search is no write
+        return
+    rtype = parts[0] if parts and parts[0] else None
+    rid = parts[1] if len(parts) > 1 and parts[1] and parts[1][0] not in "$_" else None
+    exc = g.get("error") or FhirError(f"HTTP {response.status_code}", status=response.status_code)
+    repo.refused(_interaction(), exc, rtype, rid, g.get("body"))
 
 
 def _audit_refused(services: Services, exc: FhirError) -> None:

@@ -25,6 +25,7 @@ from ..http.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from ..guard.journal import METHOD_INTERACTION
 from ..storage import new_id
 from .http import bundle, full_url, ignored_entry, lenient, read_body, respond, version_headers
 from .rest import HOSTED, READ_ONLY, checked, updatable
@@ -159,12 +160,18 @@ def _target_of(entry: dict) -> str | None:
 
 
 def _entry(entry: dict, session, index: int) -> dict:
-    req = entry["request"]
-    method, url = req["method"], req["url"]
-    parts = urlsplit(url)
+    """One entry; a refusal of it is journaled in the DMP it names (issue 18)."""
+    method, parts = entry["request"]["method"], urlsplit(entry["request"]["url"])
     path = [p for p in parts.path.split("/") if p]
     if path and path[0] == "fhir":
         path = path[1:]
+    rtype, rid = (path + [None, None])[:2]
+    with g.repo.refusals_named(METHOD_INTERACTION[method], rtype, rid, entry.get("resource")):
+        return _process(entry, session, index, method, parts, path)
+
+
+def _process(entry: dict, session, index: int, method: str, parts, path: list[str]) -> dict:
+    req = entry["request"]
     if not path:
         raise BadRequest("entry.request.url must name a resource type", expression=f"Bundle.entry[{index}].request.url")
     rtype = path[0]

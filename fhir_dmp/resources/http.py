@@ -77,6 +77,7 @@ def read_body(expected_type: str | None = None) -> dict:
     if expected_type and resource.get("resourceType") != expected_type:
         raise BadRequest(f"resourceType {resource.get('resourceType')!r} does not match the URL ({expected_type})",
                          expression="resourceType")
+    g.body = resource    # what a refused write names, for its journal entry (http/app.py)
     return resource
 
 

@@ -8,10 +8,12 @@ Real app, real tokens, real SecantusDB.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests import builders as b
-from tests.audit.test_journal import find, journal
+from tests.audit.test_journal import agent_ps, entries, find, journal
 
 MISSING = "0123456789abcdef01234567"
 
@@ -166,3 +168,85 @@ def test_refused_writes_look_like_missing_targets(api, dmp):
     # conditional update matching nothing visible vs nothing at all
     _same_refusal(stranger.put(f"DocumentReference?patient={pid}", b.docref(pid)),
                   stranger.put(f"DocumentReference?patient={ghost}", b.docref(ghost)))
+
+
+# ---------- refusals raised by the REST layer, before the repository is called (issue 18)
+def system_refusals(admin, ps: str) -> int:
+    """How many refusals of ``ps`` the administrator reads in the system journal (no patient)."""
+    events = entries(admin, "AuditEvent?outcome=4&_count=200")
+    return len([e for e in events if agent_ps(e) == ps and "Patient/" not in json.dumps(e)])
+
+
+def test_refusals_before_the_repository_are_in_the_journal_of_the_dmp_they_name(world):
+    """400/415/422 answered by the REST layer (an id that does not match, a bad JSON Patch, a body
+    that fails validation, ``$access-code`` in attestation mode): journaled once in the DMP that
+    the URL or the body names, with outcome 4."""
+    dr, a, doc = world["dr"], world["a"], world["doc"]
+    url = f"DocumentReference/{doc['id']}"
+    bad = {"status": "not-a-status"}
+    steps = [
+        (400, lambda: dr.put(url, doc | {"id": "another"})),
+        (400, lambda: dr.put(f"DocumentReference?patient={a}", doc | {"id": "another"})),
+        (415, lambda: dr.request("PATCH", url, raw="[]", content_type="application/json")),
+        (400, lambda: dr.request("PATCH", url, raw="[{", content_type="application/json-patch+json")),
+        (400, lambda: dr.patch(url, {"op": "remove", "path": "/status"})),
+        (None, lambda: dr.put(url, doc | bad)),
+        (None, lambda: dr.post("DocumentReference", b.docref(a) | bad)),
+        (400, lambda: dr.post(f"Patient/{a}/$access-code")),
+    ]
+    for status, call in steps:
+        before = refusals(world, b.PS_DR)
+        r = call()
+        assert r.status_code == status if status else r.status_code in (400, 422), r.get_data(as_text=True)
+        assert refusals(world, b.PS_DR) == before + 1, (status, r.json)
+
+
+def test_refusals_naming_no_dmp_are_in_the_system_journal(world, api):
+    """A 405 on a read-only type, a Bundle that is not processed, a conditional delete without
+    criteria: no DMP named, one refusal in the system journal."""
+    dr, admin = world["dr"], api.as_admin()
+    steps = [
+        (405, lambda: dr.post("Practitioner", {"resourceType": "Practitioner"})),
+        (400, lambda: dr.post("", {"resourceType": "Bundle", "type": "collection"})),
+        (400, lambda: dr.delete("DocumentReference")),
+        (None, lambda: dr.post("DocumentReference", b.docref(MISSING) | {"status": "not-a-status"})),
+    ]
+    for status, call in steps:
+        before, mine = system_refusals(admin, b.PS_DR), refusals(world, b.PS_DR)
+        r = call()
+        assert r.status_code == status if status else r.status_code in (400, 422), r.get_data(as_text=True)
+        assert system_refusals(admin, b.PS_DR) == before + 1, (status, r.json)
+        assert refusals(world, b.PS_DR) == mine
+
+
+def test_an_invalid_write_naming_a_hidden_dmp_answers_like_a_missing_one_and_is_journaled(world):
+    """CONTRACT.md "REST behaviour": the answer does not tell the DMP exists; its journal has it."""
+    other, bad = world["other"], {"status": "not-a-status"}
+    before = refusals(world, b.PS_OTHER)
+    named = other.post("DocumentReference", b.docref(world["a"]) | bad)
+    same_answer(named, other.post("DocumentReference", b.docref(MISSING) | bad), world["a"], MISSING)
+    assert refusals(world, b.PS_OTHER) == before + 1
+
+
+def test_refused_bundle_entries_are_in_the_journal_of_the_dmp_they_name(world):
+    """The same refusals in a transaction or a batch entry: in the DMP the entry names, once."""
+    dr, a, doc = world["dr"], world["a"], world["doc"]
+
+    def bundle(btype, resource, method, url):
+        return {"resourceType": "Bundle", "type": btype,
+                "entry": [{"resource": resource, "request": {"method": method, "url": url}}]}
+
+    url = f"DocumentReference/{doc['id']}"
+    steps = [
+        (400, bundle("transaction", doc | {"id": "another"}, "PUT", url)),
+        (None, bundle("transaction", b.docref(a) | {"status": "not-a-status"}, "POST", "DocumentReference")),
+        (200, bundle("batch", doc | {"id": "another"}, "PUT", url)),
+        (200, bundle("batch", b.docref(a) | {"status": "not-a-status"}, "POST", "DocumentReference")),
+    ]
+    for status, body in steps:
+        before = refusals(world, b.PS_DR)
+        r = dr.post("", body)
+        assert r.status_code == status if status else r.status_code in (400, 422), r.get_data(as_text=True)
+        if status == 200:
+            assert r.json["entry"][0]["response"]["status"] in ("400", "422"), r.json
+        assert refusals(world, b.PS_DR) == before + 1, (status, r.json)
