@@ -46,7 +46,13 @@ from typing import Callable, TextIO
 from granian.constants import Interfaces
 from granian.server.mp import MPServer
 
-from .logs import REQUEST_ID_ENVIRON
+from ..guard.lifecycle import start_daily_retention
+from ..guard.repository import GuardedRepository
+from ..http.app import create_app
+from ..security.habilitations import Habilitations
+from .database import open_database
+from .embedded_db import EmbeddedMongo, pdeathsig
+from .logs import REQUEST_ID_ENVIRON, configure as configure_logs
 
 # threads per worker (issue 13, bench/cost.py wrk -c32, interleaved on one quiet machine): 32 gave
 # 1,059 and 1,037 GET Patient/{id} req/s against 1,009 and 934 with 16 (0.93-0.96 against
@@ -109,16 +115,6 @@ def dev_banner(config) -> str:
     return "\n".join([line, *(f"*  {r}" for r in rows), line])
 
 
-def _load_create_app() -> Callable:
-    try:
-        from ..http.app import create_app
-    except ModuleNotFoundError as e:
-        if e.name == "fhir_dmp.http.app":
-            raise ServeError("the application module fhir_dmp.http.app is missing") from None
-        raise
-    return create_app
-
-
 class _Logged:
     """A response body that writes the request's access line when the server closes it
     (the body sent, or the client gone). Iterating it is iterating the app's body."""
@@ -169,10 +165,6 @@ class _Served:
 
 def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     """granian's target loader: runs in each worker after the fork, before it serves."""
-    from .embedded_db import pdeathsig
-    from ..guard.lifecycle import start_daily_retention
-    from ..guard.repository import GuardedRepository
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C while booting: the master decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while booting: nothing to drain yet
     die_with_master = pdeathsig()   # a master killed hard: the worker follows at once (SIGKILL), as
@@ -305,13 +297,6 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
     line each) when it cannot start. ``app_factory`` defaults to
     ``fhir_dmp.http.app.create_app``.
     """
-    from .database import open_database
-    from .embedded_db import EmbeddedMongo
-
-    from ..security.habilitations import Habilitations
-
-    from .logs import configure as configure_logs
-
     out = out or sys.stderr
     configure_logs(stream=out)       # JSON lines with the request id, inherited by the workers
     workers = workers or default_workers()
@@ -338,8 +323,7 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
         else:
             client, _ = open_database(config)
             client.close()  # no pymongo client may cross fork()
-        # imported in the master (fail fast, before forking); called in each worker
-        factory = app_factory or _load_create_app()
+        factory = app_factory or create_app   # called in each worker, after the fork
         if config.dev_mode:
             print(dev_banner(config), file=out, flush=True)
         server = _granian(config, workers)   # its own SIGTERM/SIGINT handlers replace ours as it starts
