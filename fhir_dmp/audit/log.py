@@ -1,7 +1,7 @@
 """The journal store: AuditEvents appended durably, unsealed, by group commit or in a write's
 transaction.
 
-Storage (issue 13: every collection is insert-mostly, SecantusDB updates being dear):
+Storage (every collection is insert-mostly, SecantusDB updates being dear: bench/README.md, "The journal"):
 
 - ``AuditEvent``: the events, common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``,
   ``del`` = False, ``res``, ``s``, ``o``), written once; ``s``/``o`` live beside ``res`` and are

@@ -1,5 +1,5 @@
 """The journal sealer: links unsealed AuditEvents into their per-patient hash chains and
-signs checkpoints of the chain heads (DESIGN.md "Audit", issue 13).
+signs checkpoints of the chain heads (DESIGN.md "Audit").
 
 Requests append their AuditEvents *unsealed* (``fhir_dmp.audit.events.AuditLog``): durable
 before the answer, but outside any chain, so concurrent reads of one DMP never conflict on

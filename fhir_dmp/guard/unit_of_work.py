@@ -15,7 +15,7 @@ from ..storage import StorageError, is_write_conflict
 log = logging.getLogger(__name__)
 
 #: what a write of these types changes is none of the decision's inputs (storage.DECISION_INPUTS):
-#: the DMP's cached decision context stays warm for the next deposit (issue 13)
+#: the DMP's cached decision context stays warm for the next deposit
 CONTEXT_FREE = frozenset({"DocumentReference", "Binary"})
 
 

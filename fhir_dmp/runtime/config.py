@@ -69,7 +69,7 @@ class Config:
     # CONTRACT.md "Lifecycle of a DMP": years a closed DMP is kept; how a PS's first access is granted
     retention_years: int = 10
     first_access: str = "attestation"
-    # the journal (issue 13): the background sealer, its signing key, the unsealed bound
+    # the journal: the background sealer, its signing key, the unsealed bound
     audit_sealer: bool = True
     audit_key_file: Path | None = None
     audit_seal_bound: int = 60

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # after a batch (empty: the database woke the getMore for a write it then filtered out, the
 # journal mostly; or not: a write it watches, e.g. each deposit's DocumentReference) wait this
 # long before the next one: ~20 getMores/s per process instead of one per write, each reading
-# every oplog entry written since the last (issue 13), a bounded delay well inside the 1 s
+# every oplog entry written since the last, a bounded delay well inside the 1 s
 # invalidation promise
 POLL_PAUSE_S = 0.05
 # a thread waits this long at most for another thread's load of the same pid (then loads itself)

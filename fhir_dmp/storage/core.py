@@ -10,7 +10,7 @@ Contract of this module: :meth:`StoreCore.run_transaction` runs a unit in a tran
 by pymongo on lost races (a WriteConflict is labelled transient here); :meth:`StoreCore.insert_docs`
 sends a transaction's inserts in one round trip where the server takes a client ``bulkWrite``;
 on SecantusDB (:meth:`StoreCore.is_secantus`) a transaction names no read concern and its
-session is not causal, so that the bulk may be its first command (issue 13).
+session is not causal, so that the bulk may be its first command.
 """
 from __future__ import annotations
 
@@ -88,14 +88,13 @@ class Stored:
 
 
 def pack(resource: dict | bytes) -> bytes:
-    """A journal entry's resource as stored: JSON, zlib level 1 (issue 13). ``resource`` may be
+    """A journal entry's resource as stored: JSON, zlib level 1. ``resource`` may be
     given already serialized (UTF-8 JSON bytes: the journal passes the canonical bytes it has
     just hashed, so an entry is serialized once on the request path).
 
     The database never looks inside a journal entry (its searches use ``s``/``o``), and
     SecantusDB pays for every BSON element of every insert and of every change-stream read of
-    its oplog: one binary value instead of ~150 nested ones made an entry's insert cost ~0.55
-    instead of ~0.4 ms of the database's CPU (bench, batches of 8). Read back by :func:`unpack`."""
+    its oplog: one binary value instead of ~150 nested ones (bench/README.md, "The journal"). Read back by :func:`unpack`."""
     if not isinstance(resource, bytes):
         resource = json.dumps(resource, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return zlib.compress(resource, 1)
@@ -268,7 +267,7 @@ class StoreCore:
         ``local`` and after the session's last operation or not see the same data: the
         transaction names no read concern and the session is not causal, so that its first
         command may be the client ``bulkWrite`` of its inserts (SecantusDB refuses a
-        ``readConcern`` there, :meth:`insert_docs`): one round trip less per write (issue 13).
+        ``readConcern`` there, :meth:`insert_docs`): one round trip less per write.
         Elsewhere (MongoDB) the client's defaults (``majority``, causal)."""
         if not self.is_secantus():
             return {}

@@ -75,7 +75,7 @@ class RequestAccess:
         self.p = principal
         self.states: dict[str, PatientState] = {}
         self.session = None       # set by the repository inside a write transaction
-        # per DMP, for the documents of one request (a search page judges each one, issue 13):
+        # per DMP, for the documents of one request (a search page judges each one):
         # [state, its grant, the entry decision, the compiled document test once one is judged],
         # reused while the request holds the same state and grant (the repository replaces or
         # amends them)
