@@ -102,7 +102,7 @@ class DocumentPipeline:
     it is handed (it reaches into nothing else)."""
 
     storage: Any        # the Storage facade
-    blobs: Any          # the encrypted content store (blobs.py)
+    blobs: Any          # the encrypted content store (storage/content.py)
     work: Any           # the request's UnitOfWork: session, pending inserts, fresh Binaries, bodies read
     decision: Any       # the request's access decision (RequestAccess)
     journal: Any        # the request's RequestJournal

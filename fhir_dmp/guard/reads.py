@@ -21,7 +21,7 @@ from ..storage import RESOURCE_TYPES, Stored, merge_filters
 
 log = logging.getLogger(__name__)
 
-HOSTED = RESOURCE_TYPES     # the resource types served (storage.py holds the list)
+HOSTED = RESOURCE_TYPES     # the resource types served (storage/core.py holds the list)
 
 
 @dataclass

@@ -115,7 +115,7 @@ class UnitOfWork:
     def forget_contexts(self) -> None:
         """Drop the cached decision context of the patients whose decision inputs this request
         wrote (the same collections the cache's change stream watches), and the cached documents
-        (``doc_cache.py``) of every patient it wrote."""
+        (``search/doc_cache.py``) of every patient it wrote."""
         cache = self.policy.context_cache
         if cache is not None:
             for pid in self._stale_pids:

@@ -5,7 +5,7 @@ policy, audit log, notification outbox, encrypted blob store, token verifier), r
 on the app, starts their background threads and mounts the FHIR blueprints at ``/fhir``, the
 home page and the portal. Request flow (DESIGN.md): authenticate -> handler -> guarded
 repository -> audit flushed before the response (fail closed) -> JSON/XML or
-OperationOutcome (``errors.py``; the one mapping is :func:`error_response`, here).
+OperationOutcome (``http/errors.py``; the one mapping is :func:`error_response`, here).
 """
 from __future__ import annotations
 

@@ -222,7 +222,7 @@ class Outbox:
     """Queue notifications for a patient, in the caller's transaction if any."""
 
     def __init__(self, storage, config):
-        self.storage = storage     # runs the outbox's queries (storage.py)
+        self.storage = storage     # runs the outbox's queries (storage/outbox.py)
         self.config = config
         self._indexed = False
 

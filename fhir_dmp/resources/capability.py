@@ -4,7 +4,7 @@ The CapabilityStatement is kept by hand in ``capability_statement.json`` at
 the repository root (the source of truth); ``fhir_dmp/data/capability_statement.json``
 links to it, so an installed package or a wheel carries a copy (package data)
 and serves ``/metadata`` without the checkout. Only the base URL, software
-version and date are filled in here. ``tests/test_capability.py`` checks it against the routes and
+version and date are filled in here. ``tests/resources/test_capability.py`` checks it against the routes and
 search parameters the server really has.
 Specs: https://hl7.org/fhir/R4/capabilitystatement.html,
 https://hl7.org/fhir/smart-app-launch/conformance.html

@@ -75,7 +75,7 @@ class Config:
     audit_seal_bound: int = 60
     # decision context cached per process, invalidated by the change stream
     context_cache: bool = True
-    # documents of recently searched DMPs cached per process (doc_cache.py; needs context_cache,
+    # documents of recently searched DMPs cached per process (search/doc_cache.py; needs context_cache,
     # whose change stream invalidates it): at most this many documents, 0 = off
     document_cache_docs: int = 10_000
     threads: int = 0                 # Python threads per server worker; 0 = server.default_threads()

@@ -1,5 +1,5 @@
 """The audit journal as stored: entries, their queue, chain links, heads, checkpoints, the
-sealer's lease (security/audit.py appends, security/sealer.py seals, verify reads).
+sealer's lease (audit/log.py appends, audit/sealer.py seals, audit/verify.py reads).
 
 Three insert-mostly collections, because SecantusDB updates are dear (bench/README.md, "The
 journal"):

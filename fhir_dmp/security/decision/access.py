@@ -32,7 +32,7 @@ with its rule, reason and basis (the Consents it rests on).
 Each rule that a search filters on is written once, as a storage query over the access facets
 (``DocumentRules.document_query``, :meth:`RequestAccess.consent_query`, the exact-INS lookup's
 filter), and :meth:`RequestAccess.can_see` evaluates that same query on the one resource
-(:func:`~fhir_dmp.filters.matches`); ``tests/test_access_property.py`` checks on random worlds that
+(:func:`~fhir_dmp.storage.filters.matches`); ``tests/security/test_access_property.py`` checks on random worlds that
 both agree, totals included. Deny is the default: every function ends in a deny unless a rule
 permitted.
 """
