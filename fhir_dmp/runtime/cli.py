@@ -129,10 +129,13 @@ def _say(message: str) -> None:
 
 # -- subcommands -----------------------------------------------------------
 def cmd_serve(args, *, app_factory: Callable | None = None) -> int:
-    from .server import serve  # lazy: Flask and pymongo
+    from .server import ServeError, serve  # lazy: Flask and pymongo
 
     config = _config(args)
-    return serve(config, workers=args.workers, app_factory=app_factory)
+    try:
+        return serve(config, workers=args.workers, app_factory=app_factory)
+    except ServeError as e:
+        raise CliError(str(e)) from None
 
 
 def cmd_dev_token(args, **_) -> int:
@@ -248,9 +251,8 @@ def cmd_retention_run(args, **_) -> int:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from .database import DatabaseError  # lazy: pymongo
-    from .server import ServeError  # lazy: Flask and pymongo
 
-    return (CliError, ConfigError, DatabaseError, EmbeddedDbError, ServeError, FhirError,
+    return (CliError, ConfigError, DatabaseError, EmbeddedDbError, FhirError,
             FileNotFoundError, PermissionError, IsADirectoryError)
 
 
