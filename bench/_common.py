@@ -62,7 +62,7 @@ class Env:
 
     @property
     def backend(self):
-        return self.app.extensions["fhir_dmp"]
+        return services(self.app)
 
     @property
     def storage(self):

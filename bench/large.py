@@ -9,7 +9,7 @@ no ``_total``. Wall time (p50/p95; on a shared machine mostly the journal's dura
 CPU per search (this process and the database process, ``/proc``: what does not depend on the
 other load of the machine). Each case three ways:
 
-* ``cached``: the DMP's documents already in the process's document cache (``doc_cache.py``),
+* ``cached``: the DMP's documents already in the process's document cache (``fhir_dmp/search/doc_cache.py``),
   the steady state of a DMP read again and again;
 * ``cold``: the cache entry dropped before every search (as after a change of that DMP): the
   search reads the DMP's documents from the database (the ``pid`` index) and caches them;

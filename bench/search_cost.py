@@ -16,7 +16,7 @@ page, default ``_count``:
 
 The background sealer is off (its work would land in the database's figure); ``--no-audit``
 also turns the journal write off (``flush_audit`` no-op) to show the search alone;
-``--no-cache`` turns the DMP document cache off (``doc_cache.py``: the search asks the database).
+``--no-cache`` turns the DMP document cache off (``fhir_dmp/search/doc_cache.py``: the search asks the database).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--sizes", default="20,2000")
     ap.add_argument("--no-audit", action="store_true")
-    ap.add_argument("--no-cache", action="store_true", help="without the DMP document cache (doc_cache.py)")
+    ap.add_argument("--no-cache", action="store_true", help="without the DMP document cache (fhir_dmp/search/doc_cache.py)")
     ap.add_argument("--profile", action="store_true", help="cProfile of the application side, top 25")
     args = ap.parse_args()
     if args.quick:

@@ -9,5 +9,5 @@ __all__ = ["create_app"]
 
 def create_app(*args, **kwargs):
     """Build the WSGI application; see :func:`fhir_dmp.http.app.create_app`."""
-    from .http.app import create_app as factory
+    from .http.app import create_app as factory  # lazy: importing the package must not load Flask and pymongo
     return factory(*args, **kwargs)

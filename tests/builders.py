@@ -165,7 +165,7 @@ def load_directory(config, folder) -> int:
     return load_files(config, [path], Quiet())
 
 
-# --- the journal as stored (entries are packed: fhir_dmp.storage.pack) -----------------------
+# --- the journal as stored (entries are packed: fhir_dmp.storage.core.pack) -----------------------
 
 def journal_entries(db, flt: dict | None = None) -> list[dict]:
     """Raw AuditEvent documents matching ``flt``, each with its resource unpacked."""

@@ -1,12 +1,12 @@
 """The journal store: AuditEvents appended durably, unsealed, by group commit or in a write's
 transaction.
 
-Storage (issue 13: every collection is insert-mostly, SecantusDB updates being dear):
+Storage (every collection is insert-mostly, SecantusDB updates being dear: bench/README.md, "The journal"):
 
 - ``AuditEvent``: the events, common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``,
   ``del`` = False, ``res``, ``s``, ``o``), written once; ``s``/``o`` live beside ``res`` and are
   not hashed. A DMP's journal is kept as long as the DMP and destroyed with it (retention counts
-  from the Patient's ``closed_at``: lifecycle.py).
+  from the Patient's ``closed_at``: guard/lifecycle.py).
 - ``AuditEvent_queue``: per append, ``{t, items: [{e: event id, p: patient or None,
   d: content digest}]}``, in the same transaction as the events: the sealer's to-do list.
 - ``AuditEvent_link``: per sealing pass and chain, a run of consecutive links::

@@ -1,7 +1,7 @@
 """The journal sealer: links unsealed AuditEvents into their per-patient hash chains and
-signs checkpoints of the chain heads (DESIGN.md "Audit", issue 13).
+signs checkpoints of the chain heads (DESIGN.md "Audit").
 
-Requests append their AuditEvents *unsealed* (``fhir_dmp.audit.events.AuditLog``): durable
+Requests append their AuditEvents *unsealed* (``fhir_dmp.audit.log.AuditLog``): durable
 before the answer, but outside any chain, so concurrent reads of one DMP never conflict on
 its chain head. The sealer, one at a time across every server process, then:
 

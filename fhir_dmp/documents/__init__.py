@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fhir_dmp.documents.cda import CdaInfo, check_cda_matches, inspect_cda
 from fhir_dmp.documents.pdf import PdfInfo, inspect_pdf
+from fhir_dmp.http.errors import PayloadTooLarge
 
 CDA_CONTENT_TYPES = frozenset({"text/xml", "application/xml", "application/hl7-v3+xml",
                                "application/hl7-cda+xml"})
@@ -25,7 +26,6 @@ def inspect_document(content_type: str | None, data: bytes, *, max_bytes: int,
         return inspect_pdf(data, max_bytes=max_bytes, expression=expression)
     if ct in CDA_CONTENT_TYPES:
         if len(data) > max_bytes:
-            from fhir_dmp.http.errors import PayloadTooLarge
             raise PayloadTooLarge(f"document exceeds the limit of {max_bytes} bytes", expression=expression)
         return inspect_cda(data, expression=expression)
     return None

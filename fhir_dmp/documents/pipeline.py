@@ -102,7 +102,7 @@ class DocumentPipeline:
     it is handed (it reaches into nothing else)."""
 
     storage: Any        # the Storage facade
-    blobs: Any          # the encrypted content store (blobs.py)
+    blobs: Any          # the encrypted content store (storage/content.py)
     work: Any           # the request's UnitOfWork: session, pending inserts, fresh Binaries, bodies read
     decision: Any       # the request's access decision (RequestAccess)
     journal: Any        # the request's RequestJournal
@@ -194,7 +194,7 @@ class DocumentPipeline:
             wanted = wanted if wanted and _ID.fullmatch(wanted) else None
             bid = wanted or new_id()
             # the content first, then the Binary with its size and hash, no update; under a server id
-            # (no conflict possible) both wait to go with the document's own inserts (issue 13)
+            # (no conflict possible) both wait to go with the document's own inserts
             pending = None if wanted else self.work.pending_inserts
             info = self.blobs.put(pid, bid, 1, data, max_bytes=self.max_bytes,
                                     session=session, fresh=True, pending=pending)

@@ -12,7 +12,8 @@ from datetime import timedelta
 from ..http.errors import Forbidden, not_found
 from ..notifications.outbox import Notice
 from ..profiles import validate
-from ..security.decision import ROLE_CODE_SYSTEM, Decision
+from ..profiles.dmp import ROLE_CODE_SYSTEM
+from ..security.decision import Decision
 from ..security.principal import ADMIN
 from ..storage import Stored, new_id, now
 from . import access_codes, lifecycle

@@ -21,7 +21,7 @@ from ..storage import RESOURCE_TYPES, Stored, merge_filters
 
 log = logging.getLogger(__name__)
 
-HOSTED = RESOURCE_TYPES     # the resource types served (storage.py holds the list)
+HOSTED = RESOURCE_TYPES     # the resource types served (storage/core.py holds the list)
 
 
 @dataclass
@@ -281,7 +281,7 @@ class Reads:
             # a first page that holds everything is its own total: no second pass over the data;
             # otherwise the matches are counted only when asked (_total=accurate|estimate,
             # _summary=count): a count walks every match, so a large DMP would pay for it on
-            # every page (issue 13)
+            # every page
             if not req.cursor and len(docs) <= req.count and not counted:
                 page.total = len(docs)
             elif req.explicit_total or counted:

@@ -15,7 +15,7 @@ from ..storage import StorageError, is_write_conflict
 log = logging.getLogger(__name__)
 
 #: what a write of these types changes is none of the decision's inputs (storage.DECISION_INPUTS):
-#: the DMP's cached decision context stays warm for the next deposit (issue 13)
+#: the DMP's cached decision context stays warm for the next deposit
 CONTEXT_FREE = frozenset({"DocumentReference", "Binary"})
 
 
@@ -115,7 +115,7 @@ class UnitOfWork:
     def forget_contexts(self) -> None:
         """Drop the cached decision context of the patients whose decision inputs this request
         wrote (the same collections the cache's change stream watches), and the cached documents
-        (``doc_cache.py``) of every patient it wrote."""
+        (``search/doc_cache.py``) of every patient it wrote."""
         cache = self.policy.context_cache
         if cache is not None:
             for pid in self._stale_pids:

@@ -64,7 +64,7 @@ class Writes:
         resource = self._prepare(rtype, resource, None, pid)
 
         # in its own transaction, a server id and no unique index (nothing to refuse it): the
-        # version waits to go with the journal's documents, one round trip (issue 13)
+        # version waits to go with the journal's documents, one round trip
         defer = session is None and rid is None and rtype not in UNIQUE_INDEXES
 
         def write(s):

@@ -5,7 +5,7 @@ policy, audit log, notification outbox, encrypted blob store, token verifier), r
 on the app, starts their background threads and mounts the FHIR blueprints at ``/fhir``, the
 home page and the portal. Request flow (DESIGN.md): authenticate -> handler -> guarded
 repository -> audit flushed before the response (fail closed) -> JSON/XML or
-OperationOutcome (``errors.py``; the one mapping is :func:`error_response`, here).
+OperationOutcome (``http/errors.py``; the one mapping is :func:`error_response`, here).
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from flask import Flask, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
-from .. import portal, resources
+from .. import portal
 from ..audit.events import AccessRecord, build_event
 from ..guard.journal import ACTION, METHOD_INTERACTION, RequestInfo
 from ..guard.repository import GuardedRepository
+from ..resources import bundles, capability, conformance, rest
 from ..resources.conformance import is_public as conformance_is_public
 from ..resources.http import respond
 from ..runtime.config import Config
@@ -56,7 +57,8 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     services.start_background()
     verifier = services.verifier
 
-    resources.register(app)
+    for fhir in (capability, conformance, bundles, rest):   # under /fhir; metadata first: it needs no token
+        app.register_blueprint(fhir.bp)
     app.register_blueprint(home.bp)
     portal.init_app(app)
     _cors(app, config)

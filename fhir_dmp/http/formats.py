@@ -220,8 +220,8 @@ def _decimal_fragment(o):
 def dumps_json(obj: typing.Any, *, pretty: bool = False) -> bytes:
     """UTF-8 JSON; :class:`decimal.Decimal` written digit for digit.
 
-    orjson does the work (a search Bundle of 20 DocumentReferences: ~12 µs instead of ~110 µs
-    with the standard library's C encoder, issue 13); a Decimal goes in as an
+    orjson does the work (about ten times the standard library's C encoder: bench/README.md,
+    "JSON out"); a Decimal goes in as an
     ``orjson.Fragment`` of its digits. What orjson refuses (an integer beyond 64 bits, which
     ``json`` parses from a body) goes through :func:`_dumps_json_stdlib`, same output.
     """

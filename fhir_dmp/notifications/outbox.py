@@ -202,7 +202,7 @@ def _communication(notice: Notice, subject: str, body: str, *, status: str,
     }
     if notice.actor_id:
         # whom it is about: the portal names them from the directory of professionals when it
-        # lists them (here, the name of the token; no directory read on the write path, issue 13)
+        # lists them (here, the name of the token; no directory read on the write path)
         about = {"identifier": {"system": IDNATPS_SYSTEM, "value": notice.actor_id}}
         if notice.actor_name:
             about["display"] = notice.actor_name
@@ -222,7 +222,7 @@ class Outbox:
     """Queue notifications for a patient, in the caller's transaction if any."""
 
     def __init__(self, storage, config):
-        self.storage = storage     # runs the outbox's queries (storage.py)
+        self.storage = storage     # runs the outbox's queries (storage/outbox.py)
         self.config = config
         self._indexed = False
 

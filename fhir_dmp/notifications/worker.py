@@ -111,7 +111,7 @@ class Worker:
                  worker_id: str | None = None, lease_seconds: float = 60, max_attempts: int = 6,
                  base_delay: float = 5, max_delay: float = 3600, poll_interval: float = 1,
                  send_timeout: float = 10):
-        self.storage = storage     # runs the outbox's queries (storage.py)
+        self.storage = storage     # runs the outbox's queries (storage/outbox.py)
         self.config = config
         self.on_result = on_result
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"

@@ -27,7 +27,7 @@ class PortalSessionInterface(SecureCookieSessionInterface):
 
     Flask opens the session of every request before routing; the stock interface builds its
     itsdangerous signer first, even for the FHIR API calls that never have the cookie (its path
-    is ``/portal``): ~0.05 ms of CPU per API request (issue 13, profiled under load). Without the
+    is ``/portal``), a cost on every API request (bench/README.md, "The portal's session interface"). Without the
     cookie the answer is the same as Flask's: a new empty session (None without a secret key).
     """
 

@@ -12,6 +12,7 @@ from .directory import Professional
 from ..profiles import dmp
 from ..audit.events import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
+from ..storage import instant, now
 
 PARIS = ZoneInfo("Europe/Paris")
 
@@ -261,7 +262,6 @@ def _consent(patient_id: str, kind: str, *, id_nat_ps: str | None = None, purpos
              person: Professional | None = None) -> dict:
     """A patient choice, made now, about one PS (``id_nat_ps``) or everyone (profiles.dmp);
     ``person``: the directory's entry for the idNatPs (its name becomes the actor's ``display``)."""
-    from ..storage import instant, now
     actor = {"identifier": {"system": IDNATPS_SYSTEM, "value": id_nat_ps}} if id_nat_ps else None
     if actor is not None and person:
         actor["display"] = person.name

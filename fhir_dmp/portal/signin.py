@@ -28,6 +28,7 @@ from ..runtime.services import services
 from ..guard.journal import RequestInfo
 from ..guard.repository import GuardedRepository
 from ..security.decision import resolve_legal_representative
+from ..security.devkeys import mint_token
 from ..security.principal import LEGAL_REPRESENTATIVE, PATIENT, Principal
 
 PORTAL_SCOPE = "openid fhirUser patient/*.cruds"
@@ -93,7 +94,6 @@ def finish_oidc() -> str:
 def dev_token(config, *, patient: str | None = None, related_person: str | None = None) -> str:
     """A dev token for a patient (``fhir-dmp dev-token patient``) or a legal representative
     (``fhir-dmp dev-token legal_representative --related-person``)."""
-    from ..security.devkeys import mint_token
     if related_person:
         return mint_token(config, LEGAL_REPRESENTATIVE, related_person=related_person,
                           lifetime=DEV_TOKEN_LIFETIME)

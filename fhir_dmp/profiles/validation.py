@@ -51,7 +51,7 @@ from . import dmp
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = RESOURCE_TYPES    # the hosted types (storage.py holds the list)
+SUPPORTED_TYPES = RESOURCE_TYPES    # the hosted types (storage/core.py holds the list)
 
 #: Canonical URLs of our profiles (StructureDefinitions in ``ig/``).
 PROFILES: dict[str, str] = {

@@ -4,7 +4,7 @@ The CapabilityStatement is kept by hand in ``capability_statement.json`` at
 the repository root (the source of truth); ``fhir_dmp/data/capability_statement.json``
 links to it, so an installed package or a wheel carries a copy (package data)
 and serves ``/metadata`` without the checkout. Only the base URL, software
-version and date are filled in here. ``tests/test_capability.py`` checks it against the routes and
+version and date are filled in here. ``tests/resources/test_capability.py`` checks it against the routes and
 search parameters the server really has.
 Specs: https://hl7.org/fhir/R4/capabilitystatement.html,
 https://hl7.org/fhir/smart-app-launch/conformance.html
@@ -19,7 +19,9 @@ from pathlib import Path
 
 from flask import Blueprint, Response
 
+from ..http.errors import NotFound
 from ..runtime.services import services
+from ..security.devkeys import dev_public_key
 from .http import respond
 
 bp = Blueprint("fhir_meta", __name__, url_prefix="/fhir")
@@ -139,8 +141,6 @@ def dev_jwks():
     """Dev mode only: the public key that signs ``fhir-dmp dev-token`` tokens (RFC 7517)."""
     config = services().config
     if not config.dev_mode:
-        from ..http.errors import NotFound
         raise NotFound("no such endpoint: /fhir/.well-known/jwks.json")
-    from ..security.devkeys import dev_public_key
     return Response(json.dumps({"keys": [dev_public_key(config).as_dict(private=False)]}), status=200,
                     content_type="application/jwk-set+json")

@@ -11,7 +11,8 @@ from datetime import datetime
 
 from flask import Blueprint, Response, g, request, stream_with_context
 
-from ..http.errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
+from ..http.errors import (BadRequest, Issue, MethodNotAllowed, NotFound, PayloadTooLarge,
+                           UnsupportedMediaType, operation_outcome)
 from ..profiles import validate
 from ..guard.reads import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
@@ -158,7 +159,6 @@ def access_code(rid):
         raise BadRequest("first access is attested by the professional here (FHIR_DMP_FIRST_ACCESS="
                          "attestation): no access code is needed", code="not-supported")
     comms = g.repo.send_access_code(rid)
-    from ..http.errors import Issue, operation_outcome
     sent = sorted({c["medium"][0]["coding"][-1]["code"] for c in comms if c.get("medium")})
     text = (f"a one-time code was sent to the patient ({', '.join(sent)})" if sent else
             "the patient has no email or phone on file: no code could be sent")
@@ -360,7 +360,6 @@ def _security_context() -> dict:
 def _raw_stream():
     cfg = services().config
     if request.content_length and request.content_length > cfg.max_attachment_bytes:
-        from ..http.errors import PayloadTooLarge
         raise PayloadTooLarge(f"content larger than {cfg.max_attachment_bytes} bytes")
     return request.stream
 

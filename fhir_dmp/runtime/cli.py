@@ -6,8 +6,8 @@ options ``--host/--port`` override it (``serve --workers`` is no configuration: 
 ``server.serve``). Expected failures (bad
 configuration, port taken, database that will not start, missing file) end
 with one line ``fhir-dmp: error: ...`` on stderr and a non-zero status,
-never a traceback. The modules behind ``dev-token``, ``load``, ``audit`` and
-``keys`` are imported lazily, inside their subcommand.
+never a traceback. What loads the web app (Flask) or the database driver (pymongo) is imported
+inside the subcommand that needs it (``# lazy:``): ``--help`` and ``dev-token`` start without them.
 """
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
+
+from ..http.errors import FhirError
+from .config import Config, ConfigError
+from .embedded_db import EmbeddedDbError
 
 PROG = "fhir-dmp"
 EXIT_ERROR = 1
@@ -111,8 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- configuration -------------------------------------------------------
 def _config(args=None):
     """``Config.from_env()`` with the command line's overrides."""
-    from .config import Config
-
     overrides = {}
     for name in ("host", "port"):
         value = getattr(args, name, None)
@@ -127,10 +129,13 @@ def _say(message: str) -> None:
 
 # -- subcommands -----------------------------------------------------------
 def cmd_serve(args, *, app_factory: Callable | None = None) -> int:
-    from .server import serve
+    from .server import ServeError, serve  # lazy: Flask and pymongo
 
     config = _config(args)
-    return serve(config, workers=args.workers, app_factory=app_factory)
+    try:
+        return serve(config, workers=args.workers, app_factory=app_factory)
+    except ServeError as e:
+        raise CliError(str(e)) from None
 
 
 def cmd_dev_token(args, **_) -> int:
@@ -138,7 +143,7 @@ def cmd_dev_token(args, **_) -> int:
     if not config.dev_mode:
         raise CliError("dev-token works only in dev mode; FHIR_DMP_ISSUER is set, "
                        "get tokens from that issuer")
-    from ..security.devkeys import mint_token
+    from ..security.devkeys import mint_token  # lazy: cryptography, joserfc: twice --help's start
     try:
         token = mint_token(config, args.kind, patient=args.patient, id_nat_ps=args.id_nat_ps,
                            profession=args.profession, purpose=args.purpose,
@@ -151,14 +156,14 @@ def cmd_dev_token(args, **_) -> int:
 
 
 def cmd_load(args, **_) -> int:
-    from .database import connected
+    from .database import connected  # lazy: pymongo
 
     paths = [Path(f) for f in args.files]
     for p in paths:
         if not p.is_file():
             raise CliError(f"no such file: {p}")
     config = _config(args)
-    from .loader import load_files
+    from .loader import load_files  # lazy: Flask and pymongo
     from tqdm import tqdm
 
     class Progress(tqdm):
@@ -178,8 +183,8 @@ def cmd_load(args, **_) -> int:
 @contextmanager
 def _storage(config):
     """(the configuration used, a Storage) on the configured database, for one command."""
-    from ..storage import Storage
-    from .database import connected
+    from ..storage import Storage  # lazy: pymongo
+    from .database import connected  # lazy: pymongo
 
     with connected(config, log=_say) as (config_used, client, db):
         yield config_used, Storage(client, db)
@@ -187,8 +192,8 @@ def _storage(config):
 
 def cmd_audit_verify(args, **_) -> int:
     config = _config(args)
-    from ..audit.sealer import load_signing_key
-    from ..audit.verify import verify_chains
+    from ..audit.sealer import load_signing_key  # lazy: pymongo
+    from ..audit.verify import verify_chains  # lazy: cryptography, joserfc: twice --help's start
     key = load_signing_key(config.audit_key_path)
     with _storage(config) as (_config_used, storage):
         problems = verify_chains(storage, patient_id=args.patient,
@@ -204,7 +209,7 @@ def cmd_audit_verify(args, **_) -> int:
 
 def cmd_audit_seal(args, **_) -> int:
     config = _config(args)
-    from ..audit.sealer import LeaseLost, Sealer
+    from ..audit.sealer import LeaseLost, Sealer  # lazy: pymongo
     with _storage(config) as (_config_used, storage):
         sealer = Sealer(storage, config.audit_key_path)
         try:
@@ -219,7 +224,7 @@ def cmd_audit_seal(args, **_) -> int:
 
 def cmd_keys_rotate(args, **_) -> int:
     config = _config(args)
-    from ..security.crypto import retire_unused_keks, rotate_kek
+    from ..security.crypto import retire_unused_keks, rotate_kek  # lazy: cryptography, joserfc: twice --help's start
     with _storage(config) as (config_used, storage):
         count = rotate_kek(config_used, storage)
         # a destroyed DMP's data key must not be recoverable from an old backup of the wrapped keys
@@ -231,12 +236,12 @@ def cmd_keys_rotate(args, **_) -> int:
 
 
 def cmd_retention_run(args, **_) -> int:
-    from .database import connected
+    from .database import connected  # lazy: pymongo
 
     config = _config(args)
-    from ..guard.lifecycle import run_retention
-    from ..guard.repository import GuardedRepository
-    from .services import build_services
+    from ..guard.lifecycle import run_retention  # lazy: pymongo
+    from ..guard.repository import GuardedRepository  # lazy: pymongo
+    from .services import build_services  # lazy: Flask and pymongo
     with connected(config, log=_say) as (config_used, client, db):
         count = run_retention(build_services(config_used.with_(notifications_worker=False), client, db),
                               GuardedRepository)
@@ -245,19 +250,13 @@ def cmd_retention_run(args, **_) -> int:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .database import DatabaseError
-    from .embedded_db import EmbeddedDbError
-    from ..http.errors import FhirError
-    from .server import ServeError
+    from .database import DatabaseError  # lazy: pymongo
 
-    return (CliError, ConfigError, DatabaseError, EmbeddedDbError, ServeError, FhirError,
+    return (CliError, ConfigError, DatabaseError, EmbeddedDbError, FhirError,
             FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 def _message(exc: BaseException) -> str:
-    from ..http.errors import FhirError
-
     if isinstance(exc, FhirError):
         text = "; ".join(i.diagnostics for i in exc.issues) or exc.__class__.__name__
     elif isinstance(exc, OSError) and exc.filename:

@@ -69,13 +69,13 @@ class Config:
     # CONTRACT.md "Lifecycle of a DMP": years a closed DMP is kept; how a PS's first access is granted
     retention_years: int = 10
     first_access: str = "attestation"
-    # the journal (issue 13): the background sealer, its signing key, the unsealed bound
+    # the journal: the background sealer, its signing key, the unsealed bound
     audit_sealer: bool = True
     audit_key_file: Path | None = None
     audit_seal_bound: int = 60
     # decision context cached per process, invalidated by the change stream
     context_cache: bool = True
-    # documents of recently searched DMPs cached per process (doc_cache.py; needs context_cache,
+    # documents of recently searched DMPs cached per process (search/doc_cache.py; needs context_cache,
     # whose change stream invalidates it): at most this many documents, 0 = off
     document_cache_docs: int = 10_000
     threads: int = 0                 # Python threads per server worker; 0 = server.default_threads()

@@ -18,6 +18,8 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import ConfigurationError, PyMongoError
 
+from .embedded_db import EmbeddedMongo
+
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -84,8 +86,6 @@ def connected(config, *, log=None):
     the duration of the block and stops it on exit. Raises
     :class:`DatabaseError` / ``EmbeddedDbError`` (one line) on failure.
     """
-    from .embedded_db import EmbeddedMongo
-
     embedded = None
     if not config.mongodb_uri:
         uri = EmbeddedMongo.find_running(config.data_dir)

@@ -1,10 +1,8 @@
 """`fhir-dmp serve`: the WSGI app under granian (CONTRACT.md "Install and run").
 
-Why granian (issue 13): a pre-fork server whose HTTP parsing, connection handling and
-thread pool are in Rust; the same app under gunicorn gthread spent 0.25-0.3 ms more CPU
-per request in the server processes (a read 1.41 instead of 1.10 ms, a search of 20
-documents 1.84 instead of 1.60 ms: bench/README.md), about a tenth of the machine's CPU
-per request. It drains in-flight requests on SIGTERM/SIGINT, supervises
+Why granian: a pre-fork server whose HTTP parsing, connection handling and thread pool are
+in Rust, cheaper in CPU per request than gunicorn gthread (bench/README.md, "The WSGI
+server"). It drains in-flight requests on SIGTERM/SIGINT, supervises
 its workers (a dead one is respawned) and keeps HTTP connections alive (FHIR clients
 reuse them); each worker runs the WSGI app on a pool of ``config.threads`` Python
 threads (default 32) so that database and journal waits overlap. The app is thread-safe
@@ -46,12 +44,16 @@ from typing import Callable, TextIO
 from granian.constants import Interfaces
 from granian.server.mp import MPServer
 
-from .logs import REQUEST_ID_ENVIRON
+from ..guard.lifecycle import start_daily_retention
+from ..guard.repository import GuardedRepository
+from ..http.app import create_app
+from ..security.habilitations import Habilitations
+from .database import open_database
+from .embedded_db import EmbeddedMongo, pdeathsig
+from .logs import REQUEST_ID_ENVIRON, configure as configure_logs
 
-# threads per worker (issue 13, bench/cost.py wrk -c32, interleaved on one quiet machine): 32 gave
-# 1,059 and 1,037 GET Patient/{id} req/s against 1,009 and 934 with 16 (0.93-0.96 against
-# 1.01-1.11 ms of server CPU per request: more requests share each journal group commit);
-# 8 and 4 cost more CPU per request than 16
+# threads per worker: more requests share each journal group commit; 32 cost the least CPU per
+# request of 4, 8, 16 and 32 (bench/README.md, "The WSGI server")
 THREADS_PER_WORKER = 32
 GRACEFUL_TIMEOUT_S = 30
 
@@ -63,13 +65,13 @@ class ServeError(RuntimeError):
 
 
 def default_workers() -> int:
-    """One worker process per CPU core, at most 8 (bench/README.md: on 2 cores 2 x 32 threads
-    measured best; more processes only add GIL-free CPU the machine does not have)."""
+    """One worker process per CPU core, at most 8: more processes only add GIL-free CPU the
+    machine does not have (bench/README.md, "The WSGI server")."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
 def default_threads() -> int:
-    """Threads per worker: enough to overlap the database and journal waits (issue 13)."""
+    """Threads per worker: enough to overlap the database and journal waits."""
     return THREADS_PER_WORKER
 
 
@@ -107,16 +109,6 @@ def dev_banner(config) -> str:
         "NOT FOR PRODUCTION: set FHIR_DMP_ISSUER to your identity provider.",
     ]
     return "\n".join([line, *(f"*  {r}" for r in rows), line])
-
-
-def _load_create_app() -> Callable:
-    try:
-        from ..http.app import create_app
-    except ModuleNotFoundError as e:
-        if e.name == "fhir_dmp.http.app":
-            raise ServeError("the application module fhir_dmp.http.app is missing") from None
-        raise
-    return create_app
 
 
 class _Logged:
@@ -169,10 +161,6 @@ class _Served:
 
 def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     """granian's target loader: runs in each worker after the fork, before it serves."""
-    from .embedded_db import pdeathsig
-    from ..guard.lifecycle import start_daily_retention
-    from ..guard.repository import GuardedRepository
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C while booting: the master decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while booting: nothing to drain yet
     die_with_master = pdeathsig()   # a master killed hard: the worker follows at once (SIGKILL), as
@@ -305,13 +293,6 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
     line each) when it cannot start. ``app_factory`` defaults to
     ``fhir_dmp.http.app.create_app``.
     """
-    from .database import open_database
-    from .embedded_db import EmbeddedMongo
-
-    from ..security.habilitations import Habilitations
-
-    from .logs import configure as configure_logs
-
     out = out or sys.stderr
     configure_logs(stream=out)       # JSON lines with the request id, inherited by the workers
     workers = workers or default_workers()
@@ -338,8 +319,7 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
         else:
             client, _ = open_database(config)
             client.close()  # no pymongo client may cross fork()
-        # imported in the master (fail fast, before forking); called in each worker
-        factory = app_factory or _load_create_app()
+        factory = app_factory or create_app   # called in each worker, after the fork
         if config.dev_mode:
             print(dev_banner(config), file=out, flush=True)
         server = _granian(config, workers)   # its own SIGTERM/SIGINT handlers replace ours as it starts

@@ -91,8 +91,8 @@ class AppServices(Services):
     def start_background(self) -> None:
         """Start what the configuration asks for (in each server worker, after the fork): the
         notification worker, the decision context cache (its change stream also invalidates the
-        DMP document cache, ``doc_cache.py``, and shares the issuer's key set, ``auth.SharedKeys``)
-        and the journal sealer (issue 13)."""
+        DMP document cache, ``search/doc_cache.py``, and shares the issuer's key set, ``auth.SharedKeys``)
+        and the journal sealer."""
         config = self.config
         if config.notifications_worker:
             self.worker = self._start(Worker(

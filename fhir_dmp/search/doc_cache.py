@@ -1,9 +1,9 @@
-"""A DMP's documents, cached per process: searches inside one DMP answered from memory (issue 13).
+"""A DMP's documents, cached per process: searches inside one DMP answered from memory.
 
 Why: SecantusDB, the embedded database, answers ``DocumentReference?patient=`` by fetching,
 decoding, matching (in Python) and sorting every document of the DMP before it applies the
-limit, once per branch of the access guard's ``$or``: ~6 ms of its single process per search of
-a 20-document DMP, ~330 ms for 2,000 documents (``bench/search_cost.py``), whatever the page.
+limit, once per branch of the access guard's ``$or``, whatever the page (bench/README.md,
+"The per-process document cache").
 
 What: per process, the current (not deleted) stored documents of the DMPs searched lately,
 whole (``res``, ``s``, ``o``, ``a``), each DMP's list sorted once per sort asked. A query is

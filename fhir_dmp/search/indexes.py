@@ -19,15 +19,15 @@ known, CONTRACT.md "The DMP in FHIR terms"), so Patient indexes have no
 prefix; nor have those of the directory of professionals (Practitioner, PractitionerRole: no
 patient's data, their ``pid`` is always empty). DocumentReference identifiers also get a global index
 (masterIdentifier uniqueness across the store), which also serves a search inside one DMP
-(an identifier is selective on its own): no ``pid``-first copy of it (issue 13, one index less
+(an identifier is selective on its own): no ``pid``-first copy of it (one index less
 on every deposit).
 
 References given by identifier only (the médecin traitant, Consent actors,
 AuditEvent agents: idNatPs) are indexed on ``s.<p>.iv``.
 
-Exception, measured (issue 13): the journal takes an insert on every request, reads included,
-and the embedded database pays each index of a journal entry on its one core (~0.05 ms per
-index and entry; 14 indexes made an entry cost 0.96 ms against 0.38 ms with 4). AuditEvent keeps
+Exception: the journal takes an insert on every request, reads included, and the embedded
+database pays each index of a journal entry on its one core (bench/README.md, "The journal").
+AuditEvent keeps
 only the patient's journal newest first (``pid`` + ``date`` descending, which also serves
 ascending); its other parameters are answered by scanning the patient's events, and system-wide
 searches (the privacy officer's) by a scan of the journal, rare next to the reads they record.

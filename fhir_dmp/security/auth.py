@@ -314,7 +314,7 @@ class UrlKeys(SharedKeys):
         return self._loaded_at is None or self._clock() - self._loaded_at >= self._max_age
 
     def _refresh_ahead(self) -> None:
-        """One background fetch at a time (issue 13: JWKS work off the request path)."""
+        """One background fetch at a time (JWKS work off the request path)."""
         with self._lock:
             if self._ahead is not None and self._ahead.is_alive():
                 return

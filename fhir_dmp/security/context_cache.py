@@ -23,7 +23,7 @@ How it stays correct:
 Entries also expire after ``max_age`` seconds, a backstop only.
 
 The mechanism (generations, live flag, one load per pid at a time) is :class:`PidCache`; the
-same stream also invalidates the DMP document cache (``doc_cache.py``), a follower of
+same stream also invalidates the DMP document cache (``search/doc_cache.py``), a follower of
 :class:`ContextCache` for the DocumentReference collection, and tells listeners of other
 collections that something changed there (the issuer's key set as last seen by any process,
 ``auth.SharedKeys``: a key withdrawn anywhere is refused everywhere within one second).
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # after a batch (empty: the database woke the getMore for a write it then filtered out, the
 # journal mostly; or not: a write it watches, e.g. each deposit's DocumentReference) wait this
 # long before the next one: ~20 getMores/s per process instead of one per write, each reading
-# every oplog entry written since the last (issue 13), a bounded delay well inside the 1 s
+# every oplog entry written since the last, a bounded delay well inside the 1 s
 # invalidation promise
 POLL_PAUSE_S = 0.05
 # a thread waits this long at most for another thread's load of the same pid (then loads itself)
@@ -214,7 +214,7 @@ class ContextCache(PidCache):
     """pid -> decision context (:func:`load_contexts`), and the process's one change stream.
 
     ``followers`` maps a collection outside :data:`storage.DECISION_INPUTS` to another
-    :class:`PidCache` (e.g. the DMP document cache, ``doc_cache.py``): the same stream watches
+    :class:`PidCache` (e.g. the DMP document cache, ``search/doc_cache.py``): the same stream watches
     that collection and invalidates the follower's entry of each changed document's ``pid``.
     ``listeners`` maps another collection to a function of no argument, called in the stream's
     thread on each change there and each time the stream is (re)established (what changed

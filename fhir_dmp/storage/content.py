@@ -16,7 +16,7 @@ Layout — two collections of our own rather than a GridFS bucket:
 Content of one chunk of at most :data:`INLINE_MAX` bytes (most documents: a PDF report, a CDA)
 keeps its only ciphertext in its ``content_blobs`` document (``d``, the same AEAD message chunk 0
 would hold, flagged last) and has no ``content_chunks`` document: one insert instead of two on
-the write path (issue 13). Blobs written before that have their chunk; both are read.
+the write path. Blobs written before that have their chunk; both are read.
 
 Why not GridFS: GridFS cuts *one* byte stream at fixed offsets, whereas each
 of our chunks is an independent AEAD message (own nonce and tag, a little

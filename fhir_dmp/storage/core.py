@@ -10,7 +10,7 @@ Contract of this module: :meth:`StoreCore.run_transaction` runs a unit in a tran
 by pymongo on lost races (a WriteConflict is labelled transient here); :meth:`StoreCore.insert_docs`
 sends a transaction's inserts in one round trip where the server takes a client ``bulkWrite``;
 on SecantusDB (:meth:`StoreCore.is_secantus`) a transaction names no read concern and its
-session is not causal, so that the bulk may be its first command (issue 13).
+session is not causal, so that the bulk may be its first command.
 """
 from __future__ import annotations
 
@@ -37,17 +37,17 @@ from .errors import label_transient, translate_methods
 # the collections beside the resources (only this package names collections and runs queries)
 BLOBS, CHUNKS = "content_blobs", "content_chunks"  # encrypted content (content.py)
 DATAKEYS = "datakeys"                         # wrapped per-DMP data keys (security/crypto.py)
-OUTBOX = "notification_outbox"                # notices to send (notifications.py)
-ACCESS_CODES = "access_codes"                 # first-access codes (access_codes.py)
-JOBS = "scheduled_jobs"                       # daily jobs' leases (lifecycle.py)
+OUTBOX = "notification_outbox"                # notices to send (notifications/)
+ACCESS_CODES = "access_codes"                 # first-access codes (guard/access_codes.py)
+JOBS = "scheduled_jobs"                       # daily jobs' leases (guard/lifecycle.py)
 GRANTS = "btg_grants"                         # break-the-glass grants (security/decision/)
 GRANT_LOCKS = "btg_grant_locks"               # one per (DMP, PS): concurrent new grants conflict on it
-JOURNAL = "AuditEvent"                        # the audit journal (security/audit.py)
-JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (security/audit.py)
-JOURNAL_QUEUE = "AuditEvent_queue"            # appended, not yet sealed (security/audit.py)
-JOURNAL_LINKS = "AuditEvent_link"             # the chain links of each sealing pass (security/sealer.py)
-CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (security/sealer.py)
-SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (security/sealer.py)
+JOURNAL = "AuditEvent"                        # the audit journal (audit/log.py)
+JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (audit/sealer.py)
+JOURNAL_QUEUE = "AuditEvent_queue"            # appended, not yet sealed (audit/log.py)
+JOURNAL_LINKS = "AuditEvent_link"             # the chain links of each sealing pass (audit/sealer.py)
+CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (audit/sealer.py)
+SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (audit/sealer.py)
 KEY_SETS = "issuer_key_sets"                  # the issuer's key set as last seen by any process (security/auth.py)
 #: what the access decision reads: the decision context cache watches them (security/context_cache.py)
 DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
@@ -88,14 +88,13 @@ class Stored:
 
 
 def pack(resource: dict | bytes) -> bytes:
-    """A journal entry's resource as stored: JSON, zlib level 1 (issue 13). ``resource`` may be
+    """A journal entry's resource as stored: JSON, zlib level 1. ``resource`` may be
     given already serialized (UTF-8 JSON bytes: the journal passes the canonical bytes it has
     just hashed, so an entry is serialized once on the request path).
 
     The database never looks inside a journal entry (its searches use ``s``/``o``), and
     SecantusDB pays for every BSON element of every insert and of every change-stream read of
-    its oplog: one binary value instead of ~150 nested ones made an entry's insert cost ~0.55
-    instead of ~0.4 ms of the database's CPU (bench, batches of 8). Read back by :func:`unpack`."""
+    its oplog: one binary value instead of ~150 nested ones (bench/README.md, "The journal"). Read back by :func:`unpack`."""
     if not isinstance(resource, bytes):
         resource = json.dumps(resource, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return zlib.compress(resource, 1)
@@ -268,7 +267,7 @@ class StoreCore:
         ``local`` and after the session's last operation or not see the same data: the
         transaction names no read concern and the session is not causal, so that its first
         command may be the client ``bulkWrite`` of its inserts (SecantusDB refuses a
-        ``readConcern`` there, :meth:`insert_docs`): one round trip less per write (issue 13).
+        ``readConcern`` there, :meth:`insert_docs`): one round trip less per write.
         Elsewhere (MongoDB) the client's defaults (``majority``, causal)."""
         if not self.is_secantus():
             return {}

@@ -66,7 +66,7 @@ def _comparison(op: str, arg):
 
 def _membership(arg):
     """``v -> v in arg`` through a set when ``arg``'s values hash (the decision's lists of ~100
-    allowed type codes, tested for every document of a search page, issue 13); the list itself
+    allowed type codes, tested for every document of a search page); the list itself
     for a value that does not hash. Equality is the same either way (``in`` compares with ==)."""
     try:
         members = frozenset(arg)

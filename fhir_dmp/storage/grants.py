@@ -2,7 +2,7 @@
 
 Collections: ``btg_grants`` and ``btg_grant_locks`` (one per (DMP, PS): concurrent new grants
 conflict on it, security/decision/), ``access_codes`` (only a code's salted hash is stored,
-access_codes.py), ``issuer_key_sets`` (the issuer's key set as last seen by any process,
+guard/access_codes.py), ``issuer_key_sets`` (the issuer's key set as last seen by any process,
 security/auth.py); and reads of ``Patient``, ``Consent`` (and the change stream over
 :data:`~fhir_dmp.storage.core.DECISION_INPUTS`) for the decision context.
 

@@ -1,8 +1,8 @@
 """The audit journal as stored: entries, their queue, chain links, heads, checkpoints, the
-sealer's lease (security/audit.py appends, security/sealer.py seals, verify reads).
+sealer's lease (audit/log.py appends, audit/sealer.py seals, audit/verify.py reads).
 
-Three insert-mostly collections, because SecantusDB updates are dear (~1 ms of the database's
-CPU for a journal entry, ~5 ms with its old 14 indexes, against ~0.1 ms for a small insert):
+Three insert-mostly collections, because SecantusDB updates are dear (bench/README.md, "The
+journal"):
 
 ``AuditEvent``
     the events (``res`` packed: :func:`~fhir_dmp.storage.core.pack`), written once, never updated
@@ -67,7 +67,7 @@ class JournalStore(StoreCore):
 
         ``pending`` (in a transaction): the transaction's inserts not sent yet (``(collection,
         document)``, as :meth:`create` defers them); they go first, with the journal's documents, in
-        one round trip (:meth:`insert_docs`), and the list is emptied (issue 13: two round trips
+        one round trip (:meth:`insert_docs`), and the list is emptied (two round trips
         less per write).
 
         In a transaction, an error that is transient (a lost race, labelled so here when it is the

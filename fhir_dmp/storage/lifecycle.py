@@ -1,5 +1,5 @@
 """A DMP's lifecycle as stored: closed/reopened stamps, the purge of a destroyed DMP, and the
-daily jobs' leases (collection ``scheduled_jobs``; lifecycle.py decides, this stores).
+daily jobs' leases (collection ``scheduled_jobs``; guard/lifecycle.py decides, this stores).
 
 Contract: ``closed_at`` lives beside the stored Patient (not in the resource) and retention
 counts from it; :meth:`LifecycleStore.purge_dmp` removes every trace of a DMP in the caller's

@@ -1,4 +1,4 @@
-"""The notification outbox: notices to send (collection ``notification_outbox``, notifications.py
+"""The notification outbox: notices to send (collection ``notification_outbox``; notifications/
 builds and sends them).
 
 Contract: a notice is queued in the transaction of the change it tells of; a worker takes one

@@ -8,7 +8,7 @@ Layout::
 The ``<Type>_history`` collection holds the superseded versions; the current version is read
 from the current collection (its document carries ``nh: true``: "no history copy yet") and is
 copied into the history by the update that supersedes it, from the document the update returns:
-a create writes one document, not two (issue 13). Documents written before that have their copy
+a create writes one document, not two. Documents written before that have their copy
 already (no ``nh``); the history and vread read both.
 
 ``pid`` starts every index so a patient's record can live on one shard.
@@ -38,7 +38,7 @@ class ResourceStore(StoreCore):
 
     def ensure_resource_indexes(self) -> None:
         """The indexes each collection's queries use, and no other: every insert pays for each one
-        (issue 13). ``(pid, lu)`` serves the history, so it is kept on the ``*_history``
+        (bench/README.md). ``(pid, lu)`` serves the history, so it is kept on the ``*_history``
         collections and on append-only types (their own history) only; on a current collection
         nothing sorts on ``lu`` and the other ``pid``-first indexes serve ``pid`` alone (older
         databases have it: it is dropped).
@@ -153,7 +153,7 @@ class ResourceStore(StoreCore):
 
         A filter with top-level ``$or`` is run as one flat query per branch, merged here (see
         :func:`or_branches`): SecantusDB uses no index at all when the top level holds an
-        operator, so the access guard's ``$or`` would scan the whole collection (issue 13).
+        operator, so the access guard's ``$or`` would scan the whole collection.
         Outside a transaction, a query pinned to one DMP is answered from the process's DMP
         document cache when it can be (``search/doc_cache.py``; the same documents, order and limit).
         """
@@ -271,7 +271,7 @@ class ResourceStore(StoreCore):
                pending: list | None = None) -> Stored:
         """Write version expected_vid+1 (or a delete marker when ``deleted``); the superseded
         version goes to the history (from the document the update returns, no extra read) unless
-        it has its copy already (written before issue 13). ``extra`` and ``pending`` as in
+        it has its copy already (written before ``nh``). ``extra`` and ``pending`` as in
         :meth:`create` (``pending`` goes with the history insert)."""
         vid = expected_vid + 1
         lu = now()
@@ -308,7 +308,7 @@ EXTRA_INDEXES = {
     "Patient": [[("a.gp", 1)], [("closed_at", 1)]],
 }
 
-#: indexes older databases have and no query needs (issue 13: each costs every insert): dropped
+#: indexes older databases have and no query needs (each costs every insert): dropped
 #: by ensure_indexes. ``(pid, lu)`` on a current collection: nothing sorts on ``lu`` there.
 #: DocumentReference ``(pid, a.types)``: the search guard's ``a.types`` conditions (a ``$not``
 #: ``$elemMatch``, ``a.types.0`` exists) cannot ride it, its ``pid`` equality rides any ``pid``-first
@@ -351,13 +351,11 @@ def _wanted_indexes(rtype: str) -> list[list[tuple[str, int]]]:
 def _one_pid_first(wanted: list[list[tuple[str, int]]]) -> list[list[tuple[str, int]]]:
     """``wanted`` with only its first ``pid``-first index (a DMP's default sort, ``-_lastUpdated``).
 
-    What SecantusDB's planner does with a query (``secantus.storage._try_index_id_keys``, measured
-    for issue 13): every search filter holds ``del``, which no index has, so no compound index
+    What SecantusDB's planner does with a query (``secantus.storage._try_index_id_keys``): every search filter holds ``del``, which no index has, so no compound index
     covers it; the database then looks the filter up by ONE clause whose field leads an index
     (``pid`` inside a DMP, ``s.identifier.c`` for an identifier) and checks the rest document by
     document, and it walks an index in sort order only for an empty filter. So the second field of
     a ``pid``-first index is never used there, and one ``pid``-first index serves them all; each
-    one more cost every insert ~0.08 ms of its one core (a deposit: 10 indexes, 0.85 ms more than
-    with 2). On MongoDB the planner uses them all (``search/indexes.py``): they stay there."""
+    one more costs every insert (bench/README.md, "Indexes on the embedded database"). On MongoDB the planner uses them all (``search/indexes.py``): they stay there."""
     firsts = [keys for keys in wanted if keys[0] == ("pid", 1)]
     return [keys for keys in wanted if keys[0] != ("pid", 1) or keys is firsts[0]]

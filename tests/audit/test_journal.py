@@ -25,6 +25,7 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent as AuditEventModel
 
 from tests import builders as b
+from fhir_dmp.runtime.services import services
 from fhir_dmp.storage import Storage
 from tests.builders import journal_entries, rewrite_journal_entry
 
@@ -454,7 +455,7 @@ def test_refused_token_is_journaled_without_traceback(api, idp, app, caplog):
     assert r.status_code == 401
     r = api.as_token("not-a-token").get("Patient")
     assert r.status_code == 401
-    db = app.extensions["fhir_dmp"].storage.db
+    db = services(app).storage.db
     # the system journal: no patient (sealed into the "_system" chain off the request path)
     assert len([e for e in journal_entries(db, {"pid": None}) if e["res"]["outcome"] == "4"]) >= 2
     assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records]

@@ -25,6 +25,8 @@ from pypdf.generic import (
     TextStringObject,
 )
 
+from fhir_dmp.runtime.services import services
+
 from tests import builders as b
 
 CDA_DIR = Path(__file__).parents[1] / "fixtures" / "cda"
@@ -664,9 +666,9 @@ def test_kek_rotation_keeps_documents_readable(app, config, db, ps, dmp):
     docs = [deposit(ps, docref(pid, contents[0])),
             deposit(ps, docref(pid, contents[1], content_type="text/xml"))]
     kek_before = db["datakeys"].find_one({"_id": pid})["kek_id"]
-    assert rotate_kek(config, app.extensions["fhir_dmp"].storage) >= 1
+    assert rotate_kek(config, services(app).storage) >= 1
     assert db["datakeys"].find_one({"_id": pid})["kek_id"] != kek_before
-    app.extensions["fhir_dmp"].crypto.forget(pid)   # as a restarted server would
+    services(app).crypto.forget(pid)   # as a restarted server would
     for doc, content, ctype in zip(docs, contents, ("application/pdf", "text/xml")):
         assert read_raw(ps, binary_id(doc), ctype).get_data() == content
     # new deposits after the rotation work too
@@ -681,7 +683,7 @@ def test_crypto_shredding_makes_content_gone_not_500(app, db, ps, dmp):
     doc = deposit(ps, docref(pid, mine))
     kept = deposit(ps, docref(other_pid, theirs))
     db["datakeys"].delete_one({"_id": pid})          # the key alone goes (Storage.purge_dmp's first step)
-    app.extensions["fhir_dmp"].crypto.forget(pid)
+    services(app).crypto.forget(pid)
     for accept in ("application/pdf", "application/fhir+json"):
         r = read_raw(ps, binary_id(doc), accept)
         assert r.status_code == 404, (accept, r.status_code, r.get_data(as_text=True))

@@ -14,6 +14,7 @@ from fhir_dmp.guard.repository import GuardedRepository
 from fhir_dmp.audit.verify import verify_chains
 from tests import builders as b
 from tests.builders import journal_entries
+from fhir_dmp.runtime.services import services
 from fhir_dmp.storage import unpack
 from tests.api import Api
 
@@ -21,7 +22,7 @@ EMAIL = "claire.lifecycle@example.org"
 
 
 def backend_of(api):
-    return api.app.extensions["fhir_dmp"]
+    return services(api.app)
 
 
 @pytest.fixture
@@ -372,7 +373,7 @@ def test_closing_is_all_or_nothing_with_its_retention(api, app):
     UNKNOWN_ID = "0123456789abcdef01234567"
     admin = api.as_admin()
     pat = admin.create(b.patient())
-    db = app.extensions["fhir_dmp"].storage.db
+    db = services(app).storage.db
     closing = {"resource": dict(pat, active=False), "request": {"method": "PUT", "url": f"Patient/{pat['id']}"}}
     failing = {"resource": b.docref(pat["id"]) | {"id": UNKNOWN_ID},
                "request": {"method": "PUT", "url": f"DocumentReference/{UNKNOWN_ID}", "ifMatch": 'W/"4"'}}

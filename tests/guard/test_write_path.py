@@ -26,6 +26,7 @@ import pymongo
 import pytest
 from pymongo import monitoring
 
+from fhir_dmp.runtime.services import services
 from fhir_dmp.storage.content import INLINE_MAX, BlobStore
 from fhir_dmp.security.crypto import ContentUnavailable
 from tests import builders as b
@@ -72,7 +73,7 @@ def watched(config, mongo_server, db, idp):
     commands = Commands()
     client = pymongo.MongoClient(mongo_server.uri, tz_aware=True, event_listeners=[commands])
     app = create_app(config, client=client, db=client[db.name])
-    cache = app.extensions["fhir_dmp"].policy.context_cache
+    cache = services(app).policy.context_cache
     deadline = time.monotonic() + 10
     while not cache.live and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -84,7 +85,7 @@ def watched(config, mongo_server, db, idp):
 
 def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     api, commands, app = watched
-    cache = app.extensions["fhir_dmp"].policy.context_cache
+    cache = services(app).policy.context_cache
     ps = api.as_ps()
     pid = ps.create(b.patient())["id"]
     time.sleep(1)                     # the change stream has told the cache about the new DMP
@@ -135,7 +136,7 @@ def test_opening_a_dmp_reads_nothing_back(watched, db):
 def test_a_block_written_in_this_process_applies_to_the_next_deposit(watched):
     """A deposit keeps the cached context; the patient's block (a Consent) drops it at once."""
     api, _, app = watched
-    cache = app.extensions["fhir_dmp"].policy.context_cache
+    cache = services(app).policy.context_cache
     ps = api.as_ps()
     pid = ps.create(b.patient())["id"]
     assert ps.post("DocumentReference", b.docref(pid)).status_code == 201

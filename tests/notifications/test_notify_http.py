@@ -23,6 +23,7 @@ import pytest
 from fhir_dmp.notifications.outbox import NO_CONTACT_REASON, OUTBOX
 from fhir_dmp.notifications.worker import Worker
 from fhir_dmp.resources.communications import notification_result
+from fhir_dmp.runtime.services import services
 from tests import builders as b
 from tests.api import Api
 
@@ -54,7 +55,7 @@ def napi(notify_app, idp):
 @pytest.fixture
 def worker(notify_app, db, notify_config, db_storage):
     """The outbox worker as app._start_worker builds it (driven by hand: run_once)."""
-    backend = notify_app.extensions["fhir_dmp"]
+    backend = services(notify_app)
     return Worker(db_storage, notify_config, send_timeout=5,
                   on_result=lambda message, status, reason: notification_result(backend, message, status,
                                                                                 reason))
@@ -229,7 +230,7 @@ def test_worker_stopped_mid_send_loses_nothing(napi, notify_app, notify_config, 
     doc = with_document(napi, pid)
     assert napi.as_regulation().get(f"DocumentReference/{doc}").status_code == 200
 
-    backend = notify_app.extensions["fhir_dmp"]
+    backend = services(notify_app)
 
     def on_result(message, status, reason):
         notification_result(backend, message, status, reason)

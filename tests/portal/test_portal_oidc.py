@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from fhir_dmp.runtime.config import Config
+from fhir_dmp.runtime.services import services
 from tests import builders
 from tests.api import Api
 from tests.oidc_provider import OidcProvider, load_clients
@@ -53,7 +54,7 @@ def oidc_server(mongo_server, mongo_client, tmp_path_factory):
     # (fhir-dmp load), then the professional attests the patient's agreement (first access)
     from fhir_dmp.runtime.loader import LOADER
     from fhir_dmp.guard.repository import GuardedRepository
-    admin = GuardedRepository(app.extensions["fhir_dmp"], LOADER)
+    admin = GuardedRepository(services(app), LOADER)
     admin.update("Patient", PATIENT_ID, {**builders.patient(), "id": PATIENT_ID})
     admin.flush_audit()
     attest = builders.consent(PATIENT_ID, "permit", actor=PS, verified=True)

@@ -22,6 +22,7 @@ import requests
 
 from fhir_dmp.runtime.config import Config
 from fhir_dmp.runtime.embedded_db import EmbeddedMongo, process_alive
+from fhir_dmp.runtime.services import services
 from tests import builders as b
 from tests.builders import journal_entries
 from tests.api import Api
@@ -107,7 +108,7 @@ def test_stop_background_leaves_nothing_running(config, build_app, idp):
     """What a test (or a worker going away) stops is stopped for good before its database is
     dropped: SecantusDB's dropDatabase, run while the app's sealer still works on that database,
     can spin for ever in WiredTiger, and every other client then waits (CI hung so)."""
-    from fhir_dmp.runtime.services import services, stop_background
+    from fhir_dmp.runtime.services import stop_background
     from fhir_dmp.storage.core import SEALER_LEASE
     app = build_app(config.with_(audit_sealer=True, notifications_worker=True))
     api = Api(app, idp)
@@ -122,7 +123,7 @@ def test_stop_background_leaves_nothing_running(config, build_app, idp):
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [t.name for t in threads if t.is_alive()] == []
-    lease = app.extensions["fhir_dmp"].storage.db[SEALER_LEASE]
+    lease = services(app).storage.db[SEALER_LEASE]
     assert lease.find_one() is None                                 # the sealer gave its lease back
     sealer = running.sealer
     assert sealer.acquire()

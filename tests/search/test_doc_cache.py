@@ -153,7 +153,7 @@ def test_changes_show_in_every_process_within_a_second(two_apps, idp):
     # the writer's own process sees its writes at once (dropped after the commit)
     assert _ids(a.as_ps(), pid) == {first, second}
     assert _ids(b_app.as_ps(), pid) == {first, second}          # both processes now hold the DMP
-    cache_a = two_apps[0].extensions["fhir_dmp"].storage.doc_cache
+    cache_a = services(two_apps[0]).storage.doc_cache
 
     def served_from_memory():        # once the stream has delivered the deposits' own changes
         hits = cache_a.hits
@@ -190,7 +190,7 @@ def test_changes_show_in_every_process_within_a_second(two_apps, idp):
 
 def _live_storage(app):
     """The app's storage once its change stream runs (the document cache serves only then)."""
-    storage = app.extensions["fhir_dmp"].storage
+    storage = services(app).storage
     deadline = time.monotonic() + 10
     while not storage.doc_cache.live:
         assert time.monotonic() < deadline, "change stream not established"
@@ -272,7 +272,7 @@ def test_concurrent_misses_load_a_dmp_once(app, idp):
     """Threads that miss the same DMP together wait for one load (one read of its documents)."""
     import threading
     api = Api(app, idp)
-    storage = app.extensions["fhir_dmp"].storage
+    storage = services(app).storage
     pid = api.as_ps().create(b.patient())["id"]
     doc = api.as_ps().create(b.docref(pid))["id"]
     calls = []
@@ -308,7 +308,7 @@ def test_the_cache_can_be_turned_off(config, build_app, idp):
     with pytest.raises(ConfigError):
         Config.from_env({"FHIR_DMP_DOCUMENT_CACHE_DOCS": "-1"})
     app = build_app(config.with_(document_cache_docs=0))
-    assert app.extensions["fhir_dmp"].storage.doc_cache is None
+    assert services(app).storage.doc_cache is None
     api = Api(app, idp)
     pid = api.as_ps().create(b.patient())["id"]
     doc = api.as_ps().create(b.docref(pid))["id"]

@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 
 import pytest
 
+from fhir_dmp.runtime.services import services
+
 from tests import builders as b
 
 PS_GP = "810000000005"
@@ -154,7 +156,7 @@ def test_break_glass_refused_after_opt_out(api, world):
 def test_break_glass_grant_is_recorded_and_expires(api, world, app):
     ps = api.as_ps(b.PS_OTHER)
     assert ps.get(f"DocumentReference/{world['docs']['lab']['id']}", headers=BTG_HEADER).status_code == 200
-    db = app.extensions["fhir_dmp"].storage.db
+    db = services(app).storage.db
     grants = list(db["btg_grants"].find({"pid": world["pid"]}))
     assert len(grants) == 1 and grants[0]["reason"] == BTG_HEADER["X-Break-Glass-Reason"]
     # a second access inside the window reuses the grant
@@ -307,7 +309,7 @@ def test_destroyed_dmp_is_as_if_it_never_existed(api, world, app):
     assert api.as_ps(b.PS_OTHER).post(f"Patient/{pid}/$destroy").status_code == 404
     assert api.as_patient(world["other_pid"]).post(f"Patient/{pid}/$destroy").status_code == 404
     admin = api.as_admin()
-    db = app.extensions["fhir_dmp"].storage.db
+    db = services(app).storage.db
     assert db["AuditEvent"].count_documents({"pid": pid}) > 0
     assert admin.post(f"Patient/{pid}/$destroy").status_code == 204
     assert db["AuditEvent"].count_documents({"pid": pid}) == 0        # the DMP's journal goes with it

@@ -8,6 +8,7 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 
 from fhir_dmp.guard import access_codes
+from fhir_dmp.runtime.services import services
 from tests import builders as b
 from tests.api import Api
 from tests.builders import journal_entries
@@ -251,7 +252,7 @@ def code_api(config, build_app, idp):
 
 
 def sent_code(api, pid):
-    db = api.app.extensions["fhir_dmp"].storage.db
+    db = services(api.app).storage.db
     msg = db["notification_outbox"].find_one({"patient_id": pid, "kind": "access_code"}, sort=[("created_at", -1)])
     return re.search(r"10 minutes : (\d{6})", msg["body"]).group(1), msg
 
@@ -265,7 +266,7 @@ def test_first_access_with_the_patients_code(code_api):
     assert r.status_code == 200 and "email" in r.json["issue"][0]["diagnostics"]
     code, msg = sent_code(api, pid)
     assert len(code) == 6 and code.isdigit() and msg["to"] == "claire.code@example.org"
-    db = api.app.extensions["fhir_dmp"].storage.db
+    db = services(api.app).storage.db
     stored = db["access_codes"].find_one({"pid": pid})
     assert code not in str(stored)                                            # only a hash is kept
     comms = api.as_patient(pid).search(f"Communication?subject=Patient/{pid}")
@@ -383,7 +384,7 @@ def test_repository_representative_methods_for_the_portal(api):
     from fhir_dmp.guard.repository import GuardedRepository
     from fhir_dmp.security.auth import principal_from_claims
     pid = open_dmp(api)
-    backend = api.app.extensions["fhir_dmp"]
+    backend = services(api.app)
     me = GuardedRepository(backend, principal_from_claims({"fhirUser": f"Patient/{pid}", "scope": "patient/*.cruds"}))
     rp = me.add_representative(pid, "GUARD", "Martin", "Jeanne")
     assert [s.id for s in me.representatives(pid)] == [rp.id]
@@ -467,7 +468,7 @@ def test_fhir_user_of_another_server_is_refused_and_journaled(api, idp, app, dmp
     pid = dmp["pid"]
     masked = api.as_ps(b.PS_DR).create(b.docref(pid, b.LAB, labels=("MASQUE_PS",)))
     rep = api.as_patient(pid).create(b.related_person(pid, "GUARD"))
-    db = app.extensions["fhir_dmp"].storage.db
+    db = services(app).storage.db
 
     def refusals() -> int:
         return len([e for e in journal_entries(db, {"pid": None}) if e["res"]["outcome"] == "4"])

@@ -5,6 +5,8 @@ close the record; only the author attaches content to a document or replaces it;
 is the author of record; a CDA's recordTarget must be the DMP's INS. Each refusal is a decision of
 the one decision module, journaled with its reason. Real app, real tokens, real SecantusDB.
 """
+from fhir_dmp.runtime.services import services
+
 from tests import builders as b
 from tests.builders import journal_entries
 from tests.security.test_access import PS_GP
@@ -66,7 +68,7 @@ def test_security_context_never_attaches_to_a_masked_document(api, dmp):
 
 def _journaled_rules(app, pid):
     """The (rule, http_status) of the denials journaled in DMP ``pid``."""
-    db = app.extensions["fhir_dmp"].storage.db
+    db = services(app).storage.db
     out = set()
     for doc in (e for e in journal_entries(db, {"pid": pid}) if e["res"]["outcome"] == "4"):
         for entity in doc["res"].get("entity") or []:

@@ -4,6 +4,7 @@ from decimal import Decimal
 
 import pytest
 
+from fhir_dmp.runtime.services import services
 from fhir_dmp.security.decision import access_facets
 from fhir_dmp.storage import Storage, VersionConflict, merge_filters
 from tests import builders as b
@@ -142,6 +143,6 @@ def test_ins_uniqueness_is_enforced_by_the_database(api):
 
 
 def test_ins_index_is_unique(app):
-    storage = app.extensions["fhir_dmp"].storage
+    storage = services(app).storage
     info = storage.db["Patient"].index_information()
     assert any(ix.get("unique") and any(k[0] == "a.ins" for k in ix["key"]) for ix in info.values()), info

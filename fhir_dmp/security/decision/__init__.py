@@ -21,9 +21,9 @@ from .access import AccessPolicy, RequestAccess
 from .consents import consent_in_force
 from .documents import is_personal_document, record_target_matches
 from .facets import access_facets
-from .representatives import ROLE_CODE_SYSTEM, resolve_legal_representative
+from .representatives import resolve_legal_representative
 from .state import DIRECTORY, SERVER_WRITTEN, Decision, PatientState, deny, permit
 
 __all__ = ["AccessPolicy", "RequestAccess", "Decision", "PatientState", "permit", "deny", "DIRECTORY",
            "SERVER_WRITTEN", "access_facets", "consent_in_force", "record_target_matches",
-           "is_personal_document", "ROLE_CODE_SYSTEM", "resolve_legal_representative"]
+           "is_personal_document", "resolve_legal_representative"]

@@ -32,7 +32,7 @@ with its rule, reason and basis (the Consents it rests on).
 Each rule that a search filters on is written once, as a storage query over the access facets
 (``DocumentRules.document_query``, :meth:`RequestAccess.consent_query`, the exact-INS lookup's
 filter), and :meth:`RequestAccess.can_see` evaluates that same query on the one resource
-(:func:`~fhir_dmp.filters.matches`); ``tests/test_access_property.py`` checks on random worlds that
+(:func:`~fhir_dmp.storage.filters.matches`); ``tests/security/test_access_property.py`` checks on random worlds that
 both agree, totals included. Deny is the default: every function ends in a deny unless a rule
 permitted.
 """
@@ -75,7 +75,7 @@ class RequestAccess:
         self.p = principal
         self.states: dict[str, PatientState] = {}
         self.session = None       # set by the repository inside a write transaction
-        # per DMP, for the documents of one request (a search page judges each one, issue 13):
+        # per DMP, for the documents of one request (a search page judges each one):
         # [state, its grant, the entry decision, the compiled document test once one is judged],
         # reused while the request holds the same state and grant (the repository replaces or
         # amends them)

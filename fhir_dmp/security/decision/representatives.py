@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timezone
 
+from ...profiles.dmp import ROLE_CODE_SYSTEM
 from ..auth import invalid_token
 from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, Principal
 from .consents import consent_in_force, now
 from .state import Decision, PatientState, Rules, deny, permit
 
-ROLE_CODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 PARENT, GUARDIAN = "PRN", "GUARD"
 AGE_OF_MAJORITY = 18
 
