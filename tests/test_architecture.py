@@ -106,13 +106,25 @@ def _targets(importer: str, is_package: bool, node: ast.Import | ast.ImportFrom)
     return found
 
 
+def _with_packages(targets: list[str]) -> list[str]:
+    """Importing ``a.b.c`` first runs the ``__init__`` of ``a`` and ``a.b``: those are edges too
+    (a cycle through a package's ``__init__`` is a cycle)."""
+    known, out = modules(), []
+    for target in targets:
+        parts = target.split(".")
+        out += [p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in known and p not in out]
+        if target not in out:
+            out.append(target)
+    return out
+
+
 @cache
 def imports() -> tuple[Import, ...]:
     out = []
     for name, path in modules().items():
         tree, lines = parsed(path)
         for node, in_function, type_checking in _statements(tree):
-            for target in _targets(name, path.name == "__init__.py", node):
+            for target in _with_packages(_targets(name, path.name == "__init__.py", node)):
                 if target == name or name.startswith(target + "."):
                     continue                  # its own packages are imported before it runs
                 source = "\n".join(lines[node.lineno - 1:node.end_lineno])
