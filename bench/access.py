@@ -2,7 +2,10 @@
 
     python bench/access.py [--quick] [--repeat N] [--sizes 20,2000] [--profile]
 
-In-process, no HTTP; a throw-away SecantusDB is started (``bench/_common.py``).
+In-process, no HTTP; a throw-away SecantusDB is started (``bench/_common.py``), with the
+DMP document cache off (``document_cache_docs=0``): the raw search below cannot be answered from
+it (its filter names no ``pid``), so both sides ask the database and the difference is the
+guard's; the cache is measured by ``bench/large.py``.
 
 (a) decisions per second for one request's context: a ``RequestAccess`` for a
     médecin (profession 10, authorized by Consent) with the patient's
@@ -13,11 +16,14 @@ In-process, no HTTP; a throw-away SecantusDB is started (``bench/_common.py``).
     per-request context loading is included; audit not flushed, see
     ``bench/audit.py``) against the same parsed ``SearchRequest.mongo_filter()``
     run straight on the collection the way ``Storage`` runs it
-    (``{"$and": [filter, {"del": false}]}``: ``count_documents`` + ``find``
-    with the same sort and ``limit(count + 1)``), for a patient with 20 and one
-    with 2,000 documents (both in the same collection). Every document is
-    visible to the reader, so both sides return the same page and total.
-    Goal: guarded overhead under 10%.
+    (``{"$and": [filter, {"del": false}]}``: ``find`` with the same sort and
+    ``limit(count + 1)``, and a ``count_documents`` only where the repository
+    counts: the first page that holds everything is its own total, a full page
+    is not counted unless ``_total`` asks, see :func:`first_page`), for a
+    patient with 20 and one with 2,000 documents (both in the same collection).
+    Every document is visible to the reader, so both sides return the same
+    page and total; the total of a full page is checked once with
+    ``_total=accurate`` on both sides. Goal: guarded overhead under 10%.
 
 The overhead is then broken down (guard filter alone, context loading,
 ``can_see`` on the page) and the query plans (``explain``) are printed.
@@ -55,12 +61,25 @@ def bench_decisions(env, pid: str, docs: list[dict], seconds: float) -> dict:
     return out
 
 
-def raw_search(storage, req) -> tuple[int, list]:
-    """The search straight on storage, no guard: first page, then the count when the page is
-    full (what the repository does), same filter, sort and limit."""
-    docs = storage.find_docs("DocumentReference", req.mongo_filter(), req.mongo_sort(), req.count + 1)
-    total = len(docs) if len(docs) <= req.count else storage.count("DocumentReference", req.mongo_filter())
+def first_page(find, count, req) -> tuple[int | None, list]:
+    """(total, page) by the repository's rule (``guard/reads.py`` ``search``): ``find(limit)``
+    for ``count + 1`` documents; a first page that holds everything is its own total, a full
+    one is counted (``count()``) only when ``_total`` asks, otherwise its total is None."""
+    docs = find(req.count + 1)
+    if req.total == "none":
+        total = None
+    elif len(docs) <= req.count:
+        total = len(docs)
+    else:
+        total = count() if req.explicit_total else None
     return total, docs[:req.count]
+
+
+def raw_search(storage, req) -> tuple[int | None, list]:
+    """The search straight on storage, no guard: same filter, sort, limit and total rule."""
+    flt = req.mongo_filter()
+    return first_page(lambda n: storage.find_docs("DocumentReference", flt, req.mongo_sort(), n),
+                      lambda: storage.count("DocumentReference", flt), req)
 
 
 def lean_guard(pid: str, me: str, env) -> dict:
@@ -89,7 +108,7 @@ def main() -> None:
     sizes = [int(x) for x in (args.sizes or ("20,500" if args.quick else "20,2000")).split(",")]
     args_for = lambda pid: [("patient", pid), ("_count", "50")]  # noqa: E731
 
-    with c.environment() as env:
+    with c.environment(document_cache_docs=0) as env:
         t0 = time.perf_counter()
         dmps = {n: c.seed_dmp(env, n)[0] for n in sizes}
         print(f"seeded {sum(sizes)} DocumentReferences in {len(sizes)} DMPs "
@@ -124,6 +143,10 @@ def main() -> None:
             total, raw_docs = raw_search(storage, req)
             assert page.total == total and [s.id for s in page.matches] == [d["_id"] for d in raw_docs], \
                 "guarded and raw searches differ"
+            counted = args_for(pid) + [("_total", "accurate")]
+            matches = raw_search(storage, search.parse_search("DocumentReference", counted))[0]
+            assert env.repo(ps_token).search("DocumentReference", counted).total == matches == n, \
+                "guarded and raw totals differ (_total=accurate)"
             for _ in range(2):  # warm-up
                 guarded(), raw_search(storage, req)
             for _ in range(repeat):
@@ -143,14 +166,15 @@ def main() -> None:
                 flt = {"$and": [{"$and": [req.mongo_filter(), guard]}, {"del": False}]}
                 t = time.perf_counter()
                 coll = storage.db["DocumentReference"]
-                coll.count_documents(flt)
-                docs_page = list(coll.find(flt).sort(req.mongo_sort()).limit(req.count + 1))
+                _, docs_page = first_page(lambda k: list(coll.find(flt).sort(req.mongo_sort()).limit(k)),
+                                          lambda: coll.count_documents(flt), req)
                 times["raw+guard filter"].append(time.perf_counter() - t)
                 t = time.perf_counter()
-                lean_total = coll.count_documents(lean)
-                lean_page = list(coll.find(lean).sort(req.mongo_sort()).limit(req.count + 1))
+                lean_total, lean_page = first_page(
+                    lambda k: list(coll.find(lean).sort(req.mongo_sort()).limit(k)),
+                    lambda: coll.count_documents(lean), req)
                 times["raw+lean guard"].append(time.perf_counter() - t)
-                assert lean_total == total and len(lean_page) == len(docs_page)
+                assert lean_total == total and [d["_id"] for d in lean_page] == [d["_id"] for d in docs_page]
                 t = time.perf_counter()
                 for d in docs_page[:req.count]:
                     repo.access.can_see("DocumentReference", d["res"], d["pid"])
@@ -158,7 +182,8 @@ def main() -> None:
             results[n] = {k: c.stats(v) for k, v in times.items()}
             r = results[n]
             over = (r["guarded"]["p50"] / r["raw"]["p50"] - 1) * 100
-            print(f"  DMP with {n} documents (total={total}, page={len(raw_docs)})")
+            print(f"  DMP with {n} documents (total={total}, {matches} with _total=accurate, "
+                  f"page={len(raw_docs)})")
             for k in ("raw", "guarded", "raw+guard filter", "raw+lean guard", "context", "can_see x page"):
                 print(f"    {k:<18} {c.fmt_ms(r[k])}")
             print(f"    overhead (p50)     {over:+.1f}%   "
