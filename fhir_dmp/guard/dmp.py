@@ -7,6 +7,7 @@ leaves is :func:`~fhir_dmp.guard.lifecycle.destroy_event`.
 """
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from ..http.errors import Forbidden, not_found
@@ -17,6 +18,8 @@ from ..security.decision import Decision
 from ..security.principal import ADMIN
 from ..storage import Stored, new_id, now
 from . import access_codes, lifecycle
+
+log = logging.getLogger(__name__)
 
 
 class DmpOperations:
@@ -116,6 +119,12 @@ class DmpOperations:
         # a write decided before the destroy but committed after its snapshot: swept here, or by
         # that writer itself if it commits after this sweep (UnitOfWork.sweep_destroyed)
         self.storage.run_transaction(lambda s: self.storage.purge_dmp(pid, session=s))
+        # committed: a restored backup must not bring it back (guard/lifecycle.DestroyedRegister)
+        try:
+            lifecycle.DestroyedRegister(self.config.destroyed_register_path).record(pid, now())
+        except OSError:
+            log.critical("destroyed DMP %s not written to the register %s: add it by hand",
+                         pid, self.config.destroyed_register_path)
         self.crypto.forget(pid)       # the key is gone from the database: drop this process's copy
         self.access.states.pop(pid, None)
         self.work.stale(pid)

@@ -20,6 +20,10 @@ No HTTP, no policy. The guarded repository decides who may
   (one process at a time, through a lease in the ``scheduled_jobs`` collection),
   each destroy through a repository the caller's factory opens (this module
   imports no repository).
+* :class:`DestroyedRegister` / :func:`reapply_destroys` — each destroy, once committed, appends
+  a line (time, Patient id; nothing personal) to a file outside the database
+  (``FHIR_DMP_DESTROYED_REGISTER``, default ``destroyed.log`` in the data dir); ``fhir-dmp
+  restore`` purges again every DMP of a backup that the register says was destroyed after it.
 
 What remains after a destroy (stated, not hidden): one entry in the system
 journal (who destroyed a DMP and when; no patient id, INS, name or contact);
@@ -100,6 +104,53 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
                     "detail": [{"type": "rule", "valueString": "destroy-dmp"},
                                {"type": "result", "valueString": "permit"}]}],
     }
+
+
+# -- the register of destroyed DMPs ---------------------------------------------------------------
+class DestroyedRegister:
+    """The destroyed DMP ids, one line each (``<ISO time> <Patient id>``), appended to a file kept
+    outside the database so that a restored backup does not bring a destroyed DMP back."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def record(self, pid: str, at: datetime) -> None:
+        """Append (one ``write`` in append mode: lines of concurrent writers do not interleave)
+        and sync, after the destroy's transaction has committed."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{instant(at)} {pid}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def since(self, at: datetime) -> list[str]:
+        """The ids recorded at or after ``at``, in order (none when there is no register)."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            stamp, _, pid = line.strip().partition(" ")
+            if pid and datetime.fromisoformat(stamp.replace("Z", "+00:00")) >= at and pid not in out:
+                out.append(pid)
+        return out
+
+
+#: clocks of the hosts that destroy and back up may differ by this much: a purge applied twice is harmless
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def reapply_destroys(storage, register: DestroyedRegister, backup_time: datetime) -> list[str]:
+    """After a restore: purge again (``Storage.purge_dmp``, one transaction each) every DMP of the
+    restored database that ``register`` says was destroyed after the backup; returns their ids."""
+    done = []
+    for pid in register.since(backup_time - CLOCK_SKEW):
+        if storage.was_destroyed(pid):
+            continue
+        storage.run_transaction(lambda s, pid=pid: storage.purge_dmp(pid, session=s))
+        done.append(pid)
+    return done
 
 
 # -- retention -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ``fhir-dmp`` command line (CONTRACT.md "Install and run").
 
 Subcommands: ``serve``, ``dev-token``, ``load``, ``audit verify``,
-``keys rotate``, ``retention run``. Configuration comes only from ``Config.from_env()``; the
+``keys rotate``, ``retention run``, ``backup``, ``restore``. Configuration comes only from ``Config.from_env()``; the
 options ``--host/--port`` override it (``serve --workers`` is no configuration: it goes to
 ``server.serve``). Expected failures (bad
 configuration, port taken, database that will not start, missing file) end
@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = p.add_subparsers(dest="retention_command", metavar="ACTION", required=True)
     r = rsub.add_parser("run", help="destroy the closed DMPs whose retention (FHIR_DMP_RETENTION_YEARS) is over")
     r.set_defaults(func=cmd_retention_run)
+
+    p = sub.add_parser("backup", help="consistent online copy of the database into DIR (never the KEK)")
+    p.add_argument("directory", metavar="DIR", help="a new or empty directory")
+    p.set_defaults(func=cmd_backup)
+    p = sub.add_parser("restore", help="load the backup in DIR into an empty database, then re-apply "
+                                       "the destroys of the register made after it")
+    p.add_argument("directory", metavar="DIR")
+    p.set_defaults(func=cmd_restore)
     return parser
 
 
@@ -246,6 +254,44 @@ def cmd_retention_run(args, **_) -> int:
         count = run_retention(build_services(config_used.with_(notifications_worker=False), client, db),
                               GuardedRepository)
     print(f"{count} closed DMP(s) past retention destroyed")
+    return 0
+
+
+def cmd_backup(args, **_) -> int:
+    """``fhir-dmp backup DIR``: storage/backup.py's one-snapshot copy and its manifest."""
+    from ..resources.capability import software_version  # lazy: Flask
+    from ..storage import BackupRefused  # lazy: pymongo
+    config = _config(args)
+    with _storage(config) as (_config_used, storage):
+        try:
+            manifest = storage.backup_to(Path(args.directory), server_version=software_version())
+        except BackupRefused as e:
+            raise CliError(str(e)) from None
+    total = sum(c["count"] for c in manifest["collections"].values())
+    print(f"backup of {len(manifest['collections'])} collection(s), {total} document(s) "
+          f"at {manifest['time']} in {args.directory}")
+    return 0
+
+
+def cmd_restore(args, **_) -> int:
+    """``fhir-dmp restore DIR``: checksums first, an empty database only, the indexes, then the
+    destroys of the register made after the backup (guard/lifecycle.reapply_destroys)."""
+    from datetime import datetime
+
+    from ..guard.lifecycle import DestroyedRegister, reapply_destroys  # lazy: pymongo
+    from ..storage import BackupRefused  # lazy: pymongo
+    config = _config(args)
+    with _storage(config) as (config_used, storage):
+        try:
+            manifest = storage.restore_from(Path(args.directory))
+        except BackupRefused as e:
+            raise CliError(str(e)) from None
+        storage.ensure_all_indexes()
+        destroyed = reapply_destroys(storage, DestroyedRegister(config_used.destroyed_register_path),
+                                     datetime.fromisoformat(manifest["time"].replace("Z", "+00:00")))
+    total = sum(c["count"] for c in manifest["collections"].values())
+    print(f"restored {total} document(s) of the backup at {manifest['time']}; "
+          f"{len(destroyed)} DMP(s) destroyed since then purged again")
     return 0
 
 

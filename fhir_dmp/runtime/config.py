@@ -72,6 +72,8 @@ class Config:
     # the journal: the background sealer, its signing key, the unsealed bound
     audit_sealer: bool = True
     audit_key_file: Path | None = None
+    # the register of destroyed DMP ids, outside the database (restore re-applies it; guard/lifecycle.py)
+    destroyed_register_file: Path | None = None
     audit_seal_bound: int = 60
     # decision context cached per process, invalidated by the change stream
     context_cache: bool = True
@@ -127,6 +129,11 @@ class Config:
         return Path(self.audit_key_file) if self.audit_key_file else self.data_dir / "audit-signing-key.pem"
 
     @property
+    def destroyed_register_path(self) -> Path:
+        """One line per destroyed DMP (time, Patient id): kept apart from the database and its backups."""
+        return Path(self.destroyed_register_file) if self.destroyed_register_file else self.data_dir / "destroyed.log"
+
+    @property
     def dev_key_path(self) -> Path:
         return self.data_dir / "dev-signing-key.json"
 
@@ -157,6 +164,8 @@ class Config:
             retention_years=_int(env, "FHIR_DMP_RETENTION_YEARS", 10),
             first_access=(env.get("FHIR_DMP_FIRST_ACCESS") or "attestation").strip(),
             audit_key_file=Path(env["FHIR_DMP_AUDIT_KEY_FILE"]) if env.get("FHIR_DMP_AUDIT_KEY_FILE") else None,
+            destroyed_register_file=(Path(env["FHIR_DMP_DESTROYED_REGISTER"])
+                                     if env.get("FHIR_DMP_DESTROYED_REGISTER") else None),
             audit_seal_bound=_int(env, "FHIR_DMP_AUDIT_SEAL_BOUND", 60),
             threads=_int(env, "FHIR_DMP_THREADS", 0) if env.get("FHIR_DMP_THREADS") else 0,
             document_cache_docs=_int(env, "FHIR_DMP_DOCUMENT_CACHE_DOCS", 10_000, zero_ok=True),

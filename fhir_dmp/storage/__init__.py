@@ -13,6 +13,7 @@ contract:
 ``outbox.py``       the notification outbox
 ``grants.py``       the decision's inputs, break-the-glass grants, access codes, key sets
 ``lifecycle.py``    closed/reopened stamps, the purge of a DMP, daily job leases
+``backup.py``       every collection copied to files from one snapshot, and restored
 ``filters.py``      the storage filter language evaluated in memory
 ``errors.py``       what storage raises (pymongo's errors wrapped)
 ==================  ==================================================================
@@ -23,6 +24,7 @@ A new collection: a module here (or the family it belongs to), its class added t
 """
 from __future__ import annotations
 
+from .backup import BackupRefused, BackupStore, check_backup
 from .content import ContentStore
 from .core import (RESOURCE_TYPES, Stored, instant, merge_filters, new_id, now, or_branches, pack, sort_docs,
                    unpack)
@@ -34,12 +36,12 @@ from .lifecycle import LifecycleStore
 from .outbox import OutboxStore
 from .resources import UNIQUE_INDEXES, ResourceStore
 
-__all__ = ["RESOURCE_TYPES", "UNIQUE_INDEXES", "DuplicateKey", "DuplicateValue", "Storage", "StorageClosed",
+__all__ = ["RESOURCE_TYPES", "UNIQUE_INDEXES", "BackupRefused", "check_backup", "DuplicateKey", "DuplicateValue", "Storage", "StorageClosed",
            "StorageError", "StorageUnavailable", "Stored", "VersionConflict", "WriteConflict", "instant",
            "is_write_conflict", "merge_filters", "new_id", "now", "or_branches", "pack", "sort_docs", "unpack"]
 
 
-class Storage(ResourceStore, JournalStore, ContentStore, OutboxStore, GrantStore, LifecycleStore):
+class Storage(ResourceStore, JournalStore, ContentStore, OutboxStore, GrantStore, LifecycleStore, BackupStore):
     """The database, as the server uses it: every family's queries on one client and database
     (``StoreCore.__init__``: ``Storage(client, db, annotate=...)``)."""
 
@@ -49,3 +51,10 @@ class Storage(ResourceStore, JournalStore, ContentStore, OutboxStore, GrantStore
         (``ensure_journal_indexes``, ``ensure_outbox_indexes``, ``ensure_blob_indexes``)."""
         self.ensure_resource_indexes()
         self.ensure_grant_indexes()
+
+    def ensure_all_indexes(self) -> None:
+        """Every index of every family (a restored database: ``fhir-dmp restore``)."""
+        self.ensure_indexes()
+        self.ensure_journal_indexes()
+        self.ensure_outbox_indexes()
+        self.ensure_blob_indexes()
