@@ -47,6 +47,16 @@ CORS_EXPOSE_HEADERS = ["ETag", "Location", "Content-Location", "Last-Modified", 
                        "X-Request-Id", "Retry-After", "Allow"]
 
 
+RETRY_AFTER_S = 2      # what a 503 of an unavailable database asks the client to wait
+
+
+def unavailable(message: str) -> ServiceUnavailable:
+    """The 503 ``transient`` of a database that did not answer within FHIR_DMP_DB_WAIT (or a
+    journal that could not be written): nothing was half-written, the client may retry after
+    ``Retry-After`` seconds (CONTRACT.md "Faults, failover and backups")."""
+    return ServiceUnavailable(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     """Build the WSGI app. ``client``/``db`` let tests share one database server."""
     config = config or Config.from_env()
@@ -62,6 +72,19 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     app.register_blueprint(home.bp)
     portal.init_app(app)
     _cors(app, config)
+
+    @app.before_request
+    def bound_database_work():
+        # FHIR_DMP_DB_WAIT: the request's database work, its audit flush included, ends by this
+        # deadline (StoreCore.deadline); past it a StorageError, answered 503 below
+        g.db_deadline = services.storage.deadline()
+        g.db_deadline.__enter__()
+
+    @app.teardown_request
+    def end_database_bound(_exc):
+        deadline = g.pop("db_deadline", None)
+        if deadline is not None:
+            deadline.__exit__(None, None, None)
 
     @app.before_request
     def authenticate():
@@ -93,7 +116,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             repo.flush_audit()
         except Exception:   # noqa: BLE001 — fail closed: no data leaves without its trace
             log.exception("audit write failed; response withheld (request %s)", g.get("request_id"))
-            return error_response(ServiceUnavailable("the access journal cannot be written; try again"))
+            return error_response(unavailable("the access journal cannot be written; try again"))
         response.headers.setdefault("X-Request-Id", g.request_id)
         return response
 
@@ -119,8 +142,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
         # the database is unreachable or refused the operation: nothing was half-written
         # (writes are transactions); the client may retry
         log.error("database error (request %s): %s", g.get("request_id"), type(exc).__name__)
-        return error_response(ServiceUnavailable("the database is not available; retry later",
-                                                 headers={"Retry-After": "2"}))
+        return error_response(unavailable("the database is not available; retry later"))
 
     @app.errorhandler(404)
     def on_404(_exc):

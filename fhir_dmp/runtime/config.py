@@ -80,6 +80,8 @@ class Config:
     # documents of recently searched DMPs cached per process (search/doc_cache.py; needs context_cache,
     # whose change stream invalidates it): at most this many documents, 0 = off
     document_cache_docs: int = 10_000
+    # CONTRACT.md "Faults": seconds a request waits for an unavailable database before its 503
+    db_wait: int = 10
     threads: int = 0                 # Python threads per server worker; 0 = server.default_threads()
     # the largest JSON/XML request body; Binary uploads are bounded by max_attachment_bytes
     max_body_bytes: int = field(default=0)
@@ -169,6 +171,7 @@ class Config:
             audit_seal_bound=_int(env, "FHIR_DMP_AUDIT_SEAL_BOUND", 60),
             threads=_int(env, "FHIR_DMP_THREADS", 0) if env.get("FHIR_DMP_THREADS") else 0,
             document_cache_docs=_int(env, "FHIR_DMP_DOCUMENT_CACHE_DOCS", 10_000, zero_ok=True),
+            db_wait=_int(env, "FHIR_DMP_DB_WAIT", 10),
         )
         if env.get("FHIR_DMP_CORS_ORIGINS"):
             values["cors_origins"] = tuple(o.strip() for o in env["FHIR_DMP_CORS_ORIGINS"].split(",")

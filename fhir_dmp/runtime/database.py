@@ -21,6 +21,10 @@ from pymongo.errors import ConfigurationError, PyMongoError
 from .embedded_db import EmbeddedMongo
 
 CONNECT_TIMEOUT_S = 5.0
+#: how often the client checks the server when it hears nothing (pymongo's default, 10 s, would
+#: leave a server marked unknown after a "not primary" for that long): CONTRACT.md "Faults" asks
+#: that a database back serves again within 2 s
+HEARTBEAT_MS = 1000
 
 
 class DatabaseError(RuntimeError):
@@ -49,7 +53,7 @@ def open_database(config, *, embedded=None, timeout: float = CONNECT_TIMEOUT_S
     """Connect to ``embedded.uri`` if given, else ``config.mongodb_uri``.
 
     Options: ``w='majority'``, ``j=True``, read concern ``majority``,
-    ``retryWrites``/``retryReads``, ``tz_aware=True``. Returns
+    ``retryWrites``/``retryReads``, ``tz_aware=True``, a heartbeat every second. Returns
     ``(client, client[config.db_name])`` once the server answered ``ping``.
     Raises :class:`DatabaseError` (one line, password never shown) when no URI
     is known or the server does not answer within ``timeout`` seconds.
@@ -60,7 +64,7 @@ def open_database(config, *, embedded=None, timeout: float = CONNECT_TIMEOUT_S
     try:
         client = MongoClient(
             uri, w="majority", journal=True, readConcernLevel="majority",
-            retryWrites=True, retryReads=True, tz_aware=True,
+            retryWrites=True, retryReads=True, tz_aware=True, heartbeatFrequencyMS=HEARTBEAT_MS,
             appname="fhir-dmp", connect=False)
     except (ConfigurationError, ValueError, TypeError) as e:
         raise DatabaseError(f"invalid MongoDB URI {redact_uri(uri)}: {_one_line(e, uri)}") from None

@@ -132,7 +132,7 @@ class AppServices(Services):
 def _core(config: Config, client=None, db=None) -> dict:
     if db is None:
         client, db = open_database(config)
-    storage = Storage(client, db, annotate=access_facets)
+    storage = Storage(client, db, annotate=access_facets, wait=config.db_wait)
     habilitations = Habilitations.load(config.habilitations_file)
     crypto = DocumentCrypto(storage, key_provider(config))
     audit_log = AuditLog(storage)

@@ -54,6 +54,7 @@ DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
 #: a range from EPOCH on the queue's ``t`` (always a date) reads the queue through its index
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SEALER_ID = "sealer"
+DB_WAIT_S = 10.0       # StoreCore.deadline's default (Config.db_wait, FHIR_DMP_DB_WAIT)
 LEASE_WAIT_S = 2.0     # the longest a lease write waits on a locked lease document
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
 COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
@@ -227,10 +228,12 @@ CODECS = CodecOptions(tz_aware=True, type_registry=TypeRegistry([DecimalCodec()]
 class StoreCore:
     """The client, the database handle with storage's codecs, and transactions."""
 
-    def __init__(self, client: pymongo.MongoClient, db, *, annotate=None):
+    def __init__(self, client: pymongo.MongoClient, db, *, annotate=None, wait: float = DB_WAIT_S):
         """``annotate(rtype, resource) -> dict`` adds flat fields stored as ``a`` (the access
-        decision's facets); storage does not interpret them."""
+        decision's facets); storage does not interpret them. ``wait``: the seconds of
+        :meth:`deadline` (``FHIR_DMP_DB_WAIT``)."""
         self.client = client
+        self.wait = wait
         self.annotate = annotate
         #: the process's DMP document cache (search/doc_cache.DocumentCache), or None: every search asks
         #: the database. Set by the application; consulted outside transactions only.
@@ -239,6 +242,18 @@ class StoreCore:
         self._secantus: bool | None = None        # is the server SecantusDB (buildInfo)?
         self.db = client.get_database(db.name, codec_options=CODECS, write_concern=db.write_concern,
                                       read_concern=db.read_concern, read_preference=db.read_preference)
+
+    def deadline(self):
+        """The one bound on a request's database work (CONTRACT.md "Faults, failover and
+        backups"): a context manager in which every operation, with the driver's retries
+        (retryable reads and writes, server selection during an election, ``with_transaction``'s
+        retries of a transient error or an unknown commit result), ends within ``wait`` seconds
+        of entering it. pymongo's client-side operation timeout
+        (https://pymongo.readthedocs.io/en/stable/api/pymongo/index.html#pymongo.timeout): past
+        it an operation raises a timeout, a :class:`~fhir_dmp.storage.errors.StorageUnavailable`
+        here, and a transaction is aborted, never half-written. Nested deadlines keep the
+        nearer."""
+        return pymongo.timeout(self.wait)
 
     def run_transaction(self, callback):
         """``callback(session)`` in a transaction through pymongo's ``with_transaction``: retried

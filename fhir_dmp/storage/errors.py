@@ -104,11 +104,15 @@ def translate(exc: PyMongoError) -> StorageError:
     """The :class:`StorageError` for a pymongo error (raise it ``from exc``)."""
     if isinstance(exc, DuplicateKeyError):
         return DuplicateKey(exc)
+    if getattr(exc, "timeout", False):
+        # the request's deadline (StoreCore.deadline) ran out, even while pymongo was retrying a
+        # transient error (its timeout error keeps that error's labels): unavailable, not a race
+        return StorageUnavailable(exc)
     if is_write_conflict(exc):
         return WriteConflict(exc)
     if isinstance(exc, InvalidOperation):
         return StorageClosed(exc)
-    if isinstance(exc, (ConnectionFailure, AutoReconnect)) or getattr(exc, "timeout", False):
+    if isinstance(exc, (ConnectionFailure, AutoReconnect)):
         return StorageUnavailable(exc)
     return StorageError(exc)
 

@@ -63,7 +63,8 @@ class JournalStore(StoreCore):
                        pending: list | None = None) -> None:
         """Append journal entries and their one queue document (``items``: ``{e, p, d}`` per event),
         atomically: inside ``session``'s transaction, or else in a transaction of their own that
-        commits durably (``w: majority, j: true``: one fsync for a whole group commit).
+        commits durably (``w: majority, j: true``: one fsync for a whole group commit), within
+        :meth:`deadline`.
 
         ``pending`` (in a transaction): the transaction's inserts not sent yet (``(collection,
         document)``, as :meth:`create` defers them); they go first, with the journal's documents, in
@@ -96,7 +97,8 @@ class JournalStore(StoreCore):
                     raise
                 raise translate(exc) from exc
             return
-        with self.client.start_session() as s:
+        # its own transaction, in the group committer's thread: bounded as the requests waiting on it
+        with self.deadline(), self.client.start_session() as s:
             s.with_transaction(write, write_concern=WriteConcern(w="majority", j=True))
 
     def _queued(self, pid: str | None = None):
