@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from ..audit.events import SUBJECT_SYSTEM
 from ..notifications.outbox import Notice
 from ..profiles import validate
-from ..profiles.review_task import ACCESS_BASIS_SYSTEM, REVIEW_SYSTEM, case_code, coded, verdict
+from ..profiles.review_task import ACCESS_BASIS_SYSTEM, REVIEW_SYSTEM, case_code, coded, note_text, verdict
 from ..review import ReviewCase, case_input, open_case
 from ..review.decide import next_version, with_documents_read
 from ..security.principal import BTG, ETREAT, TREAT
@@ -66,8 +66,7 @@ class ReviewOperations:
         """Documents the professional read in that DMP under the case's access mode, from the case's
         opening (a minute before) to now, or to the end of the grant (None: not an emergency case)."""
         purpose = CASE_MODES.get(case_code(task), (None, None))[0]
-        actor = next((i.get("valueIdentifier", {}).get("value") for i in task.get("input") or ()
-                      if coded(i.get("type"), REVIEW_SYSTEM) == "actor"), None)
+        actor = _actor(task)
         if purpose is None or not actor:
             return None
         authored = _when(task)
@@ -80,13 +79,17 @@ class ReviewOperations:
         if task.get("status") != "completed" or (old or {}).get("status") == "completed":
             return
         self.storage.release_review_keys(stored.id, session=session)
-        actor = next((i.get("valueIdentifier", {}).get("value") for i in task.get("input") or ()
-                      if coded(i.get("type"), REVIEW_SYSTEM) == "actor"), None)
-        note = " ".join(n.get("text", "") for n in task.get("note") or () if isinstance(n, dict)).strip()
+        note = note_text(task)
         notice = Notice(kind="review_outcome", patient_id=stored.pid, actor_name=None, actor_profession=None,
-                        actor_id=actor, mode=CASE_MODES.get(case_code(task), (None, "normal"))[1],
+                        actor_id=_actor(task), mode=CASE_MODES.get(case_code(task), (None, "normal"))[1],
                         when=_when(task), reason=note or None, verdict=verdict(task))
         self.notify("review_outcome", stored.pid, session=session, notice=notice)
+
+
+def _actor(task: dict) -> str | None:
+    """The idNatPs of the case's ``actor`` input."""
+    return next((i.get("valueIdentifier", {}).get("value") for i in task.get("input") or ()
+                 if coded(i.get("type"), REVIEW_SYSTEM) == "actor"), None)
 
 
 def _when(task: dict) -> datetime:

@@ -371,6 +371,6 @@ def review_outcomes(tasks: list[dict]) -> dict[str, dict]:
         ref = (task.get("focus") or {}).get("reference") or ""
         verdict = review_task.verdict(task)
         if ref.startswith("AuditEvent/") and verdict:
-            note = " ".join(n.get("text", "") for n in task.get("note") or () if isinstance(n, dict)).strip()
-            out[ref.split("/", 1)[1]] = {"verdict": VERDICT_LABELS.get(verdict, verdict), "note": note}
+            out[ref.split("/", 1)[1]] = {"verdict": VERDICT_LABELS.get(verdict, verdict),
+                                         "note": review_task.note_text(task)}
     return out
