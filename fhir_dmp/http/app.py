@@ -16,7 +16,7 @@ from flask import Flask, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
-from .. import portal, spaces
+from .. import portal, privacy, spaces
 from ..audit.events import AccessRecord, build_event
 from ..guard.journal import ACTION, METHOD_INTERACTION, RequestInfo
 from ..guard.repository import GuardedRepository
@@ -70,7 +70,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     for fhir in (capability, conformance, bundles, rest):   # under /fhir; metadata first: it needs no token
         app.register_blueprint(fhir.bp)
     app.register_blueprint(home.bp)
-    spaces.init_app(app, (portal.PORTAL, portal.bp))
+    spaces.init_app(app, (portal.PORTAL, portal.bp), (privacy.OFFICER, privacy.bp))
     _cors(app, config)
 
     @app.before_request

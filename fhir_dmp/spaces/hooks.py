@@ -6,8 +6,8 @@ the login page again, or a 403 page for spaces that say so); security headers (a
 script; pages hold health data, never cached); errors as French pages (a denied id is a 404 like
 a missing one, as in the FHIR API); and the routes ``login`` (GET: the dev form or the OIDC
 redirect), ``callback``, ``logout`` and ``logged_out``. The space's blueprint adds its
-``dev_login`` (POST ``login``) and its ``home``; its templates folder holds ``login.html``,
-``logged_out.html`` and ``base.html`` (which ``portal/error.html`` extends).
+``dev_login`` (POST ``login``) and its ``home``; its templates folder holds ``login.html``
+and ``base.html`` (which the shared ``portal/error.html`` and ``portal/logged_out.html`` extend).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src '
        "frame-ancestors 'none'; form-action 'self'")
 PUBLIC = ("login", "dev_login", "callback", "logout", "logged_out", "static")
 ERROR_TEMPLATE = "portal/error.html"
+LOGGED_OUT_TEMPLATE = "portal/logged_out.html"
 
 
 def error_page(status: int, title: str, message: str):
@@ -125,5 +126,5 @@ def install(bp: Blueprint, space: Space) -> None:
 
     @bp.get("/logged-out", endpoint="logged_out")
     def logged_out():
-        return render_template(f"{space.name}/logged_out.html")
+        return render_template(LOGGED_OUT_TEMPLATE)
 
