@@ -25,7 +25,7 @@ bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 #: written by the server only, or imported by ``fhir-dmp load`` (the directory): 405 with ``Allow``
 READ_ONLY = SERVER_WRITTEN + DIRECTORY
-PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
+PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson", "Task")
 NOT_CONDITIONAL = ("Binary",)   # not searchable by its readers: conditional writes could not match
 NOT_UPDATABLE = ("Binary",)     # content never changes in place: a new document replaces the old one
 CONTROL = {"_format", "_pretty", "_cursor"}
