@@ -166,24 +166,18 @@ def professions(events: list[dict]) -> set[str]:
 
 # ----------------------------------------------------------------------------- decisions (JSON Patch)
 
-def take(owner: dict, at: datetime) -> list[dict]:
-    """The JSON Patch that takes a case: ``in-progress``, its ``owner`` the officer."""
-    return [{"op": "replace", "path": "/status", "value": "in-progress"},
-            {"op": "add", "path": "/owner", "value": owner},
-            {"op": "add", "path": "/lastModified", "value": instant(at)}]
+def take() -> list[dict]:
+    """The JSON Patch that takes a case: ``in-progress`` (the server makes the officer its ``owner``,
+    ``review/decide.py``)."""
+    return [{"op": "replace", "path": "/status", "value": "in-progress"}]
 
 
-def decide(task: dict, outcome: str, note: str, owner: dict, at: datetime) -> list[dict]:
-    """The JSON Patch that closes a case: ``completed``, ``businessStatus`` the verdict, the note
-    (the officer's own, after any earlier one)."""
-    ops = [{"op": "replace", "path": "/status", "value": "completed"},
-           {"op": "add", "path": "/businessStatus", "value": {"coding": [{
-               "system": REVIEW_SYSTEM, "code": outcome, "display": VERDICT_LABELS[outcome]}]}},
-           {"op": "add", "path": "/owner", "value": owner},
-           {"op": "add", "path": "/lastModified", "value": instant(at)}]
-    entry = {"text": note, "time": instant(at), "authorString": _label(owner)}
-    if task.get("note"):
-        ops.append({"op": "add", "path": "/note/-", "value": entry})
-    else:
-        ops.append({"op": "add", "path": "/note", "value": [entry]})
-    return ops
+def decide(task: dict, outcome: str, note: str, author: str, at: datetime) -> list[dict]:
+    """The JSON Patch that closes a case: ``completed``, ``businessStatus`` the verdict, the
+    officer's note after any earlier one."""
+    entry = {"text": note, "time": instant(at), "authorString": author}
+    return [{"op": "replace", "path": "/status", "value": "completed"},
+            {"op": "add", "path": "/businessStatus", "value": {"coding": [{
+                "system": REVIEW_SYSTEM, "code": outcome, "display": VERDICT_LABELS[outcome]}]}},
+            {"op": "add", "path": "/note/-", "value": entry} if task.get("note") else
+            {"op": "add", "path": "/note", "value": [entry]}]

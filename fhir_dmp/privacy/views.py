@@ -14,7 +14,7 @@ from datetime import datetime
 
 from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
 
-from ..audit.events import PROFESSION_LABELS, SUBJECT_SYSTEM
+from ..audit.events import PROFESSION_LABELS
 from ..http.errors import FhirError, NotFound
 from ..portal import directory
 from ..portal.present import patient_summary
@@ -89,12 +89,6 @@ def _events(args: list[tuple[str, str]], limit: int) -> list[dict]:
         if not cursor:
             break
     return out
-
-
-def _owner() -> dict:
-    """The officer as the Task's ``owner`` (the token's subject, as the journal names them)."""
-    p = g.principal
-    return {"identifier": {"system": SUBJECT_SYSTEM, "value": p.subject}, "display": p.name or p.subject}
 
 
 # ----------------------------------------------------------------------------- pages
@@ -176,7 +170,7 @@ def _patch(tid: str, make, done: str):
 
 @bp.post("/cas/<tid>/prendre")
 def take(tid):
-    return _patch(tid, lambda task: present.take(_owner(), now()), "Vous avez pris ce cas.")
+    return _patch(tid, lambda task: present.take(), "Vous avez pris ce cas.")
 
 
 @bp.post("/cas/<tid>/decision")
@@ -187,5 +181,5 @@ def decide(tid):
         flash("Choisissez « justifié » ou « injustifié » et expliquez votre décision "
               f"(une note de {NOTE_MAX} caractères au plus).", "error")
         return redirect(url_for("privacy.case", tid=tid))
-    return _patch(tid, lambda task: present.decide(task, outcome, note, _owner(), now()),
+    return _patch(tid, lambda task: present.decide(task, outcome, note, g.principal.name or g.principal.subject, now()),
                   f"Cas clos : accès {present.VERDICT_LABELS[outcome].lower()}.")
