@@ -1,7 +1,8 @@
 """A professional's accesses per day against peers of the same profession, and the chart of it.
 
 What counts as an access: a journal entry of a professional (user agent identified by an idNatPs)
-on a DMP (a patient entity), granted or refused, on its day in Paris. Peers: the other
+reading or searching a DMP (action R or E, a patient entity), granted or refused, on its day in
+Paris; deposits and the notices the server writes on the professional's behalf do not count. Peers: the other
 professionals whose entries in the window were made under one of the professional's professions
 (TRE_G15 codes of the user agent's role). Each day, the peers' median count (a peer without an
 access that day counts 0), so one very busy peer does not move the line.
@@ -22,8 +23,9 @@ from ..portal.present import PARIS
 from ..security.principal import IDNATPS_SYSTEM
 
 CHART_DAYS = 28
+READS = ("R", "E")      # AuditEvent.action: read, execute (a search)
 # the chart's box (SVG user units; the picture scales to the page's width)
-WIDTH, HEIGHT = 640, 240
+WIDTH, HEIGHT = 720, 220
 LEFT, RIGHT, TOP, BOTTOM = 44, 12, 14, 34
 
 
@@ -64,7 +66,7 @@ def per_day(events: list[dict], days: list[date], professions: set[str] | None =
     counts: dict[str, Counter] = {}
     for event in events:
         actor, day = _actor(event), _day(event)
-        if not actor or day not in index or not event_patient(event):
+        if not actor or day not in index or event.get("action") not in READS or not event_patient(event):
             continue
         if professions is not None and not (_professions(event) & professions):
             continue

@@ -131,7 +131,8 @@ def access_basis(event: dict) -> str:
         coding = ext.get("valueCoding") or {}
         if ext.get("url") == BASIS_EXTENSION and coding.get("system") == ACCESS_BASIS_SYSTEM:
             return BASIS_LABELS.get(coding.get("code"), coding.get("display") or coding.get("code") or "")
-    return _decision_detail(event, "rule")
+    rule = _decision_detail(event, "rule")
+    return BASIS_LABELS.get(rule, rule)
 
 
 def _decision_detail(event: dict, kind: str) -> str:
