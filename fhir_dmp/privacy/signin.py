@@ -28,5 +28,7 @@ OFFICER = Space(name="privacy", prefix="/privacy", cookie="fhir_dmp_privacy", sc
 
 
 def dev_token(config, officer: str) -> str:
-    """A dev token for the privacy officer ``officer`` (``fhir-dmp dev-token officer``)."""
-    return mint_token(config, PRIVACY_OFFICER, name=officer, extra={"sub": officer}, lifetime=DEV_TOKEN_LIFETIME)
+    """A dev token for the privacy officer ``officer`` (``fhir-dmp dev-token officer``), with the
+    scope the OIDC sign-in asks for (so dev mode shows what that scope allows)."""
+    return mint_token(config, PRIVACY_OFFICER, name=officer, scope=OFFICER_SCOPE, extra={"sub": officer},
+                      lifetime=DEV_TOKEN_LIFETIME)

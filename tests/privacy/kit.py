@@ -12,13 +12,9 @@ from fhir_dmp.profiles.review_task import SIGNAL_SYSTEM
 from fhir_dmp.review import ReviewCase, case_input, open_cases
 from fhir_dmp.runtime.services import services
 from tests import builders
+from tests.portal.test_portal_browser import BTG_HEADERS
 from tests.portal_kit import csrf_token
 
-BTG_HEADERS = {
-    "Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
-                'scheme="http://hl7.org/fhir/tag/security"; label="break the glass"',
-    "X-Break-Glass-Reason": "patient inconscient aux urgences",
-}
 OFFICER = "dpo-lyon"
 CASE_IDS = re.compile(r'data-testid="case" data-id="([^"]+)" data-code="([^"]+)"')
 
