@@ -155,11 +155,19 @@ def test_only_the_officer_changes_a_case_nobody_creates_or_deletes_one(napi):
     assert me.put(f"Task/{task['id']}", taken).status_code == 403
     assert napi.as_ps(b.PS_DR).put(f"Task/{task['id']}", taken).status_code == 404
     assert napi.as_admin().put(f"Task/{task['id']}", taken).status_code == 403
-    # nobody POSTs a review case, the officer included; nobody deletes one
+    # nobody POSTs a review case, the officer included; nobody deletes one (405, as for the journal)
     new = {k: v for k, v in task.items() if k not in ("id", "meta")}
     for caller in (officer, me, napi.as_admin(), napi.as_ps(b.PS_DR)):
-        assert caller.post("Task", new).status_code == 403
-    assert officer.delete(f"Task/{task['id']}").status_code == 403
+        r = caller.post("Task", new)
+        assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD, OPTIONS"
+    r = officer.delete(f"Task/{task['id']}")
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD, PUT, PATCH, OPTIONS"
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "POST", "url": "Task"},
+                                                                    "resource": new}]}
+    assert officer.post("", batch).json["entry"][0]["response"]["status"].startswith("405")
+    # a client-chosen id creates nothing either, not even for the administrator's import
+    assert napi.as_admin().put("Task/fresh-id", {**new, "id": "fresh-id"}).status_code == 403
+    assert officer.put("Task/fresh-id", {**new, "id": "fresh-id"}).status_code == 404
     assert officer.get(f"Task/{task['id']}").status_code == 200
 
 
