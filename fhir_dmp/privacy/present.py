@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from ..audit.events import PROFESSION_SYSTEM, event_patient
+from ..notifications.outbox import VERDICT_LABELS
 from ..portal.directory import Professional
 from ..portal.present import journal_row, paris_time
 from ..profiles.review_task import ACCESS_BASIS_SYSTEM, REVIEW_SYSTEM, SIGNAL_SYSTEM, case_code, coded, verdict
@@ -24,7 +25,6 @@ BASIS_EXTENSION = "https://fhir-dmp.example.org/fhir/StructureDefinition/dmp-acc
 EMERGENCIES = ("break-glass", "centre-15")
 CASE_LABELS = {"break-glass": "Bris de glace", "centre-15": "Centre 15 (SAMU)", "anomaly": "Accès inhabituel"}
 STATUS_LABELS = {"requested": "À traiter", "in-progress": "En cours", "completed": "Clos"}
-VERDICT_LABELS = {"justified": "Justifié", "unjustified": "Injustifié"}
 SIGNAL_LABELS = {
     "no-relationship": "aucune relation de soins", "attestation-only": "attestation jamais suivie de soins",
     "same-surname": "même nom de famille que le patient", "same-place": "même lieu de vie que le patient",
@@ -108,12 +108,17 @@ def case_row(task: dict, patients: dict[str, str], people: dict[str, Professiona
         "prior_basis": BASIS_LABELS.get(prior.get("code"), prior.get("display") or prior.get("code") or ""),
         "focus": ((task.get("focus") or {}).get("reference") or "").removeprefix("AuditEvent/"),
         "verdict": outcome or "",
-        "verdict_label": VERDICT_LABELS.get(outcome, ""),
+        "verdict_label": verdict_label(outcome) if outcome else "",
         "notes": [{"text": n.get("text") or "", "time": paris_time(n.get("time")),
                    "author": n.get("authorString") or _label(n.get("authorReference"))}
                   for n in task.get("note") or ()],
         "completed": task.get("status") == "completed",
     }
+
+
+def verdict_label(code: str) -> str:
+    """``Justifié`` / ``Injustifié`` (the words the patient's notice uses)."""
+    return VERDICT_LABELS.get(code, code).capitalize()
 
 
 def urgency(row: dict) -> tuple:

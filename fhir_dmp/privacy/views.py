@@ -121,7 +121,7 @@ def case(tid):
     chart = _activity(task, actor, evidence) if actor else None
     return render_template("privacy/case.html", case=row, version=stored.vid, evidence=rows, chart=chart,
                            verdicts=VERDICTS,
-                           verdict_labels=present.VERDICT_LABELS)
+                           verdict_label=present.verdict_label)
 
 
 def _activity(task: dict, actor: str, evidence: list[dict]) -> dict:
@@ -182,4 +182,4 @@ def decide(tid):
               f"(une note de {NOTE_MAX} caractères au plus).", "error")
         return redirect(url_for("privacy.case", tid=tid))
     return _patch(tid, lambda task: present.decide(task, outcome, note, g.principal.name or g.principal.subject, now()),
-                  f"Cas clos : accès {present.VERDICT_LABELS[outcome].lower()}.")
+                  f"Cas clos : accès {present.verdict_label(outcome).lower()}.")

@@ -193,7 +193,7 @@ def test_take_then_decide_closes_the_case_and_freezes_it(world):
     task = task_of(world)
     assert task["status"] == "completed"
     assert task["businessStatus"]["coding"][0] == {"system": REVIEW_SYSTEM, "code": "unjustified",
-                                                   "display": "Injustifié"}
+                                                   "display": "injustifié"}
     assert task["note"][-1]["text"] == "aucune urgence ce jour-là"
     body = page(world.client, f"/privacy/cas/{tid}")
     assert 'data-testid="case-decision"' not in body and 'data-status="completed"' in body
