@@ -8,7 +8,9 @@ professionals whose entries in the window were made under one of the professiona
 access that day counts 0), so one very busy peer does not move the line.
 
 Nothing here reads storage: the caller hands the journal entries the officer's guarded repository
-returned. The chart is inline SVG drawn by a template (``privacy/chart.html``) from
+returned (``views._activity``: the professional's own entries in the window, and at most
+``views.MAX_EVENTS`` entries of every professional for the peers; each DMP those touch has the
+officer's search in its journal). The chart is inline SVG drawn by a template (``privacy/chart.html``) from
 :func:`chart`'s coordinates: no script, no library in the browser.
 """
 from __future__ import annotations

@@ -16,14 +16,14 @@ from datetime import datetime
 from ..audit.events import PROFESSION_SYSTEM, event_patient
 from ..notifications.outbox import VERDICT_LABELS
 from ..portal.directory import Professional
-from ..portal.present import journal_row, paris_time
+from ..portal.present import MODES, journal_row, paris_time
 from ..profiles.review_task import ACCESS_BASIS_SYSTEM, REVIEW_SYSTEM, SIGNAL_SYSTEM, case_code, coded, verdict
 from ..security.principal import IDNATPS_SYSTEM
 from ..storage import instant
 
 BASIS_EXTENSION = "https://fhir-dmp.example.org/fhir/StructureDefinition/dmp-access-basis"
 EMERGENCIES = ("break-glass", "centre-15")
-CASE_LABELS = {"break-glass": "Bris de glace", "centre-15": "Centre 15 (SAMU)", "anomaly": "Accès inhabituel"}
+CASE_LABELS = {"break-glass": MODES["bris_de_glace"], "centre-15": MODES["centre_15"], "anomaly": "Accès inhabituel"}
 STATUS_LABELS = {"requested": "À traiter", "in-progress": "En cours", "completed": "Clos"}
 SIGNAL_LABELS = {
     "no-relationship": "aucune relation de soins", "attestation-only": "attestation jamais suivie de soins",
