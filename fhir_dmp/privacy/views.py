@@ -32,6 +32,7 @@ hooks.install(bp, signin.OFFICER)
 
 OFFICER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}$")
 QUEUE_LIMIT = "200"
+CLOSED_LIMIT = "50"
 EVIDENCE_LIMIT = "100"
 EVENTS_PAGE = 1000
 MAX_EVENTS = 5000          # the journal entries the peers' line is drawn from, at most
@@ -93,16 +94,28 @@ def _events(args: list[tuple[str, str]], limit: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- pages
 
-@bp.get("/")
-def home():
-    """The queue: open cases (``requested``, ``in-progress``), most urgent first (present.urgency)."""
-    page = _search("Task", [("status", "requested,in-progress"), ("_sort", "-authored-on"),
-                            ("_count", QUEUE_LIMIT)])
+def _cases(args: list[tuple[str, str]]) -> tuple[list[dict], bool]:
+    """The review cases of a Task search as rows (patients and professionals named), and whether
+    more match than the page holds."""
+    page = _search("Task", args)
     tasks = [s.resource for s in page.matches]
     patients = _patients({present.case_patient(t) for t in tasks})
     people = _professionals({present.case_actor(t) for t in tasks})
-    rows = sorted((present.case_row(t, patients, people) for t in tasks), key=present.urgency)
-    return render_template("privacy/queue.html", rows=rows, more=bool(page.next_cursor))
+    return [present.case_row(t, patients, people) for t in tasks], bool(page.next_cursor)
+
+
+@bp.get("/")
+def home():
+    """The queue: open cases (``requested``, ``in-progress``), most urgent first (present.urgency)."""
+    rows, more = _cases([("status", "requested,in-progress"), ("_sort", "-authored-on"), ("_count", QUEUE_LIMIT)])
+    return render_template("privacy/queue.html", rows=sorted(rows, key=present.urgency), more=more, closed=False)
+
+
+@bp.get("/clos")
+def closed():
+    """The cases closed last, newest first (read-only: each opens on its decision)."""
+    rows, more = _cases([("status", "completed"), ("_sort", "-_lastUpdated"), ("_count", CLOSED_LIMIT)])
+    return render_template("privacy/queue.html", rows=rows, more=more, closed=True)
 
 
 @bp.get("/cas/<tid>")

@@ -65,7 +65,12 @@ def test_queue_case_take_and_decide(browser, server):  # noqa: F811
 
     done = officer.get(f"Task/{task['id']}").json
     assert done["status"] == "completed" and done["businessStatus"]["coding"][0]["code"] == "justified"
-    # the case left the queue; the anomaly is still there
-    page.go("/privacy/")
+    # the case left the queue for the closed ones; the anomaly is still there
+    page.nav("Cas à traiter")
     assert [c.get_attribute("data-id") for c in page.all("case") if c.get_attribute("data-id")
             in (task["id"], anomaly)] == [anomaly]
+    page.nav("Cas clos")
+    row = page.row("case", id=task["id"])
+    assert page.find("verdict", row).text == "Justifié"
+    page.press(page.find("open-case", row))
+    assert page.path == f"/privacy/cas/{task['id']}" and not page.all("case-decision")

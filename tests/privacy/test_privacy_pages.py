@@ -134,6 +134,8 @@ def test_the_queue_shows_open_cases_most_urgent_first(world, dev):  # noqa: F811
                                             {"system": REVIEW_SYSTEM, "code": "justified"}]}},
                                         {"op": "add", "path": "/note", "value": [{"text": "garde de nuit"}]}])
     assert [c for c, _ in queue(world.client)] == [world.task["id"], high]
+    closed = page(world.client, "/privacy/clos")
+    assert f'data-id="{low}"' in closed and f'data-id="{high}"' not in closed and "Justifié" in closed
 
 
 # ----------------------------------------------------------------------------- a case
