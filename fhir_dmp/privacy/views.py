@@ -2,8 +2,8 @@
 
 Each page reads through ``g.repo`` (the guarded repository of the signed-in officer, so every read
 is journaled) and each action is the FHIR operation the contract names, through the same
-repository: a JSON Patch of the review ``Task`` (take: ``in-progress`` and ``owner``; decide:
-``completed``, ``businessStatus``, ``note``), conditional on the version the officer saw, so two
+repository: a JSON Patch of the review ``Task`` (take: ``in-progress``, the server makes the
+officer its ``owner``; decide: ``completed``, ``businessStatus``, ``note``), conditional on the version the officer saw, so two
 officers never decide one case twice (the second is told). Every POST carries a CSRF token
 (``spaces.hooks``). A case the officer may not see answers 404 like the FHIR API.
 """
