@@ -4,17 +4,11 @@ closes it, a completed case is frozen (409), the patient is told the verdict by 
 Communication. Real parts: the app over HTTP, real tokens, an aiosmtpd sink, the outbox worker."""
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
-import pytest
-
 from fhir_dmp.profiles.review_task import ACCESS_BASIS_SYSTEM, REVIEW_SYSTEM
 from tests import builders as b
-from tests.api import Api
-from tests.notifications.test_notify_http import (BTG_HEADERS, EMAIL, PHONE, communications, drain, kind,  # noqa: F401
-                                                  napi, notify_app, notify_config, open_dmp, with_document,
-                                                  worker)
+from tests.notifications.test_notify_http import (BTG_HEADERS, EMAIL, communications,  # noqa: F401
+                                                  concurrent_break_glass_reads, drain, kind, napi, notify_app,
+                                                  notify_config, open_dmp, with_document, worker)
 
 CODE = f"{REVIEW_SYSTEM}|break-glass"
 
@@ -70,15 +64,7 @@ def test_prior_basis_when_the_ps_had_one(napi):
 
 def test_concurrent_first_reads_open_one_task(notify_app, napi, idp):
     pid = open_dmp(napi, email=EMAIL, gp=b.PS_DR)
-    start = threading.Barrier(5)
-
-    def read(_):
-        er = Api(notify_app, idp).as_ps(b.PS_OTHER, profession="10")
-        start.wait(timeout=30)
-        return er.get(f"Patient/{pid}", headers=BTG_HEADERS).status_code
-
-    with ThreadPoolExecutor(5) as ex:
-        assert set(ex.map(read, range(5))) == {200}
+    assert concurrent_break_glass_reads(notify_app, idp, pid, 5) == {200}
     assert len(tasks(napi.as_officer(), f"patient=Patient/{pid}")) == 1
 
 

@@ -110,3 +110,15 @@ def test_professionals_do_not_read_tasks(api):
         assert caller.search(f"Task?patient=Patient/{pid}&_total=accurate")["total"] == 0
     me = api.as_patient(pid)
     assert me.search(f"Task?patient=Patient/{pid}")["total"] == 1
+
+
+def test_destroy_removes_the_review_cases(api, db):
+    pid, *_ = _world(api)
+    officer = api.as_officer()
+    tid = officer.search(f"Task?patient=Patient/{pid}")["entry"][0]["resource"]["id"]
+    assert officer.patch(f"Task/{tid}", [{"op": "replace", "path": "/status", "value": "in-progress"}]).status_code == 200
+    assert db["review_case_keys"].count_documents({"pid": pid}) == 1
+    assert api.as_patient(pid).post(f"Patient/{pid}/$destroy").status_code == 204
+    for coll in ("Task", "Task_history", "review_case_keys"):
+        assert db[coll].count_documents({"pid": pid}) == 0, coll
+    assert officer.get(f"Task/{tid}").status_code == 404
