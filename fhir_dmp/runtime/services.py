@@ -5,7 +5,7 @@ stopped in one place.
 policy, journal, outbox, encrypted blobs, data keys): built by :func:`build_services` for a
 command that serves no request (``fhir-dmp load``, ``fhir-dmp retention run``).
 :class:`AppServices` adds what a WSGI app needs (the token verifier, the issuer's metadata,
-the portal's CSRF and OIDC client) and its background services; ``create_app`` builds it with
+the signed-in spaces' CSRF and OIDC clients) and its background services; ``create_app`` builds it with
 :func:`build_app_services`, registers it on the app once (:meth:`AppServices.init_app`, Flask's
 extension pattern) and every handler reaches it through :func:`services`.
 
@@ -39,7 +39,7 @@ from ..storage.core import KEY_SETS
 from .config import Config
 from .database import open_database
 
-if TYPE_CHECKING:       # the portal's pieces, typed only (the portal builds them: fhir_dmp.portal)
+if TYPE_CHECKING:       # the signed-in spaces' pieces, typed only (fhir_dmp.spaces builds them)
     from authlib.integrations.flask_client import FlaskOAuth2App
     from flask_wtf.csrf import CSRFProtect
 
@@ -70,7 +70,7 @@ class Services:
 
 @dataclass(kw_only=True, eq=False)
 class AppServices(Services):
-    """The services of one WSGI app: :class:`Services`, the token verifier, the portal's pieces
+    """The services of one WSGI app: :class:`Services`, the token verifier, the signed-in spaces' pieces
     and the background services, in the order they were started."""
 
     verifier: TokenVerifier
@@ -80,9 +80,10 @@ class AppServices(Services):
     worker: Worker | None = None               # config.notifications_worker
     context_cache: ContextCache | None = None  # config.context_cache
     sealer: Sealer | None = None               # config.audit_sealer
-    # set by the portal's init (fhir_dmp.portal): CSRF always, the OIDC client when configured
+    # set by the signed-in spaces' init (fhir_dmp.spaces): CSRF always, each space's OIDC client
+    # (by space name) when configured
     csrf: CSRFProtect | None = None
-    oidc: FlaskOAuth2App | None = None
+    oidc: dict[str, FlaskOAuth2App] = field(default_factory=dict)
 
     def init_app(self, app: Flask) -> None:
         """Register these services on ``app`` (reached by :func:`services`)."""
