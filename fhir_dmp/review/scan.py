@@ -247,7 +247,8 @@ def _bulk_days(pairs: dict, actors: dict) -> set[tuple[str, object]]:
     for key in per_day:
         own_days[key[0]].append(key)
     bulk = set()
-    for ps, days in own_days.items():
+    for ps in {d[0] for d in peers}:
+        days = own_days[ps]
         if len(days) < 3:
             bulk.update(d for d in days if d in peers)
             continue
