@@ -105,6 +105,7 @@ class ScanResult:
     pairs: int
     opened: list[str]
     seconds: float
+    learned: bool = False       # the officers' verdicts took part in the score
     rows: list[dict] = field(default_factory=list, repr=False)   # kept only when asked (tests, bench)
 
 
@@ -367,7 +368,7 @@ def run_scan(storage, *, since: datetime | None = None, until: datetime | None =
             rows.append({**row, "_focus": pair.first_event, "_features": feats[i]})
     opened = _open(storage, rows, budget, opener, audit_log, now) if budget else []
     storage.record_scan(until)
-    result = ScanResult(since, until, events, len(pairs), opened, time.monotonic() - started,
+    result = ScanResult(since, until, events, len(pairs), opened, time.monotonic() - started, learned is not None,
                         rows=[{k: v for k, v in r.items() if not k.startswith("_")} for r in rows] if keep_rows else [])
     log.info("privacy scan %s..%s: %d accesses, %d pairs, %d case(s) opened in %.1f s",
              since, until, events, len(pairs), len(opened), result.seconds)
