@@ -301,7 +301,8 @@ def journal():
     me = f"RelatedPerson/{g.principal.related_person_id}" if g.principal.related_person_id else None
     events = [s.resource for s in page.matches]
     people = _professionals(present.journal_professionals(events))
-    rows = [present.journal_row(e, _pid(), me, people) for e in events]
+    reviews = _reviews(events)
+    rows = [dict(present.journal_row(e, _pid(), me, people), review=reviews.get(e.get("id"))) for e in events]
     filters = {k: v for k, v in (("mode", mode), ("qui", who), ("ps", ps), ("vues", views)) if v}
     next_url = url_for("portal.journal", page=page.next_cursor, **filters) if page.next_cursor else None
     show_views = url_for("portal.journal", page=request.args.get("page"), **dict(filters, vues="1"))
@@ -311,6 +312,17 @@ def journal():
                                               **{k: v for k, v in filters.items() if k != "vues"}),
                            next_url=next_url, first_url=url_for("portal.journal", **filters)
                            if request.args.get("page") else None)
+
+
+def _reviews(events: list[dict]) -> dict[str, dict]:
+    """The privacy officer's verdicts on these accesses: the closed review cases whose focus is one
+    of them (CONTRACT.md "Privacy operations": shown beside the access)."""
+    if not events:
+        return {}
+    focus = ",".join(f"AuditEvent/{e['id']}" for e in events if e.get("id"))
+    page = _search("Task", [("patient", f"Patient/{_pid()}"), ("status", "completed"), ("focus", focus),
+                            ("_count", str(JOURNAL_PAGE))])
+    return present.review_outcomes([s.resource for s in page.matches])
 
 
 def _professionals(id_nat_ps: list[str]) -> dict[str, directory.Professional]:

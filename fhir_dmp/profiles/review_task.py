@@ -48,6 +48,11 @@ def verdict(task: dict) -> str | None:
     return coded(task.get("businessStatus"), REVIEW_SYSTEM)
 
 
+def note_text(task: dict) -> str:
+    """The officer's note(s), one text."""
+    return " ".join(n.get("text", "") for n in task.get("note") or () if isinstance(n, dict)).strip()
+
+
 def check_task(task: dict) -> list[Issue]:
     """Issues of the ``dmp-review-task`` profile (empty when it conforms)."""
     issues = []

@@ -162,9 +162,7 @@ REQUIRED_BINDINGS: dict[tuple[str, str], tuple[str, ...]] = {
     ("Communication", "status"): ("preparation", "in-progress", "not-done", "on-hold", "stopped",
                                   "completed", "entered-in-error", "unknown"),
     ("Communication", "priority"): ("routine", "urgent", "asap", "stat"),
-    # Task (https://hl7.org/fhir/R4/task.html)
-    ("Task", "status"): ("draft", "requested", "received", "accepted", "rejected", "ready", "cancelled",
-                         "in-progress", "on-hold", "failed", "completed", "entered-in-error"),
+    # Task (https://hl7.org/fhir/R4/task.html); its status: the review Task profile (review_task.py)
     ("Task", "intent"): ("unknown", "proposal", "plan", "order", "original-order", "reflex-order",
                          "filler-order", "instance-order", "option"),
     ("Task", "priority"): ("routine", "urgent", "asap", "stat"),

@@ -112,7 +112,8 @@ def open_cases(storage, cases: Iterable[ReviewCase], *, budget: int | None = Non
                audit_log=None, source_observer: str = "fhir-dmp") -> list[str]:
     """Open ``cases`` in order, one transaction each (the server writes them: module docstring).
 
-    Returns the ids of the Tasks opened; a case whose key has one already is skipped. With
+    Returns the ids of the Tasks opened; a case whose key has one already, or whose DMP does not
+    exist (or was deleted, or destroyed meanwhile), is skipped. With
     ``budget``, at most that many ``anomaly`` cases are authored per UTC day (those already stored
     today count): the first ones of ``cases`` go first, so give them most suspicious first.
     ``audit_log``: the process's journal (else one over ``storage``).
@@ -123,6 +124,9 @@ def open_cases(storage, cases: Iterable[ReviewCase], *, budget: int | None = Non
         at = now or storage_now()
 
         def attempt(session, case=case, at=at):
+            patient = storage.read("Patient", case.patient_id, session=session)
+            if patient is None or patient.deleted:
+                return None           # no such DMP (any more): nothing to review
             if case.code == ANOMALY and budget is not None:
                 since, until = _day(at)
                 if storage.count_tasks_authored(ANOMALY, since, until, session=session) >= budget:
@@ -131,6 +135,9 @@ def open_cases(storage, cases: Iterable[ReviewCase], *, budget: int | None = Non
                              source_observer=source_observer, at=at)
 
         tid = storage.run_transaction(attempt)
-        if tid:      # None: its key has a case; False: the day's budget is spent
+        if tid and storage.was_destroyed(case.patient_id):
+            # its DMP was destroyed after this transaction read it: nothing of it may stay
+            storage.run_transaction(lambda s, pid=case.patient_id: storage.purge_dmp(pid, session=s))
+        elif tid:    # None: no DMP, or its key has a case; False: the day's budget is spent
             opened.append(tid)
     return opened

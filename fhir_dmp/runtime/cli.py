@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dev-token", help="mint an access token for the dev-mode server",
                        description="Print an access token signed with the dev key. KIND: patient, "
-                                   "legal_representative, ps, regulation_centre, admin. The token's "
+                                   "legal_representative, ps, regulation_centre, admin, officer (the "
+                                   "privacy officer, also privacy_officer). The token's "
                                    "audience is the server's base URL: pass the --host/--port given "
                                    "to serve (or set FHIR_DMP_BASE_URL).")
     p.add_argument("kind", metavar="KIND")

@@ -10,7 +10,7 @@ pair). Purged with the DMP (``LifecycleStore.purge_dmp``).
 """
 from __future__ import annotations
 
-from .core import REVIEW_KEYS, StoreCore, _index
+from .core import JOURNAL, REVIEW_KEYS, StoreCore, _index
 from .errors import translate_methods
 
 
@@ -39,3 +39,12 @@ class ReviewStore(StoreCore):
         writes it) is in ``[since, until)``: deleted ones count too (a budget is not refilled)."""
         return self.db["Task"].count_documents(
             {"res.code.coding.code": code, "res.authoredOn": {"$gte": since, "$lt": until}}, session=session)
+
+    def count_document_reads(self, pid: str, actor: str, purpose: str, since, until=None) -> int:
+        """Granted journal entries of DMP ``pid`` naming a document (DocumentReference, Binary), by
+        the professional ``actor`` (idNatPs) under ``purpose`` (BTG, ETREAT), dated in
+        ``[since, until)`` (``until`` None: up to now)."""
+        dates = {"$gte": since, **({"$lt": until} if until is not None else {})}
+        return self.db[JOURNAL].count_documents(
+            {"pid": pid, "s.agent.iv": actor, "s.purpose.c": purpose, "s.outcome.c": "0",
+             "s.entity.t": {"$in": ["DocumentReference", "Binary"]}, "s.date.lo": dates})

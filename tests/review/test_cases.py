@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import pytest
+
 from fhir_dmp.review import ReviewCase, case_input, open_cases
 from fhir_dmp.profiles.review_task import REVIEW_SYSTEM, SIGNAL_SYSTEM
 from tests import builders as b
@@ -15,7 +17,15 @@ def _anomaly(pid: str, ps: str) -> ReviewCase:
                               case_input("signal", valueCoding={"system": SIGNAL_SYSTEM, "code": "same-surname"})])
 
 
-def test_one_case_per_key_journaled_as_the_server(db_storage, db):
+@pytest.fixture
+def dmps(db_storage):
+    """DMPs p0..p9 (a case is opened only on a DMP that exists)."""
+    for i in range(10):
+        db_storage.create("Patient", b.patient(), pid=None, rid=f"p{i}", session=None)
+
+
+def test_one_case_per_key_journaled_as_the_server(db_storage, db, dmps):
+    assert open_cases(db_storage, [_anomaly("nobody", b.PS_DR)]) == []      # no such DMP
     opened = open_cases(db_storage, [_anomaly("p1", b.PS_DR), _anomaly("p1", b.PS_DR), _anomaly("p2", b.PS_DR)])
     assert len(opened) == 2
     assert open_cases(db_storage, [_anomaly("p1", b.PS_DR)]) == []
@@ -33,7 +43,7 @@ def test_one_case_per_key_journaled_as_the_server(db_storage, db):
     assert any(e.get("what", {}).get("reference") == f"Task/{opened[0]}" for e in events[0]["res"]["entity"])
 
 
-def test_budget_counts_the_stored_tasks_of_the_utc_day(db_storage):
+def test_budget_counts_the_stored_tasks_of_the_utc_day(db_storage, dmps):
     day = datetime(2026, 3, 2, 10, tzinfo=timezone.utc)
     first = open_cases(db_storage, [_anomaly(f"p{i}", b.PS_DR) for i in range(3)], budget=2, now=day)
     assert len(first) == 2

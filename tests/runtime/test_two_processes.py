@@ -113,6 +113,11 @@ def test_two_processes_send_each_notice_exactly_once(serve, smtp, idp):
         to_patient = [m for m in sink.messages if m["To"] == f"p{i}@example.org"]
         assert sorted(m["Message-ID"].strip("<>").split("@")[0] for m in to_patient) == \
             sorted(message_id(c) for c in comms)
+        # one review case per grant, one open centre 15 case per professional and DMP (CONTRACT.md
+        # "Privacy operations"), whichever process served the reads
+        cases = call("GET", f"{urls[(i + 1) % 2]}/Task?patient=Patient/{pid}", idp.officer(), None, None).json()
+        assert Counter(e["resource"]["code"]["coding"][0]["code"] for e in cases.get("entry", [])) == \
+            Counter({"break-glass": 1, "centre-15": 1}), pid
     assert len(sent) == want
 
 
