@@ -8,6 +8,7 @@ from fhir_dmp.profiles.review_task import REVIEW_SYSTEM
 from fhir_dmp.review import model
 from fhir_dmp.review.scan import _case, run_scan
 from fhir_dmp.review.cases import open_cases
+from tests import builders as b
 
 UNUSUAL = model.features(["no-relationship", "same-place"], [1.0, 0.0, 1.0, 0.0, 1.0])
 ORDINARY = model.features(["no-relationship"], [1.0, 1.0, 0.0, 0.0, 1.0])
@@ -30,7 +31,11 @@ def _judge(db_storage, db, verdicts: list[tuple[list[float], str]], first: int =
     """Anomaly cases opened for fake pairs, their features kept, then closed by an officer."""
     rows = [{"actor": f"8100000009{i:02d}", "patient": f"p{i}", "score": 0.9, "signals": ["no-relationship"],
              "_focus": None} for i in range(first, first + len(verdicts))]
+    for r in rows:    # cases are opened on DMPs that exist
+        db_storage.run_transaction(lambda s, pid=r["patient"]: db_storage.create("Patient", b.patient(), pid=pid,
+                                                                                 rid=pid, session=s))
     opened = open_cases(db_storage, [_case(r) for r in rows])
+    assert len(opened) == len(rows)
     db_storage.keep_pair_features([{"actor": r["actor"], "pid": r["patient"], "features": f}
                                    for r, (f, _) in zip(rows, verdicts)], datetime.now(timezone.utc))
     for tid, (_, status) in zip(opened, verdicts):
