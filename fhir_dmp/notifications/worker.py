@@ -1,22 +1,34 @@
 """The notification worker: claims queued notices from the outbox and sends them (email, SMS).
 
-Delivery is at-least-once (the transactional-outbox pattern):
+Delivery (the transactional-outbox pattern; CONTRACT.md: a pending notice is sent once, also
+across a SIGKILL of the server or of the database):
 
 - a message is claimed atomically (``find_one_and_update``: pending and due,
   or sending with an expired lease -> sending, ``claimed_by``, ``lease_until``);
-  a worker that dies mid-send leaves a lease that expires, and another worker
-  takes the message over: nothing is lost;
-- idempotency marker: ``sent_at`` is set in the same update as ``status: sent``
-  (filtered on ``status != sent``, so only one worker completes a message and
-  calls ``on_result``), and right before the transport call the worker
-  re-reads the message and skips it if it is already ``sent``;
-- residual window (documented, not closable without the transport's help):
-  a worker that delivered the message but died (or stalled past its lease)
-  before writing ``sent`` lets another worker send it again. The lease
-  (60 s) is kept well above the transport timeouts (10 s) so a live worker
-  never loses its lease while sending; the email ``Message-ID`` and the SMS
-  ``Idempotency-Key`` header are the message id, so a relay or a gateway
-  that deduplicates can drop the second copy.
+  a worker that dies before handing it over leaves a lease that expires, and
+  another worker takes the message over: nothing is lost (at-least-once up
+  to the hand-over);
+- email, at-most-once across the hand-over: right before SMTP ``DATA`` (after
+  the connection, STARTTLS, ``MAIL`` and ``RCPT`` were accepted; from ``DATA``
+  on, the relay may hold the message whatever happens to us) the worker
+  records ``handed_over_at`` while it still holds the lease. A message found
+  with ``handed_over_at`` and an expired lease (its worker was killed, or the
+  database went away before ``sent`` was written) is not sent again: it is
+  completed with ``outcome_unknown`` and its Communication gets status
+  ``unknown``; so is one whose ``DATA`` was cut off without an SMTP reply. SMTP
+  has no idempotency key a relay must honour, so a second copy could not be
+  taken back; the window where the copy may be lost is the transmission of
+  one small message to the relay. An SMTP reply refusing it (4xx/5xx) is a
+  definite "not delivered": retried or failed as below. The ``Message-ID``
+  is the message id;
+- SMS, at-least-once: the gateway deduplicates on the ``Idempotency-Key``
+  header (the message id), so a message whose worker died is posted again;
+- ``sent_at`` is set in the same update as ``status: sent`` (filtered on
+  ``status != sent``, so only one worker completes a message and calls
+  ``on_result``), and right before the transport call the worker re-reads the
+  message and skips it if it is already ``sent``. The lease (60 s) is kept
+  well above the transport timeouts (10 s) so a live worker never loses its
+  lease while sending.
 
 Retries: exponential back-off (``base_delay * 2**(attempts-1)``, capped,
 with jitter) on any transport failure (SMTP connection/4xx, HTTP non-2xx,
@@ -55,9 +67,27 @@ class PermanentFailure(Exception):
     """The transport refused the message for good: no retry."""
 
 
-def send_email(config, message: dict, *, timeout: float = 10) -> None:
+class LostMessage(Exception):
+    """Another worker took the message over before this one handed it to the transport."""
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib's client calling ``before_data()`` right before ``DATA``: from that command on
+    the relay may hold the message."""
+
+    def __init__(self, *args, before_data: Callable[[], None], **kwargs):
+        self.before_data = before_data
+        super().__init__(*args, **kwargs)
+
+    def data(self, msg):
+        self.before_data()
+        return super().data(msg)
+
+
+def send_email(config, message: dict, *, timeout: float = 10, hand_over: Callable[[], None] = lambda: None) -> None:
     """Deliver one email through ``config.smtp_host``: EHLO, STARTTLS when
-    offered (certificate verified), UTF-8 body. SMTP 5xx -> PermanentFailure."""
+    offered (certificate verified), UTF-8 body; ``hand_over()`` runs right before
+    ``DATA`` (it may raise :class:`LostMessage` to send nothing). SMTP 5xx -> PermanentFailure."""
     msg = EmailMessage()
     msg["Subject"] = message["subject"]
     msg["From"] = config.smtp_from
@@ -66,7 +96,7 @@ def send_email(config, message: dict, *, timeout: float = 10) -> None:
     msg["Message-ID"] = f"<{message['_id']}@fhir-dmp>"
     msg.set_content(message["body"], charset="utf-8")
     try:
-        with smtplib.SMTP(config.smtp_host, config.smtp_port, timeout=timeout) as smtp:
+        with _SMTP(config.smtp_host, config.smtp_port, timeout=timeout, before_data=hand_over) as smtp:
             smtp.ehlo()
             if smtp.has_extn("starttls"):
                 smtp.starttls(context=ssl.create_default_context())
@@ -91,9 +121,14 @@ def send_sms(config, message: dict, *, timeout: float = 10) -> None:
         raise RuntimeError(f"HTTP {resp.status_code}")
 
 
+def _is_reply(exc: BaseException) -> bool:
+    """The transport answered (an SMTP or HTTP status): a definite "not delivered"."""
+    return isinstance(exc, (PermanentFailure, RuntimeError)) and str(exc).startswith(("SMTP", "HTTP"))
+
+
 def _reason(channel: str, exc: BaseException) -> str:
     """A failure reason without personal data (no address, no body)."""
-    if isinstance(exc, (PermanentFailure, RuntimeError)) and str(exc).startswith(("SMTP", "HTTP")):
+    if _is_reply(exc):
         return f"{channel}: {exc}"
     return f"{channel}: {type(exc).__name__}"
 
@@ -103,8 +138,8 @@ def _reason(channel: str, exc: BaseException) -> str:
 class Worker:
     """Claims due messages and sends them; ``start()`` runs it in a thread.
 
-    ``on_result(message, "completed" | "not-done", reason)`` is called once
-    per message, by the worker that completed or gave it up.
+    ``on_result(message, "completed" | "not-done" | "unknown", reason)`` is called once
+    per message, by the worker that completed or gave it up (``unknown``: module docstring).
     """
 
     def __init__(self, storage, config, *, on_result: Callable[[dict, str, str | None], None] | None = None,
@@ -162,22 +197,46 @@ class Worker:
         if current is None or current.get("status") == "sent" or current.get("sent_at"):
             log.info("notification %s/%s already sent, skipped", mid, channel)
             return
+        if msg.get("handed_over_at"):     # its worker died during the hand-over: never twice
+            self._complete(msg, outcome_unknown=True)
+            return
+        handed_over = []
+
+        def hand_over() -> None:
+            if not self.storage.hand_over_notice(mid, self.worker_id, datetime.now(timezone.utc)):
+                raise LostMessage()
+            handed_over.append(True)
+
         try:
             if channel == "email":
-                send_email(self.config, msg, timeout=self.send_timeout)
+                send_email(self.config, msg, timeout=self.send_timeout, hand_over=hand_over)
             elif channel == "sms":
                 send_sms(self.config, msg, timeout=self.send_timeout)
             else:
                 raise PermanentFailure(f"unknown channel {channel}")
-        except Exception as exc:  # transport failure: retry or give up
-            self._failed(msg, exc)
+        except LostMessage:
+            log.info("notification %s/%s taken over by another worker, not sent", mid, channel)
             return
-        now = datetime.now(timezone.utc)
+        except Exception as exc:  # transport failure: retry or give up
+            if handed_over and not _is_reply(exc):   # cut off inside DATA: the relay may have it
+                self._complete(msg, outcome_unknown=True)
+            else:
+                self._failed(msg, exc)
+            return
+        self._complete(msg)
+
+    def _complete(self, msg: dict, *, outcome_unknown: bool = False) -> None:
+        mid, channel = msg["_id"], msg["channel"]
         # a one-time code leaves the database once delivered
-        done = self.storage.mark_notice_sent(mid, now, forget_body=msg.get("kind") == "access_code")
+        done = self.storage.mark_notice_sent(mid, datetime.now(timezone.utc), outcome_unknown=outcome_unknown,
+                                             forget_body=msg.get("kind") == "access_code")
         if done is None:
             log.warning("notification %s/%s was completed by another worker (duplicate send)",
                         mid, channel)
+            return
+        if outcome_unknown:
+            log.warning("notification %s/%s: hand-over cut off, outcome unknown, not sent again", mid, channel)
+            self._report(done, "unknown", "delivery outcome unknown: the sender stopped while handing it over")
             return
         log.info("notification %s/%s sent (attempt %s)", mid, channel, msg.get("attempts"))
         self._report(done, "completed", None)
@@ -197,7 +256,7 @@ class Worker:
         delay = min(self.base_delay * 2 ** (attempts - 1), self.max_delay)
         delay *= 0.8 + 0.4 * random.random()
         self.storage.update_claimed_notice(mid, self.worker_id, {
-            "status": "pending", "claimed_by": None, "lease_until": None, "last_error": reason,
+            "status": "pending", "claimed_by": None, "lease_until": None, "last_error": reason, "handed_over_at": None,
             "next_attempt_at": datetime.now(timezone.utc) + timedelta(seconds=delay)})
         log.info("notification %s/%s attempt %d failed (%s), retry in %.1fs",
                  mid, channel, attempts, reason, delay)
