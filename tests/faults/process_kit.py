@@ -11,6 +11,7 @@ processes (``tests/serve_kit.py``), an aiosmtpd sink, real tokens. ``bench/chaos
 - :class:`MixedLoad`: client threads depositing documents (each its own content), reading them,
   searching, and reading as a centre 15 (each such read queues a notice to the patient); every
   request carries its X-Request-Id; it keeps what was acknowledged and what was answered;
+- :func:`back_within`: how long until a URL answers 200 again;
 - :func:`assert_nothing_lost`: every acknowledged deposit reads back byte for byte, every answered
   request is in its patient's journal, no answer was a 500.
 - :func:`assert_notices_sent_once`: once the outbox is drained, one email per notice at the sink.
@@ -26,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -71,7 +73,7 @@ def message_id(comm: dict) -> str | None:
 
 def journal_request_ids(url: str, token: str, pid: str) -> set[str]:
     """The X-Request-Id of every entry of the patient's journal, as the patient reads it."""
-    ids, next_url = set(), f"{url}/AuditEvent?patient=Patient/{pid}&_count=1000"
+    ids, next_url = set(), f"{url}/AuditEvent?patient=Patient/{pid}&_count=200"
     while next_url:
         r = call("GET", next_url, token)
         assert r.status_code == 200, r.text
@@ -163,11 +165,12 @@ class MixedLoad:
     reads of an acknowledged document, 2 searches, 1 centre 15 read (a notice to the patient).
 
     ``acked``: document id -> (patient id, content) of every 201 deposit; ``answered``: request id
-    -> (status, patient id, what) of every answer; ``cut``: requests a kill cut off.
+    -> (status, patient id, what) of every answer; ``cut``: requests a kill cut off. ``pad``: bytes of
+    random title that each document carries (its size, to fill a disk).
     """
 
-    def __init__(self, url: Callable[[], str], idp, pids: list[str], *, threads: int = 4):
-        self.url, self.pids, self.threads = url, pids, threads
+    def __init__(self, url: Callable[[], str], idp, pids: list[str], *, threads: int = 4, pad: int = 0):
+        self.url, self.pids, self.threads, self.pad = url, pids, threads, pad
         self.dr, self.samu = idp.ps(b.PS_DR), idp.regulation_centre(b.PS_SAMU)
         self.acked: dict[str, tuple[str, bytes]] = {}
         self.answered: dict[str, tuple[int, str, str]] = {}
@@ -207,7 +210,7 @@ class MixedLoad:
             docs = list(self.acked)
         token, method, body = self.dr, "GET", None
         if slot < 4 or not docs:
-            content = b.pdf_bytes(f"Compte rendu {rid}")
+            content = b.pdf_bytes(f"Compte rendu {rid} {rng.randbytes(self.pad).hex()}")
             method, what, body = "POST", "DocumentReference", b.docref(pid, content=content)
         elif slot < 7:
             doc = rng.choice(docs)
@@ -234,6 +237,20 @@ class MixedLoad:
 
 # --------------------------------------------------------------------------- checks
 
+def back_within(url: str, token: str, timeout: float) -> float:
+    """Seconds until ``url`` answers 200 again."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            if call("GET", url, token).status_code == 200:
+                return time.monotonic() - t0
+        except Exception:   # noqa: BLE001 - refused or cut while the killed part comes back
+            pass
+        assert time.monotonic() - t0 < timeout, f"{url} not back within {timeout} s"
+        time.sleep(0.1)
+
+
+
 def assert_nothing_lost(load: MixedLoad, url: str, idp) -> None:
     """No 500; every acknowledged deposit readable, content byte for byte; every 2xx answer
     journaled (its AuditEvent, by X-Request-Id, in the patient's journal)."""
@@ -241,13 +258,16 @@ def assert_nothing_lost(load: MixedLoad, url: str, idp) -> None:
     assert not [c for c in codes if c >= 500 and c != 503], codes
     assert not [c for c in codes if 300 <= c < 500], codes
     assert codes[201] > 0 and codes[200] > 0, codes
-    dr = load.dr
-    for doc, (pid, content) in load.acked.items():
-        r = call("GET", f"{url}/DocumentReference/{doc}", dr)
+    def read_back(doc: str) -> None:
+        pid, content = load.acked[doc]
+        r = call("GET", f"{url}/DocumentReference/{doc}", load.dr)
         assert r.status_code == 200, (doc, r.status_code, r.text[:300])
         binary = r.json()["content"][0]["attachment"]["url"].split("/")[-1]
-        r = call("GET", f"{url}/Binary/{binary}", dr, headers={"Accept": "application/pdf"})
+        r = call("GET", f"{url}/Binary/{binary}", load.dr, headers={"Accept": "application/pdf"})
         assert r.status_code == 200 and r.content == content, (doc, r.status_code)
+
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(read_back, load.acked))
     for pid in load.pids:
         answered = {rid for rid, (status, p, _) in load.answered.items() if p == pid and status < 300}
         missing = answered - journal_request_ids(url, idp.patient(pid), pid)

@@ -25,8 +25,8 @@ from aiosmtpd.controller import Controller
 
 from fhir_dmp.runtime.embedded_db import free_port
 from tests import builders as b
-from tests.faults.process_kit import (MixedLoad, SlowSink, assert_nothing_lost, assert_notices_sent_once, call,
-                                      kill_database, kill_worker, own_database, verified, worker_pids)
+from tests.faults.process_kit import (MixedLoad, SlowSink, assert_nothing_lost, assert_notices_sent_once, back_within,
+                                      call, kill_database, kill_worker, own_database, verified, worker_pids)
 
 LOAD_S = 3          # of load before the kill, and again after the restart
 
@@ -47,19 +47,6 @@ def rig(tmp_path, serve):
         server.stop()
     relay.stop()
     database.stop()
-
-
-def back_within(url: str, token: str, timeout: float) -> float:
-    """Seconds until ``url`` answers 200 again."""
-    t0 = time.monotonic()
-    while True:
-        try:
-            if call("GET", url, token).status_code == 200:
-                return time.monotonic() - t0
-        except Exception:   # noqa: BLE001 - refused or cut while the killed part comes back
-            pass
-        assert time.monotonic() - t0 < timeout, f"{url} not back within {timeout} s"
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("victim", ["worker", "serve", "database"])
