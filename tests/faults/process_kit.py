@@ -71,20 +71,24 @@ def message_id(comm: dict) -> str | None:
     return next((i["value"] for i in comm.get("identifier", []) if i.get("system") == ID_SYSTEM), None)
 
 
-def journal_request_ids(url: str, token: str, pid: str) -> set[str]:
-    """The X-Request-Id of every entry of the patient's journal, as the patient reads it."""
-    ids, next_url = set(), f"{url}/AuditEvent?patient=Patient/{pid}&_count=200"
+def search_all(url: str, token: str, query: str) -> list[dict]:
+    """Every resource a search finds, following its ``next`` links."""
+    out, next_url = [], f"{url}/{query}"
     while next_url:
         r = call("GET", next_url, token)
         assert r.status_code == 200, r.text
         bundle = r.json()
-        for e in bundle.get("entry", []):
-            for ent in e["resource"].get("entity", []):
-                if ent.get("type", {}).get("code") == "XrequestId":
-                    ids.add(ent["what"]["identifier"]["value"])
+        out += [e["resource"] for e in bundle.get("entry", [])]
         link = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
         next_url = link and url + link.split("/fhir", 1)[1]
-    return ids
+    return out
+
+
+def journal_request_ids(url: str, token: str, pid: str) -> set[str]:
+    """The X-Request-Id of every entry of the patient's journal, as the patient reads it."""
+    return {ent["what"]["identifier"]["value"]
+            for event in search_all(url, token, f"AuditEvent?patient=Patient/{pid}&_count=200")
+            for ent in event.get("entity", []) if ent.get("type", {}).get("code") == "XrequestId"}
 
 
 def verified(fhir_dmp_cli, env: dict, timeout: float) -> str:
@@ -173,6 +177,7 @@ class MixedLoad:
         self.url, self.pids, self.threads, self.pad = url, pids, threads, pad
         self.dr, self.samu = idp.ps(b.PS_DR), idp.regulation_centre(b.PS_SAMU)
         self.acked: dict[str, tuple[str, bytes]] = {}
+        self.created_by: dict[str, str] = {}       # document id -> request id of its deposit
         self.answered: dict[str, tuple[int, str, str]] = {}
         self.cut: list[str] = []
         self.lock = threading.Lock()
@@ -231,6 +236,7 @@ class MixedLoad:
             self.answered[rid] = (r.status_code, pid, what)
             if r.status_code == 201 and content is not None:
                 self.acked[r.json()["id"]] = (pid, content)
+                self.created_by[r.json()["id"]] = rid
         if r.status_code == 503:
             time.sleep(0.1)
 
