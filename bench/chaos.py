@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import _common  # noqa: F401 - puts the checkout on sys.path
@@ -41,8 +41,8 @@ from aiosmtpd.controller import Controller  # noqa: E402
 from fhir_dmp.runtime.embedded_db import free_port  # noqa: E402
 from tests import builders as b  # noqa: E402
 from tests.conftest import BASE  # noqa: E402
-from tests.faults.process_kit import (MixedLoad, SlowSink, assert_notices_sent_once, back_within, call,  # noqa: E402
-                                      kill_database, kill_worker, losses, own_database, verified)
+from tests.faults.process_kit import (MixedLoad, SlowSink, assert_notices_sent_once, back_within,  # noqa: E402
+                                      kill_database, kill_worker, losses, open_dmps, own_database, verified)
 from tests.idp import TestIdP  # noqa: E402
 from tests.serve_kit import ROOT, serve_env, start_serve  # noqa: E402
 
@@ -140,8 +140,7 @@ def run(args) -> None:
         chaos = Chaos(Path(tmp), rng)
         try:
             dr = chaos.idp.ps(b.PS_DR)
-            pids = [call("POST", f"{chaos.url}/Patient", dr, b.patient(email=f"p{i}@example.org")).json()["id"]
-                    for i in range(4)]
+            pids = open_dmps(chaos.url, dr, 4)
             load = MixedLoad(lambda: chaos.url, chaos.idp, pids).start()
             recovery: dict[str, list[float]] = defaultdict(list)   # from the fault's end to a 200
             outage: dict[str, list[float]] = defaultdict(list)     # from the fault's start to a 200

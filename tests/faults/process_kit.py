@@ -101,6 +101,20 @@ def verified(fhir_dmp_cli, env: dict, timeout: float) -> str:
         time.sleep(0.5)
 
 
+def open_dmps(url: str, token: str, n: int) -> list[str]:
+    """``n`` DMPs opened by the PS of ``token`` (patients reachable by email); their ids."""
+    pids = []
+    for i in range(n):
+        for _ in range(20):           # a server still warming up may answer 503: retried
+            r = call("POST", f"{url}/Patient", token, b.patient(email=f"p{i}@example.org"))
+            if r.status_code != 503:
+                break
+            time.sleep(0.5)
+        assert r.status_code == 201, r.text
+        pids.append(r.json()["id"])
+    return pids
+
+
 # --------------------------------------------------------------------------- kills
 
 def own_database(home: Path, *, test_commands: bool = False) -> EmbeddedMongo:

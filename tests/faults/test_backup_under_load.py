@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from tests import builders as b
-from tests.faults.process_kit import MixedLoad, call, journal_request_ids, search_all, verified
+from tests.faults.process_kit import MixedLoad, call, journal_request_ids, open_dmps, search_all, verified
 
 
 @pytest.fixture
@@ -31,11 +31,7 @@ def test_backup_under_deposits_is_one_instant_and_restores_byte_for_byte(tmp_pat
     shared = {"FHIR_DMP_DESTROYED_REGISTER": str(tmp_path / "destroyed.log")}   # one deployment
     source = serve("a", **shared)
     dr = idp.ps(b.PS_DR)
-    pids = []
-    for i in range(3):
-        r = call("POST", f"{source.url}/Patient", dr, b.patient(email=f"p{i}@example.org"))
-        assert r.status_code == 201, r.text
-        pids.append(r.json()["id"])
+    pids = open_dmps(source.url, dr, 3)
     load = MixedLoad(lambda: source.url, idp, pids).start()
     try:
         time.sleep(2)

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from tests.faults.process_kit import (MixedLoad, assert_nothing_lost, back_within, call, kill_database, own_database,
-                                      verified)
 from tests import builders as b
+from tests.faults.process_kit import (MixedLoad, assert_nothing_lost, back_within, kill_database, open_dmps,
+                                      own_database, verified)
 
 DISK_MB = 48
 MARGIN_MB = 1       # left free by the filler: the load fills it within seconds
@@ -57,11 +57,7 @@ def test_disk_full_answers_503_then_serves_again_with_nothing_lost(small_disk, s
     try:
         server = serve("a", **env)
         dr = idp.ps(b.PS_DR)
-        pids = []
-        for i in range(2):
-            r = call("POST", f"{server.url}/Patient", dr, b.patient(email=f"p{i}@example.org"))
-            assert r.status_code == 201, r.text
-            pids.append(r.json()["id"])
+        pids = open_dmps(server.url, dr, 2)
         filler = fill(small_disk, MARGIN_MB)
         load = MixedLoad(lambda: server.url, idp, pids, pad=40000).start()
         deadline = time.monotonic() + 40

@@ -26,7 +26,7 @@ from aiosmtpd.controller import Controller
 from fhir_dmp.runtime.embedded_db import free_port
 from tests import builders as b
 from tests.faults.process_kit import (MixedLoad, SlowSink, assert_nothing_lost, assert_notices_sent_once, back_within,
-                                      call, kill_database, kill_worker, own_database, verified, worker_pids)
+                                      kill_database, kill_worker, open_dmps, own_database, verified, worker_pids)
 
 LOAD_S = 3          # of load before the kill, and again after the restart
 
@@ -54,11 +54,7 @@ def test_sigkill_under_load_loses_nothing_and_notices_go_once(victim, rig, serve
     env, database, sink, started = rig
     started.append(serve("a", **env))
     dr = idp.ps(b.PS_DR)
-    pids = []
-    for i in range(3):
-        r = call("POST", f"{started[0].url}/Patient", dr, b.patient(email=f"p{i}@example.org"))
-        assert r.status_code == 201, r.text
-        pids.append(r.json()["id"])
+    pids = open_dmps(started[0].url, dr, 3)
     load = MixedLoad(lambda: started[-1].url, idp, pids).start()
     time.sleep(LOAD_S)
 
