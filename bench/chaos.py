@@ -44,9 +44,11 @@ from aiosmtpd.controller import Controller  # noqa: E402
 
 from fhir_dmp.runtime.embedded_db import free_port  # noqa: E402
 from tests import builders as b  # noqa: E402
+from tests.builders import journal_entries  # noqa: E402
 from tests.conftest import BASE  # noqa: E402
 from tests.faults.process_kit import (CUT, MixedLoad, SlowSink, assert_notices_sent_once, call,  # noqa: E402
-                                      kill_database, kill_worker, losses, open_dmps, own_database, verified)
+                                      kill_database, kill_worker, losses, open_dmps, own_database, request_ids,
+                                      verified)
 from tests.idp import TestIdP  # noqa: E402
 from tests.serve_kit import ROOT, serve_env, start_serve  # noqa: E402
 
@@ -187,7 +189,10 @@ def run(args) -> None:
             time.sleep(2)
             load.stop()
             fail_point(chaos.admin, "off")
-            found = losses(load, chaos.url, chaos.idp)
+            with pymongo.MongoClient(chaos.database.uri, tz_aware=True) as client:
+                # straight from the database: the journal of minutes of load is long to page through
+                journaled = request_ids(e["res"] for e in journal_entries(client[DB]))
+            found = losses(load, chaos.url, chaos.idp, journal=lambda pid: journaled)
             audit = verified(chaos.cli, {}, timeout=60)
             try:
                 with pymongo.MongoClient(chaos.database.uri, tz_aware=True) as client:

@@ -28,7 +28,8 @@ across a SIGKILL of the server or of the database):
   ``on_result``), and right before the transport call the worker re-reads the
   message and skips it if it is already ``sent``. The lease (60 s) is kept
   well above the transport timeouts (10 s) so a live worker never loses its
-  lease while sending.
+  lease while sending. A worker that sent a message retries writing ``sent`` while the
+  database is away, for up to half its lease.
 
 Retries: exponential back-off (``base_delay * 2**(attempts-1)``, capped,
 with jitter) on any transport failure (SMTP connection/4xx, HTTP non-2xx,
@@ -48,6 +49,7 @@ import smtplib
 import socket
 import ssl
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -227,9 +229,17 @@ class Worker:
 
     def _complete(self, msg: dict, *, outcome_unknown: bool = False) -> None:
         mid, channel = msg["_id"], msg["channel"]
-        # a one-time code leaves the database once delivered
-        done = self.storage.mark_notice_sent(mid, datetime.now(timezone.utc), outcome_unknown=outcome_unknown,
-                                             forget_body=msg.get("kind") == "access_code")
+        # this worker knows the outcome, a successor would not: while the database is away (a
+        # failover, a restart) ``sent`` is retried for up to half the lease
+        deadline = time.monotonic() + self.lease.total_seconds() / 2
+        while True:
+            try:    # a one-time code leaves the database once delivered
+                done = self.storage.mark_notice_sent(mid, datetime.now(timezone.utc), outcome_unknown=outcome_unknown,
+                                                     forget_body=msg.get("kind") == "access_code")
+                break
+            except StorageError:
+                if time.monotonic() > deadline or self._stop.wait(0.5):
+                    raise
         if done is None:
             log.warning("notification %s/%s was completed by another worker (duplicate send)",
                         mid, channel)

@@ -4,17 +4,22 @@ Real parts only: a SecantusDB of the test's own (:class:`~fhir_dmp.runtime.embed
 on a fixed port, so that a killed one comes back where the servers look for it), ``fhir-dmp serve``
 processes (``tests/serve_kit.py``), an aiosmtpd sink, real tokens. ``bench/chaos.py`` uses the same.
 
-- :func:`call`, :func:`journal_request_ids`, :func:`verified`: one FHIR request; the X-Request-Id
-  of every entry of a patient's journal as the patient reads it; ``fhir-dmp audit verify`` polled
-  until intact;
-- :func:`kill_database`, :func:`worker_pids`, :func:`kill_worker`: SIGKILL, no goodbye;
+- :func:`call`, :func:`search_all`, :func:`journal_request_ids`, :func:`verified`,
+  :func:`open_dmps`: one FHIR request; every page of a search; the X-Request-Id of every entry of
+  a patient's journal as the patient reads it; ``fhir-dmp audit verify`` polled until intact;
+  DMPs to load;
+- :func:`own_database`, :func:`kill_database`, :func:`worker_pids`, :func:`kill_worker`: a
+  database to kill (with its test commands for fault injection when asked); SIGKILL, no goodbye;
+- :class:`SlowSink`: an SMTP relay slow to answer 250 (a kill lands between its acceptance and
+  the sender's ``sent``);
 - :class:`MixedLoad`: client threads depositing documents (each its own content), reading them,
   searching, and reading as a centre 15 (each such read queues a notice to the patient); every
   request carries its X-Request-Id; it keeps what was acknowledged and what was answered;
 - :func:`back_within`: how long until a URL answers 200 again;
 - :func:`losses`, :func:`assert_nothing_lost`: every acknowledged deposit reads back byte for byte,
-  every answered request is in its patient's journal, no answer was a 500.
-- :func:`assert_notices_sent_once`: once the outbox is drained, one email per notice at the sink.
+  every answered request is in its patient's journal, no answer was a 500;
+- :func:`assert_notices_sent_once`: once the outbox is drained (the killed workers' leases expired
+  by hand, as the 60 s after their claim would), one email per notice at the relay.
 """
 from __future__ import annotations
 
@@ -84,11 +89,15 @@ def search_all(url: str, token: str, query: str) -> list[dict]:
     return out
 
 
+def request_ids(events) -> set[str]:
+    """The X-Request-Id that AuditEvents name."""
+    return {ent["what"]["identifier"]["value"] for event in events
+            for ent in event.get("entity", []) if ent.get("type", {}).get("code") == "XrequestId"}
+
+
 def journal_request_ids(url: str, token: str, pid: str) -> set[str]:
     """The X-Request-Id of every entry of the patient's journal, as the patient reads it."""
-    return {ent["what"]["identifier"]["value"]
-            for event in search_all(url, token, f"AuditEvent?patient=Patient/{pid}&_count=200")
-            for ent in event.get("entity", []) if ent.get("type", {}).get("code") == "XrequestId"}
+    return request_ids(search_all(url, token, f"AuditEvent?patient=Patient/{pid}&_count=200"))
 
 
 def verified(fhir_dmp_cli, env: dict, timeout: float) -> str:
@@ -270,10 +279,13 @@ def back_within(url: str, token: str, timeout: float) -> float:
 
 
 
-def losses(load: MixedLoad, url: str, idp) -> dict:
+def losses(load: MixedLoad, url: str, idp, journal: Callable[[str], set[str]] | None = None) -> dict:
     """What a check after the faults finds: ``acked`` deposits and how many ``read_back`` (content
     byte for byte), ``answered`` 2xx requests and how many are ``journaled`` (their AuditEvent, by
-    X-Request-Id, in the patient's journal); ``missing``: a few of those not found."""
+    X-Request-Id, in ``journal(pid)``: by default the patient's journal as the patient reads it);
+    ``missing``: a few of those not found."""
+    journal = journal or (lambda pid: journal_request_ids(url, idp.patient(pid), pid))
+
     def read_back(doc: str) -> bool:
         pid, content = load.acked[doc]
         r = call("GET", f"{url}/DocumentReference/{doc}", load.dr)
@@ -289,7 +301,7 @@ def losses(load: MixedLoad, url: str, idp) -> dict:
     answered = journaled = 0
     for pid in load.pids:
         rids = {rid for rid, (status, p, _) in load.answered.items() if p == pid and status < 300}
-        unjournaled = rids - journal_request_ids(url, idp.patient(pid), pid)
+        unjournaled = rids - journal(pid)
         answered, journaled = answered + len(rids), journaled + len(rids) - len(unjournaled)
         missing += [f"AuditEvent of {rid}" for rid in sorted(unjournaled)]
     return {"acked": len(found), "read_back": sum(found.values()), "answered": answered, "journaled": journaled,
