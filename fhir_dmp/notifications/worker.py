@@ -28,8 +28,8 @@ across a SIGKILL of the server or of the database):
   ``on_result``), and right before the transport call the worker re-reads the
   message and skips it if it is already ``sent``. The lease (60 s) is kept
   well above the transport timeouts (10 s) so a live worker never loses its
-  lease while sending. A worker that sent a message retries writing ``sent`` while the
-  database is away, for up to half its lease.
+  lease while sending. While the database is away a worker retries recording its hand-over
+  and ``sent`` (for up to half its lease), so that an outcome it knows is not left unknown.
 
 Retries: exponential back-off (``base_delay * 2**(attempts-1)``, capped,
 with jitter) on any transport failure (SMTP connection/4xx, HTTP non-2xx,
@@ -205,7 +205,7 @@ class Worker:
         handed_over = []
 
         def hand_over() -> None:
-            if not self.storage.hand_over_notice(mid, self.worker_id, datetime.now(timezone.utc)):
+            if not self._retried(lambda: self.storage.hand_over_notice(mid, self.worker_id, datetime.now(timezone.utc))):
                 raise LostMessage()
             handed_over.append(True)
 
@@ -227,19 +227,24 @@ class Worker:
             return
         self._complete(msg)
 
-    def _complete(self, msg: dict, *, outcome_unknown: bool = False) -> None:
-        mid, channel = msg["_id"], msg["channel"]
-        # this worker knows the outcome, a successor would not: while the database is away (a
-        # failover, a restart) ``sent`` is retried for up to half the lease
+    def _retried(self, write: Callable[[], dict | bool | None]):
+        """``write()`` (idempotent), retried while the database is away (a failover, a restart) for
+        up to half the lease: this worker knows what it did with the message, a successor would not
+        (a hand-over recorded without the worker knowing, a send never marked: outcome unknown)."""
         deadline = time.monotonic() + self.lease.total_seconds() / 2
         while True:
-            try:    # a one-time code leaves the database once delivered
-                done = self.storage.mark_notice_sent(mid, datetime.now(timezone.utc), outcome_unknown=outcome_unknown,
-                                                     forget_body=msg.get("kind") == "access_code")
-                break
+            try:
+                return write()
             except StorageError:
                 if time.monotonic() > deadline or self._stop.wait(0.5):
                     raise
+
+    def _complete(self, msg: dict, *, outcome_unknown: bool = False) -> None:
+        mid, channel = msg["_id"], msg["channel"]
+        # a one-time code leaves the database once delivered
+        done = self._retried(lambda: self.storage.mark_notice_sent(
+            mid, self.worker_id, datetime.now(timezone.utc), outcome_unknown=outcome_unknown,
+            forget_body=msg.get("kind") == "access_code"))
         if done is None:
             log.warning("notification %s/%s was completed by another worker (duplicate send)",
                         mid, channel)
