@@ -8,10 +8,11 @@ across a SIGKILL of the server or of the database):
   a worker that dies before handing it over leaves a lease that expires, and
   another worker takes the message over: nothing is lost (at-least-once up
   to the hand-over);
-- email, at-most-once across the hand-over: right before SMTP ``DATA`` (after
-  the connection, STARTTLS, ``MAIL`` and ``RCPT`` were accepted; from ``DATA``
-  on, the relay may hold the message whatever happens to us) the worker
-  records ``handed_over_at`` while it still holds the lease. A message found
+- email, at-most-once across the hand-over: once the relay answered SMTP
+  ``DATA`` with 354 (after the connection, STARTTLS, ``MAIL`` and ``RCPT`` were
+  accepted) and before the message goes (from then on the relay may hold it
+  whatever happens to us), the worker records ``handed_over_at`` while it
+  still holds the lease. A message found
   with ``handed_over_at`` and an expired lease (its worker was killed, or the
   database went away before ``sent`` was written) is not sent again: it is
   completed with ``outcome_unknown`` and its Communication gets status
@@ -74,22 +75,33 @@ class LostMessage(Exception):
 
 
 class _SMTP(smtplib.SMTP):
-    """smtplib's client calling ``before_data()`` right before ``DATA``: from that command on
-    the relay may hold the message."""
+    """smtplib's client calling ``before_data()`` once the relay answered ``DATA`` with 354 and
+    before the message goes: from then on the relay may hold it (RFC 5321 4.1.1.4)."""
 
     def __init__(self, *args, before_data: Callable[[], None], **kwargs):
         self.before_data = before_data
+        self._in_data = False
         super().__init__(*args, **kwargs)
 
     def data(self, msg):
-        self.before_data()
-        return super().data(msg)
+        self._in_data = True
+        try:
+            return super().data(msg)
+        finally:
+            self._in_data = False
+
+    def getreply(self):
+        code, text = super().getreply()
+        if self._in_data and code == 354:     # "start mail input": the message is next
+            self._in_data = False
+            self.before_data()
+        return code, text
 
 
 def send_email(config, message: dict, *, timeout: float = 10, hand_over: Callable[[], None] = lambda: None) -> None:
     """Deliver one email through ``config.smtp_host``: EHLO, STARTTLS when
-    offered (certificate verified), UTF-8 body; ``hand_over()`` runs right before
-    ``DATA`` (it may raise :class:`LostMessage` to send nothing). SMTP 5xx -> PermanentFailure."""
+    offered (certificate verified), UTF-8 body; ``hand_over()`` runs between the relay's 354
+    and the message (it may raise :class:`LostMessage` to send nothing). SMTP 5xx -> PermanentFailure."""
     msg = EmailMessage()
     msg["Subject"] = message["subject"]
     msg["From"] = config.smtp_from
@@ -220,7 +232,7 @@ class Worker:
             log.info("notification %s/%s taken over by another worker, not sent", mid, channel)
             return
         except Exception as exc:  # transport failure: retry or give up
-            if handed_over and not _is_reply(exc):   # cut off inside DATA: the relay may have it
+            if handed_over and not _is_reply(exc):   # cut off after the 354: the relay may have it
                 self._complete(msg, outcome_unknown=True)
             else:
                 self._failed(msg, exc)
