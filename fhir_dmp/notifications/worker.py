@@ -45,6 +45,7 @@ from typing import Callable
 import requests
 
 from ..storage import StorageError
+from ..storage.errors import Outage, StorageClosed
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +141,19 @@ class Worker:
         channels = self.channels
         if not channels:
             return None
-        return self.storage.claim_notice(channels, self.worker_id, datetime.now(timezone.utc), self.lease)
+        return self._db(self.storage.claim_notice, channels, self.worker_id, datetime.now(timezone.utc),
+                        self.lease)
+
+    def _db(self, operation, *args, **kwargs):
+        """One outbox operation, bounded by FHIR_DMP_DB_WAIT (``StoreCore.deadline``): a database
+        away makes it raise a StorageError, never hang the worker."""
+        with self.storage.deadline():
+            return operation(*args, **kwargs)
 
     def run_once(self, limit: int = 10) -> int:
         """Claim and handle up to ``limit`` due messages; the number handled."""
         if not self._indexed:
-            self.storage.ensure_outbox_indexes()
+            self._db(self.storage.ensure_outbox_indexes)
             self._indexed = True
         handled = 0
         while handled < limit:
@@ -158,7 +166,7 @@ class Worker:
 
     def _handle(self, msg: dict) -> None:
         mid, channel = msg["_id"], msg["channel"]
-        current = self.storage.notice_state(mid)
+        current = self._db(self.storage.notice_state, mid)
         if current is None or current.get("status") == "sent" or current.get("sent_at"):
             log.info("notification %s/%s already sent, skipped", mid, channel)
             return
@@ -173,8 +181,7 @@ class Worker:
             self._failed(msg, exc)
             return
         now = datetime.now(timezone.utc)
-        # a one-time code leaves the database once delivered
-        done = self.storage.mark_notice_sent(mid, now, forget_body=msg.get("kind") == "access_code")
+        done = self._record_sent(msg, now)
         if done is None:
             log.warning("notification %s/%s was completed by another worker (duplicate send)",
                         mid, channel)
@@ -187,7 +194,7 @@ class Worker:
         reason = _reason(channel, exc)
         attempts = int(msg.get("attempts") or 1)
         if isinstance(exc, PermanentFailure) or attempts >= self.max_attempts:
-            gone = self.storage.update_claimed_notice(
+            gone = self._db(self.storage.update_claimed_notice,
                 mid, self.worker_id, {"status": "failed", "lease_until": None, "last_error": reason})
             log.warning("notification %s/%s failed for good after %d attempt(s): %s",
                         mid, channel, attempts, reason)
@@ -196,11 +203,31 @@ class Worker:
             return
         delay = min(self.base_delay * 2 ** (attempts - 1), self.max_delay)
         delay *= 0.8 + 0.4 * random.random()
-        self.storage.update_claimed_notice(mid, self.worker_id, {
+        self._db(self.storage.update_claimed_notice, mid, self.worker_id, {
             "status": "pending", "claimed_by": None, "lease_until": None, "last_error": reason,
             "next_attempt_at": datetime.now(timezone.utc) + timedelta(seconds=delay)})
         log.info("notification %s/%s attempt %d failed (%s), retry in %.1fs",
                  mid, channel, attempts, reason, delay)
+
+    def _record_sent(self, msg: dict, now: datetime) -> dict | None:
+        """Mark ``msg`` sent (``mark_notice_sent``; a one-time code leaves the database once
+        delivered). It was delivered: a database away here is waited out (short pauses, within
+        the claim's lease) rather than letting the lease expire and the message go out twice."""
+        outage = Outage(log, f"notification {msg['_id']}/{msg['channel']} delivered, marking it sent")
+        until = datetime.now(timezone.utc) + self.lease / 2
+        while True:
+            try:
+                done = self._db(self.storage.mark_notice_sent, msg["_id"], now,
+                                forget_body=msg.get("kind") == "access_code")
+                outage.ok()
+                return done
+            except StorageClosed:
+                raise
+            except StorageError as exc:
+                pause = outage.failed(exc)
+                if self._stop.is_set() or datetime.now(timezone.utc) + timedelta(seconds=pause) > until:
+                    raise
+                self._stop.wait(pause)
 
     def _report(self, msg: dict, status: str, reason: str | None) -> None:
         if self.on_result is None:
@@ -212,15 +239,18 @@ class Worker:
 
     # -- thread
     def _loop(self) -> None:
+        # a database away: one log line, short pauses, claiming again within a second or so of
+        # its return (storage.errors.Outage); each operation is bounded (:meth:`_db`)
+        outage = Outage(log, "notification worker")
         while not self._stop.is_set():
             try:
                 handled = self.run_once()
-            except StorageError as exc:
-                log.warning("notification worker: database error %s", type(exc).__name__)
-                handled = 0
-            except Exception:
-                log.exception("notification worker error")
-                handled = 0
+                outage.ok()
+            except StorageClosed:   # the client was closed: this process is going away
+                return
+            except Exception as exc:   # noqa: BLE001 — keep sending after a database hiccup
+                self._stop.wait(outage.failed(exc))
+                continue
             if not handled:
                 self._stop.wait(self.poll_interval)
 
