@@ -186,12 +186,12 @@ class Sealer:
         while not self._stop.is_set():
             pause = self.interval
             try:
-                if self.acquire():
+                if self.acquire():   # False: another holds it, or the lease write timed out
                     while not self._stop.is_set() and self.seal_once() >= self.batch:
                         pass
-                outage.ok()
+                    outage.ok()
             except LeaseLost:
-                outage.ok()
+                pass
             except StorageClosed:   # the client was closed: this process is going away
                 return
             except Exception as exc:   # noqa: BLE001 — keep sealing after a database hiccup
