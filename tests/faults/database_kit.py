@@ -21,8 +21,15 @@ from pathlib import Path
 import pymongo
 import pytest
 
+from fhir_dmp.http.app import create_app
+from fhir_dmp.runtime.config import Config
 from fhir_dmp.runtime.embedded_db import EXECUTABLE, free_port
+from fhir_dmp.runtime.services import stop_background
+from tests.builders import journal_entries
+from tests.conftest import BASE
 
+#: FHIR_DMP_DB_WAIT of the apps built on a faulty server (``faulty_app``)
+DB_WAIT_S = 2
 #: SecantusDB, stepped down, still takes a client bulkWrite (a transaction's inserts in one round
 #: trip) and its commit, where MongoDB refuses them: :meth:`FaultyDb.step_down` makes it refuse
 #: them as MongoDB would (NotWritablePrimary, transient in a transaction)
@@ -122,12 +129,32 @@ def faulty_db(tmp_path_factory):
 
 @pytest.fixture
 def faulty_name(faulty_db):
-    """A fresh database name on ``faulty_db``; at teardown the server is writable again, every
-    failpoint off and the database dropped (stop the test's apps before: see ``stop_background``)."""
+    """A fresh database name on ``faulty_db``; at teardown the server is writable again and every
+    failpoint off. The database is not dropped: the server goes with the module, and a drop can
+    wait for ever on a transaction a fault left open (SecantusDB ends it after 60 s idle)."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
     faulty_db.back(30)
-    faulty_db.admin.drop_database(name)
+
+
+@pytest.fixture
+def faulty_app(faulty_db, faulty_name, tmp_path, idp):
+    """``faulty_app(**config)``: an app on ``faulty_db`` (``FHIR_DMP_DB_WAIT`` :data:`DB_WAIT_S`, no
+    sealer or outbox worker unless asked), opened as production opens it (``open_database``); at
+    teardown the server is made writable again, then every app built is stopped, before the
+    database is dropped (``stop_background``)."""
+    apps = []
+
+    def make(**options):
+        settings = dict(notifications_worker=False, audit_sealer=False, db_wait=DB_WAIT_S)
+        settings.update(options)
+        apps.append(create_app(Config(mongodb_uri=faulty_db.uri, db_name=faulty_name, data_dir=tmp_path,
+                                      base_url=BASE, **settings, **idp.config_kwargs())))
+        return apps[-1]
+    yield make
+    faulty_db.back(60)
+    for app in apps:
+        stop_background(app)
 
 
 def assert_transient(r, started: float, wait: float) -> None:
@@ -141,3 +168,30 @@ def assert_transient(r, started: float, wait: float) -> None:
     assert body["issue"][0]["code"] == "transient"
     assert int(r.headers["Retry-After"]) > 0
     assert elapsed < wait + 2.5, f"answered after {elapsed:.1f}s, FHIR_DMP_DB_WAIT is {wait}s"
+
+
+# -- the journal as stored, to find each answered request's AuditEvent ------------------------------
+
+def journal(db) -> list[dict]:
+    """Every AuditEvent of database ``db`` (a pymongo Database), unpacked, sealed or not."""
+    return [e["res"] for e in journal_entries(db)]
+
+
+def request_id(event: dict) -> str | None:
+    """The X-Request-Id an event records (its BALP ``XrequestId`` entity), or None."""
+    for ent in event.get("entity") or ():
+        if (ent.get("type") or {}).get("code") == "XrequestId":
+            return ent["what"]["identifier"]["value"]
+    return None
+
+
+def refs(event: dict) -> set[str]:
+    """The references an event names (its patient, its resource)."""
+    return {ent["what"]["reference"] for ent in event.get("entity") or () if "reference" in (ent.get("what") or {})}
+
+
+def successes(events: list[dict], action: str, ref: str) -> list[dict]:
+    """The successful (outcome 0) events of ``action`` (C, R, U, D, E) naming ``ref`` (or a
+    version of it, ``ref/_history/n``)."""
+    return [e for e in events if e.get("action") == action and e.get("outcome") == "0"
+            and any(r == ref or r.startswith(f"{ref}/") for r in refs(e))]

@@ -24,10 +24,8 @@ from fhir_dmp.runtime.services import services
 from fhir_dmp.storage.core import JOURNAL_QUEUE, OUTBOX
 from tests import builders as b
 from tests.api import Api
-from tests.conftest import BASE
-from tests.faults.database_kit import faulty_db, faulty_name  # noqa: F401 (fixtures)
+from tests.faults.database_kit import faulty_app, faulty_db, faulty_name  # noqa: F401 (fixtures)
 
-WAIT_S = 2
 OUTAGE_S = 3
 BACK_S = 2          # back at work within this long of the database's return
 #: a command failing as over a lost network path (HostUnreachable: retryable; not a "node is
@@ -35,26 +33,6 @@ BACK_S = 2          # back at work within this long of the database's return
 UNREACHABLE = 6
 #: a change stream's resume point the server no longer has: not resumable
 HISTORY_LOST = 286
-
-
-@pytest.fixture
-def build(faulty_db, faulty_name, tmp_path, idp):
-    """``build(**config)``: an app on the faulty server (``FHIR_DMP_DB_WAIT=2``), opened as
-    production opens it; every app built is stopped before the database is dropped."""
-    from fhir_dmp.http.app import create_app
-    from fhir_dmp.runtime.services import stop_background
-    apps = []
-
-    def make(**options):
-        settings = dict(notifications_worker=False, audit_sealer=False)
-        settings.update(options)
-        apps.append(create_app(Config(mongodb_uri=faulty_db.uri, db_name=faulty_name, data_dir=tmp_path,
-                                      base_url=BASE, db_wait=WAIT_S, **settings, **idp.config_kwargs())))
-        return apps[-1]
-    yield make
-    faulty_db.back(OUTAGE_S + 10)
-    for app in apps:
-        stop_background(app)
 
 
 def _within(seconds: float, probe, what: str) -> float:
@@ -71,10 +49,10 @@ def _lines(caplog, text: str) -> int:
 
 
 @pytest.mark.parametrize("fault", ["failCommand", "step-down"])
-def test_workers_are_back_within_2s_of_the_database(fault, build, faulty_db, faulty_name, smtp, idp, caplog):
+def test_workers_are_back_within_2s_of_the_database(fault, faulty_app, faulty_db, faulty_name, smtp, idp, caplog):
     caplog.set_level(logging.INFO, logger="fhir_dmp")
     sink, port = smtp
-    app = build(audit_sealer=True)
+    app = faulty_app(audit_sealer=True)
     storage = services(app).storage
     db = faulty_db.admin[faulty_name]
     dr = Api(app, idp).as_ps(b.PS_DR)
@@ -118,9 +96,9 @@ def test_workers_are_back_within_2s_of_the_database(fault, build, faulty_db, fau
 
 
 @pytest.fixture
-def two_processes(build, idp):
+def two_processes(faulty_app, idp):
     """Two apps on the faulty database, each with its change stream live: ``(api1, api2, app1)``."""
-    apps = [build(), build()]
+    apps = [faulty_app(), faulty_app()]
     _within(10, lambda: all(services(a).context_cache.live for a in apps), "change streams")
     return Api(apps[0], idp), Api(apps[1], idp), apps[0]
 

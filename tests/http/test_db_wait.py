@@ -17,27 +17,16 @@ import pytest
 from fhir_dmp.runtime.config import Config
 from tests import builders as b
 from tests.api import Api
-from tests.conftest import BASE
-from tests.faults.database_kit import assert_transient, faulty_db, faulty_name  # noqa: F401 (fixtures)
+from tests.faults.database_kit import (DB_WAIT_S as WAIT_S, assert_transient, faulty_app,  # noqa: F401 (fixtures)
+                                       faulty_db, faulty_name)
 
-WAIT_S = 2
 STEP_DOWN_S = 8
 
 
 @pytest.fixture
-def faulty(faulty_db, faulty_name, tmp_path, idp):
-    """``(api, faulty_db, db_name)``: the app on the faulty server, ``FHIR_DMP_DB_WAIT=2``,
-    opened the way production opens it (``open_database``); stopped before the database is dropped."""
-    from fhir_dmp.http.app import create_app
-    from fhir_dmp.runtime.services import stop_background
-    config = Config(mongodb_uri=faulty_db.uri, db_name=faulty_name, data_dir=tmp_path, base_url=BASE,
-                    notifications_worker=False, audit_sealer=False, db_wait=WAIT_S, **idp.config_kwargs())
-    app = create_app(config)
-    try:
-        yield Api(app, idp), faulty_db, faulty_name
-    finally:
-        faulty_db.back(STEP_DOWN_S + 5)
-        stop_background(app)
+def faulty(faulty_app, faulty_db, faulty_name, idp):
+    """``(api, faulty_db, db_name)``: the app on the faulty server, ``FHIR_DMP_DB_WAIT=2``."""
+    return Api(faulty_app(), idp), faulty_db, faulty_name
 
 
 def _assert_transient(r, started: float) -> None:
