@@ -139,17 +139,19 @@ def faulty_name(faulty_db):
 
 @pytest.fixture
 def faulty_app(faulty_db, faulty_name, tmp_path, idp):
-    """``faulty_app(**config)``: an app on ``faulty_db`` (``FHIR_DMP_DB_WAIT`` :data:`DB_WAIT_S`, no
-    sealer or outbox worker unless asked), opened as production opens it (``open_database``); at
+    """``faulty_app(dev=False, **config)``: an app on ``faulty_db`` (``FHIR_DMP_DB_WAIT``
+    :data:`DB_WAIT_S`, no sealer or outbox worker unless asked; trusting the test IdP, or in dev
+    mode), opened as production opens it (``open_database``); at
     teardown the server is made writable again, then every app built is stopped, before the
     database is dropped (``stop_background``)."""
     apps = []
 
-    def make(**options):
-        settings = dict(notifications_worker=False, audit_sealer=False, db_wait=DB_WAIT_S)
+    def make(dev: bool = False, **options):
+        settings = dict(notifications_worker=False, audit_sealer=False, db_wait=DB_WAIT_S,
+                        **({} if dev else idp.config_kwargs()))
         settings.update(options)
         apps.append(create_app(Config(mongodb_uri=faulty_db.uri, db_name=faulty_name, data_dir=tmp_path,
-                                      base_url=BASE, **settings, **idp.config_kwargs())))
+                                      base_url=BASE, **settings)))
         return apps[-1]
     yield make
     faulty_db.back(60)
