@@ -145,10 +145,9 @@ class Worker:
                         self.lease)
 
     def _db(self, operation, *args, **kwargs):
-        """One outbox operation, bounded by FHIR_DMP_DB_WAIT (``StoreCore.deadline``): a database
+        """One outbox operation, bounded by FHIR_DMP_DB_WAIT (``StoreCore.bounded``): a database
         away makes it raise a StorageError, never hang the worker."""
-        with self.storage.deadline():
-            return operation(*args, **kwargs)
+        return self.storage.bounded(operation, *args, **kwargs)
 
     def run_once(self, limit: int = 10) -> int:
         """Claim and handle up to ``limit`` due messages; the number handled."""

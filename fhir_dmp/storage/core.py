@@ -262,6 +262,12 @@ class StoreCore:
         nearer."""
         return pymongo.timeout(self.wait)
 
+    def bounded(self, operation, *args, **kwargs):
+        """``operation(*args, **kwargs)`` within :meth:`deadline` (a background thread's one
+        database call)."""
+        with self.deadline():
+            return operation(*args, **kwargs)
+
     def run_transaction(self, callback):
         """``callback(session)`` in a transaction through pymongo's ``with_transaction``: retried
         on lost races (TransientTransactionError) and unknown commit results; returns its result.

@@ -10,7 +10,9 @@ on a SecantusDB of this module's own (tests/faults/database_kit.py).
 """
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from datetime import datetime, timezone
 
@@ -24,6 +26,7 @@ from fhir_dmp.runtime.services import services
 from fhir_dmp.storage.core import JOURNAL_QUEUE, OUTBOX
 from tests import builders as b
 from tests.api import Api
+from tests.idp import TestIdP
 from tests.faults.database_kit import faulty_app, faulty_db, faulty_name  # noqa: F401 (fixtures)
 
 OUTAGE_S = 3
@@ -140,3 +143,28 @@ def test_a_block_written_while_the_stream_drops_its_connection_is_in_force(two_p
     _blocked_while_lost(two_processes, faulty_db,
                         lambda: faulty_db.fail(["getMore", "aggregate"], {"times": 3}, closeConnection=True),
                         at_once=False)
+
+
+def test_a_key_withdrawn_while_the_database_is_away_is_refused_everywhere_once_it_is_back(
+        faulty_app, faulty_db, tmp_path):
+    # two processes whose copies of the issuer's JWKS differ (one node's file is older): the one
+    # that sees a key withdrawn while the database is stepped down cannot record it then; it
+    # does once the database is back, and the other process refuses the key (auth.SharedKeys)
+    idp = TestIdP(tmp_path / "idp")
+    old_kid = idp.signing["RS256"].kid
+    old = idp.ps(b.PS_DR)
+    idp.rotate()
+    older_copy = tmp_path / "older-jwks.json"
+    shutil.copy(idp.jwks_file, older_copy)
+    apps = [faulty_app(**idp.config_kwargs()), faulty_app(**{**idp.config_kwargs(), "jwks_file": older_copy})]
+    _within(10, lambda: all(services(a).context_cache.live for a in apps), "change streams")
+    first, second = (Api(app, idp).as_token(old) for app in apps)
+    assert first.get("Patient/none").status_code == 404 and second.get("Patient/none").status_code == 404
+
+    faulty_db.step_down(OUTAGE_S)
+    jwks = idp.jwks()
+    jwks["keys"] = [k for k in jwks["keys"] if k["kid"] != old_kid]
+    idp.jwks_file.write_text(json.dumps(jwks))
+    assert first.get("Patient/none").status_code == 401      # this process sees it gone at once
+    faulty_db.back(OUTAGE_S + 10)
+    _within(BACK_S, lambda: second.get("Patient/none").status_code == 401, "withdrawal shared")
