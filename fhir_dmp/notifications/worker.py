@@ -50,7 +50,6 @@ import smtplib
 import socket
 import ssl
 import threading
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -60,6 +59,7 @@ from typing import Callable
 import requests
 
 from ..storage import StorageError
+from ..storage.errors import Outage, StorageClosed
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,18 @@ class Worker:
         channels = self.channels
         if not channels:
             return None
-        return self.storage.claim_notice(channels, self.worker_id, datetime.now(timezone.utc), self.lease)
+        return self._db(self.storage.claim_notice, channels, self.worker_id, datetime.now(timezone.utc),
+                        self.lease)
+
+    def _db(self, operation, *args, **kwargs):
+        """One outbox operation, bounded by FHIR_DMP_DB_WAIT (``StoreCore.bounded``): a database
+        away makes it raise a StorageError, never hang the worker."""
+        return self.storage.bounded(operation, *args, **kwargs)
 
     def run_once(self, limit: int = 10) -> int:
         """Claim and handle up to ``limit`` due messages; the number handled."""
         if not self._indexed:
-            self.storage.ensure_outbox_indexes()
+            self._db(self.storage.ensure_outbox_indexes)
             self._indexed = True
         handled = 0
         while handled < limit:
@@ -207,7 +213,7 @@ class Worker:
 
     def _handle(self, msg: dict) -> None:
         mid, channel = msg["_id"], msg["channel"]
-        current = self.storage.notice_state(mid)
+        current = self._db(self.storage.notice_state, mid)
         if current is None or current.get("status") == "sent" or current.get("sent_at"):
             log.info("notification %s/%s already sent, skipped", mid, channel)
             return
@@ -217,7 +223,8 @@ class Worker:
         handed_over = []
 
         def hand_over() -> None:
-            if not self._retried(lambda: self.storage.hand_over_notice(mid, self.worker_id, datetime.now(timezone.utc))):
+            if not self._retried(self.storage.hand_over_notice, mid, self.worker_id, datetime.now(timezone.utc),
+                                 what=f"notification {mid}/{channel} handing it over"):
                 raise LostMessage()
             handed_over.append(True)
 
@@ -239,24 +246,32 @@ class Worker:
             return
         self._complete(msg)
 
-    def _retried(self, write: Callable[[], dict | bool | None]):
-        """``write()`` (idempotent), retried while the database is away (a failover, a restart) for
-        up to half the lease: this worker knows what it did with the message, a successor would not
-        (a hand-over recorded without the worker knowing, a send never marked: outcome unknown)."""
-        deadline = time.monotonic() + self.lease.total_seconds() / 2
+    def _retried(self, write: Callable[..., dict | bool | None], *args, what: str, **kwargs):
+        """``write(*args, **kwargs)`` (an idempotent outbox write, bounded by :meth:`_db`), the
+        database away waited out (short pauses, one log line, within half the claim's lease): this
+        worker knows what it did with the message, a successor would not (a hand-over recorded
+        without the worker knowing, a delivery never marked sent: outcome unknown, never twice)."""
+        outage = Outage(log, what)
+        until = datetime.now(timezone.utc) + self.lease / 2
         while True:
             try:
-                return write()
-            except StorageError:
-                if time.monotonic() > deadline or self._stop.wait(0.5):
+                done = self._db(write, *args, **kwargs)
+                outage.ok()
+                return done
+            except StorageClosed:
+                raise
+            except StorageError as exc:
+                pause = outage.failed(exc)
+                if self._stop.is_set() or datetime.now(timezone.utc) + timedelta(seconds=pause) > until:
                     raise
+                self._stop.wait(pause)
 
     def _complete(self, msg: dict, *, outcome_unknown: bool = False) -> None:
         mid, channel = msg["_id"], msg["channel"]
         # a one-time code leaves the database once delivered
-        done = self._retried(lambda: self.storage.mark_notice_sent(
-            mid, self.worker_id, datetime.now(timezone.utc), outcome_unknown=outcome_unknown,
-            forget_body=msg.get("kind") == "access_code"))
+        done = self._retried(self.storage.mark_notice_sent, mid, self.worker_id, datetime.now(timezone.utc),
+                             outcome_unknown=outcome_unknown, forget_body=msg.get("kind") == "access_code",
+                             what=f"notification {mid}/{channel} delivered, marking it sent")
         if done is None:
             log.warning("notification %s/%s was completed by another worker (duplicate send)",
                         mid, channel)
@@ -273,7 +288,7 @@ class Worker:
         reason = _reason(channel, exc)
         attempts = int(msg.get("attempts") or 1)
         if isinstance(exc, PermanentFailure) or attempts >= self.max_attempts:
-            gone = self.storage.update_claimed_notice(
+            gone = self._db(self.storage.update_claimed_notice,
                 mid, self.worker_id, {"status": "failed", "lease_until": None, "last_error": reason})
             log.warning("notification %s/%s failed for good after %d attempt(s): %s",
                         mid, channel, attempts, reason)
@@ -282,7 +297,7 @@ class Worker:
             return
         delay = min(self.base_delay * 2 ** (attempts - 1), self.max_delay)
         delay *= 0.8 + 0.4 * random.random()
-        self.storage.update_claimed_notice(mid, self.worker_id, {
+        self._db(self.storage.update_claimed_notice, mid, self.worker_id, {
             "status": "pending", "claimed_by": None, "lease_until": None, "last_error": reason, "handed_over_at": None,
             "next_attempt_at": datetime.now(timezone.utc) + timedelta(seconds=delay)})
         log.info("notification %s/%s attempt %d failed (%s), retry in %.1fs",
@@ -298,15 +313,18 @@ class Worker:
 
     # -- thread
     def _loop(self) -> None:
+        # a database away: one log line, short pauses, claiming again within a second or so of
+        # its return (storage.errors.Outage); each operation is bounded (:meth:`_db`)
+        outage = Outage(log, "notification worker")
         while not self._stop.is_set():
             try:
                 handled = self.run_once()
-            except StorageError as exc:
-                log.warning("notification worker: database error %s", type(exc).__name__)
-                handled = 0
-            except Exception:
-                log.exception("notification worker error")
-                handled = 0
+                outage.ok()
+            except StorageClosed:   # the client was closed: this process is going away
+                return
+            except Exception as exc:   # noqa: BLE001 — keep sending after a database hiccup
+                self._stop.wait(outage.failed(exc))
+                continue
             if not handled:
                 self._stop.wait(self.poll_interval)
 

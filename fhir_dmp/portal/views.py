@@ -11,6 +11,7 @@ GET) and a flash message; an id that is not the signed-in person's answers
 """
 from __future__ import annotations
 
+import logging
 import re
 
 from flask import (Blueprint, Response, abort, flash, g, redirect, render_template, request,
@@ -19,15 +20,17 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from . import directory
-from ..http.errors import FhirError, NotFound, not_found
+from ..http.errors import FhirError, NotFound, ServiceUnavailable, not_found, unavailable
 from ..profiles import dmp, validate
 from ..runtime.services import services
 from ..search import reference_id
 from ..security.crypto import ContentUnavailable
 from ..audit.events import SUBJECT_SYSTEM
 from ..security.principal import BTG, ETREAT, PATIENT
+from ..storage.errors import StorageError
 from . import present, signin
 
+log = logging.getLogger(__name__)
 bp = Blueprint("portal", __name__, url_prefix="/portal", template_folder="templates",
                static_folder="static")
 
@@ -90,6 +93,20 @@ def on_fhir_error(exc: FhirError):
         return _not_found()
     return render_template("portal/error.html", status=exc.status, title="Action impossible",
                            message=exc.diagnostics), exc.status
+
+
+@bp.errorhandler(ServiceUnavailable)
+@bp.errorhandler(StorageError)
+def on_unavailable(exc):
+    """The database away past FHIR_DMP_DB_WAIT, or the journal unwritable (CONTRACT.md "Faults,
+    failover and backups"): a French page, 503 with ``Retry-After``, never a 500."""
+    if isinstance(exc, StorageError):
+        log.error("database error (portal request %s): %s", g.get("request_id"), type(exc).__name__)
+        exc = unavailable("the database is not available")
+    page = render_template("portal/error.html", status=503, title="Service momentanément indisponible",
+                           message="Le service est momentanément indisponible. Rien n'a été perdu : "
+                                   "réessayez dans quelques instants.")
+    return page, 503, {**exc.headers, "Cache-Control": "no-store"}
 
 
 @bp.errorhandler(ContentUnavailable)
