@@ -31,7 +31,7 @@ from ..security.decision import resolve_legal_representative
 from ..storage import StorageError
 from . import home
 from .compression import compress_response, decode_request_body
-from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
+from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,6 @@ CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "Accept", "Prefer", "If-M
 CORS_EXPOSE_HEADERS = ["ETag", "Location", "Content-Location", "Last-Modified", "WWW-Authenticate",
                        "X-Request-Id", "Retry-After", "Allow"]
 
-
-RETRY_AFTER_S = 2      # what a 503 of an unavailable database asks the client to wait
-
-
-def unavailable(message: str) -> ServiceUnavailable:
-    """The 503 ``transient`` of a database that did not answer within FHIR_DMP_DB_WAIT (or a
-    journal that could not be written): nothing was half-written, the client may retry after
-    ``Retry-After`` seconds (CONTRACT.md "Faults, failover and backups")."""
-    return ServiceUnavailable(message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
@@ -116,7 +107,10 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             repo.flush_audit()
         except Exception:   # noqa: BLE001 — fail closed: no data leaves without its trace
             log.exception("audit write failed; response withheld (request %s)", g.get("request_id"))
-            return error_response(unavailable("the access journal cannot be written; try again"))
+            # answered by the error handler of the request's blueprint (the portal's French page)
+            # or the app's (an OperationOutcome)
+            return app.make_response(app.handle_user_exception(
+                unavailable("the access journal cannot be written; try again")))
         response.headers.setdefault("X-Request-Id", g.request_id)
         return response
 

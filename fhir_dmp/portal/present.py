@@ -55,7 +55,8 @@ NO_CONTACT = "non envoyée : aucun moyen de contact (email/SMS) dans le dossier"
 KIND_LABELS = {"patient": "Vous", "legal_representative": "Représentant légal",
                "admin": "Administrateur", "regulation_centre": "Centre de régulation (SAMU)"}
 NOTIFICATION_STATUS = {"in-progress": "En cours d'envoi", "completed": "Envoyée", "not-done": "Non envoyée",
-                       "preparation": "En préparation", "stopped": "Interrompue"}
+                       "preparation": "En préparation", "stopped": "Interrompue",
+                       "unknown": "Envoi incertain (interrompu pendant la remise, non renvoyée)"}
 
 
 def paris_time(value: str | None) -> str:
