@@ -5,7 +5,7 @@
 
 A throw-away SecantusDB and the real application (``bench/_common.py``); the journal is seeded
 fast through the storage layer (``Storage.journal_insert``: the entries, with the search index
-and sort keys ``search.extract`` gives them, and their sealer queue documents, batches of 2,000,
+and sort keys ``search.extract`` gives them, and their sealer queue documents, batches of 1,000,
 sealer off) with events cloned from one event the server really wrote for a professional's read,
 spread across many DMPs: ``--per-dmp`` events per DMP (10 documents each), one professional per
 100 events, ``recorded`` spread over the last 360 days. Each stage (``--sizes``, cumulative)
@@ -30,6 +30,8 @@ Prints, per stage, median and p95 (ms) of each search and the ``total`` it answe
 ratio of the largest stage to the smallest (goal: <= 1.3x) and the query plan SecantusDB reports
 for each search's filter (``explain``: the index used, keys and documents examined).
 ``--without-indexes`` drops the journal's search indexes first (the figures before them).
+``--append-cost``: only what the two search indexes cost each journal entry (database CPU per
+entry with and without them, interleaved).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
 DOCS_PER_DMP = 10
 EVENTS_PER_PS = 100
 DAYS = 360
-BATCH = 2000
+BATCH = 1000
 
 
 class Seeder:
@@ -240,6 +242,43 @@ def template_event(env) -> dict:
     raise RuntimeError("no read event")
 
 
+SEARCH_INDEXES = ([("s.entity.r", 1)], [("s.agent.iv", 1)])
+
+
+def append_cost(env, seeder: Seeder, rounds: int = 3, events: int = 2000, batch: int = 8) -> None:
+    """Database CPU per journal entry (``Storage.journal_insert``, batches of ``batch`` as a group
+    commit writes them under load) with the journal's two search indexes and without them,
+    interleaved ``rounds`` times (CPU time of the database process: comparable on a busy machine)."""
+    coll = env.db[JOURNAL]
+    storage = env.storage
+    out: dict[str, list[float]] = {"with": [], "without": []}
+    for _ in range(rounds):
+        for label in ("with", "without"):
+            for keys in SEARCH_INDEXES:
+                if label == "with":
+                    coll.create_index(keys)
+                else:
+                    coll.drop_index(keys)
+            batches = []
+            for _ in range(events // batch):
+                docs, items = [], []
+                for res in seeder.dmp_events(new_id(), [new_id()], lambda k: "899999999999")[:batch]:
+                    s, o = search.extract("AuditEvent", res)
+                    docs.append({"_id": res["id"], "pid": event_patient(res), "vid": 1, "lu": seeder.now,
+                                 "del": False, "res": res, "s": s, "o": o})
+                    items.append({"e": res["id"], "p": docs[-1]["pid"], "d": content_digest(res)})
+                batches.append((docs, items))
+            db0 = cpu_s(env.server.pid)
+            for docs, items in batches:
+                storage.journal_insert(docs, items)
+            out[label].append(1e3 * (cpu_s(env.server.pid) - db0) / events)
+    for keys in SEARCH_INDEXES:
+        coll.create_index(keys)
+    for label, v in out.items():
+        print(f"  {label:<7} the entity and agent indexes: database CPU {statistics.median(v):.3f} ms per entry "
+              f"(rounds {', '.join(f'{x:.3f}' for x in v)})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="sizes 10,000 and 100,000, 10 runs")
@@ -248,14 +287,17 @@ def main() -> int:
     ap.add_argument("--per-dmp", type=int, default=200)
     ap.add_argument("--without-indexes", action="store_true",
                     help="drop the journal's search indexes (entity, agent) first: the figures before them")
+    ap.add_argument("--append-cost", action="store_true",
+                    help="only the database CPU per journal entry with and without the two search indexes")
     args = ap.parse_args()
-    if args.quick:
-        args.repeat = min(args.repeat, 10)
-        if args.sizes == ap.get_default("sizes"):
-            args.sizes = "10000,100000"
-    sizes = [int(x) for x in args.sizes.split(",")]
-    with c.environment(audit_sealer=False) as env:
+    sizes = c.sizes_of(ap, args, "sizes", 10, "10000,100000")
+    # db_wait: a seeding transaction of 1,000 entries outlasts the server's default 10 s on a busy machine
+    with c.environment(audit_sealer=False, db_wait=300) as env:
         seeder = Seeder(env, template_event(env), args.per_dmp)
+        if args.append_cost:
+            print("journal_insert of 2,000 events in batches of 8, interleaved, 3 rounds")
+            append_cost(env, seeder)
+            return 0
         if args.without_indexes:
             for idx in env.db[JOURNAL].list_indexes():
                 if any(k.startswith("s.") for k in idx["key"]):

@@ -173,11 +173,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--only-http", action="store_true", help="(c) alone")
     args = ap.parse_args()
-    if args.quick:
-        args.repeat = min(args.repeat, 15)
-        if args.filler == ap.get_default("filler"):
-            args.filler = "10000,100000"
-    fillers = [int(x) for x in args.filler.split(",")]
+    fillers = c.sizes_of(ap, args, "filler", 15, "10000,100000")
     with c.environment(audit_sealer=False) as env:
         small, _ = c.seed_dmp(env, 20)
         big, _ = c.seed_dmp(env, args.big)
