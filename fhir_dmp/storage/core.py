@@ -148,8 +148,10 @@ def or_branches(flt: dict) -> list[dict] | None:
     """``flt`` as a union of flat filters (no top-level operator), or None to run it as is.
 
     ``{a, $or: [b, c]}`` -> ``[{a, b}, {a, c}]``; ``$and`` of flat filters and ``$or``s is
-    expanded the same way (at most :data:`MAX_BRANCHES`). None when there is no top-level
-    operator, another operator, a branch that is not flat, or two conditions on one key.
+    expanded the same way (at most :data:`MAX_BRANCHES`). Two conditions on one key are one
+    condition holding both operators (:func:`_both`: a paging cursor's bound and its ``$or``
+    on the sort key). None when there is no top-level operator, another operator, a branch that
+    is not flat, or two conditions on one key that do not combine (the same operator twice).
     """
     flat = {k: v for k, v in flt.items() if not k.startswith("$")}
     groups: list[list[dict]] = []
@@ -168,13 +170,33 @@ def or_branches(flt: dict) -> list[dict] | None:
         grown = []
         for branch in branches:
             for alt in alternatives:
-                if any(k.startswith("$") for k in alt) or set(alt) & set(branch):
+                if any(k.startswith("$") for k in alt):
                     return None
-                grown.append({**branch, **alt})
+                merged = dict(branch)
+                for key, cond in alt.items():
+                    merged[key] = _both(branch[key], cond) if key in branch else cond
+                    if merged[key] is None:
+                        return None
+                grown.append(merged)
         branches = grown
         if len(branches) > MAX_BRANCHES:
             return None
     return branches
+
+
+def _both(a, b) -> dict | None:
+    """One condition on a field that holds both ``a`` and ``b`` (a value is ``$eq``); None when
+    they use the same operator (or an operator object cannot be told from a value)."""
+    def ops(cond):
+        if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
+            return cond
+        if isinstance(cond, dict):
+            return None   # an embedded document as a value: left to the database
+        return {"$eq": cond}
+    a, b = ops(a), ops(b)
+    if a is None or b is None or set(a) & set(b):
+        return None
+    return {**a, **b}
 
 
 def sort_value(doc: dict, path: str, direction: int):
