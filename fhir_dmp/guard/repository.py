@@ -47,7 +47,8 @@ class GuardedRepository(Reads, Writes, DmpOperations):
         self.p = principal
         self.access: RequestAccess = backend.policy.for_request(principal)
         self.info = info or RequestInfo()
-        self.journal = RequestJournal(principal, self.info, backend.audit_log, backend.config.fhir_base)
+        self.journal = RequestJournal(principal, self.info, backend.audit_log, backend.config.fhir_base,
+                                      self.access)
         self.work = UnitOfWork(backend.storage, backend.audit_log, self.journal, self.access, backend.policy)
         self.documents = DocumentPipeline(storage=backend.storage, blobs=backend.blobs, work=self.work,
                                           decision=self.access, journal=self.journal,

@@ -25,7 +25,7 @@ from flask import g, request, session
 from ..http.errors import FhirError
 from ..runtime.secret_files import write_secret
 from ..runtime.services import services
-from ..guard.journal import RequestInfo
+from ..http.clients import request_info
 from ..guard.repository import GuardedRepository
 from ..security.decision import resolve_legal_representative
 from ..security.devkeys import mint_token
@@ -112,8 +112,7 @@ def principal_of(token: str) -> Principal:
 
 
 def _repository(principal: Principal) -> GuardedRepository:
-    return GuardedRepository(services(), principal, RequestInfo(
-        client_ip=request.remote_addr, request_id=g.get("request_id")))
+    return GuardedRepository(services(), principal, request_info(services().config))
 
 
 def sign_in(token: str) -> Principal:

@@ -41,6 +41,7 @@ from __future__ import annotations
 from ...http.errors import Forbidden
 from ...storage.filters import matches
 from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PS, REGULATION_CENTRE, Principal
+from .basis import outside_dmp_basis, rule_basis
 from .consents import principal_keys
 from .dmp_access import DmpRules
 from .documents import DocumentRules
@@ -216,14 +217,39 @@ class RequestAccess:
                 resource = {**resource, "entity": entities}
         return resource
 
-    @staticmethod
-    def complete(decision: Decision | None) -> dict | None:
-        """What the journal records of an operation's decision (success or failure): the result,
-        the rule, its reason and the Consents it rests on."""
-        if decision is None:
-            return None
-        return {"result": "permit" if decision.permit else "deny", "rule": decision.rule,
-                "reason": decision.reason, "consents": [list(c) for c in decision.consents]}
+    def complete(self, decision: Decision | None, pid: str | None = None) -> dict | None:
+        """What the journal records of an operation's decision (success or failure) in DMP
+        ``pid``: the result, the rule, its reason and the Consents it rests on, and its
+        ``basis`` (:meth:`deciding`): the rule that decided for the DMP, by
+        ``dmp-access-basis`` code, with the Consent versions and the médecin traitant's Patient
+        version it rests on."""
+        out = None
+        if decision is not None:
+            out = {"result": "permit" if decision.permit else "deny", "rule": decision.rule,
+                   "reason": decision.reason, "consents": [list(c) for c in decision.consents]}
+        granted = decision.permit if decision is not None else True
+        code, deciding = self.deciding(decision, pid)
+        basis = {"code": code or outside_dmp_basis(self.p.kind, granted), "consents": [], "patient": None}
+        if deciding is not None:
+            basis["consents"] = [list(c) for c in deciding.consents]
+            basis["patient"] = list(deciding.gp_patient) if deciding.gp_patient else None
+        return {**(out or {}), "basis": basis}
+
+    def deciding(self, decision: Decision | None, pid: str | None) -> tuple[str | None, Decision | None]:
+        """The basis code and the decision that decided for DMP ``pid`` (:mod:`.basis`): the
+        decision itself when its rule decides for the DMP, else the DMP's entry decision of this
+        request (a document hidden inside a granted request does not change it); (None, None)
+        outside any DMP."""
+        if decision is not None:
+            code = rule_basis(decision.rule, decision.permit)
+            if code:
+                return code, decision
+        if pid:
+            entry = self.entry(self.state(pid))[2]
+            code = rule_basis(entry.rule, entry.permit)
+            if code:
+                return code, entry
+        return None, None
 
     # -- searches: the decision as a storage query ----------------------------
     def narrow(self, resource_type: str, named_pids: set[str], *, ins_lookup: bool = False) -> dict | None:
