@@ -20,7 +20,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from flask import g, request, session
+from flask import g, session
 
 from ..http.errors import FhirError
 from ..runtime.secret_files import write_secret

@@ -58,6 +58,7 @@ PROFILES: dict[str, str] = {
     "Patient": dmp.PROFILE_PATIENT,
     "DocumentReference": dmp.PROFILE_DOCUMENTREFERENCE,
     "RelatedPerson": dmp.PROFILE_RELATEDPERSON,
+    "AuditEvent": dmp.PROFILE_AUDITEVENT,
 }
 
 # --- R4 primitive rules (https://hl7.org/fhir/R4/datatypes.html#primitive) ----------------

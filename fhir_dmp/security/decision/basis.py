@@ -56,6 +56,20 @@ RULE_BASIS = {
     "role": "scope", "compartment": "scope", "authentication": "scope",
 }
 
+#: what the patient reads (the portal's journal, ``$explain-access``'s text), in French
+FRENCH = {
+    "patient": "le patient", "representative": "représentant légal", "creator": "a créé le DMP",
+    "authorized": "autorisé par le patient", "establishment": "établissement autorisé par le patient",
+    "medecin-traitant": "médecin traitant", "break-glass": "accès en urgence (bris de glace)",
+    "centre-15": "centre de régulation (SAMU-Centre 15)", "admin": "administrateur",
+    "privacy-officer": "délégué à la protection des données",
+    "blocked": "professionnel bloqué", "not-authorized": "sans autorisation du patient",
+    "break-glass-refused": "bris de glace refusé", "centre-15-refused": "accès du centre 15 refusé",
+    "excluded-profession": "profession exclue", "closed": "DMP fermé",
+    "feeding-opposition": "opposition à l'alimentation du DMP", "not-author": "n'est pas l'auteur",
+    "access-code": "code d'accès erroné ou expiré", "scope": "droits du jeton insuffisants",
+}
+
 _KIND_BASIS = {PATIENT: "patient", LEGAL_REPRESENTATIVE: "representative", ADMIN: "admin",
                PRIVACY_OFFICER_KIND: "privacy-officer"}
 
@@ -80,3 +94,9 @@ def outside_dmp_basis(kind: str | None, granted: bool) -> str:
 def basis_coding(code: str) -> dict:
     """The ``valueCoding`` of the ``dmp-access-basis`` extension."""
     return {"system": BASIS_SYSTEM, "code": code, "display": GRANTED.get(code) or REFUSED.get(code, code)}
+
+
+def basis_french(code: str) -> str:
+    """The basis as the patient reads it: « médecin traitant », « refusé : professionnel bloqué »."""
+    label = FRENCH.get(code, code)
+    return label if code in GRANTED else f"refusé : {label}"
