@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 from .directory import Professional
 from ..profiles import dmp
 from ..audit.events import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
+from ..security.decision.basis import BASIS_EXTENSION, basis_french
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
 from ..storage import instant, now
 
@@ -187,6 +188,7 @@ def journal_row(event: dict, patient_id: str, me: str | None = None,
         outcome = "Refusé — " + REFUSALS.get(rule, "accès refusé")
     return {
         "date": paris_time(event.get("recorded")),
+        "why": event_why(event),
         "who": who,
         "id_nat_ps": id_nat_ps if who != id_nat_ps else None,
         "profession": ", ".join(filter(None, (person.profession, person.specialty))) if person and
@@ -200,6 +202,14 @@ def journal_row(event: dict, patient_id: str, me: str | None = None,
         "ok": ok,
         "outcome": outcome,
     }
+
+
+def event_why(event: dict) -> str:
+    """Why, in French: the event's basis (extension ``dmp-access-basis``, CONTRACT.md "Privacy
+    operations"): « autorisé par le patient », « refusé : professionnel bloqué »..."""
+    code = next(((e.get("valueCoding") or {}).get("code") for e in event.get("extension") or ()
+                 if e.get("url") == BASIS_EXTENSION), None)
+    return basis_french(code) if code else ""
 
 
 def group_own_views(rows: list[dict]) -> list[dict]:
