@@ -41,15 +41,13 @@ RESOURCE_TYPES = {
     "Consent": "d'une autorisation", "AuditEvent": "du journal", "Communication": "d'une notification",
     "RelatedPerson": "d'un représentant légal",
 }
-# why an access was refused, by the decision's rule (security/decision/); others: "accès refusé"
+# what a refusal adds to its basis (the "why" of every row, security/decision/basis.py): the document
+# hidden inside a granted request, the patient's own choice in their words; others: the basis alone
 REFUSALS = {
-    "not-authorized": "professionnel non autorisé", "blocked": "professionnel que vous avez bloqué",
     "btg-opt-out": "vous refusez le bris de glace", "centre15-opt-out": "vous refusez l'accès du centre 15",
-    "dmp-closed": "dossier fermé", "masque-ps": "document masqué aux professionnels",
+    "masque-ps": "document masqué aux professionnels", "invisible-patient": "document non visible",
     "habilitation": "profession non habilitée pour ce type de document",
-    "btg-no-reason": "bris de glace sans justification", "role": "profession exclue",
-    "invisible-patient": "document non visible", "invisible-representatives": "document non visible",
-    "authentication": "identification refusée",
+    "invisible-representatives": "document non visible",
 }
 NO_CONTACT = "non envoyée : aucun moyen de contact (email/SMS) dans le dossier"
 KIND_LABELS = {"patient": "Vous", "legal_representative": "Représentant légal",
@@ -185,7 +183,7 @@ def journal_row(event: dict, patient_id: str, me: str | None = None,
     elif rule.startswith("notify-"):
         outcome = "Notification " + NO_CONTACT
     else:
-        outcome = "Refusé — " + REFUSALS.get(rule, "accès refusé")
+        outcome = "Refusé — " + REFUSALS[rule] if rule in REFUSALS else "Refusé"
     return {
         "date": paris_time(event.get("recorded")),
         "why": event_why(event),
