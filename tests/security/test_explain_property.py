@@ -10,7 +10,6 @@ the real guarded repository, each with its own Principal.
 """
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +18,7 @@ from fhir_dmp.guard.repository import GuardedRepository
 from fhir_dmp.http.errors import NotFound
 from fhir_dmp.security.principal import ADMIN, Principal
 from fhir_dmp.security.scopes import Scopes
-from tests.security.test_access_property import backend, callers, dmps, store_world  # noqa: F401 (fixture)
+from tests.security.test_access_property import callers, dmps, store_world
 
 IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
 

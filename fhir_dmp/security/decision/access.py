@@ -81,6 +81,8 @@ class RequestAccess:
         # reused while the request holds the same state and grant (the repository replaces or
         # amends them)
         self._judged: dict[str, list] = {}
+        # per DMP, the last decision of this request that decided for it (its basis, :meth:`deciding`)
+        self._decided: dict[str, tuple[str, Decision]] = {}
 
         # the rules by subject (DESIGN.md "The access rules")
         self.dmp = DmpRules(self)
@@ -238,12 +240,17 @@ class RequestAccess:
     def deciding(self, decision: Decision | None, pid: str | None) -> tuple[str | None, Decision | None]:
         """The basis code and the decision that decided for DMP ``pid`` (:mod:`.basis`): the
         decision itself when its rule decides for the DMP, else the DMP's entry decision of this
-        request (a document hidden inside a granted request does not change it); (None, None)
-        outside any DMP."""
+        request: the last decision of this request that decided for it (a write's, whose DMP
+        state is not reloaded for the journal), else its entry decision (a document hidden inside
+        a granted request does not change it); (None, None) outside any DMP."""
         if decision is not None:
             code = rule_basis(decision.rule, decision.permit)
             if code:
+                if pid:
+                    self._decided[pid] = (code, decision)
                 return code, decision
+        if pid in self._decided:
+            return self._decided[pid]
         if pid:
             entry = self.entry(self.state(pid))[2]
             code = rule_basis(entry.rule, entry.permit)
