@@ -81,7 +81,8 @@ class RequestAccess:
         # reused while the request holds the same state and grant (the repository replaces or
         # amends them)
         self._judged: dict[str, list] = {}
-        # per DMP, the last decision of this request that decided for it (its basis, :meth:`deciding`)
+        # per DMP, the last decision of this request that decided for it (its basis, :meth:`deciding`):
+        # the journal never reloads a state for it (inside a write's transaction, or after it)
         self._decided: dict[str, tuple[str, Decision]] = {}
 
         # the rules by subject (DESIGN.md "The access rules")
@@ -132,8 +133,11 @@ class RequestAccess:
         return self.dmp.profession
 
     def dmp_access(self, st: PatientState) -> Decision:
-        """Decision on a DMP as a whole (before per-document rules)."""
-        return self.dmp.dmp_access(st)
+        """Decision on a DMP as a whole (before per-document rules); the last one of each DMP is
+        the basis of what this request journals there (:meth:`deciding`)."""
+        decision = self.dmp.dmp_access(st)
+        self.deciding(decision, st.pid)
+        return decision
 
     # -- rule 9 and per-type rules: may the caller see this resource? ----------
     def can_see(self, resource_type: str, resource: dict, pid: str | None, *, extra: dict | None = None
@@ -240,9 +244,9 @@ class RequestAccess:
     def deciding(self, decision: Decision | None, pid: str | None) -> tuple[str | None, Decision | None]:
         """The basis code and the decision that decided for DMP ``pid`` (:mod:`.basis`): the
         decision itself when its rule decides for the DMP, else the DMP's entry decision of this
-        request: the last decision of this request that decided for it (a write's, whose DMP
-        state is not reloaded for the journal), else its entry decision (a document hidden inside
-        a granted request does not change it); (None, None) outside any DMP."""
+        request: the last decision of this request that decided for it (the DMP's entry decision,
+        a write's; a document hidden inside a granted request does not change it), else the entry
+        decision, computed then; (None, None) outside any DMP."""
         if decision is not None:
             code = rule_basis(decision.rule, decision.permit)
             if code:
