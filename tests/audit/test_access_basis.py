@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
+from fhirpathpy import evaluate as fhirpath
+from fhirpathpy.models import models as fhirpath_models
 
 from fhir_dmp.http.clients import client_address
 from fhir_dmp.runtime.config import Config, ConfigError
@@ -185,11 +187,22 @@ def test_every_rule_and_mode_has_its_basis(api, db):
     assert dr.search("DocumentReference")["total"] == 0
     only(log.new(), "scope")
 
-    # every AuditEvent stored carries its basis
+    # every AuditEvent stored carries its basis, and holds the profile's invariant
     everything = journal_entries(db)
     assert len(everything) > 30
+    profile = json.loads((IG / "StructureDefinition-dmp-auditevent.json").read_text(encoding="utf-8"))
+    [invariant] = [c["expression"] for e in profile["differential"]["element"] for c in e.get("constraint", [])]
     for d in everything:
         assert basis(d["res"]) in GRANTED or basis(d["res"]) in REFUSED
+        assert fhirpath(d["res"], invariant, {}, fhirpath_models["r4"]) == [True]
+    assert fhirpath({"resourceType": "AuditEvent", "entity": [{
+        "what": {"reference": "Consent/1"}, "type": {"system": "http://hl7.org/fhir/resource-types",
+                                                      "code": "Consent"}}]}, invariant, {}, fhirpath_models["r4"]) == [False]
+
+    # a destroy leaves one system-journal entry, with the basis of who destroyed
+    assert me.post(f"Patient/{pid}/$destroy").status_code == 204
+    [left] = [d["res"] for d in journal_entries(db) if d["res"].get("outcomeDesc", "").startswith("a DMP was destroyed")]
+    assert basis(left) == "patient"
 
 
 def test_access_code_refusal_has_its_basis(config, build_app, idp, db):
