@@ -15,6 +15,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -117,6 +118,18 @@ def store_world(storage, world) -> tuple[list[str], dict]:
             res = dict(res, subject={"reference": f"Patient/{pid}"})
             stored["DocumentReference"].append((storage.create("DocumentReference", res, pid=pid, session=None).id, pid))
     return pids, stored
+
+
+@pytest.fixture(scope="module")
+def backend(mongo_server, mongo_client, tmp_path_factory):
+    from fhir_dmp.runtime.services import build_services
+    from fhir_dmp.runtime.config import Config
+    name = f"t_prop_{uuid.uuid4().hex[:8]}"
+    cfg = Config(mongodb_uri=mongo_server.uri, db_name=name, data_dir=tmp_path_factory.mktemp("prop"),
+                 base_url="https://dmp.test/fhir", notifications_worker=False, issuer="https://idp.test",
+                 jwks_file=tmp_path_factory.mktemp("jwks") / "jwks.json")
+    yield build_services(cfg, mongo_client, mongo_client[name])
+    mongo_client.drop_database(name)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -18,6 +18,7 @@ from fhir_dmp.guard.repository import GuardedRepository
 from fhir_dmp.http.errors import NotFound
 from fhir_dmp.security.principal import ADMIN, Principal
 from fhir_dmp.security.scopes import Scopes
+from tests.security.test_access_property import backend  # noqa: F401  (the same module-scoped backend)
 from tests.security.test_access_property import callers, dmps, store_world
 
 IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
