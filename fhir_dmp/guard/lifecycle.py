@@ -41,6 +41,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 from ..audit.events import add_years
+from ..security.decision.basis import BASIS_EXTENSION, basis_coding, outside_dmp_basis
 from ..security.principal import ADMIN, Principal
 from ..security.scopes import Scopes
 from ..storage import instant
@@ -86,6 +87,7 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
     identifier), when, why; nothing that names the patient."""
     return {
         "resourceType": "AuditEvent",
+        "extension": [{"url": BASIS_EXTENSION, "valueCoding": basis_coding(outside_dmp_basis(actor_kind, True))}],
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
                  "display": "Restful Operation"},
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "delete",

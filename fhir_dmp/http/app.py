@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import portal, privacy, spaces
 from ..audit.events import AccessRecord, build_event
-from ..guard.journal import ACTION, METHOD_INTERACTION, RequestInfo
+from ..guard.journal import ACTION, METHOD_INTERACTION
 from ..guard.repository import GuardedRepository
 from ..resources import bundles, capability, conformance, rest
 from ..resources.conformance import is_public as conformance_is_public
@@ -30,6 +30,7 @@ from ..security.crypto import ContentUnavailable
 from ..security.decision import resolve_legal_representative
 from ..storage import StorageError
 from . import home
+from .clients import request_info
 from .compression import compress_response, decode_request_body
 from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, unavailable
 
@@ -91,9 +92,8 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             if exc.status == 401:
                 _audit_refused(services, exc)
             raise
-        g.repo = GuardedRepository(services, principal, RequestInfo(
-            client_ip=request.remote_addr, request_id=g.request_id,
-            access_code=request.headers.get("X-Patient-Access-Code")))
+        g.repo = GuardedRepository(services, principal, request_info(
+            services.config, access_code=request.headers.get("X-Patient-Access-Code")))
         return None
 
     @app.after_request
@@ -214,12 +214,14 @@ def _audit_refused(services: Services, exc: FhirError) -> None:
     token). An expected refusal logs one line, no traceback."""
     try:
         interaction = _interaction()
+        info = request_info(services.config)
         rec = AccessRecord(interaction=interaction, action=ACTION.get(interaction, "E"), outcome="4",
                            principal=None, patient_id=None,
                            resource=request.path, query=None,
                            decision={"result": "deny", "rule": "authentication", "reason": exc.diagnostics[:200],
                                      "consents": []},
-                           http_status=401, client_ip=request.remote_addr, request_id=g.get("request_id"))
+                           http_status=401, client_ip=info.client_ip, request_id=info.request_id,
+                           user_agent=info.user_agent)
         services.audit_log.append([build_event(rec, source_observer=services.config.fhir_base)])
     except Exception as err:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
         log.error("could not journal a refused token (request %s): %s", g.get("request_id"),
