@@ -31,6 +31,9 @@ class Api:
     def as_admin(self, **kw):
         return self.as_token(self.idp.admin(**kw))
 
+    def as_officer(self, **kw):
+        return self.as_token(self.idp.officer(**kw))
+
     def as_regulation(self, id_nat_ps=builders.PS_SAMU, **kw):
         return self.as_token(self.idp.regulation_centre(id_nat_ps, **kw))
 

@@ -138,6 +138,14 @@ class TestIdP:
         kw.setdefault("dmp_role", "admin")
         return self.token(**kw)
 
+    def officer(self, **kw) -> str:
+        """The privacy officer (CONTRACT.md "Privacy operations")."""
+        kw.setdefault("scope", "openid user/*.cruds")
+        kw.setdefault("sub", "officer-1")
+        kw.setdefault("name", "Claire Délégué")
+        kw.setdefault("dmp_role", "privacy_officer")
+        return self.token(**kw)
+
     # -- server configuration
     def config_kwargs(self) -> dict:
         """Keyword arguments for ``Config(...)`` trusting this IdP."""

@@ -42,10 +42,16 @@ class DmpOperations:
             self._create_grant(pid)
         elif decision.obligations.get("notify") == "centre_15":
             self._grants_done.add(pid)
-            self.journal.add_effect(lambda session: self.notify("centre_15", pid, session=session))
+
+            def effect(session):
+                self.notify("centre_15", pid, session=session)
+                # one open case per regulation-centre professional and DMP until it is closed
+                self.open_access_case("centre-15", pid, f"centre-15|{pid}|{self.p.id_nat_ps}", session=session,
+                                      release=True)
+            self.journal.add_effect(effect)
 
     def _create_grant(self, pid: str) -> None:
-        """A time-boxed break-glass grant, queued for review; the patient is told (at flush), once
+        """A time-boxed break-glass grant and its review case; the patient is told (at flush), once
         per grant even when concurrent requests of this PS all asked for one."""
         expires = now() + timedelta(seconds=self.config.break_glass_ttl)
         grant = {"_id": new_id(), "pid": pid, "ps": self.p.id_nat_ps, "profession": self.p.profession,
@@ -56,23 +62,25 @@ class DmpOperations:
             in_force = self.storage.add_grant_once(grant, session=session)
             if in_force is None:
                 self.notify("break_glass", pid, session=session)
-            else:    # a concurrent request of this PS created it (and told the patient)
+                self.open_access_case("break-glass", pid, f"break-glass|{grant['_id']}", session=session)
+            else:    # a concurrent request of this PS created it (and told the patient, opened its case)
                 self.access.states[pid].grant = in_force
         self.journal.add_effect(effect)
 
     def notify(self, kind: str, pid: str, *, session=None, code: str | None = None,
-               patient: dict | None = None) -> list[dict]:
+               patient: dict | None = None, notice: Notice | None = None) -> list[dict]:
         """Queue a notice to the patient and store the matching Communication(s). ``patient``:
-        the Patient resource this transaction just wrote (else the DMP's state is loaded)."""
+        the Patient resource this transaction just wrote (else the DMP's state is loaded);
+        ``notice``: what to say (else this caller's access now, of ``kind``)."""
         if self.outbox is None:
             return []
         if patient is None:
             patient = self.access.state(pid).patient
         if patient is None:
             return []
-        notice = Notice(kind=kind, patient_id=pid, actor_name=self.p.name,
-                        actor_profession=self.p.profession, actor_id=self.p.id_nat_ps,
-                        mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason, code=code)
+        notice = notice or Notice(kind=kind, patient_id=pid, actor_name=self.p.name,
+                                  actor_profession=self.p.profession, actor_id=self.p.id_nat_ps,
+                                  mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason, code=code)
         comms = self.outbox.enqueue(notice, patient, session=session)
         for comm in comms:
             stored = self.storage.create("Communication", comm, pid=pid, rid=comm.get("id"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..http.errors import FhirError
 from ..audit.events import AccessRecord, build_event
 from ..security.decision import Decision, RequestAccess
+from ..storage import new_id
 
 ACTION = {"create": "C", "read": "R", "vread": "R", "history": "R", "search": "E", "update": "U",
           "patch": "U", "delete": "D"}
@@ -52,6 +53,7 @@ class RequestJournal:
         self.source_observer = source_observer
         self.records: list = []
         self.effects: list = []          # callables(session) written with the journal at flush
+        self.flushing: list = []         # (record, event) written by the flush running its effects
         self.refused = False             # a refusal or error was journaled during this request
 
     def record(self, interaction: str, *, outcome: str, patient_id: str | None,
@@ -91,15 +93,29 @@ class RequestJournal:
 
         def attempt(session):
             self.records = []
+            events = self.events(records)
+            for event in events:        # known before the effects run: a review case names its access
+                event.setdefault("id", new_id())
+            self.flushing = list(zip(records, events))
             for effect in effects:
                 effect(session)
-            self.audit_log.append(self.events(records + self.records), session=session)
+            self.audit_log.append(events + self.events(self.records), session=session)
 
         try:
             run_transaction(attempt)
         finally:
             self.records = []
+            self.flushing = []
         return {r.patient_id for r in records if r.patient_id}
+
+    def first_event(self, pid: str) -> str | None:
+        """During a flush's effects: the id of the first granted access to ``pid`` it writes."""
+        return next((e["id"] for r, e in self.flushing if r.patient_id == pid and r.outcome == "0"), None)
+
+    def documents_read(self, pid: str) -> int:
+        """During a flush's effects: how many granted reads of documents of ``pid`` it writes."""
+        return sum(1 for r, _ in self.flushing if r.patient_id == pid and r.outcome == "0"
+                   and (r.resource or "").startswith(("DocumentReference/", "Binary/")))
 
     # -- marks, for a unit of work that commits or rolls back what it recorded ------------------
     def mark(self) -> int:

@@ -14,7 +14,8 @@ nothing of storage.
 The facade is composed of its parts, one file each: :class:`~fhir_dmp.guard.journal.RequestJournal`
 (what the request did), :class:`~fhir_dmp.guard.unit_of_work.UnitOfWork` (its write transaction),
 :class:`~fhir_dmp.guard.reads.Reads`, :class:`~fhir_dmp.guard.writes.Writes`,
-:class:`~fhir_dmp.guard.dmp.DmpOperations` (destroy, close, access codes, grants, notices), and
+:class:`~fhir_dmp.guard.dmp.DmpOperations` (destroy, close, access codes, grants, notices),
+:class:`~fhir_dmp.guard.review.ReviewOperations` (the privacy review cases), and
 the document pipeline (:class:`~fhir_dmp.documents.pipeline.DocumentPipeline`).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..security.principal import Principal
 from .dmp import DmpOperations
 from .journal import RequestInfo, RequestJournal
 from .reads import Reads
+from .review import ReviewOperations
 from .unit_of_work import UnitOfWork
 from .writes import Writes
 
@@ -34,7 +36,7 @@ if TYPE_CHECKING:   # the process's services (runtime/services.py), built by cre
     from ..runtime.services import Services
 
 
-class GuardedRepository(Reads, Writes, DmpOperations):
+class GuardedRepository(Reads, Writes, DmpOperations, ReviewOperations):
     """One request's view of the store, for one principal."""
 
     def __init__(self, backend: Services, principal: Principal, info: RequestInfo | None = None):

@@ -262,6 +262,8 @@ class Writes:
         """Server-side rules on what is written (author, qualified INS, content checks)."""
         if rtype == "DocumentReference":
             return self.documents.prepare(resource, old, pid, interaction)
+        if rtype == "Task" and old is not None:
+            return self.prepare_task(old, resource)
         return resource
 
     def _store_content(self, rtype: str, rid: str, vid: int, resource: dict, pid: str | None, session,
@@ -284,6 +286,8 @@ class Writes:
                         patient=stored.resource if rtype == "Patient" and not stored.deleted else None)
         if rtype == "DocumentReference":
             self.documents.after_write(stored, old, session)
+        if rtype == "Task":
+            self.task_written(stored, old, session)
         self.access.states.pop(stored.pid, None)
         self.work.written(stored.pid)
 

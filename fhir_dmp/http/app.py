@@ -3,7 +3,7 @@
 It builds the process's services once (``runtime/services.py``: database, storage, decision
 policy, audit log, notification outbox, encrypted blob store, token verifier), registers them
 on the app, starts their background threads and mounts the FHIR blueprints at ``/fhir``, the
-home page and the portal. Request flow (DESIGN.md): authenticate -> handler -> guarded
+home page and the signed-in spaces (the portal, the privacy officer's pages). Request flow (DESIGN.md): authenticate -> handler -> guarded
 repository -> audit flushed before the response (fail closed) -> JSON/XML or
 OperationOutcome (``http/errors.py``; the one mapping is :func:`error_response`, here).
 """
@@ -16,7 +16,7 @@ from flask import Flask, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
-from .. import portal
+from .. import portal, privacy, spaces
 from ..audit.events import AccessRecord, build_event
 from ..guard.journal import ACTION, METHOD_INTERACTION, RequestInfo
 from ..guard.repository import GuardedRepository
@@ -61,7 +61,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     for fhir in (capability, conformance, bundles, rest):   # under /fhir; metadata first: it needs no token
         app.register_blueprint(fhir.bp)
     app.register_blueprint(home.bp)
-    portal.init_app(app)
+    spaces.init_app(app, (portal.PORTAL, portal.bp), (privacy.OFFICER, privacy.bp))
     _cors(app, config)
 
     @app.before_request

@@ -17,6 +17,8 @@ bp = Blueprint("home", __name__)
 LINKS = [
     ("portal/", "Mon espace santé — portail patient",
      "Vos documents, votre journal d'accès, vos autorisations et vos choix."),
+    ("privacy/", "Protection des données — délégué",
+     "Les accès d'urgence et les accès inhabituels à examiner, pour le délégué à la protection des données."),
     ("fhir/metadata", "API FHIR R4 — CapabilityStatement",
      "Ce que le serveur sait faire : ressources, interactions, paramètres de recherche."),
     ("fhir/.well-known/smart-configuration", "Configuration SMART App Launch",

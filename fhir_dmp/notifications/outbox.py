@@ -43,7 +43,9 @@ CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/communication-category"
 MODE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
 NO_CONTACT_REASON = "Aucun moyen de contact (email/SMS) dans le dossier"
 
-KINDS = ("first_access", "break_glass", "centre_15", "access_code")
+KINDS = ("first_access", "break_glass", "centre_15", "access_code", "review_outcome")
+#: review_outcome: the privacy officer's verdict on an access (CONTRACT.md "Privacy operations")
+VERDICT_LABELS = {"justified": "justifié", "unjustified": "injustifié"}
 MODE_LABELS = {"normal": "normal", "bris_de_glace": "bris de glace (urgence)",
                "centre_15": "centre 15 (régulation médicale)"}
 
@@ -73,6 +75,8 @@ class Notice:
     reason: str | None = None
     #: access_code: the one-time code, in the message sent only (never in the Communication)
     code: str | None = None
+    #: review_outcome: ``justified`` or ``unjustified`` (``reason``: the officer's note)
+    verdict: str | None = None
 
 
 # --- the text -------------------------------------------------------------------
@@ -110,6 +114,11 @@ def render_text(notice: Notice) -> tuple[str, str]:
         what = (f"{actor} demande à accéder pour la première fois à votre dossier médical "
                 f"partagé (DMP) le {day} à {hour}. Si vous êtes d'accord, donnez-lui ce code "
                 f"à usage unique, valable 10 minutes : {notice.code or '(envoyé séparément)'}")
+    elif notice.kind == "review_outcome":
+        subject = "Examen d'un accès à votre dossier médical"
+        what = (f"Le délégué à la protection des données a examiné l'accès de {actor} à votre dossier "
+                f"médical partagé (DMP) du {day} à {hour} (mode {mode}) : accès "
+                f"{VERDICT_LABELS.get(notice.verdict or '', notice.verdict)}.")
     elif notice.kind == "centre_15":
         subject = "Accès du centre de régulation (SAMU-Centre 15) à votre dossier médical"
         what = (f"{actor}, du centre de régulation médicale (SAMU-Centre 15), a accédé "
@@ -124,6 +133,8 @@ def render_text(notice: Notice) -> tuple[str, str]:
     lines.append(f"Mode d'accès : {mode}.")
     if notice.reason and notice.kind == "break_glass":
         lines.append(f"Motif indiqué : {notice.reason}")
+    if notice.reason and notice.kind == "review_outcome":
+        lines.append(f"Note du délégué : {notice.reason}")
     lines += [
         "",
         "Vous pouvez consulter l'historique des accès à votre dossier et gérer les "

@@ -9,7 +9,8 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from .directory import Professional
-from ..profiles import dmp
+from ..notifications.outbox import VERDICT_LABELS
+from ..profiles import dmp, review_task
 from ..audit.events import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
 from ..storage import instant, now
@@ -54,7 +55,8 @@ NO_CONTACT = "non envoyée : aucun moyen de contact (email/SMS) dans le dossier"
 KIND_LABELS = {"patient": "Vous", "legal_representative": "Représentant légal",
                "admin": "Administrateur", "regulation_centre": "Centre de régulation (SAMU)"}
 NOTIFICATION_STATUS = {"in-progress": "En cours d'envoi", "completed": "Envoyée", "not-done": "Non envoyée",
-                       "preparation": "En préparation", "stopped": "Interrompue"}
+                       "preparation": "En préparation", "stopped": "Interrompue",
+                       "unknown": "Envoi incertain (interrompu pendant la remise, non renvoyée)"}
 
 
 def paris_time(value: str | None) -> str:
@@ -358,3 +360,18 @@ def representative_row(rp: dict) -> dict:
         "active": rp.get("active", True) is not False,
         "period": " – ".join(filter(None, (period.get("start"), period.get("end")))),
     }
+
+
+# ----------------------------------------------------------------------------- review cases
+
+def review_outcomes(tasks: list[dict]) -> dict[str, dict]:
+    """``{AuditEvent id: {"verdict": "justifié"|"injustifié", "note": str}}`` of closed review cases
+    (their ``focus`` is the access reviewed)."""
+    out = {}
+    for task in tasks:
+        ref = (task.get("focus") or {}).get("reference") or ""
+        verdict = review_task.verdict(task)
+        if ref.startswith("AuditEvent/") and verdict:
+            out[ref.split("/", 1)[1]] = {"verdict": VERDICT_LABELS.get(verdict, verdict),
+                                         "note": review_task.note_text(task)}
+    return out

@@ -11,31 +11,26 @@ GET) and a flash message; an id that is not the signed-in person's answers
 """
 from __future__ import annotations
 
-import logging
 import re
 
 from flask import (Blueprint, Response, abort, flash, g, redirect, render_template, request,
                    stream_with_context, url_for)
-from flask_wtf.csrf import CSRFError
-from werkzeug.exceptions import HTTPException
 
 from . import directory
-from ..http.errors import FhirError, NotFound, ServiceUnavailable, not_found, unavailable
+from ..http.errors import FhirError, NotFound, not_found
 from ..profiles import dmp, validate
 from ..runtime.services import services
 from ..search import reference_id
-from ..security.crypto import ContentUnavailable
 from ..audit.events import SUBJECT_SYSTEM
 from ..security.principal import BTG, ETREAT, PATIENT
-from ..storage.errors import StorageError
+from ..spaces import hooks
+from ..spaces.signin import SignInRefused, sign_in, sign_out
 from . import present, signin
 
-log = logging.getLogger(__name__)
 bp = Blueprint("portal", __name__, url_prefix="/portal", template_folder="templates",
                static_folder="static")
+hooks.install(bp, signin.PORTAL)
 
-PUBLIC = {"portal.login", "portal.dev_login", "portal.callback", "portal.logout", "portal.logged_out",
-          "portal.static"}
 JOURNAL_PAGE = 20
 LIST_LIMIT = "200"
 ID_NAT_PS = re.compile(r"^[0-9]{9,12}$")
@@ -49,97 +44,7 @@ def config():
     return services().config
 
 
-# ----------------------------------------------------------------------------- request hooks
-
-@bp.before_request
-def guard():
-    """CSRF first (a forged POST changes nothing), then the signed-in person or the login page."""
-    if request.method == "POST":
-        services().csrf.protect()
-    if request.endpoint in PUBLIC:
-        return None
-    if signin.load_signed_in() is None:
-        return redirect(url_for("portal.login"))
-    return None
-
-
-@bp.after_request
-def security_headers(response):
-    response.headers.setdefault("Content-Security-Policy",
-                                "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                "script-src 'none'; frame-ancestors 'none'; form-action 'self'")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
-    if request.endpoint != "portal.static":        # pages hold health data: never cached
-        response.headers.setdefault("Cache-Control", "no-store")
-    return response
-
-
-@bp.context_processor
-def portal_context():
-    return {"dev_mode": config().dev_mode, "signed_in": g.get("principal")}
-
-
-@bp.errorhandler(CSRFError)
-def on_csrf(exc):
-    return render_template("portal/error.html", status=403, title="Requête refusée",
-                           message="Le formulaire a expiré ou ne vient pas de ce site. Rechargez la page "
-                                   "et recommencez."), 403
-
-
-@bp.errorhandler(FhirError)
-def on_fhir_error(exc: FhirError):
-    if exc.status == 404:
-        return _not_found()
-    return render_template("portal/error.html", status=exc.status, title="Action impossible",
-                           message=exc.diagnostics), exc.status
-
-
-@bp.errorhandler(ServiceUnavailable)
-@bp.errorhandler(StorageError)
-def on_unavailable(exc):
-    """The database away past FHIR_DMP_DB_WAIT, or the journal unwritable (CONTRACT.md "Faults,
-    failover and backups"): a French page, 503 with ``Retry-After``, never a 500."""
-    if isinstance(exc, StorageError):
-        log.error("database error (portal request %s): %s", g.get("request_id"), type(exc).__name__)
-        exc = unavailable("the database is not available")
-    page = render_template("portal/error.html", status=503, title="Service momentanément indisponible",
-                           message="Le service est momentanément indisponible. Rien n'a été perdu : "
-                                   "réessayez dans quelques instants.")
-    return page, 503, {**exc.headers, "Cache-Control": "no-store"}
-
-
-@bp.errorhandler(ContentUnavailable)
-def on_content_unavailable(_exc):
-    return _not_found()
-
-
-@bp.errorhandler(HTTPException)
-def on_http_error(exc: HTTPException):
-    if exc.code == 404:
-        return _not_found()
-    return render_template("portal/error.html", status=exc.code, title=exc.name,
-                           message=exc.description), exc.code
-
-
-def _not_found():
-    return render_template("portal/error.html", status=404, title="Introuvable",
-                           message="Cette page ou ce document n'existe pas."), 404
-
-
 # ----------------------------------------------------------------------------- sign-in
-
-@bp.get("/login")
-def login():
-    cfg = config()
-    if cfg.dev_mode:
-        return render_template("portal/login.html")
-    if signin.oidc_client() is None:
-        return render_template("portal/error.html", status=503, title="Connexion indisponible",
-                               message="La connexion à l'espace patient n'est pas configurée "
-                                       "(FHIR_DMP_PORTAL_CLIENT_ID)."), 503
-    return signin.start_oidc(cfg)
-
 
 @bp.post("/login")
 def dev_login():
@@ -153,45 +58,14 @@ def dev_login():
         flash("Identifiant invalide.", "error")
         return redirect(url_for("portal.login"))
     try:
-        signin.sign_in(signin.dev_token(cfg, patient=patient_id, related_person=representative))
-    except (FhirError, signin.SignInRefused):
+        sign_in(signin.dev_token(cfg, patient=patient_id, related_person=representative), signin.PORTAL)
+    except (FhirError, SignInRefused):
         # said on the sign-in page itself, no session: the record does not exist (or this
         # representative is not, or no longer, in office)
         error = ("Ce représentant légal n'est pas (ou plus) en fonction." if representative else
                  f"Aucun dossier n'a l'identifiant « {patient_id} ».")
         return render_template("portal/login.html", error=error), 404
     return redirect(url_for("portal.home"))
-
-
-@bp.get("/callback")
-def callback():
-    from authlib.integrations.base_client import OAuthError
-    if signin.oidc_client() is None:
-        abort(404)
-    try:
-        token = signin.finish_oidc()
-        signin.sign_in(token)
-    except (OAuthError, signin.SignInRefused, FhirError) as exc:
-        signin.sign_out()
-        message = ("La connexion a échoué ; recommencez." if isinstance(exc, OAuthError) else
-                   "Cet espace est réservé aux patients et à leurs représentants légaux : "
-                   "l'identité transmise par le fournisseur d'identité n'est pas acceptée.")
-        return render_template("portal/error.html", status=401, title="Connexion refusée",
-                               message=message), 401
-    return redirect(url_for("portal.home"))
-
-
-@bp.route("/logout", methods=["GET", "POST"])
-def logout():
-    """End the portal session (the identity provider's own session is the provider's business:
-    the next sign-in may not ask for the password again)."""
-    signin.sign_out()
-    return redirect(url_for("portal.logged_out"))
-
-
-@bp.get("/logged-out")
-def logged_out():
-    return render_template("portal/logged_out.html")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -318,7 +192,8 @@ def journal():
     me = f"RelatedPerson/{g.principal.related_person_id}" if g.principal.related_person_id else None
     events = [s.resource for s in page.matches]
     people = _professionals(present.journal_professionals(events))
-    rows = [present.journal_row(e, _pid(), me, people) for e in events]
+    reviews = _reviews(events)
+    rows = [dict(present.journal_row(e, _pid(), me, people), review=reviews.get(e.get("id"))) for e in events]
     filters = {k: v for k, v in (("mode", mode), ("qui", who), ("ps", ps), ("vues", views)) if v}
     next_url = url_for("portal.journal", page=page.next_cursor, **filters) if page.next_cursor else None
     show_views = url_for("portal.journal", page=request.args.get("page"), **dict(filters, vues="1"))
@@ -328,6 +203,17 @@ def journal():
                                               **{k: v for k, v in filters.items() if k != "vues"}),
                            next_url=next_url, first_url=url_for("portal.journal", **filters)
                            if request.args.get("page") else None)
+
+
+def _reviews(events: list[dict]) -> dict[str, dict]:
+    """The privacy officer's verdicts on these accesses: the closed review cases whose focus is one
+    of them (CONTRACT.md "Privacy operations": shown beside the access)."""
+    if not events:
+        return {}
+    focus = ",".join(f"AuditEvent/{e['id']}" for e in events if e.get("id"))
+    page = _search("Task", [("patient", f"Patient/{_pid()}"), ("status", "completed"), ("focus", focus),
+                            ("_count", str(JOURNAL_PAGE))])
+    return present.review_outcomes([s.resource for s in page.matches])
 
 
 def _professionals(id_nat_ps: list[str]) -> dict[str, directory.Professional]:
@@ -537,7 +423,7 @@ def destroy():
     except FhirError as exc:
         flash(f"Action refusée : {exc.diagnostics}", "error")
         return redirect(url_for("portal.record"))
-    signin.sign_out()
+    sign_out()
     return render_template("portal/destroyed.html")
 
 

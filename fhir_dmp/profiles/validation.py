@@ -47,7 +47,7 @@ from lxml import etree
 from fhir_dmp.http.errors import BadRequest, Issue, Unprocessable
 from fhir_dmp.storage import RESOURCE_TYPES
 
-from . import dmp
+from . import dmp, review_task
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ PROFILES: dict[str, str] = {
     "Patient": dmp.PROFILE_PATIENT,
     "DocumentReference": dmp.PROFILE_DOCUMENTREFERENCE,
     "RelatedPerson": dmp.PROFILE_RELATEDPERSON,
+    "Task": review_task.PROFILE_TASK,
 }
 
 # --- R4 primitive rules (https://hl7.org/fhir/R4/datatypes.html#primitive) ----------------
@@ -161,6 +162,10 @@ REQUIRED_BINDINGS: dict[tuple[str, str], tuple[str, ...]] = {
     ("Communication", "status"): ("preparation", "in-progress", "not-done", "on-hold", "stopped",
                                   "completed", "entered-in-error", "unknown"),
     ("Communication", "priority"): ("routine", "urgent", "asap", "stat"),
+    # Task (https://hl7.org/fhir/R4/task.html); its status: the review Task profile (review_task.py)
+    ("Task", "intent"): ("unknown", "proposal", "plan", "order", "original-order", "reflex-order",
+                         "filler-order", "instance-order", "option"),
+    ("Task", "priority"): ("routine", "urgent", "asap", "stat"),
 }
 # Elements bound (required) to BCP 13 MimeTypes: checked as RFC 6838 media types.
 _MIME_ELEMENTS = frozenset({("Attachment", "contentType"), ("Binary", "contentType"),
@@ -693,6 +698,8 @@ def validate(resource: dict, *, resource_type: str | None = None) -> dict:
         issues.extend(dmp.check_documentreference(resource))
     elif rtype == "RelatedPerson":
         issues.extend(dmp.check_relatedperson(resource))
+    elif rtype == "Task":
+        issues.extend(review_task.check_task(resource))
     if issues:
         raise Unprocessable(issues=issues)
     return resource

@@ -28,7 +28,7 @@ from ..http.errors import (
 from ..guard.journal import METHOD_INTERACTION
 from ..storage import new_id
 from .http import bundle, full_url, ignored_entry, lenient, read_body, respond, version_headers
-from .rest import HOSTED, READ_ONLY, checked, updatable
+from .rest import HOSTED, READ_ONLY, checked, updatable, writable
 
 bp = Blueprint("fhir_bundles", __name__, url_prefix="/fhir")
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -194,6 +194,8 @@ def _process(entry: dict, session, index: int, method: str, parts, path: list[st
         return _ok(stored, "200 OK")
     if rtype in READ_ONLY:
         raise MethodNotAllowed(f"{rtype} is read-only")
+    if method in ("POST", "DELETE"):
+        writable(rtype, instance=len(path) > 1)      # 405 for the update-only types too
     if method == "DELETE":
         if len(path) < 2:
             raise BadRequest("conditional delete is not supported in Bundles")

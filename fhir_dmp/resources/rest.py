@@ -25,9 +25,12 @@ bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 #: written by the server only, or imported by ``fhir-dmp load`` (the directory): 405 with ``Allow``
 READ_ONLY = SERVER_WRITTEN + DIRECTORY
-PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson")
+PATCHABLE = ("DocumentReference", "Patient", "Consent", "RelatedPerson", "Task")
 NOT_CONDITIONAL = ("Binary",)   # not searchable by its readers: conditional writes could not match
 NOT_UPDATABLE = ("Binary",)     # content never changes in place: a new document replaces the old one
+#: review cases (CONTRACT.md "Privacy operations"): the server opens them, the privacy officer takes and
+#: closes them (PUT or PATCH of the instance), nobody creates or deletes one: 405 with ``Allow``
+UPDATE_ONLY = ("Task",)
 CONTROL = {"_format", "_pretty", "_cursor"}
 
 
@@ -39,25 +42,32 @@ def hosted(rtype: str) -> str:
 
 def allowed_methods(rtype: str, instance: bool) -> str:
     """The ``Allow`` header of a 405 (RFC 9110 §15.5.6) for a type or an instance URL."""
-    if rtype in READ_ONLY:
+    if rtype in READ_ONLY or rtype in UPDATE_ONLY and not instance:
         return "GET, HEAD, OPTIONS"
+    if rtype in UPDATE_ONLY:
+        return "GET, HEAD, PUT, PATCH, OPTIONS"
     put = "" if rtype in NOT_UPDATABLE else ", PUT"
     if instance:
         return f"GET, HEAD{put}, DELETE, OPTIONS" + (", PATCH" if rtype in PATCHABLE else "")
     return f"GET, HEAD, POST{put}, DELETE, OPTIONS"
 
 
-def writable(rtype: str, instance: bool = False) -> str:
+def writable(rtype: str, instance: bool = False, *, change: bool = False) -> str:
+    """405 unless ``rtype`` takes this write: none for the read-only types; for the update-only ones
+    only a ``change`` (PUT or PATCH) of an ``instance``."""
     hosted(rtype)
     if rtype in READ_ONLY:
         raise MethodNotAllowed(f"{rtype} is read-only: the server writes it", code="not-supported",
                                headers={"Allow": allowed_methods(rtype, instance)})
+    if rtype in UPDATE_ONLY and not (change and instance):
+        raise MethodNotAllowed(f"{rtype} is opened by the server and never deleted: PUT or PATCH it",
+                               code="not-supported", headers={"Allow": allowed_methods(rtype, instance)})
     return rtype
 
 
 def updatable(rtype: str, instance: bool = True) -> str:
     """CONTRACT.md "REST behaviour": Binary content never changes in place; ``PUT Binary`` is a 405."""
-    writable(rtype, instance)
+    writable(rtype, instance, change=True)
     if rtype in NOT_UPDATABLE:
         raise MethodNotAllowed(f"{rtype} content never changes in place: deposit a new DocumentReference "
                                "whose relatesTo replaces the old one", code="not-supported",
@@ -120,7 +130,7 @@ def update(rtype, rid):
 
 @bp.patch("/<rtype>/<rid>")
 def patch(rtype, rid):
-    writable(rtype, instance=True)
+    writable(rtype, instance=True, change=True)
     if rtype not in PATCHABLE:
         raise MethodNotAllowed(f"PATCH is not supported on {rtype}",
                                headers={"Allow": allowed_methods(rtype, True)})

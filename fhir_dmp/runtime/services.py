@@ -5,7 +5,7 @@ stopped in one place.
 policy, journal, outbox, encrypted blobs, data keys): built by :func:`build_services` for a
 command that serves no request (``fhir-dmp load``, ``fhir-dmp retention run``).
 :class:`AppServices` adds what a WSGI app needs (the token verifier, the issuer's metadata,
-the portal's CSRF and OIDC client) and its background services; ``create_app`` builds it with
+the signed-in spaces' CSRF and OIDC clients) and its background services; ``create_app`` builds it with
 :func:`build_app_services`, registers it on the app once (:meth:`AppServices.init_app`, Flask's
 extension pattern) and every handler reaches it through :func:`services`.
 
@@ -26,6 +26,7 @@ from ..audit.sealer import Sealer
 from ..notifications.outbox import Outbox
 from ..notifications.worker import Worker
 from ..resources.communications import notification_result
+from ..review.schedule import ScanScheduler
 from ..security.auth import SharedKeys, TokenVerifier
 from ..security.decision import AccessPolicy, access_facets
 from ..security.context_cache import ContextCache
@@ -39,7 +40,7 @@ from ..storage.core import KEY_SETS
 from .config import Config
 from .database import open_database
 
-if TYPE_CHECKING:       # the portal's pieces, typed only (the portal builds them: fhir_dmp.portal)
+if TYPE_CHECKING:       # the signed-in spaces' pieces, typed only (fhir_dmp.spaces builds them)
     from authlib.integrations.flask_client import FlaskOAuth2App
     from flask_wtf.csrf import CSRFProtect
 
@@ -70,7 +71,7 @@ class Services:
 
 @dataclass(kw_only=True, eq=False)
 class AppServices(Services):
-    """The services of one WSGI app: :class:`Services`, the token verifier, the portal's pieces
+    """The services of one WSGI app: :class:`Services`, the token verifier, the signed-in spaces' pieces
     and the background services, in the order they were started."""
 
     verifier: TokenVerifier
@@ -80,9 +81,11 @@ class AppServices(Services):
     worker: Worker | None = None               # config.notifications_worker
     context_cache: ContextCache | None = None  # config.context_cache
     sealer: Sealer | None = None               # config.audit_sealer
-    # set by the portal's init (fhir_dmp.portal): CSRF always, the OIDC client when configured
+    privacy_scan: ScanScheduler | None = None  # config.privacy_scan
+    # set by the signed-in spaces' init (fhir_dmp.spaces): CSRF always, each space's OIDC client
+    # (by space name) when configured
     csrf: CSRFProtect | None = None
-    oidc: FlaskOAuth2App | None = None
+    oidc: dict[str, FlaskOAuth2App] = field(default_factory=dict)
 
     def init_app(self, app: Flask) -> None:
         """Register these services on ``app`` (reached by :func:`services`)."""
@@ -91,8 +94,8 @@ class AppServices(Services):
     def start_background(self) -> None:
         """Start what the configuration asks for (in each server worker, after the fork): the
         notification worker, the decision context cache (its change stream also invalidates the
-        DMP document cache, ``search/doc_cache.py``, and shares the issuer's key set, ``auth.SharedKeys``)
-        and the journal sealer."""
+        DMP document cache, ``search/doc_cache.py``, and shares the issuer's key set, ``auth.SharedKeys``),
+        the journal sealer and the hourly misuse scan (``review/schedule.py``)."""
         config = self.config
         if config.notifications_worker:
             self.worker = self._start(Worker(
@@ -113,6 +116,13 @@ class AppServices(Services):
             self.policy.context_cache = self.context_cache
         if config.audit_sealer:
             self.sealer = self._start(Sealer(self.storage, config.audit_key_path))
+        if config.privacy_scan:
+            self.privacy_scan = self._start(ScanScheduler(self.storage, self.scan_privacy))
+
+    def scan_privacy(self):
+        """One misuse scan since the last one, opening its review cases (``review/scan.py``)."""
+        from ..review.scan import run_scan  # lazy: scikit-learn (the privacy extra), only when a scan runs
+        return run_scan(self.storage, budget=self.config.review_budget, audit_log=self.audit_log)
 
     def _start(self, service):
         service.start()

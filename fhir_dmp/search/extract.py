@@ -306,7 +306,7 @@ def patient_id_of(resource_type: str, resource: dict, *, base_url: str | None = 
     """Owning patient id (https://hl7.org/fhir/R4/compartmentdefinition-patient.html).
 
     Patient -> its id; DocumentReference/Communication -> ``subject`` when it is
-    a Patient; Consent, RelatedPerson -> ``patient``; AuditEvent -> the first Patient in
+    a Patient; Consent, RelatedPerson -> ``patient``; Task -> ``for``; AuditEvent -> the first Patient in
     ``entity.what`` then ``agent.who``; Binary and others -> None (storage sets
     it). Only relative references (or absolute ones under ``base_url``) count:
     a Patient on another server is not ours.
@@ -320,6 +320,8 @@ def patient_id_of(resource_type: str, resource: dict, *, base_url: str | None = 
         candidates = [resource.get("subject")]
     elif resource_type in ("Consent", "RelatedPerson"):
         candidates = [resource.get("patient")]
+    elif resource_type == "Task":
+        candidates = [resource.get("for")]
     else:  # AuditEvent
         candidates = [e.get("what") for e in resource.get("entity") or () if isinstance(e, dict)]
         candidates += [a.get("who") for a in resource.get("agent") or () if isinstance(a, dict)]

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from ..http.errors import BadRequest
 from .extract import TEXT, parse_reference, sort_key_name
-from .registry import SUPPORTED, SearchParam
+from .registry import SUPPORTED, WANTED, SearchParam
 from .values import (ID_RE, TYPE_RE, UTC, date_range, normalize, shift, split_unescaped,
                      unescape)
 
@@ -80,10 +80,13 @@ class Criterion:
 
 
 def effective_targets(param: SearchParam) -> tuple[str, ...]:
-    """Targets after ``.where(resolve() is T)`` restrictions."""
+    """Targets after ``.where(resolve() is T)`` restrictions; R4's ``Any`` (``Task.focus``): every
+    type this server hosts."""
     restricted = {p.resolve_is for p in param.paths}
     if param.paths and None not in restricted:
         return tuple(sorted(restricted))
+    if "Any" in param.targets:
+        return tuple(sorted(WANTED))
     return param.targets
 
 

@@ -39,6 +39,8 @@ WANTED: dict[str, tuple[str, ...]] = {
     # the directory of professionals (CONTRACT.md "The directory of professionals")
     "Practitioner": ("identifier", "name", "family", "given", "address-city"),
     "PractitionerRole": ("practitioner", "specialty", "role"),
+    # the privacy review cases (CONTRACT.md "Privacy operations")
+    "Task": ("code", "status", "patient", "authored-on", "owner", "focus", "business-status"),
 }
 COMMON = ("_id", "_lastUpdated")
 
@@ -46,7 +48,7 @@ COMMON = ("_id", "_lastUpdated")
 #: (https://hl7.org/fhir/R4/compartmentdefinition-patient.html); Binary is
 #: attached to its patient by storage.
 PATIENT_COMPARTMENT = frozenset({"Patient", "DocumentReference", "Consent", "AuditEvent",
-                                 "Communication", "RelatedPerson"})
+                                 "Communication", "RelatedPerson", "Task"})
 
 
 @dataclass(frozen=True)

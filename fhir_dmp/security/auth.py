@@ -49,7 +49,7 @@ from werkzeug.http import parse_list_header, parse_options_header
 from ..http.errors import ServiceUnavailable, Unauthorized
 from . import devkeys
 from .discovery import fetch_discovery
-from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, PURPOSE_SYSTEM,
+from .principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS, PURPOSE_SYSTEM,
                         REGULATION_CENTRE, TREAT, Principal)
 from .scopes import Scopes
 
@@ -527,7 +527,7 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
                           base_url: str | None = None) -> Principal:
     """Build the Principal of verified ``claims`` (CONTRACT.md "Access tokens").
 
-    Kind: ``dmp_role`` admin / regulation_centre / legal_representative
+    Kind: ``dmp_role`` admin / privacy_officer / regulation_centre / legal_representative
     (another value -> 401 invalid_token); else ``SubjectNameID`` -> PS (whatever its
     ``fhirUser``); else ``fhirUser`` ``Patient/{id}`` -> PATIENT; else 401 invalid_token
     (CONTRACT.md "Who the caller is": a token that fits none of these gets 401).
@@ -547,6 +547,10 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     if role is not None:
         if role == ADMIN:
             kind = ADMIN
+        elif role == PRIVACY_OFFICER:
+            # CONTRACT.md "Privacy operations": never a PS, whatever else the token carries (an
+            # idNatPs or a profession give it no professional right; the role wins)
+            kind = PRIVACY_OFFICER
         elif role == REGULATION_CENTRE:
             kind = REGULATION_CENTRE
             if not id_nat_ps:
@@ -636,7 +640,7 @@ def _compartment(kind: str, scopes: Scopes, owner_pid: str | None, launch_pid: s
         return launch_pid
     if owner:
         return owner_pid
-    if kind == ADMIN:
+    if kind in (ADMIN, PRIVACY_OFFICER):
         return None
     raise invalid_token("patient/ scopes need the patient claim (SMART launch context)")
 

@@ -17,11 +17,13 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 
 from ..runtime.secret_files import write_secret
-from .principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PS, REGULATION_CENTRE, ETREAT, BTG, TREAT
+from .principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS, REGULATION_CENTRE, ETREAT, BTG, TREAT
 
 log = logging.getLogger(__name__)
 
-KINDS = (PATIENT, LEGAL_REPRESENTATIVE, PS, REGULATION_CENTRE, ADMIN)
+KINDS = (PATIENT, LEGAL_REPRESENTATIVE, PS, REGULATION_CENTRE, ADMIN, PRIVACY_OFFICER)
+#: short names accepted for a kind (``fhir-dmp dev-token officer``)
+ALIASES = {"officer": PRIVACY_OFFICER}
 DEV_CLIENT_ID = "fhir-dmp-dev"
 
 
@@ -76,11 +78,13 @@ def mint_token(config, kind: str, *, patient: str | None = None, id_nat_ps: str 
     ``kind``: patient (needs ``patient``), legal_representative (needs
     ``related_person``, the RelatedPerson id), ps
     (needs ``id_nat_ps`` and ``profession``), regulation_centre (needs
-    ``id_nat_ps``; profession defaults to 10, purpose to ETREAT), admin.
+    ``id_nat_ps``; profession defaults to 10, purpose to ETREAT), admin, privacy_officer
+    (``officer``; ``name`` its display name, never a PS).
     Default scope: ``patient/*.cruds`` for patient and legal representative,
     ``user/*.cruds`` otherwise. ``extra`` claims are merged last. Raises
     ValueError for an unknown kind or a missing argument.
     """
+    kind = ALIASES.get(kind, kind)
     if kind not in KINDS:
         raise ValueError(f"unknown token kind {kind!r}; expected one of {', '.join(KINDS)}")
     if lifetime <= 0:
@@ -127,9 +131,9 @@ def mint_token(config, kind: str, *, patient: str | None = None, id_nat_ps: str 
         claims["purpose_of_use"] = purpose or TREAT
         if btg_reason:
             claims["btg_reason"] = btg_reason
-    else:  # admin
-        claims["dmp_role"] = ADMIN
-        claims["sub"] = "dev-admin"
+    else:  # admin, privacy officer
+        claims["dmp_role"] = kind
+        claims["sub"] = "dev-admin" if kind == ADMIN else "dev-privacy-officer"
         claims["scope"] = scope or "openid user/*.cruds"
     if organization:
         claims["organization"] = organization

@@ -16,6 +16,11 @@ LEGAL_REPRESENTATIVE = "legal_representative"
 PS = "ps"
 REGULATION_CENTRE = "regulation_centre"
 ADMIN = "admin"
+#: CONTRACT.md "Privacy operations": reads journals, Consents, Patients, representatives and review
+#: Tasks of every DMP, never document content; writes only review Tasks; never a PS
+PRIVACY_OFFICER = "privacy_officer"
+#: the server itself, for what it writes on its own (review cases): no token ever maps to it
+SERVER = "server"
 
 # Purposes of use, v3-ActReason
 TREAT, BTG, ETREAT = "TREAT", "BTG", "ETREAT"
@@ -28,7 +33,8 @@ class Principal:
     """An authenticated caller.
 
     ``kind``: one of PATIENT, LEGAL_REPRESENTATIVE, PS, REGULATION_CENTRE,
-    ADMIN (a token that fits none of these is refused at authentication). ``patient_id`` is the DMP owner for patients and legal
+    ADMIN, PRIVACY_OFFICER (a token that fits none of these is refused at authentication), or
+    SERVER for the server's own writes. ``patient_id`` is the DMP owner for patients and legal
     representatives. ``compartment`` is the one DMP ``patient/`` scopes confine
     the caller to (None: not confined). ``id_nat_ps`` and ``professions`` (TRE_G15 codes) for PS
     and regulation-centre staff. ``purpose`` is TREAT, BTG or ETREAT (already

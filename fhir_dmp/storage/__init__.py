@@ -13,6 +13,8 @@ contract:
 ``outbox.py``       the notification outbox
 ``grants.py``       the decision's inputs, break-the-glass grants, access codes, key sets
 ``lifecycle.py``    closed/reopened stamps, the purge of a DMP, daily job leases
+``review.py``       the keys of the privacy review cases (one case per key)
+``privacy.py``      what the misuse scan reads (journal window, records' facts), its collection
 ``backup.py``       every collection copied to files from one snapshot, and restored
 ``filters.py``      the storage filter language evaluated in memory
 ``errors.py``       what storage raises (pymongo's errors wrapped)
@@ -34,14 +36,17 @@ from .grants import GrantStore
 from .journal import JournalStore
 from .lifecycle import LifecycleStore
 from .outbox import OutboxStore
+from .privacy import PrivacyStore
 from .resources import UNIQUE_INDEXES, ResourceStore
+from .review import ReviewStore
 
 __all__ = ["RESOURCE_TYPES", "UNIQUE_INDEXES", "BackupRefused", "check_backup", "DuplicateKey", "DuplicateValue", "Storage", "StorageClosed",
            "StorageError", "StorageUnavailable", "Stored", "VersionConflict", "WriteConflict", "instant",
            "is_write_conflict", "merge_filters", "new_id", "now", "or_branches", "pack", "sort_docs", "unpack"]
 
 
-class Storage(ResourceStore, JournalStore, ContentStore, OutboxStore, GrantStore, LifecycleStore, BackupStore):
+class Storage(ResourceStore, JournalStore, ContentStore, OutboxStore, GrantStore, LifecycleStore, BackupStore,
+              ReviewStore, PrivacyStore):
     """The database, as the server uses it: every family's queries on one client and database
     (``StoreCore.__init__``: ``Storage(client, db, annotate=...)``)."""
 
@@ -51,6 +56,7 @@ class Storage(ResourceStore, JournalStore, ContentStore, OutboxStore, GrantStore
         (``ensure_journal_indexes``, ``ensure_outbox_indexes``, ``ensure_blob_indexes``)."""
         self.ensure_resource_indexes()
         self.ensure_grant_indexes()
+        self.ensure_review_indexes()
 
     def ensure_all_indexes(self) -> None:
         """Every index of every family (a restored database: ``fhir-dmp restore``)."""

@@ -55,7 +55,9 @@ JOURNAL_QUEUE = "AuditEvent_queue"            # appended, not yet sealed (audit/
 JOURNAL_LINKS = "AuditEvent_link"             # the chain links of each sealing pass (audit/sealer.py)
 CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (audit/sealer.py)
 SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (audit/sealer.py)
+PRIVACY_SCANS = "privacy_scans"               # the misuse scan's window and reviewed pairs (review/scan.py)
 KEY_SETS = "issuer_key_sets"                  # the issuer's key set as last seen by any process (security/auth.py)
+REVIEW_KEYS = "review_case_keys"              # one per review case key: never two cases for one key (review/)
 #: what the access decision reads: the decision context cache watches them (security/context_cache.py)
 DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
 #: a range from EPOCH on the queue's ``t`` (always a date) reads the queue through its index
@@ -65,10 +67,10 @@ DB_WAIT_S = 10.0       # StoreCore.deadline's default (Config.db_wait, FHIR_DMP_
 LEASE_WAIT_S = 2.0     # the longest a lease write waits on a locked lease document
 END_WAIT_S = 1.0       # the longest a request past its deadline waits to end a transaction of unknown outcome
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
-COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson")
+COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson", "Task")
 #: the resource types this server hosts, the one list (repository.HOSTED, the REST routes, validation)
 RESOURCE_TYPES = ("Patient", "DocumentReference", "Consent", "AuditEvent", "Binary", "Communication",
-                  "RelatedPerson", "Practitioner", "PractitionerRole")
+                  "RelatedPerson", "Practitioner", "PractitionerRole", "Task")
 # Written once and never changed (the journal): each entry is its own only version, so its history
 # is the collection itself (version 1 of every entry) and there is no ``*_history`` copy.
 APPEND_ONLY = ("AuditEvent",)

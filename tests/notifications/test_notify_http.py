@@ -100,6 +100,20 @@ def channel(comm: dict) -> str | None:
     return None
 
 
+def concurrent_break_glass_reads(app, idp, pid: str, n: int) -> set[int]:
+    """``n`` first break-glass reads of ``pid`` by PS_OTHER (an infirmier), started together
+    (threads of one process); their statuses."""
+    start = threading.Barrier(n)
+
+    def read(_):
+        er = Api(app, idp).as_ps(b.PS_OTHER, profession="60")
+        start.wait(timeout=30)
+        return er.get(f"Patient/{pid}", headers=BTG_HEADERS).status_code
+
+    with ThreadPoolExecutor(n) as ex:
+        return set(ex.map(read, range(n)))
+
+
 def assert_no_medical_content(text: str) -> None:
     for word in (DOC_TITLE, "cardiologie", b.CONSULTATION, "DocumentReference", "Compte rendu"):
         assert word not in text
@@ -278,15 +292,7 @@ def test_concurrent_break_glass_reads_make_one_grant_and_one_notice(notify_app, 
     tests/runtime/test_two_processes.py): one grant, so one notice, not one per request."""
     sink, _ = smtp
     pid = open_dmp(napi, email=EMAIL, gp=b.PS_DR)
-    start = threading.Barrier(6)
-
-    def read(_):
-        er = Api(notify_app, idp).as_ps(b.PS_OTHER, profession="60")
-        start.wait(timeout=30)
-        return er.get(f"Patient/{pid}", headers=BTG_HEADERS).status_code
-
-    with ThreadPoolExecutor(6) as ex:
-        assert set(ex.map(read, range(6))) == {200}
+    assert concurrent_break_glass_reads(notify_app, idp, pid, 6) == {200}
     me = napi.as_patient(pid)
     assert [channel(c) for c in communications(me, pid) if kind(c) == "break_glass"] == ["email"]
     assert drain(worker) == 1 and len(sink.messages) == 1

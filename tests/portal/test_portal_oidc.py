@@ -35,10 +35,14 @@ def oidc_server(mongo_server, mongo_client, tmp_path_factory):
     clients["clients"].append({
         "client_id": "dmp-portal", "client_secret": "dmp-portal-secret",
         "token_endpoint_auth_method": "client_secret_basic", "grant_types": ["authorization_code"],
-        "response_types": ["code"], "redirect_uris": [origin + "/portal/callback"], "claims": {}})
+        "response_types": ["code"], "claims": {},
+        # one client for every signed-in space (fhir_dmp.spaces): the portal, the officer's pages
+        "redirect_uris": [origin + "/portal/callback", origin + "/privacy/callback"]})
     clients["accounts"]["claire"] = {"password": "claire-password",
                                      "profile": {"given_name": "Claire", "family_name": "Martin"},
                                      "claims": {"fhirUser": f"Patient/{PATIENT_ID}"}}
+    clients["accounts"]["dpo"] = {"password": "dpo-password", "profile": {"given_name": "Anne", "family_name": "Leroy"},
+                                  "claims": {"dmp_role": "privacy_officer", "name": "Anne Leroy"}}
     op = OidcProvider(clients=clients, audience=base)
     db = unique_db(mongo_client)
     cfg = Config(mongodb_uri=mongo_server.uri, db_name=db.name, data_dir=work / "data", base_url=base,
@@ -84,8 +88,8 @@ def test_login_redirects_to_the_issuer_with_pkce_s256(oidc_server):
     assert 'data-testid="dev-login"' not in r.text
 
 
-def _sign_in(portal, oidc_server, login: str, password: str) -> None:
-    portal.go("/portal/")
+def _sign_in(portal, oidc_server, login: str, password: str, space: str = "/portal/") -> None:
+    portal.go(space)
     assert portal.d.current_url.startswith(oidc_server.op.issuer + "/interaction/")
     form = portal.css("form#login")
     portal.fill(form, login=login, password=password)

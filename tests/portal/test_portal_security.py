@@ -278,4 +278,4 @@ def test_home_page_links_the_portal_and_the_metadata(dev):
     r = dev.http.test_client().get("/")
     html = r.get_data(as_text=True)
     assert r.status_code == 200 and 'lang="fr"' in html
-    assert 'href="/portal/"' in html and 'href="/fhir/metadata"' in html
+    assert 'href="/portal/"' in html and 'href="/fhir/metadata"' in html and 'href="/privacy/"' in html

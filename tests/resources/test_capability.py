@@ -79,7 +79,9 @@ def record(api, smtp, config, tmp_path):
            "Binary": doc["content"][0]["attachment"]["url"].split("/")[1],
            "Practitioner": f"ps-{b.PS_DR}", "PractitionerRole": f"role-{b.PS_DR}"}
     ids["RelatedPerson"] = me.create(b.related_person(pat["id"]))["id"]
-    for rtype in ("Consent", "AuditEvent", "Communication"):
+    # a break-glass read opens a review Task the patient reads (CONTRACT.md "Privacy operations")
+    assert api.as_ps(b.PS_OTHER, purpose="BTG", btg_reason="urgence").get(f"Patient/{pat['id']}").status_code == 200
+    for rtype in ("Consent", "AuditEvent", "Communication", "Task"):
         ids[rtype] = me.search(f"{rtype}?patient={pat['id']}&_count=1")["entry"][0]["resource"]["id"]
     return me, ids
 

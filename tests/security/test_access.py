@@ -55,6 +55,7 @@ def callers(api, world):
         "legal_rep": (api.as_legal_rep(world["rep"]), {}, ALL - {"invisible", "invisible_rep"}),
         "other_patient": (api.as_patient(world["other_pid"]), {}, set()),
         "admin": (api.as_admin(), {}, set()),
+        "privacy_officer": (api.as_officer(), {}, set()),   # CONTRACT.md "Privacy operations": no content
         "author": (api.as_ps(b.PS_DR), {}, ALL),
         "unauthorized_ps": (api.as_ps(b.PS_OTHER), {}, set()),
         "pharmacien_permit": (api.as_ps(b.PS_PHARMA, profession="21"), {}, {"lab", "invisible_rep"}),
@@ -70,7 +71,7 @@ def callers(api, world):
     }
 
 
-ROWS = ["patient", "legal_rep", "other_patient", "admin", "author", "unauthorized_ps", "pharmacien_permit",
+ROWS = ["patient", "legal_rep", "other_patient", "admin", "privacy_officer", "author", "unauthorized_ps", "pharmacien_permit",
         "blocked_kine", "blocked_kine_btg", "medecin_traitant", "btg_header", "btg_claim", "btg_without_reason",
         "centre_15", "excluded_role", "ps_as_etreat_without_role"]
 

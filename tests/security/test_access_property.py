@@ -19,10 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fhir_dmp.security.principal import (ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PS, REGULATION_CENTRE,
+from fhir_dmp.security.principal import (ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS, REGULATION_CENTRE,
                                          Principal)
+from fhir_dmp.review.cases import ReviewCase, build_task
 from fhir_dmp.security.scopes import Scopes
-from fhir_dmp.storage import merge_filters
+from fhir_dmp.storage import merge_filters, now
 from tests import builders as b
 
 FINESS = "urn:oid:1.2.250.1.71.4.2.2"
@@ -90,7 +91,8 @@ def callers(pids):
     mine = Scopes.parse("patient/*.cruds")
     out = [Principal(kind=PATIENT, subject="p", scopes=mine, patient_id=pids[0], compartment=pids[0]),
            Principal(kind=LEGAL_REPRESENTATIVE, subject="r", scopes=mine, patient_id=pids[0], compartment=pids[0]),
-           Principal(kind=ADMIN, subject="a", scopes=user)]
+           Principal(kind=ADMIN, subject="a", scopes=user),
+           Principal(kind=PRIVACY_OFFICER, subject="o", scopes=user)]
     for ps, profession in ((b.PS_DR, "10"), (b.PS_OTHER, "10"), (b.PS_PHARMA, "21"), (b.PS_KINE, "70")):
         out.append(Principal(kind=PS, subject=ps, scopes=user, id_nat_ps=ps, professions=(profession,), acr="eidas1"))
     out.append(Principal(kind=PS, subject="btg", scopes=user, id_nat_ps=b.PS_OTHER, professions=("10",),
@@ -120,7 +122,7 @@ def backend(mongo_server, mongo_client, tmp_path_factory):
 def test_narrow_and_can_see_agree(backend, world):
     storage = backend.storage
     run = uuid.uuid4().hex[:8]
-    pids, stored = [], {"Patient": [], "Consent": [], "DocumentReference": []}
+    pids, stored = [], {"Patient": [], "Consent": [], "DocumentReference": [], "Task": []}
     for n, spec in enumerate(world):
         pat = b.patient(gp=spec["gp"], active=spec["active"])
         pid = storage.create("Patient", pat, pid=None, rid=f"{run}-p{n}", session=None).id
@@ -132,6 +134,9 @@ def test_narrow_and_can_see_agree(backend, world):
         for res in spec["documents"]:
             res = dict(res, subject={"reference": f"Patient/{pid}"})
             stored["DocumentReference"].append((storage.create("DocumentReference", res, pid=pid, session=None).id, pid))
+        # a review case (CONTRACT.md "Privacy operations")
+        case = build_task(ReviewCase(code="break-glass", patient_id=pid, actor=b.PS_OTHER, focus=None), now())
+        stored["Task"].append((storage.create("Task", case, pid=pid, session=None).id, pid))
     in_world = {"pid": {"$in": pids}}
     for principal in callers(pids):
         check = backend.policy.for_request(principal)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from ...http.errors import Forbidden
 from ...storage.filters import matches
-from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PS, REGULATION_CENTRE, Principal
+from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, Principal
 from .consents import principal_keys
 from .dmp_access import DmpRules
 from .documents import DocumentRules
@@ -52,6 +52,16 @@ from .writes import WriteRules
 INTERACTION_LETTER = {"read": "r", "vread": "r", "history": "r", "history-type": "s", "search": "s", "create": "c",
                       "update": "u", "patch": "u", "delete": "d"}
 INS_LOOKUP_ELEMENTS = ("resourceType", "id", "meta", "identifier", "active")
+_OWNER_SIDE = (PATIENT, LEGAL_REPRESENTATIVE, ADMIN)
+#: the types of an entered DMP that only these kinds read (professionals never do: as missing);
+#: the privacy officer reads journals, Consents, representatives and review Tasks, never the
+#: notices (CONTRACT.md "Privacy operations")
+READERS = {"AuditEvent": _OWNER_SIDE + (PRIVACY_OFFICER,), "Communication": _OWNER_SIDE,
+           "RelatedPerson": _OWNER_SIDE + (PRIVACY_OFFICER,), "Task": _OWNER_SIDE + (PRIVACY_OFFICER,)}
+_NOT_READ = {"AuditEvent": ("journal", "professionals do not read the journal"),
+             "Communication": ("journal", "professionals do not read the journal"),
+             "RelatedPerson": ("representatives", "professionals do not read legal representatives"),
+             "Task": ("review", "review cases are read by the patient's side and the privacy officer")}
 
 
 class AccessPolicy:
@@ -144,9 +154,9 @@ class RequestAccess:
         if resource_type == "Patient":
             pid = resource.get("id")
         if pid is None:
-            if resource_type == "AuditEvent" and p.kind == ADMIN and self.role_decision() is None \
+            if resource_type == "AuditEvent" and p.kind in (ADMIN, PRIVACY_OFFICER) and self.role_decision() is None \
                     and p.compartment is None:
-                return permit("admin", "the system journal")
+                return permit("admin" if p.kind == ADMIN else "privacy-officer", "the system journal")
             return deny("no-patient", "resource outside any DMP")
         st = self.state(pid)
         access = self.entry(st)[2]
@@ -159,23 +169,19 @@ class RequestAccess:
         if resource_type == "DocumentReference":
             return self.documents.judge(resource, st, access)
         if resource_type == "Consent":
-            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
+            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN, PRIVACY_OFFICER):
                 return access
             if matches(self.consent_query(), {"res": resource, "a": access_facets("Consent", resource)}):
                 return access
             return deny("consent-other", "professionals see only their own authorization")
-        if resource_type in ("AuditEvent", "Communication"):
+        if resource_type in READERS:
+            if p.kind not in READERS[resource_type]:
+                return deny(*_NOT_READ[resource_type])
             if resource_type == "AuditEvent" and p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
                 # the journal never names a document hidden from its reader (CONTRACT.md "The journal")
                 return permit(access.rule, access.reason, consents=access.consents,
                               obligations={"view": "journal"})
-            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
-                return access
-            return deny("journal", "professionals do not read the journal")
-        if resource_type == "RelatedPerson":
-            if p.kind in (PATIENT, LEGAL_REPRESENTATIVE, ADMIN):
-                return access
-            return deny("representatives", "professionals do not read legal representatives")
+            return access
         return deny("type", f"{resource_type} is not readable")
 
     def entry(self, st: PatientState) -> list:
@@ -241,7 +247,7 @@ class RequestAccess:
                 return self.dmp.ins_lookup_filter()
             return {"_id": sorted(pids)[0]} if len(pids) == 1 else {"_id": {"$in": sorted(pids)}}
         if resource_type == "DocumentReference":
-            if p.kind == ADMIN or pids is not None and not pids:
+            if p.kind in (ADMIN, PRIVACY_OFFICER) or pids is not None and not pids:
                 return None
             # the DMPs that share one document query are grouped (the médecin traitant's differ)
             groups: dict[str, tuple[dict, list]] = {}
@@ -258,8 +264,8 @@ class RequestAccess:
             flt = pid_filter(pids)
             flt.update(self.consent_query())
             return flt
-        if resource_type in ("AuditEvent", "Communication", "RelatedPerson"):
-            if p.kind in (PS, REGULATION_CENTRE):
+        if resource_type in READERS:
+            if p.kind not in READERS[resource_type]:
                 return None
             if pids is None:
                 return {}

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from ...http.errors import BadRequest
 from ...profiles.ins import INS_SYSTEMS
-from ..principal import ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PS, REGULATION_CENTRE, TREAT
+from ..principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS, REGULATION_CENTRE,
+                         TREAT)
 from .consents import consent_in_force, consent_kind, now
 from .representatives import representative_in_force
 from .state import Decision, PatientState, Rules, deny, permit
@@ -36,7 +37,7 @@ class DmpRules(Rules):
         p = self.p
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             return None if p.patient_id else deny("role", "patient token without fhirUser")
-        if p.kind == ADMIN:
+        if p.kind in (ADMIN, PRIVACY_OFFICER):
             return None
         if p.kind in (PS, REGULATION_CENTRE):
             if not p.id_nat_ps:
@@ -68,6 +69,10 @@ class DmpRules(Rules):
         if p.kind == ADMIN and st.known:
             # a deleted (not destroyed) DMP stays manageable: 410 on read, history kept
             return permit("admin", "administrator (no document content)")
+        if p.kind == PRIVACY_OFFICER and st.known:
+            # CONTRACT.md "Privacy operations": journals, Consents, Patients, representatives and
+            # review Tasks of every DMP; never document content (DocumentRules.judge)
+            return permit("privacy-officer", "privacy officer (no document content)")
         if not st.exists:
             return deny("dmp-state", "no such DMP")
         if p.kind == LEGAL_REPRESENTATIVE and p.patient_id == st.pid:
@@ -197,7 +202,7 @@ class DmpRules(Rules):
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             st = self.state(p.patient_id)
             return {p.patient_id} if st.exists else set()
-        if p.kind == ADMIN:
+        if p.kind in (ADMIN, PRIVACY_OFFICER):
             return None
         if named_pids or p.purpose in (BTG, ETREAT):
             # the DMPs the request names, one by one (emergency modes reach no others): only their

@@ -17,7 +17,7 @@ import copy
 from ...storage.filters import compile_query
 from ...profiles import dmp
 from ...search import reference_id
-from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PS, TREAT
+from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS, TREAT
 from .facets import access_facets
 from .state import Decision, PatientState, Rules, deny, permit
 
@@ -29,6 +29,8 @@ class DocumentRules(Rules):
         """Rule 9 and the labels, judged with the same query the search guard runs."""
         if self.p.kind == ADMIN:
             return deny("admin-no-content", "administrators never read documents")
+        if self.p.kind == PRIVACY_OFFICER:
+            return deny("officer-no-content", "the privacy officer never reads document content")
         judged = self.access.entry(st)
         if judged[3] is None:
             judged[3] = compile_query(self.document_query(st.pid))

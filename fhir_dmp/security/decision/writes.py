@@ -11,7 +11,7 @@ client-chosen id is the administrator's.
 from __future__ import annotations
 
 from ...profiles import dmp
-from ..principal import ADMIN, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PS, TREAT
+from ..principal import ADMIN, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS, TREAT
 from .consents import consent_actor_ids, consent_kind, identifier_key
 from .documents import is_personal_document
 from .state import DIRECTORY, SERVER_WRITTEN, Decision, PatientState, Rules, deny, permit
@@ -62,7 +62,23 @@ class WriteRules(Rules):
             return decision
         if resource_type == "RelatedPerson":
             return self.access.representatives.can_write(interaction, new, old, st, access)
+        if resource_type == "Task":
+            return self._write_task(interaction, access)
         return deny("type", f"{resource_type} is not writable")
+
+    def _write_task(self, interaction, access) -> Decision:
+        """Review cases (CONTRACT.md "Privacy operations"): the server opens them (``fhir_dmp/review/``,
+        never through this decision), the privacy officer takes and closes them, nobody deletes
+        one; which changes a case allows is the review's (``review/decide.py``)."""
+        if interaction == "create":
+            return deny("review-server", "review cases are opened by the server")
+        if interaction == "delete":
+            return deny("review-kept", "review cases are never deleted")
+        if self.p.kind != PRIVACY_OFFICER:
+            return deny("review-officer", "only the privacy officer takes and closes review cases")
+        if not access.permit:
+            return access
+        return permit("privacy-officer", "the privacy officer takes or closes a review case")
 
     def _write_patient(self, interaction, new, old, pid) -> Decision:
         p = self.p
