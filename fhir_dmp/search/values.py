@@ -5,6 +5,7 @@ Everything here is pure and knows nothing of MongoDB queries.
 """
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from datetime import datetime, timedelta, timezone
@@ -32,9 +33,11 @@ _DATE_RE = re.compile(
     r"(Z|[+-]\d{2}:\d{2})?)?)?)?$")
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize(text: str) -> str:
     """Case- and accent-insensitive form: NFD, combining marks removed, casefolded,
-    whitespace collapsed (https://hl7.org/fhir/R4/search.html#string)."""
+    whitespace collapsed (https://hl7.org/fhir/R4/search.html#string). Memoized: the same
+    displays (codings of every AuditEvent) come back on every write (bench/README.md, issue 22)."""
     decomposed = unicodedata.normalize("NFD", text)
     stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     return " ".join(stripped.casefold().split())
