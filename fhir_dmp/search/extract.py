@@ -50,7 +50,7 @@ def _walk(resource: dict, path: Path) -> list:
                 if v is None:
                     continue
                 if isinstance(v, list):
-                    nxt.extend(x for x in v if x is not None)
+                    nxt.extend([x for x in v if x is not None])
                 else:
                     nxt.append(v)
         nodes = nxt
