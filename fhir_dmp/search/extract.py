@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 
 from .registry import PATIENT_COMPARTMENT, SUPPORTED, Path, SearchParam
-from .values import (DATE_MAX, DATE_MIN, ID_RE, STR_HIGH, STR_LOW, TYPE_RE, date_range,
+from .values import (DATE_MAX, DATE_MIN, ID_RE, MEMO_MAX_LEN, STR_HIGH, STR_LOW, TYPE_RE, date_range,
                      normalize)
 
 DESC = "~d"
@@ -84,6 +84,8 @@ def parse_reference(ref: str, base_url: str | None = None) -> dict | None:
     """
     if not isinstance(ref, str) or not ref or ref.startswith("#"):
         return None
+    if len(ref) > MEMO_MAX_LEN:
+        return dict(_parse_reference.__wrapped__(ref, base_url))
     return dict(_parse_reference(ref, base_url))
 
 

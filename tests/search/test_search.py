@@ -298,6 +298,11 @@ def test_extract_twice_gives_equal_fresh_indexes():
     again, order_again = extract("AuditEvent", event, base_url=BASE)
     assert again["patient"] == [{"r": "Patient/p1", "t": "Patient", "i": "p1"}]
     assert again["entity"][0]["t"] == "Patient" and order_again == order
+    long = "É" + "x" * 300     # beyond the memoized length: the same answer, not cached
+    assert normalize(long) == normalize(long) == "e" + "x" * 300
+    ref = "Patient/" + "a" * 300
+    assert extract("AuditEvent", {"resourceType": "AuditEvent", "entity": [{"what": {"reference": ref}}]}
+                   )[0]["entity"] == [{"r": ref}]
 
 
 def test_period_values_index_as_ranges():
