@@ -1,7 +1,7 @@
 """The ``fhir-dmp`` command line (CONTRACT.md "Install and run").
 
 Subcommands: ``serve``, ``dev-token``, ``load``, ``audit verify``,
-``keys rotate``, ``retention run``, ``backup``, ``restore``. Configuration comes only from ``Config.from_env()``; the
+``keys rotate``, ``retention run``, ``privacy scan``, ``backup``, ``restore``. Configuration comes only from ``Config.from_env()``; the
 options ``--host/--port`` override it (``serve --workers`` is no configuration: it goes to
 ``server.serve``). Expected failures (bad
 configuration, port taken, database that will not start, missing file) end
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -52,6 +53,14 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid ISO date or instant {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = p.add_subparsers(dest="retention_command", metavar="ACTION", required=True)
     r = rsub.add_parser("run", help="destroy the closed DMPs whose retention (FHIR_DMP_RETENTION_YEARS) is over")
     r.set_defaults(func=cmd_retention_run)
+
+    p = sub.add_parser("privacy", help="privacy operations")
+    psub = p.add_subparsers(dest="privacy_command", metavar="ACTION", required=True)
+    r = psub.add_parser("scan", help="score every (professional, DMP) pair of the window and open review "
+                                     "cases for the highest (FHIR_DMP_REVIEW_BUDGET a day)")
+    r.add_argument("--since", type=_instant, default=None, help="ISO instant (default: where the last scan ended)")
+    r.add_argument("--until", type=_instant, default=None, help="ISO instant (default: now)")
+    r.add_argument("--out", type=Path, default=None, help="write one NDJSON line per pair to FILE")
+    r.set_defaults(func=cmd_privacy_scan)
 
     p = sub.add_parser("backup", help="consistent online copy of the database into DIR (never the KEK)")
     p.add_argument("directory", metavar="DIR", help="a new or empty directory")
@@ -255,6 +273,31 @@ def cmd_retention_run(args, **_) -> int:
         count = run_retention(build_services(config_used.with_(notifications_worker=False), client, db),
                               GuardedRepository)
     print(f"{count} closed DMP(s) past retention destroyed")
+    return 0
+
+
+def cmd_privacy_scan(args, **_) -> int:
+    """``fhir-dmp privacy scan``: review/scan.py over the window, its NDJSON in ``--out``."""
+    from .database import connected  # lazy: pymongo
+
+    config = _config(args)
+    try:
+        from ..review.scan import run_scan  # lazy: scikit-learn, the privacy extra
+    except ImportError as e:
+        raise CliError(f"the privacy scan needs the 'privacy' extra (pip install fhir-dmp[privacy]): {e}") from None
+    from .services import build_services  # lazy: Flask and pymongo
+    with connected(config, log=_say) as (config_used, client, db):
+        services = build_services(config_used.with_(notifications_worker=False), client, db)
+        try:
+            with open(args.out, "w", encoding="utf-8") if args.out else nullcontext() as out:
+                result = run_scan(services.storage, since=args.since, until=args.until, out=out,
+                                  budget=config_used.review_budget, audit_log=services.audit_log)
+        except OSError as e:
+            raise CliError(f"cannot write {args.out}: {e.strerror}") from None
+        finally:
+            services.audit_log.close()
+    print(f"{result.pairs} pair(s) from {result.events} access(es) scored in {result.seconds:.1f} s; "
+          f"{len(result.opened)} review case(s) opened")
     return 0
 
 

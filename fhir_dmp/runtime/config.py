@@ -69,6 +69,10 @@ class Config:
     # CONTRACT.md "Lifecycle of a DMP": years a closed DMP is kept; how a PS's first access is granted
     retention_years: int = 10
     first_access: str = "attestation"
+    # CONTRACT.md "Privacy operations": anomaly review cases opened per day at most; the hourly
+    # misuse scan in the background (review/schedule.py)
+    review_budget: int = 20
+    privacy_scan: bool = True
     # the journal: the background sealer, its signing key, the unsealed bound
     audit_sealer: bool = True
     audit_key_file: Path | None = None
@@ -172,6 +176,7 @@ class Config:
             threads=_int(env, "FHIR_DMP_THREADS", 0) if env.get("FHIR_DMP_THREADS") else 0,
             document_cache_docs=_int(env, "FHIR_DMP_DOCUMENT_CACHE_DOCS", 10_000, zero_ok=True),
             db_wait=_int(env, "FHIR_DMP_DB_WAIT", 10),
+            review_budget=_int(env, "FHIR_DMP_REVIEW_BUDGET", 20, zero_ok=True),
         )
         if env.get("FHIR_DMP_CORS_ORIGINS"):
             values["cors_origins"] = tuple(o.strip() for o in env["FHIR_DMP_CORS_ORIGINS"].split(",")

@@ -26,6 +26,7 @@ from ..audit.sealer import Sealer
 from ..notifications.outbox import Outbox
 from ..notifications.worker import Worker
 from ..resources.communications import notification_result
+from ..review.schedule import ScanScheduler
 from ..security.auth import SharedKeys, TokenVerifier
 from ..security.decision import AccessPolicy, access_facets
 from ..security.context_cache import ContextCache
@@ -80,6 +81,7 @@ class AppServices(Services):
     worker: Worker | None = None               # config.notifications_worker
     context_cache: ContextCache | None = None  # config.context_cache
     sealer: Sealer | None = None               # config.audit_sealer
+    privacy_scan: ScanScheduler | None = None  # config.privacy_scan
     # set by the signed-in spaces' init (fhir_dmp.spaces): CSRF always, each space's OIDC client
     # (by space name) when configured
     csrf: CSRFProtect | None = None
@@ -92,8 +94,8 @@ class AppServices(Services):
     def start_background(self) -> None:
         """Start what the configuration asks for (in each server worker, after the fork): the
         notification worker, the decision context cache (its change stream also invalidates the
-        DMP document cache, ``search/doc_cache.py``, and shares the issuer's key set, ``auth.SharedKeys``)
-        and the journal sealer."""
+        DMP document cache, ``search/doc_cache.py``, and shares the issuer's key set, ``auth.SharedKeys``),
+        the journal sealer and the hourly misuse scan (``review/schedule.py``)."""
         config = self.config
         if config.notifications_worker:
             self.worker = self._start(Worker(
@@ -114,6 +116,13 @@ class AppServices(Services):
             self.policy.context_cache = self.context_cache
         if config.audit_sealer:
             self.sealer = self._start(Sealer(self.storage, config.audit_key_path))
+        if config.privacy_scan:
+            self.privacy_scan = self._start(ScanScheduler(self.storage, self.scan_privacy))
+
+    def scan_privacy(self):
+        """One misuse scan since the last one, opening its review cases (``review/scan.py``)."""
+        from ..review.scan import run_scan  # lazy: scikit-learn (the privacy extra), only when a scan runs
+        return run_scan(self.storage, budget=self.config.review_budget, audit_log=self.audit_log)
 
     def _start(self, service):
         service.start()

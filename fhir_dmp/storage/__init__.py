@@ -14,6 +14,7 @@ contract:
 ``grants.py``       the decision's inputs, break-the-glass grants, access codes, key sets
 ``lifecycle.py``    closed/reopened stamps, the purge of a DMP, daily job leases
 ``review.py``       the keys of the privacy review cases (one case per key)
+``privacy.py``      what the misuse scan reads (journal window, records' facts), its collection
 ``backup.py``       every collection copied to files from one snapshot, and restored
 ``filters.py``      the storage filter language evaluated in memory
 ``errors.py``       what storage raises (pymongo's errors wrapped)
@@ -35,6 +36,7 @@ from .grants import GrantStore
 from .journal import JournalStore
 from .lifecycle import LifecycleStore
 from .outbox import OutboxStore
+from .privacy import PrivacyStore
 from .resources import UNIQUE_INDEXES, ResourceStore
 from .review import ReviewStore
 
@@ -44,7 +46,7 @@ __all__ = ["RESOURCE_TYPES", "UNIQUE_INDEXES", "BackupRefused", "check_backup", 
 
 
 class Storage(ResourceStore, JournalStore, ContentStore, OutboxStore, GrantStore, LifecycleStore, BackupStore,
-              ReviewStore):
+              ReviewStore, PrivacyStore):
     """The database, as the server uses it: every family's queries on one client and database
     (``StoreCore.__init__``: ``Storage(client, db, annotate=...)``)."""
 

@@ -48,6 +48,7 @@ JOURNAL_QUEUE = "AuditEvent_queue"            # appended, not yet sealed (audit/
 JOURNAL_LINKS = "AuditEvent_link"             # the chain links of each sealing pass (audit/sealer.py)
 CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (audit/sealer.py)
 SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (audit/sealer.py)
+PRIVACY_SCANS = "privacy_scans"               # the misuse scan's window and reviewed pairs (review/scan.py)
 KEY_SETS = "issuer_key_sets"                  # the issuer's key set as last seen by any process (security/auth.py)
 REVIEW_KEYS = "review_case_keys"              # one per review case key: never two cases for one key (review/)
 #: what the access decision reads: the decision context cache watches them (security/context_cache.py)

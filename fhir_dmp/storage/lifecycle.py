@@ -15,7 +15,8 @@ from pymongo import ReturnDocument
 
 from ..audit.chain import GENESIS
 from .core import (ACCESS_CODES, BLOBS, CHUNKS, COMPARTMENT_TYPES, DATAKEYS, GRANT_LOCKS, GRANTS, JOBS, JOURNAL,
-                   JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_QUEUE, OUTBOX, REVIEW_KEYS, StoreCore)
+                   JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_QUEUE, OUTBOX, PRIVACY_SCANS, REVIEW_KEYS,
+                   StoreCore)
 from .errors import translate_methods
 
 
@@ -57,6 +58,7 @@ class LifecycleStore(StoreCore):
         gone(OUTBOX, {"patient_id": pid})
         gone(ACCESS_CODES, {"pid": pid})
         gone(REVIEW_KEYS, {"pid": pid})
+        gone(PRIVACY_SCANS, {"pid": pid})
         # sealed and not yet sealed events alike (the sealer links them after the fact)
         gone(JOURNAL, {"pid": pid})
         gone(JOURNAL_LINKS, {"pid": pid})
