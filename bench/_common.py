@@ -18,6 +18,7 @@ Contract:
   in bulk with the exact documents ``Storage.create`` writes
   (``Storage.stamp`` + ``Storage.current_doc``, i.e. ``search.extract``).
 * :func:`stats` / :func:`fmt_ms` — median, p95, mean of a list of seconds.
+* :func:`sizes_of` — a ``--sizes``-like option, shortened by ``--quick``.
 """
 from __future__ import annotations
 
@@ -137,6 +138,16 @@ def seed_dmp(env: Env, n_docs: int, *, ps: str = builders.PS_DR, author: str = b
     for i in range(0, len(current), 500):
         storage.db["DocumentReference"].insert_many(current[i:i + 500], ordered=False)
     return pid, [first.id] + ids
+
+
+def sizes_of(ap, args, name: str, repeat_cap: int, quick_sizes: str) -> list[int]:
+    """The comma-separated sizes of option ``name``; with ``--quick``: at most ``repeat_cap``
+    runs, and ``quick_sizes`` unless sizes were given."""
+    if args.quick:
+        args.repeat = min(args.repeat, repeat_cap)
+        if getattr(args, name) == ap.get_default(name):
+            setattr(args, name, quick_sizes)
+    return [int(x) for x in getattr(args, name).split(",")]
 
 
 def timed(fn, repeat: int, warmup: int = 2) -> list[float]:

@@ -70,14 +70,15 @@ _seq = itertools.count()
 def sample_events(env, n: int, pids: list[str]) -> list[dict]:
     """``n`` AuditEvents as a read produces them (build_event on an AccessRecord)."""
     from fhir_dmp.audit.events import AccessRecord, build_event
-    from fhir_dmp.security.decision import Decision, RequestAccess
+    from fhir_dmp.security.decision import Decision
     p = c.principal(env, env.idp.ps(builders.PS_DR, profession="10"))
+    decision = env.backend.policy.for_request(p).complete(Decision(True, "authorized", "bench"))
     out = []
     for i in range(n):
         pid = pids[next(_seq) % len(pids)]   # round robin over the chains, across calls
         rec = AccessRecord(interaction="read", action="R", outcome="0", principal=p, patient_id=pid,
                            resource=f"DocumentReference/{uuid.uuid4().hex}/_history/1", query=None,
-                           decision=RequestAccess.complete(Decision(True, "authorized", "bench")), http_status=200,
+                           decision=decision, http_status=200,
                            client_ip="127.0.0.1", request_id=uuid.uuid4().hex)
         out.append(build_event(rec, source_observer=env.config.fhir_base))
     return out

@@ -23,9 +23,17 @@ other load of the machine). Each case three ways:
     ``Storage.create`` writes, ``insert_many`` of 1,000; no ``_history`` copies: no search
     reads them).
 
+(c) through HTTP (issue 22; the WSGI app, real RS256 tokens), at each ``--filler`` size of (b):
+    ``DocumentReference?patient=`` by the médecin and the patient's journal
+    ``AuditEvent?patient=`` (``_sort=-date``, ``_count=20``) by the patient, on a DMP of 20
+    documents opened for that stage (so that every stage reads a journal of the same length:
+    the searches journal themselves), interleaved; p50/p95 and CPU per request (this process
+    and the database), and the resident memory (RSS) of both processes.
+
 Prints p50/p95 and the ratios (goals: 2,000 within 1.3x of 20; 1M within 1.3x of 10k). With the
 default filler (up to 1,000,000 documents) the seeding takes 15-25 minutes and ~10 GB of disk
-on a 2-core machine; ``--quick``: 15 runs, filler 10,000 and 100,000 (~3 minutes).
+on a 2-core machine; ``--quick``: 15 runs, filler 10,000 and 100,000 (~3 minutes). ``--only-http``:
+(c) alone (no in-process cases).
 """
 from __future__ import annotations
 
@@ -124,18 +132,48 @@ def settle(env, timeout: float = 1200.0) -> float:
     return time.perf_counter() - t0
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (``/proc/<pid>/status`` VmRSS), MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def http_searches(env, repeat: int) -> dict:
+    """(c): a fresh DMP of 20 documents; its document search (médecin) and journal (patient)
+    through the WSGI app, interleaved; label -> stats with ``cpu`` (ms per request)."""
+    pid, _ = c.seed_dmp(env, 20)
+    client = env.app.test_client()
+    cases = [("DocumentReference?patient=", f"/fhir/DocumentReference?patient={pid}",
+              env.idp.ps(builders.PS_DR, profession="10")),
+             ("AuditEvent?patient=", f"/fhir/AuditEvent?patient={pid}&_sort=-date&_count=20",
+              env.idp.patient(pid))]
+    times: dict[str, list] = {label: [] for label, _, _ in cases}
+    cpu: dict[str, float] = {label: 0.0 for label, _, _ in cases}
+    for i in range(repeat + 3):
+        for label, url, token in cases:
+            app0, db0 = cpu_s(os.getpid()), cpu_s(env.server.pid)
+            t0 = time.perf_counter()
+            r = client.get(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"})
+            elapsed = time.perf_counter() - t0
+            assert r.status_code == 200 and r.get_json().get("entry"), r.get_data(as_text=True)[:300]
+            if i >= 3:     # warm-up: tokens, the decision context, the document cache
+                times[label].append(elapsed)
+                cpu[label] += cpu_s(os.getpid()) - app0 + cpu_s(env.server.pid) - db0
+    return {label: {**c.stats(times[label]), "cpu": 1e3 * cpu[label] / repeat} for label in times}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--big", type=int, default=2000)
     ap.add_argument("--filler", default="10000,1000000")
     ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--only-http", action="store_true", help="(c) alone")
     args = ap.parse_args()
-    if args.quick:
-        args.repeat = min(args.repeat, 15)
-        if args.filler == ap.get_default("filler"):
-            args.filler = "10000,100000"
-    fillers = [int(x) for x in args.filler.split(",")]
+    fillers = c.sizes_of(ap, args, "filler", 15, "10000,100000")
     with c.environment(audit_sealer=False) as env:
         small, _ = c.seed_dmp(env, 20)
         big, _ = c.seed_dmp(env, args.big)
@@ -146,10 +184,11 @@ def main() -> int:
         # batches, context_cache.POLL_PAUSE_S): each one drops the DMP's cache entry, so measuring
         # before it is through counts reloads as "cached" searches
         settle(env)
-        print(f"(a) DMP of 20 vs DMP of {args.big} documents, first page, {args.repeat} runs each")
-        compare(env, [("20 documents", small), (f"{args.big} documents", big)], args.repeat)
-        print("    the same with _count=20 (pages of equal size)")
-        compare(env, [("20 documents", small), (f"{args.big} documents", big)], args.repeat, count=20)
+        if not args.only_http:
+            print(f"(a) DMP of 20 vs DMP of {args.big} documents, first page, {args.repeat} runs each")
+            compare(env, [("20 documents", small), (f"{args.big} documents", big)], args.repeat)
+            print("    the same with _count=20 (pages of equal size)")
+            compare(env, [("20 documents", small), (f"{args.big} documents", big)], args.repeat, count=20)
 
         template = copy.deepcopy(env.storage.read_many("DocumentReference",
                                                        [d["_id"] for d in env.db["DocumentReference"].find(
@@ -157,7 +196,8 @@ def main() -> int:
         template.pop("meta", None)
         print("(b) DMP of 20 documents, collection growing", flush=True)
         have = env.db["DocumentReference"].estimated_document_count()
-        results: dict[str, list] = {mode: [] for mode in MODES}
+        results: dict[str, list] = {mode: [] for mode in ([] if args.only_http else MODES)}
+        http: list[tuple[int, dict]] = []
         for target in fillers:
             t0 = time.perf_counter()
             add_filler(env, template, max(0, target - have))
@@ -165,15 +205,26 @@ def main() -> int:
             seeded = time.perf_counter() - t0
             print(f"  {have:>8} documents in the collection (seeded in {seeded:.0f} s, database idle "
                   f"again after {settle(env):.0f} s)", flush=True)
-            for mode in MODES:
+            for mode in results:
                 s = search_time(env, small, args.repeat, mode)
                 results[mode].append((have, s))
                 print(f"    {mode:<9} {fmt(s)}", flush=True)
+            h = http_searches(env, args.repeat)
+            http.append((have, h))
+            for label, s in h.items():
+                print(f"    HTTP {label:<27} {fmt(s)}", flush=True)
+            print(f"    RSS: application {rss_mib(os.getpid()):.0f} MiB, database {rss_mib(env.server.pid):.0f} MiB",
+                  flush=True)
         if len(fillers) > 1:
             for mode, rows in results.items():
                 print(f"  {mode:<9} ratio {rows[-1][0]} vs {rows[0][0]}: p50 "
                       f"{rows[-1][1]['p50'] / rows[0][1]['p50']:.2f}x, CPU "
                       f"{ratio(rows[-1][1]['cpu'], rows[0][1]['cpu'])}  (goal <= 1.3x)")
+            (n0, a), (n1, b) = http[0], http[-1]
+            for label in a:
+                print(f"  HTTP {label:<27} ratio {n1} vs {n0}: p50 {b[label]['p50'] / a[label]['p50']:.2f}x, "
+                      f"p95 {b[label]['p95'] / a[label]['p95']:.2f}x, CPU {ratio(b[label]['cpu'], a[label]['cpu'])}"
+                      "  (goal <= 1.3x)")
     return 0
 
 

@@ -80,20 +80,34 @@ def wait_ready(server: Served, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def start_serve(tmp: Path, name: str, mongo_uri: str, db_name: str, idp, *, workers: int = 2, wait: bool = True,
+                **extra: str) -> Served:
+    """``fhir-dmp serve`` (its own process group, a free port, log ``tmp/NAME.log``) on the
+    database, with the settings of :func:`serve_env`; waits until it answers unless told."""
+    port = free_port()
+    log = tmp / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fhir_dmp.runtime.cli", "serve", "--port", str(port), "--workers", str(workers)],
+            cwd=ROOT, env=serve_env(tmp, name, mongo_uri, db_name, idp, **extra),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Served(name, f"http://127.0.0.1:{port}/fhir", proc, log)
+    if wait:
+        try:
+            wait_ready(server)
+        except BaseException:
+            server.kill()
+            raise
+    return server
+
+
 @pytest.fixture
 def serve(tmp_path, mongo_server, db, idp):
     """Start servers on the test's database: ``serve(name, workers=2, wait=True, **env)``."""
     started: list[Served] = []
 
-    def start(name: str, *, workers: int = 2, wait: bool = True, **extra: str) -> Served:
-        port = free_port()
-        log = tmp_path / f"{name}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fhir_dmp.runtime.cli", "serve", "--port", str(port), "--workers", str(workers)],
-                cwd=ROOT, env=serve_env(tmp_path, name, mongo_server.uri, db.name, idp, **extra),
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        server = Served(name, f"http://127.0.0.1:{port}/fhir", proc, log)
+    def start(name: str, *, wait: bool = True, **kw) -> Served:
+        server = start_serve(tmp_path, name, mongo_server.uri, db.name, idp, wait=False, **kw)
         started.append(server)
         if wait:
             wait_ready(server)

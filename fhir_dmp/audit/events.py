@@ -20,6 +20,7 @@ import base64
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from ..security.decision.basis import BASIS_EXTENSION, basis_coding, outside_dmp_basis, rule_basis
 from ..security.principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PS,
                                   PURPOSE_SYSTEM, REGULATION_CENTRE, TREAT, Principal)
 from ..storage import instant
@@ -38,6 +39,8 @@ ACCESS_MODE_SYSTEM = "https://mos.esante.gouv.fr/NOS/TRE_R248"
 ROLE_CLASS_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-RoleClass"
 CLIENT_ID_SYSTEM = "urn:ietf:params:oauth:client-id"
 SUBJECT_SYSTEM = "urn:fhir-dmp:subject"
+RESOURCE_TYPES_SYSTEM = "http://hl7.org/fhir/resource-types"
+USER_AGENT_MAX = 256
 # local code system for what no published code system says
 DMP_AUDIT_SYSTEM = "urn:fhir-dmp:audit"
 
@@ -71,7 +74,10 @@ class AccessRecord:
     relative reference (``DocumentReference/123/_history/2``); ``query`` the
     raw query string of a search (stored base64). ``decision`` is
     ``{"result": "permit"|"deny", "rule": str, "reason": str,
-    "consents": [["Consent/1", "2"], ...]}``.
+    "consents": [["Consent/1", "2"], ...], "basis": {"code": str, "consents": [[ref, vid], ...],
+    "patient": [ref, vid] | None}}`` (``basis``: the rule that decided for the DMP,
+    :meth:`~fhir_dmp.security.decision.RequestAccess.complete`; without it, the event's own rule
+    decides or, with none, who the caller is). ``user_agent``: the HTTP User-Agent.
     """
 
     interaction: str
@@ -86,6 +92,7 @@ class AccessRecord:
     client_ip: str | None
     request_id: str | None
     recorded: datetime | None = None
+    user_agent: str | None = None
 
 
 # --- the event ----------------------------------------------------------------
@@ -173,6 +180,8 @@ def _decision_entity(rec: AccessRecord) -> dict | None:
         details.append({"type": "http_status", "valueString": str(rec.http_status)})
     if p is not None and p.purpose == BTG and p.btg_reason:
         details.append({"type": "btg_reason", "valueString": p.btg_reason})
+    if rec.user_agent:
+        details.append({"type": "user-agent", "valueString": rec.user_agent[:USER_AGENT_MAX]})
     if not details:
         return None
     return {
@@ -180,6 +189,32 @@ def _decision_entity(rec: AccessRecord) -> dict | None:
         "description": "décision d'accès",
         "detail": details,
     }
+
+
+def record_basis(rec: AccessRecord) -> dict:
+    """The record's basis (``decision["basis"]``); for records built outside a repository (a
+    refused token, a portal sign-in), the one their own rule decides, else who the caller is."""
+    d = rec.decision or {}
+    if d.get("basis"):
+        return d["basis"]
+    granted = d.get("result", "permit" if rec.outcome == "0" else "deny") == "permit"
+    kind = rec.principal.kind if rec.principal is not None else None
+    return {"code": rule_basis(d.get("rule"), granted) or outside_dmp_basis(kind, granted),
+            "consents": [], "patient": None}
+
+
+def _basis_entities(basis: dict) -> list[dict]:
+    """The Consents that decided (IHE BALP AuthZ consent entity) and, for the médecin traitant, the
+    Patient version naming the GP, each by version."""
+    out = [{"what": {"reference": f"{ref}/_history/{vid}"},
+            "type": _coding(RESOURCE_TYPES_SYSTEM, "Consent", "Consent")}
+           for ref, vid in basis.get("consents") or ()]
+    if basis.get("patient"):
+        ref, vid = basis["patient"]
+        out.append({"what": {"reference": f"{ref}/_history/{vid}"},
+                    "type": _coding(RESOURCE_TYPES_SYSTEM, "Patient", "Patient"),
+                    "description": "médecin traitant (generalPractitioner)"})
+    return out
 
 
 def build_event(rec: AccessRecord, *, source_observer: str) -> dict:
@@ -197,7 +232,10 @@ def build_event(rec: AccessRecord, *, source_observer: str) -> dict:
     - source.observer the server;
     - entity: patient (role 1), resource (role 4), query (role 24, base64),
       the request id (BALP XrequestId) and the decision (type ``decision``,
-      detail result/rule/reason/consent/http_status/btg_reason).
+      detail result/rule/reason/consent/http_status/btg_reason/user-agent);
+    - the extension ``dmp-access-basis`` (the rule that decided for the DMP, CONTRACT.md
+      "Privacy operations"), with an entity per deciding Consent version (IHE BALP AuthZ consent)
+      and, for the médecin traitant, the Patient version naming the GP.
 
     No ``id``/``meta``: :meth:`AuditLog.append` assigns them.
     """
@@ -209,8 +247,10 @@ def build_event(rec: AccessRecord, *, source_observer: str) -> dict:
         raise ValueError(f"unknown outcome {rec.outcome!r}")
     recorded = rec.recorded or datetime.now(timezone.utc)
     p = rec.principal
+    basis = record_basis(rec)
     event: dict = {
         "resourceType": "AuditEvent",
+        "extension": [{"url": BASIS_EXTENSION, "valueCoding": basis_coding(basis["code"])}],
         "type": _coding(EVENT_TYPE_SYSTEM, "rest", "Restful Operation"),
         "subtype": [_coding(INTERACTION_SYSTEM, rec.interaction, rec.interaction)],
         "action": rec.action,
@@ -257,6 +297,7 @@ def build_event(rec: AccessRecord, *, source_observer: str) -> dict:
             "what": {"identifier": {"value": rec.request_id}},
             "type": _coding(BALP_ENTITY_SYSTEM, "XrequestId", "X-Request-Id"),
         })
+    entities += _basis_entities(basis)
     decision = _decision_entity(rec)
     if decision:
         entities.append(decision)

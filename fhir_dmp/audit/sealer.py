@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..runtime.secret_files import write_secret
-from ..storage.errors import StorageClosed, StorageError
+from ..storage.errors import Outage, StorageClosed, StorageError
 from .chain import GENESIS, SYSTEM_CHAIN, checkpoint_payload, key_id, link_hash
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,9 @@ class Sealer:
     def acquire(self) -> bool:
         """Take or renew the lease; False when another live process holds it."""
         now = datetime.now(timezone.utc)
-        return self.storage.take_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s),
-                                              lsid=self._session.session_id)
+        with self.storage.deadline():
+            return self.storage.take_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s),
+                                                  lsid=self._session.session_id)
 
     def release(self) -> None:
         try:
@@ -109,9 +110,12 @@ class Sealer:
     def seal_once(self) -> int:
         """Seal up to ``batch`` of the oldest unsealed events in one transaction; the number sealed.
 
-        Raises :class:`LeaseLost` when this process does not hold the lease.
+        Raises :class:`LeaseLost` when this process does not hold the lease. Bounded, retries
+        included, by FHIR_DMP_DB_WAIT (``StoreCore.deadline``): past it a StorageError and
+        nothing sealed (the transaction is aborted).
         """
-        return self.storage.run_in_session(self._session, self._seal)
+        with self.storage.deadline():
+            return self.storage.run_in_session(self._session, self._seal)
 
     def seal_all(self) -> int:
         """Take the lease and seal until nothing is left (``fhir-dmp audit seal``, tests)."""
@@ -175,15 +179,21 @@ class Sealer:
         self.release()
 
     def _run(self) -> None:
+        # a database away (step-down, dropped connections): each pass is bounded by
+        # FHIR_DMP_DB_WAIT (StoreCore.deadline, in acquire and seal_once); one log line, short
+        # pauses, sealing again within a second or so of its return (storage.errors.Outage)
+        outage = Outage(log, "audit sealer")
         while not self._stop.is_set():
+            pause = self.interval
             try:
-                if self.acquire():
+                if self.acquire():   # False: another holds it, or the lease write timed out
                     while not self._stop.is_set() and self.seal_once() >= self.batch:
                         pass
+                    outage.ok()
             except LeaseLost:
                 pass
             except StorageClosed:   # the client was closed: this process is going away
                 return
-            except Exception:   # noqa: BLE001 — keep sealing after a database hiccup
-                log.exception("audit sealer pass failed; retrying")
-            self._stop.wait(self.interval)
+            except Exception as exc:   # noqa: BLE001 — keep sealing after a database hiccup
+                pause = outage.failed(exc)
+            self._stop.wait(pause)

@@ -41,13 +41,15 @@ class RequestInfo:
     client_ip: str | None = None
     request_id: str | None = None
     access_code: str | None = None      # X-Patient-Access-Code (first access in patient-code mode)
+    user_agent: str | None = None       # the HTTP User-Agent (what the misuse scan compares)
 
 
 class RequestJournal:
     """The records of one request, for one principal (``info``: its client IP and request id)."""
 
-    def __init__(self, principal, info, audit_log, source_observer: str):
+    def __init__(self, principal, info, audit_log, source_observer: str, access: RequestAccess):
         self.p = principal
+        self.access = access             # the request's decision: the basis of each record
         self.info = info
         self.audit_log = audit_log
         self.source_observer = source_observer
@@ -65,8 +67,8 @@ class RequestJournal:
         self.records.append(AccessRecord(
             interaction=interaction, action=ACTION.get(interaction, "E"), outcome=outcome,
             principal=self.p, patient_id=patient_id, resource=resource, query=query,
-            decision=RequestAccess.complete(decision), http_status=http_status,
-            client_ip=self.info.client_ip, request_id=self.info.request_id))
+            decision=self.access.complete(decision, patient_id), http_status=http_status,
+            client_ip=self.info.client_ip, request_id=self.info.request_id, user_agent=self.info.user_agent))
 
     def events(self, records: list) -> list[dict]:
         """The AuditEvents of ``records`` (BALP shape)."""

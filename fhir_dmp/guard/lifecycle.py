@@ -41,9 +41,11 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 from ..audit.events import add_years
+from ..security.decision.basis import BASIS_EXTENSION, basis_coding, outside_dmp_basis
 from ..security.principal import ADMIN, Principal
 from ..security.scopes import Scopes
 from ..storage import instant
+from ..storage.errors import Outage, StorageClosed, StorageError
 from .journal import RequestInfo
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ def destroy_event(actor_kind: str, at: datetime, *, source_observer: str, reason
     identifier), when, why; nothing that names the patient."""
     return {
         "resourceType": "AuditEvent",
+        "extension": [{"url": BASIS_EXTENSION, "valueCoding": basis_coding(outside_dmp_basis(actor_kind, True))}],
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
                  "display": "Restful Operation"},
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "delete",
@@ -174,10 +177,15 @@ def run_retention(backend, open_repository, at: datetime | None = None) -> int:
     at = at or _now()
     system = Principal(kind=ADMIN, subject="fhir-dmp retention", scopes=Scopes.ALL)
     done = 0
-    for pid in retention_due(backend.storage, backend.config.retention_years, at):
-        repo = open_repository(backend, system, RequestInfo(request_id="retention"))
-        repo.destroy_dmp(pid, reason="retention period over")
-        repo.flush_audit()
+    storage = backend.storage
+    with storage.deadline():
+        due = retention_due(storage, backend.config.retention_years, at)
+    for pid in due:
+        # each destroy bounded like a request's (FHIR_DMP_DB_WAIT): all or nothing, its event included
+        with storage.deadline():
+            repo = open_repository(backend, system, RequestInfo(request_id="retention"))
+            repo.destroy_dmp(pid, reason="retention period over")
+            repo.flush_audit()
         done += 1
     return done
 
@@ -198,22 +206,44 @@ class RetentionScheduler:
         self._thread: threading.Thread | None = None
 
     def tick(self) -> bool:
-        if not claim_daily_run(self.storage, self.owner, _now()):
-            return False
-        try:
-            count = self.job()
-            log.info("retention: %s closed DMP(s) past retention destroyed", count)
-        except Exception:  # noqa: BLE001 — a failed run is retried the next day, the server goes on
-            log.exception("retention run failed")
+        """Run the day's job if this process wins the day's claim; True if it did.
+
+        A database away while the job runs (a StorageError) is waited out, short pauses, and the
+        job run again (it is idempotent: it destroys what is still due) once the database is
+        back; any other failure is logged and the job retried the next day."""
+        with self.storage.deadline():
+            if not claim_daily_run(self.storage, self.owner, _now()):
+                return False
+        outage = Outage(log, "retention run")
+        while not self._stop.is_set():
+            try:
+                count = self.job()
+                outage.ok()
+                log.info("retention: %s closed DMP(s) past retention destroyed", count)
+                return True
+            except StorageClosed:
+                raise
+            except StorageError as exc:
+                self._stop.wait(outage.failed(exc))
+            except Exception:  # noqa: BLE001 — a failed run is retried the next day, the server goes on
+                log.exception("retention run failed")
+                return True
         return True
 
     def _loop(self) -> None:
+        # the day's claim unreachable (database away): one log line, retried within a second or
+        # so of the database's return, not at the next interval (storage.errors.Outage)
+        outage = Outage(log, "retention scheduler")
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 — database away: try again at the next tick
-                log.warning("retention scheduler could not reach the database")
-            self._stop.wait(self.interval)
+                outage.ok()
+                pause = self.interval
+            except StorageClosed:   # the client was closed: this process is going away
+                return
+            except Exception as exc:  # noqa: BLE001 — database away: try again shortly
+                pause = outage.failed(exc)
+            self._stop.wait(pause)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fhir-dmp-retention", daemon=True)

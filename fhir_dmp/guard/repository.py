@@ -15,7 +15,8 @@ The facade is composed of its parts, one file each: :class:`~fhir_dmp.guard.jour
 (what the request did), :class:`~fhir_dmp.guard.unit_of_work.UnitOfWork` (its write transaction),
 :class:`~fhir_dmp.guard.reads.Reads`, :class:`~fhir_dmp.guard.writes.Writes`,
 :class:`~fhir_dmp.guard.dmp.DmpOperations` (destroy, close, access codes, grants, notices),
-:class:`~fhir_dmp.guard.review.ReviewOperations` (the privacy review cases), and
+:class:`~fhir_dmp.guard.review.ReviewOperations` (the privacy review cases),
+:class:`~fhir_dmp.guard.explain.Explanations` (``$explain-access``), and
 the document pipeline (:class:`~fhir_dmp.documents.pipeline.DocumentPipeline`).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..documents.pipeline import DocumentPipeline
 from ..security.decision import RequestAccess
 from ..security.principal import Principal
 from .dmp import DmpOperations
+from .explain import Explanations
 from .journal import RequestInfo, RequestJournal
 from .reads import Reads
 from .review import ReviewOperations
@@ -36,7 +38,7 @@ if TYPE_CHECKING:   # the process's services (runtime/services.py), built by cre
     from ..runtime.services import Services
 
 
-class GuardedRepository(Reads, Writes, DmpOperations, ReviewOperations):
+class GuardedRepository(Reads, Writes, DmpOperations, ReviewOperations, Explanations):
     """One request's view of the store, for one principal."""
 
     def __init__(self, backend: Services, principal: Principal, info: RequestInfo | None = None):
@@ -49,7 +51,8 @@ class GuardedRepository(Reads, Writes, DmpOperations, ReviewOperations):
         self.p = principal
         self.access: RequestAccess = backend.policy.for_request(principal)
         self.info = info or RequestInfo()
-        self.journal = RequestJournal(principal, self.info, backend.audit_log, backend.config.fhir_base)
+        self.journal = RequestJournal(principal, self.info, backend.audit_log, backend.config.fhir_base,
+                                      self.access)
         self.work = UnitOfWork(backend.storage, backend.audit_log, self.journal, self.access, backend.policy)
         self.documents = DocumentPipeline(storage=backend.storage, blobs=backend.blobs, work=self.work,
                                           decision=self.access, journal=self.journal,

@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 from ..audit.events import SUBJECT_SYSTEM
 from ..notifications.outbox import Notice
 from ..profiles import validate
-from ..profiles.review_task import ACCESS_BASIS_SYSTEM, REVIEW_SYSTEM, case_code, coded, note_text, verdict
+from ..security.decision.basis import basis_coding, rule_basis
+from ..profiles.review_task import REVIEW_SYSTEM, case_code, coded, note_text, verdict
 from ..review import ReviewCase, case_input, open_case
 from ..review.decide import next_version, with_documents_read
 from ..security.principal import BTG, ETREAT, TREAT
@@ -45,8 +46,9 @@ class ReviewOperations:
         inputs.append(case_input("documents-read", valueInteger=self.journal.documents_read(pid)))
         ordinary = self.access.policy.for_request(replace(self.p, purpose=TREAT))
         before = ordinary.dmp_access(ordinary.state(pid))
-        if before.permit:
-            inputs.append(case_input("prior-basis", valueCoding={"system": ACCESS_BASIS_SYSTEM, "code": before.rule}))
+        prior = rule_basis(before.rule, before.permit) if before.permit else None
+        if prior:
+            inputs.append(case_input("prior-basis", valueCoding=basis_coding(prior)))
         case = ReviewCase(code=code, patient_id=pid, actor=self.p.id_nat_ps, focus=self.journal.first_event(pid),
                           inputs=inputs, key=key, release=release)
         return open_case(self.storage, case, session=session, audit_log=self.audit_log,

@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import portal, privacy, spaces
 from ..audit.events import AccessRecord, build_event
-from ..guard.journal import ACTION, METHOD_INTERACTION, RequestInfo
+from ..guard.journal import ACTION, METHOD_INTERACTION
 from ..guard.repository import GuardedRepository
 from ..resources import bundles, capability, conformance, rest
 from ..resources.conformance import is_public as conformance_is_public
@@ -30,8 +30,9 @@ from ..security.crypto import ContentUnavailable
 from ..security.decision import resolve_legal_representative
 from ..storage import StorageError
 from . import home
+from .clients import request_info
 from .compression import compress_response, decode_request_body
-from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceUnavailable
+from .errors import FhirError, MethodNotAllowed, NotFound, PayloadTooLarge, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,6 @@ CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "Accept", "Prefer", "If-M
 CORS_EXPOSE_HEADERS = ["ETag", "Location", "Content-Location", "Last-Modified", "WWW-Authenticate",
                        "X-Request-Id", "Retry-After", "Allow"]
 
-
-RETRY_AFTER_S = 2      # what a 503 of an unavailable database asks the client to wait
-
-
-def unavailable(message: str) -> ServiceUnavailable:
-    """The 503 ``transient`` of a database that did not answer within FHIR_DMP_DB_WAIT (or a
-    journal that could not be written): nothing was half-written, the client may retry after
-    ``Retry-After`` seconds (CONTRACT.md "Faults, failover and backups")."""
-    return ServiceUnavailable(message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
@@ -100,9 +92,8 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             if exc.status == 401:
                 _audit_refused(services, exc)
             raise
-        g.repo = GuardedRepository(services, principal, RequestInfo(
-            client_ip=request.remote_addr, request_id=g.request_id,
-            access_code=request.headers.get("X-Patient-Access-Code")))
+        g.repo = GuardedRepository(services, principal, request_info(
+            services.config, access_code=request.headers.get("X-Patient-Access-Code")))
         return None
 
     @app.after_request
@@ -116,7 +107,10 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             repo.flush_audit()
         except Exception:   # noqa: BLE001 — fail closed: no data leaves without its trace
             log.exception("audit write failed; response withheld (request %s)", g.get("request_id"))
-            return error_response(unavailable("the access journal cannot be written; try again"))
+            # answered by the error handler of the request's blueprint (the portal's French page)
+            # or the app's (an OperationOutcome)
+            return app.make_response(app.handle_user_exception(
+                unavailable("the access journal cannot be written; try again")))
         response.headers.setdefault("X-Request-Id", g.request_id)
         return response
 
@@ -220,12 +214,14 @@ def _audit_refused(services: Services, exc: FhirError) -> None:
     token). An expected refusal logs one line, no traceback."""
     try:
         interaction = _interaction()
+        info = request_info(services.config)
         rec = AccessRecord(interaction=interaction, action=ACTION.get(interaction, "E"), outcome="4",
                            principal=None, patient_id=None,
                            resource=request.path, query=None,
                            decision={"result": "deny", "rule": "authentication", "reason": exc.diagnostics[:200],
                                      "consents": []},
-                           http_status=401, client_ip=request.remote_addr, request_id=g.get("request_id"))
+                           http_status=401, client_ip=info.client_ip, request_id=info.request_id,
+                           user_agent=info.user_agent)
         services.audit_log.append([build_event(rec, source_observer=services.config.fhir_base)])
     except Exception as err:   # noqa: BLE001 — the 401 goes out anyway; nothing was disclosed
         log.error("could not journal a refused token (request %s): %s", g.get("request_id"),

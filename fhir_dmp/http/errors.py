@@ -123,6 +123,16 @@ class ServiceUnavailable(FhirError):
     status, code = 503, "transient"
 
 
+RETRY_AFTER_S = 2      # what a 503 of an unavailable database asks the client to wait
+
+
+def unavailable(message: str) -> ServiceUnavailable:
+    """The 503 ``transient`` of a database that did not answer within FHIR_DMP_DB_WAIT (or a
+    journal that could not be written): nothing was half-written, the client may retry after
+    ``Retry-After`` seconds (CONTRACT.md "Faults, failover and backups")."""
+    return ServiceUnavailable(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def not_found(resource_type: str, rid: str) -> NotFound:
     """The one 404 body, used for missing *and* denied resources (no leak)."""
     return NotFound(f"Resource {resource_type}/{rid} is not known")

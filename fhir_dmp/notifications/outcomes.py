@@ -6,7 +6,7 @@ from ..storage import VersionConflict, instant, now
 
 def record_notice_outcome(storage, cid: str, status: str, reason: str | None) -> None:
     """The server's own write of a notice's outcome on its Communication (``completed`` with
-    ``sent``, or ``not-done`` with the reason), in one transaction through ``with_transaction``;
+    ``sent``, or ``not-done`` / ``unknown`` with the reason), in one transaction through ``with_transaction``;
     a concurrent change of the Communication is re-read and tried again (a few times)."""
     def write(session) -> bool:
         current = storage.read("Communication", cid, session=session)
@@ -15,7 +15,7 @@ def record_notice_outcome(storage, cid: str, status: str, reason: str | None) ->
         res = dict(current.resource, status=status)
         if status == "completed":
             res["sent"] = instant(now())
-        if reason and status == "not-done":
+        if reason and status != "completed":
             res["statusReason"] = {"text": reason[:500]}
         try:
             storage.update("Communication", cid, res, pid=current.pid, expected_vid=current.vid, session=session)

@@ -12,6 +12,7 @@ from .directory import Professional
 from ..notifications.outbox import VERDICT_LABELS
 from ..profiles import dmp, review_task
 from ..audit.events import ACCESS_MODE_SYSTEM, PROFESSION_LABELS, PROFESSION_SYSTEM
+from ..security.decision.basis import basis_french, event_basis
 from ..security.principal import BTG, ETREAT, IDNATPS_SYSTEM, PURPOSE_SYSTEM
 from ..storage import instant, now
 
@@ -41,21 +42,20 @@ RESOURCE_TYPES = {
     "Consent": "d'une autorisation", "AuditEvent": "du journal", "Communication": "d'une notification",
     "RelatedPerson": "d'un représentant légal",
 }
-# why an access was refused, by the decision's rule (security/decision/); others: "accès refusé"
+# what a refusal adds to its basis (the "why" of every row, security/decision/basis.py): the document
+# hidden inside a granted request, the patient's own choice in their words; others: the basis alone
 REFUSALS = {
-    "not-authorized": "professionnel non autorisé", "blocked": "professionnel que vous avez bloqué",
     "btg-opt-out": "vous refusez le bris de glace", "centre15-opt-out": "vous refusez l'accès du centre 15",
-    "dmp-closed": "dossier fermé", "masque-ps": "document masqué aux professionnels",
+    "masque-ps": "document masqué aux professionnels", "invisible-patient": "document non visible",
     "habilitation": "profession non habilitée pour ce type de document",
-    "btg-no-reason": "bris de glace sans justification", "role": "profession exclue",
-    "invisible-patient": "document non visible", "invisible-representatives": "document non visible",
-    "authentication": "identification refusée",
+    "invisible-representatives": "document non visible",
 }
 NO_CONTACT = "non envoyée : aucun moyen de contact (email/SMS) dans le dossier"
 KIND_LABELS = {"patient": "Vous", "legal_representative": "Représentant légal",
                "admin": "Administrateur", "regulation_centre": "Centre de régulation (SAMU)"}
 NOTIFICATION_STATUS = {"in-progress": "En cours d'envoi", "completed": "Envoyée", "not-done": "Non envoyée",
-                       "preparation": "En préparation", "stopped": "Interrompue"}
+                       "preparation": "En préparation", "stopped": "Interrompue",
+                       "unknown": "Envoi incertain (interrompu pendant la remise, non renvoyée)"}
 
 
 def paris_time(value: str | None) -> str:
@@ -185,9 +185,10 @@ def journal_row(event: dict, patient_id: str, me: str | None = None,
     elif rule.startswith("notify-"):
         outcome = "Notification " + NO_CONTACT
     else:
-        outcome = "Refusé — " + REFUSALS.get(rule, "accès refusé")
+        outcome = "Refusé — " + REFUSALS[rule] if rule in REFUSALS else "Refusé"
     return {
         "date": paris_time(event.get("recorded")),
+        "why": event_why(event),
         "who": who,
         "id_nat_ps": id_nat_ps if who != id_nat_ps else None,
         "profession": ", ".join(filter(None, (person.profession, person.specialty))) if person and
@@ -201,6 +202,13 @@ def journal_row(event: dict, patient_id: str, me: str | None = None,
         "ok": ok,
         "outcome": outcome,
     }
+
+
+def event_why(event: dict) -> str:
+    """Why, in French: the event's basis (extension ``dmp-access-basis``, CONTRACT.md "Privacy
+    operations"): « autorisé par le patient », « refusé : professionnel bloqué »..."""
+    code = event_basis(event)
+    return basis_french(code) if code else ""
 
 
 def group_own_views(rows: list[dict]) -> list[dict]:

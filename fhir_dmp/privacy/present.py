@@ -17,11 +17,11 @@ from ..audit.events import PROFESSION_SYSTEM, event_patient
 from ..notifications.outbox import VERDICT_LABELS
 from ..portal.directory import Professional
 from ..portal.present import MODES, journal_row, paris_time
-from ..profiles.review_task import ACCESS_BASIS_SYSTEM, REVIEW_SYSTEM, SIGNAL_SYSTEM, case_code, coded, verdict
+from ..profiles.review_task import REVIEW_SYSTEM, SIGNAL_SYSTEM, case_code, coded, verdict
+from ..security.decision.basis import basis_french, event_basis
 from ..security.principal import IDNATPS_SYSTEM
 from ..storage import instant
 
-BASIS_EXTENSION = "https://fhir-dmp.example.org/fhir/StructureDefinition/dmp-access-basis"
 EMERGENCIES = ("break-glass", "centre-15")
 CASE_LABELS = {"break-glass": MODES["bris_de_glace"], "centre-15": MODES["centre_15"], "anomaly": "Accès inhabituel"}
 STATUS_LABELS = {"requested": "À traiter", "in-progress": "En cours", "completed": "Clos"}
@@ -30,19 +30,6 @@ SIGNAL_LABELS = {
     "same-surname": "même nom de famille que le patient", "same-place": "même lieu de vie que le patient",
     "bulk": "lecture en masse", "shared-credential": "identifiant utilisé depuis deux postes à la fois",
     "break-glass-rate": "bris de glace bien au-delà des pairs", "off-hours": "hors des heures habituelles",
-}
-# CodeSystem dmp-access-basis (CONTRACT.md "Privacy operations": the rule that decided)
-BASIS_LABELS = {
-    "patient": "le patient lui-même", "representative": "représentant légal", "creator": "créateur du dossier",
-    "authorized": "professionnel autorisé par le patient", "establishment": "établissement autorisé",
-    "medecin-traitant": "médecin traitant", "break-glass": "bris de glace", "centre-15": "centre 15 (SAMU)",
-    "admin": "administrateur", "privacy-officer": "délégué à la protection des données",
-    "blocked": "refusé : professionnel bloqué", "not-authorized": "refusé : professionnel non autorisé",
-    "break-glass-refused": "refusé : bris de glace refusé par le patient",
-    "centre-15-refused": "refusé : centre 15 refusé par le patient",
-    "excluded-profession": "refusé : profession exclue", "closed": "refusé : dossier fermé",
-    "feeding-opposition": "refusé : opposition du patient", "not-author": "refusé : pas l'auteur",
-    "access-code": "refusé : code d'accès", "scope": "refusé : hors des droits du jeton",
 }
 
 
@@ -105,7 +92,7 @@ def case_row(task: dict, patients: dict[str, str], people: dict[str, Professiona
                     (i.get("valueCoding") or {}).get("system", SIGNAL_SYSTEM) == SIGNAL_SYSTEM],
         "reason": next((i.get("valueString") for i in inputs(task, "reason") if i.get("valueString")), ""),
         "documents_read": read,
-        "prior_basis": BASIS_LABELS.get(prior.get("code"), prior.get("display") or prior.get("code") or ""),
+        "prior_basis": basis_french(prior["code"]) if prior.get("code") else "",
         "focus": ((task.get("focus") or {}).get("reference") or "").removeprefix("AuditEvent/"),
         "verdict": outcome or "",
         "verdict_label": verdict_label(outcome) if outcome else "",
@@ -132,12 +119,8 @@ def urgency(row: dict) -> tuple:
 
 def access_basis(event: dict) -> str:
     """The rule that decided an access (extension dmp-access-basis), else the decision's rule."""
-    for ext in event.get("extension") or ():
-        coding = ext.get("valueCoding") or {}
-        if ext.get("url") == BASIS_EXTENSION and coding.get("system") == ACCESS_BASIS_SYSTEM:
-            return BASIS_LABELS.get(coding.get("code"), coding.get("display") or coding.get("code") or "")
-    rule = _decision_detail(event, "rule")
-    return BASIS_LABELS.get(rule, rule)
+    code = event_basis(event)
+    return basis_french(code) if code else _decision_detail(event, "rule")
 
 
 def _decision_detail(event: dict, kind: str) -> str:

@@ -44,13 +44,18 @@ __all__ = [
     "patient_ins", "identity_status", "is_ins_qualified", "general_practitioner_ids",
     "labels", "set_labels", "doc_type_codes", "author_ids",
     "check_patient", "check_documentreference", "check_relatedperson",
-    "PROFILE_RELATEDPERSON", "PROFILES_CONSENT", "patient_consent",
+    "PROFILE_RELATEDPERSON", "PROFILE_AUDITEVENT", "PROFILES_CONSENT", "patient_consent",
 ]
 
 PROFILE_BASE = "https://fhir-dmp.example.org/fhir/StructureDefinition/"
 PROFILE_PATIENT = PROFILE_BASE + "dmp-patient"
 PROFILE_DOCUMENTREFERENCE = PROFILE_BASE + "dmp-documentreference"
 PROFILE_RELATEDPERSON = PROFILE_BASE + "dmp-relatedperson"
+#: the journal's entries (written by the server only; CONTRACT.md "Privacy operations")
+PROFILE_AUDITEVENT = PROFILE_BASE + "dmp-auditevent"
+#: why an access was granted or refused (CONTRACT.md "Privacy operations"; codes: security/decision/basis.py)
+ACCESS_BASIS_SYSTEM = "https://fhir-dmp.example.org/fhir/CodeSystem/dmp-access-basis"
+ACCESS_BASIS_EXTENSION = PROFILE_BASE + "dmp-access-basis"
 #: the Consent shapes of CONTRACT.md ("The DMP in FHIR terms", "Lifecycle"), one profile each
 PROFILES_CONSENT = tuple(PROFILE_BASE + name for name in (
     "dmp-consent-authorization", "dmp-consent-block", "dmp-consent-optout", "dmp-consent-feeding-opposition"))

@@ -12,11 +12,11 @@ well-formed case is.
 from __future__ import annotations
 
 from ..http.errors import Issue
+from .dmp import ACCESS_BASIS_SYSTEM  # noqa: F401  (the inputs' prior-basis system)
 
 PROFILE_TASK = "https://fhir-dmp.example.org/fhir/StructureDefinition/dmp-review-task"
 REVIEW_SYSTEM = "https://fhir-dmp.example.org/fhir/CodeSystem/dmp-privacy-review"
 SIGNAL_SYSTEM = "https://fhir-dmp.example.org/fhir/CodeSystem/dmp-privacy-signal"
-ACCESS_BASIS_SYSTEM = "https://fhir-dmp.example.org/fhir/CodeSystem/dmp-access-basis"
 
 CASE_CODES = ("break-glass", "centre-15", "anomaly")
 VERDICTS = ("justified", "unjustified")

@@ -59,6 +59,7 @@ PROFILES: dict[str, str] = {
     "DocumentReference": dmp.PROFILE_DOCUMENTREFERENCE,
     "RelatedPerson": dmp.PROFILE_RELATEDPERSON,
     "Task": review_task.PROFILE_TASK,
+    "AuditEvent": dmp.PROFILE_AUDITEVENT,
 }
 
 # --- R4 primitive rules (https://hl7.org/fhir/R4/datatypes.html#primitive) ----------------

@@ -18,6 +18,7 @@ from ..guard.reads import HOSTED
 from ..search import decode_history_cursor, encode_history_cursor
 from ..runtime.services import services
 from ..security.decision import DIRECTORY, SERVER_WRITTEN
+from ..security.decision.basis import basis_coding, basis_french
 from .http import (bundle, empty_response, full_url, ignored_entry, lenient, link, not_modified,
                    read_body, respond, summarize, version_headers, write_response)
 
@@ -173,6 +174,25 @@ def access_code(rid):
     text = (f"a one-time code was sent to the patient ({', '.join(sent)})" if sent else
             "the patient has no email or phone on file: no code could be sent")
     return respond(operation_outcome([Issue(text, "informational", "information")]), 200)
+
+
+@bp.get("/Patient/<rid>/$explain-access")
+def explain_access(rid):
+    """What a professional or an establishment would be allowed on this DMP now (CONTRACT.md
+    "Privacy operations"): the patient, a representative, the administrator, the privacy officer."""
+    answer, count = g.repo.explain_access(rid, request.args.get("actor"), profession=request.args.get("profession"),
+                                          purpose=request.args.get("purpose"),
+                                          query=request.query_string.decode("utf-8", "replace"))
+    permitted = answer.decision.permit
+    params = [{"name": "decision", "valueCode": "permit" if permitted else "deny"},
+              {"name": "basis", "valueCoding": basis_coding(answer.basis)}]
+    params += [{"name": "consent", "valueReference": {"reference": f"{ref}/_history/{vid}"}}
+               for ref, vid in (answer.deciding.consents if answer.deciding else [])]
+    documents = f"{count} document{'s' if count > 1 else ''} visible{'s' if count > 1 else ''}"
+    params += [{"name": "documents", "valueInteger": count},
+               {"name": "text", "valueString": f"{'Accès autorisé' if permitted else 'Accès refusé'} "
+                                              f"({basis_french(answer.basis)}) : {documents}."}]
+    return respond({"resourceType": "Parameters", "parameter": params}, 200)
 
 
 @bp.get("/<rtype>/<rid>/_history")

@@ -6,6 +6,7 @@ Tests build a ``Config`` directly with keyword arguments.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,23 @@ def _int(env: dict, name: str, default: int, *, zero_ok: bool = False) -> int:
     if value < 0 or value == 0 and not zero_ok:
         raise ConfigError(f"{name} must be {'zero or more' if zero_ok else 'positive'}")
     return value
+
+
+def _networks(values) -> tuple:
+    """``FHIR_DMP_TRUSTED_PROXIES``: addresses or CIDRs (comma-separated string or a sequence) as
+    :mod:`ipaddress` networks."""
+    if isinstance(values, str):
+        values = values.split(",")
+    out = []
+    for value in values:
+        if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            out.append(value)
+        elif str(value).strip():
+            try:
+                out.append(ipaddress.ip_network(str(value).strip(), strict=False))
+            except ValueError:
+                raise ConfigError(f"FHIR_DMP_TRUSTED_PROXIES: not an address or CIDR: {value!r}") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,8 @@ class Config:
     document_cache_docs: int = 10_000
     # CONTRACT.md "Faults": seconds a request waits for an unavailable database before its 503
     db_wait: int = 10
+    # reverse proxies whose X-Forwarded-For names the client (addresses or CIDRs; empty: the TCP peer)
+    trusted_proxies: tuple = ()
     threads: int = 0                 # Python threads per server worker; 0 = server.default_threads()
     # the largest JSON/XML request body; Binary uploads are bounded by max_attachment_bytes
     max_body_bytes: int = field(default=0)
@@ -94,6 +114,7 @@ class Config:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.first_access not in FIRST_ACCESS_MODES:
             raise ConfigError(f"FHIR_DMP_FIRST_ACCESS must be one of {', '.join(FIRST_ACCESS_MODES)}")
+        object.__setattr__(self, "trusted_proxies", _networks(self.trusted_proxies))
         if not self.max_body_bytes:
             # base64 grows content by 4/3; leave room for the metadata around it
             object.__setattr__(self, "max_body_bytes", self.max_attachment_bytes * 4 // 3 + 1024 * 1024)
@@ -177,6 +198,7 @@ class Config:
             document_cache_docs=_int(env, "FHIR_DMP_DOCUMENT_CACHE_DOCS", 10_000, zero_ok=True),
             db_wait=_int(env, "FHIR_DMP_DB_WAIT", 10),
             review_budget=_int(env, "FHIR_DMP_REVIEW_BUDGET", 20, zero_ok=True),
+            trusted_proxies=env.get("FHIR_DMP_TRUSTED_PROXIES") or (),
         )
         if env.get("FHIR_DMP_CORS_ORIGINS"):
             values["cors_origins"] = tuple(o.strip() for o in env["FHIR_DMP_CORS_ORIGINS"].split(",")

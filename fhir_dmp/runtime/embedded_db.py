@@ -123,13 +123,16 @@ class EmbeddedMongo:
     ``die_with_parent`` (Linux): the child gets SIGKILL when the *thread*
     that started it ends (PR_SET_PDEATHSIG semantics); start it from the main
     thread, or pass False when starting it from a short-lived thread.
+    ``test_commands``: start it with ``--enable-test-commands`` (``replSetStepDown``,
+    ``configureFailPoint``: fault injection for tests and ``bench/chaos.py``; never in service).
     """
 
     host = "127.0.0.1"
 
     def __init__(self, data_dir: Path, *, port: int | None = None, log_file: Path | None = None,
-                 die_with_parent: bool = True):
+                 die_with_parent: bool = True, test_commands: bool = False):
         self.data_dir = Path(data_dir).absolute()
+        self.test_commands = test_commands
         self.storage_path = self.data_dir / "db"
         self.log_file = Path(log_file) if log_file else self.data_dir / "db.log"
         self.pid_file = self.data_dir / "db.pid"
@@ -266,7 +269,8 @@ class EmbeddedMongo:
 
     def _spawn(self, exe: str) -> None:
         argv = [exe, "--host", self.host, "--port", str(self.port),
-                "--storage-path", str(self.storage_path), "--sync-on-commit"]
+                "--storage-path", str(self.storage_path), "--sync-on-commit",
+                *(["--enable-test-commands"] if self.test_commands else [])]
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as log:
             self._proc = subprocess.Popen(

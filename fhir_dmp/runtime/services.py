@@ -109,7 +109,7 @@ class AppServices(Services):
             keys = self.verifier.keys
             if isinstance(keys, SharedKeys):       # a key the issuer withdrew: refused everywhere at once
                 storage, issuer = self.storage, config.expected_issuer
-                keys.publish = lambda record: storage.record_key_set(issuer, record)
+                keys.publish = lambda record: storage.bounded(storage.record_key_set, issuer, record)
                 listeners[KEY_SETS] = lambda: keys.adopt(storage.key_set(issuer))
             self.context_cache = self._start(ContextCache(self.storage, followers=followers,
                                                           listeners=listeners))

@@ -27,10 +27,14 @@ AuditEvent agents: idNatPs) are indexed on ``s.<p>.iv``.
 
 Exception: the journal takes an insert on every request, reads included, and the embedded
 database pays each index of a journal entry on its one core (bench/README.md, "The journal").
-AuditEvent keeps
-only the patient's journal newest first (``pid`` + ``date`` descending, which also serves
-ascending); its other parameters are answered by scanning the patient's events, and system-wide
-searches (the privacy officer's) by a scan of the journal, rare next to the reads they record.
+AuditEvent keeps the patient's journal newest first (``pid`` + ``date`` descending, which also
+serves ascending; the patient's searches, ``date`` ranges and ``entity`` inside a DMP included,
+read that DMP's events), and the two searches privacy operations run across DMPs, whose cost
+must not grow with the journal (bench/journal_search.py): who read this document
+(``entity``: ``s.entity.r``) and what did this professional read (``agent`` by idNatPs:
+``s.agent.iv``). Those two have no ``pid`` prefix: they are asked before any DMP is known,
+across every DMP (sharded by ``pid``, they are answered by every shard, each from its index).
+Its other parameters are answered by scanning the patient's events.
 
 These are the indexes a MongoDB planner uses. On the embedded SecantusDB, whose planner uses one
 clause of a filter and never the second field of a ``pid``-first index, storage keeps one
@@ -50,6 +54,7 @@ _WRITE_HEAVY = {"AuditEvent": ("date",)}
 _ACROSS_PATIENTS = frozenset({"Patient", "Practitioner", "PractitionerRole"})
 _GLOBAL = {
     "DocumentReference": [[("s.identifier.c", 1), ("s.identifier.s", 1)]],
+    "AuditEvent": [[("s.entity.r", 1)], [("s.agent.iv", 1)]],
 }
 
 
@@ -58,7 +63,8 @@ def index_specs(resource_type: str) -> list[list[tuple[str, int]]]:
     params = SUPPORTED[resource_type]
     prefix = [] if resource_type in _ACROSS_PATIENTS else [("pid", 1)]
     if resource_type in _WRITE_HEAVY:
-        return [prefix + [("o." + sort_key_name(name, -1), -1), ("_id", 1)] for name in _WRITE_HEAVY[resource_type]]
+        return [prefix + [("o." + sort_key_name(name, -1), -1), ("_id", 1)] for name in _WRITE_HEAVY[resource_type]] \
+            + _GLOBAL.get(resource_type, [])
     specs: list[list[tuple[str, int]]] = []
     for name, param in params.items():
         if param.type == "date":

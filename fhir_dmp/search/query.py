@@ -130,7 +130,9 @@ def _reference_value(v: str, crit: Criterion, base_url: str | None) -> dict:
             return {f + ".iv": code}
         if kind == "sys":
             return {f + ".is": system}
-        return {f: {"$elemMatch": {"is": system, "iv": code}}}
+        # the value alone as well (implied by the $elemMatch): an index on ``.iv`` can serve it
+        # (search/indexes.py: the journal's agent), one on the array itself cannot
+        return {f: {"$elemMatch": {"is": system, "iv": code}}, f + ".iv": code}
     v = unescape(v)
     targets = effective_targets(param)
     if "://" in v or v.startswith("urn:"):

@@ -169,6 +169,8 @@ class SharedKeys:
         self._own: list | None = None         # the pairs of this process's last load...
         self._loaded_wall = 0.0               # ... and its time.time()
         self._shared: list | None = None      # the pairs last recorded, as far as this process knows
+        self._unrecorded: dict | None = None  # a record whose publication failed, to retry
+        self._recorder: threading.Thread | None = None
 
     def _loaded(self, keys: KeySet) -> None:
         """Take ``keys``, just loaded; record them for the others if some key went or they
@@ -211,7 +213,36 @@ class SharedKeys:
         try:
             self.publish(record)
         except Exception as exc:   # noqa: BLE001 — this process still refuses what it no longer sees
-            log.warning("cannot share the issuer's key set: %s", type(exc).__name__)
+            log.warning("cannot share the issuer's key set: %s; retrying until the database is back",
+                        type(exc).__name__)
+            self._record_later(record)
+
+    def _record_later(self, record: dict) -> None:
+        """Publish ``record`` (or a newer one that failed meanwhile) from a thread of its own,
+        pausing up to 1 s between tries, until it is recorded: a withdrawal seen while the
+        database was away reaches the other processes within about a second of its return
+        (CONTRACT.md "Faults, failover and backups")."""
+        with self._swap:
+            self._unrecorded = record
+            if self._recorder is not None and self._recorder.is_alive():
+                return
+            self._recorder = threading.Thread(target=self._record_until_done, name="jwks-share", daemon=True)
+            self._recorder.start()
+
+    def _record_until_done(self) -> None:
+        pause = 0.1
+        while True:
+            time.sleep(pause)
+            with self._swap:
+                record, self._unrecorded = self._unrecorded, None
+            if record is None:
+                return
+            try:
+                self.publish(record)
+            except Exception:   # noqa: BLE001 — the database still away: try again
+                with self._swap:
+                    self._unrecorded = self._unrecorded or record   # unless a newer one failed since
+                pause = min(1.0, pause * 2)
 
     def _published_elsewhere(self) -> None:
         """The record lists keys this process lacks (it saw a newer set): a hook."""

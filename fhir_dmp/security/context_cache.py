@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from ..storage.errors import StorageClosed, StorageError
+from ..storage.errors import Outage, StorageClosed
 
 log = logging.getLogger(__name__)
 
@@ -247,12 +247,18 @@ class ContextCache(PidCache):
         self._stop.set()
 
     def _run(self) -> None:
+        # Faults (CONTRACT.md "Faults, failover and backups"): on a resumable error (a dropped
+        # connection, a primary stepping down) pymongo resumes the stream once from its resume
+        # token, nothing missed, the caches kept. Any other loss (the resume failed, a resume
+        # token the server no longer knows, ChangeStreamHistoryLost, an invalidate, a timeout)
+        # is a gap: the caches are dropped and off, and the stream is opened afresh, short pauses
+        # between tries (storage.errors.Outage), until it is back; only then is anything cached
+        # again, so no decision is ever taken on what was cached before the gap.
+        outage = Outage(log, "decision context change stream")
         while not self._stop.is_set():
             try:
-                with self.storage.watch_decision_inputs(also=(*self.followers, *self.listeners)) as stream:
-                    self._set_live(True)
-                    for listener in self.listeners.values():
-                        listener()
+                with self._open() as stream:
+                    outage.ok()
                     while not self._stop.is_set() and stream.alive:
                         change = stream.try_next()
                         if change is not None:
@@ -261,16 +267,28 @@ class ContextCache(PidCache):
                                 continue
                         # no change, or the last one of a batch: pause before the next getMore
                         self._stop.wait(POLL_PAUSE_S)
+                pause = outage.first   # closed by the server (an invalidate): a gap, reopen
             except StorageClosed:   # the client was closed: this process is going away
                 self._set_live(False)
                 return
-            except StorageError as exc:
-                log.warning("decision context change stream lost (%s); cache off until it is back",
-                            type(exc).__name__)
-            except Exception:   # noqa: BLE001 — never serve from a cache nobody invalidates
-                log.exception("decision context change stream failed; cache off")
+            except Exception as exc:   # noqa: BLE001 — never serve from a cache nobody invalidates
+                pause = outage.failed(exc)
             self._set_live(False)
-            self._stop.wait(0.5)
+            self._stop.wait(pause)
+
+    def _open(self):
+        """The stream, opened, the caches turned on and the listeners told (what changed while
+        it was down), bounded by FHIR_DMP_DB_WAIT (``StoreCore.deadline``)."""
+        with self.storage.deadline():
+            stream = self.storage.watch_decision_inputs(also=(*self.followers, *self.listeners))
+            try:
+                self._set_live(True)
+                for listener in self.listeners.values():
+                    listener()
+            except BaseException:
+                stream.close()
+                raise
+        return stream
 
     def _apply(self, change: dict) -> None:
         coll = (change.get("ns") or {}).get("coll")

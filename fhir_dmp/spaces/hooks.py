@@ -11,13 +11,16 @@ and ``base.html`` (which the shared ``portal/error.html`` and ``portal/logged_ou
 """
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, abort, g, redirect, render_template, request, url_for
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from ..http.errors import FhirError
+from ..http.errors import FhirError, ServiceUnavailable, unavailable
 from ..runtime.services import services
 from ..security.crypto import ContentUnavailable
+from ..storage.errors import StorageError
 from . import signin
 from .signin import Space
 
@@ -26,6 +29,7 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src '
 PUBLIC = ("login", "dev_login", "callback", "logout", "logged_out", "static")
 ERROR_TEMPLATE = "portal/error.html"
 LOGGED_OUT_TEMPLATE = "portal/logged_out.html"
+log = logging.getLogger(__name__)
 
 
 def error_page(status: int, title: str, message: str):
@@ -80,6 +84,20 @@ def install(bp: Blueprint, space: Space) -> None:
         if exc.status == 404:
             return not_found_page()
         return error_page(exc.status, "Action impossible", exc.diagnostics)
+
+    @bp.errorhandler(ServiceUnavailable)
+    @bp.errorhandler(StorageError)
+    def on_unavailable(exc):
+        """The database away past FHIR_DMP_DB_WAIT, or the journal unwritable (CONTRACT.md "Faults,
+        failover and backups"): a French page, 503 with ``Retry-After``, never a 500."""
+        if isinstance(exc, StorageError):
+            log.error("database error (%s request %s): %s", space.name, g.get("request_id"),
+                      type(exc).__name__)
+            exc = unavailable("the database is not available")
+        page, status = error_page(503, "Service momentanément indisponible",
+                                  "Le service est momentanément indisponible. Rien n'a été perdu : "
+                                  "réessayez dans quelques instants.")
+        return page, status, {**exc.headers, "Cache-Control": "no-store"}
 
     @bp.errorhandler(ContentUnavailable)
     def on_content_unavailable(_exc):

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from flask import g, request, session
+from flask import g, session
 
-from ..guard.journal import RequestInfo
 from ..guard.repository import GuardedRepository
+from ..http.clients import request_info
 from ..http.errors import FhirError
 from ..runtime.secret_files import write_secret
 from ..runtime.services import services
@@ -123,8 +123,7 @@ def principal_of(token: str, space: Space) -> Principal:
 
 def repository(principal: Principal) -> GuardedRepository:
     """The guarded repository of the signed-in person, for this request (journaled like the API)."""
-    return GuardedRepository(services(), principal, RequestInfo(
-        client_ip=request.remote_addr, request_id=g.get("request_id")))
+    return GuardedRepository(services(), principal, request_info(services().config))
 
 
 def sign_in(token: str, space: Space) -> Principal:

@@ -14,7 +14,9 @@ session is not causal, so that the bulk may be its first command.
 """
 from __future__ import annotations
 
+import contextvars
 import json
+import logging
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -30,9 +32,14 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import InsertOne
 from pymongo.client_session import TransactionOptions
 from pymongo.read_concern import ReadConcern
-from pymongo.errors import ClientBulkWriteException, DuplicateKeyError, OperationFailure
+from pymongo.errors import (ClientBulkWriteException, ConnectionFailure, DuplicateKeyError, OperationFailure,
+                            PyMongoError)
 
 from .errors import label_transient, translate_methods
+
+log = logging.getLogger(__name__)
+#: the label of a commit whose outcome the driver does not know (it retries such a commit)
+UNKNOWN_COMMIT = "UnknownTransactionCommitResult"
 
 # the collections beside the resources (only this package names collections and runs queries)
 BLOBS, CHUNKS = "content_blobs", "content_chunks"  # encrypted content (content.py)
@@ -141,8 +148,10 @@ def or_branches(flt: dict) -> list[dict] | None:
     """``flt`` as a union of flat filters (no top-level operator), or None to run it as is.
 
     ``{a, $or: [b, c]}`` -> ``[{a, b}, {a, c}]``; ``$and`` of flat filters and ``$or``s is
-    expanded the same way (at most :data:`MAX_BRANCHES`). None when there is no top-level
-    operator, another operator, a branch that is not flat, or two conditions on one key.
+    expanded the same way (at most :data:`MAX_BRANCHES`). Two conditions on one key are one
+    condition holding both operators (:func:`_both`: a paging cursor's bound and its ``$or``
+    on the sort key). None when there is no top-level operator, another operator, a branch that
+    is not flat, or two conditions on one key that do not combine (the same operator twice).
     """
     flat = {k: v for k, v in flt.items() if not k.startswith("$")}
     groups: list[list[dict]] = []
@@ -161,13 +170,33 @@ def or_branches(flt: dict) -> list[dict] | None:
         grown = []
         for branch in branches:
             for alt in alternatives:
-                if any(k.startswith("$") for k in alt) or set(alt) & set(branch):
+                if any(k.startswith("$") for k in alt):
                     return None
-                grown.append({**branch, **alt})
+                merged = dict(branch)
+                for key, cond in alt.items():
+                    merged[key] = _both(branch[key], cond) if key in branch else cond
+                    if merged[key] is None:
+                        return None
+                grown.append(merged)
         branches = grown
         if len(branches) > MAX_BRANCHES:
             return None
     return branches
+
+
+def _both(a, b) -> dict | None:
+    """One condition on a field that holds both ``a`` and ``b`` (a value is ``$eq``); None when
+    they use the same operator (or an operator object cannot be told from a value)."""
+    def ops(cond):
+        if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
+            return cond
+        if isinstance(cond, dict):
+            return None   # an embedded document as a value: left to the database
+        return {"$eq": cond}
+    a, b = ops(a), ops(b)
+    if a is None or b is None or set(a) & set(b):
+        return None
+    return {**a, **b}
 
 
 def sort_value(doc: dict, path: str, direction: int):
@@ -257,12 +286,20 @@ class StoreCore:
         nearer."""
         return pymongo.timeout(self.wait)
 
+    def bounded(self, operation, *args, **kwargs):
+        """``operation(*args, **kwargs)`` within :meth:`deadline` (a background thread's one
+        database call)."""
+        with self.deadline():
+            return operation(*args, **kwargs)
+
     def run_transaction(self, callback):
         """``callback(session)`` in a transaction through pymongo's ``with_transaction``: retried
         on lost races (TransientTransactionError) and unknown commit results; returns its result.
         Inside ``callback`` storage raises pymongo's errors as they are (so that pymongo retries);
         what is left when it gives up comes out as a StorageError (``WriteConflict`` for a race
-        lost every time), ``callback``'s own exceptions unchanged (``errors.py``)."""
+        lost every time), ``callback``'s own exceptions unchanged (``errors.py``). Given up with
+        its outcome unknown (past the deadline, a connection lost at commit), the transaction is
+        ended on the server (:meth:`_end_orphan`): it is then committed or it never will be."""
         def labelled(session):
             try:
                 return callback(session)
@@ -271,7 +308,27 @@ class StoreCore:
                 raise
 
         with self.client.start_session(**self._transaction_session()) as session:
-            return session.with_transaction(labelled)
+            try:
+                return session.with_transaction(labelled)
+            except PyMongoError as exc:
+                if exc.timeout or isinstance(exc, ConnectionFailure) or exc.has_error_label(UNKNOWN_COMMIT):
+                    self._end_orphan(session)
+                raise
+
+    def _end_orphan(self, session) -> None:
+        """End on the server a transaction given up with its outcome unknown (the deadline ran
+        out, a connection was lost: maybe during its commit), so that it cannot hold its locks
+        until the server's transaction lifetime (60 s) runs out, blocking every write of the
+        same DMP, and a client's retry is safe: committed, it stays; not committed, it is
+        aborted now (``killSessions``). Run outside the request's spent deadline, bounded by
+        :data:`LEASE_WAIT_S`; best effort (a database still away aborts it itself)."""
+        def kill():
+            with pymongo.timeout(LEASE_WAIT_S):
+                self.client.admin.command("killSessions", [session.session_id])
+        try:
+            contextvars.Context().run(kill)   # a fresh context: no deadline but this one
+        except PyMongoError as exc:
+            log.warning("could not end a transaction of unknown outcome: %s", type(exc).__name__)
 
     def run_in_session(self, session, callback):
         """``session.with_transaction(callback)`` in a session the caller keeps (the sealer's, named

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 from pymongo.change_stream import ChangeStream
 from pymongo.command_cursor import CommandCursor
@@ -81,6 +82,36 @@ class DuplicateKey(StorageError):
 class WriteConflict(StorageError):
     """A transaction lost a race (WriteConflict, TransientTransactionError) and its retries ran
     out: the caller may try again."""
+
+
+class Outage:
+    """How a background loop (the journal sealer, the outbox worker, the retention scheduler, the
+    decision-context change stream) lives through a database that is away (CONTRACT.md "Faults,
+    failover and backups"): it never dies of it, logs one line when an outage begins (not one per
+    try; a traceback only for what is not a :class:`StorageError`, a bug) and one when it ends,
+    and pauses between tries, doubling from ``first`` to ``most`` seconds, so that it is back at
+    work within ``most`` seconds (plus one try) of the database's return, without a restart.
+
+    ``failed(exc)`` -> the pause before the next try; ``ok()`` after a pass that worked."""
+
+    def __init__(self, log: logging.Logger, what: str, *, first: float = 0.1, most: float = 1.0):
+        self.log, self.what, self.first, self.most = log, what, first, most
+        self.pause = 0.0   # 0: no outage now
+
+    def failed(self, exc: BaseException) -> float:
+        if not self.pause:
+            if isinstance(exc, StorageError):
+                self.log.warning("%s: database unavailable (%s); retrying until it is back",
+                                 self.what, type(exc).__name__)
+            else:
+                self.log.error("%s: pass failed; retrying", self.what, exc_info=exc)
+        self.pause = min(self.most, self.pause * 2 or self.first)
+        return self.pause
+
+    def ok(self) -> None:
+        if self.pause:
+            self.log.info("%s: database back, working again", self.what)
+            self.pause = 0.0
 
 
 def is_write_conflict(exc: BaseException) -> bool:

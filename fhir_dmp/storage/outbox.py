@@ -46,12 +46,22 @@ class OutboxStore(StoreCore):
     def notice_state(self, mid: str) -> dict | None:
         return self._outbox().find_one({"_id": mid}, {"status": 1, "sent_at": 1})
 
-    def mark_notice_sent(self, mid: str, now: datetime, *, forget_body: bool) -> dict | None:
-        """The message as sent (None when another worker completed it first)."""
+    def hand_over_notice(self, mid: str, worker_id: str, now: datetime) -> bool:
+        """Record that this worker, still holding the message, starts handing it to the transport
+        (``handed_over_at``); False when it lost the message to another worker."""
         return self._outbox().find_one_and_update(
-            {"_id": mid, "status": {"$ne": "sent"}},
+            {"_id": mid, "claimed_by": worker_id, "status": "sending"},
+            {"$set": {"handed_over_at": now}}) is not None
+
+    def mark_notice_sent(self, mid: str, worker_id: str, now: datetime, *, forget_body: bool,
+                         outcome_unknown: bool = False) -> dict | None:
+        """The message as sent (None when another worker completed it first; this worker may mark
+        it again, when it cannot tell whether its first try was applied); ``outcome_unknown``: its
+        hand-over was cut off, it is not sent again (notifications/worker.py)."""
+        return self._outbox().find_one_and_update(
+            {"_id": mid, "$or": [{"status": {"$ne": "sent"}}, {"claimed_by": worker_id}]},
             {"$set": {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None,
-                      **({"body": None} if forget_body else {})}},
+                      "outcome_unknown": outcome_unknown, **({"body": None} if forget_body else {})}},
             return_document=ReturnDocument.AFTER)
 
     def update_claimed_notice(self, mid: str, worker_id: str, changes: dict) -> dict | None:

@@ -315,6 +315,28 @@ def test_admin_reads_all_events_and_filters(api, world):
         == [ev["id"] for ev in review]
 
 
+def test_who_read_this_document_pages_newest_first_with_its_total(api, world):
+    """Privacy operations (issue 22): ``AuditEvent?entity=DocumentReference/{id}``, newest first,
+    paged two by two, ``_total=accurate`` on every page: the administrator sees every access to the
+    document (its deposit, the reads, the break-glass and the centre 15 included), the patient
+    the same ones inside their DMP, another patient nothing (the search stays pinned to the
+    caller's DMP)."""
+    pid, doc, other = world["pid"], world["doc"], world["other_pid"]
+    query = f"AuditEvent?entity=DocumentReference/{doc}&_sort=-date&_count=2&_total=accurate"
+    admin, patient = api.as_admin(), api.as_patient(pid)
+    first = admin.search(query)
+    seen = entries(admin, query)
+    assert first["total"] == len(seen) >= 4 and len(first["entry"]) == 2
+    assert all((entity(ev, "4") or {}).get("what", {}).get("reference", "").startswith(f"DocumentReference/{doc}")
+               for ev in seen)
+    assert [ev["recorded"] for ev in seen] == sorted((ev["recorded"] for ev in seen), reverse=True)
+    assert find(seen, ps=b.PS_SAMU, interaction="read") and find(seen, ps=b.PS_OTHER, interaction="read")
+    mine = entries(patient, query)
+    assert [ev["id"] for ev in mine] == [ev["id"] for ev in seen]
+    assert patient.search(query)["total"] == len(seen)
+    assert api.as_patient(other).search(query)["total"] == 0
+
+
 def test_purpose_search_parameter_is_declared():
     """``purpose`` is a standard SearchParameter resource of this server."""
     import json

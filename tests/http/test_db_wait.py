@@ -10,122 +10,37 @@ shared by every test and stays without test commands).
 """
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
-import uuid
 
-import pymongo
 import pytest
 
 from fhir_dmp.runtime.config import Config
-from fhir_dmp.runtime.embedded_db import EXECUTABLE
 from tests import builders as b
 from tests.api import Api
-from tests.conftest import BASE
+from tests.faults.database_kit import (DB_WAIT_S as WAIT_S, assert_transient, faulty_app,  # noqa: F401 (fixtures)
+                                       faulty_db, faulty_name)
 
-WAIT_S = 2
 STEP_DOWN_S = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def faulty_uri(tmp_path_factory):
-    """A SecantusDB of this module's own, with the test commands on."""
-    exe = shutil.which(EXECUTABLE)
-    if exe is None:
-        pytest.skip(f"{EXECUTABLE} is not installed")
-    home, port = tmp_path_factory.mktemp("faulty"), _free_port()
-    with open(home / "db.log", "ab") as log:
-        proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--storage-path",
-                                 str(home / "db"), "--sync-on-commit", "--enable-test-commands"],
-                                cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    probe = pymongo.MongoClient(uri, serverSelectionTimeoutMS=250)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                probe.admin.command("ping")
-                break
-            except pymongo.errors.PyMongoError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((home / "db.log").read_text()[-2000:]) from None
-                time.sleep(0.1)
-    finally:
-        probe.close()
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
-def faulty(faulty_uri, tmp_path, idp):
-    """``(api, admin_client, db_name)``: the app on the faulty server, ``FHIR_DMP_DB_WAIT=2``,
-    opened the way production opens it (``open_database``); stopped before the database is dropped."""
-    from fhir_dmp.http.app import create_app
-    from fhir_dmp.runtime.services import stop_background
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    config = Config(mongodb_uri=faulty_uri, db_name=name, data_dir=tmp_path, base_url=BASE,
-                    notifications_worker=False, audit_sealer=False, db_wait=WAIT_S, **idp.config_kwargs())
-    admin = pymongo.MongoClient(faulty_uri, tz_aware=True)
-    app = create_app(config)
-    try:
-        yield Api(app, idp), admin, name
-    finally:
-        _wait_writable(admin, STEP_DOWN_S + 5)
-        admin.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
-        stop_background(app)
-        admin.drop_database(name)
-        admin.close()
-
-
-def _wait_writable(admin, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not admin.admin.command("hello").get("isWritablePrimary"):
-        assert time.monotonic() < deadline, "the faulty server stayed stepped down"
-        time.sleep(0.1)
+def faulty(faulty_app, faulty_db, faulty_name, idp):
+    """``(api, faulty_db, db_name)``: the app on the faulty server, ``FHIR_DMP_DB_WAIT=2``."""
+    return Api(faulty_app(), idp), faulty_db, faulty_name
 
 
 def _assert_transient(r, started: float) -> None:
-    elapsed = time.monotonic() - started
-    assert r.status_code == 503, (r.status_code, r.get_data(as_text=True)[:300])
-    body = r.get_json()
-    assert body["resourceType"] == "OperationOutcome"
-    assert body["issue"][0]["code"] == "transient"
-    assert int(r.headers["Retry-After"]) > 0
-    assert elapsed < WAIT_S + 2.5, f"answered after {elapsed:.1f}s, FHIR_DMP_DB_WAIT is {WAIT_S}s"
-
-
-def _counts(admin, name) -> dict:
-    db = admin[name]
-    return {c: db[c].count_documents({}) for c in sorted(db.list_collection_names())}
+    assert_transient(r, started, WAIT_S)
 
 
 def test_step_down_answers_503_transient_within_the_wait_and_serves_again(faulty):
-    api, admin, name = faulty
+    api, fdb, name = faulty
     dr = api.as_ps(b.PS_DR)
     pid = dr.create(b.patient(email=None))["id"]
     doc = dr.create(b.docref(pid, b.CONSULTATION))
-    before = _counts(admin, name)
+    before = fdb.counts(name)
 
-    admin.admin.command({"replSetStepDown": STEP_DOWN_S, "force": True})
-    stepped_down = time.monotonic()
-    # SecantusDB, stepped down, still takes a client bulkWrite (a transaction's inserts, in one
-    # round trip) and its commit, where MongoDB refuses them: make it refuse them as MongoDB would
-    admin.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
-                         "data": {"failCommands": ["bulkWrite"], "errorCode": 10107,
-                                  "errorLabels": ["TransientTransactionError"]}})
+    stepped_down = fdb.step_down(STEP_DOWN_S)
     # a deposit: its transaction is retried by the driver, then bounded by FHIR_DMP_DB_WAIT
     started = time.monotonic()
     _assert_transient(dr.post("DocumentReference", b.docref(pid, b.LAB)), started)
@@ -137,11 +52,9 @@ def test_step_down_answers_503_transient_within_the_wait_and_serves_again(faulty
     _assert_transient(dr.get(f"DocumentReference/{doc['id']}"), started)
     assert time.monotonic() - stepped_down < STEP_DOWN_S, "the step-down ended before the checks"
     # nothing half-written: every collection (resources, blobs, journal) as it was
-    assert _counts(admin, name) == before
+    assert fdb.counts(name) == before
 
-    _wait_writable(admin, STEP_DOWN_S + 5)
-    admin.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
-    back = time.monotonic()
+    back = fdb.back(STEP_DOWN_S + 5)
     while True:
         r = dr.post("DocumentReference", b.docref(pid, b.LAB))
         if r.status_code == 201:
@@ -153,28 +66,25 @@ def test_step_down_answers_503_transient_within_the_wait_and_serves_again(faulty
 
 
 def test_a_dropped_connection_is_retried_by_the_driver(faulty):
-    api, admin, _name = faulty
+    api, fdb, _name = faulty
     dr = api.as_ps(b.PS_DR)
     pid = dr.create(b.patient(email=None))["id"]
-    admin.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
-                         "data": {"failCommands": ["insert", "bulkWrite", "find"], "closeConnection": True}})
+    fdb.fail(["insert", "bulkWrite", "find"], {"times": 1}, closeConnection=True)
     r = dr.post("DocumentReference", b.docref(pid, b.CONSULTATION))
     assert r.status_code == 201, r.get_data(as_text=True)[:300]
 
 
 def test_a_failing_command_past_the_wait_is_503_not_500(faulty):
-    api, admin, name = faulty
+    api, fdb, name = faulty
     dr = api.as_ps(b.PS_DR)
     pid = dr.create(b.patient(email=None))["id"]
-    before = _counts(admin, name)
+    before = fdb.counts(name)
     # every write fails as a primary going away would (retryable, transient in a transaction)
-    admin.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
-                         "data": {"failCommands": ["insert", "bulkWrite", "update", "commitTransaction"],
-                                  "errorCode": 11602}})
+    fdb.fail(["insert", "bulkWrite", "update", "commitTransaction"], errorCode=11602)
     started = time.monotonic()
     _assert_transient(dr.post("DocumentReference", b.docref(pid, b.LAB)), started)
-    admin.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
-    assert _counts(admin, name) == before
+    fdb.off()
+    assert fdb.counts(name) == before
 
 
 def test_db_wait_is_read_from_the_environment():

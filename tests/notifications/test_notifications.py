@@ -19,7 +19,7 @@ from fhir.resources.R4B.communication import Communication
 from fhir_dmp.runtime.config import Config
 from fhir_dmp.runtime.embedded_db import free_port as _free_port
 from fhir_dmp.notifications.outbox import NO_CONTACT_REASON, OUTBOX, Notice, Outbox, contacts, render_text
-from fhir_dmp.notifications.worker import Worker
+from fhir_dmp.notifications.worker import Worker, send_email
 
 
 @pytest.fixture
@@ -248,6 +248,55 @@ def test_worker_killed_mid_send_lease_expires(db, smtp, db_storage):
     assert len(sink.messages) == 1
     msg = db[OUTBOX].find_one()
     assert msg["status"] == "sent" and msg["claimed_by"] == "alive" and msg["attempts"] == 2
+    assert [r[2] for r in results.calls] == ["completed"]
+
+
+def test_worker_killed_after_handing_an_email_over_is_not_sent_again(db, smtp, db_storage):
+    """Killed between the relay's acceptance and ``sent``: the next worker does not send it twice
+    (at-most-once across the hand-over, notifications/worker.py); its outcome is ``unknown``."""
+    sink, port = smtp
+    config = Config(smtp_host="127.0.0.1", smtp_port=port)
+    Outbox(db_storage, config).enqueue(notice(), patient(phone=None))
+    dead = Worker(db_storage, config, worker_id="dead", lease_seconds=0.3)
+    claimed = dead.claim()
+    assert db_storage.hand_over_notice(claimed["_id"], "dead", datetime.now(timezone.utc))
+    send_email(config, claimed)        # the relay has it ... and the process dies before `sent`
+    results = Results()
+    alive = Worker(db_storage, config, on_result=results, worker_id="alive")
+    time.sleep(0.4)
+    assert alive.run_once() == 1
+    assert len(sink.messages) == 1
+    msg = db[OUTBOX].find_one()
+    assert msg["status"] == "sent" and msg["outcome_unknown"] is True
+    assert [r[2] for r in results.calls] == ["unknown"]
+
+
+def test_an_smtp_refusal_after_the_hand_over_is_retried(db, db_storage):
+    """A 4xx reply to DATA is a definite "not delivered": retried, then delivered once."""
+    class Refusing(Sink):
+        async def handle_DATA(self, server, session, envelope):
+            if not self.refused:
+                self.refused = True
+                return "451 try again later"
+            return await super().handle_DATA(server, session, envelope)
+    sink = Refusing()
+    sink.refused = False
+    ctl = Controller(sink, hostname="127.0.0.1", port=_free_port())
+    ctl.start()
+    try:
+        config = Config(smtp_host="127.0.0.1", smtp_port=ctl.port)
+        Outbox(db_storage, config).enqueue(notice(), patient(phone=None))
+        results = Results()
+        worker = Worker(db_storage, config, on_result=results, base_delay=0.01)
+        worker.run_once(limit=1)
+        msg = db[OUTBOX].find_one()
+        assert msg["status"] == "pending" and msg["last_error"] == "email: SMTP 451" and msg["handed_over_at"] is None
+        time.sleep(0.05)
+        worker.run_once(limit=1)
+    finally:
+        ctl.stop()
+    assert len(sink.messages) == 1
+    assert db[OUTBOX].find_one()["outcome_unknown"] is False
     assert [r[2] for r in results.calls] == ["completed"]
 
 

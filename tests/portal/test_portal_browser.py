@@ -355,6 +355,9 @@ def test_emergency_opt_outs_and_the_journal_shows_break_glass_and_centre_15(port
     refused = [e.text for e in portal.all("journal-entry") if e.get_attribute("data-outcome") == "refused"
                and e.get_attribute("data-mode") == "bris_de_glace"]
     assert any("vous refusez le bris de glace" in text for text in refused)     # the opt-out's refusal
+    assert any("refusé : bris de glace refusé" in text for text in refused)     # why, on every entry
+    assert "accès en urgence (bris de glace)" in glass.text
+    assert all(e.find_element("css selector", "[data-testid=why]").text for e in portal.all("journal-entry"))
     portal.screenshot("journal")
     # filters: by mode, by professional
     form = portal.find("journal-filter")

@@ -49,6 +49,22 @@ def test_profiles_are_ours():
                 any(name in p.name for p in (ROOT / "ig").glob("*.json"))
 
 
+def test_operations_are_defined_and_routed(api):
+    """Each declared operation has its OperationDefinition in ig/ and a route (not 404/405 on a
+    missing Patient: the route answers as for the missing Patient, or 400 on a bad request)."""
+    admin = api.as_admin()
+    for res in STATEMENT["rest"][0]["resource"]:
+        for op in res.get("operation", []):
+            name = op["definition"].rsplit("/", 1)[1]
+            definition = json.loads((ROOT / "ig" / f"OperationDefinition-{name}.json").read_text(encoding="utf-8"))
+            assert definition["url"] == op["definition"] and definition["code"] == op["name"]
+            assert definition["resource"] == [res["type"]]
+            method = "get" if definition["affectsState"] is False else "post"
+            r = getattr(admin, method)(f"{res['type']}/missing/${op['name']}")
+            assert r.status_code in (400, 404) and r.json["resourceType"] == "OperationOutcome", (op, r.status_code)
+            assert "no such endpoint" not in r.json["issue"][0]["diagnostics"], op
+
+
 def test_interactions_match_the_routes(api):
     """Every declared write interaction answers (not 405); every undeclared write answers 405."""
     admin = api.as_admin()

@@ -59,7 +59,8 @@ def test_prior_basis_when_the_ps_had_one(napi):
     gp = napi.as_ps(b.PS_DR)
     assert gp.get(f"Patient/{pid}", headers=BTG_HEADERS).status_code == 200
     task = tasks(napi.as_officer(), f"patient=Patient/{pid}")[0]
-    assert inputs(task)["prior-basis"] == {"system": ACCESS_BASIS_SYSTEM, "code": "medecin-traitant"}
+    prior = inputs(task)["prior-basis"]
+    assert (prior["system"], prior["code"]) == (ACCESS_BASIS_SYSTEM, "medecin-traitant")
 
 
 def test_concurrent_first_reads_open_one_task(notify_app, napi, idp):

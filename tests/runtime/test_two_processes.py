@@ -31,35 +31,7 @@ import requests
 
 from fhir_dmp.runtime.embedded_db import EmbeddedMongo
 from tests import builders as b
-
-BTG = {"Category": 'http://terminology.hl7.org/CodeSystem/v3-ActReason#BTG; '
-                   'scheme="http://hl7.org/fhir/tag/security"; label="break the glass"',
-       "X-Break-Glass-Reason": "patient inconscient aux urgences"}
-ID_SYSTEM = "urn:fhir-dmp:notification"
-
-
-def call(method: str, url: str, token: str, body: dict | None = None, headers: dict | None = None,
-         session: requests.Session | None = None) -> requests.Response:
-    """One FHIR request with a bearer token (JSON in, JSON out)."""
-    h = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
-    if body is not None:
-        h["Content-Type"] = "application/fhir+json"
-    h.update(headers or {})
-    return (session or requests).request(method, url, json=body, headers=h, timeout=60)
-
-
-def communications(url: str, token: str, pid: str) -> list[dict]:
-    r = call("GET", f"{url}/Communication?subject=Patient/{pid}&_count=200", token)
-    assert r.status_code == 200, r.text
-    return [e["resource"] for e in r.json().get("entry", [])]
-
-
-def kind(comm: dict) -> str:
-    return comm["topic"]["coding"][0]["code"]
-
-
-def message_id(comm: dict) -> str | None:
-    return next((i["value"] for i in comm.get("identifier", []) if i.get("system") == ID_SYSTEM), None)
+from tests.faults.process_kit import BTG, call, communications, journal_request_ids, kind, message_id, verified
 
 
 # --------------------------------------------------------------------------- no double notice
@@ -122,32 +94,6 @@ def test_two_processes_send_each_notice_exactly_once(serve, smtp, idp):
 
 
 # --------------------------------------------------------------------------- no forked chain
-
-def journal_request_ids(url: str, token: str, pid: str) -> set[str]:
-    """The X-Request-Id of every entry of the patient's journal, as the patient reads it."""
-    ids, next_url = set(), f"{url}/AuditEvent?patient=Patient/{pid}&_count=1000"
-    while next_url:
-        r = call("GET", next_url, token)
-        assert r.status_code == 200, r.text
-        bundle = r.json()
-        for e in bundle.get("entry", []):
-            for ent in e["resource"].get("entity", []):
-                if ent.get("type", {}).get("code") == "XrequestId":
-                    ids.add(ent["what"]["identifier"]["value"])
-        link = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
-        next_url = link and url + link.split("/fhir", 1)[1]
-    return ids
-
-
-def verified(fhir_dmp_cli, env: dict, timeout: float) -> str:
-    """Poll ``fhir-dmp audit verify`` allowing no event unsealed for more than 1 s, until intact; its last output."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = fhir_dmp_cli("audit", "verify", FHIR_DMP_AUDIT_SEAL_BOUND="1", **env)
-        if out.returncode == 0 or time.monotonic() > deadline:
-            return out.stdout + out.stderr
-        time.sleep(0.5)
-
 
 @pytest.fixture
 def own_database(tmp_path):

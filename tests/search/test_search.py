@@ -726,7 +726,10 @@ def test_index_specs(db):
     for rtype in ("DocumentReference", "Consent", "AuditEvent", "Communication", "Binary"):
         specs = index_specs(rtype)
         assert specs and all(spec[0] == ("pid", 1) for spec in specs
-                             if spec[0][0] != "s.identifier.c")
+                             if spec[0][0] not in ("s.identifier.c", "s.entity.r", "s.agent.iv"))
+    # the privacy operations' searches across DMPs (who read this document, what did this
+    # professional read) have their own index on the journal
+    assert [("s.entity.r", 1)] in index_specs("AuditEvent") and [("s.agent.iv", 1)] in index_specs("AuditEvent")
     assert [("o._lastUpdated~d", -1), ("_id", 1)] in index_specs("Patient")
     assert [("s.identifier.c", 1), ("s.identifier.s", 1)] in index_specs("Patient")
     # the indexes exist on the collections built by the fixture, and are used
@@ -792,6 +795,34 @@ def test_keyset_paging(paging_col, params, count):
     assert len(got) == len(set(got))          # no duplicates
     assert got == expected                    # no gaps, same order as one unpaged query
     assert len(expected) == (13 if params.startswith("status=") else 37)
+
+
+@pytest.mark.parametrize("params", ["_sort=-date", "date=ge2023-01-01&date=lt2024-01-02&_sort=-date",
+                                    "status=current&_sort=-date", "_sort=status,-date"])
+def test_keyset_pages_run_as_flat_branches(paging_col, params):
+    """A next page's filter (the cursor's bound and its ``$or`` on the same sort key, beside a date
+    range's own ``$or``) is split by storage into flat branches (``or_branches``: a key twice
+    becomes one condition with both operators), so that SecantusDB looks each one up by an index
+    (bench/journal_search.py); the pages so read are those of the one unpaged query."""
+    from fhir_dmp.storage import merge_filters, or_branches
+    from fhir_dmp.storage.core import sort_docs
+    req = parse_search("DocumentReference", q(params))
+    expected = [d["_id"] for d in paging_col.find({"$and": [req.mongo_filter(), {"del": False}]})
+                .sort(req.mongo_sort())]
+    seen, cursor = [], None
+    while len(seen) < 40:
+        req = parse_search("DocumentReference", q(params) + [("_count", "3")] + ([("_cursor", cursor)] if cursor else []))
+        flt = merge_filters({"pid": "p-eloise"}, req.mongo_filter(), keyset_filter(req), {"del": False})
+        branches = or_branches(flt)
+        if cursor:
+            assert branches is not None and all(not k.startswith("$") for b in branches for k in b)
+        found = {d["_id"]: d for b in (branches or [flt]) for d in paging_col.find(b)}
+        docs = sort_docs(found.values(), req.mongo_sort())[:3]
+        seen += [d["_id"] for d in docs]
+        if len(docs) < 3:
+            break
+        cursor = cursor_after(req, docs[-1])
+    assert seen == expected and expected
 
 
 def test_sort_order_semantics(paging_col):

@@ -104,6 +104,27 @@ def callers(pids):
     return out
 
 
+def store_world(storage, world) -> tuple[list[str], dict]:
+    """Store a world of :data:`dmps` (fresh ids): (the DMPs' ids, ``{type: [(id, pid)]}``)."""
+    run = uuid.uuid4().hex[:8]
+    pids, stored = [], {"Patient": [], "Consent": [], "DocumentReference": [], "Task": []}
+    for n, spec in enumerate(world):
+        pat = b.patient(gp=spec["gp"], active=spec["active"])
+        pid = storage.create("Patient", pat, pid=None, rid=f"{run}-p{n}", session=None).id
+        pids.append(pid)
+        stored["Patient"].append((pid, pid))
+        for res in spec["consents"]:
+            res = dict(res, patient={"reference": f"Patient/{pid}"})
+            stored["Consent"].append((storage.create("Consent", res, pid=pid, session=None).id, pid))
+        for res in spec["documents"]:
+            res = dict(res, subject={"reference": f"Patient/{pid}"})
+            stored["DocumentReference"].append((storage.create("DocumentReference", res, pid=pid, session=None).id, pid))
+        # a review case (CONTRACT.md "Privacy operations")
+        case = build_task(ReviewCase(code="break-glass", patient_id=pid, actor=b.PS_OTHER, focus=None), now())
+        stored["Task"].append((storage.create("Task", case, pid=pid, session=None).id, pid))
+    return pids, stored
+
+
 @pytest.fixture(scope="module")
 def backend(mongo_server, mongo_client, tmp_path_factory):
     from fhir_dmp.runtime.services import build_services
@@ -121,22 +142,7 @@ def backend(mongo_server, mongo_client, tmp_path_factory):
 @given(world=st.lists(dmps, min_size=1, max_size=3))
 def test_narrow_and_can_see_agree(backend, world):
     storage = backend.storage
-    run = uuid.uuid4().hex[:8]
-    pids, stored = [], {"Patient": [], "Consent": [], "DocumentReference": [], "Task": []}
-    for n, spec in enumerate(world):
-        pat = b.patient(gp=spec["gp"], active=spec["active"])
-        pid = storage.create("Patient", pat, pid=None, rid=f"{run}-p{n}", session=None).id
-        pids.append(pid)
-        stored["Patient"].append((pid, pid))
-        for res in spec["consents"]:
-            res = dict(res, patient={"reference": f"Patient/{pid}"})
-            stored["Consent"].append((storage.create("Consent", res, pid=pid, session=None).id, pid))
-        for res in spec["documents"]:
-            res = dict(res, subject={"reference": f"Patient/{pid}"})
-            stored["DocumentReference"].append((storage.create("DocumentReference", res, pid=pid, session=None).id, pid))
-        # a review case (CONTRACT.md "Privacy operations")
-        case = build_task(ReviewCase(code="break-glass", patient_id=pid, actor=b.PS_OTHER, focus=None), now())
-        stored["Task"].append((storage.create("Task", case, pid=pid, session=None).id, pid))
+    pids, stored = store_world(storage, world)
     in_world = {"pid": {"$in": pids}}
     for principal in callers(pids):
         check = backend.policy.for_request(principal)

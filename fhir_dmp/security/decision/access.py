@@ -41,6 +41,7 @@ from __future__ import annotations
 from ...http.errors import Forbidden
 from ...storage.filters import matches
 from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, Principal
+from .basis import outside_dmp_basis, rule_basis
 from .consents import principal_keys
 from .dmp_access import DmpRules
 from .documents import DocumentRules
@@ -90,6 +91,9 @@ class RequestAccess:
         # reused while the request holds the same state and grant (the repository replaces or
         # amends them)
         self._judged: dict[str, list] = {}
+        # per DMP, the last decision of this request that decided for it (its basis, :meth:`deciding`):
+        # the journal never reloads a state for it (inside a write's transaction, or after it)
+        self._decided: dict[str, tuple[str, Decision]] = {}
 
         # the rules by subject (DESIGN.md "The access rules")
         self.dmp = DmpRules(self)
@@ -139,8 +143,11 @@ class RequestAccess:
         return self.dmp.profession
 
     def dmp_access(self, st: PatientState) -> Decision:
-        """Decision on a DMP as a whole (before per-document rules)."""
-        return self.dmp.dmp_access(st)
+        """Decision on a DMP as a whole (before per-document rules); the last one of each DMP is
+        the basis of what this request journals there (:meth:`deciding`)."""
+        decision = self.dmp.dmp_access(st)
+        self.deciding(decision, st.pid)
+        return decision
 
     # -- rule 9 and per-type rules: may the caller see this resource? ----------
     def can_see(self, resource_type: str, resource: dict, pid: str | None, *, extra: dict | None = None
@@ -222,14 +229,44 @@ class RequestAccess:
                 resource = {**resource, "entity": entities}
         return resource
 
-    @staticmethod
-    def complete(decision: Decision | None) -> dict | None:
-        """What the journal records of an operation's decision (success or failure): the result,
-        the rule, its reason and the Consents it rests on."""
-        if decision is None:
-            return None
-        return {"result": "permit" if decision.permit else "deny", "rule": decision.rule,
-                "reason": decision.reason, "consents": [list(c) for c in decision.consents]}
+    def complete(self, decision: Decision | None, pid: str | None = None) -> dict | None:
+        """What the journal records of an operation's decision (success or failure) in DMP
+        ``pid``: the result, the rule, its reason and the Consents it rests on, and its
+        ``basis`` (:meth:`deciding`): the rule that decided for the DMP, by
+        ``dmp-access-basis`` code, with the Consent versions and the médecin traitant's Patient
+        version it rests on."""
+        out = None
+        if decision is not None:
+            out = {"result": "permit" if decision.permit else "deny", "rule": decision.rule,
+                   "reason": decision.reason, "consents": [list(c) for c in decision.consents]}
+        granted = decision.permit if decision is not None else True
+        code, deciding = self.deciding(decision, pid)
+        basis = {"code": code or outside_dmp_basis(self.p.kind, granted), "consents": [], "patient": None}
+        if deciding is not None:
+            basis["consents"] = [list(c) for c in deciding.consents]
+            basis["patient"] = list(deciding.gp_patient) if deciding.gp_patient else None
+        return {**(out or {}), "basis": basis}
+
+    def deciding(self, decision: Decision | None, pid: str | None) -> tuple[str | None, Decision | None]:
+        """The basis code and the decision that decided for DMP ``pid`` (:mod:`.basis`): the
+        decision itself when its rule decides for the DMP, else the DMP's entry decision of this
+        request: the last decision of this request that decided for it (the DMP's entry decision,
+        a write's; a document hidden inside a granted request does not change it), else the entry
+        decision, computed then; (None, None) outside any DMP."""
+        if decision is not None:
+            code = rule_basis(decision.rule, decision.permit)
+            if code:
+                if pid:
+                    self._decided[pid] = (code, decision)
+                return code, decision
+        if pid in self._decided:
+            return self._decided[pid]
+        if pid:
+            entry = self.entry(self.state(pid))[2]
+            code = rule_basis(entry.rule, entry.permit)
+            if code:
+                return code, entry
+        return None, None
 
     # -- searches: the decision as a storage query ----------------------------
     def narrow(self, resource_type: str, named_pids: set[str], *, ins_lookup: bool = False) -> dict | None:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from ...http.errors import BadRequest
 from ...profiles.ins import INS_SYSTEMS
-from ..principal import (ADMIN, BTG, ETREAT, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS, REGULATION_CENTRE,
-                         TREAT)
-from .consents import consent_in_force, consent_kind, now
+from ..principal import (ADMIN, BTG, ETREAT, IDNATPS_SYSTEM, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS,
+                         REGULATION_CENTRE, TREAT)
+from .consents import consent_in_force, consent_kind, identifier_key, now
 from .representatives import representative_in_force
 from .state import Decision, PatientState, Rules, deny, permit
 
 INS_LOOKUP_PARAMS = ("identifier", "_format", "_pretty", "_elements", "_summary")
 #: the refusals of a write that answer as the same write on something missing (CONTRACT.md "REST behaviour")
 LOOKS_MISSING = ("dmp-state", "not-authorized", "patient-other", "dmp-closed", "no-patient", "role",
-                 "compartment", "blocked")
+                 "compartment", "blocked", "excluded-profession")
 
 
 class DmpRules(Rules):
@@ -45,7 +45,7 @@ class DmpRules(Rules):
             # two-factor (acr eidas1) is checked once, by authentication: its refusal is the
             # RFC 9470 step-up 401 (security/auth.py), not a decision
             if not any(self.policy.habilitations.knows(code) for code in p.professions):
-                return deny("role", "profession not in the habilitation matrix (excluded role)")
+                return deny("excluded-profession", "profession not in the habilitation matrix (excluded role)")
             return None
         return deny("role", "unknown role")
 
@@ -108,9 +108,13 @@ class DmpRules(Rules):
             return permit("centre-15", "regulation centre access", obligations={"notify": "centre_15"})
         permits = st.matching("permit", self.my_ids)
         if permits:
-            return permit("authorized", "the patient authorized this professional", consents=permits)
+            own = st.matching("permit", {identifier_key(IDNATPS_SYSTEM, p.id_nat_ps)})
+            if own:
+                return permit("authorized", "the patient authorized this professional", consents=own)
+            return permit("establishment", "the patient authorized the professional's establishment",
+                          consents=permits)
         if gp:
-            return permit("medecin-traitant", "médecin traitant")
+            return permit("medecin-traitant", "médecin traitant", gp_patient=st.patient_version)
         return deny("not-authorized", "no authorization from the patient")
 
     def refusal_looks_missing(self, pid: str | None, decision: Decision) -> bool:

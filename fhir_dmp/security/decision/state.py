@@ -29,6 +29,7 @@ class Decision:
     reason: str
     consents: list = field(default_factory=list)      # [(Consent/id, versionId)]
     obligations: dict = field(default_factory=dict)   # view=ins_only, grant=..., notify=...
+    gp_patient: tuple | None = None   # medecin-traitant: (Patient/id, versionId) naming the GP
 
 
 def permit(rule, reason, **kw) -> Decision:
@@ -62,6 +63,14 @@ class PatientState:
     @property
     def gp_ids(self) -> set[str]:
         return dmp.general_practitioner_ids(self.patient) if self.patient else set()
+
+    @property
+    def patient_version(self) -> tuple[str, str] | None:
+        """``(Patient/id, versionId)`` of the DMP's current Patient (the version a decision read)."""
+        if not self.patient:
+            return None
+        vid = (self.patient.get("meta") or {}).get("versionId") or (self.doc or {}).get("vid")
+        return (f"Patient/{self.pid}", str(vid)) if vid else None
 
     def matching(self, kind: str, actor_ids: set[str] = frozenset(), *, everyone: bool = False) -> list:
         """Consents of ``kind`` in force naming one of ``actor_ids``; with ``everyone``, those

@@ -101,7 +101,7 @@ class WriteRules(Rules):
             if (new or {}).get("identifier") != (old or {}).get("identifier"):
                 return deny("patient-identity", "the INS is changed by a professional, not the patient")
             return access
-        if p.kind == PS and p.purpose == TREAT and access.rule in ("authorized", "medecin-traitant"):
+        if p.kind == PS and p.purpose == TREAT and access.rule in ("authorized", "establishment", "medecin-traitant"):
             if _owner_fields_changed(new, old):
                 return deny("owner-fields", OWNER_FIELDS_REASON)
             return access
