@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo
 
 from ..audit.events import CLIENT_ID_SYSTEM, DMP_AUDIT_SYSTEM, PROFESSION_SYSTEM
 from ..profiles.review_task import SIGNAL_SYSTEM, SIGNALS
+from ..security.decision.basis import event_basis
 from ..security.principal import IDNATPS_SYSTEM, PS, REGULATION_CENTRE
 
-BASIS_URL = "https://fhir-dmp.example.org/fhir/StructureDefinition/dmp-access-basis"
 FINESS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.2"
 
 NO_RELATIONSHIP = "no-relationship"
@@ -87,10 +87,7 @@ def _codes(concept: dict | None, system: str) -> list[str]:
 
 
 def _basis(event: dict, details: dict) -> str | None:
-    for ext in event.get("extension") or ():
-        if ext.get("url") == BASIS_URL:
-            return (ext.get("valueCoding") or {}).get("code")
-    return details.get("rule")
+    return event_basis(event) or details.get("rule")
 
 
 def access_of(pid: str, at: datetime, event: dict) -> Access | None:

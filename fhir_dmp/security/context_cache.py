@@ -258,9 +258,9 @@ class ContextCache(PidCache):
         while not self._stop.is_set():
             try:
                 with self._open() as stream:
-                    outage.ok()
                     while not self._stop.is_set() and stream.alive:
                         change = stream.try_next()
+                        outage.ok()      # a getMore went through: back (said once)
                         if change is not None:
                             self._apply(change)
                             if _buffered(stream):

@@ -65,6 +65,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SEALER_ID = "sealer"
 DB_WAIT_S = 10.0       # StoreCore.deadline's default (Config.db_wait, FHIR_DMP_DB_WAIT)
 LEASE_WAIT_S = 2.0     # the longest a lease write waits on a locked lease document
+END_WAIT_S = 1.0       # the longest a request past its deadline waits to end a transaction of unknown outcome
 #: resource types of the patient compartment stored with ``pid`` (Patient itself apart)
 COMPARTMENT_TYPES = ("DocumentReference", "Binary", "Consent", "Communication", "RelatedPerson", "Task")
 #: the resource types this server hosts, the one list (repository.HOSTED, the REST routes, validation)
@@ -321,9 +322,9 @@ class StoreCore:
         until the server's transaction lifetime (60 s) runs out, blocking every write of the
         same DMP, and a client's retry is safe: committed, it stays; not committed, it is
         aborted now (``killSessions``). Run outside the request's spent deadline, bounded by
-        :data:`LEASE_WAIT_S`; best effort (a database still away aborts it itself)."""
+        :data:`END_WAIT_S`; best effort (a database still away aborts it itself)."""
         def kill():
-            with pymongo.timeout(LEASE_WAIT_S):
+            with pymongo.timeout(END_WAIT_S):
                 self.client.admin.command("killSessions", [session.session_id])
         try:
             contextvars.Context().run(kill)   # a fresh context: no deadline but this one

@@ -12,7 +12,7 @@ from tests.api import Api
 from tests.faults.database_kit import faulty_app, faulty_db, faulty_name  # noqa: F401 (fixtures)
 from tests.portal_kit import csrf_token
 
-STEP_DOWN_S = 6
+STEP_DOWN_S = 10      # long enough for two answers past the wait on 2 loaded cores
 
 
 def _unavailable_page(r) -> None:
@@ -36,11 +36,12 @@ def test_the_portal_under_a_step_down_answers_a_french_503_page(faulty_app, faul
     token = csrf_token(page.get_data(as_text=True))
     consents = dr.search(f"Consent?patient={pid}").get("total")
 
-    faulty_db.step_down(STEP_DOWN_S)
+    began = faulty_db.step_down(STEP_DOWN_S)
     # a page: its reads cannot be journaled, so they are withheld
     _unavailable_page(client.get("/portal/documents"))
     # an action: the Consent is not written
     _unavailable_page(client.post("/portal/blocages", data={"idnatps": b.PS_OTHER, "csrf_token": token}))
+    assert time.monotonic() - began < STEP_DOWN_S, "the step-down ended before the checks"
     back = faulty_db.back(STEP_DOWN_S + 10)
     while (r := client.get("/portal/documents")).status_code != 200:
         _unavailable_page(r)
