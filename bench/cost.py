@@ -5,8 +5,8 @@
 Throughput on a shared 2-core machine moves with whatever else runs; the CPU time each process
 spends per request does not. This script starts ``fhir-dmp serve`` (embedded SecantusDB, fresh
 data dir, the peer kit's JWKS and token, no npm needed), seeds one DMP with ``--docs``
-DocumentReferences through the API, then for ``GET Patient/{id}`` and
-``GET DocumentReference?patient={id}`` runs ``wrk -t2 -c<conns>`` and prints: req/s, p50, and
+DocumentReferences through the API, then for ``GET Patient/{id}``, ``GET DocumentReference/{id}``
+(issue 22) and ``GET DocumentReference?patient={id}`` runs ``wrk -t2 -c<conns>`` and prints: req/s, p50, and
 CPU milliseconds per request of the database process and of the server processes (master and
 workers, from ``/proc/<pid>/stat``), plus the load average, so that figures taken on a busy
 machine can still be compared. The database's share is what bounds throughput: it is one
@@ -100,18 +100,18 @@ def main() -> int:
         ours = start_ours(work, port, base, kit / "keys" / "jwks.json", args)
         pid = _post(base, token, builders.patient(family="Cost"))["id"]
         pdf = builders.pdf_bytes("bench")
-        for _ in range(args.docs):
-            _post(base, token, builders.docref(pid, content=pdf))
+        doc = [_post(base, token, builders.docref(pid, content=pdf))["id"] for _ in range(args.docs)][0]
         load = os.getloadavg()[0]
         print(f"host: {os.cpu_count()} cores, load average {load:.2f}; wrk -t2 -c{args.conns} "
               f"{args.duration:g}s; DMP of {args.docs} documents", flush=True)
         for label, url in (("GET Patient/{id}", f"{base}/Patient/{pid}"),
+                           ("GET DocumentReference/{id}", f"{base}/DocumentReference/{doc}"),
                            ("DocumentReference?patient=", f"{base}/DocumentReference?patient={pid}")):
             wrk(kit, url, token, args.conns, 2.0)   # warm-up
             prof = None
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
-                prof = args.profile / ("read" if "Patient/" in url else "search")
+                prof = args.profile / label.split()[-1].replace("/", "-").strip("?=")
             d = measure(kit, url, token, args.conns, args.duration, ours.pid, prof)
             print(f"  {label:<28} {d['rps']:8.1f} req/s  p50 {d['p50_us'] / 1000:7.2f} ms  "
                   f"server {d['server_ms']:6.2f} ms CPU/req  database {d['db_ms']:6.2f} ms CPU/req  "

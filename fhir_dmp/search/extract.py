@@ -23,8 +23,10 @@ ascending and the high bound descending; HumanName sorts on "family given".
 """
 from __future__ import annotations
 
+import functools
+
 from .registry import PATIENT_COMPARTMENT, SUPPORTED, Path, SearchParam
-from .values import (DATE_MAX, DATE_MIN, ID_RE, STR_HIGH, STR_LOW, TYPE_RE, date_range,
+from .values import (DATE_MAX, DATE_MIN, ID_RE, MEMO_MAX_LEN, STR_HIGH, STR_LOW, TYPE_RE, date_range,
                      normalize)
 
 DESC = "~d"
@@ -48,7 +50,7 @@ def _walk(resource: dict, path: Path) -> list:
                 if v is None:
                     continue
                 if isinstance(v, list):
-                    nxt.extend(x for x in v if x is not None)
+                    nxt.extend([x for x in v if x is not None])
                 else:
                     nxt.append(v)
         nodes = nxt
@@ -74,7 +76,7 @@ def values_of(param: SearchParam, resource: dict, resource_type: str) -> list:
 # --------------------------------------------------------------------------- references
 
 def parse_reference(ref: str, base_url: str | None = None) -> dict | None:
-    """Index form of a literal reference string: ``{"r", "t", "i"}``.
+    """Index form of a literal reference string: ``{"r", "t", "i"}`` (a new dict: the caller's).
 
     ``Type/id[/_history/v]`` -> relative; an absolute URL under ``base_url``
     -> relative; another absolute URL ending in ``Type/id`` keeps the URL in
@@ -82,6 +84,15 @@ def parse_reference(ref: str, base_url: str | None = None) -> dict | None:
     """
     if not isinstance(ref, str) or not ref or ref.startswith("#"):
         return None
+    if len(ref) > MEMO_MAX_LEN:
+        return dict(_parse_reference.__wrapped__(ref, base_url))
+    return dict(_parse_reference(ref, base_url))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_reference(ref: str, base_url: str | None) -> dict:
+    """:func:`parse_reference` of a non-empty string, memoized (an AuditEvent's references are
+    parsed by several parameters, and the same patients come back): never handed out as is."""
     if base_url and ref.startswith(base_url.rstrip("/") + "/"):
         ref = ref[len(base_url.rstrip("/")) + 1:]
     if ref.startswith("urn:"):
@@ -239,6 +250,8 @@ def _date_entries(values: list) -> list[dict]:
 # --------------------------------------------------------------------------- public
 
 def _dedupe(items: list) -> list:
+    if len(items) < 2:          # most parameters have one value
+        return list(items)
     seen, out = set(), []
     for x in items:
         key = tuple(sorted(x.items())) if isinstance(x, dict) else x

@@ -5,6 +5,7 @@ Everything here is pure and knows nothing of MongoDB queries.
 """
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from datetime import datetime, timedelta, timezone
@@ -32,12 +33,26 @@ _DATE_RE = re.compile(
     r"(Z|[+-]\d{2}:\d{2})?)?)?)?$")
 
 
+#: strings up to this length are memoized (:func:`normalize`, ``extract._parse_reference``): a
+#: bounded cache of short codes, displays and references, never of a long text
+MEMO_MAX_LEN = 256
+
+
 def normalize(text: str) -> str:
     """Case- and accent-insensitive form: NFD, combining marks removed, casefolded,
-    whitespace collapsed (https://hl7.org/fhir/R4/search.html#string)."""
+    whitespace collapsed (https://hl7.org/fhir/R4/search.html#string). Memoized for short
+    strings: the same displays (codings of every AuditEvent) come back on every write
+    (bench/README.md, issue 22)."""
+    return _normalize_short(text) if len(text) <= MEMO_MAX_LEN else _normalize(text)
+
+
+def _normalize(text: str) -> str:
     decomposed = unicodedata.normalize("NFD", text)
     stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     return " ".join(stripped.casefold().split())
+
+
+_normalize_short = functools.lru_cache(maxsize=8192)(_normalize)
 
 
 def date_range(value: str) -> tuple[datetime, datetime] | None:

@@ -278,6 +278,33 @@ def test_extract_shapes():
     assert "date" not in s
 
 
+def test_extract_twice_gives_equal_fresh_indexes():
+    """Issue 22: reference parsing and normalisation are memoized; the index of a second extraction
+    equals the first, and changing one index leaves the next extraction untouched."""
+    event = {"resourceType": "AuditEvent", "recorded": "2026-01-02T03:04:05Z",
+             "type": {"system": "s", "code": "rest", "display": "Restful Opération"},
+             "action": "R", "outcome": "0",
+             "agent": [{"who": {"reference": "Patient/p1"}, "requestor": True},
+                       {"who": {"identifier": {"system": RPPS, "value": "8100"}}, "requestor": False}],
+             "entity": [{"what": {"reference": "Patient/p1"}},
+                        {"what": {"reference": f"{BASE}/DocumentReference/d1/_history/2"}},
+                        {"what": {"reference": "#local"}}]}
+    first, order = extract("AuditEvent", event, base_url=BASE)
+    assert first["patient"] == [{"r": "Patient/p1", "t": "Patient", "i": "p1"}]
+    assert {"r": "DocumentReference/d1", "t": "DocumentReference", "i": "d1"} in first["entity"]
+    assert first["type:text"] == ["restful operation"]
+    first["patient"][0]["r"] = "changed"
+    first["entity"][0]["t"] = "changed"
+    again, order_again = extract("AuditEvent", event, base_url=BASE)
+    assert again["patient"] == [{"r": "Patient/p1", "t": "Patient", "i": "p1"}]
+    assert again["entity"][0]["t"] == "Patient" and order_again == order
+    long = "É" + "x" * 300     # beyond the memoized length: the same answer, not cached
+    assert normalize(long) == normalize(long) == "e" + "x" * 300
+    ref = "Patient/" + "a" * 300
+    assert extract("AuditEvent", {"resourceType": "AuditEvent", "entity": [{"what": {"reference": ref}}]}
+                   )[0]["entity"] == [{"r": ref}]
+
+
 def test_period_values_index_as_ranges():
     from fhir_dmp.search.extract import _date_entries
     d = lambda *a: datetime(*a, tzinfo=UTC)  # noqa: E731
