@@ -142,8 +142,11 @@ def two_servers(serve):
 
 
 def _get(session, url: str, token: str) -> int:
-    return session.get(url, headers={"Authorization": f"Bearer {token}",
-                                     "Accept": "application/fhir+json"}, timeout=30).status_code
+    r = session.get(url, headers={"Authorization": f"Bearer {token}",
+                                     "Accept": "application/fhir+json"}, timeout=30)
+    if r.status_code == 401:
+        print("401 (shown on failure):", url, r.headers.get("WWW-Authenticate"), r.text[:400])
+    return r.status_code
 
 
 def _all_answer(session, urls, path, token) -> list[int]:

@@ -63,7 +63,10 @@ def test_two_processes_send_each_notice_exactly_once(serve, smtp, idp):
     def run(task):
         method, url, token, path, body, headers = task
         start.wait(timeout=30)
-        return call(method, f"{url}/{path}", token, body, headers).status_code
+        r = call(method, f"{url}/{path}", token, body, headers)
+        if r.status_code == 401:
+            print("401 (shown on failure):", method, path, headers, r.headers.get("WWW-Authenticate"), r.text[:400])
+        return r.status_code
 
     with ThreadPoolExecutor(len(tasks)) as ex:
         statuses = list(ex.map(run, tasks))
