@@ -11,8 +11,6 @@ scope; import it into the test module) and a database per test on it.
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import pytest
 
 from fhir_dmp.http.app import create_app
 from fhir_dmp.runtime.config import Config
-from fhir_dmp.runtime.embedded_db import EXECUTABLE, free_port
+from fhir_dmp.runtime.embedded_db import EXECUTABLE, EmbeddedDbError, EmbeddedMongo
 from fhir_dmp.runtime.services import stop_background
 from tests.builders import journal_entries
 from tests.conftest import BASE
@@ -42,8 +40,7 @@ class FaultyDb:
 
     uri: str
     admin: pymongo.MongoClient
-    proc: subprocess.Popen
-    home: Path
+    server: EmbeddedMongo
 
     def fail(self, commands: list[str], mode="alwaysOn", **data) -> None:
         """``configureFailPoint failCommand`` on ``commands``: ``mode`` is ``"alwaysOn"`` or
@@ -82,41 +79,26 @@ class FaultyDb:
         return {c: db[c].count_documents({}) for c in sorted(db.list_collection_names())}
 
     def log(self, n: int = 2000) -> str:
-        return (self.home / "db.log").read_text(errors="replace")[-n:]
+        return self.server.log_file.read_text(errors="replace")[-n:]
 
 
 def start_faulty_db(home: Path) -> FaultyDb:
-    """Start SecantusDB in ``home`` with test commands on and wait until it answers."""
-    exe = shutil.which(EXECUTABLE)
-    if exe is None:
-        pytest.skip(f"{EXECUTABLE} is not installed")
-    port = free_port()
-    with open(home / "db.log", "ab") as log:
-        proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--storage-path",
-                                 str(home / "db"), "--sync-on-commit", "--enable-test-commands"],
-                                cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    admin = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=250)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            admin.admin.command("ping")
-            return FaultyDb(uri, admin, proc, home)
-        except pymongo.errors.PyMongoError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                admin.close()
-                raise RuntimeError((home / "db.log").read_text()[-2000:]) from None
-            time.sleep(0.1)
-
-
-def stop_faulty_db(server: FaultyDb) -> None:
-    server.admin.close()
-    server.proc.terminate()
+    """Start SecantusDB in ``home`` with test commands on (the process's own
+    :class:`~fhir_dmp.runtime.embedded_db.EmbeddedMongo`) and wait until it answers."""
+    server = EmbeddedMongo(home, test_commands=True)
     try:
-        server.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+        server.start()
+    except EmbeddedDbError as exc:
+        if "not found" in str(exc):
+            pytest.skip(f"{EXECUTABLE} is not installed")
+        raise
+    return FaultyDb(server.uri, pymongo.MongoClient(server.uri, tz_aware=True, serverSelectionTimeoutMS=250),
+                    server)
+
+
+def stop_faulty_db(db: FaultyDb) -> None:
+    db.admin.close()
+    db.server.stop()
 
 
 @pytest.fixture(scope="module")
