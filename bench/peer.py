@@ -12,15 +12,19 @@ One run, everything real (needs node >= 20, npm, wrk):
    and ``node medplum-server.mjs``;
 3. seeds both the same way, in turn (N Patients with an INS, M DocumentReferences each with a
    small PDF, 4 parallel clients, POST): creates/s and the ratio;
-4. ``GET Patient/{id}`` and ``GET DocumentReference?patient=Patient/{id}``: ``wrk -t2 -c32``
-   rounds interleaved A,B,A,B (kit's ``wrk_report.lua``), medians and ratios;
+4. ``GET Patient/{id}``, ``GET DocumentReference/{id}`` and ``GET DocumentReference?patient=Patient/{id}``:
+   ``wrk -t2 -c32`` rounds interleaved A,B,A,B (kit's ``wrk_report.lua``), medians and ratios;
+   with ``--before DIR`` a second fhir-dmp, from the checkout DIR (say a worktree of the commit
+   before a change: ``git worktree add /tmp/before <commit>``), started, seeded and measured the
+   same way in the same rounds (A, before, B), so that "x times today's median" is measured, not
+   remembered;
 5. fhir-dmp alone at 4, 32 and 128 connections (``GET Patient/{id}``): ratios to 4;
 6. decision + journal cost: the same read against a second server process on the same
    database with the guard and the journal switched off (``bench/_unguarded.py``, bench only),
    interleaved; cost = 1 - guarded / unguarded;
 7. RSS of the fhir-dmp processes (master, workers, embedded database) sampled under load.
 
-Prints every round, then a summary with the goals of issue 13. Takes ~5 minutes by default,
+Prints every round, then a summary with the goals of issue 22. Takes ~5 minutes by default,
 ~1.5 with ``--quick``. Run it on a quiet machine: the load generator shares the CPU.
 """
 from __future__ import annotations
@@ -97,9 +101,13 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 
 
 def start_ours(work: Path, port: int, audience: str, jwks: Path, args, *, unguarded_of: str | None = None,
-               name: str = "ours") -> subprocess.Popen:
+               name: str = "ours", checkout: Path = ROOT) -> subprocess.Popen:
+    """``fhir-dmp serve`` of ``checkout`` (its own code first on the path, its own data dir)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_DMP_")}
-    env.update(FHIR_DMP_DATA_DIR=str(work / "data"), FHIR_DMP_ISSUER=ISSUER, FHIR_DMP_JWKS_FILE=str(jwks),
+    data = "data" if name == "ours" else f"data-{name}"
+    if checkout != ROOT:
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(FHIR_DMP_DATA_DIR=str(work / data), FHIR_DMP_ISSUER=ISSUER, FHIR_DMP_JWKS_FILE=str(jwks),
                FHIR_DMP_AUDIENCE=audience, FHIR_DMP_BASE_URL=audience)
     if args.threads:
         env["FHIR_DMP_THREADS"] = str(args.threads)
@@ -112,7 +120,7 @@ def start_ours(work: Path, port: int, audience: str, jwks: Path, args, *, unguar
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     log = open(work / f"{name}.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=checkout,
                             start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/fhir/metadata")
     return proc
@@ -158,17 +166,17 @@ def _post(base: str, token: str, resource: dict) -> dict:
 PDF = builders.pdf_bytes("bench")
 
 
-def seed(base: str, token: str, patients: int, docs: int, workers: int = 4) -> tuple[float, list[str]]:
-    """Creates/s and the Patient ids (same resources for both servers)."""
-    def one(i: int) -> str:
+def seed(base: str, token: str, patients: int, docs: int, workers: int = 4) -> tuple[float, list[str], list[str]]:
+    """Creates/s, the Patient ids and each one's first DocumentReference id (same resources for
+    every server)."""
+    def one(i: int) -> tuple[str, str]:
         pid = _post(base, token, builders.patient(family=f"Bench{i:05d}"))["id"]
-        for _ in range(docs):
-            _post(base, token, builders.docref(pid, content=PDF))
-        return pid
+        made = [_post(base, token, builders.docref(pid, content=PDF))["id"] for _ in range(docs)]
+        return pid, made[0] if made else ""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        ids = list(ex.map(one, range(patients)))
-    return patients * (1 + docs) / (time.perf_counter() - t0), ids
+        pairs = list(ex.map(one, range(patients)))
+    return patients * (1 + docs) / (time.perf_counter() - t0), [p for p, _ in pairs], [d for _, d in pairs]
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -203,7 +211,7 @@ def interleaved(kit, urls: dict[str, str], token: str, conns: int, rounds: int, 
     rows = {k: [] for k in urls}
     for r in range(rounds):
         for label, url in urls.items():
-            sample = sampler is not None and label != "peer"
+            sample = sampler is not None and label == "fhir-dmp"
             if sample:
                 sampler.start(label)
             d = wrk(kit, url, token, conns, duration)
@@ -280,6 +288,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0, help="fhir-dmp worker processes (default: serve's)")
     ap.add_argument("--threads", type=int, default=0, help="threads per worker (default: serve's)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--before", type=Path, help="a checkout of fhir-dmp before the change, measured in the same rounds")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.patients, args.docs = 1, 4.0, 20, 10
@@ -289,34 +298,43 @@ def main() -> int:
             return 2
 
     work = Path(tempfile.mkdtemp(prefix="fhir-dmp-peer-"))
-    ours = peer = bare = None
+    ours = peer = bare = before = None
     try:
         load = os.getloadavg()
         print(f"host: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
               f"wrk -t2, {args.rounds} round(s) of {args.duration:g}s, seed {args.patients} x {args.docs}",
               flush=True)
         kit = prepare_kit(args.kit, work)
-        our_port, peer_port, bare_port = free_port(), free_port(), free_port()
+        our_port, peer_port, bare_port, before_port = free_port(), free_port(), free_port(), free_port()
         audience = f"http://127.0.0.1:{our_port}/fhir"
         token = mint_token(kit, audience)
         ours = start_ours(work, our_port, audience, kit / "keys" / "jwks.json", args)
         peer = start_peer(kit, peer_port, audience, work)
-        A, B = f"http://127.0.0.1:{our_port}/fhir", f"http://127.0.0.1:{peer_port}/fhir/R4"
+        servers = {"fhir-dmp": f"http://127.0.0.1:{our_port}/fhir"}
+        if args.before:
+            # same audience: the "before" server is reached on its own port but checks the one token
+            before = start_ours(work, before_port, audience, kit / "keys" / "jwks.json", args, name="before",
+                                checkout=args.before.resolve())
+            servers["before"] = f"http://127.0.0.1:{before_port}/fhir"
+        servers["peer"] = f"http://127.0.0.1:{peer_port}/fhir/R4"
+        A = servers["fhir-dmp"]
 
         print("seeding (POST, 4 clients)", flush=True)
-        seed_a, ids_a = seed(A, token, args.patients, args.docs)
-        seed_b, ids_b = seed(B, token, args.patients, args.docs)
-        print(f"  fhir-dmp {seed_a:.1f} creates/s   peer {seed_b:.1f} creates/s", flush=True)
-        pa, pb = ids_a[len(ids_a) // 2], ids_b[len(ids_b) // 2]
+        seeded = {}
+        for label, base_url in servers.items():
+            rate, ids, docs = seed(base_url, token, args.patients, args.docs)
+            seeded[label] = (rate, ids[len(ids) // 2], docs[len(docs) // 2])
+        print("  " + "   ".join(f"{k} {v[0]:.1f} creates/s" for k, v in seeded.items()), flush=True)
+        seed_a, pa, da = seeded["fhir-dmp"]
+        seed_b = seeded["peer"][0]
 
         sampler = RssSampler(ours.pid)
         results = {}
-        for name, ua, ub in (("GET Patient/{id}", f"{A}/Patient/{pa}", f"{B}/Patient/{pb}"),
-                             ("GET DocumentReference?patient=", f"{A}/DocumentReference?patient=Patient/{pa}",
-                              f"{B}/DocumentReference?patient=Patient/{pb}")):
+        for name, path in (("GET Patient/{id}", "Patient/{p}"), ("GET DocumentReference/{id}", "DocumentReference/{d}"),
+                           ("GET DocumentReference?patient=", "DocumentReference?patient=Patient/{p}")):
             print(f"{name}: wrk -c32, interleaved", flush=True)
-            results[name] = interleaved(kit, {"fhir-dmp": ua, "peer": ub}, token, 32, args.rounds,
-                                        args.duration, sampler)
+            urls = {k: f"{u}/" + path.format(p=seeded[k][1], d=seeded[k][2]) for k, u in servers.items()}
+            results[name] = interleaved(kit, urls, token, 32, args.rounds, args.duration, sampler)
 
         print("fhir-dmp GET Patient/{id} at 4, 32, 128 connections", flush=True)
         sweep = {}
@@ -336,18 +354,27 @@ def main() -> int:
                             token, 32, args.rounds, args.duration)
 
         r_read = results["GET Patient/{id}"]
+        r_doc = results["GET DocumentReference/{id}"]
         r_search = results["GET DocumentReference?patient="]
         load = os.getloadavg()
         print()
         print(f"SUMMARY (load average now {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
         rows = [
-            ("GET Patient/{id} req/s", r_read["fhir-dmp"]["rps"], r_read["peer"]["rps"], ">= 1000"),
+            ("GET Patient/{id} req/s", r_read["fhir-dmp"]["rps"], r_read["peer"]["rps"], ">= 0.14x peer"),
+            ("GET DocumentReference/{id} req/s", r_doc["fhir-dmp"]["rps"], r_doc["peer"]["rps"], ">= 0.14x peer"),
             ("DocumentReference?patient= req/s", r_search["fhir-dmp"]["rps"], r_search["peer"]["rps"],
-             ">= 400"),
-            ("seeding creates/s", seed_a, seed_b, ">= 1x peer"),
+             ">= 5x peer"),
+            ("seeding creates/s", seed_a, seed_b, ">= 0.3x peer"),
         ]
         for label, a, b, goal in rows:
             print(f"  {label:<36} fhir-dmp {a:9.1f}  peer {b:9.1f}  ratio {ratio(a, b):6.3f}  goal {goal}")
+        if args.before:   # issue 22: >= 2x the median before the change, same rounds
+            for label, r in (("GET Patient/{id}", r_read), ("GET DocumentReference/{id}", r_doc),
+                             ("DocumentReference?patient=", r_search)):
+                a, b = r["fhir-dmp"]["rps"], r["before"]["rps"]
+                print(f"  {label:<36} fhir-dmp {a:9.1f}  before {b:9.1f}  ratio {ratio(a, b):6.2f}x  goal >= 2x (reads)")
+            print(f"  {'seeding creates/s':<36} fhir-dmp {seed_a:9.1f}  before {seeded['before'][0]:9.1f}  "
+                  f"ratio {ratio(seed_a, seeded['before'][0]):6.2f}x")
         for label, r in (("GET Patient/{id}", r_read), ("DocumentReference?patient=", r_search)):
             print(f"  {label:<36} p50 {r['fhir-dmp']['p50_us'] / 1000:.2f} ms vs {r['peer']['p50_us'] / 1000:.2f} ms"
                   f"  p99 {r['fhir-dmp']['p99_us'] / 1000:.2f} ms vs {r['peer']['p99_us'] / 1000:.2f} ms")
@@ -357,13 +384,14 @@ def main() -> int:
         cost = 1 - ratio(guard["guarded"]["rps"], guard["unguarded"]["rps"])
         print(f"  decision + journal cost: guarded {guard['guarded']['rps']:.1f} vs unguarded "
               f"{guard['unguarded']['rps']:.1f} req/s -> {cost * 100:.1f}% of request time  goal <= 10%")
-        bad = sum(r["non2xx3xx"] + r["errors"] for r in (r_read["fhir-dmp"], r_search["fhir-dmp"], *sweep.values()))
+        bad = sum(r["non2xx3xx"] + r["errors"]
+                  for r in (r_read["fhir-dmp"], r_doc["fhir-dmp"], r_search["fhir-dmp"], *sweep.values()))
         print(f"  fhir-dmp non-2xx + socket errors under load: {bad:.0f}")
         print("  fhir-dmp RSS peak (master + workers + database, MiB): " +
               ", ".join(f"{k} {v / 1024:.0f}" for k, v in sampler.peak.items()))
         return 0
     finally:
-        for proc in (bare, peer, ours):
+        for proc in (bare, before, peer, ours):
             stop(proc)
         if args.keep:
             print("kept", work)
