@@ -6,7 +6,7 @@ of the real server:
 
 * a deposit is inserts only, then the commit: no update (the Binary is inserted with its
   content's size and hash and already attached to its document), no look-up of content that
-  cannot exist yet, one content document for a small PDF (no separate chunk), no history copy
+  cannot exist yet, no content document for a small PDF (its Binary keeps it), no history copy
   of a version 1, the Binary and the document in one round trip, and no decision context query
   while the DMP's context is cached (a deposit changes none of its inputs);
 * opening a DMP tells the patient about the Patient just written, without reading it back;
@@ -97,11 +97,12 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     seen = commands.seen
     kinds = {cmd for cmd, _, _ in seen}
     assert kinds <= {"insert", "bulkWrite", "find", "commitTransaction"}, seen
-    # the content header, the Binary, the document (no history copy of a version 1) and the
-    # journal entry with its sealer queue document (audit/log.py) in one round trip, the
-    # transaction's first command (on SecantusDB it names no read concern: Storage.run_transaction)
+    # the Binary with its encrypted content beside it (no content document: storage/content.py),
+    # the document (no history copy of a version 1) and the journal entry with its sealer queue
+    # document (audit/log.py) in one round trip, the transaction's first command (on SecantusDB it
+    # names no read concern: Storage.run_transaction)
     writes = sorted(coll for cmd, coll, txn in seen if cmd in ("insert", "bulkWrite") and txn)
-    assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference,content_blobs"], seen
+    assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference"], seen
     assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
     # look-up after the commit (UnitOfWork.sweep_destroyed)
@@ -112,9 +113,10 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     bid = att["url"].split("/")[-1]
     assert att["size"] == len(pdf) and att["hash"] == base64.b64encode(hashlib.sha1(pdf).digest()).decode()
     binary = db["Binary"].find_one({"_id": bid})
-    assert binary["blob"] == {"size": len(pdf), "sha1": att["hash"]}
+    assert {k: binary["blob"][k] for k in ("size", "sha1", "v")} == {"size": len(pdf), "sha1": att["hash"], "v": 1}
+    assert pdf not in binary["blob"]["d"]         # encrypted
     assert binary["res"]["securityContext"] == {"reference": f"DocumentReference/{r.json['id']}"}
-    assert db["content_chunks"].count_documents({"r": bid}) == 0
+    assert db["content_blobs"].count_documents({"r": bid}) == 0 == db["content_chunks"].count_documents({"r": bid})
     got = ps.get(f"Binary/{bid}", headers={"Accept": "application/pdf"})
     assert got.status_code == 200 and got.data == pdf
 
