@@ -9,7 +9,8 @@ of the real server:
   cannot exist yet, no content document for a small PDF (its Binary keeps it), no history copy
   of a version 1, the Binary and the document in one round trip, and no decision context query
   while the DMP's context is cached (a deposit changes none of its inputs);
-* opening a DMP tells the patient about the Patient just written, without reading it back;
+* opening a DMP tells the patient about the Patient just written, without reading it back, and
+  sends the creator's Consent and the notice with the journal's documents (two write round trips);
 * a Consent written through the same process still drops the cached context at once;
 * the history keeps superseded versions only (the current one is read from its collection) and
   still lists every version once, old documents that have their copy included.
@@ -128,6 +129,13 @@ def test_opening_a_dmp_reads_nothing_back(watched, db):
     pid = r.json["id"]
     reads = [(coll, txn) for cmd, coll, txn in commands.seen if cmd == "find"]
     assert reads == [("Patient", False)], commands.seen       # the destroy sweep, after the commit
+    # two write round trips: the Patient alone (its unique INS answers a duplicate as such), then
+    # the creator's Consent, the notice (outbox message and Communication) with the journal's
+    # documents (GuardedRepository._after_write: alone in its transaction, nothing reads them)
+    writes = [(cmd, coll) for cmd, coll, txn in commands.seen if cmd in ("insert", "bulkWrite") and txn]
+    assert len(writes) == 2 and writes[0] == ("insert", "Patient"), commands.seen
+    assert writes[1][0] == "bulkWrite"
+    assert {"Consent", "Communication", "notification_outbox"} <= set(writes[1][1].split(",")), commands.seen
     # the creator's Consent and the first-access notice to the patient are there
     assert db["Consent"].count_documents({"pid": pid}) == 1
     [comm] = db["Communication"].find({"pid": pid})
