@@ -176,13 +176,19 @@ class ContentStore(StoreCore):
 
     def inline_content(self, pid: str, rid: str, ver: int, *, session=None) -> dict | None:
         """The content a Binary version keeps beside its resource (``blob``: ``{size, v, b, d}``), on
-        its current document or its history copy; None when it has none (stored in ``content_blobs``)."""
-        want = {"blob.v": ver, "blob.d": {"$exists": True}}
-        fields = {"blob": 1}
-        doc = (self.db["Binary"].find_one({"_id": rid, "pid": pid, **want}, fields, session=session)
-               or self.db["Binary_history"].find_one({"_id": f"{rid}/{ver}", "pid": pid, **want}, fields,
-                                                     session=session))
-        return doc["blob"] if doc else None
+        its current document or, for a superseded version, its history copy; None when it has none
+        (stored in ``content_blobs``: content stored before, or larger)."""
+        doc = self.db["Binary"].find_one({"_id": rid, "pid": pid}, {"vid": 1, "blob": 1}, session=session)
+        if doc is None:
+            return None
+        blob = doc.get("blob") or {}
+        if blob.get("v") == ver and "d" in blob:
+            return blob
+        if doc["vid"] <= ver:       # the current version, or none: nothing in the history
+            return None
+        copy = self.db["Binary_history"].find_one({"_id": f"{rid}/{ver}", "pid": pid, "blob.v": ver,
+                                                   "blob.d": {"$exists": True}}, {"blob": 1}, session=session)
+        return copy["blob"] if copy else None
 
     def blob_exists(self, pid: str, rid: str, ver: int, *, session=None) -> bool:
         return self.db[BLOBS].count_documents({"p": pid, "r": rid, "v": ver}, limit=1, session=session) > 0
