@@ -428,3 +428,20 @@ def test_an_index_another_worker_dropped_first_is_no_error(db):
         return False
     _drop_indexes(coll, unwanted)
     assert [ix["name"] for ix in coll.list_indexes()] == ["_id_"]
+
+
+def test_opening_a_dmp_is_all_or_nothing_with_its_deferred_documents(api, db):
+    """The creator's Consent and the notice go in the journal's round trip: a refused one (a real
+    validator on Communication) leaves no Patient, no Consent, no outbox message (the failure
+    itself is journaled, as any refused write)."""
+    ps = api.as_ps()
+    collections = ("Patient", "Consent", "Communication", "notification_outbox")
+    before = {c: db[c].count_documents({}) for c in collections}
+    db.command("collMod", "Communication", validator={"$jsonSchema": {"required": ["nope"]}})
+    try:
+        r = ps.post("Patient", b.patient(email="claire@example.org"))
+        assert r.status_code >= 500 and r.status_code != 500 and r.json["resourceType"] == "OperationOutcome"
+    finally:
+        db.command("collMod", "Communication", validator={})
+    assert {c: db[c].count_documents({}) for c in collections} == before
+    assert ps.post("Patient", b.patient(email="claire@example.org")).status_code == 201
