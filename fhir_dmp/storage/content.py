@@ -26,7 +26,7 @@ back (:attr:`BlobInfo.inline`) and the Binary's own stored document keeps it bes
 data key as a header's; ``documents/pipeline.py`` ``blob_fields``). The Binary's version and its
 content are then one insert, as atomic as any. :meth:`ContentStore.inline_content` finds it on the
 current document, or on the history copy of a superseded version (``storage/resources.py`` copies
-``blob`` there); every other read of a Binary leaves ``blob.d`` out (``resources.CONTENT_FIELD``).
+``blob`` there); every other read of a Binary leaves ``blob.d`` out (``resources.CONTENT_HOLDERS``).
 Destroying a DMP deletes its Binaries with their ciphertext and its data key (crypto-shredding).
 Reads look beside the resource first, then in ``content_blobs``: content stored before, or larger,
 keeps reading.

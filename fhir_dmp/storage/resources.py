@@ -285,8 +285,8 @@ class ResourceStore(StoreCore):
             # keep the last content searchable by nobody; the history keeps the versions
             current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
         change = {"$set": {k: v for k, v in current.items() if k != "_id"}}
-        if rtype in CONTENT_FIELDS and CONTENT_FIELDS[rtype].split(".")[0] not in current:
-            change["$unset"] = {CONTENT_FIELDS[rtype]: ""}   # the superseded version's, kept in its copy
+        if rtype in CONTENT_HOLDERS and CONTENT_HOLDERS[rtype] not in current:
+            change["$unset"] = _without_content(rtype)   # the superseded version's: kept in its copy
         try:
             old = self.db[rtype].find_one_and_update(
                 {"_id": rid, "vid": expected_vid}, change, session=session, return_document=ReturnDocument.BEFORE,
@@ -329,19 +329,20 @@ UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
 NO_COPY = "nh"
 #: what a version is, in a current document (projection)
 VERSION_FIELDS = {"pid": 1, "vid": 1, "lu": 1, "del": 1, "res": 1}
-#: the encrypted content a version keeps beside its resource (storage/content.py): read only by
-#: ``ContentStore.inline_content``, left out of every other read of the type, copied with the version
-CONTENT_FIELDS = {"Binary": "blob.d"}
+#: the field beside a type's resource that may hold its encrypted content (``d`` in it; storage/
+#: content.py): ``d`` is read only by ``ContentStore.inline_content``, left out of every other read
+#: of the type; the field goes with its version into the history copy
+CONTENT_HOLDERS = {"Binary": "blob"}
 
 
 def _without_content(rtype: str) -> dict | None:
     """The projection of a read that does not want a version's content (None: the whole document)."""
-    return {CONTENT_FIELDS[rtype]: 0} if rtype in CONTENT_FIELDS else None
+    return {f"{CONTENT_HOLDERS[rtype]}.d": 0} if rtype in CONTENT_HOLDERS else None
 
 
 def _content_of(rtype: str) -> dict:
-    """The projection of what a version keeps beside its resource (``blob``), copied to its history."""
-    return {CONTENT_FIELDS[rtype].split(".")[0]: 1} if rtype in CONTENT_FIELDS else {}
+    """The projection of what a version keeps beside its resource, copied to its history."""
+    return {CONTENT_HOLDERS[rtype]: 1} if rtype in CONTENT_HOLDERS else {}
 
 
 def _duplicate(exc: DuplicateKeyError | DuplicateKey) -> Exception:
@@ -356,8 +357,9 @@ def _as_version(doc: dict) -> dict:
     """A current document shaped as its history copy (what the history and vread read)."""
     version = {"_id": f"{doc['_id']}/{doc['vid']}", "rid": doc["_id"], "pid": doc.get("pid"), "vid": doc["vid"],
                "lu": doc["lu"], "del": bool(doc.get("del")), "res": doc.get("res")}
-    if "blob" in doc:         # a Binary's content beside its resource goes with its version
-        version["blob"] = doc["blob"]
+    for holder in CONTENT_HOLDERS.values():     # the content beside its resource goes with its version
+        if holder in doc:
+            version[holder] = doc[holder]
     return version
 
 
