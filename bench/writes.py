@@ -3,7 +3,7 @@
     python bench/writes.py [--patients 4] [--docs 20] [--sealer] [--by-collection]
 
 (with ``--by-collection``: per collection, the round trips, their wall ms, and the collection's
-number of indexes)
+number of indexes; then the documents inserted per create, by collection)
 
 In process (real app through its WSGI test client, real tokens, a real SecantusDB child): a
 médecin POSTs ``Patient`` (with an INS), then ``--docs`` ``DocumentReference`` each with the small
@@ -11,7 +11,7 @@ PDF of ``bench/peer.py`` inline, for ``--patients`` patients, one after the othe
 depend on concurrency). Prints per create of each kind:
 
 * database round trips (pymongo command monitoring), by command and, with ``--by-collection``,
-  by collection;
+  by collection, and the documents inserted (``insert`` and ``bulkWrite`` inserts) by collection;
 * CPU ms of the database process (``/proc/<pid>/stat`` utime + stime) and of this process (the
   server's work plus the test client's small share);
 
@@ -51,12 +51,19 @@ class Counter(monitoring.CommandListener):
     def __init__(self):
         self.counts: collections.Counter = collections.Counter()
         self.micros: collections.Counter = collections.Counter()
+        self.documents: collections.Counter = collections.Counter()   # inserted, by collection
         self._keys: dict = {}
 
     def started(self, event):
         coll = event.command.get(event.command_name)
         if event.command_name == "bulkWrite":
-            coll = "+".join(ns["ns"].split(".", 1)[1] for ns in event.command["nsInfo"])
+            names = [ns["ns"].split(".", 1)[1] for ns in event.command["nsInfo"]]
+            coll = "+".join(names)
+            for op in event.command.get("ops", []):
+                if "insert" in op:
+                    self.documents[names[op["insert"]]] += 1
+        elif event.command_name == "insert":
+            self.documents[coll] += len(event.command.get("documents", []))
         key = (event.command_name, coll if isinstance(coll, str) else "")
         self.counts[key] += 1
         self._keys[event.request_id] = key
@@ -110,6 +117,7 @@ def main() -> None:
             def measured(kind: str, resource: dict) -> dict:
                 counter.counts.clear()
                 counter.micros.clear()
+                counter.documents.clear()
                 d0, w0, t0 = cpu(db_pid), cpu(), time.perf_counter()
                 out = post(resource)
                 if stats is not None:
@@ -120,6 +128,7 @@ def main() -> None:
                     s["wall"] += time.perf_counter() - t0
                     s["calls"].update(counter.counts)
                     s["micros"].update(counter.micros)
+                    s["documents"].update(counter.documents)
                 return out
             pid = measured("Patient", builders.patient(family=f"Bench{i:05d}"))["id"]
             for _ in range(args.docs):
@@ -127,13 +136,14 @@ def main() -> None:
 
         one_dmp(0, None)   # warm-up
         stats = {k: {"n": 0, "db": 0.0, "worker": 0.0, "wall": 0.0, "calls": collections.Counter(),
-                     "micros": collections.Counter()}
+                     "micros": collections.Counter(), "documents": collections.Counter()}
                  for k in ("Patient", "DocumentReference")}
         for i in range(1, args.patients + 1):
             one_dmp(i, stats)
 
         print(f"{args.patients} DMPs x (1 Patient + {args.docs} DocumentReference), PDF {len(PDF)} bytes "
-              f"({len(base64.b64encode(PDF))} base64), sealer {'on' if args.sealer else 'off'}")
+              f"({len(base64.b64encode(PDF))} base64), sealer {'on' if args.sealer else 'off'}, "
+              f"load average {os.getloadavg()[0]:.2f}")
         indexes = {c: len(list(env.db[c].list_indexes())) for c in env.db.list_collection_names()}
         for kind, s in stats.items():
             n = s["n"]
@@ -149,6 +159,9 @@ def main() -> None:
                 for (cmd, coll), c in sorted(s["calls"].items(), key=lambda kv: -kv[1]):
                     print(f"    {cmd:<18} {coll:<26} {c / n:5.2f}  {s['micros'][(cmd, coll)] / n / 1000:6.2f} ms"
                           f"  {indexes.get(coll, '')}")
+                docs = s["documents"]
+                print(f"  documents inserted {sum(docs.values()) / n:.2f}: "
+                      + ", ".join(f"{coll} {c / n:.2f}" for coll, c in docs.most_common()))
         if args.sealer:
             from fhir_dmp.audit.sealer import Sealer
             total = sum(s["n"] for s in stats.values())

@@ -13,8 +13,9 @@ permitted the write:
   ``attachment.url`` names a Binary of the same record not attached to
   another document; ``size``/``hash`` always come from the stored content.
 * :meth:`~DocumentPipeline.store_inline_attachments` / :meth:`~DocumentPipeline.store_binary_content` — content
-  is encrypted into the blob store before the metadata is written; the
-  DocumentReference keeps ``attachment.url``, ``size`` and ``hash``.
+  is encrypted, then kept in its Binary's own stored document when small, in the blob store
+  otherwise (storage/content.py), in the write's transaction; the DocumentReference keeps
+  ``attachment.url``, ``size`` and ``hash``.
 * :meth:`DocumentPipeline.after_write` — links Binaries to their document and marks
   replaced documents ``superseded``.
 """
@@ -90,8 +91,9 @@ def _urls(doc: dict) -> set[str]:
 
 
 def blob_fields(info) -> dict:
-    """What a Binary's stored document keeps of its content (``Storage.blob_info`` reads it)."""
-    return {"blob": {"size": info.size, "sha1": info.sha1_b64}}
+    """What a Binary's stored document keeps of its content (``Storage.blob_info`` reads size and
+    hash): small content itself, encrypted (``BlobInfo.inline``, storage/content.py)."""
+    return {"blob": {"size": info.size, "sha1": info.sha1_b64, **(info.inline or {})}}
 
 
 
@@ -197,7 +199,7 @@ class DocumentPipeline:
             # (no conflict possible) both wait to go with the document's own inserts
             pending = None if wanted else self.work.pending_inserts
             info = self.blobs.put(pid, bid, 1, data, max_bytes=self.max_bytes,
-                                    session=session, fresh=True, pending=pending)
+                                  session=session, fresh=True, pending=pending, beside=True)
             try:
                 self.storage.create("Binary", binary, pid=pid, rid=bid, session=session, extra=blob_fields(info),
                                     pending=pending, defer=pending is not None)
@@ -227,7 +229,7 @@ class DocumentPipeline:
             # must not store what is left of it (empty or truncated content)
             if not self.work.take_stream(source):
                 raise Conflict("concurrent write while storing the upload; send it again")
-        info = self.blobs.put(pid, rid, vid, source, max_bytes=max_bytes, session=session)
+        info = self.blobs.put(pid, rid, vid, source, max_bytes=max_bytes, session=session, beside=True)
         return resource, blob_fields(info)
 
 

@@ -68,10 +68,12 @@ class DmpOperations:
         self.journal.add_effect(effect)
 
     def notify(self, kind: str, pid: str, *, session=None, code: str | None = None,
-               patient: dict | None = None, notice: Notice | None = None) -> list[dict]:
+               patient: dict | None = None, notice: Notice | None = None, defer: bool = False) -> list[dict]:
         """Queue a notice to the patient and store the matching Communication(s). ``patient``:
         the Patient resource this transaction just wrote (else the DMP's state is loaded);
-        ``notice``: what to say (else this caller's access now, of ``kind``)."""
+        ``notice``: what to say (else this caller's access now, of ``kind``); ``defer``: the
+        outbox messages and Communications wait in the transaction's pending inserts (nothing in
+        it reads them; they go with its journal entries: ``GuardedRepository._after_write``)."""
         if self.outbox is None:
             return []
         if patient is None:
@@ -81,10 +83,11 @@ class DmpOperations:
         notice = notice or Notice(kind=kind, patient_id=pid, actor_name=self.p.name,
                                   actor_profession=self.p.profession, actor_id=self.p.id_nat_ps,
                                   mode=self.p.mode or "normal", when=now(), reason=self.p.btg_reason, code=code)
-        comms = self.outbox.enqueue(notice, patient, session=session)
+        pending = self.work.pending_inserts if defer else None
+        comms = self.outbox.enqueue(notice, patient, session=session, pending=pending)
         for comm in comms:
             stored = self.storage.create("Communication", comm, pid=pid, rid=comm.get("id"),
-                                         session=session)
+                                         session=session, pending=pending, defer=defer)
             status = comm.get("status")
             self.record("create", outcome="0" if status != "not-done" else "4", patient_id=pid,
                         resource=f"Communication/{stored.id}",

@@ -75,7 +75,7 @@ class Writes:
                                              pending=self.work.pending_inserts, defer=defer)
             except DuplicateValue:
                 raise duplicate_dmp(resource) from None
-            self._after_write("create", rtype, stored, None, decision, s)
+            self._after_write("create", rtype, stored, None, decision, s, alone=session is None)
             self.record("create", outcome="0", patient_id=stored.pid,
                         resource=f"{rtype}/{stored.id}/_history/1", decision=decision, http_status=201)
             return stored
@@ -277,12 +277,16 @@ class Writes:
         return resource, None
 
     def _after_write(self, interaction: str, rtype: str, stored: Stored, old: dict | None,
-                     decision: Decision, session) -> None:
+                     decision: Decision, session, *, alone: bool = False) -> None:
+        """What a write brings with it, in its transaction. ``alone``: the write is its transaction's
+        only one (not an entry of a transaction Bundle, whose next entries may read what this one
+        wrote): the creator's Consent and the notices then wait to go with the journal's inserts,
+        one round trip (``UnitOfWork.pending_inserts``; nothing in this transaction reads them)."""
         if decision.obligations.get("authorize_creator"):
-            self._authorize_creator(stored, session)
+            self._authorize_creator(stored, session, defer=alone)
         if decision.obligations.get("notify") == "first_access":
             # a new DMP: the Patient just written is the one to tell, no need to read it back
-            self.notify("first_access", stored.pid, session=session,
+            self.notify("first_access", stored.pid, session=session, defer=alone,
                         patient=stored.resource if rtype == "Patient" and not stored.deleted else None)
         if rtype == "DocumentReference":
             self.documents.after_write(stored, old, session)
@@ -291,12 +295,13 @@ class Writes:
         self.access.states.pop(stored.pid, None)
         self.work.written(stored.pid)
 
-    def _authorize_creator(self, patient: Stored, session) -> None:
-        """A PS who opens a DMP is authorized on it (CONTRACT.md)."""
+    def _authorize_creator(self, patient: Stored, session, *, defer: bool = False) -> None:
+        """A PS who opens a DMP is authorized on it (CONTRACT.md); ``defer``: see :meth:`_after_write`."""
         consent = dmp.patient_consent(patient.id, "permit", purpose="TREAT", actor=self.p.reference(),
                                       at=patient.resource["meta"]["lastUpdated"],
                                       verified_with=self.p.reference())
-        stored = self.storage.create("Consent", consent, pid=patient.id, session=session)
+        stored = self.storage.create("Consent", consent, pid=patient.id, session=session,
+                                     pending=self.work.pending_inserts, defer=defer)
         self.record("create", outcome="0", patient_id=patient.id, resource=f"Consent/{stored.id}/_history/1",
                     decision=Decision(True, "ps-creates-dmp", "creator authorized"), http_status=201)
 

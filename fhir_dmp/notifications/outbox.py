@@ -237,7 +237,7 @@ class Outbox:
         self.config = config
         self._indexed = False
 
-    def enqueue(self, notice: Notice, patient: dict, *, session=None) -> list[dict]:
+    def enqueue(self, notice: Notice, patient: dict, *, session=None, pending: list | None = None) -> list[dict]:
         """One outbox message per channel the Patient has (email, sms).
 
         Returns the Communication resources to store (``id`` set, status
@@ -247,7 +247,8 @@ class Outbox:
         Each outbox doc carries ``communication_id`` = that Communication id.
         Without contact: one Communication ``not-done`` with statusReason
         "Aucun moyen de contact (email/SMS) dans le dossier", nothing queued.
-        The outbox docs are inserted with ``session`` when given.
+        The outbox docs are inserted with ``session`` when given, or appended to ``pending``
+        (the transaction's inserts not sent yet, ``Storage.queue_notices``) when given.
         """
         if notice.kind not in KINDS:
             raise ValueError(f"unknown notification kind {notice.kind!r}")
@@ -277,7 +278,7 @@ class Outbox:
                 "claimed_by": None, "lease_until": None, "sent_at": None, "last_error": None,
                 "created_at": now,
             })
-        self.storage.queue_notices(docs, session=session)
+        self.storage.queue_notices(docs, session=session, pending=pending)
         log.info("notification %s queued: %s", notice.kind,
                  ", ".join(f"{d['_id']}/{d['channel']}" for d in docs))
         return comms

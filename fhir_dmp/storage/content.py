@@ -13,10 +13,29 @@ Layout — two collections of our own rather than a GridFS bucket:
 * ``content_chunks`` ``{_id: "<blob_id>:<n>", p: patient, r: binary id, v: version, b: blob_id, n: index, d: ciphertext}``
 * ``content_blobs``  ``{_id: blob_id, p, r, v, size, n: chunk count, cs: chunk size, created[, d]}``
 
-Content of one chunk of at most :data:`INLINE_MAX` bytes (most documents: a PDF report, a CDA)
-keeps its only ciphertext in its ``content_blobs`` document (``d``, the same AEAD message chunk 0
-would hold, flagged last) and has no ``content_chunks`` document: one insert instead of two on
-the write path. Blobs written before that have their chunk; both are read.
+Content of one chunk of at most :data:`INLINE_MAX` bytes keeps its only ciphertext in its
+``content_blobs`` document (``d``, the same AEAD message chunk 0 would hold, flagged last) and has
+no ``content_chunks`` document: one insert instead of two. Blobs written before that have their
+chunk; both are read.
+
+Content in its resource (issue 22): the Binary's content of one chunk whose ciphertext is at most
+:data:`RESOURCE_INLINE_MAX` bytes (``put(..., beside=True)``: most documents, a CDA or a PDF
+report) has no ``content_blobs`` document at all. :meth:`BlobStore.put` hands the sealed message
+back (:attr:`BlobInfo.inline`) and the Binary's own stored document keeps it beside its resource:
+``blob: {size, sha1, v: version, b: stream id, d: ciphertext}`` (the same AEAD message, AAD and
+data key as a header's; ``documents/pipeline.py`` ``blob_fields``). The Binary's version and its
+content are then one insert, as atomic as any. :meth:`ContentStore.inline_content` finds it on the
+current document, or on the history copy of a superseded version (``storage/resources.py`` copies
+``blob`` there); every other read of a Binary leaves ``blob.d`` out (``resources.CONTENT_HOLDERS``).
+Destroying a DMP deletes its Binaries with their ciphertext and its data key (crypto-shredding).
+Reads look beside the resource first, then in ``content_blobs``: content stored before, or larger,
+keeps reading.
+
+Why 64 KiB of ciphertext: well under the 16 MiB document limit whatever the resource beside it,
+small enough that the reads that fetch a whole Binary document (its history copy, a backup, the
+database's own oplog and cache) carry little, large enough for a structured CDA or a few-page PDF
+report, the common deposit. Above it the content has a document of its own (and chunks past
+:data:`INLINE_MAX`): one insert more is nothing next to moving those bytes.
 
 Why not GridFS: GridFS cuts *one* byte stream at fixed offsets, whereas each
 of our chunks is an independent AEAD message (own nonce and tag, a little
@@ -43,7 +62,7 @@ import hashlib
 import io
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import BinaryIO, Iterable, Iterator
 
@@ -59,6 +78,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHUNK_SIZE = 8 << 20  # well under the 16 MiB BSON document limit
 INLINE_MAX = 256 << 10    # a one-chunk blob this small lives in its header document
+RESOURCE_INLINE_MAX = 64 << 10   # ciphertext this small lives in its Binary's document (docstring)
 
 
 class BlobNotFound(ContentUnavailable):
@@ -67,12 +87,18 @@ class BlobNotFound(ContentUnavailable):
 
 @dataclass(frozen=True)
 class BlobInfo:
-    """What :meth:`BlobStore.put` stored: ``sha1_b64`` is FHIR ``Attachment.hash`` (base64 SHA-1)."""
+    """What :meth:`BlobStore.put` stored: ``sha1_b64`` is FHIR ``Attachment.hash`` (base64 SHA-1).
+    ``inline``: the content was not stored, its caller stores this beside its resource
+    (``{v, b, d}``: version, stream id, sealed message; module docstring)."""
 
     blob_id: str
     size: int
     sha1_b64: str
     sha256_hex: str
+    inline: dict | None = None
+
+    def __repr__(self) -> str:      # never the ciphertext in a log line
+        return f"BlobInfo(blob_id={self.blob_id!r}, size={self.size}, inline={self.inline is not None})"
 
 
 def _rechunk(pieces: Iterable, size: int) -> Iterator[bytes]:
@@ -148,6 +174,22 @@ class ContentStore(StoreCore):
         return self.db[BLOBS].find_one({"p": pid, "r": rid, "v": ver}, None if data else {"d": 0},
                                        session=session)
 
+    def inline_content(self, pid: str, rid: str, ver: int, *, session=None) -> dict | None:
+        """The content a Binary version keeps beside its resource (``blob``: ``{size, v, b, d}``), on
+        its current document or, for a superseded version, its history copy; None when it has none
+        (stored in ``content_blobs``: content stored before, or larger)."""
+        doc = self.db["Binary"].find_one({"_id": rid, "pid": pid}, {"vid": 1, "blob": 1}, session=session)
+        if doc is None:
+            return None
+        blob = doc.get("blob") or {}
+        if blob.get("v") == ver and "d" in blob:
+            return blob
+        if doc["vid"] <= ver:       # the current version, or none: nothing in the history
+            return None
+        copy = self.db["Binary_history"].find_one({"_id": f"{rid}/{ver}", "pid": pid, "blob.v": ver,
+                                                   "blob.d": {"$exists": True}}, {"blob": 1}, session=session)
+        return copy["blob"] if copy else None
+
     def blob_exists(self, pid: str, rid: str, ver: int, *, session=None) -> bool:
         return self.db[BLOBS].count_documents({"p": pid, "r": rid, "v": ver}, limit=1, session=session) > 0
 
@@ -211,7 +253,8 @@ class BlobStore:
     # ------------------------------------------------------------- write
     def put(self, patient_id: str, binary_id: str, version: int,
             source: bytes | BinaryIO | Iterable[bytes], *, max_bytes: int, session=None,
-            expression: str = "Binary.data", fresh: bool = False, pending: list | None = None) -> BlobInfo:
+            expression: str = "Binary.data", fresh: bool = False, pending: list | None = None,
+            beside: bool = False) -> BlobInfo:
         """Encrypt and store ``source`` as the content of (patient, binary, version).
 
         Computes size, SHA-1 (base64) and SHA-256 (hex) of the plaintext while
@@ -222,6 +265,9 @@ class BlobStore:
         it yet; the early look-up is skipped (the unique index still decides). ``pending``: the
         header is appended to this list of the transaction's inserts not sent yet
         (``Storage.create``), still after the chunks (for a new Binary only: no conflict possible).
+        ``beside``: content of one chunk whose ciphertext is at most :data:`RESOURCE_INLINE_MAX`
+        bytes is stored nowhere: :attr:`BlobInfo.inline` holds it for the caller to write with its
+        Binary, in the same transaction (module docstring); larger content is stored as without it.
         """
         pid, rid, ver = str(patient_id), str(binary_id), int(version)
         if isinstance(source, (bytes, bytearray, memoryview)) and memoryview(source).nbytes > max_bytes:
@@ -241,6 +287,9 @@ class BlobStore:
                 sha1.update(chunk)
                 sha256.update(chunk)
                 sealed = enc.encrypt_chunk(index, chunk, last=last)
+                if beside and index == 0 and last and len(sealed) <= RESOURCE_INLINE_MAX:
+                    info = self._info(blob_id, size, sha1, sha256)
+                    return replace(info, inline={"v": ver, "b": blob_id, "d": sealed})
                 if index == 0 and last and len(chunk) <= INLINE_MAX:
                     header["d"] = sealed        # the only chunk, kept in the header (module docstring)
                 else:
@@ -283,6 +332,11 @@ class BlobStore:
 
     # ------------------------------------------------------------- read
     def _meta(self, pid: str, rid: str, ver: int, session=None, *, data: bool = True) -> dict:
+        """The content's header: beside its Binary's resource (shaped as a header of one chunk),
+        else its ``content_blobs`` document (module docstring)."""
+        inline = self.storage.inline_content(pid, rid, ver, session=session)
+        if inline is not None:
+            return {"_id": inline["b"], "size": inline["size"], "n": 1, "d": inline["d"]}
         meta = self.storage.blob_meta(pid, rid, ver, session=session, data=data)
         if meta is None:
             raise BlobNotFound("no content stored for this binary version")
@@ -293,6 +347,7 @@ class BlobStore:
         return int(self._meta(str(patient_id), str(binary_id), int(version), session, data=False)["size"])
 
     def exists(self, patient_id, binary_id, version, *, session=None) -> bool:
+        """Content stored in ``content_blobs`` (content beside its Binary exists with that Binary)."""
         return self.storage.blob_exists(str(patient_id), str(binary_id), int(version), session=session)
 
     def open(self, patient_id, binary_id, version, *, session=None) -> Iterator[bytes]:

@@ -28,7 +28,13 @@ class OutboxStore(StoreCore):
         coll.create_index([("status", 1), ("lease_until", 1)], name="lease")
         coll.create_index([("communication_id", 1)], name="communication")
 
-    def queue_notices(self, docs: list[dict], *, session=None) -> None:
+    def queue_notices(self, docs: list[dict], *, session=None, pending: list | None = None) -> None:
+        """Insert notices (in ``session``'s transaction when given); ``pending``: append them to this
+        list of the transaction's inserts not sent yet instead (``insert_docs`` sends it, inside the
+        transaction: its commit's write concern is the one that counts)."""
+        if pending is not None:
+            pending.extend((OUTBOX, doc) for doc in docs)
+            return
         self._outbox().insert_many(docs, session=session)
 
     def claim_notice(self, channels: list[str], worker_id: str, now: datetime, lease) -> dict | None:

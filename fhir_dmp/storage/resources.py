@@ -65,20 +65,22 @@ class ResourceStore(StoreCore):
                 _index(hist, keys)
 
     def read(self, rtype: str, rid: str, *, session=None) -> Stored | None:
-        doc = self.db[rtype].find_one({"_id": rid}, session=session)
+        doc = self.db[rtype].find_one({"_id": rid}, _without_content(rtype), session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 
     def read_many(self, rtype: str, ids: list[str], *, session=None) -> list[Stored]:
         if not ids:
             return []
-        docs = self.db[rtype].find({"_id": {"$in": list(ids)}, "del": False}, session=session)
+        docs = self.db[rtype].find({"_id": {"$in": list(ids)}, "del": False}, _without_content(rtype),
+                                   session=session)
         return [Stored.from_doc(rtype, d) for d in docs]
 
     def vread(self, rtype: str, rid: str, vid: int, *, session=None) -> Stored | None:
         if rtype in APPEND_ONLY:
             doc = self.db[rtype].find_one({"_id": rid}, session=session) if vid == 1 else None
         else:
-            doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, session=session) \
+            doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, _without_content(rtype),
+                                                        session=session) \
                 or self.db[rtype].find_one({"_id": rid, "vid": vid, NO_COPY: True}, VERSION_FIELDS, session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 
@@ -106,7 +108,8 @@ class ResourceStore(StoreCore):
             if rtype in APPEND_ONLY:      # the key is "id/vid"; there the _id is the id alone
                 key = key.rsplit("/", 1)[0]
             flt = {"$and": [flt, {"$or": [{"lu": {"$lt": lu}}, {"lu": lu, "_id": {"$gt": key}}]}]}
-        docs = list(coll.find(flt, session=session).sort([("lu", -1), ("_id", 1)]).limit(limit))
+        docs = list(coll.find(flt, _without_content(rtype), session=session).sort([("lu", -1), ("_id", 1)])
+                    .limit(limit))
         if rtype not in APPEND_ONLY:
             docs += self._current_versions(rtype, rid, pid_filter, since, before, after_key, limit, session)
             docs.sort(key=lambda d: d["_id"])
@@ -177,7 +180,7 @@ class ResourceStore(StoreCore):
         return self._find(rtype, flt, sort, limit, session)
 
     def _find(self, rtype: str, flt: dict, sort: list, limit: int, session) -> list[dict]:
-        cursor = self.db[rtype].find(flt, session=session)
+        cursor = self.db[rtype].find(flt, _without_content(rtype), session=session)
         if sort:
             cursor = cursor.sort(sort)
         if limit:
@@ -202,7 +205,7 @@ class ResourceStore(StoreCore):
         """Every current (not deleted) document of ``rtype`` in these DMPs, whole (``pid`` index)."""
         pids = sorted(pids)
         flt = {"pid": pids[0] if len(pids) == 1 else {"$in": pids}, "del": False}
-        return list(self.db[rtype].find(flt))
+        return list(self.db[rtype].find(flt, _without_content(rtype)))
 
     def ids_with_raw(self, rtype: str, flt: dict, projection: dict) -> list[dict]:
         """Raw projected documents (for the decision's context loading)."""
@@ -210,7 +213,7 @@ class ResourceStore(StoreCore):
 
     def blob_info(self, bid: str, *, session=None) -> dict:
         """``{size, sha1}`` of a Binary's stored content ({} when unknown)."""
-        doc = self.db["Binary"].find_one({"_id": bid}, {"blob": 1}, session=session) or {}
+        doc = self.db["Binary"].find_one({"_id": bid}, {"blob.size": 1, "blob.sha1": 1}, session=session) or {}
         return doc.get("blob") or {}
 
     def attach_binary(self, bid: str, pid: str, reference: str, *, session=None) -> None:
@@ -281,10 +284,13 @@ class ResourceStore(StoreCore):
         if deleted:
             # keep the last content searchable by nobody; the history keeps the versions
             current["res"], current["s"], current["o"], current["a"] = None, {}, {}, {}
+        change = {"$set": {k: v for k, v in current.items() if k != "_id"}}
+        if rtype in CONTENT_HOLDERS and CONTENT_HOLDERS[rtype] not in current:
+            change["$unset"] = _without_content(rtype)   # the superseded version's: kept in its copy
         try:
             old = self.db[rtype].find_one_and_update(
-                {"_id": rid, "vid": expected_vid}, {"$set": {k: v for k, v in current.items() if k != "_id"}},
-                session=session, return_document=ReturnDocument.BEFORE, projection={**VERSION_FIELDS, NO_COPY: 1})
+                {"_id": rid, "vid": expected_vid}, change, session=session, return_document=ReturnDocument.BEFORE,
+                projection={**VERSION_FIELDS, NO_COPY: 1, **_content_of(rtype)})
         except (DuplicateKeyError, DuplicateKey) as exc:
             raise _duplicate(exc) from None
         if old is None:
@@ -323,6 +329,20 @@ UNIQUE_INDEXES = {"Patient": [("a.ins", 1)]}
 NO_COPY = "nh"
 #: what a version is, in a current document (projection)
 VERSION_FIELDS = {"pid": 1, "vid": 1, "lu": 1, "del": 1, "res": 1}
+#: the field beside a type's resource that may hold its encrypted content (``d`` in it; storage/
+#: content.py): ``d`` is read only by ``ContentStore.inline_content``, left out of every other read
+#: of the type; the field goes with its version into the history copy
+CONTENT_HOLDERS = {"Binary": "blob"}
+
+
+def _without_content(rtype: str) -> dict | None:
+    """The projection of a read that does not want a version's content (None: the whole document)."""
+    return {f"{CONTENT_HOLDERS[rtype]}.d": 0} if rtype in CONTENT_HOLDERS else None
+
+
+def _content_of(rtype: str) -> dict:
+    """The projection of what a version keeps beside its resource, copied to its history."""
+    return {CONTENT_HOLDERS[rtype]: 1} if rtype in CONTENT_HOLDERS else {}
 
 
 def _duplicate(exc: DuplicateKeyError | DuplicateKey) -> Exception:
@@ -335,8 +355,12 @@ def _duplicate(exc: DuplicateKeyError | DuplicateKey) -> Exception:
 
 def _as_version(doc: dict) -> dict:
     """A current document shaped as its history copy (what the history and vread read)."""
-    return {"_id": f"{doc['_id']}/{doc['vid']}", "rid": doc["_id"], "pid": doc.get("pid"), "vid": doc["vid"],
-            "lu": doc["lu"], "del": bool(doc.get("del")), "res": doc.get("res")}
+    version = {"_id": f"{doc['_id']}/{doc['vid']}", "rid": doc["_id"], "pid": doc.get("pid"), "vid": doc["vid"],
+               "lu": doc["lu"], "del": bool(doc.get("del")), "res": doc.get("res")}
+    for holder in CONTENT_HOLDERS.values():     # the content beside its resource goes with its version
+        if holder in doc:
+            version[holder] = doc[holder]
+    return version
 
 
 def _wanted_indexes(rtype: str) -> list[list[tuple[str, int]]]:

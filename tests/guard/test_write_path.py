@@ -6,10 +6,11 @@ of the real server:
 
 * a deposit is inserts only, then the commit: no update (the Binary is inserted with its
   content's size and hash and already attached to its document), no look-up of content that
-  cannot exist yet, one content document for a small PDF (no separate chunk), no history copy
+  cannot exist yet, no content document for a small PDF (its Binary keeps it), no history copy
   of a version 1, the Binary and the document in one round trip, and no decision context query
   while the DMP's context is cached (a deposit changes none of its inputs);
-* opening a DMP tells the patient about the Patient just written, without reading it back;
+* opening a DMP tells the patient about the Patient just written, without reading it back, and
+  sends the creator's Consent and the notice with the journal's documents (two write round trips);
 * a Consent written through the same process still drops the cached context at once;
 * the history keeps superseded versions only (the current one is read from its collection) and
   still lists every version once, old documents that have their copy included.
@@ -97,11 +98,12 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     seen = commands.seen
     kinds = {cmd for cmd, _, _ in seen}
     assert kinds <= {"insert", "bulkWrite", "find", "commitTransaction"}, seen
-    # the content header, the Binary, the document (no history copy of a version 1) and the
-    # journal entry with its sealer queue document (audit/log.py) in one round trip, the
-    # transaction's first command (on SecantusDB it names no read concern: Storage.run_transaction)
+    # the Binary with its encrypted content beside it (no content document: storage/content.py),
+    # the document (no history copy of a version 1) and the journal entry with its sealer queue
+    # document (audit/log.py) in one round trip, the transaction's first command (on SecantusDB it
+    # names no read concern: Storage.run_transaction)
     writes = sorted(coll for cmd, coll, txn in seen if cmd in ("insert", "bulkWrite") and txn)
-    assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference,content_blobs"], seen
+    assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference"], seen
     assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
     # look-up after the commit (UnitOfWork.sweep_destroyed)
@@ -112,9 +114,10 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     bid = att["url"].split("/")[-1]
     assert att["size"] == len(pdf) and att["hash"] == base64.b64encode(hashlib.sha1(pdf).digest()).decode()
     binary = db["Binary"].find_one({"_id": bid})
-    assert binary["blob"] == {"size": len(pdf), "sha1": att["hash"]}
+    assert {k: binary["blob"][k] for k in ("size", "sha1", "v")} == {"size": len(pdf), "sha1": att["hash"], "v": 1}
+    assert pdf not in binary["blob"]["d"]         # encrypted
     assert binary["res"]["securityContext"] == {"reference": f"DocumentReference/{r.json['id']}"}
-    assert db["content_chunks"].count_documents({"r": bid}) == 0
+    assert db["content_blobs"].count_documents({"r": bid}) == 0 == db["content_chunks"].count_documents({"r": bid})
     got = ps.get(f"Binary/{bid}", headers={"Accept": "application/pdf"})
     assert got.status_code == 200 and got.data == pdf
 
@@ -126,6 +129,13 @@ def test_opening_a_dmp_reads_nothing_back(watched, db):
     pid = r.json["id"]
     reads = [(coll, txn) for cmd, coll, txn in commands.seen if cmd == "find"]
     assert reads == [("Patient", False)], commands.seen       # the destroy sweep, after the commit
+    # two write round trips: the Patient alone (its unique INS answers a duplicate as such), then
+    # the creator's Consent, the notice (outbox message and Communication) with the journal's
+    # documents (GuardedRepository._after_write: alone in its transaction, nothing reads them)
+    writes = [(cmd, coll) for cmd, coll, txn in commands.seen if cmd in ("insert", "bulkWrite") and txn]
+    assert len(writes) == 2 and writes[0] == ("insert", "Patient"), commands.seen
+    assert writes[1][0] == "bulkWrite"
+    assert {"Consent", "Communication", "notification_outbox"} <= set(writes[1][1].split(",")), commands.seen
     # the creator's Consent and the first-access notice to the patient are there
     assert db["Consent"].count_documents({"pid": pid}) == 1
     [comm] = db["Communication"].find({"pid": pid})
@@ -418,3 +428,20 @@ def test_an_index_another_worker_dropped_first_is_no_error(db):
         return False
     _drop_indexes(coll, unwanted)
     assert [ix["name"] for ix in coll.list_indexes()] == ["_id_"]
+
+
+def test_opening_a_dmp_is_all_or_nothing_with_its_deferred_documents(api, db):
+    """The creator's Consent and the notice go in the journal's round trip: a refused one (a real
+    validator on Communication) leaves no Patient, no Consent, no outbox message (the failure
+    itself is journaled, as any refused write)."""
+    ps = api.as_ps()
+    collections = ("Patient", "Consent", "Communication", "notification_outbox")
+    before = {c: db[c].count_documents({}) for c in collections}
+    db.command("collMod", "Communication", validator={"$jsonSchema": {"required": ["nope"]}})
+    try:
+        r = ps.post("Patient", b.patient(email="claire@example.org"))
+        assert r.status_code >= 500 and r.status_code != 500 and r.json["resourceType"] == "OperationOutcome"
+    finally:
+        db.command("collMod", "Communication", validator={})
+    assert {c: db[c].count_documents({}) for c in collections} == before
+    assert ps.post("Patient", b.patient(email="claire@example.org")).status_code == 201
