@@ -73,18 +73,16 @@ class _Worker:
 
     def __init__(self, sock: socket.socket, gone):
         self.sock = sock
-        self.waiting: queue.Queue[bytes | None] = queue.Queue(BACKLOG)
+        self.waiting: queue.Queue[bytes] = queue.Queue(BACKLOG)
         self._gone = gone
         threading.Thread(target=self._send, name="change-hub-send", daemon=True).start()
 
-    def put(self, line: bytes) -> bool:
-        """Queue ``line``; False (and hung up) when the worker is too far behind."""
+    def put(self, line: bytes) -> None:
+        """Queue ``line``; hang up on a worker too far behind (it connects again, caches dropped)."""
         try:
             self.waiting.put_nowait(line)
-            return True
         except queue.Full:
             self.close()
-            return False
 
     def close(self) -> None:
         try:

@@ -36,10 +36,11 @@ from ..storage.errors import StorageClosed
 # inside the 1 s invalidation promise
 POLL_PAUSE_S = 0.05
 #: the hub says something (a beat at least) this often while its stream answers
-BEAT_S = 0.5
+BEAT_S = 0.2
 #: a worker that hears nothing from its hub this long takes the feed for lost (a hub frozen, or
-#: its stream stuck): not live, caches dropped, connect again
-SILENCE_S = 3.0
+#: its stream stuck): not live, caches dropped, connect again; within the second of the
+#: invalidation promise, since the worker goes on serving while its hub is stuck
+SILENCE_S = 0.8
 #: how long a worker's connection waits at once for the hub's "live" (then looks at its stop flag)
 WAIT_S = 0.5
 

@@ -13,7 +13,9 @@ checked:
 * the hub SIGKILLed: the workers stop serving from their caches at once (a block written in the
   database by another process while the hub is down is in force on the next request), serve
   starts the hub again, and the workers' caches are live again (each says so) and invalidated as
-  before.
+  before;
+* the hub frozen (SIGSTOP): silent for a second, it is taken for lost (a block written meanwhile is
+  in force within the second), and the caches come back when it goes on.
 """
 from __future__ import annotations
 
@@ -112,4 +114,28 @@ def test_a_killed_hub_stops_the_caches_at_once_and_serve_starts_it_again(serve, 
     assert _statuses(a.url, f"Patient/{pid}", ps) == {200}
     assert writer.as_patient(pid).post("Consent", b.consent(pid, "deny", actor=b.PS_DR)).status_code == 201
     _one_second_after(time.monotonic())
+    assert _statuses(a.url, f"Patient/{pid}", ps) == {404}
+
+
+def test_a_frozen_hub_is_a_lost_feed_within_a_second(serve, build_app, config, idp):
+    """A hub that says nothing (SIGSTOP: neither dead nor forwarding) for a second is taken for lost:
+    a block written meanwhile is in force within the contract's second, although no change reached
+    the workers; once the hub goes on, so do their caches."""
+    a = serve("a", workers=2)
+    _within(30, lambda: _said(a, CACHE_LIVE) == 2, "every worker's feed live")
+    writer = Api(build_app(config.with_(context_cache=False)), idp)
+    pid = writer.as_ps(b.PS_DR).create(b.patient(email=None))["id"]
+    ps = idp.ps(b.PS_DR)
+    assert _statuses(a.url, f"Patient/{pid}", ps) == {200}           # cached in every worker
+
+    [hub] = hub_pids(a.proc.pid)
+    os.kill(hub, signal.SIGSTOP)
+    try:
+        assert writer.as_patient(pid).post("Consent", b.consent(pid, "deny", actor=b.PS_DR)).status_code == 201
+        _one_second_after(time.monotonic())
+        assert _statuses(a.url, f"Patient/{pid}", ps) == {404}
+    finally:
+        os.kill(hub, signal.SIGCONT)
+    _within(30, lambda: _said(a, CACHE_LIVE) == 4, "feeds back")
+    assert hub_pids(a.proc.pid) == [hub]                              # the same hub, going on
     assert _statuses(a.url, f"Patient/{pid}", ps) == {404}
