@@ -224,9 +224,11 @@ class HubProcess:
     def _spawn(self) -> None:
         # its own session (a terminal's Ctrl-C is the master's to handle), SIGKILLed when the
         # thread that starts it ends (PR_SET_PDEATHSIG): the master's main thread, then the watcher
+        # the master's import path: the hub runs the master's code, whatever put it on the path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", ENTRY], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=pdeathsig(), close_fds=True)
+            [sys.executable, "-c", ENTRY], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=pdeathsig(), close_fds=True)
         with self.proc.stdin as payload:
             pickle.dump((self.config, self.path, os.getpid()), payload)
         log.info("change hub started (pid %s)", self.proc.pid)
