@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from ..search.doc_cache import CACHED_TYPE
@@ -85,10 +86,8 @@ class _Worker:
             self.close()
 
     def close(self) -> None:
-        try:
+        with suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def _send(self) -> None:
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import socket
+from contextlib import closing
 import threading
 import time
 
@@ -107,12 +108,6 @@ class StreamFeed:
     def close(self) -> None:
         self._stream.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 class HubFeed:
     """This worker's feed from its node's change hub (the Unix socket at ``path``): opened once the
@@ -177,17 +172,12 @@ class HubFeed:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def follow(open_feed, *, stop: threading.Event, outage, on_live, on_change, on_gap, on_pass=None) -> None:
-    """Run feeds until ``stop``: ``open_feed()`` -> a feed; ``on_live()`` once it is open (an
-    exception there closes it), ``on_change(change)`` for each change, ``on_pass()`` (if given)
-    after each read that went through, ``on_gap()`` whenever it is lost or ends.
+    """Run feeds until ``stop``: ``open_feed()`` -> a feed (``alive``, ``next(stop)``, ``close()``);
+    ``on_live()`` once it is open (an exception there closes it), ``on_change(change)`` for each
+    change, ``on_pass()`` (if given) after each read that went through, ``on_gap()`` whenever it
+    is lost or ends.
 
     Faults (CONTRACT.md "Faults, failover and backups"): on a resumable error (a dropped
     connection, a primary stepping down) pymongo resumes a change stream once from its resume
@@ -200,7 +190,7 @@ def follow(open_feed, *, stop: threading.Event, outage, on_live, on_change, on_g
     """
     while not stop.is_set():
         try:
-            with open_feed() as feed:
+            with closing(open_feed()) as feed:
                 on_live()
                 while not stop.is_set() and feed.alive:
                     change = feed.next(stop)

@@ -23,6 +23,7 @@ import os
 import signal
 import time
 
+import pytest
 
 from tests import builders as b
 from tests.api import Api
@@ -88,19 +89,31 @@ def test_serve_opens_one_change_stream_for_its_workers_and_a_block_reaches_them_
     assert _statuses(a.url, f"Patient/{pid}", ps) == {200}
 
 
-def test_a_killed_hub_stops_the_caches_at_once_and_serve_starts_it_again(serve, build_app, config, idp):
+@pytest.fixture
+def cached(serve, build_app, config, idp):
+    """``(server, writer, pid, ps)``: a server of two workers, each with the DMP ``pid``'s context
+    cached for ``ps`` (a médecin authorized there) on its hub's live feed; ``writer`` is another
+    process writing straight to the database (an app with no cache and no stream of its own)."""
     a = serve("a", workers=2)
     _within(30, lambda: _said(a, CACHE_LIVE) == 2, "every worker's feed live")
-    # another process writes straight to the database (no cache, no stream of its own)
     writer = Api(build_app(config.with_(context_cache=False)), idp)
     pid = writer.as_ps(b.PS_DR).create(b.patient(email=None))["id"]
     ps = idp.ps(b.PS_DR)
-    assert _statuses(a.url, f"Patient/{pid}", ps) == {200}           # cached in every worker
+    assert _statuses(a.url, f"Patient/{pid}", ps) == {200}
+    return a, writer, pid, ps
 
-    [hub] = hub_pids(a.proc.pid)
-    os.kill(hub, signal.SIGKILL)
+
+def _block(writer, pid: str):
     block = writer.as_patient(pid).post("Consent", b.consent(pid, "deny", actor=b.PS_DR))
     assert block.status_code == 201
+    return block.json["id"]
+
+
+def test_a_killed_hub_stops_the_caches_at_once_and_serve_starts_it_again(cached):
+    a, writer, pid, ps = cached
+    [hub] = hub_pids(a.proc.pid)
+    os.kill(hub, signal.SIGKILL)
+    block = _block(writer, pid)
     # at once, not within a second: nobody could have told the workers of the block
     assert _statuses(a.url, f"Patient/{pid}", ps) == {404}
     assert _said(a, OPENED) == 1, "the hub was back before the reads: nothing shown"
@@ -109,29 +122,23 @@ def test_a_killed_hub_stops_the_caches_at_once_and_serve_starts_it_again(serve, 
     _within(30, lambda: _said(a, OPENED) == 2 and _said(a, CACHE_LIVE) == 4, "hub and feeds back")
     assert hub_pids(a.proc.pid) not in ([], [hub])
     assert _statuses(a.url, f"Patient/{pid}", ps) == {404}           # cached again, as blocked
-    assert writer.as_patient(pid).delete(f"Consent/{block.json['id']}").status_code == 204
+    assert writer.as_patient(pid).delete(f"Consent/{block}").status_code == 204
     _one_second_after(time.monotonic())
     assert _statuses(a.url, f"Patient/{pid}", ps) == {200}
-    assert writer.as_patient(pid).post("Consent", b.consent(pid, "deny", actor=b.PS_DR)).status_code == 201
+    _block(writer, pid)
     _one_second_after(time.monotonic())
     assert _statuses(a.url, f"Patient/{pid}", ps) == {404}
 
 
-def test_a_frozen_hub_is_a_lost_feed_within_a_second(serve, build_app, config, idp):
+def test_a_frozen_hub_is_a_lost_feed_within_a_second(cached):
     """A hub that says nothing (SIGSTOP: neither dead nor forwarding) for a second is taken for lost:
     a block written meanwhile is in force within the contract's second, although no change reached
     the workers; once the hub goes on, so do their caches."""
-    a = serve("a", workers=2)
-    _within(30, lambda: _said(a, CACHE_LIVE) == 2, "every worker's feed live")
-    writer = Api(build_app(config.with_(context_cache=False)), idp)
-    pid = writer.as_ps(b.PS_DR).create(b.patient(email=None))["id"]
-    ps = idp.ps(b.PS_DR)
-    assert _statuses(a.url, f"Patient/{pid}", ps) == {200}           # cached in every worker
-
+    a, writer, pid, ps = cached
     [hub] = hub_pids(a.proc.pid)
     os.kill(hub, signal.SIGSTOP)
     try:
-        assert writer.as_patient(pid).post("Consent", b.consent(pid, "deny", actor=b.PS_DR)).status_code == 201
+        _block(writer, pid)
         _one_second_after(time.monotonic())
         assert _statuses(a.url, f"Patient/{pid}", ps) == {404}
     finally:
