@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 
 #: messages waiting for one worker before the hub hangs up on it
 BACKLOG = 10_000
-#: the collections the hub watches beyond the decision's inputs: every worker's followers and listeners
-ALSO = (CACHED_TYPE, KEY_SETS)
 #: the hub process's command (imported, not run as ``__main__``: its log lines keep this module's name)
 ENTRY = "import sys; from fhir_dmp.runtime.change_hub import main; sys.exit(main())"
 #: pause before restarting a hub that died
@@ -105,12 +103,13 @@ class _Worker:
 
 class ChangeHub:
     """The hub's work in its process: one change stream (:func:`follow` over a
-    :class:`~fhir_dmp.security.change_feed.StreamFeed`), its changes fanned out to the workers
-    that connect to ``listener``."""
+    :class:`~fhir_dmp.security.change_feed.StreamFeed`) on the decision's inputs and ``also``, its
+    changes fanned out to the workers that connect to ``listener``."""
 
-    def __init__(self, storage, listener: socket.socket):
+    def __init__(self, storage, listener: socket.socket, also: tuple[str, ...]):
         self.storage = storage
         self.listener = listener
+        self.also = also
         self.workers: list[_Worker] = []
         self.live = False
         self._said = 0.0          # when the last message went out (a beat follows BEAT_S after)
@@ -118,7 +117,7 @@ class ChangeHub:
 
     def run(self, stop: threading.Event) -> None:
         threading.Thread(target=self._accept, name="change-hub-accept", daemon=True).start()
-        follow(lambda: StreamFeed.open(self.storage, ALSO), stop=stop, outage=Outage(log, "change hub stream"),
+        follow(lambda: StreamFeed.open(self.storage, self.also), stop=stop, outage=Outage(log, "change hub stream"),
                on_live=self._opened, on_change=self._send, on_gap=self._lost, on_pass=self._beat)
 
     def _accept(self) -> None:
@@ -165,6 +164,12 @@ class ChangeHub:
             self._say(BEAT)
 
 
+def watched_beyond_decision(config) -> tuple[str, ...]:
+    """What every worker's feed carries beyond the decision's inputs (``services.start_background``):
+    the issuer's key sets (its listener), and the documents when the DMP document cache is on."""
+    return (KEY_SETS, *((CACHED_TYPE,) if config.document_cache_docs > 0 else ()))
+
+
 def listen(path: str) -> socket.socket:
     """The hub's listening socket at ``path`` (a stale one, left by a hub that died, replaced)."""
     Path(path).unlink(missing_ok=True)
@@ -190,7 +195,7 @@ def main() -> int:
         log.warning("change hub: %s", exc)          # one line; serve starts it again
         return 1
     try:
-        ChangeHub(Storage(client, db, wait=config.db_wait), listener).run(stop)
+        ChangeHub(Storage(client, db, wait=config.db_wait), listener, watched_beyond_decision(config)).run(stop)
     finally:
         listener.close()
         client.close()
