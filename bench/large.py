@@ -181,7 +181,7 @@ def main() -> int:
         while not env.storage.doc_cache.live and time.monotonic() < deadline:
             time.sleep(0.05)
         # the change stream reads the seeding's inserts a batch at a time (a pause between
-        # batches, context_cache.POLL_PAUSE_S): each one drops the DMP's cache entry, so measuring
+        # batches, change_feed.POLL_PAUSE_S): each one drops the DMP's cache entry, so measuring
         # before it is through counts reloads as "cached" searches
         settle(env)
         if not args.only_http:

@@ -99,6 +99,9 @@ class Config:
     audit_seal_bound: int = 60
     # decision context cached per process, invalidated by the change stream
     context_cache: bool = True
+    # under `fhir-dmp serve`: the Unix socket of the node's change hub (runtime/change_hub.py), set by
+    # the master for its workers (their caches' feed); None: each process opens its own change stream
+    change_hub: str | None = None
     # documents of recently searched DMPs cached per process (search/doc_cache.py; needs context_cache,
     # whose change stream invalidates it): at most this many documents, 0 = off
     document_cache_docs: int = 10_000

@@ -13,14 +13,16 @@ Lifecycle (master process):
 2. with no ``mongodb_uri``, start :class:`~fhir_dmp.runtime.embedded_db.EmbeddedMongo`
    in ``config.data_dir`` and hand its URI to the workers in their Config;
    with a URI, check the database answers before forking;
+   with the context cache on, start the node's change hub (:mod:`~fhir_dmp.runtime.change_hub`:
+   one change stream for every worker's caches) and hand its socket to the workers likewise;
 3. print the dev-mode banner when ``config.dev_mode``;
 4. run granian: each worker calls ``app_factory(config)`` after the fork (the
    ``target_loader``), so no pymongo client crosses ``fork()``; a worker dies with the
    master (``PR_SET_PDEATHSIG``, SIGKILL) and drops the ``FHIR_DMP_*`` settings from its environment
    before granian copies it into every WSGI environ (no secret reaches a request);
 5. on SIGTERM or SIGINT (Ctrl-C): the workers finish their in-flight requests (killed
-   after ``GRACEFUL_TIMEOUT_S``) and run their exit hooks, then the embedded database
-   stops, exit 0. The workers' stop signals go through :func:`_stop_signals`, which works
+   after ``GRACEFUL_TIMEOUT_S``) and run their exit hooks, then the change hub and the embedded
+   database stop, exit 0. The workers' stop signals go through :func:`_stop_signals`, which works
    around two defects of granian's own handling (a frozen worker, a missed stop).
 
 Logs are JSON lines (``fhir_dmp.runtime.logs``), granian's own included; one access line per
@@ -48,6 +50,7 @@ from ..guard.lifecycle import start_daily_retention
 from ..guard.repository import GuardedRepository
 from ..http.app import create_app
 from ..security.habilitations import Habilitations
+from .change_hub import HubProcess
 from .database import open_database
 from .embedded_db import EmbeddedMongo, pdeathsig
 from .logs import REQUEST_ID_ENVIRON, configure as configure_logs
@@ -301,10 +304,15 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
 
     master_pid = os.getpid()
     embedded: EmbeddedMongo | None = None
+    hub: HubProcess | None = None
 
-    def stop_db():
-        # only the master stops it (a worker never unwinds this stack: it ends with os._exit)
-        if embedded is not None and os.getpid() == master_pid:
+    def stop_children():
+        # only the master stops them (a worker never unwinds this stack: it ends with os._exit)
+        if os.getpid() != master_pid:
+            return
+        if hub is not None:
+            hub.stop()
+        if embedded is not None:
             embedded.stop()
 
     # a SIGTERM before granian installs its handlers still stops the database
@@ -319,6 +327,9 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
         else:
             client, _ = open_database(config)
             client.close()  # no pymongo client may cross fork()
+        if config.context_cache:   # one change stream for the node, fanned out to the workers
+            hub = HubProcess(config)
+            config = config.with_(change_hub=hub.start())
         factory = app_factory or create_app   # called in each worker, after the fork
         if config.dev_mode:
             print(dev_banner(config), file=out, flush=True)
@@ -328,4 +339,4 @@ def serve(config, *, workers: int | None = None, app_factory: Callable | None = 
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-        stop_db()
+        stop_children()

@@ -93,7 +93,8 @@ class AppServices(Services):
 
     def start_background(self) -> None:
         """Start what the configuration asks for (in each server worker, after the fork): the
-        notification worker, the decision context cache (its change stream also invalidates the
+        notification worker, the decision context cache (its feed of changes, its own change stream
+        or under ``serve`` the node's change hub, also invalidates the
         DMP document cache, ``search/doc_cache.py``, and shares the issuer's key set, ``auth.SharedKeys``),
         the journal sealer and the hourly misuse scan (``review/schedule.py``)."""
         config = self.config
@@ -112,7 +113,7 @@ class AppServices(Services):
                 keys.publish = lambda record: storage.bounded(storage.record_key_set, issuer, record)
                 listeners[KEY_SETS] = lambda: keys.adopt(storage.key_set(issuer))
             self.context_cache = self._start(ContextCache(self.storage, followers=followers,
-                                                          listeners=listeners))
+                                                          listeners=listeners, hub=config.change_hub))
             self.policy.context_cache = self.context_cache
         if config.audit_sealer:
             self.sealer = self._start(Sealer(self.storage, config.audit_key_path))

@@ -8,13 +8,16 @@ block, a mask or a closing takes effect everywhere within one second).
 
 How it stays correct:
 
-* one change stream per process (``Storage.watch_decision_inputs``, MongoDB change streams; SecantusDB runs as
-  a one-node replica set) on every collection the decision reads (``storage.DECISION_INPUTS``: Patient,
-  Consent, RelatedPerson, break-glass grants), with ``fullDocument: updateLookup``; each
+* one feed of changes per process (``change_feed.py``): its own change stream
+  (``Storage.watch_decision_inputs``, MongoDB change streams; SecantusDB runs as a one-node
+  replica set), or under ``fhir-dmp serve`` the node's one stream fanned out by its change hub
+  (``runtime/change_hub.py``), on every collection the decision reads (``storage.DECISION_INPUTS``:
+  Patient, Consent, RelatedPerson, break-glass grants), with ``fullDocument: updateLookup``; each
   change invalidates the entry of the document's ``pid`` (Patient: its ``_id``), and a
   change whose patient is unknown (a physical delete) clears everything;
-* nothing is served from the cache while the stream is not established: it is off at
-  start, and a stream error clears the cache and turns it off until the stream is back;
+* nothing is served from the cache while the feed is not live: it is off at start, and a
+  stream error, the hub's gap or the hub gone clears the cache and turns it off until the
+  feed is back;
 * a load racing with a change cannot store a stale entry: every change bumps a generation,
   and a load stores its result only if no change of that patient (and no reset) happened
   since the generation it read before its queries (:meth:`PidCache.load`);
@@ -23,7 +26,7 @@ How it stays correct:
 Entries also expire after ``max_age`` seconds, a backstop only.
 
 The mechanism (generations, live flag, one load per pid at a time) is :class:`PidCache`; the
-same stream also invalidates the DMP document cache (``search/doc_cache.py``), a follower of
+same feed also invalidates the DMP document cache (``search/doc_cache.py``), a follower of
 :class:`ContextCache` for the DocumentReference collection, and tells listeners of other
 collections that something changed there (the issuer's key set as last seen by any process,
 ``auth.SharedKeys``: a key withdrawn anywhere is refused everywhere within one second).
@@ -35,16 +38,12 @@ import threading
 import time
 from collections import OrderedDict
 
-from ..storage.errors import Outage, StorageClosed
+from ..storage.core import DECISION_INPUTS
+from ..storage.errors import Outage
+from .change_feed import FeedLost, HubFeed, StreamFeed, follow
 
 log = logging.getLogger(__name__)
 
-# after a batch (empty: the database woke the getMore for a write it then filtered out, the
-# journal mostly; or not: a write it watches, e.g. each deposit's DocumentReference) wait this
-# long before the next one: ~20 getMores/s per process instead of one per write, each reading
-# every oplog entry written since the last, a bounded delay well inside the 1 s
-# invalidation promise
-POLL_PAUSE_S = 0.05
 # a thread waits this long at most for another thread's load of the same pid (then loads itself)
 LOAD_WAIT_S = 5.0
 
@@ -68,14 +67,6 @@ def load_contexts(storage, pids: list[str], session=None) -> dict[str, tuple]:
         res = doc["res"] if doc and not doc.get("del") and not doc.get("destroyed") else None
         out[pid] = (res, bool(doc) and not doc.get("destroyed"), consents.get(pid, []), doc)
     return out
-
-
-def _buffered(stream) -> bool:
-    """True while the stream holds changes it has fetched and not yet returned (pymongo's command
-    cursor buffer; the cursor is replaced on a resume), or where this pymongo keeps them elsewhere
-    (then no pause after a change: the previous pace)."""
-    data = getattr(getattr(stream, "_cursor", None), "_data", None)
-    return data is None or len(data) > 0
 
 
 class PidCache:
@@ -211,22 +202,26 @@ class PidCache:
 
 
 class ContextCache(PidCache):
-    """pid -> decision context (:func:`load_contexts`), and the process's one change stream.
+    """pid -> decision context (:func:`load_contexts`), kept by the process's one feed of changes
+    (``change_feed.py``): its own change stream, or with ``hub`` (the Unix socket of the node's
+    change hub, ``runtime/change_hub.py``, under ``fhir-dmp serve``) the hub's.
 
     ``followers`` maps a collection outside :data:`storage.DECISION_INPUTS` to another
-    :class:`PidCache` (e.g. the DMP document cache, ``search/doc_cache.py``): the same stream watches
-    that collection and invalidates the follower's entry of each changed document's ``pid``.
-    ``listeners`` maps another collection to a function of no argument, called in the stream's
-    thread on each change there and each time the stream is (re)established (what changed
+    :class:`PidCache` (e.g. the DMP document cache, ``search/doc_cache.py``): the same feed
+    carries that collection and invalidates the follower's entry of each changed document's ``pid``.
+    ``listeners`` maps another collection to a function of no argument, called in the feed's
+    thread on each change there and each time the feed is (re)established (what changed
     while it was down); it reads what it needs itself.
     """
 
     def __init__(self, storage, *, max_entries: int = 20_000, max_age: float = 300.0,
-                 followers: dict[str, PidCache] | None = None, listeners: dict | None = None):
+                 followers: dict[str, PidCache] | None = None, listeners: dict | None = None,
+                 hub: str | None = None):
         super().__init__(max_weight=max_entries, max_age=max_age)
         self.storage = storage
         self.followers = dict(followers or {})
         self.listeners = dict(listeners or {})
+        self.hub = hub
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -238,7 +233,7 @@ class ContextCache(PidCache):
             follower._set_live(live)
         super()._set_live(live)
 
-    # -- the change stream
+    # -- the feed
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="context-cache", daemon=True)
         self._thread.start()
@@ -247,60 +242,34 @@ class ContextCache(PidCache):
         self._stop.set()
 
     def _run(self) -> None:
-        # Faults (CONTRACT.md "Faults, failover and backups"): on a resumable error (a dropped
-        # connection, a primary stepping down) pymongo resumes the stream once from its resume
-        # token, nothing missed, the caches kept. Any other loss (the resume failed, a resume
-        # token the server no longer knows, ChangeStreamHistoryLost, an invalidate, a timeout)
-        # is a gap: the caches are dropped and off, and the stream is opened afresh, short pauses
-        # between tries (storage.errors.Outage), until it is back; only then is anything cached
-        # again, so no decision is ever taken on what was cached before the gap.
-        outage = Outage(log, "decision context change stream")
-        while not self._stop.is_set():
-            try:
-                with self._open() as stream:
-                    while not self._stop.is_set() and stream.alive:
-                        change = stream.try_next()
-                        outage.ok()      # a getMore went through: back (said once)
-                        if change is not None:
-                            self._apply(change)
-                            if _buffered(stream):
-                                continue
-                        # no change, or the last one of a batch: pause before the next getMore
-                        self._stop.wait(POLL_PAUSE_S)
-                pause = outage.first   # closed by the server (an invalidate): a gap, reopen
-            except StorageClosed:   # the client was closed: this process is going away
-                self._set_live(False)
-                return
-            except Exception as exc:   # noqa: BLE001 — never serve from a cache nobody invalidates
-                pause = outage.failed(exc)
-            self._set_live(False)
-            self._stop.wait(pause)
+        if self.hub:
+            outage = Outage(log, "decision context feed", source="change hub", expected=(FeedLost,))
+            opened = lambda: HubFeed.open(self.hub, self._stop)   # noqa: E731
+        else:
+            outage = Outage(log, "decision context change stream")
+            opened = lambda: StreamFeed.open(self.storage, (*self.followers, *self.listeners))   # noqa: E731
+        follow(opened, stop=self._stop, outage=outage, on_live=self._opened, on_change=self._apply,
+               on_gap=lambda: self._set_live(False))
 
-    def _open(self):
-        """The stream, opened, the caches turned on and the listeners told (what changed while
-        it was down), bounded by FHIR_DMP_DB_WAIT (``StoreCore.deadline``)."""
+    def _opened(self) -> None:
+        """The feed is open: the caches on, the listeners told (what changed while it was down),
+        bounded by FHIR_DMP_DB_WAIT (``StoreCore.deadline``)."""
         with self.storage.deadline():
-            stream = self.storage.watch_decision_inputs(also=(*self.followers, *self.listeners))
-            try:
-                self._set_live(True)
-                for listener in self.listeners.values():
-                    listener()
-            except BaseException:
-                stream.close()
-                raise
-        return stream
+            self._set_live(True)
+            for listener in self.listeners.values():
+                listener()
+        log.info("decision context cache: live (%s)", "the node's change hub" if self.hub else "own change stream")
 
     def _apply(self, change: dict) -> None:
-        coll = (change.get("ns") or {}).get("coll")
+        """One change (``change_feed.reduce``): drop what it touches."""
+        coll, pid = change["coll"], change["pid"]
         if coll in self.listeners:
             self.listeners[coll]()
             return
-        doc = change.get("fullDocument") or {}
-        pid = doc.get("pid")
-        if coll == "Patient":
-            pid = (change.get("documentKey") or {}).get("_id")
         follower = self.followers.get(coll)
-        if change.get("operationType") in ("drop", "dropDatabase", "rename", "invalidate") or not pid:
+        if follower is None and coll is not None and coll not in DECISION_INPUTS:
+            return       # a hub's feed carries the collections of every worker; not followed here
+        if change["op"] in ("drop", "dropDatabase", "rename", "invalidate") or not pid:
             self.invalidate(None)
             for other in self.followers.values():
                 other.invalidate(None)

@@ -92,17 +92,21 @@ class Outage:
     and pauses between tries, doubling from ``first`` to ``most`` seconds, so that it is back at
     work within ``most`` seconds (plus one try) of the database's return, without a restart.
 
-    ``failed(exc)`` -> the pause before the next try; ``ok()`` after a pass that worked."""
+    ``failed(exc)`` -> the pause before the next try; ``ok()`` after a pass that worked.
+    ``source``: what the lines say is away, and ``expected`` the exceptions that say it (a
+    worker's feed from its node's change hub is not the database)."""
 
-    def __init__(self, log: logging.Logger, what: str, *, first: float = 0.1, most: float = 1.0):
-        self.log, self.what, self.first, self.most = log, what, first, most
+    def __init__(self, log: logging.Logger, what: str, *, first: float = 0.1, most: float = 1.0,
+                 source: str = "database", expected: tuple[type[BaseException], ...] = ()):
+        self.log, self.what, self.first, self.most, self.source = log, what, first, most, source
+        self.expected = (StorageError, *expected)
         self.pause = 0.0   # 0: no outage now
 
     def failed(self, exc: BaseException) -> float:
         if not self.pause:
-            if isinstance(exc, StorageError):
-                self.log.warning("%s: database unavailable (%s); retrying until it is back",
-                                 self.what, type(exc).__name__)
+            if isinstance(exc, self.expected):
+                self.log.warning("%s: %s unavailable (%s); retrying until it is back",
+                                 self.what, self.source, type(exc).__name__)
             else:
                 self.log.error("%s: pass failed; retrying", self.what, exc_info=exc)
         self.pause = min(self.most, self.pause * 2 or self.first)
@@ -110,7 +114,7 @@ class Outage:
 
     def ok(self) -> None:
         if self.pause:
-            self.log.info("%s: database back, working again", self.what)
+            self.log.info("%s: %s back, working again", self.what, self.source)
             self.pause = 0.0
 
 

@@ -8,7 +8,7 @@ processes (``tests/serve_kit.py``), an aiosmtpd sink, real tokens. ``bench/chaos
   :func:`open_dmps`: one FHIR request; every page of a search; the X-Request-Id of every entry of
   a patient's journal as the patient reads it; ``fhir-dmp audit verify`` polled until intact;
   DMPs to load;
-- :func:`own_database`, :func:`kill_database`, :func:`worker_pids`, :func:`kill_worker`: a
+- :func:`own_database`, :func:`kill_database`, :func:`worker_pids`, :func:`hub_pids`, :func:`kill_worker`: a
   database to kill (with its test commands for fault injection when asked); SIGKILL, no goodbye;
 - :class:`SlowSink`: an SMTP relay slow to answer 250 (a kill lands between its acceptance and
   the sender's ``sent``);
@@ -140,8 +140,8 @@ def kill_database(server: EmbeddedMongo) -> None:
     server.stop()           # reaps it, forgets its pid file
 
 
-def worker_pids(master: int) -> list[int]:
-    """The live child processes of ``master`` (granian's workers), from /proc."""
+def children(master: int) -> list[int]:
+    """The live child processes of ``master``, from /proc."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -154,6 +154,23 @@ def worker_pids(master: int) -> list[int]:
         if int(fields[1]) == master and fields[0] != "Z":
             out.append(int(entry.name))
     return sorted(out)
+
+
+def _is_hub(pid: int) -> bool:
+    try:
+        return b"fhir_dmp.runtime.change_hub" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def worker_pids(master: int) -> list[int]:
+    """granian's workers: the live child processes of ``master`` but its change hub."""
+    return [pid for pid in children(master) if not _is_hub(pid)]
+
+
+def hub_pids(master: int) -> list[int]:
+    """The change hub of ``serve``'s ``master`` (one, or none while it is restarted)."""
+    return [pid for pid in children(master) if _is_hub(pid)]
 
 
 def kill_worker(master: int) -> int:

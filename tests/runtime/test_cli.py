@@ -25,6 +25,7 @@ import requests
 
 from fhir_dmp.runtime.embedded_db import free_port, process_alive
 from fhir_dmp.runtime.server import ServeError, check_port_free, default_workers
+from tests.faults.process_kit import hub_pids, worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,9 +159,11 @@ def test_serve_standin_drains_and_stops_database(tmp_path):
         assert _wait_metadata(proc, port, log).json()["embedded"] is True
         db_pid = int((data / "db.pid").read_text().split()[0])
         assert process_alive(db_pid)
+        [hub] = hub_pids(proc.pid)                  # the node's one change stream (runtime/change_hub.py)
         _drains(port, lambda: proc.send_signal(signal.SIGTERM))
         assert proc.wait(20) == 0
     assert _gone(db_pid), "the embedded database outlived the server"
+    assert _gone(hub), "the change hub outlived the server"
     assert not (data / "db.pid").exists()
     text = log.read_text()
     assert "DEV MODE" in text and "fhir-dmp dev-token" in text
@@ -211,7 +214,7 @@ def test_serve_respawns_a_worker_that_dies(tmp_path):
     still stops cleanly."""
     with _standin(tmp_path, 1) as (proc, port, log, data):
         db_pid = int((data / "db.pid").read_text().split()[0])
-        [worker] = _children(proc.pid) - {db_pid}
+        [worker] = set(worker_pids(proc.pid)) - {db_pid}
         os.kill(worker, signal.SIGKILL)
         assert _gone(worker)
         deadline = time.monotonic() + 20
@@ -252,10 +255,12 @@ def test_serve_killed_hard_database_follows_and_restart_works(tmp_path):
         _wait_metadata(proc, port, log)
         db_pid = int((data / "db.pid").read_text().split()[0])
         workers = _children(proc.pid) - {db_pid}
-        assert workers
-        proc.kill()  # SIGKILL: no hook runs; the database gets SIGKILL from the kernel (PDEATHSIG)
+        [hub] = hub_pids(proc.pid)
+        assert workers - {hub}
+        proc.kill()  # SIGKILL: no hook runs; the database and the hub get SIGKILL from the kernel (PDEATHSIG)
         proc.wait(10)
         assert _gone(db_pid), "the embedded database outlived a killed server"
+        assert _gone(hub), "the change hub outlived a killed server"
         assert all(_gone(w) for w in workers), "a worker outlived its killed master"
     finally:
         if proc.poll() is None:
