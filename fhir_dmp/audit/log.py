@@ -83,7 +83,7 @@ class AuditLog:
 
     # -- setup
     def ensure_indexes(self) -> None:
-        """The journal's lean indexes, the unique chain position (anti-fork) and the queue."""
+        """The journal's lean indexes, the unique chain position (anti-fork) and the pages."""
         if self._indexed:
             return
         try:
