@@ -83,7 +83,7 @@ class PageReads(StoreCore):
         keep = {}
         for p in listing:
             got = fresh.get(p["_id"]) or memo.get(p["_id"])
-            if got is not None:
+            if got is not None and (p["_id"] in fresh or got[0] == p.get("v")):
                 keep[p["_id"]] = got
         self._page_memo = keep
         return [dict(d) for _, docs in keep.values() for d in docs]
