@@ -91,6 +91,8 @@ class Sealer:
         self.batch = batch
         self.interval = interval
         self._stop = threading.Event()
+        #: the last pass left pages behind it (:meth:`seal_once`)
+        self.more = False
         self._thread: threading.Thread | None = None
         # every sealing transaction runs in this one session, named in the lease: whoever takes
         # the lease after it expired can end it (storage.take_sealer_lease), so a sealer killed
@@ -114,6 +116,8 @@ class Sealer:
     # -- sealing
     def seal_once(self) -> int:
         """Seal up to ``batch`` of the oldest unsealed events in one transaction; the number sealed.
+        :attr:`more` then says whether pages were left beyond this pass (a pass takes whole pages,
+        so it often seals a little less than ``batch`` with a backlog behind it).
 
         Raises :class:`LeaseLost` when this process does not hold the lease. Bounded, retries
         included, by FHIR_DMP_DB_WAIT (``StoreCore.deadline``): past it a StorageError and
@@ -130,7 +134,7 @@ class Sealer:
         while True:
             n = self.seal_once()
             total += n
-            if n < self.batch:
+            if not (n and self.more):
                 return total
 
     def _seal(self, session) -> int:
@@ -139,7 +143,7 @@ class Sealer:
         if not storage.renew_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s),
                                           session=session):
             raise LeaseLost("the sealer lease is not held by this process")
-        pages = storage.unsealed_pages(self.batch, session=session)
+        pages, self.more = storage.unsealed_pages(self.batch, session=session)
         if not pages:
             return 0
         events = [e for page in pages for e in page["events"]]
@@ -193,7 +197,7 @@ class Sealer:
             pause = self.interval
             try:
                 if self.acquire():   # False: another holds it, or the lease write timed out
-                    while not self._stop.is_set() and self.seal_once() >= self.batch:
+                    while not self._stop.is_set() and self.seal_once() and self.more:
                         pass
                     outage.ok()
             except LeaseLost:

@@ -176,19 +176,20 @@ class JournalStore(StoreCore):
         with pymongo.timeout(LEASE_WAIT_S):
             self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
 
-    def unsealed_pages(self, limit: int, *, session=None) -> list[dict]:
+    def unsealed_pages(self, limit: int, *, session=None) -> tuple[list[dict], bool]:
         """The oldest pages (append time, then ``_id``) holding about ``limit`` events (whole pages:
-        at least one, then while the total stays within ``limit``). Each holds at least one event (a
-        destroy deletes those it empties), so ``limit`` pages suffice: the database is not asked for
-        the whole backlog."""
+        at least one, then while the total stays within ``limit``), and whether pages are left
+        after them. Each holds at least one event (a destroy deletes those it empties), so
+        ``limit`` pages (and one to tell whether more are left) suffice: the database is not asked
+        for the whole backlog."""
         out, total = [], 0
         for page in self.db[JOURNAL_PAGES].find({"t": {"$gte": EPOCH}}, sort=[("t", 1), ("_id", 1)],
-                                                limit=limit, session=session):
+                                                limit=limit + 1, session=session):
             if out and total + len(page["events"]) > limit:
-                break
+                return out, True
             out.append(page)
             total += len(page["events"])
-        return out
+        return out, False
 
     def heads_of(self, pids: list[str], *, session=None) -> dict[str, tuple[int, str]]:
         """``pid -> (seq, hash)`` of the chains that have a head."""
