@@ -4,9 +4,8 @@
                                    [--per-dmp 200] [--without-indexes]
 
 A throw-away SecantusDB and the real application (``bench/_common.py``); the journal is seeded
-fast through the storage layer (``Storage.journal_insert``: the entries, with the search index
-and sort keys ``search.extract`` gives them, and their sealer queue documents, batches of 1,000,
-sealer off) with events cloned from one event the server really wrote for a professional's read,
+fast into the collection (:func:`insert_entries`: the entries as the sealer stores them, with the
+search index and sort keys ``search.extract`` gives them, batches of 1,000, no chain, sealer off) with events cloned from one event the server really wrote for a professional's read,
 spread across many DMPs: ``--per-dmp`` events per DMP (10 documents each), one professional per
 100 events, ``recorded`` spread over the last 360 days. Each stage (``--sizes``, cumulative)
 gets fresh targets (a real DMP opened through the guarded repository, its documents, a
@@ -48,9 +47,8 @@ from cost import cpu_s
 from large import settle
 
 from fhir_dmp import search
-from fhir_dmp.audit.chain import content_digest
 from fhir_dmp.audit.events import event_patient
-from fhir_dmp.storage import merge_filters, new_id, unpack
+from fhir_dmp.storage import merge_filters, new_id, pack, unpack
 from fhir_dmp.storage.core import JOURNAL, or_branches
 
 IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
@@ -60,8 +58,13 @@ DAYS = 360
 BATCH = 1000
 
 
+def insert_entries(env, docs: list[dict]) -> None:
+    """Journal entries (``res`` a dict) inserted as the sealer inserts them (``Storage.seal_pages``)."""
+    env.db[JOURNAL].insert_many([{**d, "res": pack(d["res"])} for d in docs], ordered=True)
+
+
 class Seeder:
-    """Events cloned from a real one, written through ``Storage.journal_insert``."""
+    """Events cloned from a real one, written as the sealer writes them (:func:`insert_entries`)."""
 
     def __init__(self, env, template: dict, per_dmp: int):
         self.env, self.template, self.per_dmp = env, template, per_dmp
@@ -90,16 +93,13 @@ class Seeder:
         return [self.event(pid, docs[k % len(docs)], ps_of(k)) for k in range(self.per_dmp)]
 
     def write(self, events: list[dict]) -> None:
-        storage = self.env.storage
         for i in range(0, len(events), BATCH):
-            docs, items = [], []
+            docs = []
             for res in events[i:i + BATCH]:
                 s, o = search.extract("AuditEvent", res)
-                pid = event_patient(res)
-                docs.append({"_id": res["id"], "pid": pid, "vid": 1, "lu": self.now, "del": False,
+                docs.append({"_id": res["id"], "pid": event_patient(res), "vid": 1, "lu": self.now, "del": False,
                              "res": res, "s": s, "o": o})
-                items.append({"e": res["id"], "p": pid, "d": content_digest(res)})
-            storage.journal_insert(docs, items)
+            insert_entries(self.env, docs)
 
     def patients(self, pids: list[str]) -> None:
         """The DMPs' Patient documents as ``Storage.create`` writes them (a journal entry of a
@@ -247,11 +247,9 @@ SEARCH_INDEXES = ([("s.entity.r", 1)], [("s.agent.iv", 1)])
 
 
 def append_cost(env, seeder: Seeder, rounds: int = 3, events: int = 2000, batch: int = 8) -> None:
-    """Database CPU per journal entry (``Storage.journal_insert``, batches of ``batch`` as a group
-    commit writes them under load) with the journal's two search indexes and without them,
+    """Database CPU per journal entry (inserted as the sealer inserts them, batches of ``batch``) with the journal's two search indexes and without them,
     interleaved ``rounds`` times (CPU time of the database process: comparable on a busy machine)."""
     coll = env.db[JOURNAL]
-    storage = env.storage
     out: dict[str, list[float]] = {"with": [], "without": []}
     for _ in range(rounds):
         for label in ("with", "without"):
@@ -262,16 +260,15 @@ def append_cost(env, seeder: Seeder, rounds: int = 3, events: int = 2000, batch:
                     coll.drop_index(keys)
             batches = []
             for _ in range(events // batch):
-                docs, items = [], []
+                docs = []
                 for res in seeder.dmp_events(new_id(), [new_id()], lambda k: "899999999999")[:batch]:
                     s, o = search.extract("AuditEvent", res)
                     docs.append({"_id": res["id"], "pid": event_patient(res), "vid": 1, "lu": seeder.now,
                                  "del": False, "res": res, "s": s, "o": o})
-                    items.append({"e": res["id"], "p": docs[-1]["pid"], "d": content_digest(res)})
-                batches.append((docs, items))
+                batches.append(docs)
             db0 = cpu_s(env.server.pid)
-            for docs, items in batches:
-                storage.journal_insert(docs, items)
+            for docs in batches:
+                insert_entries(env, docs)
             out[label].append(1e3 * (cpu_s(env.server.pid) - db0) / events)
     for keys in SEARCH_INDEXES:
         coll.create_index(keys)
@@ -296,7 +293,7 @@ def main() -> int:
     with c.environment(audit_sealer=False, db_wait=300) as env:
         seeder = Seeder(env, template_event(env), args.per_dmp)
         if args.append_cost:
-            print("journal_insert of 2,000 events in batches of 8, interleaved, 3 rounds")
+            print("entries inserted as the sealer does, 2,000 in batches of 8, interleaved, 3 rounds")
             append_cost(env, seeder)
             return 0
         if args.without_indexes:

@@ -168,9 +168,15 @@ def load_directory(config, folder) -> int:
 # --- the journal as stored (entries are packed: fhir_dmp.storage.core.pack) -----------------------
 
 def journal_entries(db, flt: dict | None = None) -> list[dict]:
-    """Raw AuditEvent documents matching ``flt``, each with its resource unpacked."""
+    """Raw AuditEvent documents matching ``flt``, each with its resource unpacked: the sealed ones
+    and those still in a page (as the sealer will derive them: ``fhir_dmp.storage.pages``), the
+    pages read first (an entry sealed between the two reads comes once)."""
     from fhir_dmp.storage import unpack
-    return [{**d, "res": unpack(d["res"])} for d in db["AuditEvent"].find(flt or {})]
+    from fhir_dmp.storage.filters import matches
+    from fhir_dmp.storage.pages import entries
+    found = {d["_id"]: d for page in db["AuditEvent_page"].find() for d in entries(page) if matches(flt or {}, d)}
+    found.update((d["_id"], d) for d in db["AuditEvent"].find(flt or {}))
+    return [{**d, "res": unpack(d["res"])} for d in found.values()]
 
 
 def rewrite_journal_entry(db, event_id: str, **changes) -> None:
@@ -178,3 +184,15 @@ def rewrite_journal_entry(db, event_id: str, **changes) -> None:
     from fhir_dmp.storage import pack, unpack
     doc = db["AuditEvent"].find_one({"_id": event_id})
     db["AuditEvent"].update_one({"_id": event_id}, {"$set": {"res": pack({**unpack(doc["res"]), **changes})}})
+
+
+def seal_journal(db, key_path) -> int:
+    """Seal every unsealed page now, as the sealer does within its bound (tests about sealed
+    entries as stored); the number of events sealed."""
+    from fhir_dmp.audit.sealer import Sealer
+    from fhir_dmp.storage import Storage
+    sealer = Sealer(Storage(db.client, db), key_path)
+    try:
+        return sealer.seal_all()
+    finally:
+        sealer.release()

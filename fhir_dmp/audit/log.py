@@ -1,14 +1,18 @@
-"""The journal store: AuditEvents appended durably, unsealed, by group commit or in a write's
-transaction.
+"""The journal store: AuditEvents appended durably, unsealed, as one page per group commit or
+per write (in the write's transaction).
 
 Storage (every collection is insert-mostly, SecantusDB updates being dear: bench/README.md, "The journal"):
 
-- ``AuditEvent``: the events, common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``,
-  ``del`` = False, ``res``, ``s``, ``o``), written once; ``s``/``o`` live beside ``res`` and are
-  not hashed. A DMP's journal is kept as long as the DMP and destroyed with it (retention counts
-  from the Patient's ``closed_at``: guard/lifecycle.py).
-- ``AuditEvent_queue``: per append, ``{t, items: [{e: event id, p: patient or None,
-  d: content digest}]}``, in the same transaction as the events: the sealer's to-do list.
+- ``AuditEvent_page``: per append, ``{_id, t, events: [{_id, pid, lu, res, d}]}`` (``res``
+  the event's canonical JSON, packed; ``d`` its content digest): the journal as a log, the one
+  durable write of an append (``storage/pages.py``). Nothing else is done on the request path:
+  no search index, no chain.
+- ``AuditEvent``: the entries, common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``,
+  ``del`` = False, ``res``, ``s``, ``o``), derived from the pages by the sealer (``s``/``o``
+  extracted there), written once; ``s``/``o`` live beside ``res`` and are not hashed. Every read
+  of the journal also reads the pages not sealed yet (``storage/pages.py``), so an entry is
+  searchable as soon as it is acknowledged. A DMP's journal is kept as long as the DMP and
+  destroyed with it (retention counts from the Patient's ``closed_at``: guard/lifecycle.py).
 - ``AuditEvent_link``: per sealing pass and chain, a run of consecutive links::
 
       {_id: "<pid>:<first>", pid: <patient id or "_system">, first, last, prev: <hex>,
@@ -17,12 +21,12 @@ Storage (every collection is insert-mostly, SecantusDB updates being dear: bench
       hash   = SHA-256( prev_hex_ascii + digest_hex_ascii )
       prev   = hash of seq n-1, or 64 zeros for seq 1
 
-Append and seal are split: a request's events are written durably (group commit, or inside
-the write's transaction) without touching any chain, and the single sealer of ``sealer.py``
-links them in append order, removes their queue entry and moves the heads, in one
-transaction. A run's ``_id`` (chain and first position) is unique: no fork. The collection
-``AuditEvent_chain`` holds one head per chain (``{_id: pid, seq, hash, lu}``) so that
-deleting the newest events is detected too ("head points past last event"), and the
+Append and seal are split: a request's events are written durably (one page per group commit,
+or inside the write's transaction) without touching any chain, and the single sealer of
+``sealer.py`` derives their entries, links them in append order, deletes their page and moves
+the heads, in one transaction. A run's ``_id`` (chain and first position) is unique: no fork.
+The collection ``AuditEvent_chain`` holds one head per chain (``{_id: pid, seq, hash, lu}``) so
+that deleting the newest events is detected too ("head points past last event"), and the
 sealer signs checkpoints of the heads with a key kept outside the database, so that
 someone with write access to the database alone cannot rebuild a chain unnoticed.
 """
@@ -37,7 +41,6 @@ from datetime import datetime, timezone
 
 
 from ..http.errors import ServiceUnavailable
-from ..search import extract
 from ..storage import StorageError, instant
 from .chain import canonical_json, content_digest
 from .events import event_patient
@@ -52,15 +55,6 @@ class AuditUnavailable(ServiceUnavailable):
         return "Le journal d'audit est indisponible"
 
 
-def _search_index(res: dict) -> tuple[dict, dict]:
-    """``s``/``o`` of the event (:func:`fhir_dmp.search.extract`); ``{}`` if extraction fails."""
-    try:
-        return extract("AuditEvent", res)
-    except Exception:  # an indexing bug must not lose the journal entry
-        log.exception("search index extraction failed for AuditEvent/%s", res.get("id"))
-        return {}, {}
-
-
 class AuditLog:
     """Append-only journal store over the ``AuditEvent`` collection (thread-safe, one per process).
 
@@ -70,11 +64,11 @@ class AuditLog:
     its patient's chain afterwards, in append order. So reads never take a write conflict.
 
     - Outside a transaction (reads, denials, 401s) the events of concurrent requests are
-      written together by one committer thread per process (group commit): one durable
-      transaction for everything queued while the previous write was in flight; each
-      caller waits for the write that carries its events (bounded by ``timeout``).
-    - Inside a transaction (writes) the events are inserted with the data, in the same
-      transaction: a write is never committed without its journal entry.
+      written together by one committer thread per process (group commit): ONE durable insert,
+      a page holding everything queued while the previous write was in flight; each caller
+      waits for the write that carries its events (bounded by ``timeout``).
+    - Inside a transaction (writes) the events are inserted as one page with the data, in the
+      same transaction: a write is never committed without its journal entry.
     """
 
     TIMEOUT_S = 30.0
@@ -89,7 +83,7 @@ class AuditLog:
 
     # -- setup
     def ensure_indexes(self) -> None:
-        """The journal's lean indexes, the unique chain position (anti-fork) and the queue."""
+        """The journal's lean indexes, the unique chain position (anti-fork) and the pages."""
         if self._indexed:
             return
         try:
@@ -99,23 +93,21 @@ class AuditLog:
         self._indexed = True
 
     # -- append
-    def _prepare(self, events: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Each event with id, meta and the storage fields (``res`` as its canonical JSON bytes),
-        and its queue item for the sealer (``e`` event id, ``p`` its patient or None, ``d`` its
-        content digest)."""
-        docs, items = [], []
+    def _prepare(self, events: list[dict]) -> list[dict]:
+        """Each event as a page holds it: ``_id``, ``pid`` (its patient or None), ``lu``, ``res``
+        (with id and meta, as its canonical JSON bytes) and ``d`` (their content digest, which the
+        sealer links). The search index is not extracted here: the sealer and the reads of the
+        pages do it (``storage/pages.py``)."""
+        out = []
         now = datetime.now(timezone.utc)
         for event in events:
             res = dict(event)
             res.setdefault("id", uuid.uuid4().hex)
             res["meta"] = {**(res.get("meta") or {}), "versionId": "1", "lastUpdated": instant(now)}
-            s, o = _search_index(res)
-            pid = event_patient(res)
             raw = canonical_json(res)   # serialized once: hashed here, stored as is (storage.pack)
-            docs.append({"_id": res["id"], "pid": pid, "vid": 1, "lu": now, "del": False,
-                         "res": raw, "s": s, "o": o})
-            items.append({"e": res["id"], "p": pid, "d": content_digest(raw)})
-        return docs, items
+            out.append({"_id": res["id"], "pid": event_patient(res), "lu": now, "res": raw,
+                        "d": content_digest(raw)})
+        return out
 
     def append(self, events: list[dict], *, session=None, pending: list | None = None) -> None:
         """Store ``events`` (built by :func:`build_event`) durably; the sealer chains them later.
@@ -132,16 +124,16 @@ class AuditLog:
         if not events:
             return
         self.ensure_indexes()
-        docs, items = self._prepare(events)
+        docs = self._prepare(events)
         if session is not None and session.in_transaction:
             try:
-                self.storage.journal_insert(docs, items, session=session, pending=pending)
+                self.storage.journal_insert(docs, session=session, pending=pending)
             except StorageError as exc:   # a transient error is not one: the transaction is retried
                 log.error("audit append in transaction failed: %s", type(exc).__name__)
                 raise AuditUnavailable() from exc
             return
         try:
-            self._group().submit(docs, items).result(timeout=self.timeout)
+            self._group().submit(docs).result(timeout=self.timeout)
         except AuditUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 — a write error or a timeout: fail closed
@@ -162,16 +154,16 @@ class AuditLog:
 
 
 class GroupCommitter:
-    """One thread that writes the queued documents of many callers in one durable insert.
+    """One thread that writes the queued events of many callers in one durable insert (a page).
 
-    Started lazily (after the server's fork). Batching is natural: while one ``insert_many``
+    Started lazily (after the server's fork). Batching is natural: while one insert
     is in flight the next callers queue up, and they are all written by the next one, so a
     lone request pays one round trip and N concurrent requests share about one.
     """
 
     def __init__(self, insert, *, max_batch: int = 1000):
-        """``insert(docs, items)`` writes one batch and its queue items durably, atomically
-        (``Storage.journal_insert``)."""
+        """``insert(events)`` writes one batch durably, atomically (``Storage.journal_insert``:
+        one page)."""
         self.insert = insert
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -183,9 +175,9 @@ class GroupCommitter:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop
 
-    def submit(self, docs: list[dict], items: list[dict]) -> Future:
+    def submit(self, events: list[dict]) -> Future:
         fut: Future = Future()
-        self._queue.put(((docs, items), fut))
+        self._queue.put((events, fut))
         return fut
 
     def stop(self) -> None:
@@ -197,7 +189,7 @@ class GroupCommitter:
             item = self._queue.get()
             if item is None:
                 return
-            batch, size = [item], len(item[0][0])
+            batch, size = [item], len(item[0])
             while size < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
@@ -207,16 +199,15 @@ class GroupCommitter:
                     self._stop = True
                     break
                 batch.append(nxt)
-                size += len(nxt[0][0])
+                size += len(nxt[0])
             self._write(batch)
             if self._stop:
                 return
 
     def _write(self, batch: list) -> None:
-        docs = [d for (part, _items), _ in batch for d in part]
-        items = [i for (_docs, part), _ in batch for i in part]
+        events = [e for part, _ in batch for e in part]
         try:
-            self.insert(docs, items)
+            self.insert(events)
         except Exception as exc:  # noqa: BLE001 — every waiter of this batch fails closed
             for _, fut in batch:
                 fut.set_exception(exc)

@@ -1,19 +1,23 @@
 """The journal sealer: links unsealed AuditEvents into their per-patient hash chains and
 signs checkpoints of the chain heads (DESIGN.md "Audit").
 
-Requests append their AuditEvents *unsealed* (``fhir_dmp.audit.log.AuditLog``): durable
-before the answer, but outside any chain, so concurrent reads of one DMP never conflict on
-its chain head. The sealer, one at a time across every server process, then:
+Requests append their AuditEvents *unsealed* (``fhir_dmp.audit.log.AuditLog``): one page per
+group commit (``AuditEvent_page``), durable before the answer, but outside any chain, so
+concurrent reads of one DMP never conflict on its chain head (and readable at once: every read
+of the journal sees through the pages, ``storage/pages.py``). The sealer, one at a time across
+every server process, then:
 
 1. holds a lease in the database (collection ``audit_sealer_lease``, one document
    ``{_id: "sealer", owner, until}``); a process seals only while it holds the lease, and
    each sealing transaction renews it (a fencing write: two sealers cannot both commit);
-2. takes the oldest queue entries (``AuditEvent_queue``: time of append, then ``_id``),
-   links each event to its chain from the content digest queued with it (one run of links
-   per chain in ``AuditEvent_link``, as in ``chain.py``: no event is read back or updated),
-   removes those queue entries, moves the heads (``AuditEvent_chain``) and writes a signed
-   checkpoint, all in ONE transaction: a crash leaves either everything or nothing, and
-   running it again only seals what is still queued (idempotent);
+2. takes the oldest pages (time of append, then ``_id``) holding about ``batch`` events,
+   derives each event's ``AuditEvent`` entry (the common layout, its search index ``s``/``o``
+   extracted here, off the request path: ``storage.pages.entries``), links each event to its
+   chain from the content digest its page holds (one run of links per chain in
+   ``AuditEvent_link``, as in ``chain.py``), deletes those pages, moves the heads
+   (``AuditEvent_chain``) and writes a signed checkpoint, all in ONE transaction: a crash
+   leaves either everything or nothing, and running it again only seals what is still in a
+   page (idempotent);
 3. signs a checkpoint of the heads it moved, like Certificate Transparency's signed tree
    heads (RFC 6962 §3.5): ``{n, prev, at, heads: [[pid, seq, hash], ...]}`` in canonical
    JSON, Ed25519 signature by a key kept OUTSIDE the database (a PEM file, ``config.
@@ -40,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..runtime.secret_files import write_secret
 from ..storage.errors import Outage, StorageClosed, StorageError
+from ..storage.pages import entries
 from .chain import GENESIS, SYSTEM_CHAIN, checkpoint_payload, key_id, link_hash
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,8 @@ class Sealer:
         self.batch = batch
         self.interval = interval
         self._stop = threading.Event()
+        #: the last pass left pages behind it (:meth:`seal_once`)
+        self.more = False
         self._thread: threading.Thread | None = None
         # every sealing transaction runs in this one session, named in the lease: whoever takes
         # the lease after it expired can end it (storage.take_sealer_lease), so a sealer killed
@@ -109,6 +116,8 @@ class Sealer:
     # -- sealing
     def seal_once(self) -> int:
         """Seal up to ``batch`` of the oldest unsealed events in one transaction; the number sealed.
+        :attr:`more` then says whether pages were left beyond this pass (a pass takes whole pages,
+        so it often seals a little less than ``batch`` with a backlog behind it).
 
         Raises :class:`LeaseLost` when this process does not hold the lease. Bounded, retries
         included, by FHIR_DMP_DB_WAIT (``StoreCore.deadline``): past it a StorageError and
@@ -125,7 +134,7 @@ class Sealer:
         while True:
             n = self.seal_once()
             total += n
-            if n < self.batch:
+            if not (n and self.more):
                 return total
 
     def _seal(self, session) -> int:
@@ -134,22 +143,23 @@ class Sealer:
         if not storage.renew_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s),
                                           session=session):
             raise LeaseLost("the sealer lease is not held by this process")
-        queued = storage.unsealed_batches(self.batch, session=session)
-        if not queued:
+        pages, self.more = storage.unsealed_pages(self.batch, session=session)
+        if not pages:
             return 0
-        items = [item for q in queued for item in q["items"]]
-        pids = list(dict.fromkeys(item.get("p") or SYSTEM_CHAIN for item in items))
+        events = [e for page in pages for e in page["events"]]
+        pids = list(dict.fromkeys(e.get("pid") or SYSTEM_CHAIN for e in events))
         heads = {pid: (0, GENESIS) for pid in pids}
         heads.update(storage.heads_of(pids, session=session))
         runs: dict[str, dict] = {}   # one run of links per chain
-        for item in items:   # the digest was queued with the event: no need to read it back
-            pid = item.get("p") or SYSTEM_CHAIN
+        for e in events:   # the digest is in the page: the canonical JSON is not hashed again
+            pid = e.get("pid") or SYSTEM_CHAIN
             seq, prev = heads[pid]
             run = runs.setdefault(pid, {"pid": pid, "first": seq + 1, "prev": prev, "links": []})
-            hsh = link_hash(prev, item["d"])
+            hsh = link_hash(prev, e["d"])
             heads[pid] = (seq + 1, hsh)
-            run["links"].append([item["e"], hsh])
-        storage.seal_events(list(runs.values()), [q["_id"] for q in queued], session=session)
+            run["links"].append([e["_id"], hsh])
+        storage.seal_pages([d for page in pages for d in entries(page)], list(runs.values()),
+                           [page["_id"] for page in pages], session=session)
         storage.move_heads(heads, now, session=session)
         last = storage.last_checkpoint(session=session)
         cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,
@@ -160,7 +170,7 @@ class Sealer:
                                 "key_id": self.kid,
                                 "sig": base64.b64encode(self.key.sign(body)).decode("ascii")},
                                session=session)
-        return len(items)
+        return len(events)
 
     # -- background loop
     def start(self) -> None:
@@ -187,7 +197,7 @@ class Sealer:
             pause = self.interval
             try:
                 if self.acquire():   # False: another holds it, or the lease write timed out
-                    while not self._stop.is_set() and self.seal_once() >= self.batch:
+                    while not self._stop.is_set() and self.seal_once() and self.more:
                         pass
                     outage.ok()
             except LeaseLost:

@@ -8,7 +8,8 @@ contract:
 ``core.py``         client, sessions, transactions, SecantusDB options, codecs, the
                     collection names, pack/unpack, filter helpers (:class:`StoreCore`)
 ``resources.py``    the versioned resources and their history (:class:`ResourceStore`)
-``journal.py``      the audit journal: queue, links, heads, checkpoints, sealer lease
+``journal.py``      the audit journal: pages, entries, links, heads, checkpoints, sealer lease
+``pages.py``        the journal's unsealed pages, and the reads of the journal through them
 ``content.py``      encrypted blobs and chunks (:class:`BlobStore`), data keys
 ``outbox.py``       the notification outbox
 ``grants.py``       the decision's inputs, break-the-glass grants, access codes, key sets

@@ -51,7 +51,7 @@ GRANTS = "btg_grants"                         # break-the-glass grants (security
 GRANT_LOCKS = "btg_grant_locks"               # one per (DMP, PS): concurrent new grants conflict on it
 JOURNAL = "AuditEvent"                        # the audit journal (audit/log.py)
 JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (audit/sealer.py)
-JOURNAL_QUEUE = "AuditEvent_queue"            # appended, not yet sealed (audit/log.py)
+JOURNAL_PAGES = "AuditEvent_page"             # appended, not yet sealed: one page per append (storage/pages.py)
 JOURNAL_LINKS = "AuditEvent_link"             # the chain links of each sealing pass (audit/sealer.py)
 CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (audit/sealer.py)
 SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (audit/sealer.py)
@@ -60,7 +60,7 @@ KEY_SETS = "issuer_key_sets"                  # the issuer's key set as last see
 REVIEW_KEYS = "review_case_keys"              # one per review case key: never two cases for one key (review/)
 #: what the access decision reads: the decision context cache watches them (security/context_cache.py)
 DECISION_INPUTS = ("Patient", "Consent", "RelatedPerson", GRANTS)
-#: a range from EPOCH on the queue's ``t`` (always a date) reads the queue through its index
+#: a range from EPOCH on the pages' ``t`` (always a date) reads the pages through their index
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SEALER_ID = "sealer"
 DB_WAIT_S = 10.0       # StoreCore.deadline's default (Config.db_wait, FHIR_DMP_DB_WAIT)

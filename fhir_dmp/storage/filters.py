@@ -6,8 +6,8 @@ document cache (``search/doc_cache.py``) answers a search from memory. Only a su
 filter language is evaluated, each operator with MongoDB's meaning for the values the server
 stores (scalars and arrays of scalars or of flat sub-documents, reached by dotted paths):
 equality, ``$in``, ``$nin``, ``$ne``, ``$exists``, ``$not``, ``$elemMatch`` (on arrays of
-scalars), ``$gt``/``$gte``/``$lt``/``$lte`` (between values of one type: strings, dates,
-numbers), ``$or``, ``$and``. Anything else raises :class:`Unsupported`: the caller then asks
+scalars, or a query on arrays of flat sub-documents), ``$gt``/``$gte``/``$lt``/``$lte`` (between values of one type: strings, dates,
+numbers), ``$or``, ``$and``, ``$nor`` (a search's ``:not`` and ``:missing``). Anything else raises :class:`Unsupported`: the caller then asks
 the database (https://www.mongodb.com/docs/manual/reference/operator/query/).
 """
 from __future__ import annotations
@@ -97,12 +97,21 @@ def _operator(op: str, arg):
     if op == "$not":
         inner = _condition(arg)
         return lambda values, flat: not inner(values)
+    if op == "$elemMatch" and _fields(arg):    # a query on each sub-document of an array
+        sub = compile_query(arg)
+        return lambda values, flat: any(sub(x) for v in values if isinstance(v, list) for x in v
+                                        if isinstance(x, dict))
     if op == "$elemMatch":
         inner = _condition(arg)
         return lambda values, flat: any(inner([x]) for v in values if isinstance(v, list) for x in v)
     if op in _COMPARE:
         return _comparison(op, arg)
     raise Unsupported(f"operator {op} is not evaluated in memory")
+
+
+def _fields(arg) -> bool:
+    """``arg`` of an ``$elemMatch`` is a query on sub-documents (field names), not operators."""
+    return isinstance(arg, dict) and bool(arg) and not any(k.startswith("$") for k in arg)
 
 
 def _condition(cond):
@@ -124,10 +133,9 @@ def compile_query(query: dict):
     :class:`Unsupported` for what this module does not evaluate (see the module docstring)."""
     tests = []
     for key, cond in query.items():
-        if key in ("$or", "$and"):
+        if key in _LOGICAL:
             subs = [compile_query(q) for q in cond]
-            tests.append((lambda doc, subs=subs: any(s(doc) for s in subs)) if key == "$or"
-                         else (lambda doc, subs=subs: all(s(doc) for s in subs)))
+            tests.append(lambda doc, subs=subs, join=_LOGICAL[key]: join(s(doc) for s in subs))
         elif key.startswith("$"):
             raise Unsupported(f"operator {key} is not evaluated in memory")
         else:
@@ -135,6 +143,13 @@ def compile_query(query: dict):
             tests.append(lambda doc, parts=parts, test=test: test(_values(doc, parts)))
     return lambda doc: all(t(doc) for t in tests)
 
+
+def _none(results) -> bool:
+    return not any(results)
+
+
+#: the logical operators over a list of filters (``$nor``: none of them holds)
+_LOGICAL = {"$or": any, "$and": all, "$nor": _none}
 
 _COMPILED: dict[str, object] = {}     # repr(query) -> compile_query(query): the decision asks the same few
 
@@ -164,11 +179,11 @@ def exact(query: dict) -> bool:
 
     Stricter than :func:`matches` (which the decision uses on its own queries): equality and
     ``$in``/``$nin``/``$ne`` only with plain values (a document or a null means something else
-    to MongoDB: a whole-document match, a missing field), ``$elemMatch`` only with operators
-    (on arrays of scalars); no ``$nor``, ``$regex``, ``$expr``...
+    to MongoDB: a whole-document match, a missing field), ``$elemMatch`` with operators (on
+    arrays of scalars) or with an exact query on the sub-documents; no ``$regex``, ``$expr``...
     """
     for key, cond in query.items():
-        if key in ("$or", "$and"):
+        if key in _LOGICAL:
             if not isinstance(cond, list) or not all(isinstance(q, dict) and exact(q) for q in cond):
                 return False
         elif key.startswith("$") or not _exact_condition(cond):
@@ -193,7 +208,7 @@ def _exact_condition(cond) -> bool:
         elif op == "$not":
             ok = isinstance(arg, dict) and _exact_condition(arg)
         elif op == "$elemMatch":
-            ok = isinstance(arg, dict) and _exact_condition(arg)
+            ok = isinstance(arg, dict) and (exact(arg) if _fields(arg) else _exact_condition(arg))
         else:
             ok = False
         if not ok:

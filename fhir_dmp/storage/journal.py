@@ -1,16 +1,17 @@
-"""The audit journal as stored: entries, their queue, chain links, heads, checkpoints, the
+"""The audit journal as stored: unsealed pages, entries, chain links, heads, checkpoints, the
 sealer's lease (audit/log.py appends, audit/sealer.py seals, audit/verify.py reads).
 
 Three insert-mostly collections, because SecantusDB updates are dear (bench/README.md, "The
 journal"):
 
+``AuditEvent_page``
+    one document per append (a group commit, or a write's events in its transaction) holding that
+    batch's events, packed, with their chain and content digest: the journal as a log, one durable
+    insert per group commit (``pages.py`` states its layout and the reads that see through it);
 ``AuditEvent``
-    the events (``res`` packed: :func:`~fhir_dmp.storage.core.pack`), written once, never updated
-    by the sealer;
-``AuditEvent_queue``
-    one small document per append ``{t, items: [{e, p, d}]}`` (event id, chain, content digest),
-    written in the same transaction as its events: the sealer's to-do list, removed in the
-    transaction that seals it;
+    the entries (``res`` packed: :func:`~fhir_dmp.storage.core.pack`, common layout with the search
+    index ``s``/``o``), derived from the pages by the sealer and written once, in the transaction
+    that seals them and deletes their page;
 ``AuditEvent_link``
     per sealing pass and chain, one run of consecutive links
     ``{_id: "<pid>:<first>", pid, first, last, prev, links: [[event id, hash], ...]}``
@@ -20,9 +21,10 @@ journal"):
 Beside them ``AuditEvent_chain`` (one head per chain), ``AuditEvent_checkpoint`` (signed
 checkpoints of the heads) and ``audit_sealer_lease`` (the one sealer's lease).
 
-Contract: an append is atomic (entries and queue document together) and durable
-(``w: majority, j: true``); a run's unique ``_id`` (chain, first position) refuses a fork; one
-live owner holds the sealer lease at a time.
+Contract: an append is one insert, atomic and durable (``w: majority, j: true``), or part of its
+write's transaction; sealing a page (entries, links, page deleted) is all or nothing; a run's
+unique ``_id`` (chain, first position) refuses a fork; one live owner holds the sealer lease at a
+time.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import pymongo
 from pymongo import ReturnDocument, UpdateOne, WriteConcern
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
-from .core import (CHECKPOINTS, EPOCH, JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_QUEUE, LEASE_WAIT_S,
+from .core import (CHECKPOINTS, EPOCH, JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, LEASE_WAIT_S,
                    SEALER_ID, SEALER_LEASE, StoreCore, _by_pid, _drop_indexes, _taken, now, pack, unpack)
 from .errors import TRANSIENT, label_transient, translate, translate_methods
 from .resources import UNIQUE_INDEXES, _wanted_indexes
@@ -47,77 +49,69 @@ class JournalStore(StoreCore):
     """The journal's collections (module docstring)."""
 
     def _journal(self):
-        return self.db.get_collection(JOURNAL, write_concern=WriteConcern(w="majority", j=True))
+        return self.db.get_collection(JOURNAL_PAGES, write_concern=WriteConcern(w="majority", j=True))
 
     def ensure_journal_indexes(self) -> None:
         """Links: in chain order (their unique ``_id``, chain and first position, is the anti-fork
-        guard). Queue: oldest first.
+        guard). Pages: oldest first.
         Journal indexes that this version no longer keeps (the lean set of ``search.indexes``) and
         the old in-event chain and queue indexes are dropped: each one was paid on every read."""
         keep = [[("_id", 1)], *_wanted_indexes(JOURNAL), *([k] for k in UNIQUE_INDEXES.get(JOURNAL, []))]
         _drop_indexes(self.db[JOURNAL], lambda keys: keys not in keep)
         self.db[JOURNAL_LINKS].create_index([("pid", 1), ("first", 1)], name="chain_order")
-        self.db[JOURNAL_QUEUE].create_index([("t", 1), ("_id", 1)], name="oldest_first")
+        self.db[JOURNAL_PAGES].create_index([("t", 1), ("_id", 1)], name="oldest_first")
 
-    def journal_insert(self, docs: list[dict], items: list[dict], *, session=None,
-                       pending: list | None = None) -> None:
-        """Append journal entries and their one queue document (``items``: ``{e, p, d}`` per event),
-        atomically: inside ``session``'s transaction, or else in a transaction of their own that
-        commits durably (``w: majority, j: true``: one fsync for a whole group commit), within
-        :meth:`deadline`.
+    def journal_insert(self, events: list[dict], *, session=None, pending: list | None = None) -> None:
+        """Append one page holding ``events`` (``{_id, pid, lu, res: canonical JSON bytes, d:
+        content digest}``, ``res`` packed here): inside ``session``'s transaction, or else as one
+        insert of its own, atomic as any single document and durable (``w: majority, j: true``: one
+        fsync for a whole group commit), within :meth:`deadline`.
 
         ``pending`` (in a transaction): the transaction's inserts not sent yet (``(collection,
-        document)``, as :meth:`create` defers them); they go first, with the journal's documents, in
-        one round trip (:meth:`insert_docs`), and the list is emptied (two round trips
-        less per write).
+        document)``, as :meth:`create` defers them); they go first, with the page, in one round
+        trip (:meth:`insert_docs`), and the list is emptied (two round trips less per write).
 
         In a transaction, an error that is transient (a lost race, labelled so here when it is the
         data's WriteConflict) is raised as pymongo's own, so that ``with_transaction`` retries the
         whole unit; any other as a :class:`~fhir_dmp.storage.errors.StorageError` (the journal
         failed: the caller fails closed)."""
-        docs = [{**d, "res": pack(d["res"])} for d in docs]
-        queue = {"_id": uuid.uuid4().hex, "t": now(), "items": items}
-
-        def write(s) -> None:
-            self.db[JOURNAL].insert_many(docs, ordered=True, session=s)
-            self.db[JOURNAL_QUEUE].insert_one(queue, session=s)
-        if session is not None:
-            try:
-                if not pending:
-                    write(session)
-                    return
-                try:
-                    self.insert_docs([*_taken(pending), *((JOURNAL, d) for d in docs), (JOURNAL_QUEUE, queue)],
-                                     session=session)
-                except OperationFailure as exc:
-                    label_transient(exc)   # a lost race of the data is retried, not the journal's failure
-                    raise
-            except PyMongoError as exc:
-                if session.in_transaction and exc.has_error_label(TRANSIENT):
-                    raise
-                raise translate(exc) from exc
+        page = {"_id": uuid.uuid4().hex, "t": now(), "events": [{**e, "res": pack(e["res"])} for e in events]}
+        if session is None:
+            # the group committer's thread: bounded as the requests waiting on it
+            with self.deadline():
+                self._journal().insert_one(page)
             return
-        # its own transaction, in the group committer's thread: bounded as the requests waiting on it
-        with self.deadline(), self.client.start_session() as s:
-            s.with_transaction(write, write_concern=WriteConcern(w="majority", j=True))
+        try:
+            try:
+                self.insert_docs([*_taken(pending), (JOURNAL_PAGES, page)], session=session)
+            except OperationFailure as exc:
+                label_transient(exc)   # a lost race of the data is retried, not the journal's failure
+                raise
+        except PyMongoError as exc:
+            if session.in_transaction and exc.has_error_label(TRANSIENT):
+                raise
+            raise translate(exc) from exc
 
-    def _queued(self, pid: str | None = None):
-        """``(t, item)`` for every queued (unsealed) event, ``pid``'s only when given."""
-        for q in self.db[JOURNAL_QUEUE].find({} if pid is None else {"items.p": pid}):
-            for item in q["items"]:
-                if pid is None or item.get("p") == pid:
-                    yield q["t"], item
+    def _paged(self, pid: str | None = None, flt: dict | None = None):
+        """``(t, event)`` for every event of a page (unsealed), ``pid``'s only when given."""
+        for page in self.db[JOURNAL_PAGES].find({**(flt or {}), **({} if pid is None else {"events.pid": pid})},
+                                                {"t": 1, "events._id": 1, "events.pid": 1}):
+            for e in page["events"]:
+                if pid is None or e.get("pid") == pid:
+                    yield page["t"], e
 
     def count_unsealed_before(self, cutoff: datetime, pid: str | None = None) -> int:
-        return sum(1 for t, _ in self._queued(pid) if t < cutoff)
+        """Events in pages appended before ``cutoff``."""
+        return sum(1 for _ in self._paged(pid, {"t": {"$lt": cutoff}}))
 
     def count_unchained(self, pid: str | None = None) -> int:
-        """Events neither sealed nor waiting for the sealer (a queue entry lost, or deleted)."""
-        queued = {item["e"] for _, item in self._queued(pid)}
+        """Entries neither linked nor waiting in a page for the sealer (a link deleted, an entry
+        written by hand)."""
+        paged = {e["_id"] for _, e in self._paged(pid)}
         linked = {eid for run in self.db[JOURNAL_LINKS].find(_by_pid(pid), {"links": 1})
                   for eid, _ in run["links"]}
         return sum(1 for d in self.db[JOURNAL].find(_by_pid(pid), {"_id": 1})
-                   if d["_id"] not in linked and d["_id"] not in queued)
+                   if d["_id"] not in linked and d["_id"] not in paged)
 
     def sealed_events(self, pid: str | None = None):
         """Sealed events in chain order (``pid``, ``seq``), each with ``chain`` = ``{pid, seq,
@@ -182,35 +176,39 @@ class JournalStore(StoreCore):
         with pymongo.timeout(LEASE_WAIT_S):
             self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
 
-    def unsealed_batches(self, limit: int, *, session=None) -> list[dict]:
-        """The oldest queue documents (append time, then ``_id``) holding about ``limit`` events
-        (whole documents: at least one, then while the total stays within ``limit``). Each holds
-        at least one event (a destroy deletes those it empties), so ``limit`` documents suffice:
-        the database is not asked for the whole backlog."""
+    def unsealed_pages(self, limit: int, *, session=None) -> tuple[list[dict], bool]:
+        """The oldest pages (append time, then ``_id``) holding about ``limit`` events (whole pages:
+        at least one, then while the total stays within ``limit``), and whether pages are left
+        after them. Each holds at least one event (a destroy deletes those it empties), so
+        ``limit`` pages (and one to tell whether more are left) suffice: the database is not asked
+        for the whole backlog."""
         out, total = [], 0
-        for q in self.db[JOURNAL_QUEUE].find({"t": {"$gte": EPOCH}}, sort=[("t", 1), ("_id", 1)],
-                                             limit=limit, session=session):
-            if out and total + len(q["items"]) > limit:
-                break
-            out.append(q)
-            total += len(q["items"])
-        return out
+        for page in self.db[JOURNAL_PAGES].find({"t": {"$gte": EPOCH}}, sort=[("t", 1), ("_id", 1)],
+                                                limit=limit + 1, session=session):
+            if out and total + len(page["events"]) > limit:
+                return out, True
+            out.append(page)
+            total += len(page["events"])
+        return out, False
 
     def heads_of(self, pids: list[str], *, session=None) -> dict[str, tuple[int, str]]:
         """``pid -> (seq, hash)`` of the chains that have a head."""
         return {h["_id"]: (h["seq"], h["hash"])
                 for h in self.db[JOURNAL_HEADS].find({"_id": {"$in": pids}}, session=session)}
 
-    def seal_events(self, runs: list[dict], queue_ids: list[str], *, session) -> None:
-        """Store the chain ``runs`` (``{pid, first, prev, links: [[event id, hash], ...]}``, one
-        per chain) and remove the queue documents they came from, in ``session``'s transaction.
-        A run is keyed by its chain and first position: two runs from the same head (a fork) are
-        refused by the unique ``_id``, and the whole transaction aborts."""
+    def seal_pages(self, docs: list[dict], runs: list[dict], page_ids: list[str], *, session) -> None:
+        """Store the entries ``docs`` derived from pages ``page_ids`` (``pages.entries``), their chain
+        ``runs`` (``{pid, first, prev, links: [[event id, hash], ...]}``, one per chain), and delete
+        those pages, in ``session``'s transaction. A run is keyed by its chain and first position:
+        two runs from the same head (a fork) are refused by the unique ``_id``, and the whole
+        transaction aborts."""
+        if docs:
+            self.db[JOURNAL].insert_many(docs, ordered=True, session=session)
         if runs:
             self.db[JOURNAL_LINKS].insert_many(
                 [{"_id": f"{r['pid']}:{r['first']}", "last": r["first"] + len(r["links"]) - 1, **r}
                  for r in runs], ordered=True, session=session)
-        self.db[JOURNAL_QUEUE].delete_many({"_id": {"$in": queue_ids}}, session=session)
+        self.db[JOURNAL_PAGES].delete_many({"_id": {"$in": page_ids}}, session=session)
 
     def move_heads(self, heads: dict[str, tuple[int, str]], at: datetime, *, session) -> None:
         """Set each chain's head to ``(seq, hash)`` (created when new)."""

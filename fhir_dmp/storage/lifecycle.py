@@ -15,7 +15,7 @@ from pymongo import ReturnDocument
 
 from ..audit.chain import GENESIS
 from .core import (ACCESS_CODES, BLOBS, CHUNKS, COMPARTMENT_TYPES, DATAKEYS, GRANT_LOCKS, GRANTS, JOBS, JOURNAL,
-                   JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_QUEUE, OUTBOX, PRIVACY_SCANS, REVIEW_KEYS,
+                   JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, OUTBOX, PRIVACY_SCANS, REVIEW_KEYS,
                    StoreCore)
 from .errors import translate_methods
 
@@ -59,11 +59,13 @@ class LifecycleStore(StoreCore):
         gone(ACCESS_CODES, {"pid": pid})
         gone(REVIEW_KEYS, {"pid": pid})
         gone(PRIVACY_SCANS, {"pid": pid})
-        # sealed and not yet sealed events alike (the sealer links them after the fact)
+        # sealed and not yet sealed events alike (the sealer derives entries from pages after the
+        # fact); a page changed counts in ``v`` (the read-through's memo: storage/pages.py)
         gone(JOURNAL, {"pid": pid})
         gone(JOURNAL_LINKS, {"pid": pid})
-        self.db[JOURNAL_QUEUE].update_many({"items.p": pid}, {"$pull": {"items": {"p": pid}}}, session=session)
-        self.db[JOURNAL_QUEUE].delete_many({"items": {"$size": 0}}, session=session)   # nothing left to seal
+        self.db[JOURNAL_PAGES].update_many({"events.pid": pid}, {"$pull": {"events": {"pid": pid}}, "$inc": {"v": 1}},
+                                           session=session)
+        self.db[JOURNAL_PAGES].delete_many({"events": {"$size": 0}}, session=session)   # nothing left to seal
         gone(JOURNAL_HEADS, {"_id": pid})
         # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
         # a date, nothing personal) so that `audit verify` does not take it for a deleted chain

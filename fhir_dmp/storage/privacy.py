@@ -17,8 +17,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Iterable, Iterator
 
-from .core import JOURNAL, PRIVACY_SCANS, REVIEW_KEYS, StoreCore, unpack
+from .core import JOURNAL, PRIVACY_SCANS, REVIEW_KEYS, _utc, unpack
 from .errors import translate_methods
+from .pages import PageReads
 
 #: ids per ``$in`` query
 CHUNK = 500
@@ -33,17 +34,25 @@ def _chunks(ids: Iterable[str]) -> Iterator[list[str]]:
 
 
 @translate_methods
-class PrivacyStore(StoreCore):
+class PrivacyStore(PageReads):
     """The scan's reads and its collection (module docstring)."""
 
     def journal_window(self, since: datetime | None, until: datetime) -> Iterator[tuple[str, datetime, dict]]:
         """``(pid, lu, event)`` of every journal entry of a DMP appended in ``[since, until)``
-        (``since`` None: from the start), streamed in batches."""
+        (``since`` None: from the start), streamed in batches: the unsealed ones (``pages.py``) first,
+        then the collection's not given yet (an entry sealed between the two reads comes once)."""
+        since, until = _utc(since), _utc(until)
         window = {"$lt": until} if since is None else {"$gte": since, "$lt": until}
+        unsealed = [d for d in self.unsealed_entries()
+                    if d["pid"] is not None and (since is None or d["lu"] >= since) and d["lu"] < until]
+        for doc in unsealed:
+            yield doc["pid"], doc["lu"], unpack(doc["res"])
+        seen = {d["_id"] for d in unsealed}
         cursor = self.db[JOURNAL].find({"lu": window, "pid": {"$ne": None}}, {"pid": 1, "lu": 1, "res": 1},
                                        batch_size=BATCH)
         for doc in cursor:
-            yield doc["pid"], doc["lu"], unpack(doc["res"])
+            if doc["_id"] not in seen:
+                yield doc["pid"], doc["lu"], unpack(doc["res"])
 
     def _by_pids(self, rtype: str, pids: Iterable[str], fields: tuple[str, ...]) -> Iterator[dict]:
         projection = {"pid": 1, **{f"res.{f}": 1 for f in fields}}

@@ -30,11 +30,13 @@ from .. import search
 from .core import (APPEND_ONLY, RESOURCE_TYPES, StoreCore, Stored, _drop_index, _drop_indexes, _index, _taken,
                    _utc, instant, merge_filters, new_id, now, or_branches, sort_docs)
 from .errors import DuplicateKey, DuplicateValue, VersionConflict, translate_methods
+from .pages import PageReads
 
 
 @translate_methods
-class ResourceStore(StoreCore):
-    """CRUD, history and search on the versioned collections."""
+class ResourceStore(PageReads):
+    """CRUD, history and search on the versioned collections. The journal (the one append-only
+    type) is read through its unsealed pages too (``pages.py``)."""
 
     def ensure_resource_indexes(self) -> None:
         """The indexes each collection's queries use, and no other: every insert pays for each one
@@ -65,19 +67,23 @@ class ResourceStore(StoreCore):
                 _index(hist, keys)
 
     def read(self, rtype: str, rid: str, *, session=None) -> Stored | None:
-        doc = self.db[rtype].find_one({"_id": rid}, _without_content(rtype), session=session)
+        doc = (rtype in APPEND_ONLY and self.unsealed_entry(rid)) \
+            or self.db[rtype].find_one({"_id": rid}, _without_content(rtype), session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 
     def read_many(self, rtype: str, ids: list[str], *, session=None) -> list[Stored]:
         if not ids:
             return []
-        docs = self.db[rtype].find({"_id": {"$in": list(ids)}, "del": False}, _without_content(rtype),
-                                   session=session)
+        flt = {"_id": {"$in": list(ids)}, "del": False}
+        if rtype in APPEND_ONLY:
+            docs = self.journal_through(flt, [], 0, lambda: list(self.db[rtype].find(flt, session=session)))
+        else:
+            docs = self.db[rtype].find(flt, _without_content(rtype), session=session)
         return [Stored.from_doc(rtype, d) for d in docs]
 
     def vread(self, rtype: str, rid: str, vid: int, *, session=None) -> Stored | None:
         if rtype in APPEND_ONLY:
-            doc = self.db[rtype].find_one({"_id": rid}, session=session) if vid == 1 else None
+            return self.read(rtype, rid, session=session) if vid == 1 else None
         else:
             doc = self.db[f"{rtype}_history"].find_one({"_id": f"{rid}/{vid}"}, _without_content(rtype),
                                                         session=session) \
@@ -95,6 +101,7 @@ class ResourceStore(StoreCore):
                 after_key: tuple | None = None, limit: int = 50, session=None) -> list[Stored]:
         """Versions newest first; keyset paging on (lu desc, _id asc)."""
         coll, flt = self._history_of(rtype, rid)
+        since, before = _utc(since), _utc(before)     # aware: the journal's unsealed pages compare them
         if pid_filter:
             flt.update(pid_filter)
         if since or before:
@@ -104,13 +111,16 @@ class ResourceStore(StoreCore):
             if before:
                 flt["lu"]["$lt"] = before
         if after_key:
-            lu, key = after_key
+            lu, key = _utc(after_key[0]), after_key[1]
             if rtype in APPEND_ONLY:      # the key is "id/vid"; there the _id is the id alone
                 key = key.rsplit("/", 1)[0]
             flt = {"$and": [flt, {"$or": [{"lu": {"$lt": lu}}, {"lu": lu, "_id": {"$gt": key}}]}]}
-        docs = list(coll.find(flt, _without_content(rtype), session=session).sort([("lu", -1), ("_id", 1)])
-                    .limit(limit))
-        if rtype not in APPEND_ONLY:
+        order = [("lu", -1), ("_id", 1)]
+        if rtype in APPEND_ONLY:
+            docs = self.journal_through(flt, order, limit,
+                                        lambda: list(coll.find(flt, session=session).sort(order).limit(limit)))
+        else:
+            docs = list(coll.find(flt, _without_content(rtype), session=session).sort(order).limit(limit))
             docs += self._current_versions(rtype, rid, pid_filter, since, before, after_key, limit, session)
             docs.sort(key=lambda d: d["_id"])
             docs.sort(key=lambda d: d["lu"], reverse=True)      # stable: (lu desc, _id asc)
@@ -142,6 +152,8 @@ class ResourceStore(StoreCore):
         coll, flt = self._history_of(rtype, rid)
         if pid_filter:
             flt.update(pid_filter)
+        if rtype in APPEND_ONLY:
+            return self.journal_count(flt, lambda: coll.count_documents(flt, session=session))
         n = coll.count_documents(flt, session=session)
         if rtype not in APPEND_ONLY:     # the current versions without a copy (module docstring)
             n += self.db[rtype].count_documents({NO_COPY: True, **({} if rid is None else {"_id": rid}),
@@ -165,6 +177,12 @@ class ResourceStore(StoreCore):
             cached = self.doc_cache.find(rtype, flt, sort, limit)
             if cached is not None:
                 return cached
+        if rtype in APPEND_ONLY:
+            return self.journal_through(flt, sort, limit, lambda: self._find_current(rtype, flt, sort, limit, session))
+        return self._find_current(rtype, flt, sort, limit, session)
+
+    def _find_current(self, rtype: str, flt: dict, sort: list, limit: int, session) -> list[dict]:
+        """The collection's part of :meth:`find_docs` (``$or`` branches merged)."""
         branches = or_branches(flt)
         if branches is not None:
             docs: dict = {}
@@ -193,6 +211,11 @@ class ResourceStore(StoreCore):
             cached = self.doc_cache.count(rtype, flt)
             if cached is not None:
                 return cached
+        if rtype in APPEND_ONLY:
+            return self.journal_count(flt, lambda: self._count_current(rtype, flt, session))
+        return self._count_current(rtype, flt, session)
+
+    def _count_current(self, rtype: str, flt: dict, session) -> int:
         branches = or_branches(flt)
         if branches is None:
             return self.db[rtype].count_documents(flt, session=session)

@@ -10,12 +10,13 @@ pair). Purged with the DMP (``LifecycleStore.purge_dmp``).
 """
 from __future__ import annotations
 
-from .core import JOURNAL, REVIEW_KEYS, StoreCore, _index
+from .core import JOURNAL, REVIEW_KEYS, _index
 from .errors import translate_methods
+from .pages import PageReads
 
 
 @translate_methods
-class ReviewStore(StoreCore):
+class ReviewStore(PageReads):
     """Review case keys and the counts of stored Tasks the review budget reads (module docstring)."""
 
     def ensure_review_indexes(self) -> None:
@@ -43,8 +44,8 @@ class ReviewStore(StoreCore):
     def count_document_reads(self, pid: str, actor: str, purpose: str, since, until=None) -> int:
         """Granted journal entries of DMP ``pid`` naming a document (DocumentReference, Binary), by
         the professional ``actor`` (idNatPs) under ``purpose`` (BTG, ETREAT), dated in
-        ``[since, until)`` (``until`` None: up to now)."""
+        ``[since, until)`` (``until`` None: up to now); unsealed ones included (``pages.py``)."""
         dates = {"$gte": since, **({"$lt": until} if until is not None else {})}
-        return self.db[JOURNAL].count_documents(
-            {"pid": pid, "s.agent.iv": actor, "s.purpose.c": purpose, "s.outcome.c": "0",
-             "s.entity.t": {"$in": ["DocumentReference", "Binary"]}, "s.date.lo": dates})
+        flt = {"pid": pid, "s.agent.iv": actor, "s.purpose.c": purpose, "s.outcome.c": "0",
+               "s.entity.t": {"$in": ["DocumentReference", "Binary"]}, "s.date.lo": dates}
+        return self.journal_count(flt, lambda: self.db[JOURNAL].count_documents(flt))

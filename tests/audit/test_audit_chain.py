@@ -20,7 +20,7 @@ from fhir_dmp.audit.events import AccessRecord, build_event
 from fhir_dmp.audit.log import AuditLog
 from fhir_dmp.audit.verify import verify_chains
 from fhir_dmp.audit.sealer import LeaseLost, Sealer, load_signing_key
-from tests.builders import rewrite_journal_entry
+from tests.builders import journal_entries, rewrite_journal_entry
 from fhir_dmp.storage import Storage
 from fhir_dmp.storage.core import (CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS,
                                    JOURNAL_LINKS as LINKS)
@@ -401,8 +401,8 @@ class _Count(monitoring.CommandListener):
 
 
 def test_concurrent_appends_are_group_committed(server, db):
-    """One durable transaction (the events, their queue entry) for many requests' events:
-    fewer commits than appends under load, and a lone append is one transaction."""
+    """One durable insert (a page of events), no transaction, for many requests' events: fewer
+    inserts than appends under load, and a lone append is one insert."""
     uri, _ = server
     counter = _Count()
     client = pymongo.MongoClient(uri, event_listeners=[counter], w="majority", journal=True)
@@ -411,8 +411,7 @@ def test_concurrent_appends_are_group_committed(server, db):
         log.append([ev()])  # cold: indexes
         counter.names.clear()
         log.append([ev(), ev(request_id="r2")])
-        assert [n for n in counter.names if n not in ("hello", "isMaster", "ismaster")] == [
-            "insert", "insert", "commitTransaction"]
+        assert [n for n in counter.names if n not in ("hello", "isMaster", "ismaster")] == ["insert"]
         counter.names.clear()
         barrier = threading.Barrier(16)
 
@@ -425,11 +424,11 @@ def test_concurrent_appends_are_group_committed(server, db):
             t.start()
         for t in threads:
             t.join()
-        commits = counter.names.count("commitTransaction")
-        assert 1 <= commits < 160
+        inserts = counter.names.count("insert")
+        assert 1 <= inserts < 160 and "commitTransaction" not in counter.names
     finally:
         client.close()
-    assert db[COLLECTION].count_documents({}) == 163
+    assert db[COLLECTION].count_documents({}) == 0 and len(journal_entries(db)) == 163
 
 
 def test_unwritable_journal_raises(server):
@@ -445,17 +444,17 @@ def test_unwritable_journal_raises(server):
         client.close()
 
 
-def test_queue_entries_emptied_by_a_destroy_are_dropped_and_the_rest_sealed(db, sealer):
-    """A destroy pulls the DMP's events out of the sealer's queue (other DMPs' stay queued)."""
+def test_pages_emptied_by_a_destroy_are_dropped_and_the_rest_sealed(db, sealer):
+    """A destroy pulls the DMP's events out of the unsealed pages (other DMPs' stay there)."""
     log = AuditLog(st(db))
     log.append([ev(), ev()])                      # p1 alone: emptied by the destroy
     log.append([ev(patient_id="p2"), ev(patient_id="p2"), ev()])   # p2's stay queued
     with db.client.start_session() as s:
         s.with_transaction(lambda sess: st(db).purge_dmp("p1", session=sess))
-    assert db["AuditEvent_queue"].count_documents({}) == 1      # the emptied entry went with it
-    sealer.batch = 1          # (an emptied entry left first in the queue stopped seal_all early)
+    assert db["AuditEvent_page"].count_documents({}) == 1      # the emptied page went with it
+    sealer.batch = 1          # (an emptied page left first stopped seal_all early)
     assert sealer.seal_all() == 2
-    assert unsealed(db) == 0 and db["AuditEvent_queue"].count_documents({}) == 0
+    assert unsealed(db) == 0 and db["AuditEvent_page"].count_documents({}) == 0
     assert [e["chain"]["seq"] for e in chained(db, "p2")] == [1, 2] and chained(db, "p1") == []
     assert verify_chains(st(db), check_signatures=True, public_key=sealer.key.public_key()) == []
 

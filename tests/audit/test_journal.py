@@ -359,15 +359,15 @@ def test_purpose_search_parameter_is_declared():
 # --------------------------------------------------------------------------- 3. fail closed
 
 def _journal_unwritable(db, on: bool) -> None:
-    """A real MongoDB validator that rejects every AuditEvent insert (or lifts it)."""
-    db.command("collMod", "AuditEvent", validator={"$jsonSchema": {"required": ["nope"]}} if on else {})
+    """A real MongoDB validator that rejects every journal page insert (or lifts it)."""
+    db.command("collMod", "AuditEvent_page", validator={"$jsonSchema": {"required": ["nope"]}} if on else {})
 
 
 def test_no_data_leaves_when_the_journal_cannot_be_written(api, db):
     dr = api.as_ps(b.PS_DR)
     pid = dr.create(b.patient(email="claire@example.org"))["id"]
     doc = dr.create(b.docref(pid))["id"]
-    before = db["AuditEvent"].count_documents({})
+    before = len(journal_entries(db))
     _journal_unwritable(db, True)
     try:
         for caller, path in ((dr, f"DocumentReference/{doc}"),
@@ -383,11 +383,11 @@ def test_no_data_leaves_when_the_journal_cannot_be_written(api, db):
             text = r.get_data(as_text=True)
             assert doc not in text and "claire@example.org" not in text and "DocumentReference\"" not in text
             assert "ETag" not in r.headers and "Location" not in r.headers
-        assert db["AuditEvent"].count_documents({}) == before
+        assert len(journal_entries(db)) == before
     finally:
         _journal_unwritable(db, False)
     assert dr.get(f"DocumentReference/{doc}").status_code == 200
-    assert db["AuditEvent"].count_documents({}) == before + 1
+    assert len(journal_entries(db)) == before + 1
 
 
 def test_a_deposit_fails_closed_when_the_journal_cannot_be_written(api, db):
@@ -395,7 +395,7 @@ def test_a_deposit_fails_closed_when_the_journal_cannot_be_written(api, db):
     (Storage.journal_insert): a refused entry leaves none of them."""
     dr = api.as_ps(b.PS_DR)
     pid = dr.create(b.patient())["id"]
-    counts = {c: db[c].count_documents({}) for c in ("DocumentReference", "Binary", "content_blobs", "AuditEvent")}
+    counts = {c: db[c].count_documents({}) for c in ("DocumentReference", "Binary", "content_blobs", "AuditEvent_page")}
     _journal_unwritable(db, True)
     try:
         r = dr.post("DocumentReference", b.docref(pid, content=b.pdf_bytes("refused")))
@@ -425,7 +425,7 @@ def test_audit_verify_after_real_traffic_then_tampering(api, world, config, db):
     pid, other = world["pid"], world["other_pid"]
     sealed = _audit(config, "seal")
     assert sealed.returncode == 0 and "sealed" in sealed.stdout, sealed.stdout + sealed.stderr
-    assert db["AuditEvent_queue"].count_documents({}) == 0
+    assert db["AuditEvent_page"].count_documents({}) == 0
     ok = _verify(config)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "intact" in ok.stdout

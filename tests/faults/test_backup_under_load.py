@@ -21,13 +21,15 @@ from tests.faults.process_kit import MixedLoad, call, journal_request_ids, open_
 
 @pytest.fixture
 def target(mongo_client):
-    """An empty database to restore into, dropped at the end."""
+    """An empty database to restore into, dropped at the end: after the servers on it have stopped
+    (a test names it before ``serve``, so that it is torn down after): SecantusDB's dropDatabase
+    run while a server's sealer still works on that database can spin for ever."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
     mongo_client.drop_database(name)
 
 
-def test_backup_under_deposits_is_one_instant_and_restores_byte_for_byte(tmp_path, serve, idp, fhir_dmp_cli, target):
+def test_backup_under_deposits_is_one_instant_and_restores_byte_for_byte(tmp_path, target, serve, idp, fhir_dmp_cli):
     shared = {"FHIR_DMP_DESTROYED_REGISTER": str(tmp_path / "destroyed.log")}   # one deployment
     source = serve("a", **shared)
     dr = idp.ps(b.PS_DR)

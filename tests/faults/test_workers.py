@@ -23,7 +23,7 @@ from fhir_dmp.notifications.outbox import Notice, Outbox
 from fhir_dmp.notifications.worker import Worker
 from fhir_dmp.runtime.config import Config
 from fhir_dmp.runtime.services import services
-from fhir_dmp.storage.core import JOURNAL_QUEUE, OUTBOX
+from fhir_dmp.storage.core import JOURNAL_PAGES, OUTBOX
 from tests import builders as b
 from tests.api import Api
 from tests.idp import TestIdP
@@ -61,7 +61,7 @@ def test_workers_are_back_within_2s_of_the_database(fault, faulty_app, faulty_db
     dr = Api(app, idp).as_ps(b.PS_DR)
     pid = dr.create(b.patient(email=None))["id"]
     doc = dr.create(b.docref(pid, b.CONSULTATION))
-    _within(5, lambda: db[JOURNAL_QUEUE].count_documents({}) == 0, "journal sealed before the fault")
+    _within(5, lambda: db[JOURNAL_PAGES].count_documents({}) == 0, "journal sealed before the fault")
     config = Config(smtp_host="127.0.0.1", smtp_port=port)
     worker = Worker(storage, config, poll_interval=0.2)
     worker.start()
@@ -81,9 +81,9 @@ def test_workers_are_back_within_2s_of_the_database(fault, faulty_app, faulty_db
             faulty_db.step_down(OUTAGE_S)
         else:
             time.sleep(OUTAGE_S)
-        assert db[JOURNAL_QUEUE].count_documents({}) > 0 and not sink.messages and not runs
+        assert db[JOURNAL_PAGES].count_documents({}) > 0 and not sink.messages and not runs
         faulty_db.back(OUTAGE_S + 10)
-        _within(BACK_S, lambda: db[JOURNAL_QUEUE].count_documents({}) == 0, "sealer")
+        _within(BACK_S, lambda: db[JOURNAL_PAGES].count_documents({}) == 0, "sealer")
         _within(BACK_S, lambda: {d["status"] for d in db[OUTBOX].find()} == {"sent"}, "outbox worker")
         _within(BACK_S, lambda: runs == [1], "retention scheduler")
         assert len(sink.messages) == 1          # sent once

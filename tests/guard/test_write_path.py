@@ -99,11 +99,11 @@ def test_a_deposit_is_inserts_only_and_its_content_reads_back(watched, db):
     kinds = {cmd for cmd, _, _ in seen}
     assert kinds <= {"insert", "bulkWrite", "find", "commitTransaction"}, seen
     # the Binary with its encrypted content beside it (no content document: storage/content.py),
-    # the document (no history copy of a version 1) and the journal entry with its sealer queue
-    # document (audit/log.py) in one round trip, the transaction's first command (on SecantusDB it
-    # names no read concern: Storage.run_transaction)
+    # the document (no history copy of a version 1) and the journal page of the write's events
+    # (audit/log.py) in one round trip, the transaction's first command (on SecantusDB it names no
+    # read concern: Storage.run_transaction)
     writes = sorted(coll for cmd, coll, txn in seen if cmd in ("insert", "bulkWrite") and txn)
-    assert writes == ["AuditEvent,AuditEvent_queue,Binary,DocumentReference"], seen
+    assert writes == ["AuditEvent_page,Binary,DocumentReference"], seen
     assert all(txn for cmd, _, txn in seen if cmd in ("insert", "bulkWrite"))
     # no decision context query (Patient, Consent): the one read left is the destroy sweep's
     # look-up after the commit (UnitOfWork.sweep_destroyed)

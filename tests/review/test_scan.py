@@ -88,6 +88,7 @@ def world(api, config, db, tmp_path):
     api.as_patient(w["night"]).create(b.consent(w["night"], actor=b.PS_KINE))
     assert kine.get(f"Patient/{w['night']}").status_code == 200
     # the journal moved to a weekday morning, keeping its order and spacing; the night read at 2 a.m.
+    b.seal_journal(db, config.audit_key_path)
     first = min(d["lu"] for d in db["AuditEvent"].find({}, {"lu": 1}))
     for d in db["AuditEvent"].find({}, {"lu": 1, "pid": 1}):
         at = MORNING + (d["lu"] - first)

@@ -63,7 +63,7 @@ def test_journal_is_durable_before_the_answer(tmp_path, idp):
         db = client["durable"]
         [read] = _by_request(db, "durable-read-1")
         assert read["res"]["outcome"] == "0" and read["pid"] == pid
-        assert db["AuditEvent_queue"].count_documents({"items.e": read["_id"]}) == 1   # for the sealer
+        assert db["AuditEvent_page"].count_documents({"events._id": read["_id"]}) == 1   # for the sealer
         [denied] = _by_request(db, "durable-denied-1")
         assert denied["res"]["outcome"] == "4"
     finally:
@@ -99,7 +99,7 @@ def test_concurrent_reads_then_sealed_chains_verify(app, idp, db, db_storage, co
     assert set(statuses) == {200} and len(statuses) == 120
     sealer.seal_all()
     sealer.release()
-    assert db["AuditEvent_queue"].count_documents({}) == 0
+    assert db["AuditEvent_page"].count_documents({}) == 0
     assert len(list(db_storage.sealed_events(pid))) >= 120
     assert verify_chains(db_storage, check_signatures=True, public_key=sealer.key.public_key()) == []
 
@@ -204,9 +204,9 @@ def test_two_processes_invalidate_within_a_second_and_never_conflict(two_servers
 
     # both servers' sealers took turns on the lease: everything sealed once, signed, unforked
     deadline = time.monotonic() + 20
-    while db["AuditEvent_queue"].count_documents({}) and time.monotonic() < deadline:
+    while db["AuditEvent_page"].count_documents({}) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert db["AuditEvent_queue"].count_documents({}) == 0
+    assert db["AuditEvent_page"].count_documents({}) == 0
     verify = fhir_dmp_cli("audit", "verify")
     assert verify.returncode == 0 and "intact" in verify.stdout, verify.stdout + verify.stderr
 
