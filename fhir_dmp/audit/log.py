@@ -51,23 +51,28 @@ log = logging.getLogger(__name__)
 
 #: the age of the oldest unsealed page that the group committers keep it under (:func:`throttle_pause`):
 #: a sixth of the 60 s seal bound that ``audit verify`` checks, so that a sealer behind by a whole
-#: target still has ~50 s of margin, and far above the 1-4 s of backlog a burst leaves
+#: target still has ~50 s of margin, and above the 1-5 s of backlog a burst leaves
 THROTTLE_TARGET_S = 10.0
-#: the pause before each batch grows by this per second of age past the target ...
-THROTTLE_SLOPE = 0.02
-#: ... up to this: 32 waiting requests then pass at ~150/s at most, a rate the sealer outruns
-THROTTLE_MAX_S = 0.2
+#: the pause starts at half the target: the pages written before it takes effect still have to be
+#: sealed, so the age goes on growing for several seconds (bench/README.md: starting at 10 s, the
+#: age reached 18-20 s)
+THROTTLE_FROM_S = THROTTLE_TARGET_S / 2
+#: the pause before each batch grows by this per second of age past THROTTLE_FROM_S ...
+THROTTLE_SLOPE = 0.05
+#: ... up to this, reached at the target: 32 waiting requests then pass at ~130/s at most, a rate
+#: the sealer outruns
+THROTTLE_MAX_S = 0.25
 #: how often a group committer reads the oldest page's age (one indexed find_one)
 THROTTLE_CHECK_S = 0.5
 
 
-def throttle_pause(age_s: float, *, target: float = THROTTLE_TARGET_S, slope: float = THROTTLE_SLOPE,
+def throttle_pause(age_s: float, *, start: float = THROTTLE_FROM_S, slope: float = THROTTLE_SLOPE,
                    cap: float = THROTTLE_MAX_S) -> float:
     """Seconds a group committer waits before writing its next batch, given the age of the oldest
-    unsealed page: none up to ``target``, then ``slope`` per second past it, at most ``cap``.
+    unsealed page: none up to ``start``, then ``slope`` per second past it, at most ``cap``.
     The pause only delays the callers waiting for that batch's durable write (nothing is dropped,
     nothing is acknowledged before it is written); fewer writes leave CPU to the sealer."""
-    return min(cap, slope * (age_s - target)) if age_s > target else 0.0
+    return min(cap, slope * (age_s - start)) if age_s > start else 0.0
 
 
 class AuditUnavailable(ServiceUnavailable):
@@ -88,7 +93,9 @@ class AuditLog:
     - Outside a transaction (reads, denials, 401s) the events of concurrent requests are
       written together by one committer thread per process (group commit): ONE durable insert,
       a page holding everything queued while the previous write was in flight; each caller
-      waits for the write that carries its events (bounded by ``timeout``).
+      waits for the write that carries its events (bounded by ``timeout``). While the sealer is
+      behind (the oldest unsealed page older than :data:`THROTTLE_FROM_S`) the committer
+      pauses before each batch (:class:`GroupCommitter`): requests wait longer, none is dropped.
     - Inside a transaction (writes) the events are inserted as one page with the data, in the
       same transaction: a write is never committed without its journal entry.
     """

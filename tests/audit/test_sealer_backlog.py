@@ -11,7 +11,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fhir_dmp.audit.log import THROTTLE_MAX_S, THROTTLE_TARGET_S, AuditLog, GroupCommitter, throttle_pause
+from fhir_dmp.audit.log import (THROTTLE_FROM_S, THROTTLE_MAX_S, THROTTLE_TARGET_S, AuditLog, GroupCommitter,
+                                throttle_pause)
 from fhir_dmp.audit.sealer import Sealer
 from fhir_dmp.audit.verify import verify_chains
 from fhir_dmp.storage import Storage
@@ -30,10 +31,10 @@ def ago(seconds: float) -> datetime:
 # --- backpressure ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("age,pause", [
-    (0.0, 0.0), (THROTTLE_TARGET_S, 0.0), (THROTTLE_TARGET_S + 1, 0.02), (THROTTLE_TARGET_S + 5, 0.1),
-    (THROTTLE_TARGET_S + 10, THROTTLE_MAX_S), (3600.0, THROTTLE_MAX_S),
+    (0.0, 0.0), (THROTTLE_FROM_S, 0.0), (THROTTLE_FROM_S + 1, 0.05), (THROTTLE_FROM_S + 3, 0.15),
+    (THROTTLE_TARGET_S, THROTTLE_MAX_S), (3600.0, THROTTLE_MAX_S),
 ])
-def test_throttle_pause_grows_past_the_target_and_is_capped(age, pause):
+def test_throttle_pause_grows_before_the_target_and_is_capped_there(age, pause):
     assert throttle_pause(age) == pytest.approx(pause)
 
 
@@ -45,7 +46,7 @@ def test_throttle_pause_never_decreases_with_age():
 def test_the_target_is_well_within_the_seal_bound_that_verify_checks():
     import inspect
     bound = inspect.signature(verify_chains).parameters["unsealed_bound_s"].default
-    assert THROTTLE_TARGET_S <= bound / 4
+    assert THROTTLE_FROM_S < THROTTLE_TARGET_S <= bound / 4
 
 
 def test_a_committer_throttles_while_an_old_page_waits_and_stops_once_it_is_sealed(db, tmp_path, caplog):
@@ -81,7 +82,7 @@ def test_the_journal_of_a_process_reads_the_age_of_its_own_database(db):
     log.append([event("p1")])
     try:
         assert log._committer.age == storage.oldest_page_age
-        assert 0.0 <= storage.oldest_page_age() < THROTTLE_TARGET_S and not log._committer.throttling
+        assert 0.0 <= storage.oldest_page_age() < THROTTLE_FROM_S and not log._committer.throttling
     finally:
         log.close()
 
