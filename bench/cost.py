@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from peer import (RssSampler, _post, default_kit, free_port, mint_token, start_ours, stop,  # noqa: E402
+from peer import (RssSampler, _post, default_kit, free_port, serve_with_kit, start_ours, stop,  # noqa: E402
                   wrk)
 from tests import builders  # noqa: E402
 
@@ -92,12 +92,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fhir-dmp-cost-"))
     ours = bare = None
     try:
-        kit = work / "kit"
-        shutil.copytree(args.kit, kit, ignore=shutil.ignore_patterns("node_modules", "results"))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}/fhir"
-        token = mint_token(kit, base)
-        ours = start_ours(work, port, base, kit / "keys" / "jwks.json", args)
+        kit, base, token, ours = serve_with_kit(work, args)
         pid = _post(base, token, builders.patient(family="Cost"))["id"]
         pdf = builders.pdf_bytes("bench")
         doc = [_post(base, token, builders.docref(pid, content=pdf))["id"] for _ in range(args.docs)][0]

@@ -126,6 +126,17 @@ def start_ours(work: Path, port: int, audience: str, jwks: Path, args, *, unguar
     return proc
 
 
+def serve_with_kit(work: Path, args, *, checkout: Path = ROOT) -> tuple[Path, str, str, subprocess.Popen]:
+    """``(kit, base url, token, process)``: the kit ``args.kit`` copied into ``work``, a token it
+    mints, and ``fhir-dmp serve`` of ``checkout`` on a free port trusting the kit's JWKS."""
+    kit = work / "kit"
+    shutil.copytree(args.kit, kit, ignore=shutil.ignore_patterns("node_modules", "results"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/fhir"
+    token = mint_token(kit, base)
+    return kit, base, token, start_ours(work, port, base, kit / "keys" / "jwks.json", args, checkout=checkout)
+
+
 def start_peer(kit: Path, port: int, audience: str, work: Path) -> subprocess.Popen:
     env = dict(os.environ, PEER_JWKS_FILE=str(kit / "keys" / "jwks.json"), PEER_PORT=str(port),
                PEER_JWT_ISSUER=ISSUER, PEER_JWT_AUDIENCE=audience)

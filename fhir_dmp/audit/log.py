@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from datetime import datetime, timezone
@@ -46,6 +47,32 @@ from .chain import canonical_json, content_digest
 from .events import event_patient
 
 log = logging.getLogger(__name__)
+
+
+#: the age of the oldest unsealed page that the group committers keep it under (:func:`throttle_pause`):
+#: a sixth of the 60 s seal bound that ``audit verify`` checks, so that a sealer behind by a whole
+#: target still has ~50 s of margin, and above the 1-5 s of backlog a burst leaves
+THROTTLE_TARGET_S = 10.0
+#: the pause starts at half the target: the pages written before it takes effect still have to be
+#: sealed, so the age goes on growing for several seconds (bench/README.md: starting at 10 s, the
+#: age reached 18-20 s)
+THROTTLE_FROM_S = THROTTLE_TARGET_S / 2
+#: the pause before each batch grows by this per second of age past THROTTLE_FROM_S ...
+THROTTLE_SLOPE = 0.05
+#: ... up to this, reached at the target: 32 waiting requests then pass at ~130/s at most, a rate
+#: the sealer outruns
+THROTTLE_MAX_S = 0.25
+#: how often a group committer reads the oldest page's age (one indexed find_one)
+THROTTLE_CHECK_S = 0.5
+
+
+def throttle_pause(age_s: float, *, start: float = THROTTLE_FROM_S, slope: float = THROTTLE_SLOPE,
+                   cap: float = THROTTLE_MAX_S) -> float:
+    """Seconds a group committer waits before writing its next batch, given the age of the oldest
+    unsealed page: none up to ``start``, then ``slope`` per second past it, at most ``cap``.
+    The pause only delays the callers waiting for that batch's durable write (nothing is dropped,
+    nothing is acknowledged before it is written); fewer writes leave CPU to the sealer."""
+    return min(cap, slope * (age_s - start)) if age_s > start else 0.0
 
 
 class AuditUnavailable(ServiceUnavailable):
@@ -66,7 +93,9 @@ class AuditLog:
     - Outside a transaction (reads, denials, 401s) the events of concurrent requests are
       written together by one committer thread per process (group commit): ONE durable insert,
       a page holding everything queued while the previous write was in flight; each caller
-      waits for the write that carries its events (bounded by ``timeout``).
+      waits for the write that carries its events (bounded by ``timeout``). While the sealer is
+      behind (the oldest unsealed page older than :data:`THROTTLE_FROM_S`) the committer
+      pauses before each batch (:class:`GroupCommitter`): requests wait longer, none is dropped.
     - Inside a transaction (writes) the events are inserted as one page with the data, in the
       same transaction: a write is never committed without its journal entry.
     """
@@ -143,7 +172,8 @@ class AuditLog:
     def _group(self) -> "GroupCommitter":
         with self._lock:
             if self._committer is None or not self._committer.alive:
-                self._committer = GroupCommitter(self.storage.journal_insert, max_batch=self.MAX_BATCH)
+                self._committer = GroupCommitter(self.storage.journal_insert, max_batch=self.MAX_BATCH,
+                                                 age=self.storage.oldest_page_age)
             return self._committer
 
     def close(self) -> None:
@@ -159,13 +189,27 @@ class GroupCommitter:
     Started lazily (after the server's fork). Batching is natural: while one insert
     is in flight the next callers queue up, and they are all written by the next one, so a
     lone request pays one round trip and N concurrent requests share about one.
+
+    Backpressure: with ``age`` (seconds since the oldest unsealed page was appended), read at most
+    every ``check_s`` in this thread, each batch waits :func:`throttle_pause` before it is written
+    while the sealer is behind, so the requests of this process slow down and the sealer catches
+    up (bench/README.md, "the seal bound under saturation"). :attr:`throttling` says whether it
+    does now, :attr:`throttled` counts the batches paused; one log line when it starts, one when it
+    ends. A failed read of the age counts as no backlog (the write itself then fails closed).
     """
 
-    def __init__(self, insert, *, max_batch: int = 1000):
+    def __init__(self, insert, *, max_batch: int = 1000, age=None, check_s: float = THROTTLE_CHECK_S):
         """``insert(events)`` writes one batch durably, atomically (``Storage.journal_insert``:
-        one page)."""
+        one page); ``age()`` the oldest unsealed page's age in seconds (``Storage.oldest_page_age``),
+        None for no backpressure."""
         self.insert = insert
         self.max_batch = max_batch
+        self.age = age
+        self.check_s = check_s
+        self.throttling = False
+        self.throttled = 0
+        self._pause = 0.0
+        self._checked = float("-inf")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="audit-group-commit", daemon=True)
@@ -189,6 +233,7 @@ class GroupCommitter:
             item = self._queue.get()
             if item is None:
                 return
+            self._backpressure()
             batch, size = [item], len(item[0])
             while size < self.max_batch:
                 try:
@@ -203,6 +248,28 @@ class GroupCommitter:
             self._write(batch)
             if self._stop:
                 return
+
+    def _backpressure(self) -> None:
+        """Wait before the next batch while the oldest unsealed page is too old (class docstring)."""
+        if self.age is None:
+            return
+        if time.monotonic() - self._checked >= self.check_s:
+            self._checked = time.monotonic()
+            try:
+                age = self.age()
+            except Exception:  # noqa: BLE001 — the database away: the write reports it
+                age = 0.0
+            self._pause = throttle_pause(age)
+            if bool(self._pause) != self.throttling:
+                self.throttling = bool(self._pause)
+                if self.throttling:
+                    log.warning("audit sealer behind (oldest unsealed page %.1f s old): journal writes throttled",
+                                age)
+                else:
+                    log.warning("audit sealer caught up: journal writes no longer throttled")
+        if self._pause:
+            self.throttled += 1
+            time.sleep(self._pause)
 
     def _write(self, batch: list) -> None:
         events = [e for part, _ in batch for e in part]

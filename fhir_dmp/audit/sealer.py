@@ -26,6 +26,12 @@ every server process, then:
    the rebuilt hashes would not match the signed heads, and deleting checkpoints leaves
    sealed events that no checkpoint covers (``fhir-dmp audit verify`` reports both).
 
+A database written by the previous version may still hold ``AuditEvent_queue`` documents (their
+events already entries in ``AuditEvent``, not linked): each sealer looks for them when it starts,
+and while it finds some it links them (from their queued digests), oldest first, before any page,
+under the same rules (queue documents deleted, heads moved, checkpoint, one transaction). Once the
+old collection is empty, nothing more is asked of it.
+
 Several ``fhir-dmp serve`` processes on one database must share the key file.
 """
 from __future__ import annotations
@@ -93,6 +99,8 @@ class Sealer:
         self._stop = threading.Event()
         #: the last pass left pages behind it (:meth:`seal_once`)
         self.more = False
+        #: look for the previous version's queue documents: at start, and while the last look found some
+        self._old_queue = True
         self._thread: threading.Thread | None = None
         # every sealing transaction runs in this one session, named in the lease: whoever takes
         # the lease after it expired can end it (storage.take_sealer_lease), so a sealer killed
@@ -143,10 +151,25 @@ class Sealer:
         if not storage.renew_sealer_lease(self.owner, now, now + timedelta(seconds=self.lease_s),
                                           session=session):
             raise LeaseLost("the sealer lease is not held by this process")
+        if self._old_queue:   # the previous version's queue first: its events were appended before any page
+            queues, _ = storage.unsealed_pages(self.batch, session=session, old=True)
+            if queues:
+                self.more = True   # the next pass looks again, then goes on to the pages
+                events = [{"_id": i["e"], "pid": i.get("p"), "d": i["d"]} for q in queues for i in q["items"]]
+                return self._link(session, now, events, [], [q["_id"] for q in queues], old=True)
+            self._old_queue = False
         pages, self.more = storage.unsealed_pages(self.batch, session=session)
         if not pages:
             return 0
-        events = [e for page in pages for e in page["events"]]
+        return self._link(session, now, [e for page in pages for e in page["events"]],
+                          [d for page in pages for d in entries(page)], [page["_id"] for page in pages])
+
+    def _link(self, session, now: datetime, events: list[dict], docs: list[dict], ids: list[str], *,
+              old: bool = False) -> int:
+        """Link ``events`` (``{_id, pid, d}``, in append order) into their chains, store the entries
+        ``docs``, delete the pages (``old``: queue documents) ``ids``, move the heads and sign a
+        checkpoint, in ``session``'s transaction; the number of events linked."""
+        storage = self.storage
         pids = list(dict.fromkeys(e.get("pid") or SYSTEM_CHAIN for e in events))
         heads = {pid: (0, GENESIS) for pid in pids}
         heads.update(storage.heads_of(pids, session=session))
@@ -158,8 +181,7 @@ class Sealer:
             hsh = link_hash(prev, e["d"])
             heads[pid] = (seq + 1, hsh)
             run["links"].append([e["_id"], hsh])
-        storage.seal_pages([d for page in pages for d in entries(page)], list(runs.values()),
-                           [page["_id"] for page in pages], session=session)
+        storage.seal_pages(docs, list(runs.values()), ids, session=session, old=old)
         storage.move_heads(heads, now, session=session)
         last = storage.last_checkpoint(session=session)
         cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,

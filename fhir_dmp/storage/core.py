@@ -52,6 +52,7 @@ GRANT_LOCKS = "btg_grant_locks"               # one per (DMP, PS): concurrent ne
 JOURNAL = "AuditEvent"                        # the audit journal (audit/log.py)
 JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (audit/sealer.py)
 JOURNAL_PAGES = "AuditEvent_page"             # appended, not yet sealed: one page per append (storage/pages.py)
+JOURNAL_QUEUE = "AuditEvent_queue"            # the previous version's queue: sealed first (audit/sealer.py)
 JOURNAL_LINKS = "AuditEvent_link"             # the chain links of each sealing pass (audit/sealer.py)
 CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (audit/sealer.py)
 SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (audit/sealer.py)

@@ -18,6 +18,11 @@ journal"):
     (seq = first + position; prev of a link = the hash before it, ``prev`` for the first): one
     insert per pass, not one per event.
 
+A database written by the previous version may still hold ``AuditEvent_queue`` documents
+(``{_id, t, items: [{e: event id, p: patient or None, d: digest}]}``) whose events are entries
+already, not linked: the sealer links them first (``unsealed_pages(old=True)``), and they count as
+waiting for the sealer, not as unchained.
+
 Beside them ``AuditEvent_chain`` (one head per chain), ``AuditEvent_checkpoint`` (signed
 checkpoints of the heads) and ``audit_sealer_lease`` (the one sealer's lease).
 
@@ -36,7 +41,8 @@ import pymongo
 from pymongo import ReturnDocument, UpdateOne, WriteConcern
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
-from .core import (CHECKPOINTS, EPOCH, JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, LEASE_WAIT_S,
+from .core import (CHECKPOINTS, EPOCH, JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, JOURNAL_QUEUE,
+                   LEASE_WAIT_S,
                    SEALER_ID, SEALER_LEASE, StoreCore, _by_pid, _drop_indexes, _taken, now, pack, unpack)
 from .errors import TRANSIENT, label_transient, translate, translate_methods
 from .resources import UNIQUE_INDEXES, _wanted_indexes
@@ -93,21 +99,23 @@ class JournalStore(StoreCore):
             raise translate(exc) from exc
 
     def _paged(self, pid: str | None = None, flt: dict | None = None):
-        """``(t, event)`` for every event of a page (unsealed), ``pid``'s only when given."""
-        for page in self.db[JOURNAL_PAGES].find({**(flt or {}), **({} if pid is None else {"events.pid": pid})},
-                                                {"t": 1, "events._id": 1, "events.pid": 1}):
-            for e in page["events"]:
-                if pid is None or e.get("pid") == pid:
-                    yield page["t"], e
+        """``(t, event id)`` for every event waiting for the sealer (in a page, or in the previous
+        version's queue), ``pid``'s only when given."""
+        for coll, arr, eid, epid in ((JOURNAL_PAGES, "events", "_id", "pid"), (JOURNAL_QUEUE, "items", "e", "p")):
+            for doc in self.db[coll].find({**(flt or {}), **({} if pid is None else {f"{arr}.{epid}": pid})},
+                                          {"t": 1, f"{arr}.{eid}": 1, f"{arr}.{epid}": 1}):
+                for e in doc[arr]:
+                    if pid is None or e.get(epid) == pid:
+                        yield doc["t"], e[eid]
 
     def count_unsealed_before(self, cutoff: datetime, pid: str | None = None) -> int:
-        """Events in pages appended before ``cutoff``."""
+        """Events waiting for the sealer (pages, old queue) appended before ``cutoff``."""
         return sum(1 for _ in self._paged(pid, {"t": {"$lt": cutoff}}))
 
     def count_unchained(self, pid: str | None = None) -> int:
-        """Entries neither linked nor waiting in a page for the sealer (a link deleted, an entry
-        written by hand)."""
-        paged = {e["_id"] for _, e in self._paged(pid)}
+        """Entries neither linked nor waiting for the sealer in a page or the previous version's
+        queue (a link deleted, an entry written by hand)."""
+        paged = {eid for _, eid in self._paged(pid)}
         linked = {eid for run in self.db[JOURNAL_LINKS].find(_by_pid(pid), {"links": 1})
                   for eid, _ in run["links"]}
         return sum(1 for d in self.db[JOURNAL].find(_by_pid(pid), {"_id": 1})
@@ -176,30 +184,42 @@ class JournalStore(StoreCore):
         with pymongo.timeout(LEASE_WAIT_S):
             self.db[SEALER_LEASE].delete_one({"_id": SEALER_ID, "owner": owner})
 
-    def unsealed_pages(self, limit: int, *, session=None) -> tuple[list[dict], bool]:
+    def unsealed_pages(self, limit: int, *, session=None, old: bool = False) -> tuple[list[dict], bool]:
         """The oldest pages (append time, then ``_id``) holding about ``limit`` events (whole pages:
         at least one, then while the total stays within ``limit``), and whether pages are left
         after them. Each holds at least one event (a destroy deletes those it empties), so
         ``limit`` pages (and one to tell whether more are left) suffice: the database is not asked
-        for the whole backlog."""
+        for the whole backlog. ``old``: the same of the previous version's queue documents
+        (``{_id, t, items: [{e: event id, p: patient or None, d: digest}]}``, their events
+        already entries in ``AuditEvent``, not linked)."""
+        coll, arr = (JOURNAL_QUEUE, "items") if old else (JOURNAL_PAGES, "events")
         out, total = [], 0
-        for page in self.db[JOURNAL_PAGES].find({"t": {"$gte": EPOCH}}, sort=[("t", 1), ("_id", 1)],
-                                                limit=limit + 1, session=session):
-            if out and total + len(page["events"]) > limit:
+        for page in self.db[coll].find({"t": {"$gte": EPOCH}}, sort=[("t", 1), ("_id", 1)],
+                                       limit=limit + 1, session=session):
+            if out and total + len(page[arr]) > limit:
                 return out, True
             out.append(page)
-            total += len(page["events"])
+            total += len(page[arr])
         return out, False
+
+    def oldest_page_age(self) -> float:
+        """Seconds since the oldest unsealed page was appended (0 when none), by the pages'
+        ``oldest_first`` index: one document read, within :meth:`deadline`."""
+        with self.deadline():
+            page = self.db[JOURNAL_PAGES].find_one({"t": {"$gte": EPOCH}}, {"t": 1}, sort=[("t", 1), ("_id", 1)])
+        return 0.0 if page is None else max(0.0, (now() - page["t"]).total_seconds())
 
     def heads_of(self, pids: list[str], *, session=None) -> dict[str, tuple[int, str]]:
         """``pid -> (seq, hash)`` of the chains that have a head."""
         return {h["_id"]: (h["seq"], h["hash"])
                 for h in self.db[JOURNAL_HEADS].find({"_id": {"$in": pids}}, session=session)}
 
-    def seal_pages(self, docs: list[dict], runs: list[dict], page_ids: list[str], *, session) -> None:
+    def seal_pages(self, docs: list[dict], runs: list[dict], page_ids: list[str], *, session,
+                   old: bool = False) -> None:
         """Store the entries ``docs`` derived from pages ``page_ids`` (``pages.entries``), their chain
         ``runs`` (``{pid, first, prev, links: [[event id, hash], ...]}``, one per chain), and delete
-        those pages, in ``session``'s transaction. A run is keyed by its chain and first position:
+        those pages (``old``: those queue documents of the previous version, whose entries are
+        stored already: ``docs`` is empty), in ``session``'s transaction. A run is keyed by its chain and first position:
         two runs from the same head (a fork) are refused by the unique ``_id``, and the whole
         transaction aborts."""
         if docs:
@@ -208,13 +228,14 @@ class JournalStore(StoreCore):
             self.db[JOURNAL_LINKS].insert_many(
                 [{"_id": f"{r['pid']}:{r['first']}", "last": r["first"] + len(r["links"]) - 1, **r}
                  for r in runs], ordered=True, session=session)
-        self.db[JOURNAL_PAGES].delete_many({"_id": {"$in": page_ids}}, session=session)
+        self.db[JOURNAL_QUEUE if old else JOURNAL_PAGES].delete_many({"_id": {"$in": page_ids}}, session=session)
 
     def move_heads(self, heads: dict[str, tuple[int, str]], at: datetime, *, session) -> None:
         """Set each chain's head to ``(seq, hash)`` (created when new)."""
         ops = [UpdateOne({"_id": pid}, {"$set": {"seq": seq, "hash": hsh, "lu": at}}, upsert=True)
                for pid, (seq, hsh) in heads.items()]
-        self.db[JOURNAL_HEADS].bulk_write(ops, ordered=True, session=session)
+        if ops:
+            self.db[JOURNAL_HEADS].bulk_write(ops, ordered=True, session=session)
 
     def last_checkpoint(self, *, session=None) -> dict | None:
         return self.db[CHECKPOINTS].find_one({}, {"_id": 1, "digest": 1}, sort=[("_id", -1)], session=session)

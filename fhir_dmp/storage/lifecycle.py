@@ -15,7 +15,7 @@ from pymongo import ReturnDocument
 
 from ..audit.chain import GENESIS
 from .core import (ACCESS_CODES, BLOBS, CHUNKS, COMPARTMENT_TYPES, DATAKEYS, GRANT_LOCKS, GRANTS, JOBS, JOURNAL,
-                   JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, OUTBOX, PRIVACY_SCANS, REVIEW_KEYS,
+                   JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, JOURNAL_QUEUE, OUTBOX, PRIVACY_SCANS, REVIEW_KEYS,
                    StoreCore)
 from .errors import translate_methods
 
@@ -66,6 +66,9 @@ class LifecycleStore(StoreCore):
         self.db[JOURNAL_PAGES].update_many({"events.pid": pid}, {"$pull": {"events": {"pid": pid}}, "$inc": {"v": 1}},
                                            session=session)
         self.db[JOURNAL_PAGES].delete_many({"events": {"$size": 0}}, session=session)   # nothing left to seal
+        # the previous version's queue (``{_id, t, items: [{e, p, d}]}``), sealed first by the sealer
+        self.db[JOURNAL_QUEUE].update_many({"items.p": pid}, {"$pull": {"items": {"p": pid}}}, session=session)
+        self.db[JOURNAL_QUEUE].delete_many({"items": {"$size": 0}}, session=session)
         gone(JOURNAL_HEADS, {"_id": pid})
         # the signed checkpoints still name the chain's last head: say it was destroyed (an id and
         # a date, nothing personal) so that `audit verify` does not take it for a deleted chain
