@@ -173,7 +173,7 @@ class AuditLog:
         with self._lock:
             if self._committer is None or not self._committer.alive:
                 self._committer = GroupCommitter(self.storage.journal_insert, max_batch=self.MAX_BATCH,
-                                                 age=self.storage.oldest_page_age)
+                                                 age=self.storage.sealing_lag)
             return self._committer
 
     def close(self) -> None:
@@ -200,7 +200,7 @@ class GroupCommitter:
 
     def __init__(self, insert, *, max_batch: int = 1000, age=None, check_s: float = THROTTLE_CHECK_S):
         """``insert(events)`` writes one batch durably, atomically (``Storage.journal_insert``:
-        one page); ``age()`` the oldest unsealed page's age in seconds (``Storage.oldest_page_age``),
+        one page); ``age()`` the oldest unsealed page's age in seconds while a sealer runs (``Storage.sealing_lag``),
         None for no backpressure."""
         self.insert = insert
         self.max_batch = max_batch

@@ -209,6 +209,16 @@ class JournalStore(StoreCore):
             page = self.db[JOURNAL_PAGES].find_one({"t": {"$gte": EPOCH}}, {"t": 1}, sort=[("t", 1), ("_id", 1)])
         return 0.0 if page is None else max(0.0, (now() - page["t"]).total_seconds())
 
+    def sealing_lag(self) -> float:
+        """How far a RUNNING sealer is behind: :meth:`oldest_page_age` while some process holds a
+        live sealer lease, 0 when none does (no sealer configured, or the holder gone until its
+        lease expires): slowing the requests cannot make an absent sealer catch up, it would only
+        slow them for nothing (``audit verify`` reports pages left unsealed too long). Two
+        documents read, within :meth:`deadline`."""
+        with self.deadline():
+            live = self.db[SEALER_LEASE].find_one({"_id": SEALER_ID, "until": {"$gt": now()}}, {"_id": 1})
+        return 0.0 if live is None else self.oldest_page_age()
+
     def heads_of(self, pids: list[str], *, session=None) -> dict[str, tuple[int, str]]:
         """``pid -> (seq, hash)`` of the chains that have a head."""
         return {h["_id"]: (h["seq"], h["hash"])

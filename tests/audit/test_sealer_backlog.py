@@ -55,20 +55,24 @@ def test_a_committer_throttles_while_an_old_page_waits_and_stops_once_it_is_seal
     log.append([event("p1")])
     db[PAGES].update_many({}, {"$set": {"t": ago(THROTTLE_TARGET_S + 20)}})   # the sealer is behind
     assert storage.oldest_page_age() > THROTTLE_TARGET_S
-    committer = GroupCommitter(storage.journal_insert, age=storage.oldest_page_age, check_s=0)
+    # no sealer runs (none holds the lease): nothing would catch up, the requests are not slowed
+    assert storage.sealing_lag() == 0.0
+    committer = GroupCommitter(storage.journal_insert, age=storage.sealing_lag, check_s=0)
+    sealer = Sealer(storage, tmp_path / "k.pem")
     try:
+        committer.submit(log._prepare([event("p1")])).result(timeout=30)
+        assert not committer.throttling and committer.throttled == 0
+        assert sealer.acquire()                      # a sealer runs, and is behind
+        assert storage.sealing_lag() > THROTTLE_TARGET_S
         docs = log._prepare([event("p1")])
         committer.submit(docs).result(timeout=30)
         assert committer.throttling and committer.throttled == 1
         assert db[PAGES].count_documents({"events._id": docs[0]["_id"]}) == 1   # written all the same
-        sealer = Sealer(storage, tmp_path / "k.pem")
-        try:
-            assert sealer.seal_all() == 2
-        finally:
-            sealer.release()
+        assert sealer.seal_all() == 3
         committer.submit(log._prepare([event("p1")])).result(timeout=30)
         assert not committer.throttling and committer.throttled == 1
     finally:
+        sealer.release()
         committer.stop()
     said = [r.getMessage() for r in caplog.records if r.name == "fhir_dmp.audit.log"]
     assert len([m for m in said if "throttled" in m]) == 2, said          # once on, once off
@@ -81,7 +85,7 @@ def test_the_journal_of_a_process_reads_the_age_of_its_own_database(db):
     log = AuditLog(storage)
     log.append([event("p1")])
     try:
-        assert log._committer.age == storage.oldest_page_age
+        assert log._committer.age == storage.sealing_lag
         assert 0.0 <= storage.oldest_page_age() < THROTTLE_FROM_S and not log._committer.throttling
     finally:
         log.close()
