@@ -52,17 +52,22 @@ def search_index(res: dict) -> tuple[dict, dict]:
 
 
 def entries(page: dict) -> list[dict]:
-    """The ``AuditEvent`` entries of a page's events, exactly as the collection stores them: the
-    common layout ``_id, pid, vid=1, lu, del=False, res (packed), s, o`` (dates at the database's
-    millisecond, through BSON), so that an entry read from its page and the same entry read after
-    sealing compare, sort and page alike."""
+    """The ``AuditEvent`` entries of a page's events, as the sealer inserts them: the common
+    layout ``_id, pid, vid=1, lu, del=False, res (packed), s, o``."""
     out = []
     for e in page["events"]:
         s, o = search_index(unpack(e["res"]))
-        doc = {"_id": e["_id"], "pid": e.get("pid"), "vid": 1, "lu": e["lu"], "del": False, "res": e["res"],
-               "s": s, "o": o}
-        out.append(bson.decode(bson.encode(doc, codec_options=CODECS), codec_options=CODECS))
+        out.append({"_id": e["_id"], "pid": e.get("pid"), "vid": 1, "lu": e["lu"], "del": False, "res": e["res"],
+                    "s": s, "o": o})
     return out
+
+
+def stored_entries(page: dict) -> list[dict]:
+    """:func:`entries` exactly as the collection gives them back (dates at the database's
+    millisecond, through BSON), so that an entry read from its page and the same entry read after
+    sealing compare, sort and page alike (the read-through's; the sealer's insert needs no round
+    trip: the database stores the same)."""
+    return [bson.decode(bson.encode(doc, codec_options=CODECS), codec_options=CODECS) for doc in entries(page)]
 
 
 class PageReads(StoreCore):
@@ -70,34 +75,41 @@ class PageReads(StoreCore):
 
     _page_memo: dict = {}     # page id -> (v, entries); replaced, never changed in place
 
-    def unsealed_entries(self) -> list[dict]:
-        """The entries of every page now stored (copies): the page ids first, then the pages not
-        memoized yet. A page sealed between the two reads is skipped (its entries are in the
-        collection by then, and the collection is read after this)."""
+    def _unsealed(self) -> list[list[dict]]:
+        """The memoized entries of every page now stored, page by page (not to be changed: see
+        :meth:`unsealed_entries`): the page ids first, then the pages not memoized yet. A page
+        sealed between the two reads is skipped (its entries are in the collection by then, and the
+        collection is read after this)."""
         listing = list(self.db[JOURNAL_PAGES].find({}, {"v": 1}))
         memo = self._page_memo
         want = [p["_id"] for p in listing if p["_id"] not in memo or memo[p["_id"]][0] != p.get("v")]
         fresh = {}
         if want:
-            fresh = {p["_id"]: (p.get("v"), entries(p)) for p in self.db[JOURNAL_PAGES].find({"_id": {"$in": want}})}
+            fresh = {p["_id"]: (p.get("v"), stored_entries(p))
+                     for p in self.db[JOURNAL_PAGES].find({"_id": {"$in": want}})}
         keep = {}
         for p in listing:
             got = fresh.get(p["_id"]) or memo.get(p["_id"])
             if got is not None and (p["_id"] in fresh or got[0] == p.get("v")):
                 keep[p["_id"]] = got
         self._page_memo = keep
-        return [dict(d) for _, docs in keep.values() for d in docs]
+        return [docs for _, docs in keep.values()]
+
+    def unsealed_entries(self) -> list[dict]:
+        """The entries of every page now stored (copies: :meth:`_unsealed`)."""
+        return [dict(d) for docs in self._unsealed() for d in docs]
 
     def unsealed_entry(self, eid: str) -> dict | None:
-        return next((d for d in self.unsealed_entries() if d["_id"] == eid), None)
+        """The unsealed entry ``eid`` (a copy), None when no page holds it: only that one is copied."""
+        return next((dict(d) for docs in self._unsealed() for d in docs if d["_id"] == eid), None)
 
     def _matching(self, flt: dict) -> list[dict] | None:
-        """The unsealed entries matching ``flt``; None once the pages seen are sealed (a filter not
-        evaluated in memory: the collection alone then answers)."""
-        unsealed = self.unsealed_entries()
+        """The unsealed entries matching ``flt`` (copies of those only); None once the pages seen
+        are sealed (a filter not evaluated in memory: the collection alone then answers)."""
+        unsealed = [d for docs in self._unsealed() for d in docs]
         if exact(flt):
             test = compile_query(flt)
-            return [d for d in unsealed if test(d)]
+            return [dict(d) for d in unsealed if test(d)]
         self._await_sealed({d["_id"] for d in unsealed})
         return None
 
