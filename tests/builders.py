@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import uuid
 
 NIR = "urn:oid:1.2.250.1.213.1.4.8"
 IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
@@ -168,22 +169,58 @@ def load_directory(config, folder) -> int:
 # --- the journal as stored (entries are packed: fhir_dmp.storage.core.pack) -----------------------
 
 def journal_entries(db, flt: dict | None = None) -> list[dict]:
-    """Raw AuditEvent documents matching ``flt``, each with its resource unpacked: the sealed ones
-    and those still in a page (as the sealer will derive them: ``fhir_dmp.storage.pages``), the
-    pages read first (an entry sealed between the two reads comes once)."""
+    """Raw journal entries matching ``flt``, each with its resource unpacked: those still in a
+    page (as the sealer will derive them: ``fhir_dmp.storage.pages``), those of the runs
+    (``fhir_dmp.storage.runs``) and the previous versions' ``AuditEvent`` documents, the pages
+    read first (an entry sealed between the two reads comes once)."""
     from fhir_dmp.storage import unpack
     from fhir_dmp.storage.filters import matches
     from fhir_dmp.storage.pages import entries
     found = {d["_id"]: d for page in db["AuditEvent_page"].find() for d in entries(page) if matches(flt or {}, d)}
+    found.update((d["_id"], d) for run in db["AuditEvent_link"].find({"e": {"$exists": True}})
+                 for d in run["e"] if matches(flt or {}, d))
     found.update((d["_id"], d) for d in db["AuditEvent"].find(flt or {}))
     return [{**d, "res": unpack(d["res"])} for d in found.values()]
 
 
 def rewrite_journal_entry(db, event_id: str, **changes) -> None:
-    """Tamper with a stored journal entry the way someone with database access would."""
+    """Tamper with a stored journal entry the way someone with database access would (in its
+    run, or an ``AuditEvent`` document of a previous version)."""
     from fhir_dmp.storage import pack, unpack
-    doc = db["AuditEvent"].find_one({"_id": event_id})
-    db["AuditEvent"].update_one({"_id": event_id}, {"$set": {"res": pack({**unpack(doc["res"]), **changes})}})
+    run = db["AuditEvent_link"].find_one({"ids": event_id})
+    if run is None:
+        doc = db["AuditEvent"].find_one({"_id": event_id})
+        db["AuditEvent"].update_one({"_id": event_id}, {"$set": {"res": pack({**unpack(doc["res"]), **changes})}})
+        return
+    for d in run["e"]:
+        if d["_id"] == event_id:
+            d["res"] = pack({**unpack(d["res"]), **changes})
+    db["AuditEvent_link"].update_one({"_id": run["_id"]}, {"$set": {"e": run["e"], "u": uuid.uuid4().hex}})
+
+
+def delete_journal_entry(db, event_id: str) -> None:
+    """Delete a stored journal entry the way someone with database access would (from its run,
+    or an ``AuditEvent`` document of a previous version), its link left in place."""
+    run = db["AuditEvent_link"].find_one({"ids": event_id})
+    if run is None:
+        db["AuditEvent"].delete_one({"_id": event_id})
+        return
+    db["AuditEvent_link"].update_one({"_id": run["_id"]}, {"$set": {
+        "e": [d for d in run["e"] if d["_id"] != event_id], "ids": [i for i in run["ids"] if i != event_id],
+        "u": uuid.uuid4().hex}})     # a new u: not read from a process's memo (fhir_dmp.storage.runs)
+
+
+def retime_journal(db, when) -> None:
+    """Set each sealed entry's ``lu`` to ``when(entry)`` (tests that move the journal in time): in
+    its run (its bounds kept true) or its ``AuditEvent`` document of a previous version."""
+    for run in db["AuditEvent_link"].find({"e": {"$exists": True}}):
+        for d in run["e"]:
+            d["lu"] = when(d)
+        lus = [d["lu"] for d in run["e"]]
+        db["AuditEvent_link"].update_one({"_id": run["_id"]}, {"$set": {
+            "e": run["e"], "lo": min(lus), "hi": max(lus), "b.lu": [min(lus), max(lus)], "u": uuid.uuid4().hex}})
+    for d in db["AuditEvent"].find({}, {"lu": 1, "pid": 1}):
+        db["AuditEvent"].update_one({"_id": d["_id"]}, {"$set": {"lu": when(d)}})
 
 
 def seal_journal(db, key_path) -> int:

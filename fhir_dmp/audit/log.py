@@ -7,24 +7,28 @@ Storage (every collection is insert-mostly, SecantusDB updates being dear: bench
   the event's canonical JSON, packed; ``d`` its content digest): the journal as a log, the one
   durable write of an append (``storage/pages.py``). Nothing else is done on the request path:
   no search index, no chain.
-- ``AuditEvent``: the entries, common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``,
-  ``del`` = False, ``res``, ``s``, ``o``), derived from the pages by the sealer (``s``/``o``
-  extracted there), written once; ``s``/``o`` live beside ``res`` and are not hashed. Every read
-  of the journal also reads the pages not sealed yet (``storage/pages.py``), so an entry is
-  searchable as soon as it is acknowledged. A DMP's journal is kept as long as the DMP and
-  destroyed with it (retention counts from the Patient's ``closed_at``: guard/lifecycle.py).
-- ``AuditEvent_link``: per sealing pass and chain, a run of consecutive links::
+- ``AuditEvent_link``: per sealing pass and chain, a run of consecutive links holding the
+  entries it seals (``storage/runs.py``: one document per DMP and pass, not one per event)::
 
       {_id: "<pid>:<first>", pid: <patient id or "_system">, first, last, prev: <hex>,
-       links: [[event id, hash], ...]}       # event seq = first + position in ``links``
+       links: [[event id, hash], ...],       # event seq = first + position in ``links``
+       e: [entry, ...], ids, ke, ka, lo, hi, b, u}
       digest = SHA-256( canonical_json(res) )          # sorted keys, no whitespace, UTF-8
       hash   = SHA-256( prev_hex_ascii + digest_hex_ascii )
       prev   = hash of seq n-1, or 64 zeros for seq 1
 
+  An entry has the common layout (``_id``, ``pid``, ``vid`` = 1, ``lu``, ``del`` = False,
+  ``res``, ``s``, ``o``), derived from its page by the sealer (``s``/``o`` extracted there);
+  ``s``/``o`` live beside ``res`` and are not hashed. Every read of the journal also reads the
+  pages not sealed yet (``storage/pages.py``), so an entry is searchable as soon as it is
+  acknowledged. A DMP's journal is kept as long as the DMP and destroyed with it (retention
+  counts from the Patient's ``closed_at``: guard/lifecycle.py). Previous versions wrote one
+  ``AuditEvent`` document per entry: still read, never written.
+
 Append and seal are split: a request's events are written durably (one page per group commit,
 or inside the write's transaction) without touching any chain, and the single sealer of
-``sealer.py`` derives their entries, links them in append order, deletes their page and moves
-the heads, in one transaction. A run's ``_id`` (chain and first position) is unique: no fork.
+``sealer.py`` derives their entries, links them in append order into runs that hold them, deletes their
+page and moves the heads, in one transaction. A run's ``_id`` (chain and first position) is unique: no fork.
 The collection ``AuditEvent_chain`` holds one head per chain (``{_id: pid, seq, hash, lu}``) so
 that deleting the newest events is detected too ("head points past last event"), and the
 sealer signs checkpoints of the heads with a key kept outside the database, so that

@@ -11,10 +11,11 @@ every server process, then:
    ``{_id: "sealer", owner, until}``); a process seals only while it holds the lease, and
    each sealing transaction renews it (a fencing write: two sealers cannot both commit);
 2. takes the oldest pages (time of append, then ``_id``) holding about ``batch`` events,
-   derives each event's ``AuditEvent`` entry (the common layout, its search index ``s``/``o``
-   extracted here, off the request path: ``storage.pages.entries``), links each event to its
-   chain from the content digest its page holds (one run of links per chain in
-   ``AuditEvent_link``, as in ``chain.py``), deletes those pages, moves the heads
+   derives each event's entry (the common layout, its search index ``s``/``o`` extracted here,
+   off the request path: ``storage.pages.entries``), links each event to its chain from the
+   content digest its page holds (one run of links per chain in ``AuditEvent_link``, as in
+   ``chain.py``, which also holds the entries it seals: ``storage/runs.py``, one document per
+   chain and pass instead of one per event), deletes those pages, moves the heads
    (``AuditEvent_chain``) and writes a signed checkpoint, all in ONE transaction: a crash
    leaves either everything or nothing, and running it again only seals what is still in a
    page (idempotent);
@@ -166,8 +167,9 @@ class Sealer:
 
     def _link(self, session, now: datetime, events: list[dict], docs: list[dict], ids: list[str], *,
               old: bool = False) -> int:
-        """Link ``events`` (``{_id, pid, d}``, in append order) into their chains, store the entries
-        ``docs``, delete the pages (``old``: queue documents) ``ids``, move the heads and sign a
+        """Link ``events`` (``{_id, pid, d}``, in append order) into their chains, store each chain's
+        run of links with the entries ``docs`` it seals, delete the pages (``old``: queue documents,
+        whose entries are stored already: ``docs`` empty) ``ids``, move the heads and sign a
         checkpoint, in ``session``'s transaction; the number of events linked."""
         storage = self.storage
         pids = list(dict.fromkeys(e.get("pid") or SYSTEM_CHAIN for e in events))
@@ -181,7 +183,9 @@ class Sealer:
             hsh = link_hash(prev, e["d"])
             heads[pid] = (seq + 1, hsh)
             run["links"].append([e["_id"], hsh])
-        storage.seal_pages(docs, list(runs.values()), ids, session=session, old=old)
+        by_id = {d["_id"]: d for d in docs}     # each run holds the entries it seals (storage/runs.py)
+        storage.seal_pages([(run, [by_id[eid] for eid, _ in run["links"] if eid in by_id])
+                            for run in runs.values()], ids, session=session, old=old)
         storage.move_heads(heads, now, session=session)
         last = storage.last_checkpoint(session=session)
         cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,

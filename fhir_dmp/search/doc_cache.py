@@ -15,7 +15,9 @@ answered from it (:meth:`DocumentCache.find`, :meth:`DocumentCache.count`) only 
   would: the access guard over the facets ``a``, the patient/subject reference, the keyset of
   the next pages...), and the sort keys are of one type.
 
-Anything else answers None and the caller asks the database. The access rules are not cached
+Anything else answers None and the caller asks the database. A read by id
+(:meth:`DocumentCache.read`) is answered from a DMP cached now (a hot record's documents), never
+loads one. The access rules are not cached
 here: the guard is a filter built per request from the decision context and evaluated on these
 documents, and the repository still runs ``can_see`` on every document it returns.
 
@@ -40,11 +42,17 @@ CACHED_TYPE = "DocumentReference"
 class Listing:
     """The current documents of one DMP, and their orders already computed (by sort spec)."""
 
-    __slots__ = ("docs", "orders")
+    __slots__ = ("docs", "orders", "_by_id")
 
     def __init__(self, docs: list[dict]):
         self.docs = docs
         self.orders: dict[tuple, list] = {}
+        self._by_id: dict[str, dict] | None = None
+
+    def by_id(self, rid: str) -> dict | None:
+        if self._by_id is None:      # two threads may both build it: the same dict
+            self._by_id = {d["_id"]: d for d in self.docs}
+        return self._by_id.get(rid)
 
     def ordered(self, sort: list) -> list[dict]:
         key = tuple(tuple(s) for s in sort)
@@ -61,11 +69,15 @@ class DocumentCache(PidCache):
         super().__init__(max_weight=max_docs, max_age=max_age)
         self.storage = storage
         self.rtype = CACHED_TYPE
+        self._pid_of: dict[str, str] = {}     # document id -> its DMP, for the DMPs loaded (a hint)
 
     def _load(self, pids: list[str]) -> dict:
         by_pid: dict[str, list] = {pid: [] for pid in pids}
         for doc in self.storage.compartment_docs(self.rtype, pids):
             by_pid[doc["pid"]].append(doc)
+        if len(self._pid_of) > 4 * self.max_weight:     # ids of DMPs long gone from the cache
+            self._pid_of = {}
+        self._pid_of.update((d["_id"], pid) for pid, docs in by_pid.items() for d in docs)
         return {pid: Listing(docs) for pid, docs in by_pid.items()}
 
     def _weight(self, listing: Listing) -> int:
@@ -94,6 +106,15 @@ class DocumentCache(PidCache):
         except (Unsupported, TypeError):
             return None
         return [_copy(doc) for doc in out]
+
+    def read(self, rtype: str, rid: str) -> dict | None:
+        """The current document ``rid`` (not deleted) if its DMP is cached now, else None: the
+        caller asks the database (a miss, a deleted or unknown id, a DMP not cached). Never loads
+        a DMP: only a search does."""
+        pid = self._pid_of.get(rid) if rtype == self.rtype else None
+        listing = self.cached(pid) if pid is not None else None
+        doc = listing.by_id(rid) if listing is not None else None
+        return _copy(doc) if doc is not None else None
 
     def count(self, rtype: str, flt: dict) -> int | None:
         """``count_documents(flt)``, or None when this cache cannot say."""

@@ -145,6 +145,16 @@ class PidCache:
                 self._load_into(out, rest, live, token, time.monotonic())
         return out
 
+    def cached(self, pid: str):
+        """``pid``'s value if it is cached now (live, fresh), else None: never loads."""
+        with self._lock:
+            hit = self._entries.get(pid) if self._live else None
+            if hit is None or time.monotonic() - hit[0] >= self.max_age:
+                return None
+            self._entries.move_to_end(pid)
+            self.hits += 1
+            return hit[1]
+
     def _load_into(self, out: dict, pids: list[str], live: bool, token: int, now: float) -> None:
         """Load ``pids`` into ``out``, and keep them when the cache is live (:meth:`_put`)."""
         loaded = self._load(pids)

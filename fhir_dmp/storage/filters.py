@@ -7,12 +7,14 @@ filter language is evaluated, each operator with MongoDB's meaning for the value
 stores (scalars and arrays of scalars or of flat sub-documents, reached by dotted paths):
 equality, ``$in``, ``$nin``, ``$ne``, ``$exists``, ``$not``, ``$elemMatch`` (on arrays of
 scalars, or a query on arrays of flat sub-documents), ``$gt``/``$gte``/``$lt``/``$lte`` (between values of one type: strings, dates,
-numbers), ``$or``, ``$and``, ``$nor`` (a search's ``:not`` and ``:missing``). Anything else raises :class:`Unsupported`: the caller then asks
+numbers), ``$regex`` (a pattern without options: the ones ``search/query.py`` builds from
+``re.escape``, which Python's ``re`` reads as MongoDB's PCRE does), ``$or``, ``$and``, ``$nor`` (a search's ``:not`` and ``:missing``). Anything else raises :class:`Unsupported`: the caller then asks
 the database (https://www.mongodb.com/docs/manual/reference/operator/query/).
 """
 from __future__ import annotations
 
 import operator
+import re
 from datetime import datetime
 
 
@@ -23,7 +25,7 @@ class Unsupported(ValueError):
 _COMPARE = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
 
 
-def _values(doc, parts: tuple) -> list:
+def values_at(doc, parts: tuple) -> list:
     """Values at a dotted path (split in ``parts``), arrays flattened as MongoDB does
     (``a.types.0`` indexes)."""
     cur = [doc]
@@ -106,6 +108,9 @@ def _operator(op: str, arg):
         return lambda values, flat: any(inner([x]) for v in values if isinstance(v, list) for x in v)
     if op in _COMPARE:
         return _comparison(op, arg)
+    if op == "$regex" and isinstance(arg, str):     # the patterns search/query.py writes (re.escape)
+        rx = re.compile(arg, re.ASCII)      # \s, \w as PCRE's without UCP: ASCII only
+        return lambda values, flat: any(isinstance(v, str) and rx.search(v) for v in flat)
     raise Unsupported(f"operator {op} is not evaluated in memory")
 
 
@@ -140,7 +145,7 @@ def compile_query(query: dict):
             raise Unsupported(f"operator {key} is not evaluated in memory")
         else:
             parts, test = tuple(key.split(".")), _condition(cond)
-            tests.append(lambda doc, parts=parts, test=test: test(_values(doc, parts)))
+            tests.append(lambda doc, parts=parts, test=test: test(values_at(doc, parts)))
     return lambda doc: all(t(doc) for t in tests)
 
 
@@ -180,7 +185,7 @@ def exact(query: dict) -> bool:
     Stricter than :func:`matches` (which the decision uses on its own queries): equality and
     ``$in``/``$nin``/``$ne`` only with plain values (a document or a null means something else
     to MongoDB: a whole-document match, a missing field), ``$elemMatch`` with operators (on
-    arrays of scalars) or with an exact query on the sub-documents; no ``$regex``, ``$expr``...
+    arrays of scalars) or with an exact query on the sub-documents, ``$regex`` without options; no ``$expr``...
     """
     for key, cond in query.items():
         if key in _LOGICAL:
@@ -207,6 +212,8 @@ def _exact_condition(cond) -> bool:
             ok = _kind(arg) in (str, datetime, float) and not (isinstance(arg, datetime) and arg.tzinfo is None)
         elif op == "$not":
             ok = isinstance(arg, dict) and _exact_condition(arg)
+        elif op == "$regex":
+            ok = isinstance(arg, str)
         elif op == "$elemMatch":
             ok = isinstance(arg, dict) and (exact(arg) if _fields(arg) else _exact_condition(arg))
         else:

@@ -1,22 +1,23 @@
 """The audit journal as stored: unsealed pages, entries, chain links, heads, checkpoints, the
 sealer's lease (audit/log.py appends, audit/sealer.py seals, audit/verify.py reads).
 
-Three insert-mostly collections, because SecantusDB updates are dear (bench/README.md, "The
+Insert-mostly collections, because SecantusDB updates are dear (bench/README.md, "The
 journal"):
 
 ``AuditEvent_page``
     one document per append (a group commit, or a write's events in its transaction) holding that
     batch's events, packed, with their chain and content digest: the journal as a log, one durable
     insert per group commit (``pages.py`` states its layout and the reads that see through it);
-``AuditEvent``
-    the entries (``res`` packed: :func:`~fhir_dmp.storage.core.pack`, common layout with the search
-    index ``s``/``o``), derived from the pages by the sealer and written once, in the transaction
-    that seals them and deletes their page;
 ``AuditEvent_link``
     per sealing pass and chain, one run of consecutive links
     ``{_id: "<pid>:<first>", pid, first, last, prev, links: [[event id, hash], ...]}``
-    (seq = first + position; prev of a link = the hash before it, ``prev`` for the first): one
-    insert per pass, not one per event.
+    (seq = first + position; prev of a link = the hash before it, ``prev`` for the first), holding
+    the entries it seals (``res`` packed: :func:`~fhir_dmp.storage.core.pack`, common layout with
+    the search index ``s``/``o``; ``runs.py`` states the layout and how reads find them): one
+    insert per pass and chain, not one per event;
+``AuditEvent``
+    the entries as previous versions stored them, one document per event (their runs have no
+    entries): read, never written any more.
 
 A database written by the previous version may still hold ``AuditEvent_queue`` documents
 (``{_id, t, items: [{e: event id, p: patient or None, d: digest}]}``) whose events are entries
@@ -27,7 +28,7 @@ Beside them ``AuditEvent_chain`` (one head per chain), ``AuditEvent_checkpoint``
 checkpoints of the heads) and ``audit_sealer_lease`` (the one sealer's lease).
 
 Contract: an append is one insert, atomic and durable (``w: majority, j: true``), or part of its
-write's transaction; sealing a page (entries, links, page deleted) is all or nothing; a run's
+write's transaction; sealing a page (runs with their entries, page deleted) is all or nothing; a run's
 unique ``_id`` (chain, first position) refuses a fork; one live owner holds the sealer lease at a
 time.
 """
@@ -38,7 +39,7 @@ import uuid
 from datetime import datetime
 
 import pymongo
-from pymongo import ReturnDocument, UpdateOne, WriteConcern
+from pymongo import DeleteMany, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from .core import (CHECKPOINTS, EPOCH, JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, JOURNAL_QUEUE,
@@ -46,8 +47,11 @@ from .core import (CHECKPOINTS, EPOCH, JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JO
                    SEALER_ID, SEALER_LEASE, StoreCore, _by_pid, _drop_indexes, _taken, now, pack, unpack)
 from .errors import TRANSIENT, label_transient, translate, translate_methods
 from .resources import UNIQUE_INDEXES, _wanted_indexes
+from .runs import run_document
 
 log = logging.getLogger(__name__)
+#: pages named per delete statement when the sealer deletes them (:meth:`JournalStore.seal_pages`)
+DELETE_CHUNK = 16
 
 
 @translate_methods
@@ -65,6 +69,8 @@ class JournalStore(StoreCore):
         keep = [[("_id", 1)], *_wanted_indexes(JOURNAL), *([k] for k in UNIQUE_INDEXES.get(JOURNAL, []))]
         _drop_indexes(self.db[JOURNAL], lambda keys: keys not in keep)
         self.db[JOURNAL_LINKS].create_index([("pid", 1), ("first", 1)], name="chain_order")
+        for field in ("ids", "ke", "ka"):     # an entry by id; who read this document; what did this professional read
+            self.db[JOURNAL_LINKS].create_index([(field, 1)], name=f"runs_by_{field}")
         self.db[JOURNAL_PAGES].create_index([("t", 1), ("_id", 1)], name="oldest_first")
 
     def journal_insert(self, events: list[dict], *, session=None, pending: list | None = None) -> None:
@@ -114,20 +120,22 @@ class JournalStore(StoreCore):
 
     def count_unchained(self, pid: str | None = None) -> int:
         """Entries neither linked nor waiting for the sealer in a page or the previous version's
-        queue (a link deleted, an entry written by hand)."""
+        queue (a link deleted, an entry written by hand, one added to a run)."""
         paged = {eid for _, eid in self._paged(pid)}
-        linked = {eid for run in self.db[JOURNAL_LINKS].find(_by_pid(pid), {"links": 1})
-                  for eid, _ in run["links"]}
-        return sum(1 for d in self.db[JOURNAL].find(_by_pid(pid), {"_id": 1})
-                   if d["_id"] not in linked and d["_id"] not in paged)
+        linked, in_runs = set(), set()
+        for run in self.db[JOURNAL_LINKS].find(_by_pid(pid), {"links": 1, "e": 1}):
+            linked.update(eid for eid, _ in run["links"])
+            in_runs.update(d["_id"] for d in run.get("e") or ())
+        return len(in_runs - linked) + sum(1 for d in self.db[JOURNAL].find(_by_pid(pid), {"_id": 1})
+                                           if d["_id"] not in linked and d["_id"] not in paged)
 
     def sealed_events(self, pid: str | None = None):
         """Sealed events in chain order (``pid``, ``seq``), each with ``chain`` = ``{pid, seq,
         prev, hash}`` (``pid`` the chain: ``_system`` for events of no patient). A link whose event
         is gone is skipped (the verifier then sees a gap in the chain)."""
         for run in self.db[JOURNAL_LINKS].find(_by_pid(pid), sort=[("pid", 1), ("first", 1)]):
-            events = {d["_id"]: d for d in self.db[JOURNAL].find(
-                {"_id": {"$in": [eid for eid, _ in run["links"]]}})}
+            events = {d["_id"]: d for d in run["e"]} if "e" in run else \
+                {d["_id"]: d for d in self.db[JOURNAL].find({"_id": {"$in": [eid for eid, _ in run["links"]]}})}
             prev = run["prev"]
             for i, (eid, hsh) in enumerate(run["links"]):
                 event = events.get(eid)
@@ -224,21 +232,24 @@ class JournalStore(StoreCore):
         return {h["_id"]: (h["seq"], h["hash"])
                 for h in self.db[JOURNAL_HEADS].find({"_id": {"$in": pids}}, session=session)}
 
-    def seal_pages(self, docs: list[dict], runs: list[dict], page_ids: list[str], *, session,
+    def seal_pages(self, runs: list[tuple[dict, list[dict]]], page_ids: list[str], *, session,
                    old: bool = False) -> None:
-        """Store the entries ``docs`` derived from pages ``page_ids`` (``pages.entries``), their chain
-        ``runs`` (``{pid, first, prev, links: [[event id, hash], ...]}``, one per chain), and delete
-        those pages (``old``: those queue documents of the previous version, whose entries are
-        stored already: ``docs`` is empty), in ``session``'s transaction. A run is keyed by its chain and first position:
-        two runs from the same head (a fork) are refused by the unique ``_id``, and the whole
-        transaction aborts."""
-        if docs:
-            self.db[JOURNAL].insert_many(docs, ordered=True, session=session)
+        """Store the chain ``runs`` (``{pid, first, prev, links: [[event id, hash], ...]}``, one per
+        chain, each with the entries it seals, derived from pages ``page_ids``: ``pages.entries``;
+        none for ``old``, the previous version's queue documents, whose entries are stored
+        already) as ``runs.run_document`` lays them out, and delete those pages (``old``: those
+        queue documents), in ``session``'s transaction. A run is keyed by its chain and first
+        position: two runs from the same head (a fork) are refused by the unique ``_id``, and the
+        whole transaction aborts."""
         if runs:
-            self.db[JOURNAL_LINKS].insert_many(
-                [{"_id": f"{r['pid']}:{r['first']}", "last": r["first"] + len(r["links"]) - 1, **r}
-                 for r in runs], ordered=True, session=session)
-        self.db[JOURNAL_QUEUE if old else JOURNAL_PAGES].delete_many({"_id": {"$in": page_ids}}, session=session)
+            self.db[JOURNAL_LINKS].insert_many([run_document(run, docs) for run, docs in runs],
+                                               ordered=True, session=session)
+        # one statement per few pages, in one command: SecantusDB checks each deleted document
+        # against the whole ``$in`` list, so one statement for 500 pages costs 500 x 500 comparisons
+        chunks = [page_ids[i:i + DELETE_CHUNK] for i in range(0, len(page_ids), DELETE_CHUNK)]
+        if chunks:
+            self.db[JOURNAL_QUEUE if old else JOURNAL_PAGES].bulk_write(
+                [DeleteMany({"_id": {"$in": chunk}}) for chunk in chunks], ordered=False, session=session)
 
     def move_heads(self, heads: dict[str, tuple[int, str]], at: datetime, *, session) -> None:
         """Set each chain's head to ``(seq, hash)`` (created when new)."""

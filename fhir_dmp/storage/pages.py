@@ -8,39 +8,37 @@
          events: [{_id: event id, pid: patient or None, lu, res: packed canonical JSON, d: content digest}]}
 
     It is the only durable write of an append (audit/log.py): one insert, acknowledged before the
-    answer. The sealer (audit/sealer.py) derives each event's ``AuditEvent`` entry from it
-    (:func:`entries`: the common layout, with the search index ``s``/``o`` extracted there, off the
-    request path), links the events into their chains and deletes the page, in one transaction.
+    answer. The sealer (audit/sealer.py) derives each event's entry from it (:func:`entries`: the
+    common layout, with the search index ``s``/``o`` extracted there, off the request path), links
+    the events into their chains and stores the entries in their chain's run (``runs.py``), deletes
+    the page, in one transaction.
 
-Read-through (:class:`PageReads`): every read of the ``AuditEvent`` collection that answers a
-caller (by id, vread, history, search, count; the review and privacy counts and windows) also
-sees the events of the pages, so nothing answered is missing from a search. The pages are read
-FIRST, then the collection, and the two are merged by ``_id``: an event sealed between the two
-reads is then seen twice (kept once), never missed. The pages' events are matched in memory
-with the storage filter language (``filters.py``) on their derived entries (memoized per page:
-a page changes only when a destroy removes events from it, which counts in ``v``). A filter that
-language does not evaluate exactly (:func:`~fhir_dmp.storage.filters.exact`) waits, bounded by
-``StoreCore.deadline``, until the pages seen are sealed and then asks the collection alone; past
-the bound a :class:`~fhir_dmp.storage.errors.StorageUnavailable` (503), never a silent miss.
+Reads (:class:`PageReads`): every read of the journal that answers a caller (by id, vread,
+history, search, count; the review and privacy counts and windows) sees three sources: the
+pages' events (unsealed), the runs' entries (sealed), and the ``AuditEvent`` documents that
+previous versions wrote one per event. The pages are read FIRST, then the runs, and the two are
+merged by ``_id``: an event sealed between the two reads is then seen twice (kept once), never
+missed. Pages and runs are matched in memory with the storage filter language (``filters.py``)
+on their entries (memoized: a page per ``v``, which a destroy's removal of events from it
+changes; a run per ``(_id, u)``, never changed). A filter that language does not evaluate
+exactly (:func:`~fhir_dmp.storage.filters.exact`; no search of the server writes one) is
+refused with a :class:`~fhir_dmp.storage.errors.StorageUnavailable` (503) and logged, never
+answered with a silent miss.
 """
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable
 
 import bson
 
 from .. import search
-from .core import CODECS, JOURNAL, JOURNAL_PAGES, StoreCore, sort_docs, unpack
+from .core import CODECS, JOURNAL_PAGES, sort_docs, unpack
 from .errors import StorageUnavailable
-from .filters import compile_query, exact
+from .filters import Unsupported, compile_query, exact
+from .runs import RunReads
 
 log = logging.getLogger(__name__)
-
-#: how often a read whose filter is not evaluated in memory looks whether the pages it saw are sealed
-SEALED_POLL_S = 0.05
-
 
 def search_index(res: dict) -> tuple[dict, dict]:
     """``s``/``o`` of an event (:func:`fhir_dmp.search.extract`); ``{}`` if extraction fails."""
@@ -70,16 +68,17 @@ def stored_entries(page: dict) -> list[dict]:
     return [bson.decode(bson.encode(doc, codec_options=CODECS), codec_options=CODECS) for doc in entries(page)]
 
 
-class PageReads(StoreCore):
-    """The unsealed pages as entries, and the merge of a journal read with them (module docstring)."""
+class PageReads(RunReads):
+    """The journal as its reads see it: the unsealed pages' entries, the runs' (``runs.py``) and
+    the ``AuditEvent`` documents of the previous versions, merged (module docstring)."""
 
     _page_memo: dict = {}     # page id -> (v, entries); replaced, never changed in place
 
     def _unsealed(self) -> list[list[dict]]:
         """The memoized entries of every page now stored, page by page (not to be changed: see
         :meth:`unsealed_entries`): the page ids first, then the pages not memoized yet. A page
-        sealed between the two reads is skipped (its entries are in the collection by then, and the
-        collection is read after this)."""
+        sealed between the two reads is skipped (its entries are in a run by then, and the runs
+        are read after this)."""
         listing = list(self.db[JOURNAL_PAGES].find({}, {"v": 1}))
         memo = self._page_memo
         want = [p["_id"] for p in listing if p["_id"] not in memo or memo[p["_id"]][0] != p.get("v")]
@@ -99,32 +98,33 @@ class PageReads(StoreCore):
         """The entries of every page now stored (copies: :meth:`_unsealed`)."""
         return [dict(d) for docs in self._unsealed() for d in docs]
 
-    def unsealed_entry(self, eid: str) -> dict | None:
-        """The unsealed entry ``eid`` (a copy), None when no page holds it: only that one is copied."""
-        return next((dict(d) for docs in self._unsealed() for d in docs if d["_id"] == eid), None)
+    def journal_entry(self, eid: str) -> dict | None:
+        """The entry ``eid`` (a copy) from its page or its run; None when neither holds it (an
+        entry of a previous version is an ``AuditEvent`` document: the caller reads it)."""
+        return next((dict(d) for docs in self._unsealed() for d in docs if d["_id"] == eid), None) \
+            or self.sealed_entry(eid)
 
-    def _matching(self, flt: dict) -> list[dict] | None:
-        """The unsealed entries matching ``flt`` (copies of those only); None once the pages seen
-        are sealed (a filter not evaluated in memory: the collection alone then answers)."""
-        unsealed = [d for docs in self._unsealed() for d in docs]
-        if exact(flt):
+    def _matching(self, flt: dict, sort: list | None = None, limit: int = 0) -> list[dict]:
+        """The entries of pages and runs matching ``flt`` (copies of those only; with ``sort`` and
+        ``limit``, at least the first ``limit`` of the runs'), each once: the pages first, then
+        the runs (an event sealed between the two reads is in one or the other, maybe both)."""
+        try:
+            if not exact(flt):
+                raise Unsupported("not evaluated in memory")
             test = compile_query(flt)
-            return [dict(d) for d in unsealed if test(d)]
-        self._await_sealed({d["_id"] for d in unsealed})
-        return None
-
-    def _await_sealed(self, ids: set[str]) -> None:
-        """Wait, within ``deadline``, until none of the events ``ids`` is in a page any more."""
-        end = time.monotonic() + self.wait
-        while ids and self.db[JOURNAL_PAGES].find_one({"events._id": {"$in": sorted(ids)}}, {"_id": 1}):
-            if time.monotonic() > end:
-                raise StorageUnavailable("journal pages not sealed in time for this search")
-            time.sleep(SEALED_POLL_S)
+        except Unsupported:
+            log.error("a journal filter the storage filter language does not evaluate: %s", sorted(flt))
+            raise StorageUnavailable("this search of the journal cannot be answered") from None
+        mine = {d["_id"]: dict(d) for docs in self._unsealed() for d in docs if test(d)}
+        for d in self.sealed_matching(test, flt, sort, limit):
+            mine.setdefault(d["_id"], d)
+        return list(mine.values())
 
     def journal_through(self, flt: dict, sort: list, limit: int, query: Callable[[], list[dict]]) -> list[dict]:
-        """``query()`` (the collection's documents matching ``flt``, in ``sort`` order, at most
-        ``limit``) merged with the unsealed entries matching ``flt``: same order and limit."""
-        mine = self._matching(flt)
+        """``query()`` (the previous versions' ``AuditEvent`` documents matching ``flt``, in
+        ``sort`` order, at most ``limit``) merged with the pages' and runs' entries matching
+        ``flt``: same order and limit."""
+        mine = self._matching(flt, sort, limit)
         docs = query()
         if not mine:
             return docs
@@ -132,17 +132,12 @@ class PageReads(StoreCore):
         merged.update((d["_id"], d) for d in docs)
         try:
             out = sort_docs(merged.values(), sort or [("_id", 1)])
-        except TypeError:       # sort keys of mixed types: the database orders them, once sealed
-            self._await_sealed(set(merged))
-            return query()
+        except TypeError:       # sort keys of mixed types: never written by this server
+            log.error("journal entries whose sort keys are of mixed types: %s", sort)
+            raise StorageUnavailable("this search of the journal cannot be ordered") from None
         return out[:limit] if limit else out
 
     def journal_count(self, flt: dict, count: Callable[[], int]) -> int:
-        """``count()`` (the collection's documents matching ``flt``) plus the unsealed entries
-        matching ``flt`` that the collection did not hold yet."""
-        mine = self._matching(flt)
-        n = count()
-        if mine:
-            ids = [d["_id"] for d in mine]
-            n += len(ids) - self.db[JOURNAL].count_documents({"_id": {"$in": ids}})
-        return n
+        """``count()`` (the previous versions' ``AuditEvent`` documents matching ``flt``) plus the
+        pages' and runs' entries matching ``flt`` (never among those documents)."""
+        return count() + len(self._matching(flt))

@@ -40,7 +40,8 @@ class PrivacyStore(PageReads):
     def journal_window(self, since: datetime | None, until: datetime) -> Iterator[tuple[str, datetime, dict]]:
         """``(pid, lu, event)`` of every journal entry of a DMP appended in ``[since, until)``
         (``since`` None: from the start), streamed in batches: the unsealed ones (``pages.py``) first,
-        then the collection's not given yet (an entry sealed between the two reads comes once)."""
+        then the runs' (``runs.py``), then the previous versions' ``AuditEvent`` documents; an entry
+        sealed between two reads comes once."""
         since, until = _utc(since), _utc(until)
         window = {"$lt": until} if since is None else {"$gte": since, "$lt": until}
         unsealed = [d for d in self.unsealed_entries()
@@ -48,6 +49,10 @@ class PrivacyStore(PageReads):
         for doc in unsealed:
             yield doc["pid"], doc["lu"], unpack(doc["res"])
         seen = {d["_id"] for d in unsealed}
+        for doc in self.sealed_in_window(since, until):
+            if doc["_id"] not in seen:
+                seen.add(doc["_id"])
+                yield doc["pid"], doc["lu"], unpack(doc["res"])
         cursor = self.db[JOURNAL].find({"lu": window, "pid": {"$ne": None}}, {"pid": 1, "lu": 1, "res": 1},
                                        batch_size=BATCH)
         for doc in cursor:

@@ -67,7 +67,10 @@ class ResourceStore(PageReads):
                 _index(hist, keys)
 
     def read(self, rtype: str, rid: str, *, session=None) -> Stored | None:
-        doc = (rtype in APPEND_ONLY and self.unsealed_entry(rid)) \
+        """The current version of ``rid``: outside a transaction from the DMP document cache when
+        its DMP is cached (``search/doc_cache.py``), a journal entry from its page or run."""
+        doc = (session is None and self.doc_cache is not None and self.doc_cache.read(rtype, rid)) \
+            or (rtype in APPEND_ONLY and self.journal_entry(rid)) \
             or self.db[rtype].find_one({"_id": rid}, _without_content(rtype), session=session)
         return Stored.from_doc(rtype, doc) if doc else None
 

@@ -20,7 +20,7 @@ from fhir_dmp.audit.events import AccessRecord, build_event
 from fhir_dmp.audit.log import AuditLog
 from fhir_dmp.audit.verify import verify_chains
 from fhir_dmp.audit.sealer import LeaseLost, Sealer, load_signing_key
-from tests.builders import journal_entries, rewrite_journal_entry
+from tests.builders import delete_journal_entry, journal_entries, rewrite_journal_entry
 from fhir_dmp.storage import Storage
 from fhir_dmp.storage.core import (CHECKPOINTS, JOURNAL as COLLECTION, JOURNAL_HEADS as HEADS,
                                    JOURNAL_LINKS as LINKS)
@@ -306,7 +306,7 @@ def test_deleted_event_is_missing(db, sealer):
     for _ in range(5):
         log.append([ev()])
     sealer.seal_all()
-    db[COLLECTION].delete_one({"_id": link(db, "p1", 2)["_id"]})
+    delete_journal_entry(db, link(db, "p1", 2)["_id"])
     assert verify_chains(st(db))[0] == "patient p1: missing seq 2"
 
 
@@ -315,7 +315,7 @@ def test_truncated_tail_is_detected(db, sealer):
     for _ in range(3):
         log.append([ev()])
     sealer.seal_all()
-    db[COLLECTION].delete_one({"_id": link(db, "p1", 3)["_id"]})
+    delete_journal_entry(db, link(db, "p1", 3)["_id"])
     problems = verify_chains(st(db))
     assert problems and problems[0].startswith("patient p1: head points past last event")
 

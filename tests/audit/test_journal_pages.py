@@ -23,6 +23,7 @@ from fhir_dmp.storage import Storage
 from tests import builders as b
 
 PAGES = "AuditEvent_page"
+LINKS = "AuditEvent_link"
 BASE = "https://dmp.test/fhir/"
 
 
@@ -146,7 +147,7 @@ def test_a_read_is_found_by_the_journal_reads_before_and_after_sealing(api, dmp,
     for sealed in (False, True):
         if sealed:
             assert b.seal_journal(db, config.audit_key_path) > 0
-            assert db[PAGES].count_documents({}) == 0 and db["AuditEvent"].find_one({"_id": eid})
+            assert db[PAGES].count_documents({}) == 0 and db[LINKS].find_one({"ids": eid})
         found, total = _all(me, f"AuditEvent?patient=Patient/{pid}&_total=accurate&_count=500")
         ids = [e["id"] for e in found]
         assert eid in ids and len(ids) == len(set(ids)) == total
@@ -170,7 +171,7 @@ def test_keyset_paging_runs_across_sealed_and_unsealed_entries(api, dmp, db, con
     for i in range(5):
         assert dr.get(f"Patient/{pid}").status_code == 200
     before = {e["_id"] for e in b.journal_entries(db, {"pid": pid})}
-    assert db[PAGES].count_documents({}) > 0 and db["AuditEvent"].count_documents({"pid": pid}) > 0
+    assert db[PAGES].count_documents({}) > 0 and db[LINKS].count_documents({"pid": pid, "e": {"$exists": True}}) > 0
     found, _ = _all(api.as_patient(pid), f"AuditEvent?patient=Patient/{pid}&_count=3")
     ids = [e["id"] for e in found]
     assert len(ids) == len(set(ids)) and before <= set(ids)
@@ -193,13 +194,17 @@ def test_verify_reports_an_old_page_and_a_deleted_entry(db, tmp_path):
         sealer.release()
     assert verify_chains(storage, unsealed_bound_s=60, check_signatures=True,
                          public_key=sealer.key.public_key()) == []
-    db["AuditEvent"].delete_one({"_id": db["AuditEvent"].find_one(sort=[("lu", -1), ("_id", 1)])["_id"]})
+    b.delete_journal_entry(db, sorted(b.journal_entries(db), key=lambda d: (d["lu"], d["_id"]))[-1]["_id"])
     problems = verify_chains(storage, unsealed_bound_s=60)
     assert problems and all("patient p1" in p for p in problems), problems
     # an entry with no link and no page (written by hand) has no chain position
     db["AuditEvent"].insert_one({"_id": "forged", "pid": "p1", "vid": 1, "lu": datetime.now(timezone.utc),
                                  "del": False, "res": b"", "s": {}, "o": {}})
     assert "1 AuditEvent(s) without a chain position" in verify_chains(storage, unsealed_bound_s=60)
+    # and one added to a run by hand
+    run = db[LINKS].find_one({"e": {"$exists": True}})
+    db[LINKS].update_one({"_id": run["_id"]}, {"$push": {"e": {**run["e"][0], "_id": "forged-in-run"}}})
+    assert "2 AuditEvent(s) without a chain position" in verify_chains(storage, unsealed_bound_s=60)
 
 
 def test_destroy_removes_the_dmps_unsealed_events(api, dmp, db):

@@ -89,12 +89,13 @@ def world(api, config, db, tmp_path):
     assert kine.get(f"Patient/{w['night']}").status_code == 200
     # the journal moved to a weekday morning, keeping its order and spacing; the night read at 2 a.m.
     b.seal_journal(db, config.audit_key_path)
-    first = min(d["lu"] for d in db["AuditEvent"].find({}, {"lu": 1}))
-    for d in db["AuditEvent"].find({}, {"lu": 1, "pid": 1}):
-        at = MORNING + (d["lu"] - first)
+    first = min(d["lu"] for d in b.journal_entries(db))
+
+    def when(d):
         if d.get("pid") == w["night"]:
-            at = datetime(2026, 12, 2, 1, 0, tzinfo=timezone.utc)
-        db["AuditEvent"].update_one({"_id": d["_id"]}, {"$set": {"lu": at}})
+            return datetime(2026, 12, 2, 1, 0, tzinfo=timezone.utc)
+        return MORNING + (d["lu"] - first)
+    b.retime_journal(db, when)
     return w
 
 
@@ -156,7 +157,7 @@ def test_cli_writes_the_contract_ndjson_and_opens_cases_within_the_budget(world,
         assert float(inputs["score"]["valueDecimal"]) >= 0.5
         signals = [i["valueCoding"] for i in task["input"] if i["type"]["coding"][0]["code"] == "signal"]
         assert signals and all(s["system"].endswith("dmp-privacy-signal") for s in signals)
-        focus = db["AuditEvent"].find_one({"_id": task["focus"]["reference"].split("/")[1]})
+        [focus] = b.journal_entries(db, {"_id": task["focus"]["reference"].split("/")[1]})
         assert focus["pid"] == pair[1]
     # the budget is per day and a pair never gets two cases
     day = datetime(2026, 12, 3, 9, tzinfo=timezone.utc)

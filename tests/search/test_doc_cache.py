@@ -8,6 +8,7 @@
 * In another process (a second app on the same database, its own change stream and caches) a
   new document, a mask, a deletion and a revoked authorization show within one second; in the
   process that wrote, at once.
+* A read by id of a document of a cached DMP is answered from memory and follows the same changes.
 * A load that raced a change is not kept; nothing is served while the change stream is down;
   the filters the cache evaluates are only those it decides exactly as MongoDB would.
 """
@@ -188,6 +189,31 @@ def test_changes_show_in_every_process_within_a_second(two_apps, idp):
     _within_a_second(lambda: _ids(a.as_ps(), pid), set())
 
 
+def test_a_read_by_id_of_a_cached_dmp_comes_from_memory_and_follows_changes(two_apps, idp):
+    """Once a search holds the DMP, ``DocumentReference/{id}`` is answered from the cache (no
+    query); a mask and a deletion made in the other process show within a second."""
+    a, b_app = Api(two_apps[0], idp), Api(two_apps[1], idp)
+    pid = a.as_ps().create(b.patient())["id"]
+    doc = a.as_ps().create(b.docref(pid))["id"]
+    assert b_app.as_patient(pid).post("Consent", b.consent(pid, actor=b.PS_OTHER)).status_code == 201
+    cache_a = services(two_apps[0]).storage.doc_cache
+    other = a.as_ps(b.PS_OTHER)
+    assert cache_a.read("DocumentReference", doc) is None        # not loaded: never loads for a read
+
+    def read_from_memory():
+        _ids(other, pid)                 # a search loads the DMP (again, after the writes' changes)
+        hits = cache_a.hits
+        return other.get(f"DocumentReference/{doc}").status_code, cache_a.hits > hits
+    _within_a_second(read_from_memory, (200, True))
+    me = b_app.as_patient(pid)
+    masked = dict(me.get(f"DocumentReference/{doc}").json,
+                  securityLabel=[{"coding": [{"system": b.LABELS, "code": "MASQUE_PS"}]}])
+    assert me.put(f"DocumentReference/{doc}", masked).status_code == 200
+    _within_a_second(lambda: other.get(f"DocumentReference/{doc}").status_code, 404)
+    assert b_app.as_ps().delete(f"DocumentReference/{doc}").status_code == 204
+    _within_a_second(lambda: a.as_ps().get(f"DocumentReference/{doc}").status_code, 410)
+
+
 def _live_storage(app):
     """The app's storage once its change stream runs (the document cache serves only then)."""
     storage = services(app).storage
@@ -258,7 +284,7 @@ def test_only_filters_decided_exactly_are_evaluated_in_memory():
     for refused in ({"pid": "p", "s.type": {"$elemMatch": {"s": "x", "c": {"k": 1}}}},   # a document inside
                     {"pid": "p", "s.x": None},                                       # null: also missing
                     {"pid": "p", "s.x": {"c": "y"}},                                 # whole-document equality
-                    {"pid": "p", "s.x.n": {"$regex": "^a"}},
+                    {"pid": "p", "s.x.n": {"$regex": "^a", "$options": "i"}},            # options
                     {"pid": "p", "$nor": [{"a": None}]},
                     {"pid": "p", "s.x": {"$in": [None]}},
                     {"pid": "p", "o.d": {"$lt": datetime(2026, 1, 1)}}):              # naive date
@@ -267,8 +293,12 @@ def test_only_filters_decided_exactly_are_evaluated_in_memory():
     doc = {"o": {"d": at, "s": "b"}, "_id": "k"}
     assert matches({"o.d": {"$gte": at}, "o.s": {"$gt": "a"}}, doc)
     assert not matches({"o.s": {"$lt": at}}, doc)
+    # a pattern as search/query.py writes them (re.escape), read as MongoDB's PCRE reads it
+    assert exact({"pid": "p", "s.x.n": {"$regex": "^a"}})
+    assert matches({"o.s": {"$regex": "^b"}}, doc) and not matches({"o.s": {"$regex": "^a"}}, doc)
+    assert not matches({"o.s": {"$regex": r"(?:^|\s)b"}}, {"o": {"s": "a\u00a0b"}})   # \s: ASCII, as PCRE's
     with pytest.raises(Unsupported):
-        matches({"o.s": {"$regex": "b"}}, doc)
+        matches({"o.s": {"$regex": "b", "$options": "i"}}, doc)
 
 
 def test_concurrent_misses_load_a_dmp_once(app, idp):

@@ -1,0 +1,261 @@
+"""The journal's sealed entries, kept in their chain's runs (MongoDB's bucket pattern).
+
+The sealer (audit/sealer.py) writes, per sealing pass and chain, ONE run document in
+``AuditEvent_link`` holding the links AND the entries they seal::
+
+    {_id: "<chain>:<first>", pid: chain, first, last, prev, links: [[event id, hash], ...],
+     u: <random, unique per run>, e: [entry, ...]  (the common layout: _id, pid, vid=1, lu, del,
+     res packed, s, o; e[i] is the event of links[i]),
+     ids: [event id, ...], ke: [s.entity.r ...], ka: [s.agent.iv ...]  (what the reads look up),
+     lo, hi: first and last ``lu``, b: {"lu" | "o:<key>": [min, max]}  (bounds of the dates)}
+
+instead of one ``AuditEvent`` document per event: a hot DMP read 500 times between two passes
+costs the database one document and a few index entries, not 500 documents with four indexes each
+(bench/README.md, "The journal in runs"). It is the bucket pattern MongoDB advises for event
+data, and its time-series collections' layout: bucketed by the meta field (here the chain, i.e.
+the DMP: the shard key) and time (https://www.mongodb.com/docs/manual/core/timeseries/timeseries-bucketing/).
+
+Reads (:class:`RunReads`): a filter is answered by the runs its indexed equality can name (an
+event's ``_id`` -> ``ids``, the DMP ``pid`` -> the chain, the entity ``s.entity.r`` -> ``ke``, the
+professional ``s.agent.iv`` -> ``ka``; otherwise every run), pruned by their date bounds, and their
+entries matched in memory with the storage filter language (``filters.py``). A sorted, limited
+read goes through the runs in the order of their bounds on the first sort key and stops once no
+run left can hold an entry before its last one, so a page of a long journal reads a few runs, not
+all of them. Runs are never changed once written (a destroy deletes them): their entries are
+memoized per process by ``(_id, u)``, within :data:`MEMO_ENTRIES`.
+
+Runs written before this version have no ``e`` (their entries are ``AuditEvent`` documents, which
+the reads still ask: ``pages.py``).
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from datetime import datetime
+
+from ..audit.chain import SYSTEM_CHAIN
+from .core import JOURNAL_LINKS, StoreCore, sort_value
+from .filters import values_at
+
+#: decoded entries kept per process (least recently used runs dropped first)
+MEMO_ENTRIES = 5_000
+#: runs decoded at a time by a sorted, limited read before it looks whether it may stop
+STREAM_STEP = 4
+
+#: filter fields answered from a run's index: the field of the run holding their values
+_LOOKUPS = (("_id", "ids"), ("pid", "pid"), ("s.entity.r", "ke"), ("s.agent.iv", "ka"))
+#: every run that holds entries (one written by this version)
+ALL_RUNS = {"e": {"$exists": True}}
+
+
+def run_document(run: dict, entries: list[dict]) -> dict:
+    """The stored run (module docstring) of ``run`` (``{pid, first, prev, links}``) sealing
+    ``entries`` (in the order of its links)."""
+    doc = {"_id": f"{run['pid']}:{run['first']}", "last": run["first"] + len(run["links"]) - 1, **run}
+    if not entries:
+        return doc
+    bounds: dict[str, list] = {}
+    for e in entries:
+        for key, value in (("lu", e["lu"]), *((f"o:{k}", v) for k, v in (e.get("o") or {}).items())):
+            if not isinstance(value, datetime):
+                continue
+            got = bounds.get(key)
+            if got is None:
+                bounds[key] = [value, value]
+            else:
+                got[0], got[1] = min(got[0], value), max(got[1], value)
+    lus = [e["lu"] for e in entries]
+    return {**doc, "u": uuid.uuid4().hex, "e": entries, "ids": [e["_id"] for e in entries],
+            "ke": _union(entries, ("s", "entity", "r")), "ka": _union(entries, ("s", "agent", "iv")),
+            "lo": min(lus), "hi": max(lus), "b": bounds}
+
+
+def _union(entries: list[dict], path: tuple) -> list:
+    return sorted({v for e in entries for v in values_at(e, path) if isinstance(v, str)})
+
+
+def _equal_values(cond) -> list | None:
+    """The values an indexed equality accepts (``x`` or ``{"$in": [...]}``), None if it is not one."""
+    if cond is None or isinstance(cond, str):
+        return [cond]
+    if isinstance(cond, dict) and list(cond) == ["$in"] and isinstance(cond["$in"], list) \
+            and all(v is None or isinstance(v, str) for v in cond["$in"]):
+        return list(cond["$in"])
+    return None
+
+
+def run_queries(flt: dict) -> list[dict]:
+    """Queries whose union is the runs that may hold an entry matching ``flt``: the first indexed
+    equality among its AND-ed conditions (:data:`_LOOKUPS`), or one per branch of an ``$or`` whose
+    every branch has one (one query each: SecantusDB uses no index under a top-level operator);
+    else every run that holds entries (``e``). Always a superset: the entries are matched
+    afterwards."""
+    found: dict[str, list] = {}
+    ors: list = []
+
+    def scan(q: dict) -> None:
+        for key, cond in q.items():
+            if key == "$and":
+                for sub in cond:
+                    scan(sub)
+            elif key == "$or" and not ors:
+                branches = [run_queries(b) for b in cond]
+                if all(ALL_RUNS not in b for b in branches):
+                    ors.extend(q for b in branches for q in b)
+            else:
+                for field, run_field in _LOOKUPS:
+                    values = _equal_values(cond) if key == field else None
+                    if values is not None and run_field == "pid":   # no patient: the system chain
+                        found.setdefault(run_field, [v or SYSTEM_CHAIN for v in values])
+                    elif values is not None and None not in values:  # (null: also "missing")
+                        found.setdefault(run_field, values)
+    scan(flt)
+    for _, run_field in _LOOKUPS:
+        if run_field in found:
+            values = found[run_field]
+            return [{run_field: values[0] if len(values) == 1 else {"$in": values}}]
+    return ors or [ALL_RUNS]
+
+
+def _bound_field(path: str) -> str | None:
+    """The key of ``b`` bounding the values of a filter or sort ``path`` (``lu``, ``o.<key>``)."""
+    if path == "lu":
+        return "lu"
+    if path.startswith("o.") and path.count(".") == 1:
+        return "o:" + path[2:]
+    return None
+
+
+def admits(bounds: dict, flt: dict) -> bool:
+    """Can a run with date ``bounds`` hold an entry matching ``flt``? False only when a date
+    comparison on a bounded field (AND-ed, or in every branch of an ``$or``) excludes them all."""
+    for key, cond in flt.items():
+        if key == "$and":
+            if not all(admits(bounds, q) for q in cond):
+                return False
+        elif key == "$or":
+            if not any(admits(bounds, q) for q in cond):
+                return False
+        else:
+            field = _bound_field(key)
+            got = bounds.get(field) if field else None
+            if got is not None and not _within(got, cond):
+                return False
+    return True
+
+
+def _within(bound: list, cond) -> bool:
+    lo, hi = bound
+    if isinstance(cond, datetime):
+        return lo <= cond <= hi
+    if not isinstance(cond, dict):
+        return True
+    for op, arg in cond.items():
+        if not isinstance(arg, datetime):
+            continue
+        if (op == "$lt" and not lo < arg) or (op == "$lte" and not lo <= arg) \
+                or (op == "$gt" and not hi > arg) or (op == "$gte" and not hi >= arg):
+            return False
+    return True
+
+
+class _Memo:
+    """The decoded entries of runs, by ``(_id, u)``, least recently used dropped first past
+    :data:`MEMO_ENTRIES` entries in all; one per process, shared by its threads."""
+
+    def __init__(self):
+        self.runs: OrderedDict = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            got = self.runs.get(key)
+            if got is not None:
+                self.runs.move_to_end(key)
+            return got
+
+    def put(self, key, entries: list) -> None:
+        with self.lock:
+            if key in self.runs:
+                return
+            self.runs[key] = entries
+            self.size += len(entries)
+            while self.size > MEMO_ENTRIES and len(self.runs) > 1:
+                _, old = self.runs.popitem(last=False)
+                self.size -= len(old)
+
+
+class RunReads(StoreCore):
+    """The sealed entries of the runs matching a filter (module docstring)."""
+
+    _run_memo = _Memo()
+
+    def _run_entries(self, metas: list[dict]) -> list[list[dict]]:
+        """The entries of the runs ``metas`` (``{_id, u}``), in that order: memoized, the others
+        read in one query (a run deleted meanwhile, by a destroy, gives none). Not to be changed:
+        callers copy what they return."""
+        got = {}
+        for m in metas:
+            entries = self._run_memo.get((m["_id"], m["u"]))
+            if entries is not None:
+                got[m["_id"], m["u"]] = entries
+        want = [m["_id"] for m in metas if (m["_id"], m["u"]) not in got]
+        if want:
+            for doc in self.db[JOURNAL_LINKS].find({"_id": {"$in": want}}, {"e": 1, "u": 1}):
+                key = (doc["_id"], doc.get("u"))
+                got[key] = doc.get("e") or []
+                self._run_memo.put(key, got[key])
+        return [got.get((m["_id"], m["u"]), []) for m in metas]
+
+    def _run_metas(self, flt: dict) -> list[dict]:
+        """``{_id, u, b}`` of the runs that may hold an entry matching ``flt`` (indexed lookups,
+        then pruned by their bounds)."""
+        metas = {}
+        for query in run_queries(flt):
+            for m in self.db[JOURNAL_LINKS].find(query, {"u": 1, "b": 1}):
+                if "u" in m and admits(m.get("b") or {}, flt):
+                    metas.setdefault(m["_id"], m)
+        return list(metas.values())
+    def sealed_matching(self, test, flt: dict, sort: list | None = None, limit: int = 0) -> list[dict]:
+        """Copies of the sealed entries that ``test`` (``flt`` compiled) accepts. With ``sort``
+        and ``limit``: at least the first ``limit`` of them in that order (maybe more), reading
+        the runs in the order of their bounds on the first sort key and stopping when no run
+        left can come before the ``limit``-th entry found."""
+        metas = self._run_metas(flt)
+        field, direction = (_bound_field(sort[0][0]), sort[0][1]) if sort and limit else (None, 0)
+        if field is None or len(metas) <= STREAM_STEP:
+            return [dict(d) for docs in self._run_entries(metas) for d in docs if test(d)]
+        unbounded = [m for m in metas if field not in (m.get("b") or {})]
+        bounded = [m for m in metas if field in (m.get("b") or {})]
+        edge = 1 if direction < 0 else 0          # a descending read goes by each run's newest
+        bounded.sort(key=lambda m: m["b"][field][edge], reverse=direction < 0)
+        out = [dict(d) for docs in self._run_entries(unbounded) for d in docs if test(d)]
+        path = sort[0][0]
+        for i in range(0, len(bounded), STREAM_STEP):
+            step = bounded[i:i + STREAM_STEP]
+            out += [dict(d) for docs in self._run_entries(step) for d in docs if test(d)]
+            keys = [k for k in (sort_value(d, path, direction) for d in out) if isinstance(k, datetime)]
+            if len(keys) >= limit and i + STREAM_STEP < len(bounded):
+                last = sorted(keys, reverse=direction < 0)[limit - 1]
+                nxt = bounded[i + STREAM_STEP]["b"][field][edge]
+                if nxt < last if direction < 0 else nxt > last:   # no run left holds one before the last
+                    break
+        return out
+
+    def sealed_entry(self, eid: str) -> dict | None:
+        """The sealed entry ``eid`` of a run (a copy), None when no run holds it."""
+        metas = list(self.db[JOURNAL_LINKS].find({"ids": eid}, {"u": 1}))
+        return next((dict(d) for docs in self._run_entries([m for m in metas if "u" in m])
+                     for d in docs if d["_id"] == eid), None)
+
+    def sealed_in_window(self, since: datetime | None, until: datetime):
+        """The sealed entries of a DMP appended in ``[since, until)`` (runs by their ``lo``/``hi``)."""
+        query = {"lo": {"$lt": until}, "pid": {"$ne": SYSTEM_CHAIN}, **({"hi": {"$gte": since}} if since else {})}
+        metas = [m for m in self.db[JOURNAL_LINKS].find(query, {"u": 1}) if "u" in m]
+        for i in range(0, len(metas), 64):
+            for docs in self._run_entries(metas[i:i + 64]):
+                for d in docs:
+                    if d["pid"] is not None and (since is None or d["lu"] >= since) and d["lu"] < until:
+                        yield d

@@ -1,0 +1,151 @@
+"""The journal's sealed entries kept in their chain's runs (fhir_dmp/storage/runs.py): one document
+per chain and sealing pass, read by their indexed keys, pruned by their bounds, matched in memory
+exactly as the database would match one document per entry."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from fhir_dmp import search
+from fhir_dmp.audit.events import AccessRecord, build_event
+from fhir_dmp.audit.log import AuditLog
+from fhir_dmp.audit.sealer import Sealer
+from fhir_dmp.audit.verify import verify_chains
+from fhir_dmp.security.principal import PS, Principal
+from fhir_dmp.security.scopes import Scopes
+from fhir_dmp.storage import Storage
+from fhir_dmp.storage.runs import RunReads, admits, run_queries
+
+LINKS = "AuditEvent_link"
+IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
+
+
+def event(pid: str | None = "p1", *, ps: str = "810001234567", doc: str = "d1", outcome: str = "0",
+          at: datetime | None = None) -> dict:
+    principal = Principal(kind=PS, subject=f"sub-{ps}", scopes=Scopes.parse("user/*.cruds"),
+                          id_nat_ps=ps, professions=("10",), acr="eidas1")
+    return build_event(AccessRecord(interaction="read", action="R", outcome=outcome, principal=principal,
+                                    patient_id=pid, resource=f"DocumentReference/{doc}/_history/1", query=None,
+                                    decision={"result": "permit", "rule": "consent"}, http_status=200,
+                                    client_ip="10.0.0.7", request_id="req", recorded=at),
+                       source_observer="fhir-dmp test")
+
+
+@pytest.fixture
+def storage(db):
+    return Storage(db.client, db)
+
+
+@pytest.fixture
+def sealer(storage, tmp_path):
+    s = Sealer(storage, tmp_path / "k.pem")
+    yield s
+    s.release()
+
+
+def test_a_pass_writes_one_run_per_chain_holding_its_entries(db, storage, sealer):
+    log = AuditLog(storage)
+    log.append([event("p1") for _ in range(30)] + [event("p2"), event(None)])
+    assert sealer.seal_all() == 32
+    runs = {r["pid"]: r for r in db[LINKS].find()}
+    assert sorted(runs) == ["_system", "p1", "p2"] and db["AuditEvent"].count_documents({}) == 0
+    p1 = runs["p1"]
+    assert [e["_id"] for e in p1["e"]] == [eid for eid, _ in p1["links"]] == p1["ids"]
+    assert p1["ke"] == ["DocumentReference/d1", "Patient/p1"] and p1["ka"] == ["810001234567"]
+    assert p1["lo"] <= p1["hi"] and p1["b"]["lu"] == [p1["lo"], p1["hi"]]
+    assert verify_chains(storage, check_signatures=True, public_key=sealer.key.public_key()) == []
+
+
+def test_run_queries_name_the_runs_by_their_indexed_keys():
+    assert run_queries({"_id": {"$in": ["a", "b"]}, "pid": "p1"}) == [{"ids": {"$in": ["a", "b"]}}]
+    assert run_queries({"pid": "p1", "del": False}) == [{"pid": "p1"}]
+    assert run_queries({"pid": None}) == [{"pid": "_system"}]
+    assert run_queries({"$and": [{"s.entity.r": "DocumentReference/d1"}, {"s.outcome.c": "0"}]}) == \
+        [{"ke": "DocumentReference/d1"}]
+    assert run_queries({"s.agent.iv": "81"}) == [{"ka": "81"}]
+    assert run_queries({"$or": [{"s.entity.r": "x"}, {"_id": "y"}]}) == [{"ke": "x"}, {"ids": "y"}]
+    # no usable equality (a negation, a null that also means "missing", one $or branch open): every run
+    every = [{"e": {"$exists": True}}]
+    assert run_queries({"s.entity.r": {"$ne": "x"}}) == every
+    assert run_queries({"s.entity.r": None}) == every
+    assert run_queries({"$or": [{"s.entity.r": "x"}, {"s.outcome.c": "4"}]}) == every
+
+
+def test_bounds_prune_only_what_cannot_match():
+    t = datetime(2026, 12, 7, 12, tzinfo=timezone.utc)
+    b = {"lu": [t, t + timedelta(minutes=5)], "o:date~d": [t, t + timedelta(minutes=5)]}
+    assert admits(b, {"lu": {"$gte": t + timedelta(minutes=5)}})
+    assert not admits(b, {"lu": {"$gt": t + timedelta(minutes=5)}})
+    assert not admits(b, {"lu": {"$lt": t}}) and admits(b, {"lu": {"$lte": t}})
+    assert not admits(b, {"$or": [{"o.date~d": {"$lt": t}}, {"o.date~d": t - timedelta(seconds=1), "_id": "x"}]})
+    assert admits(b, {"$or": [{"o.date~d": {"$lt": t}}, {"s.outcome.c": "4"}]})
+    assert admits(b, {"o.type": {"$lt": "a"}})          # not a bounded date: no pruning
+    assert admits({}, {"lu": {"$lt": t}})                 # no bounds: no pruning
+
+
+@pytest.mark.parametrize("args", [
+    [("patient", "Patient/p1")],
+    [("agent:identifier", f"{IDNATPS}|810001234567")],
+    [("agent:identifier", f"{IDNATPS}|810000000000")],
+    [("entity", "DocumentReference/d2")],
+    [("action:not", "R")],
+    [("outcome:not", "4"), ("patient", "Patient/p2")],
+    [("date", "ge2026-12-07T11:00:00Z"), ("_sort", "date")],
+    [("date", "lt2026-12-07T11:00:00Z"), ("_sort", "-date")],
+    [("subtype:missing", "true")],
+    [("outcome", "4")],
+    [("_id", "x")],
+])
+def test_runs_match_as_the_database_does(db, storage, sealer, args):
+    """A search answered from the runs (in memory) finds the same entries, in the same order, with
+    the same count, as the database finds in a collection holding the same entries one per
+    document, for 1 to 10 per page (keyset paging on the server's sort)."""
+    log = AuditLog(storage)
+    t0 = datetime(2026, 12, 7, 10, tzinfo=timezone.utc)
+    for i in range(12):       # 12 passes: 12 runs of p1, some of p2, events spread over 2 hours
+        log.append([event("p1", doc=f"d{i % 3}", at=t0 + timedelta(minutes=10 * i), outcome="4" if i % 5 == 0 else "0"),
+                    event("p1", ps="810000000009", at=t0 + timedelta(minutes=10 * i, seconds=1)),
+                    *([event("p2", at=t0 + timedelta(minutes=10 * i + 1))] if i % 2 else [])])
+        sealer.seal_all()
+    entries = [d for run in db[LINKS].find() for d in run["e"]]
+    db["reference_entries"].insert_many(entries)
+    req = search.parse_search("AuditEvent", args)
+    flt, sort = req.mongo_filter(), req.mongo_sort()
+    flt = {**flt, "del": False}
+    expected = [d["_id"] for d in db["reference_entries"].find(flt).sort(sort)]
+    RunReads._run_memo.__init__()            # a cold process: nothing memoized
+    for limit in (1, 3, 10, 0):
+        got = [d["_id"] for d in storage.find_docs("AuditEvent", flt, sort, limit)]
+        assert got == (expected[:limit] if limit else expected), (limit, args)
+    assert storage.count("AuditEvent", flt) == len(expected)
+
+
+def test_a_page_of_a_long_journal_reads_a_few_runs(db, storage, sealer):
+    log = AuditLog(storage)
+    for i in range(40):
+        log.append([event("p1") for _ in range(5)])
+        sealer.seal_all()
+    assert db[LINKS].count_documents({"pid": "p1"}) == 40
+    RunReads._run_memo.__init__()
+    req = search.parse_search("AuditEvent", [("patient", "Patient/p1"), ("_count", "3")])
+    got = storage.find_docs("AuditEvent", {"pid": "p1", **req.mongo_filter()}, req.mongo_sort(), 3)
+    assert len(got) == 3 and len(RunReads._run_memo.runs) <= 8
+
+
+def test_a_destroyed_dmps_runs_are_not_read_from_memory(db, storage, sealer):
+    """A run's entries are memoized by (_id, u): after a destroy, a new run with the same _id
+    (the chain starts again at 1) is read anew, never the destroyed one's entries."""
+    log = AuditLog(storage)
+    log.append([event("p1", doc="old")])
+    sealer.seal_all()
+    assert [d["_id"] for d in storage.find_docs("AuditEvent", {"pid": "p1"}, [], 0)]
+    with db.client.start_session() as s:
+        s.with_transaction(lambda s: storage.purge_dmp("p1", session=s))
+    assert storage.find_docs("AuditEvent", {"pid": "p1"}, [], 0) == []
+    log.append([event("p1", doc="new")])
+    sealer.seal_all()
+    assert db[LINKS].find_one({"_id": "p1:1"})["e"]
+    [doc] = storage.find_docs("AuditEvent", {"pid": "p1"}, [], 0)
+    assert "DocumentReference/new" in [e.get("r") for e in doc["s"]["entity"]]
+    assert "DocumentReference/old" not in [e.get("r") for e in doc["s"]["entity"]]
