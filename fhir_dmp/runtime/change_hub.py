@@ -22,12 +22,14 @@ goes not live at once and connects again, never cached on a change it missed.
 Why a child process of ``serve``'s master, as the embedded database is (``embedded_db.py``): no
 pymongo client may cross the fork of granian's workers, and a crash of the hub touches no worker.
 It is started before the workers, dies with the master (``pdeathsig``, SIGKILL), and the master
-restarts it when it dies (:class:`HubProcess`) rather than letting the workers fall back to a
+restarts it when it dies (:class:`HubProcess`: after 1 s, doubled up to 30 s while each new hub
+dies young, :func:`restart_pause`) rather than letting the workers fall back to a
 stream each: one code path in the workers (a feed from the hub, lost and found again), and no burst
 of W streams on the database when something is already wrong. While it is away the workers serve
 without caches (from the database), never from a cache nobody invalidates. Its socket lives in a
-private directory (``mkdtemp``: mode 0700) that the master removes on stop; its path reaches the
-workers in their Config (``change_hub``), as the embedded database's URI does.
+private directory (``mkdtemp``: mode 0700, with the master's pid) that the master removes on stop,
+and that the next ``serve`` removes when the master was killed (:func:`remove_orphan_dirs`); its
+path reaches the workers in their Config (``change_hub``), as the embedded database's URI does.
 """
 from __future__ import annotations
 
@@ -61,8 +63,16 @@ log = logging.getLogger(__name__)
 BACKLOG = 10_000
 #: the hub process's command (imported, not run as ``__main__``: its log lines keep this module's name)
 ENTRY = "import sys; from fhir_dmp.runtime.change_hub import main; sys.exit(main())"
-#: pause before restarting a hub that died
+#: pause before restarting a hub that died, doubled for each one that dies young ...
 RESTART_PAUSE_S = 1.0
+#: ... up to this (a hub that cannot start, say a bad database address, is not respawned in a loop)
+RESTART_PAUSE_MAX_S = 30.0
+#: a hub that ran this long died "old": the next restart waits RESTART_PAUSE_S again
+RESTART_RESET_S = 60.0
+#: the directories of the hubs' sockets: ``<tmp>/fhir-dmp-hub-*``, each with its master's pid
+DIR_PREFIX = "fhir-dmp-hub-"
+MASTER_FILE = "master.pid"
+SOCKET_NAME = "changes.sock"
 #: how long ``serve`` waits at most for a new hub's socket before it starts the workers
 READY_S = 30.0
 
@@ -202,14 +212,73 @@ def main() -> int:
     return 0
 
 
+def restart_pause(previous: float, ran_s: float) -> float:
+    """The pause before the next restart of a hub that ran ``ran_s`` seconds, the last pause
+    having been ``previous``: :data:`RESTART_PAUSE_S` after a hub that ran long, else double
+    the last one, at most :data:`RESTART_PAUSE_MAX_S`."""
+    if ran_s >= RESTART_RESET_S:
+        return RESTART_PAUSE_S
+    return min(RESTART_PAUSE_MAX_S, max(RESTART_PAUSE_S, previous * 2))
+
+
+def remove_orphan_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the socket directories that hubs of dead masters left behind (a master SIGKILLed
+    cannot remove its own): those of this user whose ``master.pid`` names no live process, or
+    that have none and are older than a minute (a master killed before writing it), and whose
+    socket no hub answers on. The paths removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if not name.startswith(DIR_PREFIX) or not os.path.isdir(path) or os.stat(path).st_uid != os.getuid():
+            continue
+        try:
+            master = int(Path(path, MASTER_FILE).read_text())
+        except (OSError, ValueError):
+            master = None
+        if master is None and time.time() - os.stat(path).st_mtime < 60:
+            continue
+        if master is not None and _alive(master) or _listening(os.path.join(path, SOCKET_NAME)):
+            continue      # (a hub still answering: a master in another pid namespace sharing /tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _listening(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # someone else's process: alive
+        return True
+    return True
+
+
 class HubProcess:
     """The change hub as a child of ``serve``'s master: :meth:`start` returns its socket path,
     a thread restarts it whenever it dies, :meth:`stop` ends it and removes its directory."""
 
     def __init__(self, config):
         self.config = config
-        self.dir = tempfile.mkdtemp(prefix="fhir-dmp-hub-")      # mode 0700: this user's only
-        self.path = os.path.join(self.dir, "changes.sock")
+        for path in remove_orphan_dirs():
+            log.info("removed the socket directory of a dead server's change hub: %s", path)
+        self.dir = tempfile.mkdtemp(prefix=DIR_PREFIX)      # mode 0700: this user's only
+        Path(self.dir, MASTER_FILE).write_text(str(os.getpid()))
+        self.path = os.path.join(self.dir, SOCKET_NAME)
+        self.pause = 0.0          # the last restart's pause (restart_pause): none yet
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()            # no start once stopping
@@ -238,15 +307,18 @@ class HubProcess:
         log.info("change hub started (pid %s)", self.proc.pid)
 
     def _watch(self) -> None:
+        started = time.monotonic()
         while True:
             code = self.proc.wait()
-            if self._stopping.wait(RESTART_PAUSE_S):
+            self.pause = restart_pause(self.pause, time.monotonic() - started)
+            log.warning("change hub exited (%s); starting it again in %.0f s", code, self.pause)
+            if self._stopping.wait(self.pause):
                 return
             with self._lock:
                 if self._stopping.is_set():
                     return
-                log.warning("change hub exited (%s); starting it again", code)
                 self._spawn()
+                started = time.monotonic()
 
     def stop(self, timeout: float = 10) -> None:
         """End the hub (SIGTERM, then SIGKILL) and remove its socket's directory. Idempotent."""

@@ -146,3 +146,44 @@ def test_a_frozen_hub_is_a_lost_feed_within_a_second(cached):
     _within(30, lambda: _said(a, CACHE_LIVE) == 4, "feeds back")
     assert hub_pids(a.proc.pid) == [hub]                              # the same hub, going on
     assert _statuses(a.url, f"Patient/{pid}", ps) == {404}
+
+
+def test_a_hub_that_keeps_dying_is_restarted_ever_more_slowly():
+    from fhir_dmp.runtime.change_hub import RESTART_PAUSE_MAX_S, RESTART_PAUSE_S, restart_pause
+    pause, seen = 0.0, []
+    for _ in range(8):                       # each one dies within a second of its start
+        pause = restart_pause(pause, 0.5)
+        seen.append(pause)
+    assert seen[0] == RESTART_PAUSE_S and seen == sorted(seen) and seen[-1] == RESTART_PAUSE_MAX_S
+    assert restart_pause(RESTART_PAUSE_MAX_S, 3600) == RESTART_PAUSE_S    # one that ran long: 1 s again
+
+
+def test_socket_directories_of_dead_masters_are_removed(tmp_path):
+    """A master SIGKILLed leaves its hub's directory: the next serve removes it, never a live
+    master's, nor one too young to have its pid file yet, nor one whose hub still answers."""
+    import subprocess
+    import sys
+    from fhir_dmp.runtime.change_hub import DIR_PREFIX, MASTER_FILE, SOCKET_NAME, remove_orphan_dirs
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in (("dead", dead.pid), ("live", os.getpid()), ("young", None), ("old", None)):
+        d = tmp_path / f"{DIR_PREFIX}{name}"
+        d.mkdir()
+        if pid is not None:
+            (d / MASTER_FILE).write_text(str(pid))
+    os.utime(tmp_path / f"{DIR_PREFIX}old", (time.time() - 120, time.time() - 120))
+    import socket
+    answering = tmp_path / f"{DIR_PREFIX}answering"          # its master's pid unknown here, its hub alive
+    answering.mkdir()
+    (answering / MASTER_FILE).write_text(str(dead.pid))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(answering / SOCKET_NAME))
+    listener.listen(1)
+    (tmp_path / "other").mkdir()
+    try:
+        removed = {os.path.basename(p) for p in remove_orphan_dirs(str(tmp_path))}
+    finally:
+        listener.close()
+    assert removed == {f"{DIR_PREFIX}dead", f"{DIR_PREFIX}old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["other", f"{DIR_PREFIX}live", f"{DIR_PREFIX}young", f"{DIR_PREFIX}answering"])
