@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..runtime.secret_files import write_secret
 from ..storage.errors import Outage, StorageClosed, StorageError
 from ..storage.pages import entries
+from ..storage.runs import RUN_MAX_BYTES, stored_size
 from .chain import GENESIS, SYSTEM_CHAIN, checkpoint_payload, key_id, link_hash
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Sealer:
     """
 
     def __init__(self, storage, key_path: Path, *, lease_s: float = 10.0, batch: int = 500,
-                 interval: float = 0.5):
+                 interval: float = 0.5, run_bytes: int = RUN_MAX_BYTES):
         self.storage = storage
         self.key = load_signing_key(key_path, create=True)
         self.kid = key_id(self.key.public_key())
@@ -97,6 +98,7 @@ class Sealer:
         self.lease_s = lease_s
         self.batch = batch
         self.interval = interval
+        self.run_bytes = run_bytes
         self._stop = threading.Event()
         #: the last pass left pages behind it (:meth:`seal_once`)
         self.more = False
@@ -175,17 +177,22 @@ class Sealer:
         pids = list(dict.fromkeys(e.get("pid") or SYSTEM_CHAIN for e in events))
         heads = {pid: (0, GENESIS) for pid in pids}
         heads.update(storage.heads_of(pids, session=session))
-        runs: dict[str, dict] = {}   # one run of links per chain
+        by_id = {d["_id"]: d for d in docs}     # each run holds the entries it seals (storage/runs.py)
+        runs: dict[str, list[dict]] = {}   # per chain, its runs of links (one, unless it grows too large)
         for e in events:   # the digest is in the page: the canonical JSON is not hashed again
             pid = e.get("pid") or SYSTEM_CHAIN
             seq, prev = heads[pid]
-            run = runs.setdefault(pid, {"pid": pid, "first": seq + 1, "prev": prev, "links": []})
+            size = stored_size(by_id[e["_id"]]) if e["_id"] in by_id else 0
+            chain = runs.setdefault(pid, [])
+            if not chain or chain[-1]["size"] + size > self.run_bytes:   # a run stays far below 16 MB
+                chain.append({"pid": pid, "first": seq + 1, "prev": prev, "links": [], "size": 0})
             hsh = link_hash(prev, e["d"])
             heads[pid] = (seq + 1, hsh)
-            run["links"].append([e["_id"], hsh])
-        by_id = {d["_id"]: d for d in docs}     # each run holds the entries it seals (storage/runs.py)
-        storage.seal_pages([(run, [by_id[eid] for eid, _ in run["links"] if eid in by_id])
-                            for run in runs.values()], ids, session=session, old=old)
+            chain[-1]["links"].append([e["_id"], hsh])
+            chain[-1]["size"] += size
+        storage.seal_pages([({k: v for k, v in run.items() if k != "size"},
+                             [by_id[eid] for eid, _ in run["links"] if eid in by_id])
+                            for chain in runs.values() for run in chain], ids, session=session, old=old)
         storage.move_heads(heads, now, session=session)
         last = storage.last_checkpoint(session=session)
         cp = {"n": (last["_id"] + 1) if last else 1, "prev": last["digest"] if last else GENESIS,

@@ -1,7 +1,8 @@
 """The journal's sealed entries, kept in their chain's runs (MongoDB's bucket pattern).
 
 The sealer (audit/sealer.py) writes, per sealing pass and chain, ONE run document in
-``AuditEvent_link`` holding the links AND the entries they seal::
+``AuditEvent_link`` (or a few consecutive ones, each at most :data:`RUN_MAX_BYTES` of entries)
+holding the links AND the entries they seal::
 
     {_id: "<chain>:<first>", pid: chain, first, last, prev, links: [[event id, hash], ...],
      u: <random, unique per run>, e: [entry, ...]  (the common layout: _id, pid, vid=1, lu, del,
@@ -34,10 +35,15 @@ import uuid
 from collections import OrderedDict
 from datetime import datetime
 
+import bson
+
 from ..audit.chain import SYSTEM_CHAIN
-from .core import JOURNAL_LINKS, StoreCore, sort_value
+from .core import CODECS, JOURNAL_LINKS, StoreCore, sort_value
 from .filters import values_at
 
+#: a chain's entries of one pass go into runs of at most this many bytes of entries (BSON), far
+#: below MongoDB's 16 MB document limit (a pass of 500 searches, each naming 50 documents, of one DMP)
+RUN_MAX_BYTES = 4 * 1024 * 1024
 #: decoded entries kept per process (least recently used runs dropped first)
 MEMO_ENTRIES = 5_000
 #: runs decoded at a time by a sorted, limited read before it looks whether it may stop
@@ -69,6 +75,11 @@ def run_document(run: dict, entries: list[dict]) -> dict:
     return {**doc, "u": uuid.uuid4().hex, "e": entries, "ids": [e["_id"] for e in entries],
             "ke": _union(entries, ("s", "entity", "r")), "ka": _union(entries, ("s", "agent", "iv")),
             "lo": min(lus), "hi": max(lus), "b": bounds}
+
+
+def stored_size(entry: dict) -> int:
+    """The bytes ``entry`` takes in a run (its BSON)."""
+    return len(bson.encode(entry, codec_options=CODECS))
 
 
 def _union(entries: list[dict], path: tuple) -> list:

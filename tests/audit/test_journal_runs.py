@@ -149,3 +149,20 @@ def test_a_destroyed_dmps_runs_are_not_read_from_memory(db, storage, sealer):
     [doc] = storage.find_docs("AuditEvent", {"pid": "p1"}, [], 0)
     assert "DocumentReference/new" in [e.get("r") for e in doc["s"]["entity"]]
     assert "DocumentReference/old" not in [e.get("r") for e in doc["s"]["entity"]]
+
+
+def test_a_chains_pass_is_split_into_runs_that_stay_small(db, storage, tmp_path):
+    """Past ``run_bytes`` of entries a chain's pass goes on in a new run (first = the next
+    position, prev = the hash before it): the chain verifies, every entry is read."""
+    log = AuditLog(storage)
+    log.append([event("p1", doc=f"d{i}") for i in range(30)])
+    small = Sealer(storage, tmp_path / "k.pem", run_bytes=8 * 1024)
+    try:
+        assert small.seal_all() == 30
+    finally:
+        small.release()
+    runs = list(db[LINKS].find({"pid": "p1"}, sort=[("first", 1)]))
+    assert len(runs) > 2 and sum(len(r["e"]) for r in runs) == 30
+    assert all(a["last"] + 1 == b["first"] and a["links"][-1][1] == b["prev"] for a, b in zip(runs, runs[1:]))
+    assert verify_chains(storage, check_signatures=True, public_key=small.key.public_key()) == []
+    assert len(storage.find_docs("AuditEvent", {"pid": "p1"}, [("lu", -1), ("_id", 1)], 0)) == 30
