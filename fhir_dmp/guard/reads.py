@@ -85,6 +85,10 @@ class Reads:
             raise not_found(rtype, rid)
         decision = self.decide_current(rtype, stored)
         if not decision.permit:
+            if stored.from_memory:
+                # the database round trip a missing id costs, so that a denial read from the
+                # document cache takes the time of a miss too (DESIGN.md "No leaks")
+                self.storage.read(rtype, rid, session=self.session, memory=False)
             self.record(interaction, outcome="4", patient_id=stored.pid, resource=f"{rtype}/{rid}",
                         decision=decision, http_status=404)
             raise not_found(rtype, rid)

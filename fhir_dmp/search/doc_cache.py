@@ -16,8 +16,9 @@ answered from it (:meth:`DocumentCache.find`, :meth:`DocumentCache.count`) only 
   the next pages...), and the sort keys are of one type.
 
 Anything else answers None and the caller asks the database. A read by id
-(:meth:`DocumentCache.read`) is answered from a DMP cached now (a hot record's documents), never
-loads one. The access rules are not cached
+(:meth:`DocumentCache.read`) is answered from a DMP cached now; the second read by id of one
+DMP's documents that missed within ten seconds loads that DMP (:meth:`DocumentCache.missed`: a
+hot record), a single one loads nothing. The access rules are not cached
 here: the guard is a filter built per request from the decision context and evaluated on these
 documents, and the repository still runs ``can_see`` on every document it returns.
 
@@ -32,11 +33,19 @@ Documents are handed out as copies of the stored document and of its resource's 
 """
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+
 from ..security.context_cache import PidCache
 from ..storage import sort_docs
 from ..storage.filters import Unsupported, compile_query, exact
 
 CACHED_TYPE = "DocumentReference"
+#: two reads by id of one DMP's documents from the database within this many seconds: a hot record
+HOT_WINDOW_S = 10.0
+#: DMPs whose last such read is remembered
+HOT_PIDS = 1024
 
 
 class Listing:
@@ -70,6 +79,8 @@ class DocumentCache(PidCache):
         self.storage = storage
         self.rtype = CACHED_TYPE
         self._pid_of: dict[str, str] = {}     # document id -> its DMP, for the DMPs loaded (a hint)
+        self._misses: OrderedDict[str, float] = OrderedDict()    # pid -> its last read by id from the database
+        self._misses_lock = threading.Lock()
 
     def _load(self, pids: list[str]) -> dict:
         by_pid: dict[str, list] = {pid: [] for pid in pids}
@@ -109,12 +120,27 @@ class DocumentCache(PidCache):
 
     def read(self, rtype: str, rid: str) -> dict | None:
         """The current document ``rid`` (not deleted) if its DMP is cached now, else None: the
-        caller asks the database (a miss, a deleted or unknown id, a DMP not cached). Never loads
-        a DMP: only a search does."""
+        caller asks the database (a miss, a deleted or unknown id, a DMP not cached) and tells
+        :meth:`missed`."""
         pid = self._pid_of.get(rid) if rtype == self.rtype else None
         listing = self.cached(pid) if pid is not None else None
         doc = listing.by_id(rid) if listing is not None else None
         return _copy(doc) if doc is not None else None
+
+    def missed(self, rtype: str, pid: str | None) -> None:
+        """A read by id of a document of DMP ``pid`` went to the database: the second such miss
+        of one DMP within :data:`HOT_WINDOW_S` loads its documents (a hot record: the next reads
+        come from memory); a single read of a record loads nothing."""
+        if rtype != self.rtype or not isinstance(pid, str) or not self.live:
+            return
+        now = time.monotonic()
+        with self._misses_lock:
+            last = self._misses.pop(pid, None)
+            self._misses[pid] = now
+            while len(self._misses) > HOT_PIDS:
+                self._misses.popitem(last=False)
+        if last is not None and now - last < HOT_WINDOW_S:
+            self.load([pid])
 
     def count(self, rtype: str, flt: dict) -> int | None:
         """``count_documents(flt)``, or None when this cache cannot say."""

@@ -88,6 +88,8 @@ class Stored:
     pid: str | None
     deleted: bool
     resource: dict | None
+    #: read from the process's document cache, not the database (``ResourceStore.read``)
+    from_memory: bool = False
 
     @classmethod
     def from_doc(cls, resource_type: str, doc: dict) -> "Stored":

@@ -66,12 +66,21 @@ class ResourceStore(PageReads):
             for keys in ([("rid", 1), ("vid", -1)], [("lu", -1), ("_id", 1)], [("pid", 1), ("lu", -1)]):
                 _index(hist, keys)
 
-    def read(self, rtype: str, rid: str, *, session=None) -> Stored | None:
-        """The current version of ``rid``: outside a transaction from the DMP document cache when
-        its DMP is cached (``search/doc_cache.py``), a journal entry from its page or run."""
-        doc = (session is None and self.doc_cache is not None and self.doc_cache.read(rtype, rid)) \
-            or (rtype in APPEND_ONLY and self.journal_entry(rid)) \
-            or self.db[rtype].find_one({"_id": rid}, _without_content(rtype), session=session)
+    def read(self, rtype: str, rid: str, *, session=None, memory: bool = True) -> Stored | None:
+        """The current version of ``rid``: outside a transaction (and with ``memory``) from the DMP
+        document cache when its DMP is cached (``search/doc_cache.py``, which a hot record's reads
+        load: the result's ``from_memory`` is then True), a journal entry from its page or run."""
+        cache = self.doc_cache if session is None and memory else None
+        cached = cache.read(rtype, rid) if cache is not None else None
+        if cached:
+            stored = Stored.from_doc(rtype, cached)
+            stored.from_memory = True
+            return stored
+        doc = rtype in APPEND_ONLY and self.journal_entry(rid)
+        if not doc:
+            doc = self.db[rtype].find_one({"_id": rid}, _without_content(rtype), session=session)
+            if doc and cache is not None:
+                cache.missed(rtype, doc.get("pid"))
         return Stored.from_doc(rtype, doc) if doc else None
 
     def read_many(self, rtype: str, ids: list[str], *, session=None) -> list[Stored]:

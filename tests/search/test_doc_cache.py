@@ -224,6 +224,25 @@ def _live_storage(app):
     return storage
 
 
+def test_a_hot_records_reads_by_id_load_it_and_a_single_read_does_not(app, idp):
+    api = Api(app, idp)
+    storage = _live_storage(app)
+    cold, hot = (api.as_ps().create(b.patient())["id"] for _ in range(2))
+    cold_doc = api.as_ps().create(b.docref(cold))["id"]
+    hot_docs = [api.as_ps().create(b.docref(hot))["id"] for _ in range(2)]
+    cache = storage.doc_cache
+    _within_a_second(lambda: cache.live, True)
+    time.sleep(0.3)          # the deposits' own changes delivered (they would drop a fresh load)
+    assert api.as_ps().get(f"DocumentReference/{cold_doc}").status_code == 200
+    assert cache.cached(cold) is None                          # one read of a record: nothing loaded
+    for doc in hot_docs:
+        assert api.as_ps().get(f"DocumentReference/{doc}").status_code == 200
+    assert cache.cached(hot) is not None                       # two within ten seconds: loaded
+    hits = cache.hits
+    assert api.as_ps().get(f"DocumentReference/{hot_docs[0]}").json["id"] == hot_docs[0]
+    assert cache.hits > hits                                   # and read from memory
+
+
 def test_a_load_racing_a_change_is_not_kept(app, idp):
     """The change arrives while the DMP's documents are being read: the (stale) load answers that
     one request but is not stored; the next search reads the database again."""
