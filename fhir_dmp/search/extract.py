@@ -41,8 +41,20 @@ def sort_key_name(param: str, direction: int) -> str:
 # --------------------------------------------------------------------------- walking
 
 def _walk(resource: dict, path: Path) -> list:
+    nodes = _walk_steps(resource, path.steps)
+    if path.resolve_is:
+        nodes = [n for n in nodes if isinstance(n, dict) and reference_type(n) == path.resolve_is]
+    return nodes
+
+
+def _walk_steps(resource: dict, steps: tuple[str, ...]) -> list:
+    if len(steps) == 1 and isinstance(resource, dict):   # most parameters: one element
+        v = resource.get(steps[0])
+        if v is None:
+            return []
+        return [x for x in v if x is not None] if isinstance(v, list) else [v]
     nodes = [resource]
-    for step in path.steps:
+    for step in steps:
         nxt = []
         for node in nodes:
             if isinstance(node, dict):
@@ -56,8 +68,6 @@ def _walk(resource: dict, path: Path) -> list:
         nodes = nxt
         if not nodes:
             break
-    if path.resolve_is:
-        nodes = [n for n in nodes if isinstance(n, dict) and reference_type(n) == path.resolve_is]
     return nodes
 
 
@@ -268,7 +278,22 @@ def extract(resource_type: str, resource: dict, *, base_url: str | None = None) 
     (validation is the profiles' job). ``base_url``, when given, turns absolute
     references under it into relative ones. ``_lastUpdated`` is read from
     ``meta.lastUpdated``, so storage sets it before calling this.
+
+    An AuditEvent (one per access: the journal sealer indexes every one) takes
+    :func:`_extract_memoized`, which gives exactly what :func:`extract_reference` gives
+    (tests/search/test_extract_events.py) for less: the parameters that do not depend on the
+    event's instant, id or request (type, subtype, action, outcome, purpose, agent) come back
+    on every event of a principal and are memoized, and walks shared by several parameters are
+    walked once (bench/README.md, issue 22).
     """
+    if resource_type in _MEMOIZED and base_url is None and _plan(resource_type) is not None:
+        return _extract_memoized(resource_type, resource)
+    return extract_reference(resource_type, resource, base_url=base_url)
+
+
+def extract_reference(resource_type: str, resource: dict, *, base_url: str | None = None) -> tuple[dict, dict]:
+    """:func:`extract` parameter by parameter, nothing memoized: the reference that the memoized
+    path of the AuditEvents is held to."""
     params = SUPPORTED.get(resource_type)
     if params is None:
         raise KeyError(f"unsupported resource type {resource_type}")
@@ -277,41 +302,148 @@ def extract(resource_type: str, resource: dict, *, base_url: str | None = None) 
     for name, param in params.items():
         if name == "_id":
             continue
-        values = values_of(param, resource, resource_type)
-        ptype = param.type
-        if ptype == "token":
-            entries, texts = _token_entries(values)
-            if entries:
-                s[name] = entries
-            if texts:
-                s[name + TEXT] = texts
-            keys = [e.get("c") or e.get("s") for e in entries]
-            lo, hi = STR_HIGH, STR_LOW
-        elif ptype == "string":
-            entries = _dedupe([{"n": normalize(p), "v": p}
-                               for v in values for p in _string_parts(v) if p.strip()])
-            if entries:
-                s[name] = entries
-            keys = _string_sort_values(values)
-            lo, hi = STR_HIGH, STR_LOW
-        elif ptype == "date":
-            entries = _date_entries(values)
-            if entries:
-                s[name] = entries
-            o[name] = min((e["lo"] for e in entries), default=DATE_MAX)
-            o[name + DESC] = max((e["hi"] for e in entries), default=DATE_MIN)
+        _index(name, param.type, values_of(param, resource, resource_type), base_url, s, o)
+    return s, o
+
+
+def _index(name: str, ptype: str, values: list, base_url: str | None, s: dict, o: dict) -> None:
+    """Put parameter ``name``'s index entries into ``s`` and its sort keys into ``o``."""
+    if ptype == "token":
+        entries, texts = _token_entries(values)
+        if entries:
+            s[name] = entries
+        if texts:
+            s[name + TEXT] = texts
+        keys = [e.get("c") or e.get("s") for e in entries]
+    elif ptype == "string":
+        entries = _dedupe([{"n": normalize(p), "v": p}
+                           for v in values for p in _string_parts(v) if p.strip()])
+        if entries:
+            s[name] = entries
+        keys = _string_sort_values(values)
+    elif ptype == "date":
+        entries = _date_entries(values)
+        if entries:
+            s[name] = entries
+        o[name] = min((e["lo"] for e in entries), default=DATE_MAX)
+        o[name + DESC] = max((e["hi"] for e in entries), default=DATE_MIN)
+        return
+    elif ptype == "reference":
+        entries = _dedupe(_reference_entries(values, base_url))
+        if entries:
+            s[name] = entries
+        keys = [_ref_sort(e) for e in entries]
+    else:  # pragma: no cover - registry only ships the four types above
+        return
+    keys = [k for k in keys if k]
+    o[name] = min(keys) if keys else STR_HIGH
+    o[name + DESC] = max(keys) if keys else STR_LOW
+
+
+# --------------------------------------------------------------------------- memoized (AuditEvent)
+
+#: bound of the memo of :func:`_extract_memoized` (keys: one parameter's values as their index reads
+#: them); emptied when full
+MEMO_ENTRIES = 4096
+_memo: dict = {}
+
+
+def _text(d: dict, k: str) -> str | None:
+    v = d.get(k)
+    return v if type(v) is str else None
+
+
+def _coding_key(c: dict) -> tuple:
+    """What :func:`_token_entries` reads of a Coding (or of a CodeableConcept's coding)."""
+    return _text(c, "system"), _text(c, "code"), _text(c, "display")
+
+
+def _token_key(values: list) -> tuple | None:
+    """Everything :func:`_token_entries` reads of ``values`` when each is a string, a Coding or a
+    CodeableConcept (a list of codings); None for another shape (then not memoized)."""
+    key = []
+    for v in values:
+        t = type(v)
+        if t is str:
+            key.append(v)
+        elif t is not dict:
+            return None
+        elif "coding" in v or ("text" in v and "value" not in v and "code" not in v):
+            codings = v.get("coding") or []
+            if type(codings) is not list:
+                return None
+            key.append((tuple(_coding_key(c) for c in codings if isinstance(c, dict)), _text(v, "text")))
+        elif "code" in v:
+            key.append(_coding_key(v))
+        else:
+            return None
+    return ("token",) + tuple(key)
+
+
+def _reference_key(values: list) -> tuple:
+    """Everything :func:`_reference_entries` reads of ``values`` (references only when
+    ``base_url`` is None)."""
+    key = []
+    for ref in values:
+        if isinstance(ref, dict):
+            ident = ref.get("identifier")
+            ident = (_text(ident, "system"), _text(ident, "value")) if isinstance(ident, dict) else None
+            key.append((_text(ref, "reference"), _text(ref, "type"), ident))
+    return ("reference",) + tuple(key)
+
+
+#: per type, the parameters looked up in the memo by what their index reads of the values
+#: (:func:`_token_key`, :func:`_reference_key`): those whose values do not depend on the
+#: resource's instant, id or request
+_MEMOIZED = {"AuditEvent": {"type": _token_key, "subtype": _token_key, "action": _token_key,
+                            "outcome": _token_key, "purpose": _token_key, "agent": _reference_key}}
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(resource_type: str) -> tuple | None:
+    """Per parameter of ``resource_type`` (``_id`` aside): name, type, paths as (steps,
+    resolve_is), memo key function or None. None when a parameter is not a plain path (then
+    :func:`extract_reference` serves)."""
+    params = [(name, p) for name, p in SUPPORTED[resource_type].items() if name != "_id"]
+    if any(p.evaluator is not None for _, p in params):  # pragma: no cover - see registry
+        return None
+    memoized = _MEMOIZED[resource_type]
+    return tuple((name, p.type, tuple((path.steps, path.resolve_is) for path in p.paths), memoized.get(name))
+                 for name, p in params)
+
+
+def _extract_memoized(resource_type: str, resource: dict) -> tuple[dict, dict]:
+    """:func:`extract_reference` (no ``base_url``) with the parameters of ``_MEMOIZED`` looked up
+    by the key of their values, and each path walked once (``patient`` filters the walks of
+    ``agent`` and ``entity``)."""
+    walked: dict = {}
+    s: dict = {}
+    o: dict = {}
+    for name, ptype, paths, keyer in _plan(resource_type):
+        values = []
+        for steps, resolve_is in paths:
+            nodes = walked.get(steps)
+            if nodes is None:
+                nodes = walked[steps] = _walk_steps(resource, steps)
+            if resolve_is:
+                nodes = [n for n in nodes if isinstance(n, dict) and reference_type(n) == resolve_is]
+            values.extend(nodes)
+        key = keyer(values) if keyer is not None else None
+        if key is None:
+            _index(name, ptype, values, None, s, o)
             continue
-        elif ptype == "reference":
-            entries = _dedupe(_reference_entries(values, base_url))
-            if entries:
-                s[name] = entries
-            keys = [_ref_sort(e) for e in entries]
-            lo, hi = STR_HIGH, STR_LOW
-        else:  # pragma: no cover - registry only ships the four types above
-            continue
-        keys = [k for k in keys if k]
-        o[name] = min(keys) if keys else lo
-        o[name + DESC] = max(keys) if keys else hi
+        key = (name,) + key
+        hit = _memo.get(key)
+        if hit is None:
+            one_s: dict = {}
+            one_o: dict = {}
+            _index(name, ptype, values, None, one_s, one_o)
+            if len(_memo) >= MEMO_ENTRIES:
+                _memo.clear()
+            hit = _memo[key] = (tuple(one_s.items()), tuple(one_o.items()))
+        for field, entries in hit[0]:    # copies: the caller's to keep or change
+            s[field] = [dict(e) if type(e) is dict else e for e in entries]
+        o.update(hit[1])
     return s, o
 
 

@@ -56,6 +56,14 @@ _normalize_short = functools.lru_cache(maxsize=8192)(_normalize)
 
 
 def date_range(value: str) -> tuple[datetime, datetime] | None:
+    """:func:`_date_range`, memoized (an AuditEvent's ``recorded`` is its ``meta.lastUpdated``:
+    two parameters read one instant)."""
+    if not isinstance(value, str):
+        return None
+    return _date_range_short(value) if len(value) <= MEMO_MAX_LEN else _date_range(value)
+
+
+def _date_range(value: str) -> tuple[datetime, datetime] | None:
     """The half-open UTC range [low, high) that a FHIR date/dateTime/instant
     covers given its precision, or None when it is not a valid date.
 
@@ -109,6 +117,9 @@ def date_range(value: str) -> tuple[datetime, datetime] | None:
         return lo, _add(lo, step)
     except ValueError:
         return None
+
+
+_date_range_short = functools.lru_cache(maxsize=1024)(_date_range)
 
 
 def _add(dt: datetime, delta: timedelta) -> datetime:
