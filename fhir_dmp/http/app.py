@@ -111,7 +111,8 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             # or the app's (an OperationOutcome)
             return app.make_response(app.handle_user_exception(
                 unavailable("the access journal cannot be written; try again")))
-        response.headers.setdefault("X-Request-Id", g.request_id)
+        if "X-Request-Id" not in response.headers:   # (setdefault raises and catches a KeyError)
+            response.headers["X-Request-Id"] = g.request_id
         return response
 
     @app.before_request

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import codecs
 import decimal
+import functools
 import json
 import re
 import secrets
@@ -101,6 +102,14 @@ def media_format(media_type: str | None) -> str | None:
 
 
 def negotiate(accept: str | None, format_param: str | None) -> str:
+    """Response format, ``JSON`` or ``XML``: :func:`_negotiate`, memoized for short headers (a
+    client sends the same ``Accept`` on every request; a 406 is not memoized)."""
+    if (accept is None or len(accept) <= _MEMO_MAX_LEN) and (format_param is None or len(format_param) <= _MEMO_MAX_LEN):
+        return _negotiate_short(accept, format_param)
+    return _negotiate(accept, format_param)
+
+
+def _negotiate(accept: str | None, format_param: str | None) -> str:
     """Response format, ``JSON`` or ``XML``.
 
     ``_format`` wins over ``Accept`` (https://hl7.org/fhir/R4/http.html#parameters);
@@ -134,6 +143,10 @@ def negotiate(accept: str | None, format_param: str | None) -> str:
         raise NotAcceptable("None of the media types in Accept can be produced: use "
                             "application/fhir+json or application/fhir+xml (FHIR 4.0)")
     return _FORMAT_ALIASES[best]
+
+
+_MEMO_MAX_LEN = 256
+_negotiate_short = functools.lru_cache(maxsize=256)(_negotiate)
 
 
 # --------------------------------------------------------------------------

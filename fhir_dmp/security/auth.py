@@ -411,6 +411,8 @@ class TokenVerifier:
         self.config = config
         # verified tokens by SHA-256: (kid, alg, key, claims, valid until); see verify()
         self._verified: OrderedDict[bytes, tuple] = OrderedDict()
+        # Principals by (token SHA-256, break-glass headers): (the claims they come from, Principal)
+        self._principals: OrderedDict[tuple, tuple] = OrderedDict()
         self._verified_lock = threading.Lock()
         self.issuer = config.expected_issuer
         self.audience = config.expected_audience
@@ -432,6 +434,10 @@ class TokenVerifier:
         leeway), as long as the issuer's key set still holds the very key that verified it
         (a rotated-out key, or a changed JWKS file, means a full verification again).
         Raises Unauthorized (invalid_token) or ServiceUnavailable (no keys)."""
+        return self._verified_claims(token)[1]
+
+    def _verified_claims(self, token: str) -> tuple[bytes, dict]:
+        """:meth:`verify`, with the token's SHA-256: (digest, claims)."""
         if not isinstance(token, str) or not token.strip():
             raise invalid_token("empty token")
         token = token.strip()
@@ -447,7 +453,7 @@ class TokenVerifier:
             except KeysUnavailable:
                 same_key = False
             if same_key and time.time() < until:
-                return claims
+                return digest, claims
             with self._verified_lock:
                 self._verified.pop(digest, None)
         claims, kid, alg, key = self._verify_fully(token)
@@ -457,7 +463,7 @@ class TokenVerifier:
                 self._verified[digest] = (kid, alg, key, claims, exp + LEEWAY)
                 while len(self._verified) > self.CACHE_SIZE:
                     self._verified.popitem(last=False)
-        return claims
+        return digest, claims
 
     def _verify_fully(self, token: str) -> tuple[dict, str | None, str, Key]:
         try:
@@ -517,8 +523,27 @@ class TokenVerifier:
             raise _invalid_request("the Authorization scheme must be Bearer")
         if not token or _WHITESPACE.search(token):
             raise _invalid_request("malformed Bearer credentials")
-        claims = self.verify(token)
-        return principal_from_claims(claims, headers or {}, self.config.fhir_base)
+        digest, claims = self._verified_claims(token)
+        return self._principal(digest, claims, headers or {})
+
+    def _principal(self, digest: bytes, claims: dict, headers: Mapping[str, str]) -> Principal:
+        """:func:`principal_from_claims`, remembered with the verified token: the same (immutable)
+        Principal for the same token and break-glass headers (``Category``,
+        ``X-Break-Glass-Reason``, all it reads of the request) as long as :meth:`verify` answers
+        the very claims it was built from (its cache: same key, not expired); a refusal is never
+        remembered."""
+        key = (digest, tuple(_header_values(headers, "Category")),
+               tuple(_header_values(headers, "X-Break-Glass-Reason")))
+        with self._verified_lock:
+            hit = self._principals.get(key)
+        if hit is not None and hit[0] is claims:
+            return hit[1]
+        principal = principal_from_claims(claims, headers, self.config.fhir_base)
+        with self._verified_lock:
+            self._principals[key] = (claims, principal)
+            while len(self._principals) > self.CACHE_SIZE:
+                self._principals.popitem(last=False)
+        return principal
 
 
 # --------------------------------------------------------------------------- claims -> Principal

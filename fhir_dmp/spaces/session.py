@@ -36,6 +36,13 @@ class SpaceSessionInterface(SecureCookieSessionInterface):
         return self._space()
 
     def open_session(self, app, request):
-        if app.secret_key and not request.cookies.get(self.get_cookie_name(app)):
+        if app.secret_key and ("HTTP_COOKIE" not in request.environ
+                               or not request.cookies.get(self.get_cookie_name(app))):
             return self.session_class()
         return super().open_session(app, request)
+
+    def save_session(self, app, session, response) -> None:
+        """Flask's, which does nothing for a session that is empty, unchanged and unread (every
+        FHIR API request) but name its cookie first."""
+        if session or session.modified or session.accessed:
+            super().save_session(app, session, response)

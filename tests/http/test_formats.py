@@ -381,6 +381,18 @@ def test_negotiate_406(accept, fmt):
     assert e.value.status == 406
 
 
+def test_negotiate_is_the_same_memoized_or_not():
+    """Short headers are memoized (issue 22): the same answer as unmemoized, a 406 every time,
+    and a header past the memo's bound is still negotiated."""
+    for accept in ("application/fhir+xml;q=0.9, application/fhir+json", "application/xml", None, "*/*"):
+        assert negotiate(accept, None) == negotiate(accept, None) == formats._negotiate(accept, None)
+    for _ in range(2):
+        with pytest.raises(NotAcceptable):
+            negotiate("text/csv", None)
+    long_accept = "application/fhir+xml, " + ", ".join(f"text/x-{i}" for i in range(60))
+    assert len(long_accept) > 256 and negotiate(long_accept, None) == XML
+
+
 # --- request bodies ---------------------------------------------------------
 
 SECRET = "SECRET-Dupont-180032B02512345"

@@ -808,3 +808,38 @@ def test_jwks_refreshed_ahead_off_the_request_path_and_tokens_cached(jwks_server
                                             and k["kid"] == idp.kid()]}
     clock.now += JWKS_MAX_AGE   # the set expires: fetched again, the old key is gone
     refused(verifier, token)
+
+
+# ----------------------------------------------------------------------------- the Principal of a verified token
+
+def test_the_principal_of_a_verified_token_is_built_once_per_token_and_break_glass_headers(fresh_idp):
+    """Issue 22: a token's Principal is remembered with its verification, per break-glass headers;
+    a withdrawn key, another token or other break-glass headers build it again; a refusal is never
+    remembered."""
+    idp, verifier = fresh_idp
+    token = idp.ps(PS_ID)
+    first = verifier.authenticate(f"Bearer {token}", Headers())
+    assert verifier.authenticate(f"Bearer {token}", Headers({"Accept": "application/fhir+json"})) is first
+    btg = verifier.authenticate(f"Bearer {token}", Headers({"Category": BTG_CATEGORY,
+                                                            "X-Break-Glass-Reason": "arrêt cardiaque"}))
+    assert btg.purpose == BTG and btg.btg_reason == "arrêt cardiaque" and first.purpose != BTG
+    other_reason = verifier.authenticate(f"Bearer {token}", Headers({"Category": BTG_CATEGORY,
+                                                                     "X-Break-Glass-Reason": "malaise"}))
+    assert other_reason.btg_reason == "malaise"
+    assert verifier.authenticate(f"Bearer {idp.ps('810000000777')}", Headers()).id_nat_ps == "810000000777"
+    assert verifier.authenticate(f"Bearer {token}", Headers()) is first
+    # the key is withdrawn: the token is refused, though its Principal was remembered
+    old_kid = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))["kid"]
+    idp.rotate()
+    jwks = idp.jwks()
+    jwks["keys"] = [k for k in jwks["keys"] if k["kid"] != old_kid]
+    tmp = idp.jwks_file.with_suffix(".new")
+    tmp.write_text(json.dumps(jwks))
+    os.replace(tmp, idp.jwks_file)
+    with pytest.raises(Unauthorized):
+        verifier.authenticate(f"Bearer {token}", Headers())
+    # a refusal of the claims (a PS without eidas1: step-up) is asked again every time
+    weak = idp.ps(PS_ID, acr="loa1")
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            verifier.authenticate(f"Bearer {weak}", Headers())
