@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import weakref
 
 from flask import Flask, g, request
 from flask_cors import CORS
@@ -49,10 +50,29 @@ CORS_EXPOSE_HEADERS = ["ETag", "Location", "Content-Location", "Last-Modified", 
 
 
 
+class _Flask(Flask):
+    """Flask, its :meth:`ensure_sync` answered once per function: Flask asks
+    ``inspect.iscoroutinefunction`` of every hook, view and handler on every request (issue 22).
+    Weakly held: a function that goes (an ``after_this_request`` one) is forgotten."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._plain = weakref.WeakKeyDictionary()   # function -> is it synchronous
+
+    def ensure_sync(self, func):
+        try:
+            plain = self._plain.get(func)
+            if plain is None:     # a plain function is its own synchronous form
+                plain = self._plain[func] = super().ensure_sync(func) is func
+        except TypeError:         # not weakly referable
+            plain = False
+        return func if plain else super().ensure_sync(func)
+
+
 def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
     """Build the WSGI app. ``client``/``db`` let tests share one database server."""
     config = config or Config.from_env()
-    app = Flask(__name__)
+    app = _Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     services = build_app_services(config, client, db)
     services.init_app(app)
@@ -111,7 +131,7 @@ def create_app(config: Config | None = None, *, client=None, db=None) -> Flask:
             # or the app's (an OperationOutcome)
             return app.make_response(app.handle_user_exception(
                 unavailable("the access journal cannot be written; try again")))
-        if "X-Request-Id" not in response.headers:   # (setdefault raises and catches a KeyError)
+        if not response.headers.getlist("X-Request-Id"):   # (setdefault, `in`: a KeyError raised)
             response.headers["X-Request-Id"] = g.request_id
         return response
 

@@ -145,8 +145,24 @@ def _negotiate(accept: str | None, format_param: str | None) -> str:
     return _FORMAT_ALIASES[best]
 
 
+def prefers_plain_json(accept: str | None) -> bool:
+    """Does ``Accept`` rank ``application/json`` above ``application/fhir+json``, naming it
+    (https://hl7.org/fhir/R4/http.html#mime-type)? Memoized for short headers, like
+    :func:`negotiate`."""
+    if accept is None or len(accept) <= _MEMO_MAX_LEN:
+        return _prefers_plain_json_short(accept)
+    return _prefers_plain_json(accept)
+
+
+def _prefers_plain_json(accept: str | None) -> bool:
+    ranges = parse_accept_header(accept, MIMEAccept)
+    return ranges.quality("application/json") > ranges.quality("application/fhir+json") \
+        and "application/json" in {value for value, _q in ranges}
+
+
 _MEMO_MAX_LEN = 256
 _negotiate_short = functools.lru_cache(maxsize=256)(_negotiate)
+_prefers_plain_json_short = functools.lru_cache(maxsize=256)(_prefers_plain_json)
 
 
 # --------------------------------------------------------------------------

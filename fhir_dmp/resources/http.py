@@ -62,9 +62,7 @@ def json_mime() -> str:
     ``application/fhir+json`` (https://hl7.org/fhir/R4/http.html#mime-type)."""
     if request.args.get("_format"):
         return MIME[formats.JSON]
-    accept = request.accept_mimetypes
-    if accept.quality("application/json") > accept.quality("application/fhir+json") \
-            and "application/json" in {value for value, _q in accept}:
+    if formats.prefers_plain_json(request.headers.get("Accept")):
         return "application/json; charset=utf-8"
     return MIME[formats.JSON]
 

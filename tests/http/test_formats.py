@@ -592,3 +592,12 @@ def test_render_formats():
     assert "accès".encode() in render(COMMUNICATION, JSON)  # UTF-8, not \u escapes
     with pytest.raises(ValueError):
         render(PATIENT, "text/turtle")
+
+
+def test_json_mime_follows_accept_memoized_or_not():
+    """``application/json`` only for a client that ranks it above FHIR JSON and names it."""
+    assert formats.prefers_plain_json("application/json") is True
+    assert formats.prefers_plain_json("application/json;q=0.5, application/fhir+json") is False
+    assert formats.prefers_plain_json("*/*") is False and formats.prefers_plain_json(None) is False
+    long_accept = "application/json, " + ", ".join(f"text/x-{i};q=0.1" for i in range(40))
+    assert len(long_accept) > 256 and formats.prefers_plain_json(long_accept) is True
