@@ -17,6 +17,12 @@ Contract:
   DocumentReferences cloned from one really deposited document and inserted
   in bulk with the exact documents ``Storage.create`` writes
   (``Storage.stamp`` + ``Storage.current_doc``, i.e. ``search.extract``).
+* :func:`seal_entries` — journal entries stored as the sealer stores them: per DMP (chain), in
+  runs of at most :data:`RUN_ENTRIES` (``storage.runs.run_document``, heads moved), or, with
+  ``legacy``, one ``AuditEvent`` document each as the versions before the runs did;
+  :func:`journal_entries` / :func:`journal_size` — the journal's entries and their number, in
+  every layout (pages, runs, ``AuditEvent`` documents); :func:`seal_pages` — the real sealer's
+  passes over the unsealed pages.
 * :func:`stats` / :func:`fmt_ms` — median, p95, mean of a list of seconds.
 * :func:`sizes_of` — a ``--sizes``-like option, shortened by ``--quick``.
 """
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import hashlib
 import statistics
 import sys
 import tempfile
@@ -38,12 +46,16 @@ if str(ROOT) not in sys.path:
 
 import pymongo  # noqa: E402
 
+from fhir_dmp.audit.chain import GENESIS, SYSTEM_CHAIN, link_hash  # noqa: E402
+from fhir_dmp.audit.sealer import Sealer  # noqa: E402
 from fhir_dmp.runtime.config import Config  # noqa: E402
 from fhir_dmp.runtime.embedded_db import EmbeddedMongo  # noqa: E402
 from fhir_dmp.guard.journal import RequestInfo  # noqa: E402
 from fhir_dmp.guard.repository import GuardedRepository  # noqa: E402
 from fhir_dmp.runtime.services import services  # noqa: E402
 from fhir_dmp.storage import new_id, now  # noqa: E402
+from fhir_dmp.storage.core import JOURNAL, JOURNAL_LINKS, JOURNAL_PAGES  # noqa: E402
+from fhir_dmp.storage.runs import run_document  # noqa: E402
 from tests import builders  # noqa: E402
 from tests.idp import TestIdP  # noqa: E402
 
@@ -68,6 +80,11 @@ class Env:
     @property
     def storage(self):
         return self.backend.storage
+
+    @functools.cached_property
+    def sealer(self) -> Sealer:
+        """The real sealer, run by hand (:func:`seal_pages`): one per environment, holding the lease."""
+        return Sealer(self.storage, self.config.audit_key_path)
 
     def repo(self, token: str) -> GuardedRepository:
         """A GuardedRepository for one request of the token's principal."""
@@ -138,6 +155,68 @@ def seed_dmp(env: Env, n_docs: int, *, ps: str = builders.PS_DR, author: str = b
     for i in range(0, len(current), 500):
         storage.db["DocumentReference"].insert_many(current[i:i + 500], ordered=False)
     return pid, [first.id] + ids
+
+
+#: entries per run written by :func:`seal_entries` (the sealer's default batch)
+RUN_ENTRIES = 500
+
+
+def seal_entries(storage, entries: list[dict], *, legacy: bool = False, per_run: int = RUN_ENTRIES) -> None:
+    """Store journal ``entries`` (the common layout ``_id, pid, vid, lu, del, res (packed), s, o``)
+    as the sealer stores them (audit/sealer.py, storage/runs.py): grouped per chain (the DMP,
+    ``_system`` for no patient), in append order, runs of at most ``per_run`` entries, each run
+    ``run_document({pid, first, prev, links}, entries)`` with ``first`` counting on from the
+    chain's head and the head moved past it (so that a real sealing pass afterwards continues the
+    chain). The links' hashes chain SHA-256 digests of the packed entries, not of the canonical
+    JSON: plausible, not verifiable (no bench runs ``audit verify``).
+
+    ``legacy``: one ``AuditEvent`` document per entry, as the versions before the runs wrote
+    them (no link, no head), to compare both layouts."""
+    if not entries:
+        return
+    if legacy:
+        storage.db[JOURNAL].insert_many(entries, ordered=True)
+        return
+    chains: dict[str, list[dict]] = {}
+    for e in entries:
+        chains.setdefault(e["pid"] or SYSTEM_CHAIN, []).append(e)
+    heads = storage.heads_of(list(chains))
+    runs = []
+    for pid, mine in chains.items():
+        seq, prev = heads.get(pid, (0, GENESIS))
+        for i in range(0, len(mine), per_run):
+            run = {"pid": pid, "first": seq + 1, "prev": prev, "links": []}
+            for e in mine[i:i + per_run]:
+                prev = link_hash(prev, hashlib.sha256(e["res"]).hexdigest())
+                run["links"].append([e["_id"], prev])
+            runs.append(run_document(run, mine[i:i + per_run]))
+            seq += len(run["links"])
+        heads[pid] = (seq, prev)
+    storage.db[JOURNAL_LINKS].insert_many(runs, ordered=True)
+    storage.move_heads(heads, now(), session=None)
+
+
+def journal_entries(db, projection: dict | None = None):
+    """Every entry of the journal, whatever its layout: the unsealed pages' events (``_id, pid, lu,
+    res``: no search index, not derived yet), the runs' entries, the ``AuditEvent`` documents."""
+    for page in db[JOURNAL_PAGES].find({}, {"events": 1}):
+        yield from page["events"]
+    for run in db[JOURNAL_LINKS].find({"e": {"$exists": True}}, {"e": 1}):
+        yield from run["e"]
+    yield from db[JOURNAL].find({}, projection)
+
+
+def journal_size(db) -> int:
+    """The number of entries in the journal, in every layout (:func:`journal_entries`)."""
+    pages = sum(len(p["events"]) for p in db[JOURNAL_PAGES].find({}, {"events._id": 1}))
+    runs = sum(len(r["ids"]) for r in db[JOURNAL_LINKS].find({"e": {"$exists": True}}, {"ids": 1}))
+    return pages + runs + db[JOURNAL].estimated_document_count()
+
+
+def seal_pages(env) -> int:
+    """Seal every unsealed page with the real sealer (a bench runs with the sealer thread off); the
+    events sealed."""
+    return env.sealer.seal_all()
 
 
 def sizes_of(ap, args, name: str, repeat_cap: int, quick_sizes: str) -> list[int]:

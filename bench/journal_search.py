@@ -1,17 +1,21 @@
 """Benchmark: the journal searches that privacy operations live on, as the journal grows (issue 22).
 
     python bench/journal_search.py [--quick] [--sizes 10000,100000,1000000] [--repeat 20]
-                                   [--per-dmp 200] [--without-indexes]
+                                   [--per-dmp 200] [--without-indexes] [--legacy]
 
 A throw-away SecantusDB and the real application (``bench/_common.py``); the journal is seeded
-fast into the collection (:func:`insert_entries`: the entries as the sealer stores them, with the
-search index and sort keys ``search.extract`` gives them, batches of 1,000, no chain, sealer off) with events cloned from one event the server really wrote for a professional's read,
+fast through storage (``_common.seal_entries``: the entries as the sealer stores them, with the
+search index and sort keys ``search.extract`` gives them, in batches of 1,000: per DMP, runs of at
+most 500 entries in ``AuditEvent_link``, the chains' heads moved; ``--legacy``: one ``AuditEvent``
+document per entry, the layout before the runs) with events cloned from one event the server really wrote for a professional's read,
 spread across many DMPs: ``--per-dmp`` events per DMP (10 documents each), one professional per
 100 events, ``recorded`` spread over the last 360 days. Each stage (``--sizes``, cumulative)
 gets fresh targets (a real DMP opened through the guarded repository, its documents, a
 professional) seeded with the same shape as the filler, so that every stage measures the same
 amount of matching data in a larger journal (the searches' own journal entries land in the
-stage's target DMP, the same number at each stage).
+stage's target DMP, the same number at each stage). The sealer thread is off (seeding is not
+sealing); before each stage's measurement the real sealer seals the pages left (the targets'
+real events, the previous stage's searches' events), as the running sealer would have.
 
 Then each search through HTTP (the WSGI app, real RS256 tokens), ``_sort=-date``,
 ``_count=20``, ``_total=accurate``, the first page and the page its ``next`` link gives:
@@ -26,9 +30,14 @@ Then each search through HTTP (the WSGI app, real RS256 tokens), ``_sort=-date``
 * ``journal (patient)``: ``AuditEvent?patient={id}``, the DMP's whole journal, newest first.
 
 Prints, per stage, median and p95 (ms) of each search and the ``total`` it answered; then the
-ratio of the largest stage to the smallest (goal: <= 1.3x) and the query plan SecantusDB reports
-for each search's filter (``explain``: the index used, keys and documents examined).
-``--without-indexes`` drops the journal's search indexes first (the figures before them).
+ratio of the largest stage to the smallest (goal: <= 1.3x) and, per search, what storage reads
+for its filter (the server's, guard included): in runs, the runs the indexed lookup names
+(``runs.run_queries``), those the date bounds admit (``runs.admits``), the entries they hold (all
+decoded by a count; a sorted page may stop earlier), those matching, and the ms of the lookup and
+of reading and matching them; ``--legacy``: the first page's ``find`` and the
+``count_documents`` straight on ``AuditEvent``.
+``--without-indexes`` drops the journal's search indexes first (the figures before them: the
+runs' ``ke``, ``ka``; ``--legacy``: ``AuditEvent``'s ``s.entity.r``, ``s.agent.iv``).
 ``--append-cost``: only what the two search indexes cost each journal entry (database CPU per
 entry with and without them, interleaved).
 """
@@ -49,7 +58,9 @@ from large import settle
 from fhir_dmp import search
 from fhir_dmp.audit.events import event_patient
 from fhir_dmp.storage import merge_filters, new_id, pack, unpack
-from fhir_dmp.storage.core import JOURNAL, or_branches
+from fhir_dmp.storage.core import JOURNAL, JOURNAL_LINKS, or_branches
+from fhir_dmp.storage.filters import compile_query
+from fhir_dmp.storage.runs import admits, run_queries
 
 IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
 DOCS_PER_DMP = 10
@@ -58,16 +69,22 @@ DAYS = 360
 BATCH = 1000
 
 
-def insert_entries(env, docs: list[dict]) -> None:
-    """Journal entries (``res`` a dict) inserted as the sealer inserts them (``Storage.seal_pages``)."""
-    env.db[JOURNAL].insert_many([{**d, "res": pack(d["res"])} for d in docs], ordered=True)
+def entries_of(events: list[dict], lu: datetime) -> list[dict]:
+    """The journal entries of ``events`` as the sealer derives them (``storage.pages.entries``)."""
+    out = []
+    for res in events:
+        s, o = search.extract("AuditEvent", res)
+        out.append({"_id": res["id"], "pid": event_patient(res), "vid": 1, "lu": lu, "del": False,
+                    "res": pack(res), "s": s, "o": o})
+    return out
 
 
 class Seeder:
-    """Events cloned from a real one, written as the sealer writes them (:func:`insert_entries`)."""
+    """Events cloned from a real one, stored as the sealer stores them (``_common.seal_entries``;
+    ``legacy``: as ``AuditEvent`` documents)."""
 
-    def __init__(self, env, template: dict, per_dmp: int):
-        self.env, self.template, self.per_dmp = env, template, per_dmp
+    def __init__(self, env, template: dict, per_dmp: int, legacy: bool = False):
+        self.env, self.template, self.per_dmp, self.legacy = env, template, per_dmp, legacy
         self.now = datetime.now(timezone.utc)
         self.seq = 0
 
@@ -94,12 +111,7 @@ class Seeder:
 
     def write(self, events: list[dict]) -> None:
         for i in range(0, len(events), BATCH):
-            docs = []
-            for res in events[i:i + BATCH]:
-                s, o = search.extract("AuditEvent", res)
-                docs.append({"_id": res["id"], "pid": event_patient(res), "vid": 1, "lu": self.now, "del": False,
-                             "res": res, "s": s, "o": o})
-            insert_entries(self.env, docs)
+            c.seal_entries(self.env.storage, entries_of(events[i:i + BATCH], self.now), legacy=self.legacy)
 
     def patients(self, pids: list[str]) -> None:
         """The DMPs' Patient documents as ``Storage.create`` writes them (a journal entry of a
@@ -203,17 +215,44 @@ def measure(env, t: dict, repeat: int) -> dict:
     return out
 
 
+def filters(t: dict):
+    """(label, storage filter the server sends for the search (guard included), its request)."""
+    for label, who, args in searches(t, datetime.now(timezone.utc)):
+        req = search.parse_search("AuditEvent", args)
+        guard = {} if who == "admin" else {"pid": t["pid"]}
+        yield label, merge_filters(guard, req.mongo_filter(), {"del": False}), req
+
+
+def run_plans(env, t: dict) -> list[str]:
+    """What storage reads in the runs for each search's filter (module docstring): runs named by
+    the index, admitted by their bounds, entries in them, entries matching; ms of the lookup, and
+    of reading and matching the entries (no memo: the database's read and the decoding)."""
+    out = []
+    coll = env.db[JOURNAL_LINKS]
+    for label, flt, _ in filters(t):
+        test = compile_query(flt)
+        t0 = time.perf_counter()
+        named = {m["_id"]: m for q in run_queries(flt) for m in coll.find(q, {"b": 1, "u": 1})}
+        admitted = [m["_id"] for m in named.values() if "u" in m and admits(m.get("b") or {}, flt)]
+        t1 = time.perf_counter()
+        held = matched = 0
+        for run in coll.find({"_id": {"$in": admitted}}, {"e": 1}):
+            held += len(run["e"])
+            matched += sum(1 for e in run["e"] if test(e))
+        t2 = time.perf_counter()
+        out.append(f"  {label:<18} runs named {len(named):>4}, admitted {len(admitted):>4} ({1e3 * (t1 - t0):6.1f} ms); "
+                   f"entries {held:>6}, matching {matched:>4} ({1e3 * (t2 - t1):7.1f} ms)")
+    return out
+
+
 def plans(env, t: dict) -> list[str]:
-    """Each search's main query straight on the collection (the filter the server sends, guard
+    """``--legacy``: each search's main query straight on the collection (the filter the server sends, guard
     included, each branch of an ``$or`` as storage runs it): ms of the first page's find and of
     the count. ``explain`` is not asked: SecantusDB's explain reports a COLLSCAN for a
     multi-field filter that its find answers from one clause's index."""
     out = []
     coll = env.db[JOURNAL]
-    for label, who, args in searches(t, datetime.now(timezone.utc)):
-        req = search.parse_search("AuditEvent", args)
-        guard = {} if who == "admin" else {"pid": t["pid"]}
-        flt = merge_filters(guard, req.mongo_filter(), {"del": False})
+    for label, flt, req in filters(t):
         branches = or_branches(flt) or [flt]
         t0 = time.perf_counter()
         found = sum(len(list(coll.find(b).sort(req.mongo_sort()).limit(req.count + 1))) for b in branches)
@@ -234,8 +273,8 @@ def template_event(env) -> dict:
     assert r.status_code == 200
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for d in env.db[JOURNAL].find({"pid": pid}):
-            res = unpack(d["res"])
+        for d in c.journal_entries(env.db):      # in a page: the sealer is off
+            res = unpack(d["res"]) if d.get("pid") == pid else {}
             if (res.get("subtype") or [{}])[0].get("code") == "read":
                 res.pop("meta", None)
                 return res
@@ -243,35 +282,37 @@ def template_event(env) -> dict:
     raise RuntimeError("no read event")
 
 
-SEARCH_INDEXES = ([("s.entity.r", 1)], [("s.agent.iv", 1)])
+def search_indexes(legacy: bool) -> tuple[str, list]:
+    """The journal's collection and its two search indexes (who read this document, what did this
+    professional read): the runs' ``ke``, ``ka``; ``legacy``: ``AuditEvent``'s."""
+    if legacy:
+        return JOURNAL, [("s.entity.r", 1), ("s.agent.iv", 1)]
+    return JOURNAL_LINKS, [("ke", 1), ("ka", 1)]
 
 
 def append_cost(env, seeder: Seeder, rounds: int = 3, events: int = 2000, batch: int = 8) -> None:
-    """Database CPU per journal entry (inserted as the sealer inserts them, batches of ``batch``) with the journal's two search indexes and without them,
-    interleaved ``rounds`` times (CPU time of the database process: comparable on a busy machine)."""
-    coll = env.db[JOURNAL]
+    """Database CPU per journal entry (stored as the sealer stores them, passes of ``batch`` events
+    of one DMP: one run each; ``--legacy``: ``batch`` documents) with the journal's two search
+    indexes and without them, interleaved ``rounds`` times (CPU time of the database process:
+    comparable on a busy machine)."""
+    name, keys = search_indexes(seeder.legacy)
+    coll = env.db[name]
     out: dict[str, list[float]] = {"with": [], "without": []}
     for _ in range(rounds):
         for label in ("with", "without"):
-            for keys in SEARCH_INDEXES:
+            for key in keys:
                 if label == "with":
-                    coll.create_index(keys)
+                    coll.create_index([key])
                 else:
-                    coll.drop_index(keys)
-            batches = []
-            for _ in range(events // batch):
-                docs = []
-                for res in seeder.dmp_events(new_id(), [new_id()], lambda k: "899999999999")[:batch]:
-                    s, o = search.extract("AuditEvent", res)
-                    docs.append({"_id": res["id"], "pid": event_patient(res), "vid": 1, "lu": seeder.now,
-                                 "del": False, "res": res, "s": s, "o": o})
-                batches.append(docs)
+                    coll.drop_index([key])
+            batches = [entries_of(seeder.dmp_events(new_id(), [new_id()], lambda k: "899999999999")[:batch],
+                                  seeder.now) for _ in range(events // batch)]
             db0 = cpu_s(env.server.pid)
             for docs in batches:
-                insert_entries(env, docs)
+                c.seal_entries(env.storage, docs, legacy=seeder.legacy)
             out[label].append(1e3 * (cpu_s(env.server.pid) - db0) / events)
-    for keys in SEARCH_INDEXES:
-        coll.create_index(keys)
+    for key in keys:
+        coll.create_index([key])
     for label, v in out.items():
         print(f"  {label:<7} the entity and agent indexes: database CPU {statistics.median(v):.3f} ms per entry "
               f"(rounds {', '.join(f'{x:.3f}' for x in v)})")
@@ -287,39 +328,44 @@ def main() -> int:
                     help="drop the journal's search indexes (entity, agent) first: the figures before them")
     ap.add_argument("--append-cost", action="store_true",
                     help="only the database CPU per journal entry with and without the two search indexes")
+    ap.add_argument("--legacy", action="store_true",
+                    help="seed the journal as AuditEvent documents, one per entry (the layout before the runs)")
     args = ap.parse_args()
     sizes = c.sizes_of(ap, args, "sizes", 10, "10000,100000")
     # db_wait: a seeding transaction of 1,000 entries outlasts the server's default 10 s on a busy machine
     with c.environment(audit_sealer=False, db_wait=300) as env:
-        seeder = Seeder(env, template_event(env), args.per_dmp)
+        seeder = Seeder(env, template_event(env), args.per_dmp, args.legacy)
         if args.append_cost:
             print("entries inserted as the sealer does, 2,000 in batches of 8, interleaved, 3 rounds")
             append_cost(env, seeder)
             return 0
+        name, keys = search_indexes(args.legacy)
         if args.without_indexes:
-            for idx in env.db[JOURNAL].list_indexes():
-                if any(k.startswith("s.") for k in idx["key"]):
-                    env.db[JOURNAL].drop_index(idx["name"])
-        print("indexes of the journal:", [list(i["key"].items()) for i in env.db[JOURNAL].list_indexes()])
+            for key in keys:
+                env.db[name].drop_index([key])
+        print(f"the journal's layout: {'AuditEvent documents (--legacy)' if args.legacy else 'runs'}; indexes of "
+              f"{name}:", [list(i["key"].items()) for i in env.db[name].list_indexes()])
         rows = []
         for stage, size in enumerate(sizes):
-            have = env.db[JOURNAL].estimated_document_count()
+            have = c.journal_size(env.db)
             t0 = time.perf_counter()
             seeder.filler(max(0, size - have - args.per_dmp - EVENTS_PER_PS))
             t = targets(env, seeder, stage)
-            have = env.db[JOURNAL].estimated_document_count()
             seeded = time.perf_counter() - t0
+            sealed = c.seal_pages(env)
+            have = c.journal_size(env.db)
+            runs = env.db[JOURNAL_LINKS].estimated_document_count()
             # the change streams read the seeding's oplog a batch at a time: not measured as the searches' CPU
-            print(f"\n{have:,} events in the journal (seeded in {seeded:.0f} s, database idle again after "
-                  f"{settle(env):.0f} s); target DMP {args.per_dmp} events, "
+            print(f"\n{have:,} events in the journal, {runs:,} runs (seeded in {seeded:.0f} s, {sealed} events of "
+                  f"pages sealed, database idle again after {settle(env):.0f} s); target DMP {args.per_dmp} events, "
                   f"professional {EVENTS_PER_PS} reads; {args.repeat} runs each", flush=True)
             res = measure(env, t, args.repeat)
             print(f"  {'search':<18} {'p50 ms':>8} {'p95 ms':>8} {'next p50':>9} {'CPU ms':>7} {'total':>6}")
             for label, s in res.items():
                 nxt = f"{s['next']:9.1f}" if s["next"] is not None else f"{'-':>9}"
                 print(f"  {label:<18} {s['p50']:8.1f} {s['p95']:8.1f} {nxt} {s['cpu']:7.1f} {s['total']!s:>6}", flush=True)
-            print("  straight on the collection:")
-            for line in plans(env, t):
+            print("  straight on the collection:" if args.legacy else "  what storage reads in the runs:")
+            for line in (plans if args.legacy else run_plans)(env, t):
                 print(line)
             rows.append((have, res))
         if len(rows) > 1:
