@@ -2,6 +2,7 @@
 CONTRACT.md "Privacy operations", "Looking for misuse").
 
     python bench/privacy.py [--quick] [--patients 240] [--ps 48] [--budget 20] [--seed 1] [--events 1000000]
+                            [--legacy]
 
 A throw-away SecantusDB and the real app (``bench/_common.py``), real RS256 tokens from the test
 IdP, every step of the population through the FHIR API (the WSGI app, each request with its
@@ -20,13 +21,17 @@ client address): no resource and no AuditEvent of the population is written behi
    ``bulk`` (one professional opens far more records in a day than their peers), ``shared`` (a
    professional's credential used from another address and client while they work: records they
    are authorized on), ``break-glass`` (one emergency doctor breaks the glass far more than peers).
+   The sealer thread is off while the population is built; its events are then sealed by the real
+   sealer (``_common.seal_pages``), as the running sealer would have: the scan reads runs.
 3. The scan (``review/scan.py``) over the window with ``--budget`` cases: per kind the AUC of the
    score (``sklearn.metrics.roc_auc_score``, that kind's pairs against every legitimate pair) and
    how many of the cases opened within the budget are that kind's; the precision of the cases
    (injected pairs among them); the scan's time and peak memory for the journal's size.
 4. ``--events N``: the journal grown to N AuditEvents through storage (copies of the population's
-   own events, spread over 2,000 professionals and a week, inserted in batches: it only times the
-   scan), then the scan again over the whole journal: time, peak traced memory (tracemalloc), pairs.
+   own events, spread over 2,000 professionals and a week, stored in batches of 5,000 as the sealer
+   stores them, ``_common.seal_entries``: per DMP, in runs; ``--legacy``: as ``AuditEvent``
+   documents, the layout before the runs; it only times the scan), then the scan again over the
+   whole journal: time, peak traced memory (tracemalloc), pairs.
 
 Goal (issue 20): AUC >= 0.95 for every kind, precision >= 0.5 within the budget, a million
 AuditEvents scanned in minutes.
@@ -53,6 +58,7 @@ from fhir_dmp.review.scan import run_scan
 from fhir_dmp.runtime.loader import load_files
 from fhir_dmp.security.principal import IDNATPS_SYSTEM
 from fhir_dmp.storage import now, pack, unpack
+from fhir_dmp.storage.core import JOURNAL_LINKS
 
 TOWNS = [("Lyon", "69003"), ("Paris", "75011"), ("Lille", "59000"), ("Nantes", "44000"), ("Tours", "37000"),
          ("Metz", "57000")]
@@ -292,14 +298,18 @@ def report(pop: Population, result, budget: int) -> dict:
     return out
 
 
-def grow_journal(storage, total: int, rng: random.Random, since, span: timedelta, n_ps: int = 2000) -> int:
+def grow_journal(storage, total: int, rng: random.Random, since, span: timedelta, n_ps: int = 2000, *,
+                 legacy: bool = False) -> int:
     """Copies of the population's events until the journal holds ``total``: each copy with a new id,
     one of ``n_ps`` professionals, one of the population's DMPs, a time in ``[since, since + span)``;
-    inserted 5,000 at a time (each copy's JSON made from its template's by replacing three strings)."""
+    stored 5,000 at a time (``_common.seal_entries``: in runs, ``legacy``: as ``AuditEvent``
+    documents; each copy's JSON made from its template's by replacing three strings)."""
     db = storage.db
-    have = db["AuditEvent"].estimated_document_count()
+    have = c.journal_size(db)
     templates = []
-    for d in db["AuditEvent"].find({"pid": {"$ne": None}}, {"res": 1, "pid": 1, "s": 1, "o": 1}):
+    for d in c.journal_entries(db, {"res": 1, "pid": 1, "s": 1, "o": 1}):
+        if d.get("pid") is None:
+            continue
         res = unpack(d["res"])
         who = (res["agent"][0].get("who") or {}).get("identifier") or {}
         if who.get("system") != IDNATPS_SYSTEM:
@@ -318,12 +328,11 @@ def grow_journal(storage, total: int, rng: random.Random, since, span: timedelta
                       "s": s, "o": o})
         added += 1
         if len(batch) == 5000:
-            db["AuditEvent"].insert_many(batch, ordered=False)
+            c.seal_entries(storage, batch, legacy=legacy)
             batch = []
             if added % 100_000 == 0:
                 print(f"  ... {have + added} AuditEvents", flush=True)
-    if batch:
-        db["AuditEvent"].insert_many(batch, ordered=False)
+    c.seal_entries(storage, batch, legacy=legacy)
     return have + added
 
 
@@ -340,6 +349,8 @@ def main(argv=None) -> int:
                     help="also trace the large journal's scan memory (a second run under tracemalloc)")
     ap.add_argument("--quick", action="store_true", help="a small population (60 patients, 24 professionals)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    ap.add_argument("--legacy", action="store_true", help="--events: grow the journal as AuditEvent documents, "
+                                                          "one per entry (the layout before the runs)")
     args = ap.parse_args(argv)
     if args.quick:
         args.patients, args.ps = 60, 24
@@ -354,9 +365,11 @@ def main(argv=None) -> int:
         pop.legitimate()
         pop.misuse()
         built = time.perf_counter() - t0
-        events = env.db["AuditEvent"].count_documents({})
+        sealed = c.seal_pages(env)
+        events = c.journal_size(env.db)
         print(f"population: {args.ps} professionals, {len(pop.patients)} patients, {http.requests} requests "
-              f"through the API in {built:.0f} s; {events} AuditEvents; {len(pop.truth)} injected pairs")
+              f"through the API in {built:.0f} s; {events} AuditEvents ({sealed} sealed into "
+              f"{env.db[JOURNAL_LINKS].estimated_document_count()} runs); {len(pop.truth)} injected pairs")
         until = now() + timedelta(seconds=1)
         result, seconds, peak = measure(env.storage, start, until, args.budget, keep_rows=True)
         print(f"scan: {result.events} accesses, {result.pairs} pairs in {seconds:.2f} s, CPU {result.cpu:.2f} s "
@@ -368,8 +381,10 @@ def main(argv=None) -> int:
         if args.events:
             c.services(env.app).stop()    # the change stream would read every copy inserted below
             t0 = time.perf_counter()
-            total = grow_journal(env.storage, args.events, rng, start - timedelta(days=7), timedelta(days=7))
-            print(f"journal grown to {total} AuditEvents in {time.perf_counter() - t0:.0f} s")
+            total = grow_journal(env.storage, args.events, rng, start - timedelta(days=7), timedelta(days=7),
+                                 legacy=args.legacy)
+            print(f"journal grown to {total} AuditEvents ({'AuditEvent documents' if args.legacy else 'in runs'}: "
+                  f"{env.db[JOURNAL_LINKS].estimated_document_count()} runs) in {time.perf_counter() - t0:.0f} s")
             if args.profile:
                 import cProfile
                 import pstats
