@@ -203,10 +203,11 @@ class RunReads(StoreCore):
 
     _run_memo = _Memo()
 
-    def _run_entries(self, metas: list[dict]) -> list[list[dict]]:
+    def _run_entries(self, metas: list[dict], *, keep: bool = True) -> list[list[dict]]:
         """The entries of the runs ``metas`` (``{_id, u}``), in that order: memoized, the others
-        read in one query (a run deleted meanwhile, by a destroy, gives none). Not to be changed:
-        callers copy what they return."""
+        read in one query (a run deleted meanwhile, by a destroy, gives none) and memoized unless
+        ``keep`` is False (a scan reading every run once). Not to be changed: callers copy what
+        they return."""
         got = {}
         for m in metas:
             entries = self._run_memo.get((m["_id"], m["u"]))
@@ -217,7 +218,8 @@ class RunReads(StoreCore):
             for doc in self.db[JOURNAL_LINKS].find({"_id": {"$in": want}}, {"e": 1, "u": 1}):
                 key = (doc["_id"], doc.get("u"))
                 got[key] = doc.get("e") or []
-                self._run_memo.put(key, got[key])
+                if keep:
+                    self._run_memo.put(key, got[key])
         return [got.get((m["_id"], m["u"]), []) for m in metas]
 
     def _run_metas(self, flt: dict) -> list[dict]:
@@ -262,11 +264,14 @@ class RunReads(StoreCore):
                      for d in docs if d["_id"] == eid), None)
 
     def sealed_in_window(self, since: datetime | None, until: datetime):
-        """The sealed entries of a DMP appended in ``[since, until)`` (runs by their ``lo``/``hi``)."""
+        """The sealed entries of a DMP appended in ``[since, until)`` (runs by their ``lo``/``hi``).
+        Read once each, the runs are not memoized: a scan of the journal would otherwise hold the
+        memo's :data:`MEMO_ENTRIES` decoded entries while it runs and leave it full of runs that no
+        search asked for (the hot DMPs' runs evicted)."""
         query = {"lo": {"$lt": until}, "pid": {"$ne": SYSTEM_CHAIN}, **({"hi": {"$gte": since}} if since else {})}
         metas = [m for m in self.db[JOURNAL_LINKS].find(query, {"u": 1}) if "u" in m]
         for i in range(0, len(metas), 64):
-            for docs in self._run_entries(metas[i:i + 64]):
+            for docs in self._run_entries(metas[i:i + 64], keep=False):
                 for d in docs:
                     if d["pid"] is not None and (since is None or d["lu"] >= since) and d["lu"] < until:
                         yield d

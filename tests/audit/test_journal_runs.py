@@ -166,3 +166,21 @@ def test_a_chains_pass_is_split_into_runs_that_stay_small(db, storage, tmp_path)
     assert all(a["last"] + 1 == b["first"] and a["links"][-1][1] == b["prev"] for a, b in zip(runs, runs[1:]))
     assert verify_chains(storage, check_signatures=True, public_key=small.key.public_key()) == []
     assert len(storage.find_docs("AuditEvent", {"pid": "p1"}, [("lu", -1), ("_id", 1)], 0)) == 30
+
+
+def test_a_scan_of_the_window_reads_every_run_once_and_keeps_none(db, storage, sealer):
+    """The privacy scan's window (``sealed_in_window``) reads each run once: it gives every sealed
+    entry of a DMP in the window, leaves a run a search memoized where it was, and memoizes none of
+    the others (a scan of the whole journal would hold and then flush the searches' memo)."""
+    log = AuditLog(storage)
+    for pid in ("p1", "p2", "p3"):
+        log.append([event(pid) for _ in range(4)] + [event(None)])
+        sealer.seal_all()
+    RunReads._run_memo.__init__()
+    assert len(storage.find_docs("AuditEvent", {"pid": "p1"}, [], 0)) == 4      # a search memoizes p1's run
+    memoized = set(RunReads._run_memo.runs)
+    assert [key[0] for key in memoized] == ["p1:1"]
+    since = datetime.now(timezone.utc) - timedelta(hours=1)
+    got = list(storage.sealed_in_window(since, datetime.now(timezone.utc) + timedelta(seconds=1)))
+    assert sorted(d["pid"] for d in got) == ["p1"] * 4 + ["p2"] * 4 + ["p3"] * 4
+    assert set(RunReads._run_memo.runs) == memoized
