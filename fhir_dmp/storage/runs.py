@@ -49,6 +49,9 @@ MEMO_ENTRIES = 5_000
 #: runs decoded at a time by a sorted, limited read before it looks whether it may stop
 STREAM_STEP = 4
 
+#: runs per batch of a scan of the window (:meth:`RunReads.sealed_in_window`)
+WINDOW_BATCH = 64
+
 #: filter fields answered from a run's index: the field of the run holding their values
 _LOOKUPS = (("_id", "ids"), ("pid", "pid"), ("s.entity.r", "ke"), ("s.agent.iv", "ka"))
 #: every run that holds entries (one written by this version)
@@ -203,11 +206,10 @@ class RunReads(StoreCore):
 
     _run_memo = _Memo()
 
-    def _run_entries(self, metas: list[dict], *, keep: bool = True) -> list[list[dict]]:
+    def _run_entries(self, metas: list[dict]) -> list[list[dict]]:
         """The entries of the runs ``metas`` (``{_id, u}``), in that order: memoized, the others
-        read in one query (a run deleted meanwhile, by a destroy, gives none) and memoized unless
-        ``keep`` is False (a scan reading every run once). Not to be changed: callers copy what
-        they return."""
+        read in one query (a run deleted meanwhile, by a destroy, gives none). Not to be changed:
+        callers copy what they return."""
         got = {}
         for m in metas:
             entries = self._run_memo.get((m["_id"], m["u"]))
@@ -218,8 +220,7 @@ class RunReads(StoreCore):
             for doc in self.db[JOURNAL_LINKS].find({"_id": {"$in": want}}, {"e": 1, "u": 1}):
                 key = (doc["_id"], doc.get("u"))
                 got[key] = doc.get("e") or []
-                if keep:
-                    self._run_memo.put(key, got[key])
+                self._run_memo.put(key, got[key])
         return [got.get((m["_id"], m["u"]), []) for m in metas]
 
     def _run_metas(self, flt: dict) -> list[dict]:
@@ -264,14 +265,14 @@ class RunReads(StoreCore):
                      for d in docs if d["_id"] == eid), None)
 
     def sealed_in_window(self, since: datetime | None, until: datetime):
-        """The sealed entries of a DMP appended in ``[since, until)`` (runs by their ``lo``/``hi``).
-        Read once each, the runs are not memoized: a scan of the journal would otherwise hold the
-        memo's :data:`MEMO_ENTRIES` decoded entries while it runs and leave it full of runs that no
-        search asked for (the hot DMPs' runs evicted)."""
+        """``_id, pid, lu, res`` of the sealed entries of a DMP appended in ``[since, until)`` (runs
+        by their ``lo``/``hi``), streamed. Each run is read once, with only those fields of its
+        entries (not their search index) and not memoized: a scan of the whole journal would
+        otherwise decode twice what it needs, hold the memo's :data:`MEMO_ENTRIES` entries while it
+        runs and leave it full of runs no search asked for."""
         query = {"lo": {"$lt": until}, "pid": {"$ne": SYSTEM_CHAIN}, **({"hi": {"$gte": since}} if since else {})}
-        metas = [m for m in self.db[JOURNAL_LINKS].find(query, {"u": 1}) if "u" in m]
-        for i in range(0, len(metas), 64):
-            for docs in self._run_entries(metas[i:i + 64], keep=False):
-                for d in docs:
-                    if d["pid"] is not None and (since is None or d["lu"] >= since) and d["lu"] < until:
-                        yield d
+        fields = {"e._id": 1, "e.pid": 1, "e.lu": 1, "e.res": 1}
+        for run in self.db[JOURNAL_LINKS].find(query, fields, batch_size=WINDOW_BATCH):
+            for d in run.get("e") or ():
+                if d["pid"] is not None and (since is None or d["lu"] >= since) and d["lu"] < until:
+                    yield d

@@ -170,8 +170,9 @@ def test_a_chains_pass_is_split_into_runs_that_stay_small(db, storage, tmp_path)
 
 def test_a_scan_of_the_window_reads_every_run_once_and_keeps_none(db, storage, sealer):
     """The privacy scan's window (``sealed_in_window``) reads each run once: it gives every sealed
-    entry of a DMP in the window, leaves a run a search memoized where it was, and memoizes none of
-    the others (a scan of the whole journal would hold and then flush the searches' memo)."""
+    entry of a DMP in the window with the fields the scan reads, leaves a run a search memoized
+    where it was, and memoizes none of the others (a scan of the whole journal would hold and then
+    flush the searches' memo)."""
     log = AuditLog(storage)
     for pid in ("p1", "p2", "p3"):
         log.append([event(pid) for _ in range(4)] + [event(None)])
@@ -183,4 +184,5 @@ def test_a_scan_of_the_window_reads_every_run_once_and_keeps_none(db, storage, s
     since = datetime.now(timezone.utc) - timedelta(hours=1)
     got = list(storage.sealed_in_window(since, datetime.now(timezone.utc) + timedelta(seconds=1)))
     assert sorted(d["pid"] for d in got) == ["p1"] * 4 + ["p2"] * 4 + ["p3"] * 4
+    assert all(set(d) == {"_id", "pid", "lu", "res"} for d in got)     # not the search index
     assert set(RunReads._run_memo.runs) == memoized
