@@ -285,12 +285,13 @@ def template_event(env) -> dict:
     raise RuntimeError("no read event")
 
 
-def search_indexes(legacy: bool) -> tuple[str, list]:
+def search_indexes(env, legacy: bool) -> tuple:
     """The journal's collection and its two search indexes (who read this document, what did this
-    professional read): the runs' ``ke``, ``ka``; ``legacy``: ``AuditEvent``'s."""
-    if legacy:
-        return JOURNAL, [("s.entity.r", 1), ("s.agent.iv", 1)]
-    return JOURNAL_LINKS, [("ke", 1), ("ka", 1)]
+    professional read) as ``[(name, keys)]``, named as the server created them: the runs' ``ke``,
+    ``ka``; ``legacy``: ``AuditEvent``'s ``s.entity.r``, ``s.agent.iv``."""
+    coll = env.db[JOURNAL if legacy else JOURNAL_LINKS]
+    fields = ("s.entity.r", "s.agent.iv") if legacy else ("ke", "ka")
+    return coll, [(i["name"], list(i["key"].items())) for i in coll.list_indexes() if list(i["key"]) in ([f] for f in fields)]
 
 
 def append_cost(env, seeder: Seeder, rounds: int = 3, events: int = 2000, batch: int = 8) -> None:
@@ -298,24 +299,23 @@ def append_cost(env, seeder: Seeder, rounds: int = 3, events: int = 2000, batch:
     of one DMP: one run each; ``--legacy``: ``batch`` documents) with the journal's two search
     indexes and without them, interleaved ``rounds`` times (CPU time of the database process:
     comparable on a busy machine)."""
-    name, keys = search_indexes(seeder.legacy)
-    coll = env.db[name]
+    coll, indexes = search_indexes(env, seeder.legacy)
     out: dict[str, list[float]] = {"with": [], "without": []}
     for _ in range(rounds):
         for label in ("with", "without"):
-            for key in keys:
+            for name, keys in indexes:
                 if label == "with":
-                    coll.create_index([key])
+                    coll.create_index(keys, name=name)
                 else:
-                    coll.drop_index([key])
+                    coll.drop_index(name)
             batches = [entries_of(seeder.dmp_events(new_id(), [new_id()], lambda k: "899999999999")[:batch],
                                   seeder.now) for _ in range(events // batch)]
             db0 = cpu_s(env.server.pid)
             for docs in batches:
                 c.seal_entries(env.storage, docs, legacy=seeder.legacy)
             out[label].append(1e3 * (cpu_s(env.server.pid) - db0) / events)
-    for key in keys:
-        coll.create_index([key])
+    for name, keys in indexes:
+        coll.create_index(keys, name=name)
     for label, v in out.items():
         print(f"  {label:<7} the entity and agent indexes: database CPU {statistics.median(v):.3f} ms per entry "
               f"(rounds {', '.join(f'{x:.3f}' for x in v)})")
@@ -342,12 +342,12 @@ def main() -> int:
             print("entries inserted as the sealer does, 2,000 in batches of 8, interleaved, 3 rounds")
             append_cost(env, seeder)
             return 0
-        name, keys = search_indexes(args.legacy)
+        coll, indexes = search_indexes(env, args.legacy)
         if args.without_indexes:
-            for key in keys:
-                env.db[name].drop_index([key])
+            for name, _ in indexes:
+                coll.drop_index(name)
         print(f"the journal's layout: {'AuditEvent documents (--legacy)' if args.legacy else 'runs'}; indexes of "
-              f"{name}:", [list(i["key"].items()) for i in env.db[name].list_indexes()])
+              f"{coll.name}:", [list(i["key"].items()) for i in coll.list_indexes()])
         rows = []
         for stage, size in enumerate(sizes):
             have = c.journal_size(env.db)
