@@ -123,7 +123,7 @@ class JournalStore(StoreCore):
         queue (a link deleted, an entry written by hand, one added to a run)."""
         paged = {eid for _, eid in self._paged(pid)}
         linked, in_runs = set(), set()
-        for run in self.db[JOURNAL_LINKS].find(_by_pid(pid), {"links": 1, "e": 1}):
+        for run in self.db[JOURNAL_LINKS].find(_by_pid(pid), {"links": 1, "e._id": 1}):
             linked.update(eid for eid, _ in run["links"])
             in_runs.update(d["_id"] for d in run.get("e") or ())
         return len(in_runs - linked) + sum(1 for d in self.db[JOURNAL].find(_by_pid(pid), {"_id": 1})

@@ -40,6 +40,7 @@ from .runs import RunReads
 
 log = logging.getLogger(__name__)
 
+
 def search_index(res: dict) -> tuple[dict, dict]:
     """``s``/``o`` of an event (:func:`fhir_dmp.search.extract`); ``{}`` if extraction fails."""
     try:
@@ -105,9 +106,10 @@ class PageReads(RunReads):
             or self.sealed_entry(eid)
 
     def _matching(self, flt: dict, sort: list | None = None, limit: int = 0) -> list[dict]:
-        """The entries of pages and runs matching ``flt`` (copies of those only; with ``sort`` and
-        ``limit``, at least the first ``limit`` of the runs'), each once: the pages first, then
-        the runs (an event sealed between the two reads is in one or the other, maybe both)."""
+        """The entries of pages and runs matching ``flt`` (as memoized: not to be changed; with
+        ``sort`` and ``limit``, at least the first ``limit`` of the runs'), each once: the pages
+        first, then the runs (an event sealed between the two reads is in one or the other, maybe
+        both)."""
         try:
             if not exact(flt):
                 raise Unsupported("not evaluated in memory")
@@ -115,7 +117,7 @@ class PageReads(RunReads):
         except Unsupported:
             log.error("a journal filter the storage filter language does not evaluate: %s", sorted(flt))
             raise StorageUnavailable("this search of the journal cannot be answered") from None
-        mine = {d["_id"]: dict(d) for docs in self._unsealed() for d in docs if test(d)}
+        mine = {d["_id"]: d for docs in self._unsealed() for d in docs if test(d)}
         for d in self.sealed_matching(test, flt, sort, limit):
             mine.setdefault(d["_id"], d)
         return list(mine.values())
@@ -123,7 +125,7 @@ class PageReads(RunReads):
     def journal_through(self, flt: dict, sort: list, limit: int, query: Callable[[], list[dict]]) -> list[dict]:
         """``query()`` (the previous versions' ``AuditEvent`` documents matching ``flt``, in
         ``sort`` order, at most ``limit``) merged with the pages' and runs' entries matching
-        ``flt``: same order and limit."""
+        ``flt``: same order and limit, copies of the memoized entries."""
         mine = self._matching(flt, sort, limit)
         docs = query()
         if not mine:
@@ -135,7 +137,7 @@ class PageReads(RunReads):
         except TypeError:       # sort keys of mixed types: never written by this server
             log.error("journal entries whose sort keys are of mixed types: %s", sort)
             raise StorageUnavailable("this search of the journal cannot be ordered") from None
-        return out[:limit] if limit else out
+        return [dict(d) for d in (out[:limit] if limit else out)]
 
     def journal_count(self, flt: dict, count: Callable[[], int]) -> int:
         """``count()`` (the previous versions' ``AuditEvent`` documents matching ``flt``) plus the

@@ -166,11 +166,9 @@ class ResourceStore(PageReads):
             flt.update(pid_filter)
         if rtype in APPEND_ONLY:
             return self.journal_count(flt, lambda: coll.count_documents(flt, session=session))
-        n = coll.count_documents(flt, session=session)
-        if rtype not in APPEND_ONLY:     # the current versions without a copy (module docstring)
-            n += self.db[rtype].count_documents({NO_COPY: True, **({} if rid is None else {"_id": rid}),
-                                                 **(pid_filter or {})}, session=session)
-        return n
+        # and the current versions without a copy (module docstring)
+        return coll.count_documents(flt, session=session) + self.db[rtype].count_documents(
+            {NO_COPY: True, **({} if rid is None else {"_id": rid}), **(pid_filter or {})}, session=session)
 
     def find(self, rtype: str, flt: dict, sort: list, limit: int, *, session=None) -> list[Stored]:
         return [Stored.from_doc(rtype, d) for d in self.find_docs(rtype, flt, sort, limit, session=session)]

@@ -74,10 +74,10 @@ def run_document(run: dict, entries: list[dict]) -> dict:
                 bounds[key] = [value, value]
             else:
                 got[0], got[1] = min(got[0], value), max(got[1], value)
-    lus = [e["lu"] for e in entries]
+    lo, hi = bounds["lu"]            # every entry has its lu: queryable beside the other bounds
     return {**doc, "u": uuid.uuid4().hex, "e": entries, "ids": [e["_id"] for e in entries],
             "ke": _union(entries, ("s", "entity", "r")), "ka": _union(entries, ("s", "agent", "iv")),
-            "lo": min(lus), "hi": max(lus), "b": bounds}
+            "lo": lo, "hi": hi, "b": bounds}
 
 
 def stored_size(entry: dict) -> int:
@@ -232,24 +232,26 @@ class RunReads(StoreCore):
                 if "u" in m and admits(m.get("b") or {}, flt):
                     metas.setdefault(m["_id"], m)
         return list(metas.values())
+
     def sealed_matching(self, test, flt: dict, sort: list | None = None, limit: int = 0) -> list[dict]:
-        """Copies of the sealed entries that ``test`` (``flt`` compiled) accepts. With ``sort``
+        """The sealed entries that ``test`` (``flt`` compiled) accepts, as memoized (not to be
+        changed: the caller copies what it hands out). With ``sort``
         and ``limit``: at least the first ``limit`` of them in that order (maybe more), reading
         the runs in the order of their bounds on the first sort key and stopping when no run
         left can come before the ``limit``-th entry found."""
         metas = self._run_metas(flt)
         field, direction = (_bound_field(sort[0][0]), sort[0][1]) if sort and limit else (None, 0)
         if field is None or len(metas) <= STREAM_STEP:
-            return [dict(d) for docs in self._run_entries(metas) for d in docs if test(d)]
+            return [d for docs in self._run_entries(metas) for d in docs if test(d)]
         unbounded = [m for m in metas if field not in (m.get("b") or {})]
         bounded = [m for m in metas if field in (m.get("b") or {})]
         edge = 1 if direction < 0 else 0          # a descending read goes by each run's newest
         bounded.sort(key=lambda m: m["b"][field][edge], reverse=direction < 0)
-        out = [dict(d) for docs in self._run_entries(unbounded) for d in docs if test(d)]
+        out = [d for docs in self._run_entries(unbounded) for d in docs if test(d)]
         path = sort[0][0]
         for i in range(0, len(bounded), STREAM_STEP):
             step = bounded[i:i + STREAM_STEP]
-            out += [dict(d) for docs in self._run_entries(step) for d in docs if test(d)]
+            out += [d for docs in self._run_entries(step) for d in docs if test(d)]
             keys = [k for k in (sort_value(d, path, direction) for d in out) if isinstance(k, datetime)]
             if len(keys) >= limit and i + STREAM_STEP < len(bounded):
                 last = sorted(keys, reverse=direction < 0)[limit - 1]
