@@ -310,6 +310,8 @@ class HubProcess:
         started = time.monotonic()
         while True:
             code = self.proc.wait()
+            if self._stopping.is_set():     # ended by stop(): nothing to say
+                return
             self.pause = restart_pause(self.pause, time.monotonic() - started)
             log.warning("change hub exited (%s); starting it again in %.0f s", code, self.pause)
             if self._stopping.wait(self.pause):
