@@ -60,9 +60,10 @@ def test_one_group_commit_of_concurrent_appends_is_one_page_and_no_transaction(m
         storage = Storage(client, client[db.name])
         log = AuditLog(storage)
         log.ensure_indexes()
-        gate = threading.Event()
+        gate, writing = threading.Event(), threading.Event()
 
         def gated(events):     # the first write stays in flight until the K others are queued
+            writing.set()
             gate.wait(10)
             storage.journal_insert(events)
         log._committer = committer = GroupCommitter(gated)
@@ -71,8 +72,7 @@ def test_one_group_commit_of_concurrent_appends_is_one_page_and_no_transaction(m
         k = 12
         others = [threading.Thread(target=log.append, args=([event(request_id=f"r{i}")],)) for i in range(k)]
         deadline = time.monotonic() + 10
-        while committer._queue.qsize() and time.monotonic() < deadline:   # the first is taken
-            time.sleep(0.01)
+        assert writing.wait(10)        # the first is taken, alone, and in flight (not merely queued)
         commands.seen.clear()
         for t in others:
             t.start()
