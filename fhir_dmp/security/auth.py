@@ -761,6 +761,11 @@ def _purpose_from_claims(claims: dict) -> str:
 
 
 def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    if getattr(headers, "environ", None) is not None:
+        # werkzeug's EnvironHeaders: one value per name (PEP 3333: the server joins repeated
+        # headers), looked up by its key; its getlist would walk the whole environ
+        value = headers.get(name)
+        return [value] if value else []
     getlist = getattr(headers, "getlist", None)
     if callable(getlist):
         return [v for v in getlist(name) if v]
