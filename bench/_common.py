@@ -55,7 +55,7 @@ from fhir_dmp.guard.repository import GuardedRepository  # noqa: E402
 from fhir_dmp.runtime.services import services  # noqa: E402
 from fhir_dmp.storage import new_id, now  # noqa: E402
 from fhir_dmp.storage.core import JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES  # noqa: E402
-from fhir_dmp.storage.runs import run_document  # noqa: E402
+from fhir_dmp.storage.runs import run_document, unpacked_entry  # noqa: E402
 from tests import builders  # noqa: E402
 from tests.idp import TestIdP  # noqa: E402
 
@@ -202,7 +202,7 @@ def journal_entries(db, projection: dict | None = None):
     for page in db[JOURNAL_PAGES].find({}, {"events": 1}):
         yield from page["events"]
     for run in db[JOURNAL_LINKS].find({"e": {"$exists": True}}, {"e": 1}):
-        yield from run["e"]
+        yield from map(unpacked_entry, run["e"])
     yield from db[JOURNAL].find({}, projection)
 
 

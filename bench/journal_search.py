@@ -60,7 +60,7 @@ from fhir_dmp.audit.events import event_patient
 from fhir_dmp.storage import merge_filters, new_id, pack, unpack
 from fhir_dmp.storage.core import JOURNAL, JOURNAL_LINKS, or_branches
 from fhir_dmp.storage.filters import compile_query
-from fhir_dmp.storage.runs import admits, run_queries
+from fhir_dmp.storage.runs import admits, run_queries, unpacked_entry
 
 IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
 DOCS_PER_DMP = 10
@@ -240,7 +240,7 @@ def run_plans(env, t: dict) -> list[str]:
         held = matched = 0
         for run in coll.find({"_id": {"$in": admitted}}, {"e": 1}):
             held += len(run["e"])
-            matched += sum(1 for e in run["e"] if test(e))
+            matched += sum(1 for e in run["e"] if test(unpacked_entry(e)))
         t2 = time.perf_counter()
         out.append(f"  {label:<18} runs named {len(named):>4}, admitted {len(admitted):>4} ({1e3 * (t1 - t0):6.1f} ms); "
                    f"entries {held:>6}, matching {matched:>4} ({1e3 * (t2 - t1):7.1f} ms); "

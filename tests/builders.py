@@ -176,9 +176,10 @@ def journal_entries(db, flt: dict | None = None) -> list[dict]:
     from fhir_dmp.storage import unpack
     from fhir_dmp.storage.filters import matches
     from fhir_dmp.storage.pages import entries
+    from fhir_dmp.storage.runs import unpacked_entry
     found = {d["_id"]: d for page in db["AuditEvent_page"].find() for d in entries(page) if matches(flt or {}, d)}
     found.update((d["_id"], d) for run in db["AuditEvent_link"].find({"e": {"$exists": True}})
-                 for d in run["e"] if matches(flt or {}, d))
+                 for d in map(unpacked_entry, run["e"]) if matches(flt or {}, d))
     found.update((d["_id"], d) for d in db["AuditEvent"].find(flt or {}))
     return [{**d, "res": unpack(d["res"])} for d in found.values()]
 

@@ -524,7 +524,8 @@ class TokenVerifier:
         if not token or _WHITESPACE.search(token):
             raise _invalid_request("malformed Bearer credentials")
         digest, claims = self._verified_claims(token)
-        return self._principal(digest, claims, headers or {})
+        # `is None`, not `or`: the truth of werkzeug's EnvironHeaders walks the whole environ
+        return self._principal(digest, claims, {} if headers is None else headers)
 
     def _principal(self, digest: bytes, claims: dict, headers: Mapping[str, str]) -> Principal:
         """:func:`principal_from_claims`, remembered with the verified token: the same (immutable)
@@ -562,7 +563,7 @@ def principal_from_claims(claims: dict, headers: Mapping[str, str] | None = None
     inconsistent claims and the RFC 9470 step-up for PS / regulation centre
     without ``acr`` eidas1.
     """
-    headers = headers or {}
+    headers = {} if headers is None else headers
     role = claims.get("dmp_role")
     user = _fhir_user(claims.get("fhirUser"), base_url)     # (type, id, on this server) or None
     patient_id = user[1] if user and user[0] == "Patient" and user[2] else None
@@ -760,6 +761,11 @@ def _purpose_from_claims(claims: dict) -> str:
 
 
 def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    if getattr(headers, "environ", None) is not None:
+        # werkzeug's EnvironHeaders: one value per name (PEP 3333: the server joins repeated
+        # headers), looked up by its key; its getlist would walk the whole environ
+        value = headers.get(name)
+        return [value] if value else []
     getlist = getattr(headers, "getlist", None)
     if callable(getlist):
         return [v for v in getlist(name) if v]

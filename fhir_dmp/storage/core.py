@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from datetime import datetime, timezone
 import decimal
 
 import bson
+import orjson
 import pymongo
 from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
 from bson.decimal128 import Decimal128
@@ -115,10 +117,23 @@ def pack(resource: dict | bytes) -> bytes:
 
 
 def unpack(res):
-    """The resource of a stored document: packed (:func:`pack`) or plain."""
+    """The resource of a stored document: packed (:func:`pack`) or plain. Parsed by orjson
+    (2-3x the standard library on an event: the sealer unpacks every event it indexes), by the
+    standard library where they could differ: a run of 19 digits (orjson reads an integer beyond
+    64 bits as a float) or what orjson refuses (a lone surrogate, an infinite number)."""
     if isinstance(res, bytes):
-        return json.loads(zlib.decompress(res))
+        raw = zlib.decompress(res)
+        if _LONG_DIGITS.search(raw) is None:
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                pass
+        return json.loads(raw)
     return res
+
+
+#: digits enough for an integer orjson would not read exactly (beyond 64 bits: 20 digits, or 19)
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def merge_filters(*filters: dict) -> dict:

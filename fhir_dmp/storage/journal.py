@@ -47,7 +47,7 @@ from .core import (CHECKPOINTS, EPOCH, JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JO
                    SEALER_ID, SEALER_LEASE, StoreCore, _by_pid, _drop_indexes, _taken, now, pack, unpack)
 from .errors import TRANSIENT, label_transient, translate, translate_methods
 from .resources import UNIQUE_INDEXES, _wanted_indexes
-from .runs import run_document
+from .runs import run_document, unpacked_entry
 
 log = logging.getLogger(__name__)
 #: pages named per delete statement when the sealer deletes them (:meth:`JournalStore.seal_pages`)
@@ -134,7 +134,7 @@ class JournalStore(StoreCore):
         prev, hash}`` (``pid`` the chain: ``_system`` for events of no patient). A link whose event
         is gone is skipped (the verifier then sees a gap in the chain)."""
         for run in self.db[JOURNAL_LINKS].find(_by_pid(pid), sort=[("pid", 1), ("first", 1)]):
-            events = {d["_id"]: d for d in run["e"]} if "e" in run else \
+            events = {d["_id"]: unpacked_entry(d) for d in run["e"]} if "e" in run else \
                 {d["_id"]: d for d in self.db[JOURNAL].find({"_id": {"$in": [eid for eid, _ in run["links"]]}})}
             prev = run["prev"]
             for i, (eid, hsh) in enumerate(run["links"]):

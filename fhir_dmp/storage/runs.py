@@ -6,7 +6,7 @@ holding the links AND the entries they seal::
 
     {_id: "<chain>:<first>", pid: chain, first, last, prev, links: [[event id, hash], ...],
      u: <random, unique per run>, e: [entry, ...]  (the common layout: _id, pid, vid=1, lu, del,
-     res packed, s, o; e[i] is the event of links[i]),
+     res packed, and x: its search index s, o packed; e[i] is the event of links[i]),
      ids: [event id, ...], ke: [s.entity.r ...], ka: [s.agent.iv ...]  (what the reads look up),
      lo, hi: first and last ``lu``, b: {"lu" | "o:<key>": [min, max]}  (bounds of the dates)}
 
@@ -25,7 +25,14 @@ run left can hold an entry before its last one, so a page of a long journal read
 all of them. Runs are never changed once written (a destroy deletes them): their entries are
 memoized per process by ``(_id, u)``, within :data:`MEMO_ENTRIES`.
 
-Runs written before this version have no ``e`` (their entries are ``AuditEvent`` documents, which
+An entry's search index (``s``, ``o``: some 70 BSON elements) is stored as ONE binary value ``x``
+(:func:`packed_entry`), as its resource is (``core.pack``): the database never looks inside an
+entry (the runs are found by ``ids``/``ke``/``ka``/``pid`` and their bounds), and SecantusDB pays
+for every element of every insert, of its oplog's change-stream reads and of every find
+(bench/README.md, "Issue 22: the runs' entries packed"); the reads unpack it once per run
+(:func:`unpacked_entry`, then memoized). Runs written before carry ``s``/``o`` as they are.
+
+Runs written before the runs held entries have no ``e`` (their entries are ``AuditEvent`` documents, which
 the reads still ask: ``pages.py``).
 """
 from __future__ import annotations
@@ -52,6 +59,9 @@ STREAM_STEP = 4
 #: runs per batch of a scan of the window (:meth:`RunReads.sealed_in_window`)
 WINDOW_BATCH = 64
 
+#: an entry's search index (``s``, ``o``) packed in a run: one BSON binary (module docstring)
+PACKED = "x"
+
 #: filter fields answered from a run's index: the field of the run holding their values
 _LOOKUPS = (("_id", "ids"), ("pid", "pid"), ("s.entity.r", "ke"), ("s.agent.iv", "ka"))
 #: every run that holds entries (one written by this version)
@@ -75,9 +85,26 @@ def run_document(run: dict, entries: list[dict]) -> dict:
             else:
                 got[0], got[1] = min(got[0], value), max(got[1], value)
     lo, hi = bounds["lu"]            # every entry has its lu: queryable beside the other bounds
-    return {**doc, "u": uuid.uuid4().hex, "e": entries, "ids": [e["_id"] for e in entries],
+    return {**doc, "u": uuid.uuid4().hex, "e": [packed_entry(e) for e in entries], "ids": [e["_id"] for e in entries],
             "ke": _union(entries, ("s", "entity", "r")), "ka": _union(entries, ("s", "agent", "iv")),
             "lo": lo, "hi": hi, "b": bounds}
+
+
+def packed_entry(entry: dict) -> dict:
+    """``entry`` as a run stores it: its ``s`` and ``o`` in one BSON binary :data:`PACKED`."""
+    stored = {k: v for k, v in entry.items() if k not in ("s", "o")}
+    stored[PACKED] = bson.encode({"s": entry.get("s") or {}, "o": entry.get("o") or {}}, codec_options=CODECS)
+    return stored
+
+
+def unpacked_entry(stored: dict) -> dict:
+    """The entry (the common layout, ``s`` and ``o`` as documents) of a run's stored entry,
+    packed (:func:`packed_entry`) or written before it was."""
+    if PACKED not in stored:
+        return stored
+    entry = {k: v for k, v in stored.items() if k != PACKED}
+    entry.update(bson.decode(stored[PACKED], codec_options=CODECS))
+    return entry
 
 
 def stored_size(entry: dict) -> int:
@@ -219,7 +246,7 @@ class RunReads(StoreCore):
         if want:
             for doc in self.db[JOURNAL_LINKS].find({"_id": {"$in": want}}, {"e": 1, "u": 1}):
                 key = (doc["_id"], doc.get("u"))
-                got[key] = doc.get("e") or []
+                got[key] = [unpacked_entry(d) for d in doc.get("e") or ()]
                 self._run_memo.put(key, got[key])
         return [got.get((m["_id"], m["u"]), []) for m in metas]
 

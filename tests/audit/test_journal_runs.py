@@ -15,7 +15,7 @@ from fhir_dmp.audit.verify import verify_chains
 from fhir_dmp.security.principal import PS, Principal
 from fhir_dmp.security.scopes import Scopes
 from fhir_dmp.storage import Storage
-from fhir_dmp.storage.runs import RunReads, admits, run_queries
+from fhir_dmp.storage.runs import PACKED, RunReads, admits, run_queries, unpacked_entry
 
 LINKS = "AuditEvent_link"
 IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
@@ -54,6 +54,35 @@ def test_a_pass_writes_one_run_per_chain_holding_its_entries(db, storage, sealer
     assert [e["_id"] for e in p1["e"]] == [eid for eid, _ in p1["links"]] == p1["ids"]
     assert p1["ke"] == ["DocumentReference/d1", "Patient/p1"] and p1["ka"] == ["810001234567"]
     assert p1["lo"] <= p1["hi"] and p1["b"]["lu"] == [p1["lo"], p1["hi"]]
+    assert verify_chains(storage, check_signatures=True, public_key=sealer.key.public_key()) == []
+
+
+def test_a_runs_entries_keep_their_search_index_packed_and_read_back_whole(db, storage, sealer):
+    """The search index of an entry is one binary in the run (the database never reads inside
+    it); the reads give the entry with ``s`` and ``o`` as the search extracted them."""
+    log = AuditLog(storage)
+    log.append([event("p1", doc="d7")])
+    sealer.seal_all()
+    stored = db[LINKS].find_one({"pid": "p1"})["e"][0]
+    assert "s" not in stored and "o" not in stored and isinstance(stored[PACKED], bytes)
+    entry = unpacked_entry(stored)
+    assert "DocumentReference/d7" in [v.get("r") for v in entry["s"]["entity"]]
+    assert entry["o"]["date"].tzinfo is not None     # dates come back as stored, aware
+    RunReads._run_memo.__init__()
+    got = storage.find_docs("AuditEvent", {"s.entity.r": "DocumentReference/d7", "del": False}, [("lu", 1)], 0)
+    assert [d["_id"] for d in got] == [entry["_id"]] and got[0]["s"] == entry["s"]
+
+
+def test_runs_written_with_their_search_index_as_documents_still_read(db, storage, sealer):
+    """A run of the previous version (``s``/``o`` plain in each entry) is found and matched."""
+    log = AuditLog(storage)
+    log.append([event("p1", doc="d8"), event("p1", doc="d9")])
+    sealer.seal_all()
+    run = db[LINKS].find_one({"pid": "p1"})
+    db[LINKS].update_one({"_id": run["_id"]}, {"$set": {"e": [unpacked_entry(d) for d in run["e"]]}})
+    RunReads._run_memo.__init__()
+    got = storage.find_docs("AuditEvent", {"s.entity.r": "DocumentReference/d9", "del": False}, [("lu", 1)], 0)
+    assert len(got) == 1 and got[0]["_id"] == run["ids"][1]
     assert verify_chains(storage, check_signatures=True, public_key=sealer.key.public_key()) == []
 
 
@@ -108,7 +137,7 @@ def test_runs_match_as_the_database_does(db, storage, sealer, args):
                     event("p1", ps="810000000009", at=t0 + timedelta(minutes=10 * i, seconds=1)),
                     *([event("p2", at=t0 + timedelta(minutes=10 * i + 1))] if i % 2 else [])])
         sealer.seal_all()
-    entries = [d for run in db[LINKS].find() for d in run["e"]]
+    entries = [unpacked_entry(d) for run in db[LINKS].find() for d in run["e"]]
     db["reference_entries"].insert_many(entries)
     req = search.parse_search("AuditEvent", args)
     flt, sort = req.mongo_filter(), req.mongo_sort()

@@ -843,3 +843,23 @@ def test_the_principal_of_a_verified_token_is_built_once_per_token_and_break_gla
     for _ in range(2):
         with pytest.raises(Unauthorized):
             verifier.authenticate(f"Bearer {weak}", Headers())
+
+
+def test_break_glass_headers_read_from_a_wsgi_environ_as_from_a_header_list(fresh_idp):
+    """The request's headers (werkzeug's EnvironHeaders, read by key) give the same Principal as
+    the same headers in a list: the break-glass Category among others (joined by the server, PEP
+    3333), and its reason."""
+    from werkzeug.datastructures import EnvironHeaders
+    idp, verifier = fresh_idp
+    token = idp.ps(PS_ID)
+    joined = f'x; scheme="other", {BTG_CATEGORY}'
+    environ = {"HTTP_CATEGORY": joined, "HTTP_X_BREAK_GLASS_REASON": "arrêt cardiaque".encode().decode("latin-1"),
+               "HTTP_ACCEPT": "application/fhir+json"}
+    from_environ = verifier.authenticate(f"Bearer {token}", EnvironHeaders(environ))
+    from_list = verifier.authenticate(f"Bearer {token}", Headers([("Category", 'x; scheme="other"'),
+                                                                  ("Category", BTG_CATEGORY),
+                                                                  ("X-Break-Glass-Reason", "arrêt cardiaque")]))
+    assert from_environ.purpose == from_list.purpose == BTG
+    assert from_environ.btg_reason == from_list.btg_reason == "arrêt cardiaque"
+    plain = verifier.authenticate(f"Bearer {token}", EnvironHeaders({"HTTP_ACCEPT": "application/fhir+json"}))
+    assert plain.purpose != BTG

@@ -1,12 +1,15 @@
 """Storage: versions, decimals, flat filters and the access facets stored beside each document."""
+import json
 import threading
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fhir_dmp.runtime.services import services
 from fhir_dmp.security.decision import access_facets
-from fhir_dmp.storage import Storage, VersionConflict, merge_filters
+from fhir_dmp.storage import Storage, VersionConflict, merge_filters, pack, unpack
 from tests import builders as b
 
 
@@ -146,3 +149,25 @@ def test_ins_index_is_unique(app):
     storage = services(app).storage
     info = storage.db["Patient"].index_information()
     assert any(ix.get("unique") and any(k[0] == "a.ins" for k in ix["key"]) for ix in info.values()), info
+
+
+# the journal's packed resources read back as the standard library reads them (storage/core.py
+# unpack: orjson where it reads the same, the standard library where it could not)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(blacklist_categories=("Cs",))),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_a_packed_resource_unpacks_to_what_the_standard_library_reads(value):
+    raw = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    got = unpack(pack(raw))
+    assert repr(got) == repr(json.loads(raw))
+
+
+def test_a_packed_integer_beyond_64_bits_stays_an_integer():
+    for n in (2 ** 64, 2 ** 70, -(2 ** 63) - 1, 10 ** 19):
+        assert repr(unpack(pack({"n": n, "id": "1234567890123456789012"}))) == repr({"n": n, "id": "1234567890123456789012"})
