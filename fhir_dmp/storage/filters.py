@@ -186,6 +186,9 @@ class Memo:
             self._data.clear()
         self._data[key] = value
 
+    def __len__(self) -> int:
+        return len(self._data)
+
 
 _COMPILED = Memo(1024)     # repr(query) -> compile_query(query): the decision asks the same few
 

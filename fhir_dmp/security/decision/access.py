@@ -193,9 +193,10 @@ class RequestAccess:
 
     def entry(self, st: PatientState) -> list:
         """``[st, its grant, dmp_access(st), None]`` computed once per state and grant within this
-        request; :meth:`DocumentRules.judge` fills the last slot with its DMP's
-        :meth:`DocumentRules.document_query` (its key and compiled test) the first time it judges a document (a read of a Patient or a
-        Consent never compiles it)."""
+        request (a search's reach, its denials and the judgement of each of its documents share
+        it); :meth:`DocumentRules.judge` fills the last slot with its DMP's
+        :meth:`DocumentRules.document_query` (its key and compiled test) the first time it judges
+        a document (a read of a Patient or a Consent never compiles it)."""
         judged = self._judged.get(st.pid)
         if judged is None or judged[0] is not st or judged[1] is not st.grant:
             judged = self._judged[st.pid] = [st, st.grant, self.dmp_access(st), None]
