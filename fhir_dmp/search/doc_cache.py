@@ -52,6 +52,8 @@ HOT_WINDOW_S = 10.0
 HOT_PIDS = 1024
 #: the answers a listing remembers (queries and sorts: each caller's guard, each page's keyset)
 LISTING_ANSWERS = 32
+#: query key -> does :func:`exact` accept the query (the same guards come back on every search)
+_EXACT = Memo(1024)
 
 
 class Listing:
@@ -106,10 +108,13 @@ class DocumentCache(PidCache):
     def _listing(self, rtype: str, flt: dict) -> tuple[Listing, dict, str] | None:
         """The DMP's listing, ``flt`` less what all its documents satisfy, and that query's key."""
         pid = flt.get("pid")
-        if rtype != self.rtype or not self.live or not isinstance(pid, str) or not exact(flt):
+        if rtype != self.rtype or not self.live or not isinstance(pid, str):
             return None
         rest = {k: v for k, v in flt.items() if not (k == "pid" or k == "del" and v is False)}
-        return self.load([pid])[pid], rest, query_key(rest)
+        key = query_key(rest)
+        if not _EXACT.get(key, lambda: exact(rest)):
+            return None
+        return self.load([pid])[pid], rest, key
 
     def find(self, rtype: str, flt: dict, sort: list, limit: int) -> list[dict] | None:
         """The documents the database would return for ``find(flt).sort(sort).limit(limit)``

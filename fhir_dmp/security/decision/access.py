@@ -287,6 +287,9 @@ class RequestAccess:
         if resource_type == "DocumentReference":
             if p.kind in (ADMIN, PRIVACY_OFFICER) or pids is not None and not pids:
                 return None
+            if len(pids) == 1:      # a search naming its DMP
+                pid = next(iter(pids))
+                return {**pid_filter(pids), **self.documents.document_query(pid)}
             # the DMPs that share one document query are grouped (the médecin traitant's differ)
             groups: dict[str, tuple[dict, list]] = {}
             for pid in sorted(pids):

@@ -38,7 +38,8 @@ class DocumentRules(Rules):
         judged = self.access.entry(st)
         if judged[3] is None:
             query = self.document_query(st.pid)
-            judged[3] = (query_key(query), compiled(query))
+            key = query_key(query)
+            judged[3] = (key, compiled(query, key))
         if self._matches(judged[3], st.pid, access_facets("DocumentReference", doc)):
             return access
         labels = dmp.labels(doc)
