@@ -319,7 +319,7 @@ class Reads:
         for pid in sorted(pids):
             st = self.access.states[pid]
             if st.known:
-                decision = self.access.dmp_access(st)
+                decision = self.access.entry(st)[2]     # the request's entry decision (taken once)
                 if not decision.permit:
                     out[pid] = decision
         return out

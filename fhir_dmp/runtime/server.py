@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import errno
 import functools
+import gc
 import logging
 import os
 import signal
@@ -176,6 +177,11 @@ def _worker_app(config, app_factory: Callable, master_pid: int) -> _Served:
     app = app_factory(config)
     # CONTRACT.md "Lifecycle": retention once a day, one process at a time
     start_daily_retention(app, GuardedRepository)
+    # what the worker built to serve lives as long as it does: out of the cyclic collector's
+    # walks, which then see only what requests leave behind (a full collection walked the whole
+    # heap, ~70 ms, bench/README.md "Issue 22: the search's CPU, second cut";
+    # https://docs.python.org/3/library/gc.html#gc.freeze)
+    gc.freeze()
     return _Served(app)
 
 

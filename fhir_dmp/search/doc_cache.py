@@ -20,7 +20,11 @@ Anything else answers None and the caller asks the database. A read by id
 DMP's documents that missed within ten seconds loads that DMP (:meth:`DocumentCache.missed`: a
 hot record), a single one loads nothing. The access rules are not cached
 here: the guard is a filter built per request from the decision context and evaluated on these
-documents, and the repository still runs ``can_see`` on every document it returns.
+documents, and the repository still runs ``can_see`` on every document it returns. A listing
+remembers its answers by query (:class:`Listing`): the same query on the same documents, the
+guard's terms included (the caller's idNatPs, the profession's allowed types, MASQUE_PS or not),
+has the same matches; a new query (another caller, a consent that changed the guard) is
+evaluated, and a change of a document replaces the listing with its answers.
 
 Correct as the decision context cache is (``security/context_cache.py``, :class:`PidCache`):
 its change stream also watches the cached collection and drops a DMP's entry on any change of
@@ -39,23 +43,30 @@ from collections import OrderedDict
 
 from ..security.context_cache import PidCache
 from ..storage import sort_docs
-from ..storage.filters import Unsupported, compile_query, exact
+from ..storage.filters import Memo, Unsupported, compiled, exact, query_key
 
 CACHED_TYPE = "DocumentReference"
 #: two reads by id of one DMP's documents from the database within this many seconds: a hot record
 HOT_WINDOW_S = 10.0
 #: DMPs whose last such read is remembered
 HOT_PIDS = 1024
+#: the answers a listing remembers (queries and sorts: each caller's guard, each page's keyset)
+LISTING_ANSWERS = 32
+#: query key -> does :func:`exact` accept the query (the same guards come back on every search)
+_EXACT = Memo(1024)
 
 
 class Listing:
-    """The current documents of one DMP, and their orders already computed (by sort spec)."""
+    """The current documents of one DMP, their orders already computed (by sort spec) and the
+    answers already computed (by query and sort: every match, in order; by query: the count).
+    A listing never changes: a change of the DMP's documents replaces it."""
 
-    __slots__ = ("docs", "orders", "_by_id")
+    __slots__ = ("docs", "orders", "answers", "_by_id")
 
     def __init__(self, docs: list[dict]):
         self.docs = docs
         self.orders: dict[tuple, list] = {}
+        self.answers = Memo(LISTING_ANSWERS)
         self._by_id: dict[str, dict] | None = None
 
     def by_id(self, rid: str) -> dict | None:
@@ -94,29 +105,43 @@ class DocumentCache(PidCache):
     def _weight(self, listing: Listing) -> int:
         return max(1, len(listing.docs))
 
-    def _listing(self, rtype: str, flt: dict) -> Listing | None:
+    def _listing(self, rtype: str, flt: dict) -> tuple[Listing, dict, str] | None:
+        """The DMP's listing, ``flt`` less what all its documents satisfy, and that query's key."""
         pid = flt.get("pid")
-        if rtype != self.rtype or not self.live or not isinstance(pid, str) or not exact(flt):
+        if rtype != self.rtype or not self.live or not isinstance(pid, str):
             return None
-        return self.load([pid])[pid]
+        rest = {k: v for k, v in flt.items() if not (k == "pid" or k == "del" and v is False)}
+        key = query_key(rest)
+        if not _EXACT.get(key, lambda: exact(rest)):
+            return None
+        return self.load([pid])[pid], rest, key
 
     def find(self, rtype: str, flt: dict, sort: list, limit: int) -> list[dict] | None:
         """The documents the database would return for ``find(flt).sort(sort).limit(limit)``
-        (``flt`` already excludes deleted documents), or None when this cache cannot say."""
-        listing = self._listing(rtype, flt)
-        if listing is None:
+        (``flt`` already excludes deleted documents), or None when this cache cannot say.
+        Every match is remembered by the listing when the scan went through it (the next
+        search of the same query, a guard included, tests no document)."""
+        found = self._listing(rtype, flt)
+        if found is None:
             return None
-        out = []
-        try:
-            test = _test(flt)
-            for doc in listing.ordered(sort or [("_id", 1)]):
-                if test(doc):
-                    out.append(doc)
-                    if limit and len(out) >= limit:
-                        break
-        except (Unsupported, TypeError):
-            return None
-        return [_copy(doc) for doc in out]
+        listing, rest, key = found
+        order = sort or [("_id", 1)]
+        answer = (key, tuple(tuple(s) for s in order))
+        out = listing.answers.peek(answer)
+        if out is None:
+            out = []
+            try:
+                test = compiled(rest, key)
+                for doc in listing.ordered(order):
+                    if test(doc):
+                        out.append(doc)
+                        if limit and len(out) > limit:     # more than asked: not every match
+                            break
+                else:
+                    listing.answers.put(answer, out)
+            except (Unsupported, TypeError):
+                return None
+        return [_copy(doc) for doc in (out[:limit] if limit else out)]
 
     def read(self, rtype: str, rid: str) -> dict | None:
         """The current document ``rid`` (not deleted) if its DMP is cached now, else None: the
@@ -144,20 +169,15 @@ class DocumentCache(PidCache):
 
     def count(self, rtype: str, flt: dict) -> int | None:
         """``count_documents(flt)``, or None when this cache cannot say."""
-        listing = self._listing(rtype, flt)
-        if listing is None:
+        found = self._listing(rtype, flt)
+        if found is None:
             return None
+        listing, rest, key = found
         try:
-            test = _test(flt)
-            return sum(1 for doc in listing.docs if test(doc))
+            test = compiled(rest, key)
+            return listing.answers.get((key, None), lambda: sum(1 for doc in listing.docs if test(doc)))
         except (Unsupported, TypeError):
             return None
-
-
-def _test(flt: dict):
-    """``flt`` compiled, less what every document of a listing satisfies (its ``pid``, not deleted)."""
-    return compile_query({k: v for k, v in flt.items()
-                          if not (k == "pid" and isinstance(v, str) or k == "del" and v is False)})
 
 
 def _copy(doc: dict) -> dict:

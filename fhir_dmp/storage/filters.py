@@ -156,20 +156,59 @@ def _none(results) -> bool:
 #: the logical operators over a list of filters (``$nor``: none of them holds)
 _LOGICAL = {"$or": any, "$and": all, "$nor": _none}
 
-_COMPILED: dict[str, object] = {}     # repr(query) -> compile_query(query): the decision asks the same few
+class Memo:
+    """Results of a pure function by key, at most ``size`` of them (all dropped when full: the
+    callers ask the same few again and again). Shared by threads: a lost race computes twice."""
+
+    __slots__ = ("size", "_data")
+
+    def __init__(self, size: int):
+        self.size = size
+        self._data: dict = {}
+
+    def get(self, key, compute):
+        """The value of ``key``, ``compute()`` stored first when it is not known (an exception
+        stores nothing)."""
+        try:
+            return self._data[key]
+        except KeyError:
+            pass
+        value = compute()
+        self.put(key, value)
+        return value
+
+    def peek(self, key):
+        """The value of ``key``, or None when it is not known."""
+        return self._data.get(key)
+
+    def put(self, key, value) -> None:
+        if len(self._data) >= self.size:
+            self._data.clear()
+        self._data[key] = value
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+_COMPILED = Memo(1024)     # repr(query) -> compile_query(query): the decision asks the same few
+
+
+def query_key(query: dict) -> str:
+    """A key equal for two queries exactly when they are the same query (values are plain:
+    strings, numbers, booleans, dates, lists and documents of them, whose repr is their value)."""
+    return repr(query)
+
+
+def compiled(query: dict, key: str | None = None):
+    """:func:`compile_query`, once per process per distinct query (``key``: its :func:`query_key`,
+    when the caller has it already)."""
+    return _COMPILED.get(query_key(query) if key is None else key, lambda: compile_query(query))
 
 
 def matches(query: dict, doc: dict) -> bool:
     """Does ``doc`` (a stored document: ``pid``, ``a`` facets...) match ``query``? Raises
     :class:`Unsupported` for what this module does not evaluate (see the module docstring)."""
-    key = repr(query)
-    test = _COMPILED.get(key)
-    if test is None:
-        test = compile_query(query)
-        if len(_COMPILED) >= 1024:
-            _COMPILED.clear()
-        _COMPILED[key] = test
-    return test(doc)
+    return compiled(query)(doc)
 
 
 def _plain(value) -> bool:

@@ -108,9 +108,11 @@ def test_cached_pages_equal_the_database_pages(backend, docs, gp, how):
         storage.doc_cache = cache
         try:
             from_cache = _pages(backend, reader, args)
+            remembered = _pages(backend, reader, args)     # the listings' remembered answers
         finally:
             storage.doc_cache = None
         assert from_cache == from_database, (reader.subject, args)
+        assert remembered == from_database, (reader.subject, args)
         # the cache did answer when there was something to search (the type criterion, an
         # ``$elemMatch`` on the codings, included: storage/filters.py evaluates it exactly)
         entered = backend.policy.for_request(reader).narrow("DocumentReference", {pid}) is not None
@@ -222,6 +224,80 @@ def _live_storage(app):
         assert time.monotonic() < deadline, "change stream not established"
         time.sleep(0.02)
     return storage
+
+
+def test_remembered_answers_follow_every_change_at_once(app, idp):
+    """A listing remembers its answers by query and the decision its verdicts on documents (issue
+    22, second cut): the same search again tests no document, and every change the decision
+    depends on shows at once in the process that made it, in searches and reads by id: a mask and its removal (new versions of a document), the médecin traitant named and
+    no longer named (the DMP's context), break-glass (the purpose), a withdrawn authorization,
+    a block."""
+    api = Api(app, idp)
+    storage = _live_storage(app)
+    dr = api.as_ps()
+    pat = dr.create(b.patient())
+    pid = pat["id"]
+    me = api.as_patient(pid)
+    first, second = dr.create(b.docref(pid))["id"], dr.create(b.docref(pid, b.LAB))["id"]
+    for ps in (b.PS_OTHER, b.PS_PHARMA):
+        assert me.post("Consent", b.consent(pid, actor=ps)).status_code == 201
+    other, pharma = api.as_ps(b.PS_OTHER), api.as_ps(b.PS_PHARMA, profession="21")
+    other_btg = api.as_ps(b.PS_OTHER, purpose="BTG", btg_reason="arrêt cardiaque")
+
+    def seen(caller) -> set[str]:
+        """The caller's matches right after a change (the writer dropped the DMP at once), then
+        the same answered from the listing that remembers it (once the change stream delivered
+        the change: it drops the DMP once more)."""
+        def answer() -> set[str]:       # a hidden document is not counted either
+            bundle = caller.get(f"DocumentReference?patient={pid}").json
+            assert bundle["total"] == len(bundle.get("entry") or []), bundle
+            return {e["resource"]["id"] for e in bundle.get("entry") or []}
+        ids = answer()
+
+        def remembered():
+            hits = storage.doc_cache.hits
+            got = answer()
+            listing = storage.doc_cache.cached(pid)
+            return got, storage.doc_cache.hits > hits + 1 and listing is not None and len(listing.answers) > 0
+        _within_a_second(remembered, (ids, True))
+        # a read by id is judged by can_see alone (its verdicts remembered too): the same answer
+        for _ in range(2):
+            assert {rid for rid in (first, second)
+                    if caller.get(f"DocumentReference/{rid}").status_code == 200} == ids
+        return ids
+
+    def relabel(rid: str, labels: list[str]) -> None:
+        doc = me.get(f"DocumentReference/{rid}").json
+        doc.pop("securityLabel", None)
+        if labels:
+            doc["securityLabel"] = [{"coding": [{"system": b.LABELS, "code": code}]} for code in labels]
+        r = me.put(f"DocumentReference/{rid}", doc)
+        assert r.status_code == 200, r.json
+
+    def name_gp(ps: str | None) -> None:
+        current = me.get(f"Patient/{pid}").json
+        current.pop("generalPractitioner", None)
+        if ps:
+            current["generalPractitioner"] = [{"identifier": {"system": b.IDNATPS, "value": ps}}]
+        assert me.put(f"Patient/{pid}", current).status_code == 200
+
+    assert seen(other) == {first, second} and seen(pharma) == {second}     # a pharmacien: the lab result
+    relabel(first, ["MASQUE_PS"])
+    assert seen(other) == {second} and seen(dr) == {first, second}         # the author sees what they wrote
+    name_gp(b.PS_OTHER)
+    assert seen(other) == {first, second}            # the médecin traitant sees the masked document
+    assert seen(other_btg) == {second}               # ... not under break-glass
+    name_gp(None)
+    assert seen(other) == {second}
+    relabel(first, [])
+    assert seen(other) == {first, second}
+    consents = me.get(f"Consent?patient={pid}").json["entry"]
+    for entry in consents:
+        if b.PS_PHARMA in str(entry["resource"]["provision"].get("actor")):
+            assert me.put(f"Consent/{entry['resource']['id']}", dict(entry["resource"], status="inactive")).status_code == 200
+    assert _ids(pharma, pid) == set()
+    assert me.post("Consent", b.consent(pid, "deny", actor=b.PS_OTHER)).status_code == 201
+    assert _ids(other, pid) == set()
 
 
 def test_a_hot_records_reads_by_id_load_it_and_a_single_read_does_not(app, idp):

@@ -87,7 +87,7 @@ class RequestAccess:
         self.states: dict[str, PatientState] = {}
         self.session = None       # set by the repository inside a write transaction
         # per DMP, for the documents of one request (a search page judges each one):
-        # [state, its grant, the entry decision, the compiled document test once one is judged],
+        # [state, its grant, the entry decision, the document query (key, compiled) once one is judged],
         # reused while the request holds the same state and grant (the repository replaces or
         # amends them)
         self._judged: dict[str, list] = {}
@@ -193,9 +193,10 @@ class RequestAccess:
 
     def entry(self, st: PatientState) -> list:
         """``[st, its grant, dmp_access(st), None]`` computed once per state and grant within this
-        request; :meth:`DocumentRules.judge` fills the last slot with its DMP's compiled
-        :meth:`DocumentRules.document_query` the first time it judges a document (a read of a Patient or a
-        Consent never compiles it)."""
+        request (a search's reach, its denials and the judgement of each of its documents share
+        it); :meth:`DocumentRules.judge` fills the last slot with its DMP's
+        :meth:`DocumentRules.document_query` (its key and compiled test) the first time it judges
+        a document (a read of a Patient or a Consent never compiles it)."""
         judged = self._judged.get(st.pid)
         if judged is None or judged[0] is not st or judged[1] is not st.grant:
             judged = self._judged[st.pid] = [st, st.grant, self.dmp_access(st), None]
@@ -286,6 +287,9 @@ class RequestAccess:
         if resource_type == "DocumentReference":
             if p.kind in (ADMIN, PRIVACY_OFFICER) or pids is not None and not pids:
                 return None
+            if len(pids) == 1:      # a search naming its DMP
+                pid = next(iter(pids))
+                return {**pid_filter(pids), **self.documents.document_query(pid)}
             # the DMPs that share one document query are grouped (the médecin traitant's differ)
             groups: dict[str, tuple[dict, list]] = {}
             for pid in sorted(pids):

@@ -202,7 +202,7 @@ class DmpRules(Rules):
             # patient/ scopes: that one record, if the caller may enter it
             if named_pids and p.compartment not in named_pids:
                 return set()
-            return {p.compartment} if self.dmp_access(self.state(p.compartment)).permit else set()
+            return {p.compartment} if self.access.entry(self.state(p.compartment))[2].permit else set()
         if p.kind in (PATIENT, LEGAL_REPRESENTATIVE):
             st = self.state(p.patient_id)
             return {p.patient_id} if st.exists else set()
@@ -210,9 +210,10 @@ class DmpRules(Rules):
             return None
         if named_pids or p.purpose in (BTG, ETREAT):
             # the DMPs the request names, one by one (emergency modes reach no others): only their
-            # context is loaded, not that of every DMP the professional is authorized on
+            # context is loaded, not that of every DMP the professional is authorized on; each
+            # DMP's entry decision is the request's (RequestAccess.entry: taken once)
             self.access.load(named_pids)
-            return {pid for pid in named_pids if self.dmp_access(self.access.states[pid]).permit}
+            return {pid for pid in named_pids if self.access.entry(self.access.states[pid])[2].permit}
         return set(self.normal_pids())
 
     def can_destroy(self, st: PatientState) -> Decision:

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import copy
 
-from ...storage.filters import compile_query
+from ...storage.filters import Memo, compiled, query_key
 from ...profiles import dmp
 from ...search import reference_id
 from ..principal import ADMIN, LEGAL_REPRESENTATIVE, PATIENT, PRIVACY_OFFICER, PS, TREAT
 from .facets import access_facets
 from .state import Decision, PatientState, Rules, deny, permit
+
+#: (document query, DMP, a document's access facets) -> does the query match: a pure function
+#: of its key, asked again for every document of every search page (:meth:`DocumentRules.judge`)
+_VERDICTS = Memo(16_384)
 
 
 class DocumentRules(Rules):
@@ -33,8 +37,10 @@ class DocumentRules(Rules):
             return deny("officer-no-content", "the privacy officer never reads document content")
         judged = self.access.entry(st)
         if judged[3] is None:
-            judged[3] = compile_query(self.document_query(st.pid))
-        if judged[3]({"pid": st.pid, "a": access_facets("DocumentReference", doc)}):
+            query = self.document_query(st.pid)
+            key = query_key(query)
+            judged[3] = (key, compiled(query, key))
+        if self._matches(judged[3], st.pid, access_facets("DocumentReference", doc)):
             return access
         labels = dmp.labels(doc)
         if self.p.kind == PATIENT:
@@ -46,6 +52,16 @@ class DocumentRules(Rules):
         if dmp.MASQUE_PS in labels:
             return deny("masque-ps", "document masked by the patient")
         return deny("document", "not readable")
+
+    @staticmethod
+    def _matches(query: tuple, pid: str, facets: dict) -> bool:
+        """Does the document query (``(key, compiled)``) match a document of DMP ``pid`` with these
+        access facets? Remembered by all three (:data:`_VERDICTS`): the query holds every term of
+        the request the decision reads (caller, profession, purpose, médecin traitant), the facets
+        everything it reads of the document (computed from its resource, version by version)."""
+        key, test = query
+        flat = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in facets.items())
+        return _VERDICTS.get((key, pid, flat), lambda: test({"pid": pid, "a": facets}))
 
     def document_query(self, pid: str) -> dict:
         """The one definition of which documents of DMP ``pid`` the caller sees, once the DMP is
