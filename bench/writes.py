@@ -208,7 +208,7 @@ def serve(args) -> None:
             time.sleep(1)
         before = (sum(map(cpu_s, server)), sum(map(cpu_s, database)))
         load = os.getloadavg()[0]
-        rate, _ = seed(base, token, args.patients, args.docs)
+        rate, *_ = seed(base, token, args.patients, args.docs)
         for spy in spies:
             spy.send_signal(signal.SIGINT)
         for spy in spies:
