@@ -1,5 +1,5 @@
-"""The journal store: AuditEvents appended durably, unsealed, as one page per group commit or
-per write (in the write's transaction).
+"""The journal store: AuditEvents appended durably, unsealed, as one page per group commit (with
+the inserts of the writes in that batch, in one transaction) or per write (in the write's transaction).
 
 Storage (every collection is insert-mostly, SecantusDB updates being dear: bench/README.md, "The journal"):
 
@@ -102,6 +102,11 @@ class AuditLog:
       pauses before each batch (:class:`GroupCommitter`): requests wait longer, none is dropped.
     - Inside a transaction (writes) the events are inserted as one page with the data, in the
       same transaction: a write is never committed without its journal entry.
+    - A write whose every insert waited (``pending``: server ids, no unique index, nothing sent in
+      its transaction yet) joins the group commit instead: the committer writes the batch's
+      inserts and its one page in one transaction, so concurrent writes share a commit and a
+      page (bench/README.md, "Issue 22: seeding, third round"), each still all or nothing with
+      its journal entry, durable before it returns.
     """
 
     TIMEOUT_S = 30.0
@@ -152,7 +157,10 @@ class AuditLog:
         whole unit). Raises :class:`AuditUnavailable` when the journal cannot be written.
         ``pending`` (with ``session``): the transaction's inserts not sent yet, sent with the events
         in one round trip (``Storage.journal_insert``); only inserts that cannot be refused (server
-        ids, no unique index) are deferred, so a refusal there is the journal's.
+        ids, no unique index) are deferred, so a refusal there is the journal's. ``pending``
+        without ``session``: a write's inserts, every one deferred, given to the group commit with
+        its events (class docstring); a failed batch fails every write and read in it closed (a
+        write with the database's error, a read with :class:`AuditUnavailable`).
         """
         if not events:
             return
@@ -165,10 +173,16 @@ class AuditLog:
                 log.error("audit append in transaction failed: %s", type(exc).__name__)
                 raise AuditUnavailable() from exc
             return
+        inserts = list(pending or ())
         try:
-            self._group().submit(docs).result(timeout=self.timeout)
+            self._group().submit(docs, inserts).result(timeout=self.timeout)
         except AuditUnavailable:
             raise
+        except StorageError as exc:
+            if inserts:     # a write's batch: the database's error, as from a transaction of its own
+                raise
+            log.error("audit append failed: %s", type(exc).__name__)
+            raise AuditUnavailable() from exc
         except Exception as exc:  # noqa: BLE001 — a write error or a timeout: fail closed
             log.error("audit append failed: %s", type(exc).__name__)
             raise AuditUnavailable() from exc
@@ -204,7 +218,8 @@ class GroupCommitter:
 
     def __init__(self, insert, *, max_batch: int = 1000, age=None, check_s: float = THROTTLE_CHECK_S):
         """``insert(events)`` writes one batch durably, atomically (``Storage.journal_insert``:
-        one page); ``age()`` the oldest unsealed page's age in seconds while a sealer runs (``Storage.sealing_lag``),
+        one page), ``insert(events, pending=inserts)`` with the writes' inserts of the batch, in one
+        transaction; ``age()`` the oldest unsealed page's age in seconds while a sealer runs (``Storage.sealing_lag``),
         None for no backpressure."""
         self.insert = insert
         self.max_batch = max_batch
@@ -223,9 +238,11 @@ class GroupCommitter:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop
 
-    def submit(self, events: list[dict]) -> Future:
+    def submit(self, events: list[dict], inserts: list | None = None) -> Future:
+        """Queue ``events`` (and a write's ``inserts``, ``(collection, document)``) for the next
+        batch; the future is done once they are durable."""
         fut: Future = Future()
-        self._queue.put((events, fut))
+        self._queue.put((events, inserts or [], fut))
         return fut
 
     def stop(self) -> None:
@@ -237,7 +254,8 @@ class GroupCommitter:
             item = self._queue.get()
             if item is None:
                 return
-            self._backpressure()
+            if not item[1]:        # a write is not slowed (bench/README.md, "the seal bound")
+                self._backpressure()
             batch, size = [item], len(item[0])
             while size < self.max_batch:
                 try:
@@ -276,12 +294,13 @@ class GroupCommitter:
             time.sleep(self._pause)
 
     def _write(self, batch: list) -> None:
-        events = [e for part, _ in batch for e in part]
+        events = [e for part, _, _ in batch for e in part]
+        inserts = [doc for _, part, _ in batch for doc in part]
         try:
-            self.insert(events)
+            self.insert(events, pending=inserts) if inserts else self.insert(events)
         except Exception as exc:  # noqa: BLE001 — every waiter of this batch fails closed
-            for _, fut in batch:
+            for _, _, fut in batch:
                 fut.set_exception(exc)
             return
-        for _, fut in batch:
+        for _, _, fut in batch:
             fut.set_result(None)

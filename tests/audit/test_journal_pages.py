@@ -118,6 +118,102 @@ def test_a_writes_events_are_in_its_transaction(db):
     assert [len(p["events"]) for p in db[PAGES].find()] == [2] and db["Communication"].count_documents({}) == 1
 
 
+def _gated_log(storage):
+    """An AuditLog whose committer holds its first write in flight until ``gate`` is set."""
+    log = AuditLog(storage)
+    log.ensure_indexes()
+    gate, writing = threading.Event(), threading.Event()
+
+    def gated(events, **kwargs):
+        writing.set()
+        gate.wait(10)
+        storage.journal_insert(events, **kwargs)
+    log._committer = committer = GroupCommitter(gated)
+    return log, committer, gate, writing
+
+
+def _wait_queued(committer, k: int) -> None:
+    deadline = time.monotonic() + 10
+    while committer._queue.qsize() < k and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _write_docs(i: int) -> list:
+    """A deposit's deferred inserts as the unit of work hands them over (``(collection, document)``)."""
+    return [("Binary", {"_id": f"bin-{i}", "pid": "p1", "del": False}),
+            ("DocumentReference", {"_id": f"doc-{i}", "pid": "p1", "del": False})]
+
+
+def test_writes_queued_together_share_one_transaction_and_one_page(mongo_server, db):
+    """Writes whose every insert was deferred join the group commit: those queued while the
+    previous batch is in flight go, with the reads queued beside them, in ONE transaction: their
+    inserts and ONE page, one bulkWrite and one commit."""
+    commands = _Commands()
+    client = pymongo.MongoClient(mongo_server.uri, event_listeners=[commands])
+    try:
+        storage = Storage(client, client[db.name])
+        log, committer, gate, writing = _gated_log(storage)
+        first = threading.Thread(target=log.append, args=([event()],))
+        first.start()
+        assert writing.wait(10)
+        commands.seen.clear()
+        writes = [threading.Thread(target=log.append, args=([event(request_id=f"w{i}")],),
+                                   kwargs={"pending": _write_docs(i)}) for i in range(3)]
+        reads = [threading.Thread(target=log.append, args=([event(request_id=f"r{i}")],)) for i in range(2)]
+        for t in writes + reads:
+            t.start()
+        _wait_queued(committer, 5)
+        gate.set()
+        for t in [first, *writes, *reads]:
+            t.join(10)
+        log.close()
+    finally:
+        client.close()
+    assert sorted(len(p["events"]) for p in db[PAGES].find()) == [1, 5]
+    assert sorted(d["_id"] for d in db["DocumentReference"].find()) == ["doc-0", "doc-1", "doc-2"]
+    assert db["Binary"].count_documents({}) == 3
+    names = [name for name, _ in commands.seen
+             if name not in ("hello", "isMaster", "ismaster", "endSessions", "buildInfo")]   # the server's, once
+    assert names == ["insert", "bulkWrite", "commitTransaction"], names
+
+
+def test_a_batch_that_fails_leaves_none_of_its_writes_and_fails_them_all_closed(mongo_server, db):
+    """All or nothing per batch: one insert of the batch refused (an ``_id`` taken), the
+    transaction is aborted: no page, no document of any write in it, every waiter gets the
+    database's error (the refusal: a StorageError, as from a transaction of its own)."""
+    from fhir_dmp.storage import StorageError
+    db["DocumentReference"].insert_one({"_id": "doc-1", "pid": "p1"})
+    client = pymongo.MongoClient(mongo_server.uri)
+    outcomes: dict = {}
+    try:
+        storage = Storage(client, client[db.name])
+        log, committer, gate, writing = _gated_log(storage)
+        first = threading.Thread(target=log.append, args=([event()],))
+        first.start()
+        assert writing.wait(10)
+
+        def write(i):
+            try:
+                log.append([event(request_id=f"w{i}")], pending=_write_docs(i))
+                outcomes[i] = "ok"
+            except StorageError:
+                outcomes[i] = "refused"
+        writes = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+        for t in writes:
+            t.start()
+        _wait_queued(committer, 3)
+        gate.set()
+        for t in [first, *writes]:
+            t.join(10)
+        log.close()
+    finally:
+        client.close()
+    assert outcomes == {0: "refused", 1: "refused", 2: "refused"}
+    assert [len(p["events"]) for p in db[PAGES].find()] == [1]          # the first read's page only
+    assert db["Binary"].count_documents({}) == 0
+    assert [d["_id"] for d in db["DocumentReference"].find()] == ["doc-1"]
+
+
 def _event_ids(db, request_id: str) -> list[str]:
     return [e["_id"] for e in b.journal_entries(db)
             if any(((ent.get("what") or {}).get("identifier") or {}).get("value") == request_id
