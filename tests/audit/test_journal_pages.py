@@ -56,38 +56,16 @@ def test_one_group_commit_of_concurrent_appends_is_one_page_and_no_transaction(m
     with no transaction."""
     commands = _Commands()
     client = pymongo.MongoClient(mongo_server.uri, event_listeners=[commands])
+    k = 12
     try:
-        storage = Storage(client, client[db.name])
-        log = AuditLog(storage)
-        log.ensure_indexes()
-        gate, writing = threading.Event(), threading.Event()
-
-        def gated(events):     # the first write stays in flight until the K others are queued
-            writing.set()
-            gate.wait(10)
-            storage.journal_insert(events)
-        log._committer = committer = GroupCommitter(gated)
-        first = threading.Thread(target=log.append, args=([event()],))
-        first.start()
-        k = 12
-        others = [threading.Thread(target=log.append, args=([event(request_id=f"r{i}")],)) for i in range(k)]
-        deadline = time.monotonic() + 10
-        assert writing.wait(10)        # the first is taken, alone, and in flight (not merely queued)
-        commands.seen.clear()
-        for t in others:
-            t.start()
-        while committer._queue.qsize() < k and time.monotonic() < deadline:
-            time.sleep(0.01)
-        gate.set()
-        for t in [first, *others]:
-            t.join(10)
-        log.close()
+        _queued_behind_a_batch(client, db, [lambda log, i=i: log.append([event(request_id=f"r{i}")])
+                                            for i in range(k)])
     finally:
         client.close()
     pages = sorted((len(p["events"]) for p in db[PAGES].find()))
     assert pages == [1, k]
-    names = [name for name, _ in commands.seen if name not in ("hello", "isMaster", "ismaster", "endSessions")]
-    assert names == ["insert", "insert"] and all(coll == PAGES for _, coll in commands.seen if _ == "insert")
+    assert _writes(commands) == ["insert", "insert"]
+    assert all(coll == PAGES for name, coll in commands.seen if name == "insert")
     assert db["AuditEvent"].count_documents({}) == 0
 
 
@@ -118,8 +96,10 @@ def test_a_writes_events_are_in_its_transaction(db):
     assert [len(p["events"]) for p in db[PAGES].find()] == [2] and db["Communication"].count_documents({}) == 1
 
 
-def _gated_log(storage):
-    """An AuditLog whose committer holds its first write in flight until ``gate`` is set."""
+def _queued_behind_a_batch(client, db, calls: list) -> None:
+    """Run ``calls`` (each an append, in a thread of its own) while the group committer holds a
+    first read's page in flight, so that they all queue for the next batch; then let it go."""
+    storage = Storage(client, client[db.name])
     log = AuditLog(storage)
     log.ensure_indexes()
     gate, writing = threading.Event(), threading.Event()
@@ -129,13 +109,25 @@ def _gated_log(storage):
         gate.wait(10)
         storage.journal_insert(events, **kwargs)
     log._committer = committer = GroupCommitter(gated)
-    return log, committer, gate, writing
-
-
-def _wait_queued(committer, k: int) -> None:
+    first = threading.Thread(target=log.append, args=([event()],))
+    first.start()
+    assert writing.wait(10)
+    threads = [threading.Thread(target=call, args=(log,)) for call in calls]
+    for t in threads:
+        t.start()
     deadline = time.monotonic() + 10
-    while committer._queue.qsize() < k and time.monotonic() < deadline:
+    while committer._queue.qsize() < len(calls) and time.monotonic() < deadline:
         time.sleep(0.01)
+    gate.set()
+    for t in [first, *threads]:
+        t.join(10)
+    log.close()
+
+
+def _writes(commands) -> list[str]:
+    """The write commands seen (the setup also reads the server and the indexes)."""
+    return [name for name, _ in commands.seen
+            if name in ("insert", "bulkWrite", "update", "delete", "commitTransaction", "abortTransaction")]
 
 
 def _write_docs(i: int) -> list:
@@ -150,31 +142,17 @@ def test_writes_queued_together_share_one_transaction_and_one_page(mongo_server,
     inserts and ONE page, one bulkWrite and one commit."""
     commands = _Commands()
     client = pymongo.MongoClient(mongo_server.uri, event_listeners=[commands])
+    writes = [lambda log, i=i: log.append([event(request_id=f"w{i}")], pending=_write_docs(i)) for i in range(3)]
+    reads = [lambda log, i=i: log.append([event(request_id=f"r{i}")]) for i in range(2)]
     try:
-        storage = Storage(client, client[db.name])
-        log, committer, gate, writing = _gated_log(storage)
-        first = threading.Thread(target=log.append, args=([event()],))
-        first.start()
-        assert writing.wait(10)
-        commands.seen.clear()
-        writes = [threading.Thread(target=log.append, args=([event(request_id=f"w{i}")],),
-                                   kwargs={"pending": _write_docs(i)}) for i in range(3)]
-        reads = [threading.Thread(target=log.append, args=([event(request_id=f"r{i}")],)) for i in range(2)]
-        for t in writes + reads:
-            t.start()
-        _wait_queued(committer, 5)
-        gate.set()
-        for t in [first, *writes, *reads]:
-            t.join(10)
-        log.close()
+        _queued_behind_a_batch(client, db, writes + reads)
     finally:
         client.close()
     assert sorted(len(p["events"]) for p in db[PAGES].find()) == [1, 5]
     assert sorted(d["_id"] for d in db["DocumentReference"].find()) == ["doc-0", "doc-1", "doc-2"]
     assert db["Binary"].count_documents({}) == 3
-    names = [name for name, _ in commands.seen
-             if name not in ("hello", "isMaster", "ismaster", "endSessions", "buildInfo")]   # the server's, once
-    assert names == ["insert", "bulkWrite", "commitTransaction"], names
+    # the first read's page alone, then the batch: the writes' inserts and one page, one commit
+    assert _writes(commands) == ["insert", "bulkWrite", "commitTransaction"], commands.seen
 
 
 def test_a_batch_that_fails_leaves_none_of_its_writes_and_fails_them_all_closed(mongo_server, db):
@@ -183,29 +161,17 @@ def test_a_batch_that_fails_leaves_none_of_its_writes_and_fails_them_all_closed(
     database's error (the refusal: a StorageError, as from a transaction of its own)."""
     from fhir_dmp.storage import StorageError
     db["DocumentReference"].insert_one({"_id": "doc-1", "pid": "p1"})
-    client = pymongo.MongoClient(mongo_server.uri)
     outcomes: dict = {}
-    try:
-        storage = Storage(client, client[db.name])
-        log, committer, gate, writing = _gated_log(storage)
-        first = threading.Thread(target=log.append, args=([event()],))
-        first.start()
-        assert writing.wait(10)
 
-        def write(i):
-            try:
-                log.append([event(request_id=f"w{i}")], pending=_write_docs(i))
-                outcomes[i] = "ok"
-            except StorageError:
-                outcomes[i] = "refused"
-        writes = [threading.Thread(target=write, args=(i,)) for i in range(3)]
-        for t in writes:
-            t.start()
-        _wait_queued(committer, 3)
-        gate.set()
-        for t in [first, *writes]:
-            t.join(10)
-        log.close()
+    def write(log, i):
+        try:
+            log.append([event(request_id=f"w{i}")], pending=_write_docs(i))
+            outcomes[i] = "ok"
+        except StorageError:
+            outcomes[i] = "refused"
+    client = pymongo.MongoClient(mongo_server.uri)
+    try:
+        _queued_behind_a_batch(client, db, [lambda log, i=i: write(log, i) for i in range(3)])
     finally:
         client.close()
     assert outcomes == {0: "refused", 1: "refused", 2: "refused"}
