@@ -147,8 +147,11 @@ class AuditLog:
                         "d": content_digest(raw)})
         return out
 
-    def append(self, events: list[dict], *, session=None, pending: list | None = None) -> None:
+    def append(self, events: list[dict], *, session=None, pending: list | None = None) -> set[str] | None:
         """Store ``events`` (built by :func:`build_event`) durably; the sealer chains them later.
+        Returns, for a write given to the group commit (``pending`` without ``session``), the DMPs
+        of its batch destroyed by the time it committed (``Storage.destroyed_among``, asked once
+        per batch after its commit: ``UnitOfWork.sweep_destroyed``), else None.
 
         Returns once the events are acknowledged with ``w: majority, j: true`` (SecantusDB
         ``--sync-on-commit``). Each event gets ``id`` (unless it has one) and ``meta``
@@ -163,7 +166,7 @@ class AuditLog:
         write with the database's error, a read with :class:`AuditUnavailable`).
         """
         if not events:
-            return
+            return None
         self.ensure_indexes()
         docs = self._prepare(events)
         if session is not None and session.in_transaction:
@@ -172,10 +175,10 @@ class AuditLog:
             except StorageError as exc:   # a transient error is not one: the transaction is retried
                 log.error("audit append in transaction failed: %s", type(exc).__name__)
                 raise AuditUnavailable() from exc
-            return
+            return None
         inserts = list(pending or ())
         try:
-            self._group().submit(docs, inserts).result(timeout=self.timeout)
+            return self._group().submit(docs, inserts).result(timeout=self.timeout)
         except AuditUnavailable:
             raise
         except StorageError as exc:
@@ -191,6 +194,8 @@ class AuditLog:
         with self._lock:
             if self._committer is None or not self._committer.alive:
                 self._committer = GroupCommitter(self.storage.journal_insert, max_batch=self.MAX_BATCH,
+                                                 destroyed=lambda pids: self.storage.bounded(
+                                                     self.storage.destroyed_among, pids),
                                                  age=self.storage.sealing_lag)
             return self._committer
 
@@ -216,12 +221,16 @@ class GroupCommitter:
     ends. A failed read of the age counts as no backlog (the write itself then fails closed).
     """
 
-    def __init__(self, insert, *, max_batch: int = 1000, age=None, check_s: float = THROTTLE_CHECK_S):
+    def __init__(self, insert, *, max_batch: int = 1000, age=None, check_s: float = THROTTLE_CHECK_S,
+                 destroyed=None):
         """``insert(events)`` writes one batch durably, atomically (``Storage.journal_insert``:
         one page), ``insert(events, pending=inserts)`` with the writes' inserts of the batch, in one
         transaction; ``age()`` the oldest unsealed page's age in seconds while a sealer runs (``Storage.sealing_lag``),
-        None for no backpressure."""
+        None for no backpressure; ``destroyed(pids)`` those of the DMPs a batch's writes went into that
+        are destroyed, asked once after the batch commits (``Storage.destroyed_among``): the result
+        of each write's future (None without it, and for reads)."""
         self.insert = insert
+        self.destroyed = destroyed
         self.max_batch = max_batch
         self.age = age
         self.check_s = check_s
@@ -240,7 +249,7 @@ class GroupCommitter:
 
     def submit(self, events: list[dict], inserts: list | None = None) -> Future:
         """Queue ``events`` (and a write's ``inserts``, ``(collection, document)``) for the next
-        batch; the future is done once they are durable."""
+        batch; the future is done once they are durable (its result: see ``destroyed``)."""
         fut: Future = Future()
         self._queue.put((events, inserts or [], fut))
         return fut
@@ -302,5 +311,11 @@ class GroupCommitter:
             for _, _, fut in batch:
                 fut.set_exception(exc)
             return
-        for _, _, fut in batch:
-            fut.set_result(None)
+        gone = None
+        if inserts and self.destroyed is not None:
+            try:
+                gone = self.destroyed({doc.get("pid") for _, doc in inserts} - {None})
+            except Exception:  # noqa: BLE001 — committed: each write then asks for itself
+                gone = None
+        for _, part, fut in batch:
+            fut.set_result(gone if part else None)

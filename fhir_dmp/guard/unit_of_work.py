@@ -55,6 +55,7 @@ class UnitOfWork:
         journal = self.journal
         mark = journal.mark()
         grouped: list = []     # (events, inserts) of a write handed to the group commit
+        swept: dict = {}       # the batch's answer: which of its DMPs were destroyed by its commit
 
         def attempt(session):
             journal.drop_since(mark)            # a retried attempt starts clean
@@ -81,9 +82,11 @@ class UnitOfWork:
         try:
             result = self.storage.run_transaction(attempt)
             for events, inserts in grouped:     # committed empty: written now, with the batch
-                self.audit_log.append(events, pending=inserts)
+                gone = self.audit_log.append(events, pending=inserts)
+                if gone is not None:
+                    swept.update({doc.get("pid"): doc.get("pid") in gone for _, doc in inserts})
             journal.drop_since(mark)            # committed with the write
-            self.sweep_destroyed(set(self._dirty_pids))
+            self.sweep_destroyed(set(self._dirty_pids), checked=swept)
             self.forget_contexts()   # committed: this process forgets at once, others by the stream
             return result
         except StorageError as exc:
@@ -117,11 +120,14 @@ class UnitOfWork:
         self._consumed_streams.add(id(source))
         return True
 
-    def sweep_destroyed(self, pids) -> None:
+    def sweep_destroyed(self, pids, *, checked: dict | None = None) -> None:
         """After a commit into DMPs: one destroyed meanwhile is purged again, so nothing written
-        by a request that raced its destroy survives it (CONTRACT.md "Lifecycle of a DMP")."""
+        by a request that raced its destroy survives it (CONTRACT.md "Lifecycle of a DMP").
+        ``checked``: ``pid -> destroyed`` as read after the commit already (the group commit asks
+        once for its batch), not asked again."""
+        checked = checked or {}
         for pid in sorted(pids):
-            if self.storage.was_destroyed(pid):
+            if checked[pid] if pid in checked else self.storage.was_destroyed(pid):
                 log.warning("a write raced the destroy of a DMP; purged again")
                 self.storage.run_transaction(lambda s, pid=pid: self.storage.purge_dmp(pid, session=s))
 

@@ -180,6 +180,23 @@ def test_a_batch_that_fails_leaves_none_of_its_writes_and_fails_them_all_closed(
     assert [d["_id"] for d in db["DocumentReference"].find()] == ["doc-1"]
 
 
+def test_a_batch_answers_its_writes_which_of_their_dmps_were_destroyed_by_its_commit(db):
+    """One look-up for the batch, after its commit (``Storage.destroyed_among``): each write's
+    append returns the destroyed DMPs among the batch's (``UnitOfWork.sweep_destroyed`` then asks
+    nothing more), a read's None."""
+    storage = Storage(db.client, db)
+    db["Patient"].insert_one({"_id": "p1", "pid": "p1"})
+    db["AuditEvent_chain"].insert_one({"_id": "p2", "seq": 0, "destroyed": True})   # p2 destroyed
+    log = AuditLog(storage)
+    docs = [("DocumentReference", {"_id": "d1", "pid": "p1"}), ("DocumentReference", {"_id": "d2", "pid": "p2"})]
+    try:
+        assert log.append([event("p1")], pending=docs) == {"p2"}
+        assert log.append([event("p1")]) is None
+    finally:
+        log.close()
+    assert storage.destroyed_among(["p1", "p2", "never"]) == {"p2"} and storage.destroyed_among([]) == set()
+
+
 def _event_ids(db, request_id: str) -> list[str]:
     return [e["_id"] for e in b.journal_entries(db)
             if any(((ent.get("what") or {}).get("identifier") or {}).get("value") == request_id
