@@ -210,9 +210,12 @@ def threaded(args) -> None:
             t.join()
         n = args.threads * args.docs
         commits = sum(c for (cmd, _), c in counter.counts.items() if cmd == "commitTransaction")
+        trips = sum(counter.counts.values())
         print(f"{args.threads} threads x {args.docs} DocumentReference: {n / (time.perf_counter() - t0):.1f} "
               f"creates/s, database {1e3 * (cpu(env.server.pid) - d0) / n:.2f} ms CPU per create, "
-              f"{n / max(commits, 1):.2f} creates per commit; load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
+              f"{n / max(commits, 1):.2f} creates per commit, round trips per create {trips / n:.2f} "
+              f"(Patient finds {counter.counts[('find', 'Patient')] / n:.2f}); "
+              f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
 
 
 def serve(args) -> None:
