@@ -263,7 +263,7 @@ class GroupCommitter:
             item = self._queue.get()
             if item is None:
                 return
-            if not item[1]:        # a write is not slowed (bench/README.md, "the seal bound")
+            if not item[1]:   # a batch a write opens is not slowed (bench/README.md, "the seal bound")
                 self._backpressure()
             batch, size = [item], len(item[0])
             while size < self.max_batch:
