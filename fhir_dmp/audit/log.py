@@ -311,6 +311,9 @@ class GroupCommitter:
             for _, _, fut in batch:
                 fut.set_exception(exc)
             return
+        for _, part, fut in batch:     # durable: the reads are answered before the writes' look-up
+            if not part:
+                fut.set_result(None)
         gone = None
         if inserts and self.destroyed is not None:
             try:
@@ -318,4 +321,5 @@ class GroupCommitter:
             except Exception:  # noqa: BLE001 — committed: each write then asks for itself
                 gone = None
         for _, part, fut in batch:
-            fut.set_result(gone if part else None)
+            if part:
+                fut.set_result(gone)
