@@ -6,8 +6,8 @@
 A throw-away SecantusDB and the real application (``bench/_common.py``); the journal is seeded
 fast through storage (``_common.seal_entries``: the entries as the sealer stores them, with the
 search index and sort keys ``search.extract`` gives them, in batches of 1,000: per DMP, runs of at
-most 500 entries in ``AuditEvent_link``, their metadata in ``AuditEvent_run_meta``, the chains' heads moved; ``--legacy``: one ``AuditEvent``
-document per entry, the layout before the runs) with events cloned from one event the server really wrote for a professional's read,
+most 500 entries in ``AuditEvent_link``, their metadata in ``AuditEvent_run_meta``, the chains'
+heads moved; ``--legacy``: one ``AuditEvent`` document per entry, the layout before the runs) with events cloned from one event the server really wrote for a professional's read,
 spread across many DMPs: ``--per-dmp`` events per DMP (10 documents each), one professional per
 100 events, ``recorded`` spread over the last 360 days. Each stage (``--sizes``, cumulative)
 gets fresh targets (a real DMP opened through the guarded repository, its documents, a

@@ -90,12 +90,19 @@ class JournalStore(StoreCore):
 
     def split_legacy_runs(self) -> int:
         """Give each run that the previous version wrote holding its metadata (found by its own
-        ``runs_by_ids`` index, which only that version made) its metadata document, the run
-        rid of it, one run per transaction (a destroy racing it deletes both or neither); then
-        drop the runs' lookup indexes: their absence says it is done, so a start after it asks
-        nothing more. Idempotent, and a start that stopped half-way goes on; the number split."""
+        ``runs_by_ids`` index, which only that version made; made here for runs without any
+        metadata document, as a restore of that version's backup leaves them) its metadata
+        document, the run rid of it, one run per transaction (a destroy racing it deletes both or
+        neither); then drop the runs' lookup indexes: their absence says it is done, so a start
+        after it asks nothing more. Idempotent, and a start that stopped half-way goes on; the
+        number split."""
         links = self.db[JOURNAL_LINKS]
         legacy = [ix["name"] for ix in links.list_indexes() if ix["name"] in {f"runs_by_{f}" for f in RUN_KEYS}]
+        if not legacy and links.estimated_document_count() and not self.db[JOURNAL_RUN_META].estimated_document_count():
+            # runs and no metadata at all: restored from a backup of the previous version (a
+            # restore copies documents, not indexes), or sealed only by versions before the runs
+            links.create_index([("ids", 1)], name="runs_by_ids")
+            legacy = ["runs_by_ids"]
         if not legacy:
             return 0
         done = 0
@@ -175,6 +182,16 @@ class JournalStore(StoreCore):
             in_runs.update(d["_id"] for d in run.get("e") or ())
         return len(in_runs - linked) + sum(1 for d in self.db[JOURNAL].find(_by_pid(pid), {"_id": 1})
                                            if d["_id"] not in linked and d["_id"] not in paged)
+
+    def runs_unlisted(self, pid: str | None = None) -> list[str]:
+        """Ids of the runs holding entries whose metadata document is missing or does not name them
+        (another ``u``, other event ids): the reads, which look runs up by their metadata, would
+        miss their entries."""
+        listed = {m["_id"]: (m["u"], m["ids"])
+                  for m in self.db[JOURNAL_RUN_META].find(_by_pid(pid), {"u": 1, "ids": 1})}
+        runs = self.db[JOURNAL_LINKS].find({**_by_pid(pid), "e": {"$exists": True}}, {"u": 1, "e._id": 1})
+        return sorted(run["_id"] for run in runs
+                      if listed.get(run["_id"]) != (run.get("u"), [d["_id"] for d in run["e"]]))
 
     def sealed_events(self, pid: str | None = None):
         """Sealed events in chain order (``pid``, ``seq``), each with ``chain`` = ``{pid, seq,

@@ -227,21 +227,24 @@ def test_a_destroy_deletes_the_runs_and_their_metadata(db, storage, sealer):
     assert db[META].count_documents({"pid": "p2"}) == 1
 
 
-def _legacy_layout(db) -> list[str]:
+def _legacy_layout(db, *, indexed: bool = True) -> list[str]:
     """Rewrite every run as the previous version stored it (its metadata inside it, indexed there
-    by ``runs_by_ids``/``ke``/``ka``, no metadata document); the ids of the entries."""
+    by ``runs_by_ids``/``ke``/``ka`` unless not ``indexed``: restored from a backup, no metadata
+    document); the ids of the entries."""
     for meta in db[META].find():
         db[LINKS].update_one({"_id": meta["_id"]}, {"$set": {k: meta[k] for k in META_ONLY}})
     db[META].drop()
-    for field in ("ids", "ke", "ka"):
+    for field in ("ids", "ke", "ka") if indexed else ():
         db[LINKS].create_index([(field, 1)], name=f"runs_by_{field}")
     return [d["_id"] for run in db[LINKS].find() for d in run["e"]]
 
 
-def test_runs_of_the_previous_version_are_split_once_at_start(db, storage, sealer):
-    """A database whose runs hold their metadata (the previous version): ensuring the journal's
-    indexes at start gives each its metadata document and drops the runs' lookup indexes; every
-    search finds what it found before, the chains verify, a second start does nothing."""
+@pytest.mark.parametrize("indexed", [True, False], ids=["upgraded", "restored"])
+def test_runs_of_the_previous_version_are_split_once_at_start(db, storage, sealer, indexed):
+    """A database whose runs hold their metadata (the previous version, or a restore of its
+    backup: no index): ensuring the journal's indexes at start gives each its metadata document
+    and drops the runs' lookup indexes; every search finds what it found before, the chains
+    verify, a second start does nothing."""
     log = AuditLog(storage)
     for i in range(3):
         log.append([event("p1", doc=f"d{i}"), event("p2", ps="810000000009"), event(None)])
@@ -249,7 +252,7 @@ def test_runs_of_the_previous_version_are_split_once_at_start(db, storage, seale
     searches = [({"pid": "p1"}, [("lu", -1), ("_id", 1)]), ({"s.entity.r": "DocumentReference/d1"}, []),
                 ({"s.agent.iv": "810000000009"}, []), ({"s.agent.iv": "810001234567"}, [("lu", 1), ("_id", 1)])]
     before = [[d["_id"] for d in storage.find_docs("AuditEvent", f, s, 0)] for f, s in searches]
-    ids = _legacy_layout(db)
+    ids = _legacy_layout(db, indexed=indexed)
     RunReads._run_memo.__init__()
     assert storage.find_docs("AuditEvent", {"pid": "p1"}, [], 0) == []     # not found until split
     storage.ensure_journal_indexes()
@@ -283,3 +286,19 @@ def test_a_filter_not_evaluated_in_memory_is_refused_as_unavailable(storage):
     silent miss (nor a 500)."""
     with pytest.raises(StorageUnavailable):
         storage.find_docs("AuditEvent", {"pid": None}, [], 0)
+
+
+def test_verify_reports_a_run_its_metadata_does_not_list(db, storage, sealer):
+    """Searches find a run's entries through its metadata: ``audit verify`` reports a run whose
+    metadata is missing or names other entries."""
+    log = AuditLog(storage)
+    log.append([event("p1") for _ in range(2)] + [event("p2")])
+    sealer.seal_all()
+    key = sealer.key.public_key()
+    assert verify_chains(storage, check_signatures=True, public_key=key) == []
+    db[META].update_one({"_id": "p1:1"}, {"$pop": {"ids": 1}})
+    db[META].delete_one({"_id": "p2:1"})
+    problems = verify_chains(storage, check_signatures=True, public_key=key)
+    assert problems == ["2 run(s) whose metadata does not list their entries (searches miss them): p1:1, p2:1"]
+    assert verify_chains(storage, "p2") == ["1 run(s) whose metadata does not list their entries "
+                                             "(searches miss them): p2:1"]
