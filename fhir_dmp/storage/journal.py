@@ -36,9 +36,9 @@ Runs written by the previous version hold their metadata themselves (indexed the
 (:meth:`JournalStore.split_legacy_runs`), then drops those indexes.
 
 Contract: an append is one insert, atomic and durable (``w: majority, j: true``), or part of its
-write's transaction; sealing a page (runs with their entries and metadata, page deleted) is all or nothing; a run's
-unique ``_id`` (chain, first position) refuses a fork; one live owner holds the sealer lease at a
-time.
+write's transaction; sealing a page (runs with their entries and metadata, page deleted) is all
+or nothing; a run's unique ``_id`` (chain, first position) refuses a fork; one live owner holds
+the sealer lease at a time.
 """
 from __future__ import annotations
 
