@@ -18,7 +18,7 @@ Contract:
   in bulk with the exact documents ``Storage.create`` writes
   (``Storage.stamp`` + ``Storage.current_doc``, i.e. ``search.extract``).
 * :func:`seal_entries` — journal entries stored as the sealer stores them: per DMP (chain), in
-  runs of at most :data:`RUN_ENTRIES` (``storage.runs.run_document``, heads moved), or, with
+  runs of at most :data:`RUN_ENTRIES` with their metadata (``Storage.seal_pages``, heads moved), or, with
   ``legacy``, one ``AuditEvent`` document each as the versions before the runs did;
   :func:`journal_entries` / :func:`journal_size` — the journal's entries and their number, in
   every layout (pages, runs, ``AuditEvent`` documents); :func:`seal_pages` — the real sealer's
@@ -55,7 +55,7 @@ from fhir_dmp.guard.repository import GuardedRepository  # noqa: E402
 from fhir_dmp.runtime.services import services  # noqa: E402
 from fhir_dmp.storage import new_id, now  # noqa: E402
 from fhir_dmp.storage.core import JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES  # noqa: E402
-from fhir_dmp.storage.runs import run_document, unpacked_entry  # noqa: E402
+from fhir_dmp.storage.runs import unpacked_entry  # noqa: E402
 from tests import builders  # noqa: E402
 from tests.idp import TestIdP  # noqa: E402
 
@@ -165,7 +165,8 @@ def seal_entries(storage, entries: list[dict], *, legacy: bool = False, per_run:
     """Store journal ``entries`` (the common layout ``_id, pid, vid, lu, del, res (packed), s, o``)
     as the sealer stores them (audit/sealer.py, storage/runs.py): grouped per chain (the DMP,
     ``_system`` for no patient), in append order, runs of at most ``per_run`` entries, each run
-    ``run_document({pid, first, prev, links}, entries)`` with ``first`` counting on from the
+    stored by ``Storage.seal_pages`` (with its metadata document, no page deleted, no transaction) from
+    ``({pid, first, prev, links}, entries)`` with ``first`` counting on from the
     chain's head and the head moved past it (so that a real sealing pass afterwards continues the
     chain). The links' hashes chain SHA-256 digests of the packed entries, not of the canonical
     JSON: plausible, not verifiable (no bench runs ``audit verify``).
@@ -189,10 +190,10 @@ def seal_entries(storage, entries: list[dict], *, legacy: bool = False, per_run:
             for e in mine[i:i + per_run]:
                 prev = link_hash(prev, hashlib.sha256(e["res"]).hexdigest())
                 run["links"].append([e["_id"], prev])
-            runs.append(run_document(run, mine[i:i + per_run]))
+            runs.append((run, mine[i:i + per_run]))
             seq += len(run["links"])
         heads[pid] = (seq, prev)
-    storage.db[JOURNAL_LINKS].insert_many(runs, ordered=True)
+    storage.seal_pages(runs, [], session=None)
     storage.move_heads(heads, now(), session=None)
 
 

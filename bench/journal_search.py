@@ -6,8 +6,8 @@
 A throw-away SecantusDB and the real application (``bench/_common.py``); the journal is seeded
 fast through storage (``_common.seal_entries``: the entries as the sealer stores them, with the
 search index and sort keys ``search.extract`` gives them, in batches of 1,000: per DMP, runs of at
-most 500 entries in ``AuditEvent_link``, the chains' heads moved; ``--legacy``: one ``AuditEvent``
-document per entry, the layout before the runs) with events cloned from one event the server really wrote for a professional's read,
+most 500 entries in ``AuditEvent_link``, their metadata in ``AuditEvent_run_meta``, the chains'
+heads moved; ``--legacy``: one ``AuditEvent`` document per entry, the layout before the runs) with events cloned from one event the server really wrote for a professional's read,
 spread across many DMPs: ``--per-dmp`` events per DMP (10 documents each), one professional per
 100 events, ``recorded`` spread over the last 360 days. Each stage (``--sizes``, cumulative)
 gets fresh targets (a real DMP opened through the guarded repository, its documents, a
@@ -37,7 +37,7 @@ decoded by a count; a sorted page may stop earlier), those matching, and the ms 
 of reading and matching them; ``--legacy``: the first page's ``find`` and the
 ``count_documents`` straight on ``AuditEvent``.
 ``--without-indexes`` drops the journal's search indexes first (the figures before them: the
-runs' ``ke``, ``ka``; ``--legacy``: ``AuditEvent``'s ``s.entity.r``, ``s.agent.iv``).
+runs' metadata's ``ke``, ``ka``; ``--legacy``: ``AuditEvent``'s ``s.entity.r``, ``s.agent.iv``).
 ``--append-cost``: only what the two search indexes cost each journal entry (database CPU per
 entry with and without them, interleaved).
 """
@@ -58,7 +58,7 @@ from large import settle
 from fhir_dmp import search
 from fhir_dmp.audit.events import event_patient
 from fhir_dmp.storage import merge_filters, new_id, pack, unpack
-from fhir_dmp.storage.core import JOURNAL, JOURNAL_LINKS, or_branches
+from fhir_dmp.storage.core import JOURNAL, JOURNAL_LINKS, JOURNAL_RUN_META, or_branches
 from fhir_dmp.storage.filters import compile_query
 from fhir_dmp.storage.runs import admits, run_queries, unpacked_entry
 
@@ -229,13 +229,13 @@ def run_plans(env, t: dict) -> list[str]:
     of reading and matching the entries (no memo: the database's read and the decoding), and the
     database's CPU ms for both."""
     out = []
-    coll = env.db[JOURNAL_LINKS]
+    coll, meta = env.db[JOURNAL_LINKS], env.db[JOURNAL_RUN_META]
     for label, flt, _ in filters(t):
         test = compile_query(flt)
         db0 = cpu_s(env.server.pid)
         t0 = time.perf_counter()
-        named = {m["_id"]: m for q in run_queries(flt) for m in coll.find(q, {"b": 1, "u": 1})}
-        admitted = [m["_id"] for m in named.values() if "u" in m and admits(m.get("b") or {}, flt)]
+        named = {m["_id"]: m for q in run_queries(flt) for m in meta.find(q, {"b": 1, "u": 1})}
+        admitted = [m["_id"] for m in named.values() if admits(m.get("b") or {}, flt)]
         t1 = time.perf_counter()
         held = matched = 0
         for run in coll.find({"_id": {"$in": admitted}}, {"e": 1}):
@@ -287,9 +287,9 @@ def template_event(env) -> dict:
 
 def search_indexes(env, legacy: bool) -> tuple:
     """The journal's collection and its two search indexes (who read this document, what did this
-    professional read) as ``[(name, keys)]``, named as the server created them: the runs' ``ke``,
-    ``ka``; ``legacy``: ``AuditEvent``'s ``s.entity.r``, ``s.agent.iv``."""
-    coll = env.db[JOURNAL if legacy else JOURNAL_LINKS]
+    professional read) as ``[(name, keys)]``, named as the server created them: the runs'
+    metadata's ``ke``, ``ka``; ``legacy``: ``AuditEvent``'s ``s.entity.r``, ``s.agent.iv``."""
+    coll = env.db[JOURNAL if legacy else JOURNAL_RUN_META]
     fields = ("s.entity.r", "s.agent.iv") if legacy else ("ke", "ka")
     return coll, [(i["name"], list(i["key"].items())) for i in coll.list_indexes() if list(i["key"]) in ([f] for f in fields)]
 

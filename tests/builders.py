@@ -184,11 +184,25 @@ def journal_entries(db, flt: dict | None = None) -> list[dict]:
     return [{**d, "res": unpack(d["res"])} for d in found.values()]
 
 
+def _run_of(db, event_id: str) -> dict | None:
+    """The run holding the sealed entry ``event_id`` (found by its metadata), None if none does."""
+    meta = db["AuditEvent_run_meta"].find_one({"ids": event_id}, {"_id": 1})
+    return meta and db["AuditEvent_link"].find_one({"_id": meta["_id"]})
+
+
+def _rewrite_run(db, run: dict, **meta_changes) -> None:
+    """Store ``run``'s entries ``e`` as they are now, with a new ``u`` in the run and its metadata
+    (not read from a process's memo: fhir_dmp.storage.runs) and ``meta_changes`` in the latter."""
+    u = uuid.uuid4().hex
+    db["AuditEvent_link"].update_one({"_id": run["_id"]}, {"$set": {"e": run["e"], "u": u}})
+    db["AuditEvent_run_meta"].update_one({"_id": run["_id"]}, {"$set": {"u": u, **meta_changes}})
+
+
 def rewrite_journal_entry(db, event_id: str, **changes) -> None:
     """Tamper with a stored journal entry the way someone with database access would (in its
     run, or an ``AuditEvent`` document of a previous version)."""
     from fhir_dmp.storage import pack, unpack
-    run = db["AuditEvent_link"].find_one({"ids": event_id})
+    run = _run_of(db, event_id)
     if run is None:
         doc = db["AuditEvent"].find_one({"_id": event_id})
         db["AuditEvent"].update_one({"_id": event_id}, {"$set": {"res": pack({**unpack(doc["res"]), **changes})}})
@@ -196,30 +210,28 @@ def rewrite_journal_entry(db, event_id: str, **changes) -> None:
     for d in run["e"]:
         if d["_id"] == event_id:
             d["res"] = pack({**unpack(d["res"]), **changes})
-    db["AuditEvent_link"].update_one({"_id": run["_id"]}, {"$set": {"e": run["e"], "u": uuid.uuid4().hex}})
+    _rewrite_run(db, run)
 
 
 def delete_journal_entry(db, event_id: str) -> None:
     """Delete a stored journal entry the way someone with database access would (from its run,
     or an ``AuditEvent`` document of a previous version), its link left in place."""
-    run = db["AuditEvent_link"].find_one({"ids": event_id})
+    run = _run_of(db, event_id)
     if run is None:
         db["AuditEvent"].delete_one({"_id": event_id})
         return
-    db["AuditEvent_link"].update_one({"_id": run["_id"]}, {"$set": {
-        "e": [d for d in run["e"] if d["_id"] != event_id], "ids": [i for i in run["ids"] if i != event_id],
-        "u": uuid.uuid4().hex}})     # a new u: not read from a process's memo (fhir_dmp.storage.runs)
+    run["e"] = [d for d in run["e"] if d["_id"] != event_id]
+    _rewrite_run(db, run, ids=[d["_id"] for d in run["e"]])
 
 
 def retime_journal(db, when) -> None:
     """Set each sealed entry's ``lu`` to ``when(entry)`` (tests that move the journal in time): in
-    its run (its bounds kept true) or its ``AuditEvent`` document of a previous version."""
+    its run (its metadata's bounds kept true) or its ``AuditEvent`` document of a previous version."""
     for run in db["AuditEvent_link"].find({"e": {"$exists": True}}):
         for d in run["e"]:
             d["lu"] = when(d)
         lus = [d["lu"] for d in run["e"]]
-        db["AuditEvent_link"].update_one({"_id": run["_id"]}, {"$set": {
-            "e": run["e"], "lo": min(lus), "hi": max(lus), "b.lu": [min(lus), max(lus)], "u": uuid.uuid4().hex}})
+        _rewrite_run(db, run, lo=min(lus), hi=max(lus), **{"b.lu": [min(lus), max(lus)]})
     for d in db["AuditEvent"].find({}, {"lu": 1, "pid": 1}):
         db["AuditEvent"].update_one({"_id": d["_id"]}, {"$set": {"lu": when(d)}})
 

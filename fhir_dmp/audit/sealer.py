@@ -15,10 +15,10 @@ every server process, then:
    off the request path: ``storage.pages.entries``), links each event to its chain from the
    content digest its page holds (one run of links per chain in ``AuditEvent_link``, as in
    ``chain.py``, which also holds the entries it seals: ``storage/runs.py``, one document per
-   chain and pass instead of one per event), deletes those pages, moves the heads
-   (``AuditEvent_chain``) and writes a signed checkpoint, all in ONE transaction: a crash
-   leaves either everything or nothing, and running it again only seals what is still in a
-   page (idempotent);
+   chain and pass instead of one per event, its metadata in one more), deletes those pages,
+   moves the heads (``AuditEvent_chain``) and writes a signed checkpoint, all in ONE
+   transaction: a crash leaves either everything or nothing, and running it again only seals
+   what is still in a page (idempotent);
 3. signs a checkpoint of the heads it moved, like Certificate Transparency's signed tree
    heads (RFC 6962 §3.5): ``{n, prev, at, heads: [[pid, seq, hash], ...]}`` in canonical
    JSON, Ed25519 signature by a key kept OUTSIDE the database (a PEM file, ``config.
@@ -190,8 +190,7 @@ class Sealer:
             heads[pid] = (seq + 1, hsh)
             chain[-1]["links"].append([e["_id"], hsh])
             chain[-1]["size"] += size
-        storage.seal_pages([({k: v for k, v in run.items() if k != "size"},
-                             [by_id[eid] for eid, _ in run["links"] if eid in by_id])
+        storage.seal_pages([(run, [by_id[eid] for eid, _ in run["links"] if eid in by_id])
                             for chain in runs.values() for run in chain], ids, session=session, old=old)
         storage.move_heads(heads, now, session=session)
         last = storage.last_checkpoint(session=session)

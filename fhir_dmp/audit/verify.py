@@ -26,6 +26,8 @@ def verify_chains(storage, patient_id: str | None = None, *, unsealed_bound_s: f
     does not match event seq n``. A head behind the newest event is not a
     problem (a crash between the event write and the head write).
 
+    A run of entries whose metadata document is missing or names other entries (another ``u``,
+    other ids: ``storage/runs.py``) is reported: searches would not find its entries.
     Events still unsealed are fine while young; ``N AuditEvent(s) left unsealed for more than
     S s`` once older than ``unsealed_bound_s`` (the sealer is not running or is stuck).
     With ``check_signatures`` the signed checkpoints (``sealer.py``) are checked with
@@ -46,6 +48,10 @@ def verify_chains(storage, patient_id: str | None = None, *, unsealed_bound_s: f
     orphans = storage.count_unchained(patient_id)
     if orphans:
         problems.append(f"{orphans} AuditEvent(s) without a chain position")
+    unlisted = storage.runs_unlisted(patient_id)
+    if unlisted:
+        problems.append(f"{len(unlisted)} run(s) whose metadata does not list their entries (searches miss them): "
+                        + ", ".join(unlisted[:5]))
 
     pid = None
     expected, prev_hash = 1, GENESIS

@@ -276,20 +276,21 @@ class Reads:
                             http_status=200)
             return page
         base = merge_filters(guard, req.mongo_filter())     # the guard first: pid fails fast
-        if counted:
-            docs = []
-        else:
-            flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
-            docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1, session=self.session)
-        if req.total != "none" or counted:
-            # a first page that holds everything is its own total: no second pass over the data;
-            # otherwise the matches are counted only when asked (_total=accurate|estimate,
-            # _summary=count): a count walks every match, so a large DMP would pay for it on
-            # every page
-            if not req.cursor and len(docs) <= req.count and not counted:
-                page.total = len(docs)
-            elif req.explicit_total or counted:
-                page.total = self.storage.count(rtype, base, session=self.session)
+        with self.storage.journal_scope():   # the page and its count: one state of the journal, read once
+            if counted:
+                docs = []
+            else:
+                flt = merge_filters(base, search.keyset_filter(req)) if req.cursor else base
+                docs = self.storage.find_docs(rtype, flt, req.mongo_sort(), req.count + 1, session=self.session)
+            if req.total != "none" or counted:
+                # a first page that holds everything is its own total: no second pass over the data;
+                # otherwise the matches are counted only when asked (_total=accurate|estimate,
+                # _summary=count): a count walks every match, so a large DMP would pay for it on
+                # every page
+                if not req.cursor and len(docs) <= req.count and not counted:
+                    page.total = len(docs)
+                elif req.explicit_total or counted:
+                    page.total = self.storage.count(rtype, base, session=self.session)
         if docs:
             if len(docs) > req.count:
                 docs = docs[:req.count]

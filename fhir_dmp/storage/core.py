@@ -56,6 +56,7 @@ JOURNAL_HEADS = "AuditEvent_chain"            # one head per chain (audit/sealer
 JOURNAL_PAGES = "AuditEvent_page"             # appended, not yet sealed: one page per append (storage/pages.py)
 JOURNAL_QUEUE = "AuditEvent_queue"            # the previous version's queue: sealed first (audit/sealer.py)
 JOURNAL_LINKS = "AuditEvent_link"             # the chain links of each sealing pass (audit/sealer.py)
+JOURNAL_RUN_META = "AuditEvent_run_meta"      # each run's keys, bounds and memo key (storage/runs.py)
 CHECKPOINTS = "AuditEvent_checkpoint"         # signed checkpoints of the heads (audit/sealer.py)
 SEALER_LEASE = "audit_sealer_lease"           # the one sealer's lease (audit/sealer.py)
 PRIVACY_SCANS = "privacy_scans"               # the misuse scan's window and reviewed pairs (review/scan.py)

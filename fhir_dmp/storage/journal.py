@@ -15,6 +15,10 @@ journal"):
     the entries it seals (``res`` packed: :func:`~fhir_dmp.storage.core.pack`, common layout with
     the search index ``s``/``o``; ``runs.py`` states the layout and how reads find them): one
     insert per pass and chain, not one per event;
+``AuditEvent_run_meta``
+    beside each run holding entries, its metadata (``_id`` the run's; the keys the reads look up,
+    indexed, its date bounds, its memo key ``u``): written in the same transaction as its run,
+    deleted with it;
 ``AuditEvent``
     the entries as previous versions stored them, one document per event (their runs have no
     entries): read, never written any more.
@@ -27,10 +31,14 @@ waiting for the sealer, not as unchained.
 Beside them ``AuditEvent_chain`` (one head per chain), ``AuditEvent_checkpoint`` (signed
 checkpoints of the heads) and ``audit_sealer_lease`` (the one sealer's lease).
 
+Runs written by the previous version hold their metadata themselves (indexed there by
+``runs_by_ids``/``ke``/``ka``): :meth:`JournalStore.ensure_journal_indexes` splits them once
+(:meth:`JournalStore.split_legacy_runs`), then drops those indexes.
+
 Contract: an append is one insert, atomic and durable (``w: majority, j: true``), or part of its
-write's transaction; sealing a page (runs with their entries, page deleted) is all or nothing; a run's
-unique ``_id`` (chain, first position) refuses a fork; one live owner holds the sealer lease at a
-time.
+write's transaction; sealing a page (runs with their entries and metadata, page deleted) is all
+or nothing; a run's unique ``_id`` (chain, first position) refuses a fork; one live owner holds
+the sealer lease at a time.
 """
 from __future__ import annotations
 
@@ -43,15 +51,19 @@ from pymongo import DeleteMany, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from .core import (CHECKPOINTS, EPOCH, JOURNAL, JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, JOURNAL_QUEUE,
-                   LEASE_WAIT_S,
+                   JOURNAL_RUN_META, LEASE_WAIT_S,
                    SEALER_ID, SEALER_LEASE, StoreCore, _by_pid, _drop_indexes, _taken, now, pack, unpack)
 from .errors import TRANSIENT, label_transient, translate, translate_methods
 from .resources import UNIQUE_INDEXES, _wanted_indexes
-from .runs import run_document, unpacked_entry
+from .runs import META_ONLY, run_documents, split_run, unpacked_entry
 
 log = logging.getLogger(__name__)
 #: pages named per delete statement when the sealer deletes them (:meth:`JournalStore.seal_pages`)
 DELETE_CHUNK = 16
+#: the runs' lookup keys: indexed in their metadata (this version), in the runs themselves before
+RUN_KEYS = ("ids", "ke", "ka")
+#: runs of the previous version looked up at a time by :meth:`JournalStore.split_legacy_runs`
+LEGACY_BATCH = 256
 
 
 @translate_methods
@@ -69,9 +81,51 @@ class JournalStore(StoreCore):
         keep = [[("_id", 1)], *_wanted_indexes(JOURNAL), *([k] for k in UNIQUE_INDEXES.get(JOURNAL, []))]
         _drop_indexes(self.db[JOURNAL], lambda keys: keys not in keep)
         self.db[JOURNAL_LINKS].create_index([("pid", 1), ("first", 1)], name="chain_order")
-        for field in ("ids", "ke", "ka"):     # an entry by id; who read this document; what did this professional read
-            self.db[JOURNAL_LINKS].create_index([(field, 1)], name=f"runs_by_{field}")
+        meta = self.db[JOURNAL_RUN_META]
+        meta.create_index([("pid", 1)], name="runs_by_pid")
+        for field in RUN_KEYS:     # an entry by id; who read this document; what did this professional read
+            meta.create_index([(field, 1)], name=f"runs_by_{field}")
         self.db[JOURNAL_PAGES].create_index([("t", 1), ("_id", 1)], name="oldest_first")
+        self.split_legacy_runs()
+
+    def split_legacy_runs(self) -> int:
+        """Give each run that the previous version wrote holding its metadata (found by its own
+        ``runs_by_ids`` index, which only that version made; made here for runs without any
+        metadata document, as a restore of that version's backup leaves them) its metadata
+        document, the run rid of it, one run per transaction (a destroy racing it deletes both or
+        neither); then drop the runs' lookup indexes: their absence says it is done, so a start
+        after it asks nothing more. Idempotent, and a start that stopped half-way goes on; the
+        number split."""
+        links = self.db[JOURNAL_LINKS]
+        legacy = [ix["name"] for ix in links.list_indexes() if ix["name"] in {f"runs_by_{f}" for f in RUN_KEYS}]
+        if not legacy and links.estimated_document_count() and not self.db[JOURNAL_RUN_META].estimated_document_count():
+            # runs and no metadata at all: restored from a backup of the previous version (a
+            # restore copies documents, not indexes), or sealed only by versions before the runs
+            links.create_index([("ids", 1)], name="runs_by_ids")
+            legacy = ["runs_by_ids"]
+        if not legacy:
+            return 0
+        done = 0
+        while True:
+            # ids are strings: a range on them rides the index, which runs without ids do not reach
+            batch = [r["_id"] for r in links.find({"ids": {"$gte": ""}}, {"_id": 1}, limit=LEGACY_BATCH)]
+            for rid in batch:
+                done += self.run_transaction(lambda session, rid=rid: self._split_run(rid, session))
+            if len(batch) < LEGACY_BATCH:
+                break
+        _drop_indexes(links, lambda keys: keys in [[(f, 1)] for f in RUN_KEYS])
+        if done:
+            log.info("journal: %d runs of the previous version given their metadata document", done)
+        return done
+
+    def _split_run(self, rid: str, session) -> int:
+        whole = self.db[JOURNAL_LINKS].find_one({"_id": rid, "ids": {"$exists": True}}, session=session)
+        if whole is None:     # split by another process starting beside this one, or destroyed
+            return 0
+        _, meta = split_run(whole)
+        self.db[JOURNAL_RUN_META].replace_one({"_id": rid}, meta, upsert=True, session=session)
+        self.db[JOURNAL_LINKS].update_one({"_id": rid}, {"$unset": dict.fromkeys(META_ONLY, "")}, session=session)
+        return 1
 
     def journal_insert(self, events: list[dict], *, session=None, pending: list | None = None) -> None:
         """Append one page holding ``events`` (``{_id, pid, lu, res: canonical JSON bytes, d:
@@ -136,6 +190,16 @@ class JournalStore(StoreCore):
             in_runs.update(d["_id"] for d in run.get("e") or ())
         return len(in_runs - linked) + sum(1 for d in self.db[JOURNAL].find(_by_pid(pid), {"_id": 1})
                                            if d["_id"] not in linked and d["_id"] not in paged)
+
+    def runs_unlisted(self, pid: str | None = None) -> list[str]:
+        """Ids of the runs holding entries whose metadata document is missing or does not name them
+        (another ``u``, other event ids): the reads, which look runs up by their metadata, would
+        miss their entries."""
+        listed = {m["_id"]: (m["u"], m["ids"])
+                  for m in self.db[JOURNAL_RUN_META].find(_by_pid(pid), {"u": 1, "ids": 1})}
+        runs = self.db[JOURNAL_LINKS].find({**_by_pid(pid), "e": {"$exists": True}}, {"u": 1, "e._id": 1})
+        return sorted(run["_id"] for run in runs
+                      if listed.get(run["_id"]) != (run.get("u"), [d["_id"] for d in run["e"]]))
 
     def sealed_events(self, pid: str | None = None):
         """Sealed events in chain order (``pid``, ``seq``), each with ``chain`` = ``{pid, seq,
@@ -242,16 +306,20 @@ class JournalStore(StoreCore):
 
     def seal_pages(self, runs: list[tuple[dict, list[dict]]], page_ids: list[str], *, session,
                    old: bool = False) -> None:
-        """Store the chain ``runs`` (``{pid, first, prev, links: [[event id, hash], ...]}``, one per
-        chain, each with the entries it seals, derived from pages ``page_ids``: ``pages.entries``;
-        none for ``old``, the previous version's queue documents, whose entries are stored
-        already) as ``runs.run_document`` lays them out, and delete those pages (``old``: those
-        queue documents), in ``session``'s transaction. A run is keyed by its chain and first
-        position: two runs from the same head (a fork) are refused by the unique ``_id``, and the
-        whole transaction aborts."""
-        if runs:
-            self.db[JOURNAL_LINKS].insert_many([run_document(run, docs) for run, docs in runs],
-                                               ordered=True, session=session)
+        """Store the chain ``runs`` (``{pid, first, prev, links: [[event id, hash], ...], size:
+        bytes of entries}``, one per chain, each with the entries it seals, derived from pages
+        ``page_ids``: ``pages.entries``; none for ``old``, the previous version's queue documents,
+        whose entries are stored already) and their metadata as ``runs.run_documents`` lays them
+        out, and delete those pages (``old``: those queue documents), in ``session``'s
+        transaction. A run is keyed by its chain and first position: two runs from the same head
+        (a fork) are refused by the unique ``_id``, and the whole transaction aborts."""
+        stored = [run_documents({k: v for k, v in run.items() if k != "size"}, docs, run.get("size"))
+                  for run, docs in runs]
+        if stored:
+            self.db[JOURNAL_LINKS].insert_many([doc for doc, _ in stored], ordered=True, session=session)
+        metas = [meta for _, meta in stored if meta is not None]
+        if metas:
+            self.db[JOURNAL_RUN_META].insert_many(metas, ordered=True, session=session)
         # one statement per few pages, in one command: SecantusDB checks each deleted document
         # against the whole ``$in`` list, so one statement for 500 pages costs 500 x 500 comparisons
         chunks = [page_ids[i:i + DELETE_CHUNK] for i in range(0, len(page_ids), DELETE_CHUNK)]

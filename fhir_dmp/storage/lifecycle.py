@@ -15,8 +15,8 @@ from pymongo import ReturnDocument
 
 from ..audit.chain import GENESIS
 from .core import (ACCESS_CODES, BLOBS, CHUNKS, COMPARTMENT_TYPES, DATAKEYS, GRANT_LOCKS, GRANTS, JOBS, JOURNAL,
-                   JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, JOURNAL_QUEUE, OUTBOX, PRIVACY_SCANS, REVIEW_KEYS,
-                   StoreCore)
+                   JOURNAL_HEADS, JOURNAL_LINKS, JOURNAL_PAGES, JOURNAL_QUEUE, JOURNAL_RUN_META, OUTBOX,
+                   PRIVACY_SCANS, REVIEW_KEYS, StoreCore)
 from .errors import translate_methods
 
 
@@ -63,6 +63,7 @@ class LifecycleStore(StoreCore):
         # fact); a page changed counts in ``v`` (the read-through's memo: storage/pages.py)
         gone(JOURNAL, {"pid": pid})
         gone(JOURNAL_LINKS, {"pid": pid})
+        gone(JOURNAL_RUN_META, {"pid": pid})
         self.db[JOURNAL_PAGES].update_many({"events.pid": pid}, {"$pull": {"events": {"pid": pid}}, "$inc": {"v": 1}},
                                            session=session)
         self.db[JOURNAL_PAGES].delete_many({"events": {"$size": 0}}, session=session)   # nothing left to seal

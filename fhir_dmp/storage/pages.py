@@ -31,6 +31,7 @@ import logging
 from typing import Callable
 
 import bson
+from pymongo.errors import PyMongoError
 
 from .. import search
 from .core import CODECS, JOURNAL_PAGES, sort_docs, unpack
@@ -79,7 +80,11 @@ class PageReads(RunReads):
         """The memoized entries of every page now stored, page by page (not to be changed: see
         :meth:`unsealed_entries`): the page ids first, then the pages not memoized yet. A page
         sealed between the two reads is skipped (its entries are in a run by then, and the runs
-        are read after this)."""
+        are read after this). Within a :meth:`journal_scope`, read once: the state the scope's
+        lookups of the runs, read after it, complete."""
+        return self._scoped(("pages",), self._read_unsealed)
+
+    def _read_unsealed(self) -> list[list[dict]]:
         listing = list(self.db[JOURNAL_PAGES].find({}, {"v": 1}))
         memo = self._page_memo
         want = [p["_id"] for p in listing if p["_id"] not in memo or memo[p["_id"]][0] != p.get("v")]
@@ -116,7 +121,7 @@ class PageReads(RunReads):
             test = compile_query(flt)
         except Unsupported:
             log.error("a journal filter the storage filter language does not evaluate: %s", sorted(flt))
-            raise StorageUnavailable("this search of the journal cannot be answered") from None
+            raise StorageUnavailable(PyMongoError("this search of the journal cannot be answered")) from None
         mine = {d["_id"]: d for docs in self._unsealed() for d in docs if test(d)}
         for d in self.sealed_matching(test, flt, sort, limit):
             mine.setdefault(d["_id"], d)
@@ -136,7 +141,7 @@ class PageReads(RunReads):
             out = sort_docs(merged.values(), sort or [("_id", 1)])
         except TypeError:       # sort keys of mixed types: never written by this server
             log.error("journal entries whose sort keys are of mixed types: %s", sort)
-            raise StorageUnavailable("this search of the journal cannot be ordered") from None
+            raise StorageUnavailable(PyMongoError("this search of the journal cannot be ordered")) from None
         return [dict(d) for d in (out[:limit] if limit else out)]
 
     def journal_count(self, flt: dict, count: Callable[[], int]) -> int:

@@ -2,50 +2,61 @@
 
 The sealer (audit/sealer.py) writes, per sealing pass and chain, ONE run document in
 ``AuditEvent_link`` (or a few consecutive ones, each at most :data:`RUN_MAX_BYTES` of entries)
-holding the links AND the entries they seal::
+holding the links AND the entries they seal, and beside it, in the same transaction, its metadata
+in ``AuditEvent_run_meta`` (:func:`run_documents`)::
 
-    {_id: "<chain>:<first>", pid: chain, first, last, prev, links: [[event id, hash], ...],
-     u: <random, unique per run>, e: [entry, ...]  (the common layout: _id, pid, vid=1, lu, del,
-     res packed, and x: its search index s, o packed; e[i] is the event of links[i]),
-     ids: [event id, ...], ke: [s.entity.r ...], ka: [s.agent.iv ...]  (what the reads look up),
-     lo, hi: first and last ``lu``, b: {"lu" | "o:<key>": [min, max]}  (bounds of the dates)}
+    run:  {_id: "<chain>:<first>", pid: chain, first, last, prev, links: [[event id, hash], ...],
+           u: <random, unique per run>, e: [entry, ...]  (the common layout: _id, pid, vid=1, lu, del,
+           res packed, x: its search index s, o packed; e[i] is the event of links[i])}
+    meta: {_id: the run's, pid, u, n: entries, size: their bytes (BSON),
+           ids: [event id, ...], ke: [s.entity.r ...], ka: [s.agent.iv ...]  (what the reads look up),
+           lo, hi: first and last ``lu``, b: {"lu" | "o:<key>": [min, max]}  (bounds of the dates)}
 
 instead of one ``AuditEvent`` document per event: a hot DMP read 500 times between two passes
 costs the database one document and a few index entries, not 500 documents with four indexes each
 (bench/README.md, "The journal in runs"). It is the bucket pattern MongoDB advises for event
 data, and its time-series collections' layout: bucketed by the meta field (here the chain, i.e.
 the DMP: the shard key) and time (https://www.mongodb.com/docs/manual/core/timeseries/timeseries-bucketing/).
+The metadata has a document of its own because SecantusDB reads a document whole to project
+some of its fields: a lookup answered from the runs themselves read MiBs of entries to learn
+their bounds (bench/README.md, "Issue 22: the journal's run metadata").
 
-Reads (:class:`RunReads`): a filter is answered by the runs its indexed equality can name (an
-event's ``_id`` -> ``ids``, the DMP ``pid`` -> the chain, the entity ``s.entity.r`` -> ``ke``, the
-professional ``s.agent.iv`` -> ``ka``; otherwise every run), pruned by their date bounds, and their
-entries matched in memory with the storage filter language (``filters.py``). A sorted, limited
-read goes through the runs in the order of their bounds on the first sort key and stops once no
-run left can hold an entry before its last one, so a page of a long journal reads a few runs, not
-all of them. Runs are never changed once written (a destroy deletes them): their entries are
-memoized per process by ``(_id, u)``, within :data:`MEMO_ENTRIES`.
+Reads (:class:`RunReads`): a filter is answered by the runs whose metadata its indexed equality
+can name (an event's ``_id`` -> ``ids``, the DMP ``pid`` -> the chain, the entity ``s.entity.r``
+-> ``ke``, the professional ``s.agent.iv`` -> ``ka``; otherwise every run), pruned by their date
+bounds; only the runs kept are read, by ``_id``, and their entries matched in memory with the
+storage filter language (``filters.py``). A sorted, limited read goes through the runs in the
+order of their bounds on the first sort key and stops once no run left can hold an entry before
+its last one, so a page of a long journal reads a few runs, not all of them. Runs are never
+changed once written (a destroy deletes them and their metadata): their entries are memoized per
+process by ``(_id, u)``, within :data:`MEMO_ENTRIES`. Within :meth:`RunReads.journal_scope` (a
+search's page and its count) each lookup of the metadata is read once.
 
 An entry's search index (``s``, ``o``: some 70 BSON elements) is stored as ONE binary value ``x``
 (:func:`packed_entry`), as its resource is (``core.pack``): the database never looks inside an
-entry (the runs are found by ``ids``/``ke``/``ka``/``pid`` and their bounds), and SecantusDB pays
-for every element of every insert, of its oplog's change-stream reads and of every find
-(bench/README.md, "Issue 22: the runs' entries packed"); the reads unpack it once per run
-(:func:`unpacked_entry`, then memoized). Runs written before carry ``s``/``o`` as they are.
+entry (the runs are found by their metadata), and SecantusDB pays for every element of every
+insert, of its oplog's change-stream reads and of every find (bench/README.md, "Issue 22: the
+runs' entries packed"); the reads unpack it once per run (:func:`unpacked_entry`, then memoized).
+Runs written before carry ``s``/``o`` as they are.
 
-Runs written before the runs held entries have no ``e`` (their entries are ``AuditEvent`` documents, which
-the reads still ask: ``pages.py``).
+Runs written before this version have either no ``e`` (their entries are ``AuditEvent``
+documents, which the reads still ask: ``pages.py``) or their metadata inside them (no metadata
+document): those are split once, when the journal's indexes are ensured at start
+(``journal.py``, :func:`split_run`).
 """
 from __future__ import annotations
 
+import contextvars
 import threading
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from datetime import datetime
 
 import bson
 
 from ..audit.chain import SYSTEM_CHAIN
-from .core import CODECS, JOURNAL_LINKS, StoreCore, sort_value
+from .core import CODECS, JOURNAL_LINKS, JOURNAL_RUN_META, StoreCore, sort_value
 from .filters import values_at
 
 #: a chain's entries of one pass go into runs of at most this many bytes of entries (BSON), far
@@ -62,18 +73,27 @@ WINDOW_BATCH = 64
 #: an entry's search index (``s``, ``o``) packed in a run: one BSON binary (module docstring)
 PACKED = "x"
 
-#: filter fields answered from a run's index: the field of the run holding their values
+#: filter fields answered from a run's index: the field of the run's metadata holding their values
 _LOOKUPS = (("_id", "ids"), ("pid", "pid"), ("s.entity.r", "ke"), ("s.agent.iv", "ka"))
-#: every run that holds entries (one written by this version)
-ALL_RUNS = {"e": {"$exists": True}}
+#: every run that holds entries (each has its metadata)
+ALL_RUNS: dict = {}
+#: the fields of a run's metadata that the run itself does not keep (``u`` is in both: a run read
+#: by ``_id`` tells whether it is still the one its metadata named)
+META_ONLY = ("ids", "ke", "ka", "lo", "hi", "b")
+
+#: the journal's state read by the current search, shared by its page and its count
+#: (:meth:`RunReads.journal_scope`)
+_SCOPE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("journal_scope", default=None)
 
 
-def run_document(run: dict, entries: list[dict]) -> dict:
+def run_documents(run: dict, entries: list[dict], size: int | None = None) -> tuple[dict, dict | None]:
     """The stored run (module docstring) of ``run`` (``{pid, first, prev, links}``) sealing
-    ``entries`` (in the order of its links)."""
+    ``entries`` (in the order of its links, ``size`` bytes of BSON when the caller knows it), and
+    its metadata document (None for a run of no entries: the previous version's queue, whose
+    entries are ``AuditEvent`` documents)."""
     doc = {"_id": f"{run['pid']}:{run['first']}", "last": run["first"] + len(run["links"]) - 1, **run}
     if not entries:
-        return doc
+        return doc, None
     bounds: dict[str, list] = {}
     for e in entries:
         for key, value in (("lu", e["lu"]), *((f"o:{k}", v) for k, v in (e.get("o") or {}).items())):
@@ -85,9 +105,20 @@ def run_document(run: dict, entries: list[dict]) -> dict:
             else:
                 got[0], got[1] = min(got[0], value), max(got[1], value)
     lo, hi = bounds["lu"]            # every entry has its lu: queryable beside the other bounds
-    return {**doc, "u": uuid.uuid4().hex, "e": [packed_entry(e) for e in entries], "ids": [e["_id"] for e in entries],
-            "ke": _union(entries, ("s", "entity", "r")), "ka": _union(entries, ("s", "agent", "iv")),
-            "lo": lo, "hi": hi, "b": bounds}
+    run, meta = split_run({**doc, "u": uuid.uuid4().hex, "e": [packed_entry(e) for e in entries],
+                           "ids": [e["_id"] for e in entries],
+                           "ke": _union(entries, ("s", "entity", "r")), "ka": _union(entries, ("s", "agent", "iv")),
+                           "lo": lo, "hi": hi, "b": bounds})
+    return run, {**meta, "size": size if size is not None else sum(map(stored_size, entries))}
+
+
+def split_run(whole: dict) -> tuple[dict, dict]:
+    """A run holding its metadata (as the previous version wrote them) -> the run as stored now
+    and its metadata document (without ``size`` when the caller does not know it)."""
+    meta = {"_id": whole["_id"], "pid": whole["pid"], "u": whole["u"], "n": len(whole["ids"]),
+            **{k: whole[k] for k in META_ONLY if k in whole}}
+    return {k: v for k, v in whole.items() if k not in META_ONLY}, meta
+
 
 
 def packed_entry(entry: dict) -> dict:
@@ -233,10 +264,35 @@ class RunReads(StoreCore):
 
     _run_memo = _Memo()
 
+    @contextmanager
+    def journal_scope(self):
+        """Within it (in this context: a request's thread), each lookup of the runs' metadata and
+        the pages' listing (``pages.py``) is read once: a search's page and its count see one
+        state of the journal and pay for it once. Nested, the outer scope holds."""
+        if _SCOPE.get() is not None:
+            yield
+            return
+        token = _SCOPE.set({})
+        try:
+            yield
+        finally:
+            _SCOPE.reset(token)
+
+    def _scoped(self, key: tuple, read):
+        """``read()``, or what it gave for ``key`` in this database earlier in the current
+        :meth:`journal_scope` (not to be changed: callers copy)."""
+        scope = _SCOPE.get()
+        if scope is None:
+            return read()
+        key = (self.db.name, *key)
+        if key not in scope:
+            scope[key] = read()
+        return scope[key]
+
     def _run_entries(self, metas: list[dict]) -> list[list[dict]]:
         """The entries of the runs ``metas`` (``{_id, u}``), in that order: memoized, the others
-        read in one query (a run deleted meanwhile, by a destroy, gives none). Not to be changed:
-        callers copy what they return."""
+        read by ``_id`` in one query (a run deleted meanwhile, by a destroy, or another one in its
+        place, gives none). Not to be changed: callers copy what they return."""
         got = {}
         for m in metas:
             entries = self._run_memo.get((m["_id"], m["u"]))
@@ -251,12 +307,14 @@ class RunReads(StoreCore):
         return [got.get((m["_id"], m["u"]), []) for m in metas]
 
     def _run_metas(self, flt: dict) -> list[dict]:
-        """``{_id, u, b}`` of the runs that may hold an entry matching ``flt`` (indexed lookups,
-        then pruned by their bounds)."""
+        """``{_id, u, b}`` of the runs that may hold an entry matching ``flt`` (indexed lookups of
+        their metadata, then pruned by their bounds)."""
         metas = {}
         for query in run_queries(flt):
-            for m in self.db[JOURNAL_LINKS].find(query, {"u": 1, "b": 1}):
-                if "u" in m and admits(m.get("b") or {}, flt):
+            found = self._scoped(("runs", repr(query)),
+                                 lambda q=query: list(self.db[JOURNAL_RUN_META].find(q, {"u": 1, "b": 1})))
+            for m in found:
+                if admits(m.get("b") or {}, flt):
                     metas.setdefault(m["_id"], m)
         return list(metas.values())
 
@@ -289,19 +347,20 @@ class RunReads(StoreCore):
 
     def sealed_entry(self, eid: str) -> dict | None:
         """The sealed entry ``eid`` of a run (a copy), None when no run holds it."""
-        metas = list(self.db[JOURNAL_LINKS].find({"ids": eid}, {"u": 1}))
-        return next((dict(d) for docs in self._run_entries([m for m in metas if "u" in m])
-                     for d in docs if d["_id"] == eid), None)
+        metas = list(self.db[JOURNAL_RUN_META].find({"ids": eid}, {"u": 1}))
+        return next((dict(d) for docs in self._run_entries(metas) for d in docs if d["_id"] == eid), None)
 
     def sealed_in_window(self, since: datetime | None, until: datetime):
         """``_id, pid, lu, res`` of the sealed entries of a DMP appended in ``[since, until)`` (runs
-        by their ``lo``/``hi``), streamed. Each run is read once, with only those fields of its
-        entries (not their search index) and not memoized: a scan of the whole journal would
+        by their metadata's ``lo``/``hi``), streamed. Each run is read once, with only those fields
+        of its entries (not their search index) and not memoized: a scan of the whole journal would
         otherwise decode twice what it needs, hold the memo's :data:`MEMO_ENTRIES` entries while it
         runs and leave it full of runs no search asked for."""
         query = {"lo": {"$lt": until}, "pid": {"$ne": SYSTEM_CHAIN}, **({"hi": {"$gte": since}} if since else {})}
         fields = {"e._id": 1, "e.pid": 1, "e.lu": 1, "e.res": 1}
-        for run in self.db[JOURNAL_LINKS].find(query, fields, batch_size=WINDOW_BATCH):
-            for d in run.get("e") or ():
-                if d["pid"] is not None and (since is None or d["lu"] >= since) and d["lu"] < until:
-                    yield d
+        ids = [m["_id"] for m in self.db[JOURNAL_RUN_META].find(query, {"_id": 1})]
+        for i in range(0, len(ids), WINDOW_BATCH):
+            for run in self.db[JOURNAL_LINKS].find({"_id": {"$in": ids[i:i + WINDOW_BATCH]}}, fields):
+                for d in run.get("e") or ():
+                    if d["pid"] is not None and (since is None or d["lu"] >= since) and d["lu"] < until:
+                        yield d

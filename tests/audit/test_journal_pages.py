@@ -226,7 +226,7 @@ def test_a_read_is_found_by_the_journal_reads_before_and_after_sealing(api, dmp,
     for sealed in (False, True):
         if sealed:
             assert b.seal_journal(db, config.audit_key_path) > 0
-            assert db[PAGES].count_documents({}) == 0 and db[LINKS].find_one({"ids": eid})
+            assert db[PAGES].count_documents({}) == 0 and db["AuditEvent_run_meta"].find_one({"ids": eid})
         found, total = _all(me, f"AuditEvent?patient=Patient/{pid}&_total=accurate&_count=500")
         ids = [e["id"] for e in found]
         assert eid in ids and len(ids) == len(set(ids)) == total

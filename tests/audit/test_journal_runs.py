@@ -14,10 +14,11 @@ from fhir_dmp.audit.sealer import Sealer
 from fhir_dmp.audit.verify import verify_chains
 from fhir_dmp.security.principal import PS, Principal
 from fhir_dmp.security.scopes import Scopes
-from fhir_dmp.storage import Storage
-from fhir_dmp.storage.runs import PACKED, RunReads, admits, run_queries, unpacked_entry
+from fhir_dmp.storage import Storage, StorageUnavailable
+from fhir_dmp.storage.runs import META_ONLY, PACKED, RunReads, admits, run_queries, unpacked_entry
 
 LINKS = "AuditEvent_link"
+META = "AuditEvent_run_meta"
 IDNATPS = "urn:oid:1.2.250.1.71.4.2.1"
 
 
@@ -50,10 +51,13 @@ def test_a_pass_writes_one_run_per_chain_holding_its_entries(db, storage, sealer
     assert sealer.seal_all() == 32
     runs = {r["pid"]: r for r in db[LINKS].find()}
     assert sorted(runs) == ["_system", "p1", "p2"] and db["AuditEvent"].count_documents({}) == 0
-    p1 = runs["p1"]
-    assert [e["_id"] for e in p1["e"]] == [eid for eid, _ in p1["links"]] == p1["ids"]
-    assert p1["ke"] == ["DocumentReference/d1", "Patient/p1"] and p1["ka"] == ["810001234567"]
-    assert p1["lo"] <= p1["hi"] and p1["b"]["lu"] == [p1["lo"], p1["hi"]]
+    p1, meta = runs["p1"], db[META].find_one({"_id": "p1:1"})
+    assert not set(META_ONLY) & set(p1)        # the run: links, entries, memo key
+    assert [e["_id"] for e in p1["e"]] == [eid for eid, _ in p1["links"]] == meta["ids"]
+    assert meta["ke"] == ["DocumentReference/d1", "Patient/p1"] and meta["ka"] == ["810001234567"]
+    assert meta["lo"] <= meta["hi"] and meta["b"]["lu"] == [meta["lo"], meta["hi"]]
+    assert meta["u"] == p1["u"] and meta["pid"] == "p1" and meta["n"] == 30 and meta["size"] > 0
+    assert sorted(m["_id"] for m in db[META].find()) == sorted(r["_id"] for r in runs.values())
     assert verify_chains(storage, check_signatures=True, public_key=sealer.key.public_key()) == []
 
 
@@ -82,7 +86,7 @@ def test_runs_written_with_their_search_index_as_documents_still_read(db, storag
     db[LINKS].update_one({"_id": run["_id"]}, {"$set": {"e": [unpacked_entry(d) for d in run["e"]]}})
     RunReads._run_memo.__init__()
     got = storage.find_docs("AuditEvent", {"s.entity.r": "DocumentReference/d9", "del": False}, [("lu", 1)], 0)
-    assert len(got) == 1 and got[0]["_id"] == run["ids"][1]
+    assert len(got) == 1 and got[0]["_id"] == run["links"][1][0]
     assert verify_chains(storage, check_signatures=True, public_key=sealer.key.public_key()) == []
 
 
@@ -95,7 +99,7 @@ def test_run_queries_name_the_runs_by_their_indexed_keys():
     assert run_queries({"s.agent.iv": "81"}) == [{"ka": "81"}]
     assert run_queries({"$or": [{"s.entity.r": "x"}, {"_id": "y"}]}) == [{"ke": "x"}, {"ids": "y"}]
     # no usable equality (a negation, a null that also means "missing", one $or branch open): every run
-    every = [{"e": {"$exists": True}}]
+    every = [{}]
     assert run_queries({"s.entity.r": {"$ne": "x"}}) == every
     assert run_queries({"s.entity.r": None}) == every
     assert run_queries({"$or": [{"s.entity.r": "x"}, {"s.outcome.c": "4"}]}) == every
@@ -147,6 +151,10 @@ def test_runs_match_as_the_database_does(db, storage, sealer, args):
     for limit in (1, 3, 10, 0):
         got = [d["_id"] for d in storage.find_docs("AuditEvent", flt, sort, limit)]
         assert got == (expected[:limit] if limit else expected), (limit, args)
+        with storage.journal_scope():        # a search's page and count: the metadata read once
+            got = [d["_id"] for d in storage.find_docs("AuditEvent", flt, sort, limit)]
+            assert got == (expected[:limit] if limit else expected), (limit, args)
+            assert storage.count("AuditEvent", flt) == len(expected)
     assert storage.count("AuditEvent", flt) == len(expected)
 
 
@@ -215,3 +223,111 @@ def test_a_scan_of_the_window_reads_every_run_once_and_keeps_none(db, storage, s
     assert sorted(d["pid"] for d in got) == ["p1"] * 4 + ["p2"] * 4 + ["p3"] * 4
     assert all(set(d) == {"_id", "pid", "lu", "res"} for d in got)     # not the search index
     assert set(RunReads._run_memo.runs) == memoized
+
+
+def test_a_search_reads_the_metadata_once_and_sees_one_state_of_the_journal(db, storage, sealer):
+    """Within a journal scope (a search's page and its count) the runs' metadata and the pages are
+    read once: what is sealed or appended meanwhile is not half seen (the count agrees with the
+    page), and the next search sees it."""
+    log = AuditLog(storage)
+    log.append([event("p1") for _ in range(3)])
+    sealer.seal_all()
+    log.append([event("p1")])           # in a page
+    sort = [("lu", -1), ("_id", 1)]
+    with storage.journal_scope():
+        page = storage.find_docs("AuditEvent", {"pid": "p1"}, sort, 2)
+        log.append([event("p1") for _ in range(2)])
+        sealer.seal_all()               # the page sealed, two more events, a second run
+        assert storage.count("AuditEvent", {"pid": "p1"}) == 4
+        assert len(storage.find_docs("AuditEvent", {"pid": "p1"}, sort, 0)) == 4
+        with storage.journal_scope():   # nested: the outer scope holds
+            assert storage.count("AuditEvent", {"pid": "p1"}) == 4
+    assert len(page) == 2 and storage.count("AuditEvent", {"pid": "p1"}) == 6
+
+
+def test_a_destroy_deletes_the_runs_and_their_metadata(db, storage, sealer):
+    log = AuditLog(storage)
+    log.append([event("p1") for _ in range(3)] + [event("p2")])
+    sealer.seal_all()
+    with db.client.start_session() as s:
+        counts = s.with_transaction(lambda s: storage.purge_dmp("p1", session=s))
+    assert counts[LINKS] == counts[META] == 1
+    assert db[LINKS].count_documents({"pid": "p1"}) == db[META].count_documents({"pid": "p1"}) == 0
+    assert db[META].count_documents({"pid": "p2"}) == 1
+
+
+def _legacy_layout(db, *, indexed: bool = True) -> list[str]:
+    """Rewrite every run as the previous version stored it (its metadata inside it, indexed there
+    by ``runs_by_ids``/``ke``/``ka`` unless not ``indexed``: restored from a backup, no metadata
+    document); the ids of the entries."""
+    for meta in db[META].find():
+        db[LINKS].update_one({"_id": meta["_id"]}, {"$set": {k: meta[k] for k in META_ONLY}})
+    db[META].drop()
+    for field in ("ids", "ke", "ka") if indexed else ():
+        db[LINKS].create_index([(field, 1)], name=f"runs_by_{field}")
+    return [d["_id"] for run in db[LINKS].find() for d in run["e"]]
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["upgraded", "restored"])
+def test_runs_of_the_previous_version_are_split_once_at_start(db, storage, sealer, indexed):
+    """A database whose runs hold their metadata (the previous version, or a restore of its
+    backup: no index): ensuring the journal's indexes at start gives each its metadata document
+    and drops the runs' lookup indexes; every search finds what it found before, the chains
+    verify, a second start does nothing."""
+    log = AuditLog(storage)
+    for i in range(3):
+        log.append([event("p1", doc=f"d{i}"), event("p2", ps="810000000009"), event(None)])
+        sealer.seal_all()
+    searches = [({"pid": "p1"}, [("lu", -1), ("_id", 1)]), ({"s.entity.r": "DocumentReference/d1"}, []),
+                ({"s.agent.iv": "810000000009"}, []), ({"s.agent.iv": "810001234567"}, [("lu", 1), ("_id", 1)])]
+    before = [[d["_id"] for d in storage.find_docs("AuditEvent", f, s, 0)] for f, s in searches]
+    ids = _legacy_layout(db, indexed=indexed)
+    RunReads._run_memo.__init__()
+    assert storage.find_docs("AuditEvent", {"pid": "p1"}, [], 0) == []     # not found until split
+    storage.ensure_journal_indexes()
+    assert db[META].count_documents({}) == db[LINKS].count_documents({}) == 9
+    assert not any(set(META_ONLY) & set(run) for run in db[LINKS].find())
+    assert not {ix["name"] for ix in db[LINKS].list_indexes()} & {"runs_by_ids", "runs_by_ke", "runs_by_ka"}
+    assert [[d["_id"] for d in storage.find_docs("AuditEvent", f, s, 0)] for f, s in searches] == before
+    assert all(storage.journal_entry(eid)["_id"] == eid for eid in ids)
+    assert verify_chains(storage, check_signatures=True, public_key=sealer.key.public_key()) == []
+    assert storage.split_legacy_runs() == 0
+    log.append([event("p1")])           # sealing goes on in the new layout
+    sealer.seal_all()
+    assert storage.count("AuditEvent", {"pid": "p1"}) == 4
+
+
+def test_a_split_stopped_half_way_goes_on_at_the_next_start(db, storage, sealer):
+    log = AuditLog(storage)
+    for _ in range(3):
+        log.append([event("p1")])
+        sealer.seal_all()
+    _legacy_layout(db)
+    with db.client.start_session() as s:    # one run split, then the process stopped
+        s.with_transaction(lambda s: storage._split_run("p1:2", s))
+    assert db[META].count_documents({}) == 1
+    assert storage.split_legacy_runs() == 2
+    assert storage.count("AuditEvent", {"pid": "p1"}) == 3
+
+
+def test_a_filter_not_evaluated_in_memory_is_refused_as_unavailable(storage):
+    """A journal filter the storage filter language does not evaluate exactly is a 503, never a
+    silent miss (nor a 500)."""
+    with pytest.raises(StorageUnavailable):
+        storage.find_docs("AuditEvent", {"pid": None}, [], 0)
+
+
+def test_verify_reports_a_run_its_metadata_does_not_list(db, storage, sealer):
+    """Searches find a run's entries through its metadata: ``audit verify`` reports a run whose
+    metadata is missing or names other entries."""
+    log = AuditLog(storage)
+    log.append([event("p1") for _ in range(2)] + [event("p2")])
+    sealer.seal_all()
+    key = sealer.key.public_key()
+    assert verify_chains(storage, check_signatures=True, public_key=key) == []
+    db[META].update_one({"_id": "p1:1"}, {"$pop": {"ids": 1}})
+    db[META].delete_one({"_id": "p2:1"})
+    problems = verify_chains(storage, check_signatures=True, public_key=key)
+    assert problems == ["2 run(s) whose metadata does not list their entries (searches miss them): p1:1, p2:1"]
+    assert verify_chains(storage, "p2") == ["1 run(s) whose metadata does not list their entries "
+                                             "(searches miss them): p2:1"]
