@@ -41,10 +41,15 @@ def sort_key_name(param: str, direction: int) -> str:
 # --------------------------------------------------------------------------- walking
 
 def _walk(resource: dict, path: Path) -> list:
-    nodes = _walk_steps(resource, path.steps)
-    if path.resolve_is:
-        nodes = [n for n in nodes if isinstance(n, dict) and reference_type(n) == path.resolve_is]
-    return nodes
+    return _resolved(_walk_steps(resource, path.steps), path.resolve_is)
+
+
+def _resolved(nodes: list, resolve_is: str | None) -> list:
+    """``nodes`` less the references that do not point to a ``resolve_is`` (FHIRPath
+    ``where(resolve() is X)``); all of them without one."""
+    if not resolve_is:
+        return nodes
+    return [n for n in nodes if isinstance(n, dict) and reference_type(n) == resolve_is]
 
 
 def _walk_steps(resource: dict, steps: tuple[str, ...]) -> list:
@@ -425,9 +430,7 @@ def _extract_memoized(resource_type: str, resource: dict) -> tuple[dict, dict]:
             nodes = walked.get(steps)
             if nodes is None:
                 nodes = walked[steps] = _walk_steps(resource, steps)
-            if resolve_is:
-                nodes = [n for n in nodes if isinstance(n, dict) and reference_type(n) == resolve_is]
-            values.extend(nodes)
+            values.extend(_resolved(nodes, resolve_is))
         key = keyer(values) if keyer is not None else None
         if key is None:
             _index(name, ptype, values, None, s, o)
