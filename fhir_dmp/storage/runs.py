@@ -120,7 +120,6 @@ def split_run(whole: dict) -> tuple[dict, dict]:
     return {k: v for k, v in whole.items() if k not in META_ONLY}, meta
 
 
-
 def packed_entry(entry: dict) -> dict:
     """``entry`` as a run stores it: its ``s`` and ``o`` in one BSON binary :data:`PACKED`."""
     stored = {k: v for k, v in entry.items() if k not in ("s", "o")}
@@ -139,7 +138,8 @@ def unpacked_entry(stored: dict) -> dict:
 
 
 def stored_size(entry: dict) -> int:
-    """The bytes ``entry`` takes in a run (its BSON)."""
+    """The bytes ``entry`` takes in a run: its BSON, its search index as documents (packed as
+    one binary, :func:`packed_entry`, it takes the same within a few bytes)."""
     return len(bson.encode(entry, codec_options=CODECS))
 
 
