@@ -18,10 +18,6 @@ depend on concurrency). Prints per create of each kind:
 The journal sealer is off unless ``--sealer`` (its cost is then added, run to completion after
 the creates, and shown per create). One untimed DMP warms up first.
 
-``--threads N``: the DocumentReference creates of ``--patients`` DMPs posted from N threads at once
-(one DMP each), in process: creates/s, database CPU per create and creates per commit (writes
-queued together share the group commit's transaction: ``audit/log.py``).
-
 ``--serve``: the same seeding as ``bench/peer.py`` (4 clients, real HTTP) against ``fhir-dmp serve``
 (its workers, sealer, change streams and notification worker on): creates/s and CPU ms per create
 of the database process and of the server processes (``bench/cost.py``'s accounting). Needs the
@@ -96,15 +92,12 @@ def main() -> None:
     ap.add_argument("--sealer", action="store_true", help="run the journal sealer (after the creates)")
     ap.add_argument("--by-collection", action="store_true")
     ap.add_argument("--serve", action="store_true", help="seed a `fhir-dmp serve` over HTTP, 4 clients")
-    ap.add_argument("--threads", type=int, default=0, help="in process, N threads at once: creates per commit")
     ap.add_argument("--kit", type=Path, default=None, help="the peer kit (--serve)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="--serve: py-spy (--gil, collapsed stacks) of every process into DIR while seeding")
     args = ap.parse_args()
     if args.serve:
         return serve(args)
-    if args.threads:
-        return threaded(args)
 
     counter = Counter()
     monitoring.register(counter)
@@ -178,46 +171,6 @@ def main() -> None:
                   f"worker CPU {(cpu() - w0) / total * 1000:6.2f} ms per create")
 
 
-def threaded(args) -> None:
-    """``--threads``: DocumentReference creates from ``args.threads`` threads, one DMP each."""
-    import threading
-    counter = Counter()
-    monitoring.register(counter)
-    with _common.environment(audit_sealer=False) as env:
-        token = env.idp.ps(builders.PS_DR, profession="10")
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": JSON, "Accept": JSON}
-        client = env.app.test_client()
-
-        def post(c, resource: dict) -> dict:
-            r = c.post(f"/fhir/{resource['resourceType']}", data=json.dumps(resource), headers=headers)
-            if r.status_code != 201:
-                raise SystemExit(f"POST {resource['resourceType']} -> {r.status_code}: {r.get_data(True)[:300]}")
-            return r.get_json()
-        pids = [post(client, builders.patient(family=f"Bench{i:05d}"))["id"] for i in range(args.threads)]
-        for pid in pids:                 # warm-up: each DMP's data key and decision context
-            post(client, builders.docref(pid, content=PDF))
-        counter.counts.clear()
-
-        def run(pid: str) -> None:
-            c = env.app.test_client()
-            for _ in range(args.docs):
-                post(c, builders.docref(pid, content=PDF))
-        threads = [threading.Thread(target=run, args=(pid,)) for pid in pids]
-        d0, t0, load = cpu(env.server.pid), time.perf_counter(), os.getloadavg()[0]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        n = args.threads * args.docs
-        commits = sum(c for (cmd, _), c in counter.counts.items() if cmd == "commitTransaction")
-        trips = sum(counter.counts.values())
-        print(f"{args.threads} threads x {args.docs} DocumentReference: {n / (time.perf_counter() - t0):.1f} "
-              f"creates/s, database {1e3 * (cpu(env.server.pid) - d0) / n:.2f} ms CPU per create, "
-              f"{n / max(commits, 1):.2f} creates per commit, round trips per create {trips / n:.2f} "
-              f"(Patient finds {counter.counts[('find', 'Patient')] / n:.2f}); "
-              f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
-
-
 def serve(args) -> None:
     import shutil
     import tempfile
@@ -255,7 +208,7 @@ def serve(args) -> None:
             time.sleep(1)
         before = (sum(map(cpu_s, server)), sum(map(cpu_s, database)))
         load = os.getloadavg()[0]
-        rate, *_ = seed(base, token, args.patients, args.docs)
+        rate, _ = seed(base, token, args.patients, args.docs)
         for spy in spies:
             spy.send_signal(signal.SIGINT)
         for spy in spies:

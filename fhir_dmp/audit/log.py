@@ -1,5 +1,5 @@
-"""The journal store: AuditEvents appended durably, unsealed, as one page per group commit (with
-the inserts of the writes in that batch, in one transaction) or per write (in the write's transaction).
+"""The journal store: AuditEvents appended durably, unsealed, as one page per group commit or
+per write (in the write's transaction).
 
 Storage (every collection is insert-mostly, SecantusDB updates being dear: bench/README.md, "The journal"):
 
@@ -102,11 +102,6 @@ class AuditLog:
       pauses before each batch (:class:`GroupCommitter`): requests wait longer, none is dropped.
     - Inside a transaction (writes) the events are inserted as one page with the data, in the
       same transaction: a write is never committed without its journal entry.
-    - A write whose every insert waited (``pending``: server ids, no unique index, nothing sent in
-      its transaction yet) joins the group commit instead: the committer writes the batch's
-      inserts and its one page in one transaction, so concurrent writes share a commit and a
-      page (bench/README.md, "Issue 22: seeding, third round"), each still all or nothing with
-      its journal entry, durable before it returns.
     """
 
     TIMEOUT_S = 30.0
@@ -147,11 +142,8 @@ class AuditLog:
                         "d": content_digest(raw)})
         return out
 
-    def append(self, events: list[dict], *, session=None, pending: list | None = None) -> set[str] | None:
+    def append(self, events: list[dict], *, session=None, pending: list | None = None) -> None:
         """Store ``events`` (built by :func:`build_event`) durably; the sealer chains them later.
-        Returns, for a write given to the group commit (``pending`` without ``session``), the DMPs
-        of its batch destroyed by the time it committed (``Storage.destroyed_among``, asked once
-        per batch after its commit: ``UnitOfWork.sweep_destroyed``), else None.
 
         Returns once the events are acknowledged with ``w: majority, j: true`` (SecantusDB
         ``--sync-on-commit``). Each event gets ``id`` (unless it has one) and ``meta``
@@ -160,13 +152,10 @@ class AuditLog:
         whole unit). Raises :class:`AuditUnavailable` when the journal cannot be written.
         ``pending`` (with ``session``): the transaction's inserts not sent yet, sent with the events
         in one round trip (``Storage.journal_insert``); only inserts that cannot be refused (server
-        ids, no unique index) are deferred, so a refusal there is the journal's. ``pending``
-        without ``session``: a write's inserts, every one deferred, given to the group commit with
-        its events (class docstring); a failed batch fails every write and read in it closed (a
-        write with the database's error, a read with :class:`AuditUnavailable`).
+        ids, no unique index) are deferred, so a refusal there is the journal's.
         """
         if not events:
-            return None
+            return
         self.ensure_indexes()
         docs = self._prepare(events)
         if session is not None and session.in_transaction:
@@ -175,17 +164,11 @@ class AuditLog:
             except StorageError as exc:   # a transient error is not one: the transaction is retried
                 log.error("audit append in transaction failed: %s", type(exc).__name__)
                 raise AuditUnavailable() from exc
-            return None
-        inserts = list(pending or ())
+            return
         try:
-            return self._group().submit(docs, inserts).result(timeout=self.timeout)
+            self._group().submit(docs).result(timeout=self.timeout)
         except AuditUnavailable:
             raise
-        except StorageError as exc:
-            if inserts:     # a write's batch: the database's error, as from a transaction of its own
-                raise
-            log.error("audit append failed: %s", type(exc).__name__)
-            raise AuditUnavailable() from exc
         except Exception as exc:  # noqa: BLE001 — a write error or a timeout: fail closed
             log.error("audit append failed: %s", type(exc).__name__)
             raise AuditUnavailable() from exc
@@ -194,8 +177,6 @@ class AuditLog:
         with self._lock:
             if self._committer is None or not self._committer.alive:
                 self._committer = GroupCommitter(self.storage.journal_insert, max_batch=self.MAX_BATCH,
-                                                 destroyed=lambda pids: self.storage.bounded(
-                                                     self.storage.destroyed_among, pids),
                                                  age=self.storage.sealing_lag)
             return self._committer
 
@@ -221,16 +202,11 @@ class GroupCommitter:
     ends. A failed read of the age counts as no backlog (the write itself then fails closed).
     """
 
-    def __init__(self, insert, *, max_batch: int = 1000, age=None, check_s: float = THROTTLE_CHECK_S,
-                 destroyed=None):
+    def __init__(self, insert, *, max_batch: int = 1000, age=None, check_s: float = THROTTLE_CHECK_S):
         """``insert(events)`` writes one batch durably, atomically (``Storage.journal_insert``:
-        one page), ``insert(events, pending=inserts)`` with the writes' inserts of the batch, in one
-        transaction; ``age()`` the oldest unsealed page's age in seconds while a sealer runs (``Storage.sealing_lag``),
-        None for no backpressure; ``destroyed(pids)`` those of the DMPs a batch's writes went into that
-        are destroyed, asked once after the batch commits (``Storage.destroyed_among``): the result
-        of each write's future (None without it, and for reads)."""
+        one page); ``age()`` the oldest unsealed page's age in seconds while a sealer runs (``Storage.sealing_lag``),
+        None for no backpressure."""
         self.insert = insert
-        self.destroyed = destroyed
         self.max_batch = max_batch
         self.age = age
         self.check_s = check_s
@@ -247,11 +223,9 @@ class GroupCommitter:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop
 
-    def submit(self, events: list[dict], inserts: list | None = None) -> Future:
-        """Queue ``events`` (and a write's ``inserts``, ``(collection, document)``) for the next
-        batch; the future is done once they are durable (its result: see ``destroyed``)."""
+    def submit(self, events: list[dict]) -> Future:
         fut: Future = Future()
-        self._queue.put((events, inserts or [], fut))
+        self._queue.put((events, fut))
         return fut
 
     def stop(self) -> None:
@@ -263,8 +237,7 @@ class GroupCommitter:
             item = self._queue.get()
             if item is None:
                 return
-            if not item[1]:   # a batch a write opens is not slowed (bench/README.md, "the seal bound")
-                self._backpressure()
+            self._backpressure()
             batch, size = [item], len(item[0])
             while size < self.max_batch:
                 try:
@@ -303,23 +276,12 @@ class GroupCommitter:
             time.sleep(self._pause)
 
     def _write(self, batch: list) -> None:
-        events = [e for part, _, _ in batch for e in part]
-        inserts = [doc for _, part, _ in batch for doc in part]
+        events = [e for part, _ in batch for e in part]
         try:
-            self.insert(events, pending=inserts) if inserts else self.insert(events)
+            self.insert(events)
         except Exception as exc:  # noqa: BLE001 — every waiter of this batch fails closed
-            for _, _, fut in batch:
+            for _, fut in batch:
                 fut.set_exception(exc)
             return
-        for _, part, fut in batch:     # durable: the reads are answered before the writes' look-up
-            if not part:
-                fut.set_result(None)
-        gone = None
-        if inserts and self.destroyed is not None:
-            try:
-                gone = self.destroyed({doc.get("pid") for _, doc in inserts} - {None})
-            except Exception:  # noqa: BLE001 — committed: each write then asks for itself
-                gone = None
-        for _, part, fut in batch:
-            if part:
-                fut.set_result(gone)
+        for _, fut in batch:
+            fut.set_result(None)

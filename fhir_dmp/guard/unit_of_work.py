@@ -1,9 +1,7 @@
 """One request's unit of work: its writes, each with its journal entries, in one transaction.
 
 :meth:`UnitOfWork.transaction` runs a write (pymongo ``with_transaction``) with the AuditEvents it
-recorded and the inserts it left pending (a write that sent nothing but left inserts pending joins
-the journal's group commit: its inserts and events in the batch's one transaction, ``audit/log.py``);
-after the commit it sweeps the DMPs destroyed meanwhile
+recorded and the inserts it left pending; after the commit it sweeps the DMPs destroyed meanwhile
 (CONTRACT.md "Lifecycle of a DMP") and drops the cached decision contexts and documents of the
 patients it wrote. Reads inside the transaction see its writes (:attr:`UnitOfWork.session`).
 """
@@ -47,15 +45,9 @@ class UnitOfWork:
         no entry. Reads inside ``fn`` see its writes. When ``fn`` fails, the denials it recorded
         stay (journaled at the end of the request), its successes go with the rollback; a failure
         it did not journal is journaled then, in ``pid``'s journal when given.
-
-        A write that sent nothing in its transaction (every insert deferred: nothing in it can be
-        refused or raced) commits it empty and hands its inserts and events to the group commit,
-        which writes them with the batch in one transaction, all or nothing, before this returns.
         """
         journal = self.journal
         mark = journal.mark()
-        grouped: list = []     # (events, inserts) of a write handed to the group commit
-        swept: dict = {}       # the batch's answer: which of its DMPs were destroyed by its commit
 
         def attempt(session):
             journal.drop_since(mark)            # a retried attempt starts clean
@@ -67,11 +59,7 @@ class UnitOfWork:
             self._dirty_pids.update(written)
             if rtype not in CONTEXT_FREE:
                 self._stale_pids.update(written)
-            grouped.clear()
-            if self.pending_inserts and journal.since(mark) and self.storage.nothing_sent(session):
-                grouped.append((journal.events(journal.since(mark)), list(self.pending_inserts)))
-                self.pending_inserts.clear()
-            elif journal.since(mark):           # the inserts not sent yet go with the journal's
+            if journal.since(mark):             # the inserts not sent yet go with the journal's
                 self.audit_log.append(journal.events(journal.since(mark)), session=session,
                                       pending=self.pending_inserts)
             if self.pending_inserts:           # every write goes with the transaction, never lost
@@ -81,12 +69,8 @@ class UnitOfWork:
 
         try:
             result = self.storage.run_transaction(attempt)
-            for events, inserts in grouped:     # committed empty: written now, with the batch
-                gone = self.audit_log.append(events, pending=inserts)
-                if gone is not None:
-                    swept.update({doc.get("pid"): doc.get("pid") in gone for _, doc in inserts})
             journal.drop_since(mark)            # committed with the write
-            self.sweep_destroyed(set(self._dirty_pids), checked=swept)
+            self.sweep_destroyed(set(self._dirty_pids))
             self.forget_contexts()   # committed: this process forgets at once, others by the stream
             return result
         except StorageError as exc:
@@ -120,14 +104,11 @@ class UnitOfWork:
         self._consumed_streams.add(id(source))
         return True
 
-    def sweep_destroyed(self, pids, *, checked: dict | None = None) -> None:
+    def sweep_destroyed(self, pids) -> None:
         """After a commit into DMPs: one destroyed meanwhile is purged again, so nothing written
-        by a request that raced its destroy survives it (CONTRACT.md "Lifecycle of a DMP").
-        ``checked``: ``pid -> destroyed`` as read after the commit already (the group commit asks
-        once for its batch), not asked again."""
-        checked = checked or {}
+        by a request that raced its destroy survives it (CONTRACT.md "Lifecycle of a DMP")."""
         for pid in sorted(pids):
-            if checked[pid] if pid in checked else self.storage.was_destroyed(pid):
+            if self.storage.was_destroyed(pid):
                 log.warning("a write raced the destroy of a DMP; purged again")
                 self.storage.run_transaction(lambda s, pid=pid: self.storage.purge_dmp(pid, session=s))
 

@@ -391,12 +391,6 @@ class StoreCore:
         except ClientBulkWriteException as exc:
             raise _bulk_error(exc) from None
 
-    def nothing_sent(self, session) -> bool:
-        """``session``'s transaction is open and has sent the server nothing yet: every write of
-        it waits in its pending inserts (``UnitOfWork.transaction`` then hands them to the group
-        commit)."""
-        return session is not None and session.in_transaction and session._starting_transaction
-
     def is_secantus(self) -> bool:
         """The server is SecantusDB (its ``buildInfo`` names its version): one pid-first index
         serves (:func:`_one_pid_first`), a transaction may open with a bulkWrite (:meth:`run_transaction`)."""

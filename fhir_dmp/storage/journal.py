@@ -136,19 +136,11 @@ class JournalStore(StoreCore):
         ``pending`` (in a transaction): the transaction's inserts not sent yet (``(collection,
         document)``, as :meth:`create` defers them); they go first, with the page, in one round
         trip (:meth:`insert_docs`), and the list is emptied (two round trips less per write).
-        ``pending`` without ``session`` (the group committer's batch holding writes whose every
-        insert was deferred): the inserts and the page in a transaction of their own
-        (:meth:`run_transaction`, retried whole), all or nothing, within :meth:`deadline`.
 
         In a transaction, an error that is transient (a lost race, labelled so here when it is the
         data's WriteConflict) is raised as pymongo's own, so that ``with_transaction`` retries the
         whole unit; any other as a :class:`~fhir_dmp.storage.errors.StorageError` (the journal
         failed: the caller fails closed)."""
-        if session is None and pending:
-            docs = list(pending)
-            with self.deadline():    # each attempt sends them all again (insert_docs empties its list)
-                self.run_transaction(lambda s: self.journal_insert(events, session=s, pending=list(docs)))
-            return
         page = {"_id": uuid.uuid4().hex, "t": now(), "events": [{**e, "res": pack(e["res"])} for e in events]}
         if session is None:
             # the group committer's thread: bounded as the requests waiting on it

@@ -79,19 +79,9 @@ class LifecycleStore(StoreCore):
 
     def was_destroyed(self, pid: str) -> bool:
         """The DMP is gone and its journal head says it was destroyed (not merely never existed)."""
-        return pid in self.destroyed_among([pid])
-
-    def destroyed_among(self, pids) -> set[str]:
-        """Those of ``pids`` that :meth:`was_destroyed` says, in one query while every DMP is there
-        (the group commit asks it once for a batch's DMPs)."""
-        pids = list(pids)
-        if not pids:
-            return set()
-        gone = set(pids) - {d["_id"] for d in self.db["Patient"].find({"_id": {"$in": pids}}, {"_id": 1})}
-        if not gone:
-            return set()
-        return {d["_id"] for d in self.db[JOURNAL_HEADS].find({"_id": {"$in": sorted(gone)}, "destroyed": True},
-                                                                {"_id": 1})}
+        if self.db["Patient"].find_one({"_id": pid}, {"_id": 1}) is not None:
+            return False
+        return self.db[JOURNAL_HEADS].find_one({"_id": pid, "destroyed": True}, {"_id": 1}) is not None
 
     def claim_daily_run(self, job: str, owner: str, at: datetime, period) -> bool:
         """True for exactly one caller per ``period`` across processes (compare-and-set on ``next_run``)."""

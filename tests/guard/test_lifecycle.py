@@ -365,34 +365,6 @@ def test_a_write_that_races_a_destroy_is_purged_after_it_commits(api, dmp):
     assert not backend_of(api).storage.was_destroyed("never-existed")
 
 
-def test_a_grouped_write_that_races_a_destroy_is_purged_after_its_batch_commits(api, dmp):
-    """A write whose every insert waited goes with the group commit's batch (audit/log.py); decided
-    before the destroy, committed after it: the batch's one look-up after its commit finds the DMP
-    destroyed and nothing of the write survives, neither its document nor its journal event."""
-    from fhir_dmp.security.auth import principal_from_claims
-    pid = dmp["pid"]
-    db = backend_of(api).storage.db
-    ps = principal_from_claims({"SubjectNameID": b.PS_DR, "SubjectRole": ["10"], "acr": "eidas1",
-                                "scope": "user/*.cruds"})
-    late = GuardedRepository(backend_of(api), ps)
-    deposit = b.docref(pid)
-    decided = late.access.can_write("create", "DocumentReference", deposit, None, pid)
-    assert decided.permit                       # the writer has seen the DMP open...
-    assert api.as_admin().post(f"Patient/{pid}/$destroy").status_code == 204
-    sent = []
-
-    def write(s):                               # ...and its batch commits after the destroy
-        late.work.pending_inserts.append(("DocumentReference", {"_id": "late-doc", "pid": pid, "del": False,
-                                                                "res": deposit}))
-        late.record("create", outcome="0", patient_id=pid, resource="DocumentReference/late-doc/_history/1",
-                    decision=decided, http_status=201)
-        sent.append(not backend_of(api).storage.nothing_sent(s))
-    late.transaction(write, interaction="create", rtype="DocumentReference")
-    assert sent == [False]                      # nothing in its transaction: the group commit took it
-    assert db["DocumentReference"].count_documents({"pid": pid}) == 0
-    assert db["AuditEvent_page"].count_documents({"events.pid": pid}) == 0
-
-
 def test_closing_is_all_or_nothing_with_its_retention(api, app):
     """Hole 6: the close and what retention counts from (the Patient's ``closed_at``) are one unit
     of work: a transaction that fails after the close leaves the DMP open, unstamped, and its
