@@ -112,35 +112,3 @@ def test_bundle_and_destroy_are_all_or_nothing_under_a_step_down(world, faulty_n
     assert fdb.counts(faulty_name) == stored      # nothing destroyed, nothing half-purged
     fdb.back(STEP_DOWN_S + 5)
     assert dr.get(f"Patient/{pid}").status_code == 200
-
-
-@pytest.mark.parametrize("times", [1, None], ids=["once", "until-the-wait"])
-def test_a_grouped_deposit_whose_commit_fails_is_retried_or_503_and_never_half_written(world, times):
-    """A deposit alone (the DMP's data key made by a first one) goes through the journal's group
-    commit (audit/log.py): a connection lost at the batch's commit is retried within the wait (201,
-    stored once with its event); lost until the wait ends it is a 503 with Retry-After, and neither
-    the document, its content nor its creation's event is stored."""
-    dr, fdb, db, pid = world
-    assert dr.post("DocumentReference", b.docref(pid, b.CONSULTATION)).status_code == 201   # the data key
-    binaries = db["Binary"].count_documents({})
-    creates = len(_deposits(db))
-    body, condition = _tagged(pid)
-    fdb.fail(["commitTransaction"], {"times": times} if times else {}, closeConnection=True)
-    started = time.monotonic()
-    first = dr.post("DocumentReference", body)
-    fdb.off()
-    if times:
-        assert first.status_code == 201, first.get_data(as_text=True)[:300]
-        assert _one_stored_with_its_event(dr, db, condition) == f"DocumentReference/{first.json['id']}"
-        assert (db["Binary"].count_documents({}), len(_deposits(db))) == (binaries + 1, creates + 1)
-    else:
-        assert_transient(first, started, DB_WAIT_S)
-        assert dr.search(f"DocumentReference?{condition}")["total"] == 0
-        assert (db["Binary"].count_documents({}), len(_deposits(db))) == (binaries, creates)
-
-
-def _deposits(db) -> list[dict]:
-    """The journal's successful creations of DocumentReferences."""
-    return [e for e in journal(db) if e.get("action") == "C" and e.get("outcome") == "0"
-            and any(ent.get("what", {}).get("reference", "").startswith("DocumentReference/")
-                    for ent in e.get("entity") or ())]
